@@ -1,0 +1,29 @@
+"""Shared test helpers: one per-dtype tolerance table and a parity assertion that prints the worst element."""
+import torch
+
+# max relative error allowed, relative to the reference's max magnitude (plus a tiny absolute floor)
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, max abs error / max |expected|)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    diff = (a - e).abs()
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    scale = e.abs().max().item() if e.numel() else 0.0
+    return max_abs, max_abs / max(scale, 1e-30)
+
+
+def assert_close(actual, expected, dtype=torch.float32, rtol=None, what="output"):
+    """Assert ``max|a-e| / max|e| <= rtol`` (rtol from :data:`TOLERANCE` by dtype); on failure name
+    the worst element."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    rtol = TOLERANCE[dtype] if rtol is None else rtol
+    max_abs, max_rel = max_errors(actual, expected)
+    if not max_rel <= rtol:
+        diff = (actual.double() - expected.double()).abs()
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{what}: max rel error {max_rel:.3e} > {rtol:.1e} (max abs {max_abs:.3e}) at {idx}: "
+            f"got {actual[idx].item():.6g}, expected {expected[idx].item():.6g}")
+    return max_abs, max_rel
