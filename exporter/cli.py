@@ -1,0 +1,132 @@
+"""The ``effexport`` command line.
+
+``main(argv) -> int`` is what the console script calls and what tests call in-process. User
+mistakes (bad flags, unknown model, bad numbers) print one line ``effexport: error: ...`` naming the
+problem and the fix and return a non-zero exit code (see ``exporter/errors.py``); no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+from effexport.exporter.errors import EffexportError, UsageError
+
+_SUFFIXES = {"": 1, "k": 1024, "m": 1024 ** 2}
+
+
+def parse_tokens(text: str) -> int:
+    """Parse a context length: ``131072``, ``128k``/``128K`` (x1024), ``1M`` (x1024^2)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"invalid context length {text!r}: give a positive number of tokens, e.g. 131072 or 128k")
+    value = int(match.group(1)) * _SUFFIXES[match.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid context length {text!r}: must be at least 1 token")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` (one line, exit 2) instead of printing usage + exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _cmd_list(args) -> int:
+    from effexport.samples import get_sample, preset_names
+
+    print("samples (MODEL names; ':tiny' presets run on a CPU in seconds):")
+    for name in preset_names():
+        sample = get_sample(name)
+        note = " (report only)" if name in getattr(sample.module, "REPORT_ONLY", ()) else ""
+        print(f"  {name}{note}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from effexport.exporter import report as rep
+    from effexport.exporter._io import atomic_file
+    from effexport.samples import UnknownModelError, get_sample
+
+    try:
+        sample = get_sample(args.model)
+    except UnknownModelError as exc:
+        raise UsageError(str(exc)) from None
+    data = rep.build_report(sample, args.context, args.cache_dtype)
+    if args.plot:
+        with atomic_file(args.plot) as tmp:
+            rep.plot_report(sample, args.cache_dtype, args.context, tmp)
+    if args.json:
+        print(json.dumps(data, indent=1, sort_keys=False))
+    else:
+        print(rep.format_report(data))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every sub-command (used for ``--help`` and tests)."""
+    parser = _Parser(
+        prog="effexport",
+        description="Export LLMs that use KV sharing, sliding windows, compressed attention and "
+                    "hyper-connections without losing the savings, and account for what they cost.",
+        epilog="examples:\n"
+               "  effexport list                                  # built-in samples\n"
+               "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
+               "  effexport report deepseek-v4-flash --context 1M --cache-dtype published --json\n"
+               "exit codes: 0 ok, 1 parity failed, 2 usage/input error, 3 capture/rewrite/lowering error, "
+               "4 backend not installed",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p_list = sub.add_parser("list", help="list the built-in samples")
+    p_list.set_defaults(func=_cmd_list)
+
+    p_rep = sub.add_parser(
+        "report", help="KV-cache bytes per layer, parameters and decode FLOPs/token at a context length",
+        description="Analytic cost of a model at a context length: per-layer cache (owner/consumer, "
+                    "full / ring(W) / compressed(r) / state) under both cache policies, against the model's "
+                    "baseline with its savings turned off; parameters; decode FLOPs per token.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: effexport report laguna-xs2 --context 131072 --plot kv.png")
+    p_rep.add_argument("model", metavar="MODEL", help="a built-in sample name (see 'effexport list')")
+    p_rep.add_argument("--context", type=parse_tokens, default=parse_tokens("128k"),
+                       help="context length in tokens: 131072, 128k or 1M (default 128k)")
+    from effexport.exporter.report import CACHE_DTYPES
+    p_rep.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="bf16",
+                       help="cache storage format; 'published' = the formats the model's authors ship "
+                            "(e.g. DeepSeek fp8+bf16 KV, fp4 indexer keys). Default bf16")
+    p_rep.add_argument("--json", action="store_true", help="print the machine-readable JSON object only")
+    p_rep.add_argument("--plot", metavar="FILE.png", help="also draw KV bytes vs context (log x) to FILE.png")
+    p_rep.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    start = time.monotonic()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except EffexportError as exc:
+        print(f"effexport: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"effexport: interrupted after {time.monotonic() - start:.1f}s; nothing was written",
+              file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:
+    """Console-script entry."""
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""``effexport report``: analytic KV-cache bytes, parameters and decode FLOPs of a model.
+
+Everything here is computed from the sample's ``layer_specs()`` (samples/_spec.py) and its
+``param_counts()`` on the meta device -- no weights are allocated, so any preset reports in seconds.
+
+Two cache policies are reported side by side:
+    full_length  every layer keeps every token (windowed layers included)
+    ring         windowed layers keep only their last W tokens
+each for the model and for its baseline (the same model with KV sharing, windows and compression
+turned off; the sample says in words what its baseline is).
+
+Decode FLOPs per token at context N (2 FLOPs per multiply-add):
+    weights    2 x active parameters
+    attention  per layer 2 x heads x (qk_dim + v_dim) x keys attended by one query at N
+    indexer    per CSA layer 2 x index_heads x index_dim x (N / ratio)
+``fp8_equivalent`` weights each term by its published precision (bf16 x2, fp8 x1, fp4 x0.5; the
+convention of DeepSeek's comparisons); attention cores always count as bf16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from effexport.exporter.errors import UsageError
+from effexport.samples import Sample
+from effexport.samples._spec import LayerSpec
+
+CACHE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+CACHE_DTYPES = (*CACHE_DTYPE_BYTES, "published")
+POLICIES = ("full_length", "ring")
+
+# published precision (bits) of the weights and of indexer work, per architecture family
+_PUBLISHED_BITS = {
+    "deepseek-v4": {"weights": 8, "indexer": 4},
+    "deepseek-v3.2": {"weights": 8, "indexer": 8},
+}
+_DEFAULT_BITS = {"weights": 16, "indexer": 16}
+
+
+def published_bits(model_name: str) -> dict[str, int]:
+    """Published precision of weights and indexer work for a preset name (bf16 if not listed)."""
+    base = model_name.split(":")[0]
+    for prefix, bits in _PUBLISHED_BITS.items():
+        if base.startswith(prefix):
+            return bits
+    return _DEFAULT_BITS
+
+
+def tensor_bytes_per_entry(tensor, cache_dtype: str) -> float:
+    """Bytes of one entry of a cache tensor in the chosen storage format."""
+    if tensor.fp32:
+        return 4.0 * tensor.elements
+    if cache_dtype == "published":
+        return tensor.published_bytes if tensor.published_bytes is not None else 2.0 * tensor.elements
+    return float(CACHE_DTYPE_BYTES[cache_dtype] * tensor.elements)
+
+
+def layer_bytes(layer: LayerSpec, context: int, cache_dtype: str, policy: str) -> float:
+    """Cache bytes one layer keeps at ``context`` tokens, per batch element."""
+    return sum(t.num_entries(context, policy) * tensor_bytes_per_entry(t, cache_dtype) for t in layer.cache)
+
+
+def total_bytes(layers: list[LayerSpec], context: int, cache_dtype: str, policy: str) -> int:
+    """Cache bytes of all layers (rounded to whole bytes; published formats can be fractional)."""
+    return round(sum(layer_bytes(l, context, cache_dtype, policy) for l in layers))
+
+
+def layer_cache_kind(layer: LayerSpec) -> str:
+    """The kind that grows with context ("full" > "compressed" > "ring" > "state"), or "none"."""
+    kinds = {t.kind for t in layer.cache}
+    for kind in ("full", "compressed", "ring", "state"):
+        if kind in kinds:
+            return kind
+    return "none"
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Decode FLOPs per token, split by term (raw counts)."""
+
+    weights: float
+    attention: float
+    indexer: float
+
+    @property
+    def raw(self) -> float:
+        return self.weights + self.attention + self.indexer
+
+    def fp8_equivalent(self, bits: dict[str, int]) -> float:
+        """Each term weighted by bits/8 (bf16 x2, fp8 x1, fp4 x0.5); attention counts as bf16."""
+        return self.weights * bits["weights"] / 8 + self.attention * 2 + self.indexer * bits["indexer"] / 8
+
+
+def decode_flops(layers: list[LayerSpec], active_params: int, context: int) -> Flops:
+    """FLOPs for one generated token at position ``context`` (see the module docstring)."""
+    attention = sum(2 * l.heads * (l.qk_dim + l.v_dim) * l.attended_keys(context) for l in layers)
+    indexer = sum(2 * l.indexer[0] * l.indexer[1] * (context // l.ratio) for l in layers if l.indexer)
+    return Flops(weights=2.0 * active_params, attention=float(attention), indexer=float(indexer))
+
+
+def param_counts(sample: Sample) -> dict[str, int]:
+    """Total / effective / active parameters, from the model built on the meta device (or from the
+    config for report-only presets that have no model)."""
+    if hasattr(sample.config, "param_counts"):
+        counts = sample.config.param_counts()
+    else:
+        counts = sample.build("meta").param_counts()
+    return {k: int(counts[k]) for k in ("total", "effective", "active")}
+
+
+def max_context(sample: Sample) -> int | None:
+    """The model's context limit, if its config states one."""
+    for field in ("max_position_embeddings", "max_seq_len", "max_context"):
+        value = getattr(sample.config, field, None)
+        if value:
+            return int(value)
+    return None
+
+
+def build_report(sample: Sample, context: int, cache_dtype: str = "bf16") -> dict:
+    """The machine-readable report (the JSON contract in DESIGN.md)."""
+    if cache_dtype not in CACHE_DTYPES:
+        raise UsageError(f"unknown --cache-dtype {cache_dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
+    if context < 1:
+        raise UsageError(f"--context must be a positive number of tokens, got {context}")
+    limit = max_context(sample)
+    if limit is not None and context > limit:
+        raise UsageError(f"--context {context} is beyond {sample.name}'s limit of {limit} tokens; "
+                         f"pass --context {limit} or less")
+    model_layers = sample.config.layer_specs()
+    base_layers = sample.config.layer_specs(baseline=True)
+    params = param_counts(sample)
+    flops = decode_flops(model_layers, params["active"], context)
+    return {
+        "model": sample.name,
+        "context": context,
+        "cache_dtype": cache_dtype,
+        "kv_bytes": {policy: {"model": total_bytes(model_layers, context, cache_dtype, policy),
+                              "baseline": total_bytes(base_layers, context, cache_dtype, policy)}
+                     for policy in POLICIES},
+        "baseline": sample.module.BASELINE_DESCRIPTION,
+        "params": params,
+        "flops_per_token": {"raw": round(flops.raw),
+                            "fp8_equivalent": round(flops.fp8_equivalent(published_bits(sample.name))),
+                            "weights": round(flops.weights), "attention": round(flops.attention),
+                            "indexer": round(flops.indexer)},
+        "layers": [{"index": l.index, "type": l.type, "role": l.role, "reads": l.reads,
+                    "cache": layer_cache_kind(l),
+                    "tensors": [t.name for t in l.cache],
+                    "bytes": round(layer_bytes(l, context, cache_dtype, "ring")),
+                    "bytes_full_length": round(layer_bytes(l, context, cache_dtype, "full_length"))}
+                   for l in model_layers],
+    }
+
+
+# ------------------------------------------------------------------------------------ formatting
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def human_count(n: float) -> str:
+    """1.23e9 -> '1.23 B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def format_report(report: dict) -> str:
+    """The human table: one row per layer, then totals under both policies."""
+    lines = [f"{report['model']} at {report['context']:,} tokens, cache dtype {report['cache_dtype']}, per sequence",
+             "",
+             f"{'layer':>5}  {'type':<8} {'role':<11} {'reads':>5}  {'cache':<10} {'tensors':<28} {'bytes (ring)':>14} {'bytes (full)':>14}"]
+    for l in report["layers"]:
+        lines.append(f"{l['index']:>5}  {l['type']:<8} {l['role']:<11} {l['reads']:>5}  {l['cache']:<10} "
+                     f"{','.join(l['tensors']) or '-':<28} {human_bytes(l['bytes']):>14} "
+                     f"{human_bytes(l['bytes_full_length']):>14}")
+    lines.append("")
+    for policy, title in (("ring", "windowed layers keep W tokens"), ("full_length", "every layer keeps every token")):
+        kv = report["kv_bytes"][policy]
+        ratio = kv["model"] / kv["baseline"] if kv["baseline"] else float("nan")
+        lines.append(f"KV cache, {policy} ({title}): {human_bytes(kv['model'])} vs baseline "
+                     f"{human_bytes(kv['baseline'])} ({ratio:.1%})")
+    lines.append(f"baseline: {report['baseline']}")
+    p = report["params"]
+    lines.append(f"parameters: total {human_count(p['total'])}, effective {human_count(p['effective'])}, "
+                 f"active {human_count(p['active'])}")
+    f = report["flops_per_token"]
+    lines.append(f"decode FLOPs/token: raw {human_count(f['raw'])}FLOP (weights {human_count(f['weights'])}, "
+                 f"attention {human_count(f['attention'])}, indexer {human_count(f['indexer'])}), "
+                 f"fp8-equivalent {human_count(f['fp8_equivalent'])}FLOP")
+    return "\n".join(lines)
+
+
+def plot_report(sample: Sample, cache_dtype: str, max_tokens: int, path: str) -> None:
+    """KV bytes vs context (log x) for model and baseline under both policies, written to ``path``."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib: pip install 'effexport[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model_layers, base_layers = sample.config.layer_specs(), sample.config.layer_specs(baseline=True)
+    xs, n = [], 256
+    while n < max_tokens:
+        xs.append(n)
+        n *= 2
+    xs.append(max_tokens)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for layers, label, style in ((model_layers, "model", "-"), (base_layers, "baseline", "--")):
+        for policy in POLICIES:
+            ys = [total_bytes(layers, x, cache_dtype, policy) / 2**30 for x in xs]
+            ax.plot(xs, ys, style, label=f"{label}, {policy}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"KV cache per sequence (GiB, {cache_dtype})")
+    ax.set_title(f"{sample.name}: KV cache vs context")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
