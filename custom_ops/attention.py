@@ -31,7 +31,6 @@ Every op is functional: caches are returned, never mutated in place, and no outp
 Not covered here: padding masks, chunked/block-local attention, dropout, autograd (no backward is
 registered: these ops are for export and inference), and compressed or sparse attention (own ops).
 """
-import math
 from typing import Optional
 
 import torch
@@ -53,8 +52,22 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"{what}: query heads {heads} are not a multiple of KV heads {kv_heads}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{what}: q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"{what}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{what}: k has {k.shape[2]} positions but v has {v.shape[2]}")
     if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != heads):
         raise ValueError(f"{what}: sinks must have shape [{heads}], got {tuple(sinks.shape)}")
+
+
+def _check_new(q: torch.Tensor, k_new: torch.Tensor, k_cache: torch.Tensor,
+               v_new: torch.Tensor, v_cache: torch.Tensor, what: str) -> None:
+    """The new K/V carry one token per query and share the cache's dtype (no silent promotion)."""
+    if k_new.shape[2] != q.shape[2]:
+        raise ValueError(f"{what}: {q.shape[2]} queries but {k_new.shape[2]} new K/V tokens")
+    if k_new.dtype != k_cache.dtype or v_new.dtype != v_cache.dtype:
+        raise ValueError(f"{what}: new K/V dtypes ({k_new.dtype}, {v_new.dtype}) differ from the "
+                         f"cache's ({k_cache.dtype}, {v_cache.dtype})")
 
 
 def _check_pos(pos: torch.Tensor, what: str) -> None:
@@ -170,6 +183,7 @@ def attention_cache(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     :func:`attention_ring` for a W-slot cache)."""
     _check_qkv(q, k_new, v_new, sinks, "attention_cache")
     _check_qkv(q, k_past, v_past, None, "attention_cache (past)")
+    _check_new(q, k_new, k_past, v_new, v_past, "attention_cache")
     _check_window(window, softcap, "attention_cache")
     k_present = torch.cat([k_past, k_new], dim=2)  # [B, Hkv, P+T, d]
     v_present = torch.cat([v_past, v_new], dim=2)  # [B, Hkv, P+T, dv]
@@ -183,6 +197,7 @@ def attention_cache(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 def _(q, k_new, v_new, k_past, v_past, sinks=None, *, scale, window=0, softcap=0.0):
     _check_qkv(q, k_new, v_new, sinks, "attention_cache")
     _check_qkv(q, k_past, v_past, None, "attention_cache (past)")
+    _check_new(q, k_new, k_past, v_new, v_past, "attention_cache")
     s_len = k_past.shape[2] + k_new.shape[2]
     k_present = k_new.new_empty(k_new.shape[0], k_new.shape[1], s_len, k_new.shape[3])
     v_present = v_new.new_empty(v_new.shape[0], v_new.shape[1], s_len, v_new.shape[3])
@@ -210,6 +225,7 @@ def attention_ring(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     a call with a zero ring and ``pos = 0`` (any T, also T > W)."""
     _check_qkv(q, k_new, v_new, sinks, "attention_ring")
     _check_qkv(q, k_ring, v_ring, None, "attention_ring (ring)")
+    _check_new(q, k_new, k_ring, v_new, v_ring, "attention_ring")
     _check_pos(pos, "attention_ring")
     _check_window(window, softcap, "attention_ring")
     slots = k_ring.shape[2]
@@ -236,6 +252,7 @@ def attention_ring(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
 def _(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, window, softcap=0.0):
     _check_qkv(q, k_new, v_new, sinks, "attention_ring")
     _check_qkv(q, k_ring, v_ring, None, "attention_ring (ring)")
+    _check_new(q, k_new, k_ring, v_new, v_ring, "attention_ring")
     _check_pos(pos, "attention_ring")
     return _out_like(q, v_new), torch.empty_like(k_ring), torch.empty_like(v_ring)
 
@@ -288,11 +305,6 @@ def _(q, k_cache, v_cache, pos, sinks=None, *, scale, window=0, softcap=0.0, rin
     if ring and isinstance(q.shape[2], int) and q.shape[2] != 1:
         raise ValueError(f"attention_read: ring=True is only exact for one query token (got T={q.shape[2]})")
     return _out_like(q, v_cache)
-
-
-def default_scale(head_dim: int) -> float:
-    """The usual ``1/sqrt(head_dim)`` softmax scale (callers pass ``scale`` explicitly)."""
-    return 1.0 / math.sqrt(head_dim)
 
 
 OPS = (

@@ -22,9 +22,10 @@ Ops (namespace ``effexport``; all functional: nothing is mutated, no output alia
 * ``mhc_head(X [B, T, n, d], fn [n, n*d], base [n], scale [1], *, eps=1e-6, norm_eps=1e-6) -> u [B, T, d]``
 
 Precision: all arithmetic runs in fp32 whatever the input dtypes (X is usually bf16, the mHC parameters
-fp32 as in the checkpoint). Outputs that live on the residual stream (``u``, ``X'``) come back in X's dtype;
-the mixing coefficients ``post`` and ``comb`` stay fp32, as in the official code. Every token is
-independent, so a decode step is the same op with ``T = 1``.
+fp32 as in the checkpoint). ``u`` comes back in X's dtype and ``X'`` in the sub-layer output's dtype (the
+official code's choices; in the model both are the residual stream's dtype); the mixing coefficients
+``post`` and ``comb`` stay fp32, as in the official code. Every token is independent, so a decode step
+is the same op with ``T = 1``.
 
 Not covered: autograd (these are inference ops; no backward is registered), the expand step
 ``X_0 = repeat(embed(ids), n)`` (plain ``repeat``, nothing to fuse), fast kernels (Triton / TileLang), and
@@ -163,7 +164,8 @@ def mhc_post(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.T
     """mHC after a sub-layer: expand its output back onto the streams and mix the residual streams.
 
     Shapes: ``x [B, T, n, d]`` (the residual streams that entered ``mhc_pre``), ``f [B, T, d]`` (the
-    sub-layer output), ``post [B, T, n]``, ``comb [B, T, n, n]`` -> ``X' [B, T, n, d]`` in x's dtype::
+    sub-layer output), ``post [B, T, n]``, ``comb [B, T, n, n]`` -> ``X' [B, T, n, d]`` in f's dtype
+    (official ``y.type_as(f)``; in the model x and f share one dtype)::
 
         X'_j = post_j * f + sum_i comb[i, j] * X_i        # H^res = comb^T, as in official ``hc_post``
 
@@ -172,13 +174,13 @@ def mhc_post(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.T
     _check_post(x, f, post, comb)
     mixed = torch.einsum("btij,btid->btjd", comb.float(), x.float())  # [B, T, n, d]
     y = post.float().unsqueeze(-1) * f.float().unsqueeze(-2) + mixed  # [B, T, n, d]
-    return y.to(x.dtype)
+    return y.to(f.dtype)
 
 
 @mhc_post.register_fake
 def _(x, f, post, comb):
     _check_post(x, f, post, comb)
-    return x.new_empty(x.shape)
+    return x.new_empty(x.shape, dtype=f.dtype)
 
 
 # -------------------------------------------------------------------------------------- mhc_head

@@ -1,0 +1,97 @@
+"""Capture a model's decode step with ``torch.export`` (non-strict) as a flat FX graph.
+
+One graph serves prefill and decode: ``step(input_ids [B, T], past) -> (logits [B, T, V], present)``
+with batch, new-token count T and past length P all dynamic (P = 0 is prefill). The sample's own
+cache layout (full-length K/V, conv states, ...) is what gets captured; the passes then rewrite it
+into the CachePlan's layout. Which dims of each cache tensor grow with the sequence is found by
+running the eager model at two prompt lengths and comparing shapes (meta device for real sizes).
+
+The result is a :class:`StepProgram`: a GraphModule with a flat signature
+``(input_ids, *past tensors) -> (logits, *present tensors)`` plus the input/output names
+(``past.{layer}.{name}`` / ``present.{layer}.{name}``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from effexport.exporter.errors import CaptureError
+
+
+@dataclass
+class StepProgram:
+    """A captured (and later rewritten) decode-step graph with named, flat inputs and outputs."""
+
+    gm: fx.GraphModule
+    inputs: list[str]
+    outputs: list[str]
+    seq_dims: dict[str, int | None] = field(default_factory=dict)  # cache name -> growing dim (None: state)
+    capture_seconds: float = 0.0
+
+    def __call__(self, *args):
+        return self.gm(*args)
+
+
+def _key(path) -> str:
+    """Pytree key path of a dict entry -> its key string."""
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "idx", last)))
+
+
+def growing_dims(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict, dict[str, int | None]]:
+    """Run prefill at two prompt lengths; returns (past at the longer one, cache name -> seq dim)."""
+    with torch.no_grad():
+        _, past_a = model(ids[:, :-1])
+        _, past_b = model(ids)
+    dims: dict[str, int | None] = {}
+    for name, a in past_a.items():
+        b = past_b[name]
+        changed = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        if len(changed) > 1:
+            raise CaptureError(f"cache tensor {name!r} changes in {len(changed)} dims per token; "
+                               "one sequence dim is supported")
+        dims[name] = changed[0] if changed else None
+    return past_b, dims
+
+
+def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 2) -> StepProgram:
+    """Export ``model(input_ids[:, -new_tokens:], past)`` with dynamic batch, T and P.
+
+    ``input_ids`` ``[B, L]`` is an example sequence (B >= 2, L - new_tokens >= 3 so no size is 0/1)."""
+    if input_ids.shape[0] < 2 or input_ids.shape[1] - new_tokens < 3 or new_tokens < 2:
+        raise CaptureError("capture needs example input_ids with batch >= 2 and >= 3 prompt + >= 2 new tokens")
+    prompt, new = input_ids[:, :-new_tokens], input_ids[:, -new_tokens:]
+    past, seq_dims = growing_dims(model, prompt)
+    auto = torch.export.Dim.AUTO
+    dynamic = ({0: auto, 1: auto},
+               {name: ({0: auto, d: auto} if d is not None else {0: auto}) for name, d in seq_dims.items()})
+    start = time.monotonic()
+    try:
+        ep = torch.export.export(model, (new, past), dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # torch raises many types; report them as a capture error
+        raise CaptureError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    seconds = time.monotonic() - start
+    gm = ep.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()  # flat signature: (input_ids, *past) -> (logits, *present)
+    with torch.no_grad():
+        eager_out = model(new, past)
+    in_names = ["input_ids"] + [f"past.{_key(p)}" for p, _ in pytree.tree_flatten_with_path(past)[0]]
+    out_flat = pytree.tree_flatten_with_path(eager_out)[0]
+    out_names = ["logits"] + [f"present.{_key(p)}" for p, _ in out_flat[1:]]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(in_names):
+        raise CaptureError(f"captured graph has {len(placeholders)} inputs, expected {len(in_names)}")
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = pytree.tree_leaves(output.args[0])
+    output.args = (tuple(flat),)
+    graph.lint()
+    gm = fx.GraphModule(gm, graph)  # a fresh module: no export input-spec hooks, flat signature
+    return StepProgram(gm, in_names, out_names, {f"past.{k}": v for k, v in seq_dims.items()}, seconds)

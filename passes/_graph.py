@@ -1,0 +1,141 @@
+"""Graph helpers shared by the passes: schema-normalised arguments, transparent-op stripping,
+ancestor sub-graphs and their evaluation at probe sizes.
+
+Everything compares targets to ``OpOverload`` handles and reads arguments by schema name, never by
+position or string (STYLE.md).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+# casts and layout no-ops that do not change values a pattern cares about
+TRANSPARENT = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+    aten.contiguous.default, aten.clone.default, aten.alias.default,
+}
+
+
+def is_call(node: Any, *targets) -> bool:
+    """True if ``node`` is a call_function of one of ``targets`` (OpOverloads or callables)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def call_args(node: fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in (OpOverload targets only)."""
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def strip(node: Any) -> Any:
+    """Follow transparent ops (casts, contiguous) back to the value they forward."""
+    while is_call(node, *TRANSPARENT):
+        node = node.args[0]
+    return node
+
+
+def meta_val(node: Any):
+    """``node.meta["val"]`` (a FakeTensor / SymInt) or None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def rank(node: Any) -> int | None:
+    """Tensor rank from the node's meta value, if known."""
+    val = meta_val(node)
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def scalar(value: Any) -> float | None:
+    """A Python number argument as float (None for nodes / tensors)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """All nodes the given nodes depend on (themselves included), in graph order."""
+    seen: set[fx.Node] = set()
+    stack = [n for n in nodes if isinstance(n, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(next(iter(seen)).graph.nodes)} if seen else {}
+    return sorted(seen, key=order.__getitem__)
+
+
+def extract(graph_module: fx.GraphModule, outputs: list[fx.Node]) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """A new GraphModule computing ``outputs`` from the placeholders they depend on.
+
+    Returns the module and the original placeholders in its argument order."""
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = []
+    for node in ancestors(outputs):
+        if node.op == "placeholder":
+            placeholders.append(node)
+        env[node] = new.node_copy(node, lambda n: env[n])
+    new.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(graph_module, new), placeholders
+
+
+def uses_parameters(nodes: Iterable[fx.Node]) -> bool:
+    """True if any node reads a module attribute (weights or buffers)."""
+    return any(n.op == "get_attr" for n in nodes)
+
+
+def concrete_shape(val: torch.Tensor, env: dict) -> list[int]:
+    """Substitute symbol values into a fake tensor's (possibly symbolic) shape."""
+    out = []
+    for d in val.shape:
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            out.append(int(expr.subs({s: env.get(s, 1) for s in expr.free_symbols})))  # unset symbols: 1
+        else:
+            out.append(int(d))
+    return out
+
+
+def free_symbols(val: Any) -> set:
+    """Sympy symbols in a fake tensor's shape or a SymInt."""
+    syms: set = set()
+    dims = val.shape if isinstance(val, torch.Tensor) else [val]
+    for d in dims:
+        if isinstance(d, torch.SymInt):
+            syms |= set(d.node.expr.free_symbols)
+    return syms
+
+
+def insert_point(graph: fx.Graph, inputs: Iterable[Any]) -> fx.Node:
+    """The latest node among ``inputs`` in graph order (new nodes go right after it)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = [n for n in inputs if isinstance(n, fx.Node)]
+    return max(nodes, key=order.__getitem__)
+
+
+def dead_code_elimination(gm: fx.GraphModule) -> int:
+    """Remove unused side-effect-free nodes; returns how many were removed."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return before - len(gm.graph.nodes)
+
+
+SYM_OPS: dict[Callable, Callable] = {operator.add: operator.add, operator.sub: operator.sub,
+                                     operator.mul: operator.mul, operator.floordiv: operator.floordiv}

@@ -1,0 +1,76 @@
+"""The CachePlan: one entry per cache tensor of the rewritten decode step, one role per layer.
+
+Built by the last pass from what the rewrite decided. It drives the step graph's inputs and outputs
+(``past.{layer}.{name}`` in, ``present.{layer}.{name}`` out), the runtime's cache allocation and
+the memory check (bytes of all cache inputs at a context length equal the plan's analytic sum).
+
+Entry kinds: "full" (grows by one entry per token, concatenated), "ring" (W slots, slot = position
+mod W), "state" (fixed size whatever the context). Consumer layers own no entry.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cache tensor: its I/O name, owning layer, kind, shape template and dtype.
+
+    ``shape`` holds ints and the strings "batch" and "seq" (the growing dim of a full cache)."""
+
+    name: str
+    layer: int | None
+    kind: str
+    shape: tuple
+    dtype: str
+    window: int = 0
+
+    def concrete_shape(self, batch: int, length: int) -> list[int]:
+        """Shape at ``length`` cached tokens (``length`` is ignored by ring and state entries)."""
+        return [batch if d == "batch" else length if d == "seq" else int(d) for d in self.shape]
+
+    def nbytes(self, batch: int, context: int) -> int:
+        """Bytes this entry occupies with ``context`` tokens cached."""
+        numel = 1
+        for d in self.concrete_shape(batch, context):
+            numel *= d
+        return numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    def empty(self, batch: int, device="cpu") -> torch.Tensor:
+        """The initial (prefill) value: zero-length full caches, zero-filled rings and states."""
+        return torch.zeros(self.concrete_shape(batch, 0), dtype=getattr(torch, self.dtype), device=device)
+
+
+@dataclass(frozen=True)
+class LayerRole:
+    """How one attention layer uses caches."""
+
+    layer: int
+    role: str            # owner | consumer | independent
+    reads: int           # the layer whose cache it reads (itself unless consumer)
+    kind: str            # full | ring | none (left alone) | plain (no cache in graph)
+    window: int = 0
+
+
+@dataclass
+class CachePlan:
+    """Every cache entry of the step graph, and each attention layer's role."""
+
+    entries: list[CacheEntry] = field(default_factory=list)
+    layers: list[LayerRole] = field(default_factory=list)
+
+    def entry(self, name: str) -> CacheEntry:
+        return next(e for e in self.entries if e.name == name)
+
+    def nbytes(self, batch: int, context: int) -> int:
+        """Bytes of all cache inputs of the decode step at ``context`` cached tokens."""
+        return sum(e.nbytes(batch, context) for e in self.entries)
+
+    def empty_caches(self, batch: int, device="cpu") -> list[torch.Tensor]:
+        """Initial cache tensors, in entry order (the step graph's cache-input order)."""
+        return [e.empty(batch, device) for e in self.entries]
+
+    def to_json(self) -> dict:
+        return {"entries": [asdict(e) for e in self.entries], "layers": [asdict(l) for l in self.layers]}

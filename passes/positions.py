@@ -1,0 +1,58 @@
+"""Make the step's position explicit: ``arange(P, P + T)`` -> ``arange(T) + pos``.
+
+The captured graph derives the start position P from a cache tensor's length (the sample's naive,
+full-length cache). Once caches become rings that length is W, not P, so every ``arange`` that
+starts at a cache length is rewritten to start at the new ``pos`` input (a 0-d int64 tensor, the
+position of the first new token). Afterwards no live node may read the length of a ring cache;
+if one does, the rewrite fails naming it.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from effexport.exporter.errors import RewriteError
+from effexport.passes._graph import aten, call_args, is_call, meta_val
+from effexport.passes.attention import emit
+
+
+def _cache_length(node, cache_placeholders) -> bool:
+    return (is_call(node, aten.sym_size.int) and node.args[0] in cache_placeholders
+            and node.args[1] == 2)
+
+
+def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: set, rings: set) -> int:
+    """Rewrite position ``arange``s; returns how many. Raises if a ring length is still read."""
+    graph, count = gm.graph, 0
+    for node in list(graph.nodes):
+        if not is_call(node, aten.arange.start, aten.arange.start_step):
+            continue
+        a = call_args(node)
+        start, end = a["start"], a["end"]
+        if a.get("step", 1) != 1 or not _cache_length(start, cache_placeholders):
+            continue
+        if is_call(end, operator.add) and start in end.args:
+            length = end.args[1] if end.args[0] is start else end.args[0]
+        else:
+            with graph.inserting_before(node):
+                length = graph.call_function(operator.sub, (end, start))
+            length.meta["val"] = meta_val(end) - meta_val(start)
+        kwargs = {k: v for k, v in node.kwargs.items() if k in ("device", "pin_memory", "layout")}
+        kwargs["dtype"] = torch.int64
+        ar = emit(graph, aten.arange.default, (length,), kwargs)
+        shifted = emit(graph, aten.add.Tensor, (ar, pos), {})
+        out_dtype = a.get("dtype") or torch.int64
+        if out_dtype != torch.int64:
+            shifted = emit(graph, aten.to.dtype, (shifted, out_dtype), {})
+        node.replace_all_uses_with(shifted)
+        count += 1
+    graph.eliminate_dead_code()
+    live = [n for n in graph.nodes if is_call(n, aten.sym_size.int) and n.args[0] in rings
+            and n.args[1] == 2 and n.users]
+    if live:
+        users = ", ".join(sorted(u.name for n in live for u in n.users))
+        raise RewriteError(f"positions pass: the length of a ring cache is still read by {users}; "
+                           "the model derives more than RoPE positions and masks from its cache length")
+    return count

@@ -1,0 +1,53 @@
+"""CLI behaviour: help, listing, and one-line errors with exit code 2 and no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from effexport.exporter.cli import main, parse_tokens
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "report" in out and "exit codes" in out and "examples" in out
+
+
+def test_list_shows_every_sample(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gemma4-e2b", "gemma4-e4b", "laguna-xs2", "zaya1-8b", "deepseek-v4-flash", "gemma4-e2b:tiny"):
+        assert name in out
+
+
+@pytest.mark.parametrize("text, tokens", [
+    pytest.param("131072", 131072, id="plain"), pytest.param("128k", 131072, id="k"),
+    pytest.param("1M", 1 << 20, id="M")])
+def test_parse_tokens(text, tokens):
+    assert parse_tokens(text) == tokens
+
+
+@pytest.mark.parametrize("argv, needle", [
+    pytest.param(["report", "gemma5-xl"], "built-in samples are: gemma4-e2b", id="unknown-model"),
+    pytest.param(["report", "gemma4-e2b", "--context", "abc"], "invalid context length", id="context-text"),
+    pytest.param(["report", "gemma4-e2b", "--context", "0"], "at least 1 token", id="context-zero"),
+    pytest.param(["report", "gemma4-e2b", "--context", "-5"], "context", id="context-negative"),
+    pytest.param(["report", "gemma4-e2b", "--context", "10M"], "beyond gemma4-e2b's limit", id="context-too-long"),
+    pytest.param(["report", "gemma4-e2b", "--cache-dtype", "int3"], "invalid choice", id="cache-dtype"),
+    pytest.param(["frobnicate"], "invalid choice", id="unknown-command"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1 and err.startswith("effexport: error: ")
+    assert "Traceback" not in err
+
+
+def test_console_script_exit_code_and_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "effexport.exporter", "report", "nope"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
