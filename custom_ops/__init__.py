@@ -1,0 +1,21 @@
+"""The effexport operator set (namespace ``effexport``), declared once.
+
+Each file declares its ops with ``torch.library.custom_op``: the eager reference (the oracle for
+every kernel and backend), ``register_fake`` for symbolic shapes, and a docstring with shapes and
+semantics. Importing this package registers every op and imports only torch (never Triton,
+onnxruntime or tensorrt). :data:`ALL_OPS` lists every ``OpOverload``; backends assert they lower
+all of them (or refuse explicitly).
+
+    attention        attention, attention_cache, attention_ring, attention_read
+    cca              cca (compressed convolutional attention q/k/v with conv and value-shift state)
+    kv_compress      kv_compress, kv_compress_step (CSA/HCA compressor)
+    indexer_topk     indexer_topk (lightning indexer + top-k over visible entries)
+    sparse_attention sparse_attention, sparse_attention_ring (window + compressed entries + sink)
+    mhc              sinkhorn, mhc_pre, mhc_post, mhc_head (hyper-connection mixing)
+"""
+from effexport.custom_ops import attention, cca, indexer_topk, kv_compress, mhc, sparse_attention
+
+MODULES = (attention, cca, kv_compress, indexer_topk, sparse_attention, mhc)
+ALL_OPS = tuple(op for module in MODULES for op in module.OPS)
+
+__all__ = ["ALL_OPS", "MODULES"]

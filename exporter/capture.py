@@ -58,10 +58,32 @@ def growing_dims(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict, dict[
     return past_b, dims
 
 
-def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 2) -> StepProgram:
+def _check_dynamic(graph: fx.Graph, in_names: list[str], seq_dims: dict) -> None:
+    """Fail clearly if export specialised batch, T or a cache length to its example value."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, in_names):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = {0: "batch"}
+        if name == "input_ids":
+            dims[1] = "new-token count"
+        elif seq_dims.get(name) is not None:
+            dims[seq_dims[name]] = "cache length"
+        for dim, what in dims.items():
+            if not isinstance(val.shape[dim], torch.SymInt):
+                raise CaptureError(
+                    f"torch.export specialised the {what} of {name!r} to {val.shape[dim]}: the model's "
+                    "forward branches on that size, so the graph would only run at that size; make the "
+                    "branch shape-independent (torch.where / torch.cond) and export again")
+
+
+def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 3) -> StepProgram:
     """Export ``model(input_ids[:, -new_tokens:], past)`` with dynamic batch, T and P.
 
-    ``input_ids`` ``[B, L]`` is an example sequence (B >= 2, L - new_tokens >= 3 so no size is 0/1)."""
+    ``input_ids`` ``[B, L]`` is an example sequence (B >= 2, L - new_tokens >= 3 so no size is 0/1).
+    The example T (3 by default) should differ from the model's small static sizes (conv kernels,
+    head counts): torch.export silently unifies a dynamic size with an equal static one."""
     if input_ids.shape[0] < 2 or input_ids.shape[1] - new_tokens < 3 or new_tokens < 2:
         raise CaptureError("capture needs example input_ids with batch >= 2 and >= 3 prompt + >= 2 new tokens")
     prompt, new = input_ids[:, :-new_tokens], input_ids[:, -new_tokens:]
@@ -87,6 +109,7 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
     out_flat = pytree.tree_flatten_with_path(eager_out)[0]
     out_names = ["logits"] + [f"present.{_key(p)}" for p, _ in out_flat[1:]]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    _check_dynamic(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()})
     if len(placeholders) != len(in_names):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs, expected {len(in_names)}")
     output = next(n for n in graph.nodes if n.op == "output")

@@ -12,7 +12,7 @@ turned off; the sample says in words what its baseline is).
 Decode FLOPs per token at context N (2 FLOPs per multiply-add):
     weights    2 x active parameters
     attention  per layer 2 x heads x (qk_dim + v_dim) x keys attended by one query at N
-    indexer    per CSA layer 2 x index_heads x index_dim x (N / ratio)
+    indexer    per indexed layer 2 x index_heads x index_dim x (N / ratio) (ratio 1: raw tokens, V3.2 DSA)
 ``fp8_equivalent`` weights each term by its published precision (bf16 x2, fp8 x1, fp4 x0.5; the
 convention of DeepSeek's comparisons); attention cores always count as bf16.
 """
@@ -93,7 +93,7 @@ class Flops:
 def decode_flops(layers: list[LayerSpec], active_params: int, context: int) -> Flops:
     """FLOPs for one generated token at position ``context`` (see the module docstring)."""
     attention = sum(2 * l.heads * (l.qk_dim + l.v_dim) * l.attended_keys(context) for l in layers)
-    indexer = sum(2 * l.indexer[0] * l.indexer[1] * (context // l.ratio) for l in layers if l.indexer)
+    indexer = sum(2 * l.indexer[0] * l.indexer[1] * (context // max(l.ratio, 1)) for l in layers if l.indexer)
     return Flops(weights=2.0 * active_params, attention=float(attention), indexer=float(indexer))
 
 

@@ -98,6 +98,10 @@ class MaskClassifier:
         if not isinstance(val, torch.Tensor) or val.dim() < 2:
             return MaskKind("unknown", reason="mask has no known 2-D+ shape")
         sub, placeholders = extract(self.gm, [mask])
+        for node in sub.graph.nodes:  # evaluate on the CPU even when the model lives on meta / CUDA
+            if isinstance(node.kwargs.get("device"), torch.device):
+                node.kwargs = {**node.kwargs, "device": torch.device("cpu")}
+        sub.recompile()
         if any(n.op == "get_attr" and getattr(self.gm, str(n.target), torch.empty(0, device="meta")).is_meta
                for n in sub.graph.nodes if n.op == "get_attr"):
             return MaskKind("unknown", reason="mask reads a module buffer on the meta device")

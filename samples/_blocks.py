@@ -178,8 +178,9 @@ class StackedExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.act, self.limit, self.hidden = act, limit, hidden
-        nn.init.normal_(self.gate_up, std=dim ** -0.5)
-        nn.init.normal_(self.down, std=hidden ** -0.5)
+        if not self.gate_up.is_meta:  # init on meta would load torch's meta kernels for nothing
+            nn.init.normal_(self.gate_up, std=dim ** -0.5)
+            nn.init.normal_(self.down, std=hidden ** -0.5)
 
     def forward(self, x, idx, weight):
         gu = torch.einsum("nd,ehd->neh", x, self.gate_up)  # [N, E, 2*hidden]

@@ -100,4 +100,6 @@ class LayerSpec:
         if self.ratio:
             entries = context // self.ratio
             return local + (entries if self.topk is None else min(self.topk, entries))
+        if self.topk:  # top-k over raw tokens (DeepSeek V3.2 DSA)
+            return min(local, self.topk)
         return local

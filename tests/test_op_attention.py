@@ -483,8 +483,36 @@ def test_real_size_shapes_on_meta():
         out, k_ring, _ = OPS.attention_ring(q, k_new, k_new, ring, ring, torch.tensor(100000),
                                             torch.empty(64), scale=128 ** -0.5, window=512)
         assert out.shape == (1, 64, 1, 128) and k_ring.shape == ring.shape
-        out, k_present, _ = OPS.attention_cache(torch.empty(1, 48, 4, 128), torch.empty(1, 8, 4, 128),
-                                                torch.empty(1, 8, 4, 128), k[:, :8, :4096, :128].expand(1, 8, 4096, 128),
-                                                k[:, :8, :4096, :128].expand(1, 8, 4096, 128),
+        new, past = torch.empty(1, 8, 4, 128), torch.empty(1, 8, 4096, 128)
+        out, k_present, _ = OPS.attention_cache(torch.empty(1, 48, 4, 128), new, new, past, past,
                                                 scale=128 ** -0.5)
         assert out.shape == (1, 48, 4, 128) and k_present.shape == (1, 8, 4100, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+def test_cuda_matches_cpu(dtype):
+    """The eager kernels run on CUDA (pos on the GPU or the CPU) and match the CPU results."""
+    q, k, v = _qkv(2, 6, 2, 5, 12, 32, dv=16)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    sinks = _sinks(6)
+    ring_k, ring_v = k[:, :, 5:9], v[:, :, 5:9]
+    calls = [
+        lambda q, k, v, s, p: OPS.attention(q, k, v, s, scale=0.3, window=4, softcap=5.0),
+        lambda q, k, v, s, p: OPS.attention_cache(q, k[:, :, :5], v[:, :, :5], k[:, :, 5:], v[:, :, 5:],
+                                                  s, scale=0.3, window=3),
+        lambda q, k, v, s, p: OPS.attention_ring(q, k[:, :, :5], v[:, :, :5], k[:, :, 5:9], v[:, :, 5:9],
+                                                 p, s, scale=0.3, window=4),
+        lambda q, k, v, s, p: OPS.attention_read(q, k, v, p, s, scale=0.3, window=6),
+        lambda q, k, v, s, p: OPS.attention_read(q[:, :, :1], ring_k.to(q.device), ring_v.to(q.device),
+                                                 p, s, scale=0.3, window=4, ring=True),
+    ]
+    for i, call in enumerate(calls):
+        want = call(q, k, v, sinks, torch.tensor(7))
+        for pos_device in ("cuda", "cpu"):
+            got = call(q.cuda(), k.cuda(), v.cuda(), sinks.cuda(), torch.tensor(7, device=pos_device))
+            got, want_t = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+            for g, w in zip(got, want_t):
+                assert g.device.type == "cuda" and g.dtype == w.dtype
+                assert_close(g.cpu(), w, dtype=dtype, what=f"call {i} pos on {pos_device}")

@@ -109,10 +109,11 @@ def test_matches_official_masking():
     q, w, k = _inputs(1, seqlen, 2, 8, seqlen // ratio, seed=9)
     score = torch.einsum("bshd,btd->bsht", q, k).relu()
     score = (score * w.unsqueeze(-1)).sum(dim=2)
-    mask = torch.arange(seqlen // ratio).repeat(seqlen, 1) >= torch.arange(1, seqlen + 1).unsqueeze(1) // ratio
+    n_done = torch.arange(1, seqlen + 1).unsqueeze(1) // ratio  # completed blocks per query
+    mask = torch.arange(seqlen // ratio).repeat(seqlen, 1) >= n_done
     score = score + torch.where(mask, float("-inf"), 0)
     ref = score.topk(min(topk, seqlen // ratio), dim=-1)[1]
-    ref = torch.where(ref >= torch.arange(1, seqlen + 1).unsqueeze(1) // ratio, -1, ref)
+    ref = torch.where(ref >= n_done, -1, ref)
     got = _op(q, w, k, 0, ratio, topk)
     for t in range(seqlen):
         assert sorted(got[0, t].tolist()) == sorted(ref[0, t].tolist()), t
@@ -141,7 +142,7 @@ def test_export_dynamic_batch_sequence_and_entries():
     auto = torch.export.Dim.AUTO
     q, w, k = _inputs(2, 13, 2, 4, 5)
     ep = torch.export.export(_Indexer(), (q, w, k, torch.tensor(0)),
-                             dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, None))
+                             dynamic_shapes=({0: auto, 1: auto},) * 3 + (None,))
     for bsz, seqlen, n, pos in [(3, 22, 7, 0), (1, 1, 9, 35)]:
         q, w, k = _inputs(bsz, seqlen, 2, 4, n, seed=seqlen)
         got = ep.module()(q, w, k, torch.tensor(pos))

@@ -106,8 +106,10 @@ class OfficialCompressor:
                 self.kv_state[:bsz, ratio + start_pos % ratio] = kv.squeeze(1)
                 self.score_state[:bsz, ratio + start_pos % ratio] = score.squeeze(1)
                 if should_compress:
-                    kv_state = torch.cat([self.kv_state[:bsz, :ratio, :d], self.kv_state[:bsz, ratio:, d:]], dim=1)
-                    score_state = torch.cat([self.score_state[:bsz, :ratio, :d], self.score_state[:bsz, ratio:, d:]], dim=1)
+                    kv_state = torch.cat([self.kv_state[:bsz, :ratio, :d],
+                                          self.kv_state[:bsz, ratio:, d:]], dim=1)
+                    score_state = torch.cat([self.score_state[:bsz, :ratio, :d],
+                                             self.score_state[:bsz, ratio:, d:]], dim=1)
                     kv = (kv_state * score_state.softmax(dim=1)).sum(dim=1, keepdim=True)
                     self.kv_state[:bsz, :ratio] = self.kv_state[:bsz, ratio:]
                     self.score_state[:bsz, :ratio] = self.score_state[:bsz, ratio:]
@@ -115,7 +117,8 @@ class OfficialCompressor:
                 self.kv_state[:bsz, start_pos % ratio] = kv.squeeze(1)
                 self.score_state[:bsz, start_pos % ratio] = score.squeeze(1)
                 if should_compress:
-                    kv = (self.kv_state[:bsz] * self.score_state[:bsz].softmax(dim=1)).sum(dim=1, keepdim=True)
+                    weights = self.score_state[:bsz].softmax(dim=1)
+                    kv = (self.kv_state[:bsz] * weights).sum(dim=1, keepdim=True)
         if not should_compress:
             return None
         kv = kv * torch.rsqrt(kv.square().mean(-1, keepdim=True) + EPS) * self.norm_w
@@ -294,7 +297,8 @@ def test_real_size_shapes_on_meta():
 
 
 @pytest.mark.parametrize("bad", [pytest.param("ape", id="ape-shape"), pytest.param("width", id="odd-width"),
-                                 pytest.param("rope", id="rope-dim"), pytest.param("state", id="state-shape")])
+                                 pytest.param("rope", id="rope-dim"),
+                                 pytest.param("state", id="state-shape")])
 def test_rejects_bad_inputs(bad):
     a, z, ape, nw, inv = _inputs(1, 8, 4, True, 8, 4)
     sa, sz = kvc.empty_state(1, 4, True, 8)
@@ -371,8 +375,8 @@ def test_matches_sample_compressor_step(ratio, rotate):
         with torch.no_grad():
             new, ref_state = comp.step(x[:, p:p + n], p, ref_state, inv_freq)
         emitted.append(new)
-        cache, sa, sz = _step(a[:, p:p + n], z[:, p:p + n], comp.ape, comp.norm.weight, inv_freq, cache, sa, sz,
-                              p, ratio, comp.overlap, 8)
+        cache, sa, sz = _step(a[:, p:p + n], z[:, p:p + n], comp.ape, comp.norm.weight, inv_freq, cache,
+                              sa, sz, p, ratio, comp.overlap, 8)
         assert_close(sa, ref_state[0], what=f"state_a at {p + n}")
         assert torch.equal(sz.isinf(), ref_state[1].isinf())
         assert_close(_finite(sz), _finite(ref_state[1]), what=f"state_z at {p + n}")

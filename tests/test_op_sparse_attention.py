@@ -207,7 +207,8 @@ def test_opcheck():
     q, kv, comp, sink = _inputs(2, 9, 2, 8, 3)
     idx = _random_idx(2, 9, 2, 3, 3)
     kw = dict(scale=0.25, window=4, ratio=3)
-    for args in [(q, kv, comp, idx, sink, torch.tensor(0)), (q, kv[:, :4], comp[:, :0], None, sink, torch.tensor(4))]:
+    for args in [(q, kv, comp, idx, sink, torch.tensor(0)),
+                 (q, kv[:, :4], comp[:, :0], None, sink, torch.tensor(4))]:
         torch.library.opcheck(spa.OPS[0], args, kw)
     for args in [(q[:, :1], kv[:, :4], comp, idx[:, :1], sink, torch.tensor(11)),
                  (q[:, :1], kv[:, :4], comp, None, sink, torch.tensor(2))]:
@@ -334,24 +335,26 @@ class _OpsLayer:
         bsz, t, _ = x.shape
         positions, pos = torch.arange(start, start + t), torch.tensor(start)
         qr = m.q_norm(m.wq_a(x))
-        q = dsv4.rope_interleaved(dsv4.rms_norm(m.wq_b(qr).unflatten(-1, (c.n_heads, c.head_dim)), None, m.eps),
-                                  positions, inv)
+        q = m.wq_b(qr).unflatten(-1, (c.n_heads, c.head_dim))  # [B, T, H, D]
+        q = dsv4.rope_interleaved(dsv4.rms_norm(q, None, m.eps), positions, inv)
         kv = dsv4.rope_interleaved(m.kv_norm(m.wkv(x)), positions, inv)  # [B, T, D]
         self.ring = self.ring.index_copy(1, positions % c.window_size, kv)  # T == 1 here
         idx = None
         if m.ratio:
             self.comp, *self.state = self._compress(m.compressor, x, self.comp, self.state, pos)
         if m.indexer is not None:
-            keys, *self.index_state = self._compress(m.indexer.compressor, x, self.keys, self.index_state, pos)
-            self.keys = keys
+            self.keys, *self.index_state = self._compress(m.indexer.compressor, x, self.keys,
+                                                          self.index_state, pos)
             qi = m.indexer.wq_b(qr).unflatten(-1, (m.indexer.n_heads, m.indexer.head_dim))
             hada = dsv4.hadamard_matrix(m.indexer.head_dim)
             qi = dsv4.rope_interleaved(qi, positions, inv) @ hada
             w = m.indexer.weights_proj(x).float() * (m.indexer.head_dim ** -0.5 * m.indexer.n_heads ** -0.5)
-            idx = torch.ops.effexport.indexer_topk(qi, w, keys @ hada, pos, ratio=m.ratio, topk=c.index_topk)
+            idx = torch.ops.effexport.indexer_topk(qi, w, self.keys @ hada, pos, ratio=m.ratio,
+                                                   topk=c.index_topk)
         comp = self.comp if m.ratio else torch.zeros(bsz, 0, c.head_dim)
         o = torch.ops.effexport.sparse_attention_ring(q, self.ring, comp, idx, m.attn_sink, pos,
-                                                      scale=c.head_dim ** -0.5, window=c.window_size, ratio=m.ratio)
+                                                      scale=c.head_dim ** -0.5, window=c.window_size,
+                                                      ratio=m.ratio)
         o = dsv4.rope_interleaved(o, positions, inv, inverse=True).reshape(bsz, t, c.o_groups, -1)
         o = torch.einsum("btgd,grd->btgr", o, m.wo_a.weight.view(c.o_groups, c.o_lora_rank, -1))
         return m.wo_b(o.flatten(2))
@@ -374,8 +377,8 @@ def test_sample_attention_layer_rebuilt_on_ops(tiny_model, layer):
         # prefill through the prefill forms
         inv, pos0 = dsv4.layer_inv_freq(c, layer), torch.tensor(0)
         qr = attn.q_norm(attn.wq_a(x))
-        q = dsv4.rope_interleaved(dsv4.rms_norm(attn.wq_b(qr).unflatten(-1, (c.n_heads, c.head_dim)), None,
-                                                attn.eps), torch.arange(total), inv)
+        q = attn.wq_b(qr).unflatten(-1, (c.n_heads, c.head_dim))  # [B, T, H, D]
+        q = dsv4.rope_interleaved(dsv4.rms_norm(q, None, attn.eps), torch.arange(total), inv)
         kv = dsv4.rope_interleaved(attn.kv_norm(attn.wkv(x)), torch.arange(total), inv)
         comp, idx = torch.zeros(2, 0, c.head_dim), None
 
@@ -389,13 +392,14 @@ def test_sample_attention_layer_rebuilt_on_ops(tiny_model, layer):
             comp = prefill_compress(attn.compressor)
         if attn.indexer is not None:
             ix, hada = attn.indexer, dsv4.hadamard_matrix(c.index_head_dim)
-            qi = dsv4.rope_interleaved(ix.wq_b(qr).unflatten(-1, (ix.n_heads, ix.head_dim)), torch.arange(total),
-                                       inv) @ hada
+            qi = ix.wq_b(qr).unflatten(-1, (ix.n_heads, ix.head_dim))  # [B, T, Hi, Di]
+            qi = dsv4.rope_interleaved(qi, torch.arange(total), inv) @ hada
             w = ix.weights_proj(x).float() * (ix.head_dim ** -0.5 * ix.n_heads ** -0.5)
             idx = torch.ops.effexport.indexer_topk(qi, w, prefill_compress(ix.compressor) @ hada, pos0,
                                                    ratio=4, topk=c.index_topk)
-        o = torch.ops.effexport.sparse_attention(q, kv, comp, idx, attn.attn_sink, pos0, scale=c.head_dim ** -0.5,
-                                                 window=c.window_size, ratio=attn.ratio)
+        o = torch.ops.effexport.sparse_attention(q, kv, comp, idx, attn.attn_sink, pos0,
+                                                 scale=c.head_dim ** -0.5, window=c.window_size,
+                                                 ratio=attn.ratio)
         o = dsv4.rope_interleaved(o, torch.arange(total), inv, inverse=True).reshape(2, total, c.o_groups, -1)
         o = torch.einsum("btgd,grd->btgr", o, attn.wo_a.weight.view(c.o_groups, c.o_lora_rank, -1))
     assert_close(attn.wo_b(o.flatten(2)).detach(), want, what="prefill via ops")

@@ -1,0 +1,86 @@
+"""Small ONNX building blocks shared by the translations (recorded through onnxscript's tracer).
+
+Every helper takes and returns onnxscript symbolic values inside a ``torch.onnx`` translation
+call. Integer helpers produce int64 tensors; ``positions`` and masks are computed in the graph
+from shapes and the ``pos`` input, never baked as constants.
+"""
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnxscript import opset18 as op
+
+__all__ = ["ints", "i64", "f32c", "dim", "to_float", "cast_like", "static_dim", "arange",
+           "visible", "ring_positions"]
+
+FLOAT = ir.DataType.FLOAT
+
+
+def ints(values) -> object:
+    """1-d int64 constant."""
+    return op.Constant(value_ints=[int(v) for v in values])
+
+
+def i64(value: int) -> object:
+    """0-d int64 constant."""
+    return op.Constant(value_int=int(value))
+
+
+def f32c(value: float) -> object:
+    """0-d float32 constant (``-inf`` allowed)."""
+    return op.Constant(value_float=float(value))
+
+
+def dim(x, axis: int) -> object:
+    """``x.shape[axis]`` as a 0-d int64 tensor."""
+    return op.Squeeze(op.Shape(x, start=axis, end=axis + 1 if axis != -1 else None), ints([0]))
+
+
+def static_dim(x, axis: int, what: str) -> int:
+    """A dimension that must be static at export time (head counts and head sizes)."""
+    size = x.shape[axis] if x.shape is not None else None
+    if not isinstance(size, int):
+        value = getattr(size, "value", None)
+        if not isinstance(value, int):
+            raise ValueError(f"{what}: dim {axis} of {x.name} must be static for ONNX lowering, got {size}")
+        size = value
+    return size
+
+
+def to_float(x):
+    """Cast to float32 unless it already is."""
+    return x if x.dtype == FLOAT else op.Cast(x, to=FLOAT)
+
+
+def cast_like(x, dtype):
+    """Cast float32 ``x`` back to ``dtype`` (an ``ir.DataType``) unless equal."""
+    return x if dtype == FLOAT else op.Cast(x, to=dtype)
+
+
+def arange(start, length):
+    """``start + [0, length)`` as int64 (``start``, ``length`` 0-d int64)."""
+    return op.Range(start, op.Add(start, length), i64(1))
+
+
+def visible(q_pos, k_pos, window: int, k_valid=None):
+    """Boolean ``[T, S]`` mask, True = visible: causal, windowed to W keys including self when
+    ``window > 0``, restricted to ``k_valid [S]`` when given (the ops' ``_visible``)."""
+    diff = op.Sub(op.Unsqueeze(q_pos, ints([1])), op.Unsqueeze(k_pos, ints([0])))  # [T, S]
+    mask = op.GreaterOrEqual(diff, i64(0))
+    if window > 0:
+        mask = op.And(mask, op.Less(diff, i64(window)))
+    if k_valid is not None:
+        mask = op.And(mask, op.Unsqueeze(k_valid, ints([0])))
+    return mask
+
+
+def ring_positions(last, slots: int):
+    """Position held by each of ``slots`` ring slots when ``last`` (0-d) is the newest position
+    written: ``last - (W-1) + ((s - last - 1) mod W)`` (negative = never filled)."""
+    slot = op.Range(i64(0), i64(slots), i64(1))
+    wrapped = op.Mod(op.Sub(op.Sub(slot, last), i64(1)), i64(slots))  # int Mod: divisor's sign
+    return op.Add(op.Sub(last, i64(slots - 1)), wrapped)
+
+
+NEG_INF = -math.inf

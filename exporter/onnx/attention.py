@@ -1,0 +1,272 @@
+"""ONNX lowering of the attention ops (``effexport::attention``, ``attention_cache``,
+``attention_ring``, ``attention_read``) for the ``ort`` and ``standard`` profiles.
+
+``ort`` (ONNX Runtime contrib ops):
+
+* ``attention`` (causal), ``attention_cache`` and ``attention_read`` over a full cache become one
+  ``com.microsoft::GroupQueryAttention``: the keys are split into a "past" (positions ``< pos``)
+  and the "new" rows, ``seqlens_k = total - 1``, ``total_sequence_length = total``, a window W as
+  ``local_window_size = W - 1`` (GQA's window counts the keys *before* the query), softcap as its
+  attribute, sinks as ``head_sink``. GQA needs ``d == dv`` and a non-zero scale; otherwise, and for
+  bidirectional attention, the decomposition below is used.
+* ``attention_ring`` and ``attention_read(ring=True)``: GQA's contiguous past/present cannot
+  express a ring, so they use the decomposition.
+
+``standard`` (ai.onnx only): ``Attention`` (opset 23) with a boolean ``attn_mask`` computed from
+positions when there is neither a softcap (ONNX applies the mask before the softcap, which would
+let masked keys back in) nor sinks (no such input); otherwise MatMul/Softmax in fp32.
+
+Both profiles compute masks in the graph from ``pos`` and shapes (never a dense constant) and
+write a ring with a ``Gather`` over ``[ring | new]`` (slot ``p mod W`` takes the newest position),
+the eager reference's own formula, so ``T > W`` chunks are exact too.
+
+Not covered: padding masks or per-row lengths (the ops do not have them), GQA's rotary and
+quantized-cache features, and the shared-buffer (in-place) GQA cache layout.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import onnxscript
+from onnxscript import opset18 as op
+from onnxscript import opset23 as op23
+
+from effexport.exporter.onnx import _build as b
+from effexport.exporter.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
+
+__all__ = ["TRANSLATIONS", "attend_decomposed"]
+
+ensure_gqa_schema()
+msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
+import os; _LWS_OFFSET = int(os.environ.get("LWS", "-1"))
+
+
+# ------------------------------------------------------------------------------- computations
+class Dims(NamedTuple):
+    """Static sizes of one attention call, read from the op's graph inputs (intermediate values
+    carry no shapes while a translation is being recorded)."""
+
+    heads: int
+    kv_heads: int
+    d: int
+    dv: int
+
+    @staticmethod
+    def of(q, k, v) -> "Dims":
+        return Dims(b.static_dim(q, 1, "attention"), b.static_dim(k, 1, "attention"),
+                    b.static_dim(q, 3, "attention"), b.static_dim(v, 3, "attention"))
+
+
+def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: Dims):
+    """``softmax(cap(q k^T * scale) + mask [, sink]) v`` in fp32 with GQA by head grouping.
+
+    q ``[B, H, T, d]``, k ``[B, Hkv, S, d]``, v ``[B, Hkv, S, dv]``, mask bool ``[T, S]`` or None,
+    sinks ``[H]`` or None -> ``[B, H, T, dv]`` in q's dtype."""
+    heads, kv_heads, d, dv = dims
+    groups = heads // kv_heads
+    qg = op.Reshape(b.to_float(q), b.ints([0, kv_heads, groups, -1, d]))  # [B, Hkv, G, T, d]
+    kt = op.Unsqueeze(op.Transpose(b.to_float(k), perm=[0, 1, 3, 2]), b.ints([2]))  # [B, Hkv, 1, d, S]
+    scores = op.Mul(op.MatMul(qg, kt), b.f32c(scale))  # [B, Hkv, G, T, S]
+    if softcap > 0.0:
+        scores = op.Mul(op.Tanh(op.Div(scores, b.f32c(softcap))), b.f32c(softcap))
+    if mask is not None:
+        scores = op.Where(mask, scores, b.f32c(-math.inf))
+    if sinks is not None:
+        sink = op.Reshape(b.to_float(sinks), b.ints([1, kv_heads, groups, 1, 1]))
+        sink = op.Expand(sink, op.Concat(op.Shape(scores, end=4), b.ints([1]), axis=0))
+        probs = op.Softmax(op.Concat(scores, sink, axis=-1), axis=-1)
+        probs = op.Slice(probs, b.ints([0]), b.ints([-1]), b.ints([-1]))  # the sink's column goes
+    else:
+        probs = op.Softmax(scores, axis=-1)
+    out = op.MatMul(probs, op.Unsqueeze(b.to_float(v), b.ints([2])))  # [B, Hkv, G, T, dv]
+    return b.cast_like(op.Reshape(out, b.ints([0, heads, -1, dv])), q.dtype)
+
+
+def _attend_standard(q, k, v, mask, sinks, scale: float, softcap: float, dims: Dims):
+    """ai.onnx ``Attention`` (opset 23) where it is exact, else :func:`attend_decomposed`."""
+    if sinks is not None or softcap > 0.0:
+        return attend_decomposed(q, k, v, mask, sinks, scale, softcap, dims)
+    outputs = op23.Attention(q, k, v, mask, scale=float(scale))  # (Y, present_k, present_v, qk)
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def _gqa_fits(dims: Dims, scale: float) -> bool:
+    return dims.d == dims.dv and scale != 0.0
+
+
+def _heads_last(x):
+    """``[B, H, T, d] -> [B, T, H*d]`` (GQA's layout)."""
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), b.ints([0, 0, -1]))
+
+
+def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int, softcap: float,
+               dims: Dims):
+    """``com.microsoft::GroupQueryAttention`` of the new queries over ``[past | new]``.
+
+    q ``[B, H, T, d]``, k/v_past ``[B, Hkv, P, d]`` (positions ``0..P-1``), k/v_new ``[B, Hkv, T, d]``
+    -> ``(out [B, H, T, d], k_present, v_present)`` with ``present = cat(past, new)``."""
+    heads, kv_heads, _, dv = dims
+    total = op.Add(op.Shape(k_past, start=2, end=3), op.Shape(q, start=2, end=3))  # [1]
+    total32 = op.Cast(op.Reshape(total, b.ints([])), to=6)  # 0-d int32
+    seqlens = op.Cast(op.Expand(op.Sub(total, b.ints([1])), op.Shape(q, start=0, end=1)), to=6)  # [B]
+    out, k_present, v_present = msft.GroupQueryAttention(
+        _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_past, v_past, seqlens, total32,
+        head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
+        softcap=float(softcap), local_window_size=window + _LWS_OFFSET if window > 0 else -1)
+    out = op.Transpose(op.Reshape(out, b.ints([0, 0, heads, dv])), perm=[0, 2, 1, 3])
+    return out, k_present, v_present
+
+
+def _split_at(x, cut):
+    """``x[:, :, :cut]`` and ``x[:, :, cut:]`` (``cut`` a 1-d int64 of one element)."""
+    return (op.Slice(x, b.ints([0]), cut, b.ints([2])),
+            op.Slice(x, cut, b.ints([2 ** 62]), b.ints([2])))
+
+
+def _positions_causal(q, k):
+    """Query positions ``S-T..S-1`` and key positions ``0..S-1`` of a causal prefill."""
+    s_len, t_len = b.dim(k, 2), b.dim(q, 2)
+    k_pos = b.arange(b.i64(0), s_len)
+    return b.arange(op.Sub(s_len, t_len), t_len), k_pos
+
+
+# --------------------------------------------------------------------------------- attention
+def _attention(q, k, v, sinks, scale, causal, window, softcap, profile):
+    dims = Dims.of(q, k, v)
+    if not causal:
+        attend = _attend_standard if profile == "standard" else attend_decomposed
+        return attend(q, k, v, None, sinks, scale, softcap, dims)
+    if profile == "ort" and _gqa_fits(dims, scale):
+        k_past, k_new = _split_at(k, op.Sub(op.Shape(k, start=2, end=3), op.Shape(q, start=2, end=3)))
+        v_past, v_new = _split_at(v, op.Sub(op.Shape(v, start=2, end=3), op.Shape(q, start=2, end=3)))
+        return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
+    q_pos, k_pos = _positions_causal(q, k)
+    attend = _attend_standard if profile == "standard" else attend_decomposed
+    return attend(q, k, v, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
+
+
+def attention_ort(q, k, v, sinks=None, scale: float = 1.0, causal: bool = True, window: int = 0,
+                  softcap: float = 0.0):
+    """``effexport::attention``, ``ort`` profile."""
+    return _attention(q, k, v, sinks, scale, causal, window, softcap, "ort")
+
+
+def attention_standard(q, k, v, sinks=None, scale: float = 1.0, causal: bool = True, window: int = 0,
+                       softcap: float = 0.0):
+    """``effexport::attention``, ``standard`` profile."""
+    return _attention(q, k, v, sinks, scale, causal, window, softcap, "standard")
+
+
+# --------------------------------------------------------------------------- attention_cache
+def _attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, profile):
+    dims = Dims.of(q, k_new, v_new)
+    if profile == "ort" and _gqa_fits(dims, scale):
+        return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)
+    k_present = op.Concat(k_past, k_new, axis=2)
+    v_present = op.Concat(v_past, v_new, axis=2)
+    q_pos, k_pos = _positions_causal(q, k_present)
+    attend = _attend_standard if profile == "standard" else attend_decomposed
+    out = attend(q, k_present, v_present, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
+    return out, k_present, v_present
+
+
+def attention_cache_ort(q, k_new, v_new, k_past, v_past, sinks=None, scale: float = 1.0,
+                        window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_cache``, ``ort`` profile (GQA with past/present)."""
+    return _attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, "ort")
+
+
+def attention_cache_standard(q, k_new, v_new, k_past, v_past, sinks=None, scale: float = 1.0,
+                             window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_cache``, ``standard`` profile (Concat + Attention-23)."""
+    return _attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, "standard")
+
+
+# ---------------------------------------------------------------------------- attention_ring
+def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, profile):
+    dims = Dims.of(q, k_new, v_new)
+    slots = b.static_dim(k_ring, 2, "attention_ring")
+    if slots != window:
+        raise ValueError(f"attention_ring: ring of {slots} slots for window {window}")
+    t_len = b.dim(q, 2)
+    old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
+    new_pos = b.arange(pos, t_len)  # [T]
+    keys = op.Concat(k_ring, k_new, axis=2)  # [B, Hkv, W+T, d]
+    values = op.Concat(v_ring, v_new, axis=2)
+    k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
+    mask = b.visible(new_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
+    attend = _attend_standard if profile == "standard" else attend_decomposed
+    out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
+    # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
+    last_pos = b.ring_positions(op.Sub(op.Add(pos, t_len), b.i64(1)), slots)
+    slot = op.Range(b.i64(0), b.i64(slots), b.i64(1))
+    src = op.Where(op.GreaterOrEqual(last_pos, pos), op.Add(op.Sub(last_pos, pos), b.i64(slots)), slot)
+    return out, op.Gather(keys, src, axis=2), op.Gather(values, src, axis=2)
+
+
+def attention_ring_ort(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0,
+                       window: int = 1, softcap: float = 0.0):
+    """``effexport::attention_ring``, ``ort`` profile (decomposed; ring write by Gather)."""
+    return _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, "ort")
+
+
+def attention_ring_standard(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0,
+                            window: int = 1, softcap: float = 0.0):
+    """``effexport::attention_ring``, ``standard`` profile (Attention-23; ring write by Gather)."""
+    return _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap,
+                           "standard")
+
+
+# ---------------------------------------------------------------------------- attention_read
+def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, profile):
+    dims = Dims.of(q, k_cache, v_cache)
+    t_len = b.dim(q, 2)
+    q_pos = b.arange(pos, t_len)
+    attend = _attend_standard if profile == "standard" else attend_decomposed
+    if ring:
+        slots = b.static_dim(k_cache, 2, "attention_read")
+        k_pos = b.ring_positions(op.Sub(op.Add(pos, t_len), b.i64(1)), slots)
+        mask = b.visible(q_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
+        return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
+    if profile == "ort" and _gqa_fits(dims, scale):
+        pos1, end = op.Reshape(pos, b.ints([1])), op.Reshape(op.Add(pos, t_len), b.ints([1]))
+        k_used = op.Slice(k_cache, b.ints([0]), end, b.ints([2]))  # entries past pos+T-1: masked
+        v_used = op.Slice(v_cache, b.ints([0]), end, b.ints([2]))
+        k_past, k_new = _split_at(k_used, pos1)
+        v_past, v_new = _split_at(v_used, pos1)
+        return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
+    k_pos = b.arange(b.i64(0), b.dim(k_cache, 2))
+    return attend(q, k_cache, v_cache, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
+
+
+def attention_read_ort(q, k_cache, v_cache, pos, sinks=None, scale: float = 1.0, window: int = 0,
+                       softcap: float = 0.0, ring: bool = False):
+    """``effexport::attention_read``, ``ort`` profile (GQA over a full cache; ring decomposed)."""
+    return _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, "ort")
+
+
+def attention_read_standard(q, k_cache, v_cache, pos, sinks=None, scale: float = 1.0,
+                            window: int = 0, softcap: float = 0.0, ring: bool = False):
+    """``effexport::attention_read``, ``standard`` profile."""
+    return _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, "standard")
+
+
+def _table():
+    import torch
+
+    import effexport.custom_ops.attention  # noqa: F401  (registers the ops)
+    ops = torch.ops.effexport
+    return {
+        "ort": {ops.attention.default: attention_ort, ops.attention_cache.default: attention_cache_ort,
+                ops.attention_ring.default: attention_ring_ort,
+                ops.attention_read.default: attention_read_ort},
+        "standard": {ops.attention.default: attention_standard,
+                     ops.attention_cache.default: attention_cache_standard,
+                     ops.attention_ring.default: attention_ring_standard,
+                     ops.attention_read.default: attention_read_standard},
+    }
+
+
+TRANSLATIONS = _table()
+"""profile -> {OpOverload: translation function}."""

@@ -1,0 +1,88 @@
+"""Parity of a built artifact against eager PyTorch: prefill plus N greedy decode steps.
+
+The eager model runs the same token stream with its own cache; per step, logits are compared
+(max abs and max relative error, relative to the step's largest eager magnitude) and the greedy
+tokens must be identical. Tolerances by dtype (DESIGN.md): fp32 1e-4, bf16/fp16 2e-2.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+
+
+@dataclass
+class OutputError:
+    """Worst error of one output over all steps."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+
+
+@dataclass
+class ParityReport:
+    """What ``effexport check`` prints and ``report.json`` stores under ``parity``."""
+
+    passed: bool
+    steps: int
+    tolerance: float
+    outputs: list[OutputError] = field(default_factory=list)
+    tokens_equal: bool = True
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "steps": self.steps, "tolerance": self.tolerance,
+                "tokens_equal": self.tokens_equal, "outputs": [asdict(o) for o in self.outputs],
+                "detail": self.detail}
+
+    def table(self) -> str:
+        """Human table."""
+        lines = [f"{'output':<16} {'max abs':>12} {'max rel':>12}  (tolerance {self.tolerance:g} rel)"]
+        for o in self.outputs:
+            lines.append(f"{o.name:<16} {o.max_abs:>12.3e} {o.max_rel:>12.3e}")
+        lines.append(f"greedy tokens identical over {self.steps} decode steps: {'yes' if self.tokens_equal else 'NO'}")
+        if self.detail:
+            lines.append(self.detail)
+        lines.append("PARITY PASSED" if self.passed else "PARITY FAILED")
+        return "\n".join(lines)
+
+
+def _errors(got: np.ndarray, ref: torch.Tensor) -> tuple[float, float]:
+    ref64 = ref.detach().double().cpu().numpy()
+    diff = np.abs(got.astype(np.float64) - ref64)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    return max_abs, max_abs / max(float(np.abs(ref64).max()), 1e-30)
+
+
+def check_parity(model: torch.nn.Module, runtime, prompt: torch.Tensor, steps: int = 16,
+                 dtype: str = "fp32") -> ParityReport:
+    """Run ``prompt`` then ``steps`` greedy tokens through eager and the artifact's runtime."""
+    tol = TOLERANCE[dtype]
+    worst_prefill, worst_decode = (0.0, 0.0), (0.0, 0.0)
+    with torch.no_grad():
+        ref_logits, past = model(prompt)
+    result = runtime.step(prompt.numpy(), 0, runtime.initial_caches(prompt.shape[0]))
+    worst_prefill = _errors(result.logits, ref_logits)
+    tokens_equal, detail = True, ""
+    pos = prompt.shape[1]
+    nxt_ref = ref_logits[:, -1].argmax(-1, keepdim=True)
+    for step in range(steps):
+        nxt_art = torch.from_numpy(result.logits[:, -1].argmax(-1)[:, None].astype(np.int64))
+        if not torch.equal(nxt_art, nxt_ref):
+            tokens_equal = False
+            detail = f"greedy token differs at decode step {step}"
+            break
+        with torch.no_grad():
+            ref_logits, past = model(nxt_ref, past)
+        result = runtime.step(nxt_ref.numpy(), pos, result.caches)
+        err = _errors(result.logits, ref_logits)
+        worst_decode = (max(worst_decode[0], err[0]), max(worst_decode[1], err[1]))
+        nxt_ref = ref_logits[:, -1].argmax(-1, keepdim=True)
+        pos += 1
+    outputs = [OutputError("logits/prefill", *worst_prefill), OutputError("logits/decode", *worst_decode)]
+    passed = tokens_equal and all(o.max_rel <= tol for o in outputs)
+    return ParityReport(passed, steps, tol, outputs, tokens_equal, detail)

@@ -1,0 +1,102 @@
+"""``effexport.runtime``: drive a built artifact -- prefill, decode loop, caches by the CachePlan, greedy
+generation.
+
+The artifact directory holds ``effexport.json`` (the CachePlan, I/O names, files) and the step model.
+One step call takes ``input_ids [B, T]``, ``pos`` (0-d int64, position of the first new token) and
+every cache input in plan order, and returns logits and every present cache in the same order;
+the runtime feeds presents back as pasts. Prefill is the same step with ``pos = 0`` and the plan's
+initial caches (zero-length full caches, zero rings and states).
+
+Backends: ONNX Runtime (CPU; CUDA when onnxruntime-gpu is installed and ``device="cuda"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from effexport.exporter.errors import BackendMissingError, LoadError
+from effexport.passes.cache_plan import CacheEntry
+
+MANIFEST = "effexport.json"
+
+
+def load_manifest(artifact_dir: str) -> dict:
+    """Read and sanity-check ``effexport.json``."""
+    path = os.path.join(artifact_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise LoadError(f"{artifact_dir!r} is not an effexport artifact (no {MANIFEST}); "
+                        "build one with 'effexport MODEL --target onnx -o DIR'")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{path} is not valid JSON ({exc}); rebuild the artifact") from None
+    for key in ("target", "files", "cache_plan", "inputs", "outputs"):
+        if key not in manifest:
+            raise LoadError(f"{path} lacks {key!r}; rebuild the artifact with this effexport version")
+    return manifest
+
+
+@dataclass
+class StepResult:
+    """Logits ``[B, T, V]`` and the caches to pass to the next step."""
+
+    logits: np.ndarray
+    caches: list[np.ndarray]
+
+
+class OrtRuntime:
+    """An ONNX Runtime session over an artifact's step model."""
+
+    def __init__(self, artifact_dir: str, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendMissingError("onnxruntime is not installed: pip install onnxruntime "
+                                      "(or onnxruntime-gpu for CUDA)") from None
+        self.manifest = load_manifest(artifact_dir)
+        self.entries = [CacheEntry(**{**e, "shape": tuple(e["shape"])})
+                        for e in self.manifest["cache_plan"]["entries"]]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendMissingError("CUDA requested but onnxruntime has no CUDAExecutionProvider: "
+                                          "pip install onnxruntime-gpu")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        path = os.path.join(artifact_dir, self.manifest["files"]["step"])
+        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.input_names = self.manifest["inputs"]
+        self.output_names = self.manifest["outputs"]
+
+    def initial_caches(self, batch: int) -> list[np.ndarray]:
+        """The plan's prefill caches as numpy arrays."""
+        return [e.empty(batch).numpy() for e in self.entries]
+
+    def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
+        """One call of the step model."""
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "pos": np.array(pos, dtype=np.int64)}
+        feeds.update({name: c for name, c in zip(self.input_names[2:], caches)})
+        outs = self.session.run(self.output_names, feeds)
+        return StepResult(outs[0], list(outs[1:]))
+
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Greedy generation: returns (generated tokens [B, max_new_tokens], logits of every step)."""
+        batch, length = input_ids.shape
+        result = self.step(input_ids, 0, self.initial_caches(batch))
+        logits = [result.logits[:, -1]]
+        tokens = []
+        for i in range(max_new_tokens):
+            nxt = logits[-1].argmax(-1)[:, None].astype(np.int64)
+            tokens.append(nxt)
+            if i == max_new_tokens - 1:
+                break
+            result = self.step(nxt, length + i, result.caches)
+            logits.append(result.logits[:, -1])
+        return np.concatenate(tokens, axis=1), logits
