@@ -69,6 +69,26 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from effexport.exporter.build import BuildOptions, build
+
+    return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
+                              dtype=args.dtype, check=args.check, steps=args.steps, explain=args.explain,
+                              dump_after=args.dump_after, force=args.force, command=tuple(args.argv)))
+
+
+def _cmd_check(args) -> int:
+    from effexport.exporter.build import example_ids, load_sample_model
+    from effexport.exporter.parity import check_parity
+    from effexport.exporter.runtime import OrtRuntime, load_manifest
+
+    manifest = load_manifest(args.dir)
+    sample, model = load_sample_model(manifest["model"])
+    parity = check_parity(model, OrtRuntime(args.dir), example_ids(sample)[:, :8], args.steps, manifest["dtype"])
+    print(parity.table())
+    return 0 if parity.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every sub-command (used for ``--help`` and tests)."""
     parser = _Parser(
@@ -76,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export LLMs that use KV sharing, sliding windows, compressed attention and "
                     "hyper-connections without losing the savings, and account for what they cost.",
         epilog="examples:\n"
+               "  effexport gemma4-e2b:tiny --target onnx -o out  # export + parity check\n"
+               "  effexport check out                             # re-run parity of an artifact\n"
                "  effexport list                                  # built-in samples\n"
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
                "  effexport report deepseek-v4-flash --context 1M --cache-dtype published --json\n"
@@ -83,6 +105,39 @@ def build_parser() -> argparse.ArgumentParser:
                "4 backend not installed",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    from effexport.exporter.build import PROFILES, TARGETS
+    from effexport.passes.pipeline import PASS_NAMES
+
+    p_build = sub.add_parser(
+        "build", help="export MODEL to a deployable artifact and check it against eager (also: effexport MODEL ...)",
+        description="Capture MODEL with torch.export, rewrite its attention into effexport ops (sliding windows "
+                    "as ring caches, shared KV read in place), lower it to the target and check parity "
+                    "against eager PyTorch (prefill + decode steps).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="targets:\n" + "\n".join(f"  {k:<9} {v}" for k, v in TARGETS.items()) +
+               "\nexample: effexport gemma4-e2b:tiny --target onnx -o out/gemma --explain")
+    p_build.add_argument("model", metavar="MODEL", help="a built-in sample name (see 'effexport list')")
+    p_build.add_argument("--target", choices=tuple(TARGETS), default="onnx", help="what to build (default onnx)")
+    p_build.add_argument("-o", "--output", metavar="DIR", help="artifact directory (default ./MODEL-TARGET)")
+    p_build.add_argument("--profile", choices=PROFILES, default="ort",
+                         help="ONNX profile: 'ort' uses com.microsoft contrib ops (GroupQueryAttention), "
+                              "'standard' only ai.onnx ops (default ort)")
+    p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype (default fp32)")
+    p_build.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                         help="run parity against eager after the build (default on)")
+    p_build.add_argument("--steps", type=int, default=16, help="decode steps in the parity check (default 16)")
+    p_build.add_argument("--explain", action="store_true",
+                         help="print every attention site: what it was classified as and why")
+    p_build.add_argument("--dump-after", choices=PASS_NAMES, metavar="PASS",
+                         help=f"write the graph after PASS into DIR ({', '.join(PASS_NAMES)})")
+    p_build.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p_build.set_defaults(func=_cmd_build)
+
+    p_check = sub.add_parser("check", help="re-run parity of a built artifact against eager")
+    p_check.add_argument("dir", metavar="DIR", help="an artifact directory written by a build")
+    p_check.add_argument("--steps", type=int, default=16, help="decode steps (default 16)")
+    p_check.set_defaults(func=_cmd_check)
 
     p_list = sub.add_parser("list", help="list the built-in samples")
     p_list.set_defaults(func=_cmd_list)
@@ -111,12 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    commands = {"build", "check", "list", "report"}
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        argv = ["build"] + argv  # effexport MODEL --target ... is sugar for effexport build MODEL ...
     start = time.monotonic()
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        args.argv = ["effexport"] + argv
         return args.func(args)
     except EffexportError as exc:
         print(f"effexport: error: {exc}", file=sys.stderr)

@@ -40,9 +40,21 @@ def call_args(node: fx.Node) -> dict[str, Any]:
     return out
 
 
+FULL_SLICE_END = 2 ** 62
+
+
+def is_full_slice(node: Any) -> bool:
+    """``x[:, :]``-style no-op slices (start 0, step 1, end >= 2^62) that export keeps from indexing."""
+    if not is_call(node, aten.slice.Tensor):
+        return False
+    a = call_args(node)
+    return (a.get("start") in (None, 0) and a.get("step", 1) == 1
+            and isinstance(a.get("end"), int) and a["end"] >= FULL_SLICE_END)
+
+
 def strip(node: Any) -> Any:
-    """Follow transparent ops (casts, contiguous) back to the value they forward."""
-    while is_call(node, *TRANSPARENT):
+    """Follow transparent ops (casts, contiguous, no-op slices) back to the value they forward."""
+    while is_call(node, *TRANSPARENT) or is_full_slice(node):
         node = node.args[0]
     return node
 
@@ -131,8 +143,14 @@ def insert_point(graph: fx.Graph, inputs: Iterable[Any]) -> fx.Node:
 
 
 def dead_code_elimination(gm: fx.GraphModule) -> int:
-    """Remove unused side-effect-free nodes; returns how many were removed."""
+    """Remove unused side-effect-free nodes; returns how many were removed.
+
+    Export's ``_assert_tensor_metadata`` checks (one per ``.to()``) count as side effects and would
+    keep dead masks alive; they only re-assert dtypes the fake tensors already carry, so they go."""
     before = len(gm.graph.nodes)
+    for node in list(gm.graph.nodes):
+        if is_call(node, aten._assert_tensor_metadata.default):
+            gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     return before - len(gm.graph.nodes)
 

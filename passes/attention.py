@@ -114,7 +114,8 @@ class AttentionRewriter:
         self.rings[ph] = window
 
     def rewrite_group(self, owner: AttentionSite, consumers: list[AttentionSite]) -> str:
-        """Rewrite one KV group; returns the cache kind used ("ring", "full", "plain")."""
+        """Rewrite one KV group; returns the cache kind used ("ring", "full", "plain"), or a
+        reason starting with "left alone" when the group cannot be rewritten."""
         k_src, v_src = cache_source(owner.k), cache_source(owner.v)
         if k_src is None or v_src is None:
             for site in [owner, *consumers]:
@@ -124,6 +125,9 @@ class AttentionRewriter:
                 site.cache = "plain"
             return "plain"
         (k_past, k_new), (v_past, v_new) = k_src, v_src
+        full = [s for s in (owner, *consumers) if s.mask_kind == "full"]
+        if full:
+            return f"left alone: site {full[0].index} is bidirectional (full mask) over a cache"
         ring = owner.mask_kind == "sliding" and all(
             c.mask_kind == "sliding" and c.window == owner.window for c in consumers)
         if ring:

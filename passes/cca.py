@@ -50,7 +50,7 @@ from torch.fx.passes.tools_common import legalize_graph
 
 import effexport.custom_ops.cca  # noqa: F401  (registers the op)
 from effexport.custom_ops.cca import cca_reference
-from effexport.passes._graph import TRANSPARENT, ancestors, aten, call_args, extract, is_call, meta_val, strip
+from effexport.passes._graph import TRANSPARENT, ancestors, aten, call_args, extract, is_call, meta_val, rank, strip
 from effexport.passes.attention import cache_source, emit, finish
 from effexport.passes.sites import Rejected, find_sites, layer_label
 
@@ -110,7 +110,7 @@ def _state_cat(conv0: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     if not is_call(conv0, *CONV):
         return None
     cat = strip(call_args(conv0)["input"])
-    if not is_call(cat, aten.cat.default) or len(cat.args[0]) != 2 or len(_shape(cat)) != 3:
+    if not is_call(cat, aten.cat.default) or len(cat.args[0]) != 2 or rank(cat) != 3:
         return None
     if call_args(cat)["dim"] not in (-1, 2):
         return None
@@ -227,6 +227,8 @@ def _region(outputs: list[fx.Node], boundary: set) -> tuple[list[fx.Node], set]:
     region: list[fx.Node] = []
     inside = set(boundary)
     for n in sorted(back, key=order.__getitem__):
+        if isinstance(meta_val(n), (torch.SymInt, int)):
+            continue  # sizes stay outside: the check substitutes probe sizes for their symbols
         if n not in boundary and any(i in inside for i in n.all_input_nodes):
             region.append(n)
             inside.add(n)
@@ -234,11 +236,11 @@ def _region(outputs: list[fx.Node], boundary: set) -> tuple[list[fx.Node], set]:
     return region, leaves
 
 
-def _base(node: fx.Node, rank: int) -> fx.Node | None:
-    """Follow views/casts back; the deepest node of the given rank on the way (None if none)."""
+def _base(node: fx.Node, want: int) -> fx.Node | None:
+    """Follow views/casts back; the deepest node of rank ``want`` on the way (None if none)."""
     found = None
     while True:
-        if isinstance(meta_val(node), torch.Tensor) and meta_val(node).dim() == rank:
+        if rank(node) == want:
             found = node
         if is_call(node, *MOVEMENT) and not is_call(node, aten.cat.default):
             node = node.args[0]

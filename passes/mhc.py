@@ -87,6 +87,23 @@ class SinkhornChain:
 
 
 # ---------------------------------------------------------------------------------- structure
+def _widening(node) -> bool:
+    """A transparent op whose output holds every value of its input exactly (same or wider dtype)."""
+    if not is_call(node, *TRANSPARENT):
+        return False
+    src, out = meta_val(node.args[0]), meta_val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    return src.dtype == out.dtype or (src.dtype in (torch.bfloat16, torch.float16) and out.dtype == torch.float32)
+
+
+def strip_exact(node):
+    """Follow casts back to their source as long as no value changes (down-casts round: they stay)."""
+    while _widening(node):
+        node = node.args[0]
+    return node
+
+
 def _rms_eps(node, flat: fx.Node) -> float | None:
     """``rsqrt(mean(flat^2, -1, keepdim) + eps)`` -> eps, else None."""
     node = strip(node)
@@ -121,7 +138,7 @@ def mix_projection(node: fx.Node) -> MixProjection | None:
         return None
     if not is_call(flat, *FLATTEN) or rank(flat) != 3:
         return None
-    x = strip(flat.args[0])
+    x = strip_exact(flat.args[0])
     if rank(x) != 4 or rank(fn) != 2:
         return None
     n, d = meta_val(x).shape[2:]
@@ -334,7 +351,8 @@ def _match_pre(gm, chain: SinkhornChain, proj: MixProjection, attrs) -> _Match |
 
 
 def _post_inputs(post: fx.Node, d: int) -> list[fx.Node]:
-    """Sub-layer outputs ``f [B, T, d]`` multiplied with (a view of) ``post``."""
+    """Sub-layer output candidates ``f [B, T, d]``: the other factor of a product with (a view of)
+    ``post``, and the ``[.., d]`` tensors it is a view or exact cast of, closest first."""
     out, stack, seen = [], [post], set()
     while stack:
         node = stack.pop()
@@ -346,10 +364,12 @@ def _post_inputs(post: fx.Node, d: int) -> list[fx.Node]:
                 stack.append(user)
             elif is_call(user, aten.mul.Tensor) and len(user.args) == 2:
                 other = user.args[1] if user.args[0] is node else user.args[0]
-                while is_call(other, *VIEWS):
+                while isinstance(other, fx.Node):  # every [.., d] view on the way back is a candidate
+                    if rank(other) == 3 and meta_val(other).shape[-1] == d and other not in out:
+                        out.append(other)
+                    if not is_call(other, *VIEWS) or (is_call(other, *TRANSPARENT) and not _widening(other)):
+                        break
                     other = other.args[0]
-                if rank(other) == 3 and meta_val(other).shape[-1] == d and other not in out:
-                    out.append(other)
     return out
 
 

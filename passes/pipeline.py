@@ -117,6 +117,10 @@ def _rewrite(ctx: Context) -> dict:
             counts["left_alone"] += len(group)
             continue
         kind = ctx.rewriter.rewrite_group(group[0], group[1:])
+        if kind.startswith("left alone"):
+            ctx.analysis.left_alone.append(f"group of site {group[0].index}: {kind[len('left alone: '):]}")
+            counts["left_alone"] += len(group)
+            continue
         counts[kind] += 1
         counts["read"] += len(group) - 1 if kind != "plain" else 0
     counts["dead_nodes"] = finish(gm)

@@ -19,3 +19,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_trt)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+class Rewritten:
+    """A tiny sample captured once per test session: eager model, captured step, rewritten step."""
+
+    def __init__(self, name: str):
+        from effexport.exporter.capture import capture_step
+        from effexport.passes.pipeline import run_pipeline
+        from effexport.samples import get_sample
+
+        self.name = name
+        self.sample = get_sample(name)
+        self.model = self.sample.build()
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, self.sample.config.vocab_size, (2, 40), generator=gen)
+        self.captured = capture_step(self.model, self.ids[:, :11])
+        self.program, self.analysis = run_pipeline(self.captured)
+
+
+_REWRITTEN: dict = {}
+
+
+@pytest.fixture(scope="session")
+def rewritten():
+    """``rewritten(name)`` -> :class:`Rewritten`, shared by every test module (captures are slow)."""
+    def get(name: str) -> Rewritten:
+        if name not in _REWRITTEN:
+            _REWRITTEN[name] = Rewritten(name)
+        return _REWRITTEN[name]
+    return get

@@ -6,8 +6,9 @@
 * ``attention`` (causal), ``attention_cache`` and ``attention_read`` over a full cache become one
   ``com.microsoft::GroupQueryAttention``: the keys are split into a "past" (positions ``< pos``)
   and the "new" rows, ``seqlens_k = total - 1``, ``total_sequence_length = total``, a window W as
-  ``local_window_size = W - 1`` (GQA's window counts the keys *before* the query), softcap as its
-  attribute, sinks as ``head_sink``. GQA needs ``d == dv`` and a non-zero scale; otherwise, and for
+  ``local_window_size = W`` (measured on the CPU EP of ORT 1.30 and 1.32: ``local_window_size = L``
+  lets a query see L keys including itself, the ops' convention), softcap as its attribute, sinks
+  as ``head_sink``. GQA needs ``d == dv`` and a non-zero scale; otherwise, and for
   bidirectional attention, the decomposition below is used.
 * ``attention_ring`` and ``attention_read(ring=True)``: GQA's contiguous past/present cannot
   express a ring, so they use the decomposition.
@@ -19,6 +20,11 @@ let masked keys back in) nor sinks (no such input); otherwise MatMul/Softmax in 
 Both profiles compute masks in the graph from ``pos`` and shapes (never a dense constant) and
 write a ring with a ``Gather`` over ``[ring | new]`` (slot ``p mod W`` takes the newest position),
 the eager reference's own formula, so ``T > W`` chunks are exact too.
+
+Known ORT limitation: the CPU GroupQueryAttention rejects ``T > 1`` new tokens on a non-empty
+past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context is given"), so
+with the ``ort`` profile a chunked prefill runs at batch 1; prefill from an empty cache and
+one-token decode run at any batch.
 
 Not covered: padding masks or per-row lengths (the ops do not have them), GQA's rotary and
 quantized-cache features, and the shared-buffer (in-place) GQA cache layout.
@@ -39,7 +45,6 @@ __all__ = ["TRANSLATIONS", "attend_decomposed"]
 
 ensure_gqa_schema()
 msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
-import os; _LWS_OFFSET = int(os.environ.get("LWS", "-1"))
 
 
 # ------------------------------------------------------------------------------- computations
@@ -113,7 +118,7 @@ def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int
     out, k_present, v_present = msft.GroupQueryAttention(
         _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_past, v_past, seqlens, total32,
         head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
-        softcap=float(softcap), local_window_size=window + _LWS_OFFSET if window > 0 else -1)
+        softcap=float(softcap), local_window_size=window if window > 0 else -1)
     out = op.Transpose(op.Reshape(out, b.ints([0, 0, heads, dv])), perm=[0, 2, 1, 3])
     return out, k_present, v_present
 

@@ -9,7 +9,8 @@ Written from spec section 1 (architectures.md 1.3-1.5), deliberately *differentl
   HF's ``repeat_kv`` (``expand(...).reshape(...)`` of a 5-d view; the new axis by ``unsqueeze(2)``, or
   with ``hf_indexing=True`` by HF's verbatim ``k[:, :, None, :, :]``), no fp32 casts;
 * masks are additive float biases ``[1, 1, T, S]`` built from position differences: the sliding one
-  with ``torch.where(..., 0, -inf)``, the global one as ``(future).float() * finfo.min``;
+  with ``torch.where(..., 0, -inf)``, the global one as ``future_bool * finfo.min``; with
+  ``mask_casts=True`` both also go through an explicit ``.to(dtype)`` as HF mask code does;
 * an attention-logit softcap ``c * tanh(s / c)`` on the layers listed in ``softcap_layers``
   (Gemma 4 E-models have none; Gemma 2/3 and the 31B-style ones do) -- consumers included;
 * the scale is ``head_dim ** -0.5`` (Gemma 4 uses 1.0 with QK-norm), so the pass must fold a
@@ -65,6 +66,7 @@ class AltConfig:
     global_rope_fraction: float = 0.25
     eps: float = 1e-6
     hf_indexing: bool = False  # GQA axis by ``x[:, :, None, :, :]`` (HF verbatim) or ``unsqueeze(2)``
+    mask_casts: bool = False   # explicit ``.to(dtype)`` in the mask code (HF style) or none
 
     def producer_of(self, layer: int) -> int:
         """The layer whose K/V ``layer`` attends (itself unless it is a consumer; HF rule)."""
@@ -198,16 +200,19 @@ class Block(nn.Module):
         return x, kv
 
 
-def local_bias(rel: torch.Tensor, window: int) -> torch.Tensor:
+def local_bias(rel: torch.Tensor, window: int, dtype: torch.dtype, cast: bool = False) -> torch.Tensor:
     """Additive sliding-window bias from ``rel = key_pos - query_pos`` ``[T, S]``: 0 where
-    ``-window < rel <= 0``, -inf elsewhere."""
+    ``-window < rel <= 0``, -inf elsewhere. ``cast``: finish with an explicit ``.to(dtype)``."""
     keep = (rel <= 0) & (rel > -window)
-    return torch.where(keep, 0.0, float("-inf"))
+    bias = torch.where(keep, 0.0, float("-inf"))
+    return bias.to(dtype) if cast else bias
 
 
-def global_bias(rel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive causal bias: ``finfo.min`` on future keys, 0 elsewhere."""
-    return (rel > 0).to(dtype) * torch.finfo(dtype).min
+def global_bias(rel: torch.Tensor, dtype: torch.dtype, cast: bool = False) -> torch.Tensor:
+    """Additive causal bias: ``finfo.min`` on future keys, 0 elsewhere, as ``future * finfo.min``
+    (bool times float promotes; ``cast``: convert the bool with an explicit ``.to(dtype)`` first)."""
+    future = rel > 0
+    return (future.to(dtype) if cast else future) * torch.finfo(dtype).min
 
 
 class AltGemma(nn.Module):
@@ -229,8 +234,8 @@ class AltGemma(nn.Module):
         keys = torch.arange(start + t, device=input_ids.device)  # [S]
         rel = keys[None, :] - positions[:, None]  # [T, S]
         dtype = self.embed.weight.dtype
-        biases = {LOCAL: local_bias(rel, cfg.window).to(dtype)[None, None],  # [1, 1, T, S]
-                  GLOBAL: global_bias(rel, dtype)[None, None]}
+        biases = {LOCAL: local_bias(rel, cfg.window, dtype, cfg.mask_casts)[None, None],  # [1, 1, T, S]
+                  GLOBAL: global_bias(rel, dtype, cfg.mask_casts)[None, None]}
         x = self.embed(input_ids) * math.sqrt(cfg.width)
         present: dict[str, torch.Tensor] = {}
         produced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -239,7 +244,8 @@ class AltGemma(nn.Module):
             cached = None
             if past is not None and source == i:
                 cached = (past[f"{i}.key"], past[f"{i}.value"])
-            x, kv = block(x, positions, biases[cfg.kinds[i]], cached, produced.get(source) if source != i else None)
+            borrowed = produced[source] if source != i else None  # [B, Hkv, S, d] pair
+            x, kv = block(x, positions, biases[cfg.kinds[i]], cached, borrowed)
             if kv is not None:
                 produced[i] = kv
                 present[f"{i}.key"], present[f"{i}.value"] = kv

@@ -1,0 +1,755 @@
+"""Recognise DeepSeek V4 compressed attention (CSA / HCA / window-only) and rewrite it into
+``effexport::kv_compress_step``, ``indexer_topk`` and ``sparse_attention`` over a W-slot ring.
+
+Patterns, as the captured step graph shows them (recognised from graph structure, shapes and
+numerics, never from module or attribute names):
+
+    compressor   softmax over dim 2 of ``[B, n, r(, 2r), c]`` score blocks that are padded / sliced
+                 ``cat(score-state placeholder, z + ape[pos % r])``, times the value blocks
+                 ``cat(kv-state placeholder, a)``, summed over dim 2 (CSA: the blocks are the
+                 previous block's first half next to the current block's second half, 2r rows);
+                 then RMSNorm(weight) and interleaved RoPE on the last dims (+ an optional per-entry
+                 transform such as the indexer's Hadamard rotation); the entries are concatenated
+                 to an entry placeholder (``present`` = that cat), the states are step outputs that
+                 are slices of the padded cats.
+    indexer      ``where(visible-gather, sort(masked_fill(sum_h relu(einsum(q, keys)) * w))[1][..., :k], -1)``
+                 whose keys are a compressor's entries.
+    attention    softmax(-1) over ``cat([window logits, (compressed logits), sink column])`` whose
+                 output drops the sink column; window logits = ``scale * einsum(q, kv[:, -n:])``
+                 with ``kv = cat(raw-kv placeholder, new)``; compressed logits read a compressor's
+                 entries (HCA: all, masked by visibility; CSA: gathered by an indexer's ``idx``).
+
+Check: each candidate's sub-graph is evaluated on random inputs (random weights where the op takes
+them, random states / caches, a past length P = 37 and T = 3 new tokens) and compared with the op;
+window, ratio, scale, eps and rope_dim come from the structure and are confirmed by this check.
+A candidate that fails is left alone with the reason (``analysis.left_alone``).
+
+Replacement and cache layout:
+
+* raw K=V cache -> a ring of ``window`` slots (slot = position mod W, zero-initialised: negative
+  positions are never read). The step unrolls the ring before the new tokens (positions
+  ``pos-W .. pos-1``), runs ``sparse_attention`` over ``[ring, new]`` (exact for any T, so prefill
+  and decode share the graph; ``sparse_attention_ring`` needs W >= window + T - 1 and is therefore
+  not used), and writes the last W positions back by a gather (no duplicate scatter indices);
+* compressed entries -> a fixed buffer of ``max_context // r`` slots written by
+  ``kv_compress_step`` (the per-entry transform, e.g. Hadamard, is applied when the buffer is read);
+* compressor states keep the sample's layout (it is the op's); rows that cannot be filled yet at
+  ``pos`` are forced to ``-inf`` scores in the graph, so an all-zero initial state is exact;
+* position ``arange``s that start at a raw-cache length start at ``pos``.
+
+The pass runs after the attention ``rewrite`` (whose ``pos`` input it reuses; DeepSeek's einsum
+attention yields no site there) and before ``positions`` / ``cache_plan``: rings are registered in
+``ctx.rewriter.rings`` and buffers get ``seq_dims = None``, so the plan lists them as ring / state.
+
+Not covered: MLA or other layouts of the raw cache, per-batch positions, compressors without the
+block softmax (left alone), FP8/FP4 simulation, and entry buffers larger than ``max_context // r``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
+import effexport.custom_ops.kv_compress  # noqa: F401
+import effexport.custom_ops.sparse_attention  # noqa: F401
+from effexport.passes._graph import TRANSPARENT, aten, call_args, is_call, meta_val, strip
+from effexport.passes.attention import emit, finish
+from effexport.passes.sites import layer_label
+
+ops = torch.ops.effexport
+MOVEMENT = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, aten.unflatten.int,
+            aten.pad.default, aten.constant_pad_nd.default, *TRANSPARENT)
+ASSERT = aten._assert_tensor_metadata.default
+SOFTMAX = (aten.softmax.int, aten._softmax.default)
+DEFAULT_MAX_CONTEXT = 4096
+CHECK_B, CHECK_P, CHECK_T = 2, 37, 3  # sizes of the numeric check (P not a multiple of any ratio)
+TOL = 1e-5
+
+
+class NoMatch(Exception):
+    """A candidate is not the pattern; the message is the reason."""
+
+
+@dataclass
+class Compressor:
+    """One compressor: the op's argument nodes and the nodes it replaces."""
+
+    anchor: fx.Node
+    ratio: int
+    overlap: bool
+    a: fx.Node
+    z: fx.Node
+    ape: fx.Node
+    norm_weight: fx.Node
+    inv_freq: fx.Node
+    eps: float
+    rope_dim: int
+    state_a: fx.Node
+    state_z: fx.Node
+    comp: fx.Node                    # entry placeholder
+    present: fx.Node                 # cat(comp, entries)
+    out_a: fx.Node
+    out_z: fx.Node
+    finish: fx.Node                  # entries before the per-entry transform
+    post: list = field(default_factory=list)  # per-entry transform nodes, finish -> cat operand
+    max_rel: float = 0.0
+
+
+@dataclass
+class Attention:
+    """One window (+ compressed) attention with sink."""
+
+    anchor: fx.Node
+    q: fx.Node
+    kv_ph: fx.Node
+    kv_new: fx.Node
+    kv_present: fx.Node
+    sink: fx.Node
+    scale: float
+    out: fx.Node
+    comp: Compressor | None = None
+    idx: fx.Node | None = None
+    indexer: dict | None = None
+    window: int = 0
+    max_rel: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return "window_only" if self.comp is None else ("csa" if self.idx is not None else "hca")
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _shape(node) -> list:
+    val = meta_val(node)
+    if not isinstance(val, torch.Tensor):
+        raise NoMatch(f"{getattr(node, 'name', node)} has no tensor metadata")
+    return list(val.shape)
+
+
+def _leaves(node, path=()) -> list[fx.Node]:
+    """Non-movement sources of a value (through views, slices, pads, casts and cats)."""
+    node = strip(node)
+    if is_call(node, aten.cat.default):
+        return [x for t in node.args[0] for x in _leaves(t)]
+    if is_call(node, *MOVEMENT):
+        return _leaves(node.args[0])
+    return [node]
+
+
+def _is_const(node) -> bool:
+    """True if no placeholder is among the node's ancestors (a constant of the model)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        stack.extend(n.all_input_nodes)
+    return True
+
+
+def _cat_with_placeholder(node) -> tuple[fx.Node, fx.Node] | None:
+    node = strip(node)
+    if is_call(node, aten.cat.default) and len(node.args[0]) == 2 and call_args(node)["dim"] in (1, -2):
+        ph = strip(node.args[0][0])
+        if ph.op == "placeholder":
+            return ph, node.args[0][1]
+    return None
+
+
+def _outputs(graph: fx.Graph) -> list:
+    return list(next(n for n in graph.nodes if n.op == "output").args[0])
+
+
+def _moved_from(node, source) -> bool:
+    if node is source:
+        return True
+    if is_call(node, aten.cat.default):
+        return any(_moved_from(t, source) for t in node.args[0])
+    return is_call(node, *MOVEMENT) and _moved_from(node.args[0], source)
+
+
+# -------------------------------------------------------------------------------- evaluation
+class _Eval:
+    """Evaluate graph nodes on concrete inputs: placeholders get random tensors whose symbolic
+    sizes are batch B, tokens T, past length P (``P // r`` for entry placeholders of ratio r)."""
+
+    def __init__(self, gm: fx.GraphModule, ratios: dict, p: int, t: int, seed: int = 0):
+        self.gm, self.ratios, self.p, self.t = gm, ratios, p, t
+        self.gen = torch.Generator().manual_seed(seed)
+        self.values: dict = {}
+
+    def randn(self, shape, dtype=torch.float32):
+        return torch.randn(shape, generator=self.gen, dtype=torch.float32).to(dtype)
+
+    def placeholder(self, node):
+        val, shape = meta_val(node), []
+        for i, d in enumerate(val.shape):
+            if not isinstance(d, torch.SymInt):
+                shape.append(int(d))
+            elif i == 0:
+                shape.append(CHECK_B)
+            elif node.name == "input_ids":
+                shape.append(self.t)
+            else:
+                shape.append(self.p // self.ratios.get(node, 1))
+        if val.dtype == torch.int64:
+            return torch.randint(0, 2, shape, generator=self.gen)
+        return self.randn(shape, val.dtype)
+
+    def __call__(self, outputs: list, given: dict) -> list:
+        values = dict(given)
+        need, stack = [], list(outputs)
+        seen = set()
+        while stack:
+            n = stack.pop()
+            if n in seen or n in values:
+                continue
+            seen.add(n)
+            need.append(n)
+            stack.extend(n.all_input_nodes)
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        with torch.no_grad():
+            for n in sorted(need, key=order.__getitem__):
+                if n.op == "placeholder":
+                    values[n] = self.placeholder(n)
+                elif n.op == "get_attr":
+                    values[n] = _attr(self.gm, n.target)
+                else:
+                    args = fx.node.map_arg(n.args, values.__getitem__)
+                    kwargs = fx.node.map_arg(n.kwargs, values.__getitem__)
+                    values[n] = n.target(*args, **kwargs)
+        return [values[o] for o in outputs]
+
+
+def _attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _rel(got, ref) -> float:
+    if got.shape != ref.shape:
+        return float("inf")
+    if got.dtype in (torch.int64, torch.bool):
+        return 0.0 if torch.equal(got, ref) else float("inf")
+    diff = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
+    return diff / max(ref.double().abs().max().item() if ref.numel() else 0.0, 1e-30)
+
+
+# ------------------------------------------------------------------------------- compressors
+def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
+    """Structure of one compressor around the block softmax ``sm``; raises NoMatch."""
+    if call_args(sm)["dim"] != 2 or len(_shape(sm)) != 4:
+        raise NoMatch("softmax is not over dim 2 of a [B, n, r, c] block tensor")
+    muls = [u for u in sm.users if is_call(u, aten.mul.Tensor)]
+    if len(sm.users) != 1 or len(muls) != 1:
+        raise NoMatch("block softmax does not weight exactly one value tensor")
+    mul = muls[0]
+    a_blocks = mul.args[0] if mul.args[1] is sm else mul.args[1]
+    sums = [u for u in mul.users if is_call(u, aten.sum.dim_IntList) and list(u.args[1]) in ([2], [-2])]
+    if len(mul.users) != 1 or not sums:
+        raise NoMatch("weighted values are not summed over the block dim")
+    pooled = sums[0]
+    zin = strip(sm.args[0])
+    overlap = is_call(zin, aten.cat.default) and call_args(zin)["dim"] == 2
+    rows = _shape(sm)[2]
+    if not isinstance(rows, int):
+        raise NoMatch("block size is symbolic")
+    ratio = rows // 2 if overlap else rows
+    z_src, a_src = _leaves(sm.args[0]), _leaves(a_blocks)
+    zph = {n for n in z_src if n.op == "placeholder"}
+    aph = {n for n in a_src if n.op == "placeholder"}
+    znew = {n for n in z_src if n.op != "placeholder"}
+    anew = {n for n in a_src if n.op != "placeholder"}
+    if len(zph) != 1 or len(aph) != 1 or len(znew) != 1 or len(anew) != 1:
+        raise NoMatch("score / value blocks are not built from one state input and one projection each")
+    z_full, a = znew.pop(), anew.pop()
+    if not is_call(z_full, aten.add.Tensor):
+        raise NoMatch("scores are not projection + positional bias")
+    ape = z = None
+    for x, y in (z_full.args[:2], z_full.args[1::-1]):
+        ix = strip(x)
+        if is_call(ix, aten.index.Tensor) and strip(ix.args[0]).op == "get_attr" and len(_shape(ix.args[0])) == 2:
+            ape, z = strip(ix.args[0]), y
+    if ape is None or _shape(ape)[0] != ratio:
+        raise NoMatch(f"no [r={ratio}, c] positional bias indexed by position mod r added to the scores")
+    # entries: the first cat of a placeholder with a value computed from pooled
+    present, order = None, {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in list(gm.graph.nodes)[order[pooled]:]:
+        cp = _cat_with_placeholder(n) if is_call(n, aten.cat.default) else None
+        if cp and pooled in _ancestors_until(cp[1], pooled):
+            present = n
+            break
+    if present is None:
+        raise NoMatch("pooled entries are not appended to an entry cache")
+    comp, entries = _cat_with_placeholder(present)
+    post, fin = [], strip(entries)
+    while not (is_call(fin, aten.cat.default) and call_args(fin)["dim"] in (-1, 2)):
+        ins = [i for i in fin.all_input_nodes if not _is_const(i)]
+        if len(ins) != 1 or fin.op != "call_function":
+            raise NoMatch("entries are not RoPE'd (a last-dim cat) before a per-entry transform")
+        post.append(fin)
+        fin = strip(ins[0])
+    region = _ancestors_until(fin, pooled)
+    weights = [n for n in region if n.op == "get_attr" and len(_shape(n)) == 1]
+    eps = [float(n.args[1]) for n in region if is_call(n, aten.add.Tensor) and isinstance(n.args[1], float)
+           and any(is_call(u, aten.rsqrt.default) for u in n.users)]
+    freqs = [x for n in region if is_call(n, aten.mul.Tensor) for x in n.args
+             if isinstance(x, fx.Node) and len(_shape(x)) == 1 and _is_const(x)
+             and meta_val(x).dtype.is_floating_point]
+    if len(weights) != 1 or len(eps) != 1 or not freqs:
+        raise NoMatch(f"no RMSNorm weight / eps / RoPE frequencies after pooling ({len(weights)}, {len(eps)}, "
+                      f"{len(freqs)})")
+    outs = [o for o in _outputs(gm.graph) if isinstance(o, fx.Node)]
+    zc, ac = strip(sm.args[0]), strip(a_blocks)
+    out_z = [o for o in outs if _moved_from(o, _pad_of(sm.args[0])) and _shape(o) == _shape(next(iter(zph)))]
+    out_a = [o for o in outs if _moved_from(o, _pad_of(a_blocks)) and _shape(o) == _shape(next(iter(aph)))]
+    if len(out_z) != 1 or len(out_a) != 1:
+        raise NoMatch("the new states are not step outputs sliced from the padded blocks")
+    return Compressor(sm, ratio, overlap, a, z, ape, weights[0], freqs[0], eps[0], 2 * _shape(freqs[0])[0],
+                      aph.pop(), zph.pop(), comp, present, out_a[0], out_z[0], fin, post[::-1])
+
+
+def _pad_of(node):
+    """The padded cat (before unflatten) under a block tensor."""
+    node = strip(node)
+    while not is_call(node, aten.pad.default, aten.constant_pad_nd.default):
+        if is_call(node, aten.cat.default):
+            node = strip(node.args[0][0])
+        elif is_call(node, *MOVEMENT):
+            node = strip(node.args[0])
+        else:
+            raise NoMatch("block tensor is not a padded cat of state and projection")
+    return node
+
+
+def _ancestors_until(node, stop) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not stop:
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _step_op(m: Compressor, v: dict, comp_buf, pos):
+    return ops.kv_compress_step(v[m.a], v[m.z], v[m.ape], v[m.norm_weight], v[m.inv_freq], comp_buf, v[m.state_a],
+                                v[m.state_z], pos, ratio=m.ratio, overlap=m.overlap, eps=m.eps,
+                                rope_dim=m.rope_dim)
+
+
+def verify_compressor(gm, m: Compressor, ratios: dict) -> None:
+    """Region on random a, z, ape, norm weight and states vs ``kv_compress_step``; raises NoMatch."""
+    ev = _Eval(gm, ratios, CHECK_P, CHECK_T)
+    given = {n: ev.placeholder(n) for n in (m.state_a, m.state_z, m.comp)}
+    for n in (m.a, m.z, m.ape, m.norm_weight):
+        given[n] = ev.randn(_concrete(n, ev))
+    given[m.norm_weight] = 1 + 0.1 * given[m.norm_weight]
+    present, out_a, out_z, inv = ev([m.present, m.out_a, m.out_z, m.inv_freq], given)
+    given[m.inv_freq] = inv
+    n_past, p, t = given[m.comp].shape[1], CHECK_P, CHECK_T
+    buf = torch.zeros(CHECK_B, (p + t) // m.ratio + 1, _shape(m.finish)[-1])
+    with torch.no_grad():
+        got, sa, sz = _step_op(m, given, buf, torch.tensor(p))
+    entries = got[:, p // m.ratio:(p + t) // m.ratio]
+    if m.post:  # the graph's entries carry the per-entry transform: apply it to the op's entries
+        entries = _apply_post(m, entries, gm)
+    m.max_rel = max(_rel(entries, present[:, n_past:]), _rel(sa, out_a), _rel(sz.nan_to_num(neginf=-1e30),
+                                                                   out_z.nan_to_num(neginf=-1e30)))
+    if not m.max_rel <= TOL:
+        raise NoMatch(f"sub-graph does not compute kv_compress_step: max rel error {m.max_rel:.2e}")
+
+
+def _concrete(node, ev) -> list:
+    shape = []
+    for i, d in enumerate(_shape(node)):
+        if isinstance(d, torch.SymInt):
+            shape.append(CHECK_B if i == 0 else ev.t)
+        else:
+            shape.append(int(d))
+    return shape
+
+
+def _apply_post(m: Compressor, entries, gm):
+    """Evaluate the per-entry transform nodes on concrete entries."""
+    ev = _Eval(gm, {}, CHECK_P, CHECK_T)
+    values = {m.finish: entries}
+    for n in m.post:
+        consts = [i for i in n.all_input_nodes if i not in values]
+        for c, val in zip(consts, ev(consts, {})):
+            values[c] = val
+        values[n] = n.target(*fx.node.map_arg(n.args, values.__getitem__),
+                             **fx.node.map_arg(n.kwargs, values.__getitem__))
+    return values[m.post[-1]]
+
+
+# ---------------------------------------------------------------------------------- attention
+def match_attention(gm, sm: fx.Node, comps: dict) -> Attention:
+    """Window (+ compressed) sink attention around softmax ``sm``; ``comps`` maps entry caches
+    (present cats) to their compressors. Raises NoMatch."""
+    if call_args(sm)["dim"] not in (-1, 3) or len(_shape(sm)) != 4:
+        raise NoMatch("softmax is not over the last dim of [B, T, H, S]")
+    x = strip(sm.args[0])
+    drop = [u for u in sm.users if is_call(u, aten.slice.Tensor) and call_args(u)["end"] == -1]
+    if not is_call(x, aten.cat.default) or len(x.args[0]) != 2 or len(sm.users) != 1 or not drop:
+        raise NoMatch("softmax input is not cat(scores, sink column) with the sink column dropped after")
+    scores, col = x.args[0]
+    sink = _leaves(col)
+    if len(sink) != 1 or sink[0].op != "get_attr" or len(_shape(sink[0])) != 1:
+        raise NoMatch("the extra column is not a per-head sink parameter")
+    blocks = list(scores.args[0]) if is_call(scores, aten.cat.default) else [scores]
+    logits = []
+    for b in blocks:
+        b = strip(b)
+        if not is_call(b, aten.masked_fill.Scalar):
+            raise NoMatch("a score block is not masked")
+        m = strip(b.args[0])
+        if not (is_call(m, aten.mul.Tensor) and isinstance(m.args[1], float) and is_call(m.args[0], aten.einsum.default)):
+            raise NoMatch("a score block is not scale * einsum(q, keys)")
+        logits.append((b, m.args[1], m.args[0]))
+    (win_mf, scale, win_es), comp_blocks = logits[0], logits[1:]
+    q, kv = (strip(t) for t in win_es.args[1])
+    src = _cat_with_placeholder(_leaves(kv)[0]) if len(_leaves(kv)) == 1 else None
+    kv_cat = strip(kv)
+    while not is_call(kv_cat, aten.cat.default) and is_call(kv_cat, *MOVEMENT):
+        kv_cat = strip(kv_cat.args[0])
+    src = _cat_with_placeholder(kv_cat)
+    if src is None:
+        raise NoMatch("window keys are not a slice of cat(raw-cache placeholder, new entries)")
+    att = Attention(sm, q, src[0], src[1], kv_cat, sink[0], float(scale), _attention_out(drop[0]))
+    if len(comp_blocks) > 1:
+        raise NoMatch("more than one compressed score block")
+    if comp_blocks:
+        keys = strip(comp_blocks[0][2].args[1][1])
+        if is_call(keys, aten.index.Tensor):  # CSA: entries gathered by idx
+            att.idx = strip(keys.args[1][-1])
+            att.idx = strip(att.idx.args[0]) if is_call(att.idx, aten.clamp.default) else att.idx
+            keys = strip(keys.args[0])
+        if keys not in comps:
+            raise NoMatch("compressed keys are not a recognised compressor's entries")
+        att.comp = comps[keys]
+    return att
+
+
+def _attention_out(drop: fx.Node) -> fx.Node:
+    """The value sum after the dropped sink column: einsum (+ einsum), before casts."""
+    sums = [n for n in _descendants(drop, 4) if is_call(n, aten.einsum.default)]
+    out = sums[-1] if sums else None
+    for n in _descendants(drop, 5):
+        if is_call(n, aten.add.Tensor) and all(is_call(strip(a), aten.einsum.default) for a in n.args[:2]):
+            out = n
+    if out is None:
+        raise NoMatch("no probs @ values einsum after the softmax")
+    return out
+
+
+def _descendants(node, depth) -> list:
+    found, frontier = [], [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users if not is_call(u, ASSERT)]
+        found += frontier
+    return found
+
+
+def match_indexer(att: Attention, comps: dict) -> dict:
+    """``idx = where(gather(visible), sort(masked scores)[1][..., :k], -1)``; raises NoMatch."""
+    w_ = att.idx
+    if not is_call(w_, aten.where.self):
+        raise NoMatch("idx is not where(visible, order, -1)")
+    order = strip(w_.args[1])
+    if not is_call(order, aten.slice.Tensor) or not is_call(order.args[0], operator.getitem):
+        raise NoMatch("idx is not a slice of sort indices")
+    srt = order.args[0].args[0]
+    if not is_call(srt, aten.sort.stable, aten.sort.default):
+        raise NoMatch("idx does not come from a sort")
+    masked = strip(srt.args[0])
+    total = strip(masked.args[0]) if is_call(masked, aten.masked_fill.Scalar) else None
+    if not is_call(total, aten.sum.dim_IntList):
+        raise NoMatch("sorted scores are not a head sum")
+    prod = strip(total.args[0])
+    relu = [strip(a) for a in prod.args[:2] if is_call(strip(a), aten.relu.default)]
+    if not is_call(prod, aten.mul.Tensor) or len(relu) != 1:
+        raise NoMatch("indexer scores are not relu(q . k) * w")
+    w = strip(next(a for a in prod.args[:2] if strip(a) is not relu[0]))
+    w = strip(w.args[0]) if is_call(w, aten.unsqueeze.default) else w
+    es = strip(relu[0].args[0])
+    q, keys = (strip(t) for t in es.args[1])
+    entry = next((c for c in comps.values() if keys is strip(c.present)), None)
+    if entry is None:
+        raise NoMatch("indexer keys are not a recognised compressor's entries")
+    topk = _shape(order)[-1]
+    return dict(q=q, w=w, keys=keys, comp=entry, topk=_topk_of(order), where=w_)
+
+
+def _topk_of(order: fx.Node) -> int:
+    end = call_args(order)["end"]
+    if isinstance(end, int):
+        return end
+    if is_call(end, torch.sym_min):
+        ints = [a for a in end.args if isinstance(a, int)]
+        if ints:
+            return ints[0]
+    raise NoMatch("top-k width is not a constant")
+
+
+def verify_attention(gm, att: Attention, ratios: dict) -> None:
+    """Window from the mask at P = 1024, then the region on random q / kv / entries / idx / sink
+    vs ``sparse_attention``; raises NoMatch."""
+    blocks = strip(att.anchor.args[0]).args[0][0]
+    first = strip(strip(blocks).args[0][0]) if is_call(strip(blocks), aten.cat.default) else strip(blocks)
+    mask = first.args[1]
+    (hid,) = _Eval(gm, ratios, 1024, 1)([mask], {})
+    att.window = int((~hid.reshape(hid.shape[0], -1)[-1].bool()).sum())
+    if att.window < 1:
+        raise NoMatch("the window mask hides every key")
+    ev = _Eval(gm, ratios, CHECK_P, CHECK_T)
+    p, t, b = CHECK_P, CHECK_T, CHECK_B
+    h, d = _shape(att.q)[2], _shape(att.q)[3]
+    given = {att.q: ev.randn([b, t, h, d]), att.kv_present: ev.randn([b, p + t, d]),
+             att.sink: ev.randn([h])}
+    comp = torch.zeros(b, 0, d)
+    idx, ratio = None, 0
+    if att.comp is not None:
+        ratio = att.comp.ratio
+        comp = given[att.comp.present] = ev.randn([b, (p + t) // ratio, d])
+    if att.idx is not None:
+        idx = given[att.idx] = _random_idx(ev, b, t, (p + t) // ratio, p, ratio, att.indexer["topk"])
+    (out,) = ev([att.out], given)
+    with torch.no_grad():
+        ref = ops.sparse_attention(given[att.q], given[att.kv_present], comp, idx, given[att.sink],
+                                   torch.tensor(p), scale=att.scale, window=att.window, ratio=ratio)
+    att.max_rel = _rel(out, ref)
+    if not att.max_rel <= TOL:
+        raise NoMatch(f"sub-graph does not compute sparse_attention (window {att.window}, ratio {ratio}): "
+                      f"max rel error {att.max_rel:.2e}")
+
+
+def _random_idx(ev, b, t, n, p, ratio, k):
+    """Random distinct visible entries per query (best first), -1 padded."""
+    idx = torch.full((b, t, k), -1, dtype=torch.int64)
+    for j in range(t):
+        vis = (p + j + 1) // ratio
+        for i in range(b):
+            perm = torch.randperm(vis, generator=ev.gen)[:k]
+            idx[i, j, :len(perm)] = perm
+    return idx
+
+
+def verify_indexer(gm, att: Attention, ratios: dict) -> None:
+    """The idx region on random q / w / keys vs ``indexer_topk``; raises NoMatch."""
+    ix, ev = att.indexer, _Eval(gm, ratios, CHECK_P, CHECK_T)
+    ratio, (p, t) = ix["comp"].ratio, (CHECK_P, CHECK_T)
+    qs = _concrete(ix["q"], ev)
+    given = {ix["q"]: ev.randn(qs), ix["w"]: ev.randn(qs[:3]),
+             ix["keys"]: ev.randn([CHECK_B, (p + t) // ratio, qs[3]])}
+    (got,) = ev([ix["where"]], given)
+    with torch.no_grad():
+        ref = ops.indexer_topk(given[ix["q"]], given[ix["w"]], given[ix["keys"]], torch.tensor(p), ratio=ratio,
+                               topk=ix["topk"])
+    if not torch.equal(got, ref):
+        raise NoMatch("sub-graph does not compute indexer_topk (selected indices differ)")
+
+
+# -------------------------------------------------------------------------------- replacement
+class _Writer:
+    """Emits the replacement nodes of one graph (``pos`` input, index arithmetic)."""
+
+    def __init__(self, gm: fx.GraphModule, pos: fx.Node, max_context: int):
+        self.gm, self.graph, self.pos, self.max_context = gm, gm.graph, pos, max_context
+        self.last_ph = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+
+    def e(self, target, *args, n_out=0, **kwargs):
+        if not any(isinstance(a, fx.Node) for a in args):
+            with self.graph.inserting_after(self.last_ph):
+                node = self.graph.call_function(target, args, kwargs)
+            from effexport.passes.attention import _fake
+            node.meta["val"] = _fake(self.graph, target, args, kwargs)
+            return node
+        return emit(self.graph, target, args, kwargs, n_out=n_out)
+
+    def arange(self, n: int):
+        return self.e(aten.arange.default, n, dtype=torch.int64, device=meta_val(self.pos).device)
+
+    def resize(self, ph: fx.Node, dim: int, size: int) -> None:
+        val = meta_val(ph)
+        shape = list(val.shape)
+        shape[dim] = size
+        with val.fake_mode:
+            ph.meta["val"] = torch.empty(shape, dtype=val.dtype, device=val.device)
+
+    def compressor(self, m: Compressor) -> tuple[fx.Node, fx.Node]:
+        """kv_compress_step into a fixed buffer; returns (new buffer, buffer as readers see it)."""
+        e, pos, r = self.e, self.pos, m.ratio
+        self.resize(m.comp, 1, self.max_context // r)
+        off = r if m.overlap else 0
+        rows = self.arange((2 if m.overlap else 1) * r)
+        cur = e(aten.sub.Tensor, rows, off)
+        ok = e(aten.logical_and.default, e(aten.ge.Scalar, cur, 0), e(aten.lt.Tensor, cur, e(aten.remainder.Scalar, pos, r)))
+        if m.overlap:  # the previous block's rows exist once a block is complete
+            ok = e(aten.logical_or.default, ok, e(aten.logical_and.default, e(aten.lt.Scalar, rows, off),
+                                                  e(aten.ge.Scalar, pos, r)))
+        hide = e(aten.unsqueeze.default, e(aten.logical_not.default, ok), -1)
+        sz = e(aten.masked_fill.Scalar, m.state_z, hide, float("-inf"))
+        buf, sa, sz_new = e(ops.kv_compress_step.default, m.a, m.z, m.ape, m.norm_weight, m.inv_freq, m.comp,
+                            m.state_a, sz, pos, n_out=3, ratio=r, overlap=m.overlap, eps=m.eps, rope_dim=m.rope_dim)
+        read = buf
+        for n in m.post:  # the per-entry transform, applied to the whole buffer
+            args = fx.node.map_arg(n.args, lambda x: read if x is (m.finish if n is m.post[0] else prev) else x)
+            prev, read = n, e(n.target, *args, **n.kwargs)
+        self.replace_output({m.present: buf, m.out_a: sa, m.out_z: sz_new})
+        return buf, read
+
+    def replace_output(self, mapping: dict) -> None:
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        out.args = (tuple(mapping.get(o, o) for o in out.args[0]),)
+
+    def attention(self, att: Attention, comp_read, idx) -> None:
+        e, pos, w = self.e, self.pos, att.window
+        self.resize(att.kv_ph, 1, w)
+        ar = self.arange(w)
+        unrolled = e(aten.index_select.default, att.kv_ph, 1, e(aten.remainder.Scalar, e(aten.add.Tensor, ar, pos), w))
+        new = att.kv_new
+        if meta_val(new).dtype != meta_val(att.kv_ph).dtype:
+            new = e(aten.to.dtype, new, meta_val(att.kv_ph).dtype)
+        seq = e(aten.cat.default, [unrolled, new], 1)  # positions pos-W .. pos+T-1
+        t = e(aten.sym_size.int, new, 1)
+        slots = e(aten.remainder.Scalar, e(aten.add.Tensor, e(aten.add.Tensor, ar, pos), t), w)
+        ring = e(aten.index_copy.default, att.kv_ph, 1, slots, e(aten.slice.Tensor, seq, 1, t))
+        if comp_read is None:
+            comp_read = e(aten.slice.Tensor, seq, 1, 0, 0)
+        o = e(ops.sparse_attention.default, att.q, seq, comp_read, idx, att.sink, pos, scale=att.scale,
+              window=w, ratio=att.comp.ratio if att.comp else 0)
+        if meta_val(o).dtype != meta_val(att.out).dtype:
+            o = e(aten.to.dtype, o, meta_val(att.out).dtype)
+        att.out.replace_all_uses_with(o)
+        self.replace_output({att.kv_present: ring})
+
+
+def _rewrite_positions(graph: fx.Graph, pos: fx.Node, rings: dict, seq_dim: int = 1) -> int:
+    """``arange(len(ring placeholder), end)`` -> ``arange(end - start) + pos``."""
+    count = 0
+    for node in list(graph.nodes):
+        if not is_call(node, aten.arange.start):
+            continue
+        start, end = node.args[0], node.args[1]
+        if not (is_call(start, aten.sym_size.int) and start.args[0] in rings and start.args[1] == seq_dim):
+            continue
+        with graph.inserting_before(node):
+            length = graph.call_function(operator.sub, (end, start))
+        length.meta["val"] = meta_val(end) - meta_val(start)
+        ar = emit(graph, aten.arange.default, (length,), dict(dtype=torch.int64, device=meta_val(node).device))
+        node.replace_all_uses_with(emit(graph, aten.add.Tensor, (ar, pos), {}))
+        count += 1
+    return count
+
+
+def _clean(gm: fx.GraphModule) -> None:
+    """Drop metadata asserts on otherwise-dead values, then dead code."""
+    changed = True
+    while changed:
+        changed = False
+        for n in list(gm.graph.nodes):
+            if is_call(n, ASSERT) and all(is_call(u, ASSERT) for u in n.args[0].users):
+                gm.graph.erase_node(n)
+                changed = True
+        before = len(gm.graph.nodes)
+        gm.graph.eliminate_dead_code()
+        changed = changed or len(gm.graph.nodes) != before
+
+
+# ---------------------------------------------------------------------------------------- pass
+def find_compressed(gm: fx.GraphModule) -> tuple[list[Attention], list[str], dict]:
+    """Every verified layer (attention with its compressors / indexer), the reasons of the
+    candidates left alone, and the counts."""
+    comps, reasons = {}, []
+    for n in list(gm.graph.nodes):
+        if is_call(n, *SOFTMAX) and call_args(n)["dim"] == 2 and len(_shape(n)) == 4:
+            try:
+                m = match_compressor(gm, n)
+                comps[strip(m.present)] = m
+            except NoMatch as why:
+                reasons.append(f"compressor candidate {n.name} [{layer_label(n)}]: {why}")
+    ratios = {m.comp: m.ratio for m in comps.values()}
+    for m in list(comps.values()):
+        try:
+            verify_compressor(gm, m, ratios)
+        except NoMatch as why:
+            reasons.append(f"compressor {m.anchor.name} [{layer_label(m.anchor)}]: {why}")
+            del comps[strip(m.present)]
+    layers = []
+    for n in list(gm.graph.nodes):
+        if not (is_call(n, *SOFTMAX) and call_args(n)["dim"] in (-1, 3) and len(_shape(n)) == 4):
+            continue
+        x = strip(n.args[0])
+        if not (is_call(x, aten.cat.default) and len(x.args[0]) == 2):
+            continue  # not a sink attention candidate (mHC Sinkhorn, plain softmax)
+        try:
+            att = match_attention(gm, n, comps)
+            if att.idx is not None:
+                att.indexer = match_indexer(att, comps)
+                verify_indexer(gm, att, ratios)
+            verify_attention(gm, att, ratios)
+            layers.append(att)
+        except NoMatch as why:
+            reasons.append(f"sparse-attention candidate {n.name} [{layer_label(n)}]: {why}")
+    used = {id(c) for a in layers for c in (a.comp, a.indexer and a.indexer["comp"]) if c}
+    for m in comps.values():
+        if id(m) not in used:
+            reasons.append(f"compressor {m.anchor.name} [{layer_label(m.anchor)}]: its entries feed no "
+                           "recognised sparse attention / indexer; left alone")
+    return layers, reasons, comps
+
+
+def rewrite_compressed(ctx, max_context: int | None = None) -> dict:
+    """Pipeline pass: rewrite every verified DeepSeek V4 attention layer (see the module docstring).
+
+    ``ctx`` is a ``passes.pipeline.Context``; ``max_context`` (default ``ctx.max_context`` if set,
+    else 4096) sizes the entry buffers. Returns ``{"csa", "hca", "window_only", "left_alone", ...}``."""
+    gm, prog = ctx.program.gm, ctx.program
+    max_context = max_context or getattr(ctx, "max_context", None) or DEFAULT_MAX_CONTEXT
+    layers, reasons, _ = find_compressed(gm)
+    ctx.analysis.left_alone.extend(reasons)
+    counts = {"csa": 0, "hca": 0, "window_only": 0, "left_alone": len(reasons)}
+    if ctx.pos is None:
+        first = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name != "input_ids")
+        with gm.graph.inserting_before(first):
+            ctx.pos = gm.graph.placeholder("pos")
+        with meta_val(first).fake_mode:
+            ctx.pos.meta["val"] = torch.empty((), dtype=torch.int64)
+    writer = _Writer(gm, ctx.pos, max_context)
+    rings = getattr(ctx.rewriter, "rings", None)
+    rings = rings if rings is not None else {}
+    names = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder" and n is not ctx.pos], prog.inputs))
+    for att in layers:
+        comp_read = idx = None
+        if att.comp is not None:
+            _, comp_read = writer.compressor(att.comp)
+            prog.seq_dims[names[att.comp.comp]] = None
+        if att.indexer is not None:
+            ix = att.indexer
+            _, keys = writer.compressor(ix["comp"])
+            prog.seq_dims[names[ix["comp"].comp]] = None
+            idx = writer.e(ops.indexer_topk.default, ix["q"], ix["w"], keys, ctx.pos, ratio=ix["comp"].ratio,
+                           topk=ix["topk"])
+        writer.attention(att, comp_read, idx)
+        rings[att.kv_ph] = att.window
+        counts[att.kind] += 1
+    counts["positions"] = _rewrite_positions(gm.graph, ctx.pos, rings)
+    _clean(gm)
+    finish(gm)
+    live = [u.name for n in gm.graph.nodes if is_call(n, aten.sym_size.int) and n.args[0] in rings
+            and n.args[1] == 1 for u in n.users]
+    if live:
+        ctx.analysis.left_alone.append(f"ring cache length still read by {', '.join(sorted(live))}")
+    ctx.compressed_rings = rings
+    return counts

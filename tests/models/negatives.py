@@ -1,0 +1,146 @@
+"""Small decoders the attention passes must *not* rewrite the careless way.
+
+Every model has the samples' contract, ``forward(input_ids [B, T], past=None) -> (logits, present)``
+with ``present["{i}.k"]`` / ``present["{i}.v"]`` ``[B, Hkv, S, d]`` (full length) for every layer and
+the start position taken from ``past["0.k"]``. Layers are pre-norm attention blocks (no MLP); one
+mask, chosen by name, is shared by all layers:
+
+``causal``        plain causal, through SDPA with a boolean mask: no window, no sharing anywhere.
+``length_gated``  sliding(W) only once the sequence is longer than ``gate`` keys, causal before;
+                  written with tensor ops (``torch.where`` on ``key_pos[-1] >= gate``) so that export
+                  keeps both branches. Not one kind at every length: it must stay ``unknown``.
+``bidirectional`` no mask at all: every key, cached ones and later new ones, is visible (an
+                  encoder-style model run with a cache); new tokens see each other both ways.
+``chunked``       causal within blocks of ``chunk`` positions (Llama-4 style local attention).
+
+``twin_kv=True`` makes every layer reuse layer 0's K/V projection *modules* (tied weights) on the
+same input (parallel blocks), so all layers hold equal K/V values computed by separate projections
+into separate caches: equal values are not shared K/V.
+
+Not covered: padding masks that read token values, sinks, ALiBi biases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASKS = ("causal", "length_gated", "bidirectional", "chunked")
+
+
+@dataclass(frozen=True)
+class NegConfig:
+    """Sizes and the mask of one negative model."""
+
+    mask: str = "causal"
+    layers: int = 2
+    vocab: int = 40
+    width: int = 16
+    heads: int = 2
+    kv_heads: int = 1
+    head_dim: int = 8
+    window: int = 5      # length_gated: the window once the gate is open
+    gate: int = 64       # length_gated: windowed iff the sequence has more than ``gate`` keys
+    chunk: int = 4       # chunked: block size
+    twin_kv: bool = False
+
+    def __post_init__(self):
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
+
+
+def visibility(cfg: NegConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """Boolean ``[T, S]`` mask (True = visible) for ``cfg.mask``; None for ``bidirectional``."""
+    if cfg.mask == "bidirectional":
+        return None
+    causal = k_pos[None, :] <= q_pos[:, None]
+    if cfg.mask == "causal":
+        return causal
+    if cfg.mask == "chunked":
+        return causal & (k_pos[None, :] // cfg.chunk == q_pos[:, None] // cfg.chunk)
+    windowed = causal & (q_pos[:, None] - k_pos[None, :] < cfg.window)
+    long_enough = k_pos[-1:] >= cfg.gate  # [1]: a tensor, so both branches are captured
+    return torch.where(long_enough, windowed, causal)
+
+
+class Attention(nn.Module):
+    """One attention layer: SDPA for the ``causal`` model, decomposed ``matmul-softmax-matmul``
+    with ``masked_fill(-inf)`` (or no mask) for the others. GQA by ``repeat_interleave``."""
+
+    def __init__(self, cfg: NegConfig, kv_from: "Attention | None" = None):
+        super().__init__()
+        self.cfg = cfg
+        self.q = nn.Linear(cfg.width, cfg.heads * cfg.head_dim, bias=False)
+        self.o = nn.Linear(cfg.heads * cfg.head_dim, cfg.width, bias=False)
+        if kv_from is None:
+            self.k = nn.Linear(cfg.width, cfg.kv_heads * cfg.head_dim, bias=False)
+            self.v = nn.Linear(cfg.width, cfg.kv_heads * cfg.head_dim, bias=False)
+        else:  # the same modules (tied weights), called again: separate projections
+            self.k, self.v = kv_from.k, kv_from.v
+
+    def heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``[B, T, n*d] -> [B, n, T, d]``."""
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.cfg.head_dim).transpose(1, 2)
+
+    def forward(self, x, mask, cached=None):
+        """x ``[B, T, E]``, mask bool ``[T, S]`` or None, ``cached`` (K, V) ``[B, Hkv, S-T, d]``."""
+        cfg = self.cfg
+        q = self.heads(self.q(x), cfg.heads)
+        k, v = self.heads(self.k(x), cfg.kv_heads), self.heads(self.v(x), cfg.kv_heads)
+        if cached is not None:
+            k, v = torch.cat([cached[0], k], dim=2), torch.cat([cached[1], v], dim=2)
+        rep = cfg.heads // cfg.kv_heads
+        kx, vx = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, S, d]
+        scale = cfg.head_dim ** -0.5
+        if cfg.mask == "causal":
+            out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask, scale=scale)
+        else:
+            scores = torch.matmul(q, kx.transpose(2, 3)) * scale  # [B, H, T, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(scores.softmax(dim=-1), vx)
+        b, _, t, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class NegModel(nn.Module):
+    """A stack of pre-norm attention blocks (parallel, all reading the embedding, when ``twin_kv``)."""
+
+    def __init__(self, cfg: NegConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab, cfg.width)
+        first = Attention(cfg)
+        self.attn = nn.ModuleList([first] + [Attention(cfg, first if cfg.twin_kv else None)
+                                             for _ in range(cfg.layers - 1)])
+        self.norms = nn.ModuleList(nn.RMSNorm(cfg.width, eps=1e-6) for _ in range(cfg.layers))
+        self.head = nn.Linear(cfg.width, cfg.vocab, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, past: dict[str, torch.Tensor] | None = None):
+        t = input_ids.shape[1]
+        start = 0 if past is None else past["0.k"].shape[2]
+        q_pos = torch.arange(start, start + t, device=input_ids.device)  # [T]
+        k_pos = torch.arange(start + t, device=input_ids.device)  # [S]
+        mask = visibility(self.cfg, q_pos, k_pos)
+        x = self.tok(input_ids)
+        present = {}
+        total = x
+        for i, (norm, attn) in enumerate(zip(self.norms, self.attn)):
+            cached = None if past is None else (past[f"{i}.k"], past[f"{i}.v"])
+            y, (present[f"{i}.k"], present[f"{i}.v"]) = attn(norm(x), mask, cached)
+            if self.cfg.twin_kv:
+                total = total + y  # parallel: every layer reads the embedding
+            else:
+                x = x + y
+        return self.head(total if self.cfg.twin_kv else x), present
+
+
+def build(cfg: NegConfig, seed: int = 0) -> NegModel:
+    """An fp32 :class:`NegModel` in eval mode with deterministic weights (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = NegModel(cfg)
+    return model.eval()

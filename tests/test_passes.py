@@ -1,0 +1,139 @@
+"""The pass pipeline on every tiny sample: exact rewrite counts (zeros included), the CachePlan,
+and parity of the rewritten step graph with eager over prefill + decode steps."""
+import operator
+
+import pytest
+import torch
+
+from _helpers import assert_close
+from effexport.passes.pipeline import PASS_NAMES, run_pipeline
+from effexport.passes.sites import layer_index
+from effexport.exporter.errors import RewriteError
+
+ops = torch.ops.effexport
+ATTENTION_SAMPLES = ["gemma4-e2b:tiny", "gemma4-e4b:tiny", "gemma4-odd:tiny", "laguna-xs2:tiny", "zaya1-8b:tiny"]
+
+
+def expected_from_specs(sample):
+    """What the rewrite must produce, from the sample's own layer specs (an independent oracle)."""
+    specs = sample.config.layer_specs()
+    attn = [l for l in specs if l.type in ("full", "sliding", "cca")]
+    consumers = {l.index: l.reads for l in attn if l.role == "consumer"}
+    sliding_owned = [l for l in attn if l.type == "sliding" and l.role != "consumer"]
+    full_owned = [l for l in attn if l.type != "sliding" and l.role != "consumer"]
+    windows = {l.window for l in attn if l.type == "sliding"}
+    return attn, consumers, sliding_owned, full_owned, windows
+
+
+def op_nodes(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ATTENTION_SAMPLES])
+def test_rewrite_counts(rewritten, name):
+    r = rewritten(name)
+    attn, consumers, sliding_owned, full_owned, windows = expected_from_specs(r.sample)
+    c = r.analysis.counts
+    assert c["discover"]["sites"] == len(attn)
+    # softmax nodes that are not attention (MoE router softmax in ZAYA1) are rejected with a reason
+    routers = r.sample.config.num_hidden_layers if name.startswith("zaya") else 0
+    assert c["discover"]["rejected"] == routers
+    assert all("q @ k^T" in x.reason or "probs @ V" in x.reason for x in r.analysis.rejected)
+    assert c["classify_masks"] == {"causal": len(attn) - sum(l.type == "sliding" for l in attn),
+                                   "sliding": sum(l.type == "sliding" for l in attn),
+                                   "full": 0, "chunked": 0, "unknown": 0}
+    assert {s.window for s in r.analysis.sites if s.mask_kind == "sliding"} == windows
+    assert c["kv_sharing"]["consumers"] == len(consumers)
+    assert c["rewrite"]["ring"] == len(sliding_owned)
+    assert c["rewrite"]["full"] == len(full_owned)
+    assert c["rewrite"]["left_alone"] == 0 and c["rewrite"]["plain"] == 0
+    gm = r.program.gm
+    assert len(op_nodes(gm, ops.attention_cache.default)) == len(full_owned)
+    n_sliding_consumers = sum(1 for i in consumers if any(l.index == i and l.type == "sliding" for l in attn))
+    assert len(op_nodes(gm, ops.attention_ring.default)) == len(sliding_owned) + n_sliding_consumers
+    assert len(op_nodes(gm, ops.attention_read.default)) == len(consumers) - n_sliding_consumers
+    # no decomposed attention left: no softmax, and no [T, P + T] mask over the whole cache
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in
+                (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)]
+    assert not [n for n in gm.graph.nodes if _is_cache_wide_mask(n)]
+
+
+def _is_cache_wide_mask(node):
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype != torch.bool or val.dim() < 2:
+        return False
+    last = val.shape[-1]
+    return isinstance(last, torch.SymInt) and len(last.node.expr.free_symbols) > 1
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ATTENTION_SAMPLES])
+def test_consumers_read_their_producer(rewritten, name):
+    r = rewritten(name)
+    attn, consumers, *_ = expected_from_specs(r.sample)
+    found = {layer_index(s.layer): s.reads for s in r.analysis.sites if s.role == "consumer"}
+    assert found == consumers
+    # the consumer ops read exactly the owner op's K/V nodes (no K/V of their own)
+    gm = r.program.gm
+    for node in op_nodes(gm, ops.attention_read.default):
+        k = node.args[1]
+        assert k.target is operator.getitem and k.args[0].target is ops.attention_cache.default
+    ring_nodes = op_nodes(gm, ops.attention_ring.default)
+    by_kv = {}
+    for node in ring_nodes:
+        by_kv.setdefault((node.args[1], node.args[3]), []).append(node)
+    n_sliding_consumers = sum(1 for i in consumers if any(l.index == i and l.type == "sliding" for l in attn))
+    assert sum(len(v) - 1 for v in by_kv.values()) == n_sliding_consumers
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ATTENTION_SAMPLES])
+def test_cache_plan_matches_layer_specs(rewritten, name):
+    r = rewritten(name)
+    plan = r.analysis.plan
+    specs = {l.index: l for l in r.sample.config.layer_specs()}
+    for entry in plan.entries:
+        spec = specs[entry.layer]
+        assert spec.role != "consumer", f"consumer layer {entry.layer} owns cache {entry.name}"
+        tensor = next(t for t in spec.cache if t.name == entry.name.split(".", 1)[1])
+        assert entry.kind == tensor.kind, entry
+        if entry.kind == "ring":
+            assert entry.window == tensor.window == entry.shape[2]
+    owned = {(l.index, t.name) for l in specs.values() for t in l.cache}
+    assert {(e.layer, e.name.split(".", 1)[1]) for e in plan.entries} == owned
+    # bytes of every cache input at a context = the analytic sum from the layer specs (fp32 here)
+    context = 100
+    analytic = sum(t.num_entries(context, "ring") * t.elements * 4 * 2 for l in specs.values() for t in l.cache)
+    assert plan.nbytes(batch=2, context=context) == analytic
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ATTENTION_SAMPLES])
+def test_rewritten_step_equals_eager(rewritten, name):
+    r = rewritten(name)
+    ids = r.ids
+    with torch.no_grad():
+        ref, _ = r.model(ids)
+        caches = r.analysis.plan.empty_caches(ids.shape[0])
+        outs = r.program.gm(ids[:, :6], torch.tensor(0), *caches)
+        assert_close(outs[0], ref[:, :6], what="prefill logits")
+        caches = list(outs[1:])
+        for t in range(6, 24):  # 18 decode steps, well past the tiny windows (8)
+            outs = r.program.gm(ids[:, t:t + 1], torch.tensor(t), *caches)
+            assert_close(outs[0][:, 0], ref[:, t], what=f"decode logits at {t}")
+            caches = list(outs[1:])
+    ring = [c for c, e in zip(caches, r.analysis.plan.entries) if e.kind == "ring"]
+    assert all(c.shape[2] == 8 for c in ring)
+
+
+def test_explain_lists_every_site(rewritten):
+    r = rewritten("gemma4-odd:tiny")
+    text = r.analysis.explain()
+    assert text.count("site ") >= len(r.analysis.sites)
+    assert "sliding(W=8)" in text and "consumer of layer 5" in text and "consumer of layer 4" in text
+
+
+def test_dump_after_calls_back_and_unknown_pass_is_an_error(rewritten):
+    r = rewritten("laguna-xs2:tiny")
+    seen = []
+    run_pipeline(r.captured, dump_after="classify_masks", dump=lambda name, gm: seen.append((name, len(gm.graph.nodes))))
+    assert seen and seen[0][0] == "classify_masks"
+    with pytest.raises(RewriteError, match="passes are: " + ", ".join(PASS_NAMES)):
+        run_pipeline(r.captured, dump_after="nope")
