@@ -96,6 +96,7 @@ def _static(dim, what: str) -> int:
 
 
 def _conv_args(node: fx.Node) -> dict:
+    """A conv node's arguments by schema name; rejects strides, padding, dilation, transposed."""
     a = call_args(node)
     if node.target is aten.convolution.default and (a["transposed"] or any(a["output_padding"])):
         raise NoMatch(f"{node.name} is a transposed convolution")
@@ -343,6 +344,7 @@ def _attr(module: torch.nn.Module, target: str):
 
 
 def _rel(got, ref) -> float:
+    """max |got - ref| / max |ref| (inf on a shape mismatch)."""
     if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
         return float("inf")
     diff = (got.double() - ref.double()).abs().max().item() if got.numel() else 0.0
@@ -384,6 +386,7 @@ def match_cca(gm: fx.GraphModule, conv0: fx.Node) -> CCAMatch:
 
 
 def _new(node: fx.Node) -> fx.Node:
+    """The new tokens' K or V of an attention input (``cat(past, new)`` -> new)."""
     src = cache_source(node)
     return strip(src[1]) if src else strip(node)
 
@@ -403,6 +406,7 @@ def find_cca(gm: fx.GraphModule) -> tuple[list[CCAMatch], list[Rejected]]:
 
 
 def _replace(graph: fx.Graph, match: CCAMatch) -> None:
+    """Insert the op and point every user outside the region at its outputs."""
     a = match.args
     order = ("q_down", "k_down", "v_cur", "v_del_src", "conv0_weight", "conv1_weight", "temperature",
              "cos", "sin", "conv_state", "shift_state", "conv0_bias", "conv1_bias")

@@ -55,8 +55,8 @@ from torch import fx
 import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
-from effexport.passes._graph import TRANSPARENT, aten, call_args, is_call, meta_val, strip
-from effexport.passes.attention import emit, finish
+from effexport.passes._graph import TRANSPARENT, aten, call_args, insert_point, is_call, meta_val, strip
+from effexport.passes.attention import emit, fake_mode_of, finish
 from effexport.passes.sites import layer_label
 
 ops = torch.ops.effexport
@@ -301,9 +301,9 @@ def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
     weights = [n for n in region if n.op == "get_attr" and len(_shape(n)) == 1]
     eps = [float(n.args[1]) for n in region if is_call(n, aten.add.Tensor) and isinstance(n.args[1], float)
            and any(is_call(u, aten.rsqrt.default) for u in n.users)]
-    freqs = [x for n in region if is_call(n, aten.mul.Tensor) for x in n.args
-             if isinstance(x, fx.Node) and len(_shape(x)) == 1 and _is_const(x)
-             and meta_val(x).dtype.is_floating_point]
+    freqs = [x for n in region if is_call(n, aten.mul.Tensor) and all(isinstance(y, fx.Node) for y in n.args[:2])
+             for x, y in (n.args[:2], n.args[1::-1]) if len(_shape(x)) == 1 and len(_shape(y)) == 2
+             and _is_const(x) and meta_val(x).dtype.is_floating_point]  # positions[:, None] * inv_freq
     if len(weights) != 1 or len(eps) != 1 or not freqs:
         raise NoMatch(f"no RMSNorm weight / eps / RoPE frequencies after pooling ({len(weights)}, {len(eps)}, "
                       f"{len(freqs)})")
@@ -521,7 +521,8 @@ def verify_attention(gm, att: Attention, ratios: dict) -> None:
     idx, ratio = None, 0
     if att.comp is not None:
         ratio = att.comp.ratio
-        comp = given[att.comp.present] = ev.randn([b, (p + t) // ratio, d])
+        (present,) = _Eval(gm, ratios, p, t)([att.comp.present], {})  # the length the graph expects
+        comp = given[att.comp.present] = ev.randn([b, present.shape[1], d])
     if att.idx is not None:
         idx = given[att.idx] = _random_idx(ev, b, t, (p + t) // ratio, p, ratio, att.indexer["topk"])
     (out,) = ev([att.out], given)
@@ -569,13 +570,27 @@ class _Writer:
         self.last_ph = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
 
     def e(self, target, *args, n_out=0, **kwargs):
-        if not any(isinstance(a, fx.Node) for a in args):
-            with self.graph.inserting_after(self.last_ph):
-                node = self.graph.call_function(target, args, kwargs)
-            from effexport.passes.attention import _fake
-            node.meta["val"] = _fake(self.graph, target, args, kwargs)
+        """Insert ``target(*args, **kwargs)`` after its latest input (after the placeholders if it
+        has none); meta["val"] from the fake kernel; ``n_out`` > 0 returns the getitem outputs."""
+        inputs: list[fx.Node] = []
+        fx.node.map_arg((args, kwargs), inputs.append)
+        if inputs and n_out == 0 and not any(isinstance(a, (list, tuple)) for a in args):
+            return emit(self.graph, target, args, kwargs)
+        after = insert_point(self.graph, inputs) if inputs else self.last_ph
+        with self.graph.inserting_after(after):
+            node = self.graph.call_function(target, args, kwargs)
+        fargs, fkwargs = fx.node.map_arg((args, kwargs), meta_val)
+        with fake_mode_of(self.graph):
+            node.meta["val"] = target(*fargs, **fkwargs)
+        if not n_out:
             return node
-        return emit(self.graph, target, args, kwargs, n_out=n_out)
+        outs, prev = [], node
+        for i in range(n_out):
+            with self.graph.inserting_after(prev):
+                prev = self.graph.call_function(operator.getitem, (node, i))
+            prev.meta["val"] = node.meta["val"][i]
+            outs.append(prev)
+        return outs
 
     def arange(self, n: int):
         return self.e(aten.arange.default, n, dtype=torch.int64, device=meta_val(self.pos).device)
@@ -644,9 +659,12 @@ def _rewrite_positions(graph: fx.Graph, pos: fx.Node, rings: dict, seq_dim: int 
         start, end = node.args[0], node.args[1]
         if not (is_call(start, aten.sym_size.int) and start.args[0] in rings and start.args[1] == seq_dim):
             continue
-        with graph.inserting_before(node):
-            length = graph.call_function(operator.sub, (end, start))
-        length.meta["val"] = meta_val(end) - meta_val(start)
+        if is_call(end, operator.add) and start in end.args:
+            length = end.args[1] if end.args[0] is start else end.args[0]
+        else:
+            with graph.inserting_before(node):
+                length = graph.call_function(operator.sub, (end, start))
+            length.meta["val"] = meta_val(end) - meta_val(start)
         ar = emit(graph, aten.arange.default, (length,), dict(dtype=torch.int64, device=meta_val(node).device))
         node.replace_all_uses_with(emit(graph, aten.add.Tensor, (ar, pos), {}))
         count += 1
@@ -683,7 +701,7 @@ def find_compressed(gm: fx.GraphModule) -> tuple[list[Attention], list[str], dic
     for m in list(comps.values()):
         try:
             verify_compressor(gm, m, ratios)
-        except NoMatch as why:
+        except (NoMatch, RuntimeError, ValueError, IndexError) as why:
             reasons.append(f"compressor {m.anchor.name} [{layer_label(m.anchor)}]: {why}")
             del comps[strip(m.present)]
     layers = []
@@ -700,7 +718,7 @@ def find_compressed(gm: fx.GraphModule) -> tuple[list[Attention], list[str], dic
                 verify_indexer(gm, att, ratios)
             verify_attention(gm, att, ratios)
             layers.append(att)
-        except NoMatch as why:
+        except (NoMatch, RuntimeError, ValueError, IndexError) as why:
             reasons.append(f"sparse-attention candidate {n.name} [{layer_label(n)}]: {why}")
     used = {id(c) for a in layers for c in (a.comp, a.indexer and a.indexer["comp"]) if c}
     for m in comps.values():

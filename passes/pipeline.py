@@ -1,5 +1,6 @@
 """The pass pipeline: one explicit, ordered tuple; each pass returns what it changed.
 
+    cca             compressed convolutional attention (ZAYA1) -> effexport::cca (q/k/v + conv/shift state)
     discover        find attention sites (SDPA and decomposed), record q/k/v, scale, softcap, sinks
     classify_masks  evaluate each mask sub-graph at probe lengths: causal / sliding(W) / full / ...
     kv_sharing      group sites reading the same K/V: owner + consumers
@@ -25,6 +26,7 @@ from effexport.exporter.errors import RewriteError
 from effexport.passes._graph import meta_val
 from effexport.passes.attention import AttentionRewriter, count_linear, finish
 from effexport.passes.cache_plan import CacheEntry, CachePlan, LayerRole
+from effexport.passes.cca import rewrite_cca
 from effexport.passes.masks import MaskClassifier
 from effexport.passes.positions import rewrite_positions
 from effexport.passes.sharing import group_sites
@@ -178,6 +180,7 @@ def _cache_plan(ctx: Context) -> dict:
 
 
 PIPELINE: tuple[tuple[str, Callable[[Context], dict]], ...] = (
+    ("cca", rewrite_cca),
     ("discover", _discover),
     ("classify_masks", _classify),
     ("kv_sharing", _sharing),

@@ -8,8 +8,7 @@ of the graph is rejected with the reason, and weights on the meta device do not 
 Negative models (captured like any sample): a single causal depthwise conv (Mamba-style) and a
 depthwise conv followed by a dense, not per-head, conv are left alone with the reason.
 
-The pass is placed before attention discovery by monkeypatching ``pipeline.PIPELINE`` (the line
-proposed for ``passes/pipeline.py``).
+The pass is the pipeline's first pass (before attention discovery).
 """
 import copy
 
@@ -39,12 +38,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def zaya():
-    """The ZAYA1 tiny model and its captured step graph (captured once per module)."""
-    torch.manual_seed(0)
-    model = get_sample("zaya1-8b:tiny").build()
-    ids = torch.randint(1, model.config.vocab_size, (2, 6 + NEW_TOKENS))
-    return model, capture_step(model, ids, new_tokens=NEW_TOKENS)
+def zaya(rewritten):
+    """The ZAYA1 tiny model and its captured step graph (the session's shared capture)."""
+    shared = rewritten("zaya1-8b:tiny")
+    return shared.model, shared.captured
 
 
 def _copy(program: StepProgram) -> StepProgram:
@@ -53,17 +50,15 @@ def _copy(program: StepProgram) -> StepProgram:
 
 
 def _run_pipeline(program: StepProgram):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "PIPELINE", (("cca", rewrite_cca),) + pipeline.PIPELINE)
-        return pipeline.run_pipeline(program)
+    assert pipeline.PIPELINE[0] == ("cca", rewrite_cca)
+    return pipeline.run_pipeline(program)
 
 
 @pytest.fixture(scope="module")
-def rewritten(zaya):
-    """The full pipeline with the CCA pass first: (model, new program, analysis)."""
-    model, program = zaya
-    new, analysis = _run_pipeline(program)
-    return model, new, analysis
+def cca_rewritten(zaya, rewritten):
+    """The full pipeline: (model, new program, analysis) -- the session's shared rewrite."""
+    shared = rewritten("zaya1-8b:tiny")
+    return shared.model, shared.program, shared.analysis
 
 
 def _count(gm, *targets) -> int:
@@ -71,10 +66,10 @@ def _count(gm, *targets) -> int:
 
 
 # ------------------------------------------------------------------------------------- structure
-def test_every_layer_becomes_one_cca_node(rewritten):
+def test_every_layer_becomes_one_cca_node(cca_rewritten):
     """n_layers cca nodes, zero convs left, counts {cca: 4, left_alone: 0}, graph linted, every
     computed node carries a meta value."""
-    model, new, analysis = rewritten
+    model, new, analysis = cca_rewritten
     layers = model.config.num_hidden_layers
     assert analysis.counts["cca"] == {"cca": layers, "left_alone": 0}
     assert _count(new.gm, CCA) == layers
@@ -87,10 +82,10 @@ def test_every_layer_becomes_one_cca_node(rewritten):
     assert f"pass cca: cca={layers}, left_alone=0" in analysis.explain()
 
 
-def test_cca_outputs_feed_full_attention_cache(rewritten):
+def test_cca_outputs_feed_full_attention_cache(cca_rewritten):
     """Every site is a full attention_cache whose q, new K and new V are the cca node's outputs 0-2,
     and the cca node's states 3-4 are step outputs."""
-    model, new, analysis = rewritten
+    model, new, analysis = cca_rewritten
     assert [s.cache for s in analysis.sites] == ["full"] * model.config.num_hidden_layers
     attn = [n for n in new.gm.graph.nodes if is_call(n, torch.ops.effexport.attention_cache.default)]
     assert len(attn) == model.config.num_hidden_layers
@@ -107,9 +102,9 @@ def test_cca_outputs_feed_full_attention_cache(rewritten):
         assert shift.args[0] is conv.args[0] and shift.args[1] == 4, shift.name
 
 
-def test_cache_plan_has_kv_and_states_per_layer(rewritten):
+def test_cache_plan_has_kv_and_states_per_layer(cca_rewritten):
     """Per layer: k, v full [batch, Hk, seq, d]; conv state [batch, C, P]; shift state [batch, Hk*d/2]."""
-    model, _, analysis = rewritten
+    model, _, analysis = cca_rewritten
     cfg = model.config
     expected = []
     for i in range(cfg.num_hidden_layers):
@@ -125,9 +120,9 @@ def test_cache_plan_has_kv_and_states_per_layer(rewritten):
     pytest.param((5,) + (1,) * 12, id="prefill5-decode12x1"),
     pytest.param((1, 1, 3, 1, 2, 1, 1, 1, 1, 1, 1), id="prefill1-uneven-chunks"),
 ])
-def test_parity_with_eager(rewritten, chunks):
+def test_parity_with_eager(cca_rewritten, chunks):
     """Logits of every step (fp32, rel 1e-5) and the final K/V/conv/shift caches match eager."""
-    model, new, analysis = rewritten
+    model, new, analysis = cca_rewritten
     ids = torch.randint(1, model.config.vocab_size, (2, sum(chunks)), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, present = model(ids)
