@@ -71,6 +71,10 @@ def _cmd_report(args) -> int:
 
 def _cmd_build(args) -> int:
     from effexport.exporter.build import BuildOptions, build
+    from effexport.passes.pipeline import PASS_NAMES
+
+    if args.dump_after is not None and args.dump_after not in PASS_NAMES:
+        raise UsageError(f"unknown pass {args.dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
 
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
                               dtype=args.dtype, check=args.check, steps=args.steps, explain=args.explain,
@@ -107,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     from effexport.exporter.build import PROFILES, TARGETS
-    from effexport.passes.pipeline import PASS_NAMES
 
     p_build = sub.add_parser(
         "build", help="export MODEL to a deployable artifact and check it against eager (also: effexport MODEL ...)",
@@ -129,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--steps", type=int, default=16, help="decode steps in the parity check (default 16)")
     p_build.add_argument("--explain", action="store_true",
                          help="print every attention site: what it was classified as and why")
-    p_build.add_argument("--dump-after", choices=PASS_NAMES, metavar="PASS",
-                         help=f"write the graph after PASS into DIR ({', '.join(PASS_NAMES)})")
+    p_build.add_argument("--dump-after", metavar="PASS",
+                         help="write the graph after PASS into DIR/graph-after-PASS.py "
+                              "(passes: cca, discover, classify_masks, kv_sharing, rewrite, positions, cache_plan)")
     p_build.add_argument("--force", action="store_true", help="replace an existing output directory")
     p_build.set_defaults(func=_cmd_build)
 

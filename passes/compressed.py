@@ -349,23 +349,25 @@ def _step_op(m: Compressor, v: dict, comp_buf, pos):
 
 
 def verify_compressor(gm, m: Compressor, ratios: dict) -> None:
-    """Region on random a, z, ape, norm weight and states vs ``kv_compress_step``; raises NoMatch."""
-    ev = _Eval(gm, ratios, CHECK_P, CHECK_T)
-    given = {n: ev.placeholder(n) for n in (m.state_a, m.state_z, m.comp)}
-    for n in (m.a, m.z, m.ape, m.norm_weight):
-        given[n] = ev.randn(_concrete(n, ev))
-    given[m.norm_weight] = 1 + 0.1 * given[m.norm_weight]
-    present, out_a, out_z, inv = ev([m.present, m.out_a, m.out_z, m.inv_freq], given)
-    given[m.inv_freq] = inv
-    n_past, p, t = given[m.comp].shape[1], CHECK_P, CHECK_T
-    buf = torch.zeros(CHECK_B, (p + t) // m.ratio + 1, _shape(m.finish)[-1])
-    with torch.no_grad():
-        got, sa, sz = _step_op(m, given, buf, torch.tensor(p))
-    entries = got[:, p // m.ratio:(p + t) // m.ratio]
-    if m.post:  # the graph's entries carry the per-entry transform: apply it to the op's entries
-        entries = _apply_post(m, entries, gm)
-    m.max_rel = max(_rel(entries, present[:, n_past:]), _rel(sa, out_a), _rel(sz.nan_to_num(neginf=-1e30),
-                                                                   out_z.nan_to_num(neginf=-1e30)))
+    """Region on random a, z, ape, norm weight and states vs ``kv_compress_step`` at (P, T) = (37, 3)
+    and at (3r - 2, 3) (a block completes, so entries are compared too); raises NoMatch."""
+    m.max_rel = 0.0
+    for p, t in ((CHECK_P, CHECK_T), (3 * m.ratio - 2, 3)):
+        ev = _Eval(gm, ratios, p, t)
+        given = {n: ev.placeholder(n) for n in (m.state_a, m.state_z, m.comp)}
+        for n in (m.a, m.z, m.ape, m.norm_weight):
+            given[n] = ev.randn(_concrete(n, ev))
+        given[m.norm_weight] = 1 + 0.1 * given[m.norm_weight]
+        present, out_a, out_z, inv = ev([m.present, m.out_a, m.out_z, m.inv_freq], given)
+        given[m.inv_freq] = inv
+        buf = torch.zeros(CHECK_B, (p + t) // m.ratio + 1, _shape(m.finish)[-1])
+        with torch.no_grad():
+            got, sa, sz = _step_op(m, given, buf, torch.tensor(p))
+        entries = got[:, p // m.ratio:(p + t) // m.ratio]
+        if m.post:  # the graph's entries carry the per-entry transform: apply it to the op's entries
+            entries = _apply_post(m, entries, gm)
+        m.max_rel = max(m.max_rel, _rel(entries, present[:, given[m.comp].shape[1]:]), _rel(sa, out_a),
+                        _rel(sz.nan_to_num(neginf=-1e30), out_z.nan_to_num(neginf=-1e30)))
     if not m.max_rel <= TOL:
         raise NoMatch(f"sub-graph does not compute kv_compress_step: max rel error {m.max_rel:.2e}")
 
@@ -626,7 +628,8 @@ class _Writer:
 
     def replace_output(self, mapping: dict) -> None:
         out = next(n for n in self.graph.nodes if n.op == "output")
-        out.args = (tuple(mapping.get(o, o) for o in out.args[0]),)
+        out.args = (tuple(mapping.get(o, mapping.get(strip(o), o)) if isinstance(o, fx.Node) else o
+                          for o in out.args[0]),)
 
     def attention(self, att: Attention, comp_read, idx) -> None:
         e, pos, w = self.e, self.pos, att.window

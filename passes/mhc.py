@@ -32,9 +32,10 @@ including ``_assert_tensor_metadata`` checks on values nothing else reads any mo
 
 Not covered: mixing whose parameters are not module attributes (``get_attr``), ``base``/``scale``
 split over several tensors, RMS normalisation applied to ``X`` before the projection instead of to its
-output, streams of rank other than 4, shapes that are computed from tensors outside the mixing region
-(e.g. ``view`` sizes read off ``input_ids``), and the HF ``modular_deepseek_v4`` variant at ``02356fe``
-(its numerics differ from the op, so it is found and left alone with the reason).
+output, streams of rank other than 4, and shapes computed from tensors outside the mixing region (e.g.
+``view`` sizes read off ``input_ids``). A residual mix normalised otherwise -- softmax only, a Sinkhorn
+started from a sigmoid (the HF ``modular_deepseek_v4`` variant at ``02356fe``) or another row / column
+schedule -- is not the op's math: its mix projection is left alone with the reason.
 """
 from __future__ import annotations
 
@@ -87,11 +88,31 @@ class SinkhornChain:
 
 
 # ---------------------------------------------------------------------------------- structure
+def _arg(node: fx.Node, name: str):
+    """An OpOverload call's argument by schema name."""
+    return call_args(node)[name]
+
+
+def _other(node: fx.Node, operand: fx.Node):
+    """The other operand of a binary ``node`` (``self`` / ``other``) that has ``operand`` as one."""
+    a = call_args(node)
+    return a["other"] if a["self"] is operand else a["self"]
+
+
+def _plus_const(node) -> tuple[fx.Node, float] | None:
+    """``add(x, c)`` with a Python number ``c`` (alpha 1) -> (x, c), else None."""
+    if not is_call(node, aten.add.Tensor):
+        return None
+    a = call_args(node)
+    c = scalar(a["other"])
+    return (a["self"], c) if c is not None and a["alpha"] == 1 else None
+
+
 def _widening(node) -> bool:
     """A transparent op whose output holds every value of its input exactly (same or wider dtype)."""
     if not is_call(node, *TRANSPARENT):
         return False
-    src, out = meta_val(node.args[0]), meta_val(node)
+    src, out = meta_val(_arg(node, "self")), meta_val(node)
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False
     return src.dtype == out.dtype or (src.dtype in (torch.bfloat16, torch.float16) and out.dtype == torch.float32)
@@ -100,32 +121,27 @@ def _widening(node) -> bool:
 def strip_exact(node):
     """Follow casts back to their source as long as no value changes (down-casts round: they stay)."""
     while _widening(node):
-        node = node.args[0]
+        node = _arg(node, "self")
     return node
 
 
 def _rms_eps(node, flat: fx.Node) -> float | None:
     """``rsqrt(mean(flat^2, -1, keepdim) + eps)`` -> eps, else None."""
     node = strip(node)
-    if not is_call(node, aten.rsqrt.default):
-        return None
-    add = strip(node.args[0])
-    if not is_call(add, aten.add.Tensor) or scalar(add.args[1]) is None or call_args(add)["alpha"] != 1:
-        return None
-    mean = strip(add.args[0])
+    plus = _plus_const(strip(_arg(node, "self"))) if is_call(node, aten.rsqrt.default) else None
+    mean = strip(plus[0]) if plus else None
     if not is_call(mean, aten.mean.dim):
         return None
     m = call_args(mean)
     sq = strip(m["self"])
-    if is_call(sq, aten.square.default) or (is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2):
-        src = sq.args[0]
-    elif is_call(sq, aten.mul.Tensor) and sq.args[0] is sq.args[1]:
-        src = sq.args[0]
+    if is_call(sq, aten.square.default) or (is_call(sq, aten.pow.Tensor_Scalar) and _arg(sq, "exponent") == 2):
+        src = _arg(sq, "self")
+    elif is_call(sq, aten.mul.Tensor) and _arg(sq, "self") is _arg(sq, "other"):
+        src = _arg(sq, "self")
     else:
         return None
-    if strip(src) is not flat or list(m["dim"] or []) not in ([-1], [2]) or not m["keepdim"]:
-        return None
-    return float(add.args[1])
+    ok = strip(src) is flat and list(m["dim"] or []) in ([-1], [2]) and m["keepdim"]
+    return plus[1] if ok else None
 
 
 def mix_projection(node: fx.Node) -> MixProjection | None:
@@ -134,67 +150,56 @@ def mix_projection(node: fx.Node) -> MixProjection | None:
         return None
     a = call_args(node)
     fn, flat = strip(a["weight"]), strip(a["input"])
-    if a.get("bias") is not None or not isinstance(fn, fx.Node) or fn.op != "get_attr":
+    if a.get("bias") is not None or not isinstance(fn, fx.Node) or fn.op != "get_attr" or rank(fn) != 2:
         return None
     if not is_call(flat, *FLATTEN) or rank(flat) != 3:
         return None
-    x = strip_exact(flat.args[0])
-    if rank(x) != 4 or rank(fn) != 2:
+    x = strip_exact(_arg(flat, "self"))
+    if rank(x) != 4:
         return None
     n, d = meta_val(x).shape[2:]
     rows, cols = meta_val(fn).shape
     if not all(isinstance(v, int) for v in (n, d, rows, cols)) or cols != n * d or meta_val(flat).shape[-1] != n * d:
         return None
     for user in node.users:
-        if is_call(user, aten.mul.Tensor) and len(user.args) == 2:
-            other = user.args[1] if user.args[0] is node else user.args[0]
-            eps = _rms_eps(other, flat)
-            if eps is not None:
-                return MixProjection(node, user, x, fn, n, d, rows, eps)
+        if is_call(user, aten.mul.Tensor) and (eps := _rms_eps(_other(user, node), flat)) is not None:
+            return MixProjection(node, user, x, fn, n, d, rows, eps)
     return None
 
 
 def _normalisation(m: fx.Node, r: int) -> tuple[fx.Node, int, float] | None:
     """A user ``m / (sum(m, [dim], keepdim) + eps)`` of ``m`` -> (div, dim as -1/-2, eps)."""
     for user in m.users:
-        if not (is_call(user, aten.div.Tensor) and user.args[0] is m):
+        if not (is_call(user, aten.div.Tensor) and _arg(user, "self") is m):
             continue
-        den = strip(user.args[1])
-        if not is_call(den, aten.add.Tensor) or scalar(den.args[1]) is None:
-            continue
-        s = strip(den.args[0])
-        if not is_call(s, aten.sum.dim_IntList) or strip(s.args[0]) is not m:
+        plus = _plus_const(strip(_arg(user, "other")))
+        s = strip(plus[0]) if plus else None
+        if not is_call(s, aten.sum.dim_IntList) or strip(_arg(s, "self")) is not m:
             continue
         a = call_args(s)
         dims = list(a["dim"] or [])
         if len(dims) == 1 and a["keepdim"] and dims[0] % r in (r - 1, r - 2):
-            return user, dims[0] % r - r, float(den.args[1])
+            return user, dims[0] % r - r, plus[1]
     return None
 
 
 def sinkhorn_chain(softmax: fx.Node) -> SinkhornChain | None:
     """The Sinkhorn chain starting at ``softmax`` (None if it is not softmax + eps + >= 1 normalisation)."""
-    a = call_args(softmax)
-    r = rank(softmax)
-    if r is None or r < 2 or a["dim"] % r != r - 1:
+    a, r = call_args(softmax), rank(softmax)
+    if r is None or r < 2 or a["dim"] % r != r - 1 or meta_val(softmax).shape[-1] != meta_val(softmax).shape[-2]:
         return None
-    shape = meta_val(softmax).shape
-    if shape[-1] != shape[-2]:
-        return None
-    start = next((u for u in softmax.users if is_call(u, aten.add.Tensor) and u.args[0] is softmax
-                  and scalar(u.args[1]) is not None), None)
+    start = next((u for u in softmax.users if (p := _plus_const(u)) and p[0] is softmax), None)
     if start is None:
         return None
-    m, dims, eps = start, [], {float(start.args[1])}
+    m, dims, eps = start, [], {_plus_const(start)[1]}
     while (step := _normalisation(m, r)) is not None:
         m, dim, e = step
         dims.append(dim)
         eps.add(e)
     if not dims:
         return None
-    chain = SinkhornChain(a["self"], m, dims, float(start.args[1]), None)
-    schedule = [-2] + [-1, -2] * ((len(dims) - 1) // 2)
-    if dims != schedule:
+    chain = SinkhornChain(a["self"], m, dims, _plus_const(start)[1], None)
+    if dims != [-2] + [-1, -2] * ((len(dims) - 1) // 2):
         names = "".join("r" if d == -1 else "c" for d in dims)
         chain.reason = (f"normalisation schedule {names!r} ({len(dims)} steps) is not the op's "
                         "column + (row, column)* Sinkhorn schedule")
@@ -252,6 +257,7 @@ def _base_and_scale(attrs: list[fx.Node], rows: int, n_scale: int):
 
 # ---------------------------------------------------------------------------------- numerics
 def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    """A copy of the module attribute a ``get_attr`` node reads."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -286,6 +292,7 @@ def _probe(gm: fx.GraphModule, feeds: dict[fx.Node, torch.Tensor], params: list[
 
 
 def _same(got, want: torch.Tensor) -> bool:
+    """Same dtype and shape, and max |got - want| <= RTOL[dtype] * max |want|."""
     if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
         return False
     scale = want.double().abs().max().item()
@@ -293,10 +300,12 @@ def _same(got, want: torch.Tensor) -> bool:
 
 
 def _matching(env: dict, want: torch.Tensor, exclude) -> list[fx.Node]:
+    """The probed nodes (not in ``exclude``) whose value equals ``want``."""
     return [n for n, v in env.items() if n not in exclude and _same(v, want)]
 
 
 def _random(shape, dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    """Seeded normal probe values."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
@@ -304,6 +313,8 @@ def _random(shape, dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- matching
 @dataclass
 class _Match:
+    """A proven rewrite: the op call and, per op output, the graph nodes that compute it."""
+
     op: object
     args: tuple
     kwargs: dict
@@ -356,20 +367,18 @@ def _post_inputs(post: fx.Node, d: int) -> list[fx.Node]:
     out, stack, seen = [], [post], set()
     while stack:
         node = stack.pop()
-        for user in node.users:
-            if user in seen:
-                continue
+        for user in set(node.users) - seen:
             seen.add(user)
             if is_call(user, *VIEWS):
                 stack.append(user)
-            elif is_call(user, aten.mul.Tensor) and len(user.args) == 2:
-                other = user.args[1] if user.args[0] is node else user.args[0]
+            elif is_call(user, aten.mul.Tensor):
+                other = _other(user, node)
                 while isinstance(other, fx.Node):  # every [.., d] view on the way back is a candidate
                     if rank(other) == 3 and meta_val(other).shape[-1] == d and other not in out:
                         out.append(other)
                     if not is_call(other, *VIEWS) or (is_call(other, *TRANSPARENT) and not _widening(other)):
                         break
-                    other = other.args[0]
+                    other = _arg(other, "self")
     return out
 
 
@@ -377,8 +386,7 @@ def _match_post(gm, pre: fx.Node) -> _Match | str:
     outs = {u.args[1]: u for u in pre.users if u.target is operator.getitem}
     if 1 not in outs or 2 not in outs:
         return f"{pre.name}: post or comb is unused"
-    x = pre.args[0]
-    post, comb = outs[1], outs[2]
+    x, post, comb = _arg(pre, "x"), outs[1], outs[2]
     n, d = meta_val(x).shape[2:]
     candidates = _post_inputs(post, d)
     for f in candidates:
@@ -403,8 +411,7 @@ def _match_head(gm, proj: MixProjection, stops) -> _Match | str:
     sig = [u for u in _descendants(proj.mu, 6) if is_call(u, aten.sigmoid.default)]
     if len(sig) != 1:
         return f"mix projection {proj.linear.name}: expected one sigmoid gate, found {len(sig)}"
-    eps = next((float(u.args[1]) for u in sig[0].users if is_call(u, aten.add.Tensor)
-                and scalar(u.args[1]) is not None), None)
+    eps = next((p[1] for u in sig[0].users if (p := _plus_const(u)) and p[0] is sig[0]), None)
     found, attrs, ok = _search_up(sig[0], stops)
     if eps is None or not ok or [p.mu for p in found] != [proj.mu]:
         return f"mix projection {proj.linear.name}: gate is not sigmoid(mu * scale + base) + eps"
@@ -423,6 +430,7 @@ def _match_head(gm, proj: MixProjection, stops) -> _Match | str:
 
 
 def _descendants(node: fx.Node, depth: int) -> list[fx.Node]:
+    """Users of ``node`` up to ``depth`` levels down."""
     out, frontier = [], [node]
     for _ in range(depth):
         frontier = [u for f in frontier for u in f.users if u not in out]
@@ -432,13 +440,14 @@ def _descendants(node: fx.Node, depth: int) -> list[fx.Node]:
 
 # ---------------------------------------------------------------------------------- rewriting
 def _apply(gm: fx.GraphModule, match: _Match) -> fx.Node:
-    n_out = len(match.outputs) if len(match.outputs) > 1 else 0
-    new = emit(gm.graph, match.op, match.args, match.kwargs, n_out=n_out)
-    new = new if n_out else [new]
-    for out, nodes in zip(new, match.outputs):
+    """Insert the op after its latest input and point every matched node's uses at its output(s)."""
+    many = len(match.outputs) > 1
+    new = emit(gm.graph, match.op, match.args, match.kwargs, n_out=len(match.outputs) if many else 0)
+    outs = new if many else [new]
+    for out, nodes in zip(outs, match.outputs):
         for node in nodes:
             node.replace_all_uses_with(out)
-    return out.args[0] if n_out else out
+    return outs[0].args[0] if many else new
 
 
 def prune(gm: fx.GraphModule) -> int:

@@ -37,23 +37,24 @@ class RMSNorm(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ RoPE
+# frequency tables are computed on the CPU in fp64 whatever the default device (meta included)
 def inv_freq_default(rot_dim: int, theta: float) -> torch.Tensor:
     """Standard RoPE frequencies over ``rot_dim`` rotated dims: ``theta^(-2i/rot_dim)``."""
-    return 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    return 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64, device="cpu") / rot_dim)
 
 
 def inv_freq_proportional(head_dim: int, theta: float, partial: float) -> torch.Tensor:
     """Gemma 4 ``proportional`` RoPE: the exponent runs over the full head_dim, and only the first
     ``int(partial * head_dim // 2)`` frequencies are non-zero (zero tail = identity pairs)."""
     angles = int(partial * head_dim // 2)
-    inv = 1.0 / theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float64) / head_dim)
-    return torch.cat([inv, torch.zeros(head_dim // 2 - angles, dtype=torch.float64)])
+    inv = 1.0 / theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float64, device="cpu") / head_dim)
+    return torch.cat([inv, torch.zeros(head_dim // 2 - angles, dtype=torch.float64, device="cpu")])
 
 
 def inv_freq_yarn(rot_dim: int, theta: float, factor: float, original_max: int,
                   beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
     """YaRN frequencies (HF ``_compute_yarn_parameters`` without the attention factor)."""
-    pos_freqs = theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim)
+    pos_freqs = theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float64, device="cpu") / rot_dim)
     extrapolation = 1.0 / pos_freqs
     interpolation = 1.0 / (factor * pos_freqs)
 
@@ -64,7 +65,7 @@ def inv_freq_yarn(rot_dim: int, theta: float, factor: float, original_max: int,
     high = min(math.ceil(correction_dim(beta_slow)), rot_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(rot_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(rot_dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
     extrapolation_factor = 1 - ramp
     return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
 
@@ -193,6 +194,15 @@ class StackedExperts(nn.Module):
     def expert_params(self) -> int:
         """Parameters of one expert."""
         return (self.gate_up[0].numel() + self.down[0].numel())
+
+
+def embedding(num: int, dim: int, std: float = 1.0) -> nn.Embedding:
+    """``nn.Embedding`` with normal(0, std) weights (nn's default for std=1), created without
+    nn's own init on the meta device, which would load torch's meta kernels for seconds."""
+    weight = torch.empty(num, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight, std=std)
+    return nn.Embedding(num, dim, _weight=weight)
 
 
 def init_weights(module: nn.Module, std: float = 0.02, seed: int | None = 0) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effexport.samples._blocks import (
+from effexport.samples._blocks import (embedding,
     GatedMLP, RMSNorm, StackedExperts, apply_rope, attention_mask, count_params, eager_attention,
     inv_freq_default, inv_freq_yarn, rope_cos_sin)
 from effexport.samples._spec import CacheTensor, LayerSpec
@@ -221,7 +221,8 @@ class LagunaRouter(nn.Module):
         self.normalize = config.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False)
-        nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
+        if not self.weight.is_meta:  # init on meta would load torch's meta kernels for seconds
+            nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[N, D]`` -> (weights ``[N, k]`` in x's dtype, expert indices ``[N, k]``)."""
@@ -279,7 +280,7 @@ class Model(nn.Module):
     def __init__(self, config: LagunaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LagunaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effexport.samples._blocks import (
+from effexport.samples._blocks import (embedding,
     RMSNorm, StackedExperts, apply_rope, attention_mask, count_params, eager_attention,
     inv_freq_default, rope_cos_sin,
 )
@@ -322,7 +322,7 @@ class Model(nn.Module):
     def __init__(self, config: Zaya1Config):
         super().__init__()
         cfg = self.config = config
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))

@@ -51,3 +51,17 @@ def test_console_script_exit_code_and_no_traceback():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
+
+
+def test_dump_after_help_names_every_pass(capsys):
+    from effexport.passes.pipeline import PASS_NAMES
+
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in PASS_NAMES)
+
+
+def test_unknown_dump_after_is_usage_error(capsys):
+    assert main(["gemma4-e2b:tiny", "--dump-after", "nope", "-o", "unused"]) == 2
+    assert "passes are: cca, discover" in capsys.readouterr().err

@@ -1,0 +1,11 @@
+"""ONNX backend: lowering of the effexport ops and export of the rewritten step graph.
+
+* :mod:`.translations`: profiles (``ort``, ``standard``), opsets, IR versions, the translation
+  table per profile and the documented refusals.
+* :mod:`.attention`: the attention ops (GroupQueryAttention / Attention-23 / MatMul-Softmax).
+* :mod:`.functions`: mHC ops as ONNX functions of standard ops (Sinkhorn as a Loop).
+* :mod:`.export`: :func:`~.export.export_step` (step GraphModule -> ONNX file) and
+  :func:`~.export.lower` (any module with effexport ops -> ModelProto).
+
+Importing this package imports neither onnxruntime nor the lowering modules; they load on use.
+"""

@@ -27,6 +27,7 @@ import weakref
 from pathlib import Path
 
 import onnx
+import onnxscript.optimizer
 import torch
 
 from effexport.exporter.capture import StepProgram
@@ -34,7 +35,7 @@ from effexport.exporter.errors import LowerError
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
 from effexport.passes.cache_plan import CachePlan
 
-__all__ = ["export_step", "exported_step", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
+__all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Initializer bytes above which weights are written as external data (protobuf caps at 2 GB)."""
@@ -82,6 +83,21 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
             raise LowerError(f"re-exporting the step graph failed: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0]}") from exc
     return cache[example_batch]
+
+
+def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_names=None,
+          output_names=None) -> onnx.ModelProto:
+    """``torch.onnx.export`` (dynamo) of a module or ExportedProgram with the profile's translation
+    table and opset, then onnxscript's optimizer *without* function inlining, so every
+    ``effexport``-domain node keeps its function body in ``model.functions``."""
+    program = torch.onnx.export(
+        module, args, dynamo=True, input_names=input_names, output_names=output_names,
+        dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
+        opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
+    onnxscript.optimizer.optimize_ir(program.model, inline=False)
+    model = program.model_proto
+    model.ir_version = IR_VERSION[profile]
+    return model
 
 
 def _check_signature(program: StepProgram, plan: CachePlan) -> None:
@@ -137,18 +153,12 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
     bytes; the returned proto then references ``{path}.data`` instead of holding the weights."""
     _check_signature(program, plan)
     inputs, outputs = step_io_names(plan)
-    table = translation_table(profile)
     exported = exported_step(program, plan, example_batch)
     try:
-        onnx_program = torch.onnx.export(
-            exported, dynamo=True, input_names=inputs, output_names=outputs,
-            custom_translation_table=table,
-            opset_version=OPSET[profile], optimize=True, verbose=False, report=False)
+        model = lower(exported, profile=profile, input_names=inputs, output_names=outputs)
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
         raise LowerError(f"ONNX export ({profile}) failed: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}") from exc
-    model = onnx_program.model_proto
-    model.ir_version = IR_VERSION[profile]
     _name_dims(model, plan)
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD

@@ -1,0 +1,122 @@
+"""End-to-end ONNX export of rewritten step graphs (``export_step``) for Gemma 4 E2B and Laguna
+XS.2 (tiny presets), both profiles: ONNX Runtime prefill from the plan's empty caches plus 8 decode
+steps equal the eager model's logits; the graph's cache I/O is exactly the CachePlan; the IR
+version is the one ORT 1.30 loads; external data round-trips. Each model is captured once."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from _helpers import assert_close
+
+from effexport.exporter.capture import capture_step
+from effexport.exporter.onnx.export import _save, export_step, step_io_names
+from effexport.exporter.onnx.translations import IR_VERSION, PROFILES
+from effexport.passes.pipeline import run_pipeline
+from effexport.samples import get_sample
+
+pytestmark = pytest.mark.slow
+PREFILL, DECODE, BATCH = 8, 8, 2
+MODELS = [pytest.param("gemma4-e2b:tiny", id="gemma4-e2b"), pytest.param("laguna-xs2:tiny", id="laguna-xs2")]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def step(request):
+    """(eager model, rewritten program, analysis) of one sample, captured once per module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = get_sample(request.param).build()
+    ids = torch.randint(0, 128, (2, 12))
+    program, analysis = run_pipeline(capture_step(model, ids[:, :9]))
+    yield model, program, analysis
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def exported(step, tmp_path_factory):
+    """profile -> (path, returned ModelProto) for the current model."""
+    _, program, analysis = step
+    out = {}
+    for profile in PROFILES:
+        path = tmp_path_factory.mktemp(profile) / "step.onnx"
+        out[profile] = (path, export_step(program, analysis.plan, str(path), profile))
+    return out
+
+
+def _decode(path, plan, ids: torch.Tensor) -> list[np.ndarray]:
+    """Prefill ``PREFILL`` tokens at pos 0 from the plan's empty caches, then one token per step."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    caches = [c.numpy() for c in plan.empty_caches(ids.shape[0])]
+    out = sess.run(None, dict(zip(names, [ids[:, :PREFILL].numpy(), np.array(0, np.int64), *caches])))
+    logits = [out[0]]
+    for t in range(PREFILL, PREFILL + DECODE):
+        out = sess.run(None, dict(zip(names, [ids[:, t:t + 1].numpy(), np.array(t, np.int64), *out[1:]])))
+        logits.append(out[0])
+    return logits
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_prefill_and_decode_match_eager(step, exported, profile):
+    """fp32 max rel error <= 1e-4 over the prefill and each of 8 decode steps."""
+    model, _, analysis = step
+    ids = torch.randint(0, 128, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, _ = model(ids)
+    logits = _decode(exported[profile][0], analysis.plan, ids)
+    assert_close(torch.from_numpy(logits[0]), ref[:, :PREFILL], rtol=1e-4, what=f"{profile} prefill")
+    for i, step_logits in enumerate(logits[1:]):
+        assert_close(torch.from_numpy(step_logits[:, 0]), ref[:, PREFILL + i], rtol=1e-4,
+                     what=f"{profile} decode step {i}")
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_cache_io_is_the_plan(step, exported, profile):
+    """Inputs are input_ids, pos and past.{entry} in plan order; rings have W static slots, full
+    caches a dynamic length; outputs mirror them."""
+    _, _, analysis = step
+    model = exported[profile][1]
+    inputs, outputs = step_io_names(analysis.plan)
+    assert [i.name for i in model.graph.input] == inputs
+    assert [o.name for o in model.graph.output] == outputs
+    kinds = {e.kind for e in analysis.plan.entries}
+    assert {"ring", "full"} <= kinds
+    for entry, value in zip(analysis.plan.entries, model.graph.input[2:]):
+        dims = value.type.tensor_type.shape.dim
+        assert dims[0].dim_param == "batch"
+        for d, want in zip(dims, entry.shape):
+            if want == "seq":
+                assert d.dim_param == "past_seq", entry
+            elif isinstance(want, int):
+                assert d.dim_value == want, entry
+        if entry.kind == "ring":
+            assert dims[2].dim_value == entry.window > 0
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_ir_version_and_domains(exported, profile):
+    """The file has the profile's IR version (<= 11, which ORT 1.30 loads), passes the checker,
+    and only the ort profile uses the com.microsoft domain (GroupQueryAttention for full caches)."""
+    path, model = exported[profile]
+    saved = onnx.load(str(path))
+    assert saved.ir_version == IR_VERSION[profile] <= 11
+    onnx.checker.check_model(saved)
+    types = {(n.domain, n.op_type) for n in saved.graph.node}
+    assert (("com.microsoft", "GroupQueryAttention") in types) == (profile == "ort")
+    if profile == "standard":
+        assert {d for d, _ in types} <= {"", "ai.onnx"}
+
+
+def test_external_data_round_trip(step, exported, tmp_path):
+    """Weights written as external data load back and give the same logits."""
+    _, _, analysis = step
+    path = tmp_path / "ext" / "step.onnx"
+    _save(onnx.load(str(exported["ort"][0])), path, external=True)
+    assert (path.parent / "step.onnx.data").stat().st_size > 0
+    assert path.stat().st_size < (path.parent / "step.onnx.data").stat().st_size
+    ids = torch.randint(0, 128, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(2))
+    np.testing.assert_array_equal(_decode(path, analysis.plan, ids)[-1],
+                                  _decode(exported["ort"][0], analysis.plan, ids)[-1])

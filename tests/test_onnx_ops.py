@@ -1,0 +1,218 @@
+"""ONNX lowering of every effexport op, per profile: parity with the eager op in ONNX Runtime (CPU)
+at several dynamic shapes, graph structure (which ONNX ops carry the attention, no dense mask
+constants, no effexport-domain node without a function body) and coverage of every op."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from _helpers import assert_close
+
+import effexport.custom_ops as custom_ops_pkg
+from effexport.exporter.onnx.translations import PROFILES, REFUSED, translation_table
+
+ops = torch.ops.effexport
+H, HKV, D = 4, 2, 16
+W = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Attn(torch.nn.Module):
+    """Calls one attention op form with fixed attributes; inputs are all tensors."""
+
+    def __init__(self, form: str, window: int, softcap: float, sinks: bool, ring: bool = False):
+        super().__init__()
+        self.form, self.window, self.softcap, self.use_sinks, self.ring = form, window, softcap, sinks, ring
+
+    def forward(self, q, k_new, v_new, k_past, v_past, pos, sinks):
+        s = sinks if self.use_sinks else None
+        kw = dict(scale=0.3, softcap=self.softcap)
+        if self.form == "attention":
+            return ops.attention(q, torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2), s,
+                                 window=self.window, **kw)
+        if self.form == "cache":
+            return ops.attention_cache(q, k_new, v_new, k_past, v_past, s, window=self.window, **kw)
+        if self.form == "ring":
+            return ops.attention_ring(q, k_new, v_new, k_past, v_past, pos, s, window=W, **kw)
+        if self.ring:  # read a ring of W slots, one query
+            return ops.attention_read(q, k_past, v_past, pos, s, window=W, ring=True, **kw)
+        return ops.attention_read(q, torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2), pos,
+                                  s, window=self.window, **kw)
+
+
+def _inputs(batch: int, t_len: int, past: int, pos: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return (r(batch, H, t_len, D), r(batch, HKV, t_len, D), r(batch, HKV, t_len, D),
+            r(batch, HKV, past, D), r(batch, HKV, past, D), torch.tensor(pos), r(H))
+
+
+def _export(module: torch.nn.Module, args, profile: str, dynamic: tuple) -> onnx.ModelProto:
+    from effexport.exporter.onnx.export import lower
+
+    return lower(module, args, profile, dynamic_shapes=dynamic)
+
+
+def _run(model: onnx.ModelProto, args) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args) if i.name in names}
+    return sess.run(None, feeds)
+
+
+# (batch, T, past length, pos) probes. The CPU GroupQueryAttention rejects T > 1 on a non-empty
+# past at batch > 1 (documented in exporter/onnx/attention.py), so chunked probes use batch 1.
+FULL_PROBES = [(2, 3, 0, 0), (1, 4, 6, 6), (3, 1, 9, 9), (2, 1, 1, 1)]
+RING_PROBES = [(2, 3, W, 0), (1, 6, W, 9), (3, 1, W, 2), (2, 1, W, 13)]
+READ_RING_PROBES = [(2, 1, W, 0), (3, 1, W, 2), (1, 1, W, 11)]
+
+CASES = [
+    pytest.param(form, window, softcap, sinks, ring, id=f"{form}{'-ring' if ring else ''}-{tag}")
+    for form, ring in (("attention", False), ("cache", False), ("ring", False), ("read", False),
+                       ("read", True))
+    for window, softcap, sinks, tag in ((0, 0.0, False, "causal"), (W, 0.0, False, "swa"),
+                                        (W, 5.0, True, "swa-softcap-sinks"))
+    if not ((form == "ring" or ring) and window == 0)
+]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("form,window,softcap,sinks,ring", CASES)
+def test_attention_parity(form, window, softcap, sinks, ring, profile):
+    """ORT output equals the eager op at shapes other than the export example (fp32, rel 1e-5)."""
+    module = _Attn(form, window, softcap, sinks, ring)
+    fixed = form == "ring" or ring
+    batch, t_dim, p_dim = torch.export.Dim("batch"), torch.export.Dim("t"), torch.export.Dim("p")
+    if ring:
+        dynamic = ({0: batch}, {0: batch}, {0: batch}, {0: batch}, {0: batch}, None, None)
+        example, probes = _inputs(2, 1, W, 3), READ_RING_PROBES
+    else:
+        past = {0: batch} if fixed else {0: batch, 2: p_dim}
+        dynamic = ({0: batch, 2: t_dim},) * 3 + (past, past, None, None)
+        example, probes = (_inputs(2, 3, W, 5), RING_PROBES) if fixed else (_inputs(2, 3, 5, 5), FULL_PROBES)
+    model = _export(module, example, profile, dynamic)
+    for i, (b, t, p, pos) in enumerate(probes):
+        args = _inputs(b, t, p, pos, seed=i + 1)
+        expected = module(*args)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = _run(model, args)
+        assert len(got) == len(expected)
+        for j, (g, e) in enumerate(zip(got, expected)):
+            assert_close(torch.from_numpy(g), e, rtol=1e-5, what=f"{profile} B={b} T={t} P={p} out{j}")
+
+
+def _dense_bool_constants(model: onnx.ModelProto) -> list[str]:
+    """Names of rank >= 2 boolean constants/initializers (a baked mask would be one)."""
+    found = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.BOOL and len(t.dims) >= 2]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.t.data_type == onnx.TensorProto.BOOL and len(a.t.dims) >= 2:
+                    found.append(node.output[0])
+    return found
+
+
+@pytest.mark.parametrize("window", [pytest.param(0, id="causal"), pytest.param(W, id="swa")])
+def test_ort_profile_uses_gqa_with_window(window):
+    """ort: attention_cache is one GroupQueryAttention with local_window_size W (or -1)."""
+    model = _export(_Attn("cache", window, 0.0, False), _inputs(2, 3, 5, 5), "ort",
+                    ({0: torch.export.Dim("b"), 2: torch.export.Dim("t")},) * 3
+                    + ({0: torch.export.Dim("b"), 2: torch.export.Dim("p")},) * 2 + (None, None))
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1 and gqa[0].domain == "com.microsoft"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["local_window_size"] == (window if window else -1)
+    assert attrs["num_heads"] == H and attrs["kv_num_heads"] == HKV
+    assert not _dense_bool_constants(model)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_ring_structure(profile):
+    """The ring is written by a Gather (static W slots), masks come from pos, no GQA, no mask constant."""
+    model = _export(_Attn("ring", W, 0.0, False), _inputs(2, 3, W, 5), profile,
+                    ({0: torch.export.Dim("b"), 2: torch.export.Dim("t")},) * 3
+                    + ({0: torch.export.Dim("b")},) * 2 + (None, None))
+    types = [n.op_type for n in model.graph.node]
+    assert "GroupQueryAttention" not in types and "Gather" in types
+    assert ("Attention" in types) == (profile == "standard")
+    assert not _dense_bool_constants(model)
+    ring_out = model.graph.output[1].type.tensor_type.shape.dim
+    assert ring_out[2].dim_value == W
+
+
+def test_standard_profile_is_ai_onnx_only():
+    """standard: only the default domain (and effexport functions) in the graph; Attention-23."""
+    model = _export(_Attn("cache", W, 0.0, False), _inputs(2, 3, 5, 5), "standard",
+                    ({0: torch.export.Dim("b"), 2: torch.export.Dim("t")},) * 3
+                    + ({0: torch.export.Dim("b"), 2: torch.export.Dim("p")},) * 2 + (None, None))
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert [n.op_type for n in model.graph.node].count("Attention") == 1
+    assert {o.domain: o.version for o in model.opset_import}.get("", 0) == 23
+
+
+def _custom_op_modules():
+    for info in pkgutil.iter_modules(custom_ops_pkg.__path__):
+        module = importlib.import_module(f"effexport.custom_ops.{info.name}")
+        if hasattr(module, "OPS"):
+            yield info.name, module.OPS
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_op_has_a_lowering_or_a_refusal(profile):
+    """Coverage: every OpOverload in every custom_ops module's OPS is translated or refused."""
+    table = translation_table(profile)
+    missing = [str(op) for _, module_ops in _custom_op_modules() for op in module_ops
+               if op not in table and op not in REFUSED]
+    assert not missing, f"ops without an ONNX lowering ({profile}): {missing}"
+    assert all(isinstance(reason, str) and reason for reason in REFUSED.values())
+    assert sum(1 for _ in _custom_op_modules()) >= 6  # attention, cca, mhc, kv_compress, indexer, sparse
+
+
+class _Mhc(torch.nn.Module):
+    """mhc_pre -> mhc_post -> mhc_head, plus a bare sinkhorn (distinct iters/eps per op)."""
+
+    def forward(self, x, fn, base, scale, f, fn_head, base_head, scale_head, logits):
+        u, post, comb = ops.mhc_pre(x, fn, base, scale, iters=7, eps=1e-3, norm_eps=1e-5)
+        y = ops.mhc_post(x, f + u, post, comb)
+        return ops.mhc_head(y, fn_head, base_head, scale_head), ops.sinkhorn(logits, iters=20, eps=1e-6), comb
+
+
+def _mhc_inputs(batch: int, t_len: int, n: int = 4, d: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    rows = 2 * n + n * n
+    return (r(batch, t_len, n, d), r(rows, n * d) * 0.1, r(rows), torch.rand(3, generator=g),
+            r(batch, t_len, d), r(n, n * d) * 0.1, r(n), torch.rand(1, generator=g), r(batch, t_len, n, n))
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_mhc_parity_and_loop(profile):
+    """mHC ops in ORT equal eager (rel 1e-5) at new batch/T; Sinkhorn stays a Loop (not unrolled)."""
+    from effexport.exporter.onnx.export import lower
+
+    bt = {0: torch.export.Dim("b"), 1: torch.export.Dim("t")}
+    dynamic = (bt, None, None, None, bt, None, None, None, bt)
+    model = lower(_Mhc(), _mhc_inputs(2, 3), profile, dynamic_shapes=dynamic)
+    types = [n.op_type for n in model.graph.node] + [n.op_type for f in model.functions for n in f.node]
+    assert types.count("Loop") == 2  # one per Sinkhorn (mhc_pre's and the bare one)
+    assert len(model.graph.node) < 400
+    for fn in model.functions:  # any effexport-domain node must come with its body
+        assert fn.node
+    local = {(f.domain, f.name) for f in model.functions}
+    assert all((n.domain, n.op_type) in local for n in model.graph.node if n.domain == "effexport")
+    for i, (b, t) in enumerate([(1, 1), (3, 5)]):
+        args = _mhc_inputs(b, t, seed=i + 1)
+        for j, (g, e) in enumerate(zip(_run(model, args), _Mhc()(*args))):
+            assert_close(torch.from_numpy(g), e, rtol=1e-5, what=f"{profile} B={b} T={t} out{j}")
