@@ -42,6 +42,7 @@ class BuildOptions:
     dtype: str = "fp32"
     check: bool = True
     steps: int = 16
+    max_context: int = 4096
     explain: bool = False
     dump_after: str | None = None
     force: bool = False
@@ -147,15 +148,15 @@ def build(opts: BuildOptions) -> int:
     ids = example_ids(sample)
     progress.done(t0, f"{sum(p.numel() for p in model.parameters()):,} parameters")
     t0 = progress.stage("capture (torch.export, dynamic batch / tokens / cache length)")
-    captured = capture_step(model, ids[:, :11])
+    captured = capture_step(model, ids)
     progress.done(t0, f"{len(captured.gm.graph.nodes)} nodes")
     t0 = progress.stage("rewrite (attention sites, masks, KV sharing, caches)")
     dumped = {}
     program, analysis = run_pipeline(captured, opts.dump_after,
-                                     lambda name, gm: dumped.setdefault(name, gm.code))
+                                     lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context)
     c = analysis.counts
     progress.done(t0, f"{c['discover']['sites']} sites: {c['rewrite']['ring']} ring, {c['rewrite']['full']} full, "
-                      f"{c['rewrite']['read'] + c['kv_sharing']['consumers'] * 0} consumers, "
+                      f"{c['kv_sharing']['consumers']} consumers, "
                       f"{c['rewrite']['left_alone']} left alone")
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
@@ -170,7 +171,7 @@ def build(opts: BuildOptions) -> int:
         progress.done(t0, f"opset {_opset(model_proto)}, IR {model_proto.ir_version}")
         manifest = {
             "format": 1, "model": opts.model, "target": opts.target, "profile": opts.profile,
-            "dtype": opts.dtype, "files": {"step": "model.onnx"},
+            "dtype": opts.dtype, "files": {"step": "model.onnx"}, "max_context": opts.max_context,
             "inputs": program.inputs, "outputs": program.outputs,
             "opset": _opset(model_proto), "ir_version": model_proto.ir_version,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),

@@ -43,9 +43,12 @@ def _key(path) -> str:
 
 
 def growing_dims(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict, dict[str, int | None]]:
-    """Run prefill at two prompt lengths; returns (past at the longer one, cache name -> seq dim)."""
+    """Run prefill at two prompt lengths (L // 2 and L); returns (past at L, cache name -> seq dim).
+
+    Lengths far apart, so caches that grow only every r tokens (compressed entries) are seen to grow
+    too; the prompt should hold at least two blocks of the largest compression ratio."""
     with torch.no_grad():
-        _, past_a = model(ids[:, :-1])
+        _, past_a = model(ids[:, :max(3, ids.shape[1] // 2)])
         _, past_b = model(ids)
     dims: dict[str, int | None] = {}
     for name, a in past_a.items():

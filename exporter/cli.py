@@ -78,6 +78,7 @@ def _cmd_build(args) -> int:
 
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
                               dtype=args.dtype, check=args.check, steps=args.steps, explain=args.explain,
+                              max_context=args.max_context,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv)))
 
 
@@ -130,11 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                          help="run parity against eager after the build (default on)")
     p_build.add_argument("--steps", type=int, default=16, help="decode steps in the parity check (default 16)")
+    p_build.add_argument("--max-context", type=parse_tokens, default=4096,
+                         help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
+                              "(DeepSeek V4: max_context / ratio slots). Default 4096; accepts 128k")
     p_build.add_argument("--explain", action="store_true",
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
-                              "(passes: cca, discover, classify_masks, kv_sharing, rewrite, positions, cache_plan)")
+                              "(passes: cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, positions, "
+                              "cache_plan)")
     p_build.add_argument("--force", action="store_true", help="replace an existing output directory")
     p_build.set_defaults(func=_cmd_build)
 

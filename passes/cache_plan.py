@@ -5,7 +5,8 @@ Built by the last pass from what the rewrite decided. It drives the step graph's
 the memory check (bytes of all cache inputs at a context length equal the plan's analytic sum).
 
 Entry kinds: "full" (grows by one entry per token, concatenated), "ring" (W slots, slot = position
-mod W), "state" (fixed size whatever the context). Consumer layers own no entry.
+mod W), "compressed" (one entry per ``ratio`` tokens, in a fixed buffer of ``max_context // ratio``
+slots), "state" (fixed size whatever the context). Consumer layers own no entry.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class CacheEntry:
     shape: tuple
     dtype: str
     window: int = 0
+    ratio: int = 0
 
     def concrete_shape(self, batch: int, length: int) -> list[int]:
         """Shape at ``length`` cached tokens (``length`` is ignored by ring and state entries)."""

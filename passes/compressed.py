@@ -308,7 +308,6 @@ def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
         raise NoMatch(f"no RMSNorm weight / eps / RoPE frequencies after pooling ({len(weights)}, {len(eps)}, "
                       f"{len(freqs)})")
     outs = [o for o in _outputs(gm.graph) if isinstance(o, fx.Node)]
-    zc, ac = strip(sm.args[0]), strip(a_blocks)
     out_z = [o for o in outs if _moved_from(o, _pad_of(sm.args[0])) and _shape(o) == _shape(next(iter(zph)))]
     out_a = [o for o in outs if _moved_from(o, _pad_of(a_blocks)) and _shape(o) == _shape(next(iter(aph)))]
     if len(out_z) != 1 or len(out_a) != 1:
@@ -421,7 +420,6 @@ def match_attention(gm, sm: fx.Node, comps: dict) -> Attention:
         logits.append((b, m.args[1], m.args[0]))
     (win_mf, scale, win_es), comp_blocks = logits[0], logits[1:]
     q, kv = (strip(t) for t in win_es.args[1])
-    src = _cat_with_placeholder(_leaves(kv)[0]) if len(_leaves(kv)) == 1 else None
     kv_cat = strip(kv)
     while not is_call(kv_cat, aten.cat.default) and is_call(kv_cat, *MOVEMENT):
         kv_cat = strip(kv_cat.args[0])
@@ -489,7 +487,6 @@ def match_indexer(att: Attention, comps: dict) -> dict:
     entry = next((c for c in comps.values() if keys is strip(c.present)), None)
     if entry is None:
         raise NoMatch("indexer keys are not a recognised compressor's entries")
-    topk = _shape(order)[-1]
     return dict(q=q, w=w, keys=keys, comp=entry, topk=_topk_of(order), where=w_)
 
 
@@ -756,10 +753,12 @@ def rewrite_compressed(ctx, max_context: int | None = None) -> dict:
         if att.comp is not None:
             _, comp_read = writer.compressor(att.comp)
             prog.seq_dims[names[att.comp.comp]] = None
+            ctx.compressed[att.comp.comp] = att.comp.ratio
         if att.indexer is not None:
             ix = att.indexer
             _, keys = writer.compressor(ix["comp"])
             prog.seq_dims[names[ix["comp"].comp]] = None
+            ctx.compressed[ix["comp"].comp] = ix["comp"].ratio
             idx = writer.e(ops.indexer_topk.default, ix["q"], ix["w"], keys, ctx.pos, ratio=ix["comp"].ratio,
                            topk=ix["topk"])
         writer.attention(att, comp_read, idx)

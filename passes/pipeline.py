@@ -1,10 +1,13 @@
 """The pass pipeline: one explicit, ordered tuple; each pass returns what it changed.
 
     cca             compressed convolutional attention (ZAYA1) -> effexport::cca (q/k/v + conv/shift state)
+    mhc             hyper-connection mixing with unrolled Sinkhorn (DeepSeek V4) -> effexport::mhc_pre/post/head
     discover        find attention sites (SDPA and decomposed), record q/k/v, scale, softcap, sinks
     classify_masks  evaluate each mask sub-graph at probe lengths: causal / sliding(W) / full / ...
     kv_sharing      group sites reading the same K/V: owner + consumers
     rewrite         replace sites by effexport attention ops (ring / full cache / read-only)
+    compressed      CSA / HCA / window-only attention (DeepSeek V4) -> kv_compress_step, indexer_topk,
+                    sparse_attention; raw K=V cache -> ring, compressed entries -> fixed buffers
     positions       positions from the new ``pos`` input instead of a cache length
     cache_plan      the CachePlan of the rewritten step graph
 
@@ -27,6 +30,8 @@ from effexport.passes._graph import meta_val
 from effexport.passes.attention import AttentionRewriter, count_linear, finish
 from effexport.passes.cache_plan import CacheEntry, CachePlan, LayerRole
 from effexport.passes.cca import rewrite_cca
+from effexport.passes.compressed import rewrite_compressed
+from effexport.passes.mhc import rewrite_mhc
 from effexport.passes.masks import MaskClassifier
 from effexport.passes.positions import rewrite_positions
 from effexport.passes.sharing import group_sites
@@ -68,6 +73,9 @@ class Context:
     classifier: MaskClassifier | None = None
     rewriter: AttentionRewriter | None = None
     pos: fx.Node | None = None
+    max_context: int = 4096  # capacity of fixed compressed-entry buffers (max_context // ratio slots)
+    compressed: dict = field(default_factory=dict)  # placeholder -> ratio of compressed-entry buffers
+    compressed_rings: dict = field(default_factory=dict)
 
 
 def _discover(ctx: Context) -> dict:
@@ -131,9 +139,11 @@ def _rewrite(ctx: Context) -> dict:
 
 
 def _positions(ctx: Context) -> dict:
-    gm = ctx.program.gm
-    caches = {n for n in gm.graph.nodes if n.op == "placeholder" and n.name not in ("input_ids", "pos")}
-    n = rewrite_positions(gm, ctx.pos, caches, set(ctx.rewriter.rings))
+    gm, prog = ctx.program.gm, ctx.program
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and n is not ctx.pos]
+    growing = {ph: prog.seq_dims.get(name) for ph, name in zip(placeholders, prog.inputs)
+               if prog.seq_dims.get(name) is not None}
+    n = rewrite_positions(gm, ctx.pos, growing, set(ctx.rewriter.rings))
     finish(gm)
     return {"arange": n}
 
@@ -150,8 +160,11 @@ def _cache_plan(ctx: Context) -> dict:
         key = name[len("past."):]
         layer = layer_index(key)
         seq_dim = prog.seq_dims.get(name)
+        ratio = ctx.compressed.get(ph, 0)
         if ph in ctx.rewriter.rings:
             kind, window = "ring", ctx.rewriter.rings[ph]
+        elif ratio:
+            kind, window = "compressed", 0
         elif seq_dim is not None:
             kind, window = "full", 0
         else:
@@ -165,7 +178,7 @@ def _cache_plan(ctx: Context) -> dict:
             else:
                 shape.append(int(d))
         plan.entries.append(CacheEntry(name=key, layer=layer, kind=kind, shape=tuple(shape),
-                                       dtype=str(val.dtype).replace("torch.", ""), window=window))
+                                       dtype=str(val.dtype).replace("torch.", ""), window=window, ratio=ratio))
     for s in ctx.analysis.sites:
         layer = layer_index(s.layer)
         plan.layers.append(LayerRole(layer=layer if layer is not None else s.index, role=s.role,
@@ -174,17 +187,18 @@ def _cache_plan(ctx: Context) -> dict:
     ctx.analysis.plan = plan
     # the step's flat signature: input_ids, pos, caches...
     prog.inputs = ["input_ids", "pos"] + [n for n in names if n != "input_ids"]
-    return {"entries": len(plan.entries), "ring": sum(e.kind == "ring" for e in plan.entries),
-            "full": sum(e.kind == "full" for e in plan.entries),
-            "state": sum(e.kind == "state" for e in plan.entries)}
+    return {"entries": len(plan.entries), **{kind: sum(e.kind == kind for e in plan.entries)
+                                             for kind in ("ring", "full", "compressed", "state")}}
 
 
 PIPELINE: tuple[tuple[str, Callable[[Context], dict]], ...] = (
     ("cca", rewrite_cca),
+    ("mhc", rewrite_mhc),
     ("discover", _discover),
     ("classify_masks", _classify),
     ("kv_sharing", _sharing),
     ("rewrite", _rewrite),
+    ("compressed", rewrite_compressed),
     ("positions", _positions),
     ("cache_plan", _cache_plan),
 )
@@ -192,15 +206,16 @@ PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 
 def run_pipeline(program: StepProgram, dump_after: str | None = None,
-                 dump: Callable[[str, fx.GraphModule], None] | None = None) -> tuple[StepProgram, Analysis]:
+                 dump: Callable[[str, fx.GraphModule], None] | None = None,
+                 max_context: int = 4096) -> tuple[StepProgram, Analysis]:
     """Run every pass in order on a copy of ``program``; ``dump(name, gm)`` is called after the pass
-    named ``dump_after``."""
+    named ``dump_after``; ``max_context`` sizes fixed compressed-entry buffers."""
     if dump_after is not None and dump_after not in PASS_NAMES:
         raise RewriteError(f"unknown pass {dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
     gm = fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
     prog = StepProgram(gm, list(program.inputs), list(program.outputs), dict(program.seq_dims),
                        program.capture_seconds)
-    ctx = Context(prog, Analysis())
+    ctx = Context(prog, Analysis(), max_context=max_context)
     for name, fn in PIPELINE:
         ctx.analysis.counts[name] = fn(ctx)
         if name == dump_after and dump is not None:

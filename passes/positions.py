@@ -19,12 +19,15 @@ from effexport.passes.attention import emit
 
 
 def _cache_length(node, cache_placeholders) -> bool:
+    """``sym_size(cache, d)`` where d is that cache's growing dim."""
     return (is_call(node, aten.sym_size.int) and node.args[0] in cache_placeholders
-            and node.args[1] == 2)
+            and cache_placeholders[node.args[0]] == node.args[1])
 
 
-def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: set, rings: set) -> int:
-    """Rewrite position ``arange``s; returns how many. Raises if a ring length is still read."""
+def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: dict, rings: set) -> int:
+    """Rewrite position ``arange``s; returns how many. Raises if a ring length is still read.
+
+    ``cache_placeholders`` maps each growing cache placeholder to its growing dim."""
     graph, count = gm.graph, 0
     for node in list(graph.nodes):
         if not is_call(node, aten.arange.start, aten.arange.start_step):
@@ -50,7 +53,7 @@ def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: set,
         count += 1
     graph.eliminate_dead_code()
     live = [n for n in graph.nodes if is_call(n, aten.sym_size.int) and n.args[0] in rings
-            and n.args[1] == 2 and n.users]
+            and n.args[1] == cache_placeholders.get(n.args[0], 2) and n.users]
     if live:
         users = ", ".join(sorted(u.name for n in live for u in n.users))
         raise RewriteError(f"positions pass: the length of a ring cache is still read by {users}; "

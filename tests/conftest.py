@@ -34,7 +34,7 @@ class Rewritten:
         self.model = self.sample.build()
         gen = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, self.sample.config.vocab_size, (2, 40), generator=gen)
-        self.captured = capture_step(self.model, self.ids[:, :11])
+        self.captured = capture_step(self.model, self.ids)  # 37 prompt + 3 new tokens
         self.program, self.analysis = run_pipeline(self.captured)
 
 

@@ -36,7 +36,7 @@ def test_parse_tokens(text, tokens):
     pytest.param(["report", "gemma4-e2b", "--context", "-5"], "context", id="context-negative"),
     pytest.param(["report", "gemma4-e2b", "--context", "10M"], "beyond gemma4-e2b's limit", id="context-too-long"),
     pytest.param(["report", "gemma4-e2b", "--cache-dtype", "int3"], "invalid choice", id="cache-dtype"),
-    pytest.param(["frobnicate"], "invalid choice", id="unknown-command"),
+    pytest.param(["frobnicate"], "unknown model 'frobnicate'", id="unknown-command"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     assert main(argv) == 2
@@ -64,4 +64,4 @@ def test_dump_after_help_names_every_pass(capsys):
 
 def test_unknown_dump_after_is_usage_error(capsys):
     assert main(["gemma4-e2b:tiny", "--dump-after", "nope", "-o", "unused"]) == 2
-    assert "passes are: cca, discover" in capsys.readouterr().err
+    assert "passes are: cca, mhc, discover" in capsys.readouterr().err

@@ -11,11 +11,8 @@ import pytest
 import torch
 from _helpers import assert_close
 
-from effexport.exporter.capture import capture_step
 from effexport.exporter.onnx.export import _save, export_step, step_io_names
 from effexport.exporter.onnx.translations import IR_VERSION, PROFILES
-from effexport.passes.pipeline import run_pipeline
-from effexport.samples import get_sample
 
 pytestmark = pytest.mark.slow
 PREFILL, DECODE, BATCH = 8, 8, 2
@@ -23,16 +20,10 @@ MODELS = [pytest.param("gemma4-e2b:tiny", id="gemma4-e2b"), pytest.param("laguna
 
 
 @pytest.fixture(scope="module", params=MODELS)
-def step(request):
-    """(eager model, rewritten program, analysis) of one sample, captured once per module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = get_sample(request.param).build()
-    ids = torch.randint(0, 128, (2, 12))
-    program, analysis = run_pipeline(capture_step(model, ids[:, :9]))
-    yield model, program, analysis
-    torch.set_num_threads(threads)
+def step(request, rewritten):
+    """(eager model, rewritten program, analysis) of one sample: the session's shared capture."""
+    shared = rewritten(request.param)
+    return shared.model, shared.program, shared.analysis
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def captured():
-    """(model, example ids [2, 40], captured step program) of deepseek-v4-flash:tiny."""
-    torch.manual_seed(0)
-    sample = get_sample("deepseek-v4-flash:tiny")
-    model = sample.build()
-    ids = torch.randint(0, sample.config.vocab_size, (2, 40))
-    return model, ids, capture_step(model, ids[:, :11])
+def captured(rewritten):
+    """(model, example ids [2, 40], captured step program) of deepseek-v4-flash:tiny (shared capture)."""
+    shared = rewritten("deepseek-v4-flash:tiny")
+    return shared.model, shared.ids, shared.captured
 
 
 def _run(program: StepProgram, edit=None):
@@ -53,25 +50,20 @@ def _run(program: StepProgram, edit=None):
     if edit is not None:
         edit(gm)
     prog = StepProgram(gm, list(program.inputs), list(program.outputs), dict(program.seq_dims))
-    ctx = pipeline.Context(prog, pipeline.Analysis())
-    ctx.max_context = MAX_CONTEXT
-    names = [name for name, _ in pipeline.PIPELINE]
-    k = names.index("rewrite") + 1
-    for name, fn in [*pipeline.PIPELINE[:k], ("compressed", rewrite_compressed), *pipeline.PIPELINE[k:]]:
-        ctx.analysis.counts[name] = fn(ctx)
-    return prog, ctx.analysis
+    assert ("compressed", rewrite_compressed) in pipeline.PIPELINE
+    return pipeline.run_pipeline(prog, max_context=MAX_CONTEXT)
 
 
 @pytest.fixture(scope="module")
-def rewritten(captured):
+def ds_rewritten(captured):
     return _run(captured[2])
 
 
-def test_counts(rewritten):
-    counts = rewritten[1].counts["compressed"]
+def test_counts(ds_rewritten):
+    counts = ds_rewritten[1].counts["compressed"]
     assert {k: counts[k] for k in ("csa", "hca", "window_only", "left_alone")} == \
-        {"csa": 2, "hca": 2, "window_only": 2, "left_alone": 0}, rewritten[1].explain()
-    gm = rewritten[0].gm
+        {"csa": 2, "hca": 2, "window_only": 2, "left_alone": 0}, ds_rewritten[1].explain()
+    gm = ds_rewritten[0].gm
     found = {op: sum(is_call(n, op) for n in gm.graph.nodes) for op in
              (OPS.kv_compress_step.default, OPS.indexer_topk.default, OPS.sparse_attention.default)}
     assert list(found.values()) == [6, 2, 6]  # 4 main compressors + 2 indexer compressors
@@ -79,8 +71,8 @@ def test_counts(rewritten):
     assert not any(is_call(n, aten.sort.stable) for n in gm.graph.nodes)
 
 
-def test_cache_layout(captured, rewritten):
-    model, plan = captured[0], rewritten[1].plan
+def test_cache_layout(captured, ds_rewritten):
+    model, plan = captured[0], ds_rewritten[1].plan
     c = model.config
     for e in plan.entries:
         layer, name = e.name.split(".", 1)
@@ -88,20 +80,20 @@ def test_cache_layout(captured, rewritten):
         if name == "kv":
             assert (e.kind, e.window, e.shape) == ("ring", c.window_size, ("batch", c.window_size, c.head_dim))
         elif name == "comp":
-            assert (e.kind, e.shape) == ("state", ("batch", MAX_CONTEXT // r, c.head_dim))
+            assert (e.kind, e.ratio, e.shape) == ("compressed", r, ("batch", MAX_CONTEXT // r, c.head_dim))
         elif name == "index_k":
-            assert (e.kind, e.shape) == ("state", ("batch", MAX_CONTEXT // r, c.index_head_dim))
+            assert (e.kind, e.ratio, e.shape) == ("compressed", 4, ("batch", MAX_CONTEXT // 4, c.index_head_dim))
         else:  # compressor states keep the sample's [B, coff*r, coff*c] layout
             assert e.kind == "state" and e.shape[0] == "batch"
     assert not [e for e in plan.entries if e.kind == "full"]
-    assert rewritten[0].inputs[:2] == ["input_ids", "pos"]
-    assert not [w for w in rewritten[1].left_alone if "ring cache length" in w]
+    assert ds_rewritten[0].inputs[:2] == ["input_ids", "pos"]
+    assert not [w for w in ds_rewritten[1].left_alone if "ring cache length" in w]
 
 
-def test_parity_prefill_and_decode(captured, rewritten):
+def test_parity_prefill_and_decode(captured, ds_rewritten):
     """fp32 rel <= 1e-5 on every step's logits: prefill 5 tokens from zero caches, then 35 steps."""
     model, ids, _ = captured
-    prog, analysis = rewritten
+    prog, analysis = ds_rewritten
     with torch.no_grad():
         want, _ = model(ids)
         caches = analysis.plan.empty_caches(2)

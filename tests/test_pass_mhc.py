@@ -253,11 +253,9 @@ def test_prune_drops_asserts_of_dead_values(mixed):
 
 # ------------------------------------------------------------------------- DeepSeek V4 step graph
 @pytest.fixture(scope="module")
-def deepseek(one_thread):
-    torch.manual_seed(0)
-    model = get_sample("deepseek-v4-flash:tiny").build()
-    prog = capture_step(model, torch.randint(0, 256, (2, 12)))
-    return model, prog, *_rewrite(prog)
+def deepseek(one_thread, rewritten):
+    shared = rewritten("deepseek-v4-flash:tiny")  # the session's shared capture
+    return shared.model, shared.captured, *_rewrite(shared.captured)
 
 
 @pytest.mark.slow

@@ -106,7 +106,27 @@ def test_cache_plan_matches_layer_specs(rewritten, name):
     assert plan.nbytes(batch=2, context=context) == analytic
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ATTENTION_SAMPLES])
+def test_deepseek_counts(rewritten):
+    """mHC (pre/post per sub-layer, one head) and CSA / HCA / window-only layers by compress_ratios."""
+    r = rewritten("deepseek-v4-flash:tiny")
+    cfg, c = r.sample.config, r.analysis.counts
+    layers = cfg.n_layers
+    ratios = list(cfg.compress_ratios[:layers])
+    assert {k: c["mhc"][k] for k in ("mhc_pre", "mhc_post", "mhc_head", "left_alone")} == \
+        {"mhc_pre": 2 * layers, "mhc_post": 2 * layers, "mhc_head": 1, "left_alone": 0}
+    assert {k: c["compressed"][k] for k in ("csa", "hca", "window_only", "left_alone")} == \
+        {"csa": ratios.count(4), "hca": sum(x > 4 for x in ratios), "window_only": ratios.count(0), "left_alone": 0}
+    assert c["discover"]["sites"] == 0  # the generic attention pass finds nothing left to do
+    kinds = {e.name.split(".", 1)[1]: e.kind for e in r.analysis.plan.entries}
+    assert kinds["kv"] == "ring" and kinds["comp"] == "compressed" and kinds["index_k"] == "compressed"
+    assert not [e for e in r.analysis.plan.entries if e.kind == "full"]
+    gm = r.program.gm
+    assert len(op_nodes(gm, ops.sparse_attention.default)) == layers
+    assert len(op_nodes(gm, ops.indexer_topk.default)) == ratios.count(4)
+    assert len(op_nodes(gm, ops.mhc_pre.default)) == 2 * layers
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in ATTENTION_SAMPLES + ["deepseek-v4-flash:tiny"]])
 def test_rewritten_step_equals_eager(rewritten, name):
     r = rewritten(name)
     ids = r.ids
@@ -120,8 +140,8 @@ def test_rewritten_step_equals_eager(rewritten, name):
             outs = r.program.gm(ids[:, t:t + 1], torch.tensor(t), *caches)
             assert_close(outs[0][:, 0], ref[:, t], what=f"decode logits at {t}")
             caches = list(outs[1:])
-    ring = [c for c, e in zip(caches, r.analysis.plan.entries) if e.kind == "ring"]
-    assert all(c.shape[2] == 8 for c in ring)
+    ring = [(c, e) for c, e in zip(caches, r.analysis.plan.entries) if e.kind == "ring"]
+    assert all(e.window in c.shape and c.shape == tuple(e.concrete_shape(2, 0)) for c, e in ring)
 
 
 def test_explain_lists_every_site(rewritten):

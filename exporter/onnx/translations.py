@@ -6,10 +6,10 @@ Profiles (``PROFILES``):
   for full-cache and prefill attention), ai.onnx opset 18 otherwise.
 * ``standard``: ai.onnx only, opset 23 (``Attention`` where exact).
 
-Ops without a standard or contrib equivalent (CCA, mHC, the DeepSeek compressor / indexer /
-sparse attention) lower in both profiles to a node in the ``effexport`` domain whose schema is
-registered in ``onnx.defs`` and whose ONNX function body (standard ops) travels in the model, so
-stock ONNX Runtime executes it (:mod:`.functions`).
+Ops without a standard or contrib equivalent lower in both profiles to standard ai.onnx ops:
+mHC through ``effexport``-domain ONNX functions (:mod:`.functions`), CCA (:mod:`.cca`) and the
+DeepSeek compressor / indexer / sparse attention (:mod:`.compressed`) directly, so stock ONNX
+Runtime executes them.
 
 ``translation_table(profile)`` is what ``torch.onnx.export(..., custom_translation_table=...)``
 takes. ``REFUSED`` lists ops deliberately left without a lowering, each with the reason; the
@@ -33,25 +33,9 @@ IR_VERSION = {"ort": 10, "standard": 11}
 IR <= 13 (ONNX ``helper.make_model`` would write a newer one)."""
 
 
-def _refused() -> dict[OpOverload, str]:
-    import torch
-
-    import effexport.custom_ops.cca  # noqa: F401
-    import effexport.custom_ops.indexer_topk  # noqa: F401
-    import effexport.custom_ops.kv_compress  # noqa: F401
-    import effexport.custom_ops.sparse_attention  # noqa: F401
-
-    ops = torch.ops.effexport
-    todo = "no ONNX function body written yet (planned: effexport-domain schema + body of standard ops)"
-    return {ops.cca.default: todo,
-            ops.kv_compress.default: todo, ops.kv_compress_step.default: todo,
-            ops.indexer_topk.default: todo + "; parity needs tie-free scores (export-traps.md)",
-            ops.sparse_attention.default: todo, ops.sparse_attention_ring.default: todo}
-
-
-REFUSED: dict[OpOverload, str] = _refused()
-"""Ops with no lowering yet, and why: exporting a graph that contains one fails in torch.onnx
-with "No ONNX function found"."""
+REFUSED: dict[OpOverload, str] = {}
+"""Ops with no lowering yet, and why (none today): exporting a graph that contains one fails in
+torch.onnx with "No ONNX function found"."""
 
 
 def translation_table(profile: str = "ort") -> dict[OpOverload, Callable]:
@@ -60,9 +44,11 @@ def translation_table(profile: str = "ort") -> dict[OpOverload, Callable]:
     Importing the translations registers the schemas they need (GQA, the effexport domain)."""
     if profile not in PROFILES:
         raise LowerError(f"unknown ONNX profile {profile!r}; profiles are: {', '.join(PROFILES)}")
-    from effexport.exporter.onnx import attention, functions
+    from effexport.exporter.onnx import attention, cca, compressed, functions
 
     table: dict[OpOverload, Callable] = {}
     table.update(attention.TRANSLATIONS[profile])
     table.update(functions.TRANSLATIONS)
+    table.update(cca.TRANSLATIONS)
+    table.update(compressed.TRANSLATIONS)
     return table
