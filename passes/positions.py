@@ -3,8 +3,8 @@
 The captured graph derives the start position P from a cache tensor's length (the sample's naive,
 full-length cache). Once caches become rings that length is W, not P, so every ``arange`` that
 starts at a cache length is rewritten to start at the new ``pos`` input (a 0-d int64 tensor, the
-position of the first new token). Afterwards no live node may read the length of a ring cache;
-if one does, the rewrite fails naming it.
+position of the first new token). Any other reader of the past length (a layer left alone) is
+pointed at a cache that still grows; if none is left, the rewrite fails naming the readers.
 """
 from __future__ import annotations
 
@@ -54,6 +54,17 @@ def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: dict
     graph.eliminate_dead_code()
     live = [n for n in graph.nodes if is_call(n, aten.sym_size.int) and n.args[0] in rings
             and n.args[1] == cache_placeholders.get(n.args[0], 2) and n.users]
+    # a layer left alone may still need the past length: read it from a cache that still grows
+    full = [(ph, d) for ph, d in cache_placeholders.items() if ph not in rings]
+    if live and full:
+        ph, d = full[0]
+        with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
+            length = graph.call_function(aten.sym_size.int, (ph, d))
+        length.meta["val"] = meta_val(ph).shape[d]
+        for n in live:
+            n.replace_all_uses_with(length)
+        graph.eliminate_dead_code()
+        live = []
     if live:
         users = ", ".join(sorted(u.name for n in live for u in n.users))
         raise RewriteError(f"positions pass: the length of a ring cache is still read by {users}; "

@@ -16,20 +16,23 @@ from effexport.exporter.onnx.translations import IR_VERSION, PROFILES
 
 pytestmark = pytest.mark.slow
 PREFILL, DECODE, BATCH = 8, 8, 2
-MODELS = [pytest.param("gemma4-e2b:tiny", id="gemma4-e2b"), pytest.param("laguna-xs2:tiny", id="laguna-xs2")]
+MODELS = [pytest.param(name, id=name.split(":")[0]) for name in
+          ("gemma4-e2b:tiny", "gemma4-e4b:tiny", "laguna-xs2:tiny", "zaya1-8b:tiny", "deepseek-v4-flash:tiny")]
+ATTENTION_OPS = {torch.ops.effexport.attention.default, torch.ops.effexport.attention_cache.default,
+                 torch.ops.effexport.attention_read.default}
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def step(request, rewritten):
     """(eager model, rewritten program, analysis) of one sample: the session's shared capture."""
     shared = rewritten(request.param)
-    return shared.model, shared.program, shared.analysis
+    return shared.model, shared.program, shared.analysis, shared.sample.config.vocab_size
 
 
 @pytest.fixture(scope="module")
 def exported(step, tmp_path_factory):
     """profile -> (path, returned ModelProto) for the current model."""
-    _, program, analysis = step
+    _, program, analysis, _ = step
     out = {}
     for profile in PROFILES:
         path = tmp_path_factory.mktemp(profile) / "step.onnx"
@@ -53,8 +56,8 @@ def _decode(path, plan, ids: torch.Tensor) -> list[np.ndarray]:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_prefill_and_decode_match_eager(step, exported, profile):
     """fp32 max rel error <= 1e-4 over the prefill and each of 8 decode steps."""
-    model, _, analysis = step
-    ids = torch.randint(0, 128, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(1))
+    model, _, analysis, vocab = step
+    ids = torch.randint(0, vocab, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, _ = model(ids)
     logits = _decode(exported[profile][0], analysis.plan, ids)
@@ -68,7 +71,7 @@ def test_prefill_and_decode_match_eager(step, exported, profile):
 def test_cache_io_is_the_plan(step, exported, profile):
     """Inputs are input_ids, pos and past.{entry} in plan order; rings have W static slots, full
     caches a dynamic length; outputs mirror them."""
-    _, _, analysis = step
+    _, _, analysis, _ = step
     model = exported[profile][1]
     inputs, outputs = step_io_names(analysis.plan)
     assert [i.name for i in model.graph.input] == inputs
@@ -88,26 +91,33 @@ def test_cache_io_is_the_plan(step, exported, profile):
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_ir_version_and_domains(exported, profile):
+def test_ir_version_and_domains(step, exported, profile):
     """The file has the profile's IR version (<= 11, which ORT 1.30 loads), passes the checker,
-    and only the ort profile uses the com.microsoft domain (GroupQueryAttention for full caches)."""
+    and only the ort profile uses the com.microsoft domain (GroupQueryAttention for full caches;
+    DeepSeek V4 has only compressed / windowed attention, which no contrib op covers)."""
+    _, program, _, _ = step
     path, model = exported[profile]
     saved = onnx.load(str(path))
     assert saved.ir_version == IR_VERSION[profile] <= 11
     onnx.checker.check_model(saved)
     types = {(n.domain, n.op_type) for n in saved.graph.node}
-    assert (("com.microsoft", "GroupQueryAttention") in types) == (profile == "ort")
+    gqa_sites = any(n.op == "call_function" and n.target in ATTENTION_OPS for n in program.gm.graph.nodes)
+    assert (("com.microsoft", "GroupQueryAttention") in types) == (profile == "ort" and gqa_sites)
+    # no baked mask: no boolean tensor of rank >= 2 among initializers or Constant nodes
+    tensors = list(saved.graph.initializer) + [a.t for n in saved.graph.node if n.op_type == "Constant"
+                                              for a in n.attribute if a.name == "value"]
+    assert not [t.name for t in tensors if t.data_type == onnx.TensorProto.BOOL and len(t.dims) >= 2]
     if profile == "standard":
         assert {d for d, _ in types} <= {"", "ai.onnx"}
 
 
 def test_external_data_round_trip(step, exported, tmp_path):
     """Weights written as external data load back and give the same logits."""
-    _, _, analysis = step
+    _, _, analysis, vocab = step
     path = tmp_path / "ext" / "step.onnx"
     _save(onnx.load(str(exported["ort"][0])), path, external=True)
     assert (path.parent / "step.onnx.data").stat().st_size > 0
     assert path.stat().st_size < (path.parent / "step.onnx.data").stat().st_size
-    ids = torch.randint(0, 128, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, vocab, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(2))
     np.testing.assert_array_equal(_decode(path, analysis.plan, ids)[-1],
                                   _decode(exported["ort"][0], analysis.plan, ids)[-1])

@@ -113,8 +113,10 @@ def kv_compress(a, z, ape, norm_weight, inv_freq, *, ratio: int, overlap: bool, 
     prev_a = prev_z = None
     if overlap:  # block i-1 of every block i; block -1 is (0, -inf)
         first = op.Concat(op.Shape(a, start=0, end=1), b.ints([1, r, width]), axis=0)
-        prev_a = op.Concat(op.Expand(b.f32c(0.0), first), _slice(blk_a, 0, -1, 1), axis=1)
-        prev_z = op.Concat(op.Expand(b.f32c(_NEG_INF), first), _slice(blk_z, 0, -1, 1), axis=1)
+        n1 = op.Reshape(n, b.ints([1]))  # [(0, -inf) | blocks][:n]: also right for n = 0
+        prev_a = op.Slice(op.Concat(op.Expand(b.f32c(0.0), first), blk_a, axis=1), b.ints([0]), n1, b.ints([1]))
+        prev_z = op.Slice(op.Concat(op.Expand(b.f32c(_NEG_INF), first), blk_z, axis=1), b.ints([0]), n1,
+                          b.ints([1]))
     pooled = _pool(blk_a, blk_z, prev_a, prev_z, c)  # [B, n, c]
     positions = op.Mul(b.arange(b.i64(0), n), b.i64(r))
     entries = _finish(pooled, norm_weight, inv_freq, positions, eps, rope_dim, a.dtype)

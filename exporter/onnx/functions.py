@@ -10,9 +10,9 @@ call site instead of an ``effexport::<op>`` node plus a ``model.functions`` entr
 hold the standard ops (one ``Loop`` per Sinkhorn) and no ``effexport``-domain node. Stock ONNX
 Runtime runs them; keeping the call as one node (to swap in a faster kernel) is open work.
 
-Covered: ``sinkhorn``, ``mhc_pre``, ``mhc_post``, ``mhc_head`` (mHC, DeepSeek V4). Not covered:
-``cca`` and the DeepSeek compressor / indexer / sparse attention (``REFUSED`` in
-:mod:`.translations`). Bodies compute in fp32 and cast back, as the eager ops do.
+Covered: ``sinkhorn``, ``mhc_pre``, ``mhc_post``, ``mhc_head`` (mHC, DeepSeek V4). Not covered here:
+``cca`` (:mod:`.cca`) and the DeepSeek compressor / indexer / sparse attention (:mod:`.compressed`),
+which lower directly to standard ops. Bodies compute in fp32 and cast back, as the eager ops do.
 """
 from __future__ import annotations
 
