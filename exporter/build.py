@@ -79,17 +79,22 @@ def versions() -> dict:
     return out
 
 
-def load_sample_model(name: str):
-    """Resolve a built-in sample and build it with deterministic random weights (seed 0)."""
+def resolve_sample(name: str):
+    """The built-in sample called ``name`` (usage errors for paths and unknown names)."""
     from effexport.samples import UnknownModelError, get_sample
 
     if os.path.exists(name):
         raise LoadError(f"{name!r} is a path: loading model files is not supported yet; "
                         "use a built-in sample name (see 'effexport list')")
     try:
-        sample = get_sample(name)
+        return get_sample(name)
     except UnknownModelError as exc:
         raise UsageError(str(exc)) from None
+
+
+def load_sample_model(name: str):
+    """Resolve a built-in sample and build it with deterministic random weights (seed 0)."""
+    sample = resolve_sample(name)
     if name in getattr(sample.module, "REPORT_ONLY", ()):
         raise UsageError(f"{name} is a report-only preset (no model); try 'effexport report {name}'")
     params = sample.build("meta").param_counts()["total"]
@@ -142,6 +147,7 @@ def build(opts: BuildOptions) -> int:
     out = opts.output or f"{opts.model.replace(':', '-')}-{opts.target}"
     if os.path.exists(out) and not opts.force:
         raise UsageError(f"output directory {out!r} exists; pass --force to replace it or -o another directory")
+    resolve_sample(opts.model)  # a bad name fails before any progress output
     progress = Progress(5 if opts.check else 4)
     t0 = progress.stage(f"load {opts.model}")
     sample, model = load_sample_model(opts.model)

@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
-                              "(passes: cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, positions, "
-                              "cache_plan)")
+                              "(passes: dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
+                              "positions, cache_plan)")
     p_build.add_argument("--force", action="store_true", help="replace an existing output directory")
     p_build.set_defaults(func=_cmd_build)
 
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    as_typed = ["effexport"] + argv
     parser = build_parser()
     commands = {"build", "check", "list", "report"}
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        args.argv = ["effexport"] + argv
+        args.argv = as_typed
         return args.func(args)
     except EffexportError as exc:
         print(f"effexport: error: {exc}", file=sys.stderr)

@@ -294,7 +294,7 @@ def _concrete(val, env: dict):
 
 def _verify(match: CCAMatch, leaves: set, tables: list[fx.Node]) -> None:
     """Evaluate the region on random inputs and compare with the reference; fixes cos vs sin."""
-    args, dims = match.args, match.dims
+    args = match.args
     qd_shape = _shape(args["q_down"])
     env = {}
     for dim, size in ((qd_shape[0], EVAL_BATCH), (qd_shape[1], EVAL_TOKENS)):

@@ -418,7 +418,7 @@ def match_attention(gm, sm: fx.Node, comps: dict) -> Attention:
         if not (is_call(m, aten.mul.Tensor) and isinstance(m.args[1], float) and is_call(m.args[0], aten.einsum.default)):
             raise NoMatch("a score block is not scale * einsum(q, keys)")
         logits.append((b, m.args[1], m.args[0]))
-    (win_mf, scale, win_es), comp_blocks = logits[0], logits[1:]
+    (_, scale, win_es), comp_blocks = logits[0], logits[1:]
     q, kv = (strip(t) for t in win_es.args[1])
     kv_cat = strip(kv)
     while not is_call(kv_cat, aten.cat.default) and is_call(kv_cat, *MOVEMENT):

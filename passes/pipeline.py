@@ -1,5 +1,7 @@
 """The pass pipeline: one explicit, ordered tuple; each pass returns what it changed.
 
+    dead_code       remove what the captured graph computes for nothing (e.g. K/V projections of
+                    KV-sharing consumers that a model still computes), counted
     cca             compressed convolutional attention (ZAYA1) -> effexport::cca (q/k/v + conv/shift state)
     mhc             hyper-connection mixing with unrolled Sinkhorn (DeepSeek V4) -> effexport::mhc_pre/post/head
     discover        find attention sites (SDPA and decomposed), record q/k/v, scale, softcap, sinks
@@ -78,6 +80,12 @@ class Context:
     compressed_rings: dict = field(default_factory=dict)
 
 
+def _dead_code(ctx: Context) -> dict:
+    gm = ctx.program.gm
+    linear_before = count_linear(gm)
+    return {"nodes": finish(gm), "projections": linear_before - count_linear(gm)}
+
+
 def _discover(ctx: Context) -> dict:
     ctx.analysis.sites, ctx.analysis.rejected = find_sites(ctx.program.gm)
     sites = ctx.analysis.sites
@@ -116,7 +124,6 @@ def _rewrite(ctx: Context) -> dict:
         pos.meta["val"] = torch.empty((), dtype=torch.int64)
     ctx.pos = pos
     ctx.rewriter = AttentionRewriter(gm, pos)
-    linear_before = count_linear(gm)
     counts = {"ring": 0, "full": 0, "plain": 0, "read": 0, "left_alone": 0}
     for group in ctx.analysis.groups:
         bad = [s for s in group if s.mask_kind not in REWRITABLE]
@@ -134,7 +141,6 @@ def _rewrite(ctx: Context) -> dict:
         counts[kind] += 1
         counts["read"] += len(group) - 1 if kind != "plain" else 0
     counts["dead_nodes"] = finish(gm)
-    counts["dead_projections"] = linear_before - count_linear(gm)
     return counts
 
 
@@ -192,6 +198,7 @@ def _cache_plan(ctx: Context) -> dict:
 
 
 PIPELINE: tuple[tuple[str, Callable[[Context], dict]], ...] = (
+    ("dead_code", _dead_code),
     ("cca", rewrite_cca),
     ("mhc", rewrite_mhc),
     ("discover", _discover),

@@ -47,7 +47,6 @@ c = coff * D with coff = 2 on CSA layers (overlapping compressor) and 1 on HCA l
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -49,3 +49,13 @@ def rewritten():
             _REWRITTEN[name] = Rewritten(name)
         return _REWRITTEN[name]
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole session: tiny models run faster without threading overhead,
+    and CI's two cores stay free for ONNX Runtime and export work. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

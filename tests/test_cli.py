@@ -64,4 +64,4 @@ def test_dump_after_help_names_every_pass(capsys):
 
 def test_unknown_dump_after_is_usage_error(capsys):
     assert main(["gemma4-e2b:tiny", "--dump-after", "nope", "-o", "unused"]) == 2
-    assert "passes are: cca, mhc, discover" in capsys.readouterr().err
+    assert "passes are: dead_code, cca, mhc, discover" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _helpers import assert_close
 
+import effexport.custom_ops  # noqa: F401  (registers the ops named below)
 from effexport.exporter.onnx.export import _save, export_step, step_io_names
 from effexport.exporter.onnx.translations import IR_VERSION, PROFILES
 
@@ -76,8 +77,6 @@ def test_cache_io_is_the_plan(step, exported, profile):
     inputs, outputs = step_io_names(analysis.plan)
     assert [i.name for i in model.graph.input] == inputs
     assert [o.name for o in model.graph.output] == outputs
-    kinds = {e.kind for e in analysis.plan.entries}
-    assert {"ring", "full"} <= kinds
     for entry, value in zip(analysis.plan.entries, model.graph.input[2:]):
         dims = value.type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch"
@@ -87,7 +86,9 @@ def test_cache_io_is_the_plan(step, exported, profile):
             elif isinstance(want, int):
                 assert d.dim_value == want, entry
         if entry.kind == "ring":
-            assert dims[2].dim_value == entry.window > 0
+            assert entry.window > 0 and entry.window in [d.dim_value for d in dims]
+        if entry.kind != "full":  # rings, compressed buffers and states have static shapes
+            assert all(d.dim_value > 0 for d in dims[1:]), entry
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -117,7 +118,9 @@ def test_external_data_round_trip(step, exported, tmp_path):
     path = tmp_path / "ext" / "step.onnx"
     _save(onnx.load(str(exported["ort"][0])), path, external=True)
     assert (path.parent / "step.onnx.data").stat().st_size > 0
-    assert path.stat().st_size < (path.parent / "step.onnx.data").stat().st_size
+    inline = [t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() > 4096]
+    assert not inline, f"large initializers kept inline: {inline[:3]}"
     ids = torch.randint(0, vocab, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(2))
     np.testing.assert_array_equal(_decode(path, analysis.plan, ids)[-1],
                                   _decode(exported["ort"][0], analysis.plan, ids)[-1])

@@ -21,13 +21,6 @@ H, HKV, D = 4, 2, 16
 W = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class _Attn(torch.nn.Module):
     """Calls one attention op form with fixed attributes; inputs are all tensors."""

@@ -30,13 +30,6 @@ HI, DI, TOPK = 3, 8, 4  # indexer
 H, DA, WIN, SLOTS, KSEL = 4, 8, 4, 6, 3  # sparse attention
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _gen(seed: int):
     g = torch.Generator().manual_seed(seed)

@@ -15,15 +15,6 @@ from effexport.samples._blocks import inv_freq_default, rope_cos_sin
 OP = torch.ops.effexport.cca.default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes gain nothing from intra-op threads (oversubscription on a shared 2-core
-    machine makes them much slower); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _weights(hq, hk, d, k0, k1, bias=True, seed=0, dtype=torch.float32):
     """Random conv weights/biases and temperature for (Hq, Hk, d, K0, K1)."""

@@ -21,20 +21,11 @@ from effexport.exporter.capture import StepProgram, capture_step
 from effexport.passes import pipeline
 from effexport.passes._graph import aten, is_call, meta_val
 from effexport.passes.cca import find_cca, rewrite_cca
-from effexport.samples import get_sample
 
 CCA = torch.ops.effexport.cca.default
 CONVS = (aten.conv1d.default, aten.convolution.default)
 NEW_TOKENS = 3  # capture with T != P = 2: with T = 2 torch.export specialises T to the conv state length
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread on the shared 2-core machine (restored after the module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,23 +18,14 @@ import torch
 from torch import fx
 
 from _helpers import assert_close
-from effexport.exporter.capture import StepProgram, capture_step
+from effexport.exporter.capture import StepProgram
 from effexport.passes import pipeline
 from effexport.passes._graph import aten, is_call
 from effexport.passes.compressed import find_compressed, rewrite_compressed
-from effexport.samples import get_sample
 
 MAX_CONTEXT = 64
 OPS = torch.ops.effexport
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread on the shared 2-core machine (restored after the module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from torch import fx, nn
 from effexport.exporter.capture import StepProgram, capture_step
 from effexport.passes.mhc import ASSERT_META, SOFTMAX, prune, rewrite_mhc, sinkhorn_chain, verify_sinkhorn
 from effexport.passes.pipeline import Analysis, Context
-from effexport.samples import get_sample
 from effexport.samples._blocks import GatedMLP, RMSNorm
 from effexport.samples.deepseek_v4 import hc_head, hc_post, hc_pre
 
@@ -122,13 +121,6 @@ def _assert_close_with_inf(got: torch.Tensor, want: torch.Tensor, what: str) -> 
 def _count(gm: fx.GraphModule, *targets) -> int:
     return sum(n.op == "call_function" and n.target in targets for n in gm.graph.nodes)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _captured(blocks, dtype, seed=0):

@@ -39,14 +39,6 @@ ALT_CHUNKS = (9, 3) + (1,) * 12      # 24 tokens = 4 windows of 6
 NEG_CHUNKS = (60, 2) + (1,) * 8      # 70 tokens: crosses the length gate at 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose 10x on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def token_ids(vocab: int, length: int, seed: int = 1) -> torch.Tensor:
     """Random ``[2, length]`` token ids."""
@@ -98,11 +90,11 @@ def expected_alt(cfg: AltConfig) -> dict:
                            "full": 0, "chunked": 0, "unknown": 0},
         "kv_sharing": {"groups": len(owners), "consumers": len(consumers),
                        "owners": len(set(consumers.values()))},
+        "dead_code": {"projections": 2 * len(consumers)},  # each consumer's wk and wv
         "rewrite": {"ring": len(ring_owners), "full": len(owners) - len(ring_owners), "plain": 0,
-                    "read": len(consumers), "left_alone": 0,
-                    "dead_projections": 2 * len(consumers)},  # each consumer's wk and wv
+                    "read": len(consumers), "left_alone": 0},
         "cache_plan": {"entries": 2 * len(owners), "ring": 2 * len(ring_owners),
-                       "full": 2 * (len(owners) - len(ring_owners)), "state": 0},
+                       "full": 2 * (len(owners) - len(ring_owners)), "compressed": 0, "state": 0},
     }
 
 
@@ -126,7 +118,7 @@ def test_alt_config_is_the_intended_topology():
     (local) and 7 <- 3 (global; layer f-1 = 4 is local), softcap on 1, 3, 7."""
     cfg = AltConfig()
     assert cfg.consumers() == {5: 4, 6: 4, 7: 3}
-    assert expected_alt(cfg)["rewrite"]["dead_projections"] == 6
+    assert expected_alt(cfg)["dead_code"]["projections"] == 6
 
 
 def test_alt_counts(alt):

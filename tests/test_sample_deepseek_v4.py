@@ -21,14 +21,6 @@ SEQ = 69  # > 4 HCA blocks of 16, not a multiple of 16 or 4, well past the windo
 PROMPT = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are per-op overhead: one intra-op thread avoids oversubscribing the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def runs():

@@ -26,14 +26,6 @@ def build(name: str, device: str = "cpu", config=None):
     return Sample(name, gemma4, config or PRESETS[name]).build(device)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose 10x on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny():

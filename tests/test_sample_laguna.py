@@ -21,15 +21,6 @@ def _build(name: str) -> torch.nn.Module:
     return Sample(name, laguna, laguna.PRESETS[name]).build(seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny matrices: intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     return _build("laguna-xs2:tiny")
