@@ -56,6 +56,7 @@ import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
 from effexport.passes._graph import TRANSPARENT, aten, call_args, insert_point, is_call, meta_val, strip
+from effexport.passes.positions import shift_aranges
 from effexport.passes.attention import emit, fake_mode_of, finish
 from effexport.passes.sites import layer_label
 
@@ -650,27 +651,6 @@ class _Writer:
         self.replace_output({att.kv_present: ring})
 
 
-def _rewrite_positions(graph: fx.Graph, pos: fx.Node, rings: dict, seq_dim: int = 1) -> int:
-    """``arange(len(ring placeholder), end)`` -> ``arange(end - start) + pos``."""
-    count = 0
-    for node in list(graph.nodes):
-        if not is_call(node, aten.arange.start):
-            continue
-        start, end = node.args[0], node.args[1]
-        if not (is_call(start, aten.sym_size.int) and start.args[0] in rings and start.args[1] == seq_dim):
-            continue
-        if is_call(end, operator.add) and start in end.args:
-            length = end.args[1] if end.args[0] is start else end.args[0]
-        else:
-            with graph.inserting_before(node):
-                length = graph.call_function(operator.sub, (end, start))
-            length.meta["val"] = meta_val(end) - meta_val(start)
-        ar = emit(graph, aten.arange.default, (length,), dict(dtype=torch.int64, device=meta_val(node).device))
-        node.replace_all_uses_with(emit(graph, aten.add.Tensor, (ar, pos), {}))
-        count += 1
-    return count
-
-
 def _clean(gm: fx.GraphModule) -> None:
     """Drop metadata asserts on otherwise-dead values, then dead code."""
     changed = True
@@ -764,7 +744,7 @@ def rewrite_compressed(ctx, max_context: int | None = None) -> dict:
         writer.attention(att, comp_read, idx)
         rings[att.kv_ph] = att.window
         counts[att.kind] += 1
-    counts["positions"] = _rewrite_positions(gm.graph, ctx.pos, rings)
+    counts["positions"] = shift_aranges(gm.graph, ctx.pos, {ph: 1 for ph in rings})
     _clean(gm)
     finish(gm)
     live = [u.name for n in gm.graph.nodes if is_call(n, aten.sym_size.int) and n.args[0] in rings

@@ -24,11 +24,10 @@ def _cache_length(node, cache_placeholders) -> bool:
             and cache_placeholders[node.args[0]] == node.args[1])
 
 
-def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: dict, rings: set) -> int:
-    """Rewrite position ``arange``s; returns how many. Raises if a ring length is still read.
-
-    ``cache_placeholders`` maps each growing cache placeholder to its growing dim."""
-    graph, count = gm.graph, 0
+def shift_aranges(graph: fx.Graph, pos: fx.Node, cache_placeholders: dict) -> int:
+    """Rewrite every ``arange(len(cache), end)`` into ``arange(end - len(cache)) + pos``; returns how
+    many. ``cache_placeholders`` maps each growing cache placeholder to its growing dim."""
+    count = 0
     for node in list(graph.nodes):
         if not is_call(node, aten.arange.start, aten.arange.start_step):
             continue
@@ -51,6 +50,15 @@ def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: dict
             shifted = emit(graph, aten.to.dtype, (shifted, out_dtype), {})
         node.replace_all_uses_with(shifted)
         count += 1
+    return count
+
+
+def rewrite_positions(gm: fx.GraphModule, pos: fx.Node, cache_placeholders: dict, rings: set) -> int:
+    """Rewrite position ``arange``s; returns how many. Raises if a ring length is still read.
+
+    ``cache_placeholders`` maps each growing cache placeholder to its growing dim."""
+    graph = gm.graph
+    count = shift_aranges(graph, pos, cache_placeholders)
     graph.eliminate_dead_code()
     live = [n for n in graph.nodes if is_call(n, aten.sym_size.int) and n.args[0] in rings
             and n.args[1] == cache_placeholders.get(n.args[0], 2) and n.users]
