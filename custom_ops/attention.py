@@ -35,6 +35,8 @@ from typing import Optional
 
 import torch
 
+from effexport.custom_ops._checks import check_pos
+
 __all__ = ["attention", "attention_cache", "attention_ring", "attention_read", "OPS"]
 
 
@@ -68,12 +70,6 @@ def _check_new(q: torch.Tensor, k_new: torch.Tensor, k_cache: torch.Tensor,
     if k_new.dtype != k_cache.dtype or v_new.dtype != v_cache.dtype:
         raise ValueError(f"{what}: new K/V dtypes ({k_new.dtype}, {v_new.dtype}) differ from the "
                          f"cache's ({k_cache.dtype}, {v_cache.dtype})")
-
-
-def _check_pos(pos: torch.Tensor, what: str) -> None:
-    if pos.dim() != 0 or pos.dtype != torch.int64:
-        raise ValueError(f"{what}: pos must be a 0-d int64 tensor, got shape {tuple(pos.shape)} "
-                         f"dtype {pos.dtype}")
 
 
 def _check_window(window: int, softcap: float, what: str) -> None:
@@ -226,7 +222,7 @@ def attention_ring(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     _check_qkv(q, k_new, v_new, sinks, "attention_ring")
     _check_qkv(q, k_ring, v_ring, None, "attention_ring (ring)")
     _check_new(q, k_new, k_ring, v_new, v_ring, "attention_ring")
-    _check_pos(pos, "attention_ring")
+    check_pos(pos, "attention_ring")
     _check_window(window, softcap, "attention_ring")
     slots = k_ring.shape[2]
     if window == 0 or slots != window:
@@ -253,7 +249,7 @@ def _(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, window, softca
     _check_qkv(q, k_new, v_new, sinks, "attention_ring")
     _check_qkv(q, k_ring, v_ring, None, "attention_ring (ring)")
     _check_new(q, k_new, k_ring, v_new, v_ring, "attention_ring")
-    _check_pos(pos, "attention_ring")
+    check_pos(pos, "attention_ring")
     return _out_like(q, v_new), torch.empty_like(k_ring), torch.empty_like(v_ring)
 
 
@@ -277,7 +273,7 @@ def attention_read(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
       multi-token prefill, consumers should attend the producer's in-graph K/V with
       :func:`attention` instead."""
     _check_qkv(q, k_cache, v_cache, sinks, "attention_read")
-    _check_pos(pos, "attention_read")
+    check_pos(pos, "attention_read")
     _check_window(window, softcap, "attention_read")
     t_len, s_len, device = q.shape[2], k_cache.shape[2], q.device
     pos = pos.to(device)
@@ -301,7 +297,7 @@ def attention_read(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 @attention_read.register_fake
 def _(q, k_cache, v_cache, pos, sinks=None, *, scale, window=0, softcap=0.0, ring=False):
     _check_qkv(q, k_cache, v_cache, sinks, "attention_read")
-    _check_pos(pos, "attention_read")
+    check_pos(pos, "attention_read")
     if ring and isinstance(q.shape[2], int) and q.shape[2] != 1:
         raise ValueError(f"attention_read: ring=True is only exact for one query token (got T={q.shape[2]})")
     return _out_like(q, v_cache)

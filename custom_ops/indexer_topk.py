@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from effexport.custom_ops._checks import check_pos
+
 __all__ = ["indexer_topk", "OPS"]
 
 
@@ -40,9 +42,7 @@ def _check(q, w, k_idx, pos, ratio: int, topk: int) -> None:
         raise ValueError(f"indexer_topk: w {tuple(w.shape)} must equal q's [B, T, Hi] {tuple(q.shape[:3])}")
     if k_idx.shape[0] != q.shape[0] or k_idx.shape[2] != q.shape[3]:
         raise ValueError(f"indexer_topk: k_idx {tuple(k_idx.shape)} does not match q {tuple(q.shape)}")
-    if pos.dim() != 0 or pos.dtype != torch.int64:
-        raise ValueError(f"indexer_topk: pos must be a 0-d int64 tensor, got shape {tuple(pos.shape)} "
-                         f"dtype {pos.dtype}")
+    check_pos(pos, "indexer_topk")
     if ratio < 1 or topk < 1:
         raise ValueError(f"indexer_topk: need ratio >= 1 and topk >= 1, got {ratio}, {topk}")
 

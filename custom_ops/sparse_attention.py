@@ -36,6 +36,8 @@ from typing import Optional
 
 import torch
 
+from effexport.custom_ops._checks import check_pos
+
 __all__ = ["sparse_attention", "sparse_attention_ring", "OPS"]
 
 
@@ -54,9 +56,7 @@ def _check(q, kv, comp, idx, sink, pos, window: int, ratio: int, what: str) -> N
         raise ValueError(f"{what}: idx must be int64 [B, T, K], got {tuple(idx.shape)} {idx.dtype}")
     if tuple(sink.shape) != (q.shape[2],):
         raise ValueError(f"{what}: sink must be [{q.shape[2]}], got {tuple(sink.shape)}")
-    if pos.dim() != 0 or pos.dtype != torch.int64:
-        raise ValueError(f"{what}: pos must be a 0-d int64 tensor, got shape {tuple(pos.shape)} "
-                         f"dtype {pos.dtype}")
+    check_pos(pos, what)
     if window < 1 or ratio < 0:
         raise ValueError(f"{what}: need window >= 1 and ratio >= 0, got {window}, {ratio}")
 
