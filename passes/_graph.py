@@ -79,16 +79,19 @@ def scalar(value: Any) -> float | None:
     return None
 
 
-def ancestors(nodes: Iterable[fx.Node]) -> list[fx.Node]:
-    """All nodes the given nodes depend on (themselves included), in graph order."""
+def ancestors(nodes: Iterable[fx.Node], boundary: Iterable[fx.Node] = ()) -> list[fx.Node]:
+    """All nodes the given nodes depend on (themselves included), in graph order; the walk does not
+    go past ``boundary`` nodes (they are included, their inputs are not)."""
     seen: set[fx.Node] = set()
+    stop = set(boundary)
     stack = [n for n in nodes if isinstance(n, fx.Node)]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if n not in stop:
+            stack.extend(n.all_input_nodes)
     order = {n: i for i, n in enumerate(next(iter(seen)).graph.nodes)} if seen else {}
     return sorted(seen, key=order.__getitem__)
 

@@ -216,18 +216,9 @@ def _state_output(graph: fx.Graph, source: fx.Node, shape: list, what: str) -> f
 
 def _region(outputs: list[fx.Node], boundary: set) -> tuple[list[fx.Node], set]:
     """Nodes between ``boundary`` and ``outputs`` (graph order) and the other nodes they read."""
-    back, stack = set(), list(outputs)
-    while stack:
-        n = stack.pop()
-        if n in back:
-            continue
-        back.add(n)
-        if n not in boundary:
-            stack.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(outputs[0].graph.nodes)}
     region: list[fx.Node] = []
     inside = set(boundary)
-    for n in sorted(back, key=order.__getitem__):
+    for n in ancestors(outputs, boundary):
         if isinstance(meta_val(n), (torch.SymInt, int)):
             continue  # sizes stay outside: the check substitutes probe sizes for their symbols
         if n not in boundary and any(i in inside for i in n.all_input_nodes):

@@ -55,7 +55,8 @@ from torch import fx
 import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
-from effexport.passes._graph import TRANSPARENT, aten, call_args, insert_point, is_call, meta_val, strip
+from effexport.passes._graph import (TRANSPARENT, ancestors, aten, call_args, insert_point, is_call,
+                                     meta_val, strip)
 from effexport.passes.positions import shift_aranges
 from effexport.passes.attention import emit, fake_mode_of, finish
 from effexport.passes.sites import layer_label
@@ -143,16 +144,7 @@ def _leaves(node, path=()) -> list[fx.Node]:
 
 def _is_const(node) -> bool:
     """True if no placeholder is among the node's ancestors (a constant of the model)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return False
-        stack.extend(n.all_input_nodes)
-    return True
+    return not any(n.op == "placeholder" for n in ancestors([node]))
 
 
 def _cat_with_placeholder(node) -> tuple[fx.Node, fx.Node] | None:
@@ -331,15 +323,7 @@ def _pad_of(node):
 
 
 def _ancestors_until(node, stop) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n is not stop:
-            stack.extend(n.all_input_nodes)
-    return seen
+    return set(ancestors([node], boundary=[stop]))
 
 
 def _step_op(m: Compressor, v: dict, comp_buf, pos):
