@@ -5,6 +5,7 @@ every kernel and backend), ``register_fake`` for symbolic shapes, and a docstrin
 semantics. Importing this package registers every op and imports only torch (never Triton,
 onnxruntime or tensorrt). :data:`ALL_OPS` lists every ``OpOverload``; backends assert they lower
 all of them (or refuse explicitly).
+:func:`enable_triton` opts in to the Triton CUDA decode kernels (``custom_ops/_triton``).
 
     attention        attention, attention_cache, attention_ring, attention_read
     cca              cca (compressed convolutional attention q/k/v with conv and value-shift state)
@@ -18,4 +19,13 @@ from effexport.custom_ops import attention, cca, indexer_topk, kv_compress, mhc,
 MODULES = (attention, cca, kv_compress, indexer_topk, sparse_attention, mhc)
 ALL_OPS = tuple(op for module in MODULES for op in module.OPS)
 
-__all__ = ["ALL_OPS", "MODULES"]
+__all__ = ["ALL_OPS", "MODULES", "enable_triton"]
+
+
+def enable_triton() -> None:
+    """Register the Triton CUDA decode kernels on the attention ops (``custom_ops/_triton``): the
+    decode (one-token) calls of ``attention_cache``, ``attention_ring``, ``attention_read`` and
+    ``sparse_attention_ring`` on CUDA tensors then run Triton; everything else keeps the eager
+    reference. Idempotent; imports Triton only here (RuntimeError naming the fix without it)."""
+    from effexport.custom_ops._triton import register
+    register()
