@@ -7,6 +7,7 @@ position or string (STYLE.md).
 from __future__ import annotations
 
 import operator
+import zlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -52,9 +53,17 @@ def is_full_slice(node: Any) -> bool:
             and isinstance(a.get("end"), int) and a["end"] >= FULL_SLICE_END)
 
 
+def is_noop_pad(node: Any) -> bool:
+    """``pad(x, [0, 0, ...])``: a pad by zero widths (Hugging Face pads states to a size they have)."""
+    if not is_call(node, aten.pad.default, aten.constant_pad_nd.default):
+        return False
+    widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    return isinstance(widths, (list, tuple)) and all(isinstance(w, int) and w == 0 for w in widths)
+
+
 def strip(node: Any) -> Any:
-    """Follow transparent ops (casts, contiguous, no-op slices) back to the value they forward."""
-    while is_call(node, *TRANSPARENT) or is_full_slice(node):
+    """Follow transparent ops (casts, contiguous, no-op slices and pads) back to the value they forward."""
+    while is_call(node, *TRANSPARENT) or is_full_slice(node) or is_noop_pad(node):
         node = node.args[0]
     return node
 
@@ -145,14 +154,25 @@ def insert_point(graph: fx.Graph, inputs: Iterable[Any]) -> fx.Node:
     return max(nodes, key=order.__getitem__)
 
 
+_SEEDED_BUT_PURE = (aten.scaled_dot_product_attention.default,)
+
+
 def dead_code_elimination(gm: fx.GraphModule) -> int:
     """Remove unused side-effect-free nodes; returns how many were removed.
 
     Export's ``_assert_tensor_metadata`` checks (one per ``.to()``) count as side effects and would
-    keep dead masks alive; they only re-assert dtypes the fake tensors already carry, so they go."""
+    keep dead masks alive; they only re-assert dtypes the fake tensors already carry, so they go.
+    So do unused SDPA calls without dropout (fx counts the op as impure for its dropout RNG), e.g.
+    the sites a rewrite replaced in an SDPA-based (Hugging Face) model, and eval-mode dropouts
+    (``dropout(x, p, train=False)`` is ``x``; Hugging Face's eager attention keeps one per site)."""
     before = len(gm.graph.nodes)
     for node in list(gm.graph.nodes):
         if is_call(node, aten._assert_tensor_metadata.default):
+            gm.graph.erase_node(node)
+        elif is_call(node, *_SEEDED_BUT_PURE) and not node.users and not call_args(node).get("dropout_p"):
+            gm.graph.erase_node(node)  # fx keeps dropout-capable ops alive; without dropout they are pure
+        elif is_call(node, aten.dropout.default) and (not call_args(node)["train"] or call_args(node)["p"] == 0):
+            node.replace_all_uses_with(call_args(node)["input"])  # eval-mode / p=0 dropout: the identity
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     return before - len(gm.graph.nodes)
@@ -160,3 +180,36 @@ def dead_code_elimination(gm: fx.GraphModule) -> int:
 
 SYM_OPS: dict[Callable, Callable] = {operator.add: operator.add, operator.sub: operator.sub,
                                      operator.mul: operator.mul, operator.floordiv: operator.floordiv}
+
+
+def attr(module: torch.nn.Module, target: str) -> Any:
+    """The module attribute a ``get_attr`` node with ``target`` reads (dotted path)."""
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def attr_value(module: torch.nn.Module, target: str) -> Any:
+    """A copy of :func:`attr` for numeric probes, which never touch the real parameter. A tensor
+    without values (a model built on the meta device) becomes a stand-in seeded from ``target``:
+    normal floats, zero integers / booleans. A probe that proves a sub-graph computes an op for
+    random parameter values proves it for the real ones when the computation is the same."""
+    value = attr(module, target)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if not value.is_meta:
+        return value.detach().clone()
+    if not value.dtype.is_floating_point:
+        return torch.zeros(tuple(value.shape), dtype=value.dtype)
+    gen = torch.Generator().manual_seed(zlib.crc32(target.encode()))
+    return torch.randn(tuple(value.shape), generator=gen).to(value.dtype)
+
+
+def probe_call(node: fx.Node, values: dict) -> Any:
+    """Run ``node`` on probe ``values`` (``{input node: value}``), on the CPU: a ``device`` argument
+    the graph recorded (``meta`` for a model built without weights, ``cuda``) is replaced."""
+    cpu = torch.device("cpu")
+    args = tuple(cpu if isinstance(a, torch.device) else a for a in fx.node.map_arg(node.args, values.__getitem__))
+    kwargs = {k: cpu if isinstance(v, torch.device) else v
+              for k, v in fx.node.map_arg(node.kwargs, values.__getitem__).items()}
+    return node.target(*args, **kwargs)

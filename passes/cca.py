@@ -50,7 +50,8 @@ from torch.fx.passes.tools_common import legalize_graph
 
 import effexport.custom_ops.cca  # noqa: F401  (registers the op)
 from effexport.custom_ops.cca import cca_reference
-from effexport.passes._graph import TRANSPARENT, ancestors, aten, call_args, extract, is_call, meta_val, rank, strip
+from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr, call_args, extract, is_call, meta_val,
+                                     rank, strip)
 from effexport.passes.attention import cache_source, emit, finish
 from effexport.passes.sites import Rejected, find_sites, layer_label
 
@@ -197,6 +198,7 @@ def _match_values(v_new: fx.Node, dims: dict) -> dict:
 
 def _moved_from(node: fx.Node, source: fx.Node) -> bool:
     """True if ``node`` is ``source`` re-viewed / sliced / concatenated (data movement only)."""
+    node = strip(node)
     if node is source:
         return True
     if is_call(node, aten.cat.default):
@@ -240,6 +242,16 @@ def _base(node: fx.Node, want: int) -> fx.Node | None:
         return found
 
 
+def _batch1_table(node: fx.Node) -> fx.Node | None:
+    """A RoPE table ``[1, T, rot]`` behind views (positions ``[1, T]``, as Hugging Face builds them):
+    the first such node on the way back, as layers share everything before it."""
+    while rank(node) != 3:
+        if not is_call(node, *MOVEMENT) or is_call(node, aten.cat.default):
+            return None
+        node = node.args[0]
+    return node if _shape(node)[0] == 1 else None
+
+
 def _has_placeholder(node: fx.Node) -> bool:
     return any(n.op == "placeholder" for n in ancestors([node]))
 
@@ -252,8 +264,8 @@ def _side_inputs(leaves: set, dims: dict, t_size) -> dict:
         if not isinstance(val, torch.Tensor):
             continue
         if _has_placeholder(leaf):
-            base = _base(leaf, 2)
-            if base is None or str(_shape(base)[0]) != str(t_size):
+            base = _base(leaf, 2) or _batch1_table(leaf)
+            if base is None or str(_shape(base)[-2]) != str(t_size):
                 raise NoMatch(f"q/k/v read {leaf.name} {_shape(leaf)}, which is neither a projection, a state "
                               "nor a [T, rot] RoPE table")
             tables.add(base)
@@ -265,8 +277,8 @@ def _side_inputs(leaves: set, dims: dict, t_size) -> dict:
         raise NoMatch(f"found {len(tables)} RoPE tables for q and k, expected one shared cos/sin pair")
     if len(temps) != 1:
         raise NoMatch(f"found {len(temps)} [Hk={dims['hk']}] constants for the key temperature, expected 1")
-    rot = _static(_shape(next(iter(tables)))[1], "rotary dims")
-    if rot % 2 or rot > dims["d"] or any(_shape(t)[1] != rot for t in tables):
+    rot = _static(_shape(next(iter(tables)))[-1], "rotary dims")
+    if rot % 2 or rot > dims["d"] or any(_shape(t)[-1] != rot for t in tables):
         raise NoMatch(f"RoPE tables {[_shape(t) for t in tables]} do not rotate an even number <= d of dims")
     dims["rot"] = rot
     return dict(tables=sorted(tables, key=lambda n: n.name), temperature=temps.pop())
@@ -306,7 +318,7 @@ def _verify(match: CCAMatch, leaves: set, tables: list[fx.Node]) -> None:
             values[leaf] = _concrete(val, env)
         else:  # a constant of the model (not a weight of the op): its real value
             sub, phs = extract(leaf.graph.owning_module, [leaf])
-            if phs or any(n.op == "get_attr" and _attr(sub, n.target).is_meta for n in sub.graph.nodes):
+            if phs or any(n.op == "get_attr" and attr(sub, n.target).is_meta for n in sub.graph.nodes):
                 raise NoMatch(f"cannot evaluate {leaf.name}: it is not a constant with known values")
             values[leaf] = sub()[0]
     with torch.no_grad():
@@ -318,7 +330,8 @@ def _verify(match: CCAMatch, leaves: set, tables: list[fx.Node]) -> None:
         best, best_err = None, float("inf")
         for cos, sin in (tables, tables[::-1]):
             ref_args = {k: values[n] if n is not None else None for k, n in args.items() if k not in ("cos", "sin")}
-            ref = cca_reference(cos=values[cos], sin=values[sin], **ref_args)
+            cos_t, sin_t = (values[n].reshape(-1, values[n].shape[-1]) for n in (cos, sin))  # [T, rot]
+            ref = cca_reference(cos=cos_t, sin=sin_t, **ref_args)
             err = max(_rel(g, r) for g, r in zip(got, ref))
             if err < best_err:
                 best, best_err = (cos, sin), err
@@ -326,12 +339,6 @@ def _verify(match: CCAMatch, leaves: set, tables: list[fx.Node]) -> None:
     if not best_err <= TOLERANCE.get(dtype, 1e-4):
         raise NoMatch(f"the sub-graph does not compute effexport::cca: max rel error {best_err:.2e} on random inputs")
     args["cos"], args["sin"] = best
-
-
-def _attr(module: torch.nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _rel(got, ref) -> float:
@@ -401,6 +408,9 @@ def _replace(graph: fx.Graph, match: CCAMatch) -> None:
     a = match.args
     order = ("q_down", "k_down", "v_cur", "v_del_src", "conv0_weight", "conv1_weight", "temperature",
              "cos", "sin", "conv_state", "shift_state", "conv0_bias", "conv1_bias")
+    for key in ("cos", "sin"):  # a [1, T, rot] table (positions [1, T], as Hugging Face builds them)
+        if rank(a[key]) == 3:
+            a[key] = emit(graph, aten.squeeze.dim, (a[key], 0), {})
     new = emit(graph, torch.ops.effexport.cca.default, tuple(a[k] for k in order), {}, n_out=5)
     region = set(match.region)
     for name, node in zip(("q", "k", "v", "conv_state", "shift_state"), new):

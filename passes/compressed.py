@@ -55,8 +55,8 @@ from torch import fx
 import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
-from effexport.passes._graph import (TRANSPARENT, ancestors, aten, call_args, insert_point, is_call,
-                                     meta_val, strip)
+from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, insert_point, is_call,
+                                     meta_val, probe_call, strip)
 from effexport.passes.positions import shift_aranges
 from effexport.passes.attention import emit, fake_mode_of, finish
 from effexport.passes.sites import layer_label
@@ -213,18 +213,10 @@ class _Eval:
                 if n.op == "placeholder":
                     values[n] = self.placeholder(n)
                 elif n.op == "get_attr":
-                    values[n] = _attr(self.gm, n.target)
+                    values[n] = attr_value(self.gm, n.target)
                 else:
-                    args = fx.node.map_arg(n.args, values.__getitem__)
-                    kwargs = fx.node.map_arg(n.kwargs, values.__getitem__)
-                    values[n] = n.target(*args, **kwargs)
+                    values[n] = probe_call(n, values)
         return [values[o] for o in outputs]
-
-
-def _attr(module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _rel(got, ref) -> float:
@@ -374,8 +366,7 @@ def _apply_post(m: Compressor, entries, gm):
         consts = [i for i in n.all_input_nodes if i not in values]
         for c, val in zip(consts, ev(consts, {})):
             values[c] = val
-        values[n] = n.target(*fx.node.map_arg(n.args, values.__getitem__),
-                             **fx.node.map_arg(n.kwargs, values.__getitem__))
+        values[n] = probe_call(n, values)
     return values[m.post[-1]]
 
 
@@ -576,8 +567,10 @@ class _Writer:
             outs.append(prev)
         return outs
 
-    def arange(self, n: int):
-        return self.e(aten.arange.default, n, dtype=torch.int64, device=meta_val(self.pos).device)
+    def arange(self, n: int, like: fx.Node):
+        """``arange(n)`` on the device of ``like`` (the tensor it indexes; ``pos`` is a 0-d CPU scalar,
+        which mixes with any device, an index tensor does not)."""
+        return self.e(aten.arange.default, n, dtype=torch.int64, device=meta_val(like).device)
 
     def resize(self, ph: fx.Node, dim: int, size: int) -> None:
         val = meta_val(ph)
@@ -591,7 +584,7 @@ class _Writer:
         e, pos, r = self.e, self.pos, m.ratio
         self.resize(m.comp, 1, self.max_context // r)
         off = r if m.overlap else 0
-        rows = self.arange((2 if m.overlap else 1) * r)
+        rows = self.arange((2 if m.overlap else 1) * r, like=m.comp)
         cur = e(aten.sub.Tensor, rows, off)
         ok = e(aten.logical_and.default, e(aten.ge.Scalar, cur, 0), e(aten.lt.Tensor, cur, e(aten.remainder.Scalar, pos, r)))
         if m.overlap:  # the previous block's rows exist once a block is complete
@@ -616,7 +609,7 @@ class _Writer:
     def attention(self, att: Attention, comp_read, idx) -> None:
         e, pos, w = self.e, self.pos, att.window
         self.resize(att.kv_ph, 1, w)
-        ar = self.arange(w)
+        ar = self.arange(w, like=att.kv_ph)
         unrolled = e(aten.index_select.default, att.kv_ph, 1, e(aten.remainder.Scalar, e(aten.add.Tensor, ar, pos), w))
         new = att.kv_new
         if meta_val(new).dtype != meta_val(att.kv_ph).dtype:

@@ -46,7 +46,8 @@ import torch
 from torch import fx
 
 import effexport.custom_ops.mhc  # noqa: F401  (registers the ops)
-from effexport.passes._graph import TRANSPARENT, aten, call_args, is_call, meta_val, rank, scalar, strip
+from effexport.passes._graph import (TRANSPARENT, aten, attr_value, call_args, is_call, meta_val, probe_call, rank,
+                                     scalar, strip)
 from effexport.passes.attention import emit
 
 ops = torch.ops.effexport
@@ -256,14 +257,6 @@ def _base_and_scale(attrs: list[fx.Node], rows: int, n_scale: int):
 
 
 # ---------------------------------------------------------------------------------- numerics
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    """A copy of the module attribute a ``get_attr`` node reads."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach().clone()  # a probe never touches the real parameter
-
-
 def _closure(graph: fx.Graph, seeds) -> list[fx.Node]:
     """Pure call nodes (graph order) whose inputs all come, transitively, from ``seeds`` only."""
     inside, out = set(seeds), []
@@ -280,12 +273,11 @@ def _closure(graph: fx.Graph, seeds) -> list[fx.Node]:
 def _probe(gm: fx.GraphModule, feeds: dict[fx.Node, torch.Tensor], params: list[fx.Node]) -> dict:
     """Evaluate every node computable from ``feeds`` and ``params``; nodes that fail are dropped."""
     env: dict = dict(feeds)
-    env.update({p: _attr(gm, p.target) for p in params})
+    env.update({p: attr_value(gm, p.target) for p in params})
     with torch.no_grad():
         for node in _closure(gm.graph, env):
             try:
-                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
-                env[node] = node.target(*args, **kwargs)
+                env[node] = probe_call(node, env)
             except Exception:  # noqa: BLE001  (a node that cannot run on probes is no candidate)
                 continue
     return env

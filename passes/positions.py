@@ -24,11 +24,24 @@ def _cache_length(node, cache_placeholders) -> bool:
             and cache_placeholders[node.args[0]] == node.args[1])
 
 
+def _arange_plus_length(node, cache_placeholders) -> bool:
+    """``add(arange(T) [int64], sym_size(cache, d))``: positions counted from a cache length."""
+    if not (is_call(node, aten.add.Tensor) and len(node.args) == 2 and is_call(node.args[0], aten.arange.default)
+            and _cache_length(node.args[1], cache_placeholders)):
+        return False
+    return meta_val(node).dtype == torch.int64
+
+
 def shift_aranges(graph: fx.Graph, pos: fx.Node, cache_placeholders: dict) -> int:
-    """Rewrite every ``arange(len(cache), end)`` into ``arange(end - len(cache)) + pos``; returns how
-    many. ``cache_placeholders`` maps each growing cache placeholder to its growing dim."""
+    """Rewrite every ``arange(len(cache), end)`` into ``arange(end - len(cache)) + pos`` and every
+    ``arange(T) + len(cache)`` into ``arange(T) + pos``; returns how many. ``cache_placeholders``
+    maps each growing cache placeholder to its growing dim."""
     count = 0
     for node in list(graph.nodes):
+        if _arange_plus_length(node, cache_placeholders):  # arange(T) + len(cache), as transformers writes it
+            node.replace_all_uses_with(emit(graph, aten.add.Tensor, (node.args[0], pos), {}))
+            count += 1
+            continue
         if not is_call(node, aten.arange.start, aten.arange.start_step):
             continue
         a = call_args(node)
