@@ -2,12 +2,19 @@
 
 One progress line per stage on stderr; the artifact directory is built in a temporary sibling and
 renamed into place only when complete, so a failed or interrupted build leaves nothing behind.
+``build(opts)`` loads ``opts.model`` (:mod:`effexport.exporter.loading`: sample name, model file or
+directory) and runs ``build_loaded(loaded, opts)``, which Python callers use for an in-memory model.
+The artifact files are deterministic: two builds of one model with the same flags are byte-identical
+(no timestamps, temporary names or timings in them; structure-only builds add the documented
+``report.json["resources"]``: time and peak memory).
 
 Artifact layout (a contract, see DESIGN.md):
     DIR/model.onnx       the step model: (input_ids, pos, past.*) -> (logits, present.*)
     DIR/model.onnx.data  external weights (only when large)
     DIR/effexport.json   CachePlan, I/O names, dtypes, opset, IR version, profile, versions, command
-    DIR/report.json      the analytic report (effexport report) plus "parity" and "passes"
+    DIR/report.json      the analytic report (effexport report) plus "parity" and "passes", and
+                         "stock_export": the caches a stock torch.onnx.export of the eager sample
+                         would carry vs the CachePlan's (report.stock_comparison)
 """
 from __future__ import annotations
 
@@ -20,15 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
+from effexport.exporter.errors import BackendMissingError, OutputError, UsageError
+from effexport.exporter.loading import LoadedModel, resolve_model
 
 TARGETS = {
     "onnx": "ONNX model for ONNX Runtime (profiles: ort, standard)",
     "tensorrt": "TensorRT engine (needs: pip install 'effexport[tensorrt]')",
 }
 PROFILES = ("ort", "standard")
-# random-weight samples above this many parameters are refused (fp32 weights would not fit a laptop)
-MAX_RANDOM_PARAMS = 200_000_000
+MAX_STEPS = 4096
 
 
 @dataclass
@@ -47,6 +54,8 @@ class BuildOptions:
     dump_after: str | None = None
     force: bool = False
     command: tuple = ()
+    weights: str = "random"   # "none": structure only (meta device, no weight data, no parity)
+    trust_pickle: bool = False
 
 
 class Progress:
@@ -79,48 +88,16 @@ def versions() -> dict:
     return out
 
 
-def resolve_sample(name: str):
-    """The built-in sample called ``name`` (usage errors for paths and unknown names)."""
-    from effexport.samples import UnknownModelError, get_sample
-
-    if os.path.exists(name):
-        raise LoadError(f"{name!r} is a path: loading model files is not supported yet; "
-                        "use a built-in sample name (see 'effexport list')")
-    try:
-        return get_sample(name)
-    except UnknownModelError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def load_sample_model(name: str):
-    """Resolve a built-in sample and build it with deterministic random weights (seed 0)."""
-    sample = resolve_sample(name)
-    if name in getattr(sample.module, "REPORT_ONLY", ()):
-        raise UsageError(f"{name} is a report-only preset (no model); try 'effexport report {name}'")
-    params = sample.build("meta").param_counts()["total"]
-    if params > MAX_RANDOM_PARAMS:
-        raise UsageError(f"{name} has {params / 1e9:.1f} B parameters: building it with random weights "
-                         f"needs {params * 4 / 2**30:.0f} GiB; export '{name}:tiny' (or use "
-                         f"'effexport report {name}' for its costs)")
-    return sample, sample.build()
-
-
-def example_ids(sample, batch: int = 2, length: int = 40, seed: int = 1) -> torch.Tensor:
-    """The deterministic token stream used for capture and parity."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, sample.config.vocab_size, (batch, length), generator=gen)
-
-
 def check_target(target: str) -> None:
     """Refuse a target whose backend is missing (exit 4) before any work is done."""
     if target == "tensorrt":
         import importlib.util
 
-        missing = [m for m in ("tensorrt", "torch_tensorrt") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise BackendMissingError(f"the tensorrt target needs {', '.join(missing)} (not installed): "
-                                      "pip install 'effexport[tensorrt]' (NVIDIA GPU machines only)")
-        raise BackendMissingError("the tensorrt target is not built yet in this version; use --target onnx")
+        if importlib.util.find_spec("tensorrt") is None:
+            raise BackendMissingError("TensorRT is not installed: pip install 'effexport[tensorrt]' "
+                                      "(NVIDIA GPU machines only)")
+        if not torch.cuda.is_available():
+            raise BackendMissingError("the tensorrt target needs an NVIDIA GPU, and torch sees no CUDA device")
     if target == "onnx":
         try:
             import onnx  # noqa: F401
@@ -129,32 +106,86 @@ def check_target(target: str) -> None:
             raise BackendMissingError(f"the onnx target needs {exc.name}: pip install onnx onnxruntime onnxscript") from None
 
 
-def build(opts: BuildOptions) -> int:
-    """Run a build; returns the exit code (0 ok, 1 parity failed). Raises EffexportError otherwise."""
-    from effexport.exporter import report as rep
-    from effexport.exporter._io import atomic_directory
-    from effexport.exporter.capture import capture_step
-    from effexport.exporter.parity import check_parity
-    from effexport.exporter.runtime import MANIFEST, OrtRuntime
-    from effexport.passes.pipeline import run_pipeline
+def target_status() -> dict[str, str | None]:
+    """``{target: None if it can be built here, else the one-line reason}`` (``effexport list``)."""
+    out = {}
+    for target in TARGETS:
+        try:
+            check_target(target)
+            out[target] = None
+        except BackendMissingError as exc:
+            out[target] = exc.message
+    return out
 
+
+def check_options(opts: BuildOptions) -> None:
+    """Refuse bad options (exit 2) and a missing backend (exit 4) before any work is done."""
     if opts.profile not in PROFILES:
         raise UsageError(f"unknown --profile {opts.profile!r}; choose one of {', '.join(PROFILES)}")
     if opts.dtype != "fp32":
         raise UsageError(f"--dtype {opts.dtype}: ONNX Runtime's CPU kernels cannot run the parity check in "
                          "half precision; build with --dtype fp32")
+    if not 1 <= opts.steps <= MAX_STEPS:
+        raise UsageError(f"--steps {opts.steps}: the parity check runs 1 to {MAX_STEPS} decode steps; "
+                         "pass e.g. --steps 16 (or --no-check)")
+    if opts.max_context < 1:
+        raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
     check_target(opts.target)
-    out = opts.output or f"{opts.model.replace(':', '-')}-{opts.target}"
+
+
+def _output_dir(opts: BuildOptions, name: str) -> str:
+    out = opts.output or f"{name.replace(':', '-')}-{opts.target}"
     if os.path.exists(out) and not opts.force:
         raise UsageError(f"output directory {out!r} exists; pass --force to replace it or -o another directory")
-    resolve_sample(opts.model)  # a bad name fails before any progress output
-    progress = Progress(5 if opts.check else 4)
-    t0 = progress.stage(f"load {opts.model}")
-    sample, model = load_sample_model(opts.model)
-    ids = example_ids(sample)
-    progress.done(t0, f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    return out
+
+
+def _check_context(sample, max_context: int) -> None:
+    """``--max-context`` within a built-in sample's stated limit (other models state none here)."""
+    from effexport.exporter.report import max_context as context_limit
+
+    limit = context_limit(sample) if sample is not None else None
+    if limit is not None and max_context > limit:
+        raise UsageError(f"--max-context {max_context} is beyond {sample.name}'s limit of {limit} tokens; "
+                         f"pass --max-context {limit} or less")
+
+
+def build(opts: BuildOptions) -> int:
+    """Load ``opts.model`` and build it; returns the exit code (0 ok, 1 parity failed). Raises
+    EffexportError otherwise. Every check that needs no loading runs before the first progress line."""
+    check_options(opts)
+    spec = resolve_model(opts.model, trust_pickle=opts.trust_pickle, weights=opts.weights)
+    _check_context(spec.sample, opts.max_context)
+    out = _output_dir(opts, spec.name)
+    progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
+    t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
+                                                 if opts.weights == "none" else ""))
+    loaded = spec.load()
+    progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
+    return _build(loaded, opts, out, progress)
+
+
+def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
+    """Build an already loaded model (``effexport.export(module, ...)``); same contract as :func:`build`."""
+    check_options(opts)
+    _check_context(loaded.sample, opts.max_context)
+    out = _output_dir(opts, loaded.name)
+    return _build(loaded, opts, out, Progress(_stages(opts, loaded.structure_only)))
+
+
+def _stages(opts: BuildOptions, structure_only: bool) -> int:
+    """Stages after loading: capture, rewrite, lower, and parity when it runs."""
+    return 3 + (opts.check and not structure_only)
+
+
+def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress) -> int:
+    from effexport.exporter.capture import capture_step
+    from effexport.exporter.structure_only import ResourceMeter
+    from effexport.passes.pipeline import run_pipeline
+
+    meter = ResourceMeter(progress.start)
     t0 = progress.stage("capture (torch.export, dynamic batch / tokens / cache length)")
-    captured = capture_step(model, ids)
+    captured = capture_step(loaded.model, loaded.example_ids())
     progress.done(t0, f"{len(captured.gm.graph.nodes)} nodes")
     t0 = progress.stage("rewrite (attention sites, masks, KV sharing, caches)")
     dumped = {}
@@ -166,37 +197,90 @@ def build(opts: BuildOptions) -> int:
                       f"{c['rewrite']['left_alone']} left alone")
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
+    try:
+        code = _lower_and_write(loaded, opts, out, progress, program, analysis, dumped, meter)
+    except OSError as exc:  # disk full, permissions: atomic_directory has removed the partial output
+        raise OutputError(f"could not write {out!r}: {exc.strerror or exc}; free space or pass -o a directory "
+                          "on another disk (nothing was written)") from None
+    status = "BUILT (structure only)" if loaded.structure_only else "PASSED" if code == 0 else "FAILED"
+    print(f"{status}: {out} ({meter.summary()})", file=sys.stderr)
+    return code
+
+
+def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress, program, analysis,
+                     dumped: dict, meter) -> int:
+    """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
+    from effexport.exporter import report as rep
+    from effexport.exporter._io import atomic_directory
+    from effexport.exporter.parity import check_parity
+    from effexport.exporter.runtime import MANIFEST
+    from effexport.exporter.structure_only import check_structure, external_bytes
+
+    model, ids = loaded.model, loaded.example_ids()
     code = 0
     with atomic_directory(out, force=opts.force) as tmp:
         if opts.dump_after:
             with open(os.path.join(tmp, f"graph-after-{opts.dump_after}.py"), "w") as f:
                 f.write(dumped[opts.dump_after])
-        t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
-        from effexport.exporter.onnx.export import export_step
-        model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
-        progress.done(t0, f"opset {_opset(model_proto)}, IR {model_proto.ir_version}")
+        files, profile = {"step": "model.onnx"}, opts.profile
+        if opts.target == "tensorrt":  # the tensorrt ONNX profile, linted, parsed into an engine
+            from effexport.exporter.tensorrt.engine import lower_to_engine
+
+            t0 = progress.stage("lower to ONNX (profile tensorrt) and build the TensorRT engine")
+            model_proto, files = lower_to_engine(program, analysis.plan, tmp, opts.max_context)
+            profile = "tensorrt"
+        else:
+            t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
+            from effexport.exporter.onnx.export import export_step
+            model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
+        note = f"opset {_opset(model_proto)}, IR {model_proto.ir_version}"
+        if loaded.structure_only:
+            check_structure(os.path.join(tmp, files["step"]))
+            note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
+                     "as external data (not written), onnx.checker full check passed")
+        progress.done(t0, note)
         manifest = {
-            "format": 1, "model": opts.model, "target": opts.target, "profile": opts.profile,
-            "dtype": opts.dtype, "files": {"step": "model.onnx"}, "max_context": opts.max_context,
+            "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target, "profile": profile,
+            "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "weights": opts.weights,
             "inputs": program.inputs, "outputs": program.outputs,
             "opset": _opset(model_proto), "ir_version": model_proto.ir_version,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),
             "command": list(opts.command) or ["effexport", opts.model, "--target", opts.target],
         }
         _write_json(os.path.join(tmp, MANIFEST), manifest)
-        report = rep.build_report(sample, rep.max_context(sample) or 4096)
+        if loaded.sample is not None:
+            report = rep.build_report(loaded.sample, rep.max_context(loaded.sample) or 4096)
+            report[rep.STOCK_KEY] = rep.stock_comparison(loaded.sample, analysis.plan, report["context"])
+            print(f"      {rep.format_stock(report[rep.STOCK_KEY])}", file=sys.stderr)
+        else:
+            report = {"model": loaded.name}
         report["passes"] = analysis.counts
-        if opts.check:
-            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, ONNX Runtime CPU)")
-            parity = check_parity(model, OrtRuntime(tmp), ids[:, :8], opts.steps, opts.dtype)
+        if loaded.structure_only:
+            print("      no parity check: structure-only build (no weights)", file=sys.stderr)
+            report["resources"] = meter.to_json()  # volatile: the only timing in an artifact (documented)
+        elif opts.check:
+            backend = "TensorRT" if opts.target == "tensorrt" else "ONNX Runtime CPU"
+            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
+            parity = check_parity(model, open_runtime(tmp), ids[:, :8], opts.steps, opts.dtype)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
         _write_json(os.path.join(tmp, "report.json"), report)
-    total = time.monotonic() - progress.start
-    print(f"{'PASSED' if code == 0 else 'FAILED'}: {out} ({total:.1f}s)", file=sys.stderr)
     return code
+
+
+def open_runtime(artifact_dir: str):
+    """The runtime of a built artifact: :class:`~effexport.exporter.tensorrt.runtime.TrtRuntime` for
+    the tensorrt target, :class:`~effexport.exporter.runtime.OrtRuntime` otherwise."""
+    from effexport.exporter.runtime import OrtRuntime, load_manifest
+
+    if load_manifest(artifact_dir)["target"] == "tensorrt":
+        check_target("tensorrt")
+        from effexport.exporter.tensorrt.runtime import TrtRuntime
+
+        return TrtRuntime(artifact_dir)
+    return OrtRuntime(artifact_dir)
 
 
 def _opset(model_proto) -> int:

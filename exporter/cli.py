@@ -12,7 +12,7 @@ import re
 import sys
 import time
 
-from effexport.exporter.errors import EffexportError, UsageError
+from effexport.exporter.errors import EXIT_INTERRUPTED, EffexportError, UsageError
 
 _SUFFIXES = {"": 1, "k": 1024, "m": 1024 ** 2}
 
@@ -27,6 +27,14 @@ def parse_tokens(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid context length {text!r}: must be at least 1 token")
     return value
+
+
+def _int(text: str) -> int:
+    """An integer flag value (the range is checked where the value is used)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: give a whole number, e.g. 16") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +52,11 @@ def _cmd_list(args) -> int:
         sample = get_sample(name)
         note = " (report only)" if name in getattr(sample.module, "REPORT_ONLY", ()) else ""
         print(f"  {name}{note}")
+    from effexport.exporter.build import TARGETS, target_status
+
+    print("targets (--target):")
+    for target, reason in target_status().items():
+        print(f"  {target:<9} {TARGETS[target]}" + (f" -- unavailable: {reason}" if reason else " -- available"))
     return 0
 
 
@@ -78,18 +91,36 @@ def _cmd_build(args) -> int:
 
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
                               dtype=args.dtype, check=args.check, steps=args.steps, explain=args.explain,
-                              max_context=args.max_context,
+                              max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv)))
 
 
 def _cmd_check(args) -> int:
-    from effexport.exporter.build import example_ids, load_sample_model
+    import os
+
+    from effexport.exporter.build import open_runtime
+    from effexport.exporter.errors import EffexportError, LoadError
+    from effexport.exporter.loading import resolve_source
     from effexport.exporter.parity import check_parity
-    from effexport.exporter.runtime import OrtRuntime, load_manifest
+    from effexport.exporter.runtime import load_manifest
 
     manifest = load_manifest(args.dir)
-    sample, model = load_sample_model(manifest["model"])
-    parity = check_parity(model, OrtRuntime(args.dir), example_ids(sample)[:, :8], args.steps, manifest["dtype"])
+    for name in manifest["files"].values():
+        if not os.path.isfile(os.path.join(args.dir, name)):
+            raise LoadError(f"artifact {args.dir!r} lacks {name} (named in effexport.json); rebuild it with "
+                            f"'effexport MODEL -o {args.dir} --force'")
+    spec = resolve_source(manifest.get("source") or {"kind": "sample", "name": manifest.get("model")},
+                          trust_pickle=args.trust_pickle)
+    try:
+        runtime = open_runtime(args.dir)
+    except EffexportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
+        step = manifest["files"]["step"]
+        raise LoadError(f"ONNX Runtime cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120]}); rebuild the artifact with --force") from None
+    loaded = spec.load()
+    parity = check_parity(loaded.model, runtime, loaded.example_ids()[:, :8], args.steps, manifest["dtype"])
     print(parity.table())
     return 0 if parity.passed else 1
 
@@ -107,11 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
                "  effexport report deepseek-v4-flash --context 1M --cache-dtype published --json\n"
                "exit codes: 0 ok, 1 parity failed, 2 usage/input error, 3 capture/rewrite/lowering error, "
-               "4 backend not installed",
+               "4 backend not installed, 5 output not written (disk full), 130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     from effexport.exporter.build import PROFILES, TARGETS
+    from effexport.exporter.loading import WEIGHTS
 
     p_build = sub.add_parser(
         "build", help="export MODEL to a deployable artifact and check it against eager (also: effexport MODEL ...)",
@@ -121,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="targets:\n" + "\n".join(f"  {k:<9} {v}" for k, v in TARGETS.items()) +
                "\nexample: effexport gemma4-e2b:tiny --target onnx -o out/gemma --explain")
-    p_build.add_argument("model", metavar="MODEL", help="a built-in sample name (see 'effexport list')")
+    p_build.add_argument("model", metavar="MODEL",
+                         help="a built-in sample name (see 'effexport list'), a Hugging Face model directory "
+                              "(config.json + *.safetensors) or a torch.save file of the module (.pt, with "
+                              "--trust-pickle)")
     p_build.add_argument("--target", choices=tuple(TARGETS), default="onnx", help="what to build (default onnx)")
     p_build.add_argument("-o", "--output", metavar="DIR", help="artifact directory (default ./MODEL-TARGET)")
     p_build.add_argument("--profile", choices=PROFILES, default="ort",
@@ -130,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype (default fp32)")
     p_build.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                          help="run parity against eager after the build (default on)")
-    p_build.add_argument("--steps", type=int, default=16, help="decode steps in the parity check (default 16)")
+    p_build.add_argument("--steps", type=_int, default=16, help="decode steps in the parity check (default 16)")
     p_build.add_argument("--max-context", type=parse_tokens, default=4096,
                          help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
                               "(DeepSeek V4: max_context / ratio slots). Default 4096; accepts 128k")
@@ -141,14 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
                               "(passes: dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
                               "positions, cache_plan)")
     p_build.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p_build.add_argument("--weights", choices=WEIGHTS, default="random",
+                         help="'random': a sample's deterministic random weights (seed 0; model files bring "
+                              "their own); 'none': structure only -- the model on the meta device, an ONNX "
+                              "graph whose weights are external-data references with no data written, no "
+                              "parity; for real-size presets (default random)")
+    p_build.add_argument("--trust-pickle", action="store_true",
+                         help="allow unpickling a torch.save file of a whole module (runs code from the file: "
+                              "only for files you trust); without it .pt files are read weights-only")
     p_build.set_defaults(func=_cmd_build)
 
     p_check = sub.add_parser("check", help="re-run parity of a built artifact against eager")
     p_check.add_argument("dir", metavar="DIR", help="an artifact directory written by a build")
-    p_check.add_argument("--steps", type=int, default=16, help="decode steps (default 16)")
+    p_check.add_argument("--steps", type=_int, default=16, help="decode steps (default 16)")
+    p_check.add_argument("--trust-pickle", action="store_true",
+                         help="allow re-loading a model that was built from a pickled module")
     p_check.set_defaults(func=_cmd_check)
 
-    p_list = sub.add_parser("list", help="list the built-in samples")
+    p_list = sub.add_parser("list", help="list the built-in samples and the targets (and what is missing)")
     p_list.set_defaults(func=_cmd_list)
 
     p_rep = sub.add_parser(
@@ -193,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"effexport: interrupted after {time.monotonic() - start:.1f}s; nothing was written",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def entry_point() -> None:

@@ -11,6 +11,8 @@ EXIT_PARITY = 1
 EXIT_USAGE = 2
 EXIT_PIPELINE = 3
 EXIT_BACKEND_MISSING = 4
+EXIT_OUTPUT = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class EffexportError(Exception):
@@ -71,3 +73,10 @@ class BackendMissingError(EffexportError):
 
     exit_code = EXIT_BACKEND_MISSING
     stage = "backend"
+
+
+class OutputError(EffexportError):
+    """The artifact could not be written (disk full, permissions): exit 5; nothing is left behind."""
+
+    exit_code = EXIT_OUTPUT
+    stage = "output"

@@ -225,3 +225,62 @@ def plot_report(sample: Sample, cache_dtype: str, max_tokens: int, path: str) ->
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
+
+
+# --------------------------------------------------------------- stock torch.onnx.export comparison
+STOCK_KEY = "stock_export"
+"""``report.json`` key of :func:`stock_comparison` (built artifacts only)."""
+
+
+def stock_caches(sample: Sample, context: int, batch: int = 1) -> list[dict]:
+    """The cache tensors a stock ``torch.onnx.export(model, (input_ids,), kwargs={"past": past},
+    dynamo=True)`` of the eager sample carries as graph inputs (no rewrite): the flattened ``past``
+    of its ``forward(input_ids, past)``, named like the captured step's inputs (``past.{key}``), at
+    ``context`` cached tokens (checked once against a real stock export of gemma4-e2b:tiny: the
+    same 10 inputs, ``past_0_k`` ..., with these shapes). The shapes come from running that forward at ``context`` tokens on
+    the meta device (shapes only, no memory): every cache of the sample's own layout, each
+    growing at its own rate (full K/V per token, compressed entries per ``r`` tokens)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from effexport.exporter.capture import _key
+
+    model = sample.build("meta")
+    with torch.no_grad():
+        _, past = model(torch.zeros(batch, context, dtype=torch.long, device="meta"))
+    out = []
+    for path, t in pytree.tree_flatten_with_path(past)[0]:
+        out.append({"name": f"past.{_key(path)}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                    "bytes": t.numel() * t.element_size()})
+    return out
+
+
+def stock_comparison(sample: Sample, plan, context: int, batch: int = 1) -> dict:
+    """Cache inputs of the stock export of the eager sample vs the artifact's CachePlan at
+    ``context`` tokens and ``batch`` sequences, both in the captured dtype: tensor lists, totals
+    and ``ratio`` (stock / effexport). effexport's compressed-entry buffers are sized for the
+    build's ``--max-context``; full caches grow with ``context``, rings and states do not. If the
+    eager forward cannot run on the meta device, the dict says why under ``unavailable``."""
+    try:
+        stock = stock_caches(sample, context, batch)
+    except Exception as exc:  # the meta forward of a model outside the samples' contract
+        return {"context": context, "batch": batch, "unavailable": f"{type(exc).__name__}: {exc}"[:300]}
+    ours = [{"name": f"past.{e.name}", "kind": e.kind, "shape": e.concrete_shape(batch, context), "dtype": e.dtype,
+             "bytes": e.nbytes(batch, context)} for e in plan.entries]
+    stock_bytes, our_bytes = sum(t["bytes"] for t in stock), sum(t["bytes"] for t in ours)
+    return {"context": context, "batch": batch,
+            "stock": {"what": "torch.onnx.export(dynamo=True) of the eager forward(input_ids, past=...), no rewrite",
+                      "tensors": stock, "bytes": stock_bytes},
+            "effexport": {"tensors": ours, "bytes": our_bytes},
+            "ratio": stock_bytes / our_bytes if our_bytes else None}
+
+
+def format_stock(comparison: dict) -> str:
+    """One line: what the stock export would carry vs the artifact."""
+    if "unavailable" in comparison:
+        return f"no stock-export comparison: {comparison['unavailable']}"
+    stock, ours = comparison["stock"], comparison["effexport"]
+    ratio = f"{comparison['ratio']:.1f}x" if comparison["ratio"] else "n/a"
+    return (f"cache at {comparison['context']:,} tokens: stock torch.onnx.export {len(stock['tensors'])} tensors "
+            f"{human_bytes(stock['bytes'])}, effexport {len(ours['tensors'])} tensors "
+            f"{human_bytes(ours['bytes'])} ({ratio} less)")

@@ -8,6 +8,13 @@ the runtime feeds presents back as pasts. Prefill is the same step with ``pos = 
 initial caches (zero-length full caches, zero rings and states).
 
 Backends: ONNX Runtime (CPU; CUDA when onnxruntime-gpu is installed and ``device="cuda"``).
+
+ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (``ort`` profile) refuses several new tokens
+on a non-empty cache at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context
+is given", a check in ORT's GQA helper, whatever ``seqlens_k`` says). :meth:`OrtRuntime.step` then
+runs the batch one row at a time (each row's chunk in one call) and concatenates logits and
+caches along the batch axis: rows are independent and share positions, so the result equals one
+batched call. Prefill from an empty cache and one-token decode run batched.
 """
 from __future__ import annotations
 
@@ -79,6 +86,19 @@ class OrtRuntime:
         return [e.empty(batch).numpy() for e in self.entries]
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
+        """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` over ``caches``. A chunk
+        (``T > 1``) on a non-empty cache at ``B > 1`` runs row by row in the ``ort`` profile (see
+        the module docstring)."""
+        batch, new = np.shape(input_ids)
+        if not (self.manifest.get("profile") == "ort" and batch > 1 and new > 1 and pos > 0):
+            return self._run(input_ids, pos, caches)
+        axes = [e.shape.index("batch") for e in self.entries]
+        rows = [self._run(input_ids[i:i + 1], pos, [np.take(c, [i], axis=a) for c, a in zip(caches, axes)])
+                for i in range(batch)]
+        return StepResult(np.concatenate([r.logits for r in rows], axis=0),
+                          [np.concatenate(parts, axis=a) for parts, a in zip(zip(*(r.caches for r in rows)), axes)])
+
+    def _run(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One call of the step model."""
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "pos": np.array(pos, dtype=np.int64)}

@@ -12,12 +12,12 @@ def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("EFFEXPORT_SLOW", "1") != "0"
     skip_slow = pytest.mark.skip(reason="slow test disabled by EFFEXPORT_SLOW=0")
     has_trt = importlib.util.find_spec("tensorrt") is not None
-    for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+    for item in items:  # markers, not keywords: a parameter id such as "tensorrt" is a keyword too
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-        if "tensorrt" in item.keywords and not has_trt:
+        if item.get_closest_marker("tensorrt") and not has_trt:
             item.add_marker(skip_trt)
-        if "slow" in item.keywords and not run_slow:
+        if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(skip_slow)
 
 

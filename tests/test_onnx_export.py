@@ -1,8 +1,13 @@
-"""End-to-end ONNX export of rewritten step graphs (``export_step``) for Gemma 4 E2B and Laguna
-XS.2 (tiny presets), both profiles: ONNX Runtime prefill from the plan's empty caches plus 8 decode
-steps equal the eager model's logits; the graph's cache I/O is exactly the CachePlan; the IR
-version is the one ORT 1.30 loads; external data round-trips. Each model is captured once."""
+"""End-to-end ONNX export of rewritten step graphs (``export_step``) for every tiny preset (Gemma 4
+E2B/E4B, Laguna XS.2, ZAYA1, DeepSeek V4 Flash), every profile: ONNX Runtime prefill from the
+plan's empty caches plus 8 decode steps equal the eager model's logits; the graph's cache I/O is
+exactly the CachePlan; the IR version is the one ORT 1.30 loads; one effexport-domain node (with a
+model-local function body) per rewritten non-attention op; external data round-trips. Each model
+is captured once (session fixture) and exported once per profile."""
 from __future__ import annotations
+
+import json
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -13,7 +18,8 @@ from _helpers import assert_close
 
 import effexport.custom_ops  # noqa: F401  (registers the ops named below)
 from effexport.exporter.onnx.export import _save, export_step, step_io_names
-from effexport.exporter.onnx.translations import IR_VERSION, PROFILES
+from effexport.exporter.onnx.translations import IR_VERSION, PROFILES, translation_table
+from effexport.exporter.runtime import MANIFEST, OrtRuntime
 
 pytestmark = pytest.mark.slow
 PREFILL, DECODE, BATCH = 8, 8, 2
@@ -30,15 +36,25 @@ def step(request, rewritten):
     return shared.model, shared.program, shared.analysis, shared.sample.config.vocab_size
 
 
+class _Exports(dict):
+    """profile -> (path, returned ModelProto) of the current model, exported on first use (tests
+    of a profile that is skipped export nothing)."""
+
+    def __init__(self, step, tmp_path_factory):
+        super().__init__()
+        self.step, self.tmp = step, tmp_path_factory
+
+    def __missing__(self, profile: str):
+        _, program, analysis, _ = self.step
+        path = self.tmp.mktemp(profile) / "step.onnx"
+        self[profile] = (path, export_step(program, analysis.plan, str(path), profile))
+        return self[profile]
+
+
 @pytest.fixture(scope="module")
 def exported(step, tmp_path_factory):
     """profile -> (path, returned ModelProto) for the current model."""
-    _, program, analysis, _ = step
-    out = {}
-    for profile in PROFILES:
-        path = tmp_path_factory.mktemp(profile) / "step.onnx"
-        out[profile] = (path, export_step(program, analysis.plan, str(path), profile))
-    return out
+    return _Exports(step, tmp_path_factory)
 
 
 def _decode(path, plan, ids: torch.Tensor) -> list[np.ndarray]:
@@ -109,7 +125,35 @@ def test_ir_version_and_domains(step, exported, profile):
                                               for a in n.attribute if a.name == "value"]
     assert not [t.name for t in tensors if t.data_type == onnx.TensorProto.BOOL and len(t.dims) >= 2]
     if profile == "standard":
-        assert {d for d, _ in types} <= {"", "ai.onnx"}
+        assert {d for d, _ in types} <= {"", "ai.onnx", "effexport"}
+
+
+LOCAL_OPS = {op: op.name().split("::")[1].split(".")[0] for op in translation_table("ort")
+             if op not in ATTENTION_OPS | {torch.ops.effexport.attention_ring.default}}
+"""The ops kept as effexport-domain nodes (everything but attention) -> their ONNX op type."""
+EXPECTED_LOCAL = {"zaya1": {"cca"}, "deepseek": {"kv_compress_step", "indexer_topk", "sparse_attention",
+                                                   "mhc_pre", "mhc_post", "mhc_head"}}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_effexport_nodes_are_the_rewrites(step, exported, profile, request):
+    """One effexport-domain node per rewritten call of a non-attention op (CCA for ZAYA1; compressor,
+    indexer, sparse attention and mHC for DeepSeek V4; none for Gemma 4 / Laguna), each with its
+    static parameters as attributes and a model-local function body of standard ops; the bodies
+    are not also inlined (no Loop or Conv in the main graph)."""
+    _, program, _, _ = step
+    model = onnx.load(str(exported[profile][0]))
+    rewrites = Counter(LOCAL_OPS[n.target] for n in program.gm.graph.nodes
+                       if n.op == "call_function" and n.target in LOCAL_OPS)
+    nodes = [n for n in model.graph.node if n.domain == "effexport"]
+    assert Counter(n.op_type for n in nodes) == rewrites
+    assert set(rewrites) == EXPECTED_LOCAL.get(request.node.callspec.params["step"].split("-")[0], set())
+    bodies = {(f.domain, f.name, f.overload): f for f in model.functions}
+    for n in nodes:
+        body = bodies[n.domain, n.op_type, n.overload]
+        assert body.node and all(m.domain in ("", "ai.onnx") for m in body.node), n.op_type
+        assert set(body.attribute) == {a.name for a in n.attribute}, n.op_type
+    assert not {"Loop", "Conv"} & {n.op_type for n in model.graph.node}
 
 
 def test_external_data_round_trip(step, exported, tmp_path):
@@ -124,3 +168,36 @@ def test_external_data_round_trip(step, exported, tmp_path):
     ids = torch.randint(0, vocab, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(2))
     np.testing.assert_array_equal(_decode(path, analysis.plan, ids)[-1],
                                   _decode(exported["ort"][0], analysis.plan, ids)[-1])
+
+
+CHUNK = 3
+
+
+def test_runtime_chunk_on_a_cache_at_batch_2(step, exported, tmp_path):
+    """``effexport.runtime`` feeds a 3-token chunk after an 8-token prefill at batch 2 (ort
+    profile) and its logits, and the next decode step's, equal eager (rel 1e-4). ORT's CPU
+    GroupQueryAttention refuses that chunk in one batched call ("batch_size must be 1 ..."): where
+    the model has GQA, the batched call either raises that error or agrees with the runtime."""
+    model, _, analysis, vocab = step
+    path = exported["ort"][0]
+    inputs, outputs = step_io_names(analysis.plan)
+    (tmp_path / "model.onnx").symlink_to(path)
+    (tmp_path / MANIFEST).write_text(json.dumps({
+        "target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
+        "outputs": outputs, "cache_plan": analysis.plan.to_json()}))
+    runtime = OrtRuntime(str(tmp_path))
+    ids = torch.randint(0, vocab, (BATCH, PREFILL + CHUNK + 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, _ = model(ids)
+    first = runtime.step(ids[:, :PREFILL].numpy(), 0, runtime.initial_caches(BATCH))
+    chunk = runtime.step(ids[:, PREFILL:PREFILL + CHUNK].numpy(), PREFILL, first.caches)
+    assert_close(torch.from_numpy(chunk.logits), ref[:, PREFILL:PREFILL + CHUNK], rtol=1e-4, what="chunk")
+    nxt = runtime.step(ids[:, -1:].numpy(), PREFILL + CHUNK, chunk.caches)
+    assert_close(torch.from_numpy(nxt.logits[:, 0]), ref[:, -1], rtol=1e-4, what="decode after the chunk")
+    try:
+        batched = runtime._run(ids[:, PREFILL:PREFILL + CHUNK].numpy(), PREFILL, first.caches)
+    except Exception as exc:  # onnxruntime's InvalidArgument
+        assert "batch_size must be 1" in str(exc)
+        assert any(n.op_type == "GroupQueryAttention" for n in exported["ort"][1].graph.node)
+    else:
+        np.testing.assert_allclose(batched.logits, chunk.logits, rtol=1e-5, atol=1e-5)

@@ -192,19 +192,23 @@ def _mhc_inputs(batch: int, t_len: int, n: int = 4, d: int = 8, seed: int = 0):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_mhc_parity_and_loop(profile):
-    """mHC ops in ORT equal eager (rel 1e-5) at new batch/T; Sinkhorn stays a Loop (not unrolled)."""
+    """mHC ops in ORT equal eager (rel 1e-5) at new batch/T; every call is one effexport-domain node
+    with its attributes, whose body is a model-local function; Sinkhorn stays a Loop (not unrolled)."""
     from effexport.exporter.onnx.export import lower
 
     bt = {0: torch.export.Dim("b"), 1: torch.export.Dim("t")}
     dynamic = (bt, None, None, None, bt, None, None, None, bt)
     model = lower(_Mhc(), _mhc_inputs(2, 3), profile, dynamic_shapes=dynamic)
-    types = [n.op_type for n in model.graph.node] + [n.op_type for f in model.functions for n in f.node]
-    assert types.count("Loop") == 2  # one per Sinkhorn (mhc_pre's and the bare one)
-    assert len(model.graph.node) < 400
-    for fn in model.functions:  # any effexport-domain node must come with its body
-        assert fn.node
-    local = {(f.domain, f.name) for f in model.functions}
-    assert all((n.domain, n.op_type) in local for n in model.graph.node if n.domain == "effexport")
+    ours = [n for n in model.graph.node if n.domain == "effexport"]
+    assert sorted(n.op_type for n in ours) == ["mhc_head", "mhc_post", "mhc_pre", "sinkhorn"]
+    assert len(model.graph.node) <= len(ours) + 2  # the Add feeding mhc_post (+ a Constant at most)
+    local = {(f.domain, f.name, f.overload): f for f in model.functions}
+    assert all(("effexport", n.op_type, n.overload) in local and local["effexport", n.op_type, n.overload].node
+               for n in ours)
+    pre = next(n for n in ours if n.op_type == "mhc_pre")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in pre.attribute} == \
+        pytest.approx({"iters": 7, "eps": 1e-3, "norm_eps": 1e-5})
+    assert [n.op_type for f in model.functions for n in f.node].count("Loop") == 2  # mhc_pre's, sinkhorn's
     for i, (b, t) in enumerate([(1, 1), (3, 5)]):
         args = _mhc_inputs(b, t, seed=i + 1)
         for j, (g, e) in enumerate(zip(_run(model, args), _Mhc()(*args))):

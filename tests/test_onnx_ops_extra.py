@@ -1,14 +1,17 @@
 """ONNX lowering of ``cca``, ``kv_compress``, ``kv_compress_step``, ``indexer_topk``,
 ``sparse_attention`` and ``sparse_attention_ring``: ORT (CPU) parity with the eager ops at several
 dynamic shapes per exported model, in both profiles, plus graph structure (two grouped ``Conv`` for
-CCA, ``TopK`` for the indexer, static step-output shapes, no dense mask constants, no
-effexport-domain node without a body).
+CCA, ``TopK`` for the indexer, static step-output shapes, no dense mask constants; one
+``effexport``-domain node per op call, each with a model-local function body, call sites with
+different static parameters told apart by the function ``overload``).
 
 Each op is exported once per profile (a module calls its variants side by side, e.g. CSA and HCA),
 cached for the module. Not covered here: whole-model export (tests/test_onnx_export.py) and
 non-fp32 dtypes.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -76,10 +79,17 @@ def _all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return list(model.graph.node) + [n for f in model.functions for n in f.node]
 
 
-def _assert_clean(model: onnx.ModelProto) -> None:
-    """No effexport-domain node without a local function body; no rank>=2 boolean constant."""
-    local = {(f.domain, f.name) for f in model.functions if f.node}
-    assert all((n.domain, n.op_type) in local for n in model.graph.node if n.domain == "effexport")
+def _assert_clean(model: onnx.ModelProto, calls: dict[str, int] | None = None) -> None:
+    """Every effexport-domain node has a model-local function body (matched with its overload),
+    whose nodes are standard ops; ``calls``: the effexport node count per op type, and no
+    standard op outside them besides glue (the bodies are not inlined); no rank>=2 boolean constant."""
+    local = {(f.domain, f.name, f.overload): f for f in model.functions if f.node}
+    ours = [n for n in model.graph.node if n.domain == "effexport"]
+    assert all(("effexport", n.op_type, n.overload) in local for n in ours)
+    assert all(m.domain in ("", "ai.onnx") for f in local.values() for m in f.node)
+    if calls is not None:
+        assert Counter(n.op_type for n in ours) == Counter(calls)
+        assert len(model.graph.node) < 3 * len(ours) + 8, [n.op_type for n in model.graph.node]
     for t in model.graph.initializer:
         assert not (t.data_type == onnx.TensorProto.BOOL and len(t.dims) >= 2), t.name
     for n in _all_nodes(model):
@@ -131,13 +141,16 @@ def test_cca_parity(profile):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_cca_structure(profile):
-    """Exactly two Conv nodes: depthwise (group C) then grouped (group Hq+Hk); default domain only."""
+    """One effexport::cca node with its static parameters as attributes; its body has exactly two
+    Conv nodes: depthwise (group C) then grouped (group Hq+Hk)."""
     model, _ = _cca(profile)
     convs = [n for n in _all_nodes(model) if n.op_type == "Conv"]
     groups = [onnx.helper.get_attribute_value(a) for n in convs for a in n.attribute if a.name == "group"]
     assert groups == [C, HQ + HK]
-    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
-    _assert_clean(model)
+    _assert_clean(model, {"cca": 1})
+    node = next(n for n in model.graph.node if n.op_type == "cca")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == dict(
+        num_heads=HQ, kv_num_heads=HK, head_size=D, conv_state_size=P, rotary_dim=ROT)
 
 
 # ------------------------------------------------------------------------------ compressor
@@ -195,6 +208,8 @@ def test_kv_compress_parity(profile):
     for i, (batch, t_len) in enumerate([(1, 3), (3, 8), (2, 13), (1, 1)]):
         args = _tokens(batch, t_len, seed=i + 1)
         _check(_run(model, sess, args), _Compress(False)(*args), f"kv_compress {profile} B={batch} T={t_len}")
+    _assert_clean(model, {"kv_compress": 2})
+    assert len({n.overload for n in model.graph.node if n.domain == "effexport"}) == 2  # CSA, HCA bodies
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -228,7 +243,7 @@ def test_kv_compress_step_static_shapes(profile):
                       for d in v.type.tensor_type.shape.dim]
     for inp, out in zip(model.graph.input[4:10], model.graph.output):
         assert dims(inp)[1:] == dims(out)[1:] and all(isinstance(d, int) and d > 0 for d in dims(out)[1:])
-    _assert_clean(model)
+    _assert_clean(model, {"kv_compress_step": 2})
 
 
 # --------------------------------------------------------------------------------- indexer
@@ -266,7 +281,7 @@ def test_indexer_topk_exact(profile):
         assert got.dtype == torch.int64 and torch.equal(got, expected), f"{profile} probe {i}: {got} vs {expected}"
         assert (expected == -1).any() or n >= TOPK  # the -1 tail is exercised where it exists
     assert "TopK" in [n.op_type for n in _all_nodes(model)]
-    _assert_clean(model)
+    _assert_clean(model, {"indexer_topk": 1})
 
 
 # ------------------------------------------------------------------------- sparse attention
@@ -309,7 +324,8 @@ def test_sparse_attention_ring_parity(profile):
     for i, (batch, t_len, n, pos) in enumerate([(1, 1, 4, 0), (3, 1, 6, 17), (2, 3, 3, 9), (1, 2, 8, 30)]):
         args = _sparse_inputs(batch, t_len, SLOTS, n, pos, seed=i + 1)
         _check(_run(model, sess, args), _Sparse(True)(*args), f"ring {profile} B={batch} T={t_len} pos={pos}")
-    _assert_clean(model)
+    _assert_clean(model, {"sparse_attention_ring": 3})
+    assert len({n.overload for n in model.graph.node if n.domain == "effexport"}) == 3  # CSA, HCA, window
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -322,4 +338,4 @@ def test_sparse_attention_parity(profile):
         _check(_run(model, sess, args), _Sparse(False)(*args), f"sparse {profile} B={batch} T={t_len} pos={pos}")
     types = [n.op_type for n in _all_nodes(model)]
     assert "GatherND" in types and types.count("Softmax") == 3  # one per variant: sink in the same softmax
-    _assert_clean(model)
+    _assert_clean(model, {"sparse_attention": 3})

@@ -5,3 +5,32 @@ Sub-packages: ``effexport.samples`` (reference architectures), ``effexport.custo
 set), ``effexport.passes`` (FX rewrites), ``effexport.exporter`` (capture, backends, CLI, report).
 """
 __version__ = "0.1.0"
+
+
+def export(module, target: str = "onnx", output: str | None = None, profile: str = "ort", **opts) -> str:
+    """Export an in-memory model: a transformers causal LM (``...ForCausalLM``) or a module following
+    the samples' step contract ``forward(input_ids, past=None) -> (logits, present dict)``.
+
+    ``opts`` are the other build options (``check``, ``steps``, ``max_context``, ``explain``,
+    ``dump_after``, ``force``, ``name``; see ``effexport.exporter.build.BuildOptions``). Returns the
+    artifact directory. Raises :class:`effexport.exporter.errors.EffexportError` subclasses on user
+    errors, and ``ParityError`` when the artifact was written but does not match eager."""
+    from effexport.exporter.build import BuildOptions, build_loaded
+    from effexport.exporter.errors import ParityError
+    from effexport.exporter.loading import _is_transformers, wrap_module
+
+    name = opts.pop("name", None) or getattr(getattr(module, "config", None), "model_type", None) \
+        or type(module).__name__
+    if _is_transformers(module):
+        from effexport.exporter.hf import wrap_hf_module
+
+        loaded = wrap_hf_module(module, name)
+    else:
+        loaded = wrap_module(module.eval(), name)
+    output = output or f"{name}-{target}"
+    code = build_loaded(loaded, BuildOptions(model=name, target=target, output=output, profile=profile,
+                                             command=("effexport.export", name), **opts))
+    if code:
+        raise ParityError(f"{output}: the artifact does not match eager within tolerance (report.json "
+                          "holds the parity table)")
+    return output

@@ -3,8 +3,9 @@
 * :mod:`.translations`: profiles (``ort``, ``standard``), opsets, IR versions, the translation
   table per profile and the documented refusals.
 * :mod:`.attention`: the attention ops (GroupQueryAttention / Attention-23 / MatMul-Softmax).
-* :mod:`.functions`: mHC ops as ONNX functions of standard ops (Sinkhorn as a Loop).
-* :mod:`.cca`: ``effexport::cca`` (two grouped ``Conv``).
+* :mod:`._local`: ``effexport``-domain nodes whose bodies are model-local ONNX functions.
+* :mod:`.functions`: mHC ops, generic function bodies of standard ops (Sinkhorn as a Loop).
+* :mod:`.cca`: ``effexport::cca`` (a body with two grouped ``Conv``).
 * :mod:`.compressed`: DeepSeek ``kv_compress(_step)``, ``indexer_topk``, ``sparse_attention(_ring)``.
 * :mod:`.export`: :func:`~.export.export_step` (step GraphModule -> ONNX file) and
   :func:`~.export.lower` (any module with effexport ops -> ModelProto).

@@ -7,7 +7,7 @@ onnxscript (and so ``torch.onnx``'s translation recorder) only emits a node whos
   attributes the ``ort`` profile uses are declared (up to ``head_sink``; ORT >= 1.23 has it); ORT
   reads the node with its own, complete schema.
 * ``effexport::<op>`` schemas for the ops that have no standard or contrib equivalent; each such
-  node in an exported model also carries an ONNX function body (see :mod:`.functions`).
+  node in an exported model also carries an ONNX function body (see :mod:`._local`).
 
 Not covered: schemas for other contrib ops (none is emitted).
 """

@@ -1,8 +1,11 @@
 """ONNX lowering of ``effexport::cca`` (ZAYA1 compressed convolutional attention q/k/v).
 
 One translation serves both profiles (``ort`` and ``standard``): there is no contrib or standard
-CCA operator, and every op used here exists in ai.onnx opset 18, so stock ONNX Runtime runs it
-on any execution provider. The lowering mirrors :func:`effexport.custom_ops.cca.cca_reference`:
+CCA operator. Every call becomes one ``effexport::cca`` node (attributes ``num_heads``,
+``kv_num_heads``, ``head_size``, ``conv_state_size``, ``rotary_dim``, read from the weights' and
+states' static shapes) whose body, a model-local function of ai.onnx opset-18 ops (:mod:`._local`),
+lets stock ONNX Runtime run it on any execution provider. The body mirrors
+:func:`effexport.custom_ops.cca.cca_reference`:
 
 * ``concat(conv_state, concat(q~, k~)^T)`` along time, then two ``Conv`` nodes: the depthwise one
   (``group = C``) and the grouped one (``group = Hq + Hk``). ``group`` is an ONNX attribute, so it
@@ -26,6 +29,7 @@ import torch
 from onnxscript import opset18 as op
 
 from effexport.exporter.onnx import _build as b
+from effexport.exporter.onnx._local import call, declare
 
 __all__ = ["TRANSLATIONS", "cca"]
 
@@ -55,21 +59,30 @@ def _rope_rotate_half(x, cos, sin, rot: int, d: int):
     return op.Concat(out, op.Slice(x, b.ints([rot]), b.ints([d]), b.ints([-1])), axis=-1)
 
 
-def cca(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperature, cos, sin,
-        conv_state, shift_state, conv0_bias=None, conv1_bias=None):
-    """``effexport::cca`` -> two ``Conv`` nodes plus elementwise ops (both profiles).
+_INPUTS = ("q_down", "k_down", "v_cur", "v_del_src", "conv0_weight", "conv1_weight", "temperature", "cos",
+           "sin", "conv_state", "shift_state", "conv0_bias", "conv1_bias")
 
-    Static at translation time: ``C``, ``K0`` (conv0_weight), ``d``, ``K1`` (conv1_weight),
-    ``Hk`` (temperature), ``P`` (conv_state), ``rot`` (cos). Batch and T stay dynamic."""
+
+def _dims(q_down, conv0_weight, conv1_weight, temperature, conv_state, cos) -> dict[str, int]:
+    """The static parameters: ``C`` (conv0_weight), ``d`` (conv1_weight), ``Hk`` (temperature),
+    ``P`` (conv_state), ``rot`` (cos), and ``Hq = C/d - Hk``. Batch and T stay dynamic."""
     channels = b.static_dim(conv0_weight, 0, "cca conv0_weight")
     d = b.static_dim(conv1_weight, 1, "cca conv1_weight")
-    hk = b.static_dim(temperature, 0, "cca temperature")
-    p = b.static_dim(conv_state, 2, "cca conv_state")
-    rot = b.static_dim(cos, 1, "cca cos")
     if channels % d:
         raise ValueError(f"cca: {channels} channels are not a multiple of the head size {d}")
-    hq = channels // d - hk
-    g = hq // hk
+    hk = b.static_dim(temperature, 0, "cca temperature")
+    return dict(num_heads=channels // d - hk, kv_num_heads=hk, head_size=d,
+                conv_state_size=b.static_dim(conv_state, 2, "cca conv_state"),
+                rotary_dim=b.static_dim(cos, 1, "cca cos"))
+
+
+def _cca_body(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperature, cos, sin,
+              conv_state, shift_state, conv0_bias=None, conv1_bias=None):
+    """The body: two ``Conv`` nodes plus elementwise ops."""
+    dims = _dims(q_down, conv0_weight, conv1_weight, temperature, conv_state, cos)
+    hq, hk, d, p, rot = (dims[k] for k in ("num_heads", "kv_num_heads", "head_size", "conv_state_size",
+                                           "rotary_dim"))
+    channels, g = (hq + hk) * d, hq // hk
     eps = _EPS.get(getattr(q_down.dtype, "name", "FLOAT"), _EPS["FLOAT"])
     t_len = op.Shape(q_down, start=1, end=2)  # [1]
 
@@ -107,6 +120,19 @@ def cca(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperatur
     k = _rope_rotate_half(op.Transpose(k, perm=[0, 2, 1, 3]), cos, sin, rot, d)  # [B, Hk, T, d]
     v = op.Transpose(v, perm=[0, 2, 1, 3])  # [B, Hk, T, d]
     return q, k, v, new_conv_state, new_shift_state
+
+
+def cca(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperature, cos, sin,
+        conv_state, shift_state, conv0_bias=None, conv1_bias=None):
+    """``effexport::cca`` -> one ``effexport::cca`` node with its body (both profiles)."""
+    args = (q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperature, cos, sin,
+            conv_state, shift_state, conv0_bias, conv1_bias)
+    return call("cca", _cca_body, args, _dims(q_down, conv0_weight, conv1_weight, temperature, conv_state, cos))
+
+
+declare("cca", _INPUTS, ("q", "k", "v", "new_conv_state", "new_shift_state"),
+        [(a, int) for a in ("num_heads", "kv_num_heads", "head_size", "conv_state_size", "rotary_dim")],
+        optional=("conv0_bias", "conv1_bias"), doc="ZAYA1 compressed convolutional attention q/k/v (effexport::cca).")
 
 
 def _table():

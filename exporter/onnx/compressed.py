@@ -2,8 +2,11 @@
 ``kv_compress_step``, ``indexer_topk``, ``sparse_attention`` and ``sparse_attention_ring``.
 
 One translation per op serves both profiles (``ort`` and ``standard``): none has a contrib or
-standard equivalent, and only ai.onnx opset-18 ops are used, so stock ONNX Runtime runs them on
-any execution provider. Each lowering follows its eager reference (the parity oracle) step by step:
+standard equivalent. Every call becomes one ``effexport::<op>`` node carrying the op's keyword
+parameters as attributes (``ratio``, ``overlap``, ``eps``, ``rope_dim`` / ``topk`` / ``scale``,
+``window``), whose body is a model-local function of ai.onnx opset-18 ops (:mod:`._local`), so stock
+ONNX Runtime runs them on any execution provider. Each body follows its eager reference (the parity
+oracle) step by step:
 
 * ``kv_compress``: ``Reshape`` to ``[B, n, r, coff*c]`` blocks + ``Softmax`` over ``r`` (overlap:
   ``Concat`` of the previous block's first half and the current block's second half), RMSNorm,
@@ -34,6 +37,7 @@ import torch
 from onnxscript import opset18 as op
 
 from effexport.exporter.onnx import _build as b
+from effexport.exporter.onnx._local import call, declare
 
 __all__ = ["TRANSLATIONS", "kv_compress", "kv_compress_step", "indexer_topk", "sparse_attention",
            "sparse_attention_ring"]
@@ -95,7 +99,7 @@ def _with_ape(z, ape, positions, ratio: int):
 
 
 # -------------------------------------------------------------------------------- kv_compress
-def kv_compress(a, z, ape, norm_weight, inv_freq, *, ratio: int, overlap: bool, eps: float,
+def _kv_compress(a, z, ape, norm_weight, inv_freq, *, ratio: int, overlap: bool, eps: float,
                 rope_dim: int):
     """``effexport::kv_compress`` -> ``(entries [B, T//r, c], state_a, state_z)``."""
     r, width = ratio, b.static_dim(ape, 1, "kv_compress ape")
@@ -137,7 +141,7 @@ def kv_compress(a, z, ape, norm_weight, inv_freq, *, ratio: int, overlap: bool, 
     return entries, state_a, state_z
 
 
-def kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, state_z, pos, *,
+def _kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, state_z, pos, *,
                      ratio: int, overlap: bool, eps: float, rope_dim: int):
     """``effexport::kv_compress_step`` -> ``(comp_cache', state_a', state_z')`` (static shapes)."""
     r, width = ratio, b.static_dim(ape, 1, "kv_compress_step ape")
@@ -193,7 +197,7 @@ def kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, stat
 
 
 # ------------------------------------------------------------------------------- indexer_topk
-def indexer_topk(q, w, k_idx, pos, *, ratio: int, topk: int):
+def _indexer_topk(q, w, k_idx, pos, *, ratio: int, topk: int):
     """``effexport::indexer_topk`` -> ``idx [B, T, topk]`` int64 (TopK; -1 past the visible)."""
     keys = op.Unsqueeze(op.Transpose(b.to_float(k_idx), perm=[0, 2, 1]), b.ints([1]))  # [B, 1, di, N]
     scores = op.Relu(op.MatMul(b.to_float(q), keys))  # [B, T, Hi, N]
@@ -262,7 +266,7 @@ def _attend(q, kv, kv_pos, comp, idx, sink, q_pos, scale: float, window: int, ra
     return b.cast_like(out, q.dtype)
 
 
-def sparse_attention(q, kv, comp, idx, sink, pos, *, scale: float, window: int, ratio: int):
+def _sparse_attention(q, kv, comp, idx, sink, pos, *, scale: float, window: int, ratio: int):
     """``effexport::sparse_attention``: raw entries as a sequence ending at ``pos + T - 1``."""
     t_len, s_len = b.dim(q, 1), b.dim(kv, 1)
     q_pos = b.arange(pos, t_len)
@@ -270,13 +274,65 @@ def sparse_attention(q, kv, comp, idx, sink, pos, *, scale: float, window: int, 
     return _attend(q, kv, kv_pos, comp, idx, sink, q_pos, scale, window, ratio)
 
 
-def sparse_attention_ring(q, kv_ring, comp, idx, sink, pos, *, scale: float, window: int, ratio: int):
+def _sparse_attention_ring(q, kv_ring, comp, idx, sink, pos, *, scale: float, window: int, ratio: int):
     """``effexport::sparse_attention_ring``: slot ``s`` holds the newest position ``== s mod W``."""
     slots = b.static_dim(kv_ring, 1, "sparse_attention_ring kv_ring")
     t_len = b.dim(q, 1)
     last = op.Sub(op.Add(pos, t_len), b.i64(1))
     kv_pos = op.Sub(last, op.Mod(op.Sub(last, op.Range(b.i64(0), b.i64(slots), b.i64(1))), b.i64(slots)))
     return _attend(q, kv_ring, kv_pos, comp, idx, sink, b.arange(pos, t_len), scale, window, ratio)
+
+
+# ------------------------------------------------------------------------- nodes and schemas
+_SCHEMAS = {  # name: (body, inputs, outputs, attributes, optional inputs)
+    "kv_compress": (_kv_compress, ("a", "z", "ape", "norm_weight", "inv_freq"),
+                    ("entries", "new_state_a", "new_state_z"),
+                    (("ratio", int), ("overlap", int), ("eps", float), ("rope_dim", int)), ()),
+    "kv_compress_step": (_kv_compress_step, ("a", "z", "ape", "norm_weight", "inv_freq", "comp_cache", "state_a",
+                                             "state_z", "pos"), ("new_comp_cache", "new_state_a", "new_state_z"),
+                         (("ratio", int), ("overlap", int), ("eps", float), ("rope_dim", int)), ()),
+    "indexer_topk": (_indexer_topk, ("q", "w", "k_idx", "pos"), ("idx",), (("ratio", int), ("topk", int)), ()),
+    "sparse_attention": (_sparse_attention, ("q", "kv", "comp", "idx", "sink", "pos"), ("out",),
+                         (("scale", float), ("window", int), ("ratio", int)), ("idx",)),
+    "sparse_attention_ring": (_sparse_attention_ring, ("q", "kv_ring", "comp", "idx", "sink", "pos"), ("out",),
+                              (("scale", float), ("window", int), ("ratio", int)), ("idx",)),
+}
+for _name, (_, _inputs, _outputs, _attrs, _optional) in _SCHEMAS.items():
+    declare(_name, _inputs, _outputs, _attrs, optional=_optional, doc=f"DeepSeek V4 effexport::{_name}.")
+
+
+def _node(name: str, *args, **params):
+    """One ``effexport::<name>`` node; ``params`` are both its attributes and the body's arguments."""
+    return call(name, _SCHEMAS[name][0], args, params, params)
+
+
+def kv_compress(a, z, ape, norm_weight, inv_freq, *, ratio: int, overlap: bool, eps: float, rope_dim: int):
+    """``effexport::kv_compress`` -> one node; outputs ``(entries [B, T//r, c], state_a, state_z)``."""
+    return _node("kv_compress", a, z, ape, norm_weight, inv_freq, ratio=ratio, overlap=overlap, eps=eps,
+                 rope_dim=rope_dim)
+
+
+def kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, state_z, pos, *, ratio: int,
+                     overlap: bool, eps: float, rope_dim: int):
+    """``effexport::kv_compress_step`` -> one node; outputs keep the cache and state shapes."""
+    return _node("kv_compress_step", a, z, ape, norm_weight, inv_freq, comp_cache, state_a, state_z, pos,
+                 ratio=ratio, overlap=overlap, eps=eps, rope_dim=rope_dim)
+
+
+def indexer_topk(q, w, k_idx, pos, *, ratio: int, topk: int):
+    """``effexport::indexer_topk`` -> one node; output ``idx [B, T, topk]`` int64."""
+    return _node("indexer_topk", q, w, k_idx, pos, ratio=ratio, topk=topk)
+
+
+def sparse_attention(q, kv, comp, idx, sink, pos, *, scale: float, window: int, ratio: int):
+    """``effexport::sparse_attention`` -> one node (``idx`` None: HCA / window only)."""
+    return _node("sparse_attention", q, kv, comp, idx, sink, pos, scale=scale, window=window, ratio=ratio)
+
+
+def sparse_attention_ring(q, kv_ring, comp, idx, sink, pos, *, scale: float, window: int, ratio: int):
+    """``effexport::sparse_attention_ring`` -> one node (``idx`` None: HCA / window only)."""
+    return _node("sparse_attention_ring", q, kv_ring, comp, idx, sink, pos, scale=scale, window=window,
+                 ratio=ratio)
 
 
 def _table():

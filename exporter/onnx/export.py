@@ -32,7 +32,9 @@ import torch
 
 from effexport.exporter.capture import StepProgram
 from effexport.exporter.errors import LowerError
+from effexport.exporter.onnx._local import attach, types_kept
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
+from effexport.exporter.structure_only import placeholder_meta_weights
 from effexport.passes.cache_plan import CachePlan
 
 __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
@@ -88,15 +90,18 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
 def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_names=None,
           output_names=None) -> onnx.ModelProto:
     """``torch.onnx.export`` (dynamo) of a module or ExportedProgram with the profile's translation
-    table and opset, then onnxscript's optimizer *without* function inlining, so every
-    ``effexport``-domain node keeps its function body in ``model.functions``."""
+    table and opset, then onnxscript's optimizer *without* function inlining; finally every
+    ``effexport``-domain node gets its function body in ``model.functions`` (:mod:`._local`)."""
     program = torch.onnx.export(
         module, args, dynamo=True, input_names=input_names, output_names=output_names,
         dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
         opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
-    onnxscript.optimizer.optimize_ir(program.model, inline=False)
+    placeholder_meta_weights(program.model)  # --weights none: meta weights -> external refs, no data
+    with types_kept(program.model):
+        onnxscript.optimizer.optimize_ir(program.model, inline=False)
     model = program.model_proto
     model.ir_version = IR_VERSION[profile]
+    attach(model)
     return model
 
 

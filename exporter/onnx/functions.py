@@ -1,18 +1,17 @@
-"""Lowering of the ops with no standard or contrib equivalent, as ONNX functions of standard ops.
+"""Lowering of the mHC ops as ``effexport``-domain nodes with generic ONNX function bodies.
 
-Each body is an onnxscript ``@script`` function in the ``effexport`` domain (opset 1), and the
-matching ``effexport::<op>`` schema is registered in ``onnx.defs`` on import. Sinkhorn's iterations
-are an ONNX ``Loop`` (trip count from the ``iters`` attribute), never unrolled.
+Each body is an onnxscript ``@script`` function in the ``effexport`` domain (opset 1) whose static
+parameters (``iters``, ``eps``, ``norm_eps``) are ONNX attributes, so one function serves every call
+site; the matching ``effexport::<op>`` schema is registered in ``onnx.defs`` on import. Sinkhorn's
+iterations are an ONNX ``Loop`` (trip count from the ``iters`` attribute), never unrolled.
 
-Measured with torch 2.13 / onnxscript 0.7: ``torch.onnx`` records the function's *body* at the
-call site instead of an ``effexport::<op>`` node plus a ``model.functions`` entry (also with
-``optimize=False`` and when the ``OnnxFunction`` itself is the translation), so exported graphs
-hold the standard ops (one ``Loop`` per Sinkhorn) and no ``effexport``-domain node. Stock ONNX
-Runtime runs them; keeping the call as one node (to swap in a faster kernel) is open work.
+The translations emit one ``effexport::<op>`` node per call through :func:`._local.call_script`;
+the body reaches ``model.functions`` when :func:`._local.attach` runs after the export (torch.onnx
+would otherwise inline it, see :mod:`._local`).
 
 Covered: ``sinkhorn``, ``mhc_pre``, ``mhc_post``, ``mhc_head`` (mHC, DeepSeek V4). Not covered here:
 ``cca`` (:mod:`.cca`) and the DeepSeek compressor / indexer / sparse attention (:mod:`.compressed`),
-which lower directly to standard ops. Bodies compute in fp32 and cast back, as the eager ops do.
+whose bodies are recorded per call site. Bodies compute in fp32 and cast back, as the eager ops do.
 """
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ import onnxscript
 from onnxscript import FLOAT, script
 from onnxscript import opset18 as op
 
+from effexport.exporter.onnx._local import call_script
 from effexport.exporter.onnx._schemas import EFFEXPORT_DOMAIN, ensure_schema
 
 __all__ = ["TRANSLATIONS", "FUNCTIONS"]
@@ -104,23 +104,23 @@ def mhc_head(x, fn, base, scale, eps: float, norm_eps: float) -> FLOAT:
 
 # ------------------------------------------------------------------------------ translations
 def _sinkhorn(logits, iters: int = 20, eps: float = 1e-6):
-    """``effexport::sinkhorn`` -> the ``effexport.sinkhorn`` function (a Loop inside)."""
-    return sinkhorn(logits, iters=iters, eps=eps)
+    """``effexport::sinkhorn`` -> one node, body the ``effexport.sinkhorn`` function (a Loop inside)."""
+    return call_script(sinkhorn, [logits], dict(iters=iters, eps=eps))
 
 
 def _mhc_pre(x, fn, base, scale, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
-    """``effexport::mhc_pre`` -> the ``effexport.mhc_pre`` function."""
-    return mhc_pre(x, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
+    """``effexport::mhc_pre`` -> one node, body the ``effexport.mhc_pre`` function."""
+    return call_script(mhc_pre, [x, fn, base, scale], dict(iters=iters, eps=eps, norm_eps=norm_eps))
 
 
 def _mhc_post(x, f, post, comb):
-    """``effexport::mhc_post`` -> the ``effexport.mhc_post`` function."""
-    return mhc_post(x, f, post, comb)
+    """``effexport::mhc_post`` -> one node, body the ``effexport.mhc_post`` function."""
+    return call_script(mhc_post, [x, f, post, comb], {})
 
 
 def _mhc_head(x, fn, base, scale, eps: float = 1e-6, norm_eps: float = 1e-6):
-    """``effexport::mhc_head`` -> the ``effexport.mhc_head`` function."""
-    return mhc_head(x, fn, base, scale, eps=eps, norm_eps=norm_eps)
+    """``effexport::mhc_head`` -> one node, body the ``effexport.mhc_head`` function."""
+    return call_script(mhc_head, [x, fn, base, scale], dict(eps=eps, norm_eps=norm_eps))
 
 
 _ANY_FLOAT = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]

@@ -1,0 +1,303 @@
+"""Hugging Face transformers models as effexport input: a directory (config.json + safetensors, no
+network) or an in-memory causal LM, adapted to effexport's step contract.
+
+The step contract (``exporter/capture.py``): ``forward(input_ids [B, T], past=None) -> (logits
+[B, T, V], present)`` where ``past`` / ``present`` are flat dicts of per-layer tensors named
+``"{layer}.{name}"``. :class:`HFStep` runs the transformers model *as written* -- its own mask
+helpers, RoPE, attention implementation, MoE routing and the Gemma ``shared_kv_states`` side channel
+-- and only supplies the cache object: a transformers ``Cache`` whose layers are HF's own layer
+classes for the config (``DynamicCache(config=...)``), except that
+
+* sliding-window layers keep every token (``DynamicLayer`` instead of ``DynamicSlidingWindowLayer``):
+  the step graph then holds ``cat(past, new)`` and HF's sliding mask over the whole cache, which the
+  passes recognise (mask probing) and turn into a W-slot ring -- the same as for the samples;
+* KV-sharing consumers keep HF's ``DummyLayer`` (no cache; they read the producer's K/V through
+  HF's side channel, so the captured graph shows consumers attending the producer's K/V nodes);
+* linear-attention layers (ZAYA's conv window and delayed-value state) keep HF's classes with a
+  functional state update (:class:`_FunctionalLinearState`); their states are cache entries
+  ``"{layer}.conv{i}"`` / ``"{layer}.rec{i}"`` next to ``"{layer}.k"`` / ``"{layer}.v"``.
+
+Before every call each layer is filled from ``past`` (empty on prefill), after it the updated tensors
+are read back into ``present``. Adapters that change what the model computes are avoided; where a
+transformers default does not export (the MoE ``grouped_mm`` experts kernel, flash/flex attention)
+the model is switched to the equivalent implementation transformers itself offers
+(``batched_mm`` experts, ``sdpa`` attention), see :func:`prepare_module`.
+
+Not covered: encoder-decoder and multimodal models (the text decoder of a multimodal checkpoint is
+not extracted), padding masks (batch items share positions), beam search caches, quantized caches.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+from torch import nn
+
+from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
+
+# config.json model types of the causal LMs verified end to end (tests/test_hf.py); exporter/loading.py
+# refuses directories of other types. The multimodal "gemma4" / "gemma3n" checkpoints load as
+# ...ForConditionalGeneration and are not verified: save the text model (...ForCausalLM) instead.
+SUPPORTED_MODEL_TYPES = ("llama", "gemma4_text", "gemma3n_text", "laguna", "zaya")
+# model types known not to capture, and why (one line each; the user gets it as the error)
+UNSUPPORTED_MODEL_TYPES = {
+    "deepseek_v4": "transformers' DeepSeek V4 is not supported yet: its cache layers crop the sliding "
+                   "K=V cache in place and keep Python-int compressor counters and token buffers of "
+                   "T mod ratio tokens, which effexport cannot pass as step inputs; export the built-in "
+                   "sample 'deepseek-v4-flash:tiny' instead",
+}
+# attention implementations that torch.export captures as plain graphs (others are switched to sdpa)
+EXPORTABLE_ATTENTION = ("sdpa", "eager")
+# the MoE experts implementation that exports (the default grouped_mm is an op with no ONNX lowering)
+EXPORTABLE_EXPERTS = "batched_mm"
+
+# per-state-index tensors of linear-attention cache layers (conv window, recurrent state)
+LINEAR_STATE = (("conv_states", "conv"), ("recurrent_states", "rec"))
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise BackendMissingError("Hugging Face models need transformers: pip install 'effexport[hf]'") from None
+    return transformers
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get else config
+
+
+def prepare_module(module: nn.Module) -> nn.Module:
+    """Switch ``module`` (in place) to implementations torch.export captures: eval mode, ``sdpa``
+    attention unless it is ``sdpa`` or ``eager`` already, ``batched_mm`` MoE experts."""
+    module.eval()
+    config = module.config
+    if getattr(config, "_attn_implementation", None) not in EXPORTABLE_ATTENTION:
+        module.set_attn_implementation("sdpa")
+    if getattr(config, "_experts_implementation", None) not in (None, EXPORTABLE_EXPERTS):
+        module.set_experts_implementation(EXPORTABLE_EXPERTS)
+    return module
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    """The forward's name for the cache argument (``cache`` from transformers 5.x, else
+    ``past_key_values``)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class HFStep(nn.Module):
+    """A transformers causal LM as an effexport step model: ``forward(input_ids, past=None) ->
+    (logits, present)``; the wrapped model is ``self.hf``."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = prepare_module(hf_model)
+        self.cache_arg = _cache_kwarg(hf_model)
+
+    def new_cache(self):
+        """HF's cache layers for this config: sliding layers replaced by full-length ones, linear-
+        attention states made functional (see :func:`_export_layer`)."""
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.hf.config)
+        cache.layers = [_export_layer(layer) for layer in cache.layers]
+        return cache
+
+    def forward(self, input_ids: torch.Tensor, past: dict[str, torch.Tensor] | None = None):
+        """Run ``input_ids [B, T]`` after the tokens held in ``past`` (None: from position 0)."""
+        cache = self.new_cache()
+        if past:
+            for i, layer in enumerate(cache.layers):
+                _fill_layer(layer, i, past)
+        out = self.hf(input_ids=input_ids, use_cache=True, **{self.cache_arg: cache})
+        present: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(cache.layers):
+            present.update(_read_layer(layer, i))
+        return out.logits, present
+
+
+def _export_layer(layer):
+    """One HF cache layer as the step graph needs it.
+
+    ``DynamicSlidingWindowLayer`` -> ``DynamicLayer`` (keeps every token; the hybrid sliding layer
+    likewise -> the hybrid full layer). Linear-attention layers update their conv / recurrent
+    states with ``copy_`` into the previous tensor (a static address for CUDA graphs); here that
+    tensor is a step input, so the layer is re-made as a subclass that assigns the new tensor
+    instead (same values, no input mutation in the captured graph)."""
+    from transformers import cache_utils as cu
+
+    full = {cu.DynamicSlidingWindowLayer: cu.DynamicLayer}
+    hybrid_sliding = getattr(cu, "LinearAttentionAndSlidingWindowAttentionLayer", None)
+    if hybrid_sliding is not None:
+        full[hybrid_sliding] = cu.LinearAttentionAndFullAttentionLayer
+    kind = type(layer)
+    if kind in full:
+        linear = getattr(layer, "number_of_states", None)
+        layer = full[kind]() if linear is None else full[kind](number_of_states=linear)
+    mixin = getattr(cu, "LinearAttentionCacheLayerMixin", None)
+    if mixin is not None and isinstance(layer, mixin):
+        functional = _functional_class(type(layer))
+        swapped = functional.__new__(functional)
+        swapped.__dict__.update(layer.__dict__)
+        layer = swapped
+    return layer
+
+
+_FUNCTIONAL: dict[type, type] = {}
+
+
+def _functional_class(kind: type) -> type:
+    if kind not in _FUNCTIONAL:
+        _FUNCTIONAL[kind] = type(f"Functional{kind.__name__}", (_FunctionalLinearState, kind), {})
+    return _FUNCTIONAL[kind]
+
+
+class _FunctionalLinearState:
+    """Conv / recurrent state updates that assign instead of ``copy_`` (mixed in before the HF
+    linear-attention layer class); values as ``LinearAttentionLayer.update_*_state``."""
+
+
+    def update_conv_state(self, conv_states, state_idx: int = 0, conv_kernel_size=None, **kwargs):
+        if self.conv_kernel_size[state_idx] is None:
+            self.conv_kernel_size[state_idx] = conv_kernel_size or conv_states.shape[-1]
+        width = self.conv_kernel_size[state_idx]
+        if conv_states.shape[-1] >= width:  # the new window alone fills the state
+            full = conv_states
+        elif self.has_previous_state[state_idx]:
+            full = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
+        else:
+            full = torch.nn.functional.pad(conv_states, (width - conv_states.shape[-1], 0))
+        self.has_previous_state[state_idx] = True
+        self.conv_states[state_idx] = full[..., -width:]
+        self.is_conv_states_initialized[state_idx] = True
+        return full
+
+    def update_recurrent_state(self, recurrent_states, state_idx: int = 0, **kwargs):
+        self.recurrent_states[state_idx] = recurrent_states
+        self.is_recurrent_states_initialized[state_idx] = True
+        return recurrent_states
+
+
+def _is_linear(layer) -> bool:
+    return hasattr(layer, "conv_states") and hasattr(layer, "has_previous_state")
+
+
+def _is_kv(layer) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return isinstance(layer, DynamicLayer)
+
+
+def _fill_layer(layer, index: int, past: dict) -> None:
+    """Put ``past["{index}.*"]`` into an HF cache layer (nothing if it has none)."""
+    if _is_kv(layer) and f"{index}.k" in past:
+        layer.keys, layer.values = past[f"{index}.k"], past[f"{index}.v"]
+        layer.device, layer.is_initialized = layer.keys.device, True
+    if _is_linear(layer):
+        for i in range(layer.number_of_states):
+            conv, rec = past.get(f"{index}.conv{i}"), past.get(f"{index}.rec{i}")
+            if conv is not None:
+                layer.conv_states[i], layer.conv_kernel_size[i] = conv, conv.shape[-1]
+                layer.is_conv_states_initialized[i] = layer.has_previous_state[i] = True
+                layer.dtype, layer.device = conv.dtype, conv.device
+            if rec is not None:
+                layer.recurrent_states[i] = rec
+                layer.is_recurrent_states_initialized[i] = layer.has_previous_state[i] = True
+
+
+def _read_layer(layer, index: int) -> dict:
+    """The tensors an HF cache layer holds after a call, by cache name."""
+    out = {}
+    if _is_kv(layer) and getattr(layer, "is_initialized", False) and layer.keys is not None:
+        out[f"{index}.k"], out[f"{index}.v"] = layer.keys, layer.values
+    if _is_linear(layer):
+        for attr, name in LINEAR_STATE:
+            for i, tensor in getattr(layer, attr).items():
+                if tensor is not None:
+                    out[f"{index}.{name}{i}"] = tensor
+    return out
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _loaded(step: HFStep, name: str, source: dict):
+    from effexport.exporter.loading import LoadedModel
+
+    text = _text_config(step.hf.config)
+    return LoadedModel(name=name, model=step, vocab_size=int(text.vocab_size), sample=None,
+                       source={"kind": "hf", "model_type": getattr(text, "model_type", None),
+                               "class": type(step.hf).__name__,
+                               "attn_implementation": step.hf.config._attn_implementation, **source})
+
+
+def wrap_hf_module(module: nn.Module, name: str | None = None):
+    """An in-memory transformers causal LM (``...ForCausalLM``) as a LoadedModel."""
+    _transformers()
+    if not any(cls.__name__.endswith("ForCausalLM") for cls in type(module).__mro__):
+        raise UsageError(f"{type(module).__name__} is not a causal LM; effexport needs the "
+                         "...ForCausalLM class (logits head), e.g. AutoModelForCausalLM")
+    model_type = getattr(_text_config(module.config), "model_type", None)
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise UsageError(f"{type(module).__name__}: {UNSUPPORTED_MODEL_TYPES[model_type]}")
+    step = HFStep(module)
+    return _loaded(step, name or getattr(module.config, "name_or_path", "") or type(module).__name__,
+                   {"module": type(module).__module__})
+
+
+def is_hf_directory(path: str) -> bool:
+    """A directory holding a transformers ``config.json``."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def load_hf_directory(path: str):
+    """A Hugging Face model directory (``config.json`` + ``*.safetensors``) as a LoadedModel, fp32,
+    offline: nothing is downloaded and no remote code runs."""
+    transformers = _transformers()
+    if not is_hf_directory(path):
+        raise LoadError(f"{path!r} is not a Hugging Face model directory (no config.json with a "
+                        "model_type); save one with model.save_pretrained(DIR)")
+    weights = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    if not weights:
+        raise LoadError(f"{path!r} has no *.safetensors weights; save with "
+                        "model.save_pretrained(DIR) (safe_serialization is the default)")
+    try:
+        with _offline():
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                use_safetensors=True)
+    except (ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"cannot load {path!r} as a transformers causal LM: {first}; check that "
+                        "config.json's model_type is supported by the installed transformers "
+                        f"({transformers.__version__})") from None
+    step = HFStep(model)
+    return _loaded(step, os.path.basename(os.path.normpath(path)) or path,
+                   {"path": os.path.abspath(path), "transformers": transformers.__version__})
+
+
+@contextlib.contextmanager
+def _offline():
+    """``HF_HUB_OFFLINE=1`` for the duration of a load (``local_files_only`` already keeps
+    transformers off the network; this covers hub helpers that read the environment)."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
