@@ -40,14 +40,9 @@ from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
 # config.json model types of the causal LMs verified end to end (tests/test_hf.py); exporter/loading.py
 # refuses directories of other types. The multimodal "gemma4" / "gemma3n" checkpoints load as
 # ...ForConditionalGeneration and are not verified: save the text model (...ForCausalLM) instead.
-SUPPORTED_MODEL_TYPES = ("llama", "gemma4_text", "gemma3n_text", "laguna", "zaya")
+SUPPORTED_MODEL_TYPES = ("llama", "gemma4_text", "gemma3n_text", "laguna", "zaya", "deepseek_v4")
 # model types known not to capture, and why (one line each; the user gets it as the error)
-UNSUPPORTED_MODEL_TYPES = {
-    "deepseek_v4": "transformers' DeepSeek V4 is not supported yet: its cache layers crop the sliding "
-                   "K=V cache in place and keep Python-int compressor counters and token buffers of "
-                   "T mod ratio tokens, which effexport cannot pass as step inputs; export the built-in "
-                   "sample 'deepseek-v4-flash:tiny' instead",
-}
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {}
 # attention implementations that torch.export captures as plain graphs (others are switched to sdpa)
 EXPORTABLE_ATTENTION = ("sdpa", "eager")
 # the MoE experts implementation that exports (the default grouped_mm is an op with no ONNX lowering)
@@ -72,11 +67,12 @@ def _text_config(config):
 
 def prepare_module(module: nn.Module) -> nn.Module:
     """Switch ``module`` (in place) to implementations torch.export captures: eval mode, ``sdpa``
-    attention unless it is ``sdpa`` or ``eager`` already, ``batched_mm`` MoE experts."""
+    attention (``eager`` for models without sdpa support, e.g. DeepSeek V4) unless it is ``sdpa`` or
+    ``eager`` already, ``batched_mm`` MoE experts."""
     module.eval()
     config = module.config
     if getattr(config, "_attn_implementation", None) not in EXPORTABLE_ATTENTION:
-        module.set_attn_implementation("sdpa")
+        module.set_attn_implementation("sdpa" if getattr(module, "_supports_sdpa", True) else "eager")
     if getattr(config, "_experts_implementation", None) not in (None, EXPORTABLE_EXPERTS):
         module.set_experts_implementation(EXPORTABLE_EXPERTS)
     return module
@@ -105,8 +101,10 @@ class HFStep(nn.Module):
         attention states made functional (see :func:`_export_layer`)."""
         from transformers.cache_utils import DynamicCache
 
+        config = _text_config(self.hf.config)
         cache = DynamicCache(config=self.hf.config)
-        cache.layers = [_export_layer(layer) for layer in cache.layers]
+        adapter = CACHE_ADAPTERS.get(getattr(config, "model_type", None))
+        cache.layers = adapter(config) if adapter else [_export_layer(layer) for layer in cache.layers]
         return cache
 
     def forward(self, input_ids: torch.Tensor, past: dict[str, torch.Tensor] | None = None):
@@ -196,6 +194,8 @@ def _is_kv(layer) -> bool:
 
 def _fill_layer(layer, index: int, past: dict) -> None:
     """Put ``past["{index}.*"]`` into an HF cache layer (nothing if it has none)."""
+    if isinstance(layer, _StepState):
+        return layer.fill(index, past)
     if _is_kv(layer) and f"{index}.k" in past:
         layer.keys, layer.values = past[f"{index}.k"], past[f"{index}.v"]
         layer.device, layer.is_initialized = layer.keys.device, True
@@ -213,6 +213,8 @@ def _fill_layer(layer, index: int, past: dict) -> None:
 
 def _read_layer(layer, index: int) -> dict:
     """The tensors an HF cache layer holds after a call, by cache name."""
+    if isinstance(layer, _StepState):
+        return layer.read(index)
     out = {}
     if _is_kv(layer) and getattr(layer, "is_initialized", False) and layer.keys is not None:
         out[f"{index}.k"], out[f"{index}.v"] = layer.keys, layer.values
@@ -222,6 +224,131 @@ def _read_layer(layer, index: int) -> dict:
                 if tensor is not None:
                     out[f"{index}.{name}{i}"] = tensor
     return out
+
+
+# -------------------------------------------------------------------------------------- DeepSeek V4
+class _StepState:
+    """A cache layer whose whole state lives in the step's ``past`` / ``present`` dicts (``fill``
+    before the call, ``read`` after it) -- for models whose own cache layers keep state that is not a
+    tensor."""
+
+    def fill(self, index: int, past: dict) -> None:
+        raise NotImplementedError
+
+    def read(self, index: int) -> dict:
+        raise NotImplementedError
+
+
+# DeepSeek V4 compressor state names (HF cache dict key -> effexport cache names: entries, kv, gate)
+DEEPSEEK_STATES = {"compressor": ("comp", "comp_kv_state", "comp_gate_state"),
+                   "indexer": ("index_k", "index_kv_state", "index_gate_state")}
+DEEPSEEK_NAMES = {"compressed_sparse_attention": ("compressor", "indexer"),
+                  "heavily_compressed_attention": ("compressor",), "sliding_attention": ()}
+
+
+class _DeepseekV4State(_StepState):
+    """One DeepSeek V4 layer's cache as step tensors, replacing ``DeepseekV4HCACache`` /
+    ``DeepseekV4CSACache`` / the sliding layer (transformers' classes keep the compressor's progress
+    in a Python int ``entry_count``, buffer ``T mod ratio`` leftover tokens in tensors whose length
+    changes with the position, and crop the window). Served to HF's own compressor and indexer code
+    through the same three methods, with the same values:
+
+    * ``kv`` ``[B, 1, S, D]``: every token's K=V (``values`` is ``keys``); HF's sliding mask over it
+      is what the passes probe, as for the other families' sliding layers;
+    * per compressor (``compressor``, and ``indexer`` on CSA layers): ``comp`` / ``index_k``
+      ``[B, S // r, d]`` the entries so far, and ``*_kv_state`` / ``*_gate_state`` ``[B, 2r, c]``
+      fixed-size raw projections: rows ``[0, r)`` the last complete window, rows ``[r, r + S mod
+      r)`` the open one (zeros after). The entry count and window start are ``S // r`` with ``S``
+      the cache length, not a counter.
+
+    ``store_compression_weights`` hands the compressor ``prev window + new complete windows + the
+    open window zero-padded to r`` (always >= 2 windows, so HF's ``if n_windows > 0`` / ``> 1``
+    branches take the general path at every length); the CSA overlap then comes from the previous
+    window inside the chunk (``update_overlap_state`` returns nothing), and before position r its
+    first-half gate is ``-inf`` (HF's "no prior window"). ``update_compressor_states`` keeps the
+    entries of the new complete windows (drops the first and the open one) and, on CSA layers,
+    returns them followed by ``index_topk`` zero entries: HF's indexer masks entries at or past
+    ``(pos + 1) // r`` as future and turns such picks into -1, so they are never attended, and
+    ``topk(min(index_topk, N))`` has a fixed k at every length (it would otherwise specialise)."""
+
+    def __init__(self, config, layer_type: str):
+        super().__init__()
+        self.ratio = config.compress_rates.get(layer_type, 0)
+        self.names = DEEPSEEK_NAMES[layer_type]
+        self.overlap = layer_type == "compressed_sparse_attention"
+        self.padding = config.index_topk if self.overlap else 0
+        self.start = 0  # tokens before this call (S of the past); a SymInt while capturing
+        self.entries: dict = {}
+        self.states: dict = {}
+
+    # HF cache-layer interface ---------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = self.keys
+        return self.keys, self.keys
+
+    def store_compression_weights(self, name: str, kv: torch.Tensor, gate: torch.Tensor):
+        r, start = self.ratio, self.start
+        held = start % r
+        kv_state, gate_state = self.states.get(name) or (kv.new_zeros(kv.shape[0], 2 * r, kv.shape[-1]),) * 2
+        kv = torch.cat([kv_state[:, :r + held], kv], dim=1)  # from the previous window's first token
+        gate = torch.cat([gate_state[:, :r + held], gate], dim=1)
+        if self.overlap:  # no window before the first one: its Ca half gets softmax weight 0
+            first = torch.arange(gate.shape[1], device=gate.device) + (start - held) < r
+            half = torch.arange(gate.shape[-1], device=gate.device) < gate.shape[-1] // 2
+            gate = gate.masked_fill(first[:, None] & half, float("-inf"))
+        pad = r - (kv.shape[1] - r) % r  # 1..r: the open window, zero-padded to r rows
+        kv = torch.nn.functional.pad(kv, (0, 0, 0, pad))
+        gate = torch.nn.functional.pad(gate, (0, 0, 0, pad))
+        self.states[name] = (kv[:, -2 * r:], gate[:, -2 * r:])
+        return kv, gate, (start - held) - r
+
+    def update_overlap_state(self, name, chunk_kv, chunk_gate, head_dim):
+        return None, None  # the previous window is the chunk's first one
+
+    def update_compressor_states(self, name: str, compressed: torch.Tensor) -> torch.Tensor:
+        new = compressed[:, 1:-1]  # drop the previous window's and the open window's entries
+        old = self.entries.get(name)
+        self.entries[name] = new if old is None else torch.cat([old, new], dim=1)
+        if not self.padding:
+            return self.entries[name]
+        return torch.nn.functional.pad(self.entries[name], (0, 0, 0, self.padding))
+
+    # step tensors ---------------------------------------------------------------------------
+    def fill(self, index: int, past: dict) -> None:
+        kv = past.get(f"{index}.kv")
+        if kv is None:
+            return
+        self.keys = self.values = kv
+        self.device, self.is_initialized = kv.device, True
+        self.start = kv.shape[-2]
+        for name in self.names:
+            entries, kv_state, gate_state = (past[f"{index}.{n}"] for n in DEEPSEEK_STATES[name])
+            self.entries[name], self.states[name] = entries, (kv_state, gate_state)
+
+    def read(self, index: int) -> dict:
+        out = {f"{index}.kv": self.keys}
+        for name in self.names:
+            entries, kv_state, gate_state = DEEPSEEK_STATES[name]
+            out[f"{index}.{entries}"] = self.entries[name]
+            out[f"{index}.{kv_state}"], out[f"{index}.{gate_state}"] = self.states[name]
+        return out
+
+
+def _deepseek_v4_layers(config) -> list:
+    """A DeepSeek V4 cache: one :class:`_DeepseekV4State` layer per decoder layer."""
+    from transformers.cache_utils import DynamicLayer
+
+    if "deepseek_v4" not in _STATE_CLASSES:
+        _STATE_CLASSES["deepseek_v4"] = type("DeepseekV4StepLayer", (_DeepseekV4State, DynamicLayer), {})
+    return [_STATE_CLASSES["deepseek_v4"](config, kind) for kind in config.layer_types]
+
+
+_STATE_CLASSES: dict[str, type] = {}
+# model types whose HF cache layers are replaced as a whole (``config -> layers``)
+CACHE_ADAPTERS = {"deepseek_v4": _deepseek_v4_layers}
 
 
 # ----------------------------------------------------------------------------------------- loading

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 S, F = "sliding_attention", "full_attention"
+CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
 WINDOW = 6  # sliding window of the tiny configs: smaller than every prompt the tests use
 
 FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
@@ -51,13 +52,29 @@ FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
         head_dim=16, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=1, router_hidden_size=16,
         max_position_embeddings=256),
         dict(sites=2, ring=0, full=2, consumers=0, sliding=0, windows=set(), states=4, cca=2)),
+    # DeepSeek V4: window-only, CSA (ratio 4, indexer top-4), HCA (ratio 16), CSA; window 8; mHC with
+    # 4 streams; hash-routed MoE on layer 0, top-k MoE after
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        head_dim=32, q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, o_groups=2,
+        o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4, layer_types=[S, CSA, HCA, CSA],
+        compress_rates={CSA: 4, HCA: 16}, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        max_position_embeddings=256),
+        dict(layers=4, csa=2, hca=1, window=8)),
 }
 
 
-def build(family: str, attn_implementation: str = "sdpa", seed: int = 0):
-    """The tiny HF model of ``family`` (eval mode, fp32, deterministic random weights)."""
+EAGER_ONLY = {"deepseek_v4": "eager"}  # families whose HF class refuses sdpa
+DEEPSEEK_OFFSETS = ("sinks", "position_bias", "base", "hc_base")
+DEEPSEEK_SCALES = ("scale", "hc_scale")
+
+
+def build(family: str, attn_implementation: str | None = None, seed: int = 0):
+    """The tiny HF model of ``family`` (eval mode, fp32, deterministic random weights); attention
+    ``sdpa`` unless the family supports ``eager`` only (DeepSeek V4)."""
     import transformers
 
+    attn_implementation = attn_implementation or EAGER_ONLY.get(family, "sdpa")
     config_cls, model_cls, kwargs, _ = FAMILIES[family]
     config = getattr(transformers, config_cls)(**kwargs)
     config._attn_implementation = attn_implementation
@@ -65,8 +82,24 @@ def build(family: str, attn_implementation: str = "sdpa", seed: int = 0):
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # parameters HF initialises to constants that would hide a mechanism
         for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
             if name.endswith("qk_norm.temp"):  # ZAYA key temperature (zeros: every key would be 0)
                 param.copy_(1 + 0.2 * torch.randn(param.shape))
+            elif leaf in DEEPSEEK_OFFSETS:  # DeepSeek sinks, compressor position bias, mHC biases (zeros)
+                param.copy_(0.5 * torch.randn(param.shape))
+            elif leaf in DEEPSEEK_SCALES:  # mHC gate scales (ones)
+                param.copy_(1 + 0.1 * torch.randn(param.shape))
+        for name, buf in model.named_buffers():
+            if name.endswith("tid2eid"):  # DeepSeek hash routing (zeros: every token to expert 0, twice)
+                experts = model.config.n_routed_experts
+                buf.copy_(torch.rand(buf.shape[0], experts).argsort(-1)[:, :buf.shape[1]])
+        for module in model.modules():
+            if type(module).__name__ == "DeepseekV4Indexer":
+                # heads h + H/2 query with -q_h: one ReLU term of every score is positive, so no two
+                # entries tie at 0 (HF's topk order among ties is not specified)
+                w = module.q_b_proj.weight.view(module.num_heads, module.head_dim, -1)
+                half = module.num_heads // 2
+                w[half:2 * half] = -w[:half]
     return model
 
 
