@@ -5,19 +5,21 @@ Every weight that has no data (a ``meta`` tensor) becomes an ONNX *external data
 ``data_location = EXTERNAL`` with ``location = model.onnx.data`` and the offset/length the tensor
 would have if the weights were written there one after another in graph order. The data file itself
 is not written, so the artifact is a few MB whatever the model size. The graph is the one a weighted
-build lowers (same ops, I/O, CachePlan), except that onnxscript's optimizer cannot fold
-weight-only subexpressions (e.g. ``1 + norm.weight``) it cannot read: they stay as nodes.
+build lowers (same ops, I/O, CachePlan), except where onnxscript's optimizer would use weight values:
+weight-only subexpressions (e.g. ``1 + norm.weight``) are not folded and value-dependent rewrite
+rules (e.g. dropping an all-zero Conv bias) do not fire, so a few more nodes remain.
 
-What works with such a graph: ``onnx.checker.check_model(proto, full_check=True)`` on the loaded proto
-(the checker looks for external files only when given a path), ``onnx.load(path,
-load_external_data=False)``, graph inspection, shape inference. What does not: running it (ONNX
-Runtime needs the data; there is no parity check), ``onnx.checker.check_model(path)``.
+What works with such a graph: ``onnx.load(path, load_external_data=False)``, graph inspection, shape
+inference, and ``onnx.checker.check_model(path, full_check=True)`` while a file stands in for the
+data (the checker wants it to exist; :func:`check_structure` puts a sparse one there during the
+check). What does not: running it (ONNX Runtime needs the data; there is no parity check).
 
-``placeholder_meta_weights`` is called by :func:`effexport.exporter.onnx.export.lower` before the
-optimizer (a no-op for weighted models); ``ResourceMeter`` measures a build's time and peak RSS.
+``meta_weights_as_external`` wraps the optimizer in :func:`effexport.exporter.onnx.export.lower`
+(a no-op for weighted models); ``ResourceMeter`` measures a build's time and peak RSS.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -33,24 +35,25 @@ _NO_DATA_DIR = "/nonexistent-effexport-structure-only"  # reads raise FileNotFou
 
 
 class _Placeholder(ir.ExternalTensor):
-    """An external data reference whose data does not exist. ``numpy()`` raises FileNotFoundError
-    (constant folding: 'value unknown'); ``tobytes()`` returns the tensor's name, so the optimizer's
-    initializer deduplication (which compares the bytes of small initializers) never merges two."""
+    """An external data reference whose data does not exist (``numpy()`` raises FileNotFoundError);
+    ``tobytes()`` returns the tensor's name, so two placeholders never compare equal."""
 
     def tobytes(self) -> bytes:
         return f"effexport-placeholder:{self.name}".encode()
 
 
 class _QuietPlaceholders(logging.Filter):
-    """Drops onnxscript's constant-folding warnings about values it cannot read: 'External data for
-    value X is not available' and the evaluation of a node with such an input ('NoneType'). Only
-    placeholders cause them (a weighted build's external data is written after the optimizer), and a
-    real-size graph would print one per weight."""
+    """Drops the optimizer's warnings about weights without values ('Skipped deduplication of
+    initializer X as it has no constant value', 'External data for value X is not available', the
+    evaluation of a node with such an input): only meta weights cause them, one per weight."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
-        return not (text.startswith("External data for value")
+        return not (text.startswith(("External data for value", "Skipped deduplication"))
                     or (text.startswith("Evaluation failed") and "NoneType" in str(record.args)))
+
+
+_QUIET_LOGGERS = ("onnxscript.optimizer._constant_folding", "onnx_ir.passes.common.initializer_deduplication")
 
 
 _QUIET = _QuietPlaceholders()
@@ -61,28 +64,30 @@ def _is_meta(value: ir.Value) -> bool:
     return isinstance(raw, torch.Tensor) and raw.is_meta
 
 
-def placeholder_meta_weights(model: ir.Model, location: str = DATA_LOCATION) -> int:
-    """Replace every initializer backed by a meta tensor with an external data reference to
-    ``location`` (nothing is read or written). Returns the bytes the references span (0 for a model
-    with real weights, which is left unchanged).
-
-    The optimizer reads constants through ``numpy()``; an external tensor whose file is missing
-    raises ``FileNotFoundError``, which onnxscript's constant folding treats as 'value unknown' (it
-    leaves the node alone), so the graph lowers without any weight data."""
-    offset = 0
-    for value in model.graph.initializers.values():
-        if not _is_meta(value):
-            continue
-        tensor = value.const_value
-        length = tensor.nbytes
-        value.const_value = _Placeholder(location, offset, length, tensor.dtype, shape=tensor.shape,
-                                         name=value.name, base_dir=_NO_DATA_DIR)
-        offset += length
-    if offset:
-        logger = logging.getLogger("onnxscript.optimizer._constant_folding")
-        if _QUIET not in logger.filters:
-            logger.addFilter(_QUIET)
-    return offset
+@contextlib.contextmanager
+def meta_weights_as_external(model: ir.Model, location: str = DATA_LOCATION):
+    """Around the optimizer: every initializer backed by a meta tensor has no constant value inside
+    the block (so no pass reads it: constant folding leaves its users alone, rewrite rules that inspect
+    values, e.g. 'Conv bias is all zeros', do not match) and becomes an external data reference to
+    ``location`` after it (nothing is read or written). A model with real weights is left unchanged.
+    The reference offsets are the ones the weights would have if written one after another."""
+    meta = {name: value.const_value for name, value in model.graph.initializers.items() if _is_meta(value)}
+    for name in meta:
+        model.graph.initializers[name].const_value = None
+    if meta:
+        for logger in _QUIET_LOGGERS:
+            if _QUIET not in logging.getLogger(logger).filters:
+                logging.getLogger(logger).addFilter(_QUIET)
+    try:
+        yield
+    finally:
+        offset = 0
+        for name, value in model.graph.initializers.items():
+            if name in meta:
+                tensor = meta[name]
+                value.const_value = _Placeholder(location, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                                 name=name, base_dir=_NO_DATA_DIR)
+                offset += tensor.nbytes
 
 
 def check_structure(path: str) -> None:

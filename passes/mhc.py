@@ -12,7 +12,8 @@ iterations of row / column normalisation; ``specs/export-traps.md``). This pass 
 Recognition reads graph structure and numerics only, never module or attribute names:
 
 1. *Mix projections*: ``linear(flatten(X [B, T, n, d]), fn [rows, n*d])`` multiplied by
-   ``rsqrt(mean(xf^2, -1) + norm_eps)`` of the same flattened streams (``norm_eps`` read from the add).
+   ``rsqrt(mean(xf^2, -1) + norm_eps)`` of the same flattened streams (``norm_eps`` read from the add),
+   or the linear of the RMS-normalised flattened streams.
 2. *Sinkhorn chains* (the anchor of a pre-mixing): ``softmax(L, -1) + eps`` followed by a chain of
    ``m / (sum(m, dim, keepdim) + eps)``; the op's schedule is column, then (row, column) pairs, so a
    chain of ``2k - 1`` normalisations is ``iters = k``. Any other schedule is left alone.
@@ -30,9 +31,11 @@ Invariants: ``node.meta["val"]`` is set on every new node (the ops' fake kernels
 topologically ordered and linted, no new aliasing (the ops are functional). Dead nodes are removed,
 including ``_assert_tensor_metadata`` checks on values nothing else reads any more.
 
+The RMS scaling may also come first, ``linear(flatten(X) * rsqrt(mean(flatten(X)^2) + norm_eps), fn)``
+(the HF ``modeling_deepseek_v4`` form, transformers 5.24): the same values, so the linear is ``mu``.
+
 Not covered: mixing whose parameters are not module attributes (``get_attr``), ``base``/``scale``
-split over several tensors, RMS normalisation applied to ``X`` before the projection instead of to its
-output, streams of rank other than 4, and shapes computed from tensors outside the mixing region (e.g.
+stored as several tensors (one tensor split in the graph is fine), streams of rank other than 4, and shapes computed from tensors outside the mixing region (e.g.
 ``view`` sizes read off ``input_ids``). A residual mix normalised otherwise -- softmax only, a Sinkhorn
 started from a sigmoid (the HF ``modular_deepseek_v4`` variant at ``02356fe``) or another row / column
 schedule -- is not the op's math: its mix projection is left alone with the reason.
@@ -55,6 +58,7 @@ SOFTMAX = (aten.softmax.int, aten._softmax.default)
 FLATTEN = (aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 VIEWS = (*TRANSPARENT, aten.unsqueeze.default, aten.view.default, aten.reshape.default,
          aten._unsafe_view.default, aten.expand.default, aten.slice.Tensor, aten.select.int)
+SPLITS = (aten.split_with_sizes.default, aten.split.Tensor, aten.unbind.int)  # (HF: base.split, scale.unbind)
 ASSERT_META = aten._assert_tensor_metadata.default
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 PROBE_BT = (2, 3)          # batch and tokens of the random probes
@@ -153,6 +157,11 @@ def mix_projection(node: fx.Node) -> MixProjection | None:
     fn, flat = strip(a["weight"]), strip(a["input"])
     if a.get("bias") is not None or not isinstance(fn, fx.Node) or fn.op != "get_attr" or rank(fn) != 2:
         return None
+    pre_eps = None
+    if is_call(flat, aten.mul.Tensor):  # RMS-normalised before the projection (HF DeepSeek V4)
+        pre_eps, flat = _pre_normalised(flat)
+        if pre_eps is None:
+            return None
     if not is_call(flat, *FLATTEN) or rank(flat) != 3:
         return None
     x = strip_exact(_arg(flat, "self"))
@@ -162,10 +171,21 @@ def mix_projection(node: fx.Node) -> MixProjection | None:
     rows, cols = meta_val(fn).shape
     if not all(isinstance(v, int) for v in (n, d, rows, cols)) or cols != n * d or meta_val(flat).shape[-1] != n * d:
         return None
+    if pre_eps is not None:  # linear(flat * rho, fn) == linear(flat, fn) * rho: mu is the linear
+        return MixProjection(node, node, x, fn, n, d, rows, pre_eps)
     for user in node.users:
         if is_call(user, aten.mul.Tensor) and (eps := _rms_eps(_other(user, node), flat)) is not None:
             return MixProjection(node, user, x, fn, n, d, rows, eps)
     return None
+
+
+def _pre_normalised(mul: fx.Node) -> tuple[float | None, fx.Node | None]:
+    """``flat * rsqrt(mean(flat^2, -1, keepdim) + eps)`` -> (eps, flat), else (None, None)."""
+    a = call_args(mul)
+    for src, other in ((a["self"], a["other"]), (a["other"], a["self"])):
+        if isinstance(src, fx.Node) and (eps := _rms_eps(other, strip(src))) is not None:
+            return eps, strip(src)
+    return None, None
 
 
 def _normalisation(m: fx.Node, r: int) -> tuple[fx.Node, int, float] | None:
@@ -231,11 +251,11 @@ def _search_up(start: fx.Node, stops: dict[fx.Node, MixProjection]):
 
 
 def _role(attr: fx.Node) -> set[str]:
-    """How a parameter enters the arithmetic, through slices and casts: {"add"}, {"mul"}, ..."""
+    """How a parameter enters the arithmetic, through slices, splits and casts: {"add"}, {"mul"}, ..."""
     roles, stack = set(), [attr]
     while stack:
         for user in stack.pop().users:
-            if is_call(user, *VIEWS):
+            if is_call(user, *VIEWS, *SPLITS, operator.getitem):
                 stack.append(user)
             elif is_call(user, aten.add.Tensor):
                 roles.add("add")

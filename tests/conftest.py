@@ -12,6 +12,8 @@ def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("EFFEXPORT_SLOW", "1") != "0"
     skip_slow = pytest.mark.skip(reason="slow test disabled by EFFEXPORT_SLOW=0")
     has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
     for item in items:  # markers, not keywords: a parameter id such as "tensorrt" is a keyword too
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
@@ -19,6 +21,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_trt)
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(skip_slow)
+
+
+def _xdist_group(item) -> str:
+    """The unit ``pytest -n`` (``--dist loadgroup``, set in pyproject.toml) hands to one worker: a test
+    module, so its module-scoped fixtures (exports, builds) are computed once; a module that names
+    parameters in ``XDIST_SPLIT`` is split per value of them (e.g. one unit per tiny preset), so its
+    exports spread over the workers."""
+    group = item.module.__name__
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for key in getattr(item.module, "XDIST_SPLIT", ()):
+        if key in params:
+            group += f":{params[key]}"
+    return group
 
 
 class Rewritten:

@@ -28,6 +28,7 @@ from models.hf_tiny import WINDOW  # noqa: E402
 from effexport.exporter.hf import HFStep  # noqa: E402
 
 PREFILL, DECODE, BATCH, RTOL = 8, 8, 2, 1e-4
+XDIST_SPLIT = ("cap",)  # one pytest-xdist unit per family (tests/conftest.py)
 # llama is built through the CLI from a saved directory (test_hf_directory_round_trip) instead
 CAPTURED = [f for f in hf_tiny.FAMILIES if f != "llama"]
 FAMILIES = [pytest.param(f, id=f, marks=() if hf_tiny.available(f) else pytest.mark.skip(

@@ -22,6 +22,7 @@ from effexport.exporter.onnx.translations import IR_VERSION, PROFILES, translati
 from effexport.exporter.runtime import MANIFEST, OrtRuntime
 
 pytestmark = pytest.mark.slow
+XDIST_SPLIT = ("step",)  # one pytest-xdist unit per parameter value (tests/conftest.py)
 PREFILL, DECODE, BATCH = 8, 8, 2
 MODELS = [pytest.param(name, id=name.split(":")[0]) for name in
           ("gemma4-e2b:tiny", "gemma4-e4b:tiny", "laguna-xs2:tiny", "zaya1-8b:tiny", "deepseek-v4-flash:tiny")]
@@ -126,6 +127,16 @@ def test_ir_version_and_domains(step, exported, profile):
     assert not [t.name for t in tensors if t.data_type == onnx.TensorProto.BOOL and len(t.dims) >= 2]
     if profile == "standard":
         assert {d for d, _ in types} <= {"", "ai.onnx", "effexport"}
+
+
+def test_tensorrt_profile_lints_clean(step, exported):
+    """The ``tensorrt`` profile of every tiny preset uses only what the TensorRT 10 ONNX parser
+    accepts (exporter/onnx/tensorrt_profile.py: support matrix, restrictions, dtypes, opset / IR,
+    unique function names, strict shape inference); its ORT parity is the test above."""
+    from effexport.exporter.onnx import tensorrt_profile as tp
+
+    _, model = exported["tensorrt"]
+    assert tp.lint(tp.make_parser_safe(model)) == []
 
 
 LOCAL_OPS = {op: op.name().split("::")[1].split(".")[0] for op in translation_table("ort")

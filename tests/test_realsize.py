@@ -18,6 +18,7 @@ from effexport.passes.pipeline import run_pipeline
 from effexport.samples import get_sample
 
 pytestmark = pytest.mark.slow
+XDIST_SPLIT = ("name",)  # one pytest-xdist unit per parameter value (tests/conftest.py)
 ATTENTION = [pytest.param(n, id=n) for n in ("gemma4-e2b", "gemma4-e4b", "laguna-xs2", "zaya1-8b")]
 
 

@@ -27,14 +27,16 @@ import weakref
 from pathlib import Path
 
 import onnx
-import onnxscript.optimizer
+import onnx_ir as ir
 import torch
+from onnx_ir.passes import common as ir_passes
+import onnxscript.optimizer
 
 from effexport.exporter.capture import StepProgram
 from effexport.exporter.errors import LowerError
 from effexport.exporter.onnx._local import attach, types_kept
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
-from effexport.exporter.structure_only import placeholder_meta_weights
+from effexport.exporter.structure_only import meta_weights_as_external
 from effexport.passes.cache_plan import CachePlan
 
 __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
@@ -87,18 +89,35 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
     return cache[example_batch]
 
 
+def optimize(model: ir.Model) -> None:
+    """Clean up torch.onnx's output in place: constant folding, dead nodes / functions / opsets,
+    constants lifted to (deduplicated) initializers, common sub-expressions, names.
+
+    This is ``onnxscript.optimizer.optimize_ir`` without its pattern rewriter and without inlining
+    (effexport-domain functions stay functions). Measured on gemma4-e2b:tiny (1300 nodes): 1.7 s
+    instead of 21 s, for 23 more nodes (leftover Mul / Transpose / Reshape pairs the rewriter would
+    fuse); the rewriter's matching dominated lowering time on a 2-core CPU."""
+    onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+    ir.passes.Sequential(
+        ir_passes.RemoveUnusedNodesPass(), ir_passes.RemoveUnusedFunctionsPass(),
+        ir_passes.RemoveUnusedOpsetsPass(),
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        ir_passes.LiftSubgraphInitializersToMainGraphPass(), ir_passes.DeduplicateInitializersPass(),
+        ir_passes.CommonSubexpressionEliminationPass(), ir_passes.OutputFixPass(), ir_passes.NameFixPass(),
+    )(model)
+
+
 def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_names=None,
           output_names=None) -> onnx.ModelProto:
     """``torch.onnx.export`` (dynamo) of a module or ExportedProgram with the profile's translation
-    table and opset, then onnxscript's optimizer *without* function inlining; finally every
+    table and opset, then :func:`optimize` (no function inlining); finally every
     ``effexport``-domain node gets its function body in ``model.functions`` (:mod:`._local`)."""
     program = torch.onnx.export(
         module, args, dynamo=True, input_names=input_names, output_names=output_names,
         dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
         opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
-    placeholder_meta_weights(program.model)  # --weights none: meta weights -> external refs, no data
-    with types_kept(program.model):
-        onnxscript.optimizer.optimize_ir(program.model, inline=False)
+    with types_kept(program.model), meta_weights_as_external(program.model):  # --weights none: no data
+        optimize(program.model)
     model = program.model_proto
     model.ir_version = IR_VERSION[profile]
     attach(model)
