@@ -29,6 +29,9 @@ def atomic_directory(path: str, force: bool = False):
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".effexport-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the artifact gets a normal directory's mode
     try:
         yield tmp
         if os.path.exists(path):

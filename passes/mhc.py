@@ -294,6 +294,7 @@ def _probe(gm: fx.GraphModule, feeds: dict[fx.Node, torch.Tensor], params: list[
     """Evaluate every node computable from ``feeds`` and ``params``; nodes that fail are dropped."""
     env: dict = dict(feeds)
     env.update({p: attr_value(gm, p.target) for p in params})
+    env.update(_sizes_of(gm.graph, feeds))
     with torch.no_grad():
         for node in _closure(gm.graph, env):
             try:
@@ -301,6 +302,24 @@ def _probe(gm: fx.GraphModule, feeds: dict[fx.Node, torch.Tensor], params: list[
             except Exception:  # noqa: BLE001  (a node that cannot run on probes is no candidate)
                 continue
     return env
+
+
+def _sizes_of(graph: fx.Graph, feeds: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, int]:
+    """Size nodes (SymInt values, e.g. ``sym_size`` of ``input_ids``) whose symbols are all dims of a
+    fed node, evaluated at the fed values' sizes: a ``view(batch, seq, -1)`` inside the mixing then
+    runs on the probes (HF reads batch and length off the hidden states' shape)."""
+    bound = {}
+    for node, value in feeds.items():
+        fake = meta_val(node)
+        for dim, size in enumerate(getattr(fake, "shape", ())):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                bound[size.node.expr] = int(value.shape[dim])
+    out = {}
+    for node in graph.nodes:
+        val = meta_val(node)
+        if node not in feeds and isinstance(val, torch.SymInt) and val.node.expr.free_symbols <= bound.keys():
+            out[node] = int(val.node.expr.xreplace(bound))
+    return out
 
 
 def _same(got, want: torch.Tensor) -> bool:

@@ -328,3 +328,14 @@ def test_sigint_during_build_exits_130_and_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "effexport: interrupted" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+def test_output_directory_gets_a_normal_mode(tmp_path):
+    """The temporary directory (mkdtemp: 0700) is renamed into place with the mode of a new directory."""
+    from effexport.exporter._io import atomic_directory
+
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_directory(str(tmp_path / "out")) as tmp:
+        open(os.path.join(tmp, "f"), "w").close()
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask

@@ -29,8 +29,9 @@ from effexport.exporter.hf import HFStep  # noqa: E402
 
 PREFILL, DECODE, BATCH, RTOL = 8, 8, 2, 1e-4
 XDIST_SPLIT = ("cap",)  # one pytest-xdist unit per family (tests/conftest.py)
-# llama is built through the CLI from a saved directory (test_hf_directory_round_trip) instead
-CAPTURED = [f for f in hf_tiny.FAMILIES if f != "llama"]
+# llama is built through the CLI from a saved directory (test_hf_directory_round_trip) instead;
+# DeepSeek V4 has its own section (other caches, other passes)
+CAPTURED = [f for f in hf_tiny.FAMILIES if f not in ("llama", "deepseek_v4")]
 FAMILIES = [pytest.param(f, id=f, marks=() if hf_tiny.available(f) else pytest.mark.skip(
     reason=f"transformers {transformers.__version__} has no {f}")) for f in CAPTURED]
 
@@ -62,12 +63,12 @@ def _reference(hf, ids: torch.Tensor) -> torch.Tensor:
         return hf(input_ids=ids).logits
 
 
-def _decode(step, caches: list, ids: torch.Tensor) -> list[np.ndarray]:
-    """Prefill ``PREFILL`` tokens at pos 0, then one token per step; ``step(ids, pos, caches) ->
+def _decode(step, caches: list, ids: torch.Tensor, prefill: int = PREFILL) -> list[np.ndarray]:
+    """Prefill ``prefill`` tokens at pos 0, then one token per step; ``step(ids, pos, caches) ->
     (logits, caches)``. Returns the prefill logits and each decode step's ``[B, V]`` logits."""
-    logits, caches = step(ids[:, :PREFILL].numpy(), 0, caches)
+    logits, caches = step(ids[:, :prefill].numpy(), 0, caches)
     out = [logits]
-    for t in range(PREFILL, PREFILL + DECODE):
+    for t in range(prefill, prefill + DECODE):
         logits, caches = step(ids[:, t:t + 1].numpy(), t, caches)
         out.append(logits[:, 0])
     return out
@@ -96,9 +97,9 @@ def _runtime_step(artifact_dir):
     return step, runtime.initial_caches(BATCH)
 
 
-def _assert_parity(logits: list[np.ndarray], ref: torch.Tensor, what: str) -> None:
+def _assert_parity(logits: list[np.ndarray], ref: torch.Tensor, what: str, prefill: int = PREFILL) -> None:
     """Prefill and every decode step within RTOL relative to the step's largest eager logit."""
-    refs = [ref[:, :PREFILL]] + [ref[:, PREFILL + i] for i in range(DECODE)]
+    refs = [ref[:, :prefill]] + [ref[:, prefill + i] for i in range(DECODE)]
     for i, (got, want) in enumerate(zip(logits, refs)):
         want = want.double().numpy()
         err = np.abs(got.astype(np.float64) - want).max() / np.abs(want).max()
@@ -265,16 +266,78 @@ def test_load_errors(tmp_path):
     assert not os.path.exists(tmp_path / "model.safetensors")
 
 
-def test_deepseek_v4_refused_with_reason():
-    """transformers' DeepSeek V4 cache does not capture with a dynamic length: one-line refusal."""
-    if not hasattr(transformers, "DeepseekV4ForCausalLM"):
-        pytest.skip(f"transformers {transformers.__version__} has no deepseek_v4")
-    from effexport.exporter.errors import UsageError
+# ------------------------------------------------------------------------------------- DeepSeek V4
+DS = "deepseek_v4"
+DS_PREFILL = 21  # past the window (8) and one HCA window (16); 5 CSA entries > index_topk (4)
+ds_available = pytest.mark.skipif(not hf_tiny.available(DS), reason=f"transformers {transformers.__version__} "
+                                  "has no deepseek_v4")
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    """The tiny HF DeepSeek V4: one capture, the pass pipeline and one ``ort`` ONNX export."""
+    from effexport.exporter.onnx.export import export_step
+
+    cap = Captured(DS)
+    cap.onnx = tmp_path_factory.mktemp("deepseek") / "step.onnx"
+    export_step(cap.program, cap.analysis.plan, str(cap.onnx), "ort")
+    return cap
+
+
+@ds_available
+def test_deepseek_step_cache_matches_hf():
+    """The step cache adapter (K=V, compressor entries and fixed-size window states as tensors) fed
+    in uneven chunks -- 9, 3, 17 tokens, then one at a time across CSA / HCA window boundaries --
+    gives the HF module's own logits; states keep their size, entries grow by S // r."""
     from effexport.exporter.hf import wrap_hf_module
 
-    config = transformers.DeepseekV4Config(
-        vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        head_dim=32, q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, hc_mult=2, sliding_window=8,
-        o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4)
-    with pytest.raises(UsageError, match="deepseek-v4-flash:tiny"):
-        wrap_hf_module(transformers.DeepseekV4ForCausalLM(config))
+    hf = hf_tiny.build(DS)
+    loaded = wrap_hf_module(hf)
+    assert loaded.source["model_type"] == DS and loaded.source["attn_implementation"] == "eager"
+    ids = torch.randint(0, 128, (2, 34), generator=torch.Generator().manual_seed(2))
+    ref = _reference(hf, ids)
+    got, past, start = [], None, 0
+    with torch.no_grad():
+        for end in (9, 12, 29, *range(30, 35)):
+            logits, past = loaded.model(ids[:, start:end], past)
+            got.append(logits)
+            start = end
+            assert past["1.comp"].shape == (2, end // 4, 32) and past["2.comp"].shape == (2, end // 16, 32)
+            assert past["1.comp_kv_state"].shape == (2, 8, 64) and past["2.comp_gate_state"].shape == (2, 32, 32)
+            assert past["3.index_k"].shape == (2, end // 4, 16) and "0.comp" not in past
+    err = ((torch.cat(got, dim=1) - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-5, f"step wrapper vs HF forward: max rel {err:.3e}"
+
+
+@ds_available
+@pytest.mark.slow
+def test_deepseek_passes(ds):
+    """mHC: every pre / post mixing and the head become ``effexport::mhc_*`` (HF 5.24's mixing is the
+    official math; its RMS scaling comes before the projection). CSA / HCA: HF's compressor builds
+    the overlapping windows by slice assignment into a zero / -inf buffer, not the reference's
+    ``cat`` of state and projection, so the compressed-attention pass leaves every compressor alone
+    with that reason and the caches stay as captured (full K=V, growing entries, fixed states)."""
+    c = ds.analysis.counts
+    assert (c["mhc"]["mhc_pre"], c["mhc"]["mhc_post"], c["mhc"]["mhc_head"], c["mhc"]["left_alone"]) == (6, 6, 1, 0)
+    ops = [n.target for n in ds.program.gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.effexport.mhc_pre.default) == 6 and ops.count(torch.ops.effexport.mhc_head.default) == 1
+    assert (c["compressed"]["csa"], c["compressed"]["hca"], c["compressed"]["window_only"]) == (0, 0, 0)
+    reasons = [r for r in ds.analysis.left_alone if r.startswith("compressor candidate")]
+    assert len(reasons) == c["compressed"]["left_alone"] == 3  # CSA compressor + its indexer's, HCA
+    assert all("block softmax does not weight exactly one value tensor" in r for r in reasons), reasons
+    kinds = {e.name: e.kind for e in ds.analysis.plan.entries}
+    assert {k for k, v in kinds.items() if v == "state"} == {
+        "1.comp_kv_state", "1.comp_gate_state", "1.index_kv_state", "1.index_gate_state",
+        "2.comp_kv_state", "2.comp_gate_state"}
+    assert {k for k, v in kinds.items() if v == "full"} == {"0.kv", "1.kv", "2.kv", "1.comp", "1.index_k", "2.comp"}
+
+
+@ds_available
+@pytest.mark.slow
+def test_deepseek_onnx_parity_with_hf(ds):
+    """``ort`` profile: ONNX Runtime prefill of 21 tokens + 8 decode steps (CSA entries 5 -> 7 with
+    top-4 selection, one HCA entry, the window of 8 passed) against the HF module's own logits."""
+    ids = torch.randint(0, 128, (BATCH, DS_PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
+    caches = [c.numpy() for c in ds.analysis.plan.empty_caches(BATCH)]
+    logits = _decode(_session_step(ds.onnx), caches, ids, DS_PREFILL)
+    _assert_parity(logits, _reference(ds.hf, ids), "deepseek_v4/ort", DS_PREFILL)
