@@ -15,7 +15,9 @@ classes for the config (``DynamicCache(config=...)``), except that
   HF's side channel, so the captured graph shows consumers attending the producer's K/V nodes);
 * linear-attention layers (ZAYA's conv window and delayed-value state) keep HF's classes with a
   functional state update (:class:`_FunctionalLinearState`); their states are cache entries
-  ``"{layer}.conv{i}"`` / ``"{layer}.rec{i}"`` next to ``"{layer}.k"`` / ``"{layer}.v"``.
+  ``"{layer}.conv{i}"`` / ``"{layer}.rec{i}"`` next to ``"{layer}.k"`` / ``"{layer}.v"``;
+* DeepSeek V4's layers (window, CSA, HCA) are replaced as a whole by :class:`_DeepseekV4State`, which
+  serves HF's own compressor / indexer code with state held in step tensors (``CACHE_ADAPTERS``).
 
 Before every call each layer is filled from ``past`` (empty on prefill), after it the updated tensors
 are read back into ``present``. Adapters that change what the model computes are avoided; where a

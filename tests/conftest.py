@@ -6,6 +6,7 @@ import pytest
 import torch
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine)")
     skip_trt = pytest.mark.skip(reason="TensorRT is not installed (pip install effexport[tensorrt])")

@@ -52,15 +52,16 @@ FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
         head_dim=16, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=1, router_hidden_size=16,
         max_position_embeddings=256),
         dict(sites=2, ring=0, full=2, consumers=0, sliding=0, windows=set(), states=4, cca=2)),
-    # DeepSeek V4: window-only, CSA (ratio 4, indexer top-4), HCA (ratio 16), CSA; window 8; mHC with
-    # 4 streams; hash-routed MoE on layer 0, top-k MoE after
+    # DeepSeek V4: window-only, CSA (ratio 4, indexer top-4), HCA (ratio 16); window 8; mHC with 4
+    # streams (3 Sinkhorn iterations instead of 20: a smaller graph, the same pattern); hash-routed
+    # MoE on layer 0, top-k MoE after. Expected: every mHC mixing folded, every compressor left alone
     "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
-        vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
         head_dim=32, q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, o_groups=2,
-        o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4, layer_types=[S, CSA, HCA, CSA],
-        compress_rates={CSA: 4, HCA: 16}, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4, layer_types=[S, CSA, HCA],
+        compress_rates={CSA: 4, HCA: 16}, mlp_layer_types=["hash_moe", "moe", "moe"], hc_sinkhorn_iters=3,
         max_position_embeddings=256),
-        dict(layers=4, csa=2, hca=1, window=8)),
+        dict(mhc_pre=6, mhc_post=6, mhc_head=1, compressors=3)),
 }
 
 
