@@ -199,27 +199,29 @@ def test_eager_attention_implementation():
 
 # ------------------------------------------------------------------------------------------ parity
 @pytest.mark.slow
-def test_onnx_parity_with_hf(cap, tmp_path):
-    """``ort`` profile: ONNX Runtime prefill + 8 decode steps against the HF module's own logits."""
+@pytest.mark.parametrize("profile", ["ort", "standard"])
+def test_onnx_parity_with_hf(cap, tmp_path, profile):
+    """Both ONNX profiles: ONNX Runtime prefill + 8 decode steps against the HF module's own logits."""
     from effexport.exporter.onnx.export import export_step
 
     path = tmp_path / "step.onnx"
-    export_step(cap.program, cap.analysis.plan, str(path), "ort")
+    export_step(cap.program, cap.analysis.plan, str(path), profile)
     ids = torch.randint(0, 128, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
     caches = [c.numpy() for c in cap.analysis.plan.empty_caches(BATCH)]
-    _assert_parity(_decode(_session_step(path), caches, ids), _reference(cap.hf, ids), f"{cap.family}/ort")
+    _assert_parity(_decode(_session_step(path), caches, ids), _reference(cap.hf, ids), f"{cap.family}/{profile}")
 
 
 # ------------------------------------------------------------------------------------- entry points
 @pytest.mark.slow
-def test_hf_directory_round_trip(tmp_path):
-    """save_pretrained -> ``effexport DIR --target onnx`` (Llama, ``ort``): builds, passes its own
+@pytest.mark.parametrize("profile", ["ort", "standard"])
+def test_hf_directory_round_trip(tmp_path, profile):
+    """save_pretrained -> ``effexport DIR --target onnx --profile P`` (Llama): builds, passes its own
     parity check, reports the expected rewrites, and its runtime matches the reloaded HF module."""
     from effexport.exporter.cli import main
 
     model_dir, out = tmp_path / "tiny-llama", tmp_path / "out"
     hf_tiny.build("llama").save_pretrained(model_dir)
-    assert main([str(model_dir), "--target", "onnx", "-o", str(out), "--steps", "8"]) == 0
+    assert main([str(model_dir), "--target", "onnx", "-o", str(out), "--steps", "8", "--profile", profile]) == 0
     manifest = json.loads((out / "effexport.json").read_text())
     assert manifest["source"]["kind"] == "hf" and manifest["source"]["model_type"] == "llama"
     report = json.loads((out / "report.json").read_text())
@@ -231,7 +233,7 @@ def test_hf_directory_round_trip(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = torch.randint(0, 128, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(4))
     step, caches = _runtime_step(out)
-    _assert_parity(_decode(step, caches, ids), _reference(reloaded, ids), "llama directory/ort")
+    _assert_parity(_decode(step, caches, ids), _reference(reloaded, ids), f"llama directory/{profile}")
 
 
 @pytest.mark.slow
@@ -276,12 +278,14 @@ ds_available = pytest.mark.skipif(not hf_tiny.available(DS), reason=f"transforme
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    """The tiny HF DeepSeek V4: one capture, the pass pipeline and one ``ort`` ONNX export."""
+    """The tiny HF DeepSeek V4: one capture, the pass pipeline and one ONNX export per profile."""
     from effexport.exporter.onnx.export import export_step
 
     cap = Captured(DS)
-    cap.onnx = tmp_path_factory.mktemp("deepseek") / "step.onnx"
-    export_step(cap.program, cap.analysis.plan, str(cap.onnx), "ort")
+    cap.onnx = {}
+    for profile in ("ort", "standard"):
+        cap.onnx[profile] = tmp_path_factory.mktemp(f"deepseek-{profile}") / "step.onnx"
+        export_step(cap.program, cap.analysis.plan, str(cap.onnx[profile]), profile)
     return cap
 
 
@@ -340,10 +344,11 @@ def test_deepseek_passes(ds):
 
 @ds_available
 @pytest.mark.slow
-def test_deepseek_onnx_parity_with_hf(ds):
-    """``ort`` profile: ONNX Runtime prefill of 21 tokens + 8 decode steps (CSA entries 5 -> 7 with
+@pytest.mark.parametrize("profile", ["ort", "standard"])
+def test_deepseek_onnx_parity_with_hf(ds, profile):
+    """Both ONNX profiles: ONNX Runtime prefill of 21 tokens + 8 decode steps (CSA entries 5 -> 7 with
     top-4 selection, one HCA entry, the window of 8 passed) against the HF module's own logits."""
     ids = torch.randint(0, 128, (BATCH, DS_PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
     caches = [c.numpy() for c in ds.analysis.plan.empty_caches(BATCH)]
-    logits = _decode(_session_step(ds.onnx), caches, ids, DS_PREFILL)
-    _assert_parity(logits, _reference(ds.hf, ids), "deepseek_v4/ort", DS_PREFILL)
+    logits = _decode(_session_step(ds.onnx[profile]), caches, ids, DS_PREFILL)
+    _assert_parity(logits, _reference(ds.hf, ids), f"deepseek_v4/{profile}", DS_PREFILL)
