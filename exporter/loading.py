@@ -253,14 +253,16 @@ def _load_pickle(path: str, name: str) -> LoadedModel:
     if not isinstance(obj, torch.nn.Module):
         raise LoadError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module: save the module itself "
                         "(torch.save(model))")
-    if _is_transformers(obj):
+    if is_transformers_module(obj):
         loaded = _hf().wrap_hf_module(obj)
         loaded.source = {**loaded.source, **source, "kind": "pickle+hf"}
         return loaded
     return wrap_module(obj.eval(), name, source)
 
 
-def _is_transformers(module: torch.nn.Module) -> bool:
+def is_transformers_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a transformers model (some class of it is defined in ``transformers``):
+    such a model goes through ``exporter.hf``, any other through :func:`wrap_module`."""
     return any(c.__module__.split(".")[0] == "transformers" for c in type(module).__mro__)
 
 

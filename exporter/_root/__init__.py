@@ -17,11 +17,11 @@ def export(module, target: str = "onnx", output: str | None = None, profile: str
     errors, and ``ParityError`` when the artifact was written but does not match eager."""
     from effexport.exporter.build import BuildOptions, build_loaded
     from effexport.exporter.errors import ParityError
-    from effexport.exporter.loading import _is_transformers, wrap_module
+    from effexport.exporter.loading import is_transformers_module, wrap_module
 
     name = opts.pop("name", None) or getattr(getattr(module, "config", None), "model_type", None) \
         or type(module).__name__
-    if _is_transformers(module):
+    if is_transformers_module(module):
         from effexport.exporter.hf import wrap_hf_module
 
         loaded = wrap_hf_module(module, name)
