@@ -12,6 +12,7 @@ The result is a :class:`StepProgram`: a GraphModule with a flat signature
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +62,18 @@ def growing_dims(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict, dict[
     return past_b, dims
 
 
+def fast_export_config() -> contextlib.AbstractContextManager:
+    """torch settings that make ``torch.export`` of a large model faster, same graph.
+
+    FakeTensor's dispatch cache is switched off: with symbolic shapes, building a cache entry and
+    rebuilding the output from it cost more sympy work than running the meta kernel again (measured
+    on 4 layers of DeepSeek V4-Flash on meta: export 70 s with the cache, 42 s without)."""
+    dynamo_config = torch._dynamo.config
+    if not hasattr(dynamo_config, "fake_tensor_cache_enabled"):  # a future torch without the switch
+        return contextlib.nullcontext()
+    return dynamo_config.patch(fake_tensor_cache_enabled=False)
+
+
 def _check_dynamic(graph: fx.Graph, in_names: list[str], seq_dims: dict) -> None:
     """Fail clearly if export specialised batch, T or a cache length to its example value."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -96,7 +109,8 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
                {name: ({0: auto, d: auto} if d is not None else {0: auto}) for name, d in seq_dims.items()})
     start = time.monotonic()
     try:
-        ep = torch.export.export(model, (new, past), dynamic_shapes=dynamic, strict=False)
+        with fast_export_config():
+            ep = torch.export.export(model, (new, past), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch raises many types; report them as a capture error
         raise CaptureError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     seconds = time.monotonic() - start

@@ -271,7 +271,10 @@ class _DeepseekV4State(_StepState):
     entries of the new complete windows (drops the first and the open one) and, on CSA layers,
     returns them followed by ``index_topk`` zero entries: HF's indexer masks entries at or past
     ``(pos + 1) // r`` as future and turns such picks into -1, so they are never attended, and
-    ``topk(min(index_topk, N))`` has a fixed k at every length (it would otherwise specialise)."""
+    ``topk(min(index_topk, N))`` has a fixed k at every length (it would otherwise specialise).
+
+    This layout is the captured graph's; the passes (``passes/_compressed_hf.py``) make ``kv`` a ring
+    of the window, the entries fixed buffers and the states the compressor op's layout."""
 
     def __init__(self, config, layer_type: str):
         super().__init__()

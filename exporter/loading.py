@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
+from effexport.samples._spec import capture_length
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 WEIGHTS = ("random", "none")
@@ -50,6 +51,7 @@ class LoadedModel:
     vocab_size: int
     sample: object | None     # the built-in Sample when there is one (report.json's analytic report), else None
     source: dict = field(default_factory=dict)  # {"kind": "sample"|"hf"|"pickle"|"module", ...} (effexport.json)
+    example_length: int = 40  # capture's example stream: past every window / top-k (samples._spec.capture_length)
 
     @property
     def device(self) -> torch.device:
@@ -61,10 +63,12 @@ class LoadedModel:
         """True when the weights have no data (meta device): no parity, no runtime."""
         return self.device.type == "meta"
 
-    def example_ids(self, batch: int = 2, length: int = 40, seed: int = 1) -> torch.Tensor:
-        """The deterministic token stream used for capture and parity (on the model's device)."""
+    def example_ids(self, batch: int = 2, length: int | None = None, seed: int = 1) -> torch.Tensor:
+        """The deterministic token stream used for capture and parity (on the model's device);
+        ``length`` defaults to :attr:`example_length`."""
         gen = torch.Generator().manual_seed(seed)
-        return torch.randint(0, self.vocab_size, (batch, length), generator=gen).to(self.device)
+        shape = (batch, length or self.example_length)
+        return torch.randint(0, self.vocab_size, shape, generator=gen).to(self.device)
 
 
 @dataclass
@@ -166,7 +170,8 @@ def _load_sample(sample, weights: str) -> LoadedModel:
     source = {"kind": "sample", "name": sample.name, "weights": weights}
     if weights == "random":
         source["seed"] = 0
-    return LoadedModel(sample.name, model, sample.config.vocab_size, sample, source)
+    return LoadedModel(sample.name, model, sample.config.vocab_size, sample, source,
+                       capture_length(sample.config.layer_specs()))
 
 
 # -- torch.save / torch.export files -------------------------------------------------------------------

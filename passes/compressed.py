@@ -37,9 +37,18 @@ Replacement and cache layout:
   ``pos`` are forced to ``-inf`` scores in the graph, so an all-zero initial state is exact;
 * position ``arange``s that start at a raw-cache length start at ``pos``.
 
+The same patterns as transformers' DeepSeek V4 writes them (a matmul over ``cat(raw K=V, entries)``
+with an additive ``cat(window mask, entry bias)``, compressor windows built by slice assignment, the
+step cache's state layout) are recognised and checked by passes/_compressed_hf.py; the rewrite is
+the same, the states take the op's layout.
+
 The pass runs after the attention ``rewrite`` (whose ``pos`` input it reuses; DeepSeek's einsum
-attention yields no site there) and before ``positions`` / ``cache_plan``: rings are registered in
+attention yields no site there, transformers' CSA / HCA attention is handed over by discovery) and before ``positions`` / ``cache_plan``: rings are registered in
 ``ctx.rewriter.rings`` and buffers get ``seq_dims = None``, so the plan lists them as ring / state.
+
+Files: this module holds the reference-form matchers with their numeric checks and the pass (over
+the ~600-line guide: each matcher sits next to the check that confirms it);
+passes/_compressed_write.py the replacement, passes/_compressed_hf.py the transformers forms.
 
 Not covered: MLA or other layouts of the raw cache, per-batch positions, compressors without the
 block softmax (left alone), FP8/FP4 simulation, and entry buffers larger than ``max_context // r``.
@@ -55,10 +64,11 @@ from torch import fx
 import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
-from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, insert_point, is_call,
+from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, is_call,
                                      meta_val, probe_call, strip)
+from effexport.passes._compressed_write import Writer, clean, writes
 from effexport.passes.positions import shift_aranges
-from effexport.passes.attention import emit, fake_mode_of, finish
+from effexport.passes.attention import finish
 from effexport.passes.sites import layer_label
 
 ops = torch.ops.effexport
@@ -99,6 +109,7 @@ class Compressor:
     finish: fx.Node                  # entries before the per-entry transform
     post: list = field(default_factory=list)  # per-entry transform nodes, finish -> cat operand
     max_rel: float = 0.0
+    layout: str = "ref"              # state layout: "ref" (the op's) | "hf" (passes/_compressed_hf.py)
 
 
 @dataclass
@@ -118,6 +129,8 @@ class Attention:
     indexer: dict | None = None
     window: int = 0
     max_rel: float = 0.0
+    seq_dim: int = 1                 # raw cache [B, S, D] (1) or Hugging Face's [B, 1, S, D] (2)
+    wmask: fx.Node | None = None     # the window part of an additive mask (Hugging Face form)
 
     @property
     def kind(self) -> str:
@@ -169,21 +182,56 @@ def _moved_from(node, source) -> bool:
 
 
 # -------------------------------------------------------------------------------- evaluation
+class Sizes(dict):
+    """Entry placeholder -> ratio r (its length is ``P // r``); ``full`` maps the raw caches an
+    earlier pass already made rings to their seq dim (they are evaluated at length P: the graph
+    still reads their length as the past length)."""
+
+    def __init__(self, ratios: dict, full: dict | None = None, p: int = CHECK_P):
+        super().__init__(ratios)
+        self.full = dict(full or {})
+        self.p = p  # past length of the numeric checks (:func:`check_length`)
+
+
+def check_p(ratios) -> int:
+    """The numeric checks' past length for these sizes (:data:`CHECK_P` for a plain dict)."""
+    return getattr(ratios, "p", CHECK_P)
+
+
+def check_length(gm: fx.GraphModule, ratios) -> int:
+    """Past length P of the numeric checks: at least the capture's example past length, since
+    ``torch.export`` kept only the branches of the example's size comparisons (``min(cache, W + T -
+    1)``, more entries than top-k?), so the graph is only right from there on; never below
+    :data:`CHECK_P`, and not a multiple of any ratio (a partial block stays in the window state).
+    The example length is the largest size hint of a placeholder's dynamic dim."""
+    hints = [int(d.node.hint or 0) for n in gm.graph.nodes if n.op == "placeholder"
+             and isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape[1:]
+             if isinstance(d, torch.SymInt)]
+    p = max([CHECK_P, *hints])
+    while any(p % r == 0 for r in set(ratios.values())):
+        p += 1
+    return p
+
+
 class _Eval:
     """Evaluate graph nodes on concrete inputs: placeholders get random tensors whose symbolic
-    sizes are batch B, tokens T, past length P (``P // r`` for entry placeholders of ratio r)."""
+    sizes are batch B, tokens T, past length P (``P // r`` for entry placeholders of ratio r).
+    :meth:`dim` gives a node's size from those sizes without computing the node (at real width
+    that can mean evaluating whole decoder layers on random stand-in weights)."""
 
     def __init__(self, gm: fx.GraphModule, ratios: dict, p: int, t: int, seed: int = 0):
         self.gm, self.ratios, self.p, self.t = gm, ratios, p, t
+        self.full = getattr(ratios, "full", {})
         self.gen = torch.Generator().manual_seed(seed)
-        self.values: dict = {}
+        self._sizes: dict | None = None  # size symbol -> its value here (from every placeholder), lazily
 
     def randn(self, shape, dtype=torch.float32):
         return torch.randn(shape, generator=self.gen, dtype=torch.float32).to(dtype)
 
-    def placeholder(self, node):
-        val, shape = meta_val(node), []
-        for i, d in enumerate(val.shape):
+    def shape(self, node) -> list[int]:
+        """The concrete shape a placeholder gets at this evaluation's B, T, P."""
+        shape = []
+        for i, d in enumerate(meta_val(node).shape):
             if not isinstance(d, torch.SymInt):
                 shape.append(int(d))
             elif i == 0:
@@ -192,9 +240,31 @@ class _Eval:
                 shape.append(self.t)
             else:
                 shape.append(self.p // self.ratios.get(node, 1))
-        if val.dtype == torch.int64:
+        if node in self.full:
+            shape[self.full[node]] = self.p
+        return shape
+
+    def placeholder(self, node):
+        shape, dtype = self.shape(node), meta_val(node).dtype
+        if dtype == torch.int64:
             return torch.randint(0, 2, shape, generator=self.gen)
-        return self.randn(shape, val.dtype)
+        return self.randn(shape, dtype)
+
+    def dim(self, node, i: int) -> int | None:
+        """Size ``i`` of ``node``'s value at this evaluation, from the placeholders' sizes (None when
+        it has a symbol no placeholder defines)."""
+        d = meta_val(node).shape[i]
+        if not isinstance(d, torch.SymInt):
+            return int(d)
+        if self._sizes is None:
+            self._sizes = {}
+            for ph in self.gm.graph.nodes:
+                if ph.op == "placeholder" and isinstance(ph.meta.get("val"), torch.Tensor):
+                    for sym, size in zip(meta_val(ph).shape, self.shape(ph)):
+                        if isinstance(sym, torch.SymInt):
+                            self._sizes.setdefault(sym.node.expr, size)
+        expr = d.node.expr
+        return int(expr.xreplace(self._sizes)) if expr.free_symbols <= set(self._sizes) else None
 
     def __call__(self, outputs: list, given: dict) -> list:
         values = dict(given)
@@ -207,6 +277,7 @@ class _Eval:
             seen.add(n)
             need.append(n)
             stack.extend(n.all_input_nodes)
+            stack.extend(writes(n))  # in-place writes into views of n change its value
         order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         with torch.no_grad():
             for n in sorted(need, key=order.__getitem__):
@@ -229,19 +300,27 @@ def _rel(got, ref) -> float:
 
 
 # ------------------------------------------------------------------------------- compressors
-def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
-    """Structure of one compressor around the block softmax ``sm``; raises NoMatch."""
+def pooling(sm: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``sum(values * softmax(scores, dim=2) [cast], dim=2)`` around the block softmax ``sm`` ->
+    (values, the sum); raises NoMatch."""
     if call_args(sm)["dim"] != 2 or len(_shape(sm)) != 4:
         raise NoMatch("softmax is not over dim 2 of a [B, n, r, c] block tensor")
-    muls = [u for u in sm.users if is_call(u, aten.mul.Tensor)]
-    if len(sm.users) != 1 or len(muls) != 1:
+    weights = sm
+    while len(weights.users) == 1 and is_call(next(iter(weights.users)), aten.to.dtype, aten._to_copy.default):
+        weights = next(iter(weights.users))
+    muls = [u for u in weights.users if is_call(u, aten.mul.Tensor)]
+    if len(weights.users) != 1 or len(muls) != 1:
         raise NoMatch("block softmax does not weight exactly one value tensor")
     mul = muls[0]
-    a_blocks = mul.args[0] if mul.args[1] is sm else mul.args[1]
     sums = [u for u in mul.users if is_call(u, aten.sum.dim_IntList) and list(u.args[1]) in ([2], [-2])]
     if len(mul.users) != 1 or not sums:
         raise NoMatch("weighted values are not summed over the block dim")
-    pooled = sums[0]
+    return (mul.args[0] if mul.args[1] is weights else mul.args[1]), sums[0]
+
+
+def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
+    """Structure of one compressor around the block softmax ``sm``; raises NoMatch."""
+    a_blocks, pooled = pooling(sm)
     zin = strip(sm.args[0])
     overlap = is_call(zin, aten.cat.default) and call_args(zin)["dim"] == 2
     rows = _shape(sm)[2]
@@ -265,7 +344,20 @@ def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
             ape, z = strip(ix.args[0]), y
     if ape is None or _shape(ape)[0] != ratio:
         raise NoMatch(f"no [r={ratio}, c] positional bias indexed by position mod r added to the scores")
-    # entries: the first cat of a placeholder with a value computed from pooled
+    present, comp, fin, post, weight, eps, freq = entries_of(gm, pooled)
+    outs = [o for o in _outputs(gm.graph) if isinstance(o, fx.Node)]
+    out_z = [o for o in outs if _moved_from(o, _pad_of(sm.args[0])) and _shape(o) == _shape(next(iter(zph)))]
+    out_a = [o for o in outs if _moved_from(o, _pad_of(a_blocks)) and _shape(o) == _shape(next(iter(aph)))]
+    if len(out_z) != 1 or len(out_a) != 1:
+        raise NoMatch("the new states are not step outputs sliced from the padded blocks")
+    return Compressor(sm, ratio, overlap, a, z, ape, weight, freq, eps, 2 * _shape(freq)[0],
+                      aph.pop(), zph.pop(), comp, present, out_a[0], out_z[0], fin, post)
+
+
+def entries_of(gm: fx.GraphModule, pooled: fx.Node) -> tuple:
+    """After the pooled blocks: (present = cat(entry placeholder, entries), the placeholder, the RoPE
+    cat, the per-entry transform nodes in order, RMSNorm weight, eps, RoPE inv_freq); raises NoMatch."""
+    # the first cat of a placeholder with a value computed from pooled
     present, order = None, {n: i for i, n in enumerate(gm.graph.nodes)}
     for n in list(gm.graph.nodes)[order[pooled]:]:
         cp = _cat_with_placeholder(n) if is_call(n, aten.cat.default) else None
@@ -275,7 +367,7 @@ def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
     if present is None:
         raise NoMatch("pooled entries are not appended to an entry cache")
     comp, entries = _cat_with_placeholder(present)
-    post, fin = [], strip(entries)
+    post, fin = [], _rope_cat_through_movement(entries)
     while not (is_call(fin, aten.cat.default) and call_args(fin)["dim"] in (-1, 2)):
         ins = [i for i in fin.all_input_nodes if not _is_const(i)]
         if len(ins) != 1 or fin.op != "call_function":
@@ -283,22 +375,27 @@ def match_compressor(gm: fx.GraphModule, sm: fx.Node) -> Compressor:
         post.append(fin)
         fin = strip(ins[0])
     region = _ancestors_until(fin, pooled)
-    weights = [n for n in region if n.op == "get_attr" and len(_shape(n)) == 1]
+    freqs = [x for n in region if is_call(n, aten.mul.Tensor) and all(isinstance(y, fx.Node) for y in n.args[:2])
+             for x, y in (n.args[:2], n.args[1::-1]) if len(_shape(x)) == 1 and len(_shape(y)) >= 2
+             and _is_const(x) and meta_val(x).dtype.is_floating_point
+             and pooled not in _ancestors_until(y, pooled)]  # positions[..., None] * inv_freq, not the norm
+    tables = set(ancestors(freqs[:1]))  # a frequency buffer is no norm weight
+    weights = [n for n in region if n.op == "get_attr" and len(_shape(n)) == 1 and n not in tables]
     eps = [float(n.args[1]) for n in region if is_call(n, aten.add.Tensor) and isinstance(n.args[1], float)
            and any(is_call(u, aten.rsqrt.default) for u in n.users)]
-    freqs = [x for n in region if is_call(n, aten.mul.Tensor) and all(isinstance(y, fx.Node) for y in n.args[:2])
-             for x, y in (n.args[:2], n.args[1::-1]) if len(_shape(x)) == 1 and len(_shape(y)) == 2
-             and _is_const(x) and meta_val(x).dtype.is_floating_point]  # positions[:, None] * inv_freq
     if len(weights) != 1 or len(eps) != 1 or not freqs:
         raise NoMatch(f"no RMSNorm weight / eps / RoPE frequencies after pooling ({len(weights)}, {len(eps)}, "
                       f"{len(freqs)})")
-    outs = [o for o in _outputs(gm.graph) if isinstance(o, fx.Node)]
-    out_z = [o for o in outs if _moved_from(o, _pad_of(sm.args[0])) and _shape(o) == _shape(next(iter(zph)))]
-    out_a = [o for o in outs if _moved_from(o, _pad_of(a_blocks)) and _shape(o) == _shape(next(iter(aph)))]
-    if len(out_z) != 1 or len(out_a) != 1:
-        raise NoMatch("the new states are not step outputs sliced from the padded blocks")
-    return Compressor(sm, ratio, overlap, a, z, ape, weights[0], freqs[0], eps[0], 2 * _shape(freqs[0])[0],
-                      aph.pop(), zph.pop(), comp, present, out_a[0], out_z[0], fin, post[::-1])
+    return present, comp, fin, post[::-1], weights[0], eps[0], freqs[0]
+
+
+def _rope_cat_through_movement(entries):
+    """The last-dim (RoPE) cat under ``entries`` when only movement ops lie between (Hugging Face:
+    ``cat(...).squeeze(1)[:, 1:-1]``), else ``strip(entries)``."""
+    node = strip(entries)
+    while is_call(node, *MOVEMENT) and not is_call(node, aten.pad.default, aten.constant_pad_nd.default):
+        node = strip(node.args[0])
+    return node if is_call(node, aten.cat.default) and call_args(node)["dim"] in (-1, 2) else strip(entries)
 
 
 def _pad_of(node):
@@ -328,7 +425,7 @@ def verify_compressor(gm, m: Compressor, ratios: dict) -> None:
     """Region on random a, z, ape, norm weight and states vs ``kv_compress_step`` at (P, T) = (37, 3)
     and at (3r - 2, 3) (a block completes, so entries are compared too); raises NoMatch."""
     m.max_rel = 0.0
-    for p, t in ((CHECK_P, CHECK_T), (3 * m.ratio - 2, 3)):
+    for p, t in ((check_p(ratios), CHECK_T), (3 * m.ratio - 2, 3)):
         ev = _Eval(gm, ratios, p, t)
         given = {n: ev.placeholder(n) for n in (m.state_a, m.state_z, m.comp)}
         for n in (m.a, m.z, m.ape, m.norm_weight):
@@ -483,12 +580,12 @@ def verify_attention(gm, att: Attention, ratios: dict) -> None:
     blocks = strip(att.anchor.args[0]).args[0][0]
     first = strip(strip(blocks).args[0][0]) if is_call(strip(blocks), aten.cat.default) else strip(blocks)
     mask = first.args[1]
-    (hid,) = _Eval(gm, ratios, 1024, 1)([mask], {})
+    (hid,) = _Eval(gm, ratios, max(1024, check_p(ratios)), 1)([mask], {})
     att.window = int((~hid.reshape(hid.shape[0], -1)[-1].bool()).sum())
     if att.window < 1:
         raise NoMatch("the window mask hides every key")
-    ev = _Eval(gm, ratios, CHECK_P, CHECK_T)
-    p, t, b = CHECK_P, CHECK_T, CHECK_B
+    p, t, b = check_p(ratios), CHECK_T, CHECK_B
+    ev = _Eval(gm, ratios, p, t)
     h, d = _shape(att.q)[2], _shape(att.q)[3]
     given = {att.q: ev.randn([b, t, h, d]), att.kv_present: ev.randn([b, p + t, d]),
              att.sink: ev.randn([h])}
@@ -496,8 +593,11 @@ def verify_attention(gm, att: Attention, ratios: dict) -> None:
     idx, ratio = None, 0
     if att.comp is not None:
         ratio = att.comp.ratio
-        (present,) = _Eval(gm, ratios, p, t)([att.comp.present], {})  # the length the graph expects
-        comp = given[att.comp.present] = ev.randn([b, present.shape[1], d])
+        n = ev.dim(att.comp.present, 1)  # the length the graph expects
+        if n is None:
+            (present,) = ev([att.comp.present], {})
+            n = present.shape[1]
+        comp = given[att.comp.present] = ev.randn([b, n, d])
     if att.idx is not None:
         idx = given[att.idx] = _random_idx(ev, b, t, (p + t) // ratio, p, ratio, att.indexer["topk"])
     (out,) = ev([att.out], given)
@@ -523,141 +623,59 @@ def _random_idx(ev, b, t, n, p, ratio, k):
 
 def verify_indexer(gm, att: Attention, ratios: dict) -> None:
     """The idx region on random q / w / keys vs ``indexer_topk``; raises NoMatch."""
-    ix, ev = att.indexer, _Eval(gm, ratios, CHECK_P, CHECK_T)
-    ratio, (p, t) = ix["comp"].ratio, (CHECK_P, CHECK_T)
+    p, t = check_p(ratios), CHECK_T
+    ix, ev = att.indexer, _Eval(gm, ratios, p, t)
+    ratio = ix["comp"].ratio
     qs = _concrete(ix["q"], ev)
     given = {ix["q"]: ev.randn(qs), ix["w"]: ev.randn(qs[:3]),
              ix["keys"]: ev.randn([CHECK_B, (p + t) // ratio, qs[3]])}
     (got,) = ev([ix["where"]], given)
+    w = given[ix["w"]] * ix.get("wscale", 1.0)
     with torch.no_grad():
-        ref = ops.indexer_topk(given[ix["q"]], given[ix["w"]], given[ix["keys"]], torch.tensor(p), ratio=ratio,
-                               topk=ix["topk"])
-    if not torch.equal(got, ref):
+        ref = ops.indexer_topk(given[ix["q"]], w, given[ix["keys"]], torch.tensor(p), ratio=ratio, topk=ix["topk"])
+        scores = (torch.einsum("bthd,bnd->bthn", given[ix["q"]], given[ix["keys"]]).relu() * w[..., None]).sum(2)
+    if not _same_picks(got, ref, scores):
         raise NoMatch("sub-graph does not compute indexer_topk (selected indices differ)")
 
 
-# -------------------------------------------------------------------------------- replacement
-class _Writer:
-    """Emits the replacement nodes of one graph (``pos`` input, index arithmetic)."""
-
-    def __init__(self, gm: fx.GraphModule, pos: fx.Node, max_context: int):
-        self.gm, self.graph, self.pos, self.max_context = gm, gm.graph, pos, max_context
-        self.last_ph = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
-
-    def e(self, target, *args, n_out=0, **kwargs):
-        """Insert ``target(*args, **kwargs)`` after its latest input (after the placeholders if it
-        has none); meta["val"] from the fake kernel; ``n_out`` > 0 returns the getitem outputs."""
-        inputs: list[fx.Node] = []
-        fx.node.map_arg((args, kwargs), inputs.append)
-        if inputs and n_out == 0 and not any(isinstance(a, (list, tuple)) for a in args):
-            return emit(self.graph, target, args, kwargs)
-        after = insert_point(self.graph, inputs) if inputs else self.last_ph
-        with self.graph.inserting_after(after):
-            node = self.graph.call_function(target, args, kwargs)
-        fargs, fkwargs = fx.node.map_arg((args, kwargs), meta_val)
-        with fake_mode_of(self.graph):
-            node.meta["val"] = target(*fargs, **fkwargs)
-        if not n_out:
-            return node
-        outs, prev = [], node
-        for i in range(n_out):
-            with self.graph.inserting_after(prev):
-                prev = self.graph.call_function(operator.getitem, (node, i))
-            prev.meta["val"] = node.meta["val"][i]
-            outs.append(prev)
-        return outs
-
-    def arange(self, n: int, like: fx.Node):
-        """``arange(n)`` on the device of ``like`` (the tensor it indexes; ``pos`` is a 0-d CPU scalar,
-        which mixes with any device, an index tensor does not)."""
-        return self.e(aten.arange.default, n, dtype=torch.int64, device=meta_val(like).device)
-
-    def resize(self, ph: fx.Node, dim: int, size: int) -> None:
-        val = meta_val(ph)
-        shape = list(val.shape)
-        shape[dim] = size
-        with val.fake_mode:
-            ph.meta["val"] = torch.empty(shape, dtype=val.dtype, device=val.device)
-
-    def compressor(self, m: Compressor) -> tuple[fx.Node, fx.Node]:
-        """kv_compress_step into a fixed buffer; returns (new buffer, buffer as readers see it)."""
-        e, pos, r = self.e, self.pos, m.ratio
-        self.resize(m.comp, 1, self.max_context // r)
-        off = r if m.overlap else 0
-        rows = self.arange((2 if m.overlap else 1) * r, like=m.comp)
-        cur = e(aten.sub.Tensor, rows, off)
-        ok = e(aten.logical_and.default, e(aten.ge.Scalar, cur, 0), e(aten.lt.Tensor, cur, e(aten.remainder.Scalar, pos, r)))
-        if m.overlap:  # the previous block's rows exist once a block is complete
-            ok = e(aten.logical_or.default, ok, e(aten.logical_and.default, e(aten.lt.Scalar, rows, off),
-                                                  e(aten.ge.Scalar, pos, r)))
-        hide = e(aten.unsqueeze.default, e(aten.logical_not.default, ok), -1)
-        sz = e(aten.masked_fill.Scalar, m.state_z, hide, float("-inf"))
-        buf, sa, sz_new = e(ops.kv_compress_step.default, m.a, m.z, m.ape, m.norm_weight, m.inv_freq, m.comp,
-                            m.state_a, sz, pos, n_out=3, ratio=r, overlap=m.overlap, eps=m.eps, rope_dim=m.rope_dim)
-        read = buf
-        for n in m.post:  # the per-entry transform, applied to the whole buffer
-            args = fx.node.map_arg(n.args, lambda x: read if x is (m.finish if n is m.post[0] else prev) else x)
-            prev, read = n, e(n.target, *args, **n.kwargs)
-        self.replace_output({m.present: buf, m.out_a: sa, m.out_z: sz_new})
-        return buf, read
-
-    def replace_output(self, mapping: dict) -> None:
-        out = next(n for n in self.graph.nodes if n.op == "output")
-        out.args = (tuple(mapping.get(o, mapping.get(strip(o), o)) if isinstance(o, fx.Node) else o
-                          for o in out.args[0]),)
-
-    def attention(self, att: Attention, comp_read, idx) -> None:
-        e, pos, w = self.e, self.pos, att.window
-        self.resize(att.kv_ph, 1, w)
-        ar = self.arange(w, like=att.kv_ph)
-        unrolled = e(aten.index_select.default, att.kv_ph, 1, e(aten.remainder.Scalar, e(aten.add.Tensor, ar, pos), w))
-        new = att.kv_new
-        if meta_val(new).dtype != meta_val(att.kv_ph).dtype:
-            new = e(aten.to.dtype, new, meta_val(att.kv_ph).dtype)
-        seq = e(aten.cat.default, [unrolled, new], 1)  # positions pos-W .. pos+T-1
-        t = e(aten.sym_size.int, new, 1)
-        slots = e(aten.remainder.Scalar, e(aten.add.Tensor, e(aten.add.Tensor, ar, pos), t), w)
-        ring = e(aten.index_copy.default, att.kv_ph, 1, slots, e(aten.slice.Tensor, seq, 1, t))
-        if comp_read is None:
-            comp_read = e(aten.slice.Tensor, seq, 1, 0, 0)
-        o = e(ops.sparse_attention.default, att.q, seq, comp_read, idx, att.sink, pos, scale=att.scale,
-              window=w, ratio=att.comp.ratio if att.comp else 0)
-        if meta_val(o).dtype != meta_val(att.out).dtype:
-            o = e(aten.to.dtype, o, meta_val(att.out).dtype)
-        att.out.replace_all_uses_with(o)
-        self.replace_output({att.kv_present: ring})
-
-
-def _clean(gm: fx.GraphModule) -> None:
-    """Drop metadata asserts on otherwise-dead values, then dead code."""
-    changed = True
-    while changed:
-        changed = False
-        for n in list(gm.graph.nodes):
-            if is_call(n, ASSERT) and all(is_call(u, ASSERT) for u in n.args[0].users):
-                gm.graph.erase_node(n)
-                changed = True
-        before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
-        changed = changed or len(gm.graph.nodes) != before
+def _same_picks(got, ref, scores) -> bool:
+    """Equal selections up to the order of exactly tied scores (random keys can tie at relu = 0;
+    ``torch.topk`` leaves their order unspecified, indexer_topk puts the lower index first)."""
+    if got.shape != ref.shape or not torch.equal(got < 0, ref < 0):
+        return False
+    at = [scores.gather(-1, x.clamp(min=0)).masked_fill(x < 0, 0.0) for x in (got, ref)]
+    return torch.equal(*at) and all(len(set(row.tolist()) - {-1}) == int((row >= 0).sum()) for row in got.flatten(0, 1))
 
 
 # ---------------------------------------------------------------------------------------- pass
-def find_compressed(gm: fx.GraphModule) -> tuple[list[Attention], list[str], dict]:
+def find_compressed(gm: fx.GraphModule, full: dict | None = None,
+                    classifier=None) -> tuple[list[Attention], list[str], dict]:
     """Every verified layer (attention with its compressors / indexer), the reasons of the
-    candidates left alone, and the counts."""
+    candidates left alone, and the counts. Each pattern is tried in its reference form (this
+    module) and in its Hugging Face form (passes/_compressed_hf.py). ``full``: rings made by an
+    earlier pass -> seq dim (see :class:`Sizes`); ``classifier``: the pipeline's mask classifier
+    (its cached verdicts are kept)."""
+    from effexport.passes import _compressed_hf as hf
+    from effexport.passes.masks import MaskClassifier
+
     comps, reasons = {}, []
     for n in list(gm.graph.nodes):
         if is_call(n, *SOFTMAX) and call_args(n)["dim"] == 2 and len(_shape(n)) == 4:
             try:
                 m = match_compressor(gm, n)
-                comps[strip(m.present)] = m
             except NoMatch as why:
-                reasons.append(f"compressor candidate {n.name} [{layer_label(n)}]: {why}")
-    ratios = {m.comp: m.ratio for m in comps.values()}
+                try:
+                    m = hf.match_compressor(gm, n)
+                except NoMatch as why_hf:
+                    reasons.append(f"compressor candidate {n.name} [{layer_label(n)}]: {why} (slice-assigned "
+                                   f"form: {why_hf})")
+                    continue
+            comps[strip(m.present)] = m
+    ratios = Sizes({m.comp: m.ratio for m in comps.values()}, full)
+    ratios.p = check_length(gm, ratios)
     for m in list(comps.values()):
         try:
-            verify_compressor(gm, m, ratios)
+            (hf.verify_compressor if m.layout == "hf" else verify_compressor)(gm, m, ratios)
         except (NoMatch, RuntimeError, ValueError, IndexError) as why:
             reasons.append(f"compressor {m.anchor.name} [{layer_label(m.anchor)}]: {why}")
             del comps[strip(m.present)]
@@ -666,14 +684,19 @@ def find_compressed(gm: fx.GraphModule) -> tuple[list[Attention], list[str], dic
         if not (is_call(n, *SOFTMAX) and call_args(n)["dim"] in (-1, 3) and len(_shape(n)) == 4):
             continue
         x = strip(n.args[0])
-        if not (is_call(x, aten.cat.default) and len(x.args[0]) == 2):
-            continue  # not a sink attention candidate (mHC Sinkhorn, plain softmax)
+        fields = None if is_call(x, aten.cat.default) and len(x.args[0]) == 2 else hf.candidate(n)
+        if fields is None and not (is_call(x, aten.cat.default) and len(x.args[0]) == 2):
+            continue  # not a sink attention candidate (mHC Sinkhorn, plain softmax, attention sites)
         try:
-            att = match_attention(gm, n, comps)
+            att = match_attention(gm, n, comps) if fields is None else hf.match_attention(gm, n, comps, fields)
             if att.idx is not None:
-                att.indexer = match_indexer(att, comps)
+                att.indexer = match_indexer(att, comps) if fields is None else hf.match_indexer(att.idx, comps)
                 verify_indexer(gm, att, ratios)
-            verify_attention(gm, att, ratios)
+            if fields is None:
+                verify_attention(gm, att, ratios)
+            else:
+                classifier = classifier or MaskClassifier(gm)
+                hf.verify_attention(gm, att, ratios, classifier)
             layers.append(att)
         except (NoMatch, RuntimeError, ValueError, IndexError) as why:
             reasons.append(f"sparse-attention candidate {n.name} [{layer_label(n)}]: {why}")
@@ -692,7 +715,8 @@ def rewrite_compressed(ctx, max_context: int | None = None) -> dict:
     else 4096) sizes the entry buffers. Returns ``{"csa", "hca", "window_only", "left_alone", ...}``."""
     gm, prog = ctx.program.gm, ctx.program
     max_context = max_context or getattr(ctx, "max_context", None) or DEFAULT_MAX_CONTEXT
-    layers, reasons, _ = find_compressed(gm)
+    earlier = getattr(ctx.rewriter, "rings", None) or {}
+    layers, reasons, _ = find_compressed(gm, {ph: 2 for ph in earlier}, getattr(ctx, "classifier", None))
     ctx.analysis.left_alone.extend(reasons)
     counts = {"csa": 0, "hca": 0, "window_only": 0, "left_alone": len(reasons)}
     if ctx.pos is None:
@@ -701,10 +725,11 @@ def rewrite_compressed(ctx, max_context: int | None = None) -> dict:
             ctx.pos = gm.graph.placeholder("pos")
         with meta_val(first).fake_mode:
             ctx.pos.meta["val"] = torch.empty((), dtype=torch.int64)
-    writer = _Writer(gm, ctx.pos, max_context)
+    writer = Writer(gm, ctx.pos, max_context)
     rings = getattr(ctx.rewriter, "rings", None)
     rings = rings if rings is not None else {}
     names = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder" and n is not ctx.pos], prog.inputs))
+    dims = {}  # ring placeholder -> its seq dim
     for att in layers:
         comp_read = idx = None
         if att.comp is not None:
@@ -716,16 +741,18 @@ def rewrite_compressed(ctx, max_context: int | None = None) -> dict:
             _, keys = writer.compressor(ix["comp"])
             prog.seq_dims[names[ix["comp"].comp]] = None
             ctx.compressed[ix["comp"].comp] = ix["comp"].ratio
-            idx = writer.e(ops.indexer_topk.default, ix["q"], ix["w"], keys, ctx.pos, ratio=ix["comp"].ratio,
+            w = ix["w"] if ix.get("wscale", 1.0) == 1.0 else writer.e(aten.mul.Tensor, ix["w"], ix["wscale"])
+            idx = writer.e(ops.indexer_topk.default, ix["q"], w, keys, ctx.pos, ratio=ix["comp"].ratio,
                            topk=ix["topk"])
         writer.attention(att, comp_read, idx)
         rings[att.kv_ph] = att.window
+        dims[att.kv_ph] = att.seq_dim
         counts[att.kind] += 1
-    counts["positions"] = shift_aranges(gm.graph, ctx.pos, {ph: 1 for ph in rings})
-    _clean(gm)
+    counts["positions"] = shift_aranges(gm.graph, ctx.pos, {ph: dims.get(ph, 1) for ph in rings})
+    clean(gm)
     finish(gm)
     live = [u.name for n in gm.graph.nodes if is_call(n, aten.sym_size.int) and n.args[0] in rings
-            and n.args[1] == 1 for u in n.users]
+            and n.args[1] == dims.get(n.args[0], 1) for u in n.users]
     if live:
         ctx.analysis.left_alone.append(f"ring cache length still read by {', '.join(sorted(live))}")
     ctx.compressed_rings = rings

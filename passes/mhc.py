@@ -278,15 +278,19 @@ def _base_and_scale(attrs: list[fx.Node], rows: int, n_scale: int):
 
 # ---------------------------------------------------------------------------------- numerics
 def _closure(graph: fx.Graph, seeds) -> list[fx.Node]:
-    """Pure call nodes (graph order) whose inputs all come, transitively, from ``seeds`` only."""
+    """Pure call nodes (in an order that evaluates inputs first) whose inputs all come, transitively,
+    from ``seeds`` only. Walks forward from the seeds' users, so the cost is the region's size, not the
+    graph's (a probe per mixing over a whole-model graph would be quadratic in depth)."""
     inside, out = set(seeds), []
-    for node in graph.nodes:
+    stack = [u for s in seeds for u in s.users]
+    while stack:
+        node = stack.pop()
         if node in inside or node.op != "call_function" or node.is_impure():
             continue
-        ins = node.all_input_nodes
-        if ins and all(i in inside for i in ins):
+        if all(i in inside for i in node.all_input_nodes):
             inside.add(node)
             out.append(node)
+            stack.extend(node.users)
     return out
 
 

@@ -5,12 +5,20 @@ One rule with tagged alternatives (form "sdpa" | "decomposed"); a node that look
 but fails a check is reported with the reason (``--explain``). Recognition uses graph structure and
 shapes only -- no module or attribute names.
 
-Not covered: attention written with ``einsum`` or ``bmm`` on 3-D tensors, dropout, ALiBi-style
-additive biases that are not masks (they classify as "unknown" masks and the site is left alone).
+Sinks: a per-head ``[H]`` column concatenated to the logits before softmax and sliced off after it
+(gpt-oss / DeepSeek V4 in transformers, which also subtracts the row max before softmax -- an
+overflow guard softmax does not see -- and keeps an eval-mode ``dropout``: both are looked through).
+A site whose K is ``cat(cat(past, new), other entries)`` (DeepSeek V4's raw window next to its
+compressed entries) is rejected here and left to passes/compressed.py.
+
+Not covered: attention written with ``einsum`` or ``bmm`` on 3-D tensors, dropout in training,
+ALiBi-style additive biases that are not masks (they classify as "unknown" masks and the site is
+left alone).
 """
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -127,7 +135,7 @@ def _untranspose_k(node: fx.Node) -> fx.Node | None:
 
 
 # ------------------------------------------------------------------------------------- discovery
-def _decomposed(softmax: fx.Node) -> tuple[dict | None, str]:
+def decomposed(softmax: fx.Node) -> tuple[dict | None, str]:
     """Match the chain around one softmax node; returns (fields, "") or (None, reason)."""
     a = call_args(softmax)
     if a["dim"] not in (-1, 3):
@@ -141,7 +149,7 @@ def _decomposed(softmax: fx.Node) -> tuple[dict | None, str]:
         user = next(iter(cur.users))
         if is_call(user, aten.slice.Tensor) and call_args(user)["dim"] in (-1, 3) and call_args(user)["end"] == -1:
             sink_sliced = True
-        elif not is_call(user, aten.to.dtype, aten._to_copy.default, aten.contiguous.default):
+        elif not (is_call(user, aten.to.dtype, aten._to_copy.default, aten.contiguous.default) or _no_dropout(user)):
             break
         nodes.append(user)
         cur = user
@@ -157,7 +165,7 @@ def _decomposed(softmax: fx.Node) -> tuple[dict | None, str]:
     v, v_groups, v_exp = unexpand_kv(pv.args[1])
     nodes += v_exp
     # ---- upstream: [cat sink] <- [mask] <- [softcap] <- [scale] <- matmul(q, k^T)
-    x = a["self"]
+    x = _unshift(a["self"], nodes)
     sinks = None
     if is_call(x, aten.cat.default):
         parts, dim = call_args(x)["tensors"], call_args(x)["dim"]
@@ -241,6 +249,46 @@ def _decomposed(softmax: fx.Node) -> tuple[dict | None, str]:
                 mask_mode=mode, nodes=nodes, form="decomposed"), ""
 
 
+JOINED = "K = cat(cache, other entries): compressed attention, left to the compressed pass"
+
+
+def _no_dropout(node) -> bool:
+    """``dropout(x, p, train)`` that returns x: p = 0 or not training (eval-mode HF code keeps it)."""
+    if not is_call(node, aten.dropout.default):
+        return False
+    a = call_args(node)
+    return a["p"] == 0 or a["train"] is False
+
+
+def _unshift(x: fx.Node, nodes: list) -> fx.Node:
+    """``x - max(x, -1, keepdim)`` (an overflow guard softmax does not see) -> x."""
+    if not is_call(x, aten.sub.Tensor) or not isinstance(x.args[1], fx.Node):
+        return x
+    m = x.args[1]
+    if is_call(m, operator.getitem) and m.args[1] == 0 and is_call(m.args[0], aten.max.dim):
+        red = m.args[0]
+    elif is_call(m, aten.amax.default):
+        red = m
+    else:
+        return x
+    a = call_args(red)
+    dims = a["dim"] if isinstance(a["dim"], (list, tuple)) else [a["dim"]]
+    if red.args[0] is not x.args[0] or list(dims) not in ([-1], [3]) or not a["keepdim"]:
+        return x
+    nodes += [x, m] + ([red] if red is not m else [])
+    return x.args[0]
+
+
+def joins_cache(k: fx.Node) -> bool:
+    """K is ``cat([cat(past placeholder, new), extra], seq)``: a cache joined with other entries."""
+    k = strip(k)
+    if not (is_call(k, aten.cat.default) and len(k.args[0]) == 2 and call_args(k)["dim"] in (2, -2)):
+        return False
+    first = strip(k.args[0][0])
+    return (is_call(first, aten.cat.default) and call_args(first)["dim"] in (2, -2)
+            and strip(first.args[0][0]).op == "placeholder")
+
+
 def _is_scores_chain(node) -> bool:
     node = strip(node)
     for _ in range(6):
@@ -294,9 +342,11 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AttentionSite], list[Rejected]]
         if is_call(node, aten.scaled_dot_product_attention.default):
             fields, why = _sdpa(node)
         elif is_call(node, *SOFTMAX):
-            fields, why = _decomposed(node)
+            fields, why = decomposed(node)
         else:
             continue
+        if fields is not None and joins_cache(fields["k"]):
+            fields, why = None, JOINED
         if fields is None:
             rejected.append(Rejected(node.name, why))
             continue

@@ -103,3 +103,22 @@ class LayerSpec:
         if self.topk:  # top-k over raw tokens (DeepSeek V3.2 DSA)
             return min(local, self.topk)
         return local
+
+
+def capture_length(specs: list[LayerSpec], minimum: int = 40, new_tokens: int = 3) -> int:
+    """Length of the example token stream a capture of this layout needs (prompt + ``new_tokens``).
+
+    ``torch.export`` resolves every size comparison a forward makes (``min(cache, W + T - 1)``, "fewer
+    compressed entries than top-k?") at the example sizes and keeps only that branch, so the example
+    prompt must already be past every threshold the model has: longer than each window, at least one
+    compressed block at half its length (``capture.growing_dims`` compares the caches at L/2 and L),
+    and more compressed entries than each top-k. On the meta device the length costs nothing."""
+    prompt = minimum - new_tokens
+    for spec in specs:
+        if spec.window is not None:
+            prompt = max(prompt, spec.window + 2)
+        if spec.ratio:
+            prompt = max(prompt, 2 * spec.ratio + 2)
+            if spec.topk is not None:
+                prompt = max(prompt, spec.ratio * (spec.topk + 2))
+    return prompt + new_tokens

@@ -10,7 +10,8 @@ One capture per family (module fixture), ``ort`` profile. To stay inside the CI 
 (Gemma 4: ring attention for the window, read-only attention for KV-sharing consumers), through
 ``effexport.export(module)``; Llama is built through the CLI from a saved directory
 (``save_pretrained`` -> ``effexport DIR --target onnx``). DeepSeek V4 (own section: the step cache
-adapter, mHC folded, compressors left alone with the reason, ``ort`` parity over a prefill of 21).
+adapter, mHC folded, the window ring and CSA / HCA rewritten to the sparse-attention ops, both
+profiles' parity over a prefill of 21).
 """
 from __future__ import annotations
 
@@ -319,27 +320,103 @@ def test_deepseek_step_cache_matches_hf():
 @pytest.mark.slow
 def test_deepseek_passes(ds):
     """mHC: every pre / post mixing and the head become ``effexport::mhc_*`` (HF 5.24's mixing is the
-    official math; its RMS scaling comes before the projection). CSA / HCA: HF's compressor builds
-    the overlapping windows by slice assignment into a zero / -inf buffer, not the reference's
-    ``cat`` of state and projection, so the compressed-attention pass leaves every compressor alone
-    with that reason; no attention site is found in HF's eager attention (sink column), so the
-    caches stay as captured (full K=V, growing entries, fixed states)."""
+    official math; its RMS scaling comes before the projection). Attention: the window-only layer is
+    a decomposed site with HF's sink column (max-shifted logits, eval dropout) and a sliding(8) mask
+    -> ``attention_ring``; the CSA / HCA sites (K = cat(raw cache, entries)) are left to the
+    compressed pass, which recognises HF's slice-assigned compressors, the indexer and the attention
+    and rewrites them to ``kv_compress_step`` / ``indexer_topk`` / ``sparse_attention``: every raw
+    K=V cache a ring of 8, entry caches fixed ``max_context // r`` buffers, states in the op's
+    layout, nothing left alone and no cache that grows with the position."""
     c, e = ds.analysis.counts, ds.expected
     assert [c["mhc"][k] for k in ("mhc_pre", "mhc_post", "mhc_head", "left_alone")] == [
         e["mhc_pre"], e["mhc_post"], e["mhc_head"], 0]
+    assert (c["discover"]["sites"], c["discover"]["sinks"], c["classify_masks"]["sliding"]) == (1, 1, 1)
+    assert c["rewrite"]["ring"] == 1 and c["rewrite"]["left_alone"] == 0
+    joined = [r for r in ds.analysis.rejected if r.reason.startswith("K = cat(cache, other entries)")]
+    assert len(joined) == 2  # the CSA and HCA attentions, handed to the compressed pass
+    assert {k: c["compressed"][k] for k in ("csa", "hca", "window_only", "left_alone")} == {
+        "csa": 1, "hca": 1, "window_only": 0, "left_alone": 0}, ds.analysis.explain()
+    assert ds.analysis.left_alone == []
     ops = [n.target for n in ds.program.gm.graph.nodes if n.op == "call_function"]
     for op in ("mhc_pre", "mhc_post", "mhc_head"):
         assert ops.count(getattr(torch.ops.effexport, op).default) == e[op]
-    assert (c["compressed"]["csa"], c["compressed"]["hca"], c["compressed"]["window_only"]) == (0, 0, 0)
-    assert c["discover"]["sites"] == 0 and c["rewrite"]["ring"] == 0  # HF's sink-column eager attention
-    reasons = [r for r in ds.analysis.left_alone if r.startswith("compressor candidate")]
-    assert len(reasons) == c["compressed"]["left_alone"] == e["compressors"]  # CSA's + its indexer's, HCA's
-    assert all("block softmax does not weight exactly one value tensor" in r for r in reasons), reasons
-    kinds = {e.name: e.kind for e in ds.analysis.plan.entries}
-    assert {k for k, v in kinds.items() if v == "state"} == {
-        "1.comp_kv_state", "1.comp_gate_state", "1.index_kv_state", "1.index_gate_state",
-        "2.comp_kv_state", "2.comp_gate_state"}
-    assert {k for k, v in kinds.items() if v == "full"} == {"0.kv", "1.kv", "2.kv", "1.comp", "1.index_k", "2.comp"}
+    fx_ops = torch.ops.effexport
+    assert [ops.count(op.default) for op in (fx_ops.attention_ring, fx_ops.sparse_attention, fx_ops.kv_compress_step,
+                                             fx_ops.indexer_topk)] == [1, 2, e["compressors"], 1]
+    plan = {x.name: x for x in ds.analysis.plan.entries}
+    assert {k for k, x in plan.items() if x.kind == "ring"} == {"0.kv", "1.kv", "2.kv"}
+    assert all(x.window == 8 and x.shape == ("batch", 1, 8, 32) for x in plan.values() if x.kind == "ring")
+    assert {k: (x.ratio, x.shape) for k, x in plan.items() if x.kind == "compressed"} == {
+        "1.comp": (4, ("batch", 1024, 32)), "1.index_k": (4, ("batch", 1024, 16)), "2.comp": (16, ("batch", 256, 32))}
+    assert {k: x.shape for k, x in plan.items() if x.kind == "state"} == {  # [B, coff * r, coff * c]
+        "1.comp_kv_state": ("batch", 8, 64), "1.comp_gate_state": ("batch", 8, 64),
+        "1.index_kv_state": ("batch", 8, 32), "1.index_gate_state": ("batch", 8, 32),
+        "2.comp_kv_state": ("batch", 16, 32), "2.comp_gate_state": ("batch", 16, 32)}
+
+
+@ds_available
+@pytest.mark.slow
+def test_deepseek_rewritten_graph_matches_hf(ds):
+    """The rewritten step graph (the effexport ops' eager references) from empty caches: prefill 21
+    + 8 decode steps equal the HF module's own logits."""
+    def step(tokens, pos, caches):
+        with torch.no_grad():
+            out = ds.program.gm(torch.from_numpy(tokens), torch.tensor(pos), *caches)
+        return out[0].numpy(), out[1:]
+
+    ids = torch.randint(0, 128, (BATCH, DS_PREFILL + DECODE), generator=torch.Generator().manual_seed(6))
+    logits = _decode(step, ds.analysis.plan.empty_caches(BATCH), ids, DS_PREFILL)
+    _assert_parity(logits, _reference(ds.hf, ids), "deepseek_v4 rewritten graph", DS_PREFILL)
+
+
+@ds_available
+@pytest.mark.slow
+def test_deepseek_wrong_compressor_left_alone(ds):
+    """A compressor whose RoPE positions are wrong (window stride 15 instead of 16, an edit of the
+    captured graph) fails the numeric check: it and the HCA attention reading its entries are left
+    alone with the reason, that layer keeps its growing caches, and the CSA layer is still rewritten."""
+    import copy
+
+    from torch import fx
+
+    from effexport.exporter.capture import StepProgram
+    from effexport.passes.pipeline import run_pipeline
+
+    program = ds.captured
+    gm = fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
+    stride = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.mul.Tensor
+              and n.args[1] == 16 and n.meta["val"].dtype == torch.int64]
+    assert len(stride) == 1  # arange(n_windows) * compress_rate of the HCA compressor
+    stride[0].args = (stride[0].args[0], 15)
+    gm.recompile()
+    rewritten, analysis = run_pipeline(StepProgram(gm, list(program.inputs), list(program.outputs),
+                                                   dict(program.seq_dims)))
+    c = analysis.counts["compressed"]
+    assert (c["csa"], c["hca"]) == (1, 0)
+    why = [r for r in analysis.left_alone if "layers.2" in r]
+    assert any("does not compute kv_compress_step" in r for r in why), why
+    assert any("not a recognised compressor's entries" in r for r in why), why
+    kinds = {x.name: x.kind for x in analysis.plan.entries}
+    assert (kinds["2.kv"], kinds["2.comp"], kinds["1.kv"], kinds["1.comp"]) == ("full", "full", "ring", "compressed")
+    # what is left alone still computes what the (edited) captured graph computes with its own caches
+    assert [o.replace("present.", "past.") for o in program.outputs[1:]] == program.inputs[1:]
+
+    def run(graph, extra):
+        def step(tokens, pos, caches):
+            with torch.no_grad():
+                out = graph(torch.from_numpy(tokens), *extra(pos), *caches)
+            return out[0].numpy(), out[1:]
+        return step
+
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    empty = [torch.zeros([BATCH if i == 0 else 0 if isinstance(d, torch.SymInt) else int(d)
+                          for i, d in enumerate(ph.meta["val"].shape)]) for ph in phs]
+    ids = torch.randint(0, 128, (BATCH, DS_PREFILL + DECODE), generator=torch.Generator().manual_seed(7))
+    want = _decode(run(gm, lambda pos: ()), empty, ids, DS_PREFILL)
+    got = _decode(run(rewritten.gm, lambda pos: (torch.tensor(pos),)), analysis.plan.empty_caches(BATCH), ids,
+                  DS_PREFILL)
+    _assert_parity(got, torch.from_numpy(np.concatenate([want[0], np.stack(want[1:], axis=1)], axis=1)),
+                   "deepseek_v4 with the HCA layer left alone", DS_PREFILL)
 
 
 @ds_available

@@ -12,9 +12,15 @@
   (``past_seq``; its present is ``total_seq``); ring and state dims stay static.
 
 The file gets the profile's opset and an explicit IR version ORT 1.30 loads
-(:data:`~.translations.IR_VERSION`). Weights go to one external data file next to the model when
-the serialized model would approach protobuf's 2 GB limit (or when ``external_data=True``). The
-file(s) are written to a temporary name first and renamed, so a failed export leaves nothing.
+(:data:`~.translations.IR_VERSION`). Weights go to one external data file next to the model,
+``{model}.data``, when the serialized model would approach protobuf's 2 GB limit (or when
+``external_data=True``). They are *streamed* there: after the optimizer, every initializer of at
+least :data:`EXTERNAL_TENSOR_BYTES` is written from the onnx_ir model one tensor at a time (a
+torch.onnx initializer straight from its torch storage, a folded one from its numpy array), in graph
+order; only then is the model serialized, and that proto holds references, no weight bytes. So no
+serialized copy of the weights is ever made (``program.model_proto`` followed by ``onnx.save_model``
+held one: peak RSS rose by 1.5x the weights, ``tests/test_external_data.py``). The file(s) are
+written in a temporary directory next to the target and renamed, so a failed export leaves nothing.
 
 Not covered: several step graphs per artifact (one graph serves prefill and decode), dtype
 conversion (the graph is exported in the dtype it was captured in), and ``effexport.json``.
@@ -25,6 +31,7 @@ import os
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import onnx_ir as ir
@@ -32,7 +39,7 @@ import torch
 from onnx_ir.passes import common as ir_passes
 import onnxscript.optimizer
 
-from effexport.exporter.capture import StepProgram
+from effexport.exporter.capture import StepProgram, fast_export_config
 from effexport.exporter.errors import LowerError
 from effexport.exporter.onnx._local import attach, types_kept
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
@@ -43,6 +50,9 @@ __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Initializer bytes above which weights are written as external data (protobuf caps at 2 GB)."""
+EXTERNAL_TENSOR_BYTES = 1024
+"""In an external-data save, initializers of at least this many bytes go to the data file; smaller
+ones (scalars, shapes) stay inline in the model."""
 EXAMPLE_NEW_TOKENS, EXAMPLE_PAST = 3, 5  # example sizes: distinct, > 1, so nothing specialises
 
 
@@ -81,8 +91,9 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
     if example_batch not in cache:
         args = example_inputs(plan, example_batch)
         try:
-            cache[example_batch] = torch.export.export(
-                program.gm, args, dynamic_shapes=_dynamic_shapes(plan), strict=False)
+            with fast_export_config():
+                cache[example_batch] = torch.export.export(
+                    program.gm, args, dynamic_shapes=_dynamic_shapes(plan), strict=False)
         except Exception as exc:  # torch.export raises many types
             raise LowerError(f"re-exporting the step graph failed: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0]}") from exc
@@ -107,20 +118,32 @@ def optimize(model: ir.Model) -> None:
     )(model)
 
 
-def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_names=None,
-          output_names=None) -> onnx.ModelProto:
-    """``torch.onnx.export`` (dynamo) of a module or ExportedProgram with the profile's translation
-    table and opset, then :func:`optimize` (no function inlining); finally every
-    ``effexport``-domain node gets its function body in ``model.functions`` (:mod:`._local`)."""
+def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_names) -> ir.Model:
+    """``torch.onnx.export`` (dynamo) with the profile's translation table and opset, then
+    :func:`optimize`; the initializers still reference the module's torch tensors (no copy)."""
     program = torch.onnx.export(
         module, args, dynamo=True, input_names=input_names, output_names=output_names,
         dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
         opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
     with types_kept(program.model), meta_weights_as_external(program.model):  # --weights none: no data
         optimize(program.model)
-    model = program.model_proto
+    return program.model
+
+
+def _finish(model: onnx.ModelProto, profile: str) -> None:
+    """The profile's IR version and the bodies of the ``effexport`` nodes (:mod:`._local`), in place."""
     model.ir_version = IR_VERSION[profile]
     attach(model)
+
+
+def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_names=None,
+          output_names=None) -> onnx.ModelProto:
+    """``torch.onnx.export`` (dynamo) of a module or ExportedProgram with the profile's translation
+    table and opset, then :func:`optimize` (no function inlining); finally every
+    ``effexport``-domain node gets its function body in ``model.functions`` (:mod:`._local`).
+    The returned proto holds the weights (:func:`export_step` streams them to a file instead)."""
+    model = ir.to_proto(_lower_ir(module, args, profile, dynamic_shapes, input_names, output_names))
+    _finish(model, profile)
     return model
 
 
@@ -150,23 +173,59 @@ def _name_dims(model: onnx.ModelProto, plan: CachePlan) -> None:
             rename(values[prefix + e.name], names)
 
 
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+def _initializer_bytes(model: ir.Model) -> int:
+    """Bytes of the initializers held in memory (references to external data not counted)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
 
 
-def _save(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write atomically: into a temporary directory next to ``path``, then rename."""
+def _stream_weights(model: ir.Model, directory: str, location: str) -> None:
+    """Write every in-memory initializer of at least :data:`EXTERNAL_TENSOR_BYTES` to
+    ``directory/location``, one tensor at a time in graph order, and replace it by a reference.
+
+    onnx_ir's ``convert_tensors_to_external`` calls each tensor's ``tofile``: torch.onnx's
+    ``TorchTensor`` writes its torch storage through a ctypes view, a numpy-backed tensor (a folded
+    constant) ``ndarray.tofile``; neither makes a bytes copy of the whole model. The layout is a
+    function of the graph and the onnx_ir version (>= 1.1 packs densely; older versions align tensors
+    over 1 MiB to 64 KiB), so builds stay byte-deterministic."""
+    if any(isinstance(v.const_value, ir.ExternalTensor) and os.path.normpath(v.const_value.location) == location
+           for v in model.graph.initializers.values()):
+        raise LowerError(f"the model already references {location} (a structure-only build's placeholders); "
+                         "it cannot also be written with external data")
+    values = [v for v in model.graph.initializers.values()
+              if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+              and v.const_value.dtype != ir.DataType.STRING and v.const_value.nbytes >= EXTERNAL_TENSOR_BYTES]
+    written = ir.external_data.convert_tensors_to_external(
+        [v.const_value for v in values], base_dir=directory, relative_path=location)
+    for value, tensor in zip(values, written):
+        value.const_value = tensor
+
+
+def _save(model: ir.Model | onnx.ModelProto, path: Path, external: bool,
+          finish: Callable[[onnx.ModelProto], None] | None = None) -> onnx.ModelProto:
+    """Write atomically: into a temporary directory next to ``path``, then rename. With ``external``
+    the weights are streamed to ``{path.name}.data`` first (:func:`_stream_weights`), so the proto
+    serialized afterwards holds references only. ``finish`` edits that proto before it is written
+    (IR version, function bodies, dim names). Returns the proto written to ``path``.
+
+    ``model`` is the optimized onnx_ir model (its initializers are replaced by references to the
+    temporary file, so it is spent afterwards) or a ``ModelProto``, read through onnx_ir."""
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".effexport-") as tmp:
-        tmp_model = Path(tmp) / path.name
         if external:
-            data = path.name + ".data"
-            onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data, size_threshold=1024)
+            _stream_weights(model, tmp, data)
+        proto = ir.to_proto(model)
+        if finish is not None:
+            finish(proto)
+        tmp_model = Path(tmp) / path.name
+        onnx.save_model(proto, tmp_model)  # references stay references: nothing is read back
+        if external:
             os.replace(Path(tmp) / data, path.parent / data)
-        else:
-            onnx.save_model(model, tmp_model)
         os.replace(tmp_model, path)
+    return proto
 
 
 def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str = "ort",
@@ -174,17 +233,23 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
     """Lower the rewritten step graph to ONNX at ``path`` and return the saved ``ModelProto``.
 
     ``external_data=None`` writes weights externally only above :data:`EXTERNAL_DATA_THRESHOLD`
-    bytes; the returned proto then references ``{path}.data`` instead of holding the weights."""
+    bytes; they are then streamed to ``{path}.data`` (see the module docstring) and the returned
+    proto references that file instead of holding the weights."""
     _check_signature(program, plan)
     inputs, outputs = step_io_names(plan)
     exported = exported_step(program, plan, example_batch)
     try:
-        model = lower(exported, profile=profile, input_names=inputs, output_names=outputs)
+        model = _lower_ir(exported, (), profile, None, inputs, outputs)
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
         raise LowerError(f"ONNX export ({profile}) failed: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}") from exc
-    _name_dims(model, plan)
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    _save(model, Path(path), external_data)
-    return model
+
+    def finish(proto: onnx.ModelProto) -> None:
+        try:
+            _finish(proto, profile)
+        except ValueError as exc:  # a function body missing: a lowering error, as inside lower()
+            raise LowerError(f"ONNX export ({profile}) failed: {exc}") from exc
+        _name_dims(proto, plan)
+    return _save(model, Path(path), external_data, finish)
