@@ -191,10 +191,7 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
     dumped = {}
     program, analysis = run_pipeline(captured, opts.dump_after,
                                      lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context)
-    c = analysis.counts
-    progress.done(t0, f"{c['discover']['sites']} sites: {c['rewrite']['ring']} ring, {c['rewrite']['full']} full, "
-                      f"{c['kv_sharing']['consumers']} consumers, "
-                      f"{c['rewrite']['left_alone']} left alone")
+    progress.done(t0, _rewrite_summary(analysis))
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
     try:
@@ -205,6 +202,18 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
     status = "BUILT (structure only)" if loaded.structure_only else "PASSED" if code == 0 else "FAILED"
     print(f"{status}: {out} ({meter.summary()})", file=sys.stderr)
     return code
+
+
+def _rewrite_summary(analysis) -> str:
+    """One line: attention sites and their caches, then the other rewrites that happened."""
+    c = analysis.counts
+    line = (f"{c['discover']['sites']} sites: {c['rewrite']['ring']} ring, {c['rewrite']['full']} full, "
+            f"{c['kv_sharing']['consumers']} consumers")
+    others = [(c["cca"]["cca"], "CCA"), (c["compressed"]["csa"], "CSA"), (c["compressed"]["hca"], "HCA"),
+              (c["compressed"]["window_only"], "window-only sparse"),
+              (c["mhc"]["mhc_pre"] + c["mhc"]["mhc_post"] + c["mhc"]["mhc_head"], "mHC")]
+    line += "".join(f", {n} {what}" for n, what in others if n)
+    return f"{line}, {len(analysis.left_alone)} left alone"
 
 
 def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress, program, analysis,

@@ -18,6 +18,8 @@ convention of DeepSeek's comparisons); attention cores always count as bf16.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from effexport.exporter.errors import UsageError
@@ -258,15 +260,24 @@ def stock_caches(sample: Sample, context: int, batch: int = 1) -> list[dict]:
 def stock_comparison(sample: Sample, plan, context: int, batch: int = 1) -> dict:
     """Cache inputs of the stock export of the eager sample vs the artifact's CachePlan at
     ``context`` tokens and ``batch`` sequences, both in the captured dtype: tensor lists, totals
-    and ``ratio`` (stock / effexport). effexport's compressed-entry buffers are sized for the
-    build's ``--max-context``; full caches grow with ``context``, rings and states do not. If the
+    and ``ratio`` (stock / effexport). effexport's full caches grow with ``context``, rings and states
+    do not, and a compressed-entry buffer is counted at ``context // r`` slots (what an artifact built
+    with ``--max-context`` = ``context`` holds; the built one holds ``max_context // r``). If the
     eager forward cannot run on the meta device, the dict says why under ``unavailable``."""
     try:
         stock = stock_caches(sample, context, batch)
     except Exception as exc:  # the meta forward of a model outside the samples' contract
         return {"context": context, "batch": batch, "unavailable": f"{type(exc).__name__}: {exc}"[:300]}
-    ours = [{"name": f"past.{e.name}", "kind": e.kind, "shape": e.concrete_shape(batch, context), "dtype": e.dtype,
-             "bytes": e.nbytes(batch, context)} for e in plan.entries]
+    import torch
+
+    ours = []
+    for e in plan.entries:
+        shape = e.concrete_shape(batch, context)
+        if e.kind == "compressed":  # the entry buffer of an artifact built for this context: context // r slots
+            shape[1] = context // e.ratio
+        itemsize = torch.empty((), dtype=getattr(torch, e.dtype)).element_size()
+        ours.append({"name": f"past.{e.name}", "kind": e.kind, "shape": shape, "dtype": e.dtype,
+                     "bytes": math.prod(shape) * itemsize})
     stock_bytes, our_bytes = sum(t["bytes"] for t in stock), sum(t["bytes"] for t in ours)
     return {"context": context, "batch": batch,
             "stock": {"what": "torch.onnx.export(dynamo=True) of the eager forward(input_ids, past=...), no rewrite",

@@ -213,3 +213,13 @@ def probe_call(node: fx.Node, values: dict) -> Any:
     kwargs = {k: cpu if isinstance(v, torch.device) else v
               for k, v in fx.node.map_arg(node.kwargs, values.__getitem__).items()}
     return node.target(*args, **kwargs)
+
+
+def example_past(gm: fx.GraphModule, minimum: int = 0) -> int:
+    """The past length the graph was captured at: the largest size hint (the example value torch.export
+    recorded) of a placeholder's dynamic non-batch dim. ``torch.export`` kept only the branches of
+    the size comparisons that example took, so probes and re-exports should not go below it."""
+    hints = [int(d.node.hint or 0) for n in gm.graph.nodes if n.op == "placeholder" and n.name != "input_ids"
+             and isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape[1:]
+             if isinstance(d, torch.SymInt)]
+    return max([minimum, *hints])

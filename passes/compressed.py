@@ -64,7 +64,7 @@ from torch import fx
 import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
-from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, is_call,
+from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, example_past, is_call,
                                      meta_val, probe_call, strip)
 from effexport.passes._compressed_write import Writer, clean, writes
 from effexport.passes.positions import shift_aranges
@@ -199,15 +199,10 @@ def check_p(ratios) -> int:
 
 
 def check_length(gm: fx.GraphModule, ratios) -> int:
-    """Past length P of the numeric checks: at least the capture's example past length, since
-    ``torch.export`` kept only the branches of the example's size comparisons (``min(cache, W + T -
-    1)``, more entries than top-k?), so the graph is only right from there on; never below
-    :data:`CHECK_P`, and not a multiple of any ratio (a partial block stays in the window state).
-    The example length is the largest size hint of a placeholder's dynamic dim."""
-    hints = [int(d.node.hint or 0) for n in gm.graph.nodes if n.op == "placeholder"
-             and isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape[1:]
-             if isinstance(d, torch.SymInt)]
-    p = max([CHECK_P, *hints])
+    """Past length P of the numeric checks: at least the capture's example past length
+    (:func:`~effexport.passes._graph.example_past`: the graph is only right from there on), never
+    below :data:`CHECK_P`, and not a multiple of any ratio (a partial block stays in the window state)."""
+    p = example_past(gm, CHECK_P)
     while any(p % r == 0 for r in set(ratios.values())):
         p += 1
     return p

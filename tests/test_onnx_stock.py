@@ -9,6 +9,7 @@ tensor list is the captured step's cache inputs (the torch.export program that t
 lowers)."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -55,6 +56,24 @@ def test_deepseek_compressed_entries_grow_per_ratio(rewritten):
     growth = {t["name"]: b["shape"][1] - t["shape"][1] for t, b in zip(small, large)}
     assert {256 // r for r in ratios} | {256} <= set(growth.values())
     assert max(growth.values()) == 256  # the raw window K/V: the stock export keeps every token
+
+
+def test_deepseek_effexport_entries_counted_at_the_context(rewritten):
+    """effexport's compressed buffers are counted at ``context // r`` slots (what an artifact built for
+    that context holds), not at the built ``max_context // r``: at a context 16x the build's, each
+    entry buffer is 16x its built size, rings and states keep theirs."""
+    shared = rewritten("deepseek-v4-flash:tiny")
+    plan = shared.analysis.plan
+    built = {e.name: e.concrete_shape(1, 0) for e in plan.entries}
+    context = 16 * next(e.ratio * e.concrete_shape(1, 0)[1] for e in plan.entries if e.kind == "compressed")
+    ours = {t["name"][len("past."):]: t for t in stock_comparison(shared.sample, plan, context)["effexport"]["tensors"]}
+    for e in plan.entries:
+        want = list(built[e.name])
+        if e.kind == "compressed":
+            want[1] = context // e.ratio
+        assert ours[e.name]["shape"] == want, e.name
+        assert ours[e.name]["bytes"] == math.prod(want) * F32
+    assert any(e.kind == "compressed" for e in plan.entries) and any(e.kind == "ring" for e in plan.entries)
 
 
 def test_unavailable_when_the_meta_forward_fails():

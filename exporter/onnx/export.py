@@ -44,6 +44,7 @@ from effexport.exporter.errors import LowerError
 from effexport.exporter.onnx._local import attach, types_kept
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
 from effexport.exporter.structure_only import meta_weights_as_external
+from effexport.passes._graph import example_past, meta_val
 from effexport.passes.cache_plan import CachePlan
 
 __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
@@ -62,12 +63,14 @@ def step_io_names(plan: CachePlan) -> tuple[list[str], list[str]]:
             ["logits"] + [f"present.{e.name}" for e in plan.entries])
 
 
-def example_inputs(plan: CachePlan, batch: int, vocab: int = 2) -> tuple[torch.Tensor, ...]:
-    """Example step inputs: ``EXAMPLE_NEW_TOKENS`` new tokens after ``EXAMPLE_PAST`` cached ones."""
-    ids = torch.randint(0, vocab, (batch, EXAMPLE_NEW_TOKENS))
-    caches = [torch.zeros(e.concrete_shape(batch, EXAMPLE_PAST), dtype=getattr(torch, e.dtype))
+def example_inputs(plan: CachePlan, batch: int, vocab: int = 2, past: int = EXAMPLE_PAST,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Example step inputs: ``EXAMPLE_NEW_TOKENS`` new tokens after ``past`` cached ones, on ``device``
+    (``meta`` for a structure-only program, whose graph builds its index tensors there)."""
+    ids = torch.randint(0, vocab, (batch, EXAMPLE_NEW_TOKENS)).to(device)
+    caches = [torch.zeros(e.concrete_shape(batch, past), dtype=getattr(torch, e.dtype), device=device)
               for e in plan.entries]
-    return (ids, torch.tensor(EXAMPLE_PAST, dtype=torch.int64), *caches)
+    return (ids, torch.tensor(past, dtype=torch.int64), *caches)
 
 
 def _dynamic_shapes(plan: CachePlan) -> tuple:
@@ -89,7 +92,10 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
     GraphModule and batch so that exporting one program in several profiles traces it once."""
     cache = _EXPORTED.setdefault(program.gm, {})
     if example_batch not in cache:
-        args = example_inputs(plan, example_batch)
+        first = next(n for n in program.gm.graph.nodes if n.op == "placeholder")
+        # at the capture's example past length: the passes kept that example's branches (graph.example_past)
+        args = example_inputs(plan, example_batch, past=example_past(program.gm, EXAMPLE_PAST),
+                              device=meta_val(first).device)
         try:
             with fast_export_config():
                 cache[example_batch] = torch.export.export(
@@ -121,10 +127,11 @@ def optimize(model: ir.Model) -> None:
 def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_names) -> ir.Model:
     """``torch.onnx.export`` (dynamo) with the profile's translation table and opset, then
     :func:`optimize`; the initializers still reference the module's torch tensors (no copy)."""
-    program = torch.onnx.export(
-        module, args, dynamo=True, input_names=input_names, output_names=output_names,
-        dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
-        opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
+    with fast_export_config():  # torch.onnx re-traces the program to decompose it
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=input_names, output_names=output_names,
+            dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
+            opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
     with types_kept(program.model), meta_weights_as_external(program.model):  # --weights none: no data
         optimize(program.model)
     return program.model
