@@ -364,7 +364,23 @@ def _loaded(step: HFStep, name: str, source: dict):
     return LoadedModel(name=name, model=step, vocab_size=int(text.vocab_size), sample=None,
                        source={"kind": "hf", "model_type": getattr(text, "model_type", None),
                                "class": type(step.hf).__name__,
-                               "attn_implementation": step.hf.config._attn_implementation, **source})
+                               "attn_implementation": step.hf.config._attn_implementation, **source},
+                       example_length=_capture_length(text))
+
+
+def _capture_length(text) -> int:
+    """The capture's example length (``samples._spec.capture_length``'s rule) from the config's
+    sliding window, DeepSeek V4's compression rates and its indexer top-k (on CSA layers)."""
+    from types import SimpleNamespace
+
+    from effexport.samples._spec import capture_length
+
+    layers = [SimpleNamespace(window=getattr(text, "sliding_window", None), ratio=0, topk=None)]
+    rates = getattr(text, "compress_rates", None) or {}
+    for kind, ratio in (rates.items() if isinstance(rates, dict) else ()):
+        topk = getattr(text, "index_topk", None) if kind == "compressed_sparse_attention" else None
+        layers.append(SimpleNamespace(window=None, ratio=int(ratio), topk=topk))
+    return capture_length(layers)
 
 
 def wrap_hf_module(module: nn.Module, name: str | None = None):

@@ -256,6 +256,22 @@ def test_python_export_api(tmp_path):
     _assert_parity(_decode(step, caches, ids), _reference(model, ids), "gemma4/standard")
 
 
+def test_capture_length_from_the_config():
+    """The example stream of an HF capture is past every window / compressed block / top-k the config
+    declares, by the samples' rule: the published DeepSeek V4 config gives the V4-Flash sample's 2059
+    tokens, a 512-token sliding window 517, no window (Llama) the floor of 40; the tiny test models 40."""
+    from effexport.exporter.hf import _capture_length
+    from effexport.samples import get_sample
+    from effexport.samples._spec import capture_length
+
+    assert _capture_length(transformers.LlamaConfig()) == 40
+    assert _capture_length(transformers.LlamaConfig(sliding_window=512)) == 517
+    if hasattr(transformers, "DeepseekV4Config"):
+        flash = get_sample("deepseek-v4-flash").config
+        assert _capture_length(transformers.DeepseekV4Config()) == capture_length(flash.layer_specs()) == 2059
+    assert _capture_length(transformers.LlamaConfig(sliding_window=WINDOW)) == 40
+
+
 def test_load_errors(tmp_path):
     """A directory without weights and a module without an LM head are refused with the fix."""
     from effexport.exporter.errors import LoadError, UsageError

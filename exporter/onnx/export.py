@@ -84,6 +84,17 @@ def _dynamic_shapes(plan: CachePlan) -> tuple:
     return ({0: batch, 1: seq}, None, *caches)
 
 
+def _device(gm: torch.fx.GraphModule) -> torch.device:
+    """Where the step graph runs: its inputs' recorded device (``meta`` for a structure-only capture),
+    else its weights' device, else the CPU."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    val = meta_val(first) if first is not None else None
+    if isinstance(val, torch.Tensor):
+        return val.device
+    tensor = next(iter(gm.parameters()), next(iter(gm.buffers()), None))
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 _EXPORTED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -92,10 +103,9 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
     GraphModule and batch so that exporting one program in several profiles traces it once."""
     cache = _EXPORTED.setdefault(program.gm, {})
     if example_batch not in cache:
-        first = next(n for n in program.gm.graph.nodes if n.op == "placeholder")
         # at the capture's example past length: the passes kept that example's branches (graph.example_past)
         args = example_inputs(plan, example_batch, past=example_past(program.gm, EXAMPLE_PAST),
-                              device=meta_val(first).device)
+                              device=_device(program.gm))
         try:
             with fast_export_config():
                 cache[example_batch] = torch.export.export(
