@@ -187,10 +187,10 @@ class Sizes(dict):
     earlier pass already made rings to their seq dim (they are evaluated at length P: the graph
     still reads their length as the past length)."""
 
-    def __init__(self, ratios: dict, full: dict | None = None, p: int = CHECK_P):
+    def __init__(self, ratios: dict, full: dict | None = None):
         super().__init__(ratios)
         self.full = dict(full or {})
-        self.p = p  # past length of the numeric checks (:func:`check_length`)
+        self.p = CHECK_P  # past length of the numeric checks (find_compressed sets :func:`check_length`)
 
 
 def check_p(ratios) -> int:

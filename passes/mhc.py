@@ -277,7 +277,7 @@ def _base_and_scale(attrs: list[fx.Node], rows: int, n_scale: int):
 
 
 # ---------------------------------------------------------------------------------- numerics
-def _closure(graph: fx.Graph, seeds) -> list[fx.Node]:
+def _closure(seeds) -> list[fx.Node]:
     """Pure call nodes (in an order that evaluates inputs first) whose inputs all come, transitively,
     from ``seeds`` only. Walks forward from the seeds' users, so the cost is the region's size, not the
     graph's (a probe per mixing over a whole-model graph would be quadratic in depth)."""
@@ -300,7 +300,7 @@ def _probe(gm: fx.GraphModule, feeds: dict[fx.Node, torch.Tensor], params: list[
     env.update({p: attr_value(gm, p.target) for p in params})
     env.update(_sizes_of(gm.graph, feeds))
     with torch.no_grad():
-        for node in _closure(gm.graph, env):
+        for node in _closure(env):
             try:
                 env[node] = probe_call(node, env)
             except Exception:  # noqa: BLE001  (a node that cannot run on probes is no candidate)
