@@ -64,8 +64,8 @@ from torch import fx
 import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
-from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, example_past, is_call,
-                                     meta_val, probe_call, strip)
+from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, concrete_shape,
+                                     example_past, free_symbols, is_call, meta_val, probe_call, strip)
 from effexport.passes._compressed_write import Writer, clean, writes
 from effexport.passes.positions import shift_aranges
 from effexport.passes.attention import finish
@@ -248,18 +248,17 @@ class _Eval:
     def dim(self, node, i: int) -> int | None:
         """Size ``i`` of ``node``'s value at this evaluation, from the placeholders' sizes (None when
         it has a symbol no placeholder defines)."""
-        d = meta_val(node).shape[i]
-        if not isinstance(d, torch.SymInt):
-            return int(d)
         if self._sizes is None:
             self._sizes = {}
             for ph in self.gm.graph.nodes:
                 if ph.op == "placeholder" and isinstance(ph.meta.get("val"), torch.Tensor):
                     for sym, size in zip(meta_val(ph).shape, self.shape(ph)):
-                        if isinstance(sym, torch.SymInt):
+                        if isinstance(sym, torch.SymInt) and sym.node.expr.is_Symbol:
                             self._sizes.setdefault(sym.node.expr, size)
-        expr = d.node.expr
-        return int(expr.xreplace(self._sizes)) if expr.free_symbols <= set(self._sizes) else None
+        d = meta_val(node).shape[i]
+        if not free_symbols(d) <= set(self._sizes):
+            return None
+        return concrete_shape(meta_val(node), self._sizes)[i]
 
     def __call__(self, outputs: list, given: dict) -> list:
         values = dict(given)
