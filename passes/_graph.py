@@ -61,9 +61,23 @@ def is_noop_pad(node: Any) -> bool:
     return isinstance(widths, (list, tuple)) and all(isinstance(w, int) and w == 0 for w in widths)
 
 
+def rounds(node: fx.Node) -> bool:
+    """A cast from one float dtype to another that cannot hold every value of the first (fp32 ->
+    bf16, fp16 <-> bf16): its output is a rounded copy, not the value it was given."""
+    src, out = meta_val(node.args[0]) if node.args else None, meta_val(node)
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return False
+    if src.dtype == out.dtype or not (src.dtype.is_floating_point and out.dtype.is_floating_point):
+        return False
+    return torch.finfo(out.dtype).bits <= torch.finfo(src.dtype).bits
+
+
 def strip(node: Any) -> Any:
-    """Follow transparent ops (casts, contiguous, no-op slices and pads) back to the value they forward."""
-    while is_call(node, *TRANSPARENT) or is_full_slice(node) or is_noop_pad(node):
+    """Follow transparent ops (exact casts, contiguous, no-op slices and pads) back to the value they
+    forward. A rounding float cast (:func:`rounds`) stops the walk: in a bf16 model ``q.float()``
+    strips to the bf16 query, not through its ``.to(bf16)`` to the fp32 RoPE arithmetic before it."""
+    while ((is_call(node, *TRANSPARENT) and not rounds(node)) or is_full_slice(node)
+           or is_noop_pad(node)):
         node = node.args[0]
     return node
 

@@ -158,3 +158,35 @@ def test_dump_after_calls_back_and_unknown_pass_is_an_error(rewritten):
     assert seen and seen[0][0] == "classify_masks"
     with pytest.raises(RewriteError, match="passes are: " + ", ".join(PASS_NAMES)):
         run_pipeline(r.captured, dump_after="nope")
+
+
+def test_bf16_model_hands_the_rounded_query_to_the_ops():
+    """In a bf16 model the query is rounded to bf16 after RoPE (``.to(x.dtype)``) and upcast again for
+    the fp32 scores (``q.float()``). The ops get that bf16 query: the upcast is exact and the ops
+    score in fp32 themselves, whereas walking through the rounding cast would hand them the unrounded
+    fp32 RoPE output (different numbers from eager, and the slow mixed-precision kernel path)."""
+    from effexport.exporter.capture import capture_step
+    from effexport.samples import get_sample
+
+    sample = get_sample("gemma4-e2b:tiny")
+    model = sample.build(dtype=torch.bfloat16)
+    ids = torch.randint(0, sample.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    program, analysis = run_pipeline(capture_step(model, ids))
+    attention = [n for n in program.gm.graph.nodes if n.op == "call_function"
+                 and n.target in (ops.attention_ring.default, ops.attention_cache.default, ops.attention_read.default)]
+    assert len(attention) == len(sample.config.layer_specs())
+    for node in attention:
+        q = node.args[0]
+        assert q.meta["val"].dtype == torch.bfloat16, (node.name, q.meta["val"].dtype)
+    with torch.no_grad():
+        ref, _ = model(ids)
+        caches = analysis.plan.empty_caches(2)
+        for e, c in zip(analysis.plan.entries, caches):
+            assert c.dtype == torch.bfloat16, e
+        outs = program.gm(ids[:, :6], torch.tensor(0), *caches)
+        assert_close(outs[0], ref[:, :6], dtype=torch.bfloat16, what="prefill logits")
+        caches = list(outs[1:])
+        for t in range(6, 15):  # 9 decode steps, past the tiny window (8)
+            outs = program.gm(ids[:, t:t + 1], torch.tensor(t), *caches)
+            assert_close(outs[0][:, 0], ref[:, t], dtype=torch.bfloat16, what=f"decode logits at {t}")
+            caches = list(outs[1:])
