@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -59,18 +60,48 @@ class BuildOptions:
 
 
 class Progress:
-    """One line per stage: ``[2/5] capture ... 12.3s``."""
+    """One line per stage: ``[2/5] capture ... 12.3s``, and while a stage runs, a heartbeat line every
+    ``heartbeat`` seconds (``      capture: still running, 40s, peak memory 1.2 GiB``): a real-size
+    capture is one torch.export call of minutes. The heartbeat is a daemon thread that stops at
+    :meth:`done`, at the next :meth:`stage` and at :meth:`close` (called when a build ends, failed or
+    not)."""
 
-    def __init__(self, total: int, stream=None):
+    def __init__(self, total: int, stream=None, heartbeat: float = 15.0):
         self.total, self.n, self.stream = total, 0, stream or sys.stderr
         self.start = time.monotonic()
+        self.heartbeat = heartbeat
+        self._beating: tuple[threading.Thread, threading.Event] | None = None
 
     def stage(self, what: str):
+        self.close()
         self.n += 1
         print(f"[{self.n}/{self.total}] {what} ...", file=self.stream, flush=True)
-        return time.monotonic()
+        t0 = time.monotonic()
+        if self.heartbeat > 0:
+            from effexport.exporter.structure_only import ResourceMeter  # here: an import in the thread can stall it
+
+            stop = threading.Event()
+            args = (what.split(" (")[0], t0, stop, ResourceMeter.peak_rss_bytes)
+            thread = threading.Thread(target=self._beat, args=args, daemon=True, name="effexport-progress")
+            thread.start()
+            self._beating = (thread, stop)
+        return t0
+
+    def _beat(self, what: str, t0: float, stop: threading.Event, peak_rss_bytes) -> None:
+        while not stop.wait(self.heartbeat):
+            print(f"      {what}: still running, {time.monotonic() - t0:.0f}s, peak memory "
+                  f"{peak_rss_bytes() / 2**30:.2f} GiB", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Stop the heartbeat of the running stage, if any."""
+        if self._beating is not None:
+            thread, stop = self._beating
+            stop.set()
+            thread.join()
+            self._beating = None
 
     def done(self, t0: float, note: str = ""):
+        self.close()
         print(f"      done in {time.monotonic() - t0:.1f}s{(': ' + note) if note else ''}", file=self.stream,
               flush=True)
 
@@ -160,9 +191,12 @@ def build(opts: BuildOptions) -> int:
     progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
                                                  if opts.weights == "none" else ""))
-    loaded = spec.load()
-    progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
-    return _build(loaded, opts, out, progress)
+    try:
+        loaded = spec.load()
+        progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
+        return _build(loaded, opts, out, progress)
+    finally:
+        progress.close()
 
 
 def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
@@ -170,7 +204,11 @@ def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
     check_options(opts)
     _check_context(loaded.sample, opts.max_context)
     out = _output_dir(opts, loaded.name)
-    return _build(loaded, opts, out, Progress(_stages(opts, loaded.structure_only)))
+    progress = Progress(_stages(opts, loaded.structure_only))
+    try:
+        return _build(loaded, opts, out, progress)
+    finally:
+        progress.close()
 
 
 def _stages(opts: BuildOptions, structure_only: bool) -> int:

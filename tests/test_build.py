@@ -132,3 +132,31 @@ def test_hf_directory_goes_to_the_hf_loader(tmp_path):
     assert loaded.vocab_size == 64 and loaded.source["kind"] == "hf" and loaded.sample is None
     logits, present = loaded.model(loaded.example_ids()[:, :5])
     assert logits.shape == (2, 5, 64) and present
+
+
+def test_progress_heartbeat_while_a_stage_runs():
+    """A long stage prints heartbeat lines (name, elapsed, memory) until it is done, then none."""
+    import io
+    import time
+
+    stream = io.StringIO()
+    progress = build_mod.Progress(2, stream, heartbeat=0.05)
+    t0 = progress.stage("capture (torch.export)")
+    time.sleep(0.5)
+    progress.done(t0, "12 nodes")
+    lines = stream.getvalue().splitlines()
+    beats = [line for line in lines if "capture: still running" in line]
+    assert lines[0] == "[1/2] capture (torch.export) ..." and lines[-1].endswith("s: 12 nodes")
+    assert len(beats) >= 3 and all("GiB" in line for line in beats), lines
+    t0 = progress.stage("lower")
+    time.sleep(0.2)
+    progress.close()  # a failed build: the stage never reaches done()
+    after = len(stream.getvalue().splitlines())
+    time.sleep(0.3)
+    assert len(stream.getvalue().splitlines()) == after and threading_quiet()
+
+
+def threading_quiet() -> bool:
+    import threading
+
+    return not any(t.name == "effexport-progress" for t in threading.enumerate())
