@@ -8,6 +8,10 @@ the runtime feeds presents back as pasts. Prefill is the same step with ``pos = 
 initial caches (zero-length full caches, zero rings and states).
 
 Backends: ONNX Runtime (CPU; CUDA when onnxruntime-gpu is installed and ``device="cuda"``).
+On CUDA the runtime uses ONNX Runtime's I/O binding: caches are ``onnxruntime.OrtValue`` tensors on
+the GPU, each step binds the previous step's present caches as its past caches and lets ORT
+allocate the new ones on the device, and only the logits come back to the host (``io_binding=True``
+does the same on CPU, where it is tested).
 
 ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (``ort`` profile) refuses several new tokens
 on a non-empty cache at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context
@@ -49,21 +53,30 @@ def load_manifest(artifact_dir: str) -> dict:
 
 @dataclass
 class StepResult:
-    """Logits ``[B, T, V]`` and the caches to pass to the next step."""
+    """Logits ``[B, T, V]`` and the caches to pass to the next step (numpy arrays, or
+    ``onnxruntime.OrtValue`` tensors on the device with I/O binding)."""
 
     logits: np.ndarray
-    caches: list[np.ndarray]
+    caches: list
+
+
+def _host(cache) -> np.ndarray:
+    """A cache as a numpy array (an OrtValue is copied to the host)."""
+    return cache if isinstance(cache, np.ndarray) else cache.numpy()
 
 
 class OrtRuntime:
     """An ONNX Runtime session over an artifact's step model."""
 
-    def __init__(self, artifact_dir: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, artifact_dir: str, device: str = "cpu", threads: int | None = None,
+                 io_binding: bool | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendMissingError("onnxruntime is not installed: pip install onnxruntime "
                                       "(or onnxruntime-gpu for CUDA)") from None
+        self.ort, self.device = ort, device
+        self.io_binding = device == "cuda" if io_binding is None else io_binding
         self.manifest = load_manifest(artifact_dir)
         self.entries = [CacheEntry(**{**e, "shape": tuple(e["shape"])})
                         for e in self.manifest["cache_plan"]["entries"]]
@@ -81,9 +94,14 @@ class OrtRuntime:
         self.input_names = self.manifest["inputs"]
         self.output_names = self.manifest["outputs"]
 
-    def initial_caches(self, batch: int) -> list[np.ndarray]:
-        """The plan's prefill caches as numpy arrays."""
-        return [e.empty(batch).numpy() for e in self.entries]
+    def initial_caches(self, batch: int) -> list:
+        """The plan's prefill caches: numpy arrays, or OrtValues on the device with I/O binding."""
+        return [self._device_value(e.empty(batch).numpy()) for e in self.entries]
+
+    def _device_value(self, array: np.ndarray):
+        if not self.io_binding:
+            return array
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` over ``caches``. A chunk
@@ -93,18 +111,31 @@ class OrtRuntime:
         if not (self.manifest.get("profile") == "ort" and batch > 1 and new > 1 and pos > 0):
             return self._run(input_ids, pos, caches)
         axes = [e.shape.index("batch") for e in self.entries]
+        caches = [_host(c) for c in caches]  # a prompt chunk: rare enough for a round trip to the host
         rows = [self._run(input_ids[i:i + 1], pos, [np.take(c, [i], axis=a) for c, a in zip(caches, axes)])
                 for i in range(batch)]
         return StepResult(np.concatenate([r.logits for r in rows], axis=0),
-                          [np.concatenate(parts, axis=a) for parts, a in zip(zip(*(r.caches for r in rows)), axes)])
+                          [self._device_value(np.concatenate([_host(p) for p in parts], axis=a))
+                           for parts, a in zip(zip(*(r.caches for r in rows)), axes)])
 
     def _run(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One call of the step model."""
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "pos": np.array(pos, dtype=np.int64)}
-        feeds.update({name: c for name, c in zip(self.input_names[2:], caches)})
-        outs = self.session.run(self.output_names, feeds)
-        return StepResult(outs[0], list(outs[1:]))
+        if not self.io_binding:
+            feeds.update({name: _host(c) for name, c in zip(self.input_names[2:], caches)})
+            outs = self.session.run(self.output_names, feeds)
+            return StepResult(outs[0], list(outs[1:]))
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, cache in zip(self.input_names[2:], caches):
+            binding.bind_ortvalue_input(name, cache if isinstance(cache, self.ort.OrtValue) else self._device_value(cache))
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return StepResult(outs[0].numpy(), list(outs[1:]))
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy generation: returns (generated tokens [B, max_new_tokens], logits of every step)."""

@@ -212,3 +212,27 @@ def test_runtime_chunk_on_a_cache_at_batch_2(step, exported, tmp_path):
         assert any(n.op_type == "GroupQueryAttention" for n in exported["ort"][1].graph.node)
     else:
         np.testing.assert_allclose(batched.logits, chunk.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_io_binding_keeps_caches_as_ort_values(step, exported, tmp_path):
+    """With I/O binding (the CUDA path; here on CPU) caches stay ``OrtValue`` tensors between steps
+    and every step's logits and caches equal the plain numpy path's bit for bit."""
+    import onnxruntime as ort
+
+    _, _, analysis, vocab = step
+    inputs, outputs = step_io_names(analysis.plan)
+    (tmp_path / "model.onnx").symlink_to(exported["ort"][0])
+    (tmp_path / MANIFEST).write_text(json.dumps({
+        "target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
+        "outputs": outputs, "cache_plan": analysis.plan.to_json()}))
+    plain, bound = OrtRuntime(str(tmp_path)), OrtRuntime(str(tmp_path), io_binding=True)
+    ids = torch.randint(0, vocab, (BATCH, PREFILL + CHUNK + 4), generator=torch.Generator().manual_seed(4)).numpy()
+    a = plain.step(ids[:, :PREFILL], 0, plain.initial_caches(BATCH))
+    b = bound.step(ids[:, :PREFILL], 0, bound.initial_caches(BATCH))
+    for pos in [PREFILL, *range(PREFILL + CHUNK, ids.shape[1])]:  # a chunk (row-by-row path), then decode
+        end = pos + (CHUNK if pos == PREFILL else 1)
+        a, b = plain.step(ids[:, pos:end], pos, a.caches), bound.step(ids[:, pos:end], pos, b.caches)
+        assert all(isinstance(c, ort.OrtValue) for c in b.caches)
+        np.testing.assert_array_equal(b.logits, a.logits)
+        for x, y in zip(b.caches, a.caches):
+            np.testing.assert_array_equal(x.numpy(), y)
