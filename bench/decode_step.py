@@ -11,7 +11,10 @@ Then, per context L and batch B, one decode step at position L-1 with random cac
 * ``eager``: the sample's own forward with its full-length past (``torch.cat`` caches, SDPA-free
   matmul attention as written in ``samples/``), launched from Python;
 * ``rewritten``: the rewritten step graph (CachePlan caches: rings for sliding layers, full caches
-  only for full owners, read-only consumers) launched from Python, and replayed as a CUDA graph.
+  only for full owners, read-only consumers) launched from Python, and replayed as a CUDA graph;
+* ``aoti`` (with ``--aoti``): the same rewritten program compiled by AOTInductor
+  (``effexport.exporter.aoti.aoti_step``, what ``--target aoti`` builds), the effexport ops still
+  dispatching to the Triton decode kernels; launched and graph-replayed like ``rewritten``.
 
 Roofline = (weight bytes a step reads + owned KV bytes) / copy bandwidth measured in the same run;
 weight bytes are every parameter except embedding tables that are only gathered (the tied LM head is
@@ -147,7 +150,25 @@ def _profile(fn, top: int = 15) -> str:
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=70)
 
 
-def run_preset(name: str, contexts, batches, bw: float, gen, profile_at=()) -> dict:
+def compile_aoti(program, plan, name: str, res: dict):
+    """The rewritten program as an AOTInductor package (in a temporary directory), or None with
+    ``res["aoti_error"]`` saying why."""
+    import tempfile
+
+    from effexport.exporter.aoti import aoti_step
+
+    t0 = time.monotonic()
+    try:
+        step = aoti_step(program, plan, os.path.join(tempfile.mkdtemp(), f"{name}.pt2"), DEV)
+    except Exception as exc:  # noqa: BLE001  (report why, keep the other columns)
+        res["aoti_error"] = f"{type(exc).__name__}: {exc}"[:400]
+        traceback.print_exc()
+        return None
+    res["aoti_compile_s"] = time.monotonic() - t0
+    return step
+
+
+def run_preset(name: str, contexts, batches, bw: float, gen, profile_at=(), aoti: bool = False) -> dict:
     from effexport.exporter.capture import capture_step
     from effexport.passes.pipeline import run_pipeline
 
@@ -171,6 +192,7 @@ def run_preset(name: str, contexts, batches, bw: float, gen, profile_at=()) -> d
     except Exception as exc:  # noqa: BLE001
         res["parity"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
         traceback.print_exc()
+    aoti_fn = compile_aoti(program, plan, name, res) if aoti else None
     print(f"{name}: build {res['build_s']:.0f}s, capture+rewrite {res['capture_rewrite_s']:.0f}s, "
           f"parity {res['parity']}", flush=True)
     for ctx in contexts:
@@ -185,6 +207,8 @@ def run_preset(name: str, contexts, batches, bw: float, gen, profile_at=()) -> d
                 caches = plan_caches(plan, batch, ctx - 1, gen)
                 pos = torch.tensor(ctx - 1, device=DEV)
                 row["rewritten"] = _timed(lambda: program.gm(ids1, pos, *caches))
+                if aoti_fn is not None:
+                    row["aoti"] = _timed(lambda: aoti_fn(ids1, pos, *caches))
             except Exception as exc:  # noqa: BLE001
                 row["rewritten"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
                 traceback.print_exc()
@@ -235,6 +259,20 @@ def table(results: list, bw: float) -> str:
     return "\n".join(lines)
 
 
+def aoti_table(results: list) -> str:
+    """The ``aoti`` column (``--aoti``) next to the rewritten graph it was compiled from."""
+    lines = ["| preset | L | B | rewritten ms (graph) | aoti ms (launched) | aoti ms (graph) | rewritten / aoti |",
+             "|" + "---|" * 7]
+    for res in results:
+        for r in res.get("rows", []):
+            rw, ao = r.get("rewritten", {}), r.get("aoti", {})
+            best_rw, best_ao = rw.get("graph_s", rw.get("eager_launch_s")), ao.get("graph_s", ao.get("eager_launch_s"))
+            lines.append(f"| {res['preset']} | {r['context'] // 1024}K | {r['batch']} | {_us(rw, 'graph_s')} | "
+                         f"{_us(ao, 'eager_launch_s')} | {_us(ao, 'graph_s')} | "
+                         f"{(best_rw / best_ao) if best_rw and best_ao else float('nan'):.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -242,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="4096,32768")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--profile", default="", help="L:B pairs (e.g. 4096:1,32768:8): kernel table of the rewritten step")
+    ap.add_argument("--aoti", action="store_true", help="also time the rewritten program compiled by AOTInductor")
     args = ap.parse_args(argv)
     profile_at = {tuple(int(x) for x in p.split(":")) for p in args.profile.split(",") if p}
     if not torch.cuda.is_available():
@@ -259,14 +298,14 @@ def main(argv=None) -> int:
     results = []
     for name in args.presets.split(","):
         try:
-            results.append(run_preset(name, contexts, batches, bw, gen, profile_at))
+            results.append(run_preset(name, contexts, batches, bw, gen, profile_at, args.aoti))
         except Exception as exc:  # noqa: BLE001  (one preset failing must not hide the others)
             traceback.print_exc()
             results.append({"preset": name, "error": f"{type(exc).__name__}: {exc}"[:600]})
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "step.json"), "w") as f:
             json.dump({"copy_bw": bw, "torch": torch.__version__, "results": results}, f, indent=1, default=str)
-        md = table(results, bw)
+        md = table(results, bw) + (("\n\n" + aoti_table(results)) if args.aoti else "")
         with open(os.path.join(args.out, "step.md"), "w") as f:
             f.write(md + "\n")
     print(md)

@@ -11,6 +11,7 @@ The artifact files are deterministic: two builds of one model with the same flag
 Artifact layout (a contract, see DESIGN.md):
     DIR/model.onnx       the step model: (input_ids, pos, past.*) -> (logits, present.*)
     DIR/model.onnx.data  external weights (only when large)
+    DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/aoti)
     DIR/effexport.json   CachePlan, I/O names, dtypes, opset, IR version, profile, versions, command
     DIR/report.json      the analytic report (effexport report) plus "parity" and "passes", and
                          "stock_export": the caches a stock torch.onnx.export of the eager sample
@@ -34,6 +35,8 @@ from effexport.exporter.loading import LoadedModel, resolve_model
 TARGETS = {
     "onnx": "ONNX model for ONNX Runtime (profiles: ort, standard)",
     "tensorrt": "TensorRT engine (needs: pip install 'effexport[tensorrt]')",
+    "aoti": "AOTInductor package (model.pt2) for torch-native deployment; CUDA when torch sees a GPU, else CPU "
+            "(needs a C++ compiler)",
 }
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
@@ -135,6 +138,10 @@ def check_target(target: str) -> None:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
             raise BackendMissingError(f"the onnx target needs {exc.name}: pip install onnx onnxruntime onnxscript") from None
+    if target == "aoti":
+        from effexport.exporter.aoti import check_compiler
+
+        check_compiler()
 
 
 def target_status() -> dict[str, str | None]:
@@ -161,6 +168,9 @@ def check_options(opts: BuildOptions) -> None:
                          "pass e.g. --steps 16 (or --no-check)")
     if opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
+    if opts.target == "aoti" and opts.weights == "none":
+        raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
+                         "weights: drop --weights none, or use --target onnx")
     check_target(opts.target)
 
 
@@ -269,8 +279,18 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         if opts.dump_after:
             with open(os.path.join(tmp, f"graph-after-{opts.dump_after}.py"), "w") as f:
                 f.write(dumped[opts.dump_after])
-        files, profile = {"step": "model.onnx"}, opts.profile
-        if opts.target == "tensorrt":  # the tensorrt ONNX profile, linted, parsed into an engine
+        files, profile, extra = {"step": "model.onnx"}, opts.profile, {}
+        if opts.target == "aoti":  # the step program compiled by AOTInductor; no ONNX
+            from effexport.exporter.aoti import PACKAGE_FILE, WEIGHTS_FILE, build_device, compile_package
+
+            device = build_device()
+            t0 = progress.stage(f"compile with AOTInductor for {device}" + (
+                "" if device == "cuda" else " (torch sees no CUDA device: this is a CPU package)"))
+            extra["aoti"] = compile_package(program, analysis.plan, os.path.join(tmp, PACKAGE_FILE), device)
+            files, profile, model_proto = {"step": PACKAGE_FILE}, None, None
+            if extra["aoti"]["weights"]:
+                files["weights"] = WEIGHTS_FILE
+        elif opts.target == "tensorrt":  # the tensorrt ONNX profile, linted, parsed into an engine
             from effexport.exporter.tensorrt.engine import lower_to_engine
 
             t0 = progress.stage("lower to ONNX (profile tensorrt) and build the TensorRT engine")
@@ -280,7 +300,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
             from effexport.exporter.onnx.export import export_step
             model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
-        note = f"opset {_opset(model_proto)}, IR {model_proto.ir_version}"
+        note = (f"opset {_opset(model_proto)}, IR {model_proto.ir_version}" if model_proto is not None
+                else f"{files['step']}, {extra['aoti']['device']}")
         if loaded.structure_only:
             check_structure(os.path.join(tmp, files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
@@ -290,7 +311,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target, "profile": profile,
             "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "weights": opts.weights,
             "inputs": program.inputs, "outputs": program.outputs,
-            "opset": _opset(model_proto), "ir_version": model_proto.ir_version,
+            "opset": _opset(model_proto) if model_proto is not None else None,
+            "ir_version": model_proto.ir_version if model_proto is not None else None, **extra,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),
             "command": list(opts.command) or ["effexport", opts.model, "--target", opts.target],
         }
@@ -306,7 +328,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
             report["resources"] = meter.to_json()  # volatile: the only timing in an artifact (documented)
         elif opts.check:
-            backend = "TensorRT" if opts.target == "tensorrt" else "ONNX Runtime CPU"
+            backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
+                opts.target, "ONNX Runtime CPU")
             t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
             parity = check_parity(model, open_runtime(tmp), ids[:, :8], opts.steps, opts.dtype)
             progress.done(t0)
@@ -319,10 +342,16 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
 
 def open_runtime(artifact_dir: str):
     """The runtime of a built artifact: :class:`~effexport.exporter.tensorrt.runtime.TrtRuntime` for
-    the tensorrt target, :class:`~effexport.exporter.runtime.OrtRuntime` otherwise."""
+    the tensorrt target, :class:`~effexport.exporter.aoti.runtime.AotiRuntime` for aoti,
+    :class:`~effexport.exporter.runtime.OrtRuntime` otherwise."""
     from effexport.exporter.runtime import OrtRuntime, load_manifest
 
-    if load_manifest(artifact_dir)["target"] == "tensorrt":
+    target = load_manifest(artifact_dir)["target"]
+    if target == "aoti":
+        from effexport.exporter.aoti.runtime import AotiRuntime
+
+        return AotiRuntime(artifact_dir)
+    if target == "tensorrt":
         check_target("tensorrt")
         from effexport.exporter.tensorrt.runtime import TrtRuntime
 

@@ -94,6 +94,14 @@ def _check_dynamic(graph: fx.Graph, in_names: list[str], seq_dims: dict) -> None
                     "branch shape-independent (torch.where / torch.cond) and export again")
 
 
+def dynamic_spec(seq_dims: dict) -> tuple:
+    """``dynamic_shapes`` for ``model(input_ids, past)``: batch and new-token count of the ids, batch
+    and (where it grows) the sequence dim of every past tensor, all ``Dim.AUTO``."""
+    auto = torch.export.Dim.AUTO
+    return ({0: auto, 1: auto},
+            {name: ({0: auto, d: auto} if d is not None else {0: auto}) for name, d in seq_dims.items()})
+
+
 def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 3) -> StepProgram:
     """Export ``model(input_ids[:, -new_tokens:], past)`` with dynamic batch, T and P.
 
@@ -104,13 +112,10 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
         raise CaptureError("capture needs example input_ids with batch >= 2 and >= 3 prompt + >= 2 new tokens")
     prompt, new = input_ids[:, :-new_tokens], input_ids[:, -new_tokens:]
     past, seq_dims = growing_dims(model, prompt)
-    auto = torch.export.Dim.AUTO
-    dynamic = ({0: auto, 1: auto},
-               {name: ({0: auto, d: auto} if d is not None else {0: auto}) for name, d in seq_dims.items()})
     start = time.monotonic()
     try:
         with fast_export_config():
-            ep = torch.export.export(model, (new, past), dynamic_shapes=dynamic, strict=False)
+            ep = torch.export.export(model, (new, past), dynamic_shapes=dynamic_spec(seq_dims), strict=False)
     except Exception as exc:  # torch raises many types; report them as a capture error
         raise CaptureError(f"torch.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     seconds = time.monotonic() - start

@@ -117,7 +117,8 @@ def _cmd_check(args) -> int:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
         step = manifest["files"]["step"]
-        raise LoadError(f"ONNX Runtime cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
+        backend = {"aoti": "AOTInductor", "tensorrt": "TensorRT"}.get(manifest["target"], "ONNX Runtime")
+        raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120]}); rebuild the artifact with --force") from None
     loaded = spec.load()
     parity = check_parity(loaded.model, runtime, loaded.example_ids()[:, :8], args.steps, manifest["dtype"])

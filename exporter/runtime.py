@@ -27,11 +27,13 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
 from effexport.passes.cache_plan import CacheEntry
 
 MANIFEST = "effexport.json"
+BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 
 def load_manifest(artifact_dir: str) -> dict:
@@ -60,6 +62,16 @@ class StepResult:
     caches: list
 
 
+def plan_entries(manifest: dict) -> list[CacheEntry]:
+    """The CachePlan entries recorded in an artifact's manifest."""
+    return [CacheEntry(**{**e, "shape": tuple(e["shape"])}) for e in manifest["cache_plan"]["entries"]]
+
+
+def numpy_caches(entries: list[CacheEntry], batch: int) -> list[np.ndarray]:
+    """The plan's prefill caches as numpy arrays (zero-length full caches, zero rings and states)."""
+    return [e.empty(batch).numpy() for e in entries]
+
+
 def _host(cache) -> np.ndarray:
     """A cache as a numpy array (an OrtValue is copied to the host)."""
     return cache if isinstance(cache, np.ndarray) else cache.numpy()
@@ -78,8 +90,7 @@ class OrtRuntime:
         self.ort, self.device = ort, device
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         self.manifest = load_manifest(artifact_dir)
-        self.entries = [CacheEntry(**{**e, "shape": tuple(e["shape"])})
-                        for e in self.manifest["cache_plan"]["entries"]]
+        self.entries = plan_entries(self.manifest)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -95,8 +106,13 @@ class OrtRuntime:
         self.output_names = self.manifest["outputs"]
 
     def initial_caches(self, batch: int) -> list:
-        """The plan's prefill caches: numpy arrays, or OrtValues on the device with I/O binding."""
-        return [self._device_value(e.empty(batch).numpy()) for e in self.entries]
+        """The plan's prefill caches: numpy arrays, or (I/O binding) host OrtValues that ORT copies
+        to the device once; bf16 caches, which numpy cannot hold, need I/O binding."""
+        if not self.io_binding:
+            return numpy_caches(self.entries, batch)
+        caches = [e.empty(batch) for e in self.entries]
+        return [self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(c.view(torch.int16).numpy(), BFLOAT16)
+                if c.dtype == torch.bfloat16 else self.ort.OrtValue.ortvalue_from_numpy(c.numpy()) for c in caches]
 
     def _device_value(self, array: np.ndarray):
         if not self.io_binding:
@@ -131,11 +147,26 @@ class OrtRuntime:
             binding.bind_cpu_input(name, value)
         for name, cache in zip(self.input_names[2:], caches):
             binding.bind_ortvalue_input(name, cache if isinstance(cache, self.ort.OrtValue) else self._device_value(cache))
+        logits = self._logits_buffer(*np.shape(input_ids))
         for name in self.output_names:
-            binding.bind_output(name, self.device)
+            if name == self.output_names[0] and logits is not None:
+                binding.bind_output(name, self.device, 0, BFLOAT16, list(logits.shape), logits.data_ptr())
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return StepResult(outs[0].numpy(), list(outs[1:]))
+        return StepResult(outs[0].numpy() if logits is None else logits.float().cpu().numpy(), list(outs[1:]))
+
+    def _logits_buffer(self, batch: int, new: int) -> torch.Tensor | None:
+        """bf16 logits cannot come back as numpy: they are written into a torch tensor on the device
+        (returned as float32 numpy). None for other dtypes."""
+        meta = self.session.get_outputs()[0]
+        if meta.type != "tensor(bfloat16)":
+            return None
+        if not isinstance(meta.shape[-1], int):
+            raise LoadError(f"the step model's bf16 logits have no static vocabulary size ({meta.shape}); "
+                            "rebuild the artifact with this effexport version")
+        return torch.empty(batch, new, meta.shape[-1], dtype=torch.bfloat16, device=self.device)
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy generation: returns (generated tokens [B, max_new_tokens], logits of every step)."""

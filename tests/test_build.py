@@ -87,7 +87,7 @@ def test_check_reruns_parity(artifact, capsys):
 
 
 def test_targets_listed_with_availability():
-    assert set(build_mod.TARGETS) == {"onnx", "tensorrt"}
+    assert set(build_mod.TARGETS) == {"onnx", "tensorrt", "aoti"}
 
 
 def test_manifest_records_the_source(artifact):

@@ -5,6 +5,10 @@ Both builds run ``effexport gemma4-e2b:tiny -o out --no-check`` from two fresh d
 command, so the recorded command is identical too); no file is excluded from the comparison: the
 artifact holds no timestamps, temporary names or timings (``report.json["resources"]`` exists only
 in structure-only builds).
+
+ONNX target only: ``--target aoti`` packages are not byte-identical (a random archive id, and the
+compile commands Inductor appends to the generated C++; see :mod:`effexport.exporter.aoti.package`),
+and a second AOTInductor compile costs ~2 minutes, so they are not built here.
 """
 import hashlib
 import json

@@ -17,8 +17,7 @@ import os
 import numpy as np
 
 from effexport.exporter.errors import BackendMissingError
-from effexport.exporter.runtime import OrtRuntime, StepResult, load_manifest
-from effexport.passes.cache_plan import CacheEntry
+from effexport.exporter.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
 
 __all__ = ["TrtRuntime"]
 
@@ -26,7 +25,6 @@ __all__ = ["TrtRuntime"]
 class TrtRuntime:
     """A TensorRT execution context over an artifact's serialized engine."""
 
-    initial_caches = OrtRuntime.initial_caches
     generate = OrtRuntime.generate
 
     def __init__(self, artifact_dir: str):
@@ -39,8 +37,7 @@ class TrtRuntime:
         if not torch.cuda.is_available():
             raise BackendMissingError("a TensorRT engine needs an NVIDIA GPU; none is visible to torch")
         self.manifest = load_manifest(artifact_dir)
-        self.entries = [CacheEntry(**{**e, "shape": tuple(e["shape"])})
-                        for e in self.manifest["cache_plan"]["entries"]]
+        self.entries = plan_entries(self.manifest)
         if self.manifest.get("plugins"):
             from effexport.exporter.tensorrt.plugins import register_plugins
 
@@ -59,6 +56,10 @@ class TrtRuntime:
             tensor = torch.empty(1, dtype=tensor.dtype, device="cuda")
         self._keep.append(tensor)
         self.context.set_tensor_address(name, tensor.data_ptr())
+
+    def initial_caches(self, batch: int) -> list[np.ndarray]:
+        """The plan's prefill caches as numpy arrays."""
+        return numpy_caches(self.entries, batch)
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One engine call: set input shapes and addresses, allocate outputs, run, copy back."""
