@@ -19,9 +19,11 @@ Artifact layout (a contract, see DESIGN.md):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -35,8 +37,8 @@ from effexport.exporter.loading import LoadedModel, resolve_model
 TARGETS = {
     "onnx": "ONNX model for ONNX Runtime (profiles: ort, standard)",
     "tensorrt": "TensorRT engine (needs: pip install 'effexport[tensorrt]')",
-    "aoti": "AOTInductor package (model.pt2) for torch-native deployment; CUDA when torch sees a GPU, else CPU "
-            "(needs a C++ compiler)",
+    "aoti": "AOTInductor package (model.pt2) for torch-native deployment; CPU (CUDA only with "
+            "EFFEXPORT_AOTI_CUDA=1: torch's loader crashed on CUDA packages) (needs a C++ compiler)",
 }
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
@@ -86,7 +88,8 @@ class Progress:
             stop = threading.Event()
             args = (what.split(" (")[0], t0, stop, ResourceMeter.peak_rss_bytes)
             thread = threading.Thread(target=self._beat, args=args, daemon=True, name="effexport-progress")
-            thread.start()
+            with _signals_blocked():  # the thread inherits the mask: Ctrl-C always reaches the main thread
+                thread.start()
             self._beating = (thread, stop)
         return t0
 
@@ -107,6 +110,23 @@ class Progress:
         self.close()
         print(f"      done in {time.monotonic() - t0:.1f}s{(': ' + note) if note else ''}", file=self.stream,
               flush=True)
+
+
+@contextlib.contextmanager
+def _signals_blocked():
+    """Block SIGINT / SIGTERM in this thread while it starts another, which inherits the mask.
+    CPython 3.11 runs a signal's C handler in whichever thread the kernel picked and then only flags
+    it for the main thread's next check; picked a sleeping helper thread, a Ctrl-C was never acted
+    on (seen once under load: the build ran to the end). Signals arriving meanwhile stay pending and
+    are delivered to this thread when the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no per-thread masks
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def versions() -> dict:
@@ -139,9 +159,10 @@ def check_target(target: str) -> None:
         except ImportError as exc:
             raise BackendMissingError(f"the onnx target needs {exc.name}: pip install onnx onnxruntime onnxscript") from None
     if target == "aoti":
-        from effexport.exporter.aoti import check_compiler
+        from effexport.exporter.aoti import check_compiler, check_cuda
 
         check_compiler()
+        check_cuda()
 
 
 def target_status() -> dict[str, str | None]:

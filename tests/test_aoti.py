@@ -187,6 +187,20 @@ def test_missing_compiler_exits_4_and_list_says_why(tmp_path, monkeypatch, capsy
     assert "-- unavailable: the aoti target needs a C++ compiler" in line
 
 
+def test_gpu_machine_is_refused_with_the_workaround(tmp_path, monkeypatch, capsys):
+    """Where torch sees a GPU the build would compile a CUDA package, which torch's loader crashed on
+    (README): exit 4 naming the workarounds, nothing written; the opt-in lets it through the check."""
+    import effexport.exporter.aoti.package as pkg
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(pkg.CUDA_OPT_IN, raising=False)
+    assert main([MODEL, "--target", "aoti", "-o", str(tmp_path / "out")]) == 4
+    err = _one_line_error(capsys)
+    assert "CUDA_VISIBLE_DEVICES=''" in err and pkg.CUDA_OPT_IN in err and not (tmp_path / "out").exists()
+    monkeypatch.setenv(pkg.CUDA_OPT_IN, "1")
+    pkg.check_cuda()  # no error
+
+
 def test_structure_only_is_refused(tmp_path, capsys):
     assert main([MODEL, "--target", "aoti", "--weights", "none", "-o", str(tmp_path / "out")]) == 2
     assert "--weights none" in _one_line_error(capsys) and not (tmp_path / "out").exists()

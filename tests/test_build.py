@@ -160,3 +160,24 @@ def threading_quiet() -> bool:
     import threading
 
     return not any(t.name == "effexport-progress" for t in threading.enumerate())
+
+
+def test_heartbeat_thread_never_takes_ctrl_c():
+    """The heartbeat thread starts with SIGINT / SIGTERM blocked (its mask is inherited from the
+    main thread, which blocks them only while starting it), so the kernel delivers a Ctrl-C to the
+    main thread, which acts on it; the main thread's mask is restored."""
+    import io
+    import signal
+
+    masks = {}
+
+    class Probe(build_mod.Progress):
+        def _beat(self, *args):
+            masks["heartbeat"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            super()._beat(*args)
+
+    progress = Probe(1, io.StringIO(), heartbeat=30)
+    progress.stage("capture")
+    progress.close()
+    assert {signal.SIGINT, signal.SIGTERM} <= masks["heartbeat"]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -46,7 +46,7 @@ import torch
 from effexport.exporter.errors import BackendMissingError, LowerError
 from effexport.passes.cache_plan import CachePlan
 
-__all__ = ["PACKAGE_FILE", "WEIGHTS_FILE", "build_device", "check_compiler", "compile_package", "custom_op_calls",
+__all__ = ["PACKAGE_FILE", "WEIGHTS_FILE", "build_device", "check_compiler", "check_cuda", "compile_package", "custom_op_calls",
            "package_metadata", "aoti_step"]
 
 PACKAGE_FILE = "model.pt2"
@@ -55,6 +55,20 @@ PACKAGE_FILE = "model.pt2"
 def build_device() -> str:
     """The device a build compiles for: ``cuda`` when torch sees a CUDA device, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+CUDA_OPT_IN = "EFFEXPORT_AOTI_CUDA"
+
+
+def check_cuda() -> None:
+    """CUDA packages compile, but loading one crashed torch's AOTInductor loader on an H200 (SIGSEGV
+    in ``aoti_load_package``, torch 2.11+cu130; README, AOTInductor). A build on a machine where torch
+    sees a GPU is refused with the workarounds, rather than crashing mid-build, unless
+    ``EFFEXPORT_AOTI_CUDA=1`` asks to try."""
+    if torch.cuda.is_available() and os.environ.get(CUDA_OPT_IN) != "1":
+        raise BackendMissingError(
+            "aoti CUDA packages crash torch's AOTInductor loader (measured: torch 2.11, CUDA 13); build a CPU "
+            f"package with CUDA_VISIBLE_DEVICES='' effexport ..., use --target onnx, or set {CUDA_OPT_IN}=1 to try")
 
 
 def check_compiler() -> None:
