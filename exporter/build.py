@@ -19,13 +19,10 @@ Artifact layout (a contract, see DESIGN.md):
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -65,68 +62,20 @@ class BuildOptions:
 
 
 class Progress:
-    """One line per stage: ``[2/5] capture ... 12.3s``, and while a stage runs, a heartbeat line every
-    ``heartbeat`` seconds (``      capture: still running, 40s, peak memory 1.2 GiB``): a real-size
-    capture is one torch.export call of minutes. The heartbeat is a daemon thread that stops at
-    :meth:`done`, at the next :meth:`stage` and at :meth:`close` (called when a build ends, failed or
-    not)."""
+    """One line per stage: ``[2/5] capture ... 12.3s``."""
 
-    def __init__(self, total: int, stream=None, heartbeat: float = 15.0):
+    def __init__(self, total: int, stream=None):
         self.total, self.n, self.stream = total, 0, stream or sys.stderr
         self.start = time.monotonic()
-        self.heartbeat = heartbeat
-        self._beating: tuple[threading.Thread, threading.Event] | None = None
 
     def stage(self, what: str):
-        self.close()
         self.n += 1
         print(f"[{self.n}/{self.total}] {what} ...", file=self.stream, flush=True)
-        t0 = time.monotonic()
-        if self.heartbeat > 0:
-            from effexport.exporter.structure_only import ResourceMeter  # here: an import in the thread can stall it
-
-            stop = threading.Event()
-            args = (what.split(" (")[0], t0, stop, ResourceMeter.peak_rss_bytes)
-            thread = threading.Thread(target=self._beat, args=args, daemon=True, name="effexport-progress")
-            with _signals_blocked():  # the thread inherits the mask: Ctrl-C always reaches the main thread
-                thread.start()
-            self._beating = (thread, stop)
-        return t0
-
-    def _beat(self, what: str, t0: float, stop: threading.Event, peak_rss_bytes) -> None:
-        while not stop.wait(self.heartbeat):
-            print(f"      {what}: still running, {time.monotonic() - t0:.0f}s, peak memory "
-                  f"{peak_rss_bytes() / 2**30:.2f} GiB", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        """Stop the heartbeat of the running stage, if any."""
-        if self._beating is not None:
-            thread, stop = self._beating
-            stop.set()
-            thread.join()
-            self._beating = None
+        return time.monotonic()
 
     def done(self, t0: float, note: str = ""):
-        self.close()
         print(f"      done in {time.monotonic() - t0:.1f}s{(': ' + note) if note else ''}", file=self.stream,
               flush=True)
-
-
-@contextlib.contextmanager
-def _signals_blocked():
-    """Block SIGINT / SIGTERM in this thread while it starts another, which inherits the mask.
-    CPython 3.11 runs a signal's C handler in whichever thread the kernel picked and then only flags
-    it for the main thread's next check; picked a sleeping helper thread, a Ctrl-C was never acted
-    on (seen once under load: the build ran to the end). Signals arriving meanwhile stay pending and
-    are delivered to this thread when the mask is restored."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no per-thread masks
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def versions() -> dict:
@@ -222,12 +171,9 @@ def build(opts: BuildOptions) -> int:
     progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
                                                  if opts.weights == "none" else ""))
-    try:
-        loaded = spec.load()
-        progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
-        return _build(loaded, opts, out, progress)
-    finally:
-        progress.close()
+    loaded = spec.load()
+    progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
+    return _build(loaded, opts, out, progress)
 
 
 def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
@@ -235,11 +181,7 @@ def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
     check_options(opts)
     _check_context(loaded.sample, opts.max_context)
     out = _output_dir(opts, loaded.name)
-    progress = Progress(_stages(opts, loaded.structure_only))
-    try:
-        return _build(loaded, opts, out, progress)
-    finally:
-        progress.close()
+    return _build(loaded, opts, out, Progress(_stages(opts, loaded.structure_only)))
 
 
 def _stages(opts: BuildOptions, structure_only: bool) -> int:

@@ -109,16 +109,18 @@ def _weights(ep) -> dict[str, torch.Tensor]:
 
 def _weights_apart(ep) -> bool:
     """Whether the weights are saved beside the package rather than embedded in its library.
-    Embedding gathers every weight into one host buffer and links it into the ``.so``: the compile
-    of gemma4-e2b at real size (9 GB of bf16 weights) died in it on the GPU machine. Inductor's own
-    on-disk format (``pickle_weights``) crashed the loaded package here (torch 2.13, SIGSEGV on the
-    first call), so the weights go through ``load_constants`` instead."""
+    Embedding gathers every weight into one host buffer and links it into the ``.so`` (9 GB for
+    gemma4-e2b in bf16; the first real-size attempt on the GPU machine died without a message, later
+    traced to the package loader, which crashes either way). Inductor's own on-disk format
+    (``pickle_weights``) crashed the loaded package here (torch 2.13, SIGSEGV on the first call), so
+    the weights go through ``load_constants`` instead."""
     return sum(t.untyped_storage().nbytes() for t in _weights(ep).values()) > WEIGHTS_IN_SO_LIMIT
 
 
 def compile_package(program, plan: CachePlan, path: str, device: str) -> dict:
     """Compile ``program`` (the rewritten step) into the AOTInductor package ``path`` (``*.pt2``)
-    for ``device``; returns ``{"device", "pos_device", "metadata"}`` for ``effexport.json``.
+    for ``device``; returns ``{"device", "pos_device", "metadata", "weights"}`` for ``effexport.json``
+    (``weights``: the file beside the package holding them, or None when they are embedded).
     Nothing is left at ``path`` when it fails (:class:`LowerError`)."""
     from effexport.exporter.capture import fast_export_config
 
