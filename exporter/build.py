@@ -23,13 +23,13 @@ import json
 import os
 import platform
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
 from effexport.exporter.errors import BackendMissingError, OutputError, UsageError
 from effexport.exporter.loading import LoadedModel, resolve_model
+from effexport.exporter.progress import Progress
 
 TARGETS = {
     "onnx": "ONNX model for ONNX Runtime (profiles: ort, standard)",
@@ -59,23 +59,6 @@ class BuildOptions:
     command: tuple = ()
     weights: str = "random"   # "none": structure only (meta device, no weight data, no parity)
     trust_pickle: bool = False
-
-
-class Progress:
-    """One line per stage: ``[2/5] capture ... 12.3s``."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.n, self.stream = total, 0, stream or sys.stderr
-        self.start = time.monotonic()
-
-    def stage(self, what: str):
-        self.n += 1
-        print(f"[{self.n}/{self.total}] {what} ...", file=self.stream, flush=True)
-        return time.monotonic()
-
-    def done(self, t0: float, note: str = ""):
-        print(f"      done in {time.monotonic() - t0:.1f}s{(': ' + note) if note else ''}", file=self.stream,
-              flush=True)
 
 
 def versions() -> dict:
@@ -171,9 +154,12 @@ def build(opts: BuildOptions) -> int:
     progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
                                                  if opts.weights == "none" else ""))
-    loaded = spec.load()
-    progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
-    return _build(loaded, opts, out, progress)
+    try:
+        loaded = spec.load()
+        progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
+        return _build(loaded, opts, out, progress)
+    finally:
+        progress.close()
 
 
 def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
@@ -181,7 +167,11 @@ def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
     check_options(opts)
     _check_context(loaded.sample, opts.max_context)
     out = _output_dir(opts, loaded.name)
-    return _build(loaded, opts, out, Progress(_stages(opts, loaded.structure_only)))
+    progress = Progress(_stages(opts, loaded.structure_only))
+    try:
+        return _build(loaded, opts, out, progress)
+    finally:
+        progress.close()
 
 
 def _stages(opts: BuildOptions, structure_only: bool) -> int:

@@ -21,6 +21,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from effexport.exporter.errors import CaptureError
+from effexport.exporter.progress import phase
 
 
 @dataclass
@@ -111,7 +112,9 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
     if input_ids.shape[0] < 2 or input_ids.shape[1] - new_tokens < 3 or new_tokens < 2:
         raise CaptureError("capture needs example input_ids with batch >= 2 and >= 3 prompt + >= 2 new tokens")
     prompt, new = input_ids[:, :-new_tokens], input_ids[:, -new_tokens:]
+    phase("capture: eager prefill at two lengths (which cache dims grow)")
     past, seq_dims = growing_dims(model, prompt)
+    phase("capture: torch.export")
     start = time.monotonic()
     try:
         with fast_export_config():

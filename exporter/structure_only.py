@@ -23,11 +23,12 @@ import contextlib
 import logging
 import os
 import resource
-import sys
 import time
 
 import onnx_ir as ir
 import torch
+
+from effexport.exporter.progress import peak_rss_bytes, phase
 
 DATA_LOCATION = "model.onnx.data"
 """Where the absent weight data of a structure-only build would live (relative to model.onnx)."""
@@ -94,6 +95,7 @@ def check_structure(path: str) -> None:
     """``onnx.checker.check_model(path, full_check=True)`` of a structure-only model: the checker wants
     every external data file to exist, so a sparse file of the referenced size (no disk blocks) stands
     in next to ``path`` during the check and is removed afterwards."""
+    phase("lower: onnx.checker full check")
     import onnx
 
     from effexport.exporter.errors import LowerError
@@ -131,10 +133,7 @@ class ResourceMeter:
     def __init__(self, start: float | None = None):
         self.start = time.monotonic() if start is None else start
 
-    @staticmethod
-    def peak_rss_bytes() -> int:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)
+    peak_rss_bytes = staticmethod(peak_rss_bytes)
 
     @staticmethod
     def cpu_seconds() -> float:

@@ -41,6 +41,7 @@ import onnxscript.optimizer
 
 from effexport.exporter.capture import StepProgram, fast_export_config
 from effexport.exporter.errors import LowerError
+from effexport.exporter.progress import phase
 from effexport.exporter.onnx._local import attach, types_kept
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
 from effexport.exporter.structure_only import meta_weights_as_external
@@ -106,6 +107,7 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
         # at the capture's example past length: the passes kept that example's branches (graph.example_past)
         args = example_inputs(plan, example_batch, past=example_past(program.gm, EXAMPLE_PAST),
                               device=_device(program.gm))
+        phase("lower: torch.export of the rewritten step graph")
         try:
             with fast_export_config():
                 cache[example_batch] = torch.export.export(
@@ -137,11 +139,13 @@ def optimize(model: ir.Model) -> None:
 def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_names) -> ir.Model:
     """``torch.onnx.export`` (dynamo) with the profile's translation table and opset, then
     :func:`optimize`; the initializers still reference the module's torch tensors (no copy)."""
+    phase("lower: torch.onnx (decomposition, translation)")
     with fast_export_config():  # torch.onnx re-traces the program to decompose it
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=input_names, output_names=output_names,
             dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
             opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
+    phase("lower: ONNX graph optimization")
     with types_kept(program.model), meta_weights_as_external(program.model):  # --weights none: no data
         optimize(program.model)
     return program.model
@@ -233,7 +237,9 @@ def _save(model: ir.Model | onnx.ModelProto, path: Path, external: bool,
     data = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".effexport-") as tmp:
         if external:
+            phase(f"lower: writing weights to {data}")
             _stream_weights(model, tmp, data)
+        phase(f"lower: writing {path.name}")
         proto = ir.to_proto(model)
         if finish is not None:
             finish(proto)
