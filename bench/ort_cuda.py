@@ -45,13 +45,83 @@ ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int
 TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
 
 
-def _session(path: str, device: str):
+def _session(path: str, device: str, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     if device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(path, providers=providers)
+    options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, options, providers=providers)
+
+
+def gpu_kernels(path: str, feeds: list, logits_shape: tuple, steps: int = 5) -> dict:
+    """The GPU side of ``steps`` decode steps: every CUDA kernel and copy ONNX Runtime launched, timed
+    on the device by CUPTI through ``torch.profiler`` (ORT's own profile times the CPU side only), summed
+    per kernel name; shows what grows with the context when the launches are hidden behind it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    session = _session(path, "cuda")
+    run, _ = _bind_run(session, feeds, "cuda", logits_shape)
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    per: dict = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        count, us = per.get(e.name, (0, 0.0))
+        per[e.name] = (count + 1, us + e.time_range.elapsed_us() / steps)
+    total = sum(us for _, us in per.values())  # already per step
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:20]
+    return {"gpu_ms_per_step": total / 1e3, "kernels_per_step": sum(c for c, _ in per.values()) / steps,
+            "top": [{"kernel": k[:120], "per_step": c / steps, "ms_per_step": us / 1e3} for k, (c, us) in top]}
+
+
+def profile_steps(path: str, feeds: list, device: str, logits_shape: tuple, prefix: str, steps: int = 5) -> dict:
+    """ONNX Runtime's own profile of ``steps`` decode steps (after one warm-up): per step the nodes
+    run, the summed node time (kernel launch + execution as ORT times it), the wall time, and per
+    op type and provider the node count and time; tells launch overhead from kernel work and shows
+    which nodes ran on the CPU."""
+    session = _session(path, device, prefix)
+    run, _ = _bind_run(session, feeds, device, logits_shape)
+    run()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    wall = (time.perf_counter() - t0) / steps
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    last = nodes[-len(nodes) * steps // (steps + 1):] if nodes else []  # drop the warm-up run's nodes
+    by_type: dict = {}
+    for e in last:
+        key = f"{e['args'].get('op_name', '?')}@{e['args'].get('provider', '?').replace('ExecutionProvider', '')}"
+        count, dur = by_type.get(key, (0, 0))
+        by_type[key] = (count + 1, dur + e.get("dur", 0))
+    top = sorted(by_type.items(), key=lambda kv: -kv[1][1])[:15]
+    per_node: dict = {}
+    for e in last:
+        name = e["name"][:-len("_kernel_time")]
+        entry = per_node.setdefault(name, {"node": name, "op": e["args"].get("op_name"),
+                                           "provider": e["args"].get("provider", "").replace("ExecutionProvider", ""),
+                                           "inputs": e["args"].get("input_type_shape"), "us": 0.0})
+        entry["us"] += e.get("dur", 0) / steps
+    slowest = sorted(per_node.values(), key=lambda n: -n["us"])[:25]
+    return {"wall_ms": wall * 1e3, "nodes_per_step": len(last) / steps,
+            "node_time_ms_per_step": sum(e.get("dur", 0) for e in last) / steps / 1e3,
+            "model_run_ms": statistics.median(e["dur"] for e in runs[1:]) / 1e3 if len(runs) > 1 else None,
+            "cpu_nodes_per_step": sum(1 for e in last if "CPU" in e["args"].get("provider", "")) / steps,
+            "top": [{"op": k, "nodes_per_step": c / steps, "ms_per_step": d / steps / 1e3} for k, (c, d) in top],
+            "slowest_nodes": slowest,
+            "copies": [n for n in per_node.values() if n["op"] and n["op"].startswith("Memcpy")]}
 
 
 def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tuple):
@@ -59,8 +129,8 @@ def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tup
     ``logits_shape`` (read back after a run; numpy cannot hold bf16) and the other outputs to
     ORT-allocated device memory; returns a callable running one step, and the logits tensor."""
     binding = session.io_binding()
-    for spec, tensor in zip(session.get_inputs(), feeds):
-        tensor = tensor.contiguous()
+    bound = [tensor.contiguous() for tensor in feeds]  # kept alive by run(): ORT holds raw pointers
+    for spec, tensor in zip(session.get_inputs(), bound):
         binding.bind_input(spec.name, device, 0, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
     first, *rest = session.get_outputs()
     logits = torch.empty(logits_shape, dtype=TORCH_TYPES[first.type], device=device)
@@ -70,6 +140,7 @@ def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tup
 
     def run():
         session.run_with_iobinding(binding)
+    run.buffers = (bound, logits)  # the bound memory lives as long as run does (a caller may drop logits)
     return run, logits
 
 
@@ -161,14 +232,15 @@ def run_preset(name: str, args, dtype) -> dict:
         res["effexport_parity_error"] = f"{type(exc).__name__}: {exc}"[:400]
         traceback.print_exc()
     t0 = time.monotonic()
+    stock = None
     try:
-        export_stock(model, captured, stock_dir)
-        res["stock_export_s"] = time.monotonic() - t0
-        stock = _session(os.path.join(stock_dir, "model.onnx"), args.device)
+        if not args.no_stock:
+            export_stock(model, captured, stock_dir)
+            res["stock_export_s"] = time.monotonic() - t0
+            stock = _session(os.path.join(stock_dir, "model.onnx"), args.device)
     except Exception as exc:  # noqa: BLE001
         res["stock_error"] = f"{type(exc).__name__}: {exc}"[:400]
         traceback.print_exc()
-        stock = None
     eff = _session(os.path.join(eff_dir, "model.onnx"), args.device)
     print(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'rows'})}", flush=True)
     for ctx in args.contexts:
@@ -199,6 +271,22 @@ def run_preset(name: str, args, dtype) -> dict:
                     traceback.print_exc()
             if "effexport_s" in row and "stock_s" in row:
                 row["stock_over_effexport"] = row["stock_s"] / row["effexport_s"]
+            if (ctx, batch) in args.profile_at:
+                shape = (batch, 1, sample.config.vocab_size)
+                for which, path in (("effexport", eff_dir), ("stock", stock_dir if stock is not None else None)):
+                    if path is None:
+                        continue
+                    try:
+                        feeds = ([ids1, pos, *decode_step.plan_caches(plan, batch, ctx - 1, gen)] if which == "effexport"
+                                 else [ids1, *decode_step.eager_past(model, captured.seq_dims, batch, ctx - 1, gen).values()])
+                        row[f"{which}_profile"] = profile_steps(os.path.join(path, "model.onnx"), feeds, args.device,
+                                                                shape, os.path.join(args.work, f"{which}_profile"))
+                        if args.device == "cuda":
+                            row[f"{which}_gpu"] = gpu_kernels(os.path.join(path, "model.onnx"), feeds, shape)
+                        del feeds
+                    except Exception as exc:  # noqa: BLE001
+                        row[f"{which}_profile_error"] = f"{type(exc).__name__}: {exc}"[:400]
+                        traceback.print_exc()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
             res["rows"].append(row)
@@ -221,6 +309,22 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
+def profile_table(results: list) -> str:
+    """Per profiled (L, B): nodes per step, CPU nodes, summed node time vs wall time, top op types."""
+    lines = []
+    for res in results:
+        for r in res.get("rows", []):
+            for which in ("effexport", "stock"):
+                prof = r.get(f"{which}_profile")
+                if not prof:
+                    continue
+                top = ", ".join(f"{t['op']} {t['nodes_per_step']:.0f}x {t['ms_per_step']:.2f} ms" for t in prof["top"][:8])
+                lines.append(f"- {res['preset']} {which} L={r['context']} B={r['batch']}: {prof['nodes_per_step']:.0f} "
+                             f"nodes/step ({prof['cpu_nodes_per_step']:.0f} on CPU), node time "
+                             f"{prof['node_time_ms_per_step']:.2f} ms of {prof['wall_ms']:.2f} ms wall; top: {top}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -231,6 +335,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profile-at", default="32768,1",
+                    type=lambda s: [tuple(int(v) for v in p.split(",")) for p in s.split(";")],
+                    help="L,B[;L,B...] at which both models also run under ORT's profiler (per-op-type node time)")
+    ap.add_argument("--no-stock", action="store_true", help="effexport only (no stock export, no ratio)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/ort_cuda.py: no CUDA device (pass --device cpu for a smoke run)", file=sys.stderr)
@@ -251,8 +359,9 @@ def main(argv=None) -> int:
             json.dump({"onnxruntime": ort.__version__, "torch": torch.__version__, "results": results}, f,
                       indent=1, default=str)
         with open(os.path.join(args.out, "ort_cuda.md"), "w") as f:
-            f.write(table(results) + "\n")
+            f.write(table(results) + "\n\n" + profile_table(results) + "\n")
     print(table(results))
+    print(profile_table(results))
     return 0
 
 

@@ -4,10 +4,7 @@
 # Works from a plain checkout (no install): maps the top-level folders under `effexport` in /tmp.
 set -u
 OUT=${OUT:-out/bench}; mkdir -p "$OUT"
-ns=/tmp/effexport_ns/effexport
-mkdir -p "$ns" && cp exporter/_root/__init__.py "$ns/"
-for d in exporter passes custom_ops samples; do ln -sfn "$PWD/$d" "$ns/$d"; done
-export PYTHONPATH=/tmp/effexport_ns${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source bench/_ns.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout "${BENCH_TIMEOUT:-240}" python3 bench/decode_attention.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"

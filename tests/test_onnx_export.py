@@ -236,3 +236,31 @@ def test_runtime_io_binding_keeps_caches_as_ort_values(step, exported, tmp_path)
         np.testing.assert_array_equal(b.logits, a.logits)
         for x, y in zip(b.caches, a.caches):
             np.testing.assert_array_equal(x.numpy(), y)
+
+
+def _power_nodes(model: onnx.ModelProto, exponent: float) -> list:
+    """``Pow(x, exponent)`` nodes of the main graph (exponent an initializer or Constant scalar)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    return [n for n in model.graph.node if n.op_type == "Pow" and n.input[1] in consts
+            and onnx.numpy_helper.to_array(consts[n.input[1]]).size == 1
+            and float(onnx.numpy_helper.to_array(consts[n.input[1]])) == exponent]
+
+
+def test_ort_profile_fuses_every_rms_norm_and_tanh_gelu(step, exported):
+    """Every RMSNorm the standard profile spells out (``Pow(x, 2) -> ReduceMean``) is one
+    ``SimplifiedLayerNormalization`` node in the ort profile, every tanh GELU of the step graph one
+    ``FastGelu``, and none is left unfused there (ORT on CUDA is launch-bound: BENCHMARKS.md run 5)."""
+    _, program, _, _ = step
+    ort_model, standard = onnx.load(str(exported["ort"][0])), onnx.load(str(exported["standard"][0]))
+    types = [(n.domain, n.op_type) for n in ort_model.graph.node]
+    norms = [n for n in _power_nodes(standard, 2.0)
+             if any(c.op_type == "ReduceMean" and n.output[0] in c.input for c in standard.graph.node)]
+    gelus = [n for n in program.gm.graph.nodes if n.op == "call_function"
+             and n.target == torch.ops.aten.gelu.default and n.kwargs.get("approximate") == "tanh"]
+    assert norms, "every tiny preset has RMS norms"
+    assert types.count(("", "SimplifiedLayerNormalization")) == len(norms)
+    assert types.count(("com.microsoft", "FastGelu")) == len(gelus)
+    assert not _power_nodes(ort_model, 2.0) and not _power_nodes(ort_model, 3.0)
+    assert len(ort_model.graph.node) < len(standard.graph.node)

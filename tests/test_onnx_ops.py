@@ -45,11 +45,11 @@ class _Attn(torch.nn.Module):
                                   s, window=self.window, **kw)
 
 
-def _inputs(batch: int, t_len: int, past: int, pos: int, seed: int = 0):
+def _inputs(batch: int, t_len: int, past: int, pos: int, seed: int = 0, d: int = D):
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
-    return (r(batch, H, t_len, D), r(batch, HKV, t_len, D), r(batch, HKV, t_len, D),
-            r(batch, HKV, past, D), r(batch, HKV, past, D), torch.tensor(pos), r(H))
+    return (r(batch, H, t_len, d), r(batch, HKV, t_len, d), r(batch, HKV, t_len, d),
+            r(batch, HKV, past, d), r(batch, HKV, past, d), torch.tensor(pos), r(H))
 
 
 def _export(module: torch.nn.Module, args, profile: str, dynamic: tuple) -> onnx.ModelProto:
@@ -213,3 +213,25 @@ def test_mhc_parity_and_loop(profile):
         args = _mhc_inputs(b, t, seed=i + 1)
         for j, (g, e) in enumerate(zip(_run(model, args), _Mhc()(*args))):
             assert_close(torch.from_numpy(g), e, rtol=1e-5, what=f"{profile} B={b} T={t} out{j}")
+
+
+@pytest.mark.parametrize("form", ["cache", "read"])
+def test_ort_profile_decomposes_head_dim_above_256(form):
+    """Gemma 4's full layers have head size 512: ORT's CUDA GroupQueryAttention has no FlashAttention
+    for it (a slow fallback, BENCHMARKS.md run 7), so the ort profile uses the decomposition there;
+    same numbers as the eager op (fp32, rel 1e-5) at a shape other than the export example."""
+    from effexport.exporter.onnx.attention import GQA_MAX_HEAD_DIM
+
+    d = GQA_MAX_HEAD_DIM + 64
+    module = _Attn(form, 0, 0.0, True)
+    dims = ({0: torch.export.Dim("b"), 2: torch.export.Dim("t")},) * 3 + \
+        ({0: torch.export.Dim("b"), 2: torch.export.Dim("p")},) * 2 + (None, None)
+    model = _export(module, _inputs(2, 3, 5, 5, d=d), "ort", dims)
+    assert "GroupQueryAttention" not in {n.op_type for n in model.graph.node}
+    args = _inputs(3, 1, 9, 9, seed=7, d=d)
+    expected = module(*args)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for j, (g, e) in enumerate(zip(_run(model, args), expected)):
+        assert_close(torch.from_numpy(g), e, rtol=1e-5, what=f"d={d} out{j}")
+    small = _export(module, _inputs(2, 3, 5, 5, d=GQA_MAX_HEAD_DIM), "ort", dims)
+    assert "GroupQueryAttention" in {n.op_type for n in small.graph.node}

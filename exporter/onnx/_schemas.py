@@ -9,6 +9,10 @@ onnxscript (and so ``torch.onnx``'s translation recorder) only emits a node whos
 * ``effexport::<op>`` schemas for the ops that have no standard or contrib equivalent; each such
   node in an exported model also carries an ONNX function body (see :mod:`._local`).
 
+* ``SimplifiedLayerNormalization`` (ORT contrib op registered in the default domain) and
+  ``com.microsoft::FastGelu``, which the ``ort`` profile's fusions emit (:mod:`.ort_fusions`); like
+  GroupQueryAttention, only what the fusions write is declared, so ``onnx.checker`` accepts the model.
+
 Not covered: schemas for other contrib ops (none is emitted).
 """
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Iterable
 import onnx
 from onnx.defs import OpSchema
 
-__all__ = ["MSFT_DOMAIN", "EFFEXPORT_DOMAIN", "ensure_schema", "ensure_gqa_schema", "make_schema"]
+__all__ = ["MSFT_DOMAIN", "EFFEXPORT_DOMAIN", "ensure_schema", "ensure_gqa_schema", "ensure_fusion_schemas",
+           "make_schema"]
 
 MSFT_DOMAIN = "com.microsoft"
 EFFEXPORT_DOMAIN = "effexport"
@@ -64,3 +69,16 @@ def ensure_gqa_schema() -> None:
                     ("smooth_softmax", int)],
         type_constraints=[("T", _FLOATS), ("M", ["tensor(int32)"]), ("P", ["tensor(int64)"])],
         doc="ONNX Runtime contrib GroupQueryAttention (subset declared for emission)."))
+
+
+def ensure_fusion_schemas() -> None:
+    """Register the contrib ops the ``ort`` profile's fusions emit (the declared subset)."""
+    ensure_schema(make_schema(
+        "SimplifiedLayerNormalization", "", inputs=[("X", "T", False), ("scale", "T", False)],
+        outputs=[("Y", "T")], attributes=[("axis", int), ("epsilon", float), ("stash_type", int)],
+        type_constraints=[("T", ["tensor(float)", "tensor(double)"])],
+        doc="ONNX Runtime contrib SimplifiedLayerNormalization (RMSNorm; subset declared for emission)."))
+    ensure_schema(make_schema(
+        "FastGelu", MSFT_DOMAIN, inputs=[("X", "T", False)], outputs=[("Y", "T")], attributes=[],
+        type_constraints=[("T", _FLOATS)],
+        doc="ONNX Runtime contrib FastGelu (tanh GELU; subset declared for emission)."))

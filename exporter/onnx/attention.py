@@ -8,8 +8,9 @@
   and the "new" rows, ``seqlens_k = total - 1``, ``total_sequence_length = total``, a window W as
   ``local_window_size = W`` (measured on the CPU EP of ORT 1.30 and 1.32: ``local_window_size = L``
   lets a query see L keys including itself, the ops' convention), softcap as its attribute, sinks
-  as ``head_sink``. GQA needs ``d == dv`` and a non-zero scale; otherwise, and for
-  bidirectional attention, the decomposition below is used.
+  as ``head_sink``. GQA needs ``d == dv``, a non-zero scale and ``d <= 256`` (above, ORT's CUDA
+  kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
+  decomposition below is used.
 * ``attention_ring`` and ``attention_read(ring=True)``: GQA's contiguous past/present cannot
   express a ring, so they use the decomposition.
 
@@ -96,8 +97,17 @@ def _attend_standard(q, k, v, mask, sinks, scale: float, softcap: float, dims: D
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
+GQA_MAX_HEAD_DIM = 256
+"""Largest head size the ``ort`` profile hands to GroupQueryAttention. ONNX Runtime's CUDA GQA runs
+FlashAttention only up to head size 256; above it falls back to its cutlass memory-efficient kernel
+plus an ``Ungroup`` of the KV heads, measured on the H200 (ORT 1.31.1, Gemma 4 E2B's head size 512,
+bf16, B=1): 21.4 ms for the 7 full-layer calls at 32K context (3 ms to read 64 MB: ~21 GB/s) + 2.3 ms
+``Ungroup``, 24 of the step's 30 ms of GPU time (BENCHMARKS.md, run 7). The decomposition (fp32
+MatMul / Softmax, GQA by head grouping) reads the same cache at bandwidth."""
+
+
 def _gqa_fits(dims: Dims, scale: float) -> bool:
-    return dims.d == dims.dv and scale != 0.0
+    return dims.d == dims.dv and scale != 0.0 and dims.d <= GQA_MAX_HEAD_DIM
 
 
 def _heads_last(x):

@@ -43,6 +43,7 @@ from effexport.exporter.capture import StepProgram, fast_export_config
 from effexport.exporter.errors import LowerError
 from effexport.exporter.progress import phase
 from effexport.exporter.onnx._local import attach, types_kept
+from effexport.exporter.onnx.ort_fusions import fuse_for_ort
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
 from effexport.exporter.structure_only import meta_weights_as_external
 from effexport.passes._graph import example_past, meta_val
@@ -148,6 +149,8 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
     phase("lower: ONNX graph optimization")
     with types_kept(program.model), meta_weights_as_external(program.model):  # --weights none: no data
         optimize(program.model)
+        if profile == "ort":  # ONNX Runtime contrib ops: fewer nodes, fewer kernel launches
+            fuse_for_ort(program.model)
     return program.model
 
 
