@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,11 @@ from torch.utils import _pytree as pytree
 
 from effexport.exporter.errors import CaptureError
 from effexport.exporter.progress import phase
+
+
+# torch's own pytree internals trip their deprecation of LeafSpec during torch.export (torch 2.13):
+# a FutureWarning about torch's code, not the user's, printed into every build's output
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 @dataclass

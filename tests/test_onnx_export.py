@@ -251,7 +251,7 @@ def _power_nodes(model: onnx.ModelProto, exponent: float) -> list:
 def test_ort_profile_fuses_every_rms_norm_and_tanh_gelu(step, exported):
     """Every RMSNorm the standard profile spells out (``Pow(x, 2) -> ReduceMean``) is one
     ``SimplifiedLayerNormalization`` node in the ort profile, every tanh GELU of the step graph one
-    ``FastGelu``, and none is left unfused there (ORT on CUDA is launch-bound: BENCHMARKS.md run 5)."""
+    ``FastGelu``, and none is left unfused there (ORT on CUDA is launch-bound: BENCHMARKS.md runs 5-10)."""
     _, program, _, _ = step
     ort_model, standard = onnx.load(str(exported["ort"][0])), onnx.load(str(exported["standard"][0]))
     types = [(n.domain, n.op_type) for n in ort_model.graph.node]

@@ -218,7 +218,7 @@ def test_mhc_parity_and_loop(profile):
 @pytest.mark.parametrize("form", ["cache", "read"])
 def test_ort_profile_decomposes_head_dim_above_256(form):
     """Gemma 4's full layers have head size 512: ORT's CUDA GroupQueryAttention has no FlashAttention
-    for it (a slow fallback, BENCHMARKS.md run 7), so the ort profile uses the decomposition there;
+    for it (a slow fallback, BENCHMARKS.md run 9), so the ort profile uses the decomposition there;
     same numbers as the eager op (fp32, rel 1e-5) at a shape other than the export example."""
     from effexport.exporter.onnx.attention import GQA_MAX_HEAD_DIM
 

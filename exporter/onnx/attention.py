@@ -102,7 +102,7 @@ GQA_MAX_HEAD_DIM = 256
 FlashAttention only up to head size 256; above it falls back to its cutlass memory-efficient kernel
 plus an ``Ungroup`` of the KV heads, measured on the H200 (ORT 1.31.1, Gemma 4 E2B's head size 512,
 bf16, B=1): 21.4 ms for the 7 full-layer calls at 32K context (3 ms to read 64 MB: ~21 GB/s) + 2.3 ms
-``Ungroup``, 24 of the step's 30 ms of GPU time (BENCHMARKS.md, run 7). The decomposition (fp32
+``Ungroup``, 24 of the step's 30 ms of GPU time (BENCHMARKS.md, run 9). The decomposition (fp32
 MatMul / Softmax, GQA by head grouping) reads the same cache at bandwidth."""
 
 
@@ -123,7 +123,7 @@ def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int
     -> ``(out [B, H, T, d], k_present, v_present)`` with ``present = cat(past, new)``."""
     heads, kv_heads, _, dv = dims
     total = op.Add(op.Shape(k_past, start=2, end=3), op.Shape(q, start=2, end=3))  # [1]
-    total32 = op.Cast(op.Reshape(total, b.ints([])), to=6)  # 0-d int32
+    total32 = op.Cast(op.Squeeze(total, b.ints([0])), to=6)  # 0-d int32
     seqlens = op.Cast(op.Expand(op.Sub(total, b.ints([1])), op.Shape(q, start=0, end=1)), to=6)  # [B]
     out, k_present, v_present = msft.GroupQueryAttention(
         _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_past, v_past, seqlens, total32,

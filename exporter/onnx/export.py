@@ -27,6 +27,7 @@ conversion (the graph is exported in the dtype it was captured in), and ``effexp
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import weakref
@@ -96,6 +97,19 @@ def _device(gm: torch.fx.GraphModule) -> torch.device:
     tensor = next(iter(gm.parameters()), next(iter(gm.buffers()), None))
     return tensor.device if tensor is not None else torch.device("cpu")
 
+
+class _NoTorchvisionNotice(logging.Filter):
+    """torch.onnx logs one warning per torchvision op when building its registry without torchvision
+    ("torchvision is not installed. Skipping torchvision::nms"): noise in a build's output, since no
+    language model here uses those ops."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+_TORCHVISION_NOTICE = _NoTorchvisionNotice()
+if _TORCHVISION_NOTICE not in logging.getLogger("torch.onnx._internal.exporter._registration").filters:
+    logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_TORCHVISION_NOTICE)
 
 _EXPORTED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
 

@@ -1,6 +1,6 @@
 """Fusions for the ``ort`` profile: RMSNorm -> ``SimplifiedLayerNormalization``, tanh-GELU ->
 ``com.microsoft.FastGelu``. ONNX Runtime runs each node as at least one kernel launch; on CUDA a
-decode step of a real-size model is launch-bound (BENCHMARKS.md, run 5), so fewer nodes is faster.
+decode step of a real-size model is launch-bound (BENCHMARKS.md, runs 5-10), so fewer nodes is faster.
 On gemma4-e2b:tiny the two rules remove about a third of the step graph's nodes
 (tests/test_ort_fusions.py counts them).
 
