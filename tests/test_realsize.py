@@ -8,7 +8,9 @@ of each size comparison the example takes. DeepSeek V4 on meta: the numeric chec
 compressed-attention passes run on random stand-ins for parameters that have no values
 (``passes._graph.attr_value``) and on the CPU whatever device the graph recorded (``probe_call``);
 ``test_deepseek_on_meta_rewrites_like_on_cpu`` proves that path on the tiny preset (a model built on
-meta gets exactly the CPU build's rewrite)."""
+meta gets exactly the CPU build's rewrite). The 43-layer V4-Flash test runs with EFFEXPORT_REALSIZE=1
+(about 5 CPU-minutes; last run 2026-11-29: passed, capture 200-281 s + rewrite 56 s)."""
+import os
 import time
 
 import pytest
@@ -65,6 +67,9 @@ def test_deepseek_on_meta_rewrites_like_on_cpu(rewritten):
         [(e.name, e.kind, e.dtype) for e in cpu.analysis.plan.entries]
 
 
+@pytest.mark.skipif(os.environ.get("EFFEXPORT_REALSIZE") != "1",
+                    reason="V4-Flash capture + rewrite on meta takes ~5 CPU-minutes (CI's 30-minute budget): "
+                           "set EFFEXPORT_REALSIZE=1")
 def test_deepseek_v4_flash_on_meta():
     """All 43 layers of V4-Flash: every mHC mixing folded (2 per layer + the head), every CSA / HCA /
     window-only attention rewritten with nothing left alone, and the CachePlan the layer specs give:
