@@ -12,7 +12,10 @@ by design: no heartbeat while the main thread sits inside one long C call (ONNX 
 creation, ``onnx.save``); the heartbeat only runs when the build is on the main thread and no other
 ``SIGALRM`` handler is installed (it never replaces one); interrupted system calls restart
 (``siginterrupt(SIGALRM, False)``). A heartbeat line is written with one ``os.write`` to the
-stream's file descriptor when it has one, so it cannot collide with a ``print`` in progress.
+stream's file descriptor when it has one, so it is never split; but CPython runs signal handlers
+between the writes of one ``print`` (its text, then its newline), so a heartbeat can land right
+after another writer's text and share that line (at most one line per heartbeat, every 15 s; the
+build's own lines are single writes and are not printed while a stage runs).
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 phases, and that the heartbeat leaves the process's signal state as it found it. (A real Ctrl-C
 during a build: tests/test_bad_inputs.py::test_sigint_during_build_exits_130_and_leaves_nothing.)"""
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -75,7 +76,10 @@ def test_an_existing_sigalrm_handler_is_never_replaced():
 
 
 def test_heartbeat_goes_to_the_file_descriptor_between_prints(tmp_path):
-    """A real process writing to a pipe: heartbeat lines arrive whole and in order with the stage lines."""
+    """A real process printing to a pipe while the heartbeat runs: every heartbeat arrives whole
+    (one ``os.write``) and ends its line, the stage lines are whole, and nothing is lost. A heartbeat
+    can start right after a ``print``'s text and before its newline (CPython runs signal handlers
+    between the writes of one print), so it may share a line with such text: documented."""
     code = (
         "import time, sys\n"
         "from effexport.exporter.progress import Progress\n"
@@ -89,10 +93,12 @@ def test_heartbeat_goes_to_the_file_descriptor_between_prints(tmp_path):
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stderr
     lines = err.splitlines()
     assert lines[0] == "[1/1] capture (x) ..." and lines[-1].endswith("s: ok"), err[-2000:]
+    beat = re.compile(r"      capture: still running, \d+s, peak memory \d+\.\d\d GiB$")
     beats = [line for line in lines if "still running" in line]
-    assert beats and all(line.startswith("      capture: still running, ") and line.endswith(" GiB")
+    assert beats and all(beat.search(line) and line[:beat.search(line).start()] in ("", "noise")
                          for line in beats), beats
-    assert set(lines[1:-1]) - set(beats) == {"noise"}
+    rest = [beat.sub("", line) for line in lines[1:-1]]
+    assert set(rest) <= {"noise", ""} and rest.count("noise") > 10
 
 
 def test_no_heartbeat_off_the_main_thread():
