@@ -312,10 +312,19 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch, capsys, rewritten, e
     assert os.listdir(tmp_path) == []
 
 
+def _interactive_sigint() -> None:
+    """In the child before exec: Ctrl-C as in a terminal (default disposition, not blocked). A child
+    inherits an ignored or blocked SIGINT, and Python then never raises KeyboardInterrupt (right for a
+    background job); in a full pytest-xdist run the worker process had it so, the build ran to the end
+    and exited 0 (seen twice, whichever earlier test left it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_sigint_during_build_exits_130_and_leaves_nothing(tmp_path):
     """A real SIGINT to a running build (during capture): exit 130, one line, no traceback, no output."""
     proc = subprocess.Popen([sys.executable, "-m", "effexport.exporter", TINY, "-o", "out"], cwd=tmp_path,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_interactive_sigint)
     lines = []
     deadline = time.monotonic() + 300
     for line in proc.stderr:
@@ -325,7 +334,8 @@ def test_sigint_during_build_exits_130_and_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=120)[1]
     err = "".join(lines) + rest
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (f"this process: SIGINT handler {signal.getsignal(signal.SIGINT)}, blocked "
+                                    f"{signal.pthread_sigmask(signal.SIG_BLOCK, [])}\n{err}")
     assert "effexport: interrupted" in err and "Traceback" not in err
     assert os.listdir(tmp_path) == []
 
