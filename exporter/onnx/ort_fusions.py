@@ -55,14 +55,21 @@ def _close(value: float | None, expected: float, rel: float) -> bool:
     return value is not None and abs(value - expected) <= rel * abs(expected)
 
 
-def _check_norm(x, two, axes, eps, scale, mean_square) -> pattern.MatchResult:
-    """The conditions of an RMS norm the fused op computes the same: fp32/fp64 arithmetic, a square,
-    a constant epsilon, the mean over the last axis with the axis kept."""
+def _normalized(op, x, two, axes, eps):
+    """``x * reciprocal(sqrt(mean(x^2, -1) + eps))``, the part every RMS-norm pattern shares."""
+    mean_square = op.ReduceMean(op.Pow(x, two), axes, _outputs=["mean_square"])
+    return op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean_square, eps))))
+
+
+def _check_norm(x, two, axes, eps, mean_square, scale=None) -> pattern.MatchResult:
+    """The conditions of an RMS norm the fused op computes the same: fp32/fp64 arithmetic (the scale,
+    if any, in the same dtype), a square, a constant epsilon, the mean over the last axis with the
+    axis kept."""
     result = pattern.MatchResult()
     keepdims = mean_square.producer().attributes.get("keepdims")
     if keepdims is not None and keepdims.as_int() != 1:
         return result.fail("the mean drops the reduced axis")
-    if x.dtype not in _NORM_DTYPES or scale.dtype != x.dtype:
+    if x.dtype not in _NORM_DTYPES or (scale is not None and scale.dtype != x.dtype):
         return result.fail("the norm is not computed in fp32 / fp64 (or the scale has another dtype)")
     if _scalar(two) != 2.0 or _scalar(eps) is None:
         return result.fail("not x^2, or epsilon is not a constant")
@@ -82,12 +89,11 @@ class _RmsNorm(pattern.RewriteRuleClassBase):
         self.scale_first = scale_first
 
     def pattern(self, op, x, two, axes, eps, scale):
-        mean_square = op.ReduceMean(op.Pow(x, two), axes, _outputs=["mean_square"])
-        normalized = op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean_square, eps))))
+        normalized = _normalized(op, x, two, axes, eps)
         return op.Mul(scale, normalized) if self.scale_first else op.Mul(normalized, scale)
 
     def check(self, context, x, two, axes, eps, scale, mean_square, **_) -> pattern.MatchResult:
-        return _check_norm(x, two, axes, eps, scale, mean_square)
+        return _check_norm(x, two, axes, eps, mean_square, scale)
 
     def rewrite(self, op, x, eps, scale, **_):
         # ONNX Runtime registers SimplifiedLayerNormalization in the default domain (a contrib op)
@@ -100,11 +106,10 @@ class _RmsNormNoScale(pattern.RewriteRuleClassBase):
     scale is fused whole."""
 
     def pattern(self, op, x, two, axes, eps):
-        mean_square = op.ReduceMean(op.Pow(x, two), axes, _outputs=["mean_square"])
-        return op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean_square, eps))))
+        return _normalized(op, x, two, axes, eps)
 
     def check(self, context, x, two, axes, eps, mean_square, **_) -> pattern.MatchResult:
-        result = _check_norm(x, two, axes, eps, x, mean_square)
+        result = _check_norm(x, two, axes, eps, mean_square)
         if result and not (x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int)):
             return result.fail("the normalized dim is not static (the ones scale needs its size)")
         return result
