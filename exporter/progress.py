@@ -31,14 +31,14 @@ except ImportError:  # Windows
     resource = None
 
 HEARTBEAT_S = 15.0
-_RUNNING: list["Progress"] = []  # the Progress whose stage runs now (for :func:`phase`)
+_running: "Progress | None" = None  # the Progress whose stage runs now (for :func:`phase`)
 
 
 def phase(what: str) -> None:
     """Name the part of the running stage under way (``lower: torch.onnx translation``), for code
     that has no handle on the build's :class:`Progress`; a no-op outside a build."""
-    if _RUNNING:
-        _RUNNING[-1].phase(what)
+    if _running is not None:
+        _running.phase(what)
 
 
 def peak_rss_bytes() -> int:
@@ -64,11 +64,12 @@ class Progress:
         self._saved = None  # (previous handler, previous timer) while the heartbeat runs
 
     def stage(self, what: str) -> float:
+        global _running
         self.close()
         self.n += 1
         self._write(f"[{self.n}/{self.total}] {what} ...")
         self._what, self._t0 = what.split(" (")[0], time.monotonic()
-        _RUNNING.append(self)
+        _running = self
         self._arm()
         return self._t0
 
@@ -82,8 +83,9 @@ class Progress:
 
     def close(self) -> None:
         """Stop the heartbeat and restore the previous ``SIGALRM`` handler and timer."""
-        while self in _RUNNING:
-            _RUNNING.remove(self)
+        global _running
+        if _running is self:
+            _running = None
         if self._saved is None:
             return
         handler, (delay, interval) = self._saved
