@@ -101,27 +101,26 @@ def profile_steps(path: str, feeds: list, device: str, logits_shape: tuple, pref
     nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     last = nodes[-len(nodes) * steps // (steps + 1):] if nodes else []  # drop the warm-up run's nodes
-    by_type: dict = {}
-    for e in last:
-        key = f"{e['args'].get('op_name', '?')}@{e['args'].get('provider', '?').replace('ExecutionProvider', '')}"
-        count, dur = by_type.get(key, (0, 0))
-        by_type[key] = (count + 1, dur + e.get("dur", 0))
-    top = sorted(by_type.items(), key=lambda kv: -kv[1][1])[:15]
-    per_node: dict = {}
+    per_node: dict = {}  # node name -> its op, provider, inputs and time per step
     for e in last:
         name = e["name"][:-len("_kernel_time")]
-        entry = per_node.setdefault(name, {"node": name, "op": e["args"].get("op_name"),
-                                           "provider": e["args"].get("provider", "").replace("ExecutionProvider", ""),
+        entry = per_node.setdefault(name, {"node": name, "op": e["args"].get("op_name", "?"),
+                                           "provider": e["args"].get("provider", "?").replace("ExecutionProvider", ""),
                                            "inputs": e["args"].get("input_type_shape"), "us": 0.0})
         entry["us"] += e.get("dur", 0) / steps
+    by_type: dict = {}  # "op@provider" -> (nodes, us) per step, from the per-node table
+    for n in per_node.values():
+        count, us = by_type.get(f"{n['op']}@{n['provider']}", (0, 0.0))
+        by_type[f"{n['op']}@{n['provider']}"] = (count + 1, us + n["us"])
+    top = sorted(by_type.items(), key=lambda kv: -kv[1][1])[:15]
     slowest = sorted(per_node.values(), key=lambda n: -n["us"])[:25]
     return {"wall_ms": wall * 1e3, "nodes_per_step": len(last) / steps,
             "node_time_ms_per_step": sum(e.get("dur", 0) for e in last) / steps / 1e3,
             "model_run_ms": statistics.median(e["dur"] for e in runs[1:]) / 1e3 if len(runs) > 1 else None,
             "cpu_nodes_per_step": sum(1 for e in last if "CPU" in e["args"].get("provider", "")) / steps,
-            "top": [{"op": k, "nodes_per_step": c / steps, "ms_per_step": d / steps / 1e3} for k, (c, d) in top],
+            "top": [{"op": k, "nodes_per_step": c, "ms_per_step": us / 1e3} for k, (c, us) in top],
             "slowest_nodes": slowest,
-            "copies": [n for n in per_node.values() if n["op"] and n["op"].startswith("Memcpy")]}
+            "copies": [n for n in per_node.values() if n["op"].startswith("Memcpy")]}
 
 
 def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tuple):
