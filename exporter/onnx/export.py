@@ -107,9 +107,7 @@ class _NoTorchvisionNotice(logging.Filter):
         return not record.getMessage().startswith("torchvision is not installed")
 
 
-_TORCHVISION_NOTICE = _NoTorchvisionNotice()
-if _TORCHVISION_NOTICE not in logging.getLogger("torch.onnx._internal.exporter._registration").filters:
-    logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_TORCHVISION_NOTICE)
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_NoTorchvisionNotice())
 
 _EXPORTED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
 
