@@ -315,8 +315,9 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch, capsys, rewritten, e
 def _interactive_sigint() -> None:
     """In the child before exec: Ctrl-C as in a terminal (default disposition, not blocked). A child
     inherits an ignored or blocked SIGINT, and Python then never raises KeyboardInterrupt (right for a
-    background job); in a full pytest-xdist run the worker process had it so, the build ran to the end
-    and exited 0 (seen twice, whichever earlier test left it)."""
+    background job). In two full pytest-xdist runs the build ran to the end and exited 0 while the
+    test passed alone and under load; the presumed cause (not proven) is an earlier test in the same
+    worker leaving SIGINT ignored or blocked. The failure message prints the worker's state."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
