@@ -237,11 +237,17 @@ def attention_ring(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     k_pos = torch.cat([old_pos, new_pos])  # [W+T]
     mask = _visible(new_pos, k_pos, window, k_valid=k_pos >= 0)  # [T, W+T]
     out = _attend(q, keys, values, mask, sinks, scale, softcap)
-    # after the write slot s holds the latest position <= pos+T-1 with p mod W == s: a new token
-    # (index W + p - pos in keys) when p >= pos, else the slot's old entry (index s).
-    last_pos = _ring_positions(pos + t_len - 1, slots, device)  # [W]
-    src = torch.where(last_pos >= pos, slots + last_pos - pos, torch.arange(slots, device=device))
-    return out, keys.index_select(2, src), values.index_select(2, src)
+    return (out, *_ring_written(keys, values, pos, slots, t_len))
+
+
+def _ring_written(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, slots: int,
+                  t_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ring after writing T new tokens at ``pos..pos+T-1``, from ``keys`` / ``values`` =
+    ``cat(old ring, new)`` along the sequence. Slot s then holds the latest position <= pos+T-1 with
+    ``p mod W == s``: a new token (index W + p - pos) when p >= pos, else its old entry (index s)."""
+    last_pos = _ring_positions(pos + t_len - 1, slots, keys.device)  # [W]
+    src = torch.where(last_pos >= pos, slots + last_pos - pos, torch.arange(slots, device=keys.device))
+    return keys.index_select(2, src), values.index_select(2, src)
 
 
 @attention_ring.register_fake

@@ -205,11 +205,76 @@ def test_sparse_attention_ring(gen, dtype, kind, ratio, ncomp, topk, pos, batch,
     _check(out, ref, dtype, f"sparse_attention_ring {kind}")
 
 
+# ---------------------------------------------------------------------------- prefill (T > 1)
+PREFILL = [  # batch, heads, kv heads, d, dv, sinks, softcap
+    pytest.param(1, 8, 1, 256, 256, False, 0.0, id="gemma-sliding-d256"),
+    pytest.param(1, 8, 1, 512, 512, True, 30.0, id="d512-sinks-softcap"),
+    pytest.param(2, 8, 2, 64, 48, True, 0.0, id="b2-gqa4-dv48-sinks"),
+]
+
+
 @pytest.mark.gpu
-def test_multi_token_calls_keep_the_reference(gen):
-    """T > 1 (chunked prefill) is not a decode call: the registered kernel runs the reference."""
-    q, k_new, v_new = (_rand(2, 4, 3, 32, dtype=torch.float32, gen=gen) for _ in range(3))
-    k_past, v_past = (_rand(2, 4, 10, 32, dtype=torch.float32, gen=gen) for _ in range(2))
-    got = ops.attention_cache(q, k_new, v_new, k_past, v_past, scale=0.2)
-    want = attn_mod.attention_cache._init_fn(q, k_new, v_new, k_past, v_past, scale=0.2)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("t_len,s_len,causal,window", [
+    pytest.param(1500, 1500, True, 512, id="T1500-window512"),
+    pytest.param(700, 700, True, 0, id="T700-causal"),
+    pytest.param(100, 900, True, 37, id="last100of900-window37"),
+    pytest.param(300, 257, False, 0, id="bidirectional"),
+    pytest.param(1, 600, True, 0, id="one-query"),
+])
+@pytest.mark.parametrize("batch,heads,kv_heads,d,dv,use_sinks,softcap", PREFILL)
+def test_attention_prefill(gen, dtype, t_len, s_len, causal, window, batch, heads, kv_heads, d, dv,
+                           use_sinks, softcap):
+    q = _rand(batch, heads, t_len, d, dtype=dtype, gen=gen)
+    k, v = _rand(batch, kv_heads, s_len, d, dtype=dtype, gen=gen), _rand(batch, kv_heads, s_len, dv, dtype=dtype, gen=gen)
+    sinks = _rand(heads, dtype=torch.float32, gen=gen) if use_sinks else None
+    kw = dict(scale=d ** -0.5, causal=causal, window=window, softcap=softcap)
+    out = ops.attention(q, k, v, sinks, **kw)
+    ref = attn_mod.attention._init_fn(*_f64(q, k, v, sinks), **kw)
+    _check(out, ref, dtype, "attention (prefill kernel)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("op,t_len,pos", [
+    pytest.param("cache", 300, 0, id="cache-P0"), pytest.param("cache", 65, 1000, id="cache-P1000"),
+    pytest.param("ring", 1300, 0, id="ring-prefill-T-gt-W"), pytest.param("ring", 200, 100, id="ring-partial"),
+    pytest.param("ring", 96, 5000, id="ring-wrapped"),
+    pytest.param("read", 120, 3000, id="read-chunk"),
+])
+@pytest.mark.parametrize("batch,heads,kv_heads,d,dv,use_sinks,softcap", PREFILL[:2])
+def test_cache_ops_multi_token(gen, dtype, op, t_len, pos, batch, heads, kv_heads, d, dv, use_sinks, softcap):
+    """Chunked prefill through the cache ops (T > 1) takes the prefill kernel: the output within
+    tolerance of the float64 reference, the returned caches equal to the reference's bit for bit."""
+    window = 512 if op == "ring" else 0
+    q = _rand(batch, heads, t_len, d, dtype=dtype, gen=gen)
+    kn, vn = _rand(batch, kv_heads, t_len, d, dtype=dtype, gen=gen), _rand(batch, kv_heads, t_len, dv, dtype=dtype, gen=gen)
+    rows = {"cache": pos, "ring": window, "read": pos + t_len + 50}[op]
+    kc, vc = _rand(batch, kv_heads, rows, d, dtype=dtype, gen=gen), _rand(batch, kv_heads, rows, dv, dtype=dtype, gen=gen)
+    sinks = _rand(heads, dtype=torch.float32, gen=gen) if use_sinks else None
+    p = torch.tensor(pos, device="cuda")
+    kw = dict(scale=d ** -0.5, window=window, softcap=softcap)
+    if op == "cache":
+        got = ops.attention_cache(q, kn, vn, kc, vc, sinks, **kw)
+        ref = attn_mod.attention_cache._init_fn(*_f64(q, kn, vn, kc, vc, sinks), **kw)
+        same = attn_mod.attention_cache._init_fn(q, kn, vn, kc, vc, sinks, **kw)
+    elif op == "ring":
+        got = ops.attention_ring(q, kn, vn, kc, vc, p, sinks, **kw)
+        ref = attn_mod.attention_ring._init_fn(*_f64(q, kn, vn, kc, vc), p, _f64(sinks)[0], **kw)
+        same = attn_mod.attention_ring._init_fn(q, kn, vn, kc, vc, p, sinks, **kw)
+    else:
+        got = (ops.attention_read(q, kc, vc, p, sinks, **kw),)
+        ref = (attn_mod.attention_read._init_fn(*_f64(q, kc, vc), p, _f64(sinks)[0], **kw),)
+        same = got
+    _check(got[0], ref[0], dtype, f"attention_{op} T={t_len} (prefill kernel)")
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], same[1:]))
+
+
+@pytest.mark.gpu
+def test_ring_consumer_multi_token_keeps_the_reference(gen):
+    """``attention_read(ring=True)`` with T > 1 is refused by the reference (not exact); the CUDA
+    registration must refuse it the same way, not compute something."""
+    q = _rand(1, 4, 3, 32, dtype=torch.float32, gen=gen)
+    k, v = (_rand(1, 1, 16, 32, dtype=torch.float32, gen=gen) for _ in range(2))
+    with pytest.raises(ValueError, match="only exact for one query token"):
+        ops.attention_read(q, k, v, torch.tensor(40, device="cuda"), scale=0.2, window=16, ring=True)

@@ -1,17 +1,23 @@
-"""Triton decode kernels registered for CUDA on the effexport attention ops (opt-in).
+"""Triton kernels registered for CUDA on the effexport attention ops (opt-in).
 
 ``effexport.custom_ops.enable_triton()`` imports Triton and registers a CUDA kernel
 (``torch.library.register_kernel(op, "cuda", ...)``) on
 
-* ``attention_cache``, ``attention_ring``, ``attention_read`` (full and ring), and
+* ``attention`` (prefill), ``attention_cache``, ``attention_ring``, ``attention_read`` (full and
+  ring), and
 * ``sparse_attention_ring`` (DeepSeek V4 CSA top-k / HCA all-entries + window + sink).
 
-Each registered kernel takes the fast path for one query token (decode, T == 1) with bf16 / fp16 /
-fp32 tensors on one CUDA device and head dims <= 512 (bf16, fp32, and an fp32 query over bf16
-caches -- what the rewritten sample graphs pass -- are tested on an H200; fp16 takes the bf16 path,
-untested); every other call (prefill chunks, T > 1, other dtypes) runs the
-op's eager reference, which stays the oracle. Semantics are the ops' docstrings'; the caches returned by ``attention_cache`` / ``attention_ring`` are written by the
-same pass that reads them. Importing this package does not import Triton; :func:`register` does.
+One query token (decode, T == 1) takes the split-K decode kernels (:mod:`.kernels`); more than one
+(prefill, chunked prefill) takes the block-sparse prefill kernel (:mod:`.prefill`: a sliding-window
+layer visits only the K/V tiles inside each query block's window, and no ``T x S`` mask is built).
+Both need bf16 / fp16 / fp32 tensors on one CUDA device and head dims <= 512 (bf16, fp32, and an fp32
+query over bf16 caches -- what the rewritten sample graphs passed before run 4 -- are tested on an
+H200; fp16 takes the bf16 path, untested); other calls (other dtypes, ``attention_read(ring=True)``
+with T > 1, which the reference refuses) run the op's eager reference, which stays the oracle.
+Semantics are the ops' docstrings'; the caches returned by ``attention_cache`` / ``attention_ring``
+for one token are written by the same pass that reads them (for T > 1: ``torch.cat`` / the ring's
+``index_select``, as the reference). Importing this package does not import Triton; :func:`register`
+does.
 """
 from __future__ import annotations
 
@@ -46,8 +52,9 @@ def register() -> None:
         return
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("effexport Triton kernels need triton (pip install triton; CUDA only)")
-    from effexport.custom_ops._triton import kernels  # noqa: F401  (compiles nothing yet)
-    for op_def, fn in ((_attn.attention_cache, _cache_cuda), (_attn.attention_ring, _ring_cuda),
+    from effexport.custom_ops._triton import kernels, prefill  # noqa: F401  (compiles nothing yet)
+    for op_def, fn in ((_attn.attention, _attention_cuda),
+                       (_attn.attention_cache, _cache_cuda), (_attn.attention_ring, _ring_cuda),
                        (_attn.attention_read, _read_cuda),
                        (_sparse.sparse_attention_ring, _sparse_ring_cuda)):
         op_def.register_kernel("cuda")(fn)
@@ -155,15 +162,67 @@ def _dense(mode: int, q, k1, v1, k2, v2, sinks, *, scale, softcap, window, span,
     return out
 
 
+def _prefill(q, k, v, sinks, *, scale: float, softcap: float, window: int, causal: bool,
+             qadd: int = 0, kadd: int = 0, pos=None, q_dyn: bool = False, k_dyn: bool = False,
+             kpos=None) -> torch.Tensor:
+    """Many-query attention (:mod:`.prefill`): q ``[B, H, T, d]`` over k / v ``[B, Hkv, S, d|dv]``
+    -> out ``[B, H, T, dv]`` (q's dtype). Query i is at position ``qadd (+ pos) + i``; key rows
+    ``j < len(kpos)`` at ``kpos[j]`` (< 0: empty slot), the others at ``kadd (+ pos) + j - len(kpos)``."""
+    from effexport.custom_ops._triton import prefill
+
+    q, k, v = (_last_contiguous(t) for t in (q, k, v))
+    batch, heads, t_len, d = q.shape
+    kv_heads, s_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = q.new_empty(batch, heads, t_len, dv)
+    if t_len == 0 or batch * heads == 0:
+        return out
+    block_d, block_dv = max(16, _plan.next_pow2(d)), max(16, _plan.next_pow2(dv))
+    widest = max(block_d, block_dv)
+    block_m = 64 if widest <= 256 else 32
+    block_n = 64 if widest <= 128 else 32
+    tile_bytes = block_n * (block_d + block_dv) * k.element_size()
+    num_stages = 2 if 2 * tile_bytes <= _plan.CONFIG["smem_budget"] else 1
+    dot_f32 = not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16))
+    prec = _MIXED_PREC[0] if dot_f32 and k.element_size() == 2 and v.element_size() == 2 else "ieee"
+    pos_t = q if pos is None else pos.to(q.device)  # dummy pointers when unused
+    kpos_t = q if kpos is None else kpos
+    grid = (-(-t_len // block_m), batch * heads)
+    prefill._prefill[grid](
+        q, k, v, out, kpos_t, pos_t, q if sinks is None else sinks,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        t_len, s_len, 0 if kpos is None else kpos.shape[0], d, dv, heads, heads // kv_heads,
+        int(qadd), int(kadd), float(scale), float(softcap) if softcap > 0 else 1.0, int(window),
+        CAUSAL=causal, Q_DYN=q_dyn, K_DYN=k_dyn, HAS_SINK=sinks is not None,
+        HAS_SOFTCAP=softcap > 0, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=4 if widest <= 128 else 8, num_stages=num_stages)
+    return out
+
+
 # ----------------------------------------------------------------------------- op kernels (cuda)
+def _attention_cuda(q, k, v, sinks=None, *, scale, causal=True, window=0, softcap=0.0):
+    if not _fast(q, k, v, sinks) or (not causal and window != 0) or (causal and q.shape[2] > k.shape[2]):
+        return _attn.attention._init_fn(q, k, v, sinks, scale=scale, causal=causal, window=window,
+                                        softcap=softcap)  # raises the reference's errors
+    _attn._check_qkv(q, k, v, sinks, "attention")
+    _attn._check_window(window, softcap, "attention")
+    return _prefill(q, k, v, sinks, scale=scale, softcap=softcap, window=window, causal=causal,
+                    qadd=k.shape[2] - q.shape[2])
+
+
 def _cache_cuda(q, k_new, v_new, k_past, v_past, sinks=None, *, scale, window=0, softcap=0.0):
-    if q.shape[2] != 1 or not _fast(q, k_new, v_new, k_past, v_past, sinks):
+    if not _fast(q, k_new, v_new, k_past, v_past, sinks):
         return _attn.attention_cache._init_fn(q, k_new, v_new, k_past, v_past, sinks, scale=scale,
                                               window=window, softcap=softcap)
     _attn._check_qkv(q, k_new, v_new, sinks, "attention_cache")
     _attn._check_qkv(q, k_past, v_past, None, "attention_cache (past)")
     _attn._check_new(q, k_new, k_past, v_new, v_past, "attention_cache")
     _attn._check_window(window, softcap, "attention_cache")
+    if q.shape[2] > 1:
+        k_present, v_present = torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2)
+        out = _prefill(q, k_present, v_present, sinks, scale=scale, softcap=softcap, window=window,
+                       causal=True, qadd=k_past.shape[2])
+        return out, k_present, v_present
     q, k_new, v_new = (_last_contiguous(t) for t in (q, k_new, v_new))
     k_past, v_past = _last_contiguous(k_past), _last_contiguous(v_past)
     b, hkv, p, d = k_past.shape
@@ -175,7 +234,7 @@ def _cache_cuda(q, k_new, v_new, k_past, v_past, sinks=None, *, scale, window=0,
 
 
 def _ring_cuda(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, window, softcap=0.0):
-    if q.shape[2] != 1 or not _fast(q, k_new, v_new, k_ring, v_ring, sinks):
+    if not _fast(q, k_new, v_new, k_ring, v_ring, sinks):
         return _attn.attention_ring._init_fn(q, k_new, v_new, k_ring, v_ring, pos, sinks,
                                              scale=scale, window=window, softcap=softcap)
     _attn._check_qkv(q, k_new, v_new, sinks, "attention_ring")
@@ -187,6 +246,13 @@ def _ring_cuda(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, windo
     if window == 0 or slots != window:
         raise ValueError(f"attention_ring: the ring must have exactly window={window} > 0 slots, "
                          f"got {slots}")
+    if q.shape[2] > 1:  # [old ring slots (stored positions), new tokens at pos..]: the reference's keys
+        pos = pos.to(q.device)
+        keys, values = torch.cat([k_ring, k_new], 2), torch.cat([v_ring, v_new], 2)
+        out = _prefill(q, keys, values, sinks, scale=scale, softcap=softcap, window=window,
+                       causal=True, pos=pos, q_dyn=True, k_dyn=True,
+                       kpos=_attn._ring_positions(pos - 1, slots, q.device))
+        return (out, *_attn._ring_written(keys, values, pos, slots, q.shape[2]))
     q, k_new, v_new = (_last_contiguous(t) for t in (q, k_new, v_new))
     k_ring, v_ring = _last_contiguous(k_ring), _last_contiguous(v_ring)
     k_out, v_out = torch.empty_like(k_ring), torch.empty_like(v_ring)
@@ -197,12 +263,16 @@ def _ring_cuda(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, windo
 
 def _read_cuda(q, k_cache, v_cache, pos, sinks=None, *, scale, window=0, softcap=0.0, ring=False):
     s_len = k_cache.shape[2]
-    if q.shape[2] != 1 or not _fast(q, k_cache, v_cache, sinks) or (ring and not 0 < window <= s_len):
+    if (not _fast(q, k_cache, v_cache, sinks) or (ring and not 0 < window <= s_len)
+            or (ring and q.shape[2] != 1)):
         return _attn.attention_read._init_fn(q, k_cache, v_cache, pos, sinks, scale=scale,
                                              window=window, softcap=softcap, ring=ring)
     _attn._check_qkv(q, k_cache, v_cache, sinks, "attention_read")
     check_pos(pos, "attention_read")
     _attn._check_window(window, softcap, "attention_read")
+    if q.shape[2] > 1:  # full cache: entry j is position j, queries at pos..pos+T-1
+        return _prefill(q, k_cache, v_cache, sinks, scale=scale, softcap=softcap, window=window,
+                        causal=True, pos=pos, q_dyn=True)
     q, k_cache, v_cache = (_last_contiguous(t) for t in (q, k_cache, v_cache))
     span = s_len if ring or window == 0 else min(s_len, window)
     return _dense(_plan.READ_RING if ring else _plan.READ, q, k_cache, v_cache, None, None, sinks,
