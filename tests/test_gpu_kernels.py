@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from effexport.custom_ops import attention as attn_mod
+from effexport.custom_ops import cca as cca_mod
 from effexport.custom_ops import enable_triton
 from effexport.custom_ops import sparse_attention as sparse_mod
 from effexport.custom_ops._triton import plan
@@ -39,10 +40,142 @@ def test_plan_covers_every_row(groups, bh, span, d, dv):
         assert bh * p.num_gb * p.splits <= 132 * plan.CONFIG["programs_per_sm"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is not None, reason="triton is installed")
-def test_enable_triton_without_triton_names_the_fix():
+def test_enable_triton_without_triton_names_the_fix(monkeypatch):
+    from effexport.custom_ops import _triton
+
+    if _triton.registered():
+        pytest.skip("the kernels are already registered in this process (a GPU run)")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     with pytest.raises(RuntimeError, match="pip install triton"):
         enable_triton()
+
+
+# Every launch configuration the CUDA registrations pick is compiled for an H200 (sm_90) here,
+# without a GPU: the registrations run on CPU tensors with the launches recorded instead of run,
+# then each recorded launch is specialized by Triton's own argument binder (the types, the
+# int == 1 constants and the alignment hints a real launch gets) and compiled to a cubin. A kernel
+# that does not compile (e.g. a loop bound changing type in a branch) or needs more shared memory
+# than the H200 has fails here, not on the GPU machine.
+H200_SMEM = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def _cpu(*shape, dtype):
+    return torch.randn(*shape).to(dtype)
+
+
+def _decode_case(op, dtype, qdtype):
+    from effexport.custom_ops import _triton as T
+
+    b, d = 2, 512 if op in ("cache", "read") else 256
+    q = _cpu(b, 8, 1, d, dtype=qdtype)
+    new = [_cpu(b, 1, 1, d, dtype=dtype) for _ in range(2)]
+    rows = 512 if op in ("ring", "read_ring") else 4096
+    cache = [_cpu(b, 1, rows, d, dtype=dtype) for _ in range(2)]
+    sinks, pos = torch.randn(8), torch.tensor(5000)
+    if op == "cache":
+        T._cache_cuda(q, *new, *cache, sinks, scale=1.0, softcap=30.0)
+    elif op == "ring":
+        T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512)
+    else:
+        T._read_cuda(q, *cache, pos, None, scale=1.0, window=512 if op == "read_ring" else 0,
+                     ring=op == "read_ring")
+
+
+def _sparse_case(kind, dtype, qdtype):
+    from effexport.custom_ops import _triton as T
+
+    q, kv, comp = _cpu(2, 1, 64, 512, dtype=qdtype), _cpu(2, 128, 512, dtype=dtype), _cpu(2, 1024, 512, dtype=dtype)
+    idx = torch.randint(-1, 1024, (2, 1, 512)) if kind == "csa" else None
+    T._sparse_ring_cuda(q, kv, comp, idx, torch.randn(64), torch.tensor(5000), scale=0.04, window=128,
+                        ratio=4 if kind == "csa" else 128)
+
+
+def _prefill_case(op, dtype, qdtype):
+    from effexport.custom_ops import _triton as T
+
+    t, d = 300, {"sliding": 256, "full": 512, "bidir": 80}.get(op, 256)
+    q = _cpu(1, 8, t, d, dtype=qdtype)
+    k, v = _cpu(1, 2, t, d, dtype=dtype), _cpu(1, 2, t, d, dtype=dtype)
+    sinks, pos = torch.randn(8), torch.tensor(700)
+    if op in ("sliding", "full", "bidir"):
+        T._attention_cuda(q, k, v, sinks if op == "full" else None, scale=1.0, causal=op != "bidir",
+                          window=512 if op == "sliding" else 0, softcap=30.0 if op == "full" else 0.0)
+    elif op == "cache":
+        T._cache_cuda(q, k, v, _cpu(1, 2, 700, d, dtype=dtype), _cpu(1, 2, 700, d, dtype=dtype), None, scale=1.0)
+    elif op == "ring":
+        T._ring_cuda(q, k, v, _cpu(1, 2, 512, d, dtype=dtype), _cpu(1, 2, 512, d, dtype=dtype), pos, sinks,
+                     scale=1.0, window=512)
+    else:
+        T._read_cuda(q, _cpu(1, 2, 1200, d, dtype=dtype), _cpu(1, 2, 1200, d, dtype=dtype), pos, None, scale=1.0)
+
+
+def _cca_case(shape, dtype, qdtype):
+    from effexport.custom_ops import _triton as T
+
+    b, hq, hk, d, k0, k1, rot = shape
+    c, p, dv = (hq + hk) * d, k0 - 1 + k1 - 1, hk * d // 2
+    T._cca_cuda(_cpu(b, 1, hq * d, dtype=dtype), _cpu(b, 1, hk * d, dtype=dtype), _cpu(b, 1, dv, dtype=dtype),
+                _cpu(b, 1, dv, dtype=dtype), _cpu(c, 1, k0, dtype=dtype), _cpu(c, d, k1, dtype=dtype),
+                torch.rand(hk) + 0.5, torch.randn(1, rot), torch.randn(1, rot), _cpu(b, c, p, dtype=dtype),
+                _cpu(b, dv, dtype=dtype), _cpu(c, dtype=dtype), None)
+
+
+BF16, FP32 = torch.bfloat16, torch.float32
+ZAYA1 = (1, 8, 2, 128, 2, 2, 64)  # batch, Hq, Hk, d, K0, K1, rot of ZAYA1-8B's CCA
+LAUNCH_CASES = [
+    *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}") for op in ("cache", "ring", "read", "read_ring")
+      for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
+    *[pytest.param(_sparse_case, kind, dt, dt, id=f"sparse-{kind}-{name}") for kind in ("hca", "csa")
+      for name, dt in (("bf16", BF16), ("fp32", FP32))],
+    *[pytest.param(_prefill_case, op, dt, qdt, id=f"prefill-{op}-{name}") for op in ("sliding", "full", "bidir")
+      for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
+    *[pytest.param(_prefill_case, op, BF16, BF16, id=f"prefill-{op}-bf16") for op in ("cache", "ring", "read")],
+    *[pytest.param(_cca_case, ZAYA1, dt, dt, id=f"cca-decode-{name}") for name, dt in (("bf16", BF16), ("fp32", FP32))],
+]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="needs triton to compile the kernels (the test extra installs it: pip install -e .[test])")
+@pytest.mark.parametrize("case,op,dtype,qdtype", LAUNCH_CASES)
+def test_kernel_launches_compile_for_h200(monkeypatch, case, op, dtype, qdtype):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import create_function_from_signature
+
+    from effexport.custom_ops import _triton as T
+    from effexport.custom_ops._triton import kernels, prefill
+
+    calls = []
+
+    class Record:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.fn, grid, args, kwargs))
+
+    from effexport.custom_ops._triton import cca
+
+    for mod, name in ((kernels, "_partial"), (kernels, "_combine"), (prefill, "_prefill"), (cca, "_cca_decode")):
+        monkeypatch.setattr(mod, name, Record(getattr(mod, name)))
+    monkeypatch.setattr(T, "_fast", lambda *tensors: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the cca fast-path check
+    monkeypatch.setattr(T, "_sm_count", lambda device: 132)
+    case(op, dtype, qdtype)
+    assert calls, f"{op}: no kernel launched"
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    for fn, grid, args, kwargs in calls:
+        assert all(g >= 1 for g in grid), f"{fn.__name__}: empty grid {grid}"
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+        compiled = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        assert compiled.metadata.shared <= H200_SMEM, (
+            f"{fn.__name__} needs {compiled.metadata.shared} bytes of shared memory (H200: {H200_SMEM})")
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -278,3 +411,37 @@ def test_ring_consumer_multi_token_keeps_the_reference(gen):
     k, v = (_rand(1, 1, 16, 32, dtype=torch.float32, gen=gen) for _ in range(2))
     with pytest.raises(ValueError, match="only exact for one query token"):
         ops.attention_read(q, k, v, torch.tensor(40, device="cuda"), scale=0.2, window=16, ring=True)
+
+
+# ------------------------------------------------------------------------------------ cca decode
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape,bias,zero_state", [
+    pytest.param(ZAYA1, True, False, id="zaya1-8b"),
+    pytest.param((8, 8, 2, 128, 2, 2, 64), False, True, id="zaya1-b8-nobias-zero-state"),
+    pytest.param((2, 3, 1, 48, 3, 2, 48), True, False, id="mqa-K3-full-rope-d48"),
+    pytest.param((3, 6, 3, 80, 2, 3, 16), True, False, id="gqa2-K1-3-d80"),
+])
+def test_cca_decode(gen, dtype, shape, bias, zero_state):
+    """One decode token of ``effexport::cca`` through the fused kernel: q and k within tolerance of
+    the float64 reference, v and both states equal to the reference's bit for bit; T > 1 runs the
+    reference itself."""
+    b, hq, hk, d, k0, k1, rot = shape
+    c, p, dv = (hq + hk) * d, k0 - 1 + k1 - 1, hk * d // 2
+    args = [_rand(b, 1, hq * d, dtype=dtype, gen=gen), _rand(b, 1, hk * d, dtype=dtype, gen=gen),
+            _rand(b, 1, dv, dtype=dtype, gen=gen), _rand(b, 1, dv, dtype=dtype, gen=gen),
+            _rand(c, 1, k0, dtype=dtype, gen=gen) * 0.5, _rand(c, d, k1, dtype=dtype, gen=gen) * d ** -0.5,
+            (torch.rand(hk, generator=gen, device="cuda") + 0.5),
+            torch.cos(_rand(1, rot, dtype=torch.float32, gen=gen)), torch.sin(_rand(1, rot, dtype=torch.float32, gen=gen)),
+            _rand(b, c, p, dtype=dtype, gen=gen) * (0 if zero_state else 1), _rand(b, dv, dtype=dtype, gen=gen),
+            _rand(c, dtype=dtype, gen=gen) * 0.1 if bias else None, _rand(c, dtype=dtype, gen=gen) * 0.1 if bias else None]
+    got = ops.cca(*args)
+    ref = cca_mod.cca._init_fn(*_f64(*args))
+    same = cca_mod.cca._init_fn(*args)
+    _check(got[0], ref[0], dtype, "cca q (decode kernel)")
+    _check(got[1], ref[1], dtype, "cca k (decode kernel)")
+    for name, a, e in zip(("v", "conv_state", "shift_state"), got[2:], same[2:]):
+        assert a.shape == e.shape and torch.equal(a, e), f"cca {name} differs from the reference"
+    multi = [torch.cat([a, a], 1) if i < 4 else a for i, a in enumerate(args)]
+    multi[7], multi[8] = torch.cat([args[7]] * 2), torch.cat([args[8]] * 2)
+    assert all(torch.equal(x, y) for x, y in zip(ops.cca(*multi), cca_mod.cca._init_fn(*multi)))

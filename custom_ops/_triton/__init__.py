@@ -5,7 +5,9 @@
 
 * ``attention`` (prefill), ``attention_cache``, ``attention_ring``, ``attention_read`` (full and
   ring), and
-* ``sparse_attention_ring`` (DeepSeek V4 CSA top-k / HCA all-entries + window + sink).
+* ``sparse_attention_ring`` (DeepSeek V4 CSA top-k / HCA all-entries + window + sink), and
+* ``cca`` (ZAYA1 compressed convolutional attention's q/k/v, :mod:`.cca`: one fused kernel for a
+  decode token; T > 1 runs the reference).
 
 One query token (decode, T == 1) takes the split-K decode kernels (:mod:`.kernels`); more than one
 (prefill, chunked prefill) takes the block-sparse prefill kernel (:mod:`.prefill`: a sliding-window
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 
 from effexport.custom_ops import attention as _attn
+from effexport.custom_ops import cca as _cca
 from effexport.custom_ops import sparse_attention as _sparse
 from effexport.custom_ops._checks import check_pos
 from effexport.custom_ops._triton import plan as _plan
@@ -52,8 +55,8 @@ def register() -> None:
         return
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("effexport Triton kernels need triton (pip install triton; CUDA only)")
-    from effexport.custom_ops._triton import kernels, prefill  # noqa: F401  (compiles nothing yet)
-    for op_def, fn in ((_attn.attention, _attention_cuda),
+    from effexport.custom_ops._triton import cca, kernels, prefill  # noqa: F401  (compiles nothing yet)
+    for op_def, fn in ((_attn.attention, _attention_cuda), (_cca.cca, _cca_cuda),
                        (_attn.attention_cache, _cache_cuda), (_attn.attention_ring, _ring_cuda),
                        (_attn.attention_read, _read_cuda),
                        (_sparse.sparse_attention_ring, _sparse_ring_cuda)):
@@ -304,3 +307,43 @@ def _sparse_ring_cuda(q, kv_ring, comp, idx, sink, pos, *, scale, window, ratio)
             span=span, scale=scale, softcap=0.0, window=window, sinks=sink, pos=pos,
             idx=idx if csa else None, ratio=ratio if use_comp else 1, ncomp=ncomp)
     return out
+
+
+def _cca_cuda(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperature, cos, sin,
+              conv_state, shift_state, conv0_bias=None, conv1_bias=None):
+    """One decode token (T == 1): the fused kernel (:mod:`.cca`) for q, k and the conv state; the
+    value shift is two small copies. Other calls run the reference."""
+    from effexport.custom_ops._triton import cca
+
+    same = [q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, conv_state, shift_state] + [
+        t for t in (conv0_bias, conv1_bias) if t is not None]  # one dtype; tables and temperature any float
+    hq, hk, d, p = _cca._dims(q_down, temperature, conv1_weight, conv_state)
+    fast = (q_down.dim() == 3 and q_down.shape[1] == 1 and cos.shape[0] == 1 and p >= 1
+            and all(t.is_cuda and t.device == q_down.device for t in same + [temperature, cos, sin])
+            and all(t.dtype == q_down.dtype for t in same)
+            and all(t.dtype in _DTYPES for t in (q_down, temperature, cos, sin)) and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= d and d <= 512
+            and conv0_weight.shape[-1] - 1 + conv1_weight.shape[-1] - 1 == p and hq % hk == 0)
+    if not fast:
+        return _cca.cca._init_fn(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperature,
+                                 cos, sin, conv_state, shift_state, conv0_bias, conv1_bias)
+    b = q_down.shape[0]
+    k0, k1, rot = conv0_weight.shape[-1], conv1_weight.shape[-1], cos.shape[-1]
+    x = torch.cat([q_down[:, 0], k_down[:, 0]], dim=-1)  # [B, C]: the new token's pre-conv column
+    state = conv_state.contiguous()
+    q = q_down.new_empty(b, hq, 1, d)
+    k = q_down.new_empty(b, hk, 1, d)
+    state_out = torch.empty_like(state)
+    cca._cca_decode[(b, hq + hk)](
+        x, state, conv0_weight.contiguous(), x if conv0_bias is None else conv0_bias,
+        conv1_weight.contiguous(), x if conv1_bias is None else conv1_bias, temperature,
+        cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous(), q, k, state_out,
+        x.stride(0), state.stride(0), state.stride(1), state_out.stride(0), state_out.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        hq, hq // hk, d, k0, k1, p, rot, float(torch.finfo(q_down.dtype).eps),
+        HAS_B0=conv0_bias is not None, HAS_B1=conv1_bias is not None,
+        BLOCK_IK=max(16, _plan.next_pow2(d * k1)), BLOCK_R=max(16, _plan.next_pow2(max(rot // 2, 1))),
+        BLOCK_C=max(16, _plan.next_pow2(max(d - rot, 1))), BLOCK_D=max(16, _plan.next_pow2(d)),
+        BLOCK_P=max(2, _plan.next_pow2(p)), num_warps=4)
+    # (4) value shift for one token: v = concat(v_cur, shift_state) as Hk heads of d
+    v = torch.cat([v_cur[:, 0], shift_state], dim=-1).view(b, hk, 1, d)
+    return q, k, v, state_out, v_del_src[:, -1].clone()

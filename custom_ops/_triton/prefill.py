@@ -42,10 +42,10 @@ def _prefill(Q, K, V, O, KPOS, POS, SINK,
 
     q_base = QADD
     k_base = KADD
-    if Q_DYN:
-        q_base += tl.load(POS)
+    if Q_DYN:  # positions fit 32 bits (2**31 tokens); int32 keeps the loop bounds one type
+        q_base += tl.load(POS).to(tl.int32)
     if K_DYN:
-        k_base += tl.load(POS)
+        k_base += tl.load(POS).to(tl.int32)
 
     offs_m = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
@@ -72,8 +72,8 @@ def _prefill(Q, K, V, O, KPOS, POS, SINK,
     # visible rows of the consecutive part for this query block
     q_first = q_base + mblock * BLOCK_M
     q_last = q_base + tl.minimum(mblock * BLOCK_M + BLOCK_M, T) - 1
-    lo = NPRE
-    hi = S
+    lo = q_first * 0 + NPRE  # int32 tensors from the start: the window branch reassigns them
+    hi = q_first * 0 + S
     if CAUSAL:
         hi = tl.minimum(hi, NPRE + (q_last - k_base) + 1)
         if window > 0:
