@@ -110,11 +110,11 @@ def plan_caches(plan, batch: int, length: int, gen) -> list:
     return caches
 
 
-def parity(model, program, plan, vocab: int, gen) -> dict:
+def parity(name: str, model, program, plan, vocab: int, gen) -> dict:
     """Prefill 64 tokens + 4 greedy decode steps of the rewritten program (bf16, Triton decode) and
     of the eager bf16 model, each against the eager model in fp32 (same weights): max relative error
     of the logits (``max|x - ref| / max|ref|``), and whether the greedy tokens match the fp32 ones."""
-    ref_model = build(get_sample(model.config.name), torch.float32)
+    ref_model = build(get_sample(name), torch.float32)
     ids = torch.randint(0, vocab, (2, 64), device=DEV, generator=gen)
     worst = {"rewritten": 0.0, "eager_bf16": 0.0}
     same = {"rewritten": True, "eager_bf16": True}
@@ -188,7 +188,7 @@ def run_preset(name: str, contexts, batches, bw: float, gen, profile_at=(), aoti
     res["counts"] = {k: v for k, v in analysis.counts.items()}
     plan = analysis.plan
     try:
-        res["parity"] = parity(model, program, plan, vocab, gen)
+        res["parity"] = parity(name, model, program, plan, vocab, gen)
     except Exception as exc:  # noqa: BLE001
         res["parity"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
         traceback.print_exc()

@@ -5,7 +5,7 @@ every kernel and backend), ``register_fake`` for symbolic shapes, and a docstrin
 semantics. Importing this package registers every op and imports only torch (never Triton,
 onnxruntime or tensorrt). :data:`ALL_OPS` lists every ``OpOverload``; backends assert they lower
 all of them (or refuse explicitly).
-:func:`enable_triton` opts in to the Triton CUDA decode kernels (``custom_ops/_triton``).
+:func:`enable_triton` opts in to the Triton CUDA kernels (``custom_ops/_triton``).
 
     attention        attention, attention_cache, attention_ring, attention_read
     cca              cca (compressed convolutional attention q/k/v with conv and value-shift state)
@@ -23,9 +23,11 @@ __all__ = ["ALL_OPS", "MODULES", "enable_triton"]
 
 
 def enable_triton() -> None:
-    """Register the Triton CUDA decode kernels on the attention ops (``custom_ops/_triton``): the
-    decode (one-token) calls of ``attention_cache``, ``attention_ring``, ``attention_read`` and
-    ``sparse_attention_ring`` on CUDA tensors then run Triton; everything else keeps the eager
-    reference. Idempotent; imports Triton only here (RuntimeError naming the fix without it)."""
+    """Register the Triton CUDA kernels (``custom_ops/_triton``): on CUDA tensors the decode
+    (one-token) calls of ``attention_cache``, ``attention_ring``, ``attention_read``,
+    ``sparse_attention_ring`` and ``cca`` then run Triton, and so do the multi-token (prefill) calls
+    of ``attention``, ``attention_cache``, ``attention_ring`` and ``attention_read`` (full cache);
+    everything else keeps the eager reference. Idempotent; imports Triton only here (RuntimeError
+    naming the fix without it)."""
     from effexport.custom_ops._triton import register
     register()

@@ -62,13 +62,15 @@ CUDA_OPT_IN = "EFFEXPORT_AOTI_CUDA"
 
 def check_cuda() -> None:
     """CUDA packages compile, but loading one crashed torch's AOTInductor loader on an H200 (SIGSEGV
-    in ``aoti_load_package``, torch 2.11+cu130; README, AOTInductor). A build on a machine where torch
+    in ``aoti_load_package``, torch 2.11+cu130), also for a package of a plain ``Linear`` without any
+    effexport op (``bench/aoti_cuda_probe.py``; README, AOTInductor). A build on a machine where torch
     sees a GPU is refused with the workarounds, rather than crashing mid-build, unless
     ``EFFEXPORT_AOTI_CUDA=1`` asks to try."""
     if torch.cuda.is_available() and os.environ.get(CUDA_OPT_IN) != "1":
         raise BackendMissingError(
-            "aoti CUDA packages crash torch's AOTInductor loader (measured: torch 2.11, CUDA 13); build a CPU "
-            f"package with CUDA_VISIBLE_DEVICES='' effexport ..., use --target onnx, or set {CUDA_OPT_IN}=1 to try")
+            "aoti CUDA packages crash torch's AOTInductor loader (measured: torch 2.11, CUDA 13, even for a "
+            "package of a plain Linear); build a CPU package with CUDA_VISIBLE_DEVICES='' effexport ..., use "
+            f"--target onnx, or set {CUDA_OPT_IN}=1 to try")
 
 
 def check_compiler() -> None:
