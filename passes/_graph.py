@@ -204,15 +204,16 @@ def attr(module: torch.nn.Module, target: str) -> Any:
 
 
 def attr_value(module: torch.nn.Module, target: str) -> Any:
-    """A copy of :func:`attr` for numeric probes, which never touch the real parameter. A tensor
-    without values (a model built on the meta device) becomes a stand-in seeded from ``target``:
-    normal floats, zero integers / booleans. A probe that proves a sub-graph computes an op for
-    random parameter values proves it for the real ones when the computation is the same."""
+    """A CPU copy of :func:`attr` for numeric probes, which never touch the real parameter and run on
+    the CPU whatever the model's device (:func:`probe_call`; the probes' random inputs are CPU
+    tensors). A tensor without values (a model built on the meta device) becomes a stand-in seeded
+    from ``target``: normal floats, zero integers / booleans. A probe that proves a sub-graph computes
+    an op for random parameter values proves it for the real ones when the computation is the same."""
     value = attr(module, target)
     if not isinstance(value, torch.Tensor):
         return value
     if not value.is_meta:
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if not value.dtype.is_floating_point:
         return torch.zeros(tuple(value.shape), dtype=value.dtype)
     gen = torch.Generator().manual_seed(zlib.crc32(target.encode()))

@@ -190,3 +190,32 @@ def test_bf16_model_hands_the_rounded_query_to_the_ops():
             outs = program.gm(ids[:, t:t + 1], torch.tensor(t), *caches)
             assert_close(outs[0][:, 0], ref[:, t], dtype=torch.bfloat16, what=f"decode logits at {t}")
             caches = list(outs[1:])
+
+
+# ----------------------------------------------------------------------------- models on CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gemma4-e2b:tiny", "laguna-xs2:tiny", "zaya1-8b:tiny", "deepseek-v4-flash:tiny"])
+def test_pipeline_on_a_cuda_model(rewritten, name):
+    """A model captured on CUDA (what bench/decode_step.py does at real size) rewrites exactly as on
+    the CPU -- same counts; the passes' numeric probes run on CPU copies of the parameters -- and the
+    rewritten step on CUDA matches the eager CUDA model (fp32, prefill then one decode step)."""
+    from effexport.exporter.capture import capture_step
+    from effexport.passes.pipeline import run_pipeline
+
+    cpu = rewritten(name)
+    model = cpu.sample.build().cuda()
+    ids = cpu.ids.cuda()
+    program, analysis = run_pipeline(capture_step(model, ids))
+    assert dict(analysis.counts) == dict(cpu.analysis.counts)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 tolerance
+    try:
+        with torch.no_grad():
+            ref, _ = model(ids)
+            outs = program.gm(ids[:, :6], torch.tensor(0, device="cuda"), *analysis.plan.empty_caches(2, "cuda"))
+            assert_close(outs[0], ref[:, :6], what=f"{name} prefill logits on CUDA")
+            for t in range(6, 14):  # past the tiny windows (8)
+                outs = program.gm(ids[:, t:t + 1], torch.tensor(t, device="cuda"), *outs[1:])
+                assert_close(outs[0][:, 0], ref[:, t], what=f"{name} decode logits at {t} on CUDA")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
