@@ -43,7 +43,24 @@ def fake_mode_of(graph: fx.Graph):
 def _fake(graph, target, args, kwargs):
     vals = [meta_val(a) if isinstance(a, fx.Node) else a for a in args]
     with fake_mode_of(graph):
-        return target(*vals, **kwargs)
+        return fake_call(target, vals, kwargs)
+
+
+def fake_call(target, args, kwargs):
+    """``target(*args, **kwargs)`` on fake values (inside their FakeTensorMode), for a new node's
+    meta["val"]. torch 2.11's ``aten.matmul`` of a >= 3-d tensor with a symbolic batch and a 2-d
+    matrix calls ``numel()`` and raises ("Cannot call numel() on tensor with symbolic sizes"; torch
+    2.13 does not): its value is then computed as the broadcast product summed over k, which has the
+    same shape and dtype."""
+    try:
+        return target(*args, **kwargs)
+    except RuntimeError as exc:
+        left, right = (list(args) + [None, None])[:2]
+        if (target is not aten.matmul.default or "symbolic sizes" not in str(exc)
+                or not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor)
+                or left.dim() < 2 or right.dim() != 2):
+            raise
+        return (left.unsqueeze(-1) * right).sum(-2)
 
 
 def emit(graph: fx.Graph, target, args: tuple, kwargs: dict, n_out: int = 0):
