@@ -34,6 +34,31 @@ NEG_BIG = tl.constexpr(-1.0e30)  # running max of an empty chunk: exp(NEG_BIG - 
 
 
 @triton.jit
+def softmax_tile(q, k, v, vis, m_i, l_i, acc, scale, softcap, DOT_F32: tl.constexpr,
+                 DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """One K/V tile of the online softmax (shared with the prefill kernel): scores ``q k^T * scale``
+    (softcapped), masked by ``vis`` (broadcast to [rows of q, rows of k]); returns the updated running
+    max ``m_i``, denominator ``l_i`` and fp32 accumulator ``acc``."""
+    if DOT_F32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    if HAS_SOFTCAP:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
              sq_b, sq_h, sk1_b, sk1_h, sk1_s, sv1_b, sv1_h, sv1_s,
              sk2_b, sk2_h, sk2_s, sv2_b, sv2_h, sv2_s, sidx_b,
@@ -145,23 +170,8 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
             tl.store(VO + b * svo_b + kvh * svo_h + dest[:, None] * svo_s + offs_dv[None, :], v,
                      mask=dest_ok[:, None] & dv_ok[None, :])
         # ---- online softmax over this tile
-        if DOT_F32:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if HAS_SOFTCAP:
-            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-        s = tl.where(vis[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = softmax_tile(q, k, v, vis[None, :], m_i, l_i, acc, scale, softcap,
+                                     DOT_F32, DOT_PREC, HAS_SOFTCAP)
 
     row = (bh * SPLITS + split) * GP + offs_g
     tl.store(M_OUT + row, m_i, mask=g_ok)

@@ -21,6 +21,8 @@ fp32 query over 16-bit K/V uses ``tf32x3`` (as the decode kernels).
 import triton
 import triton.language as tl
 
+from effexport.custom_ops._triton.kernels import softmax_tile
+
 NEG_BIG = tl.constexpr(-1.0e30)
 
 
@@ -105,23 +107,8 @@ def _prefill(Q, K, V, O, KPOS, POS, SINK,
                 vis = vis & (diff >= 0)
                 if window > 0:
                     vis = vis & (diff < window)
-            if DOT_F32:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * scale
-            if HAS_SOFTCAP:
-                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_F32:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = softmax_tile(q, k, v, vis, m_i, l_i, acc, scale, softcap,
+                                         DOT_F32, DOT_PREC, HAS_SOFTCAP)
 
     out = acc / l_i[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_dv[None, :],
