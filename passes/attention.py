@@ -60,7 +60,13 @@ def fake_call(target, args, kwargs):
                 or not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor)
                 or left.dim() < 2 or right.dim() != 2):
             raise
-        return (left.unsqueeze(-1) * right).sum(-2)
+        return matmul_2d_value(left, right)
+
+
+def matmul_2d_value(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left [..., n, k] @ right [k, m]`` as a broadcast product summed over k: the same shape,
+    dtype and device as ``aten.matmul`` (used for fake values only: it materializes ``[..., n, k, m]``)."""
+    return (left.unsqueeze(-1) * right).sum(-2)
 
 
 def emit(graph: fx.Graph, target, args: tuple, kwargs: dict, n_out: int = 0):

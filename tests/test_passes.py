@@ -192,6 +192,31 @@ def test_bf16_model_hands_the_rounded_query_to_the_ops():
             caches = list(outs[1:])
 
 
+def test_matmul_fake_value_on_a_symbolic_batch():
+    """A new node's fake value for ``aten.matmul`` of a symbolic-batch 3-d tensor with a 2-d matrix
+    (the DeepSeek compressor's per-entry transform): torch 2.11's matmul raises "Cannot call numel()
+    on tensor with symbolic sizes" there, so ``fake_call`` falls back to a broadcast product. Both
+    values have matmul's shape (symbolic batch kept) and dtype, on any torch; the fallback formula
+    computes matmul's numbers on real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from effexport.passes.attention import fake_call, matmul_2d_value
+
+    real_l, real_r = torch.randn(3, 5, 16), torch.randn(16, 7)
+    assert_close(matmul_2d_value(real_l, real_r), real_l @ real_r, what="fallback numbers")
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    batch_dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC])
+    left = mode.from_tensor(torch.randn(3, 1024, 16, dtype=torch.bfloat16), symbolic_context=batch_dynamic)
+    right = mode.from_tensor(torch.randn(16, 8, dtype=torch.bfloat16))
+    assert isinstance(left.shape[0], torch.SymInt)
+    with mode:
+        values = fake_call(torch.ops.aten.matmul.default, [left, right], {}), matmul_2d_value(left, right)
+    for value in values:
+        assert value.shape[0] is left.shape[0] or str(value.shape[0]) == str(left.shape[0])
+        assert tuple(value.shape[1:]) == (1024, 8) and value.dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------- models on CUDA
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gemma4-e2b:tiny", "laguna-xs2:tiny", "zaya1-8b:tiny", "deepseek-v4-flash:tiny"])
