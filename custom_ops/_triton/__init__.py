@@ -221,7 +221,7 @@ def _cache_cuda(q, k_new, v_new, k_past, v_past, sinks=None, *, scale, window=0,
     _attn._check_qkv(q, k_past, v_past, None, "attention_cache (past)")
     _attn._check_new(q, k_new, k_past, v_new, v_past, "attention_cache")
     _attn._check_window(window, softcap, "attention_cache")
-    if q.shape[2] > 1:
+    if q.shape[2] != 1:  # prefill (and T == 0, an empty call)
         k_present, v_present = torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2)
         out = _prefill(q, k_present, v_present, sinks, scale=scale, softcap=softcap, window=window,
                        causal=True, qadd=k_past.shape[2])
@@ -249,7 +249,7 @@ def _ring_cuda(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, windo
     if window == 0 or slots != window:
         raise ValueError(f"attention_ring: the ring must have exactly window={window} > 0 slots, "
                          f"got {slots}")
-    if q.shape[2] > 1:  # [old ring slots (stored positions), new tokens at pos..]: the reference's keys
+    if q.shape[2] != 1:  # [old ring slots (stored positions), new tokens at pos..]: the reference's keys
         pos = pos.to(q.device)
         keys, values = torch.cat([k_ring, k_new], 2), torch.cat([v_ring, v_new], 2)
         out = _prefill(q, keys, values, sinks, scale=scale, softcap=softcap, window=window,
@@ -273,7 +273,7 @@ def _read_cuda(q, k_cache, v_cache, pos, sinks=None, *, scale, window=0, softcap
     _attn._check_qkv(q, k_cache, v_cache, sinks, "attention_read")
     check_pos(pos, "attention_read")
     _attn._check_window(window, softcap, "attention_read")
-    if q.shape[2] > 1:  # full cache: entry j is position j, queries at pos..pos+T-1
+    if q.shape[2] != 1:  # full cache: entry j is position j, queries at pos..pos+T-1
         return _prefill(q, k_cache, v_cache, sinks, scale=scale, softcap=softcap, window=window,
                         causal=True, pos=pos, q_dyn=True)
     q, k_cache, v_cache = (_last_contiguous(t) for t in (q, k_cache, v_cache))
