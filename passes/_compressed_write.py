@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from effexport.passes._graph import aten, insert_point, is_call, meta_val, strip
-from effexport.passes.attention import emit, fake_call, fake_mode_of
+from effexport.passes.attention import emit, fake_value
 
 if TYPE_CHECKING:
     from effexport.passes.compressed import Attention, Compressor
@@ -81,9 +81,7 @@ class Writer:
         after = insert_point(self.graph, inputs) if inputs else self.last_ph
         with self.graph.inserting_after(after):
             node = self.graph.call_function(target, args, kwargs)
-        fargs, fkwargs = fx.node.map_arg((args, kwargs), meta_val)
-        with fake_mode_of(self.graph):
-            node.meta["val"] = fake_call(target, list(fargs), fkwargs)
+        node.meta["val"] = fake_value(self.graph, target, args, kwargs)
         if not n_out:
             return node
         outs, prev = [], node

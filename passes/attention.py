@@ -40,10 +40,12 @@ def fake_mode_of(graph: fx.Graph):
     raise ValueError("graph has no fake tensor metadata")
 
 
-def _fake(graph, target, args, kwargs):
-    vals = [meta_val(a) if isinstance(a, fx.Node) else a for a in args]
+def fake_value(graph: fx.Graph, target, args, kwargs):
+    """meta["val"] of a new node ``target(*args, **kwargs)`` of ``graph``: the call on its inputs'
+    fake values (nested in lists too) in the graph's FakeTensorMode."""
+    fargs, fkwargs = fx.node.map_arg((args, kwargs), meta_val)
     with fake_mode_of(graph):
-        return fake_call(target, vals, kwargs)
+        return fake_call(target, list(fargs), fkwargs)
 
 
 def fake_call(target, args, kwargs):
@@ -75,7 +77,7 @@ def emit(graph: fx.Graph, target, args: tuple, kwargs: dict, n_out: int = 0):
     after = insert_point(graph, [a for a in args if isinstance(a, fx.Node)])
     with graph.inserting_after(after):
         node = graph.call_function(target, args, kwargs)
-    node.meta["val"] = _fake(graph, target, args, kwargs)
+    node.meta["val"] = fake_value(graph, target, args, kwargs)
     if not n_out:
         return node
     outs, prev = [], node

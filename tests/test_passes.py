@@ -223,7 +223,7 @@ def test_matmul_fake_value_on_a_symbolic_batch():
 def test_pipeline_on_a_cuda_model(rewritten, name):
     """A model captured on CUDA (what bench/decode_step.py does at real size) rewrites exactly as on
     the CPU -- same counts; the passes' numeric probes run on CPU copies of the parameters -- and the
-    rewritten step on CUDA matches the eager CUDA model (fp32, prefill then one decode step)."""
+    rewritten step on CUDA matches the eager CUDA model (fp32, a 6-token prefill then 8 decode steps)."""
     from effexport.exporter.capture import capture_step
     from effexport.passes.pipeline import run_pipeline
 

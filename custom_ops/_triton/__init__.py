@@ -321,7 +321,8 @@ def _cca_cuda(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temp
     fast = (q_down.dim() == 3 and q_down.shape[1] == 1 and cos.shape[0] == 1 and p >= 1
             and all(t.is_cuda and t.device == q_down.device for t in same + [temperature, cos, sin])
             and all(t.dtype == q_down.dtype for t in same)
-            and all(t.dtype in _DTYPES for t in (q_down, temperature, cos, sin)) and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= d and d <= 512
+            and all(t.dtype in _DTYPES for t in (q_down, temperature, cos, sin))
+            and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= d <= 512
             and conv0_weight.shape[-1] - 1 + conv1_weight.shape[-1] - 1 == p and hq % hk == 0)
     if not fast:
         return _cca.cca._init_fn(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temperature,

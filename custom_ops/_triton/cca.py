@@ -55,6 +55,7 @@ def _cca_decode(X, STATE, W0, B0, W1, B1, TEMP, COS, SIN, Q_OUT, K_OUT, STATE_OU
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     is_q = g < HQ
+    is_k = g >= HQ
     x_base = b * sx_b
 
     # ---- depthwise conv: out0[i*K1 + k] = b0[c] + sum_k0 w0[c, k0] * cin[c, k + k0], c = g*D + i,
@@ -87,7 +88,7 @@ def _cca_decode(X, STATE, W0, B0, W1, B1, TEMP, COS, SIN, Q_OUT, K_OUT, STATE_OU
     # ---- L2 norm to sqrt(d) (clamped at eps), key heads times their temperature
     norm = tl.sqrt(tl.sum(ya * ya, 0) + tl.sum(yb * yb, 0) + tl.sum(yc * yc, 0))
     scale = tl.sqrt(D.to(tl.float32)) / tl.maximum(norm, eps)
-    if g >= HQ:
+    if is_k:
         scale *= tl.load(TEMP + (g - HQ)).to(tl.float32)
     ya *= scale
     yb *= scale
@@ -103,7 +104,6 @@ def _cca_decode(X, STATE, W0, B0, W1, B1, TEMP, COS, SIN, Q_OUT, K_OUT, STATE_OU
 
     q_row = Q_OUT + b * sq_b + g * sq_h
     k_row = K_OUT + b * sk_b + (g - HQ) * sk_h
-    is_k = g >= HQ
     tl.store(q_row + ra, oa.to(Q_OUT.dtype.element_ty), mask=ra_ok & is_q)
     tl.store(q_row + rb, ob.to(Q_OUT.dtype.element_ty), mask=ra_ok & is_q)
     tl.store(q_row + rc, yc.to(Q_OUT.dtype.element_ty), mask=rc_ok & is_q)

@@ -21,9 +21,7 @@ fp32 query over 16-bit K/V uses ``tf32x3`` (as the decode kernels).
 import triton
 import triton.language as tl
 
-from effexport.custom_ops._triton.kernels import softmax_tile
-
-NEG_BIG = tl.constexpr(-1.0e30)
+from effexport.custom_ops._triton.kernels import NEG_BIG, softmax_tile
 
 
 @triton.jit
