@@ -333,18 +333,19 @@ def attention_buffer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     _check_new(q, k_new, k_buf, v_new, v_buf, "attention_buffer")
     check_pos(pos, "attention_buffer")
     _check_window(window, softcap, "attention_buffer")
-    t_len, capacity = q.shape[2], k_buf.shape[2]
-    start = int(pos)
-    if start + t_len > capacity:
-        raise ValueError(f"attention_buffer: positions {start}..{start + t_len - 1} do not fit the "
+    t_len, capacity, device = q.shape[2], k_buf.shape[2], q.device
+    pos = pos.to(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # no host sync then
+    if not capturing and int(pos) + t_len > capacity:
+        raise ValueError(f"attention_buffer: positions {int(pos)}..{int(pos) + t_len - 1} do not fit the "
                          f"buffer's {capacity} rows (build with a larger max context)")
-    k_out, v_out = k_buf.clone(), v_buf.clone()
-    k_out[:, :, start:start + t_len] = k_new
-    v_out[:, :, start:start + t_len] = v_new
-    keys, values = k_out[:, :, :start + t_len], v_out[:, :, :start + t_len]  # [B, Hkv, pos+T, d]
-    k_pos = torch.arange(start + t_len, device=q.device)
-    mask = _visible(k_pos[start:], k_pos, window)  # [T, pos+T]
-    return _attend(q, keys, values, mask, sinks, scale, softcap), k_out, v_out
+    row = torch.arange(capacity, device=device)  # [C]
+    fresh = (row >= pos) & (row < pos + t_len)
+    src = torch.where(fresh, capacity + row - pos, row)  # row j <- new[j - pos] inside the new rows
+    k_out = torch.cat([k_buf, k_new], dim=2).index_select(2, src)  # [B, Hkv, C, d]
+    v_out = torch.cat([v_buf, v_new], dim=2).index_select(2, src)  # [B, Hkv, C, dv]
+    mask = _visible(pos + torch.arange(t_len, device=device), row, window)  # [T, C]: later rows masked
+    return _attend(q, k_out, v_out, mask, sinks, scale, softcap), k_out, v_out
 
 
 @attention_buffer.register_fake
