@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
                "  effexport report deepseek-v4-flash --context 1M --cache-dtype published --json\n"
                "exit codes: 0 ok, 1 parity failed, 2 usage/input error, 3 capture/rewrite/lowering error, "
-               "4 backend not installed, 5 output not written (disk full), 130 interrupted",
+               "4 backend not installed, 5 output not written (disk full), 70 internal error (a bug), "
+               "128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

@@ -427,6 +427,8 @@ def load_hf_directory(path: str, allow_missing_weights: bool = False):
     try:
         with _offline(), _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            if getattr(config, "_attn_implementation", None) not in (None, *EXPORTABLE_ATTENTION):
+                config._attn_implementation = None  # flash / flex: transformers' default (sdpa), needs no package
             _check_weight_count(transformers, config, path, weights)
             with torch.random.fork_rng():  # weights the files lack: the same random values every load
                 torch.manual_seed(0)
