@@ -136,7 +136,7 @@ def check_safetensors(path: str) -> dict:
         begin, stop = offsets
         if not 0 <= begin <= stop:
             raise bad(f"tensor {name} has data_offsets {offsets}")
-        if dtype not in SAFETENSORS_ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
             raise bad(f"tensor {name} has an unknown dtype {_echo(dtype)}")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise bad(f"tensor {name} has a shape that is not a list of sizes")

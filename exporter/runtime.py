@@ -68,9 +68,9 @@ def check_manifest(manifest, path: str, artifact_dir: str) -> None:
     for key in ("target", "files", "cache_plan", "inputs", "outputs"):
         if key not in manifest:
             raise bad(f"lacks {key!r}")
-    if manifest["target"] not in TARGETS:
+    if not isinstance(manifest["target"], str) or manifest["target"] not in TARGETS:
         raise bad(f"names an unknown target {str(manifest['target'])[:40]!r} (targets: {', '.join(TARGETS)})")
-    if manifest.get("dtype", "fp32") not in TOLERANCE:
+    if not isinstance(manifest.get("dtype", "fp32"), str) or manifest.get("dtype", "fp32") not in TOLERANCE:
         raise bad(f"names an unknown dtype {str(manifest.get('dtype'))[:40]!r} (dtypes: {', '.join(TOLERANCE)})")
     files = manifest["files"]
     if not isinstance(files, dict) or not isinstance(files.get("step"), str):
