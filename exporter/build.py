@@ -51,6 +51,7 @@ class BuildOptions:
     output: str | None = None
     profile: str = "ort"
     dtype: str = "fp32"
+    kv_cache: str = "grow"    # "buffer": full caches in fixed max_context buffers (passes/buffers.py)
     check: bool = True
     steps: int = 16
     max_context: int = 4096
@@ -121,6 +122,8 @@ def check_options(opts: BuildOptions) -> None:
     check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
     if opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
+    if opts.kv_cache not in ("grow", "buffer"):
+        raise UsageError(f"unknown --kv-cache {opts.kv_cache!r}; choose grow or buffer")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
@@ -210,7 +213,8 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
     t0 = progress.stage("rewrite (attention sites, masks, KV sharing, caches)")
     dumped = {}
     program, analysis = run_pipeline(captured, opts.dump_after,
-                                     lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context)
+                                     lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context,
+                                     opts.kv_cache)
     progress.done(t0, _rewrite_summary(analysis))
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
@@ -281,7 +285,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         progress.done(t0, note)
         manifest = {
             "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target, "profile": profile,
-            "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "weights": opts.weights,
+            "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "kv_cache": opts.kv_cache,
+            "weights": opts.weights,
             "inputs": program.inputs, "outputs": program.outputs,
             "opset": _opset(model_proto) if model_proto is not None else None,
             "ir_version": model_proto.ir_version if model_proto is not None else None, **extra,

@@ -93,7 +93,7 @@ def _cmd_build(args) -> int:
         raise UsageError(f"unknown pass {args.dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
 
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
-                              dtype=args.dtype, check=args.check, steps=args.steps, explain=args.explain,
+                              dtype=args.dtype, kv_cache=args.kv_cache, check=args.check, steps=args.steps, explain=args.explain,
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv),
                               allow_missing_weights=args.allow_missing_weights))
@@ -183,12 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--max-context", type=parse_tokens, default=4096,
                          help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
                               "(DeepSeek V4: max_context / ratio slots). Default 4096; accepts 128k")
+    p_build.add_argument("--kv-cache", choices=("grow", "buffer"), default="grow",
+                         help="full-cache layout: 'grow' concatenates each step's K/V to a new present; "
+                              "'buffer' keeps each full cache in one fixed buffer of --max-context rows that "
+                              "the step writes in place (ONNX Runtime's GroupQueryAttention shared-buffer "
+                              "layout: past and present bound to one device buffer; fixed shapes for CUDA "
+                              "graphs). Rings, compressed caches and states are fixed-size either way "
+                              "(default grow)")
     p_build.add_argument("--explain", action="store_true",
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
                               "(passes: dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
-                              "positions, cache_plan)")
+                              "positions, buffers, cache_plan)")
     p_build.add_argument("--force", action="store_true",
                          help="replace an existing artifact directory (one a build wrote: it holds effexport.json)")
     p_build.add_argument("--allow-missing-weights", action="store_true",
