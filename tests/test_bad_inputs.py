@@ -522,6 +522,27 @@ def test_force_keeps_the_old_artifact_when_the_build_fails(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["out"]
 
 
+def test_force_puts_the_old_artifact_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch, capsys,
+                                                                         rewritten):
+    """The swap renames the old artifact aside before the new one moves in: when that rename fails, the
+    old artifact is back in place, whole (it used to be deleted first)."""
+    _fake_lowering(monkeypatch, rewritten, _write_stub)
+    monkeypatch.chdir(tmp_path)
+    _old_artifact("out")
+    before = {name: open(os.path.join("out", name), "rb").read() for name in os.listdir("out")}
+    replace = os.replace
+
+    def failing_replace(src, dst, *args, **kwargs):
+        name = os.path.basename(str(src))
+        if name.startswith(".effexport-") and not name.startswith(".effexport-old-") and str(dst) == "out":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return replace(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    assert main([TINY, "-o", "out", "--no-check", "--force"]) == 5
+    assert {name: open(os.path.join("out", name), "rb").read() for name in os.listdir("out")} == before
+    assert os.listdir(tmp_path) == ["out"]
+
+
 @pytest.mark.parametrize("error, code, needle", [
     P(LowerError("lowering failed: op X has no translation (pass: rewrite)"), 3, "op X has no translation",
       id="lower-error"),
