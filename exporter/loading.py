@@ -4,9 +4,10 @@
 
 * a built-in sample name (``gemma4-e2b:tiny``; ``effexport list``): deterministic random weights
   (seed 0), or with ``weights="none"`` the model on the meta device (structure-only export, any size);
-* a Hugging Face model directory (``config.json`` + ``*.safetensors``): validated here (config,
-  architecture, every safetensors header and its length) before
-  :func:`effexport.exporter.hf.load_hf_directory` builds it;
+* a Hugging Face model directory (``config.json`` + ``*.safetensors``): validated here (config and its
+  sizes, architecture, every safetensors header and its length; regular files of bounded size only,
+  :mod:`effexport.exporter.inputs`) before :func:`effexport.exporter.hf.load_hf_directory` builds it
+  and checks the weights against the model;
 * a ``torch.save`` file (``.pt``/``.pth``/``.bin``). Unpickling can run code from the file, so it is
   read weights-only unless ``trust_pickle``: a file holding only tensors (a state dict) has no
   architecture and is refused with what to pass instead; a pickled module needs ``trust_pickle``.

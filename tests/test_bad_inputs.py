@@ -167,6 +167,10 @@ def _manifest(**fields):
     _artifact(manifest=manifest)
 
 
+def _contents(path="out") -> dict:
+    return {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+
+
 def _old_artifact(path="out"):
     """A directory a build wrote (its manifest), to be replaced by --force."""
     _artifact(path)
@@ -516,9 +520,9 @@ def test_force_keeps_the_old_artifact_when_the_build_fails(tmp_path, monkeypatch
     _fake_lowering(monkeypatch, rewritten, _fail_while_writing(LowerError("op X has no translation")))
     monkeypatch.chdir(tmp_path)
     _old_artifact("out")
-    before = {name: open(os.path.join("out", name), "rb").read() for name in os.listdir("out")}
+    before = _contents()
     assert main([TINY, "-o", "out", "--no-check", "--force"]) == 3
-    assert {name: open(os.path.join("out", name), "rb").read() for name in os.listdir("out")} == before
+    assert _contents() == before
     assert os.listdir(tmp_path) == ["out"]
 
 
@@ -529,7 +533,7 @@ def test_force_puts_the_old_artifact_back_when_the_new_one_cannot_move_in(tmp_pa
     _fake_lowering(monkeypatch, rewritten, _write_stub)
     monkeypatch.chdir(tmp_path)
     _old_artifact("out")
-    before = {name: open(os.path.join("out", name), "rb").read() for name in os.listdir("out")}
+    before = _contents()
     replace = os.replace
 
     def failing_replace(src, dst, *args, **kwargs):
@@ -539,7 +543,7 @@ def test_force_puts_the_old_artifact_back_when_the_new_one_cannot_move_in(tmp_pa
         return replace(src, dst, *args, **kwargs)
     monkeypatch.setattr(os, "replace", failing_replace)
     assert main([TINY, "-o", "out", "--no-check", "--force"]) == 5
-    assert {name: open(os.path.join("out", name), "rb").read() for name in os.listdir("out")} == before
+    assert _contents() == before
     assert os.listdir(tmp_path) == ["out"]
 
 
