@@ -10,6 +10,7 @@ symlinks, configs sized to exhaust memory, malformed safetensors headers and art
 subprocess during capture. ``tests/test_fuzz_inputs.py`` generates malformed inputs of the same classes.
 """
 import errno
+import importlib.util
 import json
 import os
 import random
@@ -341,7 +342,9 @@ CASES = [
     P(lambda: _config(raw=_nested()), ["hf", "-o", "out"], 2, "nested too deeply", id="config-nested-json"),
     P(lambda: _config(raw="\u0000" * 10), ["hf", "-o", "out"], 2, "is not valid JSON", id="config-binary"),
     P(lambda: _config(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
-      ["hf", "-o", "out"], 4, "pip install bitsandbytes", id="config-bitsandbytes-missing"),
+      ["hf", "-o", "out"], 4, "pip install bitsandbytes", id="config-bitsandbytes-missing",
+      marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
+                               reason="bitsandbytes is installed here")),
     P(lambda: _config(quantization_config="4bit"), ["hf", "-o", "out"], 2, "quantization_config has no",
       id="config-quantization-not-an-object"),
     # safetensors index and headers
