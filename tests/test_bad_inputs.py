@@ -8,6 +8,9 @@ symlinks, configs sized to exhaust memory, malformed safetensors headers and art
 ``--force`` aimed at what it must never replace). The build-stage failures reuse the session capture
 (``rewritten``); the signal cases interrupt a build in-process and, for SIGINT and SIGTERM, a real
 subprocess during capture. ``tests/test_fuzz_inputs.py`` generates malformed inputs of the same classes.
+
+The file is long on purpose: ``CASES`` is one table, so every bad input is read next to its exit code
+and message, and the build-stage cases share one capture.
 """
 import errno
 import importlib.util
