@@ -126,9 +126,17 @@ def profile_steps(path: str, feeds: list, device: str, logits_shape: tuple, pref
             "node_time_ms_per_step": sum(e.get("dur", 0) for e in last) / steps / 1e3,
             "model_run_ms": statistics.median(e["dur"] for e in runs[1:]) / 1e3 if len(runs) > 1 else None,
             "cpu_nodes_per_step": sum(1 for e in last if "CPU" in e["args"].get("provider", "")) / steps,
+            "cpu_ops": _count(n["op"] for n in per_node.values() if n["provider"] == "CPU"),
             "top": [{"op": k, "nodes_per_step": c, "ms_per_step": us / 1e3} for k, (c, us) in top],
             "slowest_nodes": slowest,
             "copies": [n for n in per_node.values() if n["op"].startswith("Memcpy")]}
+
+
+def _count(items) -> dict:
+    """{item: occurrences}, most frequent first."""
+    from collections import Counter
+
+    return dict(Counter(items).most_common())
 
 
 def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tuple, in_place: tuple = ()):

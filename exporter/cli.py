@@ -100,11 +100,11 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from effexport.exporter.build import PARITY_PROMPT, check_steps, open_runtime
-    from effexport.exporter.errors import LoadError
+    from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype, open_runtime
+    from effexport.exporter.errors import BackendMissingError, LoadError
     from effexport.exporter.loading import resolve_source
     from effexport.exporter.parity import check_parity
-    from effexport.exporter.runtime import load_manifest
+    from effexport.exporter.runtime import OrtRuntime, load_manifest
 
     manifest = load_manifest(args.dir)
     limit = manifest.get("max_context")
@@ -116,8 +116,14 @@ def _cmd_check(args) -> int:
     spec = resolve_source(manifest.get("source") or {"kind": "sample", "name": manifest.get("model")},
                           trust_pickle=args.trust_pickle)
     step = manifest["files"]["step"]
+    half = manifest.get("dtype", "fp32") != "fp32"
+    if half and not cuda_ep_available():
+        raise BackendMissingError(
+            f"{args.dir!r} is a {manifest['dtype']} artifact: checking it runs it on ONNX Runtime's CUDA execution "
+            "provider (the CPU kernels lack half precision for several ops); run 'effexport check' on a GPU "
+            "machine with onnxruntime-gpu (the build's own check is in report.json, parity.mode)")
     try:
-        runtime = open_runtime(args.dir)
+        runtime = OrtRuntime(args.dir, device="cuda") if half else open_runtime(args.dir)
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
@@ -125,9 +131,11 @@ def _cmd_check(args) -> int:
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
+    model, ids = loaded.model, loaded.example_ids()[:, :PARITY_PROMPT]
+    if half:  # eager in the artifact's dtype, on the GPU the artifact runs on
+        model, ids = in_dtype(loaded, manifest["dtype"]).model.cuda(), ids.cuda()
     try:
-        parity = check_parity(loaded.model, runtime, loaded.example_ids()[:, :PARITY_PROMPT], args.steps,
-                              manifest.get("dtype", "fp32"))
+        parity = check_parity(model, runtime, ids, args.steps, manifest.get("dtype", "fp32"))
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the runtime's own error types (wrong inputs, shapes)
@@ -176,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--profile", choices=PROFILES, default="ort",
                          help="ONNX profile: 'ort' uses com.microsoft contrib ops (GroupQueryAttention), "
                               "'standard' only ai.onnx ops (default ort)")
-    p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype (default fp32)")
+    p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                         help="dtype the model is captured and deployed in (default fp32). bf16 / fp16: --target "
+                              "onnx; parity runs the artifact on ONNX Runtime's CUDA EP against eager in the same "
+                              "dtype when onnxruntime-gpu and a GPU are here, otherwise the same graph built in fp32 "
+                              "is checked on the CPU and must match the artifact's op structure (report.json "
+                              "parity.mode says which ran)")
     p_build.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                          help="run parity against eager after the build (default on)")
     p_build.add_argument("--steps", type=_int, default=16, help="decode steps in the parity check (default 16)")

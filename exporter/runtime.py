@@ -176,8 +176,13 @@ class OrtRuntime:
                 raise BackendMissingError("CUDA requested but onnxruntime has no CUDAExecutionProvider: "
                                           "pip install onnxruntime-gpu")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia wheels torch brings
+                ort.preload_dlls()
         path = os.path.join(artifact_dir, self.manifest["files"]["step"])
         self.session = ort.InferenceSession(path, options, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BackendMissingError("onnxruntime could not start its CUDA execution provider (CUDA / cuDNN "
+                                      "libraries not found?): the session fell back to the CPU")
         self.input_names = self.manifest["inputs"]
         self.output_names = self.manifest["outputs"]
         self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
