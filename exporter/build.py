@@ -41,6 +41,7 @@ TARGETS = {
 }
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
+PARITY_PROMPT = 8  # prompt tokens of the parity check, before its decode steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--dtype`` -> the dtype the model is captured, lowered and deployed in."""
 
@@ -64,6 +65,7 @@ class BuildOptions:
     command: tuple = ()
     weights: str = "random"   # "none": structure only (meta device, no weight data, no parity)
     trust_pickle: bool = False
+    allow_missing_weights: bool = False  # a Hugging Face directory lacking weights builds (recorded in report.json)
 
 
 def versions() -> dict:
@@ -123,9 +125,7 @@ def check_options(opts: BuildOptions) -> None:
     if opts.dtype != "fp32" and opts.target != "onnx":
         raise UsageError(f"--dtype {opts.dtype} builds ONNX artifacts (--target onnx); --target {opts.target} "
                          "builds fp32 only")
-    if not 1 <= opts.steps <= MAX_STEPS:
-        raise UsageError(f"--steps {opts.steps}: the parity check runs 1 to {MAX_STEPS} decode steps; "
-                         "pass e.g. --steps 16 (or --no-check)")
+    check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
     if opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
     if opts.kv_cache not in ("grow", "buffer"):
@@ -136,10 +136,28 @@ def check_options(opts: BuildOptions) -> None:
     check_target(opts.target)
 
 
-def _output_dir(opts: BuildOptions, name: str) -> str:
+def check_steps(steps: int, max_context: int | None) -> None:
+    """``--steps`` of a parity check: 1 to MAX_STEPS, and the prompt plus the steps within the
+    artifact's ``max_context`` (None: not checked, no parity run)."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps {steps}: the parity check runs 1 to {MAX_STEPS} decode steps; "
+                         "pass e.g. --steps 16 (or --no-check)")
+    if max_context is not None and PARITY_PROMPT + steps > max_context:
+        raise UsageError(f"--steps {steps}: the parity check's {PARITY_PROMPT} prompt tokens + {steps} decode steps "
+                         f"go past --max-context {max_context}; pass --steps {max(1, max_context - PARITY_PROMPT)} "
+                         "or less, or a larger --max-context")
+
+
+def _output_dir(opts: BuildOptions, name: str, model_path: str | None = None) -> str:
+    """The artifact directory; an existing one only with ``--force`` and only if it is an artifact that
+    holds neither the current directory nor ``model_path`` (the input)."""
+    from effexport.exporter._io import check_replaceable
+
     out = opts.output or f"{name.replace(':', '-')}-{opts.target}"
-    if os.path.exists(out) and not opts.force:
-        raise UsageError(f"output directory {out!r} exists; pass --force to replace it or -o another directory")
+    if os.path.lexists(out):
+        if not opts.force:
+            raise UsageError(f"output directory {out!r} exists; pass --force to replace it or -o another directory")
+        check_replaceable(out, (model_path,) if model_path else ())
     return out
 
 
@@ -157,9 +175,10 @@ def build(opts: BuildOptions) -> int:
     """Load ``opts.model`` and build it; returns the exit code (0 ok, 1 parity failed). Raises
     EffexportError otherwise. Every check that needs no loading runs before the first progress line."""
     check_options(opts)
-    spec = resolve_model(opts.model, trust_pickle=opts.trust_pickle, weights=opts.weights)
+    spec = resolve_model(opts.model, trust_pickle=opts.trust_pickle, weights=opts.weights,
+                         allow_missing_weights=opts.allow_missing_weights)
     _check_context(spec.sample, opts.max_context)
-    out = _output_dir(opts, spec.name)
+    out = _output_dir(opts, spec.name, spec.spec if spec.kind != "sample" else None)
     progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
                                                  if opts.weights == "none" else ""))
@@ -297,6 +316,9 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             print(f"      {rep.format_stock(report[rep.STOCK_KEY])}", file=sys.stderr)
         else:
             report = {"model": loaded.name}
+        if opts.allow_missing_weights:
+            report["allow_missing_weights"] = True
+            report["missing_weights"] = loaded.source.get("missing_weights", {})
         report["passes"] = analysis.counts
         if loaded.structure_only:
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
@@ -310,7 +332,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
                 opts.target, "ONNX Runtime CPU")
             t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
-            parity = check_parity(model, open_runtime(tmp), ids[:, :8], opts.steps, opts.dtype)
+            parity = check_parity(model, open_runtime(tmp), ids[:, :PARITY_PROMPT], opts.steps, opts.dtype)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
@@ -337,7 +359,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     from effexport.exporter.parity import check_parity, compare_structure
     from effexport.exporter.runtime import MANIFEST, OrtRuntime
 
-    ids = loaded.example_ids()[:, :8]
+    ids = loaded.example_ids()[:, :PARITY_PROMPT]
     if cuda_ep_available():
         t0 = progress.stage(f"parity vs eager {opts.dtype} (prefill + {opts.steps} decode steps, ONNX Runtime CUDA)")
         runtime = OrtRuntime(tmp, device="cuda")
