@@ -71,13 +71,13 @@ def _decode_case(op, dtype, qdtype):
     b, d = 2, 512 if op in ("cache", "read") else 256
     q = _cpu(b, 8, 1, d, dtype=qdtype)
     new = [_cpu(b, 1, 1, d, dtype=dtype) for _ in range(2)]
-    rows = 512 if op in ("ring", "read_ring") else 4096
+    rows = 512 if op in ("ring", "ring_chunked", "read_ring") else 4096
     cache = [_cpu(b, 1, rows, d, dtype=dtype) for _ in range(2)]
     sinks, pos = torch.randn(8), torch.tensor(5000)
     if op == "cache":
         T._cache_cuda(q, *new, *cache, sinks, scale=1.0, softcap=30.0)
-    elif op == "ring":
-        T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512)
+    elif op in ("ring", "ring_chunked"):
+        T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512, chunked=op == "ring_chunked")
     else:
         T._read_cuda(q, *cache, pos, None, scale=1.0, window=512 if op == "read_ring" else 0,
                      ring=op == "read_ring")
@@ -104,9 +104,9 @@ def _prefill_case(op, dtype, qdtype):
                           window=512 if op == "sliding" else 0, softcap=30.0 if op == "full" else 0.0)
     elif op == "cache":
         T._cache_cuda(q, k, v, _cpu(1, 2, 700, d, dtype=dtype), _cpu(1, 2, 700, d, dtype=dtype), None, scale=1.0)
-    elif op == "ring":
+    elif op in ("ring", "ring_chunked"):
         T._ring_cuda(q, k, v, _cpu(1, 2, 512, d, dtype=dtype), _cpu(1, 2, 512, d, dtype=dtype), pos, sinks,
-                     scale=1.0, window=512)
+                     scale=1.0, window=512, chunked=op == "ring_chunked")
     else:
         T._read_cuda(q, _cpu(1, 2, 1200, d, dtype=dtype), _cpu(1, 2, 1200, d, dtype=dtype), pos, None, scale=1.0)
 
@@ -125,13 +125,16 @@ def _cca_case(shape, dtype, qdtype):
 BF16, FP32 = torch.bfloat16, torch.float32
 ZAYA1 = (1, 8, 2, 128, 2, 2, 64)  # batch, Hq, Hk, d, K0, K1, rot of ZAYA1-8B's CCA
 LAUNCH_CASES = [
-    *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}") for op in ("cache", "ring", "read", "read_ring")
+    *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}")
+      for op in ("cache", "ring", "ring_chunked", "read", "read_ring")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
     *[pytest.param(_sparse_case, kind, dt, dt, id=f"sparse-{kind}-{name}") for kind in ("hca", "csa")
       for name, dt in (("bf16", BF16), ("fp32", FP32))],
     *[pytest.param(_prefill_case, op, dt, qdt, id=f"prefill-{op}-{name}") for op in ("sliding", "full", "bidir")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
     *[pytest.param(_prefill_case, op, BF16, BF16, id=f"prefill-{op}-bf16") for op in ("cache", "ring", "read")],
+    *[pytest.param(_prefill_case, "ring_chunked", dt, qdt, id=f"prefill-ring_chunked-{name}")
+      for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32))],
     *[pytest.param(_cca_case, ZAYA1, dt, dt, id=f"cca-decode-{name}") for name, dt in (("bf16", BF16), ("fp32", FP32))],
 ]
 
