@@ -263,6 +263,28 @@ def test_attention_ring(gen, dtype, slots, pos, batch, heads, kv_heads, d, dv, u
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("chunk,pos,t_len", [
+    pytest.param(8, 16, 1, id="C8-chunk-start"), pytest.param(8, 21, 1, id="C8-mid-chunk"),
+    pytest.param(8, 23, 1, id="C8-chunk-end"), pytest.param(8192, 20000, 1, id="C8192-decode"),
+    pytest.param(8, 0, 37, id="C8-prefill"), pytest.param(64, 100, 300, id="C64-chunked-prefill"),
+])
+def test_attention_ring_chunked(gen, dtype, chunk, pos, t_len):
+    """``attention_ring(chunked=True)`` (Llama 4's chunk-local cache of C slots): the decode kernel
+    (T == 1) and the prefill kernel (T > 1) against the float64 reference, caches bit for bit."""
+    q = _rand(2, 8, t_len, 128, dtype=dtype, gen=gen)
+    k_new, v_new = _rand(2, 2, t_len, 128, dtype=dtype, gen=gen), _rand(2, 2, t_len, 128, dtype=dtype, gen=gen)
+    k_ring, v_ring = _rand(2, 2, chunk, 128, dtype=dtype, gen=gen), _rand(2, 2, chunk, 128, dtype=dtype, gen=gen)
+    p = torch.tensor(pos, device="cuda")
+    kw = dict(scale=128 ** -0.5, window=chunk, chunked=True)
+    out, k_r, v_r = ops.attention_ring(q, k_new, v_new, k_ring, v_ring, p, **kw)
+    ref = attn_mod.attention_ring._init_fn(*_f64(q, k_new, v_new, k_ring, v_ring), p, **kw)
+    _check(out, ref[0], dtype, "attention_ring(chunked)")
+    same = attn_mod.attention_ring._init_fn(q, k_new, v_new, k_ring, v_ring, p, **kw)
+    assert torch.equal(k_r, same[1]) and torch.equal(v_r, same[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("ring,slots,pos,window", [
     pytest.param(False, 4096, 4095, 0, id="full-exact"),
     pytest.param(False, 8192, 3000, 0, id="full-overallocated"),
