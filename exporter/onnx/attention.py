@@ -8,8 +8,8 @@
   and the "new" rows, ``seqlens_k = total - 1``, ``total_sequence_length = total``, a window W as
   ``local_window_size = W`` (measured on the CPU EP of ORT 1.30 and 1.32: ``local_window_size = L``
   lets a query see L keys including itself, the ops' convention), softcap as its attribute, sinks
-  as ``head_sink``. GQA needs ``d == dv``, a non-zero scale and ``d <= 256`` (above, ORT's CUDA
-  kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
+  as ``head_sink``. GQA needs ``d == dv``, a non-zero scale, ``d`` a multiple of 8 and ``d <= 256``
+  (above, ORT's CUDA kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
   decomposition below is used.
 * ``attention_ring`` (sliding, or chunked with ``chunked=True``: the mask ``q - k <= q mod C``) and
   ``attention_read(ring=True)``: GQA's contiguous past/present cannot express a ring, so they use
@@ -114,8 +114,14 @@ bf16, B=1): 21.4 ms for the 7 full-layer calls at 32K context (3 ms to read 64 M
 MatMul / Softmax, GQA by head grouping) reads the same cache at bandwidth."""
 
 
+GQA_HEAD_DIM_MULTIPLE = 8
+"""ONNX Runtime's GroupQueryAttention refuses other head sizes at run time ("head_size must be a
+multiple of 8"): those take the decomposition."""
+
+
 def _gqa_fits(dims: Dims, scale: float) -> bool:
-    return dims.d == dims.dv and scale != 0.0 and dims.d <= GQA_MAX_HEAD_DIM
+    return (dims.d == dims.dv and scale != 0.0 and dims.d <= GQA_MAX_HEAD_DIM
+            and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
 
 
 def _heads_last(x):
