@@ -16,7 +16,8 @@ Both need bf16 / fp16 / fp32 tensors on one CUDA device and head dims <= 512 (bf
 query over bf16 caches -- what the rewritten sample graphs passed before run 4 -- are tested on an
 H200; fp16 takes the bf16 path, untested); other calls (other dtypes, ``attention_read(ring=True)``
 with T > 1, which the reference refuses) run the op's eager reference, which stays the oracle.
-Semantics are the ops' docstrings'; the caches returned by ``attention_cache`` / ``attention_ring``
+``attention_ring(chunked=True)`` (chunked attention, a chunk-local cache of C slots) takes the same
+two kernels with the chunk mask (``CHUNKED``). Semantics are the ops' docstrings'; the caches returned by ``attention_cache`` / ``attention_ring``
 for one token are written by the same pass that reads them (for T > 1: ``torch.cat`` / the ring's
 ``index_select``, as the reference). Importing this package does not import Triton; :func:`register`
 does.
