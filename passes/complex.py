@@ -114,7 +114,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node, real: dict) -> fx.Node | None:
         dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
         out_rank = meta_val(node).dim()
         dim = dim % (out_rank if t is aten.unsqueeze.default else rank) if dim < 0 else dim
-        return emit(graph, t, (arg, dim, *args[2:]), dict(node.kwargs, **({"dim": dim} if "dim" in node.kwargs else {})))
+        return emit(graph, t, (arg, dim, *args[2:]), {k: v for k, v in node.kwargs.items() if k != "dim"})
     if t in _SHAPE_OPS:
         return emit(graph, t, (arg, [*args[1], 2], *args[2:]), dict(node.kwargs))
     if t is aten.permute.default:
