@@ -60,6 +60,8 @@ def check_complex(nodes: list[fx.Node]) -> str:
         if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor):
             if node.target is not aten.mul.Tensor and not all(_is_complex(a) for a in node.args[:2]):
                 return f"{node.name}: {node.target} of a complex and a real tensor"
+            if any(isinstance(a, complex) for a in node.args[:2]):
+                return f"{node.name}: {node.target} with a complex Python scalar"
             if node.kwargs.get("alpha", 1) != 1:
                 return f"{node.name}: {node.target} with alpha"
     return ""
