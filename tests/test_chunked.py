@@ -265,3 +265,27 @@ def test_llama4_onnx_parity(llama4, tmp_path, profile):
     caches = [c.numpy() for c in llama4.analysis.plan.empty_caches(BATCH)]
     worst = _assert_parity(_decode(step, caches, llama4.ids), llama4.ref, f"llama4/{profile}")
     print(f"llama4/{profile}: worst max rel {worst:.2e}")
+
+
+def test_chunked_group_mixing_masks_left_alone(llama4):
+    """A KV group whose chunked owner shares its cache with a site of another mask has no op form
+    (only ``attention_ring`` has the chunked mode): left alone with the reason, graph untouched."""
+    import copy
+
+    from torch import fx
+
+    from effexport.exporter.capture import StepProgram
+    from effexport.passes.attention import AttentionRewriter
+    from effexport.passes.pipeline import Analysis, Context, _classify, _discover
+
+    cap = llama4.captured
+    gm = fx.GraphModule(cap.gm, copy.deepcopy(cap.gm.graph))
+    ctx = Context(StepProgram(gm, list(cap.inputs), list(cap.outputs), dict(cap.seq_dims)), Analysis())
+    _discover(ctx)
+    _classify(ctx)
+    chunked, causal = ctx.analysis.sites[0], ctx.analysis.sites[2]
+    assert (chunked.mask_kind, chunked.window, causal.mask_kind) == ("chunked", C, "causal")
+    before = len(gm.graph.nodes)
+    why = AttentionRewriter(gm, None).rewrite_group(chunked, [causal])
+    assert why == "left alone: site 0 is chunked but its KV group mixes masks"
+    assert len(gm.graph.nodes) == before
