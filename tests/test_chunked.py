@@ -9,7 +9,7 @@ against the eager op across chunk boundaries.
 Model: a tiny Llama 4 text model (2 chunked RoPE layers with C = 8, one NoPE full layer, MoE) captured
 through :class:`HFStep`: two chunked sites rewritten to ``attention_ring(chunked=True)``, the
 CachePlan gives those layers chunk caches of C slots and the NoPE layer a full cache, and the
-rewritten graph and the ``ort`` / ``standard`` ONNX exports match the HF module's own logits (fp32,
+rewritten graph and the ``ort`` ONNX export match the HF module's own logits (fp32,
 max rel 1e-4) over a prefill of 21 tokens (three chunk boundaries) and 16 decode steps.
 """
 from __future__ import annotations
@@ -244,10 +244,11 @@ def test_llama4_rewritten_graph_matches_hf(llama4):
     _assert_parity(_decode(step, llama4.analysis.plan.empty_caches(BATCH), llama4.ids), llama4.ref, "llama4 graph")
 
 
-@pytest.mark.parametrize("profile", ["ort", "standard"])
+@pytest.mark.parametrize("profile", ["ort"])
 def test_llama4_onnx_parity(llama4, tmp_path, profile):
     """ONNX Runtime (CPU) prefill 21 + 16 decode steps against HF's own logits; the chunk caches
-    keep their C slots."""
+    keep their C slots. The ``ort`` profile only, for CI time: the chunked ring's ``standard`` and
+    ``tensorrt`` lowerings are checked per op above, and the complex pass emits profile-neutral aten."""
     import onnxruntime as ort
 
     from effexport.exporter.onnx.export import export_step
