@@ -33,9 +33,10 @@ from effexport.passes.attention import fake_value
 REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
 
 _SAME = (aten.clone.default, aten.alias.default, aten.contiguous.default)
-_DIM_OPS = {aten.slice.Tensor: 1, aten.unsqueeze.default: 1, aten.select.int: 1}
+_DIM_OPS = (aten.slice.Tensor, aten.unsqueeze.default, aten.select.int)
 _SHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 _CASTS = (aten.to.dtype_layout, aten.to.dtype, aten._to_copy.default)
+_MAKERS = (aten.polar.default, aten.view_as_complex.default)  # complex out of real inputs
 SUPPORTED = (aten.polar.default, aten.view_as_complex.default, aten.view_as_real.default, aten.mul.Tensor,
              aten.add.Tensor, aten.sub.Tensor, aten.permute.default, aten.transpose.int,
              aten._assert_tensor_metadata.default, *_SAME, *_DIM_OPS, *_SHAPE_OPS, *_CASTS)
@@ -57,6 +58,8 @@ def check_complex(nodes: list[fx.Node]) -> str:
     for node in nodes:
         if node.target not in SUPPORTED:
             return f"complex value used by {node.target} ({node.name}), which has no real lowering here"
+        if node.target not in _MAKERS and not any(_is_complex(a) for a in node.args[:2]):
+            return f"{node.name}: {node.target} makes a complex tensor from real ones"
         if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor):
             if node.target is not aten.mul.Tensor and not all(_is_complex(a) for a in node.args[:2]):
                 return f"{node.name}: {node.target} of a complex and a real tensor"

@@ -3,13 +3,14 @@
 Llama 4's RoPE as transformers writes it (``torch.polar``, ``view_as_complex``, a broadcast complex
 ``mul``, ``view_as_real``, ``flatten``) plus a complex add, captured with torch.export: after the pass
 no complex value or op remains and the outputs equal the eager module's. An op outside the pass's
-table (``abs`` of a complex tensor) leaves the graph unchanged with the reason. The Llama 4 model
+table (``abs`` of a complex tensor, a real-to-complex cast) leaves the graph unchanged with the reason. The Llama 4 model
 test (tests/test_chunked.py) checks the same on a whole model through ONNX Runtime.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from effexport.passes.complex import rewrite_complex
@@ -72,10 +73,20 @@ def test_rope_lowered_to_real():
             assert got.dtype == want.dtype and torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
 
 
-def test_unsupported_complex_op_left_alone():
-    """``abs`` of a complex tensor is not in the table: the graph is left unchanged, with the reason."""
-    gm, _ = _captured(_Rope(tail=torch.abs).eval())
+class _RealToComplex(torch.nn.Module):
+    def forward(self, xq, xk, positions):
+        return torch.view_as_real(xq.to(torch.complex64) * torch.polar(xk, xk)) + positions[..., None, None, None]
+
+
+@pytest.mark.parametrize("module,why", [
+    pytest.param(_Rope(tail=torch.abs), "abs", id="abs-of-complex"),
+    pytest.param(_RealToComplex(), "makes a complex tensor from real ones", id="cast-real-to-complex"),
+])
+def test_unsupported_complex_op_left_alone(module, why):
+    """Ops outside the table (``abs`` of a complex tensor, a cast of a real tensor to complex): the
+    graph is left unchanged, with the reason."""
+    gm, _ = _captured(module.eval())
     before = [n.format_node() for n in gm.graph.nodes]
     counts, left = _run(gm)
-    assert counts["left_alone"] == 1 and len(left) == 1 and "abs" in left[0], left
+    assert counts["left_alone"] == 1 and len(left) == 1 and why in left[0], left
     assert [n.format_node() for n in gm.graph.nodes] == before
