@@ -241,7 +241,7 @@ def _rewrite_summary(analysis) -> str:
     c = analysis.counts
     line = (f"{c['discover']['sites']} sites: {c['rewrite']['ring']} ring, {c['rewrite']['full']} full, "
             f"{c['kv_sharing']['consumers']} consumers")
-    others = [(c["cca"]["cca"], "CCA"), (c["compressed"]["csa"], "CSA"), (c["compressed"]["hca"], "HCA"),
+    others = [(c["rewrite"].get("chunk", 0), "chunk"), (c["cca"]["cca"], "CCA"), (c["compressed"]["csa"], "CSA"), (c["compressed"]["hca"], "HCA"),
               (c["compressed"]["window_only"], "window-only sparse"),
               (c["mhc"]["mhc_pre"] + c["mhc"]["mhc_post"] + c["mhc"]["mhc_head"], "mHC")]
     line += "".join(f", {n} {what}" for n, what in others if n)

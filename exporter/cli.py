@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
-                              "(passes: dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
+                              "(passes: complex, dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
                               "positions, buffers, cache_plan)")
     p_build.add_argument("--force", action="store_true",
                          help="replace an existing artifact directory (one a build wrote: it holds effexport.json)")

@@ -168,12 +168,12 @@ class _FunctionalLinearState:
         if self.conv_kernel_size[state_idx] is None:
             self.conv_kernel_size[state_idx] = conv_kernel_size or conv_states.shape[-1]
         width = self.conv_kernel_size[state_idx]
-        if conv_states.shape[-1] >= width:  # the new window alone fills the state
-            full = conv_states
-        elif self.has_previous_state[state_idx]:
+        if self.has_previous_state[state_idx]:  # the conv sees the cached window, also for T >= width
             full = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
-        else:
+        elif conv_states.shape[-1] < width:
             full = torch.nn.functional.pad(conv_states, (width - conv_states.shape[-1], 0))
+        else:
+            full = conv_states
         self.has_previous_state[state_idx] = True
         self.conv_states[state_idx] = full[..., -width:]
         self.is_conv_states_initialized[state_idx] = True
