@@ -103,7 +103,7 @@ def _cmd_check(args) -> int:
     from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype, open_runtime
     from effexport.exporter.errors import BackendMissingError, LoadError
     from effexport.exporter.loading import resolve_source
-    from effexport.exporter.parity import check_parity
+    from effexport.exporter.parity import check_parity, check_parity_half
     from effexport.exporter.runtime import OrtRuntime, load_manifest
 
     manifest = load_manifest(args.dir)
@@ -132,10 +132,12 @@ def _cmd_check(args) -> int:
                         f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
     model, ids = loaded.model, loaded.example_ids()[:, :PARITY_PROMPT]
-    if half:  # eager in the artifact's dtype, on the GPU the artifact runs on
-        model, ids = in_dtype(loaded, manifest["dtype"]).model.cuda(), ids.cuda()
     try:
-        parity = check_parity(model, runtime, ids, args.steps, manifest.get("dtype", "fp32"))
+        if half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
+            parity = check_parity_half(in_dtype(loaded, manifest["dtype"]).model.cuda(), model.cuda(), runtime,
+                                       ids.cuda(), args.steps, manifest["dtype"])
+        else:
+            parity = check_parity(model, runtime, ids, args.steps, manifest.get("dtype", "fp32"))
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the runtime's own error types (wrong inputs, shapes)

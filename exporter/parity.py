@@ -113,3 +113,52 @@ def compare_structure(path: str, twin_path: str) -> str:
     a, b = ops(path), ops(twin_path)
     diff = [f"{k} {a[k]} vs {b[k]}" for k in sorted(set(a) | set(b)) if a[k] != b[k]]
     return ", ".join(diff[:5]) + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else "")
+
+
+class EagerRuntime:
+    """An eager step-contract model behind the runtime interface (``initial_caches`` / ``step``), so
+    :func:`check_parity` can compare two eager models (half precision against fp32)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def initial_caches(self, batch: int):
+        return None
+
+    def step(self, input_ids: np.ndarray, pos: int, caches):
+        from effexport.exporter.runtime import StepResult
+
+        with torch.no_grad():
+            logits, past = self.model(torch.from_numpy(np.asarray(input_ids)).to(self.device), caches)
+        return StepResult(logits.float().cpu().numpy(), past)
+
+
+HALF_MARGIN = 1.5
+"""A half-precision artifact passes when its logits are no further from fp32 eager than this times
+eager's own error in that dtype (or the dtype's tolerance, whichever is larger)."""
+
+
+def check_parity_half(half: torch.nn.Module, fp32: torch.nn.Module, runtime, prompt: torch.Tensor,
+                      steps: int, dtype: str) -> ParityReport:
+    """Parity of a bf16 / fp16 artifact against fp32 eager, measured against what eager itself loses
+    in that dtype: every output's max relative error against fp32 eager must be at most
+    ``max(TOLERANCE[dtype], HALF_MARGIN * eager-in-dtype's error against fp32 eager)``, and its greedy
+    tokens must equal fp32 eager's or eager-in-dtype's (unless eager-in-dtype's own tokens leave fp32's).
+    A tight comparison of two half-precision computations would fail models whose rounding differs
+    by order of operations alone (fused norms, fp32 softmax), with neither nearer the fp32 truth."""
+    art = check_parity(fp32, runtime, prompt, steps, "fp32")
+    own = check_parity(fp32, EagerRuntime(half), prompt, steps, "fp32")
+    same_dtype = check_parity(half, runtime, prompt, steps, dtype)
+    bound = {o.name: max(TOLERANCE[dtype], HALF_MARGIN * o.max_rel) for o in own.outputs}
+    tokens = art.tokens_equal or same_dtype.tokens_equal or not own.tokens_equal
+    passed = tokens and all(o.max_rel <= bound[o.name] for o in art.outputs)
+    detail = "; ".join(filter(None, [
+        "bounds " + ", ".join(f"{k} {v:.2e}" for k, v in bound.items()),
+        f"eager {dtype} vs fp32 eager: " + ", ".join(f"{o.name} max rel {o.max_rel:.2e}" for o in own.outputs)
+        + (", greedy tokens identical" if own.tokens_equal else f", {own.detail}"),
+        f"artifact vs eager {dtype}: " + ", ".join(f"{o.name} max rel {o.max_rel:.2e}" for o in same_dtype.outputs)
+        + (", greedy tokens identical" if same_dtype.tokens_equal else f", {same_dtype.detail}"),
+        art.detail]))
+    return ParityReport(passed, steps, max(bound.values()), art.outputs, art.tokens_equal, detail,
+                        f"the {dtype} artifact against fp32 eager, bounded by eager {dtype}'s own error")

@@ -86,6 +86,31 @@ def test_check_of_a_bf16_artifact_needs_the_cuda_ep(bf16_build, capsys):
     assert "bf16 artifact" in err and "onnxruntime-gpu" in err and "Traceback" not in err
 
 
+def test_half_verdict_is_bounded_by_eager_in_the_dtype():
+    """``check_parity_half``: an artifact that computes what eager bf16 computes passes (its error to
+    fp32 equals eager bf16's); one with weights off by 5% fails, with the bound and eager's own error
+    in the detail. (Eager bf16 stands in for the artifact: the CUDA EP is not here.)"""
+    import copy
+
+    import torch
+
+    from effexport.exporter.parity import EagerRuntime, check_parity_half
+    from effexport.samples import get_sample
+
+    fp32 = get_sample(TINY).build()
+    half = copy.deepcopy(fp32).to(torch.bfloat16)
+    prompt = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    good = check_parity_half(half, fp32, EagerRuntime(copy.deepcopy(half)), prompt, 8, "bf16")
+    assert good.passed and "eager bf16 vs fp32 eager" in good.detail and good.mode.startswith("the bf16 artifact")
+    off = copy.deepcopy(half)
+    with torch.no_grad():
+        for p in off.parameters():
+            p.mul_(1.05)
+    bad = check_parity_half(half, fp32, EagerRuntime(off), prompt, 8, "bf16")
+    assert not bad.passed and "bounds logits/prefill" in bad.detail
+    assert max(o.max_rel for o in bad.outputs) > bad.tolerance
+
+
 @pytest.mark.parametrize("target", ["aoti", "tensorrt"])
 def test_half_precision_is_onnx_only(tmp_path, target, capsys):
     assert main([TINY, "--target", target, "--dtype", "bf16", "-o", str(tmp_path / "x")]) == 2
@@ -102,5 +127,5 @@ def test_bf16_build_checked_on_the_cuda_ep(tmp_path):
     out = tmp_path / "gemma"
     assert main([TINY, "--target", "onnx", "--dtype", "bf16", "-o", str(out), "--steps", "8"]) == 0
     parity = json.loads((out / "report.json").read_text())["parity"]
-    assert parity["mode"].startswith("the bf16 artifact on ONNX Runtime CUDA") and parity["tolerance"] == 2e-2
+    assert parity["mode"].startswith("the bf16 artifact against fp32 eager") and parity["tolerance"] >= 2e-2
     assert main(["check", str(out)]) == 0
