@@ -226,7 +226,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
     from effexport.exporter.runtime import MANIFEST
     from effexport.exporter.structure_only import check_structure, external_bytes
 
-    model, ids = loaded.model, loaded.example_ids()
+    model = loaded.model
     code = 0
     with atomic_directory(out, force=opts.force) as tmp:
         if opts.dump_after:
@@ -284,7 +284,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
                 opts.target, "ONNX Runtime CPU")
             t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
-            parity = check_parity(model, open_runtime(tmp), ids[:, :8], opts.steps, opts.dtype)
+            parity = check_parity(model, open_runtime(tmp), loaded.parity_prompt(), opts.steps, opts.dtype)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()

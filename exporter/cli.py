@@ -121,7 +121,7 @@ def _cmd_check(args) -> int:
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120]}); rebuild the artifact with --force") from None
     loaded = spec.load()
-    parity = check_parity(loaded.model, runtime, loaded.example_ids()[:, :8], args.steps, manifest["dtype"])
+    parity = check_parity(loaded.model, runtime, loaded.parity_prompt(), args.steps, manifest["dtype"])
     print(parity.table())
     return 0 if parity.passed else 1
 
