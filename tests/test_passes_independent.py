@@ -223,6 +223,7 @@ NEGATIVES = {
     "bidirectional": NegConfig(mask="bidirectional"),
     "chunked": NegConfig(mask="chunked"),
     "padding": NegConfig(mask="padding", vocab=6),  # token 0 hides its key: one token in 6 is padding
+    "padding3": NegConfig(mask="padding", vocab=6, pad=3),
     "alibi": NegConfig(mask="alibi"),
 }
 
@@ -314,11 +315,18 @@ def test_chunked_left_alone(negative):
     assert neg_parity(model, program, analysis) <= 1e-5
 
 
-def test_padding_mask_left_alone(negative):
+@pytest.mark.parametrize("name", [
+    pytest.param("padding", id="pad-token-0"),
+    pytest.param("padding3", id="pad-token-3", marks=pytest.mark.xfail(strict=True, reason=(
+        "known bug: passes/masks.py probes a mask with all-zero inputs, so a padding mask whose pad "
+        "id is not 0 looks causal there; it is rewritten as causal and the padding is dropped"))),
+])
+def test_padding_mask_left_alone(negative, name):
     """A mask that reads the token values (padding keys hidden) is no causal or window mask: every
     site ``unknown`` and left alone (softmax kept, full caches), and the step graph still hides the
-    padding keys (parity over 70 tokens, the premise: the padding changes the logits)."""
-    model, program, analysis = negative("padding")
+    padding keys (parity over 70 tokens, the premise: the padding changes the logits). With pad id 3
+    the rewrite takes it for causal (the xfail above)."""
+    model, program, analysis = negative(name)
     n, ids = model.cfg.layers, token_ids(model.cfg.vocab, sum(NEG_CHUNKS))
     causal = negatives.build(NegConfig(mask="causal", vocab=model.cfg.vocab))
     causal.load_state_dict(model.state_dict())
