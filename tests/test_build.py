@@ -176,3 +176,20 @@ def test_runtime_generate_is_eager_greedy(artifact):
             nxt = want.argmax(-1, keepdim=True)
             assert np.array_equal(tokens[:, i:i + 1], nxt.numpy()), f"token {i}"
             ref, past = model(nxt, past)
+
+
+@pytest.mark.slow
+def test_profile_standard_build_of_a_sample(tmp_path, capsys):
+    """``effexport zaya1-8b:tiny --profile standard`` (ZAYA1: the cheapest tiny export): the manifest
+    records the profile, the ONNX file uses only the standard and effexport domains (no
+    com.microsoft contrib op), and the parity check passes over 8 decode steps."""
+    out = tmp_path / "zaya"
+    assert main(["zaya1-8b:tiny", "--profile", "standard", "-o", str(out), "--steps", "8"]) == 0
+    manifest = json.loads((out / "effexport.json").read_text())
+    assert manifest["profile"] == "standard" and manifest["command"][2:4] == ["--profile", "standard"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "effexport"}
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx", "effexport"}
+    parity = json.loads((out / "report.json").read_text())["parity"]
+    assert parity["passed"] and parity["steps"] == 8
+    assert "PARITY PASSED" in capsys.readouterr().err
