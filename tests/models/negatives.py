@@ -11,6 +11,8 @@ mask, chosen by name, is shared by all layers:
                   keeps both branches. Not one kind at every length: it must stay ``unknown``.
 ``bidirectional`` no mask at all: every key, cached ones and later new ones, is visible (an
                   encoder-style model run with a cache); new tokens see each other both ways.
+``python_if``     the ``length_gated`` window decided by a Python ``if`` on the key count: a capture
+                  at fewer keys traces only the causal branch (the window must not be lost silently).
 ``chunked``       causal within blocks of ``chunk`` positions (Llama-4 style local attention).
 ``padding``       causal, and new keys whose token id is ``pad`` are hidden from other queries (a
                   padding mask read from the token values, ``[B, T, S]``; cached keys stay visible).
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MASKS = ("causal", "length_gated", "bidirectional", "chunked", "padding", "alibi")
+MASKS = ("causal", "length_gated", "python_if", "bidirectional", "chunked", "padding", "alibi")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def visibility(cfg: NegConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torc
     if cfg.mask == "chunked":
         return causal & (k_pos[None, :] // cfg.chunk == q_pos[:, None] // cfg.chunk)
     windowed = causal & (q_pos[:, None] - k_pos[None, :] < cfg.window)
+    if cfg.mask == "python_if":
+        return windowed if k_pos.shape[0] > cfg.gate else causal
     long_enough = k_pos[-1:] >= cfg.gate  # [1]: a tensor, so both branches are captured
     return torch.where(long_enough, windowed, causal)
 
