@@ -35,7 +35,7 @@ def test_explain_prints_every_site_and_its_verdict(artifact):
     assert [(mask, out) for _, _, mask, _, out in sites] == (
         [("sliding(W=8)", "ring")] * 4 + [("causal", "full")] + [("sliding(W=8)", "none")] * 4 + [("causal", "none")])
     assert text.count("consumer of layer 3 -> none") == 4 and text.count("consumer of layer 4 -> none") == 1
-    assert "pass rewrite: ring=4, full=1, plain=0, read=5, left_alone=0" in text
+    assert re.search(r"^  pass rewrite: ring=4, .*full=1, plain=0, read=5, left_alone=0", text, re.M)
     assert text.index("[3/5] rewrite") < text.index("10 attention sites") < text.index("[4/5] lower")
 
 

@@ -113,12 +113,18 @@ class _Net:
         return self._named(self.net.add_gather(x, index, axis))
 
 
-def _visible(nb: _Net, q_pos, k_pos, window: int, k_valid=None):
-    """Boolean ``[T, S]``: causal, windowed to W keys including self, restricted to ``k_valid``."""
+def _visible(nb: _Net, q_pos, k_pos, window: int, k_valid=None, chunked: bool = False):
+    """Boolean ``[T, S]``: causal, windowed to W keys including self (``chunked``: to the query's
+    chunk of W positions, ``diff <= q mod W``), restricted to ``k_valid``."""
     diff = nb.ew(nb.reshape(q_pos, (-1, 1)), nb.reshape(k_pos, (1, -1)), "SUB")
     zero = nb.const(0, np.int64, 2)
     mask = nb.ew(nb.ew(diff, zero, "GREATER"), nb.ew(diff, zero, "EQUAL"), "OR")
-    if window > 0:
+    if window > 0 and chunked:  # q mod W = q - (q // W) * W (positions are >= 0)
+        w = nb.const([window], np.int64)
+        offset = nb.ew(q_pos, nb.ew(nb.ew(q_pos, w, "FLOOR_DIV"), w, "PROD"), "SUB")
+        mask = nb.ew(mask, nb.ew(nb.ew(diff, nb.reshape(offset, (-1, 1)), "LESS"),
+                                 nb.ew(diff, nb.reshape(offset, (-1, 1)), "EQUAL"), "OR"), "AND")
+    elif window > 0:
         mask = nb.ew(mask, nb.ew(diff, nb.const(window, np.int64, 2), "LESS"), "AND")
     if k_valid is not None:
         mask = nb.ew(mask, nb.reshape(k_valid, (1, -1)), "AND")
@@ -201,7 +207,8 @@ def _attention_ring(nb, a):
     new_pos = nb.arange(pos, t_len)
     k_pos = nb.concat([_ring_positions(nb, nb.ew(pos, one, "SUB"), window), new_pos], 0)
     mask = _visible(nb, new_pos, k_pos, window, nb.ew(nb.ew(k_pos, nb.const([0], np.int64), "GREATER"),
-                                                     nb.ew(k_pos, nb.const([0], np.int64), "EQUAL"), "OR"))
+                                                     nb.ew(k_pos, nb.const([0], np.int64), "EQUAL"), "OR"),
+                    a.get("chunked", False))
     out = _attend(nb, q, keys, values, mask, a["sinks"], a["scale"], a["softcap"], heads, kv_heads, d, dv)
     last = _ring_positions(nb, nb.ew(nb.ew(pos, t_len, "SUM"), one, "SUB"), window)
     fresh = nb.ew(nb.ew(last, pos, "GREATER"), nb.ew(last, pos, "EQUAL"), "OR")
@@ -226,8 +233,25 @@ def _attention_read(nb, a):
     return _attend(nb, q, k, v, mask, a["sinks"], a["scale"], a["softcap"], heads, kv_heads, d, dv)
 
 
+def _attention_buffer(nb, a):
+    """Rows ``pos..pos+T-1`` written by a gather over ``[buffer | new]``, then causal attention over
+    the whole buffer (rows past ``pos+T-1`` are masked as the future)."""
+    q, window = a["q"], a["window"]
+    pos, t_len = nb.reshape(a["pos"], (1,)), nb.dim(q, 2)
+    capacity = a["k_buf"].shape[2]
+    row = nb.const(np.arange(capacity), np.int64)
+    end = nb.ew(pos, t_len, "SUM")
+    fresh = nb.ew(nb.ew(nb.ew(row, pos, "GREATER"), nb.ew(row, pos, "EQUAL"), "OR"), nb.ew(row, end, "LESS"), "AND")
+    src = nb.select(fresh, nb.ew(nb.ew(row, pos, "SUB"), nb.const([capacity], np.int64), "SUM"), row)
+    keys = nb.gather(nb.concat([a["k_buf"], a["k_new"]], 2), src, 2)
+    values = nb.gather(nb.concat([a["v_buf"], a["v_new"]], 2), src, 2)
+    heads, kv_heads, d, dv = _dims(q, keys, values)
+    mask = _visible(nb, nb.arange(pos, t_len), row, window)
+    return _attend(nb, q, keys, values, mask, a["sinks"], a["scale"], a["softcap"], heads, kv_heads, d, dv), keys, values
+
+
 _LAYERS = {"attention": _attention, "attention_cache": _attention_cache, "attention_ring": _attention_ring,
-           "attention_read": _attention_read}
+           "attention_read": _attention_read, "attention_buffer": _attention_buffer}
 """Layer converters by op name (route ``layers`` in :data:`.specs.ROUTES`)."""
 
 
