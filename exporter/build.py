@@ -265,7 +265,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
     from effexport.exporter.runtime import MANIFEST
     from effexport.exporter.structure_only import check_structure, external_bytes
 
-    model, ids = loaded.model, loaded.example_ids()
+    model = loaded.model
     code = 0
     with atomic_directory(out, force=opts.force) as tmp:
         if opts.dump_after:
@@ -332,7 +332,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
                 opts.target, "ONNX Runtime CPU")
             t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
-            parity = check_parity(model, open_runtime(tmp), ids[:, :PARITY_PROMPT], opts.steps, opts.dtype)
+            parity = check_parity(model, open_runtime(tmp), loaded.parity_prompt(PARITY_PROMPT), opts.steps, opts.dtype)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
@@ -359,7 +359,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     from effexport.exporter.parity import check_parity, check_parity_half, compare_structure
     from effexport.exporter.runtime import MANIFEST, OrtRuntime
 
-    ids = loaded.example_ids()[:, :PARITY_PROMPT]
+    ids = loaded.parity_prompt(PARITY_PROMPT)
     if cuda_ep_available():
         t0 = progress.stage(f"parity vs eager fp32 and {opts.dtype} (prefill + {opts.steps} decode steps, "
                             "ONNX Runtime CUDA)")

@@ -131,7 +131,7 @@ def _cmd_check(args) -> int:
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
-    model, ids = loaded.model, loaded.example_ids()[:, :PARITY_PROMPT]
+    model, ids = loaded.model, loaded.parity_prompt(PARITY_PROMPT)
     try:
         if half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
             parity = check_parity_half(in_dtype(loaded, manifest["dtype"]).model.cuda(), model.cuda(), runtime,

@@ -40,6 +40,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 WEIGHTS = ("random", "none")
 # random-weight samples above this many parameters are refused (fp32 weights would not fit a laptop)
 MAX_RANDOM_PARAMS = 200_000_000
+PARITY_SEED = 2  # LoadedModel.parity_prompt; the capture's example stream uses seed 1
 _SAFE_OPEN = "weights-only loading refused it"
 
 
@@ -70,6 +71,12 @@ class LoadedModel:
         gen = torch.Generator().manual_seed(seed)
         shape = (batch, length or self.example_length)
         return torch.randint(0, self.vocab_size, shape, generator=gen).to(self.device)
+
+    def parity_prompt(self, length: int, batch: int = 2) -> torch.Tensor:
+        """The prompt the parity check feeds eager and the artifact: drawn from its own seed, not a
+        slice of the capture's :meth:`example_ids`, so a capture that baked the example's token
+        values into the graph fails the check instead of replaying the stream it was traced on."""
+        return self.example_ids(batch, length, seed=PARITY_SEED)
 
 
 @dataclass

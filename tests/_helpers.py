@@ -1,4 +1,5 @@
-"""Shared test helpers: one per-dtype tolerance table and a parity assertion that prints the worst element."""
+"""Shared test helpers: one per-dtype tolerance table, a parity assertion that prints the worst element, and
+the check that a parity run is long enough for a sample's layout."""
 import torch
 
 # max relative error allowed, relative to the reference's max magnitude (plus a tiny absolute floor)
@@ -27,3 +28,24 @@ def assert_close(actual, expected, dtype=torch.float32, rtol=None, what="output"
             f"{what}: max rel error {max_rel:.3e} > {rtol:.1e} (max abs {max_abs:.3e}) at {idx}: "
             f"got {actual[idx].item():.6g}, expected {expected[idx].item():.6g}")
     return max_abs, max_rel
+
+
+MIN_DECODE = 8  # decode steps every parity run takes at least
+
+
+def assert_long_enough(specs, prefill: int, decode: int) -> None:
+    """A prefill of ``prefill`` tokens then ``decode`` one-token steps reach every path of a layout
+    (``samples._spec.LayerSpec`` list): the prefill is longer than every window (rings wrap during
+    the prefill itself), holds at least two completed compressed blocks of each ratio and more
+    than top-k of them (the selection drops entries), a block completes during the decode steps,
+    and there are at least :data:`MIN_DECODE` of them."""
+    assert decode >= MIN_DECODE, f"{decode} decode steps < {MIN_DECODE}"
+    for spec in specs:
+        if spec.window is not None:
+            assert prefill > spec.window, f"layer {spec.index}: prefill {prefill} <= window {spec.window}"
+        if spec.ratio:
+            blocks = prefill // spec.ratio
+            assert blocks >= 2 and blocks > (spec.topk or 0), (
+                f"layer {spec.index}: {blocks} compressed entries after the prefill, top-k {spec.topk}")
+            assert any((t + 1) % spec.ratio == 0 for t in range(prefill, prefill + decode)), (
+                f"layer {spec.index}: no block of {spec.ratio} completes during the decode steps")

@@ -31,7 +31,7 @@ def test_parse_tokens(text, tokens):
 
 def test_console_script_exit_code_and_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "effexport.exporter", "report", "nope"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
 

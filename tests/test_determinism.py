@@ -2,7 +2,9 @@
 hashed), and ``effexport.json`` records the versions and the exact command.
 
 Both builds run ``effexport gemma4-e2b:tiny -o out --no-check`` from two fresh directories (the same
-command, so the recorded command is identical too); no file is excluded from the comparison: the
+command, so the recorded command is identical too): the first in the test process, the second in a
+fresh interpreter with another ``PYTHONHASHSEED`` (string hashing, so set and dict-of-set orders,
+differs between them: an artifact that depends on it differs between two users' runs). No file is excluded from the comparison: the
 artifact holds no timestamps, temporary names or timings (``report.json["resources"]`` exists only
 in structure-only builds).
 
@@ -13,6 +15,8 @@ and a second AOTInductor compile costs ~2 minutes, so they are not built here.
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -36,16 +40,19 @@ def _hashes(root) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def two_builds(tmp_path_factory):
-    outs = []
+    first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
     cwd = os.getcwd()
-    for run in ("first", "second"):
-        os.chdir(tmp_path_factory.mktemp(run))
-        try:
-            assert main(list(ARGV)) == 0
-            outs.append(os.path.abspath("out"))
-        finally:
-            os.chdir(cwd)
-    return outs
+    os.chdir(first)
+    try:
+        assert main(list(ARGV)) == 0
+    finally:
+        os.chdir(cwd)
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # differs from this process's
+    env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "effexport.exporter", *ARGV], cwd=second, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [str(first / "out"), str(second / "out")]
 
 
 def test_two_builds_are_byte_identical(two_builds):

@@ -144,7 +144,8 @@ def _narrow_parity(module, path: str) -> float:
 def measured(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("external")
     result = out / "result.json"
-    proc = subprocess.run([sys.executable, __file__, str(out), str(result)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, str(out), str(result)], capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     numbers = json.loads(result.read_text())
     mib = {k: round(numbers[k] / 2**20) for k in ("weights", "rss_before", "peak_before", "peak_after", "growth")}

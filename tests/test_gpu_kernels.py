@@ -8,6 +8,7 @@ must equal the reference's bit for bit. The CPU tests check the launch plan and 
 import importlib.util
 import json
 import os
+import zlib
 
 import pytest
 import torch
@@ -204,10 +205,12 @@ def _check(out, ref, dtype, what):
     return err
 
 
-@pytest.fixture(scope="module")
-def gen():
+@pytest.fixture
+def gen(request):
+    """A CUDA generator per test, seeded from the test's id: a test's inputs do not depend on which
+    tests ran before it in the worker (selection, order, xdist), so a failure reproduces alone."""
     enable_triton()
-    return torch.Generator(device="cuda").manual_seed(8)
+    return torch.Generator(device="cuda").manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 DENSE = [  # batch, heads, kv heads, d, dv, window, sinks, softcap

@@ -5,7 +5,7 @@ import operator
 import pytest
 import torch
 
-from _helpers import assert_close
+from _helpers import assert_close, assert_long_enough
 from effexport.passes.pipeline import PASS_NAMES, run_pipeline
 from effexport.passes.sites import layer_index
 from effexport.exporter.errors import RewriteError
@@ -223,23 +223,27 @@ def test_matmul_fake_value_on_a_symbolic_batch():
 def test_pipeline_on_a_cuda_model(rewritten, name):
     """A model captured on CUDA (what bench/decode_step.py does at real size) rewrites exactly as on
     the CPU -- same counts; the passes' numeric probes run on CPU copies of the parameters -- and the
-    rewritten step on CUDA matches the eager CUDA model (fp32, a 6-token prefill then 8 decode steps)."""
+    rewritten step on CUDA matches the eager CUDA model (fp32, a prefill of the capture's 37 prompt
+    tokens, past every window and top-k, then 12 decode steps; tokens drawn apart from the capture's)."""
     from effexport.exporter.capture import capture_step
     from effexport.passes.pipeline import run_pipeline
 
     cpu = rewritten(name)
     model = cpu.sample.build().cuda()
-    ids = cpu.ids.cuda()
-    program, analysis = run_pipeline(capture_step(model, ids))
+    program, analysis = run_pipeline(capture_step(model, cpu.ids.cuda()))
     assert dict(analysis.counts) == dict(cpu.analysis.counts)
+    prefill, decode = cpu.ids.shape[1] - 3, 12
+    assert_long_enough(cpu.sample.config.layer_specs(), prefill, decode)
+    ids = torch.randint(0, cpu.sample.config.vocab_size, (2, prefill + decode),
+                        generator=torch.Generator().manual_seed(21)).cuda()
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 tolerance
     try:
         with torch.no_grad():
             ref, _ = model(ids)
-            outs = program.gm(ids[:, :6], torch.tensor(0, device="cuda"), *analysis.plan.empty_caches(2, "cuda"))
-            assert_close(outs[0], ref[:, :6], what=f"{name} prefill logits on CUDA")
-            for t in range(6, 14):  # past the tiny windows (8)
+            outs = program.gm(ids[:, :prefill], torch.tensor(0, device="cuda"), *analysis.plan.empty_caches(2, "cuda"))
+            assert_close(outs[0], ref[:, :prefill], what=f"{name} prefill logits on CUDA")
+            for t in range(prefill, prefill + decode):
                 outs = program.gm(ids[:, t:t + 1], torch.tensor(t, device="cuda"), *outs[1:])
                 assert_close(outs[0][:, 0], ref[:, t], what=f"{name} decode logits at {t} on CUDA")
     finally:

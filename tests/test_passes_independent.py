@@ -9,13 +9,16 @@ Covered:
   chunk, 12 single-token steps; 4 windows);
 * negatives (``models.negatives``): plain causal (no window, no sharing, no ring), a window that
   only applies past 64 keys (unknown, left alone, unchanged results across the gate), equal but
-  independently computed K/V (not shared), bidirectional (classified full), chunked (left alone);
+  independently computed K/V (not shared), bidirectional (classified full), chunked (left alone),
+  a padding mask read from the token values (unknown, left alone), an ALiBi-style score bias (no
+  attention op: the bias has no argument in the ops), a window switched on by a Python ``if`` on
+  the length (refused at capture, or exact across the switch: an xfail today);
 * HF idioms that once broke the passes: HF's verbatim ``repeat_kv`` indexing (a no-op slice before
   the unsqueeze), ``.to(dtype)`` in mask code (export's ``_assert_tensor_metadata`` kept dead masks
   alive), and a bidirectional (full) mask over a cache (must be left alone, not made causal).
 
 Not covered here: lowering to ONNX/TensorRT (exporter tests), sinks and SDPA ``is_causal`` (the
-sample tests), padding masks.
+sample tests).
 """
 from __future__ import annotations
 
@@ -220,6 +223,10 @@ NEGATIVES = {
     "twin_kv": NegConfig(mask="causal", twin_kv=True),
     "bidirectional": NegConfig(mask="bidirectional"),
     "chunked": NegConfig(mask="chunked"),
+    "padding": NegConfig(mask="padding", vocab=6),  # token 0 hides its key: one token in 6 is padding
+    "padding3": NegConfig(mask="padding", vocab=6, pad=3),
+    "alibi": NegConfig(mask="alibi"),
+    "python_if": NegConfig(mask="python_if"),
 }
 
 
@@ -307,4 +314,62 @@ def test_chunked_left_alone(negative):
     assert [s.mask_kind for s in analysis.sites] == ["chunked"] * n
     assert analysis.counts["rewrite"]["left_alone"] == n
     assert op_counts(program.gm)["softmax"] == n
+    assert neg_parity(model, program, analysis) <= 1e-5
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("padding", id="pad-token-0"),
+    pytest.param("padding3", id="pad-token-3", marks=pytest.mark.xfail(strict=True, reason=(
+        "known bug: passes/masks.py probes a mask with all-zero inputs, so a padding mask whose pad "
+        "id is not 0 looks causal there; it is rewritten as causal and the padding is dropped"))),
+])
+def test_padding_mask_left_alone(negative, name):
+    """A mask that reads the token values (padding keys hidden) is no causal or window mask: every
+    site ``unknown`` and left alone (softmax kept, full caches), and the step graph still hides the
+    padding keys (parity over 70 tokens, the premise: the padding changes the logits). With pad id 3
+    the rewrite takes it for causal (the xfail above)."""
+    model, program, analysis = negative(name)
+    n, ids = model.cfg.layers, token_ids(model.cfg.vocab, sum(NEG_CHUNKS))
+    causal = negatives.build(NegConfig(mask="causal", vocab=model.cfg.vocab))
+    causal.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(model(ids)[0], causal(ids)[0]), "premise: padding changes nothing"
+    assert [s.mask_kind for s in analysis.sites] == ["unknown"] * n
+    assert analysis.counts["rewrite"]["left_alone"] == n
+    assert op_counts(program.gm) == {"softmax": n, "attention": 0, "attention_cache": 0,
+                                     "attention_ring": 0, "attention_read": 0}
+    assert {e.kind for e in analysis.plan.entries} == {"full"}
+    assert neg_parity(model, program, analysis) <= 1e-5
+
+
+def test_alibi_bias_not_rewritten(negative):
+    """Causal attention plus an ALiBi-style score bias: no effexport attention op replaces it (the
+    ops take no bias; rewriting would drop it), softmaxes kept, parity (the premise: the bias changes
+    the logits)."""
+    model, program, analysis = negative("alibi")
+    n, ids = model.cfg.layers, token_ids(model.cfg.vocab, sum(NEG_CHUNKS))
+    plain = negatives.build(NegConfig(mask="chunked", chunk=10 ** 6))  # causal, decomposed, no bias
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(model(ids)[0], plain(ids)[0]), "premise: the bias changes nothing"
+    assert not [s for s in analysis.sites if s.mask_kind in ("causal", "sliding", "full")]
+    assert op_counts(program.gm) == {"softmax": n, "attention": 0, "attention_cache": 0,
+                                     "attention_ring": 0, "attention_read": 0}
+    assert {e.kind for e in analysis.plan.entries} == {"full"}
+    assert neg_parity(model, program, analysis) <= 1e-5
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: the capture (9 tokens) traces only the causal branch of a Python `if` on the key "
+    "count and nothing refuses it; the step program stays causal past the gate at 64 keys"))
+def test_python_if_window_refused_or_exact():
+    """A window that a Python ``if`` switches on past 64 keys: capture must refuse the model (the
+    branch depends on a dynamic size) or the step graph must match eager on both sides of the gate."""
+    from effexport.exporter.errors import CaptureError
+
+    model = negatives.build(NEGATIVES["python_if"])
+    try:
+        program, analysis = rewrite(model, model.cfg.vocab)
+    except CaptureError:
+        return  # refused: the user is told, nothing wrong is built
     assert neg_parity(model, program, analysis) <= 1e-5

@@ -143,3 +143,14 @@ def test_every_preset_reports(reports, name):
         assert kv["ring"]["model"] == kv["full_length"]["model"] > kv["ring"]["baseline"]
     else:
         assert kv["ring"]["model"] < kv["ring"]["baseline"]
+
+
+@pytest.mark.parametrize("cache_dtype, scale", [pytest.param("fp16", 1, id="fp16"), pytest.param("fp32", 2, id="fp32")])
+def test_cache_dtype_through_the_cli(capsys, cache_dtype, scale):
+    """``report --cache-dtype``: fp16 entries cost what bf16 ones do, fp32 twice (Laguna XS.2 keeps no
+    fp32 state): the hand arithmetic of HAND_KV times ``scale``."""
+    assert main(["report", "laguna-xs2", "--context", "128k", "--cache-dtype", cache_dtype, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cache_dtype"] == cache_dtype
+    assert data["kv_bytes"]["ring"]["model"] == scale * (10 * 4096 * N + 30 * 512 * 4096)
+    assert data["kv_bytes"]["full_length"]["baseline"] == scale * 40 * 4096 * N

@@ -1,7 +1,8 @@
 """Tiny randomly initialised Hugging Face causal LMs, one per family the installed transformers has
 (no downloads): configured so that the mechanisms effexport must keep actually occur at test
 lengths -- sliding windows smaller than the prompt, KV-shared layers, per-layer head counts, MoE,
-CCA states.
+CCA states -- and with the constants HF initialises that would hide a mechanism spread out (every
+norm gain; ZAYA temperatures; DeepSeek sinks, biases, scales and hash routing: :func:`build`).
 
 ``FAMILIES[name]`` is ``(config class, model class, config kwargs, expected)`` by class *name*
 (looked up in ``transformers`` so a missing family is reported, not an ImportError); ``expected``
@@ -90,6 +91,10 @@ def build(family: str, attn_implementation: str | None = None, seed: int = 0):
                 param.copy_(0.5 * torch.randn(param.shape))
             elif leaf in DEEPSEEK_SCALES:  # mHC gate scales (ones)
                 param.copy_(1 + 0.1 * torch.randn(param.shape))
+            elif leaf == "weight" and "norm" in name.rsplit(".", 2)[-2].lower() and param.dim() == 1:
+                # RMSNorm / LayerNorm gains (ones, or zeros where the norm computes (1 + w)): spread
+                # them, so a norm read from the wrong layer, dropped or applied twice changes numbers
+                param.add_(0.2 * torch.randn(param.shape))
         for name, buf in model.named_buffers():
             if name.endswith("tid2eid"):  # DeepSeek hash routing (zeros: every token to expert 0, twice)
                 experts = model.config.n_routed_experts

@@ -11,13 +11,19 @@ mask, chosen by name, is shared by all layers:
                   keeps both branches. Not one kind at every length: it must stay ``unknown``.
 ``bidirectional`` no mask at all: every key, cached ones and later new ones, is visible (an
                   encoder-style model run with a cache); new tokens see each other both ways.
+``python_if``     the ``length_gated`` window decided by a Python ``if`` on the key count: a capture
+                  at fewer keys traces only the causal branch (the window must not be lost silently).
 ``chunked``       causal within blocks of ``chunk`` positions (Llama-4 style local attention).
+``padding``       causal, and new keys whose token id is ``pad`` are hidden from other queries (a
+                  padding mask read from the token values, ``[B, T, S]``; cached keys stay visible).
+``alibi``         causal plus an ALiBi-style additive bias ``-slope_h * (q_pos - k_pos)`` on the
+                  scores (one slope per head): a bias the attention ops have no argument for.
 
 ``twin_kv=True`` makes every layer reuse layer 0's K/V projection *modules* (tied weights) on the
 same input (parallel blocks), so all layers hold equal K/V values computed by separate projections
 into separate caches: equal values are not shared K/V.
 
-Not covered: padding masks that read token values, sinks, ALiBi biases.
+Not covered: sinks.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MASKS = ("causal", "length_gated", "bidirectional", "chunked")
+MASKS = ("causal", "length_gated", "python_if", "bidirectional", "chunked", "padding", "alibi")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class NegConfig:
     window: int = 5      # length_gated: the window once the gate is open
     gate: int = 64       # length_gated: windowed iff the sequence has more than ``gate`` keys
     chunk: int = 4       # chunked: block size
+    pad: int = 0         # padding: the token id whose keys are hidden
     twin_kv: bool = False
 
     def __post_init__(self):
@@ -58,11 +65,28 @@ def visibility(cfg: NegConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torc
     causal = k_pos[None, :] <= q_pos[:, None]
     if cfg.mask == "causal":
         return causal
+    if cfg.mask in ("padding", "alibi"):  # padding: the token-value part is :func:`padding_keys`
+        return causal
     if cfg.mask == "chunked":
         return causal & (k_pos[None, :] // cfg.chunk == q_pos[:, None] // cfg.chunk)
     windowed = causal & (q_pos[:, None] - k_pos[None, :] < cfg.window)
+    if cfg.mask == "python_if":
+        return windowed if k_pos.shape[0] > cfg.gate else causal
     long_enough = k_pos[-1:] >= cfg.gate  # [1]: a tensor, so both branches are captured
     return torch.where(long_enough, windowed, causal)
+
+
+def padding_keys(cfg: NegConfig, input_ids: torch.Tensor, cached: int) -> torch.Tensor:
+    """``[B, 1, S]``: False for the new keys whose token is ``cfg.pad`` (cached keys stay visible)."""
+    new = input_ids != cfg.pad  # [B, T]
+    old = torch.ones(new.shape[0], cached, dtype=torch.bool, device=new.device)  # [B, S - T]
+    return torch.cat([old, new], dim=1)[:, None, :]
+
+
+def alibi_bias(cfg: NegConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """``[H, T, S]`` additive score bias ``-slope_h * (q_pos - k_pos)``, slopes ``2^(-8 h / H)``."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, cfg.heads + 1, device=q_pos.device) / cfg.heads)
+    return -slopes[:, None, None] * (q_pos[:, None] - k_pos[None, :]).to(torch.float32)
 
 
 class Attention(nn.Module):
@@ -85,8 +109,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, n, self.cfg.head_dim).transpose(1, 2)
 
-    def forward(self, x, mask, cached=None):
-        """x ``[B, T, E]``, mask bool ``[T, S]`` or None, ``cached`` (K, V) ``[B, Hkv, S-T, d]``."""
+    def forward(self, x, mask, cached=None, bias=None):
+        """x ``[B, T, E]``, mask bool ``[T, S]`` / ``[B, T, S]`` or None, ``cached`` (K, V)
+        ``[B, Hkv, S-T, d]``, ``bias`` ``[H, T, S]`` added to the scores."""
         cfg = self.cfg
         q = self.heads(self.q(x), cfg.heads)
         k, v = self.heads(self.k(x), cfg.kv_heads), self.heads(self.v(x), cfg.kv_heads)
@@ -99,8 +124,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask, scale=scale)
         else:
             scores = torch.matmul(q, kx.transpose(2, 3)) * scale  # [B, H, T, S]
+            if bias is not None:
+                scores = scores + bias
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
+                scores = scores.masked_fill(~(mask[:, None] if mask.dim() == 3 else mask), float("-inf"))
             out = torch.matmul(scores.softmax(dim=-1), vx)
         b, _, t, _ = out.shape
         return self.o(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
@@ -125,12 +152,15 @@ class NegModel(nn.Module):
         q_pos = torch.arange(start, start + t, device=input_ids.device)  # [T]
         k_pos = torch.arange(start + t, device=input_ids.device)  # [S]
         mask = visibility(self.cfg, q_pos, k_pos)
+        if self.cfg.mask == "padding":  # a query always sees itself (no all-hidden row)
+            mask = mask & (padding_keys(self.cfg, input_ids, start) | (k_pos[None, :] == q_pos[:, None]))
+        bias = alibi_bias(self.cfg, q_pos, k_pos) if self.cfg.mask == "alibi" else None
         x = self.tok(input_ids)
         present = {}
         total = x
         for i, (norm, attn) in enumerate(zip(self.norms, self.attn)):
             cached = None if past is None else (past[f"{i}.k"], past[f"{i}.v"])
-            y, (present[f"{i}.k"], present[f"{i}.v"]) = attn(norm(x), mask, cached)
+            y, (present[f"{i}.k"], present[f"{i}.v"]) = attn(norm(x), mask, cached, bias)
             if self.cfg.twin_kv:
                 total = total + y  # parallel: every layer reads the embedding
             else:
