@@ -307,13 +307,15 @@ def test_bidirectional_parity(negative):
     assert neg_parity(model, program, analysis) <= 1e-5
 
 
-def test_chunked_left_alone(negative):
-    """Chunked attention (blocks of 4): classified ``chunked``, left alone, parity."""
+def test_chunked_rewritten_to_chunk_caches(negative):
+    """Chunked attention (blocks of 4): classified ``chunked``, every layer's cache becomes a chunk-local
+    cache of 4 slots (the chunked ring op), no softmax left, parity."""
     model, program, analysis = negative("chunked")
     n = model.cfg.layers
     assert [s.mask_kind for s in analysis.sites] == ["chunked"] * n
-    assert analysis.counts["rewrite"]["left_alone"] == n
-    assert op_counts(program.gm)["softmax"] == n
+    assert analysis.counts["rewrite"]["chunk"] == n and analysis.counts["rewrite"]["left_alone"] == 0
+    assert op_counts(program.gm)["softmax"] == 0
+    assert {(e.kind, e.window, e.shape[2]) for e in analysis.plan.entries} == {("chunk", 4, 4)}
     assert neg_parity(model, program, analysis) <= 1e-5
 
 
