@@ -7,7 +7,7 @@
     python3 bench/ort_cuda.py --device cpu --presets gemma4-e2b:tiny --contexts 64 --batches 1 --dtype fp32
         # the same script end to end on ONNX Runtime CPU (a smoke run of the code path, not a benchmark)
 
-onnxruntime-gpu is not in the GPU machine's image: ``../shared/tools/stage-ort-gpu`` stages it (see
+onnxruntime-gpu is not in the GPU machine's image: it is staged as six pieces of the pip-downloaded wheel (``.ortgpu1`` .. ``.ortgpu6``) (see
 BENCHMARKS.md for the device calls). Per preset:
 
 1. the sample with random weights (seed 0) in ``--dtype`` on the device (``decode_step.build``);
