@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ort_cuda import ONNX_TYPES, TORCH_TYPES, profile_steps  # noqa: E402
+from ort_cuda import ONNX_TYPES, TORCH_TYPES, _count, _median_s, profile_steps  # noqa: E402
 
 
 def _feeds(manifest: dict, batch: int, context: int) -> list[torch.Tensor]:
@@ -64,17 +62,6 @@ def _bound(session, feeds: list[torch.Tensor], kinds: list[str]):
     return binding, logits, kept
 
 
-def _median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def probe(directory: str, args) -> dict:
     import onnxruntime as ort
 
@@ -86,7 +73,7 @@ def probe(directory: str, args) -> dict:
     feeds = _feeds(manifest, args.batch, args.context)
     plain = ort.InferenceSession(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     binding, logits, kept = _bound(plain, feeds, kinds)
-    res["plain_ms"] = _median_ms(lambda: plain.run_with_iobinding(binding), args.reps)
+    res["plain_ms"] = _median_s(lambda: plain.run_with_iobinding(binding), args.reps) * 1e3
     reference = logits.float().clone()
     del plain, binding, kept
     try:
@@ -102,18 +89,12 @@ def probe(directory: str, args) -> dict:
                                                         "CPUExecutionProvider"])
         res["cuda_graph_session"] = "created"
         binding, logits, kept = _bound(graphed, feeds, kinds)
-        res["cuda_graph_ms"] = _median_ms(lambda: graphed.run_with_iobinding(binding), args.reps)
+        res["cuda_graph_ms"] = _median_s(lambda: graphed.run_with_iobinding(binding), args.reps) * 1e3
         res["cuda_graph_max_abs_vs_plain"] = (logits.float() - reference).abs().max().item()
     except Exception as exc:  # noqa: BLE001  (the refusal is the finding)
         res["cuda_graph_error"] = f"{type(exc).__name__}: {exc}"[:600]
         traceback.print_exc()
     return res
-
-
-def _count(items) -> dict:
-    from collections import Counter
-
-    return dict(Counter(items).most_common())
 
 
 def main(argv=None) -> int:
