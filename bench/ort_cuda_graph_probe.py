@@ -15,7 +15,9 @@ tensors of their past's shape), run
    the plain session's.
 
 ORT's own profile of the plain session lists the nodes it placed on the CPU (by op type) and the
-copies it inserted: what has to move to the GPU before a graph can be captured. Writes
+copies it inserted (with their inputs). The CUDA EP accepts a graph with CPU nodes (shape
+sub-graphs) as long as no Memcpy node joins them to the GPU part: the copies are what has to go
+before a graph can be captured (``--placement-log`` prints ORT's account of each). Writes
 ``ort_cuda_graph.json`` to ``--out``. A probe, not a benchmark of record: BENCHMARKS.md quotes it.
 """
 from __future__ import annotations
@@ -81,9 +83,13 @@ def probe(directory: str, args) -> dict:
                              tuple(f"present.{e['name']}" for e in manifest["cache_plan"]["entries"]
                                    if e["kind"] == "buffer"))
         res["profile"] = {k: prof[k] for k in ("nodes_per_step", "cpu_nodes_per_step", "cpu_ops", "wall_ms")}
-        res["profile"]["copies"] = len(prof["copies"])
+        res["profile"]["copies"] = [{k: c[k] for k in ("node", "op", "inputs")} for c in prof["copies"]]
     except Exception as exc:  # noqa: BLE001
         res["profile_error"] = f"{type(exc).__name__}: {exc}"[:400]
+    if args.placement_log:  # ORT's INFO log names every Memcpy it inserts and the nodes it puts on the CPU
+        options = ort.SessionOptions()
+        options.log_severity_level = 1
+        ort.InferenceSession(path, options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     try:
         graphed = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"}),
                                                         "CPUExecutionProvider"])
@@ -105,6 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--placement-log", action="store_true",
+                    help="also create a session at ORT log level INFO (stderr): which nodes went to the CPU, "
+                         "which Memcpy nodes were inserted between what")
     args = ap.parse_args(argv)
     import onnxruntime as ort
 

@@ -22,6 +22,6 @@ timeout "${T_BENCH:-330}" python3 bench/ort_cuda.py --out "$OUT" $ORT_ARGS 2>&1 
 tail -n 12 "$OUT/ort_cuda.log"
 artifacts=$(ls -d /tmp/ort_cuda/*/effexport-* 2>/dev/null)
 [ -n "$artifacts" ] && timeout "${T_PROBE:-90}" python3 bench/ort_cuda_graph_probe.py $artifacts --out "$OUT" \
-    > "$OUT/ort_cuda_graph.log" 2>&1
+    --placement-log > "$OUT/ort_cuda_graph.log" 2>&1
 tail -n 4 "$OUT/ort_cuda_graph.log" 2>/dev/null
 exit 0
