@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxscript import opset18 as op
 
 __all__ = ["ints", "i64", "f32c", "dim", "to_float", "cast_like", "static_dim", "arange",
-           "visible", "ring_positions"]
+           "visible", "ring_positions", "on_device"]
 
 FLOAT = ir.DataType.FLOAT
 
@@ -56,6 +56,17 @@ def to_float(x):
 def cast_like(x, dtype):
     """Cast float32 ``x`` back to ``dtype`` (an ``ir.DataType``) unless equal."""
     return x if dtype == FLOAT else op.Cast(x, to=dtype)
+
+
+def on_device(x):
+    """A 0-d int64 computed from shapes, as a value of the compute device: ``Range(x, x + 1)`` squeezed.
+
+    ONNX Runtime runs shape arithmetic (``Shape`` -> ``Squeeze`` -> ``Add`` ...) on the CPU; where such
+    a scalar feeds device arithmetic (a mask, a gather index, GroupQueryAttention's ``seqlens_k``) it
+    inserts a Memcpy node, and a graph with a Memcpy node cannot be captured into a CUDA graph.
+    ``Range`` reads its bounds on the host and writes its output on the device, so it carries the
+    value across without a copy node."""
+    return op.Squeeze(op.Range(x, op.Add(x, i64(1)), i64(1)), ints([0]))
 
 
 def arange(start, length):

@@ -139,9 +139,7 @@ def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int
     ``pos`` (:func:`_gqa_lengths`), and its present then has the buffer's shape."""
     heads, kv_heads, _, dv = dims
     if lengths is None:
-        total = op.Add(op.Shape(k_past, start=2, end=3), op.Shape(q, start=2, end=3))  # [1]
-        lengths = (op.Cast(op.Expand(op.Sub(total, b.ints([1])), op.Shape(q, start=0, end=1)), to=6),  # [B]
-                   op.Cast(op.Squeeze(total, b.ints([0])), to=6))  # 0-d int32
+        lengths = _gqa_lengths(b.dim(k_past, 2), b.dim(q, 2), q)
     out, k_present, v_present = msft.GroupQueryAttention(
         _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_past, v_past, *lengths,
         head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
@@ -151,11 +149,12 @@ def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int
 
 
 def _gqa_lengths(pos, t_len, batch_of):
-    """GQA's ``seqlens_k`` (``[B]`` int32, ``pos + T - 1``) and ``total_sequence_length`` (0-d int32,
-    ``pos + T``) for queries at ``pos..pos+T-1`` (``pos``, ``t_len`` 0-d int64; batch from
-    ``batch_of``'s dim 0)."""
-    total = op.Add(pos, t_len)
-    seqlens = op.Expand(op.Reshape(op.Sub(total, b.i64(1)), b.ints([1])), op.Shape(batch_of, start=0, end=1))
+    """GQA's ``seqlens_k`` (``[B]`` int32, ``pos + T - 1``, a device value: :func:`~._build.on_device`)
+    and ``total_sequence_length`` (0-d int32, ``pos + T``) for queries at ``pos..pos+T-1`` (``pos``,
+    ``t_len`` 0-d int64; batch from ``batch_of``'s dim 0)."""
+    total = op.Add(pos, t_len)  # on the host: total_sequence_length is a CPU input of GQA
+    last = op.Reshape(b.on_device(op.Sub(total, b.i64(1))), b.ints([1]))  # seqlens_k is read on the device
+    seqlens = op.Expand(last, op.Shape(batch_of, start=0, end=1))
     return op.Cast(seqlens, to=6), op.Cast(total, to=6)
 
 
@@ -241,7 +240,7 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
     attend = _attend_standard if profile == "standard" else attend_decomposed
     out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
     # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
-    last_pos = b.ring_positions(op.Sub(op.Add(pos, t_len), b.i64(1)), slots)
+    last_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
     slot = op.Range(b.i64(0), b.i64(slots), b.i64(1))
     src = op.Where(op.GreaterOrEqual(last_pos, pos), op.Add(op.Sub(last_pos, pos), b.i64(slots)), slot)
     return out, op.Gather(keys, src, axis=2), op.Gather(values, src, axis=2)
@@ -269,7 +268,7 @@ def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, rin
     attend = _attend_standard if profile == "standard" else attend_decomposed
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
-        k_pos = b.ring_positions(op.Sub(op.Add(pos, t_len), b.i64(1)), slots)
+        k_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
         mask = b.visible(q_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
         return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
     if profile == "ort" and _gqa_fits(dims, scale):
@@ -299,10 +298,10 @@ def attention_read_standard(q, k_cache, v_cache, pos, sinks=None, scale: float =
 def _buffer_written(buf, new, pos, t_len):
     """``buf`` with rows ``pos..pos+T-1`` replaced by ``new``: a Gather over ``[buf | new]`` (row j
     takes ``new[j - pos]`` inside the window of new rows, else its own row)."""
-    capacity = b.dim(buf, 2)
-    row = op.Range(b.i64(0), capacity, b.i64(1))
-    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, op.Add(pos, t_len)))
-    src = op.Where(fresh, op.Add(op.Sub(row, pos), capacity), row)
+    capacity = b.static_dim(buf, 2, "attention_buffer")
+    row = op.Range(b.i64(0), b.i64(capacity), b.i64(1))
+    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, b.on_device(op.Add(pos, t_len))))
+    src = op.Where(fresh, op.Add(op.Sub(row, pos), b.i64(capacity)), row)
     return op.Gather(op.Concat(buf, new, axis=2), src, axis=2)
 
 
