@@ -39,6 +39,7 @@ TARGETS = {
 }
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
+DEFAULT_MAX_CONTEXT = 4096
 
 
 @dataclass
@@ -52,7 +53,7 @@ class BuildOptions:
     dtype: str = "fp32"
     check: bool = True
     steps: int = 16
-    max_context: int = 4096
+    max_context: int | None = None  # None: the smaller of DEFAULT_MAX_CONTEXT and the model's limit
     explain: bool = False
     dump_after: str | None = None
     force: bool = False
@@ -119,7 +120,7 @@ def check_options(opts: BuildOptions) -> None:
     if not 1 <= opts.steps <= MAX_STEPS:
         raise UsageError(f"--steps {opts.steps}: the parity check runs 1 to {MAX_STEPS} decode steps; "
                          "pass e.g. --steps 16 (or --no-check)")
-    if opts.max_context < 1:
+    if opts.max_context is not None and opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
@@ -134,14 +135,18 @@ def _output_dir(opts: BuildOptions, name: str) -> str:
     return out
 
 
-def _check_context(sample, max_context: int) -> None:
-    """``--max-context`` within a built-in sample's stated limit (other models state none here)."""
-    from effexport.exporter.report import max_context as context_limit
+def resolve_context(opts: BuildOptions, name: str, limit: int | None) -> BuildOptions:
+    """``opts`` with ``max_context`` set: the default is the smaller of :data:`DEFAULT_MAX_CONTEXT`
+    and the model's trained limit (``limit``, None when the model states none); a value past the
+    limit is refused."""
+    import dataclasses
 
-    limit = context_limit(sample) if sample is not None else None
-    if limit is not None and max_context > limit:
-        raise UsageError(f"--max-context {max_context} is beyond {sample.name}'s limit of {limit} tokens; "
+    if opts.max_context is None:
+        return dataclasses.replace(opts, max_context=min(DEFAULT_MAX_CONTEXT, limit or DEFAULT_MAX_CONTEXT))
+    if limit is not None and opts.max_context > limit:
+        raise UsageError(f"--max-context {opts.max_context} is beyond {name}'s limit of {limit} tokens; "
                          f"pass --max-context {limit} or less")
+    return opts
 
 
 def build(opts: BuildOptions) -> int:
@@ -149,7 +154,7 @@ def build(opts: BuildOptions) -> int:
     EffexportError otherwise. Every check that needs no loading runs before the first progress line."""
     check_options(opts)
     spec = resolve_model(opts.model, trust_pickle=opts.trust_pickle, weights=opts.weights)
-    _check_context(spec.sample, opts.max_context)
+    requested, opts = opts, resolve_context(opts, spec.name, spec.context_limit)
     out = _output_dir(opts, spec.name)
     progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
@@ -157,6 +162,8 @@ def build(opts: BuildOptions) -> int:
     try:
         loaded = spec.load()
         progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
+        if spec.context_limit is None:  # a pickled module states its limit only once loaded
+            opts = resolve_context(requested, loaded.name, loaded.context_limit)
         return _build(loaded, opts, out, progress)
     finally:
         progress.close()
@@ -165,7 +172,7 @@ def build(opts: BuildOptions) -> int:
 def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
     """Build an already loaded model (``effexport.export(module, ...)``); same contract as :func:`build`."""
     check_options(opts)
-    _check_context(loaded.sample, opts.max_context)
+    opts = resolve_context(opts, loaded.name, loaded.context_limit)
     out = _output_dir(opts, loaded.name)
     progress = Progress(_stages(opts, loaded.structure_only))
     try:
@@ -222,11 +229,9 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
     """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
     from effexport.exporter import report as rep
     from effexport.exporter._io import atomic_directory
-    from effexport.exporter.parity import check_parity
     from effexport.exporter.runtime import MANIFEST
     from effexport.exporter.structure_only import check_structure, external_bytes
 
-    model, ids = loaded.model, loaded.example_ids()
     code = 0
     with atomic_directory(out, force=opts.force) as tmp:
         if opts.dump_after:
@@ -284,13 +289,27 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
                 opts.target, "ONNX Runtime CPU")
             t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
-            parity = check_parity(model, open_runtime(tmp), ids[:, :8], opts.steps, opts.dtype)
+            parity = check_artifact(tmp, loaded, opts.steps)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
         _write_json(os.path.join(tmp, "report.json"), report)
     return code
+
+
+def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runtime=None):
+    """Parity of a built artifact against ``loaded`` (the eager model): the first 8 tokens of its
+    example stream as the prompt, then ``steps`` decode steps; ``runtime`` defaults to
+    :func:`open_runtime`'s."""
+    from effexport.exporter.parity import check_parity
+    from effexport.exporter.runtime import load_manifest
+
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps {steps}: the parity check runs 1 to {MAX_STEPS} decode steps")
+    runtime = runtime or open_runtime(artifact_dir)
+    dtype = load_manifest(artifact_dir)["dtype"]
+    return check_parity(loaded.model, runtime, loaded.example_ids()[:, :8], steps, dtype)
 
 
 def open_runtime(artifact_dir: str):

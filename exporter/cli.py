@@ -98,10 +98,9 @@ def _cmd_build(args) -> int:
 def _cmd_check(args) -> int:
     import os
 
-    from effexport.exporter.build import open_runtime
+    from effexport.exporter.build import check_artifact, open_runtime
     from effexport.exporter.errors import EffexportError, LoadError
     from effexport.exporter.loading import resolve_source
-    from effexport.exporter.parity import check_parity
     from effexport.exporter.runtime import load_manifest
 
     manifest = load_manifest(args.dir)
@@ -121,7 +120,7 @@ def _cmd_check(args) -> int:
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120]}); rebuild the artifact with --force") from None
     loaded = spec.load()
-    parity = check_parity(loaded.model, runtime, loaded.example_ids()[:, :8], args.steps, manifest["dtype"])
+    parity = check_artifact(args.dir, loaded, args.steps, runtime)
     print(parity.table())
     return 0 if parity.passed else 1
 
@@ -167,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                          help="run parity against eager after the build (default on)")
     p_build.add_argument("--steps", type=_int, default=16, help="decode steps in the parity check (default 16)")
-    p_build.add_argument("--max-context", type=parse_tokens, default=4096,
+    p_build.add_argument("--max-context", type=parse_tokens, default=None,
                          help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
-                              "(DeepSeek V4: max_context / ratio slots). Default 4096; accepts 128k")
+                              "(DeepSeek V4: max_context / ratio slots). Default: the smaller of 4096 and "
+                              "the model's trained limit; accepts 128k")
     p_build.add_argument("--explain", action="store_true",
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",

@@ -39,11 +39,9 @@ from torch import nn
 
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
 
-# config.json model types of the causal LMs verified end to end (tests/test_hf.py); exporter/loading.py
-# refuses directories of other types. The multimodal "gemma4" / "gemma3n" checkpoints load as
-# ...ForConditionalGeneration and are not verified: save the text model (...ForCausalLM) instead.
-SUPPORTED_MODEL_TYPES = ("llama", "gemma4_text", "gemma3n_text", "laguna", "zaya", "deepseek_v4")
-# model types known not to capture, and why (one line each; the user gets it as the error)
+# model types known not to capture or lower, and why (one line each; the user gets it as the error).
+# Any other model type whose AutoModelForCausalLM class is a ...ForCausalLM is taken: the passes
+# rewrite what they recognise and leave the rest as plain graph (--explain says what and why).
 UNSUPPORTED_MODEL_TYPES: dict[str, str] = {}
 # attention implementations that torch.export captures as plain graphs (others are switched to sdpa)
 EXPORTABLE_ATTENTION = ("sdpa", "eager")
@@ -361,11 +359,12 @@ def _loaded(step: HFStep, name: str, source: dict):
     from effexport.exporter.loading import LoadedModel
 
     text = _text_config(step.hf.config)
+    limit = getattr(text, "max_position_embeddings", None)
     return LoadedModel(name=name, model=step, vocab_size=int(text.vocab_size), sample=None,
                        source={"kind": "hf", "model_type": getattr(text, "model_type", None),
                                "class": type(step.hf).__name__,
                                "attn_implementation": step.hf.config._attn_implementation, **source},
-                       example_length=_capture_length(text))
+                       example_length=_capture_length(text), context_limit=int(limit) if limit else None)
 
 
 def _capture_length(text) -> int:
@@ -393,8 +392,38 @@ def wrap_hf_module(module: nn.Module, name: str | None = None):
     if model_type in UNSUPPORTED_MODEL_TYPES:
         raise UsageError(f"{type(module).__name__}: {UNSUPPORTED_MODEL_TYPES[model_type]}")
     step = HFStep(module)
-    return _loaded(step, name or getattr(module.config, "name_or_path", "") or type(module).__name__,
-                   {"module": type(module).__module__})
+    source = {"module": type(module).__module__}
+    directory = getattr(module.config, "_name_or_path", "") or ""
+    if directory and is_hf_directory(directory):  # loaded from a local directory: check reloads it
+        source["path"] = os.path.abspath(directory)
+    return _loaded(step, name or getattr(module.config, "name_or_path", "") or type(module).__name__, source)
+
+
+def check_model_type(path: str, config: dict) -> None:
+    """Refuse a ``config.json`` (as a dict) that names a model type known not to export, one the
+    installed transformers does not know (remote code is never run) or one with no ``...ForCausalLM``
+    class (encoders, multimodal wrappers); without transformers only the first check runs."""
+    model_type = config["model_type"]
+    arch = ", ".join(config.get("architectures") or []) or model_type
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise LoadError(f"{path}: {arch} (model_type {model_type!r}) cannot be exported: "
+                        f"{UNSUPPORTED_MODEL_TYPES[model_type]}")
+    try:
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    except ImportError:
+        return  # loading reports the missing package
+    if model_type not in CONFIG_MAPPING_NAMES:
+        remote = " (its config.json names remote code, which effexport does not run)" if "auto_map" in config else ""
+        raise LoadError(f"{path}: transformers {transformers.__version__} has no model_type {model_type!r}{remote}; "
+                        "upgrade transformers if a newer release has it")
+    cls = causal.get(model_type)
+    if not cls or not cls.endswith("ForCausalLM"):
+        what = f"its AutoModelForCausalLM class is {cls}" if cls else "transformers has no causal-LM class for it"
+        raise LoadError(f"{path}: {arch} (model_type {model_type!r}) is not a decoder-only causal LM ({what}); "
+                        "effexport exports ...ForCausalLM models: for a multimodal checkpoint save its text "
+                        "model (e.g. Gemma3ForCausalLM) with save_pretrained and pass that directory")
 
 
 def is_hf_directory(path: str) -> bool:
