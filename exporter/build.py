@@ -221,6 +221,8 @@ def _rewrite_summary(analysis) -> str:
               (c["compressed"]["window_only"], "window-only sparse"),
               (c["mhc"]["mhc_pre"] + c["mhc"]["mhc_post"] + c["mhc"]["mhc_head"], "mHC")]
     line += "".join(f", {n} {what}" for n, what in others if n)
+    if analysis.stateful:
+        line += f", {len(analysis.stateful)} stateful (fixed-size states)"
     return f"{line}, {len(analysis.left_alone)} left alone"
 
 
@@ -280,7 +282,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report[rep.STOCK_KEY] = rep.stock_comparison(loaded.sample, analysis.plan, report["context"])
             print(f"      {rep.format_stock(report[rep.STOCK_KEY])}", file=sys.stderr)
         else:
-            report = {"model": loaded.name}
+            report = {"model": loaded.name, rep.REALISED_KEY: rep.realised_savings(analysis, opts.max_context)}
+            print(f"      {rep.format_realised(report[rep.REALISED_KEY])}", file=sys.stderr)
         report["passes"] = analysis.counts
         if loaded.structure_only:
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
