@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -65,11 +66,18 @@ def _cmd_report(args) -> int:
     from effexport.exporter._io import atomic_file
     from effexport.samples import UnknownModelError, get_sample
 
-    try:
-        sample = get_sample(args.model)
-    except UnknownModelError as exc:
-        raise UsageError(str(exc)) from None
+    if os.path.isdir(args.model):
+        from effexport.exporter.hf_report import hf_report_sample
+
+        sample = hf_report_sample(args.model)
+    else:
+        try:
+            sample = get_sample(args.model)
+        except UnknownModelError as exc:
+            raise UsageError(f"{exc}; or pass a Hugging Face model directory") from None
     data = rep.build_report(sample, args.context, args.cache_dtype)
+    for warning in data["warnings"]:
+        print(f"effexport: warning: {warning}", file=sys.stderr)
     if args.plot:
         with atomic_file(args.plot) as tmp:
             rep.plot_report(sample, args.cache_dtype, args.context, tmp)
@@ -96,8 +104,6 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    import os
-
     from effexport.exporter.build import check_artifact, open_runtime
     from effexport.exporter.errors import EffexportError, LoadError
     from effexport.exporter.loading import resolve_source
@@ -204,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "baseline with its savings turned off; parameters; decode FLOPs per token.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: effexport report laguna-xs2 --context 131072 --plot kv.png")
-    p_rep.add_argument("model", metavar="MODEL", help="a built-in sample name (see 'effexport list')")
+    p_rep.add_argument("model", metavar="MODEL", help="a built-in sample name (see 'effexport list') or a Hugging "
+                                                      "Face model directory (config.json is enough)")
     p_rep.add_argument("--context", type=parse_tokens, default=parse_tokens("128k"),
                        help="context length in tokens: 131072, 128k or 1M (default 128k)")
     from effexport.exporter.report import CACHE_DTYPES

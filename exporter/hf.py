@@ -113,6 +113,10 @@ class HFStep(nn.Module):
         if past:
             for i, layer in enumerate(cache.layers):
                 _fill_layer(layer, i, past)
+            seen = next((layer.get_seq_length() for layer in cache.layers if _is_kv(layer) and layer.is_initialized), 0)
+            for layer in cache.layers:  # states do not say how many tokens they have seen: the K/V caches do
+                if isinstance(layer, _FunctionalLinearState):
+                    layer.past_length = seen
         out = self.hf(input_ids=input_ids, use_cache=True, **{self.cache_arg: cache})
         present: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(cache.layers):
@@ -143,6 +147,7 @@ def _export_layer(layer):
         functional = _functional_class(type(layer))
         swapped = functional.__new__(functional)
         swapped.__dict__.update(layer.__dict__)
+        swapped.record_past = True  # no in-place decode update (see _FunctionalLinearState)
         layer = swapped
     return layer
 
@@ -158,17 +163,29 @@ def _functional_class(kind: type) -> type:
 
 class _FunctionalLinearState:
     """Conv / recurrent state updates that assign instead of ``copy_`` (mixed in before the HF
-    linear-attention layer class); values as ``LinearAttentionLayer.update_*_state``."""
+    linear-attention layer class); values as ``LinearAttentionLayer.update_*_state``.
 
+    ``record_past`` is set (see :func:`_export_layer`) so that HF's one-token decode updates the conv
+    state through :meth:`update_conv_state` too, not with its in-place ``causal_conv1d_update``; and
+    a layer with only states reports ``past_length`` (the K/V layers' length, set by
+    :meth:`HFStep.forward`) as its sequence length: HF counts tokens in a tensor that starts at 0 in
+    every step's fresh cache, and models take their positions from the first layer's count."""
+
+    past_length = 0
+
+    def get_seq_length(self) -> int:
+        from transformers.cache_utils import DynamicLayer
+
+        return DynamicLayer.get_seq_length(self) if isinstance(self, DynamicLayer) else self.past_length
 
     def update_conv_state(self, conv_states, state_idx: int = 0, conv_kernel_size=None, **kwargs):
         if self.conv_kernel_size[state_idx] is None:
             self.conv_kernel_size[state_idx] = conv_kernel_size or conv_states.shape[-1]
         width = self.conv_kernel_size[state_idx]
-        if conv_states.shape[-1] >= width:  # the new window alone fills the state
-            full = conv_states
-        elif self.has_previous_state[state_idx]:
+        if self.has_previous_state[state_idx]:  # the state is the new tokens' left context, however many
             full = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
+        elif conv_states.shape[-1] >= width:
+            full = conv_states
         else:
             full = torch.nn.functional.pad(conv_states, (width - conv_states.shape[-1], 0))
         self.has_previous_state[state_idx] = True

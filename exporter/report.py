@@ -125,9 +125,10 @@ def build_report(sample: Sample, context: int, cache_dtype: str = "bf16") -> dic
     if context < 1:
         raise UsageError(f"--context must be a positive number of tokens, got {context}")
     limit = max_context(sample)
-    if limit is not None and context > limit:
-        raise UsageError(f"--context {context} is beyond {sample.name}'s limit of {limit} tokens; "
-                         f"pass --context {limit} or less")
+    warnings = [f"--context {context:,} is beyond {sample.name}'s trained limit of {limit:,} tokens: the bytes "
+                "and FLOPs are the arithmetic at that length"] if limit is not None and context > limit else []
+    warnings += [f"layer type {t!r} is not known to the report: counted as full attention"
+                 for t in getattr(sample.config, "unknown", ())]
     model_layers = sample.config.layer_specs()
     base_layers = sample.config.layer_specs(baseline=True)
     params = param_counts(sample)
@@ -135,6 +136,7 @@ def build_report(sample: Sample, context: int, cache_dtype: str = "bf16") -> dic
     return {
         "model": sample.name,
         "context": context,
+        "warnings": warnings,
         "cache_dtype": cache_dtype,
         "kv_bytes": {policy: {"model": total_bytes(model_layers, context, cache_dtype, policy),
                               "baseline": total_bytes(base_layers, context, cache_dtype, policy)}

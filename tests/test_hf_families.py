@@ -118,6 +118,23 @@ def test_parity_with_hf(built):
     print(f"{built.family}: build {built.seconds:.1f}s, parity max rel {worst:.2e} (prefill {prefill})")
 
 
+def test_step_wrapper_in_chunks(built):
+    """The step wrapper fed 9, then 5, then 1 tokens (a chunk after a past at least as long as any
+    conv window) equals the HF forward: states and positions carry over between steps."""
+    from effexport.exporter.hf import HFStep
+
+    step = HFStep(built.hf)
+    ids = torch.randint(0, _text(built.hf.config).vocab_size, (BATCH, 15), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = built.hf(input_ids=ids).logits
+        got, past = [], None
+        for start, end in ((0, 9), (9, 14), (14, 15)):
+            logits, past = step(ids[:, start:end], past)
+            got.append(logits)
+    err = ((torch.cat(got, dim=1) - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-5, f"{built.family}: step wrapper vs HF forward max rel {err:.3e}"
+
+
 def test_cache_plan_matches_config(built):
     """Layer by layer, the artifact's CachePlan is what the config declares."""
     config = _text(built.hf.config)
