@@ -9,8 +9,8 @@ The config's layers become :class:`~effexport.samples._spec.LayerSpec` s:
   fp32), any other type -> counted as a full cache, with a warning naming it;
 * ``num_kv_shared_layers``: each of the last N layers is a consumer of the last earlier layer of its
   type (which becomes its owner);
-* per-layer heads (``num_attention_heads_per_layer``) and a separate full-attention head size
-  (``global_head_dim``) where the config has them.
+* per-layer heads and head sizes (``num_attention_heads_per_layer``, ``per_layer_config``) where the
+  config has them.
 
 The baseline is the same model with every layer keeping its own full-length K/V. Active parameters
 count ``num_experts_per_tok`` of the routed experts of each MoE layer. Not covered: compressed
@@ -56,12 +56,14 @@ class HFLayout:
     def param_counts(self) -> dict[str, int]:
         return self.params
 
-    def _heads(self, index: int, kind: str) -> tuple[int, int, int]:
-        t = self.text
-        heads = (getattr(t, "num_attention_heads_per_layer", None) or [t.num_attention_heads] * (index + 1))[index]
+    def _heads(self, index: int) -> tuple[int, int, int]:
+        """Query heads, K/V heads and head size of layer ``index`` (per-layer configs where the config
+        has them: Gemma 4's full layers use other head sizes)."""
+        per_layer = getattr(self.text, "per_layer_config", None)
+        t = per_layer[index] if per_layer else self.text
+        heads = (getattr(self.text, "num_attention_heads_per_layer", None) or {})
+        heads = heads[index] if heads else t.num_attention_heads
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        if kind == F and getattr(t, "global_head_dim", None):
-            head_dim = t.global_head_dim
         return heads, getattr(t, "num_key_value_heads", None) or heads, head_dim
 
     def _linear(self, index: int) -> LayerSpec:
@@ -81,7 +83,7 @@ class HFLayout:
             if kind == LINEAR:
                 specs.append(self._linear(i))
                 continue
-            heads, kv, d = self._heads(i, kind)
+            heads, kv, d = self._heads(i)
             window = self.text.sliding_window if kind == S and not baseline else None
             cache = () if i in reads else tuple(
                 CacheTensor(name, "ring" if window else "full", kv * d, window=window) for name in ("k", "v"))

@@ -119,7 +119,7 @@ def max_context(sample: Sample) -> int | None:
 
 
 def build_report(sample: Sample, context: int, cache_dtype: str = "bf16") -> dict:
-    """The machine-readable report (the JSON contract in DESIGN.md)."""
+    """The machine-readable report (`effexport report --json`); ``warnings`` lists what the numbers assume."""
     if cache_dtype not in CACHE_DTYPES:
         raise UsageError(f"unknown --cache-dtype {cache_dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
     if context < 1:

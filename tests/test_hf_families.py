@@ -10,7 +10,8 @@ onnx --explain`` (no model-type allow-list), then checked three ways:
   linear-attention layers -> fixed-size states, DeepSeek's CSA / HCA -> ring + compressed entries of
   the config's ratio + states;
 * the report says what was realised: rewrite counts as hf_tiny expects, nothing left alone, and the
-  build's own parity check passed.
+  build's own parity check passed; ``effexport report DIR`` (config only) counts the bytes the
+  artifact's CachePlan holds.
 
 One build per family (module fixture), one pytest-xdist unit per family (``XDIST_SPLIT``). A family
 added to ``hf_tiny.FAMILIES`` joins the matrix (Llama 4's chunked attention is the one still missing:
@@ -172,3 +173,21 @@ def test_report_says_what_was_realised(built):
     assert (c["rewrite"]["ring"], c["rewrite"]["full"], c["kv_sharing"]["consumers"]) == (
         e["ring"], e["full"], e["consumers"])
     assert c["cache_plan"]["state"] == e["states"]
+
+
+def test_config_report_counts_the_plan(built):
+    """``effexport report DIR`` from config.json alone, at fp32, counts exactly the cache bytes of the
+    artifact's CachePlan (rings at their window, consumers nothing, states their size); layer types
+    the config report does not know (ZAYA's CCA, DeepSeek's CSA / HCA) are named in its warnings."""
+    from effexport.exporter import report as rep
+    from effexport.exporter.hf_report import hf_report_sample
+    from effexport.passes.cache_plan import CacheEntry
+
+    sample = hf_report_sample(str(built.dir))
+    data = rep.build_report(sample, 64, "fp32")
+    if sample.config.unknown:
+        assert all(any(repr(t) in w for w in data["warnings"]) for t in sample.config.unknown)
+        return
+    assert data["warnings"] == []
+    entries = [CacheEntry(**{**e, "shape": tuple(e["shape"])}) for e in built.manifest["cache_plan"]["entries"]]
+    assert data["kv_bytes"]["ring"]["model"] == sum(e.nbytes(1, 64) for e in entries)
