@@ -42,7 +42,17 @@ from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
 # model types known not to capture or lower, and why (one line each; the user gets it as the error).
 # Any other model type whose AutoModelForCausalLM class is a ...ForCausalLM is taken: the passes
 # rewrite what they recognise and leave the rest as plain graph (--explain says what and why).
-UNSUPPORTED_MODEL_TYPES: dict[str, str] = {}
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "rwkv": "RWKV carries its recurrent state in the forward's own `state` argument, not in a transformers "
+            "Cache, so the step graph holds no state and does not match eager",
+    "recurrent_gemma": "RecurrentGemma keeps its recurrent and attention state in module attributes (its own "
+                       "_setup_cache), not in a transformers Cache, so the step graph cannot carry it (lowering "
+                       "fails on the batch dimension)",
+    "xlstm": "xLSTM reads its own cache class (rnn_state), not the transformers DynamicCache the step wrapper "
+             "supplies, so it cannot be captured",
+    "mamba": "Mamba's state-space cache path is not supported: the exported step fails in ONNX Runtime on its "
+             "first call (a broadcast Add in the selective scan)",
+}
 # attention implementations that torch.export captures as plain graphs (others are switched to sdpa)
 EXPORTABLE_ATTENTION = ("sdpa", "eager")
 # the MoE experts implementation that exports (the default grouped_mm is an op with no ONNX lowering)

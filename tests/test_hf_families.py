@@ -32,6 +32,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from models import hf_tiny  # noqa: E402
 
+from effexport.exporter.hf_report import kv_shared, layer_types  # noqa: E402  (the config's layers, read alone)
+
 DECODE, BATCH, RTOL = 16, 2, 1e-4
 XDIST_SPLIT = ("built",)  # one pytest-xdist unit per family (tests/conftest.py)
 S, F, LINEAR = "sliding_attention", "full_attention", "linear_attention"
@@ -46,22 +48,6 @@ FAMILIES = [pytest.param(f, id=f, marks=() if hf_tiny.available(f) else pytest.m
 
 def _text(config):
     return config.get_text_config(decoder=True)
-
-
-def layer_types(config) -> list[str]:
-    """The config's per-layer attention types; a config without ``layer_types`` (Llama, Mistral,
-    Phi-3) has one type for every layer: sliding when it sets a ``sliding_window``."""
-    text = _text(config)
-    default = S if getattr(text, "sliding_window", None) else F
-    return list(getattr(text, "layer_types", None) or [default] * text.num_hidden_layers)
-
-
-def shared_reads(config) -> dict[int, int]:
-    """KV sharing (``num_kv_shared_layers``): each of the last N layers reads the last earlier layer of
-    its type."""
-    types, shared = layer_types(config), getattr(_text(config), "num_kv_shared_layers", 0) or 0
-    first = len(types) - shared
-    return {i: max(j for j in range(first) if types[j] == types[i]) for i in range(first, len(types))}
 
 
 def prefill_length(config) -> int:
@@ -139,7 +125,7 @@ def test_step_wrapper_in_chunks(built):
 def test_cache_plan_matches_config(built):
     """Layer by layer, the artifact's CachePlan is what the config declares."""
     config = _text(built.hf.config)
-    types, reads = layer_types(config), shared_reads(config)
+    types, reads = layer_types(config), kv_shared(config)
     entries, roles = built.manifest["cache_plan"]["entries"], {x["layer"]: x for x in built.manifest["cache_plan"]["layers"]}
     rates = getattr(config, "compress_rates", None) or {}
     for layer, kind in enumerate(types):
