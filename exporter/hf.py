@@ -13,9 +13,11 @@ classes for the config (``DynamicCache(config=...)``), except that
   passes recognise (mask probing) and turn into a W-slot ring -- the same as for the samples;
 * KV-sharing consumers keep HF's ``DummyLayer`` (no cache; they read the producer's K/V through
   HF's side channel, so the captured graph shows consumers attending the producer's K/V nodes);
-* linear-attention layers (ZAYA's conv window and delayed-value state) keep HF's classes with a
-  functional state update (:class:`_FunctionalLinearState`); their states are cache entries
-  ``"{layer}.conv{i}"`` / ``"{layer}.rec{i}"`` next to ``"{layer}.k"`` / ``"{layer}.v"``;
+* linear-attention layers (ZAYA's conv window and delayed-value state, Qwen3-Next's gated delta net
+  conv and recurrent state) keep HF's classes with a functional state update
+  (:class:`_FunctionalLinearState`); their states are cache entries ``"{layer}.conv{i}"`` /
+  ``"{layer}.rec{i}"`` (next to ``"{layer}.k"`` / ``"{layer}.v"`` on hybrid layers), and a layer
+  with states only takes its token count from the K/V layers;
 * DeepSeek V4's layers (window, CSA, HCA) are replaced as a whole by :class:`_DeepseekV4State`, which
   serves HF's own compressor / indexer code with state held in step tensors (``CACHE_ADAPTERS``).
 

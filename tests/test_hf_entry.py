@@ -5,8 +5,8 @@ matrix (build + parity + CachePlan per family) is tests/test_hf_families.py."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 
 import pytest
 import torch

@@ -149,9 +149,22 @@ def test_cache_plan_matches_config(built):
 
 
 def test_report_says_what_was_realised(built):
-    """report.json: the rewrites hf_tiny expects for the config, none left alone."""
-    c, e = built.report["passes"], built.expected
-    assert c["rewrite"]["left_alone"] == 0 and c["compressed"]["left_alone"] == 0
+    """report.json: the rewrites hf_tiny expects for the config, none left alone; ``"realised"`` names
+    the ring layers with their window, the consumers and the stateful (linear-attention) layers, which
+    ``--explain`` names as such, not as left alone."""
+    c, e, realised = built.report["passes"], built.expected, built.report["realised"]
+    assert c["rewrite"]["left_alone"] == 0 and c["compressed"]["left_alone"] == 0 and c["cca"]["left_alone"] == 0
+    assert realised["left_alone"] == [] and "left alone:" not in built.log
+    config = _text(built.hf.config)
+    types, reads = layer_types(config), kv_shared(config)
+    linear = [i for i, t in enumerate(types) if t == LINEAR]
+    assert realised["stateful"] == linear
+    for layer in linear:
+        assert f"stateful layer {layer}: linear attention / state-space" in built.log
+    assert [x["layer"] for x in realised["consumers"]] == sorted(reads)
+    assert {(x["layer"], x["window"]) for x in realised["ring"]} == {
+        (i, config.sliding_window) for i, t in enumerate(types) if t == S and i not in reads}
+    assert realised["cache_bytes"] <= realised["cache_bytes_rings_full_length"]
     if "sites" not in e:  # DeepSeek V4: window-only site + CSA / HCA (tests/test_hf.py checks the ops)
         assert (c["compressed"]["csa"], c["compressed"]["hca"]) == (1, 1)
         return
