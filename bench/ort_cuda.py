@@ -2,7 +2,8 @@
 ``torch.onnx.export`` of the same eager sample (issue #8's ">= 4x faster than the stock export").
 
     PYTHONPATH=/tmp/ortgpu python3 bench/ort_cuda.py --out DIR [--presets gemma4-e2b]
-        [--contexts 4096,32768] [--batches 1,8] [--dtype bf16]
+        [--contexts 4096,32768] [--batches 1,8] [--dtype bf16] [--kv-cache grow,buffer]
+        [--config global_head_dim=256]
     python3 bench/ort_cuda.py --device cpu --presets gemma4-e2b:tiny --contexts 64 --batches 1 --dtype fp32
         # the same script end to end on ONNX Runtime CPU (a smoke run of the code path, not a benchmark)
 
@@ -19,8 +20,14 @@ BENCHMARKS.md for the device calls). Per preset:
    ``DIR/stock/model.onnx``; parity: one decode step against eager on the same random past;
 4. per context L and batch B: one decode step at position L-1 over random caches, both models
    through I/O binding (inputs bound by device pointer, the logits into a torch tensor, the caches
-   allocated by ORT on the device),
-   median of ``--reps`` runs (``run_with_iobinding`` returns when the step is done).
+   allocated by ORT on the device; a ``buffer`` cache's present bound to its past's memory, so
+   GroupQueryAttention writes it in place), median of ``--reps`` runs (``run_with_iobinding``
+   returns when the step is done).
+
+``--kv-cache grow,buffer`` builds one effexport artifact per full-cache layout (``--kv-cache`` of the
+CLI; buffers of ``max(--contexts)`` rows) and times each in the same run; ``--config k=v,...``
+overrides sample config fields (e.g. ``global_head_dim=256``: Gemma 4 E2B's full layers at Gemma 3's
+head size, which GroupQueryAttention's fast CUDA kernels take).
 
 Writes ``ort_cuda.json`` / ``ort_cuda.md`` to ``--out``.
 """
@@ -58,14 +65,14 @@ def _session(path: str, device: str, profile_prefix: str | None = None):
     return ort.InferenceSession(path, options, providers=providers)
 
 
-def gpu_kernels(path: str, feeds: list, logits_shape: tuple, steps: int = 5) -> dict:
+def gpu_kernels(path: str, feeds: list, logits_shape: tuple, in_place: tuple = (), steps: int = 5) -> dict:
     """The GPU side of ``steps`` decode steps: every CUDA kernel and copy ONNX Runtime launched, timed
     on the device by CUPTI through ``torch.profiler`` (ORT's own profile times the CPU side only), summed
     per kernel name; shows what grows with the context when the launches are hidden behind it."""
     from torch.profiler import ProfilerActivity, profile
 
     session = _session(path, "cuda")
-    run, _ = _bind_run(session, feeds, "cuda", logits_shape)
+    run, _ = _bind_run(session, feeds, "cuda", logits_shape, in_place)
     run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -84,13 +91,14 @@ def gpu_kernels(path: str, feeds: list, logits_shape: tuple, steps: int = 5) -> 
             "top": [{"kernel": k[:120], "per_step": c / steps, "ms_per_step": us / 1e3} for k, (c, us) in top]}
 
 
-def profile_steps(path: str, feeds: list, device: str, logits_shape: tuple, prefix: str, steps: int = 5) -> dict:
+def profile_steps(path: str, feeds: list, device: str, logits_shape: tuple, prefix: str, in_place: tuple = (),
+                  steps: int = 5) -> dict:
     """ONNX Runtime's own profile of ``steps`` decode steps (after one warm-up): per step the nodes
     run, the summed node time (kernel launch + execution as ORT times it), the wall time, and per
     op type and provider the node count and time; tells launch overhead from kernel work and shows
     which nodes ran on the CPU."""
     session = _session(path, device, prefix)
-    run, _ = _bind_run(session, feeds, device, logits_shape)
+    run, _ = _bind_run(session, feeds, device, logits_shape, in_place)
     run()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -118,24 +126,39 @@ def profile_steps(path: str, feeds: list, device: str, logits_shape: tuple, pref
             "node_time_ms_per_step": sum(e.get("dur", 0) for e in last) / steps / 1e3,
             "model_run_ms": statistics.median(e["dur"] for e in runs[1:]) / 1e3 if len(runs) > 1 else None,
             "cpu_nodes_per_step": sum(1 for e in last if "CPU" in e["args"].get("provider", "")) / steps,
+            "cpu_ops": _count(n["op"] for n in per_node.values() if n["provider"] == "CPU"),
             "top": [{"op": k, "nodes_per_step": c, "ms_per_step": us / 1e3} for k, (c, us) in top],
             "slowest_nodes": slowest,
             "copies": [n for n in per_node.values() if n["op"].startswith("Memcpy")]}
 
 
-def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tuple):
+def _count(items) -> dict:
+    """{item: occurrences}, most frequent first."""
+    from collections import Counter
+
+    return dict(Counter(items).most_common())
+
+
+def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tuple, in_place: tuple = ()):
     """Bind every input by pointer (tensors on ``device``), the logits to a torch tensor of
-    ``logits_shape`` (read back after a run; numpy cannot hold bf16) and the other outputs to
-    ORT-allocated device memory; returns a callable running one step, and the logits tensor."""
+    ``logits_shape`` (read back after a run; numpy cannot hold bf16), the presents named in
+    ``in_place`` to their past's memory and the other outputs to ORT-allocated device memory;
+    returns a callable running one step, and the logits tensor."""
     binding = session.io_binding()
     bound = [tensor.contiguous() for tensor in feeds]  # kept alive by run(): ORT holds raw pointers
+    by_name = {}
     for spec, tensor in zip(session.get_inputs(), bound):
         binding.bind_input(spec.name, device, 0, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        by_name[spec.name] = tensor
     first, *rest = session.get_outputs()
     logits = torch.empty(logits_shape, dtype=TORCH_TYPES[first.type], device=device)
     binding.bind_output(first.name, device, 0, ONNX_TYPES[logits.dtype], list(logits.shape), logits.data_ptr())
     for spec in rest:
-        binding.bind_output(spec.name, device)
+        past = by_name.get("past." + spec.name[len("present."):]) if spec.name in in_place else None
+        if past is not None:
+            binding.bind_output(spec.name, device, 0, ONNX_TYPES[past.dtype], list(past.shape), past.data_ptr())
+        else:
+            binding.bind_output(spec.name, device)
 
     def run():
         session.run_with_iobinding(binding)
@@ -158,15 +181,21 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
 
-def export_effexport(model, out: str, dtype, max_context: int) -> tuple:
+def _in_place(plan) -> tuple:
+    """Present names of the plan's ``buffer`` caches (bound to their past's memory)."""
+    return tuple(f"present.{e.name}" for e in plan.entries if e.kind == "buffer")
+
+
+def export_effexport(model, out: str, dtype, max_context: int, kv_cache: str = "grow", captured=None) -> tuple:
     from effexport.exporter.capture import capture_step
     from effexport.exporter.onnx.export import export_step, step_io_names
     from effexport.exporter.runtime import MANIFEST
     from effexport.passes.pipeline import run_pipeline
 
-    ids = torch.randint(0, model.config.vocab_size, (2, 40), device=decode_step.DEV)
-    captured = capture_step(model, ids)
-    program, analysis = run_pipeline(captured, max_context=max_context)
+    if captured is None:
+        ids = torch.randint(0, model.config.vocab_size, (2, 40), device=decode_step.DEV)
+        captured = capture_step(model, ids)
+    program, analysis = run_pipeline(captured, max_context=max_context, cache_layout=kv_cache)
     os.makedirs(out, exist_ok=True)
     export_step(program, analysis.plan, os.path.join(out, "model.onnx"), profile="ort")
     inputs, outputs = step_io_names(analysis.plan)
@@ -213,23 +242,31 @@ def effexport_parity(model, directory: str, device: str) -> float:
 
 
 def run_preset(name: str, args, dtype) -> dict:
+    import dataclasses
+
     from effexport.samples import get_sample
 
     sample = get_sample(name)
-    res: dict = {"preset": name, "dtype": args.dtype, "rows": []}
+    if args.config:
+        sample = dataclasses.replace(sample, config=dataclasses.replace(sample.config, **args.config))
+    res: dict = {"preset": name, "config": args.config, "dtype": args.dtype, "rows": []}
     gen = torch.Generator(device=decode_step.DEV).manual_seed(0)
     model = decode_step.build(sample, dtype)
     res["weight_bytes"] = decode_step.weight_bytes(model)
-    t0 = time.monotonic()
-    eff_dir, stock_dir = os.path.join(args.work, name, "effexport"), os.path.join(args.work, name, "stock")
-    captured, plan = export_effexport(model, eff_dir, dtype, max(args.contexts))
-    res["effexport_export_s"] = time.monotonic() - t0
-    print(f"{name}: effexport ONNX in {res['effexport_export_s']:.0f}s", flush=True)
-    try:
-        res["effexport_parity_max_rel"] = effexport_parity(model, eff_dir, args.device)
-    except Exception as exc:  # noqa: BLE001  (report why, keep the timings)
-        res["effexport_parity_error"] = f"{type(exc).__name__}: {exc}"[:400]
-        traceback.print_exc()
+    stock_dir = os.path.join(args.work, name, "stock")
+    layouts, captured = {}, None  # kv-cache layout -> (directory, plan, session)
+    for layout in args.kv_cache:
+        t0 = time.monotonic()
+        eff_dir = os.path.join(args.work, name, f"effexport-{layout}")
+        captured, plan = export_effexport(model, eff_dir, dtype, max(args.contexts), layout, captured)
+        res[f"effexport_{layout}_export_s"] = time.monotonic() - t0
+        print(f"{name}: effexport ONNX ({layout}) in {res[f'effexport_{layout}_export_s']:.0f}s", flush=True)
+        try:
+            res[f"effexport_{layout}_parity_max_rel"] = effexport_parity(model, eff_dir, args.device)
+        except Exception as exc:  # noqa: BLE001  (report why, keep the timings)
+            res[f"effexport_{layout}_parity_error"] = f"{type(exc).__name__}: {exc}"[:400]
+            traceback.print_exc()
+        layouts[layout] = (eff_dir, plan, _session(os.path.join(eff_dir, "model.onnx"), args.device))
     t0 = time.monotonic()
     stock = None
     try:
@@ -240,21 +277,24 @@ def run_preset(name: str, args, dtype) -> dict:
     except Exception as exc:  # noqa: BLE001
         res["stock_error"] = f"{type(exc).__name__}: {exc}"[:400]
         traceback.print_exc()
-    eff = _session(os.path.join(eff_dir, "model.onnx"), args.device)
     print(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'rows'})}", flush=True)
     for ctx in args.contexts:
         for batch in args.batches:
-            row = {"context": ctx, "batch": batch, "kv_bytes": sum(e.nbytes(batch, ctx) for e in plan.entries)}
+            grow_plan = layouts[args.kv_cache[0]][1]
+            row = {"context": ctx, "batch": batch, "kv_bytes": sum(e.nbytes(batch, ctx) for e in grow_plan.entries)}
             ids1 = torch.randint(0, sample.config.vocab_size, (batch, 1), device=decode_step.DEV)
             pos = torch.tensor(ctx - 1, device=decode_step.DEV)
-            try:
-                caches = decode_step.plan_caches(plan, batch, ctx - 1, gen)
-                run, _ = _bind_run(eff, [ids1, pos, *caches], args.device, (batch, 1, sample.config.vocab_size))
-                row["effexport_s"] = _median_s(run, args.reps)
-                del caches, run
-            except Exception as exc:  # noqa: BLE001
-                row["effexport_error"] = f"{type(exc).__name__}: {exc}"[:400]
-                traceback.print_exc()
+            for layout, (_, plan, eff) in layouts.items():
+                key = "effexport_s" if layout == args.kv_cache[0] else f"effexport_{layout}_s"
+                try:
+                    caches = decode_step.plan_caches(plan, batch, ctx - 1, gen)
+                    run, _ = _bind_run(eff, [ids1, pos, *caches], args.device, (batch, 1, sample.config.vocab_size),
+                                       _in_place(plan))
+                    row[key] = _median_s(run, args.reps)
+                    del caches, run
+                except Exception as exc:  # noqa: BLE001
+                    row[f"{key[:-2]}_error"] = f"{type(exc).__name__}: {exc}"[:400]
+                    traceback.print_exc()
             if stock is not None:
                 try:
                     past = decode_step.eager_past(model, captured.seq_dims, batch, ctx - 1, gen)
@@ -272,16 +312,17 @@ def run_preset(name: str, args, dtype) -> dict:
                 row["stock_over_effexport"] = row["stock_s"] / row["effexport_s"]
             if (ctx, batch) in args.profile_at:
                 shape = (batch, 1, sample.config.vocab_size)
-                for which, path in (("effexport", eff_dir), ("stock", stock_dir if stock is not None else None)):
-                    if path is None:
-                        continue
+                runs = [(f"effexport_{layout}", path, plan) for layout, (path, plan, _) in layouts.items()]
+                runs += [("stock", stock_dir, None)] if stock is not None else []
+                for which, path, plan in runs:
                     try:
-                        feeds = ([ids1, pos, *decode_step.plan_caches(plan, batch, ctx - 1, gen)] if which == "effexport"
+                        feeds = ([ids1, pos, *decode_step.plan_caches(plan, batch, ctx - 1, gen)] if plan is not None
                                  else [ids1, *decode_step.eager_past(model, captured.seq_dims, batch, ctx - 1, gen).values()])
+                        in_place = _in_place(plan) if plan is not None else ()
                         row[f"{which}_profile"] = profile_steps(os.path.join(path, "model.onnx"), feeds, args.device,
-                                                                shape, os.path.join(args.work, f"{which}_profile"))
+                                                                shape, os.path.join(args.work, f"{which}_profile"), in_place)
                         if args.device == "cuda":
-                            row[f"{which}_gpu"] = gpu_kernels(os.path.join(path, "model.onnx"), feeds, shape)
+                            row[f"{which}_gpu"] = gpu_kernels(os.path.join(path, "model.onnx"), feeds, shape, in_place)
                         del feeds
                     except Exception as exc:  # noqa: BLE001
                         row[f"{which}_profile_error"] = f"{type(exc).__name__}: {exc}"[:400]
@@ -294,17 +335,18 @@ def run_preset(name: str, args, dtype) -> dict:
 
 
 def table(results: list) -> str:
-    lines = ["| preset | dtype | L | B | KV GB (plan) | KV GB (stock) | effexport ms | stock ms | stock / effexport | stock max rel vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | dtype | L | B | KV GB (plan) | KV GB (stock) | effexport ms | effexport buffer ms | stock ms | "
+             "stock / effexport | stock max rel vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in res.get("rows", []):
-            ms = {k: f"{r[k] * 1e3:.2f}" if k in r else "-" for k in ("effexport_s", "stock_s")}
+            ms = {k: f"{r[k] * 1e3:.2f}" if k in r else "-" for k in ("effexport_s", "effexport_buffer_s", "stock_s")}
             ratio = f"{r['stock_over_effexport']:.1f}x" if "stock_over_effexport" in r else "-"
             stock_gb = f"{r['stock_kv_bytes'] / 1e9:.3f}" if "stock_kv_bytes" in r else "-"
             err = f"{r['stock_max_rel_vs_eager']:.1e}" if "stock_max_rel_vs_eager" in r else "-"
             lines.append(f"| {res['preset']} | {res['dtype']} | {r['context'] // 1024 if r['context'] >= 1024 else r['context']}"
                          f"{'K' if r['context'] >= 1024 else ''} | {r['batch']} | {r['kv_bytes'] / 1e9:.3f} | {stock_gb} | "
-                         f"{ms['effexport_s']} | {ms['stock_s']} | {ratio} | {err} |")
+                         f"{ms['effexport_s']} | {ms['effexport_buffer_s']} | {ms['stock_s']} | {ratio} | {err} |")
     return "\n".join(lines)
 
 
@@ -313,7 +355,7 @@ def profile_table(results: list) -> str:
     lines = []
     for res in results:
         for r in res.get("rows", []):
-            for which in ("effexport", "stock"):
+            for which in sorted(k[:-len("_profile")] for k in r if k.endswith("_profile")):
                 prof = r.get(f"{which}_profile")
                 if not prof:
                     continue
@@ -338,6 +380,10 @@ def main(argv=None) -> int:
                     type=lambda s: [tuple(int(v) for v in p.split(",")) for p in s.split(";")],
                     help="L,B[;L,B...] at which both models also run under ORT's profiler (per-op-type node time)")
     ap.add_argument("--no-stock", action="store_true", help="effexport only (no stock export, no ratio)")
+    ap.add_argument("--kv-cache", default="grow", type=lambda s: s.split(","),
+                    help="full-cache layouts to build and time, e.g. grow,buffer (the first is the baseline)")
+    ap.add_argument("--config", default={}, type=lambda s: {k: int(v) for k, v in (kv.split("=") for kv in s.split(","))},
+                    help="sample config overrides k=v,... (ints), e.g. global_head_dim=256")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/ort_cuda.py: no CUDA device (pass --device cpu for a smoke run)", file=sys.stderr)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Device call 5 of the ORT CUDA run (calls 1-4 copy the staged wheel pieces, see BENCHMARKS.md):
+# Device call 6 of the ORT CUDA run (calls 1-5 copy the staged wheel pieces, see BENCHMARKS.md):
 # install onnxruntime-gpu into /tmp/ortgpu, then bench/ort_cuda.py with ORT_ARGS; results in $OUT.
 set -u
 OUT=${OUT:-out/bench}; mkdir -p "$OUT"
-bash .ortgpu5/install.sh || exit 3
+bash .ortgpu6/install.sh || exit 3
 export PYTHONPATH=/tmp/ortgpu
 source bench/_ns.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

@@ -9,6 +9,9 @@ and a ``register_fake`` that works with symbolic batch and sequence sizes:
                      (ONNX Runtime GroupQueryAttention's non-shared-buffer past/present layout).
 ``attention_ring``   decode (or prefill) for windowed layers with a ring cache of exactly W slots.
 ``attention_read``   read-only consumer of another layer's cache (cross-layer KV sharing).
+``attention_buffer`` decode with a full cache in a fixed-capacity buffer: the new rows are written
+                     at ``pos`` (ONNX Runtime GroupQueryAttention's shared-buffer layout, where past
+                     and present are one device buffer updated in place).
 
 Layout and conventions shared by all four:
 
@@ -37,7 +40,7 @@ import torch
 
 from effexport.custom_ops._checks import check_pos
 
-__all__ = ["attention", "attention_cache", "attention_ring", "attention_read", "OPS"]
+__all__ = ["attention", "attention_cache", "attention_ring", "attention_read", "attention_buffer", "OPS"]
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -309,9 +312,55 @@ def _(q, k_cache, v_cache, pos, sinks=None, *, scale, window=0, softcap=0.0, rin
     return _out_like(q, v_cache)
 
 
+# ----------------------------------------------------------------------------- attention_buffer
+@torch.library.custom_op("effexport::attention_buffer", mutates_args=())
+def attention_buffer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     k_buf: torch.Tensor, v_buf: torch.Tensor, pos: torch.Tensor,
+                     sinks: Optional[torch.Tensor] = None, *, scale: float, window: int = 0,
+                     softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode (or chunked prefill) step with a full cache held in a fixed-capacity buffer.
+
+    q ``[B, H, T, d]``, k_new/v_new ``[B, Hkv, T, d|dv]`` (positions ``pos..pos+T-1``),
+    k_buf/v_buf ``[B, Hkv, C, d|dv]`` (row j holds position j for ``j < pos``), pos 0-d int64 ->
+    ``(out [B, H, T, dv], k_buf_new, v_buf_new)`` (buffer shapes unchanged) with the new rows
+    written at ``pos..pos+T-1``; requires ``pos + T <= C``. ``out`` is causal (+ window)
+    attention of the new queries over rows ``0..pos+T-1``: exactly :func:`attention_cache` with
+    ``past = buf[:, :, :pos]``. Rows at or past ``pos + T`` are never read; this reference returns
+    them unchanged, a backend that updates the buffer in place (ONNX Runtime's GroupQueryAttention
+    with past and present bound to one buffer) leaves them unspecified."""
+    _check_qkv(q, k_new, v_new, sinks, "attention_buffer")
+    _check_qkv(q, k_buf, v_buf, None, "attention_buffer (buffer)")
+    _check_new(q, k_new, k_buf, v_new, v_buf, "attention_buffer")
+    check_pos(pos, "attention_buffer")
+    _check_window(window, softcap, "attention_buffer")
+    t_len, capacity, device = q.shape[2], k_buf.shape[2], q.device
+    pos = pos.to(device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # no host sync then
+    if not capturing and int(pos) + t_len > capacity:
+        raise ValueError(f"attention_buffer: positions {int(pos)}..{int(pos) + t_len - 1} do not fit the "
+                         f"buffer's {capacity} rows (build with a larger max context)")
+    row = torch.arange(capacity, device=device)  # [C]
+    fresh = (row >= pos) & (row < pos + t_len)
+    src = torch.where(fresh, capacity + row - pos, row)  # row j <- new[j - pos] inside the new rows
+    k_out = torch.cat([k_buf, k_new], dim=2).index_select(2, src)  # [B, Hkv, C, d]
+    v_out = torch.cat([v_buf, v_new], dim=2).index_select(2, src)  # [B, Hkv, C, dv]
+    mask = _visible(pos + torch.arange(t_len, device=device), row, window)  # [T, C]: later rows masked
+    return _attend(q, k_out, v_out, mask, sinks, scale, softcap), k_out, v_out
+
+
+@attention_buffer.register_fake
+def _(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, *, scale, window=0, softcap=0.0):
+    _check_qkv(q, k_new, v_new, sinks, "attention_buffer")
+    _check_qkv(q, k_buf, v_buf, None, "attention_buffer (buffer)")
+    _check_new(q, k_new, k_buf, v_new, v_buf, "attention_buffer")
+    check_pos(pos, "attention_buffer")
+    return _out_like(q, v_new), torch.empty_like(k_buf), torch.empty_like(v_buf)
+
+
 OPS = (
     torch.ops.effexport.attention.default,
     torch.ops.effexport.attention_cache.default,
     torch.ops.effexport.attention_ring.default,
     torch.ops.effexport.attention_read.default,
+    torch.ops.effexport.attention_buffer.default,
 )

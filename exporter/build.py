@@ -19,6 +19,8 @@ Artifact layout (a contract, see DESIGN.md):
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import platform
@@ -40,6 +42,8 @@ TARGETS = {
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
 DEFAULT_MAX_CONTEXT = 4096
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--dtype`` -> the dtype the model is captured, lowered and deployed in."""
 
 
 @dataclass
@@ -51,6 +55,7 @@ class BuildOptions:
     output: str | None = None
     profile: str = "ort"
     dtype: str = "fp32"
+    kv_cache: str = "grow"    # "buffer": full caches in fixed max_context buffers (passes/buffers.py)
     check: bool = True
     steps: int = 16
     max_context: int | None = None  # None: the smaller of DEFAULT_MAX_CONTEXT and the model's limit
@@ -114,14 +119,18 @@ def check_options(opts: BuildOptions) -> None:
     """Refuse bad options (exit 2) and a missing backend (exit 4) before any work is done."""
     if opts.profile not in PROFILES:
         raise UsageError(f"unknown --profile {opts.profile!r}; choose one of {', '.join(PROFILES)}")
-    if opts.dtype != "fp32":
-        raise UsageError(f"--dtype {opts.dtype}: ONNX Runtime's CPU kernels cannot run the parity check in "
-                         "half precision; build with --dtype fp32")
+    if opts.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if opts.dtype != "fp32" and opts.target != "onnx":
+        raise UsageError(f"--dtype {opts.dtype} builds ONNX artifacts (--target onnx); --target {opts.target} "
+                         "builds fp32 only")
     if not 1 <= opts.steps <= MAX_STEPS:
         raise UsageError(f"--steps {opts.steps}: the parity check runs 1 to {MAX_STEPS} decode steps; "
                          "pass e.g. --steps 16 (or --no-check)")
     if opts.max_context is not None and opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
+    if opts.kv_cache not in ("grow", "buffer"):
+        raise UsageError(f"unknown --kv-cache {opts.kv_cache!r}; choose grow or buffer")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
@@ -192,18 +201,21 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
     from effexport.passes.pipeline import run_pipeline
 
     meter = ResourceMeter(progress.start)
-    t0 = progress.stage("capture (torch.export, dynamic batch / tokens / cache length)")
+    reference, loaded = loaded, in_dtype(loaded, opts.dtype)
+    t0 = progress.stage("capture (torch.export, dynamic batch / tokens / cache length)"
+                        + ("" if opts.dtype == "fp32" else f", in {opts.dtype}"))
     captured = capture_step(loaded.model, loaded.example_ids())
     progress.done(t0, f"{len(captured.gm.graph.nodes)} nodes")
     t0 = progress.stage("rewrite (attention sites, masks, KV sharing, caches)")
     dumped = {}
     program, analysis = run_pipeline(captured, opts.dump_after,
-                                     lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context)
+                                     lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context,
+                                     opts.kv_cache)
     progress.done(t0, _rewrite_summary(analysis))
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
     try:
-        code = _lower_and_write(loaded, opts, out, progress, program, analysis, dumped, meter)
+        code = _lower_and_write(loaded, opts, out, progress, program, analysis, dumped, meter, reference)
     except OSError as exc:  # disk full, permissions: atomic_directory has removed the partial output
         raise OutputError(f"could not write {out!r}: {exc.strerror or exc}; free space or pass -o a directory "
                           "on another disk (nothing was written)") from None
@@ -226,8 +238,16 @@ def _rewrite_summary(analysis) -> str:
     return f"{line}, {len(analysis.left_alone)} left alone"
 
 
+def in_dtype(loaded: LoadedModel, dtype: str) -> LoadedModel:
+    """``loaded`` with its model in ``dtype`` (a converted copy; the fp32 one stays the reference)."""
+    if dtype == "fp32":
+        return loaded
+    model = loaded.model if loaded.structure_only else copy.deepcopy(loaded.model)
+    return dataclasses.replace(loaded, model=model.to(DTYPES[dtype]))
+
+
 def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress, program, analysis,
-                     dumped: dict, meter) -> int:
+                     dumped: dict, meter, reference: LoadedModel) -> int:
     """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
     from effexport.exporter import report as rep
     from effexport.exporter._io import atomic_directory
@@ -269,7 +289,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         progress.done(t0, note)
         manifest = {
             "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target, "profile": profile,
-            "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "weights": opts.weights,
+            "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "kv_cache": opts.kv_cache,
+            "weights": opts.weights,
             "inputs": program.inputs, "outputs": program.outputs,
             "opset": _opset(model_proto) if model_proto is not None else None,
             "ir_version": model_proto.ir_version if model_proto is not None else None, **extra,
@@ -288,6 +309,11 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         if loaded.structure_only:
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
             report["resources"] = meter.to_json()  # volatile: the only timing in an artifact (documented)
+        elif opts.check and opts.dtype != "fp32":
+            parity = _check_half(loaded, reference, opts, tmp, progress, program, analysis)
+            print(parity.table(), file=sys.stderr)
+            report["parity"] = parity.to_json()
+            code = 0 if parity.passed else 1
         elif opts.check:
             backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
                 opts.target, "ONNX Runtime CPU")
@@ -313,6 +339,71 @@ def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runt
     runtime = runtime or open_runtime(artifact_dir)
     dtype = load_manifest(artifact_dir)["dtype"]
     return check_parity(loaded.model, runtime, loaded.example_ids()[:, :8], steps, dtype)
+
+
+def cuda_ep_available() -> bool:
+    """ONNX Runtime has its CUDA execution provider here and torch sees a GPU."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions, tmp: str, progress: Progress,
+                program, analysis):
+    """Parity of a bf16 / fp16 artifact. With ONNX Runtime's CUDA EP and a GPU: the artifact itself on
+    CUDA against eager in the same dtype on the GPU (the verdict, tolerance 2e-2), and against fp32
+    eager (recorded). Without: ORT's CPU kernels lack half precision for several ops, so the same
+    rewritten graph is built again from the fp32 model (capture, rewrite, lower), checked on ORT CPU
+    against fp32 eager (tolerance 1e-4), and must have the artifact's op structure (every op type and
+    count but Cast); report.json's ``mode`` says which check ran."""
+    from effexport.exporter.parity import check_parity, compare_structure
+    from effexport.exporter.runtime import MANIFEST, OrtRuntime
+
+    ids = loaded.example_ids()[:, :8]
+    if cuda_ep_available():
+        t0 = progress.stage(f"parity vs eager {opts.dtype} (prefill + {opts.steps} decode steps, ONNX Runtime CUDA)")
+        runtime = OrtRuntime(tmp, device="cuda")
+        parity = check_parity(loaded.model.cuda(), runtime, ids.cuda(), opts.steps, opts.dtype)
+        parity.mode = f"the {opts.dtype} artifact on ONNX Runtime CUDA vs eager {opts.dtype} on the GPU"
+        versus_fp32 = check_parity(reference.model.cuda(), runtime, ids.cuda(), opts.steps, opts.dtype)
+        parity.detail = "; ".join(filter(None, [parity.detail, "vs fp32 eager: " + ", ".join(
+            f"{o.name} max rel {o.max_rel:.2e}" for o in versus_fp32.outputs)
+            + f", greedy tokens {'identical' if versus_fp32.tokens_equal else 'differ'} (recorded, not the verdict)"]))
+        progress.done(t0)
+        return parity
+    import tempfile
+
+    from effexport.exporter.capture import capture_step
+    from effexport.exporter.onnx.export import export_step
+    from effexport.passes.pipeline import run_pipeline
+
+    t0 = progress.stage(f"parity of the fp32 twin (no CUDA EP here to run {opts.dtype}: capture, rewrite and "
+                        f"lower fp32, prefill + {opts.steps} decode steps on ONNX Runtime CPU)")
+    twin_program, twin_analysis = run_pipeline(capture_step(reference.model, reference.example_ids()),
+                                               max_context=opts.max_context, cache_layout=opts.kv_cache)
+    with tempfile.TemporaryDirectory(prefix=".effexport-twin-", dir=os.path.dirname(tmp)) as twin:
+        export_step(twin_program, twin_analysis.plan, os.path.join(twin, "model.onnx"), profile=opts.profile)
+        _write_json(os.path.join(twin, MANIFEST), {
+            "target": "onnx", "profile": opts.profile, "files": {"step": "model.onnx"},
+            "inputs": twin_program.inputs, "outputs": twin_program.outputs,
+            "cache_plan": twin_analysis.plan.to_json()})
+        parity = check_parity(reference.model, OrtRuntime(twin), ids, opts.steps, "fp32")
+        mismatch = compare_structure(os.path.join(tmp, "model.onnx"), os.path.join(twin, "model.onnx"))
+    progress.done(t0)
+    return twin_verdict(parity, mismatch, opts.dtype)
+
+
+def twin_verdict(parity, mismatch: str, dtype: str):
+    """The fp32 twin's parity as the verdict on a ``dtype`` artifact: failed as well when the two
+    graphs' op structures differ (``mismatch``, from :func:`~.parity.compare_structure`)."""
+    parity.mode = (f"fp32 twin on ONNX Runtime CPU (no CUDA execution provider here: the {dtype} artifact "
+                   "was not run; its op structure equals the twin's)" if not mismatch else
+                   f"fp32 twin on ONNX Runtime CPU (no CUDA execution provider here: the {dtype} artifact was not run)")
+    if mismatch:
+        parity.passed = False
+        parity.detail = "; ".join(filter(None, [parity.detail, f"the {dtype} graph differs from the fp32 twin's: "
+                                                f"{mismatch}"]))
+    return parity
 
 
 def open_runtime(artifact_dir: str):

@@ -98,16 +98,17 @@ def _cmd_build(args) -> int:
         raise UsageError(f"unknown pass {args.dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
 
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
-                              dtype=args.dtype, check=args.check, steps=args.steps, explain=args.explain,
+                              dtype=args.dtype, kv_cache=args.kv_cache, check=args.check, steps=args.steps, explain=args.explain,
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv)))
 
 
 def _cmd_check(args) -> int:
-    from effexport.exporter.build import check_artifact, open_runtime
-    from effexport.exporter.errors import EffexportError, LoadError
+    from effexport.exporter.build import cuda_ep_available, in_dtype, open_runtime
+    from effexport.exporter.errors import BackendMissingError, EffexportError, LoadError
     from effexport.exporter.loading import resolve_source
-    from effexport.exporter.runtime import load_manifest
+    from effexport.exporter.parity import check_parity
+    from effexport.exporter.runtime import OrtRuntime, load_manifest
 
     manifest = load_manifest(args.dir)
     for name in manifest["files"].values():
@@ -116,8 +117,14 @@ def _cmd_check(args) -> int:
                             f"'effexport MODEL -o {args.dir} --force'")
     spec = resolve_source(manifest.get("source") or {"kind": "sample", "name": manifest.get("model")},
                           trust_pickle=args.trust_pickle)
+    half = manifest.get("dtype", "fp32") != "fp32"
+    if half and not cuda_ep_available():
+        raise BackendMissingError(
+            f"{args.dir!r} is a {manifest['dtype']} artifact: checking it runs it on ONNX Runtime's CUDA execution "
+            "provider (the CPU kernels lack half precision for several ops); run 'effexport check' on a GPU "
+            "machine with onnxruntime-gpu (the build's own check is in report.json, parity.mode)")
     try:
-        runtime = open_runtime(args.dir)
+        runtime = OrtRuntime(args.dir, device="cuda") if half else open_runtime(args.dir)
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
@@ -126,7 +133,10 @@ def _cmd_check(args) -> int:
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120]}); rebuild the artifact with --force") from None
     loaded = spec.load()
-    parity = check_artifact(args.dir, loaded, args.steps, runtime)
+    model, ids = loaded.model, loaded.example_ids()[:, :8]
+    if half:  # eager in the artifact's dtype, on the GPU the artifact runs on
+        model, ids = in_dtype(loaded, manifest["dtype"]).model.cuda(), ids.cuda()
+    parity = check_parity(model, runtime, ids, args.steps, manifest["dtype"])
     print(parity.table())
     return 0 if parity.passed else 1
 
@@ -168,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--profile", choices=PROFILES, default="ort",
                          help="ONNX profile: 'ort' uses com.microsoft contrib ops (GroupQueryAttention), "
                               "'standard' only ai.onnx ops (default ort)")
-    p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weight dtype (default fp32)")
+    p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                         help="dtype the model is captured and deployed in (default fp32). bf16 / fp16: --target "
+                              "onnx; parity runs the artifact on ONNX Runtime's CUDA EP against eager in the same "
+                              "dtype when onnxruntime-gpu and a GPU are here, otherwise the same graph built in fp32 "
+                              "is checked on the CPU and must match the artifact's op structure (report.json "
+                              "parity.mode says which ran)")
     p_build.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                          help="run parity against eager after the build (default on)")
     p_build.add_argument("--steps", type=_int, default=16, help="decode steps in the parity check (default 16)")
@@ -176,12 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
                               "(DeepSeek V4: max_context / ratio slots). Default: the smaller of 4096 and "
                               "the model's trained limit; accepts 128k")
+    p_build.add_argument("--kv-cache", choices=("grow", "buffer"), default="grow",
+                         help="full-cache layout: 'grow' concatenates each step's K/V to a new present; "
+                              "'buffer' keeps each full cache in one fixed buffer of --max-context rows that "
+                              "the step writes in place (ONNX Runtime's GroupQueryAttention shared-buffer "
+                              "layout: past and present bound to one device buffer; fixed shapes for CUDA "
+                              "graphs). Rings, compressed caches and states are fixed-size either way "
+                              "(default grow)")
     p_build.add_argument("--explain", action="store_true",
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
                               "(passes: dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
-                              "positions, cache_plan)")
+                              "positions, buffers, cache_plan)")
     p_build.add_argument("--force", action="store_true", help="replace an existing output directory")
     p_build.add_argument("--weights", choices=WEIGHTS, default="random",
                          help="'random': a sample's deterministic random weights (seed 0; model files bring "

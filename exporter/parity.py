@@ -2,7 +2,7 @@
 
 The eager model runs the same token stream with its own cache; per step, logits are compared
 (max abs and max relative error, relative to the step's largest eager magnitude) and the greedy
-tokens must be identical. Tolerances by dtype (DESIGN.md): fp32 1e-4, bf16/fp16 2e-2.
+tokens must be identical. Tolerances by dtype: fp32 1e-4, bf16/fp16 2e-2.
 """
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ class ParityReport:
     outputs: list[OutputError] = field(default_factory=list)
     tokens_equal: bool = True
     detail: str = ""
+    mode: str = ""  # what ran, when not the artifact itself on the build's runtime (half precision)
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "steps": self.steps, "tolerance": self.tolerance,
-                "tokens_equal": self.tokens_equal, "outputs": [asdict(o) for o in self.outputs],
-                "detail": self.detail}
+        out = {"passed": self.passed, "steps": self.steps, "tolerance": self.tolerance,
+               "tokens_equal": self.tokens_equal, "outputs": [asdict(o) for o in self.outputs],
+               "detail": self.detail}
+        return {**out, "mode": self.mode} if self.mode else out
 
     def table(self) -> str:
         """Human table."""
@@ -47,6 +49,8 @@ class ParityReport:
         lines.append(f"greedy tokens identical over {self.steps} decode steps: {'yes' if self.tokens_equal else 'NO'}")
         if self.detail:
             lines.append(self.detail)
+        if self.mode:
+            lines.append(f"checked: {self.mode}")
         lines.append("PARITY PASSED" if self.passed else "PARITY FAILED")
         return "\n".join(lines)
 
@@ -65,20 +69,20 @@ def check_parity(model: torch.nn.Module, runtime, prompt: torch.Tensor, steps: i
     worst_prefill, worst_decode = (0.0, 0.0), (0.0, 0.0)
     with torch.no_grad():
         ref_logits, past = model(prompt)
-    result = runtime.step(prompt.numpy(), 0, runtime.initial_caches(prompt.shape[0]))
+    result = runtime.step(prompt.cpu().numpy(), 0, runtime.initial_caches(prompt.shape[0]))
     worst_prefill = _errors(result.logits, ref_logits)
     tokens_equal, detail = True, ""
     pos = prompt.shape[1]
     nxt_ref = ref_logits[:, -1].argmax(-1, keepdim=True)
     for step in range(steps):
-        nxt_art = torch.from_numpy(result.logits[:, -1].argmax(-1)[:, None].astype(np.int64))
+        nxt_art = torch.from_numpy(result.logits[:, -1].argmax(-1)[:, None].astype(np.int64)).to(nxt_ref.device)
         if not torch.equal(nxt_art, nxt_ref):
             tokens_equal = False
             detail = f"greedy token differs at decode step {step}"
             break
         with torch.no_grad():
             ref_logits, past = model(nxt_ref, past)
-        result = runtime.step(nxt_ref.numpy(), pos, result.caches)
+        result = runtime.step(nxt_ref.cpu().numpy(), pos, result.caches)
         err = _errors(result.logits, ref_logits)
         worst_decode = (max(worst_decode[0], err[0]), max(worst_decode[1], err[1]))
         nxt_ref = ref_logits[:, -1].argmax(-1, keepdim=True)
@@ -86,3 +90,26 @@ def check_parity(model: torch.nn.Module, runtime, prompt: torch.Tensor, steps: i
     outputs = [OutputError("logits/prefill", *worst_prefill), OutputError("logits/decode", *worst_decode)]
     passed = tokens_equal and all(o.max_rel <= tol for o in outputs)
     return ParityReport(passed, steps, tol, outputs, tokens_equal, detail)
+
+
+STRUCTURE_IGNORED = ("Cast", "Constant")
+"""Op types a half-precision graph may have in other numbers than its fp32 twin (dtype conversions,
+folded constants)."""
+
+
+def compare_structure(path: str, twin_path: str) -> str:
+    """"" when the ONNX graphs at ``path`` and ``twin_path`` have the same op types in the same
+    numbers (main graph and model-local functions, :data:`STRUCTURE_IGNORED` aside), else the first
+    few differences as "op: n vs m"."""
+    from collections import Counter
+
+    import onnx
+
+    def ops(p: str) -> Counter:
+        model = onnx.load(p, load_external_data=False)
+        nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+        return Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in nodes if n.op_type not in STRUCTURE_IGNORED)
+
+    a, b = ops(path), ops(twin_path)
+    diff = [f"{k} {a[k]} vs {b[k]}" for k in sorted(set(a) | set(b)) if a[k] != b[k]]
+    return ", ".join(diff[:5]) + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else "")

@@ -13,6 +13,13 @@ the GPU, each step binds the previous step's present caches as its past caches a
 allocate the new ones on the device, and only the logits come back to the host (``io_binding=True``
 does the same on CPU, where it is tested).
 
+Caches of kind ``buffer`` (``--kv-cache buffer``: a full cache in a fixed buffer of ``max_context``
+rows) are updated in place: with I/O binding the runtime binds a buffer's present output to the
+same OrtValue as its past input, so ONNX Runtime's GroupQueryAttention writes the new rows into it
+(it detects the shared buffer) and no cache is copied or reallocated between steps; without
+binding, ORT returns a new present each step, as for the other kinds. A step that would run past the
+buffers' rows is refused before ORT sees it.
+
 ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (``ort`` profile) refuses several new tokens
 on a non-empty cache at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context
 is given", a check in ORT's GQA helper, whatever ``seqlens_k`` says). :meth:`OrtRuntime.step` then
@@ -77,6 +84,11 @@ def _host(cache) -> np.ndarray:
     return cache if isinstance(cache, np.ndarray) else cache.numpy()
 
 
+def _onnx_type(dtype: torch.dtype) -> int:
+    """The ``onnx.TensorProto`` element type of a torch dtype (for binding by pointer)."""
+    return {torch.float32: 1, torch.float16: 10, torch.bfloat16: BFLOAT16, torch.int64: 7}[dtype]
+
+
 class OrtRuntime:
     """An ONNX Runtime session over an artifact's step model."""
 
@@ -100,10 +112,16 @@ class OrtRuntime:
                 raise BackendMissingError("CUDA requested but onnxruntime has no CUDAExecutionProvider: "
                                           "pip install onnxruntime-gpu")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia wheels torch brings
+                ort.preload_dlls()
         path = os.path.join(artifact_dir, self.manifest["files"]["step"])
         self.session = ort.InferenceSession(path, options, providers=providers)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BackendMissingError("onnxruntime could not start its CUDA execution provider (CUDA / cuDNN "
+                                      "libraries not found?): the session fell back to the CPU")
         self.input_names = self.manifest["inputs"]
         self.output_names = self.manifest["outputs"]
+        self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
 
     def initial_caches(self, batch: int) -> list:
         """The plan's prefill caches: numpy arrays, or (I/O binding) host OrtValues that ORT copies
@@ -111,8 +129,10 @@ class OrtRuntime:
         if not self.io_binding:
             return numpy_caches(self.entries, batch)
         caches = [e.empty(batch) for e in self.entries]
-        return [self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(c.view(torch.int16).numpy(), BFLOAT16)
-                if c.dtype == torch.bfloat16 else self.ort.OrtValue.ortvalue_from_numpy(c.numpy()) for c in caches]
+        return [c.to(self.device) if e.kind == "buffer"  # a device tensor, bound by pointer (in place)
+                else self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(c.view(torch.int16).numpy(), BFLOAT16)
+                if c.dtype == torch.bfloat16 else self.ort.OrtValue.ortvalue_from_numpy(c.numpy())
+                for e, c in zip(self.entries, caches)]
 
     def _device_value(self, array: np.ndarray):
         if not self.io_binding:
@@ -124,14 +144,20 @@ class OrtRuntime:
         (``T > 1``) on a non-empty cache at ``B > 1`` runs row by row in the ``ort`` profile (see
         the module docstring)."""
         batch, new = np.shape(input_ids)
+        if self.capacity is not None and pos + new > self.capacity:
+            raise LoadError(f"positions {pos}..{pos + new - 1} do not fit the artifact's {self.capacity}-row "
+                            "cache buffers; rebuild with a larger --max-context")
         if not (self.manifest.get("profile") == "ort" and batch > 1 and new > 1 and pos > 0):
             return self._run(input_ids, pos, caches)
         axes = [e.shape.index("batch") for e in self.entries]
-        caches = [_host(c) for c in caches]  # a prompt chunk: rare enough for a round trip to the host
-        rows = [self._run(input_ids[i:i + 1], pos, [np.take(c, [i], axis=a) for c, a in zip(caches, axes)])
+        # a prompt chunk: rare enough for a round trip to the host (device tensors stay torch)
+        caches = [c if isinstance(c, torch.Tensor) else _host(c) for c in caches]
+        rows = [self._run(input_ids[i:i + 1], pos, [c.narrow(a, i, 1).contiguous() if isinstance(c, torch.Tensor)
+                                                    else np.take(c, [i], axis=a) for c, a in zip(caches, axes)])
                 for i in range(batch)]
         return StepResult(np.concatenate([r.logits for r in rows], axis=0),
-                          [self._device_value(np.concatenate([_host(p) for p in parts], axis=a))
+                          [torch.cat(parts, dim=a) if isinstance(parts[0], torch.Tensor)
+                           else self._device_value(np.concatenate([_host(p) for p in parts], axis=a))
                            for parts, a in zip(zip(*(r.caches for r in rows)), axes)])
 
     def _run(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
@@ -145,17 +171,26 @@ class OrtRuntime:
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
+        caches = [c if isinstance(c, (self.ort.OrtValue, torch.Tensor)) else self._device_value(c) for c in caches]
         for name, cache in zip(self.input_names[2:], caches):
-            binding.bind_ortvalue_input(name, cache if isinstance(cache, self.ort.OrtValue) else self._device_value(cache))
+            if isinstance(cache, torch.Tensor):
+                binding.bind_input(name, self.device, 0, _onnx_type(cache.dtype), list(cache.shape), cache.data_ptr())
+            else:
+                binding.bind_ortvalue_input(name, cache)
         logits = self._logits_buffer(*np.shape(input_ids))
-        for name in self.output_names:
-            if name == self.output_names[0] and logits is not None:
-                binding.bind_output(name, self.device, 0, BFLOAT16, list(logits.shape), logits.data_ptr())
+        if logits is not None:
+            binding.bind_output(self.output_names[0], self.device, 0, BFLOAT16, list(logits.shape), logits.data_ptr())
+        else:
+            binding.bind_output(self.output_names[0], self.device)
+        for name, cache in zip(self.output_names[1:], caches):
+            if isinstance(cache, torch.Tensor):  # a buffer: present = past, GQA writes the new rows in place
+                binding.bind_output(name, self.device, 0, _onnx_type(cache.dtype), list(cache.shape), cache.data_ptr())
             else:
                 binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return StepResult(outs[0].numpy() if logits is None else logits.float().cpu().numpy(), list(outs[1:]))
+        presents = [c if isinstance(c, torch.Tensor) else o for c, o in zip(caches, outs[1:])]
+        return StepResult(outs[0].numpy() if logits is None else logits.float().cpu().numpy(), presents)
 
     def _logits_buffer(self, batch: int, new: int) -> torch.Tensor | None:
         """bf16 logits cannot come back as numpy: they are written into a torch tensor on the device

@@ -4,8 +4,9 @@ Built by the last pass from what the rewrite decided. It drives the step graph's
 (``past.{layer}.{name}`` in, ``present.{layer}.{name}`` out), the runtime's cache allocation and
 the memory check (bytes of all cache inputs at a context length equal the plan's analytic sum).
 
-Entry kinds: "full" (grows by one entry per token, concatenated), "ring" (W slots, slot = position
-mod W), "compressed" (one entry per ``ratio`` tokens, in a fixed buffer of ``max_context // ratio``
+Entry kinds: "full" (grows by one entry per token, concatenated), "buffer" (a full cache in a
+fixed buffer of ``max_context`` rows, row = position, written in place by the runtime), "ring" (W
+slots, slot = position mod W), "compressed" (one entry per ``ratio`` tokens, in a fixed buffer of ``max_context // ratio``
 slots), "state" (fixed size whatever the context). Consumer layers own no entry.
 """
 from __future__ import annotations

@@ -11,6 +11,8 @@
     compressed      CSA / HCA / window-only attention (DeepSeek V4) -> kv_compress_step, indexer_topk,
                     sparse_attention; raw K=V cache -> ring, compressed entries -> fixed buffers
     positions       positions from the new ``pos`` input instead of a cache length
+    buffers         (``cache_layout="buffer"`` only) full caches -> fixed max_context buffers written
+                    in place: attention_cache -> attention_buffer
     cache_plan      the CachePlan of the rewritten step graph
 
 ``run_pipeline(program)`` rewrites a captured :class:`StepProgram` in place of a copy and returns it
@@ -30,6 +32,7 @@ from effexport.exporter.capture import StepProgram
 from effexport.exporter.errors import RewriteError
 from effexport.passes._graph import meta_val
 from effexport.passes.attention import AttentionRewriter, count_linear, finish
+from effexport.passes.buffers import CACHE_LAYOUTS, buffer_full_caches
 from effexport.passes.cache_plan import CacheEntry, CachePlan, LayerRole
 from effexport.passes.cca import rewrite_cca
 from effexport.passes.compressed import rewrite_compressed
@@ -85,6 +88,8 @@ class Context:
     max_context: int = 4096  # capacity of fixed compressed-entry buffers (max_context // ratio slots)
     compressed: dict = field(default_factory=dict)  # placeholder -> ratio of compressed-entry buffers
     compressed_rings: dict = field(default_factory=dict)
+    cache_layout: str = "grow"  # "buffer": full caches as fixed max_context buffers (passes/buffers.py)
+    buffers: dict = field(default_factory=dict)  # placeholder -> rows of a fixed-capacity full cache
 
 
 def _dead_code(ctx: Context) -> dict:
@@ -161,6 +166,14 @@ def _positions(ctx: Context) -> dict:
     return {"arange": n}
 
 
+def _buffers(ctx: Context) -> dict:
+    if ctx.cache_layout == "grow":
+        return {"buffered": 0, "kept": 0}
+    ctx.buffers, kept = buffer_full_caches(ctx.program.gm, ctx.pos, ctx.max_context)
+    finish(ctx.program.gm)
+    return {"buffered": len(ctx.buffers) // 2, "kept": kept}
+
+
 def _cache_plan(ctx: Context) -> dict:
     prog, gm = ctx.program, ctx.program.gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -178,6 +191,8 @@ def _cache_plan(ctx: Context) -> dict:
             kind, window = "ring", ctx.rewriter.rings[ph]
         elif ratio:
             kind, window = "compressed", 0
+        elif ph in ctx.buffers:
+            kind, window = "buffer", 0
         elif seq_dim is not None:
             kind, window = "full", 0
         else:
@@ -201,7 +216,7 @@ def _cache_plan(ctx: Context) -> dict:
     # the step's flat signature: input_ids, pos, caches...
     prog.inputs = ["input_ids", "pos"] + [n for n in names if n != "input_ids"]
     return {"entries": len(plan.entries), **{kind: sum(e.kind == kind for e in plan.entries)
-                                             for kind in ("ring", "full", "compressed", "state")}}
+                                             for kind in ("ring", "full", "buffer", "compressed", "state")}}
 
 
 PIPELINE: tuple[tuple[str, Callable[[Context], dict]], ...] = (
@@ -214,6 +229,7 @@ PIPELINE: tuple[tuple[str, Callable[[Context], dict]], ...] = (
     ("rewrite", _rewrite),
     ("compressed", rewrite_compressed),
     ("positions", _positions),
+    ("buffers", _buffers),
     ("cache_plan", _cache_plan),
 )
 PASS_NAMES = tuple(name for name, _ in PIPELINE)
@@ -221,15 +237,18 @@ PASS_NAMES = tuple(name for name, _ in PIPELINE)
 
 def run_pipeline(program: StepProgram, dump_after: str | None = None,
                  dump: Callable[[str, fx.GraphModule], None] | None = None,
-                 max_context: int = 4096) -> tuple[StepProgram, Analysis]:
+                 max_context: int = 4096, cache_layout: str = "grow") -> tuple[StepProgram, Analysis]:
     """Run every pass in order on a copy of ``program``; ``dump(name, gm)`` is called after the pass
-    named ``dump_after``; ``max_context`` sizes fixed compressed-entry buffers."""
+    named ``dump_after``; ``max_context`` sizes fixed compressed-entry buffers and, with
+    ``cache_layout="buffer"``, the full caches' buffers (:mod:`.buffers`)."""
+    if cache_layout not in CACHE_LAYOUTS:
+        raise RewriteError(f"unknown cache layout {cache_layout!r}; layouts are: {', '.join(CACHE_LAYOUTS)}")
     if dump_after is not None and dump_after not in PASS_NAMES:
         raise RewriteError(f"unknown pass {dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
     gm = fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
     prog = StepProgram(gm, list(program.inputs), list(program.outputs), dict(program.seq_dims),
                        program.capture_seconds)
-    ctx = Context(prog, Analysis(), max_context=max_context)
+    ctx = Context(prog, Analysis(), max_context=max_context, cache_layout=cache_layout)
     for name, fn in PIPELINE:
         ctx.analysis.counts[name] = fn(ctx)
         if name == dump_after and dump is not None:

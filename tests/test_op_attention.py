@@ -382,9 +382,10 @@ def test_opcheck(op, args, kwargs):
 
 
 def test_ops_tuple_and_no_aliasing():
-    """``OPS`` lists the four overloads; outputs are fresh tensors, inputs are left untouched."""
+    """``OPS`` lists the five overloads; outputs are fresh tensors, inputs are left untouched."""
     assert attn_mod.OPS == (OPS.attention.default, OPS.attention_cache.default,
-                            OPS.attention_ring.default, OPS.attention_read.default)
+                            OPS.attention_ring.default, OPS.attention_read.default,
+                            OPS.attention_buffer.default)
     q, k, v = _qkv(1, 2, 1, 1, 3, 8)
     ring_k, ring_v = k.clone(), v.clone()
     out, k_ring, v_ring = OPS.attention_ring(q, k[:, :, :1], v[:, :, :1], ring_k, ring_v,
@@ -393,6 +394,12 @@ def test_ops_tuple_and_no_aliasing():
     for t in (out, k_ring, v_ring):
         assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
                    for x in (q, k, v, ring_k, ring_v))
+    k_buf, v_buf = k.clone(), v.clone()
+    out, k_out, v_out = OPS.attention_buffer(q, k[:, :, :1], v[:, :, :1], k_buf, v_buf, torch.tensor(1), scale=1.0)
+    assert torch.equal(k_buf, k) and torch.equal(v_buf, v)  # the functional op writes a new buffer
+    for t in (out, k_out, v_out):
+        assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+                   for x in (q, k, v, k_buf, v_buf))
 
 
 # ------------------------------------------------------------------------------------- export

@@ -9,7 +9,7 @@ import torch
 import effexport.custom_ops as custom_ops
 
 EXPECTED = {
-    "attention", "attention_cache", "attention_ring", "attention_read", "cca", "kv_compress",
+    "attention", "attention_cache", "attention_ring", "attention_read", "attention_buffer", "cca", "kv_compress",
     "kv_compress_step", "indexer_topk", "sparse_attention", "sparse_attention_ring", "sinkhorn",
     "mhc_pre", "mhc_post", "mhc_head",
 }

@@ -38,7 +38,7 @@ def test_every_op_has_a_converter_or_plugin():
     assert {op._schema.name.split("::")[-1] for op in layers} == set(converters._LAYERS)
     assert set(specs.plugin_specs()) == {op for op, r in routes.items() if r == "plugin"}
     assert {op._schema.name.split("::")[-1] for op in layers} == {
-        "attention", "attention_cache", "attention_ring", "attention_read"}
+        "attention", "attention_cache", "attention_ring", "attention_read", "attention_buffer"}
 
 
 def test_plugin_specs_follow_the_schemas():

@@ -11,7 +11,7 @@ def export(module, target: str = "onnx", output: str | None = None, profile: str
     """Export an in-memory model: a transformers causal LM (``...ForCausalLM``) or a module following
     the samples' step contract ``forward(input_ids, past=None) -> (logits, present dict)``.
 
-    ``opts`` are the other build options (``check``, ``steps``, ``max_context``, ``explain``,
+    ``opts`` are the other build options (``check``, ``steps``, ``max_context``, ``kv_cache``, ``explain``,
     ``dump_after``, ``force``, ``name``; see ``effexport.exporter.build.BuildOptions``). Returns the
     artifact directory. Raises :class:`effexport.exporter.errors.EffexportError` subclasses on user
     errors, and ``ParityError`` when the artifact was written but does not match eager."""

@@ -13,6 +13,13 @@
   decomposition below is used.
 * ``attention_ring`` and ``attention_read(ring=True)``: GQA's contiguous past/present cannot
   express a ring, so they use the decomposition.
+* ``attention_buffer`` (the fixed-capacity full cache) becomes one GroupQueryAttention in its
+  shared-buffer form: ``past_key`` is the whole ``[B, Hkv, C, d]`` buffer, ``seqlens_k = pos + T - 1``
+  and ``total_sequence_length = pos + T`` come from ``pos``, and ``present_key`` has the buffer's
+  shape, so a runtime that binds past and present to one device buffer gets the new rows written in
+  place (ORT compares the two pointers); unbound, ORT copies the first ``pos`` rows into a new
+  present. Heads GQA does not take use a ``Gather`` write over ``[buffer | new]`` and the
+  decomposition over rows ``0..pos+T-1``.
 
 ``standard`` (ai.onnx only): ``Attention`` (opset 23) with a boolean ``attn_mask`` computed from
 positions when there is neither a softcap (ONNX applies the mask before the softcap, which would
@@ -28,7 +35,7 @@ with the ``ort`` profile a chunked prefill runs at batch 1; prefill from an empt
 one-token decode run at any batch.
 
 Not covered: padding masks or per-row lengths (the ops do not have them), GQA's rotary and
-quantized-cache features, and the shared-buffer (in-place) GQA cache layout.
+quantized-cache features.
 """
 from __future__ import annotations
 
@@ -116,21 +123,33 @@ def _heads_last(x):
 
 
 def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int, softcap: float,
-               dims: Dims):
+               dims: Dims, lengths=None):
     """``com.microsoft::GroupQueryAttention`` of the new queries over ``[past | new]``.
 
     q ``[B, H, T, d]``, k/v_past ``[B, Hkv, P, d]`` (positions ``0..P-1``), k/v_new ``[B, Hkv, T, d]``
-    -> ``(out [B, H, T, d], k_present, v_present)`` with ``present = cat(past, new)``."""
+    -> ``(out [B, H, T, d], k_present, v_present)`` with ``present = cat(past, new)``. ``lengths``
+    (``seqlens_k``, ``total_sequence_length``) default to ``P + T``; a shared buffer passes them from
+    ``pos`` (:func:`_gqa_lengths`), and its present then has the buffer's shape."""
     heads, kv_heads, _, dv = dims
-    total = op.Add(op.Shape(k_past, start=2, end=3), op.Shape(q, start=2, end=3))  # [1]
-    total32 = op.Cast(op.Squeeze(total, b.ints([0])), to=6)  # 0-d int32
-    seqlens = op.Cast(op.Expand(op.Sub(total, b.ints([1])), op.Shape(q, start=0, end=1)), to=6)  # [B]
+    if lengths is None:
+        total = op.Add(op.Shape(k_past, start=2, end=3), op.Shape(q, start=2, end=3))  # [1]
+        lengths = (op.Cast(op.Expand(op.Sub(total, b.ints([1])), op.Shape(q, start=0, end=1)), to=6),  # [B]
+                   op.Cast(op.Squeeze(total, b.ints([0])), to=6))  # 0-d int32
     out, k_present, v_present = msft.GroupQueryAttention(
-        _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_past, v_past, seqlens, total32,
+        _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_past, v_past, *lengths,
         head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
         softcap=float(softcap), local_window_size=window if window > 0 else -1)
     out = op.Transpose(op.Reshape(out, b.ints([0, 0, heads, dv])), perm=[0, 2, 1, 3])
     return out, k_present, v_present
+
+
+def _gqa_lengths(pos, t_len, batch_of):
+    """GQA's ``seqlens_k`` (``[B]`` int32, ``pos + T - 1``) and ``total_sequence_length`` (0-d int32,
+    ``pos + T``) for queries at ``pos..pos+T-1`` (``pos``, ``t_len`` 0-d int64; batch from
+    ``batch_of``'s dim 0)."""
+    total = op.Add(pos, t_len)
+    seqlens = op.Expand(op.Reshape(op.Sub(total, b.i64(1)), b.ints([1])), op.Shape(batch_of, start=0, end=1))
+    return op.Cast(seqlens, to=6), op.Cast(total, to=6)
 
 
 def _split_at(x, cut):
@@ -267,6 +286,44 @@ def attention_read_standard(q, k_cache, v_cache, pos, sinks=None, scale: float =
     return _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, "standard")
 
 
+# -------------------------------------------------------------------------- attention_buffer
+def _buffer_written(buf, new, pos, t_len):
+    """``buf`` with rows ``pos..pos+T-1`` replaced by ``new``: a Gather over ``[buf | new]`` (row j
+    takes ``new[j - pos]`` inside the window of new rows, else its own row)."""
+    capacity = b.dim(buf, 2)
+    row = op.Range(b.i64(0), capacity, b.i64(1))
+    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, op.Add(pos, t_len)))
+    src = op.Where(fresh, op.Add(op.Sub(row, pos), capacity), row)
+    return op.Gather(op.Concat(buf, new, axis=2), src, axis=2)
+
+
+def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, profile):
+    dims = Dims.of(q, k_new, v_new)
+    t_len = b.dim(q, 2)
+    if profile == "ort" and _gqa_fits(dims, scale):
+        return attend_gqa(q, k_buf, v_buf, k_new, v_new, sinks, scale, window, softcap, dims,
+                          lengths=_gqa_lengths(pos, t_len, q))
+    k_out, v_out = _buffer_written(k_buf, k_new, pos, t_len), _buffer_written(v_buf, v_new, pos, t_len)
+    end = op.Reshape(op.Add(pos, t_len), b.ints([1]))
+    keys = op.Slice(k_out, b.ints([0]), end, b.ints([2]))  # rows 0..pos+T-1: never unwritten rows
+    values = op.Slice(v_out, b.ints([0]), end, b.ints([2]))
+    q_pos, k_pos = b.arange(pos, t_len), b.arange(b.i64(0), op.Add(pos, t_len))
+    attend = _attend_standard if profile == "standard" else attend_decomposed
+    return attend(q, keys, values, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims), k_out, v_out
+
+
+def attention_buffer_ort(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, scale: float = 1.0,
+                         window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_buffer``, ``ort`` profile (GQA over the shared buffer)."""
+    return _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, "ort")
+
+
+def attention_buffer_standard(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, scale: float = 1.0,
+                              window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_buffer``, ``standard`` profile (Gather write + Attention-23)."""
+    return _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, "standard")
+
+
 def _table():
     import torch
 
@@ -275,11 +332,13 @@ def _table():
     return {
         "ort": {ops.attention.default: attention_ort, ops.attention_cache.default: attention_cache_ort,
                 ops.attention_ring.default: attention_ring_ort,
-                ops.attention_read.default: attention_read_ort},
+                ops.attention_read.default: attention_read_ort,
+                ops.attention_buffer.default: attention_buffer_ort},
         "standard": {ops.attention.default: attention_standard,
                      ops.attention_cache.default: attention_cache_standard,
                      ops.attention_ring.default: attention_ring_standard,
-                     ops.attention_read.default: attention_read_standard},
+                     ops.attention_read.default: attention_read_standard,
+                     ops.attention_buffer.default: attention_buffer_standard},
     }
 
 

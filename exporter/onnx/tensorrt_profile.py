@@ -125,7 +125,7 @@ _TOPK_MAX = 3840
 
 # ------------------------------------------------------------------------------------ lowering
 def _attention_translations() -> dict:
-    """The four attention ops, decomposed (MatMul/Softmax + position masks) in every form."""
+    """The five attention ops, decomposed (MatMul/Softmax + position masks) in every form."""
     from effexport.exporter.onnx import attention as att
 
     def attention(q, k, v, sinks=None, scale: float = 1.0, causal: bool = True, window: int = 0,
@@ -145,11 +145,17 @@ def _attention_translations() -> dict:
                        softcap: float = 0.0, ring: bool = False):
         return att._attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, "tensorrt")
 
+    def attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, scale: float = 1.0, window: int = 0,
+                         softcap: float = 0.0):
+        return att._attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap,
+                                     "tensorrt")
+
     import torch
 
     ops = torch.ops.effexport
     return {ops.attention.default: attention, ops.attention_cache.default: attention_cache,
-            ops.attention_ring.default: attention_ring, ops.attention_read.default: attention_read}
+            ops.attention_ring.default: attention_ring, ops.attention_read.default: attention_read,
+            ops.attention_buffer.default: attention_buffer}
 
 
 _PY_TYPES = {"int32": "int", "float32": "float"}

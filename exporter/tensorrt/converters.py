@@ -226,8 +226,25 @@ def _attention_read(nb, a):
     return _attend(nb, q, k, v, mask, a["sinks"], a["scale"], a["softcap"], heads, kv_heads, d, dv)
 
 
+def _attention_buffer(nb, a):
+    """Rows ``pos..pos+T-1`` written by a gather over ``[buffer | new]``, then causal attention over
+    the whole buffer (rows past ``pos+T-1`` are masked as the future)."""
+    q, window = a["q"], a["window"]
+    pos, t_len = nb.reshape(a["pos"], (1,)), nb.dim(q, 2)
+    capacity = a["k_buf"].shape[2]
+    row = nb.const(np.arange(capacity), np.int64)
+    end = nb.ew(pos, t_len, "SUM")
+    fresh = nb.ew(nb.ew(nb.ew(row, pos, "GREATER"), nb.ew(row, pos, "EQUAL"), "OR"), nb.ew(row, end, "LESS"), "AND")
+    src = nb.select(fresh, nb.ew(nb.ew(row, pos, "SUB"), nb.const([capacity], np.int64), "SUM"), row)
+    keys = nb.gather(nb.concat([a["k_buf"], a["k_new"]], 2), src, 2)
+    values = nb.gather(nb.concat([a["v_buf"], a["v_new"]], 2), src, 2)
+    heads, kv_heads, d, dv = _dims(q, keys, values)
+    mask = _visible(nb, nb.arange(pos, t_len), row, window)
+    return _attend(nb, q, keys, values, mask, a["sinks"], a["scale"], a["softcap"], heads, kv_heads, d, dv), keys, values
+
+
 _LAYERS = {"attention": _attention, "attention_cache": _attention_cache, "attention_ring": _attention_ring,
-           "attention_read": _attention_read}
+           "attention_read": _attention_read, "attention_buffer": _attention_buffer}
 """Layer converters by op name (route ``layers`` in :data:`.specs.ROUTES`)."""
 
 

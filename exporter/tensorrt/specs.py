@@ -37,6 +37,7 @@ PLUGIN_VERSION = "1"
 
 ROUTES = {
     "attention": "layers", "attention_cache": "layers", "attention_ring": "layers", "attention_read": "layers",
+    "attention_buffer": "layers",
     "cca": "plugin", "kv_compress": "plugin", "kv_compress_step": "plugin", "indexer_topk": "plugin",
     "sparse_attention": "plugin", "sparse_attention_ring": "plugin",
     "sinkhorn": "plugin", "mhc_pre": "plugin", "mhc_post": "plugin", "mhc_head": "plugin",

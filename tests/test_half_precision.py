@@ -1,0 +1,106 @@
+"""``--dtype bf16|fp16`` builds (``--target onnx``): the artifact is captured and lowered in half
+precision; its parity runs on ONNX Runtime's CUDA EP when there is one, otherwise through an fp32
+twin of the same rewritten graph checked on the CPU, whose op structure must equal the artifact's.
+
+This machine has no CUDA EP: the twin path runs here; the CUDA path is a ``gpu`` test."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from effexport.exporter.cli import main
+
+TINY = "gemma4-e2b:tiny"
+
+
+def _model(path, ops: list[str]) -> str:
+    """A chain ``x -> op -> op ... -> y`` of unary ops (structure only), saved at ``path``."""
+    names = ["x"] + [f"t{i}" for i in range(len(ops) - 1)] + ["y"]
+    nodes = [helper.make_node(op, [names[i]], [names[i + 1]]) for i, op in enumerate(ops)]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [vi("x")], [vi("y")])), str(path))
+    return str(path)
+
+
+def test_compare_structure(tmp_path):
+    """Same op types and counts (Casts aside) -> ""; a different count or type -> named."""
+    from effexport.exporter.parity import compare_structure
+
+    a = _model(tmp_path / "a.onnx", ["Relu", "Cast", "Tanh"])
+    assert compare_structure(a, _model(tmp_path / "b.onnx", ["Relu", "Tanh"])) == ""
+    assert compare_structure(a, _model(tmp_path / "c.onnx", ["Relu", "Relu", "Tanh"])) == "ai.onnx::Relu 1 vs 2"
+    assert compare_structure(a, _model(tmp_path / "d.onnx", ["Relu", "Sigmoid"])) == \
+        "ai.onnx::Sigmoid 0 vs 1, ai.onnx::Tanh 1 vs 0"
+
+
+@pytest.fixture(scope="module")
+def bf16_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16") / "gemma"
+    code = main([TINY, "--target", "onnx", "--dtype", "bf16", "-o", str(out), "--steps", "8"])
+    return code, out
+
+
+def test_bf16_build_is_bf16_and_checked_through_the_twin(bf16_build):
+    """exit 0; weights and caches bf16; report.json says the fp32 twin ran (errors at fp32 tolerance)
+    and the structures matched; no twin directory left beside the output."""
+    code, out = bf16_build
+    assert code == 0
+    manifest = json.loads((out / "effexport.json").read_text())
+    parity = json.loads((out / "report.json").read_text())["parity"]
+    assert manifest["dtype"] == "bf16"
+    assert {e["dtype"] for e in manifest["cache_plan"]["entries"]} == {"bfloat16"}
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    weights = [t for t in model.graph.initializer if len(t.dims) >= 2]
+    assert weights and all(t.data_type == TensorProto.BFLOAT16 for t in weights)
+    logits = model.graph.output[0].type.tensor_type.elem_type
+    assert logits == TensorProto.BFLOAT16
+    assert parity["passed"] and parity["tolerance"] == 1e-4
+    assert parity["mode"].startswith("fp32 twin on ONNX Runtime CPU") and "op structure equals" in parity["mode"]
+    assert all(o["max_rel"] <= 1e-4 for o in parity["outputs"])
+    assert [p.name for p in out.parent.iterdir()] == ["gemma"]
+
+
+def test_twin_structure_mismatch_fails_the_verdict():
+    """A twin whose op structure differs from the artifact's fails the check, named; a passing twin
+    with equal structure passes and says so."""
+    from effexport.exporter.build import twin_verdict
+    from effexport.exporter.parity import OutputError, ParityReport
+
+    def ok():
+        return ParityReport(True, 8, 1e-4, [OutputError("logits/decode", 1e-6, 1e-7)])
+
+    bad = twin_verdict(ok(), "ai.onnx::MatMul 96 vs 95", "bf16")
+    assert not bad.passed and "differs from the fp32 twin's: ai.onnx::MatMul 96 vs 95" in bad.detail
+    assert "PARITY FAILED" in bad.table() and "equals" not in bad.mode
+    good = twin_verdict(ok(), "", "bf16")
+    assert good.passed and "op structure equals the twin's" in good.mode and "checked: fp32 twin" in good.table()
+
+
+def test_check_of_a_bf16_artifact_needs_the_cuda_ep(bf16_build, capsys):
+    """Without ORT's CUDA EP, ``check`` of a bf16 artifact exits 4 naming what to install."""
+    assert main(["check", str(bf16_build[1])]) == 4
+    err = capsys.readouterr().err
+    assert "bf16 artifact" in err and "onnxruntime-gpu" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("target", ["aoti", "tensorrt"])
+def test_half_precision_is_onnx_only(tmp_path, target, capsys):
+    assert main([TINY, "--target", target, "--dtype", "bf16", "-o", str(tmp_path / "x")]) == 2
+    assert "builds fp32 only" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.gpu
+def test_bf16_build_checked_on_the_cuda_ep(tmp_path):
+    """On a GPU with onnxruntime-gpu: the bf16 artifact itself runs on ORT CUDA against eager bf16."""
+    from effexport.exporter.build import cuda_ep_available
+
+    if not cuda_ep_available():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
+    out = tmp_path / "gemma"
+    assert main([TINY, "--target", "onnx", "--dtype", "bf16", "-o", str(out), "--steps", "8"]) == 0
+    parity = json.loads((out / "report.json").read_text())["parity"]
+    assert parity["mode"].startswith("the bf16 artifact on ONNX Runtime CUDA") and parity["tolerance"] == 2e-2
+    assert main(["check", str(out)]) == 0

@@ -1,0 +1,262 @@
+"""Full caches as fixed-capacity buffers (``--kv-cache buffer``): the ``effexport::attention_buffer``
+op, the ``buffers`` pass, the ONNX lowering (GroupQueryAttention in its shared-buffer form in the
+``ort`` profile, a Gather write + decomposition elsewhere) and the runtime's in-place binding.
+
+Parity is fp32 against the growing-cache op / the eager model (``_helpers.TOLERANCE``); the ONNX
+Runtime checks run on the CPU, where GroupQueryAttention detects a shared past/present buffer the
+same way its CUDA kernel does (pointer equality)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import effexport.custom_ops  # noqa: F401  (registers the ops)
+from _helpers import assert_close
+
+ops = torch.ops.effexport
+H, HKV, D, C = 4, 2, 16, 16  # heads, KV heads, head size, buffer rows
+
+
+def _inputs(batch: int, t_len: int, pos: int, seed: int = 0, d: int = D):
+    """q, k_new, v_new, k_buf, v_buf (random rows everywhere: rows >= pos must not matter), pos, sinks."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return (r(batch, H, t_len, d), r(batch, HKV, t_len, d), r(batch, HKV, t_len, d),
+            r(batch, HKV, C, d), r(batch, HKV, C, d), torch.tensor(pos), r(H))
+
+
+VARIANTS = [pytest.param(0, 0.0, False, id="causal"), pytest.param(5, 0.0, False, id="window"),
+            pytest.param(5, 4.0, True, id="window-softcap-sinks")]
+
+
+# ------------------------------------------------------------------------------------------- op
+@pytest.mark.parametrize("window,softcap,sinks", VARIANTS)
+@pytest.mark.parametrize("batch,t_len,pos", [(2, 3, 0), (1, 4, 7), (3, 1, 9), (2, 1, C - 1)])
+def test_buffer_equals_the_growing_cache(batch, t_len, pos, window, softcap, sinks):
+    """``attention_buffer`` over rows ``< pos`` of a buffer equals ``attention_cache`` with that past;
+    the new rows land at ``pos..pos+T-1`` and every other row is returned unchanged."""
+    q, k_new, v_new, k_buf, v_buf, p, s = _inputs(batch, t_len, pos)
+    s = s if sinks else None
+    kw = dict(scale=0.3, window=window, softcap=softcap)
+    out, k_out, v_out = ops.attention_buffer(q, k_new, v_new, k_buf, v_buf, p, s, **kw)
+    ref, k_ref, v_ref = ops.attention_cache(q, k_new, v_new, k_buf[:, :, :pos], v_buf[:, :, :pos], s, **kw)
+    assert_close(out, ref, what="out")
+    assert torch.equal(k_out[:, :, :pos + t_len], k_ref) and torch.equal(v_out[:, :, :pos + t_len], v_ref)
+    assert torch.equal(k_out[:, :, pos + t_len:], k_buf[:, :, pos + t_len:])
+    assert torch.equal(v_out[:, :, pos + t_len:], v_buf[:, :, pos + t_len:])
+
+
+def test_buffer_decode_loop_equals_prefill():
+    """A prefill chunk then one-token steps through one buffer equal causal attention over the whole
+    sequence (window, softcap and sinks on)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 11, D, generator=g) for h in (H, HKV, HKV))
+    sinks = torch.randn(H, generator=g)
+    kw = dict(scale=0.25, window=4, softcap=5.0)
+    ref = ops.attention(q, k, v, sinks, **kw)
+    k_buf, v_buf = torch.zeros(2, HKV, C, D), torch.zeros(2, HKV, C, D)
+    outs = []
+    for start, end in [(0, 6)] + [(p, p + 1) for p in range(6, 11)]:
+        out, k_buf, v_buf = ops.attention_buffer(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                 k_buf, v_buf, torch.tensor(start), sinks, **kw)
+        outs.append(out)
+    assert_close(torch.cat(outs, dim=2), ref, what="buffer loop vs prefill")
+    assert torch.equal(k_buf[:, :, :11], k) and not k_buf[:, :, 11:].any()
+
+
+def test_buffer_refuses_positions_past_its_rows():
+    q, k_new, v_new, k_buf, v_buf, _, _ = _inputs(1, 3, 0)
+    with pytest.raises(ValueError, match=r"do not fit the buffer's 16 rows.*larger max context"):
+        ops.attention_buffer(q, k_new, v_new, k_buf, v_buf, torch.tensor(C - 2), scale=1.0)
+
+
+def test_buffer_opcheck():
+    """torch.library.opcheck: schema, fake kernel (symbolic shapes), AOT dispatch."""
+    q, k_new, v_new, k_buf, v_buf, pos, sinks = _inputs(2, 3, 4)
+    torch.library.opcheck(ops.attention_buffer.default, (q, k_new, v_new, k_buf, v_buf, pos, sinks),
+                          dict(scale=0.3, window=3, softcap=2.0))
+    torch.library.opcheck(ops.attention_buffer.default, (q, k_new, v_new, k_buf, v_buf, torch.tensor(0)),
+                          dict(scale=0.3))
+
+
+# ------------------------------------------------------------------------------------- ONNX op
+class _Buffer(torch.nn.Module):
+    def __init__(self, window: int, softcap: float, sinks: bool):
+        super().__init__()
+        self.kw, self.sinks = dict(scale=0.3, window=window, softcap=softcap), sinks
+
+    def forward(self, q, k_new, v_new, k_buf, v_buf, pos, sinks):
+        return ops.attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks if self.sinks else None, **self.kw)
+
+
+def _lowered(module, profile: str, d: int = D) -> onnx.ModelProto:
+    from effexport.exporter.onnx.export import lower
+
+    bt = {0: torch.export.Dim("batch"), 2: torch.export.Dim("t")}
+    return lower(module, _inputs(2, 3, 5, d=d), profile, dynamic_shapes=(bt, bt, bt, {0: bt[0]}, {0: bt[0]}, None, None))
+
+
+def _feeds(model: onnx.ModelProto, args) -> dict:
+    return {i.name: a.numpy() for i, a in zip(model.graph.input, args)}
+
+
+@pytest.mark.parametrize("window,softcap,sinks", VARIANTS)
+@pytest.mark.parametrize("profile", ["ort", "standard", "tensorrt"])
+def test_lowering_parity(profile, window, softcap, sinks):
+    """ONNX Runtime CPU equals the eager op at shapes other than the export example (fp32, rel 1e-5):
+    the output, and the buffer rows ``0..pos+T-1`` (later rows are unspecified for GQA's unshared
+    present; the decomposed profiles return them unchanged)."""
+    module = _Buffer(window, softcap, sinks)
+    model = _lowered(module, profile)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i, (b, t, pos) in enumerate([(2, 3, 0), (1, 4, 6), (3, 1, 9), (2, 1, C - 1)]):
+        args = _inputs(b, t, pos, seed=i + 1)
+        want = module(*args)
+        got = session.run(None, _feeds(model, args))
+        assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, what=f"{profile} out B={b} T={t} pos={pos}")
+        rows = C if profile != "ort" else pos + t
+        for g, w, name in zip(got[1:], want[1:], ("k", "v")):
+            assert g.shape == tuple(w.shape), f"{name} buffer shape {g.shape}"
+            assert np.array_equal(g[:, :, :rows], w[:, :, :rows].numpy()), f"{profile} {name} rows B={b} pos={pos}"
+
+
+def test_ort_profile_is_one_shared_buffer_gqa():
+    """ort: one GroupQueryAttention reading the buffer inputs directly and writing the present outputs
+    directly (so a runtime can bind them to one memory), fixed C rows on both sides, window attribute."""
+    model = _lowered(_Buffer(5, 0.0, False), "ort")
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1
+    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    assert list(gqa[0].input[3:5]) == inputs[3:5] and list(gqa[0].output[1:3]) == outputs[1:3]
+    for value in (*model.graph.input[3:5], *model.graph.output[1:3]):
+        assert value.type.tensor_type.shape.dim[2].dim_value == C
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["local_window_size"] == 5 and attrs["num_heads"] == H and attrs["kv_num_heads"] == HKV
+    assert "Concat" not in {n.op_type for n in model.graph.node}  # no copy of the cache
+
+
+def test_ort_profile_above_gqa_head_size_writes_by_gather():
+    """Head sizes GQA does not take (Gemma 4's 512) write the rows with a Gather and attend decomposed."""
+    from effexport.exporter.onnx.attention import GQA_MAX_HEAD_DIM
+
+    module, d = _Buffer(0, 0.0, True), GQA_MAX_HEAD_DIM + 64
+    model = _lowered(module, "ort", d=d)
+    types = {n.op_type for n in model.graph.node}
+    assert "GroupQueryAttention" not in types and "Gather" in types
+    args = _inputs(3, 1, 9, seed=7, d=d)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, _feeds(model, args))
+    for g, w in zip(got, module(*args)):
+        assert_close(torch.from_numpy(g), w, rtol=1e-5, what=f"d={d}")
+
+
+def test_shared_binding_updates_the_buffer_in_place():
+    """Past and present bound to one memory: ORT writes the new rows into it (same pointer, rows
+    0..pos+T-1 equal the eager op's) and the output equals an unbound run's."""
+    module = _Buffer(0, 0.0, False)
+    model = _lowered(module, "ort")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    args = _inputs(2, 1, 7, seed=5)
+    unbound = session.run(None, _feeds(model, args))
+    k_buf, v_buf = args[3].clone(), args[4].clone()
+    binding = session.io_binding()
+    for name, value in list(_feeds(model, args).items())[:3] + list(_feeds(model, args).items())[5:]:
+        binding.bind_cpu_input(name, value)
+    binding.bind_output(model.graph.output[0].name, "cpu")  # get_outputs() keeps the binding order
+    for i, buf in ((3, k_buf), (4, v_buf)):
+        binding.bind_input(model.graph.input[i].name, "cpu", 0, np.float32, list(buf.shape), buf.data_ptr())
+        binding.bind_output(model.graph.output[i - 2].name, "cpu", 0, np.float32, list(buf.shape), buf.data_ptr())
+    session.run_with_iobinding(binding)
+    out = binding.get_outputs()
+    assert np.array_equal(out[0].numpy(), unbound[0])
+    assert out[1].data_ptr() == k_buf.data_ptr() and out[2].data_ptr() == v_buf.data_ptr()
+    _, k_want, v_want = module(*args)
+    assert torch.equal(k_buf[:, :, :8], k_want[:, :, :8]) and torch.equal(v_buf[:, :, :8], v_want[:, :, :8])
+    assert not torch.equal(k_buf[:, :, 7], args[3][:, :, 7])  # row 7 was really written
+
+
+# ------------------------------------------------------------------------ pass, build, runtime
+def test_pipeline_buffers_the_full_cache(rewritten):
+    """gemma4-e2b:tiny (1 full owner, 4 sliding owners, 5 consumers): with ``cache_layout="buffer"``
+    the full owner's attention_cache becomes attention_buffer over max_context rows, rings stay; the
+    rewritten step equals the growing-cache step over a prefill and decode steps."""
+    from effexport.passes.pipeline import run_pipeline
+
+    base = rewritten("gemma4-e2b:tiny")
+    program, analysis = run_pipeline(base.captured, max_context=64, cache_layout="buffer")
+    assert analysis.counts["buffers"] == {"buffered": 1, "kept": 0}
+    assert base.analysis.counts["buffers"] == {"buffered": 0, "kept": 0}
+    targets = [n.target for n in program.gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(ops.attention_buffer.default) == 1 and ops.attention_cache.default not in targets
+    kinds = {e.name: (e.kind, e.shape) for e in analysis.plan.entries}
+    assert {n: k for n, k in kinds.items() if k[0] != "ring"} == {
+        "4.k": ("buffer", ("batch", 1, 64, 32)), "4.v": ("buffer", ("batch", 1, 64, 32))}
+    assert sum(e.kind == "ring" for e in analysis.plan.entries) == base.analysis.counts["cache_plan"]["ring"]
+    ids = base.ids
+    grow_caches, buf_caches = base.analysis.plan.empty_caches(2), analysis.plan.empty_caches(2)
+    with torch.no_grad():
+        for start, end in [(0, 12)] + [(p, p + 1) for p in range(12, 20)]:
+            step = (ids[:, start:end], torch.tensor(start))
+            want, *grow_caches = base.program(*step, *grow_caches)
+            got, *buf_caches = program(*step, *buf_caches)
+            assert_close(got, want, what=f"logits at {start}")
+    assert buf_caches[[e.name for e in analysis.plan.entries].index("4.k")].shape[2] == 64
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One CLI build of gemma4-e2b:tiny with ``--kv-cache buffer`` (ort profile, parity on)."""
+    from effexport.exporter.cli import main
+
+    out = tmp_path_factory.mktemp("kvbuf") / "gemma"
+    code = main(["gemma4-e2b:tiny", "--target", "onnx", "-o", str(out), "--kv-cache", "buffer",
+                 "--max-context", "64", "--steps", "8"])
+    return code, out
+
+
+def test_build_with_buffers_passes_parity(built):
+    code, out = built
+    assert code == 0
+    manifest = json.loads((out / "effexport.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["kv_cache"] == "buffer" and report["parity"]["passed"]
+    assert report["passes"]["buffers"] == {"buffered": 1, "kept": 0}
+    buffers = [e for e in manifest["cache_plan"]["entries"] if e["kind"] == "buffer"]
+    assert [e["name"] for e in buffers] == ["4.k", "4.v"] and all(e["shape"][2] == 64 for e in buffers)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    past = {f"past.{e['name']}" for e in buffers}
+    fed = [n for n in model.graph.node if n.op_type == "GroupQueryAttention" and set(n.input[3:5]) == past]
+    assert len(fed) == 1 and {o.name for o in model.graph.output} >= set(fed[0].output[1:3])
+
+
+def test_runtime_binds_buffers_in_place(built):
+    """OrtRuntime with I/O binding: buffers are device tensors bound as past and present (same memory
+    after every step), greedy generation equals the unbound runtime's, logits bit for bit."""
+    from effexport.exporter.runtime import OrtRuntime
+
+    _, out = built
+    ids = np.random.RandomState(0).randint(0, 128, (2, 12))
+    plain, bound = OrtRuntime(str(out)), OrtRuntime(str(out), io_binding=True)
+    caches = bound.initial_caches(2)
+    buffers = [c for c in caches if isinstance(c, torch.Tensor)]
+    assert len(buffers) == 2 and all(b.shape[2] == 64 for b in buffers)
+    result = bound.step(ids, 0, caches)
+    assert [c.data_ptr() for c in result.caches if isinstance(c, torch.Tensor)] == [b.data_ptr() for b in buffers]
+    assert buffers[0][:, :, :12].abs().sum() > 0 and not buffers[0][:, :, 12:].any()
+    tokens_a, logits_a = plain.generate(ids, 10)
+    tokens_b, logits_b = bound.generate(ids, 10)
+    assert np.array_equal(tokens_a, tokens_b)
+    assert all(np.array_equal(a, b) for a, b in zip(logits_a, logits_b))
+
+
+def test_runtime_refuses_steps_past_the_buffers(built):
+    from effexport.exporter.errors import LoadError
+    from effexport.exporter.runtime import OrtRuntime
+
+    runtime = OrtRuntime(str(built[1]))
+    with pytest.raises(LoadError, match=r"positions 62..65 do not fit the artifact's 64-row cache buffers"):
+        runtime.step(np.zeros((1, 4), dtype=np.int64), 62, runtime.initial_caches(1))
