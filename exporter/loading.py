@@ -115,7 +115,7 @@ def resolve_source(source: dict, *, trust_pickle: bool = False) -> ModelSpec:
     if kind == "hf" and source.get("path"):
         return resolve_model(str(source["path"]))
     raise LoadError(f"this artifact was built from an in-memory {source.get('class', 'module')} with no model "
-                    "directory to reload; check it from Python with the model: effexport.check(DIR, model)")
+                    "directory to reload; check parity from Python with the model: effexport.check(DIR, model)")
 
 
 def default_name(spec: str) -> str:
