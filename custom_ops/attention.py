@@ -7,7 +7,8 @@ and a ``register_fake`` that works with symbolic batch and sequence sizes:
 ``attention``        prefill: queries are the last T of S positions (or full/bidirectional).
 ``attention_cache``  decode with a growing cache: ``present = cat(past, new)`` along the sequence
                      (ONNX Runtime GroupQueryAttention's non-shared-buffer past/present layout).
-``attention_ring``   decode (or prefill) for windowed layers with a ring cache of exactly W slots.
+``attention_ring``   decode (or prefill) for windowed layers with a ring cache of exactly W slots,
+                     and for chunked layers (``chunked=True``) with a chunk-local cache of C slots.
 ``attention_read``   read-only consumer of another layer's cache (cross-layer KV sharing).
 ``attention_buffer`` decode with a full cache in a fixed-capacity buffer: the new rows are written
                      at ``pos`` (ONNX Runtime GroupQueryAttention's shared-buffer layout, where past
@@ -21,6 +22,8 @@ Layout and conventions shared by all four:
 * ``scale`` is explicit (``1/sqrt(d)`` is *not* assumed; Gemma 4 uses 1.0).
 * ``window`` W counts the keys visible to a query *including itself* (HF convention): key j is
   visible to query i iff ``i - W < j <= i``. ``window=0`` means no window (plain causal).
+* Chunked attention (Llama 4's ``attention_chunk_size`` C, ``attention_ring(chunked=True)`` with
+  ``window`` = C): key j is visible to query i iff ``i - (i mod C) <= j <= i`` (same chunk, causal).
 * ``softcap`` > 0 applies ``softcap * tanh(scores / softcap)`` to the scaled scores before masking.
 * ``sinks [H]`` (optional) is a per-head logit that joins the softmax denominator only (gpt-oss):
   ``p_j = exp(s_j) / (exp(sink) + sum_j exp(s_j))``; it contributes no value.
@@ -31,7 +34,8 @@ Layout and conventions shared by all four:
 
 Every op is functional: caches are returned, never mutated in place, and no output aliases an input.
 
-Not covered here: padding masks, chunked/block-local attention, dropout, autograd (no backward is
+Not covered here: padding masks, chunked attention without a cache (only ``attention_ring`` has the
+chunked mode), dropout, autograd (no backward is
 registered: these ops are for export and inference), and compressed or sparse attention (own ops).
 """
 from typing import Optional
@@ -84,12 +88,15 @@ def _check_window(window: int, softcap: float, what: str) -> None:
 
 # -------------------------------------------------------------------------------- shared kernel
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
-             k_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+             k_valid: Optional[torch.Tensor] = None, chunked: bool = False) -> torch.Tensor:
     """Boolean ``[T, S]`` mask, True = visible: causal, windowed to W keys including self when
-    ``window > 0``, and restricted to ``k_valid [S]`` (filled ring slots) when given."""
+    ``window > 0`` (with ``chunked``: to the query's own chunk of W positions, ``diff <= i mod W``),
+    and restricted to ``k_valid [S]`` (filled ring slots) when given."""
     diff = q_pos[:, None] - k_pos[None, :]  # [T, S]
     visible = diff >= 0
-    if window > 0:
+    if window > 0 and chunked:
+        visible = visible & (diff <= torch.remainder(q_pos, window)[:, None])
+    elif window > 0:
         visible = visible & (diff < window)
     if k_valid is not None:
         visible = visible & k_valid[None, :]
@@ -208,8 +215,9 @@ def _(q, k_new, v_new, k_past, v_past, sinks=None, *, scale, window=0, softcap=0
 def attention_ring(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                    k_ring: torch.Tensor, v_ring: torch.Tensor, pos: torch.Tensor,
                    sinks: Optional[torch.Tensor] = None, *, scale: float, window: int,
-                   softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sliding-window attention with a ring cache of exactly W = ``window`` slots.
+                   softcap: float = 0.0,
+                   chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sliding-window (or chunked) attention with a ring cache of exactly W = ``window`` slots.
 
     q ``[B, H, T, d]``, k_new/v_new ``[B, Hkv, T, d|dv]`` (new tokens at positions
     ``pos..pos+T-1``), k_ring/v_ring ``[B, Hkv, W, d|dv]``, pos 0-d int64 ->
@@ -221,7 +229,12 @@ def attention_ring(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     (exact for every T: a query at ``pos + t`` needs keys ``> pos + t - W``, which are all either
     new or still in the ring), then the new tokens are written into their slots; with T > W only the
     last W survive. T >= 1 works for decode and for chunked prefill; a prefill of a whole prompt is
-    a call with a zero ring and ``pos = 0`` (any T, also T > W)."""
+    a call with a zero ring and ``pos = 0`` (any T, also T > W).
+
+    ``chunked=True``: chunked attention with chunks of C = W positions (Llama 4): a query at i sees
+    ``i - (i mod C) .. i``, so the C slots are a chunk-local cache (slot = offset in the chunk, the
+    entries of the previous chunk masked from the chunk's first token on). Exact for every T by the
+    same argument: the keys a query needs are new or among the C latest positions before ``pos``."""
     _check_qkv(q, k_new, v_new, sinks, "attention_ring")
     _check_qkv(q, k_ring, v_ring, None, "attention_ring (ring)")
     _check_new(q, k_new, k_ring, v_new, v_ring, "attention_ring")
@@ -238,7 +251,7 @@ def attention_ring(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     keys = torch.cat([k_ring, k_new], dim=2)  # [B, Hkv, W+T, d]
     values = torch.cat([v_ring, v_new], dim=2)  # [B, Hkv, W+T, dv]
     k_pos = torch.cat([old_pos, new_pos])  # [W+T]
-    mask = _visible(new_pos, k_pos, window, k_valid=k_pos >= 0)  # [T, W+T]
+    mask = _visible(new_pos, k_pos, window, k_valid=k_pos >= 0, chunked=chunked)  # [T, W+T]
     out = _attend(q, keys, values, mask, sinks, scale, softcap)
     return (out, *_ring_written(keys, values, pos, slots, t_len))
 
@@ -254,7 +267,7 @@ def _ring_written(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, s
 
 
 @attention_ring.register_fake
-def _(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, window, softcap=0.0):
+def _(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, window, softcap=0.0, chunked=False):
     _check_qkv(q, k_new, v_new, sinks, "attention_ring")
     _check_qkv(q, k_ring, v_ring, None, "attention_ring (ring)")
     _check_new(q, k_new, k_ring, v_new, v_ring, "attention_ring")

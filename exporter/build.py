@@ -42,6 +42,7 @@ TARGETS = {
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
 DEFAULT_MAX_CONTEXT = 4096
+PARITY_PROMPT = 8  # prompt tokens of the parity check, before its decode steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--dtype`` -> the dtype the model is captured, lowered and deployed in."""
 
@@ -65,6 +66,7 @@ class BuildOptions:
     command: tuple = ()
     weights: str = "random"   # "none": structure only (meta device, no weight data, no parity)
     trust_pickle: bool = False
+    allow_missing_weights: bool = False  # a Hugging Face directory lacking weights builds (recorded in report.json)
 
 
 def versions() -> dict:
@@ -124,9 +126,7 @@ def check_options(opts: BuildOptions) -> None:
     if opts.dtype != "fp32" and opts.target != "onnx":
         raise UsageError(f"--dtype {opts.dtype} builds ONNX artifacts (--target onnx); --target {opts.target} "
                          "builds fp32 only")
-    if not 1 <= opts.steps <= MAX_STEPS:
-        raise UsageError(f"--steps {opts.steps}: the parity check runs 1 to {MAX_STEPS} decode steps; "
-                         "pass e.g. --steps 16 (or --no-check)")
+    check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
     if opts.max_context is not None and opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
     if opts.kv_cache not in ("grow", "buffer"):
@@ -137,10 +137,28 @@ def check_options(opts: BuildOptions) -> None:
     check_target(opts.target)
 
 
-def _output_dir(opts: BuildOptions, name: str) -> str:
+def check_steps(steps: int, max_context: int | None) -> None:
+    """``--steps`` of a parity check: 1 to MAX_STEPS, and the prompt plus the steps within the
+    artifact's ``max_context`` (None: not checked, no parity run)."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"--steps {steps}: the parity check runs 1 to {MAX_STEPS} decode steps; "
+                         "pass e.g. --steps 16 (or --no-check)")
+    if max_context is not None and PARITY_PROMPT + steps > max_context:
+        raise UsageError(f"--steps {steps}: the parity check's {PARITY_PROMPT} prompt tokens + {steps} decode steps "
+                         f"go past --max-context {max_context}; pass --steps {max(1, max_context - PARITY_PROMPT)} "
+                         "or less, or a larger --max-context")
+
+
+def _output_dir(opts: BuildOptions, name: str, model_path: str | None = None) -> str:
+    """The artifact directory; an existing one only with ``--force`` and only if it is an artifact that
+    holds neither the current directory nor ``model_path`` (the input)."""
+    from effexport.exporter._io import check_replaceable
+
     out = opts.output or f"{name.replace(':', '-')}-{opts.target}"
-    if os.path.exists(out) and not opts.force:
-        raise UsageError(f"output directory {out!r} exists; pass --force to replace it or -o another directory")
+    if os.path.lexists(out):
+        if not opts.force:
+            raise UsageError(f"output directory {out!r} exists; pass --force to replace it or -o another directory")
+        check_replaceable(out, (model_path,) if model_path else ())
     return out
 
 
@@ -151,8 +169,9 @@ def resolve_context(opts: BuildOptions, name: str, limit: int | None) -> BuildOp
     import dataclasses
 
     if opts.max_context is None:
-        return dataclasses.replace(opts, max_context=min(DEFAULT_MAX_CONTEXT, limit or DEFAULT_MAX_CONTEXT))
-    if limit is not None and opts.max_context > limit:
+        opts = dataclasses.replace(opts, max_context=min(DEFAULT_MAX_CONTEXT, limit or DEFAULT_MAX_CONTEXT))
+        check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
+    elif limit is not None and opts.max_context > limit:
         raise UsageError(f"--max-context {opts.max_context} is beyond {name}'s limit of {limit} tokens; "
                          f"pass --max-context {limit} or less")
     return opts
@@ -162,9 +181,10 @@ def build(opts: BuildOptions) -> int:
     """Load ``opts.model`` and build it; returns the exit code (0 ok, 1 parity failed). Raises
     EffexportError otherwise. Every check that needs no loading runs before the first progress line."""
     check_options(opts)
-    spec = resolve_model(opts.model, trust_pickle=opts.trust_pickle, weights=opts.weights)
+    spec = resolve_model(opts.model, trust_pickle=opts.trust_pickle, weights=opts.weights,
+                         allow_missing_weights=opts.allow_missing_weights)
     requested, opts = opts, resolve_context(opts, spec.name, spec.context_limit)
-    out = _output_dir(opts, spec.name)
+    out = _output_dir(opts, spec.name, spec.spec if spec.kind != "sample" else None)
     progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
                                                  if opts.weights == "none" else ""))
@@ -229,7 +249,7 @@ def _rewrite_summary(analysis) -> str:
     c = analysis.counts
     line = (f"{c['discover']['sites']} sites: {c['rewrite']['ring']} ring, {c['rewrite']['full']} full, "
             f"{c['kv_sharing']['consumers']} consumers")
-    others = [(c["cca"]["cca"], "CCA"), (c["compressed"]["csa"], "CSA"), (c["compressed"]["hca"], "HCA"),
+    others = [(c["rewrite"].get("chunk", 0), "chunk"), (c["cca"]["cca"], "CCA"), (c["compressed"]["csa"], "CSA"), (c["compressed"]["hca"], "HCA"),
               (c["compressed"]["window_only"], "window-only sparse"),
               (c["mhc"]["mhc_pre"] + c["mhc"]["mhc_post"] + c["mhc"]["mhc_head"], "mHC")]
     line += "".join(f", {n} {what}" for n, what in others if n)
@@ -305,6 +325,9 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         else:
             report = {"model": loaded.name, rep.REALISED_KEY: rep.realised_savings(analysis, opts.max_context)}
             print(f"      {rep.format_realised(report[rep.REALISED_KEY])}", file=sys.stderr)
+        if opts.allow_missing_weights:
+            report["allow_missing_weights"] = True
+            report["missing_weights"] = loaded.source.get("missing_weights", {})
         report["passes"] = analysis.counts
         if loaded.structure_only:
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
@@ -328,17 +351,16 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
 
 
 def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runtime=None):
-    """Parity of a built artifact against ``loaded`` (the eager model): the first 8 tokens of its
-    example stream as the prompt, then ``steps`` decode steps; ``runtime`` defaults to
+    """Parity of a built artifact against ``loaded`` (the eager model): the first PARITY_PROMPT tokens of
+    its example stream as the prompt, then ``steps`` decode steps; ``runtime`` defaults to
     :func:`open_runtime`'s."""
     from effexport.exporter.parity import check_parity
     from effexport.exporter.runtime import load_manifest
 
-    if not 1 <= steps <= MAX_STEPS:
-        raise UsageError(f"--steps {steps}: the parity check runs 1 to {MAX_STEPS} decode steps")
+    check_steps(steps, None)
     runtime = runtime or open_runtime(artifact_dir)
     dtype = load_manifest(artifact_dir)["dtype"]
-    return check_parity(loaded.model, runtime, loaded.example_ids()[:, :8], steps, dtype)
+    return check_parity(loaded.model, runtime, loaded.example_ids()[:, :PARITY_PROMPT], steps, dtype)
 
 
 def cuda_ep_available() -> bool:
@@ -359,7 +381,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     from effexport.exporter.parity import check_parity, compare_structure
     from effexport.exporter.runtime import MANIFEST, OrtRuntime
 
-    ids = loaded.example_ids()[:, :8]
+    ids = loaded.example_ids()[:, :PARITY_PROMPT]
     if cuda_ep_available():
         t0 = progress.stage(f"parity vs eager {opts.dtype} (prefill + {opts.steps} decode steps, ONNX Runtime CUDA)")
         runtime = OrtRuntime(tmp, device="cuda")

@@ -13,14 +13,15 @@ import re
 import sys
 import time
 
-from effexport.exporter.errors import EXIT_INTERRUPTED, EffexportError, UsageError
+from effexport.exporter.errors import (EXIT_BUG, EXIT_INTERRUPTED, EffexportError, Terminated, UsageError,
+                                       one_line, save_traceback, termination_signals)
 
 _SUFFIXES = {"": 1, "k": 1024, "m": 1024 ** 2}
 
 
 def parse_tokens(text: str) -> int:
     """Parse a context length: ``131072``, ``128k``/``128K`` (x1024), ``1M`` (x1024^2)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    match = re.fullmatch(r"\s*(\d{1,15})\s*([kKmM]?)\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(
             f"invalid context length {text!r}: give a positive number of tokens, e.g. 131072 or 128k")
@@ -75,12 +76,13 @@ def _cmd_report(args) -> int:
             sample = get_sample(args.model)
         except UnknownModelError as exc:
             raise UsageError(f"{exc}; or pass a Hugging Face model directory") from None
+    fmt = rep.plot_format(args.plot) if args.plot else None
     data = rep.build_report(sample, args.context, args.cache_dtype)
     for warning in data["warnings"]:
         print(f"effexport: warning: {warning}", file=sys.stderr)
     if args.plot:
         with atomic_file(args.plot) as tmp:
-            rep.plot_report(sample, args.cache_dtype, args.context, tmp)
+            rep.plot_report(sample, args.cache_dtype, args.context, tmp, fmt)
     if args.json:
         print(json.dumps(data, indent=1, sort_keys=False))
     else:
@@ -100,23 +102,27 @@ def _cmd_build(args) -> int:
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
                               dtype=args.dtype, kv_cache=args.kv_cache, check=args.check, steps=args.steps, explain=args.explain,
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
-                              dump_after=args.dump_after, force=args.force, command=tuple(args.argv)))
+                              dump_after=args.dump_after, force=args.force, command=tuple(args.argv),
+                              allow_missing_weights=args.allow_missing_weights))
 
 
 def _cmd_check(args) -> int:
-    from effexport.exporter.build import cuda_ep_available, in_dtype, open_runtime
-    from effexport.exporter.errors import BackendMissingError, EffexportError, LoadError
+    from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype, open_runtime
+    from effexport.exporter.errors import BackendMissingError, LoadError
     from effexport.exporter.loading import resolve_source
     from effexport.exporter.parity import check_parity
     from effexport.exporter.runtime import OrtRuntime, load_manifest
 
     manifest = load_manifest(args.dir)
+    limit = manifest.get("max_context")
+    check_steps(args.steps, limit if type(limit) is int and limit > 0 else None)
     for name in manifest["files"].values():
         if not os.path.isfile(os.path.join(args.dir, name)):
             raise LoadError(f"artifact {args.dir!r} lacks {name} (named in effexport.json); rebuild it with "
                             f"'effexport MODEL -o {args.dir} --force'")
     spec = resolve_source(manifest.get("source") or {"kind": "sample", "name": manifest.get("model")},
                           trust_pickle=args.trust_pickle)
+    step = manifest["files"]["step"]
     half = manifest.get("dtype", "fp32") != "fp32"
     if half and not cuda_ep_available():
         raise BackendMissingError(
@@ -128,15 +134,21 @@ def _cmd_check(args) -> int:
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
-        step = manifest["files"]["step"]
         backend = {"aoti": "AOTInductor", "tensorrt": "TensorRT"}.get(manifest["target"], "ONNX Runtime")
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120]}); rebuild the artifact with --force") from None
+                        f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
-    model, ids = loaded.model, loaded.example_ids()[:, :8]
+    model, ids = loaded.model, loaded.example_ids()[:, :PARITY_PROMPT]
     if half:  # eager in the artifact's dtype, on the GPU the artifact runs on
         model, ids = in_dtype(loaded, manifest["dtype"]).model.cuda(), ids.cuda()
-    parity = check_parity(model, runtime, ids, args.steps, manifest["dtype"])
+    try:
+        parity = check_parity(model, runtime, ids, args.steps, manifest.get("dtype", "fp32"))
+    except EffexportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the runtime's own error types (wrong inputs, shapes)
+        raise LoadError(f"artifact {args.dir!r} does not match its manifest: running {step} failed "
+                        f"({type(exc).__name__}: {one_line(str(exc), 160)}); rebuild it with "
+                        f"'effexport MODEL -o {args.dir} --force'") from None
     print(parity.table())
     return 0 if parity.passed else 1
 
@@ -154,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
                "  effexport report deepseek-v4-flash --context 1M --cache-dtype published --json\n"
                "exit codes: 0 ok, 1 parity failed, 2 usage/input error, 3 capture/rewrite/lowering error, "
-               "4 backend not installed, 5 output not written (disk full), 130 interrupted",
+               "4 backend not installed, 5 output not written (disk full), 70 internal error (a bug), "
+               "128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -202,9 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
-                              "(passes: dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
+                              "(passes: complex, dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
                               "positions, buffers, cache_plan)")
-    p_build.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p_build.add_argument("--force", action="store_true",
+                         help="replace an existing artifact directory (one a build wrote: it holds effexport.json)")
+    p_build.add_argument("--allow-missing-weights", action="store_true",
+                         help="build a Hugging Face directory whose safetensors lack some of the model's weights "
+                              "(or hold extra or differently shaped ones): those keep seeded random values; "
+                              "recorded in report.json")
     p_build.add_argument("--weights", choices=WEIGHTS, default="random",
                          help="'random': a sample's deterministic random weights (seed 0; model files bring "
                               "their own); 'none': structure only -- the model on the meta device, an ONNX "
@@ -247,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code (``exporter/errors.py``): a user error prints one line, a
+    signal (Ctrl-C, SIGTERM, SIGHUP) cleans up and returns 128 + its number, a bug returns 70 with the
+    traceback saved to a log file."""
     argv = list(sys.argv[1:] if argv is None else argv)
     as_typed = ["effexport"] + argv
     parser = build_parser()
@@ -256,19 +276,35 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["build"] + argv  # effexport MODEL --target ... is sugar for effexport build MODEL ...
     start = time.monotonic()
     try:
-        args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return 2
-        args.argv = as_typed
-        return args.func(args)
+        with termination_signals():
+            if not argv:
+                parser.print_usage(sys.stderr)
+                raise UsageError("give a MODEL to export or a command, e.g. 'effexport gemma4-e2b:tiny -o out' "
+                                 "(see 'effexport --help')")
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_usage(sys.stderr)
+                raise UsageError("give a command (see 'effexport --help')")
+            args.argv = as_typed
+            return args.func(args)
     except EffexportError as exc:
-        print(f"effexport: error: {exc}", file=sys.stderr)
+        print(f"effexport: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"effexport: interrupted after {time.monotonic() - start:.1f}s; nothing was written",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated as exc:
+        print(f"effexport: stopped by {exc.name} after {time.monotonic() - start:.1f}s; nothing was written",
+              file=sys.stderr)
+        return 128 + exc.signum
+    except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback in a file
+        if os.environ.get("EFFEXPORT_DEBUG"):
+            raise
+        log = save_traceback(exc)
+        print(f"effexport: internal error ({type(exc).__name__}: {one_line(str(exc), 200)}): this is a bug, "
+              f"please report it with the traceback saved in {log}", file=sys.stderr)
+        return EXIT_BUG
 
 
 def entry_point() -> None:

@@ -1,10 +1,20 @@
 """Typed errors by stage, each with the exit code the CLI returns (a contract, see DESIGN.md).
 
 User mistakes raise a subclass of :class:`EffexportError`: the CLI prints its one-line message (the
-problem and the fix) and exits with ``exit_code``, without a traceback. Anything else is an internal
-error and keeps its traceback.
+problem and the fix, :func:`one_line`) and exits with ``exit_code``, without a traceback. Anything
+else is a bug: the CLI exits ``EXIT_BUG`` (70) and saves the traceback to a log file
+(:func:`save_traceback`). SIGTERM and SIGHUP raise :class:`Terminated` during a command
+(:func:`termination_signals`), so they unwind and clean up like Ctrl-C and exit 128 + the signal.
 """
 from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import tempfile
+import threading
+import traceback
 
 EXIT_OK = 0
 EXIT_PARITY = 1
@@ -12,7 +22,10 @@ EXIT_USAGE = 2
 EXIT_PIPELINE = 3
 EXIT_BACKEND_MISSING = 4
 EXIT_OUTPUT = 5
+EXIT_BUG = 70  # EX_SOFTWARE: an uncaught exception, never 1 (that means parity failed)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+MAX_MESSAGE = 600  # characters of one error line; longer ones (echoed inputs) are cut in the middle
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 class EffexportError(Exception):
@@ -80,3 +93,71 @@ class OutputError(EffexportError):
 
     exit_code = EXIT_OUTPUT
     stage = "output"
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as one printable line: ANSI escapes removed, whitespace runs (newlines) collapsed,
+    cut in the middle to ``limit`` characters (a pasted 5,000-character value stays readable)."""
+    text = " ".join(_ANSI.sub("", text).split())
+    if len(text) <= limit:
+        return text
+    keep = (limit - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]}"
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost exception ``exc`` was raised from (torch.onnx wraps the
+    real cause, e.g. a missing translation, in generic "failed to convert" errors), ANSI-free."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        exc = inner
+    lines = [line for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {one_line(lines[0], 300) if lines else '(no message)'}"
+
+
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP arrived: unwinds like KeyboardInterrupt (``finally`` blocks clean up)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+_TERMINATION = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 (signal handler signature)
+    for sig in _TERMINATION:  # a second signal must not interrupt the clean-up this one starts
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+
+@contextlib.contextmanager
+def termination_signals():
+    """While the body runs, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread; a signal
+    whose handler is not the default (``nohup`` ignores SIGHUP, an embedding program has its own)
+    is left alone. Handlers are restored afterwards."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in _TERMINATION:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                saved[sig] = signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def save_traceback(exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a new ``effexport-bug-*.log`` in the temporary directory; its path."""
+    fd, path = tempfile.mkstemp(prefix="effexport-bug-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return path

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 
 import torch
@@ -194,12 +195,12 @@ class _FunctionalLinearState:
         if self.conv_kernel_size[state_idx] is None:
             self.conv_kernel_size[state_idx] = conv_kernel_size or conv_states.shape[-1]
         width = self.conv_kernel_size[state_idx]
-        if self.has_previous_state[state_idx]:  # the state is the new tokens' left context, however many
+        if self.has_previous_state[state_idx]:  # the conv sees the cached window, also for T >= width
             full = torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
-        elif conv_states.shape[-1] >= width:
-            full = conv_states
-        else:
+        elif conv_states.shape[-1] < width:
             full = torch.nn.functional.pad(conv_states, (width - conv_states.shape[-1], 0))
+        else:
+            full = conv_states
         self.has_previous_state[state_idx] = True
         self.conv_states[state_idx] = full[..., -width:]
         self.is_conv_states_initialized[state_idx] = True
@@ -467,9 +468,12 @@ def is_hf_directory(path: str) -> bool:
         return False
 
 
-def load_hf_directory(path: str):
+def load_hf_directory(path: str, allow_missing_weights: bool = False):
     """A Hugging Face model directory (``config.json`` + ``*.safetensors``) as a LoadedModel, fp32,
-    offline: nothing is downloaded and no remote code runs."""
+    offline: nothing is downloaded and no remote code runs. Weights the model has and the files lack,
+    weights the files have and the model lacks, and shape mismatches are refused (exit 2, naming the
+    first few) unless ``allow_missing_weights`` (then the model keeps random weights there, and the
+    LoadedModel's source records them under ``missing_weights``)."""
     transformers = _transformers()
     if not is_hf_directory(path):
         raise LoadError(f"{path!r} is not a Hugging Face model directory (no config.json with a "
@@ -479,19 +483,89 @@ def load_hf_directory(path: str):
         raise LoadError(f"{path!r} has no *.safetensors weights; save with "
                         "model.save_pretrained(DIR) (safe_serialization is the default)")
     try:
-        with _offline():
+        with _offline(), _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
-                use_safetensors=True)
+            if getattr(config, "_attn_implementation", None) not in (None, *EXPORTABLE_ATTENTION):
+                config._attn_implementation = None  # flash / flex: transformers' default (sdpa), needs no package
+            _check_weight_count(transformers, config, path, weights)
+            with torch.random.fork_rng():  # weights the files lack: the same random values every load
+                torch.manual_seed(0)
+                model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, config=config, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                    use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True)
     except (ValueError, KeyError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"cannot load {path!r} as a transformers causal LM: {first}; check that "
                         "config.json's model_type is supported by the installed transformers "
                         f"({transformers.__version__})") from None
+    missing = _check_loading_info(path, info, allow_missing_weights)
     step = HFStep(model)
-    return _loaded(step, os.path.basename(os.path.normpath(path)) or path,
-                   {"path": os.path.abspath(path), "transformers": transformers.__version__})
+    source = {"path": os.path.abspath(path), "transformers": transformers.__version__}
+    if missing:
+        source["missing_weights"] = missing
+    return _loaded(step, os.path.basename(os.path.normpath(path)) or path, source)
+
+
+# parameters a config may describe beyond what its safetensors hold (random weights, fp32: 0.8 GB)
+MAX_MISSING_PARAMS = 200_000_000
+
+
+def _check_weight_count(transformers, config, path: str, shards: list[str]) -> None:
+    """Before any allocation: the parameters the config describes (counted on the meta device) exceed
+    those the safetensors files hold by at most :data:`MAX_MISSING_PARAMS` (a config of another,
+    larger model would otherwise allocate its full size in random weights before the names of the
+    missing tensors are known)."""
+    from effexport.exporter.inputs import check_safetensors
+
+    try:
+        with torch.device("meta"):
+            meta = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - transformers' own config validation raises many types
+        raise LoadError(f"{os.path.join(path, 'config.json')} is refused by transformers "
+                        f"({type(exc).__name__}: {str(exc).strip()[:200]}); fix the config or save it again "
+                        "with model.save_pretrained(DIR)") from None
+    expected = sum(p.numel() for p in meta.parameters())
+    held = 0
+    for shard in shards:
+        for key, info in check_safetensors(os.path.join(path, shard)).items():
+            if key != "__metadata__":
+                held += math.prod(info["shape"])
+    if expected > held + MAX_MISSING_PARAMS:
+        raise LoadError(f"{path}: config.json describes {expected:,} parameters, the safetensors files hold "
+                        f"{held:,}: most weights are missing (or config.json belongs to another model); copy "
+                        "the whole model directory")
+
+
+def _check_loading_info(path: str, info: dict, allow_missing: bool) -> dict:
+    """transformers' loading report: refuse missing, unexpected and mismatched-shape tensors (exit 2,
+    the first few named) unless ``allow_missing``; returns what was found (empty when complete)."""
+    found = {"missing": sorted(info.get("missing_keys") or ()),
+             "unexpected": sorted(info.get("unexpected_keys") or ()),
+             "mismatched": sorted(f"{k}: file {list(a)}, model {list(b)}" for k, a, b in
+                                  (info.get("mismatched_keys") or ()))}
+    found = {k: v for k, v in found.items() if v}
+    if found and not allow_missing:
+        what = "; ".join(f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                         for k, v in found.items())
+        raise LoadError(f"{path}: the safetensors weights do not match the model: {what}; copy the complete "
+                        "model directory, or pass --allow-missing-weights to build with random weights there")
+    return found
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers' loading progress bar and load report off (effexport reports what matters in one
+    line); its previous settings restored."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

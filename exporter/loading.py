@@ -4,9 +4,10 @@
 
 * a built-in sample name (``gemma4-e2b:tiny``; ``effexport list``): deterministic random weights
   (seed 0), or with ``weights="none"`` the model on the meta device (structure-only export, any size);
-* a Hugging Face model directory (``config.json`` + ``*.safetensors``): validated here (config,
-  architecture, every safetensors header and its length) before
-  :func:`effexport.exporter.hf.load_hf_directory` builds it;
+* a Hugging Face model directory (``config.json`` + ``*.safetensors``): validated here (config and its
+  sizes, architecture, every safetensors header and its length; regular files of bounded size only,
+  :mod:`effexport.exporter.inputs`) before :func:`effexport.exporter.hf.load_hf_directory` builds it
+  and checks the weights against the model;
 * a ``torch.save`` file (``.pt``/``.pth``/``.bin``). Unpickling can run code from the file, so it is
   read weights-only unless ``trust_pickle``: a file holding only tensors (a state dict) has no
   architecture and is refused with what to pass instead; a pickled module needs ``trust_pickle``.
@@ -24,15 +25,15 @@ before any progress output; :meth:`ModelSpec.load` does the loading.
 """
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import struct
 import zipfile
 from dataclasses import dataclass, field
 
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
+from effexport.exporter.inputs import check_config, check_safetensors, read_json, regular_file
 from effexport.samples._spec import capture_length
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -82,6 +83,7 @@ class ModelSpec:
     weights: str = "random"
     sample: object | None = None
     trust_pickle: bool = False
+    allow_missing_weights: bool = False  # a Hugging Face directory may lack weights (random ones there)
     context_limit: int | None = None  # the model's trained context (sample config / config.json), if stated
 
     def load(self) -> LoadedModel:
@@ -89,7 +91,7 @@ class ModelSpec:
         if self.kind == "sample":
             return _load_sample(self.sample, self.weights)
         if self.kind == "hf":
-            return _hf().load_hf_directory(self.spec)
+            return _hf().load_hf_directory(self.spec, allow_missing_weights=self.allow_missing_weights)
         return _load_pickle(self.spec, self.name)
 
 
@@ -113,7 +115,7 @@ def resolve_source(source: dict, *, trust_pickle: bool = False) -> ModelSpec:
                             "it runs code from that file; pass --trust-pickle if you trust its source")
         return resolve_model(str(source.get("path")), trust_pickle=True)
     if kind == "hf" and source.get("path"):
-        return resolve_model(str(source["path"]))
+        return resolve_model(str(source["path"]), allow_missing_weights=bool(source.get("missing_weights")))
     raise LoadError(f"this artifact was built from an in-memory {source.get('class', 'module')} with no model "
                     "directory to reload; check parity from Python with the model: effexport.check(DIR, model)")
 
@@ -126,18 +128,21 @@ def default_name(spec: str) -> str:
     return spec
 
 
-def resolve_model(spec: str, *, trust_pickle: bool = False, weights: str = "random") -> ModelSpec:
+def resolve_model(spec: str, *, trust_pickle: bool = False, weights: str = "random",
+                  allow_missing_weights: bool = False) -> ModelSpec:
     """Every check that needs no weights: raises the one-line error of a bad ``spec``."""
     if weights not in WEIGHTS:
         raise UsageError(f"unknown --weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
-    if os.path.exists(spec):
+    if os.path.lexists(spec):
         if weights == "none":
             raise UsageError(f"--weights none builds a built-in sample's structure only; {spec!r} is a model "
                              "file with its own weights: drop --weights none")
         name = default_name(spec)
         if os.path.isdir(spec):
             config = _check_hf_directory(spec)
-            return ModelSpec(spec, "hf", name, context_limit=hf_context_limit(config))
+            return ModelSpec(spec, "hf", name, allow_missing_weights=allow_missing_weights,
+                             context_limit=hf_context_limit(config))
+        regular_file(spec, "model file")
         return _resolve_file(spec, name, trust_pickle)
     if os.path.sep in spec or spec.endswith(PICKLE_SUFFIXES + (".pt2", ".safetensors", ".onnx")):
         hint = (" (models are not downloaded: fetch it, e.g. with 'huggingface-cli download', and pass the "
@@ -191,7 +196,7 @@ def _resolve_file(path: str, name: str, trust_pickle: bool) -> ModelSpec:
                         "captures; pass the model itself: torch.save(model) with --trust-pickle, a Hugging "
                         "Face directory, or effexport.export(model) from Python")
     if suffix == ".safetensors":
-        _check_safetensors(path)
+        check_safetensors(path)
         raise LoadError(f"{path} holds weights only (safetensors has no architecture); pass the Hugging Face "
                         "directory that holds it with its config.json")
     if suffix == ".onnx":
@@ -335,14 +340,11 @@ def _check_hf_directory(path: str) -> dict:
         raise LoadError(f"{path} {what}; pass a Hugging Face model directory (written by "
                         "model.save_pretrained(DIR)), a torch.save file or a built-in sample name")
     config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{config_path} is not valid JSON ({exc}); write it again with "
-                        "model.save_pretrained(DIR)") from None
-    if not isinstance(config, dict) or not config.get("model_type"):
+    config = read_json(config_path, "write it again with model.save_pretrained(DIR)")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise LoadError(f"{config_path} has no 'model_type'; write it with model.save_pretrained(DIR)")
+    check_config(config, config_path)
+    _check_optional_dependencies(config, config_path)
     from effexport.exporter.hf import check_model_type  # importing hf needs no transformers
 
     check_model_type(path, config)
@@ -357,17 +359,22 @@ def _check_hf_directory(path: str) -> dict:
         raise LoadError(f"{path} has no *.safetensors weights{extra}; save the model with "
                         "model.save_pretrained(DIR)")
     for shard in shards:
-        _check_safetensors(os.path.join(path, shard))
+        check_safetensors(os.path.join(path, shard))
     return config
 
 
 def _indexed_shards(path: str, index: str, files: set) -> list[str]:
-    try:
-        with open(os.path.join(path, index)) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-        raise LoadError(f"{os.path.join(path, index)} is not a valid safetensors index ({exc}); "
-                        "save the model again with model.save_pretrained(DIR)") from None
+    fix = "save the model again with model.save_pretrained(DIR)"
+    data = read_json(os.path.join(path, index), fix)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LoadError(f"{os.path.join(path, index)} is not a valid safetensors index (no 'weight_map' of "
+                        f"tensor -> file names); {fix}")
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if os.path.basename(s) != s or s in ("", ".", "..")]
+    if outside:
+        raise LoadError(f"{os.path.join(path, index)} names the shard {outside[0][:80]!r} outside the model "
+                        f"directory; {fix}")
     missing = [s for s in shards if s not in files]
     if missing:
         raise LoadError(f"{path}: weight shard {missing[0]} named in {index} is missing ({len(missing)} of "
@@ -375,34 +382,23 @@ def _indexed_shards(path: str, index: str, files: set) -> list[str]:
     return shards
 
 
-def _check_safetensors(path: str) -> None:
-    """Validate a safetensors file without reading its tensors: 8-byte header length, JSON header,
-    every tensor's byte range inside the file and the file exactly as long as the header says."""
-    size = os.path.getsize(path)
+# quantization_config["quant_method"] -> (module it needs, pip package)
+QUANTIZATION_MODULES = {"bitsandbytes": ("bitsandbytes", "bitsandbytes"), "gptq": ("gptqmodel", "gptqmodel"),
+                        "awq": ("awq", "autoawq"), "hqq": ("hqq", "hqq"), "quanto": ("optimum.quanto", "optimum-quanto")}
 
-    def bad(why: str):
-        return LoadError(f"{path} is truncated or corrupt ({why}); download or save it again")
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise bad(f"{size} bytes, shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100 << 20:
-            raise bad(f"header length {n} exceeds the file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise bad(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, stop = info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise bad(f"tensor {key!r} has no data_offsets") from None
-        end = max(end, stop)
-    if 8 + n + end != size:
-        raise bad(f"{size} bytes, the header describes {8 + n + end}")
+
+def _check_optional_dependencies(config: dict, config_path: str) -> None:
+    """A quantized checkpoint needs its quantization library (exit 4 with the install hint when it is
+    missing). Attention implementations are not a dependency: exporter/hf.py switches flash / flex
+    attention to sdpa."""
+    quant = config.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if not isinstance(method, str):
+        raise LoadError(f"{config_path}: quantization_config has no 'quant_method'; save the config again with "
+                        "model.save_pretrained(DIR)")
+    module, package = QUANTIZATION_MODULES.get(method, (None, None))
+    if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+        raise BackendMissingError(f"{config_path} is a {method}-quantized checkpoint, which needs {package}: "
+                                  f"pip install {package} (or export the unquantized model)")

@@ -18,11 +18,13 @@ convention of DeepSeek's comparisons); attention cores always count as bf16.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 from dataclasses import dataclass
 
-from effexport.exporter.errors import UsageError
+from effexport.exporter.errors import BackendMissingError, UsageError
 from effexport.samples import Sample
 from effexport.samples._spec import LayerSpec
 
@@ -200,12 +202,31 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(sample: Sample, cache_dtype: str, max_tokens: int, path: str) -> None:
-    """KV bytes vs context (log x) for model and baseline under both policies, written to ``path``."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise UsageError("--plot needs matplotlib: pip install 'effexport[plot]'") from exc
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def plot_format(path: str) -> str:
+    """The image format of a ``--plot`` path (its suffix; PNG when it has none); refuses (exit 2) an
+    existing directory, a missing parent directory and an unknown suffix, and (exit 4) a missing
+    matplotlib, before any work."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise UsageError(f"--plot {path!r} is a directory; pass a file name, e.g. --plot kv.png")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise UsageError(f"--plot {path!r}: the directory {parent!r} does not exist; create it or pass another path")
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix and suffix not in PLOT_FORMATS:
+        raise UsageError(f"--plot {path!r}: cannot draw a .{suffix} file; pass a name ending in "
+                         f"{', '.join('.' + f for f in PLOT_FORMATS)} (no suffix: PNG)")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BackendMissingError("--plot needs matplotlib: pip install 'effexport[plot]'")
+    return suffix or "png"
+
+
+def plot_report(sample: Sample, cache_dtype: str, max_tokens: int, path: str, fmt: str = "png") -> None:
+    """KV bytes vs context (log x) for model and baseline under both policies, written to ``path`` as
+    ``fmt`` (:data:`PLOT_FORMATS`; the format never comes from ``path``, which may be a temporary name)."""
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -227,7 +248,7 @@ def plot_report(sample: Sample, cache_dtype: str, max_tokens: int, path: str) ->
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    fig.savefig(path, format=fmt, dpi=110, metadata={"Software": None} if fmt == "png" else None)
     plt.close(fig)
 
 

@@ -220,6 +220,18 @@ def attr_value(module: torch.nn.Module, target: str) -> Any:
     return torch.randn(tuple(value.shape), generator=gen).to(value.dtype)
 
 
+PROBE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+"""Relative tolerance of a numeric probe (a sub-graph against the op that replaces it) by the dtype
+the graph computes in: half precision rounds every intermediate, so a bf16 model's sub-graph and the
+op's reference differ at the 1e-2 level where fp32 agrees to 1e-6; a sub-graph that computes
+something else is off at the 1e-1 to 1e0 level in any dtype."""
+
+
+def probe_tolerance(*tensors: torch.Tensor) -> float:
+    """The loosest :data:`PROBE_RTOL` over the floating dtypes of ``tensors`` (the graph's values)."""
+    return max((PROBE_RTOL.get(t.dtype, 1e-5) for t in tensors if t.dtype.is_floating_point), default=1e-5)
+
+
 def probe_call(node: fx.Node, values: dict) -> Any:
     """Run ``node`` on probe ``values`` (``{input node: value}``), on the CPU: a ``device`` argument
     the graph recorded (``meta`` for a model built without weights, ``cuda``) is replaced."""

@@ -6,7 +6,9 @@ the memory check (bytes of all cache inputs at a context length equal the plan's
 
 Entry kinds: "full" (grows by one entry per token, concatenated), "buffer" (a full cache in a
 fixed buffer of ``max_context`` rows, row = position, written in place by the runtime), "ring" (W
-slots, slot = position mod W), "compressed" (one entry per ``ratio`` tokens, in a fixed buffer of ``max_context // ratio``
+slots, slot = position mod W), "chunk" (chunked attention's chunk-local cache: C slots, slot =
+position mod C, ``window`` = C; the entries of earlier chunks are masked, so it is the ring layout
+with a chunk mask), "compressed" (one entry per ``ratio`` tokens, in a fixed buffer of ``max_context // ratio``
 slots), "state" (fixed size whatever the context). Consumer layers own no entry.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ class LayerRole:
     layer: int
     role: str            # owner | consumer | independent
     reads: int           # the layer whose cache it reads (itself unless consumer)
-    kind: str            # full | ring | none (left alone) | plain (no cache in graph)
+    kind: str            # full | ring | chunk | none (left alone) | plain (no cache in graph)
     window: int = 0
 
 

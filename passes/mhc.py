@@ -49,8 +49,8 @@ import torch
 from torch import fx
 
 import effexport.custom_ops.mhc  # noqa: F401  (registers the ops)
-from effexport.passes._graph import (TRANSPARENT, aten, attr_value, call_args, is_call, meta_val, probe_call, rank,
-                                     scalar, strip)
+from effexport.passes._graph import (PROBE_RTOL, TRANSPARENT, aten, attr_value, call_args, is_call, meta_val,
+                                     probe_call, rank, scalar, strip)
 from effexport.passes.attention import emit
 
 ops = torch.ops.effexport
@@ -60,7 +60,6 @@ VIEWS = (*TRANSPARENT, aten.unsqueeze.default, aten.view.default, aten.reshape.d
          aten._unsafe_view.default, aten.expand.default, aten.slice.Tensor, aten.select.int)
 SPLITS = (aten.split_with_sizes.default, aten.split.Tensor, aten.unbind.int)  # (HF: base.split, scale.unbind)
 ASSERT_META = aten._assert_tensor_metadata.default
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 PROBE_BT = (2, 3)          # batch and tokens of the random probes
 PROBE_LOGIT_SCALE = 4.0    # Sinkhorn probe logits: far from convergence, so every iteration changes the result
 SEARCH_LIMIT = 64          # nodes visited looking upwards from a gate for its mix projection
@@ -327,11 +326,11 @@ def _sizes_of(graph: fx.Graph, feeds: dict[fx.Node, torch.Tensor]) -> dict[fx.No
 
 
 def _same(got, want: torch.Tensor) -> bool:
-    """Same dtype and shape, and max |got - want| <= RTOL[dtype] * max |want|."""
+    """Same dtype and shape, and max |got - want| <= PROBE_RTOL[dtype] * max |want|."""
     if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
         return False
     scale = want.double().abs().max().item()
-    return (got.double() - want.double()).abs().max().item() <= RTOL.get(want.dtype, 1e-5) * max(scale, 1e-30)
+    return (got.double() - want.double()).abs().max().item() <= PROBE_RTOL.get(want.dtype, 1e-5) * max(scale, 1e-30)
 
 
 def _matching(env: dict, want: torch.Tensor, exclude) -> list[fx.Node]:

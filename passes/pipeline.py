@@ -1,13 +1,15 @@
 """The pass pipeline: one explicit, ordered tuple; each pass returns what it changed.
 
+    complex         complex arithmetic (Llama 4's RoPE) -> real arithmetic on (real, imag) pairs
     dead_code       remove what the captured graph computes for nothing (e.g. K/V projections of
                     KV-sharing consumers that a model still computes), counted
     cca             compressed convolutional attention (ZAYA1) -> effexport::cca (q/k/v + conv/shift state)
     mhc             hyper-connection mixing with unrolled Sinkhorn (DeepSeek V4) -> effexport::mhc_pre/post/head
     discover        find attention sites (SDPA and decomposed), record q/k/v, scale, softcap, sinks
-    classify_masks  evaluate each mask sub-graph at probe lengths: causal / sliding(W) / full / ...
+    classify_masks  evaluate each mask sub-graph at probe lengths: causal / sliding(W) / chunked(C) /
+                    full / ...
     kv_sharing      group sites reading the same K/V: owner + consumers
-    rewrite         replace sites by effexport attention ops (ring / full cache / read-only)
+    rewrite         replace sites by effexport attention ops (ring / chunk / full cache / read-only)
     compressed      CSA / HCA / window-only attention (DeepSeek V4) -> kv_compress_step, indexer_topk,
                     sparse_attention; raw K=V cache -> ring, compressed entries -> fixed buffers
     positions       positions from the new ``pos`` input instead of a cache length
@@ -35,6 +37,7 @@ from effexport.passes.attention import AttentionRewriter, count_linear, finish
 from effexport.passes.buffers import CACHE_LAYOUTS, buffer_full_caches
 from effexport.passes.cache_plan import CacheEntry, CachePlan, LayerRole
 from effexport.passes.cca import rewrite_cca
+from effexport.passes.complex import rewrite_complex
 from effexport.passes.compressed import rewrite_compressed
 from effexport.passes.mhc import rewrite_mhc
 from effexport.passes.masks import MaskClassifier
@@ -42,7 +45,7 @@ from effexport.passes.positions import rewrite_positions
 from effexport.passes.sharing import group_sites
 from effexport.passes.sites import AttentionSite, Rejected, find_sites, layer_index
 
-REWRITABLE = ("causal", "sliding", "full")
+REWRITABLE = ("causal", "sliding", "chunked", "full")
 
 
 @dataclass
@@ -112,7 +115,7 @@ def _classify(ctx: Context) -> dict:
     counts: dict[str, int] = {k: 0 for k in ("causal", "sliding", "full", "chunked", "unknown")}
     for s in ctx.analysis.sites:
         kind = ctx.classifier.classify(s.mask, s.mask_mode, s.causal_flag, s.q, s.k)
-        s.mask_kind, s.window, s.reason = kind.kind, kind.window, kind.reason
+        s.mask_kind, s.window, s.reason = kind.kind, kind.window or kind.chunk, kind.reason
         counts[kind.kind] += 1
     return counts
 
@@ -136,7 +139,7 @@ def _rewrite(ctx: Context) -> dict:
         pos.meta["val"] = torch.empty((), dtype=torch.int64)
     ctx.pos = pos
     ctx.rewriter = AttentionRewriter(gm, pos)
-    counts = {"ring": 0, "full": 0, "plain": 0, "read": 0, "left_alone": 0}
+    counts = {"ring": 0, "chunk": 0, "full": 0, "plain": 0, "read": 0, "left_alone": 0}
     for group in ctx.analysis.groups:
         bad = [s for s in group if s.mask_kind not in REWRITABLE]
         if bad:
@@ -188,7 +191,8 @@ def _cache_plan(ctx: Context) -> dict:
         seq_dim = prog.seq_dims.get(name)
         ratio = ctx.compressed.get(ph, 0)
         if ph in ctx.rewriter.rings:
-            kind, window = "ring", ctx.rewriter.rings[ph]
+            kind = "chunk" if ph in ctx.rewriter.chunked else "ring"
+            window = ctx.rewriter.rings[ph]
         elif ratio:
             kind, window = "compressed", 0
         elif ph in ctx.buffers:
@@ -216,10 +220,11 @@ def _cache_plan(ctx: Context) -> dict:
     # the step's flat signature: input_ids, pos, caches...
     prog.inputs = ["input_ids", "pos"] + [n for n in names if n != "input_ids"]
     return {"entries": len(plan.entries), **{kind: sum(e.kind == kind for e in plan.entries)
-                                             for kind in ("ring", "full", "buffer", "compressed", "state")}}
+                                             for kind in ("ring", "chunk", "full", "buffer", "compressed", "state")}}
 
 
 PIPELINE: tuple[tuple[str, Callable[[Context], dict]], ...] = (
+    ("complex", rewrite_complex),
     ("dead_code", _dead_code),
     ("cca", rewrite_cca),
     ("mhc", rewrite_mhc),

@@ -55,7 +55,7 @@ class AttentionSite:
     nodes: list[fx.Node] = field(default_factory=list)
     # filled by later passes
     mask_kind: str = ""
-    window: int = 0
+    window: int = 0  # W of a sliding mask, C of a chunked one
     reason: str = ""
     role: str = ""
     reads: int | None = None
@@ -63,7 +63,7 @@ class AttentionSite:
 
     def describe(self) -> str:
         """One line for --explain."""
-        what = self.mask_kind + (f"(W={self.window})" if self.window else "")
+        what = self.mask_kind + (f"({'C' if self.mask_kind == 'chunked' else 'W'}={self.window})" if self.window else "")
         heads = f"H={_dim(self.q, 1)} Hkv={_dim(self.k, 1)} d={_dim(self.q, -1)}"
         extra = "".join([f" softcap={self.softcap:g}" if self.softcap else "", " sinks" if self.sinks else ""])
         role = f" {self.role}" + (f" of layer {self.reads}" if self.role == "consumer" else "") if self.role else ""

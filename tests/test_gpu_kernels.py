@@ -71,13 +71,13 @@ def _decode_case(op, dtype, qdtype):
     b, d = 2, 512 if op in ("cache", "read") else 256
     q = _cpu(b, 8, 1, d, dtype=qdtype)
     new = [_cpu(b, 1, 1, d, dtype=dtype) for _ in range(2)]
-    rows = 512 if op in ("ring", "read_ring") else 4096
+    rows = 512 if op in ("ring", "ring_chunked", "read_ring") else 4096
     cache = [_cpu(b, 1, rows, d, dtype=dtype) for _ in range(2)]
     sinks, pos = torch.randn(8), torch.tensor(5000)
     if op == "cache":
         T._cache_cuda(q, *new, *cache, sinks, scale=1.0, softcap=30.0)
-    elif op == "ring":
-        T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512)
+    elif op in ("ring", "ring_chunked"):
+        T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512, chunked=op == "ring_chunked")
     else:
         T._read_cuda(q, *cache, pos, None, scale=1.0, window=512 if op == "read_ring" else 0,
                      ring=op == "read_ring")
@@ -104,9 +104,9 @@ def _prefill_case(op, dtype, qdtype):
                           window=512 if op == "sliding" else 0, softcap=30.0 if op == "full" else 0.0)
     elif op == "cache":
         T._cache_cuda(q, k, v, _cpu(1, 2, 700, d, dtype=dtype), _cpu(1, 2, 700, d, dtype=dtype), None, scale=1.0)
-    elif op == "ring":
+    elif op in ("ring", "ring_chunked"):
         T._ring_cuda(q, k, v, _cpu(1, 2, 512, d, dtype=dtype), _cpu(1, 2, 512, d, dtype=dtype), pos, sinks,
-                     scale=1.0, window=512)
+                     scale=1.0, window=512, chunked=op == "ring_chunked")
     else:
         T._read_cuda(q, _cpu(1, 2, 1200, d, dtype=dtype), _cpu(1, 2, 1200, d, dtype=dtype), pos, None, scale=1.0)
 
@@ -125,13 +125,16 @@ def _cca_case(shape, dtype, qdtype):
 BF16, FP32 = torch.bfloat16, torch.float32
 ZAYA1 = (1, 8, 2, 128, 2, 2, 64)  # batch, Hq, Hk, d, K0, K1, rot of ZAYA1-8B's CCA
 LAUNCH_CASES = [
-    *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}") for op in ("cache", "ring", "read", "read_ring")
+    *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}")
+      for op in ("cache", "ring", "ring_chunked", "read", "read_ring")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
     *[pytest.param(_sparse_case, kind, dt, dt, id=f"sparse-{kind}-{name}") for kind in ("hca", "csa")
       for name, dt in (("bf16", BF16), ("fp32", FP32))],
     *[pytest.param(_prefill_case, op, dt, qdt, id=f"prefill-{op}-{name}") for op in ("sliding", "full", "bidir")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
     *[pytest.param(_prefill_case, op, BF16, BF16, id=f"prefill-{op}-bf16") for op in ("cache", "ring", "read")],
+    *[pytest.param(_prefill_case, "ring_chunked", dt, qdt, id=f"prefill-ring_chunked-{name}")
+      for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32))],
     *[pytest.param(_cca_case, ZAYA1, dt, dt, id=f"cca-decode-{name}") for name, dt in (("bf16", BF16), ("fp32", FP32))],
 ]
 
@@ -255,6 +258,28 @@ def test_attention_ring(gen, dtype, slots, pos, batch, heads, kv_heads, d, dv, u
     ref = attn_mod.attention_ring._init_fn(*_f64(q, k_new, v_new, k_ring, v_ring), p, _f64(sinks)[0], **kw)
     _check(out, ref[0], dtype, "attention_ring")
     same = attn_mod.attention_ring._init_fn(q, k_new, v_new, k_ring, v_ring, p, sinks, **kw)
+    assert torch.equal(k_r, same[1]) and torch.equal(v_r, same[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("chunk,pos,t_len", [
+    pytest.param(8, 16, 1, id="C8-chunk-start"), pytest.param(8, 21, 1, id="C8-mid-chunk"),
+    pytest.param(8, 23, 1, id="C8-chunk-end"), pytest.param(8192, 20000, 1, id="C8192-decode"),
+    pytest.param(8, 0, 37, id="C8-prefill"), pytest.param(64, 100, 300, id="C64-chunked-prefill"),
+])
+def test_attention_ring_chunked(gen, dtype, chunk, pos, t_len):
+    """``attention_ring(chunked=True)`` (Llama 4's chunk-local cache of C slots): the decode kernel
+    (T == 1) and the prefill kernel (T > 1) against the float64 reference, caches bit for bit."""
+    q = _rand(2, 8, t_len, 128, dtype=dtype, gen=gen)
+    k_new, v_new = _rand(2, 2, t_len, 128, dtype=dtype, gen=gen), _rand(2, 2, t_len, 128, dtype=dtype, gen=gen)
+    k_ring, v_ring = _rand(2, 2, chunk, 128, dtype=dtype, gen=gen), _rand(2, 2, chunk, 128, dtype=dtype, gen=gen)
+    p = torch.tensor(pos, device="cuda")
+    kw = dict(scale=128 ** -0.5, window=chunk, chunked=True)
+    out, k_r, v_r = ops.attention_ring(q, k_new, v_new, k_ring, v_ring, p, **kw)
+    ref = attn_mod.attention_ring._init_fn(*_f64(q, k_new, v_new, k_ring, v_ring), p, **kw)
+    _check(out, ref[0], dtype, "attention_ring(chunked)")
+    same = attn_mod.attention_ring._init_fn(q, k_new, v_new, k_ring, v_ring, p, **kw)
     assert torch.equal(k_r, same[1]) and torch.equal(v_r, same[2])
 
 

@@ -16,7 +16,8 @@ Both need bf16 / fp16 / fp32 tensors on one CUDA device and head dims <= 512 (bf
 query over bf16 caches -- what the rewritten sample graphs passed before run 4 -- are tested on an
 H200; fp16 takes the bf16 path, untested); other calls (other dtypes, ``attention_read(ring=True)``
 with T > 1, which the reference refuses) run the op's eager reference, which stays the oracle.
-Semantics are the ops' docstrings'; the caches returned by ``attention_cache`` / ``attention_ring``
+``attention_ring(chunked=True)`` (chunked attention, a chunk-local cache of C slots) takes the same
+two kernels with the chunk mask (``CHUNKED``). Semantics are the ops' docstrings'; the caches returned by ``attention_cache`` / ``attention_ring``
 for one token are written by the same pass that reads them (for T > 1: ``torch.cat`` / the ring's
 ``index_select``, as the reference). Importing this package does not import Triton; :func:`register`
 does.
@@ -92,9 +93,10 @@ def _sm_count(device: torch.device) -> int:
 
 def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strides, out,
             out_strides, span: int, scale: float, softcap: float, window: int, sinks=None,
-            pos=None, idx=None, ratio: int = 1, ncomp: int = 0, k_out=None, v_out=None):
+            pos=None, idx=None, ratio: int = 1, ncomp: int = 0, k_out=None, v_out=None,
+            chunked: bool = False):
     """Run the partial + combine kernels: ``out`` receives the attention output; ``k_out`` /
-    ``v_out`` (when given) the copied cache."""
+    ``v_out`` (when given) the copied cache; ``chunked``: RING's chunk mask instead of the window."""
     from effexport.custom_ops._triton import kernels
 
     batch = q.shape[0]
@@ -130,7 +132,7 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
             float(scale), float(softcap) if softcap > 0 else 1.0, int(window), int(ratio), p.chunk,
             MODE=mode, COPY=k_out is not None, KV_SAME=kv_same, DOT_F32=dot_f32, DOT_PREC=prec,
             HAS_SOFTCAP=softcap > 0, BLOCK_G=p.block_g, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
-            BLOCK_DV=p.block_dv, num_warps=p.num_warps, num_stages=p.num_stages)
+            BLOCK_DV=p.block_dv, CHUNKED=chunked, num_warps=p.num_warps, num_stages=p.num_stages)
     try:
         partial(prec)
     except Exception as exc:  # noqa: BLE001  (a Triton without tf32x3 for this shape: IEEE, slower)
@@ -154,20 +156,20 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
 
 
 def _dense(mode: int, q, k1, v1, k2, v2, sinks, *, scale, softcap, window, span, pos=None,
-           k_out=None, v_out=None) -> torch.Tensor:
+           k_out=None, v_out=None, chunked: bool = False) -> torch.Tensor:
     """Attention ops' layout: q ``[B, H, 1, d]``, caches ``[B, Hkv, S, d]`` -> out ``[B, H, 1, dv]``."""
     out = q.new_empty(q.shape[0], q.shape[1], 1, v1.shape[-1])
     kv_heads = k1.shape[1]
     _launch(mode, q, k1, v1, k2, v2, kv_heads=kv_heads, groups=q.shape[1] // kv_heads,
             q_strides=(q.stride(0), q.stride(1)), out=out, out_strides=(out.stride(0), out.stride(1)),
             span=span, scale=scale, softcap=softcap, window=window, sinks=sinks, pos=pos,
-            k_out=k_out, v_out=v_out)
+            k_out=k_out, v_out=v_out, chunked=chunked)
     return out
 
 
 def _prefill(q, k, v, sinks, *, scale: float, softcap: float, window: int, causal: bool,
              qadd: int = 0, kadd: int = 0, pos=None, q_dyn: bool = False, k_dyn: bool = False,
-             kpos=None) -> torch.Tensor:
+             kpos=None, chunked: bool = False) -> torch.Tensor:
     """Many-query attention (:mod:`.prefill`): q ``[B, H, T, d]`` over k / v ``[B, Hkv, S, d|dv]``
     -> out ``[B, H, T, dv]`` (q's dtype). Query i is at position ``qadd (+ pos) + i``; key rows
     ``j < len(kpos)`` at ``kpos[j]`` (< 0: empty slot), the others at ``kadd (+ pos) + j - len(kpos)``."""
@@ -197,7 +199,7 @@ def _prefill(q, k, v, sinks, *, scale: float, softcap: float, window: int, causa
         int(qadd), int(kadd), float(scale), float(softcap) if softcap > 0 else 1.0, int(window),
         CAUSAL=causal, Q_DYN=q_dyn, K_DYN=k_dyn, HAS_SINK=sinks is not None,
         HAS_SOFTCAP=softcap > 0, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, CHUNKED=chunked,
         num_warps=4 if widest <= 128 else 8, num_stages=num_stages)
     return out
 
@@ -236,10 +238,12 @@ def _cache_cuda(q, k_new, v_new, k_past, v_past, sinks=None, *, scale, window=0,
     return out, k_present, v_present
 
 
-def _ring_cuda(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, window, softcap=0.0):
+def _ring_cuda(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, window, softcap=0.0,
+               chunked=False):
     if not _fast(q, k_new, v_new, k_ring, v_ring, sinks):
         return _attn.attention_ring._init_fn(q, k_new, v_new, k_ring, v_ring, pos, sinks,
-                                             scale=scale, window=window, softcap=softcap)
+                                             scale=scale, window=window, softcap=softcap,
+                                             chunked=chunked)
     _attn._check_qkv(q, k_new, v_new, sinks, "attention_ring")
     _attn._check_qkv(q, k_ring, v_ring, None, "attention_ring (ring)")
     _attn._check_new(q, k_new, k_ring, v_new, v_ring, "attention_ring")
@@ -254,13 +258,13 @@ def _ring_cuda(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, *, scale, windo
         keys, values = torch.cat([k_ring, k_new], 2), torch.cat([v_ring, v_new], 2)
         out = _prefill(q, keys, values, sinks, scale=scale, softcap=softcap, window=window,
                        causal=True, pos=pos, q_dyn=True, k_dyn=True,
-                       kpos=_attn._ring_positions(pos - 1, slots, q.device))
+                       kpos=_attn._ring_positions(pos - 1, slots, q.device), chunked=chunked)
         return (out, *_attn._ring_written(keys, values, pos, slots, q.shape[2]))
     q, k_new, v_new = (_last_contiguous(t) for t in (q, k_new, v_new))
     k_ring, v_ring = _last_contiguous(k_ring), _last_contiguous(v_ring)
     k_out, v_out = torch.empty_like(k_ring), torch.empty_like(v_ring)
     out = _dense(_plan.RING, q, k_ring, v_ring, k_new, v_new, sinks, scale=scale, softcap=softcap,
-                 window=window, span=slots + 1, pos=pos, k_out=k_out, v_out=v_out)
+                 window=window, span=slots + 1, pos=pos, k_out=k_out, v_out=v_out, chunked=chunked)
     return out, k_out, v_out
 
 

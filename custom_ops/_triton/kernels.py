@@ -10,6 +10,8 @@ absolute position it holds:
 CACHE       rows ``0..P-1`` past, row ``P`` the new token; position ``j``; copy to ``present[j]``.
 RING        rows ``0..W-1`` ring slots, row ``W`` the new token at ``pos``; slot s holds
             ``pos - W + ((s - pos) mod W)``; copy every slot but ``pos mod W``, which gets the new row.
+            With ``CHUNKED`` (chunked attention, C = W) a row is visible iff it lies in the query's
+            chunk, ``pos - p <= pos mod W``, instead of the window ``pos - p < W``.
 READ        rows of another layer's full cache, position ``j``; only ``[pos-W+1, pos]`` is visited.
 READ_RING   another layer's ring already holding ``pos``: slot s holds ``pos-S+1+((s-pos-1) mod S)``.
 SPARSE_*    DeepSeek V4: W raw ring slots (``pos - ((pos - s) mod W)``), then the compressed entries
@@ -68,7 +70,7 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
              MODE: tl.constexpr, COPY: tl.constexpr, KV_SAME: tl.constexpr,
              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr):
+             BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr = False):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gb = pid % NUM_GB
@@ -141,7 +143,10 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
         elif MODE == RING:
             kp = q_pos - S1 + ((j - q_pos) % S1 + S1) % S1
             kp = tl.where(first, kp, q_pos)
-            vis = in_rng & (kp >= 0) & (q_pos - kp < window)
+            if CHUNKED:
+                vis = in_rng & (kp >= 0) & (q_pos - kp <= q_pos % window)
+            else:
+                vis = in_rng & (kp >= 0) & (q_pos - kp < window)
         elif MODE == READ:
             vis = in_rng & (j <= q_pos)
             if window > 0:

@@ -10,7 +10,8 @@ are only those a query of its block can see, so a sliding-window layer costs ``T
   ``-1`` = never written); all of them are visited (``NPRE`` is at most one window);
 * rows ``NPRE .. S-1`` hold consecutive positions ``k_base + (j - NPRE)``; the program visits
   ``[first visible, last visible]`` of its query block: ``(q_first - W, q_last]`` with a window,
-  ``[0, q_last]`` causal, all rows when not causal.
+  ``[q_first - (q_first mod C), q_last]`` chunked (``CHUNKED``, C = ``window``: a query sees its own
+  chunk, ``q - k <= q mod C``), ``[0, q_last]`` causal, all rows when not causal.
 
 Positions: query ``i`` sits at ``q_base + i`` and ``q_base = QADD (+ *POS when Q_DYN)``;
 ``k_base = KADD (+ *POS when K_DYN)``; ``POS`` is the ops' 0-d device position (read in the kernel:
@@ -33,7 +34,7 @@ def _prefill(Q, K, V, O, KPOS, POS, SINK,
              HAS_SINK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr):
+             BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr = False):
     mblock = tl.program_id(0)
     bh = tl.program_id(1)
     h = (bh % H).to(tl.int64)
@@ -76,7 +77,9 @@ def _prefill(Q, K, V, O, KPOS, POS, SINK,
     hi = q_first * 0 + S
     if CAUSAL:
         hi = tl.minimum(hi, NPRE + (q_last - k_base) + 1)
-        if window > 0:
+        if CHUNKED:
+            lo = tl.maximum(lo, NPRE + (q_first - q_first % window - k_base))
+        elif window > 0:
             lo = tl.maximum(lo, NPRE + (q_first - window + 1 - k_base))
     # the ring part (rows with stored positions), then the consecutive part
     for part in tl.static_range(2):
@@ -103,7 +106,9 @@ def _prefill(Q, K, V, O, KPOS, POS, SINK,
             if CAUSAL:
                 diff = q_pos[:, None] - kp[None, :]
                 vis = vis & (diff >= 0)
-                if window > 0:
+                if CHUNKED:
+                    vis = vis & (diff <= (q_pos % window)[:, None])
+                elif window > 0:
                     vis = vis & (diff < window)
             m_i, l_i, acc = softmax_tile(q, k, v, vis, m_i, l_i, acc, scale, softcap,
                                          DOT_F32, DOT_PREC, HAS_SOFTCAP)

@@ -63,12 +63,15 @@ def arange(start, length):
     return op.Range(start, op.Add(start, length), i64(1))
 
 
-def visible(q_pos, k_pos, window: int, k_valid=None):
+def visible(q_pos, k_pos, window: int, k_valid=None, chunked: bool = False):
     """Boolean ``[T, S]`` mask, True = visible: causal, windowed to W keys including self when
-    ``window > 0``, restricted to ``k_valid [S]`` when given (the ops' ``_visible``)."""
+    ``window > 0`` (with ``chunked``: to the query's chunk of W positions, ``diff <= q mod W``),
+    restricted to ``k_valid [S]`` when given (the ops' ``_visible``)."""
     diff = op.Sub(op.Unsqueeze(q_pos, ints([1])), op.Unsqueeze(k_pos, ints([0])))  # [T, S]
     mask = op.GreaterOrEqual(diff, i64(0))
-    if window > 0:
+    if window > 0 and chunked:  # positions are >= 0: Mod's sign rule does not matter
+        mask = op.And(mask, op.LessOrEqual(diff, op.Unsqueeze(op.Mod(q_pos, i64(window)), ints([1]))))
+    elif window > 0:
         mask = op.And(mask, op.Less(diff, i64(window)))
     if k_valid is not None:
         mask = op.And(mask, op.Unsqueeze(k_valid, ints([0])))

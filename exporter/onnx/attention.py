@@ -8,11 +8,12 @@
   and the "new" rows, ``seqlens_k = total - 1``, ``total_sequence_length = total``, a window W as
   ``local_window_size = W`` (measured on the CPU EP of ORT 1.30 and 1.32: ``local_window_size = L``
   lets a query see L keys including itself, the ops' convention), softcap as its attribute, sinks
-  as ``head_sink``. GQA needs ``d == dv``, a non-zero scale and ``d <= 256`` (above, ORT's CUDA
-  kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
+  as ``head_sink``. GQA needs ``d == dv``, a non-zero scale, ``d`` a multiple of 8 and ``d <= 256``
+  (above, ORT's CUDA kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
   decomposition below is used.
-* ``attention_ring`` and ``attention_read(ring=True)``: GQA's contiguous past/present cannot
-  express a ring, so they use the decomposition.
+* ``attention_ring`` (sliding, or chunked with ``chunked=True``: the mask ``q - k <= q mod C``) and
+  ``attention_read(ring=True)``: GQA's contiguous past/present cannot express a ring, so they use
+  the decomposition.
 * ``attention_buffer`` (the fixed-capacity full cache) becomes one GroupQueryAttention in its
   shared-buffer form: ``past_key`` is the whole ``[B, Hkv, C, d]`` buffer, ``seqlens_k = pos + T - 1``
   and ``total_sequence_length = pos + T`` come from ``pos``, and ``present_key`` has the buffer's
@@ -113,8 +114,14 @@ bf16, B=1): 21.4 ms for the 7 full-layer calls at 32K context (3 ms to read 64 M
 MatMul / Softmax, GQA by head grouping) reads the same cache at bandwidth."""
 
 
+GQA_HEAD_DIM_MULTIPLE = 8
+"""ONNX Runtime's GroupQueryAttention refuses other head sizes at run time ("head_size must be a
+multiple of 8"): those take the decomposition."""
+
+
 def _gqa_fits(dims: Dims, scale: float) -> bool:
-    return dims.d == dims.dv and scale != 0.0 and dims.d <= GQA_MAX_HEAD_DIM
+    return (dims.d == dims.dv and scale != 0.0 and dims.d <= GQA_MAX_HEAD_DIM
+            and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
 
 
 def _heads_last(x):
@@ -218,7 +225,8 @@ def attention_cache_standard(q, k_new, v_new, k_past, v_past, sinks=None, scale:
 
 
 # ---------------------------------------------------------------------------- attention_ring
-def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, profile):
+def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, profile,
+                    chunked=False):
     dims = Dims.of(q, k_new, v_new)
     slots = b.static_dim(k_ring, 2, "attention_ring")
     if slots != window:
@@ -229,7 +237,7 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
     keys = op.Concat(k_ring, k_new, axis=2)  # [B, Hkv, W+T, d]
     values = op.Concat(v_ring, v_new, axis=2)
     k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
-    mask = b.visible(new_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
+    mask = b.visible(new_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)), chunked)
     attend = _attend_standard if profile == "standard" else attend_decomposed
     out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
     # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
@@ -240,16 +248,17 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
 
 
 def attention_ring_ort(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0,
-                       window: int = 1, softcap: float = 0.0):
+                       window: int = 1, softcap: float = 0.0, chunked: bool = False):
     """``effexport::attention_ring``, ``ort`` profile (decomposed; ring write by Gather)."""
-    return _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, "ort")
+    return _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, "ort",
+                           chunked)
 
 
 def attention_ring_standard(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0,
-                            window: int = 1, softcap: float = 0.0):
+                            window: int = 1, softcap: float = 0.0, chunked: bool = False):
     """``effexport::attention_ring``, ``standard`` profile (Attention-23; ring write by Gather)."""
     return _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap,
-                           "standard")
+                           "standard", chunked)
 
 
 # ---------------------------------------------------------------------------- attention_read

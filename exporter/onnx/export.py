@@ -41,7 +41,7 @@ from onnx_ir.passes import common as ir_passes
 import onnxscript.optimizer
 
 from effexport.exporter.capture import StepProgram, fast_export_config
-from effexport.exporter.errors import LowerError
+from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.onnx._local import attach, types_kept
 from effexport.exporter.onnx.ort_fusions import fuse_for_ort
@@ -126,8 +126,7 @@ def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2)
                 cache[example_batch] = torch.export.export(
                     program.gm, args, dynamic_shapes=_dynamic_shapes(plan), strict=False)
         except Exception as exc:  # torch.export raises many types
-            raise LowerError(f"re-exporting the step graph failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0]}") from exc
+            raise LowerError(f"re-exporting the step graph failed: {root_cause(exc)}") from exc
     return cache[example_batch]
 
 
@@ -279,8 +278,7 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
     try:
         model = _lower_ir(exported, (), profile, None, inputs, outputs)
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
-        raise LowerError(f"ONNX export ({profile}) failed: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]}") from exc
+        raise LowerError(f"ONNX export ({profile}) failed: {root_cause(exc)}") from exc
     if external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
 

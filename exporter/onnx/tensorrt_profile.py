@@ -137,9 +137,9 @@ def _attention_translations() -> dict:
         return att._attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, "tensorrt")
 
     def attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0, window: int = 1,
-                       softcap: float = 0.0):
+                       softcap: float = 0.0, chunked: bool = False):
         return att._attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap,
-                                   "tensorrt")
+                                   "tensorrt", chunked)
 
     def attention_read(q, k_cache, v_cache, pos, sinks=None, scale: float = 1.0, window: int = 0,
                        softcap: float = 0.0, ring: bool = False):

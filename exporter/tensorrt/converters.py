@@ -113,12 +113,18 @@ class _Net:
         return self._named(self.net.add_gather(x, index, axis))
 
 
-def _visible(nb: _Net, q_pos, k_pos, window: int, k_valid=None):
-    """Boolean ``[T, S]``: causal, windowed to W keys including self, restricted to ``k_valid``."""
+def _visible(nb: _Net, q_pos, k_pos, window: int, k_valid=None, chunked: bool = False):
+    """Boolean ``[T, S]``: causal, windowed to W keys including self (``chunked``: to the query's
+    chunk of W positions, ``diff <= q mod W``), restricted to ``k_valid``."""
     diff = nb.ew(nb.reshape(q_pos, (-1, 1)), nb.reshape(k_pos, (1, -1)), "SUB")
     zero = nb.const(0, np.int64, 2)
     mask = nb.ew(nb.ew(diff, zero, "GREATER"), nb.ew(diff, zero, "EQUAL"), "OR")
-    if window > 0:
+    if window > 0 and chunked:  # q mod W = q - (q // W) * W (positions are >= 0)
+        w = nb.const([window], np.int64)
+        offset = nb.ew(q_pos, nb.ew(nb.ew(q_pos, w, "FLOOR_DIV"), w, "PROD"), "SUB")
+        mask = nb.ew(mask, nb.ew(nb.ew(diff, nb.reshape(offset, (-1, 1)), "LESS"),
+                                 nb.ew(diff, nb.reshape(offset, (-1, 1)), "EQUAL"), "OR"), "AND")
+    elif window > 0:
         mask = nb.ew(mask, nb.ew(diff, nb.const(window, np.int64, 2), "LESS"), "AND")
     if k_valid is not None:
         mask = nb.ew(mask, nb.reshape(k_valid, (1, -1)), "AND")
@@ -201,7 +207,8 @@ def _attention_ring(nb, a):
     new_pos = nb.arange(pos, t_len)
     k_pos = nb.concat([_ring_positions(nb, nb.ew(pos, one, "SUB"), window), new_pos], 0)
     mask = _visible(nb, new_pos, k_pos, window, nb.ew(nb.ew(k_pos, nb.const([0], np.int64), "GREATER"),
-                                                     nb.ew(k_pos, nb.const([0], np.int64), "EQUAL"), "OR"))
+                                                     nb.ew(k_pos, nb.const([0], np.int64), "EQUAL"), "OR"),
+                    a.get("chunked", False))
     out = _attend(nb, q, keys, values, mask, a["sinks"], a["scale"], a["softcap"], heads, kv_heads, d, dv)
     last = _ring_positions(nb, nb.ew(nb.ew(pos, t_len, "SUM"), one, "SUB"), window)
     fresh = nb.ew(nb.ew(last, pos, "GREATER"), nb.ew(last, pos, "EQUAL"), "OR")
