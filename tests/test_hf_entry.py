@@ -62,12 +62,13 @@ def test_unsupported_model_types(tmp_path, model_type):
 
 
 def test_any_causal_lm_type_is_taken(tmp_path):
-    """Model types the project never names resolve (no allow-list), with their trained context."""
+    """Model types the project never names resolve (no allow-list), with their trained context; Gemma 3n's
+    per-layer ``intermediate_size`` list passes the config checks."""
     from safetensors.torch import save_file
 
     from effexport.exporter.loading import resolve_model
 
-    for family in ("mistral", "qwen3_next", "gpt_oss"):
+    for family in ("mistral", "qwen3_next", "gpt_oss", "gemma3n"):
         config_cls, _, kwargs, _ = hf_tiny.FAMILIES[family]
         getattr(transformers, config_cls)(**kwargs).save_pretrained(tmp_path / family)
         save_file({"w": torch.zeros(2)}, str(tmp_path / family / "model.safetensors"))
