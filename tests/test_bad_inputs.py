@@ -256,7 +256,7 @@ CASES = [
     P(None, [TINY, "--max-context", "10M", "-o", "out"], 2, "beyond gemma4-e2b:tiny's limit",
       id="max-context-beyond-limit"),
     P(None, [TINY, "--frobnicate", "-o", "out"], 2, "unrecognized arguments: --frobnicate", id="unknown-flag"),
-    P(None, [TINY, "--dump-after", "nope", "-o", "out"], 2, "passes are: dead_code, cca, mhc, discover",
+    P(None, [TINY, "--dump-after", "nope", "-o", "out"], 2, "passes are: complex, dead_code, cca, mhc, discover",
       id="unknown-dump-after-pass"),
     P(lambda: (os.makedirs("out"), open("out/keep", "w").close()), [TINY, "-o", "out"], 2,
       "pass --force to replace it", id="output-exists"),
