@@ -41,6 +41,7 @@ TARGETS = {
 }
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
+DEFAULT_MAX_CONTEXT = 4096
 PARITY_PROMPT = 8  # prompt tokens of the parity check, before its decode steps
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--dtype`` -> the dtype the model is captured, lowered and deployed in."""
@@ -58,7 +59,7 @@ class BuildOptions:
     kv_cache: str = "grow"    # "buffer": full caches in fixed max_context buffers (passes/buffers.py)
     check: bool = True
     steps: int = 16
-    max_context: int = 4096
+    max_context: int | None = None  # None: the smaller of DEFAULT_MAX_CONTEXT and the model's limit
     explain: bool = False
     dump_after: str | None = None
     force: bool = False
@@ -126,7 +127,7 @@ def check_options(opts: BuildOptions) -> None:
         raise UsageError(f"--dtype {opts.dtype} builds ONNX artifacts (--target onnx); --target {opts.target} "
                          "builds fp32 only")
     check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
-    if opts.max_context < 1:
+    if opts.max_context is not None and opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
     if opts.kv_cache not in ("grow", "buffer"):
         raise UsageError(f"unknown --kv-cache {opts.kv_cache!r}; choose grow or buffer")
@@ -161,14 +162,19 @@ def _output_dir(opts: BuildOptions, name: str, model_path: str | None = None) ->
     return out
 
 
-def _check_context(sample, max_context: int) -> None:
-    """``--max-context`` within a built-in sample's stated limit (other models state none here)."""
-    from effexport.exporter.report import max_context as context_limit
+def resolve_context(opts: BuildOptions, name: str, limit: int | None) -> BuildOptions:
+    """``opts`` with ``max_context`` set: the default is the smaller of :data:`DEFAULT_MAX_CONTEXT`
+    and the model's trained limit (``limit``, None when the model states none); a value past the
+    limit is refused."""
+    import dataclasses
 
-    limit = context_limit(sample) if sample is not None else None
-    if limit is not None and max_context > limit:
-        raise UsageError(f"--max-context {max_context} is beyond {sample.name}'s limit of {limit} tokens; "
+    if opts.max_context is None:
+        opts = dataclasses.replace(opts, max_context=min(DEFAULT_MAX_CONTEXT, limit or DEFAULT_MAX_CONTEXT))
+        check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
+    elif limit is not None and opts.max_context > limit:
+        raise UsageError(f"--max-context {opts.max_context} is beyond {name}'s limit of {limit} tokens; "
                          f"pass --max-context {limit} or less")
+    return opts
 
 
 def build(opts: BuildOptions) -> int:
@@ -177,7 +183,7 @@ def build(opts: BuildOptions) -> int:
     check_options(opts)
     spec = resolve_model(opts.model, trust_pickle=opts.trust_pickle, weights=opts.weights,
                          allow_missing_weights=opts.allow_missing_weights)
-    _check_context(spec.sample, opts.max_context)
+    requested, opts = opts, resolve_context(opts, spec.name, spec.context_limit)
     out = _output_dir(opts, spec.name, spec.spec if spec.kind != "sample" else None)
     progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
@@ -185,6 +191,8 @@ def build(opts: BuildOptions) -> int:
     try:
         loaded = spec.load()
         progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
+        if spec.context_limit is None:  # a pickled module states its limit only once loaded
+            opts = resolve_context(requested, loaded.name, loaded.context_limit)
         return _build(loaded, opts, out, progress)
     finally:
         progress.close()
@@ -193,7 +201,7 @@ def build(opts: BuildOptions) -> int:
 def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
     """Build an already loaded model (``effexport.export(module, ...)``); same contract as :func:`build`."""
     check_options(opts)
-    _check_context(loaded.sample, opts.max_context)
+    opts = resolve_context(opts, loaded.name, loaded.context_limit)
     out = _output_dir(opts, loaded.name)
     progress = Progress(_stages(opts, loaded.structure_only))
     try:
@@ -245,6 +253,8 @@ def _rewrite_summary(analysis) -> str:
               (c["compressed"]["window_only"], "window-only sparse"),
               (c["mhc"]["mhc_pre"] + c["mhc"]["mhc_post"] + c["mhc"]["mhc_head"], "mHC")]
     line += "".join(f", {n} {what}" for n, what in others if n)
+    if analysis.stateful:
+        line += f", {len(analysis.stateful)} stateful (fixed-size states)"
     return f"{line}, {len(analysis.left_alone)} left alone"
 
 
@@ -261,11 +271,9 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
     """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
     from effexport.exporter import report as rep
     from effexport.exporter._io import atomic_directory
-    from effexport.exporter.parity import check_parity
     from effexport.exporter.runtime import MANIFEST
     from effexport.exporter.structure_only import check_structure, external_bytes
 
-    model = loaded.model
     code = 0
     with atomic_directory(out, force=opts.force) as tmp:
         if opts.dump_after:
@@ -315,7 +323,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report[rep.STOCK_KEY] = rep.stock_comparison(loaded.sample, analysis.plan, report["context"])
             print(f"      {rep.format_stock(report[rep.STOCK_KEY])}", file=sys.stderr)
         else:
-            report = {"model": loaded.name}
+            report = {"model": loaded.name, rep.REALISED_KEY: rep.realised_savings(analysis, opts.max_context)}
+            print(f"      {rep.format_realised(report[rep.REALISED_KEY])}", file=sys.stderr)
         if opts.allow_missing_weights:
             report["allow_missing_weights"] = True
             report["missing_weights"] = loaded.source.get("missing_weights", {})
@@ -332,13 +341,26 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
                 opts.target, "ONNX Runtime CPU")
             t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
-            parity = check_parity(model, open_runtime(tmp), loaded.parity_prompt(PARITY_PROMPT), opts.steps, opts.dtype)
+            parity = check_artifact(tmp, loaded, opts.steps)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
         _write_json(os.path.join(tmp, "report.json"), report)
     return code
+
+
+def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runtime=None):
+    """Parity of a built artifact against ``loaded`` (the eager model): a PARITY_PROMPT-token prompt
+    drawn independently of the capture's example stream (``parity_prompt``), then ``steps`` decode steps; ``runtime`` defaults to
+    :func:`open_runtime`'s."""
+    from effexport.exporter.parity import check_parity
+    from effexport.exporter.runtime import load_manifest
+
+    check_steps(steps, None)
+    runtime = runtime or open_runtime(artifact_dir)
+    dtype = load_manifest(artifact_dir)["dtype"]
+    return check_parity(loaded.model, runtime, loaded.parity_prompt(PARITY_PROMPT), steps, dtype)
 
 
 def cuda_ep_available() -> bool:

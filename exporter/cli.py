@@ -67,12 +67,19 @@ def _cmd_report(args) -> int:
     from effexport.exporter._io import atomic_file
     from effexport.samples import UnknownModelError, get_sample
 
-    try:
-        sample = get_sample(args.model)
-    except UnknownModelError as exc:
-        raise UsageError(str(exc)) from None
+    if os.path.isdir(args.model):
+        from effexport.exporter.hf_report import hf_report_sample
+
+        sample = hf_report_sample(args.model)
+    else:
+        try:
+            sample = get_sample(args.model)
+        except UnknownModelError as exc:
+            raise UsageError(f"{exc}; or pass a Hugging Face model directory") from None
     fmt = rep.plot_format(args.plot) if args.plot else None
     data = rep.build_report(sample, args.context, args.cache_dtype)
+    for warning in data["warnings"]:
+        print(f"effexport: warning: {warning}", file=sys.stderr)
     if args.plot:
         with atomic_file(args.plot) as tmp:
             rep.plot_report(sample, args.cache_dtype, args.context, tmp, fmt)
@@ -195,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                          help="run parity against eager after the build (default on)")
     p_build.add_argument("--steps", type=_int, default=16, help="decode steps in the parity check (default 16)")
-    p_build.add_argument("--max-context", type=parse_tokens, default=4096,
+    p_build.add_argument("--max-context", type=parse_tokens, default=None,
                          help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
-                              "(DeepSeek V4: max_context / ratio slots). Default 4096; accepts 128k")
+                              "(DeepSeek V4: max_context / ratio slots). Default: the smaller of 4096 and "
+                              "the model's trained limit; accepts 128k")
     p_build.add_argument("--kv-cache", choices=("grow", "buffer"), default="grow",
                          help="full-cache layout: 'grow' concatenates each step's K/V to a new present; "
                               "'buffer' keeps each full cache in one fixed buffer of --max-context rows that "
@@ -244,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "baseline with its savings turned off; parameters; decode FLOPs per token.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: effexport report laguna-xs2 --context 131072 --plot kv.png")
-    p_rep.add_argument("model", metavar="MODEL", help="a built-in sample name (see 'effexport list')")
+    p_rep.add_argument("model", metavar="MODEL", help="a built-in sample name (see 'effexport list') or a Hugging "
+                                                      "Face model directory (config.json is enough)")
     p_rep.add_argument("--context", type=parse_tokens, default=parse_tokens("128k"),
                        help="context length in tokens: 131072, 128k or 1M (default 128k)")
     from effexport.exporter.report import CACHE_DTYPES

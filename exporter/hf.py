@@ -13,9 +13,11 @@ classes for the config (``DynamicCache(config=...)``), except that
   passes recognise (mask probing) and turn into a W-slot ring -- the same as for the samples;
 * KV-sharing consumers keep HF's ``DummyLayer`` (no cache; they read the producer's K/V through
   HF's side channel, so the captured graph shows consumers attending the producer's K/V nodes);
-* linear-attention layers (ZAYA's conv window and delayed-value state) keep HF's classes with a
-  functional state update (:class:`_FunctionalLinearState`); their states are cache entries
-  ``"{layer}.conv{i}"`` / ``"{layer}.rec{i}"`` next to ``"{layer}.k"`` / ``"{layer}.v"``;
+* linear-attention layers (ZAYA's conv window and delayed-value state, Qwen3-Next's gated delta net
+  conv and recurrent state) keep HF's classes with a functional state update
+  (:class:`_FunctionalLinearState`); their states are cache entries ``"{layer}.conv{i}"`` /
+  ``"{layer}.rec{i}"`` (next to ``"{layer}.k"`` / ``"{layer}.v"`` on hybrid layers), and a layer
+  with states only takes its token count from the K/V layers;
 * DeepSeek V4's layers (window, CSA, HCA) are replaced as a whole by :class:`_DeepseekV4State`, which
   serves HF's own compressor / indexer code with state held in step tensors (``CACHE_ADAPTERS``).
 
@@ -40,12 +42,20 @@ from torch import nn
 
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
 
-# config.json model types of the causal LMs verified end to end (tests/test_hf.py); exporter/loading.py
-# refuses directories of other types. The multimodal "gemma4" / "gemma3n" checkpoints load as
-# ...ForConditionalGeneration and are not verified: save the text model (...ForCausalLM) instead.
-SUPPORTED_MODEL_TYPES = ("llama", "gemma4_text", "gemma3n_text", "laguna", "zaya", "deepseek_v4")
-# model types known not to capture, and why (one line each; the user gets it as the error)
-UNSUPPORTED_MODEL_TYPES: dict[str, str] = {}
+# model types known not to capture or lower, and why (one line each; the user gets it as the error).
+# Any other model type whose AutoModelForCausalLM class is a ...ForCausalLM is taken: the passes
+# rewrite what they recognise and leave the rest as plain graph (--explain says what and why).
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "rwkv": "RWKV carries its recurrent state in the forward's own `state` argument, not in a transformers "
+            "Cache, so the step graph holds no state and does not match eager",
+    "recurrent_gemma": "RecurrentGemma keeps its recurrent and attention state in module attributes (its own "
+                       "_setup_cache), not in a transformers Cache, so the step graph cannot carry it (lowering "
+                       "fails on the batch dimension)",
+    "xlstm": "xLSTM reads its own cache class (rnn_state), not the transformers DynamicCache the step wrapper "
+             "supplies, so it cannot be captured",
+    "mamba": "Mamba's state-space cache path is not supported: the exported step fails in ONNX Runtime on its "
+             "first call (a broadcast Add in the selective scan)",
+}
 # attention implementations that torch.export captures as plain graphs (others are switched to sdpa)
 EXPORTABLE_ATTENTION = ("sdpa", "eager")
 # the MoE experts implementation that exports (the default grouped_mm is an op with no ONNX lowering)
@@ -116,6 +126,10 @@ class HFStep(nn.Module):
         if past:
             for i, layer in enumerate(cache.layers):
                 _fill_layer(layer, i, past)
+            seen = next((layer.get_seq_length() for layer in cache.layers if _is_kv(layer) and layer.is_initialized), 0)
+            for layer in cache.layers:  # states do not say how many tokens they have seen: the K/V caches do
+                if isinstance(layer, _FunctionalLinearState):
+                    layer.past_length = seen
         out = self.hf(input_ids=input_ids, use_cache=True, **{self.cache_arg: cache})
         present: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(cache.layers):
@@ -146,6 +160,7 @@ def _export_layer(layer):
         functional = _functional_class(type(layer))
         swapped = functional.__new__(functional)
         swapped.__dict__.update(layer.__dict__)
+        swapped.record_past = True  # no in-place decode update (see _FunctionalLinearState)
         layer = swapped
     return layer
 
@@ -161,8 +176,20 @@ def _functional_class(kind: type) -> type:
 
 class _FunctionalLinearState:
     """Conv / recurrent state updates that assign instead of ``copy_`` (mixed in before the HF
-    linear-attention layer class); values as ``LinearAttentionLayer.update_*_state``."""
+    linear-attention layer class); values as ``LinearAttentionLayer.update_*_state``.
 
+    ``record_past`` is set (see :func:`_export_layer`) so that HF's one-token decode updates the conv
+    state through :meth:`update_conv_state` too, not with its in-place ``causal_conv1d_update``; and
+    a layer with only states reports ``past_length`` (the K/V layers' length, set by
+    :meth:`HFStep.forward`) as its sequence length: HF counts tokens in a tensor that starts at 0 in
+    every step's fresh cache, and models take their positions from the first layer's count."""
+
+    past_length = 0
+
+    def get_seq_length(self) -> int:
+        from transformers.cache_utils import DynamicLayer
+
+        return DynamicLayer.get_seq_length(self) if isinstance(self, DynamicLayer) else self.past_length
 
     def update_conv_state(self, conv_states, state_idx: int = 0, conv_kernel_size=None, **kwargs):
         if self.conv_kernel_size[state_idx] is None:
@@ -362,11 +389,12 @@ def _loaded(step: HFStep, name: str, source: dict):
     from effexport.exporter.loading import LoadedModel
 
     text = _text_config(step.hf.config)
+    limit = getattr(text, "max_position_embeddings", None)
     return LoadedModel(name=name, model=step, vocab_size=int(text.vocab_size), sample=None,
                        source={"kind": "hf", "model_type": getattr(text, "model_type", None),
                                "class": type(step.hf).__name__,
                                "attn_implementation": step.hf.config._attn_implementation, **source},
-                       example_length=_capture_length(text))
+                       example_length=_capture_length(text), context_limit=int(limit) if limit else None)
 
 
 def _capture_length(text) -> int:
@@ -394,8 +422,38 @@ def wrap_hf_module(module: nn.Module, name: str | None = None):
     if model_type in UNSUPPORTED_MODEL_TYPES:
         raise UsageError(f"{type(module).__name__}: {UNSUPPORTED_MODEL_TYPES[model_type]}")
     step = HFStep(module)
-    return _loaded(step, name or getattr(module.config, "name_or_path", "") or type(module).__name__,
-                   {"module": type(module).__module__})
+    source = {"module": type(module).__module__}
+    directory = getattr(module.config, "_name_or_path", "") or ""
+    if directory and is_hf_directory(directory):  # loaded from a local directory: check reloads it
+        source["path"] = os.path.abspath(directory)
+    return _loaded(step, name or getattr(module.config, "name_or_path", "") or type(module).__name__, source)
+
+
+def check_model_type(path: str, config: dict) -> None:
+    """Refuse a ``config.json`` (as a dict) that names a model type known not to export, one the
+    installed transformers does not know (remote code is never run) or one with no ``...ForCausalLM``
+    class (encoders, multimodal wrappers); without transformers only the first check runs."""
+    model_type = config["model_type"]
+    arch = ", ".join(config.get("architectures") or []) or model_type
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise LoadError(f"{path}: {arch} (model_type {model_type!r}) cannot be exported: "
+                        f"{UNSUPPORTED_MODEL_TYPES[model_type]}")
+    try:
+        import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    except ImportError:
+        return  # loading reports the missing package
+    if model_type not in CONFIG_MAPPING_NAMES:
+        remote = " (its config.json names remote code, which effexport does not run)" if "auto_map" in config else ""
+        raise LoadError(f"{path}: transformers {transformers.__version__} has no model_type {model_type!r}{remote}; "
+                        "upgrade transformers if a newer release has it")
+    cls = causal.get(model_type)
+    if not cls or not cls.endswith("ForCausalLM"):
+        what = f"its AutoModelForCausalLM class is {cls}" if cls else "transformers has no causal-LM class for it"
+        raise LoadError(f"{path}: {arch} (model_type {model_type!r}) is not a decoder-only causal LM ({what}); "
+                        "effexport exports ...ForCausalLM models: for a multimodal checkpoint save its text "
+                        "model (e.g. Gemma3ForCausalLM) with save_pretrained and pass that directory")
 
 
 def is_hf_directory(path: str) -> bool:

@@ -65,9 +65,9 @@ def read_json(path: str, fix: str, limit: int = MAX_JSON_BYTES):
 
 
 def check_config(config: dict, path: str) -> None:
-    """A transformers config's sizes within :data:`CONFIG_BOUNDS` (whole numbers), heads dividing the
-    hidden size (without an explicit ``head_dim``) and query heads a multiple of KV heads;
-    ``architectures`` a list of names."""
+    """A transformers config's sizes within :data:`CONFIG_BOUNDS` (whole numbers, or lists of them: one
+    per layer), heads dividing the hidden size (without an explicit ``head_dim``) and query heads a
+    multiple of KV heads; ``architectures`` a list of names."""
     fix = "fix the field or save the config again with model.save_pretrained(DIR)"
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
@@ -80,10 +80,11 @@ def check_config(config: dict, path: str) -> None:
             value = section.get(key)
             if value is None:
                 continue
-            if type(value) is not int:
-                raise LoadError(f"{path}: {prefix}{key} is {_echo(value)}, not a whole number; {fix}")
-            if not low <= value <= high:
-                raise LoadError(f"{path}: {prefix}{key} = {value} is outside {low}..{high}; {fix}")
+            for item in value if isinstance(value, list) and value else [value]:  # or per layer (Gemma 3n)
+                if type(item) is not int:
+                    raise LoadError(f"{path}: {prefix}{key} is {_echo(value)}, not a whole number; {fix}")
+                if not low <= item <= high:
+                    raise LoadError(f"{path}: {prefix}{key} = {_echo(value)} is outside {low}..{high}; {fix}")
         heads, kv, hidden = (section.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
         if heads and kv and heads % kv:
             raise LoadError(f"{path}: {prefix}num_attention_heads = {heads} is not a multiple of "

@@ -54,6 +54,7 @@ class LoadedModel:
     sample: object | None     # the built-in Sample when there is one (report.json's analytic report), else None
     source: dict = field(default_factory=dict)  # {"kind": "sample"|"hf"|"pickle"|"module", ...} (effexport.json)
     example_length: int = 40  # capture's example stream: past every window / top-k (samples._spec.capture_length)
+    context_limit: int | None = None  # the longest context the model was trained for, when its config says
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +91,7 @@ class ModelSpec:
     sample: object | None = None
     trust_pickle: bool = False
     allow_missing_weights: bool = False  # a Hugging Face directory may lack weights (random ones there)
+    context_limit: int | None = None  # the model's trained context (sample config / config.json), if stated
 
     def load(self) -> LoadedModel:
         """Build or read the model (the slow part)."""
@@ -119,10 +121,10 @@ def resolve_source(source: dict, *, trust_pickle: bool = False) -> ModelSpec:
             raise LoadError(f"this artifact was built from the pickled module {source.get('path')}: re-loading "
                             "it runs code from that file; pass --trust-pickle if you trust its source")
         return resolve_model(str(source.get("path")), trust_pickle=True)
-    if kind == "hf":
-        return resolve_model(str(source.get("path")), allow_missing_weights=bool(source.get("missing_weights")))
-    raise LoadError(f"this artifact was built from an in-memory {source.get('class', 'module')}: effexport "
-                    "check cannot load it again; check parity from Python (effexport.export(..., check=True))")
+    if kind == "hf" and source.get("path"):
+        return resolve_model(str(source["path"]), allow_missing_weights=bool(source.get("missing_weights")))
+    raise LoadError(f"this artifact was built from an in-memory {source.get('class', 'module')} with no model "
+                    "directory to reload; check parity from Python with the model: effexport.check(DIR, model)")
 
 
 def default_name(spec: str) -> str:
@@ -144,8 +146,9 @@ def resolve_model(spec: str, *, trust_pickle: bool = False, weights: str = "rand
                              "file with its own weights: drop --weights none")
         name = default_name(spec)
         if os.path.isdir(spec):
-            _check_hf_directory(spec)
-            return ModelSpec(spec, "hf", name, allow_missing_weights=allow_missing_weights)
+            config = _check_hf_directory(spec)
+            return ModelSpec(spec, "hf", name, allow_missing_weights=allow_missing_weights,
+                             context_limit=hf_context_limit(config))
         regular_file(spec, "model file")
         return _resolve_file(spec, name, trust_pickle)
     if os.path.sep in spec or spec.endswith(PICKLE_SUFFIXES + (".pt2", ".safetensors", ".onnx")):
@@ -173,7 +176,9 @@ def _resolve_sample(name: str, weights: str) -> ModelSpec:
             raise UsageError(f"{name} has {params / 1e9:.1f} B parameters: building it with random weights "
                              f"needs {params * 4 / 2**30:.0f} GiB; pass --weights none for a structure-only "
                              f"export, export '{name}:tiny', or use 'effexport report {name}' for its costs")
-    return ModelSpec(name, "sample", name, weights, sample)
+    from effexport.exporter.report import max_context
+
+    return ModelSpec(name, "sample", name, weights, sample, context_limit=max_context(sample))
 
 
 def _load_sample(sample, weights: str) -> LoadedModel:
@@ -181,8 +186,10 @@ def _load_sample(sample, weights: str) -> LoadedModel:
     source = {"kind": "sample", "name": sample.name, "weights": weights}
     if weights == "random":
         source["seed"] = 0
+    from effexport.exporter.report import max_context
+
     return LoadedModel(sample.name, model, sample.config.vocab_size, sample, source,
-                       capture_length(sample.config.layer_specs()))
+                       capture_length(sample.config.layer_specs()), max_context(sample))
 
 
 # -- torch.save / torch.export files -------------------------------------------------------------------
@@ -318,8 +325,18 @@ def _hf():
     return hf
 
 
-def _check_hf_directory(path: str) -> None:
-    """config.json with a supported model_type, and complete safetensors weights."""
+def hf_context_limit(config: dict) -> int | None:
+    """``max_position_embeddings`` of a ``config.json`` (its text config's for a multimodal one)."""
+    for cfg in (config, config.get("text_config") or {}):
+        value = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_hf_directory(path: str) -> dict:
+    """config.json naming a causal LM transformers has (not one known not to export), and complete
+    safetensors weights; returns the config."""
     files = set(os.listdir(path))
     if "effexport.json" in files:
         raise LoadError(f"{path} is an effexport artifact, not a model to export; re-check it with "
@@ -335,12 +352,9 @@ def _check_hf_directory(path: str) -> None:
         raise LoadError(f"{config_path} has no 'model_type'; write it with model.save_pretrained(DIR)")
     check_config(config, config_path)
     _check_optional_dependencies(config, config_path)
-    model_type = config["model_type"]
-    from effexport.exporter.hf import SUPPORTED_MODEL_TYPES as supported  # importing hf needs no transformers
-    if model_type not in supported:
-        arch = ", ".join(config.get("architectures") or []) or model_type
-        raise LoadError(f"{path}: unsupported architecture {arch} (model_type {model_type!r}); supported "
-                        f"model types: {', '.join(supported)}")
+    from effexport.exporter.hf import check_model_type  # importing hf needs no transformers
+
+    check_model_type(path, config)
     shards = sorted(f for f in files if f.endswith(".safetensors"))
     index = "model.safetensors.index.json"
     if index in files:
@@ -353,6 +367,7 @@ def _check_hf_directory(path: str) -> None:
                         "model.save_pretrained(DIR)")
     for shard in shards:
         check_safetensors(os.path.join(path, shard))
+    return config
 
 
 def _indexed_shards(path: str, index: str, files: set) -> list[str]:

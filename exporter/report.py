@@ -121,15 +121,16 @@ def max_context(sample: Sample) -> int | None:
 
 
 def build_report(sample: Sample, context: int, cache_dtype: str = "bf16") -> dict:
-    """The machine-readable report (the JSON contract in DESIGN.md)."""
+    """The machine-readable report (`effexport report --json`); ``warnings`` lists what the numbers assume."""
     if cache_dtype not in CACHE_DTYPES:
         raise UsageError(f"unknown --cache-dtype {cache_dtype!r}; choose one of {', '.join(CACHE_DTYPES)}")
     if context < 1:
         raise UsageError(f"--context must be a positive number of tokens, got {context}")
     limit = max_context(sample)
-    if limit is not None and context > limit:
-        raise UsageError(f"--context {context} is beyond {sample.name}'s limit of {limit} tokens; "
-                         f"pass --context {limit} or less")
+    warnings = [f"--context {context:,} is beyond {sample.name}'s trained limit of {limit:,} tokens: the bytes "
+                "and FLOPs are the arithmetic at that length"] if limit is not None and context > limit else []
+    warnings += [f"layer type {t!r} is not known to the report: counted as full attention"
+                 for t in getattr(sample.config, "unknown", ())]
     model_layers = sample.config.layer_specs()
     base_layers = sample.config.layer_specs(baseline=True)
     params = param_counts(sample)
@@ -137,6 +138,7 @@ def build_report(sample: Sample, context: int, cache_dtype: str = "bf16") -> dic
     return {
         "model": sample.name,
         "context": context,
+        "warnings": warnings,
         "cache_dtype": cache_dtype,
         "kv_bytes": {policy: {"model": total_bytes(model_layers, context, cache_dtype, policy),
                               "baseline": total_bytes(base_layers, context, cache_dtype, policy)}
@@ -316,3 +318,37 @@ def format_stock(comparison: dict) -> str:
     return (f"cache at {comparison['context']:,} tokens: stock torch.onnx.export {len(stock['tensors'])} tensors "
             f"{human_bytes(stock['bytes'])}, effexport {len(ours['tensors'])} tensors "
             f"{human_bytes(ours['bytes'])} ({ratio} less)")
+
+
+REALISED_KEY = "realised"
+"""``report.json`` key of :func:`realised_savings` (built artifacts of models that are not samples)."""
+
+
+def realised_savings(analysis, context: int, batch: int = 1) -> dict:
+    """Which savings a build realised, from the pipeline's ``analysis``: layers served from a ring of
+    their window, KV-sharing consumers (no cache, they read their producer's), stateful layers
+    (fixed-size states), compressed-entry buffers, and what was left alone and why; with the cache
+    bytes at ``context`` tokens against the same caches with every ring kept full-length."""
+    plan = analysis.plan
+    ours = plan.nbytes(batch, context)
+    full_length = sum(e.nbytes(batch, context) * (context / e.window if e.kind == "ring" else 1)
+                      for e in plan.entries)
+    return {
+        "context": context, "batch": batch,
+        "ring": [{"layer": r.layer, "window": r.window} for r in plan.layers if r.kind == "ring" and r.role != "consumer"],
+        "consumers": [{"layer": r.layer, "reads": r.reads} for r in plan.layers if r.role == "consumer"],
+        "stateful": sorted(analysis.stateful),
+        "compressed": [{"name": e.name, "ratio": e.ratio} for e in plan.entries if e.kind == "compressed"],
+        "left_alone": list(analysis.left_alone),
+        "cache_bytes": ours, "cache_bytes_rings_full_length": round(full_length),
+    }
+
+
+def format_realised(realised: dict) -> str:
+    """One line: the savings a build realised."""
+    parts = [f"{len(realised['ring'])} ring layers", f"{len(realised['consumers'])} KV-sharing consumers",
+             f"{len(realised['stateful'])} stateful layers", f"{len(realised['compressed'])} compressed buffers",
+             f"{len(realised['left_alone'])} left alone"]
+    return (f"realised: {', '.join(parts)}; cache at {realised['context']:,} tokens "
+            f"{human_bytes(realised['cache_bytes'])} (rings full-length: "
+            f"{human_bytes(realised['cache_bytes_rings_full_length'])})")

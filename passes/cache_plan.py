@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from effexport.passes.sites import layer_index
+
 
 @dataclass(frozen=True)
 class CacheEntry:
@@ -79,3 +81,19 @@ class CachePlan:
 
     def to_json(self) -> dict:
         return {"entries": [asdict(e) for e in self.entries], "layers": [asdict(l) for l in self.layers]}
+
+
+def stateful_layers(program) -> dict[int, list[str]]:
+    """Layers whose caches are all fixed-size states (no input of theirs grows with the sequence):
+    ``{layer: [cache names]}`` -- linear-attention / state-space layers (e.g. a gated delta net's
+    conv window and recurrent state), exported as plain graph with their states as cache entries."""
+    layers: dict[int, list[str]] = {}
+    growing = set()
+    for name in program.inputs:
+        layer = layer_index(name[len("past."):]) if name.startswith("past.") else None
+        if layer is None:
+            continue
+        layers.setdefault(layer, []).append(name[len("past."):])
+        if program.seq_dims.get(name) is not None:
+            growing.add(layer)
+    return {layer: names for layer, names in layers.items() if layer not in growing}

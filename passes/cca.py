@@ -53,7 +53,8 @@ from effexport.custom_ops.cca import cca_reference
 from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr, call_args, extract, is_call, meta_val,
                                      rank, strip)
 from effexport.passes.attention import cache_source, emit, finish
-from effexport.passes.sites import Rejected, find_sites, layer_label
+from effexport.passes.cache_plan import stateful_layers
+from effexport.passes.sites import Rejected, find_sites, layer_index, layer_label
 
 CONV = (aten.conv1d.default, aten.convolution.default)
 # ops that only move or re-view data (values pass through unchanged)
@@ -389,11 +390,13 @@ def _new(node: fx.Node) -> fx.Node:
     return strip(src[1]) if src else strip(node)
 
 
-def find_cca(gm: fx.GraphModule) -> tuple[list[CCAMatch], list[Rejected]]:
-    """Every CCA candidate of the graph: the matches and the rejected candidates with reasons."""
+def find_cca(gm: fx.GraphModule, stateful: frozenset = frozenset()) -> tuple[list[CCAMatch], list[Rejected]]:
+    """Every CCA candidate of the graph: the matches and the rejected candidates with reasons. A
+    conv over a state in one of the ``stateful`` layers (layers that keep fixed-size states and no
+    growing cache: linear attention / state-space, not attention) is no candidate."""
     matches, rejected = [], []
     for node in list(gm.graph.nodes):
-        if _state_cat(node) is None:
+        if _state_cat(node) is None or layer_index(layer_label(node)) in stateful:
             continue
         try:
             matches.append(match_cca(gm, node))
@@ -426,9 +429,11 @@ def _replace(graph: fx.Graph, match: CCAMatch) -> None:
 def rewrite_cca(ctx) -> dict:
     """Pipeline pass: rewrite every recognised CCA layer into ``effexport::cca`` (see module doc).
 
-    ``ctx`` is a ``passes.pipeline.Context``; rejected candidates go to ``ctx.analysis.left_alone``."""
+    ``ctx`` is a ``passes.pipeline.Context``; rejected candidates go to ``ctx.analysis.left_alone``, the
+    layers that keep only fixed-size states to ``ctx.analysis.stateful`` (they hold no candidate)."""
     gm = ctx.program.gm
-    matches, rejected = find_cca(gm)
+    ctx.analysis.stateful = stateful_layers(ctx.program)  # not attention: no candidates there
+    matches, rejected = find_cca(gm, frozenset(ctx.analysis.stateful))
     for r in rejected:
         ctx.analysis.left_alone.append(f"CCA candidate {r.node}: {r.reason}")
     for match in matches:

@@ -58,13 +58,20 @@ class Analysis:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     plan: CachePlan = field(default_factory=CachePlan)
     left_alone: list[str] = field(default_factory=list)
+    stateful: dict[int, list[str]] = field(default_factory=dict)  # layer -> its fixed-size state caches
 
     def explain(self) -> str:
-        """Per attention site: what it was classified as and why; per site left alone: why."""
+        """Per attention site: what it was classified as and why; per stateful layer: its states;
+        per site left alone: why."""
         lines = [f"{len(self.sites)} attention sites"]
         for s in self.sites:
             lines.append("  " + s.describe() + f" -> {s.cache or 'left alone'}")
             lines.append(f"      mask: {s.reason}")
+        for layer, names in sorted(self.stateful.items()):
+            shapes = {e.name: e.shape for e in self.plan.entries}
+            states = ", ".join(f"{n} {list(shapes.get(n, ()))}" for n in names)
+            lines.append(f"  stateful layer {layer}: linear attention / state-space, fixed-size states {states}: "
+                         "kept as written (plain graph), nothing grows with the context")
         for r in self.rejected:
             lines.append(f"  not attention: {r.node}: {r.reason}")
         for why in self.left_alone:

@@ -1,17 +1,17 @@
-"""Hugging Face transformers models as input (issue #7): tiny random models of every family the
-installed transformers has (tests/models/hf_tiny.py), captured as written through
-:class:`effexport.exporter.hf.HFStep`, rewritten by the same pass pipeline as the samples, lowered to
-ONNX and run in ONNX Runtime CPU against the HF module's own eager logits (one plain forward over
-the whole sequence, no effexport cache involved): fp32 max relative error <= 1e-4 over a prefill of
-8 tokens (past the window of 6) and 8 decode steps.
+"""Hugging Face transformers models as input (issue #7), inside the graph: tiny random models of the
+families whose mechanisms show in the step graph (tests/models/hf_tiny.py: Gemma 4 / 3n KV sharing,
+Laguna per-layer heads, ZAYA CCA, DeepSeek V4 compressed attention), captured as written through
+:class:`effexport.exporter.hf.HFStep`, rewritten by the same pass pipeline as the samples: rewrite
+counts, consumers reading producers, and the ``standard`` ONNX profile in ONNX Runtime CPU against
+the HF module's own eager logits (one plain forward over the whole sequence, no effexport cache
+involved): fp32 max relative error <= 1e-4 over a prefill of 8 tokens (past the window of 6) and 8
+decode steps. Every family is built through the CLI with the ``ort`` profile in
+tests/test_hf_families.py (the matrix).
 
-One capture per family (module fixture), ``ort`` profile. To stay inside the CI time budget the
-``standard`` profile is exported once, for the family whose lowering differs most from ``ort``
-(Gemma 4: ring attention for the window, read-only attention for KV-sharing consumers), through
-``effexport.export(module)``; Llama is built through the CLI from a saved directory
-(``save_pretrained`` -> ``effexport DIR --target onnx``). DeepSeek V4 (own section: the step cache
-adapter, mHC folded, the window ring and CSA / HCA rewritten to the sparse-attention ops, both
-profiles' parity over a prefill of 21).
+One capture per family (module fixture). Llama's standard profile is built through the CLI from a
+saved directory, Gemma 4's through ``effexport.export(module)``. DeepSeek V4 (own section: the step
+cache adapter, mHC folded, the window ring and CSA / HCA rewritten to the sparse-attention ops,
+parity over a prefill of 21).
 """
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ from effexport.exporter.hf import HFStep
 
 PREFILL, DECODE, BATCH, RTOL = 8, 8, 2, 1e-4
 XDIST_SPLIT = ("cap",)  # one pytest-xdist unit per family (tests/conftest.py)
-# llama is built through the CLI from a saved directory (test_hf_directory_round_trip) instead;
-# DeepSeek V4 has its own section (other caches, other passes)
-CAPTURED = [f for f in hf_tiny.FAMILIES if f not in ("llama", "deepseek_v4")]
+# the families with mechanisms checked inside the graph here (KV sharing, per-layer heads, CCA); every
+# family is also built through the CLI with the ort profile (tests/test_hf_families.py), so the ONNX
+# exports here are the standard profile's. DeepSeek V4 has its own section (other caches, other passes)
+CAPTURED = ["gemma4", "gemma3n", "laguna", "zaya"]
 FAMILIES = [pytest.param(f, id=f, marks=() if hf_tiny.available(f) else pytest.mark.skip(
     reason=f"transformers {transformers.__version__} has no {f}")) for f in CAPTURED]
 
@@ -199,9 +200,10 @@ def test_eager_attention_implementation():
 
 # ------------------------------------------------------------------------------------------ parity
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["ort", "standard"])
+@pytest.mark.parametrize("profile", ["standard"])
 def test_onnx_parity_with_hf(cap, tmp_path, profile):
-    """Both ONNX profiles: ONNX Runtime prefill + 8 decode steps against the HF module's own logits."""
+    """The standard ONNX profile (ort: tests/test_hf_families.py): ONNX Runtime prefill + 8 decode steps
+    against the HF module's own logits."""
     from effexport.exporter.onnx.export import export_step
 
     path = tmp_path / "step.onnx"
@@ -213,9 +215,10 @@ def test_onnx_parity_with_hf(cap, tmp_path, profile):
 
 # ------------------------------------------------------------------------------------- entry points
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["ort", "standard"])
+@pytest.mark.parametrize("profile", ["standard"])
 def test_hf_directory_round_trip(tmp_path, profile):
-    """save_pretrained -> ``effexport DIR --target onnx --profile P`` (Llama): builds, passes its own
+    """save_pretrained -> ``effexport DIR --target onnx --profile standard`` (Llama; the ort profile of
+    every family: tests/test_hf_families.py): builds, passes its own
     parity check, reports the expected rewrites, and its runtime matches the reloaded HF module."""
     from effexport.exporter.cli import main
 
@@ -299,7 +302,7 @@ def ds(tmp_path_factory):
 
     cap = Captured(DS)
     cap.onnx = {}
-    for profile in ("ort", "standard"):
+    for profile in ("standard",):  # ort: built through the CLI in tests/test_hf_families.py
         cap.onnx[profile] = tmp_path_factory.mktemp(f"deepseek-{profile}") / "step.onnx"
         export_step(cap.program, cap.analysis.plan, str(cap.onnx[profile]), profile)
     return cap
@@ -436,9 +439,10 @@ def test_deepseek_wrong_compressor_left_alone(ds):
 
 @ds_available
 @pytest.mark.slow
-@pytest.mark.parametrize("profile", ["ort", "standard"])
+@pytest.mark.parametrize("profile", ["standard"])
 def test_deepseek_onnx_parity_with_hf(ds, profile):
-    """Both ONNX profiles: ONNX Runtime prefill of 21 tokens + 8 decode steps (CSA entries 5 -> 7 with
+    """The standard ONNX profile (ort: tests/test_hf_families.py): ONNX Runtime prefill of 21 tokens +
+    8 decode steps (CSA entries 5 -> 7 with
     top-4 selection, one HCA entry, the window of 8 passed) against the HF module's own logits."""
     ids = torch.randint(0, 128, (BATCH, DS_PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
     caches = [c.numpy() for c in ds.analysis.plan.empty_caches(BATCH)]

@@ -17,16 +17,10 @@ def export(module, target: str = "onnx", output: str | None = None, profile: str
     errors, and ``ParityError`` when the artifact was written but does not match eager."""
     from effexport.exporter.build import BuildOptions, build_loaded
     from effexport.exporter.errors import ParityError
-    from effexport.exporter.loading import is_transformers_module, wrap_module
 
     name = opts.pop("name", None) or getattr(getattr(module, "config", None), "model_type", None) \
         or type(module).__name__
-    if is_transformers_module(module):
-        from effexport.exporter.hf import wrap_hf_module
-
-        loaded = wrap_hf_module(module, name)
-    else:
-        loaded = wrap_module(module.eval(), name)
+    loaded = _wrap(module, name)
     output = output or f"{name}-{target}"
     code = build_loaded(loaded, BuildOptions(model=name, target=target, output=output, profile=profile,
                                              command=("effexport.export", name), **opts))
@@ -34,3 +28,23 @@ def export(module, target: str = "onnx", output: str | None = None, profile: str
         raise ParityError(f"{output}: the artifact does not match eager within tolerance (report.json "
                           "holds the parity table)")
     return output
+
+
+def check(directory: str, module, steps: int = 16):
+    """Re-run the parity check of the artifact in ``directory`` against ``module`` (the model it was
+    built from, e.g. with :func:`export`): prefill + ``steps`` decode steps, as ``effexport check DIR``
+    does for a model it can load by itself. Returns the ``ParityReport`` (``.passed``, ``.table()``)."""
+    from effexport.exporter.build import check_artifact
+
+    return check_artifact(directory, _wrap(module, type(module).__name__), steps)
+
+
+def _wrap(module, name: str):
+    """``module`` as a LoadedModel: a transformers causal LM or a step-contract module."""
+    from effexport.exporter.loading import is_transformers_module, wrap_module
+
+    if is_transformers_module(module):
+        from effexport.exporter.hf import wrap_hf_module
+
+        return wrap_hf_module(module, name)
+    return wrap_module(module.eval(), name)

@@ -63,21 +63,85 @@ FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
         compress_rates={CSA: 4, HCA: 16}, mlp_layer_types=["hash_moe", "moe", "moe"], hc_sinkhorn_iters=3,
         max_position_embeddings=256),
         dict(mhc_pre=6, mhc_post=6, mhc_head=1, compressors=3)),
+    # Mistral: every layer sliding (window 6), GQA
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, max_position_embeddings=256),
+        dict(sites=2, ring=2, full=0, consumers=0, sliding=2, windows={WINDOW}, states=0)),
+    # Qwen2: sliding from layer max_window_layers=1 on (layer 0 full), attention biases
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+        max_position_embeddings=256),
+        dict(sites=3, ring=2, full=1, consumers=0, sliding=2, windows={WINDOW}, states=0)),
+    # Qwen3: Q/K RMS norms, GQA, full attention
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+        dict(sites=2, ring=0, full=2, consumers=0, sliding=0, windows=set(), states=0)),
+    # Gemma 2: sliding / full alternating, attention-logit and final softcaps
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, layer_types=[S, F],
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=256),
+        dict(sites=2, ring=1, full=1, consumers=0, sliding=1, windows={WINDOW}, states=0)),
+    # Gemma 3 (text): sliding / sliding / full, Q/K norms, local RoPE base
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, layer_types=[S, S, F],
+        max_position_embeddings=256),
+        dict(sites=3, ring=2, full=1, consumers=0, sliding=2, windows={WINDOW}, states=0)),
+    # Cohere 2: sliding / full, parallel attention + MLP block, logit scale
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, layer_types=[S, F], max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        dict(sites=2, ring=1, full=1, consumers=0, sliding=1, windows={WINDOW}, states=0)),
+    # OLMo 3: sliding / sliding / full, post-norms, Q/K norms over all heads
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, layer_types=[S, S, F], max_position_embeddings=256,
+        eos_token_id=2, pad_token_id=1),
+        dict(sites=3, ring=2, full=1, consumers=0, sliding=2, windows={WINDOW}, states=0)),
+    # Phi-3: fused QKV and gate-up projections, partial rotary, sliding window on every layer
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        dict(sites=2, ring=2, full=0, consumers=0, sliding=2, windows={WINDOW}, states=0)),
+    # GPT-OSS: attention sinks, sliding / full alternating, top-2 of 4 experts, YaRN RoPE
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, layer_types=[S, F], num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32.0,
+                             beta_slow=1.0, truncate=False, rope_theta=150000.0)),
+        dict(sites=2, ring=1, full=1, consumers=0, sliding=1, windows={WINDOW}, states=0)),
+    # Qwen3-Next: gated delta net (linear attention: causal conv + recurrent state) / full attention
+    # with output gate, top-2 of 4 experts and a shared expert
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", F], linear_conv_kernel_dim=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256),
+        dict(sites=1, ring=0, full=1, consumers=0, sliding=0, windows=set(), states=2)),
 }
 
 
-EAGER_ONLY = {"deepseek_v4": "eager"}  # families whose HF class refuses sdpa
 DEEPSEEK_OFFSETS = ("sinks", "position_bias", "base", "hc_base")
 DEEPSEEK_SCALES = ("scale", "hc_scale")
 
 
 def build(family: str, attn_implementation: str | None = None, seed: int = 0):
     """The tiny HF model of ``family`` (eval mode, fp32, deterministic random weights); attention
-    ``sdpa`` unless the family supports ``eager`` only (DeepSeek V4)."""
+    ``sdpa`` unless the class supports ``eager`` only (Gemma 2, DeepSeek V4)."""
     import transformers
 
-    attn_implementation = attn_implementation or EAGER_ONLY.get(family, "sdpa")
     config_cls, model_cls, kwargs, _ = FAMILIES[family]
+    sdpa = getattr(getattr(transformers, model_cls), "_supports_sdpa", True)
+    attn_implementation = attn_implementation or ("sdpa" if sdpa else "eager")
     config = getattr(transformers, config_cls)(**kwargs)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
