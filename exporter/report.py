@@ -284,8 +284,9 @@ def stock_comparison(sample: Sample, plan, context: int, batch: int = 1) -> dict
     """Cache inputs of the stock export of the eager sample vs the artifact's CachePlan at
     ``context`` tokens and ``batch`` sequences, both in the captured dtype: tensor lists, totals
     and ``ratio`` (stock / effexport). effexport's full caches grow with ``context``, rings and states
-    do not, and a compressed-entry buffer is counted at ``context // r`` slots (what an artifact built
-    with ``--max-context`` = ``context`` holds; the built one holds ``max_context // r``). If the
+    do not, and a compressed-entry buffer is counted at ``context // r`` slots and a full cache's
+    fixed buffer (``--kv-cache buffer``) at ``context`` rows (what an artifact built with
+    ``--max-context`` = ``context`` holds; the built one holds ``max_context // r`` / ``max_context``). If the
     eager forward cannot run on the meta device, the dict says why under ``unavailable``."""
     try:
         stock = stock_caches(sample, context, batch)
@@ -298,6 +299,8 @@ def stock_comparison(sample: Sample, plan, context: int, batch: int = 1) -> dict
         shape = e.concrete_shape(batch, context)
         if e.kind == "compressed":  # the entry buffer of an artifact built for this context: context // r slots
             shape[1] = context // e.ratio
+        elif e.kind == "buffer":  # a full cache's fixed buffer, as built for this context: context rows
+            shape[2] = context
         itemsize = torch.empty((), dtype=getattr(torch, e.dtype)).element_size()
         ours.append({"name": f"past.{e.name}", "kind": e.kind, "shape": shape, "dtype": e.dtype,
                      "bytes": math.prod(shape) * itemsize})

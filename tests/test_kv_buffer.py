@@ -205,6 +205,11 @@ def test_pipeline_buffers_the_full_cache(rewritten):
             got, *buf_caches = program(*step, *buf_caches)
             assert_close(got, want, what=f"logits at {start}")
     assert buf_caches[[e.name for e in analysis.plan.entries].index("4.k")].shape[2] == 64
+    from effexport.exporter.report import stock_comparison  # a buffer counts as the full cache it holds
+
+    grow, buffer = (stock_comparison(base.sample, plan, 131072)["effexport"]["bytes"]
+                    for plan in (base.analysis.plan, analysis.plan))
+    assert buffer == grow > 0
 
 
 @pytest.fixture(scope="module")
