@@ -8,7 +8,7 @@ The artifact files are deterministic: two builds of one model with the same flag
 (no timestamps, temporary names or timings in them; structure-only builds add the documented
 ``report.json["resources"]``: time and peak memory).
 
-Artifact layout (a contract, see DESIGN.md):
+Artifact layout (a contract: README's Commands and exit-code sections, tests/test_build.py):
     DIR/model.onnx       the step model: (input_ids, pos, past.*) -> (logits, present.*)
     DIR/model.onnx.data  external weights (only when large)
     DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/aoti)

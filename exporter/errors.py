@@ -1,4 +1,4 @@
-"""Typed errors by stage, each with the exit code the CLI returns (a contract, see DESIGN.md).
+"""Typed errors by stage, each with the exit code the CLI returns (a contract: README's exit-code section).
 
 User mistakes raise a subclass of :class:`EffexportError`: the CLI prints its one-line message (the
 problem and the fix, :func:`one_line`) and exits with ``exit_code``, without a traceback. Anything

@@ -1,7 +1,7 @@
 """Recognise manifold-constrained hyper-connections (mHC, DeepSeek V4) and fold them into one op each.
 
 A captured mHC sub-layer is ~190 ATen nodes, ~120 of them the Sinkhorn projection unrolled (20
-iterations of row / column normalisation; ``specs/export-traps.md``). This pass replaces:
+iterations of row / column normalisation). This pass replaces:
 
 * pre-mixing (RMS-scaled linear over the flattened streams, sigmoid gates, Sinkhorn-projected residual
   mix, weighted sum of the streams) by ``effexport::mhc_pre``,

@@ -452,7 +452,8 @@ class Compressor(nn.Module):
 def indexer_topk(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> torch.Tensor:
     """``indexer_topk(scores [B, T, N], visible bool [T, N], topk) -> idx int64 [B, T, min(topk, N)]``:
     the highest-scoring VISIBLE entries, -1 where fewer than k are visible. Stable descending sort:
-    among equal scores the lower index wins (deterministic ties, export-traps.md)."""
+    among equal scores the lower index wins (deterministic ties: ``topk`` of exported backends may order ties
+    differently, a stable sort does not)."""
     k = min(topk, scores.shape[-1])
     masked = scores.float().masked_fill(~visible, float("-inf"))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :k]  # [B, T, k]
@@ -694,7 +695,7 @@ class Model(nn.Module):
         Norms, sinks, biases, ape and mHC scalars move off their trivial init (so a bug in any of
         them changes the output), and indexer heads are paired with opposite query signs (head h + H/2
         = -head h; the per-head weights w_h still differ): every entry then gets one positive ReLU term, so indexer scores are distinct (no exact-zero ties,
-        export-traps.md)."""
+        whose order a backend's top-k may choose differently)."""
         self.embed.weight.normal_()
         for name, p in self.named_parameters():
             if name.endswith("gate.weight"):

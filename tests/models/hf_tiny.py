@@ -32,7 +32,7 @@ FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
         dict(sites=4, ring=1, full=1, consumers=2, sliding=2, windows={WINDOW}, states=0,
              reads={2: 0, 3: 1})),
     # Gemma 3n: layer 2 (F) reads layer 1 (F), layer 0 (S) independent (num_kv_shared_layers=1);
-    # AltUp / LAuReL; activation sparsity off (erf_inv has no ONNX translation, export-traps.md)
+    # AltUp / LAuReL; activation sparsity off (erf_inv has no ONNX translation)
     "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM", dict(
         vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, intermediate_size=128,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
