@@ -32,6 +32,7 @@ import torch
 from effexport.exporter.errors import BackendMissingError, OutputError, UsageError
 from effexport.exporter.loading import LoadedModel, resolve_model
 from effexport.exporter.progress import Progress
+from effexport.passes.buffers import CACHE_LAYOUTS
 
 TARGETS = {
     "onnx": "ONNX model for ONNX Runtime (profiles: ort, standard)",
@@ -129,8 +130,8 @@ def check_options(opts: BuildOptions) -> None:
     check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
     if opts.max_context is not None and opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
-    if opts.kv_cache not in ("grow", "buffer"):
-        raise UsageError(f"unknown --kv-cache {opts.kv_cache!r}; choose grow or buffer")
+    if opts.kv_cache not in CACHE_LAYOUTS:
+        raise UsageError(f"unknown --kv-cache {opts.kv_cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
@@ -333,7 +334,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
             report["resources"] = meter.to_json()  # volatile: the only timing in an artifact (documented)
         elif opts.check and opts.dtype != "fp32":
-            parity = _check_half(loaded, reference, opts, tmp, progress, program, analysis)
+            parity = _check_half(loaded, reference, opts, tmp, progress)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
@@ -370,8 +371,7 @@ def cuda_ep_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
-def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions, tmp: str, progress: Progress,
-                program, analysis):
+def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions, tmp: str, progress: Progress):
     """Parity of a bf16 / fp16 artifact. With ONNX Runtime's CUDA EP and a GPU: the artifact itself on
     CUDA against fp32 eager, bounded by eager-in-the-dtype's own error
     (:func:`~.parity.check_parity_half`). Without: ORT's CPU kernels lack half precision for several ops, so the same

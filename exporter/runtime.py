@@ -14,9 +14,9 @@ allocate the new ones on the device, and only the logits come back to the host (
 does the same on CPU, where it is tested).
 
 Caches of kind ``buffer`` (``--kv-cache buffer``: a full cache in a fixed buffer of ``max_context``
-rows) are updated in place: with I/O binding the runtime binds a buffer's present output to the
-same OrtValue as its past input, so ONNX Runtime's GroupQueryAttention writes the new rows into it
-(it detects the shared buffer) and no cache is copied or reallocated between steps; without
+rows) are updated in place: with I/O binding a buffer is a torch tensor on the device, bound by
+pointer as both its past input and its present output, so ONNX Runtime's GroupQueryAttention writes
+the new rows into it (it detects the shared buffer) and no cache is copied or reallocated between steps; without
 binding, ORT returns a new present each step, as for the other kinds. A step that would run past the
 buffers' rows is refused before ORT sees it.
 
@@ -29,7 +29,6 @@ batched call. Prefill from an empty cache and one-token decode run batched.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -148,9 +147,10 @@ def _host(cache) -> np.ndarray:
     return cache if isinstance(cache, np.ndarray) else cache.numpy()
 
 
-def _onnx_type(dtype: torch.dtype) -> int:
-    """The ``onnx.TensorProto`` element type of a torch dtype (for binding by pointer)."""
-    return {torch.float32: 1, torch.float16: 10, torch.bfloat16: BFLOAT16, torch.int64: 7}[dtype]
+def _bind(bind, name: str, tensor: torch.Tensor) -> None:
+    """``binding.bind_input`` / ``bind_output`` of ``name`` to the memory of a torch ``tensor``."""
+    onnx_type = {torch.float32: 1, torch.float16: 10, torch.bfloat16: BFLOAT16, torch.int64: 7}[tensor.dtype]
+    bind(name, tensor.device.type, tensor.device.index or 0, onnx_type, list(tensor.shape), tensor.data_ptr())
 
 
 class OrtRuntime:
@@ -189,7 +189,8 @@ class OrtRuntime:
 
     def initial_caches(self, batch: int) -> list:
         """The plan's prefill caches: numpy arrays, or (I/O binding) host OrtValues that ORT copies
-        to the device once; bf16 caches, which numpy cannot hold, need I/O binding."""
+        to the device once, and ``buffer`` caches as torch tensors on the device (bound in place);
+        bf16 caches, which numpy cannot hold, need I/O binding."""
         if not self.io_binding:
             return numpy_caches(self.entries, batch)
         caches = [e.empty(batch) for e in self.entries]
@@ -238,17 +239,17 @@ class OrtRuntime:
         caches = [c if isinstance(c, (self.ort.OrtValue, torch.Tensor)) else self._device_value(c) for c in caches]
         for name, cache in zip(self.input_names[2:], caches):
             if isinstance(cache, torch.Tensor):
-                binding.bind_input(name, self.device, 0, _onnx_type(cache.dtype), list(cache.shape), cache.data_ptr())
+                _bind(binding.bind_input, name, cache)
             else:
                 binding.bind_ortvalue_input(name, cache)
         logits = self._logits_buffer(*np.shape(input_ids))
         if logits is not None:
-            binding.bind_output(self.output_names[0], self.device, 0, BFLOAT16, list(logits.shape), logits.data_ptr())
+            _bind(binding.bind_output, self.output_names[0], logits)
         else:
             binding.bind_output(self.output_names[0], self.device)
         for name, cache in zip(self.output_names[1:], caches):
             if isinstance(cache, torch.Tensor):  # a buffer: present = past, GQA writes the new rows in place
-                binding.bind_output(name, self.device, 0, _onnx_type(cache.dtype), list(cache.shape), cache.data_ptr())
+                _bind(binding.bind_output, name, cache)
             else:
                 binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)

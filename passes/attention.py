@@ -94,6 +94,16 @@ def emit(graph: fx.Graph, target, args: tuple, kwargs: dict, n_out: int = 0):
     return outs
 
 
+def resize_cache(ph: fx.Node, rows: int) -> None:
+    """Give a past K/V placeholder ``[B, Hkv, S, d]`` a fixed ``rows`` along the sequence (its meta
+    value; the batch stays symbolic): a ring's slots, a fixed buffer's capacity."""
+    val = meta_val(ph)
+    shape = list(val.shape)
+    shape[2] = rows
+    with val.fake_mode:
+        ph.meta["val"] = torch.empty(shape, dtype=val.dtype, device=val.device)
+
+
 def cache_source(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``cat([past placeholder, new], dim=seq)`` -> (placeholder, new), else None."""
     node = strip(node)
@@ -136,11 +146,7 @@ class AttentionRewriter:
 
     def ring_placeholder(self, ph: fx.Node, window: int) -> None:
         """Turn a full-length past placeholder into a ring of ``window`` slots (meta updated)."""
-        val = meta_val(ph)
-        shape = list(val.shape)
-        shape[2] = window
-        with val.fake_mode:
-            ph.meta["val"] = torch.empty(shape, dtype=val.dtype, device=val.device)
+        resize_cache(ph, window)
         self.rings[ph] = window
 
     def rewrite_group(self, owner: AttentionSite, consumers: list[AttentionSite]) -> str:

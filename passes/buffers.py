@@ -19,23 +19,14 @@ import operator
 import torch
 from torch import fx
 
-from effexport.passes._graph import call_args, is_call, meta_val
-from effexport.passes.attention import emit
+from effexport.passes._graph import call_args, is_call
+from effexport.passes.attention import emit, resize_cache
 
 __all__ = ["CACHE_LAYOUTS", "buffer_full_caches"]
 
 ops, aten = torch.ops.effexport, torch.ops.aten
 CACHE_LAYOUTS = ("grow", "buffer")
 """``grow``: full caches are ``cat(past, new)`` each step; ``buffer``: fixed ``max_context`` rows."""
-
-
-def _resize(ph: fx.Node, capacity: int) -> None:
-    """Give a past placeholder ``capacity`` rows along the sequence (dim 2), batch kept symbolic."""
-    val = meta_val(ph)
-    shape = list(val.shape)
-    shape[2] = capacity
-    with val.fake_mode:
-        ph.meta["val"] = torch.empty(shape, dtype=val.dtype, device=val.device)
 
 
 def _only_read_by(ph, node: fx.Node) -> bool:
@@ -45,12 +36,12 @@ def _only_read_by(ph, node: fx.Node) -> bool:
         user is node or (is_call(user, aten.sym_size.int) and user.args[1] not in (2, -2)) for user in ph.users)
 
 
-def buffer_full_caches(gm: fx.GraphModule, pos: fx.Node, capacity: int) -> tuple[dict[fx.Node, int], int]:
+def buffer_full_caches(gm: fx.GraphModule, pos: fx.Node, capacity: int) -> tuple[set[fx.Node], int]:
     """Rewrite each owned full cache's ``attention_cache`` into ``attention_buffer`` of ``capacity`` rows.
 
-    Returns (past placeholder -> capacity for every buffered K and V, number of full caches kept
-    growing because their past has another reader)."""
-    graph, buffers, kept = gm.graph, {}, 0
+    Returns (the past placeholders of every buffered K and V, number of full caches kept growing
+    because their past has another reader)."""
+    graph, buffers, kept = gm.graph, set(), 0
     for node in list(graph.nodes):
         if not is_call(node, ops.attention_cache.default):
             continue
@@ -60,8 +51,8 @@ def buffer_full_caches(gm: fx.GraphModule, pos: fx.Node, capacity: int) -> tuple
             kept += 1
             continue
         for ph in pasts:
-            _resize(ph, capacity)
-            buffers[ph] = capacity
+            resize_cache(ph, capacity)
+            buffers.add(ph)
         outs = emit(graph, ops.attention_buffer.default,
                     (a["q"], a["k_new"], a["v_new"], a["k_past"], a["v_past"], pos, a["sinks"]),
                     dict(scale=a["scale"], window=a["window"], softcap=a["softcap"]), n_out=3)

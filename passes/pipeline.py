@@ -92,7 +92,7 @@ class Context:
     compressed: dict = field(default_factory=dict)  # placeholder -> ratio of compressed-entry buffers
     compressed_rings: dict = field(default_factory=dict)
     cache_layout: str = "grow"  # "buffer": full caches as fixed max_context buffers (passes/buffers.py)
-    buffers: dict = field(default_factory=dict)  # placeholder -> rows of a fixed-capacity full cache
+    buffers: set = field(default_factory=set)  # past placeholders of fixed-capacity full caches (max_context rows)
 
 
 def _dead_code(ctx: Context) -> dict:
