@@ -2,7 +2,7 @@
 
 One progress line per stage on stderr; the artifact directory is built in a temporary sibling and
 renamed into place only when complete, so a failed or interrupted build leaves nothing behind.
-``build(opts)`` loads ``opts.model`` (:mod:`effexport.exporter.loading`: sample name, model file or
+``build(opts)`` loads ``opts.model`` (:mod:`effexport.exporter.frontends.loading`: sample name, model file or
 directory) and runs ``build_loaded(loaded, opts)``, which Python callers use for an in-memory model.
 The artifact files are deterministic: two builds of one model with the same flags are byte-identical
 (no timestamps, temporary names or timings in them; structure-only builds add the documented
@@ -11,7 +11,7 @@ The artifact files are deterministic: two builds of one model with the same flag
 Artifact layout (a contract: README's Commands and exit-code sections, tests/test_build.py):
     DIR/model.onnx       the step model: (input_ids, pos, past.*) -> (logits, present.*)
     DIR/model.onnx.data  external weights (only when large)
-    DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/aoti)
+    DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/backends/aoti)
     DIR/effexport.json   CachePlan, I/O names, dtypes, opset, IR version, profile, versions, command
     DIR/report.json      the analytic report (effexport report) plus "parity" and "passes", and
                          "stock_export": the caches a stock torch.onnx.export of the eager sample
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from effexport.exporter.errors import BackendMissingError, OutputError, UsageError
-from effexport.exporter.loading import LoadedModel, resolve_model
+from effexport.exporter.frontends.loading import LoadedModel, resolve_model
 from effexport.exporter.progress import Progress
 from effexport.passes.buffers import CACHE_LAYOUTS
 
@@ -100,7 +100,7 @@ def check_target(target: str) -> None:
         except ImportError as exc:
             raise BackendMissingError(f"the onnx target needs {exc.name}: pip install onnx onnxruntime onnxscript") from None
     if target == "aoti":
-        from effexport.exporter.aoti import check_compiler, check_cuda
+        from effexport.exporter.backends.aoti import check_compiler, check_cuda
 
         check_compiler()
         check_cuda()
@@ -218,7 +218,7 @@ def _stages(opts: BuildOptions, structure_only: bool) -> int:
 
 def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress) -> int:
     from effexport.exporter.capture import capture_step
-    from effexport.exporter.structure_only import ResourceMeter
+    from effexport.exporter.backends.onnx.structure_only import ResourceMeter
     from effexport.passes.pipeline import run_pipeline
 
     meter = ResourceMeter(progress.start)
@@ -270,10 +270,10 @@ def in_dtype(loaded: LoadedModel, dtype: str) -> LoadedModel:
 def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress, program, analysis,
                      dumped: dict, meter, reference: LoadedModel) -> int:
     """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
-    from effexport.exporter import report as rep
+    from effexport.exporter.verify import report as rep
     from effexport.exporter._io import atomic_directory
-    from effexport.exporter.runtime import MANIFEST
-    from effexport.exporter.structure_only import check_structure, external_bytes
+    from effexport.exporter.backends.onnx.runtime import MANIFEST
+    from effexport.exporter.backends.onnx.structure_only import check_structure, external_bytes
 
     code = 0
     with atomic_directory(out, force=opts.force) as tmp:
@@ -282,7 +282,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
                 f.write(dumped[opts.dump_after])
         files, profile, extra = {"step": "model.onnx"}, opts.profile, {}
         if opts.target == "aoti":  # the step program compiled by AOTInductor; no ONNX
-            from effexport.exporter.aoti import PACKAGE_FILE, WEIGHTS_FILE, build_device, compile_package
+            from effexport.exporter.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, build_device, compile_package
 
             device = build_device()
             t0 = progress.stage(f"compile with AOTInductor for {device}" + (
@@ -292,14 +292,14 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             if extra["aoti"]["weights"]:
                 files["weights"] = WEIGHTS_FILE
         elif opts.target == "tensorrt":  # the tensorrt ONNX profile, linted, parsed into an engine
-            from effexport.exporter.tensorrt.engine import lower_to_engine
+            from effexport.exporter.backends.tensorrt.engine import lower_to_engine
 
             t0 = progress.stage("lower to ONNX (profile tensorrt) and build the TensorRT engine")
             model_proto, files = lower_to_engine(program, analysis.plan, tmp, opts.max_context)
             profile = "tensorrt"
         else:
             t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
-            from effexport.exporter.onnx.export import export_step
+            from effexport.exporter.backends.onnx.export import export_step
             model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
         note = (f"opset {_opset(model_proto)}, IR {model_proto.ir_version}" if model_proto is not None
                 else f"{files['step']}, {extra['aoti']['device']}")
@@ -355,8 +355,8 @@ def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runt
     """Parity of a built artifact against ``loaded`` (the eager model): a PARITY_PROMPT-token prompt
     drawn independently of the capture's example stream (``parity_prompt``), then ``steps`` decode steps; ``runtime`` defaults to
     :func:`open_runtime`'s."""
-    from effexport.exporter.parity import check_parity
-    from effexport.exporter.runtime import load_manifest
+    from effexport.exporter.verify.parity import check_parity
+    from effexport.exporter.backends.onnx.runtime import load_manifest
 
     check_steps(steps, None)
     runtime = runtime or open_runtime(artifact_dir)
@@ -378,8 +378,8 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     rewritten graph is built again from the fp32 model (capture, rewrite, lower), checked on ORT CPU
     against fp32 eager (tolerance 1e-4), and must have the artifact's op structure (every op type and
     count but Cast); report.json's ``mode`` says which check ran."""
-    from effexport.exporter.parity import check_parity, check_parity_half, compare_structure
-    from effexport.exporter.runtime import MANIFEST, OrtRuntime
+    from effexport.exporter.verify.parity import check_parity, check_parity_half, compare_structure
+    from effexport.exporter.backends.onnx.runtime import MANIFEST, OrtRuntime
 
     ids = loaded.parity_prompt(PARITY_PROMPT)
     if cuda_ep_available():
@@ -392,7 +392,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     import tempfile
 
     from effexport.exporter.capture import capture_step
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.onnx.export import export_step
     from effexport.passes.pipeline import run_pipeline
 
     t0 = progress.stage(f"parity of the fp32 twin (no CUDA EP here to run {opts.dtype}: capture, rewrite and "
@@ -425,19 +425,19 @@ def twin_verdict(parity, mismatch: str, dtype: str):
 
 
 def open_runtime(artifact_dir: str):
-    """The runtime of a built artifact: :class:`~effexport.exporter.tensorrt.runtime.TrtRuntime` for
-    the tensorrt target, :class:`~effexport.exporter.aoti.runtime.AotiRuntime` for aoti,
-    :class:`~effexport.exporter.runtime.OrtRuntime` otherwise."""
-    from effexport.exporter.runtime import OrtRuntime, load_manifest
+    """The runtime of a built artifact: :class:`~effexport.exporter.backends.tensorrt.runtime.TrtRuntime` for
+    the tensorrt target, :class:`~effexport.exporter.backends.aoti.runtime.AotiRuntime` for aoti,
+    :class:`~effexport.exporter.backends.onnx.runtime.OrtRuntime` otherwise."""
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime, load_manifest
 
     target = load_manifest(artifact_dir)["target"]
     if target == "aoti":
-        from effexport.exporter.aoti.runtime import AotiRuntime
+        from effexport.exporter.backends.aoti.runtime import AotiRuntime
 
         return AotiRuntime(artifact_dir)
     if target == "tensorrt":
         check_target("tensorrt")
-        from effexport.exporter.tensorrt.runtime import TrtRuntime
+        from effexport.exporter.backends.tensorrt.runtime import TrtRuntime
 
         return TrtRuntime(artifact_dir)
     return OrtRuntime(artifact_dir)

@@ -63,12 +63,12 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from effexport.exporter import report as rep
+    from effexport.exporter.verify import report as rep
     from effexport.exporter._io import atomic_file
     from effexport.samples import UnknownModelError, get_sample
 
     if os.path.isdir(args.model):
-        from effexport.exporter.hf_report import hf_report_sample
+        from effexport.exporter.verify.hf_report import hf_report_sample
 
         sample = hf_report_sample(args.model)
     else:
@@ -109,9 +109,9 @@ def _cmd_build(args) -> int:
 def _cmd_check(args) -> int:
     from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype, open_runtime
     from effexport.exporter.errors import BackendMissingError, LoadError
-    from effexport.exporter.loading import resolve_source
-    from effexport.exporter.parity import check_parity, check_parity_half
-    from effexport.exporter.runtime import OrtRuntime, load_manifest
+    from effexport.exporter.frontends.loading import resolve_source
+    from effexport.exporter.verify.parity import check_parity, check_parity_half
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime, load_manifest
 
     manifest = load_manifest(args.dir)
     limit = manifest.get("max_context")
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     from effexport.exporter.build import PROFILES, TARGETS
-    from effexport.exporter.loading import WEIGHTS
+    from effexport.exporter.frontends.loading import WEIGHTS
 
     p_build = sub.add_parser(
         "build", help="export MODEL to a deployable artifact and check it against eager (also: effexport MODEL ...)",
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "Face model directory (config.json is enough)")
     p_rep.add_argument("--context", type=parse_tokens, default=parse_tokens("128k"),
                        help="context length in tokens: 131072, 128k or 1M (default 128k)")
-    from effexport.exporter.report import CACHE_DTYPES
+    from effexport.exporter.verify.report import CACHE_DTYPES
     p_rep.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="bf16",
                        help="cache storage format; 'published' = the formats the model's authors ship "
                             "(e.g. DeepSeek fp8+bf16 KV, fp4 indexer keys). Default bf16")

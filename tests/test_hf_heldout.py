@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from models import hf_tiny  # noqa: E402
 
-from effexport.exporter.hf import HFStep  # noqa: E402
+from effexport.exporter.frontends.hf import HFStep  # noqa: E402
 
 RTOL, BATCH, PREFILL, DECODE = 1e-4, 2, 9, 16
 ZAYA_HELD_OUT = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12)
@@ -62,7 +62,7 @@ def test_zaya_held_out_onnx_parity(tmp_path):
     import onnxruntime as ort
 
     from effexport.exporter.capture import capture_step
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.onnx.export import export_step
     from effexport.passes.pipeline import run_pipeline
 
     hf = _zaya()

@@ -21,9 +21,9 @@ import torch
 from _helpers import assert_close, assert_long_enough
 
 import effexport.custom_ops  # noqa: F401  (registers the ops named below)
-from effexport.exporter.onnx.export import _save, export_step, step_io_names
-from effexport.exporter.onnx.translations import IR_VERSION, PROFILES, translation_table
-from effexport.exporter.runtime import MANIFEST, OrtRuntime
+from effexport.exporter.backends.onnx.export import _save, export_step, step_io_names
+from effexport.exporter.backends.onnx.translations import IR_VERSION, PROFILES, translation_table
+from effexport.exporter.backends.onnx.runtime import MANIFEST, OrtRuntime
 
 pytestmark = pytest.mark.slow
 XDIST_SPLIT = ("step",)  # one pytest-xdist unit per parameter value (tests/conftest.py)
@@ -138,9 +138,9 @@ def test_ir_version_and_domains(step, exported, profile):
 
 def test_tensorrt_profile_lints_clean(step, exported):
     """The ``tensorrt`` profile of every tiny preset uses only what the TensorRT 10 ONNX parser
-    accepts (exporter/onnx/tensorrt_profile.py: support matrix, restrictions, dtypes, opset / IR,
+    accepts (exporter/backends/onnx/tensorrt_profile.py: support matrix, restrictions, dtypes, opset / IR,
     unique function names, strict shape inference); its ORT parity is the test above."""
-    from effexport.exporter.onnx import tensorrt_profile as tp
+    from effexport.exporter.backends.onnx import tensorrt_profile as tp
 
     _, model = exported["tensorrt"]
     assert tp.lint(tp.make_parser_safe(model)) == []

@@ -21,7 +21,7 @@ import torch
 from _helpers import assert_close
 
 from effexport.custom_ops.kv_compress import empty_state
-from effexport.exporter.onnx.translations import PROFILES
+from effexport.exporter.backends.onnx.translations import PROFILES
 from effexport.samples._blocks import inv_freq_default, rope_cos_sin
 
 ops = torch.ops.effexport
@@ -45,7 +45,7 @@ _CACHE: dict = {}
 def _export(key: str, profile: str, module: torch.nn.Module, args, dynamic) -> tuple[onnx.ModelProto, object]:
     """(model, ORT session), exported once per (key, profile) for the whole module."""
     if (key, profile) not in _CACHE:
-        from effexport.exporter.onnx.export import lower
+        from effexport.exporter.backends.onnx.export import lower
 
         model = lower(module, args, profile, dynamic_shapes=dynamic)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

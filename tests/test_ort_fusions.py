@@ -1,4 +1,4 @@
-"""The ``ort`` profile's fusions (exporter/onnx/ort_fusions.py) on small graphs written the way
+"""The ``ort`` profile's fusions (exporter/backends/onnx/ort_fusions.py) on small graphs written the way
 torch.onnx writes them: what is fused, what is left alone, and that ONNX Runtime CPU computes the
 same numbers before and after. (Whole-model parity of fused step graphs, every tiny preset:
 tests/test_onnx_export.py::test_prefill_and_decode_match_eager; node counts there too.)"""
@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto as TP
 from onnx import helper
 
-from effexport.exporter.onnx.ort_fusions import fuse_for_ort
+from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort
 
 SHAPE = [2, 3, 16]
 

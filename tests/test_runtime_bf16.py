@@ -10,7 +10,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from effexport.exporter.runtime import MANIFEST, OrtRuntime
+from effexport.exporter.backends.onnx.runtime import MANIFEST, OrtRuntime
 
 VOCAB = 5
 

@@ -40,7 +40,7 @@ import onnx_ir as ir
 import onnxscript
 from onnx.defs import OpSchema
 
-from effexport.exporter.onnx._schemas import EFFEXPORT_DOMAIN, ensure_schema, make_schema
+from effexport.exporter.backends.onnx._schemas import EFFEXPORT_DOMAIN, ensure_schema, make_schema
 
 __all__ = ["declare", "call", "call_script", "attach", "local_functions", "types_kept"]
 

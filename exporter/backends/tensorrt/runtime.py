@@ -1,6 +1,6 @@
 """``TrtRuntime``: drive a TensorRT engine artifact the way :class:`effexport.runtime.OrtRuntime`
 drives an ONNX Runtime session -- same ``initial_caches`` / ``step`` / ``generate`` interface,
-caches by the CachePlan in ``effexport.json``, so :func:`effexport.exporter.parity.check_parity`
+caches by the CachePlan in ``effexport.json``, so :func:`effexport.exporter.verify.parity.check_parity`
 runs unchanged against it.
 
 Buffers are CUDA tensors (torch); inputs TensorRT treats as shape tensors (``pos`` when it feeds
@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from effexport.exporter.errors import BackendMissingError
-from effexport.exporter.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.onnx.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
 
 __all__ = ["TrtRuntime"]
 
@@ -39,7 +39,7 @@ class TrtRuntime:
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         if self.manifest.get("plugins"):
-            from effexport.exporter.tensorrt.plugins import register_plugins
+            from effexport.exporter.backends.tensorrt.plugins import register_plugins
 
             register_plugins()
         with open(os.path.join(artifact_dir, self.manifest["files"]["step"]), "rb") as f:

@@ -386,7 +386,7 @@ CACHE_ADAPTERS = {"deepseek_v4": _deepseek_v4_layers}
 
 # ----------------------------------------------------------------------------------------- loading
 def _loaded(step: HFStep, name: str, source: dict):
-    from effexport.exporter.loading import LoadedModel
+    from effexport.exporter.frontends.loading import LoadedModel
 
     text = _text_config(step.hf.config)
     limit = getattr(text, "max_position_embeddings", None)
@@ -515,7 +515,7 @@ def _check_weight_count(transformers, config, path: str, shards: list[str]) -> N
     those the safetensors files hold by at most :data:`MAX_MISSING_PARAMS` (a config of another,
     larger model would otherwise allocate its full size in random weights before the names of the
     missing tensors are known)."""
-    from effexport.exporter.inputs import check_safetensors
+    from effexport.exporter.frontends.inputs import check_safetensors
 
     try:
         with torch.device("meta"):

@@ -5,7 +5,7 @@
   caches ``0..max_context`` long; rings and states are static but for batch. ``pos`` is 0-d; if
   TensorRT treats it as a shape tensor (it feeds ``Range``), its *values* get ``0..max_context-1``.
 * :func:`export_onnx`: the step graph in the ``tensorrt`` profile (or its plugin variant), local
-  functions renamed for the parser, linted (:func:`~effexport.exporter.onnx.tensorrt_profile.lint`);
+  functions renamed for the parser, linted (:func:`~effexport.exporter.backends.onnx.tensorrt_profile.lint`);
   a lint problem is a :class:`~effexport.exporter.errors.LowerError` and nothing is written.
 * :func:`build_engine`: ``trt.Builder`` + ``trt.OnnxParser`` + builder config with the profile,
   strongly typed (the ONNX dtypes decide the precision, so fp32 graphs stay fp32), serialized
@@ -48,8 +48,8 @@ def export_onnx(program, plan: CachePlan, directory: str, plugins: bool = False)
     variant) and return the linted ``ModelProto``."""
     import onnx
 
-    from effexport.exporter.onnx import tensorrt_profile as tp
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.onnx import tensorrt_profile as tp
+    from effexport.exporter.backends.onnx.export import export_step
 
     path = os.path.join(directory, ONNX_FILE)
     external = os.path.join(directory, ONNX_FILE + ".data")
@@ -79,7 +79,7 @@ def build_engine(onnx_path: str, engine_path: str, shapes: dict, values: dict, p
         raise BackendMissingError("TensorRT is not installed: pip install 'effexport[tensorrt]' "
                                   "(NVIDIA GPU machines only)") from None
     if plugins:
-        from effexport.exporter.tensorrt.plugins import register_plugins
+        from effexport.exporter.backends.tensorrt.plugins import register_plugins
 
         register_plugins()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -46,7 +46,7 @@ def translation_table(profile: str = "ort") -> dict[OpOverload, Callable]:
     Importing the translations registers the schemas they need (GQA, the effexport domain)."""
     if profile not in OPSET:
         raise LowerError(f"unknown ONNX profile {profile!r}; profiles are: {', '.join(PROFILES)}")
-    from effexport.exporter.onnx import attention, cca, compressed, functions
+    from effexport.exporter.backends.onnx import attention, cca, compressed, functions
 
     table: dict[OpOverload, Callable] = {}
     table.update(attention.TRANSLATIONS.get(profile, {}))
@@ -54,7 +54,7 @@ def translation_table(profile: str = "ort") -> dict[OpOverload, Callable]:
     table.update(cca.TRANSLATIONS)
     table.update(compressed.TRANSLATIONS)
     if profile.startswith("tensorrt"):
-        from effexport.exporter.onnx import tensorrt_profile
+        from effexport.exporter.backends.onnx import tensorrt_profile
 
         table.update(tensorrt_profile.translations(plugins=profile == "tensorrt-plugins"))
     return table

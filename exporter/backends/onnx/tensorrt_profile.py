@@ -24,8 +24,8 @@ Plugin variant (``profile="tensorrt-plugins"``, not in ``PROFILES``: ONNX Runtim
 the same graph, but every op with no parser equivalent is one node whose ``op_type`` is the plugin
 name, with ``plugin_version`` / ``plugin_namespace`` attributes and the plugin's fields (int32 /
 float32 attributes; absent optional inputs as a zero-size placeholder with ``has_<arg> = 0``), the
-interface :mod:`effexport.exporter.tensorrt.specs` derives from the op schema. The parser resolves
-such nodes through ``FallbackPluginImporter`` to the creators :mod:`effexport.exporter.tensorrt.plugins`
+interface :mod:`effexport.exporter.backends.tensorrt.specs` derives from the op schema. The parser resolves
+such nodes through ``FallbackPluginImporter`` to the creators :mod:`effexport.exporter.backends.tensorrt.plugins`
 registers. It is linted, not run.
 
 Lint (:func:`lint`): op types against :data:`SUPPORTED_OPS` (data from the onnx-tensorrt operator
@@ -126,7 +126,7 @@ _TOPK_MAX = 3840
 # ------------------------------------------------------------------------------------ lowering
 def _attention_translations() -> dict:
     """The five attention ops, decomposed (MatMul/Softmax + position masks) in every form."""
-    from effexport.exporter.onnx import attention as att
+    from effexport.exporter.backends.onnx import attention as att
 
     def attention(q, k, v, sinks=None, scale: float = 1.0, causal: bool = True, window: int = 0,
                   softcap: float = 0.0):
@@ -162,7 +162,7 @@ _PY_TYPES = {"int32": "int", "float32": "float"}
 
 
 def _plugin_schema(spec) -> None:
-    from effexport.exporter.onnx._schemas import ensure_schema, make_schema
+    from effexport.exporter.backends.onnx._schemas import ensure_schema, make_schema
 
     anything = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(int64)", "tensor(int32)",
                 "tensor(bool)"]
@@ -174,7 +174,7 @@ def _plugin_schema(spec) -> None:
         + [("plugin_version", str), ("plugin_namespace", str)],
         type_constraints=[(f"T{i}", anything) for i in range(len(spec.tensors))]
         + [(f"O{j}", anything) for j in range(spec.num_outputs)],
-        doc=f"TensorRT plugin node for effexport::{spec.name} (see effexport.exporter.tensorrt.specs)."))
+        doc=f"TensorRT plugin node for effexport::{spec.name} (see effexport.exporter.backends.tensorrt.specs)."))
 
 
 def _emit_plugin(spec, tensors: dict, fields: dict):
@@ -183,7 +183,7 @@ def _emit_plugin(spec, tensors: dict, fields: dict):
     import onnxscript
     from onnxscript import opset18 as op
 
-    from effexport.exporter.tensorrt.specs import PLUGIN_NAMESPACE, PLUGIN_VERSION
+    from effexport.exporter.backends.tensorrt.specs import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
     inputs = []
     for name in spec.tensors:
@@ -223,7 +223,7 @@ def translations(plugins: bool = False) -> dict:
     ``plugins``, one plugin node per op that has no parser equivalent."""
     table = _attention_translations()
     if plugins:
-        from effexport.exporter.tensorrt.specs import plugin_specs
+        from effexport.exporter.backends.tensorrt.specs import plugin_specs
 
         for op, spec in plugin_specs().items():
             _plugin_schema(spec)
@@ -314,7 +314,7 @@ def _check_node(node, where: str, constants: dict, types: dict, problems: list) 
 
 
 def _check_plugin(node, where: str, problems: list) -> None:
-    from effexport.exporter.tensorrt.specs import PLUGIN_NAMESPACE, PLUGIN_VERSION, plugin_specs
+    from effexport.exporter.backends.tensorrt.specs import PLUGIN_NAMESPACE, PLUGIN_VERSION, plugin_specs
 
     specs = {s.name: s for s in plugin_specs().values()}
     spec = specs.get(node.op_type)
@@ -355,7 +355,7 @@ def lint(model: onnx.ModelProto, plugins: bool = False) -> list[str]:
     functions inlined (what the parser imports, layer by layer), after strict shape inference, so
     the op, restriction and dtype checks see every node of every body with its inferred types.
     ``plugins``: plugin nodes (domain :data:`PLUGIN_DOMAIN`) are allowed and checked against their
-    :class:`~effexport.exporter.tensorrt.specs.PluginSpec`; shape inference then stops at them (ONNX
+    :class:`~effexport.exporter.backends.tensorrt.specs.PluginSpec`; shape inference then stops at them (ONNX
     cannot infer through a plugin; TensorRT asks the plugin), so it is not required to succeed."""
     problems: list[str] = []
     opset = {o.domain: o.version for o in model.opset_import}

@@ -1,7 +1,7 @@
 """Lower the rewritten step program to an AOTInductor package (``model.pt2``).
 
 :func:`compile_package` takes the step ``ExportedProgram`` of
-:func:`effexport.exporter.onnx.export.exported_step` (dynamic batch, new tokens and full-cache
+:func:`effexport.exporter.backends.onnx.export.exported_step` (dynamic batch, new tokens and full-cache
 lengths; the same re-export the ONNX lowering uses) and runs
 ``torch._inductor.aoti_compile_and_package`` on it. Inductor generates C++ (CPU) or Triton (CUDA)
 kernels for the aten ops and a C++ wrapper; every ``effexport::*`` op stays one call of the
@@ -89,7 +89,7 @@ def _program_for(program, plan: CachePlan, device: str):
     (no second copy of the weights; those on another device are copied over by the pass)."""
     from torch.export.passes import move_to_device_pass
 
-    from effexport.exporter.onnx.export import exported_step
+    from effexport.exporter.backends.onnx.export import exported_step
 
     ep = exported_step(program, plan)
     weights = [*ep.state_dict.values(), *ep.constants.values()]
@@ -174,7 +174,7 @@ def aoti_step(program, plan: CachePlan, package_path: str, device: str = "cuda")
     """Compile ``program`` to ``package_path`` and return ``step(input_ids, pos, *caches) ->
     (logits, *presents)`` on ``device``: the loaded package, with ``pos`` (an int or 0-d tensor)
     put where the package expects it. For ``bench/decode_step.py`` and other in-process callers."""
-    from effexport.exporter.aoti.runtime import load_package
+    from effexport.exporter.backends.aoti.runtime import load_package
 
     info = compile_package(program, plan, package_path, device)
     model = load_package(package_path, device, info["weights"])

@@ -47,8 +47,8 @@ import onnxscript
 from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
-from effexport.exporter.onnx import _build as b
-from effexport.exporter.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
+from effexport.exporter.backends.onnx import _build as b
+from effexport.exporter.backends.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
 
 __all__ = ["TRANSLATIONS", "attend_decomposed"]
 

@@ -19,8 +19,8 @@ import onnxscript
 from onnxscript import FLOAT, script
 from onnxscript import opset18 as op
 
-from effexport.exporter.onnx._local import call_script
-from effexport.exporter.onnx._schemas import EFFEXPORT_DOMAIN, ensure_schema
+from effexport.exporter.backends.onnx._local import call_script
+from effexport.exporter.backends.onnx._schemas import EFFEXPORT_DOMAIN, ensure_schema
 
 __all__ = ["TRANSLATIONS", "FUNCTIONS"]
 
@@ -129,7 +129,7 @@ _F32 = "tensor(float)"
 
 def _register_schemas() -> None:
     """``effexport`` domain schemas matching the functions' signatures (``onnx.defs``)."""
-    from effexport.exporter.onnx._schemas import make_schema
+    from effexport.exporter.backends.onnx._schemas import make_schema
 
     t = [("T", _ANY_FLOAT), ("P", _ANY_FLOAT)]
     ensure_schema(make_schema("sinkhorn", EFFEXPORT_DOMAIN, [("logits", "T", False)], [("out", "T")],

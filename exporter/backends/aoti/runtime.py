@@ -1,6 +1,6 @@
 """``AotiRuntime``: drive an AOTInductor package artifact (``--target aoti``) the way
 :class:`effexport.runtime.OrtRuntime` drives an ONNX Runtime session -- same ``initial_caches`` /
-``step`` / ``generate`` interface on numpy arrays (what :func:`effexport.exporter.parity.check_parity`
+``step`` / ``generate`` interface on numpy arrays (what :func:`effexport.exporter.verify.parity.check_parity`
 uses), plus a torch path (:meth:`AotiRuntime.initial_caches_torch`, :meth:`AotiRuntime.step_torch`)
 whose caches stay on the device between steps, for a GPU deployment or a benchmark.
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
-from effexport.exporter.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.onnx.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
 
 __all__ = ["AotiRuntime", "load_package"]
 

@@ -36,8 +36,8 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
 
-from effexport.exporter.onnx import _build as b
-from effexport.exporter.onnx._local import call, declare
+from effexport.exporter.backends.onnx import _build as b
+from effexport.exporter.backends.onnx._local import call, declare
 
 __all__ = ["TRANSLATIONS", "kv_compress", "kv_compress_step", "indexer_topk", "sparse_attention",
            "sparse_attention_ring"]

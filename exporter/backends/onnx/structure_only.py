@@ -14,7 +14,7 @@ inference, and ``onnx.checker.check_model(path, full_check=True)`` while a file 
 data (the checker wants it to exist; :func:`check_structure` puts a sparse one there during the
 check). What does not: running it (ONNX Runtime needs the data; there is no parity check).
 
-``meta_weights_as_external`` wraps the optimizer in :func:`effexport.exporter.onnx.export.lower`
+``meta_weights_as_external`` wraps the optimizer in :func:`effexport.exporter.backends.onnx.export.lower`
 (a no-op for weighted models); ``ResourceMeter`` measures a build's time and peak RSS.
 """
 from __future__ import annotations

@@ -28,8 +28,8 @@ import math
 import torch
 from onnxscript import opset18 as op
 
-from effexport.exporter.onnx import _build as b
-from effexport.exporter.onnx._local import call, declare
+from effexport.exporter.backends.onnx import _build as b
+from effexport.exporter.backends.onnx._local import call, declare
 
 __all__ = ["TRANSLATIONS", "cca"]
 

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from effexport.exporter.tensorrt.specs import PLUGIN_NAMESPACE, plugin_specs, route_table
+from effexport.exporter.backends.tensorrt.specs import PLUGIN_NAMESPACE, plugin_specs, route_table
 
 __all__ = ["bind", "register_converters"]
 
@@ -266,7 +266,7 @@ def _plugin_converter(spec):
         import tensorrt.plugin as trtp
         from torch_tensorrt.dynamo.conversion.converter_utils import get_trt_tensor
 
-        from effexport.exporter.tensorrt.specs import placeholder
+        from effexport.exporter.backends.tensorrt.specs import placeholder
 
         values = bind(spec.op, args, kwargs)
         tensors = [get_trt_tensor(ctx, placeholder() if values[n] is None else values[n], f"{name}_{n}")
@@ -289,7 +289,7 @@ def register_converters() -> dict:
     """Register a converter for every effexport op with torch-tensorrt; returns ``{op: converter}``."""
     from torch_tensorrt.dynamo.conversion import dynamo_tensorrt_converter
 
-    from effexport.exporter.tensorrt.plugins import register_plugins
+    from effexport.exporter.backends.tensorrt.plugins import register_plugins
 
     register_plugins()
     specs, done = plugin_specs(), {}

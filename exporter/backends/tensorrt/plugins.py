@@ -19,7 +19,7 @@ Unverified: needs TensorRT >= 10.7 (not installable on this project's machines).
 """
 from __future__ import annotations
 
-from effexport.exporter.tensorrt.specs import PLUGIN_NAMESPACE, PluginSpec, plugin_specs
+from effexport.exporter.backends.tensorrt.specs import PLUGIN_NAMESPACE, PluginSpec, plugin_specs
 
 __all__ = ["register_plugins", "call_kernel"]
 

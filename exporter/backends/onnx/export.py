@@ -43,10 +43,10 @@ import onnxscript.optimizer
 from effexport.exporter.capture import StepProgram, fast_export_config
 from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
-from effexport.exporter.onnx._local import attach, types_kept
-from effexport.exporter.onnx.ort_fusions import fuse_for_ort
-from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
-from effexport.exporter.structure_only import meta_weights_as_external
+from effexport.exporter.backends.onnx._local import attach, types_kept
+from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort
+from effexport.exporter.backends.onnx.translations import IR_VERSION, OPSET, translation_table
+from effexport.exporter.backends.onnx.structure_only import meta_weights_as_external
 from effexport.passes._graph import example_past, meta_val
 from effexport.passes.cache_plan import CachePlan
 

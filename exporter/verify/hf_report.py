@@ -114,7 +114,7 @@ def _param_counts(config) -> dict[str, int]:
 def hf_report_sample(path: str) -> Sample:
     """The report sample of a Hugging Face directory: its config only (no weights needed)."""
     from effexport.exporter.errors import LoadError
-    from effexport.exporter.hf import _offline, _transformers
+    from effexport.exporter.frontends.hf import _offline, _transformers
 
     transformers = _transformers()
     try:

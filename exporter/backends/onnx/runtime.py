@@ -48,7 +48,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 def load_manifest(artifact_dir: str) -> dict:
     """Read ``effexport.json`` and check its shape (:func:`check_manifest`); every problem is a
     one-line :class:`LoadError`."""
-    from effexport.exporter.inputs import read_json
+    from effexport.exporter.frontends.inputs import read_json
 
     path = os.path.join(artifact_dir, MANIFEST)
     if not os.path.lexists(path):
@@ -64,7 +64,7 @@ def check_manifest(manifest, path: str, artifact_dir: str) -> None:
     dtype are known; every ``files`` entry names a file inside ``artifact_dir`` (after resolving
     symlinks); the CachePlan's entries are well formed and their prefill caches fit this machine's memory."""
     from effexport.exporter.build import TARGETS
-    from effexport.exporter.parity import TOLERANCE
+    from effexport.exporter.verify.parity import TOLERANCE
 
     def bad(why: str):
         return LoadError(f"{path} {why}; rebuild the artifact with this effexport version")

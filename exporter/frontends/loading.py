@@ -6,12 +6,12 @@
   (seed 0), or with ``weights="none"`` the model on the meta device (structure-only export, any size);
 * a Hugging Face model directory (``config.json`` + ``*.safetensors``): validated here (config and its
   sizes, architecture, every safetensors header and its length; regular files of bounded size only,
-  :mod:`effexport.exporter.inputs`) before :func:`effexport.exporter.hf.load_hf_directory` builds it
+  :mod:`effexport.exporter.frontends.inputs`) before :func:`effexport.exporter.frontends.hf.load_hf_directory` builds it
   and checks the weights against the model;
 * a ``torch.save`` file (``.pt``/``.pth``/``.bin``). Unpickling can run code from the file, so it is
   read weights-only unless ``trust_pickle``: a file holding only tensors (a state dict) has no
   architecture and is refused with what to pass instead; a pickled module needs ``trust_pickle``.
-  With it, a transformers model goes to :func:`effexport.exporter.hf.wrap_hf_module`, any other module
+  With it, a transformers model goes to :func:`effexport.exporter.frontends.hf.wrap_hf_module`, any other module
   must follow the samples' step contract ``forward(input_ids, past=None) -> (logits, present dict)``
   (probed with one short forward);
 * a ``torch.export`` archive (``.pt2``): recognised and refused with the reason (an ExportedProgram
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
-from effexport.exporter.inputs import check_config, check_safetensors, read_json, regular_file
+from effexport.exporter.frontends.inputs import check_config, check_safetensors, read_json, regular_file
 from effexport.samples._spec import capture_length
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -176,7 +176,7 @@ def _resolve_sample(name: str, weights: str) -> ModelSpec:
             raise UsageError(f"{name} has {params / 1e9:.1f} B parameters: building it with random weights "
                              f"needs {params * 4 / 2**30:.0f} GiB; pass --weights none for a structure-only "
                              f"export, export '{name}:tiny', or use 'effexport report {name}' for its costs")
-    from effexport.exporter.report import max_context
+    from effexport.exporter.verify.report import max_context
 
     return ModelSpec(name, "sample", name, weights, sample, context_limit=max_context(sample))
 
@@ -186,7 +186,7 @@ def _load_sample(sample, weights: str) -> LoadedModel:
     source = {"kind": "sample", "name": sample.name, "weights": weights}
     if weights == "random":
         source["seed"] = 0
-    from effexport.exporter.report import max_context
+    from effexport.exporter.verify.report import max_context
 
     return LoadedModel(sample.name, model, sample.config.vocab_size, sample, source,
                        capture_length(sample.config.layer_specs()), max_context(sample))
@@ -314,13 +314,13 @@ def wrap_module(module: torch.nn.Module, name: str, source: dict | None = None) 
 # -- Hugging Face directories ----------------------------------------------------------------------------
 
 def _hf():
-    """The Hugging Face loader (exporter/hf.py), imported lazily; it needs transformers."""
+    """The Hugging Face loader (exporter/frontends/hf.py), imported lazily; it needs transformers."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise BackendMissingError("loading a Hugging Face model needs transformers: pip install "
                                   "'effexport[hf]'") from None
-    from effexport.exporter import hf
+    from effexport.exporter.frontends import hf
 
     return hf
 
@@ -352,7 +352,7 @@ def _check_hf_directory(path: str) -> dict:
         raise LoadError(f"{config_path} has no 'model_type'; write it with model.save_pretrained(DIR)")
     check_config(config, config_path)
     _check_optional_dependencies(config, config_path)
-    from effexport.exporter.hf import check_model_type  # importing hf needs no transformers
+    from effexport.exporter.frontends.hf import check_model_type  # importing hf needs no transformers
 
     check_model_type(path, config)
     shards = sorted(f for f in files if f.endswith(".safetensors"))
@@ -396,7 +396,7 @@ QUANTIZATION_MODULES = {"bitsandbytes": ("bitsandbytes", "bitsandbytes"), "gptq"
 
 def _check_optional_dependencies(config: dict, config_path: str) -> None:
     """A quantized checkpoint needs its quantization library (exit 4 with the install hint when it is
-    missing). Attention implementations are not a dependency: exporter/hf.py switches flash / flex
+    missing). Attention implementations are not a dependency: exporter/frontends/hf.py switches flash / flex
     attention to sdpa."""
     quant = config.get("quantization_config")
     if quant is None:

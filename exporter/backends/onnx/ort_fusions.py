@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from effexport.exporter.onnx._schemas import ensure_fusion_schemas
+from effexport.exporter.backends.onnx._schemas import ensure_fusion_schemas
 
 ensure_fusion_schemas()  # onnx.checker must know the ops the rules emit
 

@@ -13,7 +13,7 @@ the CPU. Verified on the CPU (``tests/test_aoti.py``). On an H200 (torch 2.11) a
 but torch's loader segfaults on it (README, AOTInductor), so a build where torch sees a GPU is refused
 unless ``EFFEXPORT_AOTI_CUDA=1`` (:func:`~.package.check_cuda`).
 """
-from effexport.exporter.aoti.package import (PACKAGE_FILE, WEIGHTS_FILE, aoti_step, build_device,
+from effexport.exporter.backends.aoti.package import (PACKAGE_FILE, WEIGHTS_FILE, aoti_step, build_device,
                                              check_compiler, check_cuda, compile_package, custom_op_calls)
 
 __all__ = ["PACKAGE_FILE", "WEIGHTS_FILE", "aoti_step", "build_device", "check_compiler", "check_cuda",
