@@ -279,7 +279,7 @@ def test_chunked_group_mixing_masks_left_alone(llama4):
 
     from torch import fx
 
-    from effexport.exporter.capture import StepProgram
+    from effexport.passes.program import StepProgram
     from effexport.passes.attention import AttentionRewriter
     from effexport.passes.pipeline import Analysis, Context, _classify, _discover
 

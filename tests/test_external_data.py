@@ -74,7 +74,7 @@ def _peak_rss() -> int:
 
 
 def _export(module, path: str) -> None:
-    from effexport.exporter.capture import StepProgram
+    from effexport.passes.program import StepProgram
     from effexport.exporter.backends.onnx.export import export_step
     from effexport.passes.cache_plan import CachePlan
 

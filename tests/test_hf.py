@@ -397,7 +397,7 @@ def test_deepseek_wrong_compressor_left_alone(ds):
 
     from torch import fx
 
-    from effexport.exporter.capture import StepProgram
+    from effexport.passes.program import StepProgram
     from effexport.passes.pipeline import run_pipeline
 
     program = ds.captured

@@ -268,14 +268,14 @@ def stock_caches(sample: Sample, context: int, batch: int = 1) -> list[dict]:
     import torch
     from torch.utils import _pytree as pytree
 
-    from effexport.exporter.capture import _key
+    from effexport.exporter.capture import path_key
 
     model = sample.build("meta")
     with torch.no_grad():
         _, past = model(torch.zeros(batch, context, dtype=torch.long, device="meta"))
     out = []
     for path, t in pytree.tree_flatten_with_path(past)[0]:
-        out.append({"name": f"past.{_key(path)}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+        out.append({"name": f"past.{path_key(path)}", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                     "bytes": t.numel() * t.element_size()})
     return out
 

@@ -40,7 +40,7 @@ import torch
 from onnx_ir.passes import common as ir_passes
 import onnxscript.optimizer
 
-from effexport.exporter.capture import StepProgram, fast_export_config
+from effexport.exporter.capture import fast_export_config
 from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.backends.onnx._local import attach, types_kept
@@ -49,6 +49,7 @@ from effexport.exporter.backends.onnx.translations import IR_VERSION, OPSET, tra
 from effexport.exporter.backends.onnx.structure_only import meta_weights_as_external
 from effexport.passes._graph import example_past, meta_val
 from effexport.passes.cache_plan import CachePlan
+from effexport.passes.program import StepProgram
 
 __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
 
