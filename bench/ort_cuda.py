@@ -189,7 +189,7 @@ def _in_place(plan) -> tuple:
 def export_effexport(model, out: str, dtype, max_context: int, kv_cache: str = "grow", captured=None) -> tuple:
     from effexport.exporter.capture import capture_step
     from effexport.exporter.backends.onnx.export import export_step, step_io_names
-    from effexport.exporter.backends.onnx.runtime import MANIFEST
+    from effexport.exporter.backends.artifact import MANIFEST
     from effexport.passes.pipeline import run_pipeline
 
     if captured is None:

@@ -29,23 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-from effexport.exporter.errors import BackendMissingError, OutputError, UsageError
+from effexport.exporter.backends.artifact import DTYPES, MANIFEST
+from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
+from effexport.exporter.errors import OutputError, UsageError
 from effexport.exporter.frontends.loading import LoadedModel, resolve_model
 from effexport.exporter.progress import Progress
 from effexport.passes.buffers import CACHE_LAYOUTS
 
-TARGETS = {
-    "onnx": "ONNX model for ONNX Runtime (profiles: ort, standard)",
-    "tensorrt": "TensorRT engine (needs: pip install 'effexport[tensorrt]')",
-    "aoti": "AOTInductor package (model.pt2) for torch-native deployment; CPU (CUDA only with "
-            "EFFEXPORT_AOTI_CUDA=1: torch's loader crashed on CUDA packages) (needs a C++ compiler)",
-}
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
 DEFAULT_MAX_CONTEXT = 4096
 PARITY_PROMPT = 8  # prompt tokens of the parity check, before its decode steps
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""``--dtype`` -> the dtype the model is captured, lowered and deployed in."""
 
 
 @dataclass
@@ -83,45 +77,12 @@ def versions() -> dict:
     return out
 
 
-def check_target(target: str) -> None:
-    """Refuse a target whose backend is missing (exit 4) before any work is done."""
-    if target == "tensorrt":
-        import importlib.util
-
-        if importlib.util.find_spec("tensorrt") is None:
-            raise BackendMissingError("TensorRT is not installed: pip install 'effexport[tensorrt]' "
-                                      "(NVIDIA GPU machines only)")
-        if not torch.cuda.is_available():
-            raise BackendMissingError("the tensorrt target needs an NVIDIA GPU, and torch sees no CUDA device")
-    if target == "onnx":
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise BackendMissingError(f"the onnx target needs {exc.name}: pip install onnx onnxruntime onnxscript") from None
-    if target == "aoti":
-        from effexport.exporter.backends.aoti import check_compiler, check_cuda
-
-        check_compiler()
-        check_cuda()
-
-
-def target_status() -> dict[str, str | None]:
-    """``{target: None if it can be built here, else the one-line reason}`` (``effexport list``)."""
-    out = {}
-    for target in TARGETS:
-        try:
-            check_target(target)
-            out[target] = None
-        except BackendMissingError as exc:
-            out[target] = exc.message
-    return out
-
-
 def check_options(opts: BuildOptions) -> None:
     """Refuse bad options (exit 2) and a missing backend (exit 4) before any work is done."""
     if opts.profile not in PROFILES:
         raise UsageError(f"unknown --profile {opts.profile!r}; choose one of {', '.join(PROFILES)}")
+    if opts.target not in BACKENDS:
+        raise UsageError(f"unknown --target {opts.target!r}; choose one of {', '.join(BACKENDS)}")
     if opts.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
     if opts.dtype != "fp32" and opts.target != "onnx":
@@ -135,7 +96,7 @@ def check_options(opts: BuildOptions) -> None:
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
-    check_target(opts.target)
+    BACKENDS[opts.target].check()
 
 
 def check_steps(steps: int, max_context: int | None) -> None:
@@ -272,7 +233,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
     """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
     from effexport.exporter.verify import report as rep
     from effexport.exporter._io import atomic_directory
-    from effexport.exporter.backends.onnx.runtime import MANIFEST
+    from effexport.exporter.backends.base import onnx_opset
     from effexport.exporter.backends.onnx.structure_only import check_structure, external_bytes
 
     code = 0
@@ -280,41 +241,23 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         if opts.dump_after:
             with open(os.path.join(tmp, f"graph-after-{opts.dump_after}.py"), "w") as f:
                 f.write(dumped[opts.dump_after])
-        files, profile, extra = {"step": "model.onnx"}, opts.profile, {}
-        if opts.target == "aoti":  # the step program compiled by AOTInductor; no ONNX
-            from effexport.exporter.backends.aoti import PACKAGE_FILE, WEIGHTS_FILE, build_device, compile_package
-
-            device = build_device()
-            t0 = progress.stage(f"compile with AOTInductor for {device}" + (
-                "" if device == "cuda" else " (torch sees no CUDA device: this is a CPU package)"))
-            extra["aoti"] = compile_package(program, analysis.plan, os.path.join(tmp, PACKAGE_FILE), device)
-            files, profile, model_proto = {"step": PACKAGE_FILE}, None, None
-            if extra["aoti"]["weights"]:
-                files["weights"] = WEIGHTS_FILE
-        elif opts.target == "tensorrt":  # the tensorrt ONNX profile, linted, parsed into an engine
-            from effexport.exporter.backends.tensorrt.engine import lower_to_engine
-
-            t0 = progress.stage("lower to ONNX (profile tensorrt) and build the TensorRT engine")
-            model_proto, files = lower_to_engine(program, analysis.plan, tmp, opts.max_context)
-            profile = "tensorrt"
-        else:
-            t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
-            from effexport.exporter.backends.onnx.export import export_step
-            model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
-        note = (f"opset {_opset(model_proto)}, IR {model_proto.ir_version}" if model_proto is not None
-                else f"{files['step']}, {extra['aoti']['device']}")
+        backend = BACKENDS[opts.target]
+        t0 = progress.stage(backend.stage(opts))
+        lowered = backend.lower(program, analysis.plan, tmp, opts)
+        model_proto, note = lowered.model_proto, lowered.summary
         if loaded.structure_only:
-            check_structure(os.path.join(tmp, files["step"]))
+            check_structure(os.path.join(tmp, lowered.files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
                      "as external data (not written), onnx.checker full check passed")
         progress.done(t0, note)
         manifest = {
-            "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target, "profile": profile,
-            "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "kv_cache": opts.kv_cache,
+            "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target,
+            "profile": lowered.profile, "dtype": opts.dtype, "files": lowered.files, "max_context": opts.max_context,
+            "kv_cache": opts.kv_cache,
             "weights": opts.weights,
             "inputs": program.inputs, "outputs": program.outputs,
-            "opset": _opset(model_proto) if model_proto is not None else None,
-            "ir_version": model_proto.ir_version if model_proto is not None else None, **extra,
+            "opset": onnx_opset(model_proto) if model_proto is not None else None,
+            "ir_version": model_proto.ir_version if model_proto is not None else None, **lowered.manifest,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),
             "command": list(opts.command) or ["effexport", opts.model, "--target", opts.target],
         }
@@ -339,9 +282,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
         elif opts.check:
-            backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
-                opts.target, "ONNX Runtime CPU")
-            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
+            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {lowered.runs_on})")
             parity = check_artifact(tmp, loaded, opts.steps)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
@@ -356,11 +297,10 @@ def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runt
     drawn independently of the capture's example stream (``parity_prompt``), then ``steps`` decode steps; ``runtime`` defaults to
     :func:`open_runtime`'s."""
     from effexport.exporter.verify.parity import check_parity
-    from effexport.exporter.backends.onnx.runtime import load_manifest
 
     check_steps(steps, None)
     runtime = runtime or open_runtime(artifact_dir)
-    dtype = load_manifest(artifact_dir)["dtype"]
+    dtype = read_manifest(artifact_dir)["dtype"]
     return check_parity(loaded.model, runtime, loaded.parity_prompt(PARITY_PROMPT), steps, dtype)
 
 
@@ -379,7 +319,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     against fp32 eager (tolerance 1e-4), and must have the artifact's op structure (every op type and
     count but Cast); report.json's ``mode`` says which check ran."""
     from effexport.exporter.verify.parity import check_parity, check_parity_half, compare_structure
-    from effexport.exporter.backends.onnx.runtime import MANIFEST, OrtRuntime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     ids = loaded.parity_prompt(PARITY_PROMPT)
     if cuda_ep_available():
@@ -422,29 +362,6 @@ def twin_verdict(parity, mismatch: str, dtype: str):
         parity.detail = "; ".join(filter(None, [parity.detail, f"the {dtype} graph differs from the fp32 twin's: "
                                                 f"{mismatch}"]))
     return parity
-
-
-def open_runtime(artifact_dir: str):
-    """The runtime of a built artifact: :class:`~effexport.exporter.backends.tensorrt.runtime.TrtRuntime` for
-    the tensorrt target, :class:`~effexport.exporter.backends.aoti.runtime.AotiRuntime` for aoti,
-    :class:`~effexport.exporter.backends.onnx.runtime.OrtRuntime` otherwise."""
-    from effexport.exporter.backends.onnx.runtime import OrtRuntime, load_manifest
-
-    target = load_manifest(artifact_dir)["target"]
-    if target == "aoti":
-        from effexport.exporter.backends.aoti.runtime import AotiRuntime
-
-        return AotiRuntime(artifact_dir)
-    if target == "tensorrt":
-        check_target("tensorrt")
-        from effexport.exporter.backends.tensorrt.runtime import TrtRuntime
-
-        return TrtRuntime(artifact_dir)
-    return OrtRuntime(artifact_dir)
-
-
-def _opset(model_proto) -> int:
-    return next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -54,11 +54,11 @@ def _cmd_list(args) -> int:
         sample = get_sample(name)
         note = " (report only)" if name in getattr(sample.module, "REPORT_ONLY", ()) else ""
         print(f"  {name}{note}")
-    from effexport.exporter.build import TARGETS, target_status
+    from effexport.exporter.backends.registry import BACKENDS, target_status
 
     print("targets (--target):")
     for target, reason in target_status().items():
-        print(f"  {target:<9} {TARGETS[target]}" + (f" -- unavailable: {reason}" if reason else " -- available"))
+        print(f"  {target:<9} {BACKENDS[target].description}" + (f" -- unavailable: {reason}" if reason else " -- available"))
     return 0
 
 
@@ -107,13 +107,14 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype, open_runtime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
+    from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
+    from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype
     from effexport.exporter.errors import BackendMissingError, LoadError
     from effexport.exporter.frontends.loading import resolve_source
     from effexport.exporter.verify.parity import check_parity, check_parity_half
-    from effexport.exporter.backends.onnx.runtime import OrtRuntime, load_manifest
 
-    manifest = load_manifest(args.dir)
+    manifest = read_manifest(args.dir)
     limit = manifest.get("max_context")
     check_steps(args.steps, limit if type(limit) is int and limit > 0 else None)
     for name in manifest["files"].values():
@@ -134,7 +135,7 @@ def _cmd_check(args) -> int:
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
-        backend = {"aoti": "AOTInductor", "tensorrt": "TensorRT"}.get(manifest["target"], "ONNX Runtime")
+        backend = BACKENDS[manifest["target"]].runtime_name
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    from effexport.exporter.build import PROFILES, TARGETS
+    from effexport.exporter.backends.registry import BACKENDS
+    from effexport.exporter.build import PROFILES
     from effexport.exporter.frontends.loading import WEIGHTS
 
     p_build = sub.add_parser(
@@ -182,13 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "as ring caches, shared KV read in place), lower it to the target and check parity "
                     "against eager PyTorch (prefill + decode steps).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="targets:\n" + "\n".join(f"  {k:<9} {v}" for k, v in TARGETS.items()) +
+        epilog="targets:\n" + "\n".join(f"  {k:<9} {b.description}" for k, b in BACKENDS.items()) +
                "\nexample: effexport gemma4-e2b:tiny --target onnx -o out/gemma --explain")
     p_build.add_argument("model", metavar="MODEL",
                          help="a built-in sample name (see 'effexport list'), a Hugging Face model directory "
                               "(config.json + *.safetensors) or a torch.save file of the module (.pt, with "
                               "--trust-pickle)")
-    p_build.add_argument("--target", choices=tuple(TARGETS), default="onnx", help="what to build (default onnx)")
+    p_build.add_argument("--target", choices=tuple(BACKENDS), default="onnx", help="what to build (default onnx)")
     p_build.add_argument("-o", "--output", metavar="DIR", help="artifact directory (default ./MODEL-TARGET)")
     p_build.add_argument("--profile", choices=PROFILES, default="ort",
                          help="ONNX profile: 'ort' uses com.microsoft contrib ops (GroupQueryAttention), "

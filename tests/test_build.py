@@ -9,7 +9,6 @@ import re
 import onnx
 import pytest
 
-from effexport.exporter import build as build_mod
 from effexport.exporter.cli import main
 
 MODEL = "gemma4-e2b:tiny"
@@ -107,7 +106,10 @@ def test_check_reruns_parity(artifact, capsys):
 
 
 def test_targets_listed_with_availability():
-    assert set(build_mod.TARGETS) == {"onnx", "tensorrt", "aoti"}
+    from effexport.exporter.backends.registry import BACKENDS, target_status
+
+    assert set(BACKENDS) == {"onnx", "tensorrt", "aoti"} == set(target_status())
+    assert all(name == backend.name for name, backend in BACKENDS.items())
 
 
 def test_manifest_records_the_source(artifact):

@@ -23,7 +23,8 @@ from _helpers import assert_close, assert_long_enough
 import effexport.custom_ops  # noqa: F401  (registers the ops named below)
 from effexport.exporter.backends.onnx.export import _save, export_step, step_io_names
 from effexport.exporter.backends.onnx.translations import IR_VERSION, PROFILES, translation_table
-from effexport.exporter.backends.onnx.runtime import MANIFEST, OrtRuntime
+from effexport.exporter.backends.artifact import MANIFEST
+from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 pytestmark = pytest.mark.slow
 XDIST_SPLIT = ("step",)  # one pytest-xdist unit per parameter value (tests/conftest.py)

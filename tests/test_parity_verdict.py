@@ -26,7 +26,7 @@ import effexport
 from effexport.exporter.cli import main
 from effexport.exporter.errors import ParityError
 from effexport.exporter.verify.parity import TOLERANCE, check_parity
-from effexport.exporter.backends.onnx.runtime import StepResult
+from effexport.exporter.backends.artifact import StepResult
 
 STEPS = 12
 

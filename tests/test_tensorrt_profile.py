@@ -21,7 +21,8 @@ from _helpers import assert_long_enough
 
 from effexport.exporter.backends.onnx import tensorrt_profile as tp
 from effexport.exporter.verify.parity import check_parity
-from effexport.exporter.backends.onnx.runtime import MANIFEST, OrtRuntime
+from effexport.exporter.backends.artifact import MANIFEST
+from effexport.exporter.backends.onnx.runtime import OrtRuntime
 from effexport.exporter.backends.tensorrt.engine import ONNX_FILE, export_onnx
 
 pytestmark = pytest.mark.slow

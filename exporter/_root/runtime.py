@@ -2,7 +2,8 @@
 
 ``open_runtime(DIR)`` returns the runtime the artifact's target needs (ONNX Runtime, AOTInductor or
 TensorRT); each has ``initial_caches`` / ``step`` / ``generate``."""
-from effexport.exporter.build import open_runtime
-from effexport.exporter.backends.onnx.runtime import MANIFEST, OrtRuntime, StepResult, load_manifest
+from effexport.exporter.backends.artifact import MANIFEST, StepResult, load_manifest
+from effexport.exporter.backends.onnx.runtime import OrtRuntime
+from effexport.exporter.backends.registry import open_runtime
 
 __all__ = ["MANIFEST", "OrtRuntime", "StepResult", "load_manifest", "open_runtime"]

@@ -386,7 +386,7 @@ CACHE_ADAPTERS = {"deepseek_v4": _deepseek_v4_layers}
 
 # ----------------------------------------------------------------------------------------- loading
 def _loaded(step: HFStep, name: str, source: dict):
-    from effexport.exporter.frontends.loading import LoadedModel
+    from effexport.exporter.frontends.model import LoadedModel
 
     text = _text_config(step.hf.config)
     limit = getattr(text, "max_position_embeddings", None)

@@ -28,56 +28,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
 from effexport.exporter.frontends.inputs import check_config, check_safetensors, read_json, regular_file
+from effexport.exporter.frontends.model import LoadedModel
 from effexport.samples._spec import capture_length
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 WEIGHTS = ("random", "none")
 # random-weight samples above this many parameters are refused (fp32 weights would not fit a laptop)
 MAX_RANDOM_PARAMS = 200_000_000
-PARITY_SEED = 2  # LoadedModel.parity_prompt; the capture's example stream uses seed 1
 _SAFE_OPEN = "weights-only loading refused it"
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to capture: the step-contract module and what the artifact records about it."""
-
-    name: str                 # for messages and effexport.json
-    model: torch.nn.Module    # forward(input_ids, past=None) -> (logits, present: dict[str, Tensor])
-    vocab_size: int
-    sample: object | None     # the built-in Sample when there is one (report.json's analytic report), else None
-    source: dict = field(default_factory=dict)  # {"kind": "sample"|"hf"|"pickle"|"module", ...} (effexport.json)
-    example_length: int = 40  # capture's example stream: past every window / top-k (samples._spec.capture_length)
-    context_limit: int | None = None  # the longest context the model was trained for, when its config says
-
-    @property
-    def device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
-    @property
-    def structure_only(self) -> bool:
-        """True when the weights have no data (meta device): no parity, no runtime."""
-        return self.device.type == "meta"
-
-    def example_ids(self, batch: int = 2, length: int | None = None, seed: int = 1) -> torch.Tensor:
-        """The deterministic token stream used for capture and parity (on the model's device);
-        ``length`` defaults to :attr:`example_length`."""
-        gen = torch.Generator().manual_seed(seed)
-        shape = (batch, length or self.example_length)
-        return torch.randint(0, self.vocab_size, shape, generator=gen).to(self.device)
-
-    def parity_prompt(self, length: int, batch: int = 2) -> torch.Tensor:
-        """The prompt the parity check feeds eager and the artifact: drawn from its own seed, not a
-        slice of the capture's :meth:`example_ids`, so a capture that baked the example's token
-        values into the graph fails the check instead of replaying the stream it was traced on."""
-        return self.example_ids(batch, length, seed=PARITY_SEED)
 
 
 @dataclass

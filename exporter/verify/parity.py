@@ -127,7 +127,7 @@ class EagerRuntime:
         return None
 
     def step(self, input_ids: np.ndarray, pos: int, caches):
-        from effexport.exporter.backends.onnx.runtime import StepResult
+        from effexport.exporter.backends.artifact import StepResult
 
         with torch.no_grad():
             logits, past = self.model(torch.from_numpy(np.asarray(input_ids)).to(self.device), caches)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
-from effexport.exporter.backends.onnx.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 __all__ = ["AotiRuntime", "load_package"]
 

@@ -17,7 +17,8 @@ import os
 import numpy as np
 
 from effexport.exporter.errors import BackendMissingError
-from effexport.exporter.backends.onnx.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 __all__ = ["TrtRuntime"]
 
