@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import torch
 
 from effexport.exporter.backends.artifact import DTYPES, MANIFEST
+from effexport.exporter.backends.onnx.profiles import SELECTABLE
 from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
 from effexport.exporter.errors import OutputError, UsageError
 from effexport.exporter.frontends.loading import LoadedModel, resolve_model
 from effexport.exporter.progress import Progress
 from effexport.passes.buffers import CACHE_LAYOUTS
 
-PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
 DEFAULT_MAX_CONTEXT = 4096
 PARITY_PROMPT = 8  # prompt tokens of the parity check, before its decode steps
@@ -79,8 +79,8 @@ def versions() -> dict:
 
 def check_options(opts: BuildOptions) -> None:
     """Refuse bad options (exit 2) and a missing backend (exit 4) before any work is done."""
-    if opts.profile not in PROFILES:
-        raise UsageError(f"unknown --profile {opts.profile!r}; choose one of {', '.join(PROFILES)}")
+    if opts.profile not in SELECTABLE:
+        raise UsageError(f"unknown --profile {opts.profile!r}; choose one of {', '.join(SELECTABLE)}")
     if opts.target not in BACKENDS:
         raise UsageError(f"unknown --target {opts.target!r}; choose one of {', '.join(BACKENDS)}")
     if opts.dtype not in DTYPES:

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     from effexport.exporter.backends.registry import BACKENDS
-    from effexport.exporter.build import PROFILES
+    from effexport.exporter.backends.onnx.profiles import SELECTABLE
     from effexport.exporter.frontends.loading import WEIGHTS
 
     p_build = sub.add_parser(
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "--trust-pickle)")
     p_build.add_argument("--target", choices=tuple(BACKENDS), default="onnx", help="what to build (default onnx)")
     p_build.add_argument("-o", "--output", metavar="DIR", help="artifact directory (default ./MODEL-TARGET)")
-    p_build.add_argument("--profile", choices=PROFILES, default="ort",
+    p_build.add_argument("--profile", choices=SELECTABLE, default="ort",
                          help="ONNX profile: 'ort' uses com.microsoft contrib ops (GroupQueryAttention), "
                               "'standard' only ai.onnx ops (default ort)")
     p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",

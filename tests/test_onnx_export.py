@@ -22,7 +22,8 @@ from _helpers import assert_close, assert_long_enough
 
 import effexport.custom_ops  # noqa: F401  (registers the ops named below)
 from effexport.exporter.backends.onnx.export import _save, export_step, step_io_names
-from effexport.exporter.backends.onnx.translations import IR_VERSION, PROFILES, translation_table
+from effexport.exporter.backends.onnx.profiles import ORT_PROFILES, PROFILES
+from effexport.exporter.backends.onnx.translations import translation_table
 from effexport.exporter.backends.artifact import MANIFEST
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
@@ -79,7 +80,7 @@ def _decode(path, plan, ids: torch.Tensor) -> list[np.ndarray]:
     return logits
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_prefill_and_decode_match_eager(step, exported, profile):
     """fp32 max rel error <= 1e-4 over the prefill and each of the decode steps."""
     model, _, analysis, vocab = step
@@ -93,7 +94,7 @@ def test_prefill_and_decode_match_eager(step, exported, profile):
                      what=f"{profile} decode step {i}")
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_cache_io_is_the_plan(step, exported, profile):
     """Inputs are input_ids, pos and past.{entry} in plan order; rings have W static slots, full
     caches a dynamic length; outputs mirror them."""
@@ -116,7 +117,7 @@ def test_cache_io_is_the_plan(step, exported, profile):
             assert all(d.dim_value > 0 for d in dims[1:]), entry
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_ir_version_and_domains(step, exported, profile):
     """The file has the profile's IR version (<= 11, which ORT 1.30 loads), passes the checker,
     and only the ort profile uses the com.microsoft domain (GroupQueryAttention for full caches;
@@ -124,7 +125,7 @@ def test_ir_version_and_domains(step, exported, profile):
     _, program, _, _ = step
     path, model = exported[profile]
     saved = onnx.load(str(path))
-    assert saved.ir_version == IR_VERSION[profile] <= 11
+    assert saved.ir_version == PROFILES[profile].ir_version <= 11
     onnx.checker.check_model(saved)
     types = {(n.domain, n.op_type) for n in saved.graph.node}
     gqa_sites = any(n.op == "call_function" and n.target in ATTENTION_OPS for n in program.gm.graph.nodes)
@@ -154,7 +155,7 @@ EXPECTED_LOCAL = {"zaya1": {"cca"}, "deepseek": {"kv_compress_step", "indexer_to
                                                    "mhc_pre", "mhc_post", "mhc_head"}}
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_effexport_nodes_are_the_rewrites(step, exported, profile, request):
     """One effexport-domain node per rewritten call of a non-attention op (CCA for ZAYA1; compressor,
     indexer, sparse attention and mHC for DeepSeek V4; none for Gemma 4 / Laguna), each with its

@@ -14,7 +14,8 @@ import torch
 from _helpers import assert_close
 
 import effexport.custom_ops as custom_ops_pkg
-from effexport.exporter.backends.onnx.translations import PROFILES, REFUSED, translation_table
+from effexport.exporter.backends.onnx.profiles import ORT_PROFILES
+from effexport.exporter.backends.onnx.translations import REFUSED, translation_table
 
 ops = torch.ops.effexport
 H, HKV, D = 4, 2, 16
@@ -81,7 +82,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 @pytest.mark.parametrize("form,window,softcap,sinks,ring", CASES)
 def test_attention_parity(form, window, softcap, sinks, ring, profile):
     """ORT output equals the eager op at shapes other than the export example (fp32, rel 1e-5)."""
@@ -131,7 +132,7 @@ def test_ort_profile_uses_gqa_with_window(window):
     assert not _dense_bool_constants(model)
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_ring_structure(profile):
     """The ring is written by a Gather (static W slots), masks come from pos, no GQA, no mask constant."""
     model = _export(_Attn("ring", W, 0.0, False), _inputs(2, 3, W, 5), profile,
@@ -162,7 +163,7 @@ def _custom_op_modules():
             yield info.name, module.OPS
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_every_op_has_a_lowering_or_a_refusal(profile):
     """Coverage: every OpOverload in every custom_ops module's OPS is translated or refused."""
     table = translation_table(profile)
@@ -190,7 +191,7 @@ def _mhc_inputs(batch: int, t_len: int, n: int = 4, d: int = 8, seed: int = 0):
             r(batch, t_len, d), r(n, n * d) * 0.1, r(n), torch.rand(1, generator=g), r(batch, t_len, n, n))
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_mhc_parity_and_loop(profile):
     """mHC ops in ORT equal eager (rel 1e-5) at new batch/T; every call is one effexport-domain node
     with its attributes, whose body is a model-local function; Sinkhorn stays a Loop (not unrolled)."""

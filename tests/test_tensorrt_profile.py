@@ -6,7 +6,7 @@ capture's prompt length, and 12 greedy decode steps, tokens drawn apart from the
 
 CI budget: one preset, ZAYA1 (CCA as a function-bodied node plus full-cache attention; its
 export is the cheapest, ~45 s here). The other op families are linted and checked against eager
-at op level in tests/test_tensorrt.py (one export); with ``tensorrt`` in ``PROFILES``,
+at op level in tests/test_tensorrt.py (one export); with ``tensorrt`` in ``ORT_PROFILES``,
 tests/test_onnx_export.py runs the profile's ORT parity for every tiny preset. Not covered:
 engine builds (no TensorRT here; the ``tensorrt``-marked tests in tests/test_tensorrt.py).
 """

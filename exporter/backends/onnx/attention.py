@@ -49,6 +49,7 @@ from onnxscript import opset23 as op23
 
 from effexport.exporter.backends.onnx import _build as b
 from effexport.exporter.backends.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
+from effexport.exporter.backends.onnx.profiles import PROFILES
 
 __all__ = ["TRANSLATIONS", "attend_decomposed"]
 
@@ -175,14 +176,14 @@ def _positions_causal(q, k):
 def _attention(q, k, v, sinks, scale, causal, window, softcap, profile):
     dims = Dims.of(q, k, v)
     if not causal:
-        attend = _attend_standard if profile == "standard" else attend_decomposed
+        attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
         return attend(q, k, v, None, sinks, scale, softcap, dims)
-    if profile == "ort" and _gqa_fits(dims, scale):
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
         k_past, k_new = _split_at(k, op.Sub(op.Shape(k, start=2, end=3), op.Shape(q, start=2, end=3)))
         v_past, v_new = _split_at(v, op.Sub(op.Shape(v, start=2, end=3), op.Shape(q, start=2, end=3)))
         return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
     q_pos, k_pos = _positions_causal(q, k)
-    attend = _attend_standard if profile == "standard" else attend_decomposed
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
     return attend(q, k, v, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
 
 
@@ -201,12 +202,12 @@ def attention_standard(q, k, v, sinks=None, scale: float = 1.0, causal: bool = T
 # --------------------------------------------------------------------------- attention_cache
 def _attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, profile):
     dims = Dims.of(q, k_new, v_new)
-    if profile == "ort" and _gqa_fits(dims, scale):
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
         return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)
     k_present = op.Concat(k_past, k_new, axis=2)
     v_present = op.Concat(v_past, v_new, axis=2)
     q_pos, k_pos = _positions_causal(q, k_present)
-    attend = _attend_standard if profile == "standard" else attend_decomposed
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
     out = attend(q, k_present, v_present, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
     return out, k_present, v_present
 
@@ -237,7 +238,7 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
     values = op.Concat(v_ring, v_new, axis=2)
     k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
     mask = b.visible(new_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)), chunked)
-    attend = _attend_standard if profile == "standard" else attend_decomposed
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
     out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
     # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
     last_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
@@ -265,13 +266,13 @@ def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, rin
     dims = Dims.of(q, k_cache, v_cache)
     t_len = b.dim(q, 2)
     q_pos = b.arange(pos, t_len)
-    attend = _attend_standard if profile == "standard" else attend_decomposed
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
         k_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
         mask = b.visible(q_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
         return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
-    if profile == "ort" and _gqa_fits(dims, scale):
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
         pos1, end = op.Reshape(pos, b.ints([1])), op.Reshape(op.Add(pos, t_len), b.ints([1]))
         k_used = op.Slice(k_cache, b.ints([0]), end, b.ints([2]))  # entries past pos+T-1: masked
         v_used = op.Slice(v_cache, b.ints([0]), end, b.ints([2]))
@@ -308,7 +309,7 @@ def _buffer_written(buf, new, pos, t_len):
 def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, profile):
     dims = Dims.of(q, k_new, v_new)
     t_len = b.dim(q, 2)
-    if profile == "ort" and _gqa_fits(dims, scale):
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
         return attend_gqa(q, k_buf, v_buf, k_new, v_new, sinks, scale, window, softcap, dims,
                           lengths=_gqa_lengths(pos, t_len, q))
     k_out, v_out = _buffer_written(k_buf, k_new, pos, t_len), _buffer_written(v_buf, v_new, pos, t_len)
@@ -316,7 +317,7 @@ def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, 
     keys = op.Slice(k_out, b.ints([0]), end, b.ints([2]))  # rows 0..pos+T-1: never unwritten rows
     values = op.Slice(v_out, b.ints([0]), end, b.ints([2]))
     q_pos, k_pos = b.arange(pos, t_len), b.arange(b.i64(0), op.Add(pos, t_len))
-    attend = _attend_standard if profile == "standard" else attend_decomposed
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
     return attend(q, keys, values, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims), k_out, v_out
 
 

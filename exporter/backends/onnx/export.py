@@ -12,7 +12,7 @@
   (``past_seq``; its present is ``total_seq``); ring and state dims stay static.
 
 The file gets the profile's opset and an explicit IR version ORT 1.30 loads
-(:data:`~.translations.IR_VERSION`). Weights go to one external data file next to the model,
+(:attr:`.profiles.Profile.ir_version`). Weights go to one external data file next to the model,
 ``{model}.data``, when the serialized model would approach protobuf's 2 GB limit (or when
 ``external_data=True``). They are *streamed* there: after the optimizer, every initializer of at
 least :data:`EXTERNAL_TENSOR_BYTES` is written from the onnx_ir model one tensor at a time (a
@@ -45,7 +45,8 @@ from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.backends.onnx._local import attach, types_kept
 from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort
-from effexport.exporter.backends.onnx.translations import IR_VERSION, OPSET, translation_table
+from effexport.exporter.backends.onnx.profiles import PROFILES
+from effexport.exporter.backends.onnx.translations import translation_table
 from effexport.exporter.backends.onnx.structure_only import meta_weights_as_external
 from effexport.passes._graph import example_past, meta_val
 from effexport.passes.cache_plan import CachePlan
@@ -157,18 +158,18 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=input_names, output_names=output_names,
             dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
-            opset_version=OPSET[profile], optimize=False, verbose=False, report=False)
+            opset_version=PROFILES[profile].opset, optimize=False, verbose=False, report=False)
     phase("lower: ONNX graph optimization")
     with types_kept(program.model), meta_weights_as_external(program.model):  # --weights none: no data
         optimize(program.model)
-        if profile == "ort":  # ONNX Runtime contrib ops: fewer nodes, fewer kernel launches
+        if PROFILES[profile].ort_fusions:  # ONNX Runtime contrib ops: fewer nodes, fewer kernel launches
             fuse_for_ort(program.model)
     return program.model
 
 
 def _finish(model: onnx.ModelProto, profile: str) -> None:
     """The profile's IR version and the bodies of the ``effexport`` nodes (:mod:`._local`), in place."""
-    model.ir_version = IR_VERSION[profile]
+    model.ir_version = PROFILES[profile].ir_version
     attach(model)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.errors import BackendMissingError, LoadError
 
 BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
@@ -104,13 +105,14 @@ class OrtRuntime:
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` over ``caches``. A chunk
-        (``T > 1``) on a non-empty cache at ``B > 1`` runs row by row in the ``ort`` profile (see
-        the module docstring)."""
+        (``T > 1``) on a non-empty cache at ``B > 1`` runs row by row in a profile with GQA's quirk
+        (``Profile.gqa_rows``; the module docstring says why)."""
         batch, new = np.shape(input_ids)
         if self.capacity is not None and pos + new > self.capacity:
             raise LoadError(f"positions {pos}..{pos + new - 1} do not fit the artifact's {self.capacity}-row "
                             "cache buffers; rebuild with a larger --max-context")
-        if not (self.manifest.get("profile") == "ort" and batch > 1 and new > 1 and pos > 0):
+        profile = recorded(self.manifest.get("profile"))
+        if not (profile is not None and profile.gqa_rows and batch > 1 and new > 1 and pos > 0):
             return self._run(input_ids, pos, caches)
         axes = [e.shape.index("batch") for e in self.entries]
         # a prompt chunk: rare enough for a round trip to the host (device tensors stay torch)

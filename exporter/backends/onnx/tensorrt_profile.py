@@ -20,7 +20,7 @@ Lowering (``translation_table("tensorrt")`` in :mod:`.translations`):
   builds them from its own layers (no plugin library needed) and ONNX Runtime runs the same file,
   so the parity check covers exactly what TensorRT parses.
 
-Plugin variant (``profile="tensorrt-plugins"``, not in ``PROFILES``: ONNX Runtime cannot run it):
+Plugin variant (``profile="tensorrt-plugins"``, not in ``ORT_PROFILES``: ONNX Runtime cannot run it):
 the same graph, but every op with no parser equivalent is one node whose ``op_type`` is the plugin
 name, with ``plugin_version`` / ``plugin_namespace`` attributes and the plugin's fields (int32 /
 float32 attributes; absent optional inputs as a zero-size placeholder with ``has_<arg> = 0``), the
