@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 from torch import fx
 
-from effexport.passes._graph import meta_val
-from effexport.passes.attention import AttentionRewriter, count_linear, finish
+from effexport.passes._graph import count_linear, finish, meta_val
+from effexport.passes.attention import AttentionRewriter
 from effexport.passes.buffers import CACHE_LAYOUTS, buffer_full_caches
 from effexport.passes.cache_plan import CacheEntry, CachePlan, LayerRole
 from effexport.passes.cca import rewrite_cca
