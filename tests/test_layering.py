@@ -1,6 +1,6 @@
 """The layering of the source tree, read from its import statements (every ``import``, also those inside
 functions): the lower folders never import the exporter, and no two files import each other, directly
-or through others (docs/ARCHITECTURE.md, "Layers").
+or through others, but for the cycles :data:`KNOWN_CYCLES` names (docs/ARCHITECTURE.md, "Layers").
 """
 import ast
 import os
@@ -120,6 +120,17 @@ def test_samples_and_custom_ops_import_no_other_top_level_folder():
     crossing = sorted(f"{module} -> {dep}" for module, deps in graph.items() for dep in deps
                       if _folder(module) in ("samples", "custom_ops") and _folder(dep) != _folder(module))
     assert crossing == []
+
+
+KNOWN_CYCLES = [
+    # passes/_compressed_hf.py reuses compressed.py's matcher internals, and compressed.py dispatches to it
+    # and to _compressed_write.py: gone once the compressed matchers share one matcher toolkit module
+    ["effexport.passes._compressed_hf", "effexport.passes._compressed_write", "effexport.passes.compressed"],
+]
+
+
+def test_no_import_cycles_between_files():
+    assert _cycles(_import_graph()) == KNOWN_CYCLES
 
 
 def test_the_scan_sees_a_cycle():

@@ -65,7 +65,8 @@ EXPORTABLE_EXPERTS = "batched_mm"
 LINEAR_STATE = (("conv_states", "conv"), ("recurrent_states", "rec"))
 
 
-def _transformers():
+def require_transformers():
+    """The ``transformers`` module; ``BackendMissingError`` (exit 4) with the install hint without it."""
     try:
         import transformers
     except ImportError:
@@ -414,7 +415,7 @@ def _capture_length(text) -> int:
 
 def wrap_hf_module(module: nn.Module, name: str | None = None):
     """An in-memory transformers causal LM (``...ForCausalLM``) as a LoadedModel."""
-    _transformers()
+    require_transformers()
     if not any(cls.__name__.endswith("ForCausalLM") for cls in type(module).__mro__):
         raise UsageError(f"{type(module).__name__} is not a causal LM; effexport needs the "
                          "...ForCausalLM class (logits head), e.g. AutoModelForCausalLM")
@@ -474,7 +475,7 @@ def load_hf_directory(path: str, allow_missing_weights: bool = False):
     weights the files have and the model lacks, and shape mismatches are refused (exit 2, naming the
     first few) unless ``allow_missing_weights`` (then the model keeps random weights there, and the
     LoadedModel's source records them under ``missing_weights``)."""
-    transformers = _transformers()
+    transformers = require_transformers()
     if not is_hf_directory(path):
         raise LoadError(f"{path!r} is not a Hugging Face model directory (no config.json with a "
                         "model_type); save one with model.save_pretrained(DIR)")
@@ -483,7 +484,7 @@ def load_hf_directory(path: str, allow_missing_weights: bool = False):
         raise LoadError(f"{path!r} has no *.safetensors weights; save with "
                         "model.save_pretrained(DIR) (safe_serialization is the default)")
     try:
-        with _offline(), _quiet(transformers):
+        with hub_offline(), _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             if getattr(config, "_attn_implementation", None) not in (None, *EXPORTABLE_ATTENTION):
                 config._attn_implementation = None  # flash / flex: transformers' default (sdpa), needs no package
@@ -569,7 +570,7 @@ def _quiet(transformers):
 
 
 @contextlib.contextmanager
-def _offline():
+def hub_offline():
     """``HF_HUB_OFFLINE=1`` for the duration of a load (``local_files_only`` already keeps
     transformers off the network; this covers hub helpers that read the environment)."""
     before = os.environ.get("HF_HUB_OFFLINE")

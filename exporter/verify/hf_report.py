@@ -114,11 +114,11 @@ def _param_counts(config) -> dict[str, int]:
 def hf_report_sample(path: str) -> Sample:
     """The report sample of a Hugging Face directory: its config only (no weights needed)."""
     from effexport.exporter.errors import LoadError
-    from effexport.exporter.frontends.hf import _offline, _transformers
+    from effexport.exporter.frontends.hf import hub_offline, require_transformers
 
-    transformers = _transformers()
+    transformers = require_transformers()
     try:
-        with _offline():
+        with hub_offline():
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
