@@ -3,8 +3,10 @@
 Usage: ``python bench/hash_presets.py WORKDIR > hashes.jsonl``; two trees' outputs compare with
 ``sort | diff``. Each build is ``effexport PRESET -o out --no-check --profile P --kv-cache K`` run
 in-process from WORKDIR (the same relative output name every time, so the recorded command is
-identical between trees). A change that keeps behaviour leaves every hash unchanged. Lines are
-flushed as builds finish, so a run cut short still reports what it built.
+identical between trees). A change that keeps behaviour leaves every hash unchanged, provided both
+trees are built from the same checkout path: ``model.onnx`` keeps torch.export's stack traces, which
+name the samples' source files by absolute path. Lines are flushed as builds finish, so a run cut
+short still reports what it built.
 """
 import hashlib
 import json
