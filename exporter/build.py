@@ -312,7 +312,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target, "profile": profile,
             "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "kv_cache": opts.kv_cache,
             "weights": opts.weights,
-            "inputs": program.inputs, "outputs": program.outputs,
+            "inputs": _graph_inputs(model_proto) or program.inputs, "outputs": program.outputs,
             "opset": _opset(model_proto) if model_proto is not None else None,
             "ir_version": model_proto.ir_version if model_proto is not None else None, **extra,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),
@@ -400,10 +400,11 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     twin_program, twin_analysis = run_pipeline(capture_step(reference.model, reference.example_ids()),
                                                max_context=opts.max_context, cache_layout=opts.kv_cache)
     with tempfile.TemporaryDirectory(prefix=".effexport-twin-", dir=os.path.dirname(tmp)) as twin:
-        export_step(twin_program, twin_analysis.plan, os.path.join(twin, "model.onnx"), profile=opts.profile)
+        twin_proto = export_step(twin_program, twin_analysis.plan, os.path.join(twin, "model.onnx"),
+                                 profile=opts.profile)
         _write_json(os.path.join(twin, MANIFEST), {
             "target": "onnx", "profile": opts.profile, "files": {"step": "model.onnx"},
-            "inputs": twin_program.inputs, "outputs": twin_program.outputs,
+            "inputs": _graph_inputs(twin_proto), "outputs": twin_program.outputs,
             "cache_plan": twin_analysis.plan.to_json()})
         parity = check_parity(reference.model, OrtRuntime(twin), ids, opts.steps, "fp32")
         mismatch = compare_structure(os.path.join(tmp, "model.onnx"), os.path.join(twin, "model.onnx"))
@@ -441,6 +442,11 @@ def open_runtime(artifact_dir: str):
 
         return TrtRuntime(artifact_dir)
     return OrtRuntime(artifact_dir)
+
+
+def _graph_inputs(model_proto) -> list[str] | None:
+    """The step model's input names (an ``ort`` build may add ``pos_host``), None without a model."""
+    return None if model_proto is None else [v.name for v in model_proto.graph.input]
 
 
 def _opset(model_proto) -> int:

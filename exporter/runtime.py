@@ -39,6 +39,8 @@ from effexport.exporter.errors import BackendMissingError, LoadError
 from effexport.passes.cache_plan import CacheEntry
 
 MANIFEST = "effexport.json"
+STEP_INPUTS = ("input_ids", "pos", "pos_host")
+"""The step inputs that are not caches (``pos_host``: :mod:`effexport.exporter.onnx.host_positions`)."""
 BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 
@@ -163,29 +165,33 @@ class OrtRuntime:
         except ImportError:
             raise BackendMissingError("onnxruntime is not installed: pip install onnxruntime "
                                       "(or onnxruntime-gpu for CUDA)") from None
-        self.ort, self.device = ort, device
+        self.ort, self.device, self.artifact_dir = ort, device, artifact_dir
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendMissingError("CUDA requested but onnxruntime has no CUDAExecutionProvider: "
-                                          "pip install onnxruntime-gpu")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia wheels torch brings
-                ort.preload_dlls()
         path = os.path.join(artifact_dir, self.manifest["files"]["step"])
-        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.session = ort.InferenceSession(path, options, providers=self._providers(ort, device))
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendMissingError("onnxruntime could not start its CUDA execution provider (CUDA / cuDNN "
                                       "libraries not found?): the session fell back to the CPU")
         self.input_names = self.manifest["inputs"]
         self.output_names = self.manifest["outputs"]
+        self.cache_names = [n for n in self.input_names if n not in STEP_INPUTS]
         self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
+
+    def _providers(self, ort, device: str) -> list:
+        """ONNX Runtime's execution providers for ``device``, most preferred first."""
+        if device != "cuda":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendMissingError("CUDA requested but onnxruntime has no CUDAExecutionProvider: "
+                                      "pip install onnxruntime-gpu")
+        if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia wheels torch brings
+            ort.preload_dlls()
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     def initial_caches(self, batch: int) -> list:
         """The plan's prefill caches: numpy arrays, or (I/O binding) host OrtValues that ORT copies
@@ -228,16 +234,16 @@ class OrtRuntime:
     def _run(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One call of the step model."""
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "pos": np.array(pos, dtype=np.int64)}
+                 **{name: np.array(pos, dtype=np.int64) for name in STEP_INPUTS[1:] if name in self.input_names}}
         if not self.io_binding:
-            feeds.update({name: _host(c) for name, c in zip(self.input_names[2:], caches)})
+            feeds.update({name: _host(c) for name, c in zip(self.cache_names, caches)})
             outs = self.session.run(self.output_names, feeds)
             return StepResult(outs[0], list(outs[1:]))
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         caches = [c if isinstance(c, (self.ort.OrtValue, torch.Tensor)) else self._device_value(c) for c in caches]
-        for name, cache in zip(self.input_names[2:], caches):
+        for name, cache in zip(self.cache_names, caches):
             if isinstance(cache, torch.Tensor):
                 _bind(binding.bind_input, name, cache)
             else:

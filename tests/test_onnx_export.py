@@ -15,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
@@ -113,6 +114,19 @@ def test_cache_io_is_the_plan(step, exported, profile):
             assert entry.window > 0 and entry.window in [d.dim_value for d in dims]
         if entry.kind != "full":  # rings, compressed buffers and states have static shapes
             assert all(d.dim_value > 0 for d in dims[1:]), entry
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_pos_is_read_on_the_device_only(step, exported, profile):
+    """No input ONNX Runtime's CUDA kernels read on the host (Range bounds, Slice ends, shapes,
+    axes) is computed from ``pos``: a runtime may keep ``pos`` in device memory and replay the step
+    from a CUDA graph. The model's metadata says so."""
+    from effexport.exporter.onnx.export import DEVICE_POSITIONS
+    from effexport.exporter.onnx.host_positions import host_reads
+
+    model = exported[profile][1]
+    assert host_reads(ir.from_proto(model)) == []
+    assert {p.key: p.value for p in model.metadata_props}[DEVICE_POSITIONS] == "true"
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -148,14 +148,30 @@ def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int
     return out, k_present, v_present
 
 
-def _gqa_lengths(pos, t_len, batch_of):
-    """GQA's ``seqlens_k`` (``[B]`` int32, ``pos + T - 1``, a device value: :func:`~._build.on_device`)
-    and ``total_sequence_length`` (0-d int32, ``pos + T``) for queries at ``pos..pos+T-1`` (``pos``,
-    ``t_len`` 0-d int64; batch from ``batch_of``'s dim 0)."""
-    total = op.Add(pos, t_len)  # on the host: total_sequence_length is a CPU input of GQA
-    last = op.Reshape(b.on_device(op.Sub(total, b.i64(1))), b.ints([1]))  # seqlens_k is read on the device
-    seqlens = op.Expand(last, op.Shape(batch_of, start=0, end=1))
-    return op.Cast(seqlens, to=6), op.Cast(total, to=6)
+def _gqa_lengths(past_len, t_len, batch_of):
+    """GQA's ``seqlens_k`` (``[B]`` int32, ``P + T - 1``) and ``total_sequence_length`` (0-d int32,
+    ``P + T``) for a past of ``past_len`` rows and ``t_len`` new ones (both 0-d int64 from shapes;
+    batch from ``batch_of``'s dim 0). ``seqlens_k`` is read on the device: :func:`~._build.on_device`."""
+    total = op.Add(past_len, t_len)  # on the host: total_sequence_length is a CPU input of GQA
+    return _seqlens(b.on_device(op.Sub(total, b.i64(1))), batch_of), op.Cast(total, to=6)
+
+
+def _seqlens(last, batch_of):
+    """``[B]`` int32 copies of the device scalar ``last`` (GQA's ``seqlens_k``)."""
+    return op.Cast(op.Expand(op.Reshape(last, b.ints([1])), op.Shape(batch_of, start=0, end=1)), to=6)
+
+
+def _buffer_lengths(pos, t_len, capacity: int, batch_of):
+    """GQA's lengths over a shared buffer of ``capacity`` rows for queries at ``pos..pos+T-1``.
+
+    ``seqlens_k = pos + T - 1`` is computed on the device from ``pos``. ``total_sequence_length``
+    is read on the host and tells ORT a prompt from a decode step: a one-token step gets the
+    capacity (an upper bound, constant, so a captured CUDA graph stays valid whatever ``pos``),
+    a chunk gets ``pos + T`` (``pos + T == T`` marks the first prompt, which ORT runs batched).
+    That ``pos`` is the step's host copy: :mod:`.host_positions` points it at ``pos_host``."""
+    seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), batch_of)
+    total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
+    return seqlens, op.Cast(total, to=6)
 
 
 def _split_at(x, cut):
@@ -232,7 +248,7 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
         raise ValueError(f"attention_ring: ring of {slots} slots for window {window}")
     t_len = b.dim(q, 2)
     old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
-    new_pos = b.arange(pos, t_len)  # [T]
+    new_pos = b.positions(pos, t_len)  # [T]
     keys = op.Concat(k_ring, k_new, axis=2)  # [B, Hkv, W+T, d]
     values = op.Concat(v_ring, v_new, axis=2)
     k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
@@ -240,7 +256,7 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
     attend = _attend_standard if profile == "standard" else attend_decomposed
     out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
     # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
-    last_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
+    last_pos = b.ring_positions(b.plus(pos, op.Sub(t_len, b.i64(1))), slots)
     slot = op.Range(b.i64(0), b.i64(slots), b.i64(1))
     src = op.Where(op.GreaterOrEqual(last_pos, pos), op.Add(op.Sub(last_pos, pos), b.i64(slots)), slot)
     return out, op.Gather(keys, src, axis=2), op.Gather(values, src, axis=2)
@@ -264,21 +280,21 @@ def attention_ring_standard(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, sc
 def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, profile):
     dims = Dims.of(q, k_cache, v_cache)
     t_len = b.dim(q, 2)
-    q_pos = b.arange(pos, t_len)
+    q_pos = b.positions(pos, t_len)
     attend = _attend_standard if profile == "standard" else attend_decomposed
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
-        k_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
+        k_pos = b.ring_positions(b.plus(pos, op.Sub(t_len, b.i64(1))), slots)
         mask = b.visible(q_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
         return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
-    if profile == "ort" and _gqa_fits(dims, scale):
-        pos1, end = op.Reshape(pos, b.ints([1])), op.Reshape(op.Add(pos, t_len), b.ints([1]))
-        k_used = op.Slice(k_cache, b.ints([0]), end, b.ints([2]))  # entries past pos+T-1: masked
-        v_used = op.Slice(v_cache, b.ints([0]), end, b.ints([2]))
-        k_past, k_new = _split_at(k_used, pos1)
-        v_past, v_new = _split_at(v_used, pos1)
+    if profile == "ort" and _gqa_fits(dims, scale) and b.known_dim(k_cache, 2) is None:
+        # a growing cache (the producer's present): rows 0..pos+T-1 exactly; past = all but the last T
+        cut = op.Sub(op.Shape(k_cache, start=2, end=3), op.Shape(q, start=2, end=3))
+        k_past, k_new = _split_at(k_cache, cut)
+        v_past, v_new = _split_at(v_cache, cut)
         return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
-    k_pos = b.arange(b.i64(0), b.dim(k_cache, 2))
+    # a fixed buffer reads every row: the causal mask hides rows past pos + T - 1
+    k_pos = op.Range(b.i64(0), b.dim(k_cache, 2), b.i64(1))
     return attend(q, k_cache, v_cache, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
 
 
@@ -300,7 +316,7 @@ def _buffer_written(buf, new, pos, t_len):
     takes ``new[j - pos]`` inside the window of new rows, else its own row)."""
     capacity = b.static_dim(buf, 2, "attention_buffer")
     row = op.Range(b.i64(0), b.i64(capacity), b.i64(1))
-    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, b.on_device(op.Add(pos, t_len))))
+    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, b.plus(pos, t_len)))
     src = op.Where(fresh, op.Add(op.Sub(row, pos), b.i64(capacity)), row)
     return op.Gather(op.Concat(buf, new, axis=2), src, axis=2)
 
@@ -308,16 +324,15 @@ def _buffer_written(buf, new, pos, t_len):
 def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, profile):
     dims = Dims.of(q, k_new, v_new)
     t_len = b.dim(q, 2)
+    capacity = b.static_dim(k_buf, 2, "attention_buffer")
     if profile == "ort" and _gqa_fits(dims, scale):
         return attend_gqa(q, k_buf, v_buf, k_new, v_new, sinks, scale, window, softcap, dims,
-                          lengths=_gqa_lengths(pos, t_len, q))
+                          lengths=_buffer_lengths(pos, t_len, capacity, q))
     k_out, v_out = _buffer_written(k_buf, k_new, pos, t_len), _buffer_written(v_buf, v_new, pos, t_len)
-    end = op.Reshape(op.Add(pos, t_len), b.ints([1]))
-    keys = op.Slice(k_out, b.ints([0]), end, b.ints([2]))  # rows 0..pos+T-1: never unwritten rows
-    values = op.Slice(v_out, b.ints([0]), end, b.ints([2]))
-    q_pos, k_pos = b.arange(pos, t_len), b.arange(b.i64(0), op.Add(pos, t_len))
+    # every row is read (fixed shapes): the causal mask hides rows past pos + T - 1
+    q_pos, k_pos = b.positions(pos, t_len), op.Range(b.i64(0), b.i64(capacity), b.i64(1))
     attend = _attend_standard if profile == "standard" else attend_decomposed
-    return attend(q, keys, values, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims), k_out, v_out
+    return attend(q, k_out, v_out, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims), k_out, v_out
 
 
 def attention_buffer_ort(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, scale: float = 1.0,

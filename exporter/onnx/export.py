@@ -6,10 +6,16 @@
 (dynamo) and the effexport translation table of the profile. The ONNX graph's I/O:
 
 * inputs ``input_ids [batch, seq]`` int64, ``pos`` 0-d int64, ``past.{entry.name}`` for every
-  CachePlan entry, in plan order;
+  CachePlan entry, in plan order; in the ``ort`` profile, when a GroupQueryAttention over a fixed
+  buffer needs the position on the host, ``pos_host`` (the same number) right after ``pos``
+  (:mod:`.host_positions`);
 * outputs ``logits [batch, seq, vocab]``, ``present.{entry.name}`` in the same order;
 * dynamic: batch, the new-token count ``seq``, and the length of every full cache
   (``past_seq``; its present is ``total_seq``); ring and state dims stay static.
+
+The model's metadata ``effexport.device_positions`` is ``true`` when ``pos`` is read on the device
+only (no Range bound, Slice end or other host input derives from it): the condition for replaying
+the step from a CUDA graph.
 
 The file gets the profile's opset and an explicit IR version ORT 1.30 loads
 (:data:`~.translations.IR_VERSION`). Weights go to one external data file next to the model,
@@ -27,6 +33,7 @@ conversion (the graph is exported in the dtype it was captured in), and ``effexp
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -44,14 +51,18 @@ from effexport.exporter.capture import StepProgram, fast_export_config
 from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.onnx._local import attach, types_kept
+from effexport.exporter.onnx.host_positions import host_reads, split_host_positions
 from effexport.exporter.onnx.ort_fusions import fuse_for_ort
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
 from effexport.exporter.structure_only import meta_weights_as_external
 from effexport.passes._graph import example_past, meta_val
 from effexport.passes.cache_plan import CachePlan
 
-__all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
+__all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs",
+           "DEVICE_POSITIONS"]
 
+DEVICE_POSITIONS = "effexport.device_positions"
+"""Model metadata key: ``"true"`` when the step reads ``pos`` on the device only."""
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Initializer bytes above which weights are written as external data (protobuf caps at 2 GB)."""
 EXTERNAL_TENSOR_BYTES = 1024
@@ -162,6 +173,8 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
         optimize(program.model)
         if profile == "ort":  # ONNX Runtime contrib ops: fewer nodes, fewer kernel launches
             fuse_for_ort(program.model)
+            split_host_positions(program.model)
+        program.model.metadata_props[DEVICE_POSITIONS] = json.dumps(host_reads(program.model) == [])
     return program.model
 
 
