@@ -67,8 +67,8 @@ def refusal(plan, name: str) -> str | None:
     why: dict[str, list[int]] = {}
     for e in plan.entries:
         kind = e.kind
-        if kind in ("buffer", "ring") and (PART.get(_split(e.name)[1]) is None or len(e.shape) != 4
-                                           or e.shape[0] != "batch"):
+        if kind in ("buffer", "ring") and (PART.get(_split(e.name)[1]) is None or e.layer is None
+                                           or len(e.shape) != 4 or e.shape[0] != "batch"):
             kind = "state"
         if kind not in ("buffer", "ring"):
             why.setdefault(kind, []).append(e.layer)
@@ -76,7 +76,7 @@ def refusal(plan, name: str) -> str | None:
         kinds = "; ".join(f"{KIND_REASON.get(k, k)} in layer(s) {_layers(v)}" for k, v in sorted(why.items()))
         return (f"{name} cannot be an onnxruntime-genai package: it keeps {kinds}, and GenAI drives only "
                 "per-layer K/V caches; build without --genai and run it with effexport.runtime")
-    windows = {e.window for e in plan.entries if e.kind == "ring"}
+    windows = {e.shape[2] for e in plan.entries if e.kind == "ring"}  # slots (= the window)
     if len(windows) > 1:
         return (f"{name} cannot be an onnxruntime-genai package: its sliding layers use windows "
                 f"{sorted(windows)} and GenAI sizes every sliding layer's cache from one window; build without --genai")
@@ -119,7 +119,6 @@ def genai_model(model, plan):
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         vi.name = rename.get(vi.name, vi.name)
     ids = next(i for i in g.input if i.name == "input_ids")
-    pos = next(i for i in g.input if i.name == "pos")
     position_ids = onnx.ValueInfoProto()
     position_ids.CopyFrom(ids)
     position_ids.name = "position_ids"
@@ -127,7 +126,6 @@ def genai_model(model, plan):
     inputs = [position_ids if i.name == "pos" else i for i in g.input]
     del g.input[:]
     g.input.extend(inputs)
-    del pos
     zero = helper.make_tensor("genai.zero", onnx.TensorProto.INT64, [], [0])
     adapter = [helper.make_node("Constant", [], ["genai.zero"], value=zero, name="genai.zero"),
                helper.make_node("Gather", ["position_ids", "genai.zero"], ["genai.row0"], axis=0, name="genai.row0"),
@@ -192,8 +190,8 @@ def genai_config(plan, fields: dict, vocab_size: int, max_context: int) -> dict:
         "num_key_value_heads": int(first.shape[1]),
     }
     if rings:
-        window = next(e.window for e in plan.entries if e.kind == "ring")
-        decoder["sliding_window"] = {"window_size": window - CACHE_SLACK, "cache_slack": CACHE_SLACK,
+        slots = next(int(e.shape[2]) for e in plan.entries if e.kind == "ring")
+        decoder["sliding_window"] = {"window_size": slots - CACHE_SLACK, "cache_slack": CACHE_SLACK,
                                      "slide_key_value_cache": False, "slide_inputs": False, "layers": rings}
     model = {"context_length": max_context, "decoder": decoder, "type": "decoder", "vocab_size": int(vocab_size)}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a sample has none: GenAI's defaults
