@@ -189,3 +189,23 @@ def test_refused_presets(tmp_path, preset, words):
     errors = [line for line in err.splitlines() if line.startswith("effexport: error:")]
     assert code == 2 and len(errors) == 1 and words in errors[0] and "Traceback" not in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_wrong_config_fails_the_check(package, tmp_path):
+    """The GenAI check sees a config that does not fit the graph: a sliding cache one slot too long
+    (GenAI allocates a buffer the ring input refuses) or a wrong context length."""
+    if package.name != PACKAGES[0]:
+        pytest.skip("one package is enough")
+    import shutil
+
+    for edit in ("slack", "context"):
+        broken = tmp_path / edit
+        shutil.copytree(package.out, broken)
+        config = json.loads((broken / genai.GENAI_CONFIG).read_text())
+        if edit == "slack":
+            config["model"]["decoder"]["sliding_window"]["cache_slack"] += 1
+        else:
+            config["model"]["context_length"] = config["search"]["max_length"] = MAX_CONTEXT // 2
+        (broken / genai.GENAI_CONFIG).write_text(json.dumps(config))
+        report = genai.check_genai(str(broken), package.loaded, 8, MAX_CONTEXT)
+        assert not report.passed and "cannot run the package" in report.detail, (edit, report.table())

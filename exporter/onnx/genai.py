@@ -235,13 +235,16 @@ def genai_available() -> bool:
     return True
 
 
-def genai_generate(artifact_dir: str, prompt: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy generation through ``og.Generator`` from token ids (no tokenizer): the ``steps`` tokens
-    it picks and the logits ``[V]`` it picked each from (prompt ``[T]``, batch 1)."""
+def genai_generate(artifact_dir: str, prompt: np.ndarray, steps: int, stop: int | None = None):
+    """Greedy generation through ``og.Generator`` from token ids (no tokenizer), batch 1: the tokens it
+    picks (``steps``, fewer if it stops) and the logits ``[V]`` it picked each from. ``stop``: a token
+    id that replaces the package's EOS and pad ids for this run (the parity check passes one the
+    reference never produces, so generation runs past the model's EOS)."""
     import onnxruntime_genai as og
 
     config = og.Config(artifact_dir)
-    config.overlay(json.dumps({"model": {"eos_token_id": []}}))  # the check runs ``steps`` tokens past any EOS
+    if stop is not None:
+        config.overlay(json.dumps({"model": {"eos_token_id": int(stop), "pad_token_id": int(stop)}}))
     model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, batch_size=1)  # max_length: the config's (the buffers' rows)
@@ -261,41 +264,42 @@ GENAI_MODE = "onnxruntime-genai og.Generator (CPU, greedy, batch 1, token ids wi
 
 
 def check_genai(artifact_dir: str, loaded, prompt_length: int, max_context: int, dtype: str = "fp32"):
-    """Parity of the GenAI package against eager: the same prompt, then :data:`GENAI_TOKENS` greedy
-    tokens through ``og.Generator`` and through the eager model with its own cache; every token must
-    be equal and every step's logits within the dtype's tolerance (max relative error, relative to
-    the step's largest eager magnitude). A :class:`~effexport.exporter.parity.ParityReport`."""
+    """Parity of the GenAI package against eager: the parity prompt (batch 1), then
+    :data:`GENAI_TOKENS` greedy tokens through the eager model with its own cache and through
+    ``og.Generator``; every token must be equal and every step's logits within the dtype's tolerance
+    (max relative error, relative to the step's largest eager magnitude). The model's EOS is
+    replaced for the run by a token eager never produces, so all tokens are compared. A
+    :class:`~effexport.exporter.parity.ParityReport`."""
     import torch
 
+    from effexport.exporter.errors import one_line
     from effexport.exporter.parity import TOLERANCE, OutputError, ParityReport, _errors
 
     steps = max(1, min(GENAI_TOKENS, (max_context or GENAI_TOKENS + prompt_length) - prompt_length))
     prompt = loaded.parity_prompt(prompt_length, batch=1)
     tol = TOLERANCE[dtype]
+    ref_tokens, ref_logits, past, nxt = [], [], None, prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            out, past = loaded.model(nxt, past)
+            ref_logits.append(out[0, -1].float())
+            ref_tokens.append(int(ref_logits[-1].argmax()))
+            nxt = torch.tensor([[ref_tokens[-1]]], device=prompt.device)
+    unused = sorted(set(range(loaded.vocab_size)) - set(ref_tokens) - set(prompt[0].tolist()))
     try:
-        tokens, logits = genai_generate(artifact_dir, prompt[0].cpu().numpy(), steps)
+        tokens, logits = genai_generate(artifact_dir, prompt[0].cpu().numpy(), steps, unused[0] if unused else None)
     except Exception as exc:  # noqa: BLE001 - GenAI raises RuntimeError for a package it cannot run
-        from effexport.exporter.errors import one_line
-
         return ParityReport(False, steps, tol, [], False, f"onnxruntime-genai cannot run the package "
                             f"({type(exc).__name__}: {one_line(str(exc), 200)})", GENAI_MODE)
-    ref_tokens, worst, past = [], (0.0, 0.0), None
-    nxt = prompt
-    with torch.no_grad():
-        for step in range(len(tokens)):
-            out, past = loaded.model(nxt, past)
-            ref = out[0, -1].float()
-            err = _errors(logits[step], ref)
-            worst = (max(worst[0], err[0]), max(worst[1], err[1]))
-            ref_tokens.append(int(ref.argmax()))
-            if ref_tokens[-1] != tokens[step]:
-                break
-            nxt = torch.tensor([[tokens[step]]], device=prompt.device)
-    equal = len(ref_tokens) == steps and ref_tokens == tokens
-    detail = (f"onnxruntime-genai: {len(tokens)} greedy tokens" if equal else
-              f"onnxruntime-genai stopped after {len(tokens)} of {steps} tokens" if len(tokens) < steps else
-              f"onnxruntime-genai's greedy token differs at token {len(ref_tokens) - 1}: {tokens[len(ref_tokens) - 1]} "
-              f"vs eager {ref_tokens[-1]}")
+    worst = (0.0, 0.0)
+    for got, ref in zip(logits, ref_logits):
+        err = _errors(got, ref)
+        worst = (max(worst[0], err[0]), max(worst[1], err[1]))
+    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), None)
+    equal = same is None and len(tokens) == steps
+    detail = (f"onnxruntime-genai: {len(tokens)} greedy tokens equal eager's" if equal else
+              f"onnxruntime-genai stopped after {len(tokens)} of {steps} tokens" if same is None else
+              f"onnxruntime-genai's greedy token {same} is {tokens[same]}, eager's {ref_tokens[same]}")
     outputs = [OutputError("genai/logits", *worst)]
     return ParityReport(equal and worst[1] <= tol, len(tokens), tol, outputs, equal, detail, GENAI_MODE)
 
