@@ -30,7 +30,7 @@ from effexport.exporter.cli import main  # noqa: E402
 from effexport.exporter.onnx import genai  # noqa: E402
 from effexport.passes.cache_plan import CacheEntry, CachePlan  # noqa: E402
 
-XDIST_SPLIT = ("package",)
+XDIST_SPLIT = ("package", "preset")
 MAX_CONTEXT = 128
 PACKAGES = ["gemma4-e2b:tiny", "hf:llama", "hf:gemma3"]
 
