@@ -25,8 +25,9 @@ its C++ ``DefaultKeyValueCache`` / ``DefaultPositionInputs``):
   buffer GenAI allocates is exactly the ring. The window itself is applied by the graph (GenAI
   reads these fields only to size the cache). All rings of a model must have one W.
 * ``search.max_length`` and ``context_length`` are the artifact's ``max_context``: the cache
-  buffers have that many rows as a static dimension, so a smaller ``max_length`` set at run time
-  is refused by ONNX Runtime (shape mismatch) when the model also has rings.
+  buffers have that many rows as a static dimension. Without rings GenAI reads the rows off the
+  graph (a smaller ``max_length`` only stops earlier); with rings it sizes full caches by
+  ``max_length``, so a smaller one set at run time is refused by ONNX Runtime (shape mismatch).
 
 Refused (:func:`refusal`, decided by the CachePlan's entry kinds, never by model name): fixed-size
 states (CCA's conv / value-shift states, DeepSeek's compressor states, linear-attention states),
