@@ -219,8 +219,12 @@ def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
 
 
 def _stages(opts: BuildOptions, structure_only: bool) -> int:
-    """Stages after loading: capture, rewrite, lower, and parity when it runs."""
-    return 3 + (opts.check and not structure_only) * (1 + (opts.genai and opts.dtype == "fp32"))
+    """Stages after loading: capture, rewrite, lower, and parity when it runs (GenAI's too)."""
+    if opts.genai and opts.dtype == "fp32":
+        from effexport.exporter.onnx.genai import genai_available
+
+        return 3 + (opts.check and not structure_only) * (1 + genai_available())
+    return 3 + (opts.check and not structure_only)
 
 
 def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress) -> int:
