@@ -68,6 +68,7 @@ class BuildOptions:
     weights: str = "random"   # "none": structure only (meta device, no weight data, no parity)
     trust_pickle: bool = False
     allow_missing_weights: bool = False  # a Hugging Face directory lacking weights builds (recorded in report.json)
+    genai: bool = False       # also an onnxruntime-genai package (exporter/onnx/genai.py): needs kv_cache="buffer"
 
 
 def versions() -> dict:
@@ -132,6 +133,12 @@ def check_options(opts: BuildOptions) -> None:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
     if opts.kv_cache not in CACHE_LAYOUTS:
         raise UsageError(f"unknown --kv-cache {opts.kv_cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
+    if opts.genai and opts.target != "onnx":
+        raise UsageError(f"--genai packages an ONNX build for onnxruntime-genai; --target {opts.target} has no ONNX "
+                         "step model: use --target onnx")
+    if opts.genai and opts.kv_cache != "buffer":
+        raise UsageError(f"--genai needs --kv-cache buffer (GenAI binds past and present to one buffer), not "
+                         f"--kv-cache {opts.kv_cache}: drop --kv-cache")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
@@ -212,7 +219,11 @@ def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
 
 
 def _stages(opts: BuildOptions, structure_only: bool) -> int:
-    """Stages after loading: capture, rewrite, lower, and parity when it runs."""
+    """Stages after loading: capture, rewrite, lower, and parity when it runs (GenAI's too)."""
+    if opts.genai and opts.dtype == "fp32":
+        from effexport.exporter.onnx.genai import genai_available
+
+        return 3 + (opts.check and not structure_only) * (1 + genai_available())
     return 3 + (opts.check and not structure_only)
 
 
@@ -233,6 +244,12 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
                                      lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context,
                                      opts.kv_cache)
     progress.done(t0, _rewrite_summary(analysis))
+    if opts.genai:  # decided by the CachePlan's kinds; before anything is written
+        from effexport.exporter.onnx.genai import refusal
+
+        reason = refusal(analysis.plan, loaded.name)
+        if reason:
+            raise UsageError(reason)
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
     try:
@@ -301,6 +318,10 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
             from effexport.exporter.onnx.export import export_step
             model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
+            if opts.genai:
+                from effexport.exporter.onnx.genai import write_package
+
+                files.update(write_package(tmp, files["step"], analysis.plan, loaded, opts.max_context))
         note = (f"opset {_opset(model_proto)}, IR {model_proto.ir_version}" if model_proto is not None
                 else f"{files['step']}, {extra['aoti']['device']}")
         if loaded.structure_only:
@@ -347,6 +368,13 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
+        if opts.genai and opts.check and not loaded.structure_only:
+            from effexport.exporter.onnx.genai import run_genai_check
+
+            genai = run_genai_check(tmp, loaded, opts.max_context, opts.dtype, progress)
+            if genai is not None:
+                report["genai_parity"] = genai.to_json()
+                code = code or (0 if genai.passed else 1)
         _write_json(os.path.join(tmp, "report.json"), report)
     return code
 

@@ -100,10 +100,10 @@ def _cmd_build(args) -> int:
         raise UsageError(f"unknown pass {args.dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
 
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
-                              dtype=args.dtype, kv_cache=args.kv_cache, check=args.check, steps=args.steps, explain=args.explain,
+                              dtype=args.dtype, kv_cache=args.kv_cache or ("buffer" if args.genai else "grow"), check=args.check, steps=args.steps, explain=args.explain,
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv),
-                              allow_missing_weights=args.allow_missing_weights))
+                              allow_missing_weights=args.allow_missing_weights, genai=args.genai))
 
 
 def _cmd_check(args) -> int:
@@ -152,7 +152,13 @@ def _cmd_check(args) -> int:
                         f"({type(exc).__name__}: {one_line(str(exc), 160)}); rebuild it with "
                         f"'effexport MODEL -o {args.dir} --force'") from None
     print(parity.table())
-    return 0 if parity.passed else 1
+    code = 0 if parity.passed else 1
+    if os.path.isfile(os.path.join(args.dir, "genai_config.json")):  # an onnxruntime-genai package
+        from effexport.exporter.onnx.genai import run_genai_check
+
+        genai = run_genai_check(args.dir, loaded, limit, manifest.get("dtype", "fp32"), stream=sys.stdout)
+        code = code or (0 if genai is None or genai.passed else 1)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,13 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
                               "(DeepSeek V4: max_context / ratio slots). Default: the smaller of 4096 and "
                               "the model's trained limit; accepts 128k")
-    p_build.add_argument("--kv-cache", choices=("grow", "buffer"), default="grow",
+    p_build.add_argument("--kv-cache", choices=("grow", "buffer"), default=None,
                          help="full-cache layout: 'grow' concatenates each step's K/V to a new present; "
                               "'buffer' keeps each full cache in one fixed buffer of --max-context rows that "
                               "the step writes in place (ONNX Runtime's GroupQueryAttention shared-buffer "
                               "layout: past and present bound to one device buffer; fixed shapes for CUDA "
                               "graphs). Rings, compressed caches and states are fixed-size either way "
-                              "(default grow)")
+                              "(default grow; buffer with --genai)")
+    p_build.add_argument("--genai", action="store_true",
+                         help="--target onnx: also write an onnxruntime-genai package (genai_config.json, "
+                              "genai.onnx with GenAI's I/O names, the input directory's tokenizer files) and check "
+                              "og.Generator's greedy tokens against eager; implies --kv-cache buffer. Refused "
+                              "(exit 2) for caches GenAI cannot drive (CCA / compressor / linear-attention states, "
+                              "compressed or chunk caches)")
     p_build.add_argument("--explain", action="store_true",
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
