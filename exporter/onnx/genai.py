@@ -9,9 +9,10 @@ its C++ ``DefaultKeyValueCache`` / ``DefaultPositionInputs``):
   cache inputs ``past.{L}.k`` / ``past.{L}.v`` become ``past_key_values.{L}.key`` / ``.value``, the
   outputs ``present.{L}.k`` / ``.v`` become ``present.{L}.key`` / ``.value``, ``logits`` and
   ``input_ids`` keep their names, and the scalar ``pos`` input becomes GenAI's ``position_ids
-  [B, T]`` (int64) with ``pos = position_ids[0, 0]`` computed in the graph (two ``Gather``). There
-  is no ``attention_mask`` input (GenAI feeds only the inputs a model has): the graph masks by
-  position, as it does for effexport's runtime. Weights are shared: inline initializers are copied,
+  [B, T]`` (int64) with ``pos = position_ids[0, 0]`` computed in the graph (two ``Gather``). The
+  graph masks by position, as it does for effexport's runtime; GenAI's ``attention_mask [B, past +
+  T]`` is an input only for its shape, which gives ``pos_host`` (the host copy of the position that
+  GroupQueryAttention's total length reads in an ``ort`` build) without a device-to-host copy. Weights are shared: inline initializers are copied,
   external ones keep pointing at ``model.onnx.data``.
 * Caches are built with ``--kv-cache buffer``: every full cache is one ``[B, Hkv, max_context, d]``
   buffer written in place (GroupQueryAttention's shared-buffer form), which is the layout of
@@ -42,6 +43,8 @@ import os
 import shutil
 
 import numpy as np
+
+from effexport.exporter.onnx.host_positions import POS_HOST
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_MODEL = "genai.onnx"
@@ -131,10 +134,33 @@ def genai_model(model, plan):
     adapter = [helper.make_node("Constant", [], ["genai.zero"], value=zero, name="genai.zero"),
                helper.make_node("Gather", ["position_ids", "genai.zero"], ["genai.row0"], axis=0, name="genai.row0"),
                helper.make_node("Gather", ["genai.row0", "genai.zero"], ["pos"], axis=0, name="genai.pos")]
+    if any(i.name == POS_HOST for i in g.input):
+        adapter += _host_position(g, ids)
     nodes = adapter + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
     return out
+
+
+def _host_position(g, ids) -> list:
+    """``pos_host`` (the host copy of the position GroupQueryAttention's total length reads) from the
+    shape of GenAI's ``attention_mask [B, past + T]``: ``past + T - T``. A shape is host data, so
+    GenAI's CUDA graphs see no copy node; in their decode steps the mask has ``max_length`` columns
+    and the value is stale, which a one-token step ignores (:mod:`.host_positions`)."""
+    import onnx
+    from onnx import helper
+
+    mask = onnx.ValueInfoProto()
+    mask.CopyFrom(ids)
+    mask.name = "attention_mask"
+    mask.type.tensor_type.shape.dim[1].dim_param = "total_seq"
+    inputs = [mask if i.name == POS_HOST else i for i in g.input]
+    del g.input[:]
+    g.input.extend(inputs)
+    return [helper.make_node("Shape", ["attention_mask"], ["genai.total"], start=1, end=2, name="genai.total"),
+            helper.make_node("Shape", ["input_ids"], ["genai.new"], start=1, end=2, name="genai.new"),
+            helper.make_node("Sub", ["genai.total", "genai.new"], ["genai.past"], name="genai.past"),
+            helper.make_node("Squeeze", ["genai.past"], [POS_HOST], name="genai.pos_host")]
 
 
 def write_model(step_path: str, plan, out_path: str) -> None:
@@ -182,7 +208,7 @@ def genai_config(plan, fields: dict, vocab_size: int, max_context: int) -> dict:
         "filename": GENAI_MODEL,
         "head_size": int(first.shape[3]),
         "hidden_size": fields["hidden_size"],
-        "inputs": {"input_ids": "input_ids", "position_ids": "position_ids",
+        "inputs": {"input_ids": "input_ids", "position_ids": "position_ids", "attention_mask": "attention_mask",
                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
         "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value"},
