@@ -11,14 +11,16 @@ Cases (random bf16 weights, seed 0):
   (the CLI, a subprocess). **peer**: onnxruntime-genai's builder (``-p bf16 -e cuda``, CUDA graph on,
   its windowed cache) driven by ``og.Generator``, greedy, a prompt of L-1 tokens, 4 warm-up tokens,
   then ``--tokens`` timed ones (per token: its generator loop, sampling on the device).
-* ``gemma4-e2b``: the built-in real-size sample, ``effexport gemma4-e2b ...`` likewise (GenAI's
-  builder cannot build Gemma 4 text models).
+* ``gemma4-e2b``: the built-in real-size sample, built on the GPU and exported like
+  ``bench/ort_cuda.py`` does with ``--kv-cache buffer`` (the CLI refuses random weights at this size;
+  GenAI's builder cannot build Gemma 4 text models).
 
 effexport's decode at (L, B): the runtime's caches for batch B filled with random values, then
 ``decode_step`` at positions L-1, L, ... with the next token the logits' argmax on the device (the
 loop of ``CudaGraphRuntime.generate``): 4 warm-up steps (ORT captures the graph on the third), then
 ``--tokens`` timed steps, per token; the same with ``capture=False`` (the same bindings, no graph).
-Parity on the GPU: ``generate`` (prefill 16 + 8 greedy tokens, captured) against the eager model
+For Gemma 3 the effexport build adds ``--genai``: its GenAI package through the same ``og.Generator``
+loop as the peer (CUDA provider, CUDA graph on). Parity on the GPU: ``generate`` (prefill 16 + 8 greedy tokens, captured) against the eager model
 in bf16 fed the same tokens (max rel error of the logits, per step). Roofline: weight bytes a step
 reads + the plan's KV bytes at (L, B), over the device-to-device copy bandwidth measured here.
 
@@ -73,11 +75,31 @@ def save_gemma3(directory: str, max_context: int) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def effexport_build(model: str, out: str, max_context: int, log: str) -> subprocess.Popen:
+def effexport_build(model: str, out: str, max_context: int, log: str, genai: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "import sys; from effexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
            model, "--target", "onnx", "--dtype", "bf16", "--kv-cache", "buffer", "--max-context", str(max_context),
-           "--no-check", "-o", out, "--force"]
+           "--no-check", "-o", out, "--force"] + (["--genai"] if genai else [])
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def sample_build(name: str, out: str, max_context: int, log: str) -> subprocess.Popen:
+    """A real-size built-in sample: the CLI refuses random weights above its size limit (a CPU
+    concern), so this builds the model on the GPU (``decode_step.build``) and exports it the way
+    ``bench/ort_cuda.py`` does (capture, rewrite with ``--kv-cache buffer``, ``export_step``)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--export-sample", name, out, str(max_context)]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def export_sample(name: str, out: str, max_context: int) -> int:
+    sys.path.insert(0, HERE)
+    import decode_step
+    from ort_cuda import export_effexport
+
+    from effexport.samples import get_sample
+
+    model = decode_step.build(get_sample(name))
+    export_effexport(model, out, torch.bfloat16, max_context, "buffer")
+    return 0
 
 
 def genai_build(model: str, out: str, log: str) -> subprocess.Popen:
@@ -98,11 +120,9 @@ def wait(proc: subprocess.Popen, log: str, limit: float, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ timings
-def effexport_decode(directory: str, context: int, batch: int, tokens: int, capture: bool) -> float:
-    """Seconds per decode step of ``CudaGraphRuntime`` at positions context-1 .. (random caches)."""
-    from effexport.runtime import CudaGraphRuntime
-
-    runtime = CudaGraphRuntime(directory, device="cuda", capture=capture)
+def effexport_decode(runtime, context: int, batch: int, tokens: int) -> float:
+    """Seconds per decode step of a ``CudaGraphRuntime`` at positions context-1 .. (random caches;
+    the runtime's graph for this batch size, once captured, serves every context)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     for cache in runtime.initial_caches(batch):
         if cache.is_floating_point():
@@ -136,9 +156,15 @@ def genai_decode(directory: str, context: int, batch: int, tokens: int) -> float
     """Seconds per token of ``og.Generator`` after a prompt of context-1 tokens."""
     import onnxruntime_genai as og
 
-    model = og.Model(directory)
+    config = og.Config(directory)
+    config.clear_providers()
+    config.append_provider("cuda")
+    config.set_provider_option("cuda", "enable_cuda_graph", "1")
+    model = og.Model(config)
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=context + WARMUP + tokens + 8, batch_size=batch, do_sample=False)
+    with open(os.path.join(directory, "genai_config.json")) as f:  # a package with sliding layers
+        length = json.load(f)["model"]["context_length"]  # needs max_length = its context length
+    params.set_search_options(max_length=length, batch_size=batch, do_sample=False)
     generator = og.Generator(model, params)
     prompt = np.random.RandomState(0).randint(4, 1000, (batch, context - 1)).astype(np.int32)
     generator.append_tokens(prompt)
@@ -197,30 +223,40 @@ def kv_bytes(directory: str, batch: int, context: int) -> int:
 
 
 def measure(case: dict, args, bw: float) -> None:
+    from effexport.runtime import CudaGraphRuntime
+
     rows = case.setdefault("rows", [])
+    runtimes = {}
+    for capture in (True, False):
+        try:
+            runtimes[capture] = CudaGraphRuntime(case["effexport_dir"], device="cuda", capture=capture)
+        except Exception as exc:  # noqa: BLE001  (the reason is the finding)
+            case["graph_session_error" if capture else "session_error"] = f"{type(exc).__name__}: {exc}"[:600]
+            traceback.print_exc()
+            if capture:
+                placement_log(case["effexport_dir"])
     for context in args.contexts:
         for batch in args.batches:
             row = {"context": context, "batch": batch}
-            for capture in (True, False):
+            for capture, runtime in runtimes.items():
                 key = "graph_ms" if capture else "uncaptured_ms"
                 try:
-                    row[key] = effexport_decode(case["effexport_dir"], context, batch, args.tokens, capture) * 1e3
+                    row[key] = effexport_decode(runtime, context, batch, args.tokens) * 1e3
                 except Exception as exc:  # noqa: BLE001  (the reason is the finding)
                     row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:600]
                     traceback.print_exc()
-                    if capture and not case.get("placement_logged"):
-                        placement_log(case["effexport_dir"])
-                        case["placement_logged"] = True
-                torch.cuda.empty_cache()
             row["roofline_ms"] = (case["weight_bytes"] + kv_bytes(case["effexport_dir"], batch, context)) / bw * 1e3
             if case.get("genai_dir") and batch in args.peer_batches:
-                try:
-                    row["genai_ms"] = genai_decode(case["genai_dir"], context, batch, args.tokens) * 1e3
-                except Exception as exc:  # noqa: BLE001
-                    row["genai_error"] = f"{type(exc).__name__}: {exc}"[:600]
-                    traceback.print_exc()
+                for key, directory in (("genai", case["genai_dir"]), ("effexport_genai", case["effexport_dir"])):
+                    try:  # the peer's own model, and effexport's --genai package, through og.Generator
+                        row[f"{key}_ms"] = genai_decode(directory, context, batch, args.tokens) * 1e3
+                    except Exception as exc:  # noqa: BLE001
+                        row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:600]
+                        traceback.print_exc()
             rows.append(row)
             print(json.dumps({"case": case["case"], **row}), flush=True)
+    runtimes.clear()
+    torch.cuda.empty_cache()
 
 
 def node_counts(path: str) -> dict:
@@ -233,18 +269,22 @@ def node_counts(path: str) -> dict:
 
 def table(results: dict) -> str:
     lines = [f"copy bandwidth {results['copy_bw'] / 1e12:.2f} TB/s", "",
-             "| case | L | B | effexport graph ms | uncaptured ms | genai ms | roofline ms | graph / roofline | "
-             "genai / graph |", "|---|---|---|---|---|---|---|---|---|"]
+             "| case | L | B | effexport graph ms | uncaptured ms | genai ms | effexport via genai ms | roofline ms | "
+             "graph / roofline | genai / graph |", "|---|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:
         for r in case.get("rows", []):
-            g, u, p, roof = (r.get(k) for k in ("graph_ms", "uncaptured_ms", "genai_ms", "roofline_ms"))
+            g, u, p, e, roof = (r.get(k) for k in ("graph_ms", "uncaptured_ms", "genai_ms", "effexport_genai_ms",
+                                                   "roofline_ms"))
             fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
-            lines.append(f"| {case['case']} | {r['context']} | {r['batch']} | {fmt(g)} | {fmt(u)} | {fmt(p)} | "
+            lines.append(f"| {case['case']} | {r['context']} | {r['batch']} | {fmt(g)} | {fmt(u)} | {fmt(p)} | {fmt(e)} | "
                          f"{fmt(roof)} | {fmt(g / roof) if g and roof else '-'} | {fmt(p / g) if p and g else '-'} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--export-sample"]:
+        return export_sample(argv[1], argv[2], int(argv[3]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     ap.add_argument("--work", default="/tmp/ort_graphs")
@@ -284,13 +324,13 @@ def main(argv=None) -> int:
             hf = os.path.join(args.work, "gemma3-1b-hf")
             case["weight_bytes"] = save_gemma3(hf, max_context)
             case["effexport_dir"], case["genai_dir"] = os.path.join(args.work, "g3-effexport"), os.path.join(args.work, "g3-genai")
-            jobs[name] = [(effexport_build(hf, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
+            jobs[name] = [(effexport_build(hf, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", True),
                            case["effexport_dir"] + ".log", "effexport build"),
                           (genai_build(hf, case["genai_dir"], case["genai_dir"] + ".log"), case["genai_dir"] + ".log",
                            "genai build")]
         else:
             case["effexport_dir"] = os.path.join(args.work, f"{name}-effexport")
-            jobs[name] = [(effexport_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
+            jobs[name] = [(sample_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
                            case["effexport_dir"] + ".log", "effexport build")]
     torch.cuda.empty_cache()
     for case in results["cases"]:

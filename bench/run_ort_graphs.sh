@@ -13,7 +13,7 @@ timeout "${T_BENCH:-480}" python3 bench/ort_graphs.py --out "$OUT" ${GRAPH_ARGS:
     | grep -v "CleanUnusedInitializers" > "$OUT/ort_graphs.log"
 wait
 grep -i "memcpy" "$OUT/ort_graphs.log" | head -n 40 > "$OUT/memcpy.txt"
-tail -n 4 "$OUT/pytest_graph.log"
+grep -E "^E |Error|passed|failed" "$OUT/pytest_graph.log" | head -n 30
 tail -n 14 "$OUT/ort_graphs.log"
 cp /tmp/ort_graphs/*.log "$OUT/" 2>/dev/null
 exit 0

@@ -8,10 +8,9 @@ reads or writes and keeps it at one address:
 
 * ``input_ids [B, 1]`` and ``pos`` (0-d int64) on the device, overwritten before each step;
   ``pos_host`` (the host copy GroupQueryAttention's ``total_sequence_length`` reads) beside them;
-* the caches: ``buffer``, ``ring`` and ``chunk`` caches are bound as their own present (the step
-  writes them in place: GroupQueryAttention into a shared buffer, the ring write a ``Gather`` that
-  runs after the only read of the old ring); every other kind has a present of its own that is
-  copied back into its past after the step (one fused device copy);
+* the caches: ``buffer`` caches are bound as their own present (GroupQueryAttention writes the new
+  rows into the shared buffer); every other kind (rings, states: a few rows each) has a present of
+  its own that is copied back into its past after the step (one fused device copy);
 * the logits ``[B, 1, V]``.
 
 ``initial_caches(B)`` resets that batch size's caches and returns them; every step returns those
@@ -40,8 +39,10 @@ from effexport.exporter.runtime import OrtRuntime, StepResult, _bind
 
 __all__ = ["CudaGraphRuntime", "IN_PLACE_KINDS"]
 
-IN_PLACE_KINDS = frozenset({"buffer", "ring", "chunk"})
-"""Cache kinds bound as their own present (the lowering reads the past before it writes the present)."""
+IN_PLACE_KINDS = frozenset({"buffer"})
+"""Cache kinds bound as their own present. Only full buffers: every reader of a buffer reads it after
+its one writer (KV-sharing consumers read the producer's present), while a ring's past is also read
+by consumers that run after its producer's write (they attend over the producer's past and new rows)."""
 DEVICE_POSITIONS = "effexport.device_positions"
 TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(bfloat16)": torch.bfloat16}
@@ -110,7 +111,7 @@ class CudaGraphRuntime(OrtRuntime):
             self._slots[batch] = _Slot(
                 ids=torch.zeros(batch, 1, dtype=torch.int64, device=dev),
                 pos=torch.zeros((), dtype=torch.int64, device=dev), pos_host=np.zeros((), dtype=np.int64),
-                pasts=pasts, presents=[None if e.kind in IN_PLACE_KINDS else torch.empty_like(p)
+                pasts=pasts, presents=[None if e.kind in IN_PLACE_KINDS else torch.zeros_like(p)
                                        for e, p in zip(self.entries, pasts)],
                 logits=torch.zeros(batch, 1, self.vocab, dtype=self.logits_dtype, device=dev))
         return self._slots[batch]

@@ -99,8 +99,7 @@ def test_generate_equals_the_plain_runtime(buffered):
 
 
 def test_caches_stay_in_place(buffered):
-    """Every step returns the runtime's own cache tensors; buffers and rings are written where they
-    are (same pointers, contents changed); chunked prefill at batch 2 (row by row) equals the plain
+    """Every step returns the runtime's own cache tensors (same pointers, contents changed); chunked prefill at batch 2 (row by row) equals the plain
     runtime's; caches from elsewhere are copied in."""
     plain, fixed = OrtRuntime(str(buffered)), CudaGraphRuntime(str(buffered), device="cpu")
     ids = _ids(2, 14, seed=7)
@@ -110,6 +109,7 @@ def test_caches_stay_in_place(buffered):
     assert first.caches is caches and [c.data_ptr() for c in first.caches] == pointers
     assert all(c.abs().sum() > 0 for c in caches)
     second = fixed.step(ids[:, 6:13], 6, first.caches)  # a chunk on a non-empty cache at batch 2
+    elsewhere = [c.clone() for c in second.caches]  # the next step overwrites the runtime's own
     third = fixed.step(ids[:, 13:14], 13, second.caches)
     want = plain.step(ids[:, :6], 0, plain.initial_caches(2))
     want = plain.step(ids[:, 6:13], 6, want.caches)
@@ -117,7 +117,7 @@ def test_caches_stay_in_place(buffered):
     want = plain.step(ids[:, 13:14], 13, want.caches)
     assert np.array_equal(third.logits, want.logits)
     other = CudaGraphRuntime(str(buffered), device="cpu")
-    adopted = other.step(ids[:, 13:14], 13, [c.clone() for c in second.caches])
+    adopted = other.step(ids[:, 13:14], 13, elsewhere)
     assert np.array_equal(adopted.logits, want.logits)
 
 
@@ -138,8 +138,8 @@ def test_cuda_graph_replay_equals_uncaptured(tmp_path):
     out = tmp_path / "buffer"
     _build(out, "--kv-cache", "buffer")
     plain, graphs = OrtRuntime(str(out), device="cuda"), CudaGraphRuntime(str(out), device="cuda")
-    for batch in (1, 2):
-        ids = _ids(batch, 10, seed=batch)
+    for batch, prompt in ((1, 3), (2, 10)):  # a prompt shorter than the 8-position window, and longer
+        ids = _ids(batch, prompt, seed=batch)
         tokens_a, logits_a = plain.generate(ids, 16)
         tokens_b, logits_b = graphs.generate(ids, 16)
         assert np.array_equal(tokens_a, tokens_b)

@@ -11,9 +11,11 @@
   as ``head_sink``. GQA needs ``d == dv``, a non-zero scale, ``d`` a multiple of 8 and ``d <= 256``
   (above, ORT's CUDA kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
   decomposition below is used.
-* ``attention_ring`` (sliding, or chunked with ``chunked=True``: the mask ``q - k <= q mod C``) and
-  ``attention_read(ring=True)``: GQA's contiguous past/present cannot express a ring, so they use
-  the decomposition.
+* ``attention_ring`` (sliding) where GQA takes the head size: one GroupQueryAttention with
+  ``sliding_window_cache = 1`` over a W-row cache in GQA's windowed layout (newest positions in
+  order from row 0: :func:`attend_gqa_window`), which ``attention_read(ring=True)`` then reads by
+  that layout's positions. Chunked rings (``chunked=True``: the mask ``q - k <= q mod C``) and other
+  head sizes keep the eager op's ring (slot ``p mod W``) and the decomposition.
 * ``attention_buffer`` (the fixed-capacity full cache) becomes one GroupQueryAttention in its
   shared-buffer form: ``past_key`` is the whole ``[B, Hkv, C, d]`` buffer, ``seqlens_k = pos + T - 1``
   and ``total_sequence_length = pos + T`` come from ``pos``, and ``present_key`` has the buffer's
@@ -240,12 +242,55 @@ def attention_cache_standard(q, k_new, v_new, k_past, v_past, sinks=None, scale:
 
 
 # ---------------------------------------------------------------------------- attention_ring
+def _window_cache(profile: str, dims: Dims, chunked: bool = False) -> bool:
+    """The ``ort`` profile holds a sliding ring in GroupQueryAttention's windowed layout
+    (``sliding_window_cache``) wherever GQA takes the head size: see :func:`attend_gqa_window`."""
+    return (profile == "ort" and not chunked and dims.d == dims.dv and dims.d <= GQA_MAX_HEAD_DIM
+            and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
+
+
+def attend_gqa_window(q, k_new, v_new, k_win, v_win, pos, sinks, scale: float, window: int, softcap: float,
+                      dims: Dims):
+    """Sliding-window attention over a W-row window cache, one ``GroupQueryAttention`` with
+    ``sliding_window_cache = 1`` that also writes the cache.
+
+    The window layout (GQA's, not the eager op's ring): after a step ending at position ``e``, rows
+    ``0..L-1`` hold positions ``e-L+1..e`` in order, ``L = min(e + 1, W)``; later rows are unspecified.
+    Both layouts start as zeros, and only this profile's nodes read the cache, so the artifact is
+    self-consistent (KV-sharing consumers of a ring run the same lowering over the producer's past).
+    ``seqlens_k = pos + T - 1`` on the device; ``total_sequence_length`` is W for a one-token step
+    (ORT sizes nothing by it for a windowed cache; a constant keeps a captured CUDA graph valid) and
+    ``pos + T`` for a chunk (:mod:`.host_positions` reads it from ``pos_host``)."""
+    if scale == 0.0:
+        raise ValueError("attention_ring: scale 0 (GroupQueryAttention reads it as 1/sqrt(d))")
+    heads, kv_heads, _, dv = dims
+    t_len = b.dim(q, 2)
+    seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), q)
+    total = op.Cast(op.Where(op.Equal(t_len, b.i64(1)), b.i64(window), op.Add(pos, t_len)), to=6)
+    out, k_present, v_present = msft.GroupQueryAttention(
+        _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_win, v_win, seqlens, total,
+        head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), softcap=float(softcap),
+        local_window_size=window, sliding_window_cache=1)
+    out = op.Transpose(op.Reshape(out, b.ints([0, 0, heads, dv])), perm=[0, 2, 1, 3])
+    return out, k_present, v_present
+
+
+def _window_positions(end, slots: int):
+    """Position held by each row of a window cache after a step ending at ``end`` (0-d, device):
+    ``e - L + 1 + r`` for rows ``r < L = min(e + 1, W)``, -1 (never filled) for the others."""
+    row = op.Range(b.i64(0), b.i64(slots), b.i64(1))
+    filled = op.Min(op.Add(end, b.i64(1)), b.i64(slots))
+    return op.Where(op.Less(row, filled), op.Add(op.Sub(op.Add(end, b.i64(1)), filled), row), b.i64(-1))
+
+
 def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, profile,
                     chunked=False):
     dims = Dims.of(q, k_new, v_new)
     slots = b.static_dim(k_ring, 2, "attention_ring")
     if slots != window:
         raise ValueError(f"attention_ring: ring of {slots} slots for window {window}")
+    if _window_cache(profile, dims, chunked):
+        return attend_gqa_window(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, dims)
     t_len = b.dim(q, 2)
     old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
     new_pos = b.positions(pos, t_len)  # [T]
@@ -284,8 +329,12 @@ def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, rin
     attend = _attend_standard if profile == "standard" else attend_decomposed
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
-        k_pos = b.ring_positions(b.plus(pos, op.Sub(t_len, b.i64(1))), slots)
-        mask = b.visible(q_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
+        end = b.plus(pos, op.Sub(t_len, b.i64(1)))
+        k_pos = _window_positions(end, slots) if _window_cache(profile, dims) else b.ring_positions(end, slots)
+        filled = op.GreaterOrEqual(k_pos, b.i64(0))
+        if _window_cache(profile, dims):  # GQA leaves unfilled rows unspecified: no NaN may reach P x V
+            v_cache = op.Where(op.Reshape(filled, b.ints([1, 1, -1, 1])), v_cache, op.CastLike(b.f32c(0.0), v_cache))
+        mask = b.visible(q_pos, k_pos, window, filled)
         return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
     if profile == "ort" and _gqa_fits(dims, scale) and b.known_dim(k_cache, 2) is None:
         # a growing cache (the producer's present): rows 0..pos+T-1 exactly; past = all but the last T
