@@ -78,6 +78,8 @@ def runtime_info(runtime, manifest: dict) -> tuple[str, str, str]:
 
 def seeded_prompt(loaded, length: int, seed: int):
     """The default prompt: ``length`` tokens at batch 2 drawn with ``seed`` (``LoadedModel.example_ids``)."""
+    if not 0 <= seed < 1 << 63:
+        raise UsageError(f"--seed {seed}: give a whole number from 0 to 2**63 - 1, e.g. 2 (the build's prompt)")
     return loaded.example_ids(2, length, seed=seed), {"source": "seed", "seed": seed, "batch": 2, "length": length}
 
 

@@ -182,6 +182,8 @@ def _write(name: str, text: str):
     pytest.param(["--prompt-ids", _write("p.txt", "hello")], "is text (not a JSON list), and the artifact was built "
                  "from pickle", id="prompt-text-without-tokenizer"),
     pytest.param(["--prompt-ids", "nowhere.json"], "--prompt-ids: nowhere.json: cannot read", id="prompt-missing"),
+    pytest.param(["--seed", "-1"], "--seed -1: give a whole number from 0 to 2**63 - 1", id="seed-negative"),
+    pytest.param(["--seed", str(1 << 64)], "give a whole number from 0 to 2**63 - 1", id="seed-too-large"),
 ])
 def test_bad_flags_and_files_are_one_line_exit_2(built, tmp_path, capsys, flags, message):
     """A bad tolerance or prompt file: one line, exit 2; ``--junit`` still records the check as an error."""
