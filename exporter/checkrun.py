@@ -134,20 +134,24 @@ def _json_ids(path: str, text: str) -> list[list[int]]:
         raise UsageError(f"--prompt-ids: {path} is not a non-empty list of integer token ids (or a list of such "
                          "lists); give e.g. [1, 2, 3] or [[1, 2], [3, 4]]")
     if len({len(r) for r in rows}) != 1:
-        raise UsageError(f"--prompt-ids: {path}'s rows have different lengths ({', '.join(str(len(r)) for r in rows[:4])}); "
-                         "a batch's rows must be equally long")
+        lengths = ", ".join(str(len(r)) for r in rows[:4])
+        raise UsageError(f"--prompt-ids: {path}'s rows have different lengths ({lengths}); a batch's rows must be "
+                         "equally long")
     return rows
 
 
 def _tokenize(path: str, text: str, manifest: dict) -> list[list[int]]:
     """``text`` tokenized by the tokenizer of the HF directory the artifact was built from."""
     source = manifest.get("source") or {}
-    directory = source.get("path") if source.get("kind") in ("hf", "pickle+hf") else None
-    if not directory or not os.path.isdir(directory) or not any(
-            os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
-        what = f"{directory} has no tokenizer" if directory else \
-            f"the artifact was built from {source.get('kind', 'a model')} {source.get('name') or source.get('path') or ''}".rstrip() + \
-            ", not a Hugging Face directory with a tokenizer"
+    directory = source.get("path") if source.get("kind") == "hf" else None
+    if not directory:
+        built = f"{source.get('kind', 'a model')} {source.get('name') or source.get('path') or ''}".rstrip()
+        what = f"the artifact was built from {built}, not a Hugging Face directory with a tokenizer"
+    elif not any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES):
+        what = f"the model directory {directory} has no tokenizer ({', '.join(TOKENIZER_FILES)})"
+    else:
+        what = ""
+    if what:
         raise UsageError(f"--prompt-ids: {path} is text (not a JSON list), and {what}; "
                          "give the prompt as token ids, e.g. [1, 2, 3]")
     if not text.strip():

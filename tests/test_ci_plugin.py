@@ -228,6 +228,12 @@ def test_text_prompt_uses_the_model_directory_tokenizer(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the pytest plugin
+def _pytest(pytester, *args):
+    """An in-process pytest run in ``pytester.path`` (the plugin loads through its entry point); no cache
+    files, and no pytest-benchmark (where installed it warns inside an xdist worker)."""
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:benchmark", *args)
+
+
 def _outcomes(result) -> dict:
     return {k: v for k, v in result.parseoutcomes().items() if k in ("passed", "failed", "errors", "error")}
 
@@ -251,9 +257,8 @@ def test_plugin_collects_each_output_as_an_item_and_shares_one_check(built, pyte
             assert result.logits.shape == (1, 3, 40)
             assert effexport_artifact.manifest["target"] == "onnx"
     """)
-    result = pytester.runpytest_inprocess("-v", "-p", "no:cacheprovider", "--junitxml", "report.xml",
-                                          "--effexport", "out", "--effexport-trust-pickle",
-                                          "--effexport-steps", STEPS)
+    result = _pytest(pytester, "-v", "--junitxml", "report.xml", "--effexport", "out", "--effexport-trust-pickle",
+                     "--effexport-steps", STEPS)
     assert result.ret == 0, result.stdout.str()
     assert _outcomes(result) == {"passed": 4}
     for name in OUTPUT_CASES:
@@ -266,8 +271,7 @@ def test_plugin_collects_each_output_as_an_item_and_shares_one_check(built, pyte
 
 def test_plugin_fails_a_perturbed_artifact_with_one_line_per_output(built, pytester):
     _, bad = built
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--effexport", str(bad),
-                                          "--effexport-trust-pickle", "--effexport-steps", STEPS)
+    result = _pytest(pytester, "--effexport", str(bad), "--effexport-trust-pickle", "--effexport-steps", STEPS)
     assert result.ret == 1 and _outcomes(result) == {"passed": 1, "failed": 2}
     failures = [r for r in result.reprec.getreports("pytest_runtest_logreport") if r.failed]
     assert sorted(r.head_line.split()[-1] for r in failures) == ["logits/decode", "logits/prefill"]
@@ -288,16 +292,16 @@ def test_plugin_tolerance_from_ini_and_the_command_line(built, pytester):
         effexport_steps = {STEPS}
         effexport_trust_pickle = true
     """)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result = _pytest(pytester)
     assert result.ret == 0 and _outcomes(result) == {"passed": 3}, result.stdout.str()
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--effexport-tolerance", "logits/prefill=1e-4")
+    result = _pytest(pytester, "--effexport-tolerance", "logits/prefill=1e-4")
     assert result.ret == 1 and _outcomes(result) == {"passed": 2, "failed": 1}
     assert "logits/prefill over the prompt: max abs " in result.stdout.str()
     assert "> tolerance 0.0001 [--effexport-tolerance (logits/prefill)]" in result.stdout.str()
 
 
 def test_plugin_missing_artifact_is_a_one_line_collection_error(pytester):
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--effexport", "out/nothing")
+    result = _pytest(pytester, "--effexport", "out/nothing")
     assert result.ret == pytest.ExitCode.INTERRUPTED
     (report,) = [r for r in result.reprec.getreports("pytest_collectreport") if r.failed]
     assert str(report.longrepr) == ("effexport artifact 'out/nothing' does not exist (no such directory); build it "
@@ -307,8 +311,7 @@ def test_plugin_missing_artifact_is_a_one_line_collection_error(pytester):
 
 def test_plugin_bad_tolerance_is_a_usage_error(pytester):
     pytester.mkdir("art")
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--effexport", "art",
-                                          "--effexport-tolerance", "logits=0")
+    result = _pytest(pytester, "--effexport", "art", "--effexport-tolerance", "logits=0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "effexport: --effexport-tolerance: tolerance logits='0' is not a positive number" in result.stderr.str()
 
@@ -323,7 +326,7 @@ def test_plugin_is_inert_without_artifacts_and_imports_no_torch(pytester):
         def test_fixture(effexport_artifact):
             pass
     """)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rs")
+    result = _pytest(pytester, "-rs")
     assert _outcomes(result) == {"passed": 1} and result.parseoutcomes()["skipped"] == 1
     result.stdout.fnmatch_lines(["*no effexport artifact named*"])
     probe = ("import sys, importlib.metadata as m; "
