@@ -6,7 +6,10 @@ with ``--trust-pickle`` (~10 s on 2 cores), plus a copy whose ONNX logits are mu
 inside the graph (max rel error ~1e-3: fails fp32's 1e-4, passes a 5e-3 override). Each check of it
 re-loads the pickle and runs 8 decode steps (~1 s). The JUnit XML is checked against the common
 JUnit schema's structure (what Jenkins' / GitLab's readers accept: testsuites > testsuite > testcase >
-failure | error | system-out, with the counting attributes) by :func:`assert_junit`.
+failure | error | system-out, with the counting attributes) by :func:`assert_junit`. Without a GPU,
+the half-precision and CUDA-provider paths are checked on their parts: the cases of a half-precision
+report, the configured tolerance as the half check's floor (bf16 eager as the artifact), and the
+provider a session reports.
 """
 from __future__ import annotations
 
@@ -334,3 +337,50 @@ def test_plugin_is_inert_without_artifacts_and_imports_no_torch(pytester):
              "print(sorted(n for n in ('torch', 'onnxruntime', 'numpy') if n in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------- cases, half precision, providers
+def test_cases_of_a_half_precision_check_and_nan():
+    """Half precision: a logits case's tolerance is the check's bound (its source says so), the greedy
+    tokens pass when the half rule accepted them though they differ from fp32 eager's; NaN fails."""
+    from effexport.exporter.checkrun import CheckRun
+    from effexport.exporter.junit import cases
+    from effexport.exporter.parity import OutputError, ParityReport
+
+    parity = ParityReport(False, 4, 3e-2, [OutputError("logits/prefill", 1.0, 1e-2),
+                                          OutputError("logits/decode", float("nan"), float("nan"))],
+                          tokens_equal=False, detail="bounds ...; greedy token differs at decode step 2",
+                          mode="the bf16 artifact against fp32 eager", tolerances={"logits/prefill": 3e-2,
+                                                                                   "logits/decode": 2e-2},
+                          tokens_ok=True)
+    run = CheckRun("art", {"target": "onnx", "dtype": "bf16"}, parity, "onnxruntime", "CUDAExecutionProvider", "cuda",
+                   tolerance_sources={"logits/prefill": "default (bf16)", "logits/decode": "default (bf16)"})
+    got = {c.name: c for c in cases(run)}
+    assert got["logits/prefill"].passed and "<= tolerance 0.03 [bound of the bf16 artifact" in got["logits/prefill"].message
+    assert "floor from default (bf16)" in got["logits/prefill"].message
+    assert not got["logits/decode"].passed and "max rel nan > tolerance 0.02" in got["logits/decode"].message
+    assert got["greedy-tokens"].passed and "greedy token differs at decode step 2" in got["greedy-tokens"].message
+
+
+def test_half_precision_check_takes_the_configured_tolerance_as_its_floor():
+    from effexport.exporter.parity import EagerRuntime, check_parity_half
+
+    fp32 = negatives.build(negatives.NegConfig(layers=2, vocab=40)).eval()
+    half = negatives.build(negatives.NegConfig(layers=2, vocab=40)).eval().to(torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+    prompt = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(3))
+    report = check_parity_half(half, fp32, EagerRuntime(half), prompt, 3, "bf16", {"logits/decode": 0.5})
+    assert report.tolerances["logits/decode"] == 0.5 and 2e-2 <= report.tolerances["logits/prefill"] < 0.5
+    assert report.to_json()["tolerances"] == report.tolerances
+
+
+def test_runtime_info_names_the_execution_provider_that_ran():
+    from types import SimpleNamespace
+
+    from effexport.exporter.checkrun import runtime_info
+
+    cuda = SimpleNamespace(session=SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    runtime, provider, device = runtime_info(cuda, {"target": "onnx", "dtype": "bf16"})
+    assert runtime.startswith("onnxruntime ") and provider == "CUDAExecutionProvider" and device == "cuda"
+    assert runtime_info(object(), {"target": "aoti", "aoti": {"device": "cpu"}}) == ("AOTInductor", "AOTInductor cpu", "cpu")
+    assert runtime_info(object(), {"target": "tensorrt"}) == ("TensorRT", "TensorRT", "cuda")
