@@ -42,6 +42,8 @@ quantized-cache features.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -52,7 +54,7 @@ from onnxscript import opset23 as op23
 from effexport.exporter.onnx import _build as b
 from effexport.exporter.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
 
-__all__ = ["TRANSLATIONS", "attend_decomposed"]
+__all__ = ["TRANSLATIONS", "attend_decomposed", "slot_rings"]
 
 ensure_gqa_schema()
 msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
@@ -242,11 +244,28 @@ def attention_cache_standard(q, k_new, v_new, k_past, v_past, sinks=None, scale:
 
 
 # ---------------------------------------------------------------------------- attention_ring
+_SLOT_RINGS = contextvars.ContextVar("effexport_slot_rings", default=False)
+
+
+@contextlib.contextmanager
+def slot_rings():
+    """Lower sliding rings as the eager op's slot ring (``p mod W``, written by a ``Gather``) even in
+    the ``ort`` profile. For runtimes that bind a ring's past and present to one buffer (GenAI):
+    GroupQueryAttention's windowed cache would be updated in place by the producer layer before
+    its KV-sharing consumers read the old rows."""
+    token = _SLOT_RINGS.set(True)
+    try:
+        yield
+    finally:
+        _SLOT_RINGS.reset(token)
+
+
 def _window_cache(profile: str, dims: Dims, chunked: bool = False) -> bool:
     """The ``ort`` profile holds a sliding ring in GroupQueryAttention's windowed layout
-    (``sliding_window_cache``) wherever GQA takes the head size: see :func:`attend_gqa_window`."""
-    return (profile == "ort" and not chunked and dims.d == dims.dv and dims.d <= GQA_MAX_HEAD_DIM
-            and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
+    (``sliding_window_cache``) wherever GQA takes the head size (not under :func:`slot_rings`):
+    see :func:`attend_gqa_window`."""
+    return (profile == "ort" and not chunked and not _SLOT_RINGS.get() and dims.d == dims.dv
+            and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
 
 
 def attend_gqa_window(q, k_new, v_new, k_win, v_win, pos, sinks, scale: float, window: int, softcap: float,
