@@ -337,7 +337,6 @@ def main(argv=None) -> int:
         name = case["case"]
         try:
             for proc, log, what in jobs[name]:
-                t0 = time.monotonic()
                 wait(proc, log, max(10.0, args.build_timeout - (time.monotonic() - started)), f"{name} {what}")
                 case[f"{what.split()[0]}_build_done_s"] = time.monotonic() - started
             if case.get("genai_dir"):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import assert_close
+from _helpers import assert_close, step_feeds
 
 import effexport.custom_ops  # noqa: F401  (registers the ops)
 
@@ -260,10 +260,9 @@ def test_llama4_onnx_parity(llama4, tmp_path, profile):
     path = tmp_path / "step.onnx"
     export_step(llama4.program, llama4.analysis.plan, str(path), profile)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
 
     def step(tokens, pos, caches):
-        out = sess.run(None, dict(zip(names, [tokens.numpy(), np.array(pos, np.int64), *caches])))
+        out = sess.run(None, step_feeds(sess, tokens.numpy(), pos, caches))
         assert all(out[1 + i].shape[2] == C for i in range(4))  # chunk caches: layers 0-1, k and v
         return out[0], out[1:]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import step_feeds
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'effexport[hf]')")
@@ -73,14 +74,13 @@ def test_zaya_held_out_onnx_parity(tmp_path):
     path = tmp_path / "step.onnx"
     export_step(program, analysis.plan, str(path), "ort")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
     ids = torch.randint(0, 128, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = hf(input_ids=ids).logits.double().numpy()
     caches = [x.numpy() for x in analysis.plan.empty_caches(BATCH)]
     worst = 0.0
     for start, end in [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, PREFILL + DECODE)]:
-        out = sess.run(None, dict(zip(names, [ids[:, start:end].numpy(), np.array(start, np.int64), *caches])))
+        out = sess.run(None, step_feeds(sess, ids[:, start:end].numpy(), start, caches))
         logits, caches = out[0], out[1:]
         want = ref[:, start:end]
         err = np.abs(logits - want).max() / np.abs(want).max()

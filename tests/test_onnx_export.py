@@ -19,7 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from _helpers import assert_close, assert_long_enough
+from _helpers import assert_close, assert_long_enough, step_feeds
 
 import effexport.custom_ops  # noqa: F401  (registers the ops named below)
 from effexport.exporter.onnx.export import _save, export_step, step_io_names
@@ -69,12 +69,11 @@ def exported(step, tmp_path_factory):
 def _decode(path, plan, ids: torch.Tensor) -> list[np.ndarray]:
     """Prefill ``PREFILL`` tokens at pos 0 from the plan's empty caches, then one token per step."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
     caches = [c.numpy() for c in plan.empty_caches(ids.shape[0])]
-    out = sess.run(None, dict(zip(names, [ids[:, :PREFILL].numpy(), np.array(0, np.int64), *caches])))
+    out = sess.run(None, step_feeds(sess, ids[:, :PREFILL].numpy(), 0, caches))
     logits = [out[0]]
     for t in range(PREFILL, PREFILL + DECODE):
-        out = sess.run(None, dict(zip(names, [ids[:, t:t + 1].numpy(), np.array(t, np.int64), *out[1:]])))
+        out = sess.run(None, step_feeds(sess, ids[:, t:t + 1].numpy(), t, out[1:]))
         logits.append(out[0])
     return logits
 
@@ -100,9 +99,13 @@ def test_cache_io_is_the_plan(step, exported, profile):
     _, _, analysis, _ = step
     model = exported[profile][1]
     inputs, outputs = step_io_names(analysis.plan)
-    assert [i.name for i in model.graph.input] == inputs
+    graph_inputs = [i for i in model.graph.input if i.name != "pos_host"]  # ort: GQA's host position
+    assert [i.name for i in graph_inputs] == inputs
     assert [o.name for o in model.graph.output] == outputs
-    for entry, value in zip(analysis.plan.entries, model.graph.input[2:]):
+    assert ("pos_host" in [i.name for i in model.graph.input]) == (
+        profile == "ort" and any(n.op_type == "GroupQueryAttention" and n.input[6].endswith("_host")
+                                 for n in model.graph.node))
+    for entry, value in zip(analysis.plan.entries, graph_inputs[2:]):
         dims = value.type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch"
         for d, want in zip(dims, entry.shape):
@@ -212,7 +215,7 @@ def test_runtime_chunk_on_a_cache_at_batch_2(step, exported, tmp_path):
     the model has GQA, the batched call either raises that error or agrees with the runtime."""
     model, _, analysis, vocab = step
     path = exported["ort"][0]
-    inputs, outputs = step_io_names(analysis.plan)
+    inputs, outputs = [i.name for i in exported["ort"][1].graph.input], step_io_names(analysis.plan)[1]
     shutil.copyfile(path, tmp_path / "model.onnx")  # a copy: an artifact's files must lie inside it
     (tmp_path / MANIFEST).write_text(json.dumps({
         "target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
@@ -241,7 +244,7 @@ def test_runtime_io_binding_keeps_caches_as_ort_values(step, exported, tmp_path)
     import onnxruntime as ort
 
     _, _, analysis, vocab = step
-    inputs, outputs = step_io_names(analysis.plan)
+    inputs, outputs = [i.name for i in exported["ort"][1].graph.input], step_io_names(analysis.plan)[1]
     shutil.copyfile(exported["ort"][0], tmp_path / "model.onnx")
     (tmp_path / MANIFEST).write_text(json.dumps({
         "target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
