@@ -13,6 +13,7 @@ The result is a :class:`StepProgram`: a GraphModule with a flat signature
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -101,6 +102,37 @@ def _check_dynamic(graph: fx.Graph, in_names: list[str], seq_dims: dict) -> None
                     "branch shape-independent (torch.where / torch.cond) and export again")
 
 
+def _guard_text(guard: str) -> str:
+    """A guard of torch.export's ``_guards_code`` in the step's input names: ``L['past']['0.k'].size()[2]``
+    -> ``past.0.k.shape[2]``."""
+    guard = re.sub(r"L\['input_ids'\]\.size\(\)\[(\d+)\]", r"input_ids.shape[\1]", guard)
+    return re.sub(r"L\['past'\]\['([^']+)'\]\.size\(\)\[(\d+)\]", r"past.\1.shape[\2]", guard)
+
+
+def _check_unbounded(graph: fx.Graph, in_names: list[str], seq_dims: dict, ep) -> None:
+    """Fail clearly if export bounded a cache length from above: the model's forward branched on a
+    length in Python (``if keys > 64: window``), export traced the branch the example took and kept
+    its condition only as a bound on the inputs, so the graph would compute the wrong branch past it
+    (the bound is not enforced once the graph is rewritten and lowered). A bound on the new-token
+    count alone is allowed: a compressor's per-step block count (DeepSeek V4) is a branch the passes
+    replace, and the parity run's prefill crosses it."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, in_names):
+        val, dim = node.meta.get("val"), seq_dims.get(name)
+        if dim is None or not isinstance(val, torch.Tensor) or not isinstance(val.shape[dim], torch.SymInt):
+            continue
+        for sym in val.shape[dim].node.expr.free_symbols:
+            upper = ep.range_constraints[sym].upper if sym in ep.range_constraints else None
+            if upper is None or bool(upper >= 2 ** 62):  # int_oo: unbounded
+                continue
+            guards = [_guard_text(g) for g in getattr(ep, "_guards_code", ()) if re.search(r"(?<![!=<>])[<>]", g)]
+            raise CaptureError(
+                f"torch.export bounded the cache length of {name!r} to at most {int(upper)}: the model's "
+                "forward branches on a length in Python (" + ("; ".join(guards) or "a size condition")
+                + "), and the graph keeps only the branch the capture's short example took, so it would be "
+                "wrong past that length; write the branch with tensor ops (torch.where) or torch.cond")
+
+
 def dynamic_spec(seq_dims: dict) -> tuple:
     """``dynamic_shapes`` for ``model(input_ids, past)``: batch and new-token count of the ids, batch
     and (where it grows) the sequence dim of every past tensor, all ``Dim.AUTO``."""
@@ -141,6 +173,7 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
     out_names = ["logits"] + [f"present.{_key(p)}" for p, _ in out_flat[1:]]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _check_dynamic(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()})
+    _check_unbounded(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()}, ep)
     if len(placeholders) != len(in_names):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs, expected {len(in_names)}")
     output = next(n for n in graph.nodes if n.op == "output")
