@@ -321,15 +321,14 @@ def test_chunked_rewritten_to_chunk_caches(negative):
 
 @pytest.mark.parametrize("name", [
     pytest.param("padding", id="pad-token-0"),
-    pytest.param("padding3", id="pad-token-3", marks=pytest.mark.xfail(strict=True, reason=(
-        "known bug: passes/masks.py probes a mask with all-zero inputs, so a padding mask whose pad "
-        "id is not 0 looks causal there; it is rewritten as causal and the padding is dropped"))),
+    pytest.param("padding3", id="pad-token-3"),
 ])
 def test_padding_mask_left_alone(negative, name):
     """A mask that reads the token values (padding keys hidden) is no causal or window mask: every
-    site ``unknown`` and left alone (softmax kept, full caches), and the step graph still hides the
-    padding keys (parity over 70 tokens, the premise: the padding changes the logits). With pad id 3
-    the rewrite takes it for causal (the xfail above)."""
+    site ``unknown`` and left alone (softmax kept, full caches) with the reason that the mask reads
+    ``input_ids``' values, and the step graph still hides the padding keys (parity over 70 tokens, the
+    premise: the padding changes the logits). Pad id 3 was taken for causal while the mask probes fed
+    all-zero token ids (``ids != 3`` is all True there); the xfail until the fix."""
     model, program, analysis = negative(name)
     n, ids = model.cfg.layers, token_ids(model.cfg.vocab, sum(NEG_CHUNKS))
     causal = negatives.build(NegConfig(mask="causal", vocab=model.cfg.vocab))
@@ -337,11 +336,32 @@ def test_padding_mask_left_alone(negative, name):
     with torch.no_grad():
         assert not torch.allclose(model(ids)[0], causal(ids)[0]), "premise: padding changes nothing"
     assert [s.mask_kind for s in analysis.sites] == ["unknown"] * n
+    assert all("reads the values of input_ids" in s.reason for s in analysis.sites), analysis.sites[0].reason
     assert analysis.counts["rewrite"]["left_alone"] == n
     assert op_counts(program.gm) == {"softmax": n, "attention": 0, "attention_cache": 0,
                                      "attention_ring": 0, "attention_read": 0}
     assert {e.kind for e in analysis.plan.entries} == {"full"}
     assert neg_parity(model, program, analysis) <= 1e-5
+
+
+def test_mask_from_sizes_of_ids_still_causal():
+    """The other side of the padding rule: a mask that uses ``input_ids`` only for its sizes (HF's
+    default ``attention_mask = ones_like(input_ids)``, ``new_ones``) is still classified causal."""
+    from effexport.passes.masks import MaskClassifier
+
+    class Mask(torch.nn.Module):
+        def forward(self, ids, cache):  # ids [B, T], cache [B, P, d]: [B, T, P + T] causal & all-ones
+            t, s = ids.shape[1], cache.shape[1] + ids.shape[1]
+            q, k = torch.arange(s - t, s), torch.arange(s)
+            keep = torch.cat([ids.new_ones(ids.shape[0], s - t), torch.ones_like(ids)], dim=1).bool()
+            return (k[None, :] <= q[:, None])[None] & keep[:, None, :]
+
+    auto = torch.export.Dim.AUTO
+    gm = torch.export.export(Mask(), (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 5, 4)),
+                             dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto})).module()
+    mask = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    kind = MaskClassifier(gm).classify(mask, "visible")
+    assert kind.kind == "causal", kind.reason
 
 
 def test_alibi_bias_not_rewritten(negative):
