@@ -227,6 +227,9 @@ NEGATIVES = {
     "padding3": NegConfig(mask="padding", vocab=6, pad=3),
     "alibi": NegConfig(mask="alibi"),
     "python_if": NegConfig(mask="python_if"),
+    "tied_k": NegConfig(mask="causal", lookalike="tied_k"),
+    "other_proj": NegConfig(mask="causal", lookalike="other_proj"),
+    "biased_read": NegConfig(mask="causal", lookalike="biased_read"),
 }
 
 
@@ -291,6 +294,46 @@ def test_equal_independent_kv_not_shared(negative):
     assert analysis.counts["kv_sharing"] == {"groups": n, "consumers": 0, "owners": 0}
     assert [r.role for r in analysis.plan.layers] == ["independent"] * n
     assert [e.name for e in analysis.plan.entries] == [f"{i}.{t}" for i in range(n) for t in "kv"]
+    assert neg_parity(model, program, analysis) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["tied_k", "other_proj"])
+def test_kv_lookalikes_with_own_cache_not_shared(negative, name):
+    """K/V that resemble layer 0's: layer 1 applies layer 0's K projection module to its own input
+    (``tied_k``), or its own projections to layer 0's input (``other_proj``). The premise: the same
+    weights or the same source, other values. Each layer is independent with its own cache; parity."""
+    model, program, analysis = negative(name)
+    n = model.cfg.layers
+    with torch.no_grad():
+        _, present = model(token_ids(model.cfg.vocab, 5))
+    first = model.attn[0]
+    assert (model.attn[1].k is first.k) == (name == "tied_k") and model.attn[1].v is not first.v
+    assert not torch.allclose(present["0.k"], present["1.k"]), "premise: layer 1 holds layer 0's K"
+    assert len({s.k for s in analysis.sites}) == n
+    assert analysis.counts["kv_sharing"] == {"groups": n, "consumers": 0, "owners": 0}
+    assert [(r.role, r.reads) for r in analysis.plan.layers] == [("independent", i) for i in range(n)]
+    assert [e.name for e in analysis.plan.entries] == [f"{i}.{t}" for i in range(n) for t in "kv"]
+    assert op_counts(program.gm)["attention_cache"] == n
+    assert neg_parity(model, program, analysis) <= 1e-5
+
+
+def test_kv_lookalike_biased_read_not_shared(negative):
+    """Layer 1 reads layer 0's whole K/V (its cache too) and adds a bias to K: it reads layer 0's cache
+    but is no consumer of it (a consumer reads the owner's K as-is and would drop the bias). Layer 0
+    owns the only cache; layer 1 attends over the biased K in the step graph (``plain``), not through
+    an ``attention_read`` of layer 0's cache; parity (the premise: the bias changes the logits)."""
+    model, program, analysis = negative("biased_read")
+    ids = token_ids(model.cfg.vocab, sum(NEG_CHUNKS))
+    unbiased = negatives.build(model.cfg)
+    unbiased.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        unbiased.attn[1].k_bias.zero_()
+        assert not torch.allclose(model(ids)[0], unbiased(ids)[0]), "premise: the bias changes nothing"
+    assert analysis.counts["kv_sharing"] == {"groups": 2, "consumers": 0, "owners": 0}
+    assert [(s.role, s.cache) for s in analysis.sites] == [("independent", "full"), ("independent", "plain")]
+    assert [e.name for e in analysis.plan.entries] == ["0.k", "0.v"]
+    counts = op_counts(program.gm)
+    assert (counts["attention_cache"], counts["attention"], counts["attention_read"]) == (1, 1, 0)
     assert neg_parity(model, program, analysis) <= 1e-5
 
 
