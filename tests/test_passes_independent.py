@@ -12,7 +12,7 @@ Covered:
   independently computed K/V (not shared), bidirectional (classified full), chunked (left alone),
   a padding mask read from the token values (unknown, left alone), an ALiBi-style score bias (no
   attention op: the bias has no argument in the ops), a window switched on by a Python ``if`` on
-  the length (refused at capture, naming the bound);
+  the length (refused at capture, naming the condition, on either side of the example's length);
 * HF idioms that once broke the passes: HF's verbatim ``repeat_kv`` indexing (a no-op slice before
   the unsqueeze), ``.to(dtype)`` in mask code (export's ``_assert_tensor_metadata`` kept dead masks
   alive), and a bidirectional (full) mask over a cache (must be left alone, not made causal).
@@ -424,16 +424,22 @@ def test_alibi_bias_not_rewritten(negative):
     assert neg_parity(model, program, analysis) <= 1e-5
 
 
-def test_python_if_window_refused_at_capture():
-    """A window that a Python ``if`` switches on past 64 keys: the capture (9 tokens) traces only the
-    causal branch, and export keeps the condition only as a bound on the inputs (keys <= 64). The
-    capture refuses the model, naming the bound and the condition, instead of building a step graph
-    that stays causal past the gate (it did until the check: the xfail until then). Not detected: a
-    gate below the capture's example length (the branch taken is then the windowed one, and export
-    keeps ``keys > gate`` as a guard that bounds no single input)."""
+@pytest.mark.parametrize("gate, condition", [
+    pytest.param(64, "input_ids.shape[1] + past.0.k.shape[2] <= 64", id="gate-past-the-example"),
+    pytest.param(7, "input_ids.shape[1] + past.0.k.shape[2] > 7", id="gate-within-the-example"),
+])
+def test_python_if_window_refused_at_capture(gate, condition):
+    """A window that a Python ``if`` switches on past ``gate`` keys: the capture (9 keys) traces one
+    branch only -- causal for gate 64, windowed for gate 7 -- and export keeps the condition only as
+    a guard on the inputs (for 64 also as the bound keys <= 64). The capture refuses the model, naming
+    the condition, instead of building a step graph that is causal past the gate, or windowed before
+    it (it built them until the check: the strict xfail until then). Not detected: a gate below 4
+    keys (export assumes every dynamic size >= 2, so no guard is recorded)."""
+    import dataclasses
+
     from effexport.exporter.errors import CaptureError
 
-    model = negatives.build(NEGATIVES["python_if"])
-    with pytest.raises(CaptureError, match=r"cache length of 'past\.0\.k' to at most 62") as err:
+    model = negatives.build(dataclasses.replace(NEGATIVES["python_if"], gate=gate))
+    with pytest.raises(CaptureError, match=r"branches on the cache length of 'past\.0\.k'") as err:
         rewrite(model, model.cfg.vocab)
-    assert "input_ids.shape[1] + past.0.k.shape[2] <= 64" in str(err.value)
+    assert condition in str(err.value)
