@@ -328,6 +328,10 @@ def main(argv=None) -> int:
                            case["effexport_dir"] + ".log", "effexport build"),
                           (genai_build(hf, case["genai_dir"], case["genai_dir"] + ".log"), case["genai_dir"] + ".log",
                            "genai build")]
+        elif name.endswith(":tiny"):  # a tiny preset through the CLI: the quick CUDA-graph probe
+            case["effexport_dir"] = os.path.join(args.work, name.replace(":", "-") + "-effexport")
+            jobs[name] = [(effexport_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
+                           case["effexport_dir"] + ".log", "effexport build")]
         else:
             case["effexport_dir"] = os.path.join(args.work, f"{name}-effexport")
             jobs[name] = [(sample_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),

@@ -12,7 +12,7 @@ source bench/_ortgpu_env.sh
 timeout "${T_BENCH:-480}" python3 bench/ort_graphs.py --out "$OUT" ${GRAPH_ARGS:-} 2>&1 \
     | grep -v "CleanUnusedInitializers" > "$OUT/ort_graphs.log"
 wait
-grep -i "memcpy" "$OUT/ort_graphs.log" | head -n 40 > "$OUT/memcpy.txt"
+grep -i "memcpy\|placed on\|CPUExecutionProvider" "$OUT/ort_graphs.log" | head -n 60 > "$OUT/memcpy.txt"
 grep -E "^E |Error|passed|failed" "$OUT/pytest_graph.log" | head -n 30
 tail -n 14 "$OUT/ort_graphs.log"
 cp /tmp/ort_graphs/*.log "$OUT/" 2>/dev/null

@@ -317,9 +317,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         else:
             t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
             from effexport.exporter.onnx.export import export_step
-            with _ring_layout(opts, analysis.plan):
-                model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"),
-                                          profile=opts.profile)
+            model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
             if opts.genai:
                 from effexport.exporter.onnx.genai import write_package
 
@@ -472,19 +470,6 @@ def open_runtime(artifact_dir: str):
 
         return TrtRuntime(artifact_dir)
     return OrtRuntime(artifact_dir)
-
-
-def _ring_layout(opts: BuildOptions, plan):
-    """A GenAI package of a model whose sliding rings have KV-sharing consumers keeps the slot rings
-    (``exporter.onnx.attention.slot_rings``: GenAI updates a ring in place); otherwise the profile's own."""
-    import contextlib
-
-    kinds = {layer.layer: layer.kind for layer in plan.layers}
-    if opts.genai and any(layer.role == "consumer" and kinds.get(layer.reads) == "ring" for layer in plan.layers):
-        from effexport.exporter.onnx.attention import slot_rings
-
-        return slot_rings()
-    return contextlib.nullcontext()
 
 
 def _graph_inputs(model_proto) -> list[str] | None:

@@ -8,9 +8,11 @@ reads or writes and keeps it at one address:
 
 * ``input_ids [B, 1]`` and ``pos`` (0-d int64) on the device, overwritten before each step;
   ``pos_host`` (the host copy GroupQueryAttention's ``total_sequence_length`` reads) beside them;
-* the caches: ``buffer`` caches are bound as their own present (GroupQueryAttention writes the new
-  rows into the shared buffer); every other kind (rings, states: a few rows each) has a present of
-  its own that is copied back into its past after the step (one fused device copy);
+* the caches: full ``buffer`` caches and GroupQueryAttention's windowed caches (the model's
+  ``effexport.in_place`` metadata) are bound as their own present and written in place; every
+  other kind (slot rings, states: a few rows each) has a present of its own that is copied back into
+  its past after the step (one fused device copy). Slot rings stay out of place because a ring's
+  past is also read by KV-sharing consumers after its producer's write;
 * the logits ``[B, 1, V]``.
 
 ``initial_caches(B)`` resets that batch size's caches and returns them; every step returns those
@@ -37,12 +39,9 @@ import torch
 from effexport.exporter.errors import LoadError
 from effexport.exporter.runtime import OrtRuntime, StepResult, _bind
 
-__all__ = ["CudaGraphRuntime", "IN_PLACE_KINDS"]
+__all__ = ["CudaGraphRuntime"]
 
-IN_PLACE_KINDS = frozenset({"buffer"})
-"""Cache kinds bound as their own present. Only full buffers: every reader of a buffer reads it after
-its one writer (KV-sharing consumers read the producer's present), while a ring's past is also read
-by consumers that run after its producer's write (they attend over the producer's past and new rows)."""
+
 DEVICE_POSITIONS = "effexport.device_positions"
 TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(bfloat16)": torch.bfloat16}
@@ -111,8 +110,8 @@ class CudaGraphRuntime(OrtRuntime):
             self._slots[batch] = _Slot(
                 ids=torch.zeros(batch, 1, dtype=torch.int64, device=dev),
                 pos=torch.zeros((), dtype=torch.int64, device=dev), pos_host=np.zeros((), dtype=np.int64),
-                pasts=pasts, presents=[None if e.kind in IN_PLACE_KINDS else torch.zeros_like(p)
-                                       for e, p in zip(self.entries, pasts)],
+                pasts=pasts, presents=[None if in_place else torch.zeros_like(p)
+                                       for in_place, p in zip(self.in_place, pasts)],
                 logits=torch.zeros(batch, 1, self.vocab, dtype=self.logits_dtype, device=dev))
         return self._slots[batch]
 

@@ -29,6 +29,7 @@ batched call. Prefill from an empty cache and one-token decode run batched.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -180,6 +181,13 @@ class OrtRuntime:
         self.input_names = self.manifest["inputs"]
         self.output_names = self.manifest["outputs"]
         self.cache_names = [n for n in self.input_names if n not in STEP_INPUTS]
+        try:
+            bound = json.loads(self.session.get_modelmeta().custom_metadata_map.get("effexport.in_place", "[]"))
+        except ValueError:
+            raise LoadError(f"{artifact_dir}: the step model's effexport.in_place metadata is not JSON; "
+                            "rebuild the artifact") from None
+        self.in_place = [e.kind == "buffer" or name in bound for e, name in zip(self.entries, self.cache_names)]
+        """Per cache: bound as its own present (a full buffer, a GroupQueryAttention windowed cache)."""
         self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
 
     def _providers(self, ort, device: str) -> list:
@@ -200,10 +208,10 @@ class OrtRuntime:
         if not self.io_binding:
             return numpy_caches(self.entries, batch)
         caches = [e.empty(batch) for e in self.entries]
-        return [c.to(self.device) if e.kind == "buffer"  # a device tensor, bound by pointer (in place)
+        return [c.to(self.device) if in_place  # a device tensor, bound by pointer (in place)
                 else self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(c.view(torch.int16).numpy(), BFLOAT16)
                 if c.dtype == torch.bfloat16 else self.ort.OrtValue.ortvalue_from_numpy(c.numpy())
-                for e, c in zip(self.entries, caches)]
+                for in_place, c in zip(self.in_place, caches)]
 
     def _device_value(self, array: np.ndarray):
         if not self.io_binding:

@@ -33,6 +33,7 @@ conversion (the graph is exported in the dtype it was captured in), and ``effexp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from effexport.exporter.capture import StepProgram, fast_export_config
 from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.onnx._local import attach, types_kept
+from effexport.exporter.onnx.attention import slot_rings
 from effexport.exporter.onnx.host_positions import host_reads, split_host_positions
 from effexport.exporter.onnx.ort_fusions import fuse_for_ort
 from effexport.exporter.onnx.translations import IR_VERSION, OPSET, translation_table
@@ -63,6 +65,9 @@ __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "
 
 DEVICE_POSITIONS = "effexport.device_positions"
 """Model metadata key: ``"true"`` when the step reads ``pos`` on the device only."""
+IN_PLACE = "effexport.in_place"
+"""Model metadata key: JSON list of the cache inputs to bind to their present's memory
+(:func:`in_place_inputs`); full ``buffer`` caches are bound so too."""
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Initializer bytes above which weights are written as external data (protobuf caps at 2 GB)."""
 EXTERNAL_TENSOR_BYTES = 1024
@@ -195,6 +200,26 @@ def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_name
     return model
 
 
+def rings_with_consumers(plan: CachePlan) -> bool:
+    """Whether a sliding ring is read by another layer (KV sharing). Such rings keep the slot layout
+    (:func:`.attention.slot_rings`): GroupQueryAttention's windowed cache must be written in place on
+    CUDA ("sliding_window_cache=1 requires past_key/present_key ... to share the same buffer"),
+    and a consumer runs after its producer, so it would read the ring already updated."""
+    kinds = {layer.layer: layer.kind for layer in plan.layers}
+    return any(layer.role == "consumer" and kinds.get(layer.reads) == "ring" for layer in plan.layers)
+
+
+def in_place_inputs(model: ir.Model) -> list[str]:
+    """Cache inputs a runtime must bind to the same memory as their present: the past of every
+    GroupQueryAttention with a windowed cache (ORT's CUDA kernel requires it)."""
+    names = set()
+    for node in model.graph:
+        attr = node.attributes.get("sliding_window_cache")
+        if node.op_type == "GroupQueryAttention" and attr is not None and attr.as_int() == 1:
+            names.update(v.name for v in node.inputs[3:5] if v is not None and v.is_graph_input())
+    return sorted(names)
+
+
 def _check_signature(program: StepProgram, plan: CachePlan) -> None:
     inputs, outputs = step_io_names(plan)
     if list(program.inputs) != inputs:
@@ -289,7 +314,9 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
     inputs, outputs = step_io_names(plan)
     exported = exported_step(program, plan, example_batch)
     try:
-        model = _lower_ir(exported, (), profile, None, inputs, outputs)
+        with slot_rings() if rings_with_consumers(plan) else contextlib.nullcontext():
+            model = _lower_ir(exported, (), profile, None, inputs, outputs)
+        model.metadata_props[IN_PLACE] = json.dumps(in_place_inputs(model))
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
         raise LowerError(f"ONNX export ({profile}) failed: {root_cause(exc)}") from exc
     if external_data is None:
