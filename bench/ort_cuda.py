@@ -139,6 +139,18 @@ def _count(items) -> dict:
     return dict(Counter(items).most_common())
 
 
+def device_inputs(session) -> list:
+    """The step's inputs a caller binds on the device: all but ``pos_host`` (the host copy of ``pos``
+    an ``ort`` build with shared-buffer caches reads for GroupQueryAttention's total length)."""
+    return [spec for spec in session.get_inputs() if spec.name != "pos_host"]
+
+
+def bind_pos_host(binding, session, pos: torch.Tensor) -> None:
+    """Bind ``pos_host`` (when the step has it) to the value of ``pos``, in host memory."""
+    if any(spec.name == "pos_host" for spec in session.get_inputs()):
+        binding.bind_cpu_input("pos_host", pos.cpu().numpy())
+
+
 def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tuple, in_place: tuple = ()):
     """Bind every input by pointer (tensors on ``device``), the logits to a torch tensor of
     ``logits_shape`` (read back after a run; numpy cannot hold bf16), the presents named in
@@ -147,9 +159,10 @@ def _bind_run(session, feeds: list[torch.Tensor], device: str, logits_shape: tup
     binding = session.io_binding()
     bound = [tensor.contiguous() for tensor in feeds]  # kept alive by run(): ORT holds raw pointers
     by_name = {}
-    for spec, tensor in zip(session.get_inputs(), bound):
+    for spec, tensor in zip(device_inputs(session), bound):
         binding.bind_input(spec.name, device, 0, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         by_name[spec.name] = tensor
+    bind_pos_host(binding, session, bound[1])
     first, *rest = session.get_outputs()
     logits = torch.empty(logits_shape, dtype=TORCH_TYPES[first.type], device=device)
     binding.bind_output(first.name, device, 0, ONNX_TYPES[logits.dtype], list(logits.shape), logits.data_ptr())
@@ -197,8 +210,8 @@ def export_effexport(model, out: str, dtype, max_context: int, kv_cache: str = "
         captured = capture_step(model, ids)
     program, analysis = run_pipeline(captured, max_context=max_context, cache_layout=kv_cache)
     os.makedirs(out, exist_ok=True)
-    export_step(program, analysis.plan, os.path.join(out, "model.onnx"), profile="ort")
-    inputs, outputs = step_io_names(analysis.plan)
+    proto = export_step(program, analysis.plan, os.path.join(out, "model.onnx"), profile="ort")
+    inputs, outputs = [v.name for v in proto.graph.input], step_io_names(analysis.plan)[1]
     with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump({"target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
                    "outputs": outputs, "cache_plan": analysis.plan.to_json()}, f)

@@ -31,7 +31,8 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ort_cuda import ONNX_TYPES, TORCH_TYPES, _count, _median_s, profile_steps  # noqa: E402
+from ort_cuda import (ONNX_TYPES, TORCH_TYPES, _count, _median_s, bind_pos_host, device_inputs,  # noqa: E402
+                      profile_steps)
 
 
 def _feeds(manifest: dict, batch: int, context: int) -> list[torch.Tensor]:
@@ -47,8 +48,9 @@ def _feeds(manifest: dict, batch: int, context: int) -> list[torch.Tensor]:
 def _bound(session, feeds: list[torch.Tensor], kinds: list[str]):
     """An I/O binding over fixed tensors; returns (binding, logits tensor, kept tensors)."""
     binding = session.io_binding()
-    for spec, tensor in zip(session.get_inputs(), feeds):
+    for spec, tensor in zip(device_inputs(session), feeds):
         binding.bind_input(spec.name, "cuda", 0, ONNX_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+    bind_pos_host(binding, session, feeds[1])
     first, *rest = session.get_outputs()
     logits = torch.empty(feeds[0].shape[0], 1, int(first.shape[-1]), dtype=TORCH_TYPES[first.type], device="cuda")
     binding.bind_output(first.name, "cuda", 0, ONNX_TYPES[logits.dtype], list(logits.shape), logits.data_ptr())

@@ -8,11 +8,7 @@
 #   3. bench/ort_cuda_graph_probe.py over the artifacts step 2 built -> ort_cuda_graph.json
 # Usage (device call 6): bash bench/run_ort_session.sh   (OUT, ORT_ARGS, T_TESTS, T_BENCH, T_PROBE)
 set -u
-OUT=${OUT:-out/bench}; mkdir -p "$OUT"
-bash .ortgpu6/install.sh || exit 3
-export PYTHONPATH=/tmp/ortgpu
-source bench/_ns.sh
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source bench/_ortgpu_env.sh
 timeout "${T_TESTS:-150}" python3 -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_half_precision.py \
     > "$OUT/pytest_ort.log" 2>&1
 tail -n 5 "$OUT/pytest_ort.log"

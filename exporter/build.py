@@ -35,11 +35,11 @@ from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_ma
 from effexport.exporter.errors import OutputError, UsageError
 from effexport.exporter.frontends.loading import LoadedModel, resolve_model
 from effexport.exporter.progress import Progress
+from effexport.exporter.verify.parity import PARITY_PROMPT
 from effexport.passes.buffers import CACHE_LAYOUTS
 
 MAX_STEPS = 4096
 DEFAULT_MAX_CONTEXT = 4096
-PARITY_PROMPT = 8  # prompt tokens of the parity check, before its decode steps
 
 
 @dataclass
@@ -62,6 +62,7 @@ class BuildOptions:
     weights: str = "random"   # "none": structure only (meta device, no weight data, no parity)
     trust_pickle: bool = False
     allow_missing_weights: bool = False  # a Hugging Face directory lacking weights builds (recorded in report.json)
+    genai: bool = False       # also an onnxruntime-genai package (exporter/backends/onnx/genai.py): needs kv_cache="buffer"
 
 
 def versions() -> dict:
@@ -93,6 +94,12 @@ def check_options(opts: BuildOptions) -> None:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
     if opts.kv_cache not in CACHE_LAYOUTS:
         raise UsageError(f"unknown --kv-cache {opts.kv_cache!r}; choose one of {', '.join(CACHE_LAYOUTS)}")
+    if opts.genai and opts.target != "onnx":
+        raise UsageError(f"--genai packages an ONNX build for onnxruntime-genai; --target {opts.target} has no ONNX "
+                         "step model: use --target onnx")
+    if opts.genai and opts.kv_cache != "buffer":
+        raise UsageError(f"--genai needs --kv-cache buffer (GenAI binds past and present to one buffer), not "
+                         f"--kv-cache {opts.kv_cache}: drop --kv-cache")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
@@ -173,7 +180,11 @@ def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
 
 
 def _stages(opts: BuildOptions, structure_only: bool) -> int:
-    """Stages after loading: capture, rewrite, lower, and parity when it runs."""
+    """Stages after loading: capture, rewrite, lower, and parity when it runs (GenAI's too)."""
+    if opts.genai and opts.dtype == "fp32":
+        from effexport.exporter.backends.onnx.genai import genai_available
+
+        return 3 + (opts.check and not structure_only) * (1 + genai_available())
     return 3 + (opts.check and not structure_only)
 
 
@@ -194,6 +205,12 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
                                      lambda name, gm: dumped.setdefault(name, gm.code), opts.max_context,
                                      opts.kv_cache)
     progress.done(t0, _rewrite_summary(analysis))
+    if opts.genai:  # decided by the CachePlan's kinds; before anything is written
+        from effexport.exporter.backends.onnx.genai import refusal
+
+        reason = refusal(analysis.plan, loaded.name)
+        if reason:
+            raise UsageError(reason)
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
     try:
@@ -233,7 +250,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
     """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
     from effexport.exporter.verify import report as rep
     from effexport.exporter._io import atomic_directory
-    from effexport.exporter.backends.base import onnx_opset
+    from effexport.exporter.backends.base import onnx_inputs, onnx_opset
     from effexport.exporter.backends.onnx.structure_only import check_structure, external_bytes
 
     code = 0
@@ -244,7 +261,11 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         backend = BACKENDS[opts.target]
         t0 = progress.stage(backend.stage(opts))
         lowered = backend.lower(program, analysis.plan, tmp, opts)
-        model_proto, note = lowered.model_proto, lowered.summary
+        model_proto, note, files = lowered.model_proto, lowered.summary, dict(lowered.files)
+        if opts.genai:  # an onnxruntime-genai package next to the ONNX step model (check_options: onnx only)
+            from effexport.exporter.backends.onnx.genai import write_package
+
+            files.update(write_package(tmp, files["step"], analysis.plan, loaded, opts.max_context))
         if loaded.structure_only:
             check_structure(os.path.join(tmp, lowered.files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
@@ -252,10 +273,10 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         progress.done(t0, note)
         manifest = {
             "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target,
-            "profile": lowered.profile, "dtype": opts.dtype, "files": lowered.files, "max_context": opts.max_context,
+            "profile": lowered.profile, "dtype": opts.dtype, "files": files, "max_context": opts.max_context,
             "kv_cache": opts.kv_cache,
             "weights": opts.weights,
-            "inputs": program.inputs, "outputs": program.outputs,
+            "inputs": onnx_inputs(model_proto) or program.inputs, "outputs": program.outputs,
             "opset": onnx_opset(model_proto) if model_proto is not None else None,
             "ir_version": model_proto.ir_version if model_proto is not None else None, **lowered.manifest,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),
@@ -288,6 +309,13 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
+        if opts.genai and opts.check and not loaded.structure_only:
+            from effexport.exporter.backends.onnx.genai import run_genai_check
+
+            genai = run_genai_check(tmp, loaded, opts.max_context, opts.dtype, progress)
+            if genai is not None:
+                report["genai_parity"] = genai.to_json()
+                code = code or (0 if genai.passed else 1)
         _write_json(os.path.join(tmp, "report.json"), report)
     return code
 
@@ -332,6 +360,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     import tempfile
 
     from effexport.exporter.capture import capture_step
+    from effexport.exporter.backends.base import onnx_inputs
     from effexport.exporter.backends.onnx.export import export_step
     from effexport.passes.pipeline import run_pipeline
 
@@ -340,10 +369,11 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     twin_program, twin_analysis = run_pipeline(capture_step(reference.model, reference.example_ids()),
                                                max_context=opts.max_context, cache_layout=opts.kv_cache)
     with tempfile.TemporaryDirectory(prefix=".effexport-twin-", dir=os.path.dirname(tmp)) as twin:
-        export_step(twin_program, twin_analysis.plan, os.path.join(twin, "model.onnx"), profile=opts.profile)
+        twin_proto = export_step(twin_program, twin_analysis.plan, os.path.join(twin, "model.onnx"),
+                                 profile=opts.profile)
         _write_json(os.path.join(twin, MANIFEST), {
             "target": "onnx", "profile": opts.profile, "files": {"step": "model.onnx"},
-            "inputs": twin_program.inputs, "outputs": twin_program.outputs,
+            "inputs": onnx_inputs(twin_proto), "outputs": twin_program.outputs,
             "cache_plan": twin_analysis.plan.to_json()})
         parity = check_parity(reference.model, OrtRuntime(twin), ids, opts.steps, "fp32")
         mismatch = compare_structure(os.path.join(tmp, "model.onnx"), os.path.join(twin, "model.onnx"))

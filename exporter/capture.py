@@ -13,6 +13,7 @@ The result is a :class:`StepProgram`: a GraphModule with a flat signature
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import warnings
 
@@ -87,6 +88,44 @@ def _check_dynamic(graph: fx.Graph, in_names: list[str], seq_dims: dict) -> None
                     "branch shape-independent (torch.where / torch.cond) and export again")
 
 
+def _guard_text(guard: str) -> str:
+    """A guard of torch.export's ``_guards_code`` in the step's input names: ``L['past']['0.k'].size()[2]``
+    -> ``past.0.k.shape[2]``."""
+    guard = re.sub(r"L\['input_ids'\]\.size\(\)\[(\d+)\]", r"input_ids.shape[\1]", guard)
+    return re.sub(r"L\['past'\]\['([^']+)'\]\.size\(\)\[(\d+)\]", r"past.\1.shape[\2]", guard)
+
+
+_SIZE = r"L\['(?:input_ids'\]|past'\]\['[^']+'\])\.size\(\)\[\d+\]"
+# export's guard for a Python comparison of a length (or a sum of lengths) with a number
+_LENGTH_THRESHOLD = re.compile(rf"^{_SIZE}(?: \+ {_SIZE})* (?:<=|>=|<|>) -?\d+$")
+
+
+def _check_length_branches(graph: fx.Graph, in_names: list[str], seq_dims: dict, ep) -> None:
+    """Fail clearly if the model's forward branched on a cache length in Python (``if keys > 64:
+    window``): export traced the branch the example took and kept the condition only as a guard on
+    the inputs, which nothing enforces once the graph is rewritten and lowered, so the graph would
+    compute that branch at every length. Seen two ways: a guard that compares the key count (a
+    growing cache's length, plus the new tokens) with a number, and an upper bound export put on a
+    cache length. A bound on the new-token count alone is allowed: a compressor's per-step block
+    count (DeepSeek V4) is a branch the passes replace, and the parity run's prefill crosses it."""
+    guards = [_guard_text(g) for g in getattr(ep, "_guards_code", ())]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, in_names):
+        val, dim = node.meta.get("val"), seq_dims.get(name)
+        if dim is None or not isinstance(val, torch.Tensor) or not isinstance(val.shape[dim], torch.SymInt):
+            continue
+        length = f"{name}.shape[{dim}]"
+        branch = [g for g, raw in zip(guards, getattr(ep, "_guards_code", ())) if _LENGTH_THRESHOLD.match(raw) and length in g]
+        bounds = [int(ep.range_constraints[s].upper) for s in val.shape[dim].node.expr.free_symbols
+                  if s in ep.range_constraints and not bool(ep.range_constraints[s].upper >= 2 ** 62)]  # int_oo: none
+        if branch or bounds:
+            raise CaptureError(
+                f"the model's forward branches on the cache length of {name!r} in Python ("
+                + "; ".join(branch or [f"torch.export bounded it to at most {min(bounds)}"])
+                + "): the captured graph keeps only the branch its example took and would compute it at "
+                "every length; write the branch with tensor ops (torch.where) or torch.cond")
+
+
 def dynamic_spec(seq_dims: dict) -> tuple:
     """``dynamic_shapes`` for ``model(input_ids, past)``: batch and new-token count of the ids, batch
     and (where it grows) the sequence dim of every past tensor, all ``Dim.AUTO``."""
@@ -127,6 +166,7 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
     out_names = ["logits"] + [f"present.{path_key(p)}" for p, _ in out_flat[1:]]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _check_dynamic(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()})
+    _check_length_branches(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()}, ep)
     if len(placeholders) != len(in_names):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs, expected {len(in_names)}")
     output = next(n for n in graph.nodes if n.op == "output")

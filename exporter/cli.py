@@ -100,20 +100,64 @@ def _cmd_build(args) -> int:
         raise UsageError(f"unknown pass {args.dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
 
     return build(BuildOptions(model=args.model, target=args.target, output=args.output, profile=args.profile,
-                              dtype=args.dtype, kv_cache=args.kv_cache, check=args.check, steps=args.steps, explain=args.explain,
+                              dtype=args.dtype, kv_cache=args.kv_cache or ("buffer" if args.genai else "grow"), check=args.check, steps=args.steps, explain=args.explain,
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv),
-                              allow_missing_weights=args.allow_missing_weights))
+                              allow_missing_weights=args.allow_missing_weights, genai=args.genai))
 
 
 def _cmd_check(args) -> int:
+    """``effexport check DIR``: the table on stdout (stderr with ``--json`` to stdout), ``--junit`` /
+    ``--json`` files; exit 0 passed, 1 failed. A check that cannot run still writes ``--junit``
+    (one ``<error>`` case) before its one-line error."""
+    from effexport.exporter.verify import tolerances
+    from effexport.exporter.verify.junit import write_junit
+
+    try:
+        args.tolerances = tolerances.load(args.tolerance)
+        run = run_check(args)
+    except EffexportError as exc:
+        if args.junit:
+            write_junit(args.junit, args.dir, error=one_line(str(exc)))
+        raise
+    to_stdout = args.json == "-"
+    table = sys.stderr if to_stdout else sys.stdout
+    print(run.parity.table(), file=table)
+    print(run.summary(), file=table)
+    code = 0 if run.parity.passed else 1
+    if os.path.isfile(os.path.join(args.dir, "genai_config.json")):  # an onnxruntime-genai package
+        from effexport.exporter.backends.onnx.genai import run_genai_check
+
+        genai = run_genai_check(args.dir, run.loaded, run.limit, run.dtype, stream=table)
+        code = code or (0 if genai is None or genai.passed else 1)
+    if args.junit:
+        write_junit(args.junit, args.dir, run)
+    if args.json:
+        text = json.dumps(run.to_json(), indent=1)
+        if to_stdout:
+            print(text)
+        else:
+            from effexport.exporter._io import atomic_file
+
+            with atomic_file(args.json) as tmp, open(tmp, "w") as f:
+                f.write(text + "\n")
+    return code
+
+
+def run_check(args):
+    """Parity of the artifact ``args.dir`` against its model re-loaded (``args``: ``steps``,
+    ``trust_pickle``, ``tolerances`` (a :class:`~.tolerances.Tolerances`), ``prompt_ids`` (a file or
+    None), ``seed``) -> :class:`~.checkrun.CheckRun`; raises EffexportError (one line) when it cannot run.
+    The pytest plugin calls this too."""
     from effexport.exporter.backends.onnx.runtime import OrtRuntime
     from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
     from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype
+    from effexport.exporter.verify.checkrun import CheckRun, load_prompt, runtime_info, seeded_prompt
     from effexport.exporter.errors import BackendMissingError, LoadError
     from effexport.exporter.frontends.loading import resolve_source
     from effexport.exporter.verify.parity import check_parity, check_parity_half
 
+    start = time.monotonic()
     manifest = read_manifest(args.dir)
     limit = manifest.get("max_context")
     check_steps(args.steps, limit if type(limit) is int and limit > 0 else None)
@@ -139,21 +183,30 @@ def _cmd_check(args) -> int:
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
-    model, ids = loaded.model, loaded.parity_prompt(PARITY_PROMPT)
+    dtype = manifest.get("dtype", "fp32")
+    tols, sources = args.tolerances.table(dtype), args.tolerances.sources(dtype)
+    if args.prompt_ids:
+        ids, prompt = load_prompt(args.prompt_ids, loaded, manifest, args.steps,
+                                  limit if type(limit) is int and limit > 0 else None)
+    else:  # the build's prompt (seed PARITY_SEED) unless --seed picks another
+        ids, prompt = seeded_prompt(loaded, PARITY_PROMPT, args.seed)
+    model = loaded.model
     try:
         if half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
             parity = check_parity_half(in_dtype(loaded, manifest["dtype"]).model.cuda(), model.cuda(), runtime,
-                                       ids.cuda(), args.steps, manifest["dtype"])
+                                       ids.cuda(), args.steps, manifest["dtype"], tols)
         else:
-            parity = check_parity(model, runtime, ids, args.steps, manifest.get("dtype", "fp32"))
+            parity = check_parity(model, runtime, ids, args.steps, dtype, tols)
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the runtime's own error types (wrong inputs, shapes)
         raise LoadError(f"artifact {args.dir!r} does not match its manifest: running {step} failed "
                         f"({type(exc).__name__}: {one_line(str(exc), 160)}); rebuild it with "
                         f"'effexport MODEL -o {args.dir} --force'") from None
-    print(parity.table())
-    return 0 if parity.passed else 1
+    run = CheckRun(args.dir, manifest, parity, *runtime_info(runtime, manifest), prompt, sources,
+                   time.monotonic() - start)
+    run.loaded, run.limit = loaded, limit  # what the GenAI check of a package needs (_cmd_check)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,13 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="longest sequence the artifact serves: sizes fixed compressed-entry buffers "
                               "(DeepSeek V4: max_context / ratio slots). Default: the smaller of 4096 and "
                               "the model's trained limit; accepts 128k")
-    p_build.add_argument("--kv-cache", choices=("grow", "buffer"), default="grow",
+    p_build.add_argument("--kv-cache", choices=("grow", "buffer"), default=None,
                          help="full-cache layout: 'grow' concatenates each step's K/V to a new present; "
                               "'buffer' keeps each full cache in one fixed buffer of --max-context rows that "
                               "the step writes in place (ONNX Runtime's GroupQueryAttention shared-buffer "
                               "layout: past and present bound to one device buffer; fixed shapes for CUDA "
                               "graphs). Rings, compressed caches and states are fixed-size either way "
-                              "(default grow)")
+                              "(default grow; buffer with --genai)")
+    p_build.add_argument("--genai", action="store_true",
+                         help="--target onnx: also write an onnxruntime-genai package (genai_config.json, "
+                              "genai.onnx with GenAI's I/O names, the input directory's tokenizer files) and check "
+                              "og.Generator's greedy tokens against eager; implies --kv-cache buffer. Refused "
+                              "(exit 2) for caches GenAI cannot drive (CCA / compressor / linear-attention states, "
+                              "compressed or chunk caches)")
     p_build.add_argument("--explain", action="store_true",
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
@@ -242,6 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--steps", type=_int, default=16, help="decode steps (default 16)")
     p_check.add_argument("--trust-pickle", action="store_true",
                          help="allow re-loading a model that was built from a pickled module")
+    from effexport.exporter.frontends.loading import PARITY_SEED
+    from effexport.exporter.verify.tolerances import DEFAULTS
+    p_check.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
+                         help="max relative error of an output (logits/prefill, logits/decode), of every output "
+                              "of a group (logits) or of a dtype's outputs (fp32, bf16, fp16); repeatable. "
+                              "Defaults: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULTS.items()) +
+                              "; pyproject.toml's [tool.effexport.tolerance] table (nearest, from the current "
+                              "directory upward) is read first, these flags win")
+    p_check.add_argument("--prompt-ids", metavar="FILE",
+                         help="the prompt: a JSON list of token ids (or a list of equal-length lists: a batch), "
+                              "or a text file tokenized with the tokenizer of the Hugging Face directory the "
+                              "artifact was built from (default: 8 tokens at batch 2 drawn with --seed)")
+    p_check.add_argument("--seed", type=_int, default=PARITY_SEED,
+                         help=f"seed of the default prompt (default {PARITY_SEED}, the build's check); recorded")
+    p_check.add_argument("--junit", metavar="FILE.xml",
+                         help="also write JUnit XML: one testcase per output (logits/prefill, logits/decode) "
+                              "and greedy-tokens, failures as <failure>, a check that cannot run as <error>")
+    p_check.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                         help="the result as JSON (report.json's parity object plus runtime, "
+                              "execution_provider, device, dtype, tolerances and their sources, prompt): to "
+                              "stdout (the table then goes to stderr), or to FILE")
     p_check.set_defaults(func=_cmd_check)
 
     p_list = sub.add_parser("list", help="list the built-in samples and the targets (and what is missing)")

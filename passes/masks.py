@@ -14,7 +14,10 @@ candidate patterns; a kind is accepted only if it explains *every* probe:
 A mask that is windowed only for some lengths therefore classifies as unknown. Probes reach
 ``S = 2^20 + 3`` keys with few query rows, so windows up to a million tokens are told from causal.
 Masks that read module buffers are evaluated with the buffer's values (not on the meta device)
-or else reported as unknown; masks that read token values (padding masks) are out of scope.
+or else reported as unknown. A mask that reads the *values* of a step input, not only its sizes (a
+padding mask from ``input_ids != pad_id``, a mask read from a cache's contents), is unknown: its
+pattern depends on the tokens, so no probe of positions alone can classify it (zero-filled probes
+took a padding mask with a pad id other than 0 for causal).
 """
 from __future__ import annotations
 
@@ -23,7 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from effexport.passes._graph import concrete_shape, extract, free_symbols, meta_val
+from effexport.passes._graph import aten, concrete_shape, extract, free_symbols, is_call, meta_val
+
+# ops that read only the sizes / dtype of their first argument, never its values
+SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default,
+              aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
+              aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+              aten._assert_tensor_metadata.default}
 
 # (query rows t, extra past length p): S = t + p when the mask is [T, P + T]
 PROBES = ((1, 0), (2, 0), (5, 0), (17, 0), (3, 5), (1, 40), (7, 100), (2, 1000), (1, 3000),
@@ -97,6 +106,10 @@ class MaskClassifier:
         val = meta_val(mask)
         if not isinstance(val, torch.Tensor) or val.dim() < 2:
             return MaskKind("unknown", reason="mask has no known 2-D+ shape")
+        read = values_read(mask)
+        if read:
+            return MaskKind("unknown", reason=f"mask reads the values of {', '.join(read)} (a padding mask "
+                                              "from token ids?), not only sizes: its pattern depends on the data")
         sub, placeholders = extract(self.gm, [mask])
         for node in sub.graph.nodes:  # evaluate on the CPU even when the model lives on meta / CUDA
             if isinstance(node.kwargs.get("device"), torch.device):
@@ -129,6 +142,25 @@ class MaskClassifier:
         with torch.no_grad():
             (value,) = sub(*args)
         return _visibility(value, mode)
+
+
+def values_read(node: fx.Node) -> list[str]:
+    """Names of the graph inputs whose values (not only sizes) ``node`` is computed from: the walk
+    up from ``node`` does not enter the first argument of a :data:`SHAPE_ONLY` op."""
+    seen, found, stack = set(), [], [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.append(n.name)
+            continue
+        inputs = n.all_input_nodes
+        if is_call(n, *SHAPE_ONLY) and n.args and isinstance(n.args[0], fx.Node):
+            inputs = [i for i in inputs if i is not n.args[0]]
+        stack.extend(inputs)
+    return sorted(found)
 
 
 def _decide(probes: list[torch.Tensor]) -> MaskKind:

@@ -49,3 +49,14 @@ def assert_long_enough(specs, prefill: int, decode: int) -> None:
                 f"layer {spec.index}: {blocks} compressed entries after the prefill, top-k {spec.topk}")
             assert any((t + 1) % spec.ratio == 0 for t in range(prefill, prefill + decode)), (
                 f"layer {spec.index}: no block of {spec.ratio} completes during the decode steps")
+
+
+def step_feeds(session, ids, pos: int, caches) -> dict:
+    """An ONNX step's feeds by input name: ``input_ids``, ``pos`` (and ``pos_host``, the ort profile's
+    host copy of it, when the step has one), then the caches in plan order."""
+    import numpy as np
+
+    names = [i.name for i in session.get_inputs()]
+    position = np.array(pos, np.int64)
+    values = [np.asarray(ids), position] + ([position] if "pos_host" in names else []) + list(caches)
+    return dict(zip(names, values))

@@ -2,7 +2,8 @@
 (gemma4-e2b:tiny, parity over prefill + 8 decode steps), then: parity numbers, the package's structure
 (the ``effexport`` op calls it makes, its I/O = the CachePlan's caches), ``AotiRuntime`` (numpy and
 torch paths, greedy generation against eager), ``effexport check`` / ``list``, and the target's bad
-inputs. One module-scoped build: the AOTInductor C++ compile dominates (~1-2 min on 2 cores).
+inputs; and ``effexport.export(module, target="aoti")`` of a two-layer step-contract module (a second,
+smaller compile, ~30-70 s). One module-scoped build: the AOTInductor C++ compile dominates (~1-2 min on 2 cores).
 
 Not covered here: CUDA packages (no GPU; the same code path with ``device="cuda"``), the DeepSeek V4
 ops (a second compile would double the time; see the README for the one-off check), and byte-identical
@@ -125,15 +126,19 @@ def test_generate_equals_eager_greedy(runtime):
     model = sample.build()
     prompt = torch.randint(0, sample.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
     tokens, logits = runtime.generate(prompt.numpy(), 10)
-    ref_tokens = []
+    assert np.array_equal(tokens, greedy(model, prompt, 10))
+    assert len(logits) == 10
+
+
+def greedy(model, prompt: torch.Tensor, n: int) -> np.ndarray:
+    """The eager model's ``n`` greedy tokens after ``prompt`` ``[B, L]`` (its own cache): ``[B, n]``."""
+    tokens = []
     with torch.no_grad():
         ref, past = model(prompt)
-        for _ in range(10):
-            nxt = ref[:, -1:].argmax(-1)
-            ref_tokens.append(nxt)
-            ref, past = model(nxt, past)
-    assert np.array_equal(tokens, torch.cat(ref_tokens, 1).numpy())
-    assert len(logits) == 10
+        for _ in range(n):
+            tokens.append(ref[:, -1:].argmax(-1))
+            ref, past = model(tokens[-1], past)
+    return torch.cat(tokens, 1).numpy()
 
 
 def test_torch_and_numpy_paths_agree_and_views_are_made_contiguous(runtime):
@@ -271,3 +276,23 @@ def test_weights_beside_the_package_above_the_limit(tmp_path, monkeypatch, capsy
     capsys.readouterr()
     assert main(["check", str(out)]) == 2
     assert f"lacks {pkg.WEIGHTS_FILE}" in _one_line_error(capsys)
+
+
+def test_python_export_to_aoti(tmp_path):
+    """``effexport.export(module, target="aoti")`` of a step-contract module (the two-layer causal
+    model of ``models.negatives``): the returned directory holds an AOTInductor package whose build
+    passed parity (prefill + 4 steps), and its runtime's greedy tokens are the module's. A second
+    compile (~30 s on one core), of a model with one op kind."""
+    import effexport
+    from models import negatives
+
+    model = negatives.build(negatives.NegConfig(layers=2, vocab=40))
+    out = effexport.export(model, target="aoti", output=str(tmp_path / "neg"), name="neg", steps=4)
+    assert out == str(tmp_path / "neg")
+    manifest = _json(tmp_path / "neg" / "effexport.json")
+    assert manifest["target"] == "aoti" and manifest["files"] == {"step": PACKAGE_FILE}
+    parity = _json(tmp_path / "neg" / "report.json")["parity"]
+    assert parity["passed"] and parity["steps"] == 4
+    prompt = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(5))
+    tokens, _ = AotiRuntime(out).generate(prompt.numpy(), 5)
+    assert np.array_equal(tokens, greedy(model, prompt, 5))

@@ -19,15 +19,15 @@ import random
 import numpy as np
 import pytest
 import torch
+import transformers  # a test dependency: missing, the module fails to import (no silent skip)
 
-from _helpers import assert_close
+from _helpers import assert_close, step_feeds
+from models import hf_tiny
 
 import effexport.custom_ops  # noqa: F401  (registers the ops)
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'effexport[hf]')")
-
 OPS = torch.ops.effexport
-C = 8  # chunk size of the op tests and the tiny Llama 4
+C = hf_tiny.CHUNK  # chunk size of the op tests and the tiny Llama 4 (8)
 PREFILL, DECODE, BATCH, RTOL = 21, 16, 2, 1e-4
 
 
@@ -145,10 +145,7 @@ def test_onnx_chunked_ring(profile):
 
 
 # ---------------------------------------------------------------------------------------- Llama 4
-LLAMA4 = dict(vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=C, num_local_experts=4,
-              num_experts_per_tok=1, moe_layers=[1], no_rope_layers=[1, 1, 0], max_position_embeddings=256,
-              floor_scale=8)
+LLAMA4 = hf_tiny.FAMILIES["llama4"][2]  # the CLI matrix's tiny Llama 4 (test_hf_families), chunks of C
 CHUNKED_LAYERS = (0, 1)
 
 
@@ -260,10 +257,9 @@ def test_llama4_onnx_parity(llama4, tmp_path, profile):
     path = tmp_path / "step.onnx"
     export_step(llama4.program, llama4.analysis.plan, str(path), profile)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
 
     def step(tokens, pos, caches):
-        out = sess.run(None, dict(zip(names, [tokens.numpy(), np.array(pos, np.int64), *caches])))
+        out = sess.run(None, step_feeds(sess, tokens.numpy(), pos, caches))
         assert all(out[1 + i].shape[2] == C for i in range(4))  # chunk caches: layers 0-1, k and v
         return out[0], out[1:]
 

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 import pytest
+from _helpers import step_feeds
 import torch
 
 import transformers  # a test dependency (pyproject's test extra): missing, this module fails
@@ -80,10 +81,9 @@ def _session_step(path):
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
 
     def step(ids, pos, caches):
-        out = sess.run(None, dict(zip(names, [ids, np.array(pos, np.int64), *caches])))
+        out = sess.run(None, step_feeds(sess, ids, pos, caches))
         return out[0], out[1:]
     return step
 

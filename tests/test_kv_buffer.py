@@ -101,8 +101,15 @@ def _lowered(module, profile: str, d: int = D) -> onnx.ModelProto:
     return lower(module, _inputs(2, 3, 5, d=d), profile, dynamic_shapes=(bt, bt, bt, {0: bt[0]}, {0: bt[0]}, None, None))
 
 
+ARGS = ("q", "k_new", "v_new", "k_buf", "v_buf", "pos", "sinks")
+
+
 def _feeds(model: onnx.ModelProto, args) -> dict:
-    return {i.name: a.numpy() for i, a in zip(model.graph.input, args)}
+    """The op's arguments by input name; ``pos_host`` (the ort profile's host copy of ``pos``, read by
+    GroupQueryAttention's total_sequence_length) gets ``pos``."""
+    given = dict(zip(ARGS, args))
+    given["pos_host"] = given["pos"]
+    return {i.name: given[i.name].numpy() for i in model.graph.input}
 
 
 @pytest.mark.parametrize("window,softcap,sinks", VARIANTS)

@@ -15,10 +15,11 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from _helpers import assert_close, assert_long_enough
+from _helpers import assert_close, assert_long_enough, step_feeds
 
 import effexport.custom_ops  # noqa: F401  (registers the ops named below)
 from effexport.exporter.backends.onnx.export import _save, export_step, step_io_names
@@ -70,12 +71,11 @@ def exported(step, tmp_path_factory):
 def _decode(path, plan, ids: torch.Tensor) -> list[np.ndarray]:
     """Prefill ``PREFILL`` tokens at pos 0 from the plan's empty caches, then one token per step."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
     caches = [c.numpy() for c in plan.empty_caches(ids.shape[0])]
-    out = sess.run(None, dict(zip(names, [ids[:, :PREFILL].numpy(), np.array(0, np.int64), *caches])))
+    out = sess.run(None, step_feeds(sess, ids[:, :PREFILL].numpy(), 0, caches))
     logits = [out[0]]
     for t in range(PREFILL, PREFILL + DECODE):
-        out = sess.run(None, dict(zip(names, [ids[:, t:t + 1].numpy(), np.array(t, np.int64), *out[1:]])))
+        out = sess.run(None, step_feeds(sess, ids[:, t:t + 1].numpy(), t, out[1:]))
         logits.append(out[0])
     return logits
 
@@ -101,9 +101,13 @@ def test_cache_io_is_the_plan(step, exported, profile):
     _, _, analysis, _ = step
     model = exported[profile][1]
     inputs, outputs = step_io_names(analysis.plan)
-    assert [i.name for i in model.graph.input] == inputs
+    graph_inputs = [i for i in model.graph.input if i.name != "pos_host"]  # ort: GQA's host position
+    assert [i.name for i in graph_inputs] == inputs
     assert [o.name for o in model.graph.output] == outputs
-    for entry, value in zip(analysis.plan.entries, model.graph.input[2:]):
+    assert ("pos_host" in [i.name for i in model.graph.input]) == (
+        profile == "ort" and any(n.op_type == "GroupQueryAttention" and n.input[6].endswith("_host")
+                                 for n in model.graph.node))
+    for entry, value in zip(analysis.plan.entries, graph_inputs[2:]):
         dims = value.type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch"
         for d, want in zip(dims, entry.shape):
@@ -115,6 +119,19 @@ def test_cache_io_is_the_plan(step, exported, profile):
             assert entry.window > 0 and entry.window in [d.dim_value for d in dims]
         if entry.kind != "full":  # rings, compressed buffers and states have static shapes
             assert all(d.dim_value > 0 for d in dims[1:]), entry
+
+
+@pytest.mark.parametrize("profile", ORT_PROFILES)
+def test_pos_is_read_on_the_device_only(step, exported, profile):
+    """No input ONNX Runtime's CUDA kernels read on the host (Range bounds, Slice ends, shapes,
+    axes) is computed from ``pos``: a runtime may keep ``pos`` in device memory and replay the step
+    from a CUDA graph. The model's metadata says so."""
+    from effexport.exporter.backends.onnx.export import DEVICE_POSITIONS
+    from effexport.exporter.backends.onnx.host_positions import host_reads
+
+    model = exported[profile][1]
+    assert host_reads(ir.from_proto(model)) == []
+    assert {p.key: p.value for p in model.metadata_props}[DEVICE_POSITIONS] == "true"
 
 
 @pytest.mark.parametrize("profile", ORT_PROFILES)
@@ -200,7 +217,7 @@ def test_runtime_chunk_on_a_cache_at_batch_2(step, exported, tmp_path):
     the model has GQA, the batched call either raises that error or agrees with the runtime."""
     model, _, analysis, vocab = step
     path = exported["ort"][0]
-    inputs, outputs = step_io_names(analysis.plan)
+    inputs, outputs = [i.name for i in exported["ort"][1].graph.input], step_io_names(analysis.plan)[1]
     shutil.copyfile(path, tmp_path / "model.onnx")  # a copy: an artifact's files must lie inside it
     (tmp_path / MANIFEST).write_text(json.dumps({
         "target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
@@ -225,11 +242,12 @@ def test_runtime_chunk_on_a_cache_at_batch_2(step, exported, tmp_path):
 
 def test_runtime_io_binding_keeps_caches_as_ort_values(step, exported, tmp_path):
     """With I/O binding (the CUDA path; here on CPU) caches stay ``OrtValue`` tensors between steps
-    and every step's logits and caches equal the plain numpy path's bit for bit."""
+    (torch tensors bound in place for the caches the model lists as in place) and every step's
+    logits equal the plain numpy path's bit for bit."""
     import onnxruntime as ort
 
     _, _, analysis, vocab = step
-    inputs, outputs = step_io_names(analysis.plan)
+    inputs, outputs = [i.name for i in exported["ort"][1].graph.input], step_io_names(analysis.plan)[1]
     shutil.copyfile(exported["ort"][0], tmp_path / "model.onnx")
     (tmp_path / MANIFEST).write_text(json.dumps({
         "target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
@@ -241,7 +259,9 @@ def test_runtime_io_binding_keeps_caches_as_ort_values(step, exported, tmp_path)
     for pos in [PREFILL, *range(PREFILL + CHUNK, ids.shape[1])]:  # a chunk (row-by-row path), then decode
         end = pos + (CHUNK if pos == PREFILL else 1)
         a, b = plain.step(ids[:, pos:end], pos, a.caches), bound.step(ids[:, pos:end], pos, b.caches)
-        assert all(isinstance(c, ort.OrtValue) for c in b.caches)
+        # in-place caches (buffers, GQA windowed caches) are device tensors bound as past and present
+        assert all(isinstance(c, torch.Tensor) if in_place else isinstance(c, ort.OrtValue)
+                   for c, in_place in zip(b.caches, bound.in_place))
         np.testing.assert_array_equal(b.logits, a.logits)
         for x, y in zip(b.caches, a.caches):
             np.testing.assert_array_equal(x.numpy(), y)

@@ -61,8 +61,11 @@ def _export(module: torch.nn.Module, args, profile: str, dynamic: tuple) -> onnx
 
 def _run(model: onnx.ModelProto, args) -> list[np.ndarray]:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    feeds = {i.name: a.numpy() for i, a in zip(model.graph.input, args) if i.name in names}
+    names, values = {i.name for i in sess.get_inputs()}, iter(args)
+    feeds = {}
+    for i in model.graph.input:  # pos_host, the ort profile's host copy of pos, gets pos's value
+        feeds[i.name] = feeds["pos"] if i.name == "pos_host" else next(values).numpy()
+    feeds = {name: value for name, value in feeds.items() if name in names}
     return sess.run(None, feeds)
 
 
@@ -97,14 +100,34 @@ def test_attention_parity(form, window, softcap, sinks, ring, profile):
         dynamic = ({0: batch, 2: t_dim},) * 3 + (past, past, None, None)
         example, probes = (_inputs(2, 3, W, 5), RING_PROBES) if fixed else (_inputs(2, 3, 5, 5), FULL_PROBES)
     model = _export(module, example, profile, dynamic)
+    window_layout = fixed and profile == "ort"  # the ort profile holds rings in GQA's window layout
     for i, (b, t, p, pos) in enumerate(probes):
         args = _inputs(b, t, p, pos, seed=i + 1)
         expected = module(*args)
         expected = expected if isinstance(expected, tuple) else (expected,)
+        if window_layout:  # the same cache contents, in the layout the ort model reads and writes
+            end = pos + t - 1 if ring else pos - 1  # a read-only ring is the producer's, after its write
+            args = (*args[:3], _window(args[3], end), _window(args[4], end), *args[5:])
+            expected = (expected[0], *(_window(e, pos + t - 1) for e in expected[1:]))
         got = _run(model, args)
         assert len(got) == len(expected)
         for j, (g, e) in enumerate(zip(got, expected)):
+            if window_layout and j > 0:  # rows past the filled ones are unspecified in GQA's layout
+                rows = min(pos + t, W)
+                g, e = g[:, :, :rows], e[:, :, :rows]
             assert_close(torch.from_numpy(g), e, rtol=1e-5, what=f"{profile} B={b} T={t} P={p} out{j}")
+
+
+def _window(ring: torch.Tensor, end: int) -> torch.Tensor:
+    """A ring (slot ``p mod W`` holds the latest position ``p <= end``) in the ort profile's window
+    layout: rows ``0..L-1`` hold positions ``end-L+1..end`` in order, ``L = min(end + 1, W)``, the
+    other rows zero."""
+    slots = ring.shape[2]
+    filled = min(end + 1, slots)
+    out = torch.zeros_like(ring)
+    if filled > 0:
+        out[:, :, :filled] = ring[:, :, [(end - filled + 1 + r) % slots for r in range(filled)]]
+    return out
 
 
 def _dense_bool_constants(model: onnx.ModelProto) -> list[str]:
@@ -134,12 +157,22 @@ def test_ort_profile_uses_gqa_with_window(window):
 
 @pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_ring_structure(profile):
-    """The ring is written by a Gather (static W slots), masks come from pos, no GQA, no mask constant."""
+    """standard / tensorrt: the ring is written by a Gather (static W slots), masks come from pos, no
+    mask constant. ort: one GroupQueryAttention with a W-row windowed cache (``sliding_window_cache``,
+    ``local_window_size = W``) reading the ring input and writing the ring output, no Gather, no Softmax."""
     model = _export(_Attn("ring", W, 0.0, False), _inputs(2, 3, W, 5), profile,
                     ({0: torch.export.Dim("b"), 2: torch.export.Dim("t")},) * 3
                     + ({0: torch.export.Dim("b")},) * 2 + (None, None))
     types = [n.op_type for n in model.graph.node]
-    assert "GroupQueryAttention" not in types and "Gather" in types
+    if profile == "ort":
+        gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(gqa) == 1 and "Softmax" not in types and "Gather" not in types
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+        assert attrs["sliding_window_cache"] == 1 and attrs["local_window_size"] == W
+        assert list(gqa[0].input[3:5]) == [i.name for i in model.graph.input[3:5]]
+        assert list(gqa[0].output[1:3]) == [o.name for o in model.graph.output[1:3]]
+    else:
+        assert "GroupQueryAttention" not in types and "Gather" in types
     assert ("Attention" in types) == (profile == "standard")
     assert not _dense_bool_constants(model)
     ring_out = model.graph.output[1].type.tensor_type.shape.dim

@@ -1,4 +1,5 @@
-"""The compressed-attention pass (``passes/compressed.py``) on the DeepSeek V4 Flash tiny preset.
+"""The compressed-attention pass (``passes/compressed.py``) on the DeepSeek V4 Flash tiny preset, and
+on look-alike models it must refuse.
 
 Covered: exact counts (compress_ratios (0, 0, 4, 16, 4, 16): 2 window-only, 2 CSA, 2 HCA layers,
 nothing left alone), the decode cache I/O (every raw K=V cache a ring of ``window`` slots, entry
@@ -6,7 +7,11 @@ caches fixed buffers of ``max_context // r`` slots, no full-length cache left, n
 parity of the rewritten step graph against eager logits over a 5-token prefill and 35 one-token
 decode steps (crossing 8 CSA and 2 HCA block boundaries), and two negative edits of the captured
 graph: a pooling without the block softmax is not recognised, and a compressor whose RoPE is wrong
-(cos -> sin) fails the numeric check; both layers are left alone with a reason.
+(cos -> sin) fails the numeric check; both layers are left alone with a reason. Look-alike models
+(``models.compressor_lookalike``): HCA compressors gated from the wrong block boundary or mean-pooled
+without the gate, and CSA compressors pairing the wrong block halves, are all left alone with their
+reasons; the HCA look-alike keeps parity across block boundaries, the CSA one does not (a strict
+xfail: the capture of DeepSeek's CSA step is specialised to its block arithmetic).
 
 The pass runs between the pipeline's own ``rewrite`` and ``positions`` passes (the proposed
 ``PIPELINE`` line). The model is captured once per module (~3 min on the shared 2-core machine).
@@ -127,3 +132,104 @@ def _run_graph(program, edit):
     gm = fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
     edit(gm)
     return gm
+
+
+# ------------------------------------------------------------------ a compressor look-alike model
+LOOKALIKE_CHUNKS = (20, 3) + (1,) * 17  # 40 tokens: the prefill crosses the block boundary at 16, decode the one at 32
+
+
+@pytest.fixture(scope="module")
+def lookalike():
+    """``(model, ids, program, analysis)``: the DeepSeek V4 sample with 2 HCA layers (ratio 16) whose
+    compressors pool in blocks the wrong way (``models.compressor_lookalike``: layer 0 gates with the
+    position embedding of the wrong block boundary, layer 1 mean-pools without the gate); captured
+    once (~25 s)."""
+    from effexport.exporter.capture import capture_step
+    from models import compressor_lookalike
+
+    model = compressor_lookalike.build(("shifted", "mean"))
+    ids = torch.randint(0, model.config.vocab_size, (2, sum(LOOKALIKE_CHUNKS)), generator=torch.Generator().manual_seed(1))
+    program, analysis = pipeline.run_pipeline(capture_step(model, ids), max_context=MAX_CONTEXT)
+    return model, ids, program, analysis
+
+
+def test_lookalike_compressors_left_alone_with_reasons(lookalike):
+    """Both layers left alone, each with its reason: layer 0's compressor has the structure but fails
+    the numeric check, layer 1's has no block softmax; neither attention reads a recognised
+    compressor's entries. No compressed op, no ring: the sample's growing caches stay. The premise:
+    the look-alike pooling changes the logits (same weights, the sample's compressors)."""
+    from models import compressor_lookalike
+
+    model, ids, program, analysis = lookalike
+    real = compressor_lookalike.build((None, None))
+    real.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(model(ids)[0], real(ids)[0]), "premise: the look-alike pools like DeepSeek"
+    counts = analysis.counts["compressed"]
+    assert {k: counts[k] for k in ("csa", "hca", "window_only", "left_alone")} == \
+        {"csa": 0, "hca": 0, "window_only": 0, "left_alone": 3}, analysis.explain()
+    why = analysis.left_alone
+    assert any("[layers.0.attn]" in w and "does not compute kv_compress_step" in w for w in why), why
+    for layer in (0, 1):
+        assert any(f"[layers.{layer}.attn]" in w and "not a recognised compressor's entries" in w for w in why), why
+    assert not [n for n in program.gm.graph.nodes if is_call(n, OPS.kv_compress_step.default, OPS.sparse_attention.default)]
+    assert {(e.name.split(".", 1)[1], e.kind) for e in analysis.plan.entries} == {
+        ("kv", "full"), ("comp", "full"), ("comp_kv_state", "state"), ("comp_score_state", "state")}
+
+
+def test_lookalike_compressors_parity(lookalike):
+    """The left-alone step graph computes the look-alike's own logits (fp32 rel <= 1e-5): a 20-token
+    prefill across the first block boundary, a 3-token chunk, then 17 decode steps across the next."""
+    model, ids, program, analysis = lookalike
+    with torch.no_grad():
+        want, _ = model(ids)
+        outs, pos = (None, *analysis.plan.empty_caches(2)), 0
+        for n in LOOKALIKE_CHUNKS:
+            outs = program.gm(ids[:, pos:pos + n], torch.tensor(pos), *outs[1:])
+            assert_close(outs[0], want[:, pos:pos + n], what=f"logits of tokens {pos}..{pos + n - 1}")
+            pos += n
+
+
+@pytest.fixture(scope="module")
+def csa_lookalike():
+    """``(model, ids, program, analysis)``: one CSA layer (ratio 4, overlapping blocks, indexer) whose
+    compressors pair the wrong halves of neighbouring blocks; captured once (~15 s)."""
+    from effexport.exporter.capture import capture_step
+    from models import compressor_lookalike
+
+    model = compressor_lookalike.build(("swapped",), ratio=4)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    program, analysis = pipeline.run_pipeline(capture_step(model, ids), max_context=MAX_CONTEXT)
+    return model, ids, program, analysis
+
+
+def test_csa_lookalike_left_alone_with_reasons(csa_lookalike):
+    """Both overlapping compressors (the attention's and the indexer's) fail the numeric check and the
+    sparse attention over their entries is not recognised: all left alone, no compressed op."""
+    model, ids, program, analysis = csa_lookalike
+    counts = analysis.counts["compressed"]
+    assert {k: counts[k] for k in ("csa", "hca", "window_only", "left_alone")} == \
+        {"csa": 0, "hca": 0, "window_only": 0, "left_alone": 3}, analysis.explain()
+    why = analysis.left_alone
+    assert sum("does not compute kv_compress_step" in w for w in why) == 2, why
+    assert any("not a recognised compressor's entries" in w for w in why), why
+    assert not [n for n in program.gm.graph.nodes if is_call(n, OPS.kv_compress_step.default, OPS.indexer_topk.default)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: the captured DeepSeek V4 CSA step (the sample's code: its unmodified capture fails "
+    "the same way at P = 8, T = 1) is exact "
+    "only at the capture's block arithmetic: export specialised sizes derived from (T + P % 4) // 4 "
+    "(guards like '((T + P % 4) // 4) < 2'), so left alone its graph is wrong at a 5-token prefill "
+    "(rel 2.5e-2 at position 4) and fails at P = 8, T = 1 (indexer mask [T, 2] vs scores [B, T, 3]); "
+    "the compressed pass's rewrite removes that code, so rewritten CSA layers are exact"))
+def test_csa_lookalike_parity(csa_lookalike):
+    """Left alone, the step graph should compute the look-alike's logits: prefill 5, then 35 steps."""
+    model, ids, program, analysis = csa_lookalike
+    with torch.no_grad():
+        want, _ = model(ids)
+        outs = program.gm(ids[:, :5], torch.tensor(0), *analysis.plan.empty_caches(2))
+        assert_close(outs[0], want[:, :5], what="prefill logits")
+        for t in range(5, ids.shape[1]):
+            outs = program.gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
+            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")

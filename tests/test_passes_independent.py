@@ -12,7 +12,7 @@ Covered:
   independently computed K/V (not shared), bidirectional (classified full), chunked (left alone),
   a padding mask read from the token values (unknown, left alone), an ALiBi-style score bias (no
   attention op: the bias has no argument in the ops), a window switched on by a Python ``if`` on
-  the length (refused at capture, or exact across the switch: an xfail today);
+  the length (refused at capture, naming the condition, on either side of the example's length);
 * HF idioms that once broke the passes: HF's verbatim ``repeat_kv`` indexing (a no-op slice before
   the unsqueeze), ``.to(dtype)`` in mask code (export's ``_assert_tensor_metadata`` kept dead masks
   alive), and a bidirectional (full) mask over a cache (must be left alone, not made causal).
@@ -227,6 +227,9 @@ NEGATIVES = {
     "padding3": NegConfig(mask="padding", vocab=6, pad=3),
     "alibi": NegConfig(mask="alibi"),
     "python_if": NegConfig(mask="python_if"),
+    "tied_k": NegConfig(mask="causal", lookalike="tied_k"),
+    "other_proj": NegConfig(mask="causal", lookalike="other_proj"),
+    "biased_read": NegConfig(mask="causal", lookalike="biased_read"),
 }
 
 
@@ -294,6 +297,46 @@ def test_equal_independent_kv_not_shared(negative):
     assert neg_parity(model, program, analysis) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["tied_k", "other_proj"])
+def test_kv_lookalikes_with_own_cache_not_shared(negative, name):
+    """K/V that resemble layer 0's: layer 1 applies layer 0's K projection module to its own input
+    (``tied_k``), or its own projections to layer 0's input (``other_proj``). The premise: the same
+    weights or the same source, other values. Each layer is independent with its own cache; parity."""
+    model, program, analysis = negative(name)
+    n = model.cfg.layers
+    with torch.no_grad():
+        _, present = model(token_ids(model.cfg.vocab, 5))
+    first = model.attn[0]
+    assert (model.attn[1].k is first.k) == (name == "tied_k") and model.attn[1].v is not first.v
+    assert not torch.allclose(present["0.k"], present["1.k"]), "premise: layer 1 holds layer 0's K"
+    assert len({s.k for s in analysis.sites}) == n
+    assert analysis.counts["kv_sharing"] == {"groups": n, "consumers": 0, "owners": 0}
+    assert [(r.role, r.reads) for r in analysis.plan.layers] == [("independent", i) for i in range(n)]
+    assert [e.name for e in analysis.plan.entries] == [f"{i}.{t}" for i in range(n) for t in "kv"]
+    assert op_counts(program.gm)["attention_cache"] == n
+    assert neg_parity(model, program, analysis) <= 1e-5
+
+
+def test_kv_lookalike_biased_read_not_shared(negative):
+    """Layer 1 reads layer 0's whole K/V (its cache too) and adds a bias to K: it reads layer 0's cache
+    but is no consumer of it (a consumer reads the owner's K as-is and would drop the bias). Layer 0
+    owns the only cache; layer 1 attends over the biased K in the step graph (``plain``), not through
+    an ``attention_read`` of layer 0's cache; parity (the premise: the bias changes the logits)."""
+    model, program, analysis = negative("biased_read")
+    ids = token_ids(model.cfg.vocab, sum(NEG_CHUNKS))
+    unbiased = negatives.build(model.cfg)
+    unbiased.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        unbiased.attn[1].k_bias.zero_()
+        assert not torch.allclose(model(ids)[0], unbiased(ids)[0]), "premise: the bias changes nothing"
+    assert analysis.counts["kv_sharing"] == {"groups": 2, "consumers": 0, "owners": 0}
+    assert [(s.role, s.cache) for s in analysis.sites] == [("independent", "full"), ("independent", "plain")]
+    assert [e.name for e in analysis.plan.entries] == ["0.k", "0.v"]
+    counts = op_counts(program.gm)
+    assert (counts["attention_cache"], counts["attention"], counts["attention_read"]) == (1, 1, 0)
+    assert neg_parity(model, program, analysis) <= 1e-5
+
+
 def test_bidirectional_classified_full(negative):
     """No mask at all: every site classified ``full`` (not causal, no window)."""
     _, _, analysis = negative("bidirectional")
@@ -321,15 +364,14 @@ def test_chunked_rewritten_to_chunk_caches(negative):
 
 @pytest.mark.parametrize("name", [
     pytest.param("padding", id="pad-token-0"),
-    pytest.param("padding3", id="pad-token-3", marks=pytest.mark.xfail(strict=True, reason=(
-        "known bug: passes/masks.py probes a mask with all-zero inputs, so a padding mask whose pad "
-        "id is not 0 looks causal there; it is rewritten as causal and the padding is dropped"))),
+    pytest.param("padding3", id="pad-token-3"),
 ])
 def test_padding_mask_left_alone(negative, name):
     """A mask that reads the token values (padding keys hidden) is no causal or window mask: every
-    site ``unknown`` and left alone (softmax kept, full caches), and the step graph still hides the
-    padding keys (parity over 70 tokens, the premise: the padding changes the logits). With pad id 3
-    the rewrite takes it for causal (the xfail above)."""
+    site ``unknown`` and left alone (softmax kept, full caches) with the reason that the mask reads
+    ``input_ids``' values, and the step graph still hides the padding keys (parity over 70 tokens, the
+    premise: the padding changes the logits). Pad id 3 was taken for causal while the mask probes fed
+    all-zero token ids (``ids != 3`` is all True there); the xfail until the fix."""
     model, program, analysis = negative(name)
     n, ids = model.cfg.layers, token_ids(model.cfg.vocab, sum(NEG_CHUNKS))
     causal = negatives.build(NegConfig(mask="causal", vocab=model.cfg.vocab))
@@ -337,11 +379,32 @@ def test_padding_mask_left_alone(negative, name):
     with torch.no_grad():
         assert not torch.allclose(model(ids)[0], causal(ids)[0]), "premise: padding changes nothing"
     assert [s.mask_kind for s in analysis.sites] == ["unknown"] * n
+    assert all("reads the values of input_ids" in s.reason for s in analysis.sites), analysis.sites[0].reason
     assert analysis.counts["rewrite"]["left_alone"] == n
     assert op_counts(program.gm) == {"softmax": n, "attention": 0, "attention_cache": 0,
                                      "attention_ring": 0, "attention_read": 0}
     assert {e.kind for e in analysis.plan.entries} == {"full"}
     assert neg_parity(model, program, analysis) <= 1e-5
+
+
+def test_mask_from_sizes_of_ids_still_causal():
+    """The other side of the padding rule: a mask that uses ``input_ids`` only for its sizes (HF's
+    default ``attention_mask = ones_like(input_ids)``, ``new_ones``) is still classified causal."""
+    from effexport.passes.masks import MaskClassifier
+
+    class Mask(torch.nn.Module):
+        def forward(self, ids, cache):  # ids [B, T], cache [B, P, d]: [B, T, P + T] causal & all-ones
+            t, s = ids.shape[1], cache.shape[1] + ids.shape[1]
+            q, k = torch.arange(s - t, s), torch.arange(s)
+            keep = torch.cat([ids.new_ones(ids.shape[0], s - t), torch.ones_like(ids)], dim=1).bool()
+            return (k[None, :] <= q[:, None])[None] & keep[:, None, :]
+
+    auto = torch.export.Dim.AUTO
+    gm = torch.export.export(Mask(), (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 5, 4)),
+                             dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto})).module()
+    mask = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    kind = MaskClassifier(gm).classify(mask, "visible")
+    assert kind.kind == "causal", kind.reason
 
 
 def test_alibi_bias_not_rewritten(negative):
@@ -361,17 +424,22 @@ def test_alibi_bias_not_rewritten(negative):
     assert neg_parity(model, program, analysis) <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: the capture (9 tokens) traces only the causal branch of a Python `if` on the key "
-    "count and nothing refuses it; the step program stays causal past the gate at 64 keys"))
-def test_python_if_window_refused_or_exact():
-    """A window that a Python ``if`` switches on past 64 keys: capture must refuse the model (the
-    branch depends on a dynamic size) or the step graph must match eager on both sides of the gate."""
+@pytest.mark.parametrize("gate, condition", [
+    pytest.param(64, "input_ids.shape[1] + past.0.k.shape[2] <= 64", id="gate-past-the-example"),
+    pytest.param(7, "input_ids.shape[1] + past.0.k.shape[2] > 7", id="gate-within-the-example"),
+])
+def test_python_if_window_refused_at_capture(gate, condition):
+    """A window that a Python ``if`` switches on past ``gate`` keys: the capture (9 keys) traces one
+    branch only -- causal for gate 64, windowed for gate 7 -- and export keeps the condition only as
+    a guard on the inputs (for 64 also as the bound keys <= 64). The capture refuses the model, naming
+    the condition, instead of building a step graph that is causal past the gate, or windowed before
+    it (it built them until the check: the strict xfail until then). Not detected: a gate below 4
+    keys (export assumes every dynamic size >= 2, so no guard is recorded)."""
+    import dataclasses
+
     from effexport.exporter.errors import CaptureError
 
-    model = negatives.build(NEGATIVES["python_if"])
-    try:
-        program, analysis = rewrite(model, model.cfg.vocab)
-    except CaptureError:
-        return  # refused: the user is told, nothing wrong is built
-    assert neg_parity(model, program, analysis) <= 1e-5
+    model = negatives.build(dataclasses.replace(NEGATIVES["python_if"], gate=gate))
+    with pytest.raises(CaptureError, match=r"branches on the cache length of 'past\.0\.k'") as err:
+        rewrite(model, model.cfg.vocab)
+    assert condition in str(err.value)

@@ -45,6 +45,11 @@ def onnx_opset(model_proto) -> int:
     return next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def onnx_inputs(model_proto) -> list[str] | None:
+    """The step model's input names (an ``ort`` build may add ``pos_host``), None without a model."""
+    return None if model_proto is None else [v.name for v in model_proto.graph.input]
+
+
 def onnx_summary(model_proto) -> str:
     """The lowering note of an ONNX step model: its opset and IR version."""
     return f"opset {onnx_opset(model_proto)}, IR {model_proto.ir_version}"

@@ -15,6 +15,7 @@ import torch
 S, F = "sliding_attention", "full_attention"
 CSA, HCA = "compressed_sparse_attention", "heavily_compressed_attention"
 WINDOW = 6  # sliding window of the tiny configs: smaller than every prompt the tests use
+CHUNK = 8  # Llama 4's attention chunk
 
 FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
     # plain Llama: two causal layers, GQA
@@ -127,6 +128,14 @@ FAMILIES: dict[str, tuple[str, str, dict, dict]] = {
         moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
         max_position_embeddings=256),
         dict(sites=1, ring=0, full=1, consumers=0, sliding=0, windows=set(), states=2)),
+    # Llama 4 (text): chunked attention (chunks of 8) with complex RoPE on layers 0-1 (layer 1 MoE),
+    # NoPE full attention with attention temperature tuning on layer 2 (floor_scale 8)
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=CHUNK,
+        num_local_experts=4, num_experts_per_tok=1, moe_layers=[1], no_rope_layers=[1, 1, 0],
+        max_position_embeddings=256, floor_scale=8),
+        dict(sites=3, ring=0, full=1, consumers=0, sliding=0, windows=set(), states=0, chunk=2)),
 }
 
 

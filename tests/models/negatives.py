@@ -1,7 +1,7 @@
 """Small decoders the attention passes must *not* rewrite the careless way.
 
 Every model has the samples' contract, ``forward(input_ids [B, T], past=None) -> (logits, present)``
-with ``present["{i}.k"]`` / ``present["{i}.v"]`` ``[B, Hkv, S, d]`` (full length) for every layer and
+with ``present["{i}.k"]`` / ``present["{i}.v"]`` ``[B, Hkv, S, d]`` (full length) for every layer with a cache and
 the start position taken from ``past["0.k"]``. Layers are pre-norm attention blocks (no MLP); one
 mask, chosen by name, is shared by all layers:
 
@@ -21,7 +21,16 @@ mask, chosen by name, is shared by all layers:
 
 ``twin_kv=True`` makes every layer reuse layer 0's K/V projection *modules* (tied weights) on the
 same input (parallel blocks), so all layers hold equal K/V values computed by separate projections
-into separate caches: equal values are not shared K/V.
+into separate caches: equal values are not shared K/V. ``lookalike`` gives sequential layers past
+layer 0 a K/V that resembles layer 0's without being it:
+
+``tied_k``      layer 0's K projection *module* (tied weights) applied to the layer's own input: its
+                own K, its own cache.
+``other_proj``  K/V computed from layer 0's input (the same hidden state) through the layer's own
+                projections: same source, other values, its own cache.
+``biased_read`` layer 0's full K/V (its cache and new entries) read, plus a learned bias on K: no
+                cache of its own, and not layer 0's K either (reading layer 0's cache as-is drops the
+                bias).
 
 Not covered: sinks.
 """
@@ -34,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MASKS = ("causal", "length_gated", "python_if", "bidirectional", "chunked", "padding", "alibi")
+LOOKALIKES = ("", "tied_k", "other_proj", "biased_read")
 
 
 @dataclass(frozen=True)
@@ -52,10 +62,13 @@ class NegConfig:
     chunk: int = 4       # chunked: block size
     pad: int = 0         # padding: the token id whose keys are hidden
     twin_kv: bool = False
+    lookalike: str = ""  # a K/V that resembles layer 0's (see the module docstring)
 
     def __post_init__(self):
         if self.mask not in MASKS:
             raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
+        if self.lookalike not in LOOKALIKES or (self.lookalike and self.twin_kv):
+            raise ValueError(f"lookalike must be one of {LOOKALIKES} (not with twin_kv), got {self.lookalike!r}")
 
 
 def visibility(cfg: NegConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
@@ -93,7 +106,7 @@ class Attention(nn.Module):
     """One attention layer: SDPA for the ``causal`` model, decomposed ``matmul-softmax-matmul``
     with ``masked_fill(-inf)`` (or no mask) for the others. GQA by ``repeat_interleave``."""
 
-    def __init__(self, cfg: NegConfig, kv_from: "Attention | None" = None):
+    def __init__(self, cfg: NegConfig, kv_from: "Attention | None" = None, k_from: "Attention | None" = None):
         super().__init__()
         self.cfg = cfg
         self.q = nn.Linear(cfg.width, cfg.heads * cfg.head_dim, bias=False)
@@ -103,18 +116,27 @@ class Attention(nn.Module):
             self.v = nn.Linear(cfg.width, cfg.kv_heads * cfg.head_dim, bias=False)
         else:  # the same modules (tied weights), called again: separate projections
             self.k, self.v = kv_from.k, kv_from.v
+        if k_from is not None:  # lookalike tied_k: only K's module tied
+            self.k = k_from.k
+        # lookalike biased_read: the bias added to the K read from layer 0 (non-zero: it matters)
+        self.k_bias = nn.Parameter(torch.randn(1, cfg.kv_heads, 1, cfg.head_dim)) if cfg.lookalike == "biased_read" else None
 
     def heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """``[B, T, n*d] -> [B, n, T, d]``."""
         b, t, _ = x.shape
         return x.view(b, t, n, self.cfg.head_dim).transpose(1, 2)
 
-    def forward(self, x, mask, cached=None, bias=None):
+    def forward(self, x, mask, cached=None, bias=None, kv_x=None, read=None):
         """x ``[B, T, E]``, mask bool ``[T, S]`` / ``[B, T, S]`` or None, ``cached`` (K, V)
-        ``[B, Hkv, S-T, d]``, ``bias`` ``[H, T, S]`` added to the scores."""
+        ``[B, Hkv, S-T, d]``, ``bias`` ``[H, T, S]`` added to the scores; ``kv_x`` the input of the K/V
+        projections (default ``x``); ``read`` another layer's full (K, V), read instead (plus ``k_bias``)."""
         cfg = self.cfg
         q = self.heads(self.q(x), cfg.heads)
-        k, v = self.heads(self.k(x), cfg.kv_heads), self.heads(self.v(x), cfg.kv_heads)
+        kv_x = x if kv_x is None else kv_x
+        if read is not None:
+            k, v = read[0] + self.k_bias, read[1]
+        else:
+            k, v = self.heads(self.k(kv_x), cfg.kv_heads), self.heads(self.v(kv_x), cfg.kv_heads)
         if cached is not None:
             k, v = torch.cat([cached[0], k], dim=2), torch.cat([cached[1], v], dim=2)
         rep = cfg.heads // cfg.kv_heads
@@ -141,7 +163,8 @@ class NegModel(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab, cfg.width)
         first = Attention(cfg)
-        self.attn = nn.ModuleList([first] + [Attention(cfg, first if cfg.twin_kv else None)
+        self.attn = nn.ModuleList([first] + [Attention(cfg, first if cfg.twin_kv else None,
+                                                       first if cfg.lookalike == "tied_k" else None)
                                              for _ in range(cfg.layers - 1)])
         self.norms = nn.ModuleList(nn.RMSNorm(cfg.width, eps=1e-6) for _ in range(cfg.layers))
         self.head = nn.Linear(cfg.width, cfg.vocab, bias=False)
@@ -158,9 +181,17 @@ class NegModel(nn.Module):
         x = self.tok(input_ids)
         present = {}
         total = x
+        look, first_in = self.cfg.lookalike, None
         for i, (norm, attn) in enumerate(zip(self.norms, self.attn)):
+            h = norm(x)
+            first_in = h if i == 0 else first_in
+            if i and look == "biased_read":  # layer 0's full K/V plus a bias; no cache of its own
+                y, _ = attn(h, mask, bias=bias, read=(present["0.k"], present["0.v"]))
+                x = x + y
+                continue
             cached = None if past is None else (past[f"{i}.k"], past[f"{i}.v"])
-            y, (present[f"{i}.k"], present[f"{i}.v"]) = attn(norm(x), mask, cached, bias)
+            kv_x = first_in if look == "other_proj" else None
+            y, (present[f"{i}.k"], present[f"{i}.v"]) = attn(h, mask, cached, bias, kv_x)
             if self.cfg.twin_kv:
                 total = total + y  # parallel: every layer reads the embedding
             else:

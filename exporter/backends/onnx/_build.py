@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxscript import opset18 as op
 
 __all__ = ["ints", "i64", "f32c", "dim", "to_float", "cast_like", "static_dim", "arange",
-           "visible", "ring_positions", "on_device"]
+           "visible", "ring_positions", "on_device", "positions", "plus", "known_dim"]
 
 FLOAT = ir.DataType.FLOAT
 
@@ -37,14 +37,21 @@ def dim(x, axis: int) -> object:
     return op.Squeeze(op.Shape(x, start=axis, end=axis + 1 if axis != -1 else None), ints([0]))
 
 
+def known_dim(x, axis: int) -> int | None:
+    """``x.shape[axis]`` when it is static at export time, else None."""
+    size = x.shape[axis] if x.shape is not None and len(x.shape) > axis else None
+    if isinstance(size, int):
+        return size
+    value = getattr(size, "value", None)
+    return value if isinstance(value, int) else None
+
+
 def static_dim(x, axis: int, what: str) -> int:
     """A dimension that must be static at export time (head counts and head sizes)."""
-    size = x.shape[axis] if x.shape is not None else None
-    if not isinstance(size, int):
-        value = getattr(size, "value", None)
-        if not isinstance(value, int):
-            raise ValueError(f"{what}: dim {axis} of {x.name} must be static for ONNX lowering, got {size}")
-        size = value
+    size = known_dim(x, axis)
+    if size is None:
+        raise ValueError(f"{what}: dim {axis} of {x.name} must be static for ONNX lowering, "
+                         f"got {x.shape[axis] if x.shape is not None else None}")
     return size
 
 
@@ -70,8 +77,23 @@ def on_device(x):
 
 
 def arange(start, length):
-    """``start + [0, length)`` as int64 (``start``, ``length`` 0-d int64)."""
+    """``start + [0, length)`` as int64 (``start``, ``length`` 0-d int64 computed from shapes)."""
     return op.Range(start, op.Add(start, length), i64(1))
+
+
+def positions(start, length):
+    """``start + [0, length)`` as int64 for a ``start`` computed from the step's ``pos`` input.
+
+    ``pos`` is a device value (a runtime replaying a CUDA graph updates it in place), so nothing
+    derived from it may be read on the host: ``Range``'s bounds are, its output is not. The range
+    is built from the shape-derived ``length`` alone and shifted on the device."""
+    return op.Add(op.Range(i64(0), length, i64(1)), start)
+
+
+def plus(start, x):
+    """``start + x`` for a ``start`` derived from ``pos`` (device) and an ``x`` computed from shapes
+    (host): ``x`` crosses by :func:`on_device`, so ONNX Runtime inserts no copy node."""
+    return op.Add(start, on_device(x))
 
 
 def visible(q_pos, k_pos, window: int, k_valid=None, chunked: bool = False):

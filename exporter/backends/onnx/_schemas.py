@@ -66,7 +66,7 @@ def ensure_gqa_schema() -> None:
         outputs=[("output", "T"), ("present_key", "T"), ("present_value", "T")],
         attributes=[("num_heads", int), ("kv_num_heads", int), ("scale", float), ("softcap", float),
                     ("local_window_size", int), ("do_rotary", int), ("rotary_interleaved", int),
-                    ("smooth_softmax", int)],
+                    ("smooth_softmax", int), ("sliding_window_cache", int)],
         type_constraints=[("T", _FLOATS), ("M", ["tensor(int32)"]), ("P", ["tensor(int64)"])],
         doc="ONNX Runtime contrib GroupQueryAttention (subset declared for emission)."))
 

@@ -11,9 +11,11 @@
   as ``head_sink``. GQA needs ``d == dv``, a non-zero scale, ``d`` a multiple of 8 and ``d <= 256``
   (above, ORT's CUDA kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
   decomposition below is used.
-* ``attention_ring`` (sliding, or chunked with ``chunked=True``: the mask ``q - k <= q mod C``) and
-  ``attention_read(ring=True)``: GQA's contiguous past/present cannot express a ring, so they use
-  the decomposition.
+* ``attention_ring`` (sliding) where GQA takes the head size: one GroupQueryAttention with
+  ``sliding_window_cache = 1`` over a W-row cache in GQA's windowed layout (newest positions in
+  order from row 0: :func:`attend_gqa_window`), which ``attention_read(ring=True)`` then reads by
+  that layout's positions. Chunked rings (``chunked=True``: the mask ``q - k <= q mod C``) and other
+  head sizes keep the eager op's ring (slot ``p mod W``) and the decomposition.
 * ``attention_buffer`` (the fixed-capacity full cache) becomes one GroupQueryAttention in its
   shared-buffer form: ``past_key`` is the whole ``[B, Hkv, C, d]`` buffer, ``seqlens_k = pos + T - 1``
   and ``total_sequence_length = pos + T`` come from ``pos``, and ``present_key`` has the buffer's
@@ -40,6 +42,8 @@ quantized-cache features.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -51,7 +55,7 @@ from effexport.exporter.backends.onnx import _build as b
 from effexport.exporter.backends.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
 from effexport.exporter.backends.onnx.profiles import PROFILES
 
-__all__ = ["TRANSLATIONS", "attend_decomposed"]
+__all__ = ["TRANSLATIONS", "attend_decomposed", "slot_rings"]
 
 ensure_gqa_schema()
 msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
@@ -149,14 +153,30 @@ def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int
     return out, k_present, v_present
 
 
-def _gqa_lengths(pos, t_len, batch_of):
-    """GQA's ``seqlens_k`` (``[B]`` int32, ``pos + T - 1``, a device value: :func:`~._build.on_device`)
-    and ``total_sequence_length`` (0-d int32, ``pos + T``) for queries at ``pos..pos+T-1`` (``pos``,
-    ``t_len`` 0-d int64; batch from ``batch_of``'s dim 0)."""
-    total = op.Add(pos, t_len)  # on the host: total_sequence_length is a CPU input of GQA
-    last = op.Reshape(b.on_device(op.Sub(total, b.i64(1))), b.ints([1]))  # seqlens_k is read on the device
-    seqlens = op.Expand(last, op.Shape(batch_of, start=0, end=1))
-    return op.Cast(seqlens, to=6), op.Cast(total, to=6)
+def _gqa_lengths(past_len, t_len, batch_of):
+    """GQA's ``seqlens_k`` (``[B]`` int32, ``P + T - 1``) and ``total_sequence_length`` (0-d int32,
+    ``P + T``) for a past of ``past_len`` rows and ``t_len`` new ones (both 0-d int64 from shapes;
+    batch from ``batch_of``'s dim 0). ``seqlens_k`` is read on the device: :func:`~._build.on_device`."""
+    total = op.Add(past_len, t_len)  # on the host: total_sequence_length is a CPU input of GQA
+    return _seqlens(b.on_device(op.Sub(total, b.i64(1))), batch_of), op.Cast(total, to=6)
+
+
+def _seqlens(last, batch_of):
+    """``[B]`` int32 copies of the device scalar ``last`` (GQA's ``seqlens_k``)."""
+    return op.Cast(op.Expand(op.Reshape(last, b.ints([1])), op.Shape(batch_of, start=0, end=1)), to=6)
+
+
+def _buffer_lengths(pos, t_len, capacity: int, batch_of):
+    """GQA's lengths over a shared buffer of ``capacity`` rows for queries at ``pos..pos+T-1``.
+
+    ``seqlens_k = pos + T - 1`` is computed on the device from ``pos``. ``total_sequence_length``
+    is read on the host and tells ORT a prompt from a decode step: a one-token step gets the
+    capacity (an upper bound, constant, so a captured CUDA graph stays valid whatever ``pos``),
+    a chunk gets ``pos + T`` (``pos + T == T`` marks the first prompt, which ORT runs batched).
+    That ``pos`` is the step's host copy: :mod:`.host_positions` points it at ``pos_host``."""
+    seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), batch_of)
+    total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
+    return seqlens, op.Cast(total, to=6)
 
 
 def _split_at(x, cut):
@@ -225,15 +245,75 @@ def attention_cache_standard(q, k_new, v_new, k_past, v_past, sinks=None, scale:
 
 
 # ---------------------------------------------------------------------------- attention_ring
+_SLOT_RINGS = contextvars.ContextVar("effexport_slot_rings", default=False)
+
+
+@contextlib.contextmanager
+def slot_rings():
+    """Lower sliding rings as the eager op's slot ring (``p mod W``, written by a ``Gather``) even in
+    the ``ort`` profile. For runtimes that bind a ring's past and present to one buffer (GenAI):
+    GroupQueryAttention's windowed cache would be updated in place by the producer layer before
+    its KV-sharing consumers read the old rows."""
+    token = _SLOT_RINGS.set(True)
+    try:
+        yield
+    finally:
+        _SLOT_RINGS.reset(token)
+
+
+def _window_cache(profile: str, dims: Dims, chunked: bool = False) -> bool:
+    """The ``ort`` profile holds a sliding ring in GroupQueryAttention's windowed layout
+    (``sliding_window_cache``) wherever GQA takes the head size (not under :func:`slot_rings`):
+    see :func:`attend_gqa_window`."""
+    return (PROFILES[profile].gqa and not chunked and not _SLOT_RINGS.get() and dims.d == dims.dv
+            and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
+
+
+def attend_gqa_window(q, k_new, v_new, k_win, v_win, pos, sinks, scale: float, window: int, softcap: float,
+                      dims: Dims):
+    """Sliding-window attention over a W-row window cache, one ``GroupQueryAttention`` with
+    ``sliding_window_cache = 1`` that also writes the cache.
+
+    The window layout (GQA's, not the eager op's ring): after a step ending at position ``e``, rows
+    ``0..L-1`` hold positions ``e-L+1..e`` in order, ``L = min(e + 1, W)``; later rows are unspecified.
+    Both layouts start as zeros, and only this profile's nodes read the cache, so the artifact is
+    self-consistent (KV-sharing consumers of a ring run the same lowering over the producer's past).
+    ``seqlens_k = pos + T - 1`` on the device; ``total_sequence_length`` is W for a one-token step
+    (ORT sizes nothing by it for a windowed cache; a constant keeps a captured CUDA graph valid) and
+    ``pos + T`` for a chunk (:mod:`.host_positions` reads it from ``pos_host``)."""
+    if scale == 0.0:
+        raise ValueError("attention_ring: scale 0 (GroupQueryAttention reads it as 1/sqrt(d))")
+    heads, kv_heads, _, dv = dims
+    t_len = b.dim(q, 2)
+    seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), q)
+    total = op.Cast(op.Where(op.Equal(t_len, b.i64(1)), b.i64(window), op.Add(pos, t_len)), to=6)
+    out, k_present, v_present = msft.GroupQueryAttention(
+        _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_win, v_win, seqlens, total,
+        head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), softcap=float(softcap),
+        local_window_size=window, sliding_window_cache=1)
+    out = op.Transpose(op.Reshape(out, b.ints([0, 0, heads, dv])), perm=[0, 2, 1, 3])
+    return out, k_present, v_present
+
+
+def _window_positions(end, slots: int):
+    """Position held by each row of a window cache after a step ending at ``end`` (0-d, device):
+    ``e - L + 1 + r`` for rows ``r < L = min(e + 1, W)``, -1 (never filled) for the others."""
+    row = op.Range(b.i64(0), b.i64(slots), b.i64(1))
+    filled = op.Min(op.Add(end, b.i64(1)), b.i64(slots))
+    return op.Where(op.Less(row, filled), op.Add(op.Sub(op.Add(end, b.i64(1)), filled), row), b.i64(-1))
+
+
 def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, profile,
                     chunked=False):
     dims = Dims.of(q, k_new, v_new)
     slots = b.static_dim(k_ring, 2, "attention_ring")
     if slots != window:
         raise ValueError(f"attention_ring: ring of {slots} slots for window {window}")
+    if _window_cache(profile, dims, chunked):
+        return attend_gqa_window(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, dims)
     t_len = b.dim(q, 2)
     old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
-    new_pos = b.arange(pos, t_len)  # [T]
+    new_pos = b.positions(pos, t_len)  # [T]
     keys = op.Concat(k_ring, k_new, axis=2)  # [B, Hkv, W+T, d]
     values = op.Concat(v_ring, v_new, axis=2)
     k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
@@ -241,7 +321,7 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
     attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
     out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
     # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
-    last_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
+    last_pos = b.ring_positions(b.plus(pos, op.Sub(t_len, b.i64(1))), slots)
     slot = op.Range(b.i64(0), b.i64(slots), b.i64(1))
     src = op.Where(op.GreaterOrEqual(last_pos, pos), op.Add(op.Sub(last_pos, pos), b.i64(slots)), slot)
     return out, op.Gather(keys, src, axis=2), op.Gather(values, src, axis=2)
@@ -265,21 +345,25 @@ def attention_ring_standard(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, sc
 def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, profile):
     dims = Dims.of(q, k_cache, v_cache)
     t_len = b.dim(q, 2)
-    q_pos = b.arange(pos, t_len)
+    q_pos = b.positions(pos, t_len)
     attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
-        k_pos = b.ring_positions(b.on_device(op.Sub(op.Add(pos, t_len), b.i64(1))), slots)
-        mask = b.visible(q_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)))
+        end = b.plus(pos, op.Sub(t_len, b.i64(1)))
+        k_pos = _window_positions(end, slots) if _window_cache(profile, dims) else b.ring_positions(end, slots)
+        filled = op.GreaterOrEqual(k_pos, b.i64(0))
+        if _window_cache(profile, dims):  # GQA leaves unfilled rows unspecified: no NaN may reach P x V
+            v_cache = op.Where(op.Reshape(filled, b.ints([1, 1, -1, 1])), v_cache, op.CastLike(b.f32c(0.0), v_cache))
+        mask = b.visible(q_pos, k_pos, window, filled)
         return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
-    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
-        pos1, end = op.Reshape(pos, b.ints([1])), op.Reshape(op.Add(pos, t_len), b.ints([1]))
-        k_used = op.Slice(k_cache, b.ints([0]), end, b.ints([2]))  # entries past pos+T-1: masked
-        v_used = op.Slice(v_cache, b.ints([0]), end, b.ints([2]))
-        k_past, k_new = _split_at(k_used, pos1)
-        v_past, v_new = _split_at(v_used, pos1)
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale) and b.known_dim(k_cache, 2) is None:
+        # a growing cache (the producer's present): rows 0..pos+T-1 exactly; past = all but the last T
+        cut = op.Sub(op.Shape(k_cache, start=2, end=3), op.Shape(q, start=2, end=3))
+        k_past, k_new = _split_at(k_cache, cut)
+        v_past, v_new = _split_at(v_cache, cut)
         return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
-    k_pos = b.arange(b.i64(0), b.dim(k_cache, 2))
+    # a fixed buffer reads every row: the causal mask hides rows past pos + T - 1
+    k_pos = op.Range(b.i64(0), b.dim(k_cache, 2), b.i64(1))
     return attend(q, k_cache, v_cache, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
 
 
@@ -301,7 +385,7 @@ def _buffer_written(buf, new, pos, t_len):
     takes ``new[j - pos]`` inside the window of new rows, else its own row)."""
     capacity = b.static_dim(buf, 2, "attention_buffer")
     row = op.Range(b.i64(0), b.i64(capacity), b.i64(1))
-    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, b.on_device(op.Add(pos, t_len))))
+    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, b.plus(pos, t_len)))
     src = op.Where(fresh, op.Add(op.Sub(row, pos), b.i64(capacity)), row)
     return op.Gather(op.Concat(buf, new, axis=2), src, axis=2)
 
@@ -309,16 +393,15 @@ def _buffer_written(buf, new, pos, t_len):
 def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, profile):
     dims = Dims.of(q, k_new, v_new)
     t_len = b.dim(q, 2)
+    capacity = b.static_dim(k_buf, 2, "attention_buffer")
     if PROFILES[profile].gqa and _gqa_fits(dims, scale):
         return attend_gqa(q, k_buf, v_buf, k_new, v_new, sinks, scale, window, softcap, dims,
-                          lengths=_gqa_lengths(pos, t_len, q))
+                          lengths=_buffer_lengths(pos, t_len, capacity, q))
     k_out, v_out = _buffer_written(k_buf, k_new, pos, t_len), _buffer_written(v_buf, v_new, pos, t_len)
-    end = op.Reshape(op.Add(pos, t_len), b.ints([1]))
-    keys = op.Slice(k_out, b.ints([0]), end, b.ints([2]))  # rows 0..pos+T-1: never unwritten rows
-    values = op.Slice(v_out, b.ints([0]), end, b.ints([2]))
-    q_pos, k_pos = b.arange(pos, t_len), b.arange(b.i64(0), op.Add(pos, t_len))
+    # every row is read (fixed shapes): the causal mask hides rows past pos + T - 1
+    q_pos, k_pos = b.positions(pos, t_len), op.Range(b.i64(0), b.i64(capacity), b.i64(1))
     attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
-    return attend(q, keys, values, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims), k_out, v_out
+    return attend(q, k_out, v_out, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims), k_out, v_out
 
 
 def attention_buffer_ort(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, scale: float = 1.0,

@@ -150,15 +150,15 @@ def _kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, sta
     t_len = b.dim(a, 1)
     m = op.Mod(pos, b.i64(r))  # tokens of the current block already in the state
     blk0 = op.Div(op.Sub(pos, m), b.i64(r))
-    z32 = _with_ape(z, ape, b.arange(pos, t_len), r)
+    z32 = _with_ape(z, ape, b.positions(pos, t_len), r)
 
     # buffer row j holds position r*blk0 + j: state rows j < m, then the T new tokens, then padding
     nblk = op.Add(op.Div(t_len, b.i64(r)), b.i64(2))
     j = op.Range(b.i64(0), op.Mul(nblk, b.i64(r)), b.i64(1))
     from_state = op.Less(j, m)
-    valid = op.Or(from_state, op.Less(op.Sub(j, m), t_len))
+    valid = op.Or(from_state, op.Less(op.Sub(j, m), b.on_device(t_len)))
     src = op.Where(from_state, j, op.Sub(op.Add(j, b.i64(r)), m))
-    src = op.Min(src, op.Sub(op.Add(t_len, b.i64(r)), b.i64(1)))
+    src = op.Min(src, b.on_device(op.Sub(op.Add(t_len, b.i64(r)), b.i64(1))))
     cur_a = op.Gather(op.Concat(_slice(b.to_float(state_a), -r, _BIG, 1), b.to_float(a), axis=1), src, axis=1)
     cur_z = op.Gather(op.Concat(_slice(b.to_float(state_z), -r, _BIG, 1), z32, axis=1), src, axis=1)
     valid_rows = op.Unsqueeze(valid, b.ints([1]))
@@ -174,21 +174,23 @@ def _kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, sta
                        _slice(blocks_a, 0, -1, 1), _slice(blocks_z, 0, -1, 1), c)
     else:
         pooled = _pool(blocks_a, blocks_z, None, None, c)  # [B, nblk, c]
-    blk = b.arange(blk0, nblk)  # global block index of each buffer block
-    complete = op.LessOrEqual(op.Mul(op.Add(blk, b.i64(1)), b.i64(r)), op.Add(pos, t_len))  # [nblk]
+    blk = b.positions(blk0, nblk)  # global block index of each buffer block
+    complete = op.LessOrEqual(op.Mul(op.Add(blk, b.i64(1)), b.i64(r)), b.plus(pos, t_len))  # [nblk]
     entries = _finish(pooled, norm_weight, inv_freq, op.Mul(blk, b.i64(r)), eps, rope_dim,
                       comp_cache.dtype)
 
     # slot s takes buffer block s - blk0 when that block completed in this call
     k = op.Sub(op.Range(b.i64(0), b.dim(comp_cache, 1), b.i64(1)), blk0)  # [N]
-    kc = op.Max(op.Min(k, op.Sub(nblk, b.i64(1))), b.i64(0))
-    write = op.And(op.And(op.GreaterOrEqual(k, b.i64(0)), op.Less(k, nblk)), op.Gather(complete, kc, axis=0))
+    last_blk = b.on_device(op.Sub(nblk, b.i64(1)))
+    kc = op.Max(op.Min(k, last_blk), b.i64(0))
+    write = op.And(op.And(op.GreaterOrEqual(k, b.i64(0)), op.LessOrEqual(k, last_blk)), op.Gather(complete, kc, axis=0))
     cache_new = op.Where(op.Unsqueeze(write, b.ints([0, 2])), op.Gather(entries, kc, axis=1), comp_cache)
 
     # new state: buffer rows from the last (incomplete) block on, unfilled rows reset to (0, -inf)
-    done = op.Div(op.Add(m, t_len), b.i64(r))
+    m_end = b.plus(m, t_len)
+    done = op.Div(m_end, b.i64(r))
     row = op.Range(b.i64(0), b.i64(rows), b.i64(1))
-    filled = op.Unsqueeze(op.Less(row, op.Add(b.i64(rows - r), op.Mod(op.Add(m, t_len), b.i64(r)))),
+    filled = op.Unsqueeze(op.Less(row, op.Add(b.i64(rows - r), op.Mod(m_end, b.i64(r)))),
                           b.ints([1]))
     take = op.Add(op.Mul(done, b.i64(r)), row)
     new_a = op.Where(filled, op.Gather(buf_a, take, axis=1), b.f32c(0.0))
@@ -204,7 +206,7 @@ def _indexer_topk(q, w, k_idx, pos, *, ratio: int, topk: int):
     scores = op.ReduceSum(op.Mul(scores, op.Unsqueeze(b.to_float(w), b.ints([-1]))), b.ints([2]),
                           keepdims=0)  # [B, T, N]
     n, t_len = b.dim(k_idx, 1), b.dim(q, 1)
-    q_pos = b.arange(pos, t_len)  # [T]
+    q_pos = b.positions(pos, t_len)  # [T]
     entry_end = op.Mul(op.Range(b.i64(1), op.Add(n, b.i64(1)), b.i64(1)), b.i64(ratio))  # r*(i+1)
     visible = op.LessOrEqual(op.Unsqueeze(entry_end, b.ints([0])),
                              op.Unsqueeze(op.Add(q_pos, b.i64(1)), b.ints([1])))  # [T, N]
@@ -269,8 +271,8 @@ def _attend(q, kv, kv_pos, comp, idx, sink, q_pos, scale: float, window: int, ra
 def _sparse_attention(q, kv, comp, idx, sink, pos, *, scale: float, window: int, ratio: int):
     """``effexport::sparse_attention``: raw entries as a sequence ending at ``pos + T - 1``."""
     t_len, s_len = b.dim(q, 1), b.dim(kv, 1)
-    q_pos = b.arange(pos, t_len)
-    kv_pos = b.arange(op.Sub(op.Add(pos, t_len), s_len), s_len)
+    q_pos = b.positions(pos, t_len)
+    kv_pos = b.positions(b.plus(pos, op.Sub(t_len, s_len)), s_len)
     return _attend(q, kv, kv_pos, comp, idx, sink, q_pos, scale, window, ratio)
 
 
@@ -278,9 +280,9 @@ def _sparse_attention_ring(q, kv_ring, comp, idx, sink, pos, *, scale: float, wi
     """``effexport::sparse_attention_ring``: slot ``s`` holds the newest position ``== s mod W``."""
     slots = b.static_dim(kv_ring, 1, "sparse_attention_ring kv_ring")
     t_len = b.dim(q, 1)
-    last = op.Sub(op.Add(pos, t_len), b.i64(1))
+    last = b.plus(pos, op.Sub(t_len, b.i64(1)))
     kv_pos = op.Sub(last, op.Mod(op.Sub(last, op.Range(b.i64(0), b.i64(slots), b.i64(1))), b.i64(slots)))
-    return _attend(q, kv_ring, kv_pos, comp, idx, sink, b.arange(pos, t_len), scale, window, ratio)
+    return _attend(q, kv_ring, kv_pos, comp, idx, sink, b.positions(pos, t_len), scale, window, ratio)
 
 
 # ------------------------------------------------------------------------- nodes and schemas

@@ -6,10 +6,16 @@
 (dynamo) and the effexport translation table of the profile. The ONNX graph's I/O:
 
 * inputs ``input_ids [batch, seq]`` int64, ``pos`` 0-d int64, ``past.{entry.name}`` for every
-  CachePlan entry, in plan order;
+  CachePlan entry, in plan order; in the ``ort`` profile, when a GroupQueryAttention over a fixed
+  buffer needs the position on the host, ``pos_host`` (the same number) right after ``pos``
+  (:mod:`.host_positions`);
 * outputs ``logits [batch, seq, vocab]``, ``present.{entry.name}`` in the same order;
 * dynamic: batch, the new-token count ``seq``, and the length of every full cache
   (``past_seq``; its present is ``total_seq``); ring and state dims stay static.
+
+The model's metadata ``effexport.device_positions`` is ``true`` when ``pos`` is read on the device
+only (no Range bound, Slice end or other host input derives from it): the condition for replaying
+the step from a CUDA graph.
 
 The file gets the profile's opset and an explicit IR version ORT 1.30 loads
 (:attr:`.profiles.Profile.ir_version`). Weights go to one external data file next to the model,
@@ -27,6 +33,8 @@ conversion (the graph is exported in the dtype it was captured in), and ``effexp
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -44,6 +52,8 @@ from effexport.exporter.capture import fast_export_config
 from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.backends.onnx._local import attach, types_kept
+from effexport.exporter.backends.onnx.attention import slot_rings
+from effexport.exporter.backends.onnx.host_positions import host_reads, split_host_positions
 from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort
 from effexport.exporter.backends.onnx.profiles import PROFILES
 from effexport.exporter.backends.onnx.translations import translation_table
@@ -52,8 +62,14 @@ from effexport.passes._graph import example_past, meta_val
 from effexport.passes.cache_plan import CachePlan
 from effexport.passes.program import StepProgram
 
-__all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs"]
+__all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs",
+           "DEVICE_POSITIONS"]
 
+DEVICE_POSITIONS = "effexport.device_positions"
+"""Model metadata key: ``"true"`` when the step reads ``pos`` on the device only."""
+IN_PLACE = "effexport.in_place"
+"""Model metadata key: JSON list of the cache inputs to bind to their present's memory
+(:func:`in_place_inputs`); full ``buffer`` caches are bound so too."""
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Initializer bytes above which weights are written as external data (protobuf caps at 2 GB)."""
 EXTERNAL_TENSOR_BYTES = 1024
@@ -164,6 +180,8 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
         optimize(program.model)
         if PROFILES[profile].ort_fusions:  # ONNX Runtime contrib ops: fewer nodes, fewer kernel launches
             fuse_for_ort(program.model)
+            split_host_positions(program.model)
+        program.model.metadata_props[DEVICE_POSITIONS] = json.dumps(host_reads(program.model) == [])
     return program.model
 
 
@@ -182,6 +200,26 @@ def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_name
     model = ir.to_proto(_lower_ir(module, args, profile, dynamic_shapes, input_names, output_names))
     _finish(model, profile)
     return model
+
+
+def rings_with_consumers(plan: CachePlan) -> bool:
+    """Whether a sliding ring is read by another layer (KV sharing). Such rings keep the slot layout
+    (:func:`.attention.slot_rings`): GroupQueryAttention's windowed cache must be written in place on
+    CUDA ("sliding_window_cache=1 requires past_key/present_key ... to share the same buffer"),
+    and a consumer runs after its producer, so it would read the ring already updated."""
+    kinds = {layer.layer: layer.kind for layer in plan.layers}
+    return any(layer.role == "consumer" and kinds.get(layer.reads) == "ring" for layer in plan.layers)
+
+
+def in_place_inputs(model: ir.Model) -> list[str]:
+    """Cache inputs a runtime must bind to the same memory as their present: the past of every
+    GroupQueryAttention with a windowed cache (ORT's CUDA kernel requires it)."""
+    names = set()
+    for node in model.graph:
+        attr = node.attributes.get("sliding_window_cache")
+        if node.op_type == "GroupQueryAttention" and attr is not None and attr.as_int() == 1:
+            names.update(v.name for v in node.inputs[3:5] if v is not None and v.is_graph_input())
+    return sorted(names)
 
 
 def _check_signature(program: StepProgram, plan: CachePlan) -> None:
@@ -278,7 +316,9 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
     inputs, outputs = step_io_names(plan)
     exported = exported_step(program, plan, example_batch)
     try:
-        model = _lower_ir(exported, (), profile, None, inputs, outputs)
+        with slot_rings() if rings_with_consumers(plan) else contextlib.nullcontext():
+            model = _lower_ir(exported, (), profile, None, inputs, outputs)
+        model.metadata_props[IN_PLACE] = json.dumps(in_place_inputs(model))
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
         raise LowerError(f"ONNX export ({profile}) failed: {root_cause(exc)}") from exc
     if external_data is None:

@@ -29,6 +29,7 @@ batched call. Prefill from an empty cache and one-token decode run batched.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -38,6 +39,8 @@ from effexport.exporter.backends.artifact import StepResult, load_manifest, nump
 from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.errors import BackendMissingError, LoadError
 
+STEP_INPUTS = ("input_ids", "pos", "pos_host")
+"""The step inputs that are not caches (``pos_host``: :mod:`effexport.exporter.backends.onnx.host_positions`)."""
 BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 
@@ -62,29 +65,40 @@ class OrtRuntime:
         except ImportError:
             raise BackendMissingError("onnxruntime is not installed: pip install onnxruntime "
                                       "(or onnxruntime-gpu for CUDA)") from None
-        self.ort, self.device = ort, device
+        self.ort, self.device, self.artifact_dir = ort, device, artifact_dir
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendMissingError("CUDA requested but onnxruntime has no CUDAExecutionProvider: "
-                                          "pip install onnxruntime-gpu")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia wheels torch brings
-                ort.preload_dlls()
         path = os.path.join(artifact_dir, self.manifest["files"]["step"])
-        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.session = ort.InferenceSession(path, options, providers=self._providers(ort, device))
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendMissingError("onnxruntime could not start its CUDA execution provider (CUDA / cuDNN "
                                       "libraries not found?): the session fell back to the CPU")
         self.input_names = self.manifest["inputs"]
         self.output_names = self.manifest["outputs"]
+        self.cache_names = [n for n in self.input_names if n not in STEP_INPUTS]
+        try:
+            bound = json.loads(self.session.get_modelmeta().custom_metadata_map.get("effexport.in_place", "[]"))
+        except ValueError:
+            raise LoadError(f"{artifact_dir}: the step model's effexport.in_place metadata is not JSON; "
+                            "rebuild the artifact") from None
+        self.in_place = [e.kind == "buffer" or name in bound for e, name in zip(self.entries, self.cache_names)]
+        """Per cache: bound as its own present (a full buffer, a GroupQueryAttention windowed cache)."""
         self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
+
+    def _providers(self, ort, device: str) -> list:
+        """ONNX Runtime's execution providers for ``device``, most preferred first."""
+        if device != "cuda":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendMissingError("CUDA requested but onnxruntime has no CUDAExecutionProvider: "
+                                      "pip install onnxruntime-gpu")
+        if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia wheels torch brings
+            ort.preload_dlls()
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     def initial_caches(self, batch: int) -> list:
         """The plan's prefill caches: numpy arrays, or (I/O binding) host OrtValues that ORT copies
@@ -93,10 +107,10 @@ class OrtRuntime:
         if not self.io_binding:
             return numpy_caches(self.entries, batch)
         caches = [e.empty(batch) for e in self.entries]
-        return [c.to(self.device) if e.kind == "buffer"  # a device tensor, bound by pointer (in place)
+        return [c.to(self.device) if in_place  # a device tensor, bound by pointer (in place)
                 else self.ort.OrtValue.ortvalue_from_numpy_with_onnx_type(c.view(torch.int16).numpy(), BFLOAT16)
                 if c.dtype == torch.bfloat16 else self.ort.OrtValue.ortvalue_from_numpy(c.numpy())
-                for e, c in zip(self.entries, caches)]
+                for in_place, c in zip(self.in_place, caches)]
 
     def _device_value(self, array: np.ndarray):
         if not self.io_binding:
@@ -128,16 +142,16 @@ class OrtRuntime:
     def _run(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One call of the step model."""
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "pos": np.array(pos, dtype=np.int64)}
+                 **{name: np.array(pos, dtype=np.int64) for name in STEP_INPUTS[1:] if name in self.input_names}}
         if not self.io_binding:
-            feeds.update({name: _host(c) for name, c in zip(self.input_names[2:], caches)})
+            feeds.update({name: _host(c) for name, c in zip(self.cache_names, caches)})
             outs = self.session.run(self.output_names, feeds)
             return StepResult(outs[0], list(outs[1:]))
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         caches = [c if isinstance(c, (self.ort.OrtValue, torch.Tensor)) else self._device_value(c) for c in caches]
-        for name, cache in zip(self.input_names[2:], caches):
+        for name, cache in zip(self.cache_names, caches):
             if isinstance(cache, torch.Tensor):
                 _bind(binding.bind_input, name, cache)
             else:

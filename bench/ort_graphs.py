@@ -1,0 +1,372 @@
+"""ONNX Runtime CUDA with CUDA graphs: ``effexport.runtime.CudaGraphRuntime`` against the same artifact
+run uncaptured, and against onnxruntime-genai's own model builder on the same Hugging Face model.
+
+    PYTHONPATH=/tmp/ortgpu python3 bench/ort_graphs.py --out DIR [--cases gemma3-1b,gemma4-e2b]
+        [--contexts 4096,32768] [--batches 1,8] [--tokens 32] [--peer-batches 1]
+
+Cases (random bf16 weights, seed 0):
+
+* ``gemma3-1b``: a Hugging Face ``Gemma3ForCausalLM`` with Gemma 3 1B's published shapes, saved as
+  safetensors. **effexport**: ``effexport DIR --target onnx --dtype bf16 --kv-cache buffer --no-check``
+  (the CLI, a subprocess). **peer**: onnxruntime-genai's builder (``-p bf16 -e cuda``, CUDA graph on,
+  its windowed cache) driven by ``og.Generator``, greedy, a prompt of L-1 tokens, 4 warm-up tokens,
+  then ``--tokens`` timed ones (per token: its generator loop, sampling on the device).
+* ``gemma4-e2b``: the built-in real-size sample, built on the GPU and exported like
+  ``bench/ort_cuda.py`` does with ``--kv-cache buffer`` (the CLI refuses random weights at this size;
+  GenAI's builder cannot build Gemma 4 text models).
+
+effexport's decode at (L, B): the runtime's caches for batch B filled with random values, then
+``decode_step`` at positions L-1, L, ... with the next token the logits' argmax on the device (the
+loop of ``CudaGraphRuntime.generate``): 4 warm-up steps (ORT captures the graph on the third), then
+``--tokens`` timed steps, per token; the same with ``capture=False`` (the same bindings, no graph).
+For Gemma 3 the effexport build adds ``--genai``: its GenAI package through the same ``og.Generator``
+loop as the peer (CUDA provider, CUDA graph on). Parity on the GPU: ``generate`` (prefill 16 + 8 greedy tokens, captured) against the eager model
+in bf16 fed the same tokens (max rel error of the logits, per step). Roofline: weight bytes a step
+reads + the plan's KV bytes at (L, B), over the device-to-device copy bandwidth measured here.
+
+The builds run in the background while the GPU measures. Writes ``ort_graphs.json`` / ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WARMUP = 4
+GEMMA3_1B = dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                 num_key_value_heads=1, head_dim=256, sliding_window=512, vocab_size=262144,
+                 query_pre_attn_scalar=256, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                 tie_word_embeddings=True)
+
+
+def copy_bandwidth() -> float:
+    """The copy bandwidth the other benchmarks use (bytes read + written per second, best of eager,
+    graphed and Triton copies of 2 GiB: ``decode_attention.bandwidths``)."""
+    sys.path.insert(0, HERE)
+    from decode_attention import bandwidths
+
+    return bandwidths()["copy"]
+
+
+# ------------------------------------------------------------------------------------- models
+def save_gemma3(directory: str, max_context: int) -> int:
+    """A random bf16 Gemma 3 1B-shaped model + a small tokenizer (GenAI's builder wants one);
+    returns the weight bytes a decode step reads (all but the gathered embedding, which is tied)."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    config = transformers.Gemma3TextConfig(**GEMMA3_1B, max_position_embeddings=max_context)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                               pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+    tok.save_pretrained(directory)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def effexport_build(model: str, out: str, max_context: int, log: str, genai: bool = False) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "import sys; from effexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
+           model, "--target", "onnx", "--dtype", "bf16", "--kv-cache", "buffer", "--max-context", str(max_context),
+           "--no-check", "-o", out, "--force"] + (["--genai"] if genai else [])
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def sample_build(name: str, out: str, max_context: int, log: str) -> subprocess.Popen:
+    """A real-size built-in sample: the CLI refuses random weights above its size limit (a CPU
+    concern), so this builds the model on the GPU (``decode_step.build``) and exports it the way
+    ``bench/ort_cuda.py`` does (capture, rewrite with ``--kv-cache buffer``, ``export_step``)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--export-sample", name, out, str(max_context)]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def export_sample(name: str, out: str, max_context: int) -> int:
+    sys.path.insert(0, HERE)
+    import decode_step
+    from ort_cuda import export_effexport
+
+    from effexport.samples import get_sample
+
+    model = decode_step.build(get_sample(name))
+    export_effexport(model, out, torch.bfloat16, max_context, "buffer")
+    return 0
+
+
+def genai_build(model: str, out: str, log: str) -> subprocess.Popen:
+    cmd = [sys.executable, os.path.join(HERE, "peer_genai_build.py"), "-i", model, "-o", out, "-p", "bf16",
+           "-e", "cuda", "-c", out + "-cache", "--extra_options", "enable_cuda_graph=true"]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def wait(proc: subprocess.Popen, log: str, limit: float, what: str) -> None:
+    try:
+        code = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise RuntimeError(f"{what}: still running after {limit:.0f}s") from None
+    if code:
+        with open(log) as f:
+            raise RuntimeError(f"{what}: exit {code}: {f.read()[-800:]}")
+
+
+# ------------------------------------------------------------------------------------ timings
+def effexport_decode(runtime, context: int, batch: int, tokens: int) -> float:
+    """Seconds per decode step of a ``CudaGraphRuntime`` at positions context-1 .. (random caches;
+    the runtime's graph for this batch size, once captured, serves every context)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for cache in runtime.initial_caches(batch):
+        if cache.is_floating_point():
+            cache.copy_(torch.randn(cache.shape, generator=gen, device="cuda", dtype=torch.float32) * 0.5)
+    token = torch.zeros(batch, 1, dtype=torch.int64, device="cuda")
+    pos = context - 1
+    for _ in range(WARMUP):
+        token = runtime.decode_step(token, pos)[:, -1].argmax(-1, keepdim=True)
+        pos += 1
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        token = runtime.decode_step(token, pos)[:, -1].argmax(-1, keepdim=True)
+        pos += 1
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / tokens
+
+
+def placement_log(directory: str) -> None:
+    """ONNX Runtime's INFO log of a plain CUDA session (stderr): the nodes it placed on the CPU and the
+    Memcpy nodes it inserted, i.e. why a CUDA graph was refused."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 1
+    ort.InferenceSession(os.path.join(directory, "model.onnx"), options,
+                         providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def genai_decode(directory: str, context: int, batch: int, tokens: int) -> float:
+    """Seconds per token of ``og.Generator`` after a prompt of context-1 tokens."""
+    import onnxruntime_genai as og
+
+    config = og.Config(directory)
+    config.clear_providers()
+    config.append_provider("cuda")
+    config.set_provider_option("cuda", "enable_cuda_graph", "1")
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    with open(os.path.join(directory, "genai_config.json")) as f:  # a package with sliding layers
+        length = json.load(f)["model"]["context_length"]  # needs max_length = its context length
+    params.set_search_options(max_length=length, batch_size=batch, do_sample=False)
+    generator = og.Generator(model, params)
+    prompt = np.random.RandomState(0).randint(4, 1000, (batch, context - 1)).astype(np.int32)
+    generator.append_tokens(prompt)
+    for _ in range(WARMUP):
+        generator.generate_next_token()
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        generator.generate_next_token()
+    generator.get_next_tokens()  # the last token is on the host: the loop is done
+    seconds = (time.perf_counter() - t0) / tokens
+    del generator, model
+    return seconds
+
+
+def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8) -> dict:
+    """``generate`` through CUDA graphs vs the eager model on the same tokens (bf16, max rel per step)."""
+    from effexport.runtime import CudaGraphRuntime
+
+    runtime = CudaGraphRuntime(directory, device="cuda")
+    ids = np.random.RandomState(1).randint(0, vocab, (1, prompt))
+    tokens, logits = runtime.generate(ids, steps + 1)
+    stream = torch.from_numpy(np.concatenate([ids, tokens[:, :-1]], axis=1)).cuda()
+    with torch.no_grad():
+        ref = eager(stream).float()
+    errs = []
+    for i, got in enumerate(logits):
+        want = ref[:, prompt - 1 + i]
+        errs.append(((torch.from_numpy(got).cuda() - want).abs().max() / want.abs().max()).item())
+    return {"max_rel_per_step": errs, "max_rel": max(errs)}
+
+
+def _hf_eager(directory: str):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
+    return lambda ids: model(ids).logits
+
+
+def _sample_eager(name: str):
+    sys.path.insert(0, HERE)
+    import decode_step
+    from effexport.samples import get_sample
+
+    model = decode_step.build(get_sample(name))
+    return (lambda ids: model(ids)[0]), decode_step.weight_bytes(model), model.config.vocab_size
+
+
+# --------------------------------------------------------------------------------------- main
+def kv_bytes(directory: str, batch: int, context: int) -> int:
+    from effexport.exporter.backends.artifact import load_manifest, plan_entries
+
+    entries = plan_entries(load_manifest(directory))
+    # a buffer holds max_context rows but a step reads the positions written so far
+    return sum(e.nbytes(batch, context) * (min(context, e.shape[2]) / e.shape[2] if e.kind == "buffer" else 1)
+               for e in entries)
+
+
+def measure(case: dict, args, bw: float) -> None:
+    from effexport.runtime import CudaGraphRuntime
+
+    rows = case.setdefault("rows", [])
+    runtimes = {}
+    for capture in (True, False):
+        try:
+            runtimes[capture] = CudaGraphRuntime(case["effexport_dir"], device="cuda", capture=capture)
+        except Exception as exc:  # noqa: BLE001  (the reason is the finding)
+            case["graph_session_error" if capture else "session_error"] = f"{type(exc).__name__}: {exc}"[:600]
+            traceback.print_exc()
+            if capture:
+                placement_log(case["effexport_dir"])
+    for context in args.contexts:
+        for batch in args.batches:
+            row = {"context": context, "batch": batch}
+            for capture, runtime in runtimes.items():
+                key = "graph_ms" if capture else "uncaptured_ms"
+                try:
+                    row[key] = effexport_decode(runtime, context, batch, args.tokens) * 1e3
+                except Exception as exc:  # noqa: BLE001  (the reason is the finding)
+                    row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:600]
+                    traceback.print_exc()
+            row["roofline_ms"] = (case["weight_bytes"] + kv_bytes(case["effexport_dir"], batch, context)) / bw * 1e3
+            if case.get("genai_dir") and batch in args.peer_batches:
+                for key, directory in (("genai", case["genai_dir"]), ("effexport_genai", case["effexport_dir"])):
+                    try:  # the peer's own model, and effexport's --genai package, through og.Generator
+                        row[f"{key}_ms"] = genai_decode(directory, context, batch, args.tokens) * 1e3
+                    except Exception as exc:  # noqa: BLE001
+                        row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:600]
+                        traceback.print_exc()
+            rows.append(row)
+            print(json.dumps({"case": case["case"], **row}), flush=True)
+    runtimes.clear()
+    torch.cuda.empty_cache()
+
+
+def node_counts(path: str) -> dict:
+    import onnx
+    from collections import Counter
+
+    model = onnx.load(path, load_external_data=False)
+    return {"nodes": len(model.graph.node), "top": dict(Counter(n.op_type for n in model.graph.node).most_common(8))}
+
+
+def table(results: dict) -> str:
+    lines = [f"copy bandwidth {results['copy_bw'] / 1e12:.2f} TB/s", "",
+             "| case | L | B | effexport graph ms | uncaptured ms | genai ms | effexport via genai ms | roofline ms | "
+             "graph / roofline | genai / graph |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for case in results["cases"]:
+        for r in case.get("rows", []):
+            g, u, p, e, roof = (r.get(k) for k in ("graph_ms", "uncaptured_ms", "genai_ms", "effexport_genai_ms",
+                                                   "roofline_ms"))
+            fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
+            lines.append(f"| {case['case']} | {r['context']} | {r['batch']} | {fmt(g)} | {fmt(u)} | {fmt(p)} | {fmt(e)} | "
+                         f"{fmt(roof)} | {fmt(g / roof) if g and roof else '-'} | {fmt(p / g) if p and g else '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--export-sample"]:
+        return export_sample(argv[1], argv[2], int(argv[3]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
+    ap.add_argument("--work", default="/tmp/ort_graphs")
+    ap.add_argument("--cases", default="gemma3-1b,gemma4-e2b")
+    ap.add_argument("--contexts", default="4096,32768")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--peer-batches", default="1")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--build-timeout", type=float, default=420)
+    args = ap.parse_args(argv)
+    args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.batches = [int(x) for x in args.batches.split(",")]
+    args.peer_batches = [int(x) for x in args.peer_batches.split(",")]
+    cases = args.cases.split(",")
+    max_context = max(args.contexts) + WARMUP + args.tokens + 64
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    results = {"onnxruntime": ort.__version__, "torch": torch.__version__,
+               "device": torch.cuda.get_device_name(), "copy_bw": copy_bandwidth(), "cases": []}
+
+    def save():
+        with open(os.path.join(args.out, "ort_graphs.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(args.out, "ort_graphs.md"), "w") as f:
+            f.write(table(results) + "\n")
+
+    jobs = {}  # case -> list of (proc, log, what)
+    started = time.monotonic()
+    for name in cases:
+        case = {"case": name}
+        results["cases"].append(case)
+        if name == "gemma3-1b":
+            hf = os.path.join(args.work, "gemma3-1b-hf")
+            case["weight_bytes"] = save_gemma3(hf, max_context)
+            case["effexport_dir"], case["genai_dir"] = os.path.join(args.work, "g3-effexport"), os.path.join(args.work, "g3-genai")
+            jobs[name] = [(effexport_build(hf, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", True),
+                           case["effexport_dir"] + ".log", "effexport build"),
+                          (genai_build(hf, case["genai_dir"], case["genai_dir"] + ".log"), case["genai_dir"] + ".log",
+                           "genai build")]
+        elif name.endswith(":tiny"):  # a tiny preset through the CLI: the quick CUDA-graph probe
+            case["effexport_dir"] = os.path.join(args.work, name.replace(":", "-") + "-effexport")
+            jobs[name] = [(effexport_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
+                           case["effexport_dir"] + ".log", "effexport build")]
+        else:
+            case["effexport_dir"] = os.path.join(args.work, f"{name}-effexport")
+            jobs[name] = [(sample_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
+                           case["effexport_dir"] + ".log", "effexport build")]
+    torch.cuda.empty_cache()
+    for case in results["cases"]:
+        name = case["case"]
+        try:
+            for proc, log, what in jobs[name]:
+                wait(proc, log, max(10.0, args.build_timeout - (time.monotonic() - started)), f"{name} {what}")
+                case[f"{what.split()[0]}_build_done_s"] = time.monotonic() - started
+            if case.get("genai_dir"):
+                case["genai_nodes"] = node_counts(os.path.join(case["genai_dir"], "model.onnx"))
+            case["effexport_nodes"] = node_counts(os.path.join(case["effexport_dir"], "model.onnx"))
+            if name == "gemma3-1b":
+                eager, vocab = _hf_eager(os.path.join(args.work, "gemma3-1b-hf")), GEMMA3_1B["vocab_size"]
+            else:
+                eager, case["weight_bytes"], vocab = _sample_eager(name)
+            try:
+                case["parity"] = parity(case["effexport_dir"], eager, vocab)
+            except Exception as exc:  # noqa: BLE001
+                case["parity_error"] = f"{type(exc).__name__}: {exc}"[:600]
+                traceback.print_exc()
+            del eager
+            torch.cuda.empty_cache()
+            print(json.dumps({k: v for k, v in case.items() if k != "rows"}, default=str), flush=True)
+            measure(case, args, results["copy_bw"])
+        except Exception as exc:  # noqa: BLE001
+            case["error"] = f"{type(exc).__name__}: {exc}"[:800]
+            traceback.print_exc()
+        save()
+    save()
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

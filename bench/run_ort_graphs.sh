@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One device call after the five staging calls (BENCHMARKS.md): install onnxruntime-gpu and
+# onnxruntime-genai-cuda into /tmp/ortgpu, then in parallel
+#   1. the gpu-marked CUDA-graph runtime test (tests/test_graph_runtime.py)   -> pytest_graph.log
+#   2. bench/ort_graphs.py with GRAPH_ARGS (CUDA graphs vs uncaptured vs onnxruntime-genai's builder)
+#      -> ort_graphs.{json,md,log}
+# Usage (device call 6): OUT=... GRAPH_ARGS="..." bash bench/run_ort_graphs.sh   (T_TESTS, T_BENCH)
+set -u
+source bench/_ortgpu_env.sh
+(timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_graph_runtime.py \
+    > "$OUT/pytest_graph.log" 2>&1) &
+timeout "${T_BENCH:-480}" python3 bench/ort_graphs.py --out "$OUT" ${GRAPH_ARGS:-} 2>&1 \
+    | grep -v "CleanUnusedInitializers" > "$OUT/ort_graphs.log"
+wait
+grep -i "memcpy\|placed on\|CPUExecutionProvider" "$OUT/ort_graphs.log" | head -n 60 > "$OUT/memcpy.txt"
+grep -E "^E |Error|passed|failed" "$OUT/pytest_graph.log" | head -n 30
+tail -n 14 "$OUT/ort_graphs.log"
+cp /tmp/ort_graphs/*.log "$OUT/" 2>/dev/null
+exit 0
