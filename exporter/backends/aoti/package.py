@@ -1,7 +1,7 @@
 """Lower the rewritten step program to an AOTInductor package (``model.pt2``).
 
 :func:`compile_package` takes the step ``ExportedProgram`` of
-:func:`effexport.exporter.backends.onnx.export.exported_step` (dynamic batch, new tokens and full-cache
+:func:`effexport.exporter.backends.exported.exported_step` (dynamic batch, new tokens and full-cache
 lengths; the same re-export the ONNX lowering uses) and runs
 ``torch._inductor.aoti_compile_and_package`` on it. Inductor generates C++ (CPU) or Triton (CUDA)
 kernels for the aten ops and a C++ wrapper; every ``effexport::*`` op stays one call of the
@@ -89,7 +89,7 @@ def _program_for(program, plan: CachePlan, device: str):
     (no second copy of the weights; those on another device are copied over by the pass)."""
     from torch.export.passes import move_to_device_pass
 
-    from effexport.exporter.backends.onnx.export import exported_step
+    from effexport.exporter.backends.exported import exported_step
 
     ep = exported_step(program, plan)
     weights = [*ep.state_dict.values(), *ep.constants.values()]
