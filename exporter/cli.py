@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--steps", type=_int, default=16, help="decode steps (default 16)")
     p_check.add_argument("--trust-pickle", action="store_true",
                          help="allow re-loading a model that was built from a pickled module")
-    from effexport.exporter.frontends.loading import PARITY_SEED
+    from effexport.exporter.frontends.model import PARITY_SEED
     from effexport.exporter.verify.tolerances import DEFAULTS
     p_check.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
                          help="max relative error of an output (logits/prefill, logits/decode), of every output "
