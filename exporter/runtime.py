@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
-from effexport.passes.cache_plan import CacheEntry
+from effexport.passes.cache_plan import CacheEntry, buffer_capacity
 
 MANIFEST = "effexport.json"
 STEP_INPUTS = ("input_ids", "pos", "pos_host")
@@ -188,7 +188,7 @@ class OrtRuntime:
                             "rebuild the artifact") from None
         self.in_place = [e.kind == "buffer" or name in bound for e, name in zip(self.entries, self.cache_names)]
         """Per cache: bound as its own present (a full buffer, a GroupQueryAttention windowed cache)."""
-        self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
+        self.capacity = buffer_capacity(self.entries)
 
     def _providers(self, ort, device: str) -> list:
         """ONNX Runtime's execution providers for ``device``, most preferred first."""
