@@ -76,8 +76,22 @@ def ensure_fusion_schemas() -> None:
     ensure_schema(make_schema(
         "SimplifiedLayerNormalization", "", inputs=[("X", "T", False), ("scale", "T", False)],
         outputs=[("Y", "T")], attributes=[("axis", int), ("epsilon", float), ("stash_type", int)],
-        type_constraints=[("T", ["tensor(float)", "tensor(double)"])],
+        type_constraints=[("T", _FLOATS + ["tensor(double)"])],
         doc="ONNX Runtime contrib SimplifiedLayerNormalization (RMSNorm; subset declared for emission)."))
+    ensure_schema(make_schema(
+        "SkipSimplifiedLayerNormalization", MSFT_DOMAIN,
+        inputs=[("input", "T", False), ("skip", "T", False), ("gamma", "T", False), ("bias", "T", True)],
+        outputs=[("output", "T"), ("mean", "U"), ("inv_std_var", "U"), ("input_skip_bias_sum", "T")],
+        attributes=[("epsilon", float)], type_constraints=[("T", _FLOATS), ("U", ["tensor(float)"])],
+        doc="ONNX Runtime contrib SkipSimplifiedLayerNormalization (residual add + RMSNorm; subset declared)."))
+    ensure_schema(make_schema(
+        "RotaryEmbedding", MSFT_DOMAIN,
+        inputs=[("input", "T", False), ("position_ids", "M", False), ("cos_cache", "T", False),
+                ("sin_cache", "T", False)],
+        outputs=[("output", "T")], attributes=[("interleaved", int), ("num_heads", int),
+                                               ("rotary_embedding_dim", int), ("scale", float)],
+        type_constraints=[("T", _FLOATS), ("M", ["tensor(int64)"])],
+        doc="ONNX Runtime contrib RotaryEmbedding (rotate-half or interleaved RoPE; subset declared)."))
     ensure_schema(make_schema(
         "FastGelu", MSFT_DOMAIN, inputs=[("X", "T", False)], outputs=[("Y", "T")], attributes=[],
         type_constraints=[("T", _FLOATS)],

@@ -54,11 +54,11 @@ from effexport.exporter.backends.exported import example_inputs, exported_step
 from effexport.exporter.backends.onnx._local import attach, types_kept
 from effexport.exporter.backends.onnx.attention import slot_rings
 from effexport.exporter.backends.onnx.host_positions import host_reads, split_host_positions
-from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort
+from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort, fuse_step_for_ort
 from effexport.exporter.backends.onnx.profiles import PROFILES
 from effexport.exporter.backends.onnx.translations import translation_table
 from effexport.exporter.backends.onnx.structure_only import meta_weights_as_external
-from effexport.passes.cache_plan import CachePlan
+from effexport.passes.cache_plan import CachePlan, buffer_capacity
 from effexport.passes.program import StepProgram
 
 __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs",
@@ -112,7 +112,8 @@ def optimize(model: ir.Model) -> None:
     )(model)
 
 
-def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_names) -> ir.Model:
+def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_names,
+              max_positions: int | None = None) -> ir.Model:
     """``torch.onnx.export`` (dynamo) with the profile's translation table and opset, then
     :func:`optimize`; the initializers still reference the module's torch tensors (no copy)."""
     phase("lower: torch.onnx (decomposition, translation)")
@@ -127,6 +128,7 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
         if PROFILES[profile].ort_fusions:  # ONNX Runtime contrib ops: fewer nodes, fewer kernel launches
             fuse_for_ort(program.model)
             split_host_positions(program.model)
+            fuse_step_for_ort(program.model, max_positions)
         program.model.metadata_props[DEVICE_POSITIONS] = json.dumps(host_reads(program.model) == [])
     return program.model
 
@@ -263,7 +265,7 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
     exported = exported_step(program, plan, example_batch)
     try:
         with slot_rings() if rings_with_consumers(plan) else contextlib.nullcontext():
-            model = _lower_ir(exported, (), profile, None, inputs, outputs)
+            model = _lower_ir(exported, (), profile, None, inputs, outputs, buffer_capacity(plan.entries))
         model.metadata_props[IN_PLACE] = json.dumps(in_place_inputs(model))
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
         raise LowerError(f"ONNX export ({profile}) failed: {root_cause(exc)}") from exc

@@ -38,6 +38,7 @@ import torch
 from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
 from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.errors import BackendMissingError, LoadError
+from effexport.passes.cache_plan import buffer_capacity
 
 STEP_INPUTS = ("input_ids", "pos", "pos_host")
 """The step inputs that are not caches (``pos_host``: :mod:`effexport.exporter.backends.onnx.host_positions`)."""
@@ -87,7 +88,7 @@ class OrtRuntime:
                             "rebuild the artifact") from None
         self.in_place = [e.kind == "buffer" or name in bound for e, name in zip(self.entries, self.cache_names)]
         """Per cache: bound as its own present (a full buffer, a GroupQueryAttention windowed cache)."""
-        self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
+        self.capacity = buffer_capacity(self.entries)
 
     def _providers(self, ort, device: str) -> list:
         """ONNX Runtime's execution providers for ``device``, most preferred first."""
