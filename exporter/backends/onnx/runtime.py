@@ -60,7 +60,9 @@ class OrtRuntime:
     """An ONNX Runtime session over an artifact's step model."""
 
     def __init__(self, artifact_dir: str, device: str = "cpu", threads: int | None = None,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, session_options=None):
+        """``session_options``: an ``onnxruntime.SessionOptions`` to start the session with (profiling,
+        optimization level, logging); ``threads`` sets its intra-op thread count."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -70,7 +72,7 @@ class OrtRuntime:
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
-        options = ort.SessionOptions()
+        options = session_options if session_options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         path = os.path.join(artifact_dir, self.manifest["files"]["step"])
