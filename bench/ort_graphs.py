@@ -30,6 +30,7 @@ The builds run in the background while the GPU measures. Writes ``ort_graphs.jso
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -260,19 +261,24 @@ def measure(case: dict, args, bw: float) -> None:
                     row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:600]
                     traceback.print_exc()
             row["roofline_ms"] = (case["weight_bytes"] + kv_bytes(case["effexport_dir"], batch, context)) / bw * 1e3
-            packages = [(key, d) for key, d in (("genai", case.get("genai_dir")), ("effexport_genai", case["effexport_dir"]))
-                        if d and os.path.isfile(os.path.join(d, "genai_config.json"))]
-            if batch in args.peer_batches:
-                for key, directory in packages:
-                    try:  # the peer's own model, and effexport's --genai package, through og.Generator
-                        row[f"{key}_ms"] = genai_decode(directory, context, batch, args.tokens) * 1e3
-                    except Exception as exc:  # noqa: BLE001
-                        row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:600]
-                        traceback.print_exc()
             rows.append(row)
             print(json.dumps({"case": case["case"], **row}), flush=True)
-    runtimes.clear()
+    runtimes.clear()  # og.Generator's prompt logits ([L-1, vocab]) need the memory the runtimes' buffers held
+    gc.collect()
     torch.cuda.empty_cache()
+    packages = [(key, d) for key, d in (("genai", case.get("genai_dir")), ("effexport_genai", case["effexport_dir"]))
+                if d and os.path.isfile(os.path.join(d, "genai_config.json"))]
+    for row in rows:
+        if row["batch"] not in args.peer_batches:
+            continue
+        for key, directory in packages:
+            try:  # the peer's own model, and effexport's --genai package, through og.Generator
+                row[f"{key}_ms"] = genai_decode(directory, row["context"], row["batch"], args.tokens) * 1e3
+            except Exception as exc:  # noqa: BLE001
+                row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:600]
+                traceback.print_exc()
+            gc.collect()
+        print(json.dumps({"case": case["case"], **row}), flush=True)
 
 
 def op_profile(directory: str, context: int, batch: int, steps: int = 8) -> dict:
