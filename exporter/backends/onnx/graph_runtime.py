@@ -38,13 +38,13 @@ import torch
 
 from effexport.exporter.errors import LoadError
 from effexport.exporter.backends.artifact import StepResult
+from effexport.exporter.backends.onnx.host_positions import DEVICE_POSITIONS
 from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.backends.onnx.runtime import OrtRuntime, _bind
 
 __all__ = ["CudaGraphRuntime"]
 
 
-DEVICE_POSITIONS = "effexport.device_positions"
 TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(bfloat16)": torch.bfloat16}
 
@@ -212,11 +212,6 @@ class CudaGraphRuntime(OrtRuntime):
         slot.pos_host[...] = pos
         self._decode_run(slot, batch)
         return slot.logits
-
-    def _check_room(self, pos: int, new: int) -> None:
-        if self.capacity is not None and pos + new > self.capacity:
-            raise LoadError(f"positions {pos}..{pos + new - 1} do not fit the artifact's {self.capacity}-row "
-                            "cache buffers; rebuild with a larger --max-context")
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy generation with the loop on the device: returns (tokens [B, max_new_tokens], the
