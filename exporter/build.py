@@ -12,6 +12,7 @@ Artifact layout (a contract: README's Commands and exit-code sections, tests/tes
     DIR/model.onnx       the step model: (input_ids, pos, past.*) -> (logits, present.*)
     DIR/model.onnx.data  external weights (only when large)
     DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/aoti)
+    DIR/program.pt2      instead of model.onnx with --target torch: the torch.export program (exporter/torch_engine)
     DIR/effexport.json   CachePlan, I/O names, dtypes, opset, IR version, profile, versions, command
     DIR/report.json      the analytic report (effexport report) plus "parity" and "passes", and
                          "stock_export": the caches a stock torch.onnx.export of the eager sample
@@ -39,6 +40,8 @@ TARGETS = {
     "tensorrt": "TensorRT engine (needs: pip install 'effexport[tensorrt]')",
     "aoti": "AOTInductor package (model.pt2) for torch-native deployment; CPU (CUDA only with "
             "EFFEXPORT_AOTI_CUDA=1: torch's loader crashed on CUDA packages) (needs a C++ compiler)",
+    "torch": "torch.export program (program.pt2) run by torch: Inductor-compiled with CUDA-graph decode on "
+             "CUDA, the exported module as it is on the CPU (TorchRuntime)",
 }
 PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
@@ -141,6 +144,9 @@ def check_options(opts: BuildOptions) -> None:
                          f"--kv-cache {opts.kv_cache}: drop --kv-cache")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
+                         "weights: drop --weights none, or use --target onnx")
+    if opts.target == "torch" and opts.weights == "none":
+        raise UsageError("--weights none builds structure-only ONNX; --target torch saves a program with its "
                          "weights: drop --weights none, or use --target onnx")
     check_target(opts.target)
 
@@ -308,6 +314,12 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             files, profile, model_proto = {"step": PACKAGE_FILE}, None, None
             if extra["aoti"]["weights"]:
                 files["weights"] = WEIGHTS_FILE
+        elif opts.target == "torch":  # the torch.export program, compiled by the loading process
+            from effexport.exporter.torch_engine import PROGRAM_FILE, save_program
+
+            t0 = progress.stage("save the step program (torch.export archive)")
+            extra["torch"] = save_program(program, analysis.plan, os.path.join(tmp, PROGRAM_FILE))
+            files, profile, model_proto = {"step": PROGRAM_FILE}, None, None
         elif opts.target == "tensorrt":  # the tensorrt ONNX profile, linted, parsed into an engine
             from effexport.exporter.tensorrt.engine import lower_to_engine
 
@@ -323,7 +335,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
 
                 files.update(write_package(tmp, files["step"], analysis.plan, loaded, opts.max_context))
         note = (f"opset {_opset(model_proto)}, IR {model_proto.ir_version}" if model_proto is not None
-                else f"{files['step']}, {extra['aoti']['device']}")
+                else f"{files['step']}, {extra['aoti']['device']}" if opts.target == "aoti" else files["step"])
         if loaded.structure_only:
             check_structure(os.path.join(tmp, files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
@@ -360,8 +372,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
         elif opts.check:
-            backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
-                opts.target, "ONNX Runtime CPU")
+            backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}",
+                       "torch": torch_backend_name()}.get(opts.target, "ONNX Runtime CPU")
             t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
             parity = check_artifact(tmp, loaded, opts.steps)
             progress.done(t0)
@@ -453,6 +465,12 @@ def twin_verdict(parity, mismatch: str, dtype: str):
     return parity
 
 
+def torch_backend_name() -> str:
+    """What runs a torch artifact's parity here (:class:`~.torch_engine.runtime.TorchRuntime`'s defaults)."""
+    return ("torch CUDA, Inductor + CUDA graphs" if torch.cuda.is_available()
+            else "torch CPU, the exported module uncompiled")
+
+
 def open_runtime(artifact_dir: str):
     """The runtime of a built artifact: :class:`~effexport.exporter.tensorrt.runtime.TrtRuntime` for
     the tensorrt target, :class:`~effexport.exporter.aoti.runtime.AotiRuntime` for aoti,
@@ -464,6 +482,10 @@ def open_runtime(artifact_dir: str):
         from effexport.exporter.aoti.runtime import AotiRuntime
 
         return AotiRuntime(artifact_dir)
+    if target == "torch":
+        from effexport.exporter.torch_engine.runtime import TorchRuntime
+
+        return TorchRuntime(artifact_dir)
     if target == "tensorrt":
         check_target("tensorrt")
         from effexport.exporter.tensorrt.runtime import TrtRuntime

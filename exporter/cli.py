@@ -178,7 +178,8 @@ def run_check(args):
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
-        backend = {"aoti": "AOTInductor", "tensorrt": "TensorRT"}.get(manifest["target"], "ONNX Runtime")
+        backend = {"aoti": "AOTInductor", "tensorrt": "TensorRT", "torch": "torch.export"}.get(
+            manifest["target"], "ONNX Runtime")
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
