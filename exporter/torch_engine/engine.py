@@ -65,10 +65,16 @@ class _DecodeGraph:
                 fn(self.ids, self.pos, *self.caches)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        storages = {c.untyped_storage().data_ptr() for c in self.caches}
         with torch.cuda.graph(self.graph), torch.no_grad():
             outs = fn(self.ids, self.pos, *self.caches)
-            for static, present in zip(self.caches, outs[1:]):
-                static.copy_(present)
+            # a present that is a view of another cache's static memory would be overwritten by that
+            # cache's copy before its own: such presents are copied out first
+            presents = [p.clone() if p.untyped_storage().data_ptr() in storages and p is not c else p
+                        for c, p in zip(self.caches, outs[1:])]
+            for static, present in zip(self.caches, presents):
+                if present is not static:
+                    static.copy_(present)
         self.logits = outs[0]
         for static, value in zip(self.caches, saved):  # the capture ran nothing; be exact anyway
             static.copy_(value)
