@@ -107,7 +107,7 @@ def test_check_reruns_parity(artifact, capsys):
 
 
 def test_targets_listed_with_availability():
-    assert set(build_mod.TARGETS) == {"onnx", "tensorrt", "aoti"}
+    assert set(build_mod.TARGETS) == {"onnx", "tensorrt", "aoti", "torch"}
 
 
 def test_manifest_records_the_source(artifact):
