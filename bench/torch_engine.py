@@ -2,7 +2,7 @@
 ways -- uncaptured, replayed from a CUDA graph, compiled by Inductor and replayed from a CUDA graph.
 
     python3 bench/torch_engine.py [--out DIR] [--tiny] [--real gemma4-e2b] [--dtypes fp32,bf16]
-                                  [--contexts 4096,32768] [--batches 1,8] [--budget-s 1500] [--device cuda]
+                                  [--contexts 4096,32768] [--batches 1,8] [--budget-s 480] [--device cuda]
 
 Cases: every tiny preset at each of ``--dtypes`` (``--tiny``), and each ``--real`` preset at real size
 in bf16 (random weights built on the GPU, as ``bench/decode_step.py`` does). Per case the model is
@@ -24,9 +24,11 @@ replays on), then:
   present into its static cache, what a decode loop pays), and ``*_bare`` (a graph of the bare step
   without the copy-back, comparable with ``bench/decode_step.py``'s "graph" column).
 
-Each case and each variant runs in try/except (the error is recorded, the others go on); cases that
-would start after ``--budget-s`` are recorded as skipped. Writes ``torch_engine.json`` to ``--out``
-(default ``$OUT``) after every case and prints a table. ``--device cpu --tiny`` runs the same code on the
+Each case and each variant runs in try/except (the error is recorded, the others go on); cases and
+timing rows that would start after ``--budget-s`` are recorded as skipped (keep it under the machine's
+per-command limit: a real-size case alone spends minutes in capture and Inductor compiles). Writes
+``torch_engine.json`` to ``--out`` (default ``$OUT``) after every stage of every case and prints a
+table. ``--device cpu --tiny`` runs the same code on the
 CPU (no graphs, no compile unless ``--cpu-compile``: Inductor's C++ compile takes minutes there), to
 check the script end to end.
 """
@@ -187,12 +189,16 @@ def _bare_graph_time(fn, clock) -> float:
         del graph
 
 
-def timings(program, plan, runners: dict, vocab: int, device, contexts, batches, clock) -> list[dict]:
-    rows = []
+def timings(program, plan, runners: dict, vocab: int, device, contexts, batches, clock, rows: list,
+            save, deadline: float) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     for ctx in contexts:
         for batch in batches:
             row = {"context": ctx, "batch": batch}
+            if time.monotonic() > deadline:
+                row["skipped"] = "time budget"
+                rows.append(row)
+                continue
             try:
                 caches = [torch.randn(e.concrete_shape(batch, ctx - 1), device=device, generator=gen).to(
                     getattr(torch, e.dtype)) * 0.5 if getattr(torch, e.dtype).is_floating_point
@@ -227,12 +233,14 @@ def timings(program, plan, runners: dict, vocab: int, device, contexts, batches,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
+            save()
             print(json.dumps(row), flush=True)
     return rows
 
 
-def run_case(name: str, dtype_name: str, real: bool, args, device, clock) -> dict:
-    case = {"preset": name, "dtype": dtype_name, "real_size": real}
+def run_case(case: dict, args, device, clock, save, deadline: float) -> dict:
+    """Fill ``case`` (preset, dtype, real_size) in place, calling ``save()`` after each stage."""
+    name, dtype_name, real = case["preset"], case["dtype"], case["real_size"]
     t0 = time.monotonic()
     sample, model32, model = build_models(name, DTYPES[dtype_name], device, real)
     contexts = args.contexts if real else [args.tiny_context]
@@ -240,12 +248,14 @@ def run_case(name: str, dtype_name: str, real: bool, args, device, clock) -> dic
     program, analysis = rewrite(sample, model, device, max(contexts))
     case["capture_rewrite_s"] = time.monotonic() - t0
     case["constants"] = analysis.counts.get("constants")
+    save()
     plan = analysis.plan
     runners = engines(program, plan, device, args.cpu_compile)
     t1 = time.monotonic()
     prompt = 64 if real else 40
     case["errors"] = errors(model32, model, runners, plan, sample.config.vocab_size, device, prompt, args.decode)
     case["errors_s"] = time.monotonic() - t1  # includes Inductor's compiles for the prompt and decode shapes
+    save()
     if real:
         del model32
     if device.type == "cuda":
@@ -253,7 +263,9 @@ def run_case(name: str, dtype_name: str, real: bool, args, device, clock) -> dic
             if not isinstance(r, str):
                 r.graphs.clear()
         torch.cuda.empty_cache()
-    case["rows"] = timings(program, plan, runners, sample.config.vocab_size, device, contexts, batches, clock)
+    case["rows"] = []
+    timings(program, plan, runners, sample.config.vocab_size, device, contexts, batches, clock, case["rows"],
+            save, deadline)
     return case
 
 
@@ -271,13 +283,13 @@ def table(cases: list) -> str:
              "err vs fp32: eager / rewritten / rewr. graph / compiled graph | err vs eager dtype: rewritten / compiled graph |",
              "|" + "---|" * 9]
     for c in cases:
-        if "rows" not in c:
+        if "errors" not in c:
             lines.append(f"| {c['preset']} | {c.get('dtype')} | - | - | {c.get('error', c.get('skipped', ''))[:80]} | | | | |")
             continue
         e = c["errors"]
         errs = " / ".join(_e(e, k, "vs_fp32") for k in ("eager", "rewritten", "rewritten_graph", "compiled_graph"))
         errd = " / ".join(_e(e, k, "vs_dtype") for k in ("rewritten", "compiled_graph"))
-        for r in c["rows"]:
+        for r in c.get("rows") or [{"context": "-", "batch": "-"}]:
             lines.append(
                 f"| {c['preset']} | {c['dtype']} | {r['context']} | {r['batch']} | {_ms(r.get('rewritten_s'))} | "
                 f"{_ms(r.get('rewritten_graph_s'))} ({_ms(r.get('rewritten_graph_bare_s'))}) | "
@@ -298,7 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-context", type=int, default=128)
     ap.add_argument("--decode", type=int, default=8, help="decode steps of the error measurement")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=1500.0, help="start no case after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="start no case or timing row after this many seconds")
     ap.add_argument("--cpu-compile", action="store_true", help="also run Inductor on the CPU (slow)")
     args = ap.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -316,23 +329,30 @@ def main(argv=None) -> int:
             if args.tiny else [])
     plan += [(p, "bf16", True) for p in args.real.split(",") if p]
     start, cases = time.monotonic(), []
+    deadline = start + args.budget_s
     os.makedirs(args.out, exist_ok=True)
-    for name, dtype_name, real in plan:
-        if time.monotonic() - start > args.budget_s:
-            cases.append({"preset": name, "dtype": dtype_name, "real_size": real, "skipped": "time budget"})
-            continue
-        print(f"== {name} {dtype_name}{' (real size)' if real else ''}", flush=True)
-        try:
-            cases.append(run_case(name, dtype_name, real, args, device, clock))
-        except Exception as exc:  # noqa: BLE001  (one case failing must not hide the others)
-            traceback.print_exc()
-            cases.append({"preset": name, "dtype": dtype_name, "real_size": real, "error": _short(exc)})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+    def save():
         with open(os.path.join(args.out, "torch_engine.json"), "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device),
                        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                        "elapsed_s": time.monotonic() - start, "cases": cases}, f, indent=1, default=str)
+    for name, dtype_name, real in plan:
+        case = {"preset": name, "dtype": dtype_name, "real_size": real}
+        cases.append(case)
+        if time.monotonic() > deadline:
+            case["skipped"] = "time budget"
+            save()
+            continue
+        print(f"== {name} {dtype_name}{' (real size)' if real else ''}", flush=True)
+        try:
+            run_case(case, args, device, clock, save, deadline)
+        except Exception as exc:  # noqa: BLE001  (one case failing must not hide the others)
+            traceback.print_exc()
+            case["error"] = _short(exc)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
     print(table(cases))
     return 0
 
