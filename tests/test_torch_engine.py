@@ -66,7 +66,10 @@ def test_build_writes_the_program_and_passes_parity(artifact):
     assert m["target"] == "torch" and m["files"] == {"step": PROGRAM_FILE} and m["kv_cache"] == "buffer"
     parity = _json(out / "report.json")["parity"]
     assert parity["passed"] and parity["tokens_equal"] and parity["steps"] == STEPS
-    assert all(o["max_rel"] <= 1e-5 for o in parity["outputs"]), parity
+    # on a GPU the build's check runs Inductor + the Triton kernels, whose fp32 dots (tf32x3) keep the
+    # kernels' fp32 tolerance, 1e-4; on the CPU the exported module's aten ops, within 1e-5
+    bound = 1e-4 if torch.cuda.is_available() else 1e-5
+    assert all(o["max_rel"] <= bound for o in parity["outputs"]), parity
     if not torch.cuda.is_available():
         assert "torch CPU, the exported module uncompiled" in log
 
@@ -171,7 +174,8 @@ def test_inductor_on_cpu_matches_the_uncompiled_program(rewritten):
 def test_cuda_inductor_and_graphs_equal_the_uncompiled_runtime(artifact):
     """On a GPU the runtime's defaults (Inductor, CUDA-graph decode, Triton kernels for the effexport
     ops) against the same artifact uncompiled and uncaptured on the GPU: greedy tokens equal, logits
-    of every step within fp32's 1e-5; one graph captured for the batch size."""
+    of every step within 1e-4 (the Triton kernels' fp32 tolerance; Inductor reorders fp32 reductions);
+    one graph captured for the batch size."""
     _, out, _ = artifact
     fast = TorchRuntime(str(out), device="cuda")
     plain = TorchRuntime(str(out), device="cuda", compile=False, cuda_graphs=False)
@@ -179,13 +183,13 @@ def test_cuda_inductor_and_graphs_equal_the_uncompiled_runtime(artifact):
     prompt = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5)).cuda()
     la, ca = plain.step_torch(prompt, 0, plain.initial_caches_torch(2))
     lb, cb = fast.step_torch(prompt, 0, fast.initial_caches_torch(2))
-    assert_close(lb, la, what="prefill logits")
+    assert_close(lb, la, rtol=1e-4, what="prefill logits")
     for t in range(8, 8 + STEPS):
         tok = la[:, -1:].argmax(-1)
         assert torch.equal(lb[:, -1:].argmax(-1), tok), f"greedy token differs at position {t}"
         la, ca = plain.step_torch(tok, t, ca)
         lb, cb = fast.step_torch(tok, t, cb)
-        assert_close(lb, la, what=f"decode logits at {t} (compiled + graph vs uncompiled)")
+        assert_close(lb, la, rtol=1e-4, what=f"decode logits at {t} (compiled + graph vs uncompiled)")
     assert list(fast.engine.graphs) == [2]
 
 
