@@ -12,7 +12,7 @@ replays on), then:
 * errors: a prompt then ``--decode`` steps, teacher-forced with the fp32 eager model's greedy tokens,
   through every variant: ``eager`` (the sample in the case's dtype), ``rewritten`` (the rewritten step
   uncaptured, Triton kernels for the effexport ops), ``rewritten_graph`` (the same replayed from a CUDA
-  graph by :class:`~effexport.exporter.torch_engine.TorchEngine`), ``compiled`` (Inductor, uncaptured)
+  graph by :class:`~effexport.exporter.backends.torch.TorchEngine`), ``compiled`` (Inductor, uncaptured)
   and ``compiled_graph`` (Inductor + CUDA graph). For each: the max relative error of the logits
   (``max|x - ref| / max|ref|`` over the prefill and every decode step) against fp32 eager and
   against eager in the case's dtype. If ``compiled_graph`` is no farther from fp32 eager than
@@ -115,7 +115,7 @@ def rewrite(sample, model, device, max_context: int):
 
 def engines(program, plan, device, cpu_compile: bool) -> dict:
     """Variant name -> a ``step(ids, pos, caches) -> (logits, caches)`` callable, or the error."""
-    from effexport.exporter.torch_engine import TorchEngine
+    from effexport.exporter.backends.torch import TorchEngine
 
     cuda = device.type == "cuda"
     out: dict = {"rewritten": TorchEngine(program.gm, plan.entries, device, compile=False, cuda_graphs=False)}

@@ -1,5 +1,5 @@
 """``effexport MODEL --target torch``: the rewritten step saved as a ``torch.export`` archive
-(``program.pt2``) and run by :class:`~effexport.exporter.torch_engine.runtime.TorchRuntime`.
+(``program.pt2``) and run by :class:`~effexport.exporter.backends.torch.runtime.TorchRuntime`.
 
 Built once on the CPU (gemma4-e2b:tiny, ``--kv-cache buffer``, parity over prefill + 8 decode steps,
 the exported module run uncompiled: the CPU default), then: the archive's effexport op calls, the
@@ -21,8 +21,8 @@ import torch
 from _helpers import assert_close
 from effexport.exporter.cli import main
 from effexport.exporter.errors import LoadError
-from effexport.exporter.torch_engine import PROGRAM_FILE, TorchEngine, op_calls
-from effexport.exporter.torch_engine.runtime import TorchRuntime
+from effexport.exporter.backends.torch import PROGRAM_FILE, TorchEngine, op_calls
+from effexport.exporter.backends.torch.runtime import TorchRuntime
 from effexport.passes.cache_plan import CacheEntry
 from effexport.samples import get_sample
 
