@@ -7,8 +7,15 @@ TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, to
 
 
 def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    """(max abs error, max abs error / max |expected|)."""
+    """(max abs error, max abs error / max |expected|) over the finite entries of ``expected``; a
+    non-finite entry (a state starting at -inf) must be matched exactly, else the errors are inf."""
     a, e = actual.detach().double(), expected.detach().double()
+    finite = torch.isfinite(e)
+    if not bool(finite.all()):
+        if not torch.equal(torch.isfinite(a), finite) or not torch.equal(a[~finite].nan_to_num(), e[~finite].nan_to_num()) \
+                or bool(torch.isnan(a[~finite]).ne(torch.isnan(e[~finite])).any()):
+            return float("inf"), float("inf")
+        a, e = a[finite], e[finite]
     diff = (a - e).abs()
     max_abs = diff.max().item() if diff.numel() else 0.0
     scale = e.abs().max().item() if e.numel() else 0.0

@@ -133,3 +133,21 @@ def test_bf16_build_checked_on_the_cuda_ep(tmp_path):
     parity = json.loads((out / "report.json").read_text())["parity"]
     assert parity["mode"].startswith("the bf16 artifact against fp32 eager") and parity["tolerance"] >= 2e-2
     assert main(["check", str(out)]) == 0
+
+
+def test_bf16_llama_norms_match_their_fp32_twin(tmp_path):
+    """A Hugging Face Llama in bf16 casts the normalized value back before multiplying by the norm's
+    weight (``w * x.to(bf16)``): the ``ort`` fusions fold that weight into the norm as the fp32 twin's
+    first round does, so the two graphs have one structure and the build passes through its twin
+    (before: one extra ``Mul`` per norm, exit 1)."""
+    from models import hf_tiny
+
+    hf_tiny.build("llama").save_pretrained(tmp_path / "llama")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "llama"), "--target", "onnx", "--dtype", "bf16", "-o", str(out), "--steps", "8"]) == 0
+    parity = json.loads((out / "report.json").read_text())["parity"]
+    assert parity["passed"] and "op structure equals" in parity["mode"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    norms = [n for n in model.graph.node if n.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")]
+    assert norms and not any(n.op_type == "Mul" and any(i in {m.output[0] for m in norms} for i in n.input)
+                             for n in model.graph.node)

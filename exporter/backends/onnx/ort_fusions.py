@@ -177,6 +177,44 @@ class _HalfNorm(pattern.RewriteRuleClassBase):
         return out
 
 
+class _ScaledNorm(pattern.RewriteRuleClassBase):
+    """``SimplifiedLayerNormalization(x, s) * w`` with constant 1-D ``s`` and ``w`` of the norm's size
+    and dtype -> ``SimplifiedLayerNormalization(x, s * w)``. A half-precision Llama-style norm casts
+    the normalized value back before multiplying by its weight (``w * x.to(bf16)``), so after
+    :class:`_HalfNorm` the weight is a separate ``Mul`` that the fp32 graph never had (there the
+    first round fuses the weight into the norm). One rounding instead of two."""
+
+    def pattern(self, op, x, s, w):
+        normed = op.SimplifiedLayerNormalization(x, s, _allow_other_attributes=True, _outputs=["normed"])
+        return op.Mul(normed, w, _outputs=["scaled"])
+
+    def check(self, context, x, s, w, normed, scaled, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        sv, wv = _constant(s), _constant(w)
+        if sv is None or wv is None or sv.ndim != 1 or wv.shape != sv.shape or s.dtype != w.dtype:
+            return result.fail("the scale and the weight are not constant vectors of one size and dtype")
+        norm = normed.producer()
+        if norm.attributes.get_int("axis", -1) != -1 or (len(norm.outputs) > 1 and norm.outputs[1].uses()):
+            return result.fail("not a plain norm over the last axis")
+        if scaled.dtype is not None and scaled.dtype != s.dtype:
+            return result.fail("the product has another dtype")
+        return result
+
+    def rewrite(self, op, x, s, w, normed, scaled, **_):
+        norm = normed.producer()
+        product = (_constant(s).astype(np.float32) * _constant(w).astype(np.float32)).astype(s.dtype.numpy())
+        name = f"{w.name}.scaled"
+        graph = w.graph
+        if name not in graph.initializers:
+            graph.register_initializer(ir.Value(name=name, type=ir.TensorType(s.dtype), shape=s.shape,
+                                                const_value=ir.tensor(product, name=name)))
+        out = op.SimplifiedLayerNormalization(x, graph.initializers[name], axis=-1,
+                                              epsilon=norm.attributes.get_float("epsilon", 1e-5),
+                                              stash_type=norm.attributes.get_int("stash_type", 1))
+        out.dtype, out.shape = scaled.dtype or s.dtype, scaled.shape
+        return out
+
+
 class _SkipNorm(pattern.RewriteRuleClassBase):
     """``s = a + b; y = SimplifiedLayerNormalization(s, gamma)`` over the last axis (a residual add and
     the next RMS norm) -> ``com.microsoft.SkipSimplifiedLayerNormalization(a, b, gamma)``, whose fourth
@@ -389,6 +427,7 @@ def share_shape_reads(model: ir.Model) -> int:
 
 STEP_RULES = pattern.RewriteRuleSet([_HalfNorm.rule(), transpose_transpose_rule, no_op_transpose_rule,
                                      reshape_reshape_rule])
+SCALE_RULES = pattern.RewriteRuleSet([_ScaledNorm.rule()], commute=True)
 SKIP_RULES = pattern.RewriteRuleSet([_SkipNorm.rule()], commute=True)
 LAYOUT_RULES = pattern.RewriteRuleSet([_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule,
                                        _RotaryToBsd.rule(), _NoOpReshapes.rule(), _NoOpReshape.rule(),
@@ -397,14 +436,15 @@ LAYOUT_RULES = pattern.RewriteRuleSet([_NormBeforeTranspose.rule(), transpose_tr
 
 def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
     """The second round of ``ort`` fusions, after the attention lowering (:func:`fuse_for_ort` and the
-    host-position split ran): half-precision norms without their casts, residual adds into
+    host-position split ran): half-precision norms without their casts (and a Llama-style weight
+    multiplied after the cast folded into the norm's scale), residual adds into
     ``SkipSimplifiedLayerNormalization``, rotate-half RoPE as ``RotaryEmbedding`` where
     ``max_positions`` bounds the positions (:mod:`.ort_rotary`), one copy of the per-layer shape and
     position arithmetic (:func:`share_shape_reads` + common-subexpression elimination), then the
     layout rules until none applies (norms below transposes, transpose pairs, no-op reshapes, the
     rotation in the tokens-major layout). Returns how many rewrites were made (shape reads included)."""
     _attention_output_shapes(model)
-    count = STEP_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
+    count = STEP_RULES.apply_to_model(model) + SCALE_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
     count += fuse_rotary(model, max_positions)
     made = 1
     for _ in range(8):  # each round lets the next meet
