@@ -1,0 +1,457 @@
+"""Memory-lean builds of real checkpoints: weights streamed from safetensors to the artifact.
+
+A Hugging Face directory whose weights go through this path (``--stream-weights``, automatic for
+``--target onnx`` at :data:`STREAM_MIN_BYTES` of safetensors and more) is never loaded whole:
+
+* **load**: the model is built from ``config.json`` with every *parameter* on the meta device and its
+  buffers real (RoPE frequencies and other values computed at construction, a few KiB); persistent
+  buffers the checkpoint holds are read from it. Every parameter must map 1:1 onto a checkpoint
+  tensor of its shape (tied parameters share one); otherwise (renamed or fused keys, missing or
+  extra tensors, dtypes without a torch type) the ordinary full load runs instead and the load line
+  says why. The safetensors files are indexed from their headers only (:class:`Checkpoint`).
+* **capture, rewrite, lower** run on the meta parameters, as a ``--weights none`` build does. When
+  lowering ends, each initializer that stands for a parameter becomes an ``onnx_ir.LazyTensor``
+  that reads its checkpoint tensor, converts it to the initializer's dtype (the build's ``--dtype``)
+  and applies the layout transforms lowering put on it: a ``Transpose`` of a weight (``Linear`` ->
+  ``MatMul``) is folded into a new initializer recording the permutation, as constant folding does
+  for in-memory weights. The mapping (initializer -> checkpoint tensor, file, dtypes, permutation) is
+  recorded in ``report.json["weights"]["initializers"]``.
+* **write**: the initializers are written to the external data file(s) one tensor at a time
+  (``exporter/onnx/export.py``), so the process holds one converted tensor at a time. Tensors are
+  read with ``readinto`` at their header offsets (not memory-mapped: pages of a mapping count in the
+  process's resident set until it is closed; read this way they stay in the page cache only).
+  ``--data-file-size SIZE`` splits the data into several files of at most SIZE each (a tensor never
+  spans two files). Progress (bytes done / total, rate) goes to the build's heartbeat lines, and a
+  build whose output filesystem lacks the bytes it will write is refused before loading.
+* **parity** (:func:`check_streamed`): the eager model is materialised from the checkpoint in fp32,
+  runs the prompt and the greedy decode steps, its logits are kept (a few MB) and the model is
+  freed; only then is the artifact opened in ONNX Runtime and fed the same tokens. The whole model is
+  therefore held once at a time (eager fp32, then ORT's copy), never twice. A bf16 / fp16 artifact
+  is checked, as without streaming on a machine without ONNX Runtime's CUDA provider, through its
+  fp32 twin (captured, rewritten and streamed again in fp32; same op structure required).
+  ``report.json["parity"]["mode"]`` says so. Not implemented: a layer-group by layer-group check for
+  models whose fp32 copy alone does not fit in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from effexport.exporter.errors import LowerError, OutputError
+
+STREAM_MIN_BYTES = 256 << 20
+"""Safetensors bytes from which a Hugging Face directory is streamed by default (``--target onnx``)."""
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+SPACE_MARGIN = 64 << 20  # model.onnx, JSON files, filesystem slack
+STEP_PREFIX = "hf."      # HFStep holds the transformers model as ``self.hf``
+
+
+# ------------------------------------------------------------------------------------ checkpoint
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple
+
+
+class Checkpoint:
+    """The safetensors files of a model directory (``model.safetensors.index.json`` shards or every
+    ``*.safetensors``), indexed from their headers; :meth:`read` reads one tensor."""
+
+    def __init__(self, directory: str):
+        from effexport.exporter.inputs import check_safetensors
+
+        self.directory = directory
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        self.files = [os.path.join(directory, f) for f in files]
+        self.tensors: dict[str, TensorRef] = {}
+        for path in self.files:
+            header = check_safetensors(path)
+            with open(path, "rb") as f:
+                start = 8 + int.from_bytes(f.read(8), "little")
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self.tensors[key] = TensorRef(path, start + begin, end - begin, info["dtype"], tuple(info["shape"]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(ref.nbytes for ref in self.tensors.values())
+
+    def unsupported(self) -> list[str]:
+        """Tensors whose dtype has no torch type here (e.g. FP8 scales): such a checkpoint is not streamed."""
+        return sorted(k for k, ref in self.tensors.items() if ref.dtype not in TORCH_DTYPES)
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` in its stored dtype, read from the file (no memory map)."""
+        ref = self.tensors[key]
+        raw = torch.empty(ref.nbytes, dtype=torch.uint8)
+        if ref.nbytes:
+            with open(ref.file, "rb") as f:
+                f.seek(ref.offset)
+                if f.readinto(raw.numpy()) != ref.nbytes:
+                    raise OutputError(f"{ref.file} ended inside tensor {key}: the file changed during the build")
+        return raw.view(TORCH_DTYPES[ref.dtype]).reshape(ref.shape)
+
+
+def wanted(directory: str, flag: bool | None) -> bool:
+    """Whether a build of the Hugging Face ``directory`` streams its weights: ``flag`` when given
+    (``--stream-weights`` / ``--no-stream-weights``), else from :data:`STREAM_MIN_BYTES` of safetensors."""
+    if flag is not None:
+        return flag
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if f.endswith(".safetensors")) >= STREAM_MIN_BYTES
+
+
+# ------------------------------------------------------------------------------------------ load
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside the block move to the meta device (buffers stay real)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class WeightSource:
+    """Which checkpoint tensor each meta parameter of the step model is (``names``: the step model's
+    parameter name -> checkpoint key), and the lowering hook that turns initializers into lazy reads."""
+
+    def __init__(self, checkpoint: Checkpoint, names: dict[str, str]):
+        self.checkpoint, self.names = checkpoint, names
+        self.initializers: dict[str, dict] = {}  # the ONNX initializer -> its source (report.json)
+
+    def lazy(self, name: str, key: str, dtype: torch.dtype, perm: tuple | None = None):
+        import onnx_ir as ir
+
+        ref = self.checkpoint.tensors[key]
+        shape = ref.shape if perm is None else tuple(ref.shape[p] for p in perm)
+        self.initializers[name] = {"key": key, "file": os.path.basename(ref.file), "stored": ref.dtype,
+                                   "dtype": str(dtype).removeprefix("torch."), "transpose": list(perm) if perm else None}
+
+        def read():
+            tensor = self.checkpoint.read(key).to(dtype)
+            if perm is not None:
+                tensor = tensor.permute(perm)
+            return _ir_tensor(tensor.contiguous(), name)
+        return ir.LazyTensor(read, _IR_DTYPE()[dtype], ir.Shape(shape), name=name)
+
+    def attach(self, model, meta: dict) -> None:
+        """After the optimizer (``structure_only.meta_weights_as_external``): every initializer that
+        held a meta tensor (``meta``: name -> its torch.onnx tensor) reads its checkpoint tensor lazily;
+        then Transposes of such initializers are folded (:meth:`_fold_transposes`)."""
+        for name, tensor in meta.items():
+            key = self.names.get(name)
+            if key is None:
+                raise LowerError(f"the ONNX initializer {name!r} is derived from the weights by a rewrite, not a "
+                                 "checkpoint tensor, so it cannot be streamed; build with --no-stream-weights")
+            self.initializers.pop(name, None)
+            model.graph.initializers[name].const_value = self.lazy(name, key, tensor.raw.dtype)
+        self._fold_transposes(model)
+
+    def _fold_transposes(self, model) -> None:
+        import onnx_ir as ir
+
+        graph = model.graph
+        for node in list(graph):
+            source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+            info = self.initializers.get(source.name) if source is not None and source.is_initializer() else None
+            if info is None or info["transpose"] is not None:
+                continue
+            attr = node.attributes.get("perm")
+            rank = len(self.checkpoint.tensors[info["key"]].shape)
+            perm = tuple(attr.as_ints()) if attr is not None else tuple(reversed(range(rank)))
+            out = node.outputs[0]
+            folded = ir.Value(name=out.name, shape=out.shape, type=out.type,
+                              const_value=self.lazy(out.name, info["key"], getattr(torch, info["dtype"]), perm))
+            out.replace_all_uses_with(folded, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            graph.register_initializer(folded)
+            if not source.uses():
+                graph.initializers.pop(source.name)
+                self.initializers.pop(source.name)
+
+    def report(self) -> dict:
+        return {"streamed": True, "checkpoint_bytes": self.checkpoint.nbytes, "files": len(self.checkpoint.files),
+                "initializers": dict(sorted(self.initializers.items()))}
+
+
+def _IR_DTYPE():
+    import onnx_ir as ir
+
+    return {torch.float32: ir.DataType.FLOAT, torch.bfloat16: ir.DataType.BFLOAT16, torch.float16: ir.DataType.FLOAT16,
+            torch.float64: ir.DataType.DOUBLE, torch.int64: ir.DataType.INT64, torch.int32: ir.DataType.INT32,
+            torch.int16: ir.DataType.INT16, torch.int8: ir.DataType.INT8, torch.uint8: ir.DataType.UINT8,
+            torch.bool: ir.DataType.BOOL}
+
+
+def _ir_tensor(tensor: torch.Tensor, name: str):
+    import onnx_ir as ir
+
+    if tensor.dtype == torch.bfloat16:
+        return ir.Tensor(tensor.view(torch.uint16).numpy(), dtype=ir.DataType.BFLOAT16, name=name)
+    return ir.Tensor(tensor.numpy(), name=name)
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("effexport_weight_source", default=None)
+
+
+def active_source() -> WeightSource | None:
+    """The weight source of the lowering under way (None: not a streamed build)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def streaming_from(source: WeightSource | None):
+    """Lowerings inside the block take their meta initializers from ``source`` (None: no effect)."""
+    token = _ACTIVE.set(source)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def load_streamed(path: str):
+    """A Hugging Face directory as a LoadedModel whose parameters are meta tensors backed by the
+    checkpoint (``loaded.weights``: its :class:`WeightSource`), or ``(None, reason)`` when the
+    checkpoint does not map 1:1 onto the model (the caller loads it fully instead)."""
+    from effexport.exporter import hf
+
+    transformers = hf._transformers()
+    checkpoint = Checkpoint(path)
+    odd = checkpoint.unsupported()
+    if odd:
+        return None, f"{odd[0]} is stored as {checkpoint.tensors[odd[0]].dtype}"
+    with hf._offline(), hf._quiet(transformers):
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        if getattr(config, "_attn_implementation", None) not in (None, *hf.EXPORTABLE_ATTENTION):
+            config._attn_implementation = None
+        if getattr(config, "quantization_config", None) is not None:
+            return None, "quantized checkpoint"
+        with torch.random.fork_rng(), _parameters_on_meta():
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    step = hf.HFStep(model)
+    names, used, problem = {}, set(), None
+    by_tensor: dict[int, str] = {}
+    for name, param in step.named_parameters(remove_duplicate=False):
+        key = name.removeprefix(STEP_PREFIX)
+        ref = checkpoint.tensors.get(key)
+        if ref is not None and ref.shape != tuple(param.shape):
+            return None, f"{key}: checkpoint shape {list(ref.shape)}, model {list(param.shape)}"
+        if ref is not None:
+            by_tensor.setdefault(id(param), key)
+    for name, param in step.named_parameters(remove_duplicate=False):  # tied names share one source
+        key = by_tensor.get(id(param))
+        if key is None:
+            problem = problem or f"{name.removeprefix(STEP_PREFIX)} is not in the checkpoint"
+            continue
+        names[name], used = key, used | {key}
+    for name, buf in step.named_buffers():
+        key = name.removeprefix(STEP_PREFIX)
+        if key in checkpoint.tensors:  # a persistent buffer the checkpoint holds: small, read now
+            module, leaf = step.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            module._buffers[leaf] = checkpoint.read(key).to(buf.dtype).clone()
+            used.add(key)
+    extra = sorted(set(checkpoint.tensors) - used)
+    if problem or extra:
+        return None, problem or f"{extra[0]} is in the checkpoint but not a parameter of the model ({len(extra)} such)"
+    source = {"path": os.path.abspath(path), "transformers": transformers.__version__, "streamed": True}
+    loaded = hf._loaded(step, os.path.basename(os.path.normpath(path)) or path, source)
+    loaded.weights = WeightSource(checkpoint, names)
+    return loaded, None
+
+
+def materialize(loaded, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A real copy of a streamed LoadedModel's step model: every meta parameter read from the
+    checkpoint in ``dtype`` (one tensor at a time; tied parameters stay tied), buffers as they are."""
+    model = copy.deepcopy(loaded.model)
+    source: WeightSource = loaded.weights
+    read: dict[str, nn.Parameter] = {}
+    for name, _ in list(model.named_parameters(remove_duplicate=False)):
+        key = source.names[name]
+        if key not in read:
+            read[key] = nn.Parameter(source.checkpoint.read(key).to(dtype), requires_grad=False)
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = read[key]
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------- the space
+def artifact_bytes(source: WeightSource, dtype: torch.dtype, twin: bool) -> int:
+    """Bytes a streamed build writes: the checkpoint in ``dtype`` (+ its fp32 twin when ``twin``)."""
+    total = 0
+    for ref in source.checkpoint.tensors.values():
+        total += math.prod(ref.shape) * torch.empty((), dtype=dtype).element_size()
+        if twin:
+            total += math.prod(ref.shape) * 4
+    return total
+
+
+def check_space(output: str, need: int) -> None:
+    """Refuse a build whose output filesystem has less than ``need`` bytes (+ a margin) free."""
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    free = shutil.disk_usage(parent).free
+    if free < need + SPACE_MARGIN:
+        raise OutputError(f"not enough space for {output!r}: the build writes {need / 2**30:.2f} GiB of weights, "
+                          f"{parent} has {free / 2**30:.2f} GiB free; free space or pass -o a directory on "
+                          "another disk (nothing was written)")
+
+
+# ---------------------------------------------------------------------------------- the writing
+class WriteProgress:
+    """``callback`` for ``onnx_ir``'s external-data writer: the bytes written so far, of ``total``,
+    and the rate, as the build's phase (the heartbeat line says it) and one line at the end."""
+
+    def __init__(self, total: int, what: str, stream=None):
+        self.total, self.what, self.done, self.start = total, what, 0, time.monotonic()
+        self.stream = stream or sys.stderr
+
+    def __call__(self, tensor, info) -> None:
+        from effexport.exporter.progress import phase
+
+        self.done += tensor.nbytes
+        phase(f"lower: {self.line()}")
+
+    def line(self) -> str:
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        return (f"writing weights to {self.what}: {self.done / 2**30:.2f} of {self.total / 2**30:.2f} GiB "
+                f"({100 * self.done / max(self.total, 1):.0f}%), {self.done / 2**20 / seconds:.0f} MiB/s")
+
+
+def data_files(location: str, sizes: list[int], limit: int | None) -> list[tuple[str, list[int]]]:
+    """Tensors (by index, in order) grouped into data files of at most ``limit`` bytes each (a tensor
+    larger than ``limit`` gets a file of its own): ``[(file name, [tensor indices])]``. One group is
+    named ``location``; several ``{stem}-00001-of-0000N.onnx.data`` (``location`` =
+    ``{stem}.onnx.data``)."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, n in enumerate(sizes):
+        if limit is not None and groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    if len(groups) == 1:
+        return [(location, groups[0])]
+    stem = location.removesuffix(".data").removesuffix(".onnx")
+    return [(f"{stem}-{k + 1:05d}-of-{len(groups):05d}.onnx.data", g) for k, g in enumerate(groups)]
+
+
+# ------------------------------------------------------------------------------------- parity
+class _Replay:
+    """Eager outputs recorded by :func:`_record`, served back in order to :func:`~.parity.check_parity`
+    (as the model it calls); the token ids it is given must be the ones eager was run with."""
+
+    def __init__(self, inputs: list[torch.Tensor], logits: list[torch.Tensor]):
+        self.inputs, self.logits, self.i = inputs, logits, 0
+
+    def __call__(self, input_ids: torch.Tensor, past=None):
+        if self.i >= len(self.logits) or not torch.equal(input_ids.cpu(), self.inputs[self.i]):
+            raise RuntimeError("parity replay out of step with the recorded eager run")
+        self.i += 1
+        return self.logits[self.i - 1], None
+
+
+def _record(model: nn.Module, prompt: torch.Tensor, steps: int) -> _Replay:
+    """Eager prompt + ``steps`` greedy decode steps (the tokens :func:`~.parity.check_parity` feeds)."""
+    inputs, logits = [prompt], []
+    with torch.no_grad():
+        out, past = model(prompt)
+        logits.append(out.float())
+        for _ in range(steps):
+            nxt = logits[-1][:, -1].argmax(-1, keepdim=True)
+            inputs.append(nxt)
+            out, past = model(nxt, past)
+            logits.append(out.float())
+    return _Replay(inputs, logits)
+
+
+def check_streamed(loaded, reference, opts, tmp: str, progress, prompt_length: int):
+    """Parity of a streamed build (see the module docstring): eager fp32 first, freed, then the
+    artifact (or, for bf16 / fp16, its fp32 twin) on ONNX Runtime CPU."""
+    import tempfile
+
+    from effexport.exporter.build import _graph_inputs, _write_json, twin_verdict
+    from effexport.exporter.parity import check_parity, compare_structure
+    from effexport.exporter.runtime import MANIFEST, OrtRuntime
+
+    half = opts.dtype != "fp32"
+    from effexport.exporter.loading import PARITY_SEED
+
+    # loaded.parity_prompt's tokens, made on the CPU (the streamed model's parameters are on meta)
+    prompt = torch.randint(0, loaded.vocab_size, (2, prompt_length), generator=torch.Generator().manual_seed(PARITY_SEED))
+    twin_dir = tempfile.mkdtemp(prefix=".effexport-twin-", dir=os.path.dirname(tmp)) if half else None
+    try:
+        if half:
+            from effexport.exporter.capture import capture_step
+            from effexport.exporter.onnx.export import export_step
+            from effexport.passes.pipeline import run_pipeline
+
+            t0 = progress.stage(f"fp32 twin for parity (no CUDA execution provider here to run {opts.dtype}: "
+                                "capture, rewrite and stream the weights again in fp32)")
+            program, analysis = run_pipeline(capture_step(reference.model, reference.example_ids()),
+                                             max_context=opts.max_context, cache_layout=opts.kv_cache)
+            twin_source = WeightSource(reference.weights.checkpoint, reference.weights.names)
+            with streaming_from(twin_source):
+                proto = export_step(program, analysis.plan, os.path.join(twin_dir, "model.onnx"),
+                                    profile=opts.profile, external_data=True)
+            _write_json(os.path.join(twin_dir, MANIFEST), {
+                "target": "onnx", "profile": opts.profile, "files": {"step": "model.onnx"},
+                "inputs": _graph_inputs(proto), "outputs": program.outputs, "cache_plan": analysis.plan.to_json()})
+            del program, analysis, proto
+            progress.done(t0)
+        t0 = progress.stage(f"parity vs eager fp32 (prefill + {opts.steps} decode steps; eager first, then "
+                            "ONNX Runtime CPU: the weights are held once at a time)")
+        model = materialize(reference, torch.float32)
+        replay = _record(model, prompt, opts.steps)
+        del model
+        gc.collect()
+        runtime = OrtRuntime(twin_dir or tmp)
+        parity = check_parity(replay, runtime, prompt, opts.steps, "fp32" if half else opts.dtype)
+        del runtime
+        gc.collect()
+        mode = "eager fp32 then the artifact, one after the other (weights streamed from the checkpoint)"
+        if half:
+            mismatch = compare_structure(os.path.join(tmp, "model.onnx"), os.path.join(twin_dir, "model.onnx"))
+            parity = twin_verdict(parity, mismatch, opts.dtype)
+            mode = f"{parity.mode}; eager fp32 then the twin, one after the other (weights streamed)"
+        parity.mode = mode
+        progress.done(t0)
+        return parity
+    finally:
+        if twin_dir is not None:
+            shutil.rmtree(twin_dir, ignore_errors=True)
