@@ -171,13 +171,15 @@ class WeightSource:
         """After the optimizer (``structure_only.meta_weights_as_external``): every initializer that
         held a meta tensor (``meta``: name -> its torch.onnx tensor) reads its checkpoint tensor lazily;
         then Transposes of such initializers are folded (:meth:`_fold_transposes`)."""
-        for name, tensor in meta.items():
-            key = self.names.get(name)
+        for name, value in list(model.graph.initializers.items()):
+            if name not in meta:  # real (buffers, folded constants) or dropped by the optimizer
+                continue
+            tensor, key = meta[name], self.names.get(name)
             if key is None:
                 raise LowerError(f"the ONNX initializer {name!r} is derived from the weights by a rewrite, not a "
                                  "checkpoint tensor, so it cannot be streamed; build with --no-stream-weights")
             self.initializers.pop(name, None)
-            model.graph.initializers[name].const_value = self.lazy(name, key, tensor.raw.dtype)
+            value.const_value = self.lazy(name, key, tensor.raw.dtype)
         self._fold_transposes(model)
 
     def _fold_transposes(self, model) -> None:
@@ -310,13 +312,11 @@ def materialize(loaded, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 # ------------------------------------------------------------------------------------- the space
 def artifact_bytes(source: WeightSource, dtype: torch.dtype, twin: bool) -> int:
-    """Bytes a streamed build writes: the checkpoint in ``dtype`` (+ its fp32 twin when ``twin``)."""
-    total = 0
-    for ref in source.checkpoint.tensors.values():
-        total += math.prod(ref.shape) * torch.empty((), dtype=dtype).element_size()
-        if twin:
-            total += math.prod(ref.shape) * 4
-    return total
+    """Bytes a streamed build writes: every parameter name's tensor in ``dtype`` (tied names counted
+    once each: an embedding table and a tied LM head are written as two initializers), plus the fp32
+    twin's when ``twin``."""
+    itemsize = torch.empty((), dtype=dtype).element_size() + (4 if twin else 0)
+    return sum(math.prod(source.checkpoint.tensors[key].shape) * itemsize for key in source.names.values())
 
 
 def check_space(output: str, need: int) -> None:

@@ -200,6 +200,35 @@ def test_default_streams_from_the_size_threshold(tmp_path, monkeypatch):
     assert streaming.wanted(str(ckpt), None) and not streaming.wanted(str(ckpt), False)
 
 
+def test_write_progress_says_bytes_total_and_rate(monkeypatch):
+    from effexport.exporter import progress as progress_module
+
+    phases = []
+    monkeypatch.setattr(progress_module, "phase", phases.append)
+    write = streaming.WriteProgress(3 << 30, "model.onnx.data")
+    write(type("T", (), {"nbytes": 1 << 30})(), None)
+    assert phases[-1].startswith("lower: writing weights to model.onnx.data: 1.00 of 3.00 GiB (33%), ")
+    assert phases[-1].endswith(" MiB/s")
+
+
+def test_space_needed_counts_tied_names_and_the_twin(tmp_path):
+    ckpt = tmp_path / "tied"
+    write_llama(ckpt, tied=True)
+    loaded, _ = streaming.load_streamed(str(ckpt))
+    params = sum(p.numel() for p in loaded.model.parameters())  # tied: the table once
+    table = 256 * 64
+    assert streaming.artifact_bytes(loaded.weights, torch.bfloat16, twin=False) == 2 * (params + table)
+    assert streaming.artifact_bytes(loaded.weights, torch.bfloat16, twin=True) == 6 * (params + table)
+
+
+def test_data_file_size_flag():
+    from effexport.exporter.cli import parse_bytes
+
+    assert parse_bytes("2GiB") == 2 << 30 and parse_bytes("512M") == 512 << 20 and parse_bytes("4096") == 4096
+    with pytest.raises(Exception, match="invalid size"):
+        parse_bytes("2 TB")
+
+
 # --------------------------------------------------------------------------------- peak memory
 # README "Large checkpoints" states these bounds and the numbers measured on a 2-core, 24 GiB machine
 NO_CHECK_BOUND = (1.25, 1.5 * 2**30)  # peak RSS <= a x checkpoint bytes + b
