@@ -42,7 +42,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 
@@ -336,15 +335,20 @@ class WriteProgress:
     """``callback`` for ``onnx_ir``'s external-data writer: the bytes written so far, of ``total``,
     and the rate, as the build's phase (the heartbeat line says it) and one line at the end."""
 
-    def __init__(self, total: int, what: str, stream=None):
+    def __init__(self, total: int, what: str):
         self.total, self.what, self.done, self.start = total, what, 0, time.monotonic()
-        self.stream = stream or sys.stderr
+        self.pending = 0  # the tensor being written now (the writer calls back before each tensor)
 
     def __call__(self, tensor, info) -> None:
         from effexport.exporter.progress import phase
 
-        self.done += tensor.nbytes
+        self.done += self.pending
+        self.pending = tensor.nbytes
         phase(f"lower: {self.line()}")
+
+    def finish(self) -> None:
+        """The last tensor is written (the writer has returned)."""
+        self.done, self.pending = self.done + self.pending, 0
 
     def line(self) -> str:
         seconds = max(time.monotonic() - self.start, 1e-9)

@@ -206,9 +206,14 @@ def test_write_progress_says_bytes_total_and_rate(monkeypatch):
     phases = []
     monkeypatch.setattr(progress_module, "phase", phases.append)
     write = streaming.WriteProgress(3 << 30, "model.onnx.data")
-    write(type("T", (), {"nbytes": 1 << 30})(), None)
+    tensor = type("T", (), {"nbytes": 1 << 30})()
+    write(tensor, None)  # the writer calls back before each tensor: nothing is written yet
+    assert phases[-1].startswith("lower: writing weights to model.onnx.data: 0.00 of 3.00 GiB (0%), ")
+    write(tensor, None)
     assert phases[-1].startswith("lower: writing weights to model.onnx.data: 1.00 of 3.00 GiB (33%), ")
     assert phases[-1].endswith(" MiB/s")
+    write.finish()
+    assert write.done == 2 << 30
 
 
 def test_space_needed_counts_tied_names_and_the_twin(tmp_path):

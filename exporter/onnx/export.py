@@ -282,6 +282,7 @@ def _stream_weights(model: ir.Model, directory: str, location: str, file_bytes: 
             [values[i].const_value for i in indices], base_dir=directory, relative_path=name, callback=progress)
         for i, tensor in zip(indices, written):
             values[i].const_value = tensor
+    progress.finish()
     if sizes and any(isinstance(v.const_value, ir.LazyTensor) for v in values):  # streamed: say how it went
         phase(f"lower: {progress.line()}")
     return [name for name, _ in files]
