@@ -216,6 +216,8 @@ def build(opts: BuildOptions) -> int:
     try:
         loaded, why = streaming().load_streamed(spec.spec) if stream else (None, None)
         if loaded is not None:
+            if opts.check:
+                streaming().check_parity_memory(loaded.weights)
             streaming().check_space(out, streaming().artifact_bytes(loaded.weights, DTYPES[opts.dtype],
                                                                     opts.check and opts.dtype != "fp32"))
         else:

@@ -22,15 +22,16 @@ A Hugging Face directory whose weights go through this path (``--stream-weights`
   process's resident set until it is closed; read this way they stay in the page cache only).
   ``--data-file-size SIZE`` splits the data into several files of at most SIZE each (a tensor never
   spans two files). Progress (bytes done / total, rate) goes to the build's heartbeat lines, and a
-  build whose output filesystem lacks the bytes it will write is refused before loading.
+  build whose output filesystem lacks the bytes it will write is refused before capture (only the headers are read by then).
 * **parity** (:func:`check_streamed`): the eager model is materialised from the checkpoint in fp32,
   runs the prompt and the greedy decode steps, its logits are kept (a few MB) and the model is
   freed; only then is the artifact opened in ONNX Runtime and fed the same tokens. The whole model is
   therefore held once at a time (eager fp32, then ORT's copy), never twice. A bf16 / fp16 artifact
   is checked, as without streaming on a machine without ONNX Runtime's CUDA provider, through its
   fp32 twin (captured, rewritten and streamed again in fp32; same op structure required).
-  ``report.json["parity"]["mode"]`` says so. Not implemented: a layer-group by layer-group check for
-  models whose fp32 copy alone does not fit in memory.
+  ``report.json["parity"]["mode"]`` says so. A check whose fp32 model exceeds the memory available
+  is refused before capture (:func:`check_parity_memory`: pass ``--no-check``); not implemented: a
+  layer-group by layer-group check for such models.
 """
 from __future__ import annotations
 
@@ -328,6 +329,32 @@ def check_space(output: str, need: int) -> None:
         raise OutputError(f"not enough space for {output!r}: the build writes {need / 2**30:.2f} GiB of weights, "
                           f"{parent} has {free / 2**30:.2f} GiB free; free space or pass -o a directory on "
                           "another disk (nothing was written)")
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_parity_memory(source: WeightSource) -> None:
+    """Refuse, before anything runs, a parity check whose eager fp32 model alone (4 bytes a parameter,
+    held once: see :func:`check_streamed`) exceeds the memory available now."""
+    from effexport.exporter.errors import UsageError
+
+    need = 4 * sum(math.prod(source.checkpoint.tensors[key].shape) for key in set(source.names.values()))
+    free = available_memory()
+    if free is not None and need > free:
+        raise UsageError(f"the parity check needs the model in fp32 ({need / 2**30:.1f} GiB, held once: eager, then "
+                         f"the artifact) and {free / 2**30:.1f} GiB of memory is available; pass --no-check "
+                         "(the artifact is still written tensor by tensor), or check it on a larger machine "
+                         "with 'effexport check DIR'")
 
 
 # ---------------------------------------------------------------------------------- the writing

@@ -171,6 +171,19 @@ def test_not_enough_space_is_refused_before_writing(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".effexport")]
 
 
+def test_parity_that_cannot_fit_is_refused_before_capture(tmp_path, monkeypatch):
+    from effexport.exporter.errors import UsageError
+
+    ckpt = tmp_path / "llama"
+    params = write_llama(ckpt)
+    monkeypatch.setattr(streaming, "available_memory", lambda: 4 * params - 1)
+    with pytest.raises(UsageError, match="parity check needs the model in fp32.*pass --no-check"):
+        build(BuildOptions(model=str(ckpt), output=str(tmp_path / "out"), stream_weights=True))
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.setattr(streaming, "available_memory", lambda: 4 * params)
+    streaming.check_parity_memory(streaming.load_streamed(str(ckpt))[0].weights)  # fits: no error
+
+
 def test_a_checkpoint_that_does_not_map_one_to_one_is_loaded_whole(tmp_path, capsys):
     ckpt = tmp_path / "extra"
     write_llama(ckpt, extra={"model.layers.0.self_attn.rotary_extra": (4,)})
