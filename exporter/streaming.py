@@ -22,7 +22,8 @@ A Hugging Face directory whose weights go through this path (``--stream-weights`
   process's resident set until it is closed; read this way they stay in the page cache only).
   ``--data-file-size SIZE`` splits the data into several files of at most SIZE each (a tensor never
   spans two files). Progress (bytes done / total, rate) goes to the build's heartbeat lines, and a
-  build whose output filesystem lacks the bytes it will write is refused before capture (only the headers are read by then).
+  build whose output filesystem lacks the bytes it will write is refused before capture (only the
+  headers are read by then).
 * **parity** (:func:`check_streamed`): the eager model is materialised from the checkpoint in fp32,
   runs the prompt and the greedy decode steps, its logits are kept (a few MB) and the model is
   freed; only then is the artifact opened in ONNX Runtime and fed the same tokens. The whole model is

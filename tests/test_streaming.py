@@ -254,10 +254,13 @@ PARITY_BOUND = (2.5, 1.5 * 2**30)
 
 
 def _peak_rss_of_build(args: list[str]) -> int:
-    """Peak RSS (bytes) of ``effexport ARGS`` run in a child process (its own ru_maxrss)."""
-    code = ("import resource, sys\nfrom effexport.exporter.cli import main\n"
+    """Peak RSS (bytes) of ``effexport ARGS`` run in a child process: its ``VmHWM`` (the high-water mark
+    of its own address space). Not ``ru_maxrss``: Linux carries the parent's peak into a child across
+    ``execve`` after ``vfork``, so a child of this test process would report pytest's peak."""
+    code = ("import sys\nfrom effexport.exporter.cli import main\n"
             f"rc = main({args!r})\n"
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\nsys.exit(rc)\n")
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "print('PEAK', int(hwm.split()[1]) * 1024)\nsys.exit(rc)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.split("PEAK")[-1].split()[0])
