@@ -355,7 +355,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             from effexport.exporter.onnx.export import export_step
             with streaming().streaming_from(loaded.weights):  # a streamed build: initializers read the checkpoint
                 model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile,
-                                          external_data=True if loaded.weights is not None else None,
+                                          external_data=True if loaded.weights is not None or opts.data_file_bytes
+                                          else None,
                                           data_file_bytes=opts.data_file_bytes)
             if opts.genai:
                 from effexport.exporter.onnx.genai import write_package

@@ -283,8 +283,7 @@ def _stream_weights(model: ir.Model, directory: str, location: str, file_bytes: 
         for i, tensor in zip(indices, written):
             values[i].const_value = tensor
     progress.finish()
-    if sizes and any(isinstance(v.const_value, ir.LazyTensor) for v in values):  # streamed: say how it went
-        phase(f"lower: {progress.line()}")
+    phase(f"lower: {progress.line()}")
     return [name for name, _ in files]
 
 
