@@ -161,6 +161,20 @@ def test_streamed_matches_the_full_load(tmp_path):
     np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-5)
 
 
+def test_data_split_into_files_runs_in_onnx_runtime_without_streaming(tmp_path):
+    """--data-file-size on an ordinary (loaded whole) build: several data files, parity on ORT CPU."""
+    ckpt = tmp_path / "llama"
+    write_llama(ckpt)
+    out = tmp_path / "out"
+    assert build(BuildOptions(model=str(ckpt), output=str(out), steps=2, stream_weights=False,
+                              data_file_bytes=64 << 10)) == 0
+    data = sorted(f for f in os.listdir(out) if f.endswith(".onnx.data"))
+    assert len(data) > 1 and "weights" not in json.load(open(out / "report.json"))
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    used = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+    assert used == set(data)
+
+
 def test_not_enough_space_is_refused_before_writing(tmp_path, monkeypatch):
     ckpt = tmp_path / "llama"
     write_llama(ckpt)
