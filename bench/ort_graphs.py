@@ -13,7 +13,8 @@ Cases (random bf16 weights, seed 0):
   then ``--tokens`` timed ones (per token: its generator loop, sampling on the device).
 * ``gemma4-e2b``: the built-in real-size sample, built on the GPU and exported like
   ``bench/ort_cuda.py`` does with ``--kv-cache buffer`` (the CLI refuses random weights at this size;
-  GenAI's builder cannot build Gemma 4 text models).
+  GenAI's builder cannot build Gemma 4 text models), plus effexport's GenAI package of it
+  (``genai.onnx`` + ``genai_config.json``, as ``--genai`` writes them) driven by ``og.Generator``.
 
 effexport's decode at (L, B): the runtime's caches for batch B filled with random values, then
 ``decode_step`` at positions L-1, L, ... with the next token the logits' argmax on the device (the
@@ -98,7 +99,17 @@ def export_sample(name: str, out: str, max_context: int) -> int:
     from effexport.samples import get_sample
 
     model = decode_step.build(get_sample(name))
-    export_effexport(model, out, torch.bfloat16, max_context, "buffer")
+    _, plan = export_effexport(model, out, torch.bfloat16, max_context, "buffer")
+    from types import SimpleNamespace
+
+    from effexport.exporter.backends.onnx.genai import refusal, write_package
+
+    if refusal(plan, name) is None:  # effexport's GenAI package beside the step (og.Generator drives it)
+        loaded = SimpleNamespace(model=model, sample=SimpleNamespace(config=model.config), source={},
+                                 vocab_size=model.config.vocab_size)
+        write_package(out, "model.onnx", plan, loaded, max_context)
+    else:
+        print("no GenAI package:", refusal(plan, name), flush=True)
     return 0
 
 
@@ -208,13 +219,16 @@ def _sample_eager(name: str):
     import decode_step
     from effexport.samples import get_sample
 
-    model = decode_step.build(get_sample(name))
+    if name.endswith(":tiny"):  # the model the CLI built: the CPU init from seed 0 (a GPU init differs)
+        model = get_sample(name).build("cpu").to(torch.bfloat16).cuda().eval()
+    else:
+        model = decode_step.build(get_sample(name))
     return (lambda ids: model(ids)[0]), decode_step.weight_bytes(model), model.config.vocab_size
 
 
 # --------------------------------------------------------------------------------------- main
 def kv_bytes(directory: str, batch: int, context: int) -> int:
-    from effexport.exporter.runtime import load_manifest, plan_entries
+    from effexport.exporter.backends.artifact import load_manifest, plan_entries
 
     entries = plan_entries(load_manifest(directory))
     # a buffer holds max_context rows but a step reads the positions written so far
@@ -246,8 +260,10 @@ def measure(case: dict, args, bw: float) -> None:
                     row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:600]
                     traceback.print_exc()
             row["roofline_ms"] = (case["weight_bytes"] + kv_bytes(case["effexport_dir"], batch, context)) / bw * 1e3
-            if case.get("genai_dir") and batch in args.peer_batches:
-                for key, directory in (("genai", case["genai_dir"]), ("effexport_genai", case["effexport_dir"])):
+            packages = [(key, d) for key, d in (("genai", case.get("genai_dir")), ("effexport_genai", case["effexport_dir"]))
+                        if d and os.path.isfile(os.path.join(d, "genai_config.json"))]
+            if batch in args.peer_batches:
+                for key, directory in packages:
                     try:  # the peer's own model, and effexport's --genai package, through og.Generator
                         row[f"{key}_ms"] = genai_decode(directory, context, batch, args.tokens) * 1e3
                     except Exception as exc:  # noqa: BLE001

@@ -30,18 +30,18 @@ from typing import Callable
 import torch
 from torch import fx
 
-from effexport.exporter.capture import StepProgram
-from effexport.exporter.errors import RewriteError
-from effexport.passes._graph import meta_val
-from effexport.passes.attention import AttentionRewriter, count_linear, finish
+from effexport.passes._graph import count_linear, finish, meta_val
+from effexport.passes.attention import AttentionRewriter
 from effexport.passes.buffers import CACHE_LAYOUTS, buffer_full_caches
 from effexport.passes.cache_plan import CacheEntry, CachePlan, LayerRole
 from effexport.passes.cca import rewrite_cca
 from effexport.passes.complex import rewrite_complex
 from effexport.passes.compressed import rewrite_compressed
+from effexport.passes.errors import RewriteError
 from effexport.passes.mhc import rewrite_mhc
 from effexport.passes.masks import MaskClassifier
 from effexport.passes.positions import rewrite_positions
+from effexport.passes.program import StepProgram
 from effexport.passes.sharing import group_sites
 from effexport.passes.sites import AttentionSite, Rejected, find_sites, layer_index
 

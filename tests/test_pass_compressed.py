@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from _helpers import assert_close
-from effexport.exporter.capture import StepProgram
+from effexport.passes.program import StepProgram
 from effexport.passes import pipeline
 from effexport.passes._graph import aten, is_call
 from effexport.passes.compressed import find_compressed, rewrite_compressed

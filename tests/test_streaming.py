@@ -1,6 +1,6 @@
 """Streamed builds of Hugging Face checkpoints (exporter/streaming.py): the weights go from the
 safetensors files to the ONNX external data one tensor at a time, converted to --dtype and through
-the transposes lowering applied; parity runs eager, then the artifact.
+the transposes lowering applied; parity runs eager, then the artifact (exporter/verify/streamed.py).
 
 Fast tests check what is written (every initializer equals its checkpoint tensor, converted; sharded
 checkpoints; several data files; tied embeddings; the free-space refusal; the fallback to a full
@@ -21,7 +21,8 @@ import torch
 from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 
-from effexport.exporter import streaming
+from effexport.exporter.backends.onnx import weights
+from effexport.exporter.frontends import streaming
 from effexport.exporter.build import BuildOptions, build
 from effexport.exporter.errors import OutputError
 
@@ -212,8 +213,8 @@ def test_a_checkpoint_that_does_not_map_one_to_one_is_loaded_whole(tmp_path, cap
 
 
 def test_data_files_grouping():
-    assert streaming.data_files("model.onnx.data", [10, 10, 10], None) == [("model.onnx.data", [0, 1, 2])]
-    assert streaming.data_files("model.onnx.data", [10, 10, 30, 5], 20) == [
+    assert weights.data_files("model.onnx.data", [10, 10, 10], None) == [("model.onnx.data", [0, 1, 2])]
+    assert weights.data_files("model.onnx.data", [10, 10, 30, 5], 20) == [
         ("model-00001-of-00003.onnx.data", [0, 1]), ("model-00002-of-00003.onnx.data", [2]),
         ("model-00003-of-00003.onnx.data", [3])]
 
@@ -232,7 +233,7 @@ def test_write_progress_says_bytes_total_and_rate(monkeypatch):
 
     phases = []
     monkeypatch.setattr(progress_module, "phase", phases.append)
-    write = streaming.WriteProgress(3 << 30, "model.onnx.data")
+    write = weights.WriteProgress(3 << 30, "model.onnx.data")
     tensor = type("T", (), {"nbytes": 1 << 30})()
     write(tensor, None)  # the writer calls back before each tensor: nothing is written yet
     assert phases[-1].startswith("lower: writing weights to model.onnx.data: 0.00 of 3.00 GiB (0%), ")
