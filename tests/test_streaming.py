@@ -1,4 +1,4 @@
-"""Streamed builds of Hugging Face checkpoints (exporter/streaming.py): the weights go from the
+"""Streamed builds of Hugging Face checkpoints (exporter/frontends/streaming.py): the weights go from the
 safetensors files to the ONNX external data one tensor at a time, converted to --dtype and through
 the transposes lowering applied; parity runs eager, then the artifact (exporter/verify/streamed.py).
 
