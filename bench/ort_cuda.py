@@ -46,10 +46,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_step  # noqa: E402  (bench/ is a script folder, not a package)
+from effexport.exporter.backends.onnx.graph_runtime import TORCH_TYPES  # noqa: E402,F401  (also ort_cuda_graph_probe's)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}
-TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
 
 
 def _session(path: str, device: str, profile_prefix: str | None = None):

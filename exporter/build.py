@@ -12,6 +12,7 @@ Artifact layout (a contract: README's Commands and exit-code sections, tests/tes
     DIR/model.onnx       the step model: (input_ids, pos, past.*) -> (logits, present.*)
     DIR/model.onnx.data  external weights (only when large)
     DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/backends/aoti)
+    DIR/program.pt2      instead of model.onnx with --target torch: the torch.export program (exporter/backends/torch)
     DIR/effexport.json   CachePlan, I/O names, dtypes, opset, IR version, profile, versions, command
     DIR/report.json      the analytic report (effexport report) plus "parity" and "passes", and
                          "stock_export": the caches a stock torch.onnx.export of the eager sample
@@ -112,6 +113,9 @@ def check_options(opts: BuildOptions) -> None:
         raise UsageError(f"--data-file-size {opts.data_file_bytes}: at least 64KiB (e.g. 2GiB)")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
+                         "weights: drop --weights none, or use --target onnx")
+    if opts.target == "torch" and opts.weights == "none":
+        raise UsageError("--weights none builds structure-only ONNX; --target torch saves a program with its "
                          "weights: drop --weights none, or use --target onnx")
     BACKENDS[opts.target].check()
 

@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     from effexport.exporter.backends.registry import BACKENDS
     from effexport.exporter.backends.onnx.profiles import SELECTABLE
     from effexport.exporter.frontends.loading import WEIGHTS
+    from effexport.passes.pipeline import PASS_NAMES
 
     p_build = sub.add_parser(
         "build", help="export MODEL to a deployable artifact and check it against eager (also: effexport MODEL ...)",
@@ -290,8 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
-                              "(passes: complex, dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
-                              "positions, buffers, cache_plan)")
+                              f"(passes: {', '.join(PASS_NAMES)})")
     p_build.add_argument("--force", action="store_true",
                          help="replace an existing artifact directory (one a build wrote: it holds effexport.json)")
     p_build.add_argument("--allow-missing-weights", action="store_true",

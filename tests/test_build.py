@@ -108,7 +108,7 @@ def test_check_reruns_parity(artifact, capsys):
 def test_targets_listed_with_availability():
     from effexport.exporter.backends.registry import BACKENDS, target_status
 
-    assert set(BACKENDS) == {"onnx", "tensorrt", "aoti"} == set(target_status())
+    assert set(BACKENDS) == {"onnx", "tensorrt", "aoti", "torch"} == set(target_status())
     assert all(name == backend.name for name, backend in BACKENDS.items())
 
 

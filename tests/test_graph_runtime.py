@@ -149,3 +149,16 @@ def test_cuda_graph_replay_equals_uncaptured(tmp_path):
         for i, (a, b) in enumerate(zip(logits_a, logits_b)):
             a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
             assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), f"B={batch} step {i}"
+
+
+def test_session_options_reach_the_session(buffered, tmp_path):
+    """``session_options`` start the runtime's session (here ORT's profiler: its trace names the
+    step's nodes, what bench/ort_graphs.py --profile aggregates per op type)."""
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "trace")
+    runtime = CudaGraphRuntime(str(buffered), device="cpu", session_options=opts)
+    runtime.step(_ids(1, 4), 0, runtime.initial_caches(1))
+    trace = json.loads(open(runtime.session.end_profiling()).read())
+    ops = {e["args"].get("op_name") for e in trace if e.get("cat") == "Node"}
+    assert "GroupQueryAttention" in ops and "MatMul" in ops

@@ -13,9 +13,10 @@ from effexport.exporter.backends.artifact import MANIFEST, load_manifest
 from effexport.exporter.backends.base import Backend
 from effexport.exporter.backends.onnx import backend as onnx
 from effexport.exporter.backends.tensorrt import backend as tensorrt
+from effexport.exporter.backends.torch import backend as torch_backend
 from effexport.exporter.errors import BackendMissingError, LoadError
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (onnx.BACKEND, tensorrt.BACKEND, aoti.BACKEND)}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (onnx.BACKEND, tensorrt.BACKEND, aoti.BACKEND, torch_backend.BACKEND)}
 
 
 def target_status() -> dict[str, str | None]:

@@ -73,6 +73,12 @@ def runtime_info(runtime, manifest: dict) -> tuple[str, str, str]:
         return "AOTInductor", f"AOTInductor {device}", device
     if target == "tensorrt":
         return "TensorRT", "TensorRT", "cuda"
+    if target == "torch":
+        engine = runtime.engine
+        how = ("Inductor" if engine.compiled else "uncompiled") + (" + CUDA graphs" if engine.cuda_graphs else "")
+        import torch
+
+        return f"torch {torch.__version__}", f"torch {engine.device.type} ({how})", engine.device.type
     return type(runtime).__name__, "unknown", "unknown"
 
 

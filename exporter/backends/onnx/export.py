@@ -53,7 +53,8 @@ from effexport.exporter.progress import phase
 from effexport.exporter.backends.exported import example_inputs, exported_step
 from effexport.exporter.backends.onnx._local import attach, types_kept
 from effexport.exporter.backends.onnx.attention import slot_rings
-from effexport.exporter.backends.onnx.host_positions import host_reads, split_host_positions
+from effexport.exporter.backends.onnx.host_positions import (DEVICE_POSITIONS, IN_PLACE, host_reads,
+                                                          split_host_positions)
 from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort, fuse_step_for_ort
 from effexport.exporter.backends.onnx.profiles import PROFILES
 from effexport.exporter.backends.onnx.translations import translation_table
@@ -64,11 +65,6 @@ from effexport.passes.program import StepProgram
 __all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs",
            "DEVICE_POSITIONS"]
 
-DEVICE_POSITIONS = "effexport.device_positions"
-"""Model metadata key: ``"true"`` when the step reads ``pos`` on the device only."""
-IN_PLACE = "effexport.in_place"
-"""Model metadata key: JSON list of the cache inputs to bind to their present's memory
-(:func:`in_place_inputs`); full ``buffer`` caches are bound so too."""
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Initializer bytes above which weights are written as external data (protobuf caps at 2 GB)."""
 EXTERNAL_TENSOR_BYTES = 1024

@@ -38,13 +38,13 @@ import torch
 
 from effexport.exporter.errors import LoadError
 from effexport.exporter.backends.artifact import StepResult
+from effexport.exporter.backends.onnx.host_positions import DEVICE_POSITIONS
 from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.backends.onnx.runtime import OrtRuntime, _bind
 
 __all__ = ["CudaGraphRuntime"]
 
 
-DEVICE_POSITIONS = "effexport.device_positions"
 TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
                "tensor(bfloat16)": torch.bfloat16}
 
@@ -65,11 +65,14 @@ class _Slot:
 class CudaGraphRuntime(OrtRuntime):
     """An :class:`~effexport.exporter.backends.onnx.runtime.OrtRuntime` whose decode steps replay CUDA graphs."""
 
-    def __init__(self, artifact_dir: str, device: str = "cuda", threads: int | None = None, capture: bool = True):
-        """``capture=False`` runs the same bindings without CUDA graphs (to measure what they save)."""
+    def __init__(self, artifact_dir: str, device: str = "cuda", threads: int | None = None, capture: bool = True,
+                 session_options=None):
+        """``capture=False`` runs the same bindings without CUDA graphs (to measure what they save);
+        ``session_options`` as for :class:`OrtRuntime`."""
         self._slots: dict[int, _Slot] = {}
         self.capture = capture and device == "cuda"
-        super().__init__(artifact_dir, device=device, threads=threads, io_binding=True)
+        super().__init__(artifact_dir, device=device, threads=threads, io_binding=True,
+                         session_options=session_options)
         self._check_fixed()
         meta = self.session.get_outputs()[0]
         self.logits_dtype = TORCH_TYPES.get(meta.type)
@@ -209,11 +212,6 @@ class CudaGraphRuntime(OrtRuntime):
         slot.pos_host[...] = pos
         self._decode_run(slot, batch)
         return slot.logits
-
-    def _check_room(self, pos: int, new: int) -> None:
-        if self.capacity is not None and pos + new > self.capacity:
-            raise LoadError(f"positions {pos}..{pos + new - 1} do not fit the artifact's {self.capacity}-row "
-                            "cache buffers; rebuild with a larger --max-context")
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy generation with the loop on the device: returns (tokens [B, max_new_tokens], the

@@ -21,9 +21,14 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-__all__ = ["POS", "POS_HOST", "HOST_INPUTS", "split_host_positions", "host_reads"]
+__all__ = ["POS", "POS_HOST", "HOST_INPUTS", "DEVICE_POSITIONS", "IN_PLACE", "split_host_positions", "host_reads"]
 
 POS, POS_HOST = "pos", "pos_host"
+DEVICE_POSITIONS = "effexport.device_positions"
+"""Model metadata key: ``"true"`` when the step reads ``pos`` on the device only."""
+IN_PLACE = "effexport.in_place"
+"""Model metadata key: JSON list of the cache inputs to bind to their present's memory (GQA's windowed
+caches; full ``buffer`` caches are bound so too)."""
 MSFT = "com.microsoft"
 
 HOST_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.onnx.host_positions import IN_PLACE
 from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.errors import BackendMissingError, LoadError
 from effexport.passes.cache_plan import buffer_capacity
@@ -60,7 +61,9 @@ class OrtRuntime:
     """An ONNX Runtime session over an artifact's step model."""
 
     def __init__(self, artifact_dir: str, device: str = "cpu", threads: int | None = None,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, session_options=None):
+        """``session_options``: an ``onnxruntime.SessionOptions`` to start the session with (profiling,
+        optimization level, logging); ``threads`` sets its intra-op thread count."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -70,7 +73,7 @@ class OrtRuntime:
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
-        options = ort.SessionOptions()
+        options = session_options if session_options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         path = os.path.join(artifact_dir, self.manifest["files"]["step"])
@@ -82,7 +85,7 @@ class OrtRuntime:
         self.output_names = self.manifest["outputs"]
         self.cache_names = [n for n in self.input_names if n not in STEP_INPUTS]
         try:
-            bound = json.loads(self.session.get_modelmeta().custom_metadata_map.get("effexport.in_place", "[]"))
+            bound = json.loads(self.session.get_modelmeta().custom_metadata_map.get(IN_PLACE, "[]"))
         except ValueError:
             raise LoadError(f"{artifact_dir}: the step model's effexport.in_place metadata is not JSON; "
                             "rebuild the artifact") from None
@@ -118,14 +121,18 @@ class OrtRuntime:
             return array
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
+    def _check_room(self, pos: int, new: int) -> None:
+        """Refuse positions past the fixed-size caches' rows (and past RoPE tables of that length)."""
+        if self.capacity is not None and pos + new > self.capacity:
+            raise LoadError(f"positions {pos}..{pos + new - 1} do not fit the artifact's {self.capacity}-row "
+                            "cache buffers; rebuild with a larger --max-context")
+
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` over ``caches``. A chunk
         (``T > 1``) on a non-empty cache at ``B > 1`` runs row by row in a profile with GQA's quirk
         (``Profile.gqa_rows``; the module docstring says why)."""
         batch, new = np.shape(input_ids)
-        if self.capacity is not None and pos + new > self.capacity:
-            raise LoadError(f"positions {pos}..{pos + new - 1} do not fit the artifact's {self.capacity}-row "
-                            "cache buffers; rebuild with a larger --max-context")
+        self._check_room(pos, new)
         profile = recorded(self.manifest.get("profile"))
         if not (profile is not None and profile.gqa_rows and batch > 1 and new > 1 and pos > 0):
             return self._run(input_ids, pos, caches)
