@@ -20,6 +20,7 @@ Artifact layout (a contract: README's Commands and exit-code sections, tests/tes
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -64,6 +65,8 @@ class BuildOptions:
     trust_pickle: bool = False
     allow_missing_weights: bool = False  # a Hugging Face directory lacking weights builds (recorded in report.json)
     genai: bool = False       # also an onnxruntime-genai package (exporter/backends/onnx/genai.py): needs kv_cache="buffer"
+    stream_weights: bool | None = None  # HF directory: weights streamed from safetensors (frontends/streaming.py); None: by size
+    data_file_bytes: int | None = None  # ONNX external data split into files of at most this many bytes
 
 
 def versions() -> dict:
@@ -101,6 +104,13 @@ def check_options(opts: BuildOptions) -> None:
     if opts.genai and opts.kv_cache != "buffer":
         raise UsageError(f"--genai needs --kv-cache buffer (GenAI binds past and present to one buffer), not "
                          f"--kv-cache {opts.kv_cache}: drop --kv-cache")
+    if opts.stream_weights and opts.target != "onnx":
+        raise UsageError(f"--stream-weights writes ONNX external data; --target {opts.target} compiles in-memory "
+                         "weights: drop --stream-weights, or use --target onnx")
+    if opts.data_file_bytes is not None and opts.target != "onnx":
+        raise UsageError(f"--data-file-size splits ONNX external data; --target {opts.target} writes none: drop it")
+    if opts.data_file_bytes is not None and opts.data_file_bytes < (64 << 10):
+        raise UsageError(f"--data-file-size {opts.data_file_bytes}: at least 64KiB (e.g. 2GiB)")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
@@ -158,17 +168,56 @@ def build(opts: BuildOptions) -> int:
                          allow_missing_weights=opts.allow_missing_weights)
     requested, opts = opts, resolve_context(opts, spec.name, spec.context_limit)
     out = _output_dir(opts, spec.name, spec.spec if spec.kind != "sample" else None)
-    progress = Progress(_stages(opts, structure_only=opts.weights == "none") + 1)
+    stream = (spec.kind == "hf" and opts.target == "onnx" and not opts.allow_missing_weights
+              and streaming().wanted(spec.spec, opts.stream_weights))
+    if opts.stream_weights and not stream:
+        raise UsageError("--stream-weights streams a Hugging Face directory's safetensors (--target onnx, without "
+                         "--allow-missing-weights); drop --stream-weights")
+    stages = _stages(opts, structure_only=opts.weights == "none") + 1
+    progress = Progress(stages + (stream and opts.check and opts.dtype != "fp32"))  # + the fp32 twin
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
-                                                 if opts.weights == "none" else ""))
+                                                 if opts.weights == "none" else
+                                                 " (parameters on meta, weights streamed from safetensors later)"
+                                                 if stream else ""))
     try:
-        loaded = spec.load()
-        progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters")
+        loaded, why = streaming().load_streamed(spec.spec) if stream else (None, None)
+        if loaded is not None:
+            if opts.check:
+                streaming().check_parity_memory(loaded.weights)
+            streaming().check_space(out, streaming().artifact_bytes(loaded.weights, DTYPES[opts.dtype],
+                                                                    opts.check and opts.dtype != "fp32"))
+        else:
+            if stream:
+                progress.total -= opts.check and opts.dtype != "fp32"
+            loaded = spec.load()
+        progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters"
+                      + (f", {loaded.weights.checkpoint.nbytes / 2**30:.2f} GiB in {len(loaded.weights.checkpoint.files)} "
+                         "safetensors file(s), read when the weights are written" if loaded.weights is not None else
+                         f" (loaded whole: {why})" if why else ""))
         if spec.context_limit is None:  # a pickled module states its limit only once loaded
             opts = resolve_context(requested, loaded.name, loaded.context_limit)
         return _build(loaded, opts, out, progress)
     finally:
         progress.close()
+
+
+def streaming():
+    """exporter/frontends/streaming.py (weights streamed from safetensors), imported when used."""
+    from effexport.exporter.frontends import streaming as module
+
+    return module
+
+
+@contextlib.contextmanager
+def streaming_from(source):
+    """The lowering inside takes its meta initializers from ``source`` (None: an ordinary build)."""
+    if source is None:
+        yield
+        return
+    from effexport.exporter.backends.onnx.weights import streaming_from as active
+
+    with active(source):
+        yield
 
 
 def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
@@ -264,7 +313,8 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
                 f.write(dumped[opts.dump_after])
         backend = BACKENDS[opts.target]
         t0 = progress.stage(backend.stage(opts))
-        lowered = backend.lower(program, analysis.plan, tmp, opts)
+        with streaming_from(loaded.weights):  # a streamed build: the initializers read the checkpoint
+            lowered = backend.lower(program, analysis.plan, tmp, opts)
         model_proto, note, files = lowered.model_proto, lowered.summary, dict(lowered.files)
         if opts.genai:  # an onnxruntime-genai package next to the ONNX step model (check_options: onnx only)
             from effexport.exporter.backends.onnx.genai import write_package
@@ -298,9 +348,18 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report["allow_missing_weights"] = True
             report["missing_weights"] = loaded.source.get("missing_weights", {})
         report["passes"] = analysis.counts
+        if loaded.weights is not None:
+            report["weights"] = loaded.weights.report()
         if loaded.structure_only:
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
             report["resources"] = meter.to_json()  # volatile: the only timing in an artifact (documented)
+        elif opts.check and loaded.weights is not None:  # eager first, freed, then the artifact
+            from effexport.exporter.verify.streamed import check_streamed
+
+            parity = check_streamed(loaded, reference, opts, tmp, progress, PARITY_PROMPT, twin_verdict)
+            print(parity.table(), file=sys.stderr)
+            report["parity"] = parity.to_json()
+            code = 0 if parity.passed else 1
         elif opts.check and opts.dtype != "fp32":
             parity = _check_half(loaded, reference, opts, tmp, progress)
             print(parity.table(), file=sys.stderr)

@@ -31,6 +31,17 @@ def parse_tokens(text: str) -> int:
     return value
 
 
+_BYTE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a size: ``2GiB``, ``2G``, ``512MiB``, ``1073741824`` (binary units)."""
+    match = re.fullmatch(r"\s*(\d{1,15})\s*(?:([kKmMgG])(?:i?[bB])?)?\s*", text)
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: give e.g. 2GiB, 512MiB or a number of bytes")
+    return int(match.group(1)) * _BYTE_SUFFIXES[(match.group(2) or "").lower()]
+
+
 def _int(text: str) -> int:
     """An integer flag value (the range is checked where the value is used)."""
     try:
@@ -103,7 +114,8 @@ def _cmd_build(args) -> int:
                               dtype=args.dtype, kv_cache=args.kv_cache or ("buffer" if args.genai else "grow"), check=args.check, steps=args.steps, explain=args.explain,
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv),
-                              allow_missing_weights=args.allow_missing_weights, genai=args.genai))
+                              allow_missing_weights=args.allow_missing_weights, genai=args.genai,
+                              stream_weights=args.stream_weights, data_file_bytes=args.data_file_size))
 
 
 def _cmd_check(args) -> int:
@@ -291,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "their own); 'none': structure only -- the model on the meta device, an ONNX "
                               "graph whose weights are external-data references with no data written, no "
                               "parity; for real-size presets (default random)")
+    p_build.add_argument("--stream-weights", action=argparse.BooleanOptionalAction, default=None,
+                         help="Hugging Face directory, --target onnx: capture and lower on meta weights and stream "
+                              "the safetensors tensors into the external data one at a time, converted to --dtype "
+                              "(peak memory ~ one tensor beyond the graph; parity runs eager, then the artifact). "
+                              "Default: on from 256 MiB of safetensors")
+    p_build.add_argument("--data-file-size", type=parse_bytes, default=None, metavar="SIZE",
+                         help="split the ONNX external data into files of at most SIZE (e.g. 2GiB): "
+                              "model-00001-of-0000N.onnx.data ... (default one model.onnx.data)")
     p_build.add_argument("--trust-pickle", action="store_true",
                          help="allow unpickling a torch.save file of a whole module (runs code from the file: "
                               "only for files you trust); without it .pt files are read weights-only")

@@ -20,6 +20,7 @@ class LoadedModel:
     source: dict = field(default_factory=dict)  # {"kind": "sample"|"hf"|"pickle"|"module", ...} (effexport.json)
     example_length: int = 40  # capture's example stream: past every window / top-k (samples._spec.capture_length)
     context_limit: int | None = None  # the longest context the model was trained for, when its config says
+    weights: object | None = None  # a streamed build's WeightSource (frontends/streaming.py): meta parameters backed by it
 
     @property
     def device(self) -> torch.device:
@@ -28,8 +29,8 @@ class LoadedModel:
 
     @property
     def structure_only(self) -> bool:
-        """True when the weights have no data (meta device): no parity, no runtime."""
-        return self.device.type == "meta"
+        """True when the weights have no data (meta device, no checkpoint behind them): no parity, no runtime."""
+        return self.device.type == "meta" and self.weights is None
 
     def example_ids(self, batch: int = 2, length: int | None = None, seed: int = 1) -> torch.Tensor:
         """The deterministic token stream used for capture and parity (on the model's device);

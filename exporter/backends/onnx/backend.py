@@ -26,7 +26,12 @@ def stage(opts) -> str:
 def lower(program, plan, directory: str, opts) -> Lowered:
     from effexport.exporter.backends.onnx.export import export_step
 
-    model_proto = export_step(program, plan, os.path.join(directory, STEP_FILE), profile=opts.profile)
+    from effexport.exporter.backends.onnx.weights import active_source
+
+    # a streamed build (weights read from the checkpoint while written) and --data-file-size: external data
+    external = True if active_source() is not None or getattr(opts, "data_file_bytes", None) else None
+    model_proto = export_step(program, plan, os.path.join(directory, STEP_FILE), profile=opts.profile,
+                              external_data=external, data_file_bytes=getattr(opts, "data_file_bytes", None))
     return Lowered({"step": STEP_FILE}, opts.profile, model_proto, onnx_summary(model_proto), "ONNX Runtime CPU")
 
 

@@ -198,9 +198,13 @@ def _initializer_bytes(model: ir.Model) -> int:
                if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
 
 
-def _stream_weights(model: ir.Model, directory: str, location: str) -> None:
+def _stream_weights(model: ir.Model, directory: str, location: str, file_bytes: int | None = None) -> list[str]:
     """Write every in-memory initializer of at least :data:`EXTERNAL_TENSOR_BYTES` to
-    ``directory/location``, one tensor at a time in graph order, and replace it by a reference.
+    ``directory/location``, one tensor at a time in graph order, and replace it by a reference;
+    returns the data file names. With ``file_bytes`` the data is split into files of at most that
+    size (:func:`~effexport.exporter.backends.onnx.weights.data_files`). Progress (bytes, rate) is the build's phase.
+    A streamed build's initializers are ``LazyTensor`` reads of checkpoint tensors
+    (``exporter/frontends/streaming.py``): each is read, converted and written, then dropped.
 
     onnx_ir's ``convert_tensors_to_external`` calls each tensor's ``tofile``: torch.onnx's
     ``TorchTensor`` writes its torch storage through a ctypes view, a numpy-backed tensor (a folded
@@ -211,17 +215,26 @@ def _stream_weights(model: ir.Model, directory: str, location: str) -> None:
            for v in model.graph.initializers.values()):
         raise LowerError(f"the model already references {location} (a structure-only build's placeholders); "
                          "it cannot also be written with external data")
+    from effexport.exporter.backends.onnx.weights import WriteProgress, data_files
+
     values = [v for v in model.graph.initializers.values()
               if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
               and v.const_value.dtype != ir.DataType.STRING and v.const_value.nbytes >= EXTERNAL_TENSOR_BYTES]
-    written = ir.external_data.convert_tensors_to_external(
-        [v.const_value for v in values], base_dir=directory, relative_path=location)
-    for value, tensor in zip(values, written):
-        value.const_value = tensor
+    sizes = [v.const_value.nbytes for v in values]
+    files = data_files(location, sizes, file_bytes)
+    progress = WriteProgress(sum(sizes), location if len(files) == 1 else f"{len(files)} files")
+    for name, indices in files:
+        written = ir.external_data.convert_tensors_to_external(
+            [values[i].const_value for i in indices], base_dir=directory, relative_path=name, callback=progress)
+        for i, tensor in zip(indices, written):
+            values[i].const_value = tensor
+    progress.finish()
+    phase(f"lower: {progress.line()}")
+    return [name for name, _ in files]
 
 
 def _save(model: ir.Model | onnx.ModelProto, path: Path, external: bool,
-          finish: Callable[[onnx.ModelProto], None] | None = None) -> onnx.ModelProto:
+          finish: Callable[[onnx.ModelProto], None] | None = None, file_bytes: int | None = None) -> onnx.ModelProto:
     """Write atomically: into a temporary directory next to ``path``, then rename. With ``external``
     the weights are streamed to ``{path.name}.data`` first (:func:`_stream_weights`), so the proto
     serialized afterwards holds references only. ``finish`` edits that proto before it is written
@@ -234,28 +247,32 @@ def _save(model: ir.Model | onnx.ModelProto, path: Path, external: bool,
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".effexport-") as tmp:
+        written = []
         if external:
             phase(f"lower: writing weights to {data}")
-            _stream_weights(model, tmp, data)
+            written = _stream_weights(model, tmp, data, file_bytes)
         phase(f"lower: writing {path.name}")
         proto = ir.to_proto(model)
         if finish is not None:
             finish(proto)
         tmp_model = Path(tmp) / path.name
         onnx.save_model(proto, tmp_model)  # references stay references: nothing is read back
-        if external:
-            os.replace(Path(tmp) / data, path.parent / data)
+        for name in written:
+            if os.path.exists(Path(tmp) / name):  # absent when no initializer was large enough
+                os.replace(Path(tmp) / name, path.parent / name)
         os.replace(tmp_model, path)
     return proto
 
 
 def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str = "ort",
-                example_batch: int = 2, external_data: bool | None = None) -> onnx.ModelProto:
+                example_batch: int = 2, external_data: bool | None = None,
+                data_file_bytes: int | None = None) -> onnx.ModelProto:
     """Lower the rewritten step graph to ONNX at ``path`` and return the saved ``ModelProto``.
 
     ``external_data=None`` writes weights externally only above :data:`EXTERNAL_DATA_THRESHOLD`
     bytes; they are then streamed to ``{path}.data`` (see the module docstring) and the returned
-    proto references that file instead of holding the weights."""
+    proto references that file instead of holding the weights; ``data_file_bytes`` splits that data
+    into files of at most that size (``{stem}-0000k-of-0000n.onnx.data``)."""
     _check_signature(program, plan)
     inputs, outputs = step_io_names(plan)
     exported = exported_step(program, plan, example_batch)
@@ -274,4 +291,4 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
         except ValueError as exc:  # a function body missing: a lowering error, as inside lower()
             raise LowerError(f"ONNX export ({profile}) failed: {exc}") from exc
         _name_dims(proto, plan)
-    return _save(model, Path(path), external_data, finish)
+    return _save(model, Path(path), external_data, finish, data_file_bytes)

@@ -70,7 +70,9 @@ def meta_weights_as_external(model: ir.Model, location: str = DATA_LOCATION):
     """Around the optimizer: every initializer backed by a meta tensor has no constant value inside
     the block (so no pass reads it: constant folding leaves its users alone, rewrite rules that inspect
     values, e.g. 'Conv bias is all zeros', do not match) and becomes an external data reference to
-    ``location`` after it (nothing is read or written). A model with real weights is left unchanged.
+    ``location`` after it (nothing is read or written) -- or, in a streamed build
+    (``exporter/frontends/streaming.py``), a lazy read of its checkpoint tensor. A model with real
+    weights is left unchanged.
     The reference offsets are the ones the weights would have if written one after another."""
     meta = {name: value.const_value for name, value in model.graph.initializers.items() if _is_meta(value)}
     for name in meta:
@@ -82,13 +84,18 @@ def meta_weights_as_external(model: ir.Model, location: str = DATA_LOCATION):
     try:
         yield
     finally:
+        from effexport.exporter.backends.onnx.weights import active_source
+
+        source = active_source()  # a streamed build: the meta weights read their checkpoint tensors
         offset = 0
-        for name, value in model.graph.initializers.items():
+        for name, value in ([] if source is not None and meta else model.graph.initializers.items()):
             if name in meta:
                 tensor = meta[name]
                 value.const_value = _Placeholder(location, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
                                                  name=name, base_dir=_NO_DATA_DIR)
                 offset += tensor.nbytes
+        if source is not None and meta:
+            source.attach(model, meta)
 
 
 def check_structure(path: str) -> None:
