@@ -65,7 +65,7 @@ def _pure(node: fx.Node) -> bool:
     schema = target._schema
     if schema.is_mutable or not schema.returns:
         return False
-    return not (torch.Tag.nondeterministic_seeded in target.tags)
+    return torch.Tag.nondeterministic_seeded not in target.tags
 
 
 def constant_nodes(graph: fx.Graph) -> set[fx.Node]:

@@ -272,13 +272,11 @@ def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     return True
 
 
-class _NoOpReshapes(pattern.RewriteRuleClassBase):
-    """``Reshape(Reshape(x, s1), s2)`` whose result has ``x``'s shape -> ``x`` (the torch view /
-    unsafe_view chains around attention, once the transposes between them are gone)."""
+class _NoOpReshape(pattern.RewriteRuleClassBase):
+    """``Reshape(x, s)`` whose result provably has ``x``'s shape -> ``x``."""
 
-    def pattern(self, op, x, s1, s2):
-        return op.Reshape(op.Reshape(x, s1, _allow_other_attributes=True), s2, _allow_other_attributes=True,
-                          _outputs=["out"])
+    def pattern(self, op, x, s):
+        return op.Reshape(x, s, _allow_other_attributes=True, _outputs=["out"])
 
     def check(self, context, x, out, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
@@ -288,18 +286,13 @@ class _NoOpReshapes(pattern.RewriteRuleClassBase):
         return op.Identity(x)
 
 
-class _NoOpReshape(pattern.RewriteRuleClassBase):
-    """``Reshape(x, s)`` whose result provably has ``x``'s shape -> ``x``."""
+class _NoOpReshapes(_NoOpReshape):
+    """``Reshape(Reshape(x, s1), s2)`` whose result has ``x``'s shape -> ``x`` (the torch view /
+    unsafe_view chains around attention, once the transposes between them are gone)."""
 
-    def pattern(self, op, x, s):
-        return op.Reshape(x, s, _allow_other_attributes=True, _outputs=["out"])
-
-    def check(self, context, x, out, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        return result if _same_shape(x, out) else result.fail("the reshape changes the shape")
-
-    def rewrite(self, op, x, **_):
-        return op.Identity(x)
+    def pattern(self, op, x, s1, s2):
+        return op.Reshape(op.Reshape(x, s1, _allow_other_attributes=True), s2, _allow_other_attributes=True,
+                          _outputs=["out"])
 
 
 class _NormBeforeTranspose(pattern.RewriteRuleClassBase):

@@ -12,13 +12,14 @@ import time
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("effexport_weight_source", default=None)
 
 
-def active_source() -> WeightSource | None:
-    """The weight source of the lowering under way (None: not a streamed build)."""
+def active_source():
+    """The weight source (``frontends.streaming.WeightSource``) of the lowering under way (None: not a
+    streamed build)."""
     return _ACTIVE.get()
 
 
 @contextlib.contextmanager
-def streaming_from(source: WeightSource | None):
+def streaming_from(source):
     """Lowerings inside the block take their meta initializers from ``source`` (None: no effect)."""
     token = _ACTIVE.set(source)
     try:
