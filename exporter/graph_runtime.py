@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import LoadError
-from effexport.exporter.runtime import OrtRuntime, StepResult, _bind
+from effexport.exporter.runtime import OrtRuntime, StepResult, _bind, in_pieces
 
 __all__ = ["CudaGraphRuntime"]
 
@@ -176,7 +176,11 @@ class CudaGraphRuntime(OrtRuntime):
         return logits
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list) -> StepResult:
-        """One step at ``pos..pos+T-1``; returns the logits (host, float32) and this batch size's caches."""
+        """One step at ``pos..pos+T-1``; returns the logits (host, float32) and this batch size's caches
+        (more than the manifest's ``max_step_tokens`` new tokens: one call per piece)."""
+        limit = self.manifest.get("max_step_tokens")
+        if limit and np.shape(input_ids)[1] > limit:
+            return in_pieces(self.step, limit, input_ids, pos, caches)
         batch, new = np.shape(input_ids)
         self._check_room(pos, new)
         slot = self._slot(batch)

@@ -34,7 +34,7 @@ import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
 from effexport.exporter.inputs import check_config, check_safetensors, read_json, regular_file
-from effexport.samples._spec import capture_length
+from effexport.samples._spec import capture_length, capture_new_tokens
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 WEIGHTS = ("random", "none")
@@ -55,6 +55,7 @@ class LoadedModel:
     source: dict = field(default_factory=dict)  # {"kind": "sample"|"hf"|"pickle"|"module", ...} (effexport.json)
     example_length: int = 40  # capture's example stream: past every window / top-k (samples._spec.capture_length)
     context_limit: int | None = None  # the longest context the model was trained for, when its config says
+    example_new_tokens: int = 3  # the capture's example step: the stream's last tokens (samples._spec.capture_new_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -188,8 +189,10 @@ def _load_sample(sample, weights: str) -> LoadedModel:
         source["seed"] = 0
     from effexport.exporter.report import max_context
 
+    specs = sample.config.layer_specs()
+    new_tokens = capture_new_tokens(specs)
     return LoadedModel(sample.name, model, sample.config.vocab_size, sample, source,
-                       capture_length(sample.config.layer_specs()), max_context(sample))
+                       capture_length(specs, new_tokens=new_tokens), max_context(sample), new_tokens)
 
 
 # -- torch.save / torch.export files -------------------------------------------------------------------

@@ -96,6 +96,9 @@ def check_manifest(manifest, path: str, artifact_dir: str) -> None:
     source = manifest.get("source")
     if source is not None and not isinstance(source, dict):
         raise bad("has a 'source' that is not an object")
+    limit = manifest.get("max_step_tokens")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise bad(f"has a 'max_step_tokens' that is not a positive integer ({str(limit)[:40]!r})")
     plan = manifest["cache_plan"]
     if not isinstance(plan, dict) or not isinstance(plan.get("entries"), list):
         raise bad("has a 'cache_plan' without a list of 'entries'")
@@ -133,6 +136,22 @@ class StepResult:
 
     logits: np.ndarray
     caches: list
+
+
+def in_pieces(step, limit: int | None, input_ids: np.ndarray, pos: int, caches: list):
+    """``step(input_ids, pos, caches)`` with at most ``limit`` new tokens per call (the manifest's
+    ``max_step_tokens``: the step graph was captured for steps that long, e.g. Qwen3-Next's chunked
+    gated delta rule unrolled over one 64-token chunk); longer inputs run piece by piece, each piece
+    on the caches the previous one returned, logits concatenated. None or a short input: one call."""
+    new = np.shape(input_ids)[1]
+    if not limit or new <= limit:
+        return step(input_ids, pos, caches)
+    logits = []
+    for start in range(0, new, limit):
+        result = step(input_ids[:, start:start + limit], pos + start, caches)
+        caches = result.caches
+        logits.append(result.logits)
+    return StepResult(np.concatenate(logits, axis=1), caches)
 
 
 def plan_entries(manifest: dict) -> list[CacheEntry]:
@@ -221,7 +240,10 @@ class OrtRuntime:
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` over ``caches``. A chunk
         (``T > 1``) on a non-empty cache at ``B > 1`` runs row by row in the ``ort`` profile (see
-        the module docstring)."""
+        the module docstring); more than the manifest's ``max_step_tokens`` run in pieces."""
+        limit = self.manifest.get("max_step_tokens")
+        if limit and np.shape(input_ids)[1] > limit:
+            return in_pieces(self.step, limit, input_ids, pos, caches)
         batch, new = np.shape(input_ids)
         if self.capacity is not None and pos + new > self.capacity:
             raise LoadError(f"positions {pos}..{pos + new - 1} do not fit the artifact's {self.capacity}-row "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
-from effexport.exporter.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.runtime import OrtRuntime, StepResult, in_pieces, load_manifest, numpy_caches, plan_entries
 
 __all__ = ["AotiRuntime", "load_package"]
 
@@ -96,7 +96,11 @@ class AotiRuntime:
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One step on numpy arrays (copied to and from the device); numpy has no bfloat16, so a
-        bf16 program goes through :meth:`step_torch`."""
+        bf16 program goes through :meth:`step_torch`. More than the manifest's ``max_step_tokens``
+        new tokens run in pieces."""
+        limit = self.manifest.get("max_step_tokens")
+        if limit and np.shape(input_ids)[1] > limit:
+            return in_pieces(self.step, limit, input_ids, pos, caches)
         logits, presents = self.step_torch(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), pos,
                                            [torch.from_numpy(np.ascontiguousarray(c)) for c in caches])
         return StepResult(logits.cpu().numpy(), [c.cpu().numpy() for c in presents])

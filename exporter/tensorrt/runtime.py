@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from effexport.exporter.errors import BackendMissingError
-from effexport.exporter.runtime import OrtRuntime, StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.runtime import OrtRuntime, StepResult, in_pieces, load_manifest, numpy_caches, plan_entries
 
 __all__ = ["TrtRuntime"]
 
@@ -62,7 +62,11 @@ class TrtRuntime:
         return numpy_caches(self.entries, batch)
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
-        """One engine call: set input shapes and addresses, allocate outputs, run, copy back."""
+        """One engine call: set input shapes and addresses, allocate outputs, run, copy back (more
+        than the manifest's ``max_step_tokens`` new tokens: one call per piece)."""
+        limit = self.manifest.get("max_step_tokens")
+        if limit and np.shape(input_ids)[1] > limit:
+            return in_pieces(self.step, limit, input_ids, pos, caches)
         torch = self._torch
         feeds = [torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), torch.tensor(pos)]
         feeds += [torch.from_numpy(np.ascontiguousarray(c)) for c in caches]
