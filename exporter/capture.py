@@ -165,7 +165,15 @@ def _max_new_tokens(ep, new: torch.Tensor, past: dict) -> int | None:
     lowered, so a longer step computes one chunk of a longer sequence: wrong (0.13 max rel at 70
     and 150 tokens). The guards that read no size but T and the batch are evaluated at T = example
     .. 8192 (the other sizes at the example's); the first T failing one bounds the step: the artifact
-    records the bound (``max_step_tokens``) and its runtimes feed longer inputs in pieces."""
+    records the bound (``max_step_tokens``) and its runtimes feed longer inputs in pieces. An upper bound
+    export put on T's range itself caps it too."""
+    bound = None  # the range export itself put on T (``ep.range_constraints``), if finite
+    user = ep.graph_signature.user_inputs[:1]  # input_ids (parameters are placeholders too, before it)
+    t = next((n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user), None)
+    t = t.meta.get("val").shape[1] if t is not None and isinstance(t.meta.get("val"), torch.Tensor) else None
+    if isinstance(t, torch.SymInt) and t.node.expr in ep.range_constraints:
+        upper = ep.range_constraints[t.node.expr].upper
+        bound = None if bool(upper >= 2 ** 62) else int(upper)
     guards = []
     for code in getattr(ep, "_guards_code", ()):
         batchless = re.sub(r"L\['past'\]\['[^']+'\]\.size\(\)\[0\]", "", code)  # past batch sizes are fine
@@ -176,7 +184,7 @@ def _max_new_tokens(ep, new: torch.Tensor, past: dict) -> int | None:
         except SyntaxError:
             continue
     if not guards:
-        return None
+        return bound
     env = {"L": {"input_ids": _Sizes(new.shape), "past": {k: _Sizes(v.shape) for k, v in past.items()}}}
 
     def holds(t: int) -> bool:
@@ -191,11 +199,11 @@ def _max_new_tokens(ep, new: torch.Tensor, past: dict) -> int | None:
 
     start = new.shape[1]
     if not holds(start):
-        return None
-    for t in range(start + 1, _STEP_SEARCH + 1):
+        return bound
+    for t in range(start + 1, min(bound or _STEP_SEARCH, _STEP_SEARCH) + 1):
         if not holds(t):
             return t - 1
-    return None
+    return bound
 
 
 def _check_dynamic(graph: fx.Graph, in_names: list[str], seq_dims: dict) -> None:
