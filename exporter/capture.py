@@ -244,8 +244,8 @@ def _check_length_branches(graph: fx.Graph, in_names: list[str], seq_dims: dict,
     the inputs, which nothing enforces once the graph is rewritten and lowered, so the graph would
     compute that branch at every length. Seen two ways: a guard that compares the key count (a
     growing cache's length, plus the new tokens) with a number, and an upper bound export put on a
-    cache length. A bound on the new-token count alone is allowed: a compressor's per-step block
-    count (DeepSeek V4) is a branch the passes replace, and the parity run's prefill crosses it."""
+    cache length. A bound on the new-token count alone is allowed: the artifact records it
+    (``max_step_tokens``, :func:`_max_new_tokens`) and its runtimes feed longer steps in pieces."""
     guards = [_guard_text(g) for g in getattr(ep, "_guards_code", ())]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, name in zip(placeholders, in_names):

@@ -286,3 +286,14 @@ def test_sample_capture_example_completes_two_blocks_per_step():
     assert loaded.example_new_tokens == 32
     assert loaded.example_length == 37 + 32
     assert load_model("gemma4-e2b:tiny").example_new_tokens == 3
+
+
+def test_step_bound_recorded_from_export(csa_lookalike):
+    """The capture records the most new tokens a step may take where export bounded them: none for the
+    build's 2-block example step; captured with a 1-block step (T = 3 at P = 37) export bounded T to 7
+    ((T + P % 4) // 4 < 2), which the artifact would record as ``max_step_tokens``."""
+    from effexport.exporter.capture import capture_step
+
+    model, ids, program, analysis = csa_lookalike
+    assert program.max_new_tokens is None
+    assert capture_step(model, ids, 3).max_new_tokens == 7
