@@ -13,7 +13,7 @@ Then, per context L and batch B, one decode step at position L-1 with random cac
 * ``rewritten``: the rewritten step graph (CachePlan caches: rings for sliding layers, full caches
   only for full owners, read-only consumers) launched from Python, and replayed as a CUDA graph;
 * ``aoti`` (with ``--aoti``): the same rewritten program compiled by AOTInductor
-  (``effexport.exporter.aoti.aoti_step``, what ``--target aoti`` builds), the effexport ops still
+  (``effexport.exporter.backends.aoti.aoti_step``, what ``--target aoti`` builds), the effexport ops still
   dispatching to the Triton decode kernels; launched and graph-replayed like ``rewritten``.
 
 Roofline = (weight bytes a step reads + owned KV bytes) / copy bandwidth measured in the same run;
@@ -155,7 +155,7 @@ def compile_aoti(program, plan, name: str, res: dict):
     ``res["aoti_error"]`` saying why."""
     import tempfile
 
-    from effexport.exporter.aoti import aoti_step
+    from effexport.exporter.backends.aoti import aoti_step
 
     t0 = time.monotonic()
     try:

@@ -46,10 +46,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_step  # noqa: E402  (bench/ is a script folder, not a package)
+from effexport.exporter.backends.onnx.graph_runtime import TORCH_TYPES  # noqa: E402,F401  (also ort_cuda_graph_probe's)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}
-TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
 
 
 def _session(path: str, device: str, profile_prefix: str | None = None):
@@ -201,8 +201,8 @@ def _in_place(plan) -> tuple:
 
 def export_effexport(model, out: str, dtype, max_context: int, kv_cache: str = "grow", captured=None) -> tuple:
     from effexport.exporter.capture import capture_step
-    from effexport.exporter.onnx.export import export_step, step_io_names
-    from effexport.exporter.runtime import MANIFEST
+    from effexport.exporter.backends.onnx.export import export_step, step_io_names
+    from effexport.exporter.backends.artifact import MANIFEST
     from effexport.passes.pipeline import run_pipeline
 
     if captured is None:
@@ -236,7 +236,7 @@ def export_stock(model, captured, out: str) -> None:
 
 def effexport_parity(model, directory: str, device: str) -> float:
     """Prefill 16 + 4 greedy decode steps through ``OrtRuntime`` (I/O binding) vs eager."""
-    from effexport.exporter.runtime import OrtRuntime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     runtime = OrtRuntime(directory, device=device, io_binding=True)
     ids = torch.randint(0, model.config.vocab_size, (1, 16), device=decode_step.DEV)

@@ -37,7 +37,7 @@ from ort_cuda import (ONNX_TYPES, TORCH_TYPES, _count, _median_s, bind_pos_host,
 
 def _feeds(manifest: dict, batch: int, context: int) -> list[torch.Tensor]:
     """ids [B, 1], pos, and one random tensor per CachePlan entry at ``context - 1`` cached tokens."""
-    from effexport.exporter.runtime import plan_entries
+    from effexport.exporter.backends.artifact import plan_entries
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     caches = [torch.randn(e.concrete_shape(batch, context - 1), generator=gen, device="cuda").to(getattr(torch, e.dtype))

@@ -2,7 +2,7 @@
 run uncaptured, and against onnxruntime-genai's own model builder on the same Hugging Face model.
 
     PYTHONPATH=/tmp/ortgpu python3 bench/ort_graphs.py --out DIR [--cases gemma3-1b,gemma4-e2b]
-        [--contexts 4096,32768] [--batches 1,8] [--tokens 32] [--peer-batches 1]
+        [--contexts 4096,32768] [--batches 1,8] [--tokens 32] [--peer-batches 1] [--profile 4096:1,4096:8]
 
 Cases (random bf16 weights, seed 0):
 
@@ -13,7 +13,8 @@ Cases (random bf16 weights, seed 0):
   then ``--tokens`` timed ones (per token: its generator loop, sampling on the device).
 * ``gemma4-e2b``: the built-in real-size sample, built on the GPU and exported like
   ``bench/ort_cuda.py`` does with ``--kv-cache buffer`` (the CLI refuses random weights at this size;
-  GenAI's builder cannot build Gemma 4 text models).
+  GenAI's builder cannot build Gemma 4 text models), plus effexport's GenAI package of it
+  (``genai.onnx`` + ``genai_config.json``, as ``--genai`` writes them) driven by ``og.Generator``.
 
 effexport's decode at (L, B): the runtime's caches for batch B filled with random values, then
 ``decode_step`` at positions L-1, L, ... with the next token the logits' argmax on the device (the
@@ -29,6 +30,7 @@ The builds run in the background while the GPU measures. Writes ``ort_graphs.jso
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -98,7 +100,17 @@ def export_sample(name: str, out: str, max_context: int) -> int:
     from effexport.samples import get_sample
 
     model = decode_step.build(get_sample(name))
-    export_effexport(model, out, torch.bfloat16, max_context, "buffer")
+    _, plan = export_effexport(model, out, torch.bfloat16, max_context, "buffer")
+    from types import SimpleNamespace
+
+    from effexport.exporter.backends.onnx.genai import refusal, write_package
+
+    if refusal(plan, name) is None:  # effexport's GenAI package beside the step (og.Generator drives it)
+        loaded = SimpleNamespace(model=model, sample=SimpleNamespace(config=model.config), source={},
+                                 vocab_size=model.config.vocab_size)
+        write_package(out, "model.onnx", plan, loaded, max_context)
+    else:
+        print("no GenAI package:", refusal(plan, name), flush=True)
     return 0
 
 
@@ -208,13 +220,16 @@ def _sample_eager(name: str):
     import decode_step
     from effexport.samples import get_sample
 
-    model = decode_step.build(get_sample(name))
+    if name.endswith(":tiny"):  # the model the CLI built: the CPU init from seed 0 (a GPU init differs)
+        model = get_sample(name).build("cpu").to(torch.bfloat16).cuda().eval()
+    else:
+        model = decode_step.build(get_sample(name))
     return (lambda ids: model(ids)[0]), decode_step.weight_bytes(model), model.config.vocab_size
 
 
 # --------------------------------------------------------------------------------------- main
 def kv_bytes(directory: str, batch: int, context: int) -> int:
-    from effexport.exporter.runtime import load_manifest, plan_entries
+    from effexport.exporter.backends.artifact import load_manifest, plan_entries
 
     entries = plan_entries(load_manifest(directory))
     # a buffer holds max_context rows but a step reads the positions written so far
@@ -246,17 +261,59 @@ def measure(case: dict, args, bw: float) -> None:
                     row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:600]
                     traceback.print_exc()
             row["roofline_ms"] = (case["weight_bytes"] + kv_bytes(case["effexport_dir"], batch, context)) / bw * 1e3
-            if case.get("genai_dir") and batch in args.peer_batches:
-                for key, directory in (("genai", case["genai_dir"]), ("effexport_genai", case["effexport_dir"])):
-                    try:  # the peer's own model, and effexport's --genai package, through og.Generator
-                        row[f"{key}_ms"] = genai_decode(directory, context, batch, args.tokens) * 1e3
-                    except Exception as exc:  # noqa: BLE001
-                        row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:600]
-                        traceback.print_exc()
             rows.append(row)
             print(json.dumps({"case": case["case"], **row}), flush=True)
-    runtimes.clear()
+    runtimes.clear()  # og.Generator's prompt logits ([L-1, vocab]) need the memory the runtimes' buffers held
+    gc.collect()
     torch.cuda.empty_cache()
+    packages = [(key, d) for key, d in (("genai", case.get("genai_dir")), ("effexport_genai", case["effexport_dir"]))
+                if d and os.path.isfile(os.path.join(d, "genai_config.json"))]
+    for row in rows:
+        if row["batch"] not in args.peer_batches:
+            continue
+        for key, directory in packages:
+            try:  # the peer's own model, and effexport's --genai package, through og.Generator
+                row[f"{key}_ms"] = genai_decode(directory, row["context"], row["batch"], args.tokens) * 1e3
+            except Exception as exc:  # noqa: BLE001
+                row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:600]
+                traceback.print_exc()
+            gc.collect()
+        print(json.dumps({"case": case["case"], **row}), flush=True)
+
+
+def op_profile(directory: str, context: int, batch: int, steps: int = 8) -> dict:
+    """Where one uncaptured decode step's time goes (the same bindings as the timed runs): per ONNX op
+    type the host time of ORT's kernels (its profiler: ``[ms per step, nodes]``), and per CUDA kernel
+    the GPU time (torch's CUPTI profiler, which records every kernel of the process: ``[name, ms per
+    step, launches per step]``), largest first."""
+    import onnxruntime as ort
+
+    from effexport.runtime import CudaGraphRuntime
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(directory, f"profile-{context}-{batch}")
+    runtime = CudaGraphRuntime(directory, device="cuda", capture=False, session_options=opts)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # CUPTI sees ORT's kernels too
+        effexport_decode(runtime, context, batch, steps)
+    kernels = sorted(((e.key, e.device_time_total / 1e3 / (steps + WARMUP), e.count // (steps + WARMUP))
+                      for e in prof.key_averages()), key=lambda k: -k[1])
+    with open(runtime.session.end_profiling()) as f:
+        trace = json.load(f)
+    runs = sum(1 for e in trace if e.get("name") == "model_run")
+    per_op, nodes = {}, {}
+    for e in trace:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / max(runs, 1)
+            nodes.setdefault(op, set()).add(e["name"])
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    return {"runs": runs, "host_ms": sum(per_op.values()),
+            "ops_host_ms": {op: [round(ms, 4), len(nodes[op])] for op, ms in ranked[:14]},
+            "gpu_ms": sum(k[1] for k in kernels),
+            "kernels_gpu_ms": [[name[:90], round(ms, 4), n] for name, ms, n in kernels[:16]]}
 
 
 def node_counts(path: str) -> dict:
@@ -294,10 +351,13 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-batches", default="1")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--build-timeout", type=float, default=420)
+    ap.add_argument("--profile", default="", help="L:B points (e.g. 4096:1,4096:8) to profile per op type "
+                    "(ORT's profiler over uncaptured decode steps)")
     args = ap.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
     args.peer_batches = [int(x) for x in args.peer_batches.split(",")]
+    args.profile = [p for p in args.profile.split(",") if p]
     cases = args.cases.split(",")
     max_context = max(args.contexts) + WARMUP + args.tokens + 64
     os.makedirs(args.out, exist_ok=True)
@@ -359,6 +419,14 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             print(json.dumps({k: v for k, v in case.items() if k != "rows"}, default=str), flush=True)
             measure(case, args, results["copy_bw"])
+            for point in args.profile:
+                context, batch = (int(x) for x in point.split(":"))
+                try:
+                    case.setdefault("profile", {})[point] = op_profile(case["effexport_dir"], context, batch)
+                except Exception as exc:  # noqa: BLE001
+                    case.setdefault("profile", {})[point] = f"{type(exc).__name__}: {exc}"[:600]
+                    traceback.print_exc()
+                print(json.dumps({"case": name, "profile": point, **case["profile"]}, default=str)[:3000], flush=True)
         except Exception as exc:  # noqa: BLE001
             case["error"] = f"{type(exc).__name__}: {exc}"[:800]
             traceback.print_exc()

@@ -12,9 +12,8 @@ import shutil
 import sys
 import tempfile
 
+from effexport.exporter.backends.artifact import MANIFEST
 from effexport.exporter.errors import UsageError
-
-MANIFEST = "effexport.json"
 
 
 def _inside(path: str, root: str) -> bool:

@@ -2,7 +2,7 @@
 
 One progress line per stage on stderr; the artifact directory is built in a temporary sibling and
 renamed into place only when complete, so a failed or interrupted build leaves nothing behind.
-``build(opts)`` loads ``opts.model`` (:mod:`effexport.exporter.loading`: sample name, model file or
+``build(opts)`` loads ``opts.model`` (:mod:`effexport.exporter.frontends.loading`: sample name, model file or
 directory) and runs ``build_loaded(loaded, opts)``, which Python callers use for an in-memory model.
 The artifact files are deterministic: two builds of one model with the same flags are byte-identical
 (no timestamps, temporary names or timings in them; structure-only builds add the documented
@@ -11,7 +11,8 @@ The artifact files are deterministic: two builds of one model with the same flag
 Artifact layout (a contract: README's Commands and exit-code sections, tests/test_build.py):
     DIR/model.onnx       the step model: (input_ids, pos, past.*) -> (logits, present.*)
     DIR/model.onnx.data  external weights (only when large)
-    DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/aoti)
+    DIR/model.pt2        instead of model.onnx with --target aoti: the AOTInductor package (exporter/backends/aoti)
+    DIR/program.pt2      instead of model.onnx with --target torch: the torch.export program (exporter/backends/torch)
     DIR/effexport.json   CachePlan, I/O names, dtypes, opset, IR version, profile, versions, command
     DIR/report.json      the analytic report (effexport report) plus "parity" and "passes", and
                          "stock_export": the caches a stock torch.onnx.export of the eager sample
@@ -29,23 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
-from effexport.exporter.errors import BackendMissingError, OutputError, UsageError
-from effexport.exporter.loading import LoadedModel, resolve_model
+from effexport.exporter.backends.artifact import DTYPES, MANIFEST
+from effexport.exporter.backends.onnx.profiles import SELECTABLE
+from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
+from effexport.exporter.errors import OutputError, UsageError
+from effexport.exporter.frontends.loading import LoadedModel, resolve_model
 from effexport.exporter.progress import Progress
+from effexport.exporter.verify.parity import PARITY_PROMPT
 from effexport.passes.buffers import CACHE_LAYOUTS
 
-TARGETS = {
-    "onnx": "ONNX model for ONNX Runtime (profiles: ort, standard)",
-    "tensorrt": "TensorRT engine (needs: pip install 'effexport[tensorrt]')",
-    "aoti": "AOTInductor package (model.pt2) for torch-native deployment; CPU (CUDA only with "
-            "EFFEXPORT_AOTI_CUDA=1: torch's loader crashed on CUDA packages) (needs a C++ compiler)",
-}
-PROFILES = ("ort", "standard")
 MAX_STEPS = 4096
 DEFAULT_MAX_CONTEXT = 4096
-PARITY_PROMPT = 8  # prompt tokens of the parity check, before its decode steps
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""``--dtype`` -> the dtype the model is captured, lowered and deployed in."""
 
 
 @dataclass
@@ -68,7 +63,7 @@ class BuildOptions:
     weights: str = "random"   # "none": structure only (meta device, no weight data, no parity)
     trust_pickle: bool = False
     allow_missing_weights: bool = False  # a Hugging Face directory lacking weights builds (recorded in report.json)
-    genai: bool = False       # also an onnxruntime-genai package (exporter/onnx/genai.py): needs kv_cache="buffer"
+    genai: bool = False       # also an onnxruntime-genai package (exporter/backends/onnx/genai.py): needs kv_cache="buffer"
 
 
 def versions() -> dict:
@@ -84,45 +79,12 @@ def versions() -> dict:
     return out
 
 
-def check_target(target: str) -> None:
-    """Refuse a target whose backend is missing (exit 4) before any work is done."""
-    if target == "tensorrt":
-        import importlib.util
-
-        if importlib.util.find_spec("tensorrt") is None:
-            raise BackendMissingError("TensorRT is not installed: pip install 'effexport[tensorrt]' "
-                                      "(NVIDIA GPU machines only)")
-        if not torch.cuda.is_available():
-            raise BackendMissingError("the tensorrt target needs an NVIDIA GPU, and torch sees no CUDA device")
-    if target == "onnx":
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise BackendMissingError(f"the onnx target needs {exc.name}: pip install onnx onnxruntime onnxscript") from None
-    if target == "aoti":
-        from effexport.exporter.aoti import check_compiler, check_cuda
-
-        check_compiler()
-        check_cuda()
-
-
-def target_status() -> dict[str, str | None]:
-    """``{target: None if it can be built here, else the one-line reason}`` (``effexport list``)."""
-    out = {}
-    for target in TARGETS:
-        try:
-            check_target(target)
-            out[target] = None
-        except BackendMissingError as exc:
-            out[target] = exc.message
-    return out
-
-
 def check_options(opts: BuildOptions) -> None:
     """Refuse bad options (exit 2) and a missing backend (exit 4) before any work is done."""
-    if opts.profile not in PROFILES:
-        raise UsageError(f"unknown --profile {opts.profile!r}; choose one of {', '.join(PROFILES)}")
+    if opts.profile not in SELECTABLE:
+        raise UsageError(f"unknown --profile {opts.profile!r}; choose one of {', '.join(SELECTABLE)}")
+    if opts.target not in BACKENDS:
+        raise UsageError(f"unknown --target {opts.target!r}; choose one of {', '.join(BACKENDS)}")
     if opts.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
     if opts.dtype != "fp32" and opts.target != "onnx":
@@ -142,7 +104,10 @@ def check_options(opts: BuildOptions) -> None:
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
                          "weights: drop --weights none, or use --target onnx")
-    check_target(opts.target)
+    if opts.target == "torch" and opts.weights == "none":
+        raise UsageError("--weights none builds structure-only ONNX; --target torch saves a program with its "
+                         "weights: drop --weights none, or use --target onnx")
+    BACKENDS[opts.target].check()
 
 
 def check_steps(steps: int, max_context: int | None) -> None:
@@ -221,7 +186,7 @@ def build_loaded(loaded: LoadedModel, opts: BuildOptions) -> int:
 def _stages(opts: BuildOptions, structure_only: bool) -> int:
     """Stages after loading: capture, rewrite, lower, and parity when it runs (GenAI's too)."""
     if opts.genai and opts.dtype == "fp32":
-        from effexport.exporter.onnx.genai import genai_available
+        from effexport.exporter.backends.onnx.genai import genai_available
 
         return 3 + (opts.check and not structure_only) * (1 + genai_available())
     return 3 + (opts.check and not structure_only)
@@ -229,7 +194,7 @@ def _stages(opts: BuildOptions, structure_only: bool) -> int:
 
 def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress) -> int:
     from effexport.exporter.capture import capture_step
-    from effexport.exporter.structure_only import ResourceMeter
+    from effexport.exporter.backends.onnx.structure_only import ResourceMeter
     from effexport.passes.pipeline import run_pipeline
 
     meter = ResourceMeter(progress.start)
@@ -245,7 +210,7 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
                                      opts.kv_cache)
     progress.done(t0, _rewrite_summary(analysis))
     if opts.genai:  # decided by the CachePlan's kinds; before anything is written
-        from effexport.exporter.onnx.genai import refusal
+        from effexport.exporter.backends.onnx.genai import refusal
 
         reason = refusal(analysis.plan, loaded.name)
         if not reason and program.max_new_tokens:  # GenAI feeds a whole prompt to one step call
@@ -292,55 +257,37 @@ def in_dtype(loaded: LoadedModel, dtype: str) -> LoadedModel:
 def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress, program, analysis,
                      dumped: dict, meter, reference: LoadedModel) -> int:
     """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
-    from effexport.exporter import report as rep
+    from effexport.exporter.verify import report as rep
     from effexport.exporter._io import atomic_directory
-    from effexport.exporter.runtime import MANIFEST
-    from effexport.exporter.structure_only import check_structure, external_bytes
+    from effexport.exporter.backends.base import onnx_inputs, onnx_opset
+    from effexport.exporter.backends.onnx.structure_only import check_structure, external_bytes
 
     code = 0
     with atomic_directory(out, force=opts.force) as tmp:
         if opts.dump_after:
             with open(os.path.join(tmp, f"graph-after-{opts.dump_after}.py"), "w") as f:
                 f.write(dumped[opts.dump_after])
-        files, profile, extra = {"step": "model.onnx"}, opts.profile, {}
-        if opts.target == "aoti":  # the step program compiled by AOTInductor; no ONNX
-            from effexport.exporter.aoti import PACKAGE_FILE, WEIGHTS_FILE, build_device, compile_package
+        backend = BACKENDS[opts.target]
+        t0 = progress.stage(backend.stage(opts))
+        lowered = backend.lower(program, analysis.plan, tmp, opts)
+        model_proto, note, files = lowered.model_proto, lowered.summary, dict(lowered.files)
+        if opts.genai:  # an onnxruntime-genai package next to the ONNX step model (check_options: onnx only)
+            from effexport.exporter.backends.onnx.genai import write_package
 
-            device = build_device()
-            t0 = progress.stage(f"compile with AOTInductor for {device}" + (
-                "" if device == "cuda" else " (torch sees no CUDA device: this is a CPU package)"))
-            extra["aoti"] = compile_package(program, analysis.plan, os.path.join(tmp, PACKAGE_FILE), device)
-            files, profile, model_proto = {"step": PACKAGE_FILE}, None, None
-            if extra["aoti"]["weights"]:
-                files["weights"] = WEIGHTS_FILE
-        elif opts.target == "tensorrt":  # the tensorrt ONNX profile, linted, parsed into an engine
-            from effexport.exporter.tensorrt.engine import lower_to_engine
-
-            t0 = progress.stage("lower to ONNX (profile tensorrt) and build the TensorRT engine")
-            model_proto, files = lower_to_engine(program, analysis.plan, tmp, opts.max_context)
-            profile = "tensorrt"
-        else:
-            t0 = progress.stage(f"lower to ONNX (profile {opts.profile})")
-            from effexport.exporter.onnx.export import export_step
-            model_proto = export_step(program, analysis.plan, os.path.join(tmp, "model.onnx"), profile=opts.profile)
-            if opts.genai:
-                from effexport.exporter.onnx.genai import write_package
-
-                files.update(write_package(tmp, files["step"], analysis.plan, loaded, opts.max_context))
-        note = (f"opset {_opset(model_proto)}, IR {model_proto.ir_version}" if model_proto is not None
-                else f"{files['step']}, {extra['aoti']['device']}")
+            files.update(write_package(tmp, files["step"], analysis.plan, loaded, opts.max_context))
         if loaded.structure_only:
-            check_structure(os.path.join(tmp, files["step"]))
+            check_structure(os.path.join(tmp, lowered.files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
                      "as external data (not written), onnx.checker full check passed")
         progress.done(t0, note)
         manifest = {
-            "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target, "profile": profile,
-            "dtype": opts.dtype, "files": files, "max_context": opts.max_context, "kv_cache": opts.kv_cache,
+            "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target,
+            "profile": lowered.profile, "dtype": opts.dtype, "files": files, "max_context": opts.max_context,
+            "kv_cache": opts.kv_cache,
             "weights": opts.weights,
-            "inputs": _graph_inputs(model_proto) or program.inputs, "outputs": program.outputs,
-            "opset": _opset(model_proto) if model_proto is not None else None,
-            "ir_version": model_proto.ir_version if model_proto is not None else None, **extra,
+            "inputs": onnx_inputs(model_proto) or program.inputs, "outputs": program.outputs,
+            "opset": onnx_opset(model_proto) if model_proto is not None else None,
+            "ir_version": model_proto.ir_version if model_proto is not None else None, **lowered.manifest,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),
             **({"max_step_tokens": program.max_new_tokens} if program.max_new_tokens else {}),
             "command": list(opts.command) or ["effexport", opts.model, "--target", opts.target],
@@ -366,16 +313,14 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
         elif opts.check:
-            backend = {"tensorrt": "TensorRT", "aoti": f"AOTInductor {extra.get('aoti', {}).get('device')}"}.get(
-                opts.target, "ONNX Runtime CPU")
-            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {backend})")
+            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {lowered.runs_on})")
             parity = check_artifact(tmp, loaded, opts.steps)
             progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
         if opts.genai and opts.check and not loaded.structure_only:
-            from effexport.exporter.onnx.genai import run_genai_check
+            from effexport.exporter.backends.onnx.genai import run_genai_check
 
             genai = run_genai_check(tmp, loaded, opts.max_context, opts.dtype, progress)
             if genai is not None:
@@ -389,12 +334,11 @@ def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runt
     """Parity of a built artifact against ``loaded`` (the eager model): a PARITY_PROMPT-token prompt
     drawn independently of the capture's example stream (``parity_prompt``), then ``steps`` decode steps; ``runtime`` defaults to
     :func:`open_runtime`'s."""
-    from effexport.exporter.parity import check_parity
-    from effexport.exporter.runtime import load_manifest
+    from effexport.exporter.verify.parity import check_parity
 
     check_steps(steps, None)
     runtime = runtime or open_runtime(artifact_dir)
-    dtype = load_manifest(artifact_dir)["dtype"]
+    dtype = read_manifest(artifact_dir)["dtype"]
     return check_parity(loaded.model, runtime, loaded.parity_prompt(PARITY_PROMPT), steps, dtype)
 
 
@@ -412,8 +356,8 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     rewritten graph is built again from the fp32 model (capture, rewrite, lower), checked on ORT CPU
     against fp32 eager (tolerance 1e-4), and must have the artifact's op structure (every op type and
     count but Cast); report.json's ``mode`` says which check ran."""
-    from effexport.exporter.parity import check_parity, check_parity_half, compare_structure
-    from effexport.exporter.runtime import MANIFEST, OrtRuntime
+    from effexport.exporter.verify.parity import check_parity, check_parity_half, compare_structure
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     ids = loaded.parity_prompt(PARITY_PROMPT)
     if cuda_ep_available():
@@ -426,7 +370,8 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     import tempfile
 
     from effexport.exporter.capture import capture_step
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.base import onnx_inputs
+    from effexport.exporter.backends.onnx.export import export_step
     from effexport.passes.pipeline import run_pipeline
 
     t0 = progress.stage(f"parity of the fp32 twin (no CUDA EP here to run {opts.dtype}: capture, rewrite and "
@@ -438,7 +383,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
                                  profile=opts.profile)
         _write_json(os.path.join(twin, MANIFEST), {
             "target": "onnx", "profile": opts.profile, "files": {"step": "model.onnx"},
-            "inputs": _graph_inputs(twin_proto), "outputs": twin_program.outputs,
+            "inputs": onnx_inputs(twin_proto), "outputs": twin_program.outputs,
             "cache_plan": twin_analysis.plan.to_json(),
             **({"max_step_tokens": twin_program.max_new_tokens} if twin_program.max_new_tokens else {})})
         parity = check_parity(reference.model, OrtRuntime(twin), ids, opts.steps, "fp32")
@@ -458,34 +403,6 @@ def twin_verdict(parity, mismatch: str, dtype: str):
         parity.detail = "; ".join(filter(None, [parity.detail, f"the {dtype} graph differs from the fp32 twin's: "
                                                 f"{mismatch}"]))
     return parity
-
-
-def open_runtime(artifact_dir: str):
-    """The runtime of a built artifact: :class:`~effexport.exporter.tensorrt.runtime.TrtRuntime` for
-    the tensorrt target, :class:`~effexport.exporter.aoti.runtime.AotiRuntime` for aoti,
-    :class:`~effexport.exporter.runtime.OrtRuntime` otherwise."""
-    from effexport.exporter.runtime import OrtRuntime, load_manifest
-
-    target = load_manifest(artifact_dir)["target"]
-    if target == "aoti":
-        from effexport.exporter.aoti.runtime import AotiRuntime
-
-        return AotiRuntime(artifact_dir)
-    if target == "tensorrt":
-        check_target("tensorrt")
-        from effexport.exporter.tensorrt.runtime import TrtRuntime
-
-        return TrtRuntime(artifact_dir)
-    return OrtRuntime(artifact_dir)
-
-
-def _graph_inputs(model_proto) -> list[str] | None:
-    """The step model's input names (an ``ort`` build may add ``pos_host``), None without a model."""
-    return None if model_proto is None else [v.name for v in model_proto.graph.input]
-
-
-def _opset(model_proto) -> int:
-    return next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _write_json(path: str, data: dict) -> None:

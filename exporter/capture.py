@@ -16,7 +16,6 @@ import contextlib
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -24,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from effexport.exporter.errors import CaptureError
 from effexport.exporter.progress import phase
+from effexport.passes.program import StepProgram
 
 
 # torch's own pytree internals trip their deprecation of LeafSpec during torch.export (torch 2.13):
@@ -31,23 +31,7 @@ from effexport.exporter.progress import phase
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
-@dataclass
-class StepProgram:
-    """A captured (and later rewritten) decode-step graph with named, flat inputs and outputs."""
-
-    gm: fx.GraphModule
-    inputs: list[str]
-    outputs: list[str]
-    seq_dims: dict[str, int | None] = field(default_factory=dict)  # cache name -> growing dim (None: state)
-    capture_seconds: float = 0.0
-    fills: dict[str, float] = field(default_factory=dict)  # state name -> prefill value, where not 0 (initial_fills)
-    max_new_tokens: int | None = None  # the most new tokens one step may take (export's bound), None: any
-
-    def __call__(self, *args):
-        return self.gm(*args)
-
-
-def _key(path) -> str:
+def path_key(path) -> str:
     """Pytree key path of a dict entry -> its key string."""
     last = path[-1]
     return str(getattr(last, "key", getattr(last, "idx", last)))
@@ -299,9 +283,9 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
     graph._codegen = fx.graph.CodeGen()  # flat signature: (input_ids, *past) -> (logits, *present)
     with torch.no_grad():
         eager_out = model(new, past)
-    in_names = ["input_ids"] + [f"past.{_key(p)}" for p, _ in pytree.tree_flatten_with_path(past)[0]]
+    in_names = ["input_ids"] + [f"past.{path_key(p)}" for p, _ in pytree.tree_flatten_with_path(past)[0]]
     out_flat = pytree.tree_flatten_with_path(eager_out)[0]
-    out_names = ["logits"] + [f"present.{_key(p)}" for p, _ in out_flat[1:]]
+    out_names = ["logits"] + [f"present.{path_key(p)}" for p, _ in out_flat[1:]]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _check_dynamic(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()})
     _check_length_branches(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()}, ep)

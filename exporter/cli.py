@@ -54,21 +54,21 @@ def _cmd_list(args) -> int:
         sample = get_sample(name)
         note = " (report only)" if name in getattr(sample.module, "REPORT_ONLY", ()) else ""
         print(f"  {name}{note}")
-    from effexport.exporter.build import TARGETS, target_status
+    from effexport.exporter.backends.registry import BACKENDS, target_status
 
     print("targets (--target):")
     for target, reason in target_status().items():
-        print(f"  {target:<9} {TARGETS[target]}" + (f" -- unavailable: {reason}" if reason else " -- available"))
+        print(f"  {target:<9} {BACKENDS[target].description}" + (f" -- unavailable: {reason}" if reason else " -- available"))
     return 0
 
 
 def _cmd_report(args) -> int:
-    from effexport.exporter import report as rep
+    from effexport.exporter.verify import report as rep
     from effexport.exporter._io import atomic_file
     from effexport.samples import UnknownModelError, get_sample
 
     if os.path.isdir(args.model):
-        from effexport.exporter.hf_report import hf_report_sample
+        from effexport.exporter.verify.hf_report import hf_report_sample
 
         sample = hf_report_sample(args.model)
     else:
@@ -110,8 +110,8 @@ def _cmd_check(args) -> int:
     """``effexport check DIR``: the table on stdout (stderr with ``--json`` to stdout), ``--junit`` /
     ``--json`` files; exit 0 passed, 1 failed. A check that cannot run still writes ``--junit``
     (one ``<error>`` case) before its one-line error."""
-    from effexport.exporter import tolerances
-    from effexport.exporter.junit import write_junit
+    from effexport.exporter.verify import tolerances
+    from effexport.exporter.verify.junit import write_junit
 
     try:
         args.tolerances = tolerances.load(args.tolerance)
@@ -126,7 +126,7 @@ def _cmd_check(args) -> int:
     print(run.summary(), file=table)
     code = 0 if run.parity.passed else 1
     if os.path.isfile(os.path.join(args.dir, "genai_config.json")):  # an onnxruntime-genai package
-        from effexport.exporter.onnx.genai import run_genai_check
+        from effexport.exporter.backends.onnx.genai import run_genai_check
 
         genai = run_genai_check(args.dir, run.loaded, run.limit, run.dtype, stream=table)
         code = code or (0 if genai is None or genai.passed else 1)
@@ -149,15 +149,16 @@ def run_check(args):
     ``trust_pickle``, ``tolerances`` (a :class:`~.tolerances.Tolerances`), ``prompt_ids`` (a file or
     None), ``seed``) -> :class:`~.checkrun.CheckRun`; raises EffexportError (one line) when it cannot run.
     The pytest plugin calls this too."""
-    from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype, open_runtime
-    from effexport.exporter.checkrun import CheckRun, load_prompt, runtime_info, seeded_prompt
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
+    from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
+    from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype
+    from effexport.exporter.verify.checkrun import CheckRun, load_prompt, runtime_info, seeded_prompt
     from effexport.exporter.errors import BackendMissingError, LoadError
-    from effexport.exporter.loading import resolve_source
-    from effexport.exporter.parity import check_parity, check_parity_half
-    from effexport.exporter.runtime import OrtRuntime, load_manifest
+    from effexport.exporter.frontends.loading import resolve_source
+    from effexport.exporter.verify.parity import check_parity, check_parity_half
 
     start = time.monotonic()
-    manifest = load_manifest(args.dir)
+    manifest = read_manifest(args.dir)
     limit = manifest.get("max_context")
     check_steps(args.steps, limit if type(limit) is int and limit > 0 else None)
     for name in manifest["files"].values():
@@ -178,7 +179,7 @@ def run_check(args):
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
-        backend = {"aoti": "AOTInductor", "tensorrt": "TensorRT"}.get(manifest["target"], "ONNX Runtime")
+        backend = BACKENDS[manifest["target"]].runtime_name
         raise LoadError(f"{backend} cannot load {step} of {args.dir!r} ({type(exc).__name__}: "
                         f"{one_line(str(exc), 120)}); rebuild the artifact with --force") from None
     loaded = spec.load()
@@ -226,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    from effexport.exporter.build import PROFILES, TARGETS
-    from effexport.exporter.loading import WEIGHTS
+    from effexport.exporter.backends.registry import BACKENDS
+    from effexport.exporter.backends.onnx.profiles import SELECTABLE
+    from effexport.exporter.frontends.loading import WEIGHTS
+    from effexport.passes.pipeline import PASS_NAMES
 
     p_build = sub.add_parser(
         "build", help="export MODEL to a deployable artifact and check it against eager (also: effexport MODEL ...)",
@@ -235,15 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "as ring caches, shared KV read in place), lower it to the target and check parity "
                     "against eager PyTorch (prefill + decode steps).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="targets:\n" + "\n".join(f"  {k:<9} {v}" for k, v in TARGETS.items()) +
+        epilog="targets:\n" + "\n".join(f"  {k:<9} {b.description}" for k, b in BACKENDS.items()) +
                "\nexample: effexport gemma4-e2b:tiny --target onnx -o out/gemma --explain")
     p_build.add_argument("model", metavar="MODEL",
                          help="a built-in sample name (see 'effexport list'), a Hugging Face model directory "
                               "(config.json + *.safetensors) or a torch.save file of the module (.pt, with "
                               "--trust-pickle)")
-    p_build.add_argument("--target", choices=tuple(TARGETS), default="onnx", help="what to build (default onnx)")
+    p_build.add_argument("--target", choices=tuple(BACKENDS), default="onnx", help="what to build (default onnx)")
     p_build.add_argument("-o", "--output", metavar="DIR", help="artifact directory (default ./MODEL-TARGET)")
-    p_build.add_argument("--profile", choices=PROFILES, default="ort",
+    p_build.add_argument("--profile", choices=SELECTABLE, default="ort",
                          help="ONNX profile: 'ort' uses com.microsoft contrib ops (GroupQueryAttention), "
                               "'standard' only ai.onnx ops (default ort)")
     p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -276,8 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print every attention site: what it was classified as and why")
     p_build.add_argument("--dump-after", metavar="PASS",
                          help="write the graph after PASS into DIR/graph-after-PASS.py "
-                              "(passes: complex, dead_code, cca, mhc, discover, classify_masks, kv_sharing, rewrite, compressed, "
-                              "positions, buffers, cache_plan)")
+                              f"(passes: {', '.join(PASS_NAMES)})")
     p_build.add_argument("--force", action="store_true",
                          help="replace an existing artifact directory (one a build wrote: it holds effexport.json)")
     p_build.add_argument("--allow-missing-weights", action="store_true",
@@ -299,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_check.add_argument("--steps", type=_int, default=16, help="decode steps (default 16)")
     p_check.add_argument("--trust-pickle", action="store_true",
                          help="allow re-loading a model that was built from a pickled module")
-    from effexport.exporter.loading import PARITY_SEED
-    from effexport.exporter.tolerances import DEFAULTS
+    from effexport.exporter.frontends.model import PARITY_SEED
+    from effexport.exporter.verify.tolerances import DEFAULTS
     p_check.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
                          help="max relative error of an output (logits/prefill, logits/decode), of every output "
                               "of a group (logits) or of a dtype's outputs (fp32, bf16, fp16); repeatable. "
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "Face model directory (config.json is enough)")
     p_rep.add_argument("--context", type=parse_tokens, default=parse_tokens("128k"),
                        help="context length in tokens: 131072, 128k or 1M (default 128k)")
-    from effexport.exporter.report import CACHE_DTYPES
+    from effexport.exporter.verify.report import CACHE_DTYPES
     p_rep.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="bf16",
                        help="cache storage format; 'published' = the formats the model's authors ship "
                             "(e.g. DeepSeek fp8+bf16 KV, fp4 indexer keys). Default bf16")

@@ -1,4 +1,5 @@
-"""Typed errors by stage, each with the exit code the CLI returns (a contract: README's exit-code section).
+"""Typed errors by stage, each with the exit code the CLI returns (the codes, the base class and
+:class:`RewriteError` are defined in :mod:`effexport.passes.errors`, below the passes, and re-exported here).
 
 User mistakes raise a subclass of :class:`EffexportError`: the CLI prints its one-line message (the
 problem and the fix, :func:`one_line`) and exits with ``exit_code``, without a traceback. Anything
@@ -16,30 +17,11 @@ import tempfile
 import threading
 import traceback
 
-EXIT_OK = 0
-EXIT_PARITY = 1
-EXIT_USAGE = 2
-EXIT_PIPELINE = 3
-EXIT_BACKEND_MISSING = 4
-EXIT_OUTPUT = 5
-EXIT_BUG = 70  # EX_SOFTWARE: an uncaught exception, never 1 (that means parity failed)
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+from effexport.passes.errors import (EXIT_BACKEND_MISSING, EXIT_BUG, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT,  # noqa: F401
+                                     EXIT_PARITY, EXIT_PIPELINE, EXIT_USAGE, EffexportError, RewriteError)
+
 MAX_MESSAGE = 600  # characters of one error line; longer ones (echoed inputs) are cut in the middle
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-class EffexportError(Exception):
-    """Base of all user-facing errors; ``stage`` names where it happened."""
-
-    exit_code = EXIT_PIPELINE
-    stage = "effexport"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class UsageError(EffexportError):
@@ -60,12 +42,6 @@ class CaptureError(EffexportError):
     """torch.export failed: exit 3."""
 
     stage = "capture"
-
-
-class RewriteError(EffexportError):
-    """A pass could not rewrite the graph: exit 3."""
-
-    stage = "rewrite"
 
 
 class LowerError(EffexportError):

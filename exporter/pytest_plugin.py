@@ -16,7 +16,7 @@ the result; under pytest-xdist they carry ``xdist_group`` markers (one worker pe
 
 Options (command line over ini over ``pyproject.toml``'s ``[tool.effexport.tolerance]``):
 ``--effexport-tolerance KEY=VALUE`` / ini ``effexport_tolerance`` (one pair a line; keys and precedence:
-:mod:`effexport.exporter.tolerances`), ``--effexport-steps N`` / ``effexport_steps`` (default 16),
+:mod:`effexport.exporter.verify.tolerances`), ``--effexport-steps N`` / ``effexport_steps`` (default 16),
 ``--effexport-prompt-ids FILE`` / ``effexport_prompt_ids``, ``--effexport-seed N`` / ``effexport_seed``,
 ``--effexport-trust-pickle`` / ``effexport_trust_pickle`` (artifacts built from a pickled module).
 
@@ -82,7 +82,7 @@ def pytest_configure(config):
     dirs += [str(p) for p in config.getini("effexport_artifacts")]
     if not dirs:
         return
-    from effexport.exporter import tolerances
+    from effexport.exporter.verify import tolerances
     from effexport.exporter.errors import EffexportError
 
     try:
@@ -144,7 +144,7 @@ class ArtifactCollector(pytest.Collector):
 
     def collect(self):
         from effexport.exporter.errors import EffexportError, one_line
-        from effexport.exporter.runtime import load_manifest
+        from effexport.exporter.backends.artifact import load_manifest
 
         if not os.path.isdir(self.artifact):
             raise CheckError(f"effexport artifact {self.label!r} does not exist (no such directory); build it with "
@@ -171,7 +171,7 @@ class ArtifactCollector(pytest.Collector):
         return super().repr_failure(excinfo)
 
     def check(self):
-        """The artifact's :class:`~effexport.exporter.checkrun.CheckRun`, run at the first call."""
+        """The artifact's :class:`~effexport.exporter.verify.checkrun.CheckRun`, run at the first call."""
         if self._run is None and self._error is None:
             from effexport.exporter.cli import run_check
             from effexport.exporter.errors import EffexportError, one_line
@@ -192,7 +192,7 @@ class ParityItem(pytest.Item):
     """One output (or the greedy tokens) of an artifact's check."""
 
     def runtest(self):
-        from effexport.exporter.junit import cases
+        from effexport.exporter.verify.junit import cases
 
         run = self.parent.check()
         case = next((c for c in cases(run) if c.name == self.name), None)
@@ -228,9 +228,11 @@ def effexport_artifact(request):
         pytest.skip("no effexport artifact named: pass --effexport DIR or set effexport_artifacts")
     settings = _settings(request.config)
     if directory not in settings["runtimes"]:
-        from effexport.exporter.build import cuda_ep_available, open_runtime
+        from effexport.exporter.backends.artifact import load_manifest
+        from effexport.exporter.backends.onnx.runtime import OrtRuntime
+        from effexport.exporter.backends.registry import open_runtime
+        from effexport.exporter.build import cuda_ep_available
         from effexport.exporter.errors import EffexportError, one_line
-        from effexport.exporter.runtime import OrtRuntime, load_manifest
 
         try:
             manifest = load_manifest(directory)

@@ -1,5 +1,5 @@
 """The Hugging Face forms of DeepSeek V4's compressed attention (transformers 5.24
-``modeling_deepseek_v4.py`` run through ``exporter/hf.py``'s step cache), for passes/compressed.py.
+``modeling_deepseek_v4.py`` run through ``exporter/frontends/hf.py``'s step cache), for passes/compressed.py.
 Recognised from graph structure and checked numerically against the effexport ops, like the
 reference forms there:
 

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from effexport.passes._graph import aten, insert_point, is_call, meta_val, strip
-from effexport.passes.attention import emit, fake_value
+from effexport.passes._graph import aten, emit, fake_value, insert_point, is_call, meta_val, strip
 
 if TYPE_CHECKING:
     from effexport.passes.compressed import Attention, Compressor

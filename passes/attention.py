@@ -23,75 +23,14 @@ need) are removed.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import fx
 
 import effexport.custom_ops.attention  # noqa: F401  (registers the ops)
-from effexport.passes._graph import aten, dead_code_elimination, insert_point, is_call, meta_val, strip
+from effexport.passes._graph import aten, emit, is_call, meta_val, strip
 from effexport.passes.sites import AttentionSite
 
 ops = torch.ops.effexport
-
-
-def fake_mode_of(graph: fx.Graph):
-    """The FakeTensorMode the graph's meta values were traced under."""
-    for node in graph.nodes:
-        val = meta_val(node)
-        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
-            return val.fake_mode
-    raise ValueError("graph has no fake tensor metadata")
-
-
-def fake_value(graph: fx.Graph, target, args, kwargs):
-    """meta["val"] of a new node ``target(*args, **kwargs)`` of ``graph``: the call on its inputs'
-    fake values (nested in lists too) in the graph's FakeTensorMode."""
-    fargs, fkwargs = fx.node.map_arg((args, kwargs), meta_val)
-    with fake_mode_of(graph):
-        return fake_call(target, list(fargs), fkwargs)
-
-
-def fake_call(target, args, kwargs):
-    """``target(*args, **kwargs)`` on fake values (inside their FakeTensorMode), for a new node's
-    meta["val"]. torch 2.11's ``aten.matmul`` of a >= 3-d tensor with a symbolic batch and a 2-d
-    matrix calls ``numel()`` and raises ("Cannot call numel() on tensor with symbolic sizes"; torch
-    2.13 does not): its value is then computed as the broadcast product summed over k, which has the
-    same shape and dtype."""
-    try:
-        return target(*args, **kwargs)
-    except RuntimeError as exc:
-        left, right = (list(args) + [None, None])[:2]
-        if (target is not aten.matmul.default or "symbolic sizes" not in str(exc)
-                or not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor)
-                or left.dim() < 2 or right.dim() != 2):
-            raise
-        return matmul_2d_value(left, right)
-
-
-def matmul_2d_value(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``left [..., n, k] @ right [k, m]`` as a broadcast product summed over k: the same shape,
-    dtype and device as ``aten.matmul`` (used for fake values only: it materializes ``[..., n, k, m]``)."""
-    return (left.unsqueeze(-1) * right).sum(-2)
-
-
-def emit(graph: fx.Graph, target, args: tuple, kwargs: dict, n_out: int = 0):
-    """Insert ``target(*args, **kwargs)`` after its latest input; returns the node, or its
-    ``getitem`` outputs when ``n_out`` > 0. Sets meta["val"] from the fake kernel."""
-    after = insert_point(graph, [a for a in args if isinstance(a, fx.Node)])
-    with graph.inserting_after(after):
-        node = graph.call_function(target, args, kwargs)
-    node.meta["val"] = fake_value(graph, target, args, kwargs)
-    if not n_out:
-        return node
-    outs, prev = [], node
-    for i in range(n_out):
-        with graph.inserting_after(prev):
-            item = graph.call_function(operator.getitem, (node, i))
-        item.meta["val"] = node.meta["val"][i]
-        outs.append(item)
-        prev = item
-    return outs
 
 
 def resize_cache(ph: fx.Node, rows: int) -> None:
@@ -203,16 +142,3 @@ class AttentionRewriter:
         _retarget_cache(k_cat, k_pres, self.graph)
         _retarget_cache(v_cat, v_pres, self.graph)
         return owner.cache
-
-
-def count_linear(gm: fx.GraphModule) -> int:
-    """Number of linear/matmul projections in the graph (for dead-projection accounting)."""
-    return sum(1 for n in gm.graph.nodes if is_call(n, aten.linear.default))
-
-
-def finish(gm: fx.GraphModule) -> int:
-    """Dead-code elimination + lint + recompile; returns removed node count."""
-    removed = dead_code_elimination(gm)
-    gm.graph.lint()
-    gm.recompile()
-    return removed

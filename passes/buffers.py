@@ -19,8 +19,8 @@ import operator
 import torch
 from torch import fx
 
-from effexport.passes._graph import call_args, is_call
-from effexport.passes.attention import emit, resize_cache
+from effexport.passes._graph import call_args, emit, is_call
+from effexport.passes.attention import resize_cache
 
 __all__ = ["CACHE_LAYOUTS", "buffer_full_caches"]
 

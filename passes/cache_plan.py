@@ -64,6 +64,12 @@ class LayerRole:
     window: int = 0
 
 
+def buffer_capacity(entries) -> int | None:
+    """The positions a step with these cache entries can hold: the rows of its smallest fixed-size
+    full cache (``buffer``), or None when no such cache bounds them."""
+    return min((e.concrete_shape(1, 0)[2] for e in entries if e.kind == "buffer"), default=None)
+
+
 @dataclass
 class CachePlan:
     """Every cache entry of the step graph, and each attention layer's role."""

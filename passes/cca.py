@@ -31,7 +31,7 @@ outputs of the op, nothing the attention pass holds (sites, masks, KV groups) po
 removed sub-graph, and attention needs no knowledge of CCA. (After ``rewrite`` it would have to
 patch ``attention_cache`` arguments and the sites' recorded nodes.)
 
-Invariants kept: every new node has ``meta["val"]`` (``passes.attention.emit``), the graph is
+Invariants kept: every new node has ``meta["val"]`` (``passes._graph.emit``), the graph is
 topologically ordered and linted, dead nodes (the old convs, norms, RoPE and the
 ``_assert_tensor_metadata`` checks on them) are removed; no new aliasing (the op is functional).
 
@@ -50,9 +50,9 @@ from torch.fx.passes.tools_common import legalize_graph
 
 import effexport.custom_ops.cca  # noqa: F401  (registers the op)
 from effexport.custom_ops.cca import cca_reference
-from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr, call_args, extract, is_call, meta_val,
-                                     rank, strip)
-from effexport.passes.attention import cache_source, emit, finish
+from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr, call_args, emit, extract, finish,
+                                     is_call, meta_val, rank, strip)
+from effexport.passes.attention import cache_source
 from effexport.passes.cache_plan import stateful_layers
 from effexport.passes.sites import Rejected, find_sites, layer_index, layer_label
 

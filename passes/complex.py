@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from effexport.passes._graph import aten, dead_code_elimination, meta_val
-from effexport.passes.attention import fake_value
+from effexport.passes._graph import aten, dead_code_elimination, fake_value, meta_val
 
 REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
 

@@ -65,11 +65,10 @@ import effexport.custom_ops.indexer_topk  # noqa: F401  (registers the ops)
 import effexport.custom_ops.kv_compress  # noqa: F401
 import effexport.custom_ops.sparse_attention  # noqa: F401
 from effexport.passes._graph import (TRANSPARENT, ancestors, aten, attr_value, call_args, concrete_shape,
-                                     example_past, free_symbols, is_call, meta_val, probe_call, probe_tolerance,
-                                     strip)
+                                     example_past, finish, free_symbols, is_call, meta_val, probe_call,
+                                     probe_tolerance, strip)
 from effexport.passes._compressed_write import Writer, clean, writes
 from effexport.passes.positions import shift_aranges
-from effexport.passes.attention import finish
 from effexport.passes.sites import layer_label
 
 ops = torch.ops.effexport

@@ -49,9 +49,8 @@ import torch
 from torch import fx
 
 import effexport.custom_ops.mhc  # noqa: F401  (registers the ops)
-from effexport.passes._graph import (PROBE_RTOL, TRANSPARENT, aten, attr_value, call_args, is_call, meta_val,
-                                     probe_call, rank, scalar, strip)
-from effexport.passes.attention import emit
+from effexport.passes._graph import (PROBE_RTOL, TRANSPARENT, aten, attr_value, call_args, emit, is_call,
+                                     meta_val, probe_call, rank, scalar, strip)
 
 ops = torch.ops.effexport
 SOFTMAX = (aten.softmax.int, aten._softmax.default)

@@ -15,6 +15,9 @@
     positions       positions from the new ``pos`` input instead of a cache length
     buffers         (``cache_layout="buffer"`` only) full caches -> fixed max_context buffers written
                     in place: attention_cache -> attention_buffer
+    constants       conversions of constant data (a host fp64 RoPE table ``.to(device, float32)``, a
+                    norm weight ``.float()``) computed once into buffers instead of at every step:
+                    no host-to-device copy is left in the step (what a CUDA graph needs)
     cache_plan      the CachePlan of the rewritten step graph
 
 ``run_pipeline(program)`` rewrites a captured :class:`StepProgram` in place of a copy and returns it
@@ -30,18 +33,19 @@ from typing import Callable
 import torch
 from torch import fx
 
-from effexport.exporter.capture import StepProgram
-from effexport.exporter.errors import RewriteError
-from effexport.passes._graph import meta_val
-from effexport.passes.attention import AttentionRewriter, count_linear, finish
+from effexport.passes._graph import count_linear, finish, meta_val
+from effexport.passes.attention import AttentionRewriter
 from effexport.passes.buffers import CACHE_LAYOUTS, buffer_full_caches
 from effexport.passes.cache_plan import CacheEntry, CachePlan, LayerRole
 from effexport.passes.cca import rewrite_cca
 from effexport.passes.complex import rewrite_complex
+from effexport.passes.constants import fold_constant_conversions
 from effexport.passes.compressed import rewrite_compressed
+from effexport.passes.errors import RewriteError
 from effexport.passes.mhc import rewrite_mhc
 from effexport.passes.masks import MaskClassifier
 from effexport.passes.positions import rewrite_positions
+from effexport.passes.program import StepProgram
 from effexport.passes.sharing import group_sites
 from effexport.passes.sites import AttentionSite, Rejected, find_sites, layer_index
 
@@ -177,6 +181,12 @@ def _buffers(ctx: Context) -> dict:
     return {"buffered": len(ctx.buffers) // 2, "kept": kept}
 
 
+def _constants(ctx: Context) -> dict:
+    counts = fold_constant_conversions(ctx.program.gm)
+    counts["dead_nodes"] = finish(ctx.program.gm)
+    return counts
+
+
 def _cache_plan(ctx: Context) -> dict:
     prog, gm = ctx.program, ctx.program.gm
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -236,6 +246,7 @@ PIPELINE: tuple[tuple[str, Callable[[Context], dict]], ...] = (
     ("compressed", rewrite_compressed),
     ("positions", _positions),
     ("buffers", _buffers),
+    ("constants", _constants),
     ("cache_plan", _cache_plan),
 )
 PASS_NAMES = tuple(name for name, _ in PIPELINE)

@@ -13,9 +13,8 @@ import operator
 import torch
 from torch import fx
 
-from effexport.exporter.errors import RewriteError
-from effexport.passes._graph import aten, call_args, is_call, meta_val
-from effexport.passes.attention import emit
+from effexport.passes.errors import RewriteError
+from effexport.passes._graph import aten, call_args, emit, is_call, meta_val
 
 
 def _cache_length(node, cache_placeholders) -> bool:

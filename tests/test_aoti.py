@@ -7,7 +7,7 @@ smaller compile, ~30-70 s). One module-scoped build: the AOTInductor C++ compile
 
 Not covered here: CUDA packages (no GPU; the same code path with ``device="cuda"``), the DeepSeek V4
 ops (a second compile would double the time; see the README for the one-off check), and byte-identical
-rebuilds (AOTInductor packages are not, see :mod:`effexport.exporter.aoti.package`).
+rebuilds (AOTInductor packages are not, see :mod:`effexport.exporter.backends.aoti.package`).
 """
 import contextlib
 import io
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from effexport.exporter.aoti import PACKAGE_FILE, custom_op_calls
-from effexport.exporter.aoti.runtime import AotiRuntime
+from effexport.exporter.backends.aoti import PACKAGE_FILE, custom_op_calls
+from effexport.exporter.backends.aoti.runtime import AotiRuntime
 from effexport.exporter.cli import main
 from effexport.exporter.errors import LoadError, LowerError
 from effexport.passes.pipeline import PASS_NAMES
@@ -195,7 +195,7 @@ def test_missing_compiler_exits_4_and_list_says_why(tmp_path, monkeypatch, capsy
 def test_gpu_machine_is_refused_with_the_workaround(tmp_path, monkeypatch, capsys):
     """Where torch sees a GPU the build would compile a CUDA package, which torch's loader crashed on
     (README): exit 4 naming the workarounds, nothing written; the opt-in lets it through the check."""
-    import effexport.exporter.aoti.package as pkg
+    import effexport.exporter.backends.aoti.package as pkg
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv(pkg.CUDA_OPT_IN, raising=False)
@@ -237,7 +237,7 @@ def test_runtime_refuses_another_device(artifact):
 def test_compile_failure_is_a_lower_error_and_leaves_no_file(tmp_path, monkeypatch):
     """A failing AOTInductor compile (here: the C++ compiler) is one LowerError line (exit 3) and the
     half-written package is removed."""
-    import effexport.exporter.aoti.package as pkg
+    import effexport.exporter.backends.aoti.package as pkg
 
     def fail(ep, package_path, inductor_configs):
         with open(package_path, "wb") as f:
@@ -259,7 +259,7 @@ def test_weights_beside_the_package_above_the_limit(tmp_path, monkeypatch, capsy
     compiled without its weights, which go to ``model.weights.pt`` and are loaded with
     ``load_constants``: parity as with embedded weights, and a missing weights file is a load error
     naming it (exit 2), not a crash."""
-    import effexport.exporter.aoti.package as pkg
+    import effexport.exporter.backends.aoti.package as pkg
 
     monkeypatch.setattr(pkg, "WEIGHTS_IN_SO_LIMIT", 0)
     out = tmp_path / "apart"

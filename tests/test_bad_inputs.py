@@ -470,7 +470,7 @@ def test_backend_missing_is_exit_4(tmp_path, monkeypatch, capsys, module, argv, 
 def _fake_lowering(monkeypatch, rewritten, export_step):
     """Builds that skip capture (the session's shared capture of TINY) and lower with ``export_step``."""
     import effexport.exporter.capture as capture_mod
-    import effexport.exporter.onnx.export as export_mod
+    import effexport.exporter.backends.onnx.export as export_mod
 
     captured = rewritten(TINY).captured  # the same model and tokens the build would capture
     monkeypatch.setattr(capture_mod, "capture_step", lambda model, ids, *args: captured)
@@ -674,7 +674,7 @@ def test_allow_missing_weights_builds_and_records_them(tmp_path, monkeypatch, ca
 
 def test_flash_attention_in_config_falls_back(tmp_path, monkeypatch, llama_tensors):
     """A config asking for flash-attention (not installed here) loads with transformers' default."""
-    from effexport.exporter.hf import load_hf_directory
+    from effexport.exporter.frontends.hf import load_hf_directory
 
     monkeypatch.chdir(tmp_path)
     _llama_dir(llama_tensors, lambda t: None)

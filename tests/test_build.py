@@ -9,7 +9,6 @@ import re
 import onnx
 import pytest
 
-from effexport.exporter import build as build_mod
 from effexport.exporter.cli import main
 
 MODEL = "gemma4-e2b:tiny"
@@ -107,7 +106,10 @@ def test_check_reruns_parity(artifact, capsys):
 
 
 def test_targets_listed_with_availability():
-    assert set(build_mod.TARGETS) == {"onnx", "tensorrt", "aoti"}
+    from effexport.exporter.backends.registry import BACKENDS, target_status
+
+    assert set(BACKENDS) == {"onnx", "tensorrt", "aoti", "torch"} == set(target_status())
+    assert all(name == backend.name for name, backend in BACKENDS.items())
 
 
 def test_manifest_records_the_source(artifact):
@@ -121,7 +123,7 @@ def test_trusted_pickle_of_a_step_model_loads(tmp_path):
     """torch.save(model) of a module that follows the step contract: loaded as is, same outputs."""
     import torch
 
-    from effexport.exporter.loading import load_model
+    from effexport.exporter.frontends.loading import load_model
     from effexport.samples import get_sample
 
     sample = get_sample(MODEL)
@@ -137,11 +139,11 @@ def test_trusted_pickle_of_a_step_model_loads(tmp_path):
 
 
 def test_hf_directory_goes_to_the_hf_loader(tmp_path):
-    """A valid Hugging Face directory passes validation and is built by exporter/hf.py."""
+    """A valid Hugging Face directory passes validation and is built by exporter/frontends/hf.py."""
     import transformers  # a test dependency (pyproject's test extra): missing, this fails
 
-    from effexport.exporter import hf  # noqa: F401  (a broken module fails here, never skips)
-    from effexport.exporter.loading import load_model
+    from effexport.exporter.frontends import hf  # noqa: F401  (a broken module fails here, never skips)
+    from effexport.exporter.frontends.loading import load_model
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -159,7 +161,7 @@ def test_runtime_generate_is_eager_greedy(artifact):
     import numpy as np
     import torch
 
-    from effexport.exporter.loading import load_model
+    from effexport.exporter.frontends.loading import load_model
     from effexport.runtime import OrtRuntime
 
     _, out, _ = artifact

@@ -120,7 +120,7 @@ def test_onnx_chunked_ring(profile):
     import onnxruntime as ort
     from torch.export import Dim
 
-    from effexport.exporter.onnx.export import lower
+    from effexport.exporter.backends.onnx.export import lower
 
     gen = torch.Generator().manual_seed(2)
     r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -129,7 +129,7 @@ def test_onnx_chunked_ring(profile):
     dyn = ({0: b, 2: t}, {0: b, 2: t}, {0: b, 2: t}, {0: b}, {0: b}, None, None)
     model = lower(_ChunkRing(), args, profile, dynamic_shapes=dyn)
     if profile == "tensorrt":  # only ops the TensorRT 10 ONNX parser takes (Mod, LessOrEqual on int64)
-        from effexport.exporter.onnx.tensorrt_profile import lint
+        from effexport.exporter.backends.onnx.tensorrt_profile import lint
 
         assert lint(model) == []
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -161,7 +161,7 @@ def build_llama4():
 class _Llama4:
     def __init__(self):
         from effexport.exporter.capture import capture_step
-        from effexport.exporter.hf import HFStep
+        from effexport.exporter.frontends.hf import HFStep
         from effexport.passes.pipeline import run_pipeline
 
         self.hf = build_llama4()
@@ -252,7 +252,7 @@ def test_llama4_onnx_parity(llama4, tmp_path, profile):
     ``tensorrt`` lowerings are checked per op above, and the complex pass emits profile-neutral aten."""
     import onnxruntime as ort
 
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.onnx.export import export_step
 
     path = tmp_path / "step.onnx"
     export_step(llama4.program, llama4.analysis.plan, str(path), profile)
@@ -275,7 +275,7 @@ def test_chunked_group_mixing_masks_left_alone(llama4):
 
     from torch import fx
 
-    from effexport.exporter.capture import StepProgram
+    from effexport.passes.program import StepProgram
     from effexport.passes.attention import AttentionRewriter
     from effexport.passes.pipeline import Analysis, Context, _classify, _discover
 

@@ -217,7 +217,7 @@ def test_text_prompt_uses_the_model_directory_tokenizer(tmp_path):
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from effexport.exporter.checkrun import load_prompt
+    from effexport.exporter.verify.checkrun import load_prompt
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "parity": 2, "world": 3}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -343,9 +343,9 @@ def test_plugin_is_inert_without_artifacts_and_imports_no_torch(pytester):
 def test_cases_of_a_half_precision_check_and_nan():
     """Half precision: a logits case's tolerance is the check's bound (its source says so), the greedy
     tokens pass when the half rule accepted them though they differ from fp32 eager's; NaN fails."""
-    from effexport.exporter.checkrun import CheckRun
-    from effexport.exporter.junit import cases
-    from effexport.exporter.parity import OutputError, ParityReport
+    from effexport.exporter.verify.checkrun import CheckRun
+    from effexport.exporter.verify.junit import cases
+    from effexport.exporter.verify.parity import OutputError, ParityReport
 
     parity = ParityReport(False, 4, 3e-2, [OutputError("logits/prefill", 1.0, 1e-2),
                                           OutputError("logits/decode", float("nan"), float("nan"))],
@@ -363,7 +363,7 @@ def test_cases_of_a_half_precision_check_and_nan():
 
 
 def test_half_precision_check_takes_the_configured_tolerance_as_its_floor():
-    from effexport.exporter.parity import EagerRuntime, check_parity_half
+    from effexport.exporter.verify.parity import EagerRuntime, check_parity_half
 
     fp32 = negatives.build(negatives.NegConfig(layers=2, vocab=40)).eval()
     half = negatives.build(negatives.NegConfig(layers=2, vocab=40)).eval().to(torch.bfloat16)
@@ -377,7 +377,7 @@ def test_half_precision_check_takes_the_configured_tolerance_as_its_floor():
 def test_runtime_info_names_the_execution_provider_that_ran():
     from types import SimpleNamespace
 
-    from effexport.exporter.checkrun import runtime_info
+    from effexport.exporter.verify.checkrun import runtime_info
 
     cuda = SimpleNamespace(session=SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]))
     runtime, provider, device = runtime_info(cuda, {"target": "onnx", "dtype": "bf16"})

@@ -9,7 +9,7 @@ artifact holds no timestamps, temporary names or timings (``report.json["resourc
 in structure-only builds).
 
 ONNX target only: ``--target aoti`` packages are not byte-identical (a random archive id, and the
-compile commands Inductor appends to the generated C++; see :mod:`effexport.exporter.aoti.package`),
+compile commands Inductor appends to the generated C++; see :mod:`effexport.exporter.backends.aoti.package`),
 and a second AOTInductor compile costs ~2 minutes, so they are not built here.
 """
 import hashlib

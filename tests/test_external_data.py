@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from effexport.exporter.errors import LowerError
-from effexport.exporter.onnx.export import _save
-from effexport.exporter.structure_only import DATA_LOCATION, _Placeholder
+from effexport.exporter.backends.onnx.export import _save
+from effexport.exporter.backends.onnx.structure_only import DATA_LOCATION, _Placeholder
 
 pytestmark = pytest.mark.slow  # a ~300 MB export and ORT run in a subprocess (~25 s on 2 cores)
 
@@ -74,8 +74,8 @@ def _peak_rss() -> int:
 
 
 def _export(module, path: str) -> None:
-    from effexport.exporter.capture import StepProgram
-    from effexport.exporter.onnx.export import export_step
+    from effexport.passes.program import StepProgram
+    from effexport.exporter.backends.onnx.export import export_step
     from effexport.passes.cache_plan import CachePlan
 
     program = StepProgram(torch.fx.symbolic_trace(module), ["input_ids", "pos"], ["logits"])
@@ -95,7 +95,7 @@ def _files(directory: str) -> dict[str, bytes]:
 
 def _measure(out_dir: str) -> dict:
     """Run in the subprocess: the two narrow exports, then the wide one under the meter, then parity."""
-    from effexport.exporter.structure_only import ResourceMeter
+    from effexport.exporter.backends.onnx.structure_only import ResourceMeter
 
     torch.manual_seed(0)
     narrow = Wide(256, 64).eval()

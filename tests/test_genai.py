@@ -1,4 +1,4 @@
-"""onnxruntime-genai packages (``--target onnx --genai``, exporter/onnx/genai.py).
+"""onnxruntime-genai packages (``--target onnx --genai``, exporter/backends/onnx/genai.py).
 
 * Each package of the matrix -- the Gemma 4 E2B tiny preset (sliding rings, a full buffer, KV-sharing
   consumers, per-layer head sizes) and tiny Hugging Face Llama (full caches only) and Gemma 3
@@ -27,7 +27,7 @@ import pytest
 import onnxruntime_genai as og  # noqa: E402,F401  (a test dependency: missing, it fails the run)
 
 from effexport.exporter.cli import main  # noqa: E402
-from effexport.exporter.onnx import genai  # noqa: E402
+from effexport.exporter.backends.onnx import genai  # noqa: E402
 from effexport.passes.cache_plan import CacheEntry, CachePlan  # noqa: E402
 
 XDIST_SPLIT = ("package", "preset")
@@ -46,8 +46,8 @@ class Package:
     """A model built with ``--genai`` through the CLI, and what the tests compare it with."""
 
     def __init__(self, name: str, tmp):
-        from effexport.exporter.loading import resolve_source
-        from effexport.exporter.runtime import load_manifest
+        from effexport.exporter.frontends.loading import resolve_source
+        from effexport.exporter.backends.artifact import load_manifest
 
         self.name, self.out = name, tmp / "out"
         model = name
@@ -92,7 +92,7 @@ def _expected(package) -> dict:
                     vocab=cfg.vocab_size, kv_heads=first.cache[0].elements // first.qk_dim, head_size=first.qk_dim,
                     owners=[s.index for s in owners], sliding=[s.index for s in owners if s.window],
                     window=cfg.sliding_window, eos=None)
-    from effexport.exporter.hf_report import kv_shared, layer_types
+    from effexport.exporter.verify.hf_report import kv_shared, layer_types
 
     text = package.loaded.model.hf.config.get_text_config(decoder=True)
     types, reads = layer_types(text), kv_shared(text)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from effexport.exporter.errors import LoadError
-from effexport.exporter.onnx.host_positions import POS_HOST, host_reads
+from effexport.exporter.backends.onnx.host_positions import POS_HOST, host_reads
 from effexport.runtime import CudaGraphRuntime, OrtRuntime
 
 CONTEXT = 64
@@ -132,11 +132,14 @@ def test_growing_caches_are_refused(tmp_path):
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_uncaptured(tmp_path):
     """onnxruntime-gpu: the decode steps replayed from CUDA graphs (graph per batch size, captured on
-    the third step) give the uncaptured runtime's tokens and logits (fp32, 1e-5 rel), at batch 1 and 2."""
+    the third step) give the uncaptured runtime's tokens and logits (same kernels: 1e-3 rel in bf16),
+    at batch 1 and 2. bf16: ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only, so
+    an fp32 artifact has nodes on the CPU provider and ORT refuses the graph capture (BENCHMARKS.md
+    run 21)."""
     if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs a GPU and onnxruntime-gpu")
     out = tmp_path / "buffer"
-    _build(out, "--kv-cache", "buffer")
+    _build(out, "--kv-cache", "buffer", "--dtype", "bf16")
     plain, graphs = OrtRuntime(str(out), device="cuda"), CudaGraphRuntime(str(out), device="cuda")
     for batch, prompt in ((1, 3), (2, 10)):  # a prompt shorter than the 8-position window, and longer
         ids = _ids(batch, prompt, seed=batch)
@@ -144,5 +147,18 @@ def test_cuda_graph_replay_equals_uncaptured(tmp_path):
         tokens_b, logits_b = graphs.generate(ids, 16)
         assert np.array_equal(tokens_a, tokens_b)
         for i, (a, b) in enumerate(zip(logits_a, logits_b)):
-            scale = np.abs(a).max()
-            assert np.abs(a - b).max() <= 1e-5 * scale, f"B={batch} step {i}"
+            a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+            assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), f"B={batch} step {i}"
+
+
+def test_session_options_reach_the_session(buffered, tmp_path):
+    """``session_options`` start the runtime's session (here ORT's profiler: its trace names the
+    step's nodes, what bench/ort_graphs.py --profile aggregates per op type)."""
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "trace")
+    runtime = CudaGraphRuntime(str(buffered), device="cpu", session_options=opts)
+    runtime.step(_ids(1, 4), 0, runtime.initial_caches(1))
+    trace = json.loads(open(runtime.session.end_profiling()).read())
+    ops = {e["args"].get("op_name") for e in trace if e.get("cat") == "Node"}
+    assert "GroupQueryAttention" in ops and "MatMul" in ops

@@ -27,7 +27,7 @@ def _model(path, ops: list[str]) -> str:
 
 def test_compare_structure(tmp_path):
     """Same op types and counts (Casts aside) -> ""; a different count or type -> named."""
-    from effexport.exporter.parity import compare_structure
+    from effexport.exporter.verify.parity import compare_structure
 
     a = _model(tmp_path / "a.onnx", ["Relu", "Cast", "Tanh"])
     assert compare_structure(a, _model(tmp_path / "b.onnx", ["Relu", "Tanh"])) == ""
@@ -67,7 +67,7 @@ def test_twin_structure_mismatch_fails_the_verdict():
     """A twin whose op structure differs from the artifact's fails the check, named; a passing twin
     with equal structure passes and says so."""
     from effexport.exporter.build import twin_verdict
-    from effexport.exporter.parity import OutputError, ParityReport
+    from effexport.exporter.verify.parity import OutputError, ParityReport
 
     def ok():
         return ParityReport(True, 8, 1e-4, [OutputError("logits/decode", 1e-6, 1e-7)])
@@ -94,7 +94,7 @@ def test_half_verdict_is_bounded_by_eager_in_the_dtype():
 
     import torch
 
-    from effexport.exporter.parity import EagerRuntime, check_parity_half
+    from effexport.exporter.verify.parity import EagerRuntime, check_parity_half
     from effexport.samples import get_sample
 
     fp32 = get_sample(TINY).build()

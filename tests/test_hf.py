@@ -1,7 +1,7 @@
 """Hugging Face transformers models as input (issue #7), inside the graph: tiny random models of the
 families whose mechanisms show in the step graph (tests/models/hf_tiny.py: Gemma 4 / 3n KV sharing,
 Laguna per-layer heads, ZAYA CCA, DeepSeek V4 compressed attention), captured as written through
-:class:`effexport.exporter.hf.HFStep`, rewritten by the same pass pipeline as the samples: rewrite
+:class:`effexport.exporter.frontends.hf.HFStep`, rewritten by the same pass pipeline as the samples: rewrite
 counts, consumers reading producers, and the ``standard`` ONNX profile in ONNX Runtime CPU against
 the HF module's own eager logits (one plain forward over the whole sequence, no effexport cache
 involved): fp32 max relative error <= 1e-4 over a prefill of 8 tokens (past the window of 6) and 8
@@ -27,7 +27,7 @@ import transformers  # a test dependency (pyproject's test extra): missing, this
 from models import hf_tiny
 from models.hf_tiny import WINDOW
 
-from effexport.exporter.hf import HFStep
+from effexport.exporter.frontends.hf import HFStep
 
 PREFILL, DECODE, BATCH, RTOL = 8, 8, 2, 1e-4
 XDIST_SPLIT = ("cap",)  # one pytest-xdist unit per family (tests/conftest.py)
@@ -89,7 +89,7 @@ def _session_step(path):
 
 
 def _runtime_step(artifact_dir):
-    from effexport.exporter.runtime import OrtRuntime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     runtime = OrtRuntime(str(artifact_dir))
 
@@ -204,7 +204,7 @@ def test_eager_attention_implementation():
 def test_onnx_parity_with_hf(cap, tmp_path, profile):
     """The standard ONNX profile (ort: tests/test_hf_families.py): ONNX Runtime prefill + 8 decode steps
     against the HF module's own logits."""
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.onnx.export import export_step
 
     path = tmp_path / "step.onnx"
     export_step(cap.program, cap.analysis.plan, str(path), profile)
@@ -262,7 +262,7 @@ def test_capture_length_from_the_config():
     """The example stream of an HF capture is past every window / compressed block / top-k the config
     declares, by the samples' rule: the published DeepSeek V4 config gives the V4-Flash sample's 2059
     tokens, a 512-token sliding window 517, no window (Llama) the floor of 40; the tiny test models 40."""
-    from effexport.exporter.hf import _capture_length
+    from effexport.exporter.frontends.hf import _capture_length
     from effexport.samples import get_sample
     from effexport.samples._spec import capture_length
 
@@ -277,7 +277,7 @@ def test_capture_length_from_the_config():
 def test_load_errors(tmp_path):
     """A directory without weights and a module without an LM head are refused with the fix."""
     from effexport.exporter.errors import LoadError, UsageError
-    from effexport.exporter.hf import load_hf_directory, wrap_hf_module
+    from effexport.exporter.frontends.hf import load_hf_directory, wrap_hf_module
 
     model = hf_tiny.build("llama")
     model.config.save_pretrained(tmp_path)
@@ -298,7 +298,7 @@ ds_available = pytest.mark.skipif(not hf_tiny.available(DS), reason=f"transforme
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     """The tiny HF DeepSeek V4: one capture, the pass pipeline and one ONNX export per profile."""
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.onnx.export import export_step
 
     cap = Captured(DS)
     cap.onnx = {}
@@ -313,7 +313,7 @@ def test_deepseek_step_cache_matches_hf():
     """The step cache adapter (K=V, compressor entries and fixed-size window states as tensors) fed
     in uneven chunks -- 9, 3, 17 tokens, then one at a time across CSA / HCA window boundaries --
     gives the HF module's own logits; states keep their size, entries grow by S // r."""
-    from effexport.exporter.hf import wrap_hf_module
+    from effexport.exporter.frontends.hf import wrap_hf_module
 
     hf = hf_tiny.build(DS)
     loaded = wrap_hf_module(hf)
@@ -397,7 +397,7 @@ def test_deepseek_wrong_compressor_left_alone(ds):
 
     from torch import fx
 
-    from effexport.exporter.capture import StepProgram
+    from effexport.passes.program import StepProgram
     from effexport.passes.pipeline import run_pipeline
 
     program = ds.captured

@@ -49,11 +49,11 @@ def test_directories_refused_with_the_reason(tmp_path, capsys, config, message):
     assert not os.path.exists(tmp_path / "out")
 
 
-@pytest.mark.parametrize("model_type", list(__import__("effexport.exporter.hf", fromlist=["x"]).UNSUPPORTED_MODEL_TYPES))
+@pytest.mark.parametrize("model_type", list(__import__("effexport.exporter.frontends.hf", fromlist=["x"]).UNSUPPORTED_MODEL_TYPES))
 def test_unsupported_model_types(tmp_path, model_type):
     """Every UNSUPPORTED_MODEL_TYPES entry is refused with its reason."""
-    from effexport.exporter.hf import UNSUPPORTED_MODEL_TYPES
-    from effexport.exporter.loading import resolve_model
+    from effexport.exporter.frontends.hf import UNSUPPORTED_MODEL_TYPES
+    from effexport.exporter.frontends.loading import resolve_model
 
     path = _config_dir(tmp_path / "model", model_type=model_type)
     with pytest.raises(LoadError, match=re.escape("cannot be exported: " + UNSUPPORTED_MODEL_TYPES[model_type])):
@@ -65,7 +65,7 @@ def test_any_causal_lm_type_is_taken(tmp_path):
     per-layer ``intermediate_size`` list passes the config checks."""
     from safetensors.torch import save_file
 
-    from effexport.exporter.loading import resolve_model
+    from effexport.exporter.frontends.loading import resolve_model
 
     for family in ("mistral", "qwen3_next", "gpt_oss", "gemma3n"):
         config_cls, _, kwargs, _ = hf_tiny.FAMILIES[family]

@@ -31,7 +31,7 @@ import transformers  # a test dependency: missing, the module fails to import (n
 
 from models import hf_tiny
 
-from effexport.exporter.hf_report import kv_shared, layer_types  # (the config's layers, read alone)
+from effexport.exporter.verify.hf_report import kv_shared, layer_types  # (the config's layers, read alone)
 
 DECODE, BATCH, RTOL = 16, 2, 1e-4
 XDIST_SPLIT = ("built",)  # one pytest-xdist unit per family (tests/conftest.py)
@@ -85,7 +85,7 @@ def built(request, tmp_path_factory):
 def test_parity_with_hf(built):
     """ONNX Runtime prefill (past every window) + 16 decode steps against the reloaded HF module's
     own logits over the whole sequence; the build's own parity check passed too."""
-    from effexport.exporter.runtime import OrtRuntime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     assert built.report["parity"]["passed"] and built.report["parity"]["steps"] == DECODE
     prefill = prefill_length(built.hf.config)
@@ -112,7 +112,7 @@ def test_long_prompt_in_one_call(built):
     bound a step to 63 tokens (it also assumed a non-empty padding to the chunk); the runtime feeds
     the prompt in pieces of that many tokens. The step model itself, fed the 150 tokens in one call,
     is wrong (0.13 max rel): what the bound prevents."""
-    from effexport.exporter.runtime import OrtRuntime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     config = _text(built.hf.config)
     limit = built.manifest.get("max_step_tokens")
@@ -140,7 +140,7 @@ def test_long_prompt_in_one_call(built):
 def test_step_wrapper_in_chunks(built):
     """The step wrapper fed 9, then 5, then 1 tokens (a chunk after a past at least as long as any
     conv window) equals the HF forward: states and positions carry over between steps."""
-    from effexport.exporter.hf import HFStep
+    from effexport.exporter.frontends.hf import HFStep
 
     step = HFStep(built.hf)
     ids = torch.randint(0, _text(built.hf.config).vocab_size, (BATCH, 15), generator=torch.Generator().manual_seed(4))
@@ -211,8 +211,8 @@ def test_config_report_counts_the_plan(built):
     """``effexport report DIR`` from config.json alone, at fp32, counts exactly the cache bytes of the
     artifact's CachePlan (rings at their window, consumers nothing, states their size); layer types
     the config report does not know (ZAYA's CCA, DeepSeek's CSA / HCA) are named in its warnings."""
-    from effexport.exporter import report as rep
-    from effexport.exporter.hf_report import hf_report_sample
+    from effexport.exporter.verify import report as rep
+    from effexport.exporter.verify.hf_report import hf_report_sample
     from effexport.passes.cache_plan import CacheEntry
 
     sample = hf_report_sample(str(built.dir))

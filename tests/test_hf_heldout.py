@@ -18,7 +18,7 @@ import transformers  # a test dependency: missing, the module fails to import (n
 
 from models import hf_tiny
 
-from effexport.exporter.hf import HFStep
+from effexport.exporter.frontends.hf import HFStep
 
 RTOL, BATCH, PREFILL, DECODE = 1e-4, 2, 9, 16
 ZAYA_HELD_OUT = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12)
@@ -62,7 +62,7 @@ def test_zaya_held_out_onnx_parity(tmp_path):
     import onnxruntime as ort
 
     from effexport.exporter.capture import capture_step
-    from effexport.exporter.onnx.export import export_step
+    from effexport.exporter.backends.onnx.export import export_step
     from effexport.passes.pipeline import run_pipeline
 
     hf = _zaya()

@@ -95,7 +95,7 @@ class _Buffer(torch.nn.Module):
 
 
 def _lowered(module, profile: str, d: int = D) -> onnx.ModelProto:
-    from effexport.exporter.onnx.export import lower
+    from effexport.exporter.backends.onnx.export import lower
 
     bt = {0: torch.export.Dim("batch"), 2: torch.export.Dim("t")}
     return lower(module, _inputs(2, 3, 5, d=d), profile, dynamic_shapes=(bt, bt, bt, {0: bt[0]}, {0: bt[0]}, None, None))
@@ -149,7 +149,7 @@ def test_ort_profile_is_one_shared_buffer_gqa():
 
 def test_ort_profile_above_gqa_head_size_writes_by_gather():
     """Head sizes GQA does not take (Gemma 4's 512) write the rows with a Gather and attend decomposed."""
-    from effexport.exporter.onnx.attention import GQA_MAX_HEAD_DIM
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
 
     module, d = _Buffer(0, 0.0, True), GQA_MAX_HEAD_DIM + 64
     model = _lowered(module, "ort", d=d)
@@ -212,7 +212,7 @@ def test_pipeline_buffers_the_full_cache(rewritten):
             got, *buf_caches = program(*step, *buf_caches)
             assert_close(got, want, what=f"logits at {start}")
     assert buf_caches[[e.name for e in analysis.plan.entries].index("4.k")].shape[2] == 64
-    from effexport.exporter.report import stock_comparison  # a buffer counts as the full cache it holds
+    from effexport.exporter.verify.report import stock_comparison  # a buffer counts as the full cache it holds
 
     grow, buffer = (stock_comparison(base.sample, plan, 131072)["effexport"]["bytes"]
                     for plan in (base.analysis.plan, analysis.plan))
@@ -248,7 +248,7 @@ def test_build_with_buffers_passes_parity(built):
 def test_runtime_binds_buffers_in_place(built):
     """OrtRuntime with I/O binding: buffers are device tensors bound as past and present (same memory
     after every step), greedy generation equals the unbound runtime's, logits bit for bit."""
-    from effexport.exporter.runtime import OrtRuntime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     _, out = built
     ids = np.random.RandomState(0).randint(0, 128, (2, 12))
@@ -267,8 +267,34 @@ def test_runtime_binds_buffers_in_place(built):
 
 def test_runtime_refuses_steps_past_the_buffers(built):
     from effexport.exporter.errors import LoadError
-    from effexport.exporter.runtime import OrtRuntime
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     runtime = OrtRuntime(str(built[1]))
     with pytest.raises(LoadError, match=r"positions 62..65 do not fit the artifact's 64-row cache buffers"):
         runtime.step(np.zeros((1, 4), dtype=np.int64), 62, runtime.initial_caches(1))
+
+
+def test_buffer_build_has_the_ort_step_fusions(built):
+    """The fixed-size caches bound the positions, so the ``ort`` step fuses every rotation into
+    ``RotaryEmbedding`` (tables from the graph's own cos / sin arithmetic, ``pos`` as the first
+    position), residual adds into ``SkipSimplifiedLayerNormalization``, and keeps one copy of the
+    shape / position arithmetic; the build's parity check (above) ran on this graph."""
+    from collections import Counter
+
+    _, out = built
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    types = Counter((n.domain, n.op_type) for n in model.graph.node)
+    rotary = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    # a query rotation per layer, a key rotation per layer computing its own K (KV-sharing consumers
+    # read their producer's rotated cache): gemma4-e2b:tiny has 10 layers, 5 of them consumers
+    plan = json.loads((out / "effexport.json").read_text())["cache_plan"]
+    owners = sum(1 for r in plan["layers"] if r["role"] != "consumer")
+    assert len(rotary) == len(plan["layers"]) + owners
+    assert all(n.domain == "com.microsoft" for n in rotary)
+    assert not {"Neg", "Cos", "Sin", "Split"} & {t for _, t in types}
+    assert types[("com.microsoft", "SkipSimplifiedLayerNormalization")] > 0
+    # one position arithmetic for every layer (per-layer copies would be one Range per layer at least)
+    assert types[("", "Range")] < len(plan["layers"]) // 2
+    tables = {n.input[2] for n in rotary} | {n.input[3] for n in rotary}
+    init = {t.name: t for t in model.graph.initializer}
+    assert tables <= set(init) and all(init[t].dims[0] == 64 for t in tables)

@@ -14,7 +14,8 @@ import torch
 from _helpers import assert_close
 
 import effexport.custom_ops as custom_ops_pkg
-from effexport.exporter.onnx.translations import PROFILES, REFUSED, translation_table
+from effexport.exporter.backends.onnx.profiles import ORT_PROFILES
+from effexport.exporter.backends.onnx.translations import REFUSED, translation_table
 
 ops = torch.ops.effexport
 H, HKV, D = 4, 2, 16
@@ -53,7 +54,7 @@ def _inputs(batch: int, t_len: int, past: int, pos: int, seed: int = 0, d: int =
 
 
 def _export(module: torch.nn.Module, args, profile: str, dynamic: tuple) -> onnx.ModelProto:
-    from effexport.exporter.onnx.export import lower
+    from effexport.exporter.backends.onnx.export import lower
 
     return lower(module, args, profile, dynamic_shapes=dynamic)
 
@@ -69,7 +70,7 @@ def _run(model: onnx.ModelProto, args) -> list[np.ndarray]:
 
 
 # (batch, T, past length, pos) probes. The CPU GroupQueryAttention rejects T > 1 on a non-empty
-# past at batch > 1 (documented in exporter/onnx/attention.py), so chunked probes use batch 1.
+# past at batch > 1 (documented in exporter/backends/onnx/attention.py), so chunked probes use batch 1.
 FULL_PROBES = [(2, 3, 0, 0), (1, 4, 6, 6), (3, 1, 9, 9), (2, 1, 1, 1)]
 RING_PROBES = [(2, 3, W, 0), (1, 6, W, 9), (3, 1, W, 2), (2, 1, W, 13)]
 READ_RING_PROBES = [(2, 1, W, 0), (3, 1, W, 2), (1, 1, W, 11)]
@@ -84,7 +85,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 @pytest.mark.parametrize("form,window,softcap,sinks,ring", CASES)
 def test_attention_parity(form, window, softcap, sinks, ring, profile):
     """ORT output equals the eager op at shapes other than the export example (fp32, rel 1e-5)."""
@@ -154,7 +155,7 @@ def test_ort_profile_uses_gqa_with_window(window):
     assert not _dense_bool_constants(model)
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_ring_structure(profile):
     """standard / tensorrt: the ring is written by a Gather (static W slots), masks come from pos, no
     mask constant. ort: one GroupQueryAttention with a W-row windowed cache (``sliding_window_cache``,
@@ -195,7 +196,7 @@ def _custom_op_modules():
             yield info.name, module.OPS
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_every_op_has_a_lowering_or_a_refusal(profile):
     """Coverage: every OpOverload in every custom_ops module's OPS is translated or refused."""
     table = translation_table(profile)
@@ -223,11 +224,11 @@ def _mhc_inputs(batch: int, t_len: int, n: int = 4, d: int = 8, seed: int = 0):
             r(batch, t_len, d), r(n, n * d) * 0.1, r(n), torch.rand(1, generator=g), r(batch, t_len, n, n))
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_mhc_parity_and_loop(profile):
     """mHC ops in ORT equal eager (rel 1e-5) at new batch/T; every call is one effexport-domain node
     with its attributes, whose body is a model-local function; Sinkhorn stays a Loop (not unrolled)."""
-    from effexport.exporter.onnx.export import lower
+    from effexport.exporter.backends.onnx.export import lower
 
     bt = {0: torch.export.Dim("b"), 1: torch.export.Dim("t")}
     dynamic = (bt, None, None, None, bt, None, None, None, bt)
@@ -253,7 +254,7 @@ def test_ort_profile_decomposes_head_dim_above_256(form):
     """Gemma 4's full layers have head size 512: ORT's CUDA GroupQueryAttention has no FlashAttention
     for it (a slow fallback, BENCHMARKS.md run 9), so the ort profile uses the decomposition there;
     same numbers as the eager op (fp32, rel 1e-5) at a shape other than the export example."""
-    from effexport.exporter.onnx.attention import GQA_MAX_HEAD_DIM
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
 
     d = GQA_MAX_HEAD_DIM + 64
     module = _Attn(form, 0, 0.0, True)

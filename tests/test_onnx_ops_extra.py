@@ -21,7 +21,7 @@ import torch
 from _helpers import assert_close
 
 from effexport.custom_ops.kv_compress import empty_state
-from effexport.exporter.onnx.translations import PROFILES
+from effexport.exporter.backends.onnx.profiles import ORT_PROFILES
 from effexport.samples._blocks import inv_freq_default, rope_cos_sin
 
 ops = torch.ops.effexport
@@ -45,7 +45,7 @@ _CACHE: dict = {}
 def _export(key: str, profile: str, module: torch.nn.Module, args, dynamic) -> tuple[onnx.ModelProto, object]:
     """(model, ORT session), exported once per (key, profile) for the whole module."""
     if (key, profile) not in _CACHE:
-        from effexport.exporter.onnx.export import lower
+        from effexport.exporter.backends.onnx.export import lower
 
         model = lower(module, args, profile, dynamic_shapes=dynamic)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -129,7 +129,7 @@ def _cca(profile: str):
                    (bt, bt, bt, bt, t, t, {0: Dim("batch")}, {0: Dim("batch")}))
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_cca_parity(profile):
     """q, k, v and both states equal eager (rel 1e-5) at prefill, decode and chunk shapes."""
     model, sess = _cca(profile)
@@ -139,7 +139,7 @@ def test_cca_parity(profile):
         _check(_run(model, sess, args), module(*args), f"cca {profile} B={batch} T={t_len} start={start}")
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_cca_structure(profile):
     """One effexport::cca node with its static parameters as attributes; its body has exactly two
     Conv nodes: depthwise (group C) then grouped (group Hq+Hk)."""
@@ -201,7 +201,7 @@ def _compress(profile: str, step: bool):
     return _export("kv_compress_step", profile, _Compress(True), args, (bt,) * 4 + ({0: Dim("batch")},) * 6 + (None,))
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_kv_compress_parity(profile):
     """Entries and states equal eager for T < r (no entry), multiples of r and a trailing partial block."""
     model, sess = _compress(profile, step=False)
@@ -212,7 +212,7 @@ def test_kv_compress_parity(profile):
     assert len({n.overload for n in model.graph.node if n.domain == "effexport"}) == 2  # CSA, HCA bodies
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_kv_compress_step_across_blocks(profile):
     """Chunks of 1..5 tokens crossing several block boundaries: ORT fed its own outputs equals the
     eager chain after every call, and the final entries equal the prefill form's up to the buffer
@@ -235,7 +235,7 @@ def test_kv_compress_step_across_blocks(profile):
         _close(ort_state[j], ent[:, :NCAP], f"{profile} cache{j} vs prefill")
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_kv_compress_step_static_shapes(profile):
     """Step outputs keep the static shapes of the cache and state inputs; no dense mask constant."""
     model, _ = _compress(profile, step=True)
@@ -266,7 +266,7 @@ def _min_gap(q, w, k) -> float:
     return (s[..., 1:] - s[..., :-1]).min().item() if s.shape[-1] > 1 else 1.0
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_indexer_topk_exact(profile):
     """Indices equal eager exactly: N < topk, N > topk, T > 1 with partially visible rows, ties."""
     model, sess = _export("indexer", profile, _Indexer(), _indexer_inputs(2, 3, 7, 5, 0),
@@ -317,7 +317,7 @@ def _sparse(profile: str, ring: bool):
                    (bt, {0: Dim("batch"), 1: Dim("s")}, {0: Dim("batch"), 1: Dim("n")}, bt, None))
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_sparse_attention_ring_parity(profile):
     """Decode (T=1) and T <= W-window+1 chunks over a ring, early (empty slots) and late positions."""
     model, sess = _sparse(profile, ring=True)
@@ -328,7 +328,7 @@ def test_sparse_attention_ring_parity(profile):
     assert len({n.overload for n in model.graph.node if n.domain == "effexport"}) == 3  # CSA, HCA, window
 
 
-@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_sparse_attention_parity(profile):
     """Prefill (S = T, pos 0) and chunked prefill with the previous window-1 rows prepended."""
     model, sess = _sparse(profile, ring=False)

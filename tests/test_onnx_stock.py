@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from effexport.exporter.report import format_stock, stock_caches, stock_comparison
+from effexport.exporter.verify.report import format_stock, stock_caches, stock_comparison
 
 pytestmark = pytest.mark.slow  # uses the session's captures
 N = 131072  # gemma4-e2b:tiny's context limit, the report's context

@@ -1,4 +1,4 @@
-"""The ``ort`` profile's fusions (exporter/onnx/ort_fusions.py) on small graphs written the way
+"""The ``ort`` profile's fusions (exporter/backends/onnx/ort_fusions.py) on small graphs written the way
 torch.onnx writes them: what is fused, what is left alone, and that ONNX Runtime CPU computes the
 same numbers before and after. (Whole-model parity of fused step graphs, every tiny preset:
 tests/test_onnx_export.py::test_prefill_and_decode_match_eager; node counts there too.)"""
@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto as TP
 from onnx import helper
 
-from effexport.exporter.onnx.ort_fusions import fuse_for_ort
+from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort
 
 SHAPE = [2, 3, 16]
 
@@ -143,3 +143,190 @@ def test_bf16_gelu_matches_with_its_rounded_constants():
 
 def test_a_different_constant_is_not_gelu():
     assert _fused(_gelu_model(cubic=0.1))[1] == 0
+
+
+# ----------------------------------------------------------------------- the step fusions (round 2)
+from effexport.exporter.backends.onnx.ort_fusions import fuse_step_for_ort, share_shape_reads  # noqa: E402
+
+
+def _ir_fused(model: onnx.ModelProto, max_positions=None) -> tuple[onnx.ModelProto, int]:
+    ir_model = ir.from_proto(onnx.shape_inference.infer_shapes(model))
+    count = fuse_step_for_ort(ir_model, max_positions)
+    return ir.to_proto(ir_model), count
+
+
+def _graph(nodes, inputs, outputs, initializers=(), opset=18) -> onnx.ModelProto:
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers)),
+                              opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model
+
+
+def _half_norm_model(dtype=TP.FLOAT16) -> onnx.ModelProto:
+    """Two norms of fp16 values computed in fp32 between casts, one fp32 scale (Gemma's ``1 + w``)."""
+    d = SHAPE[-1]
+    scale = helper.make_tensor("scale", TP.FLOAT, [d], np.linspace(0.5, 1.5, d).astype(np.float32))
+    nodes = []
+    for i in (0, 1):
+        nodes += [helper.make_node("Cast", [f"x{i}"], [f"w{i}"], to=TP.FLOAT),
+                  helper.make_node("SimplifiedLayerNormalization", [f"w{i}", "scale"], [f"n{i}"], axis=-1,
+                                   epsilon=1e-6, stash_type=1),
+                  helper.make_node("Cast", [f"n{i}"], [f"y{i}"], to=dtype)]
+    return _graph(nodes, [helper.make_tensor_value_info(f"x{i}", dtype, SHAPE) for i in (0, 1)],
+                  [helper.make_tensor_value_info(f"y{i}", dtype, SHAPE) for i in (0, 1)], [scale])
+
+
+def test_half_precision_norm_loses_its_casts():
+    """``Cast -> SimplifiedLayerNormalization(fp32) -> Cast`` of an fp16 value becomes one fp16 norm
+    reading the scale rounded to fp16 once (one initializer for both norms); ONNX Runtime CPU gives
+    the same numbers within fp16 rounding."""
+    model = _half_norm_model()
+    fused, count = _ir_fused(model)
+    assert count >= 2
+    assert [n.op_type for n in fused.graph.node] == ["SimplifiedLayerNormalization"] * 2
+    scales = {n.input[1] for n in fused.graph.node}
+    assert len(scales) == 1
+    init = next(t for t in fused.graph.initializer if t.name in scales)
+    assert init.data_type == TP.FLOAT16
+    rng = np.random.default_rng(0)
+    feeds = {f"x{i}": rng.standard_normal(SHAPE).astype(np.float16) for i in (0, 1)}
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    out = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=4e-3, atol=4e-3)
+
+
+def test_fp32_norm_between_casts_of_fp32_values_is_left_alone():
+    """Only half-precision values lose the casts (an fp32 value's casts were folded long before)."""
+    model = _half_norm_model(TP.FLOAT16)
+    model.graph.node[0].attribute[0].i = TP.DOUBLE  # the first norm computes in fp64: not this pattern
+    model.graph.node[1].op_type = "SimplifiedLayerNormalization"
+    fused, _ = _ir_fused(model)
+    assert [n.op_type for n in fused.graph.node][:3] == ["Cast", "SimplifiedLayerNormalization", "Cast"]
+
+
+def _skip_model(skip_shape=SHAPE) -> onnx.ModelProto:
+    d = SHAPE[-1]
+    gamma = helper.make_tensor("gamma", TP.FLOAT, [d], np.linspace(0.5, 1.5, d).astype(np.float32))
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"]),
+             helper.make_node("SimplifiedLayerNormalization", ["s", "gamma"], ["n"], axis=-1, epsilon=1e-6,
+                              stash_type=1),
+             helper.make_node("Mul", ["n", "s"], ["y"])]  # the residual stream reads the sum on
+    return _graph(nodes, [helper.make_tensor_value_info("a", TP.FLOAT, SHAPE),
+                          helper.make_tensor_value_info("b", TP.FLOAT, skip_shape)],
+                  [helper.make_tensor_value_info("y", TP.FLOAT, SHAPE)], [gamma])
+
+
+def test_residual_add_and_norm_become_skip_simplified_layer_normalization():
+    model = _skip_model()
+    fused, count = _ir_fused(model)
+    assert count >= 1
+    ops = [(n.domain, n.op_type) for n in fused.graph.node]
+    assert ops == [("com.microsoft", "SkipSimplifiedLayerNormalization"), ("", "Mul")]
+    skip = fused.graph.node[0]
+    assert fused.graph.node[1].input == [skip.output[0], skip.output[3]]  # the sum read on from output 3
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.standard_normal(SHAPE).astype(np.float32), "b": rng.standard_normal(SHAPE).astype(np.float32)}
+    ref, out = _run(model, feeds), _run(fused, feeds)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_broadcast_add_is_not_a_skip():
+    """``b`` of another shape (a bias broadcast over the rows) is not what the fused op adds."""
+    fused, _ = _ir_fused(_skip_model(skip_shape=[SHAPE[-1]]))
+    assert "SkipSimplifiedLayerNormalization" not in {n.op_type for n in fused.graph.node}
+
+
+def _two_shape_reads(second_dim: str) -> ir.Model:
+    """Two Shape reads of dim 1 of two values, the second's dim named ``second_dim``."""
+    nodes = [helper.make_node("Shape", ["p"], ["sp"], start=1, end=2),
+             helper.make_node("Shape", ["q"], ["sq"], start=1, end=2),
+             helper.make_node("Add", ["sp", "sq"], ["y"])]
+    model = _graph(nodes, [helper.make_tensor_value_info("p", TP.FLOAT, ["b", "t", 4]),
+                           helper.make_tensor_value_info("q", TP.FLOAT, ["b", second_dim, 8])],
+                   [helper.make_tensor_value_info("y", TP.INT64, [1])])
+    return ir.from_proto(model)
+
+
+def test_shape_reads_of_one_symbol_become_one_read():
+    same = _two_shape_reads("t")
+    assert share_shape_reads(same) == 1
+    add = next(n for n in same.graph if n.op_type == "Add")
+    assert add.inputs[0] is add.inputs[1]
+    other = _two_shape_reads("u")
+    assert share_shape_reads(other) == 0
+
+
+def _rope_model(d=8, heads=2, table=None) -> onnx.ModelProto:
+    """``x * cos + rotate_half(x) * sin`` over ``[B, H, T, D]`` with the tables computed from ``pos``
+    and the tokens' count the way torch.onnx writes a Hugging Face rotary embedding."""
+    half = d // 2
+    inv_freq = (1.0 / (10000 ** (np.arange(0, half, dtype=np.float32) / half))).astype(np.float32)
+    inits = [helper.make_tensor("inv_freq", TP.FLOAT, [half], inv_freq),
+             helper.make_tensor("zero", TP.INT64, [], [0]), helper.make_tensor("one", TP.INT64, [], [1]),
+             helper.make_tensor("ax1", TP.INT64, [1], [1]), helper.make_tensor("ax0", TP.INT64, [1], [0]),
+             helper.make_tensor("ax3", TP.INT64, [1], [3]), helper.make_tensor("st1", TP.INT64, [1], [1]),
+             helper.make_tensor("h0", TP.INT64, [1], [0]), helper.make_tensor("h1", TP.INT64, [1], [half]),
+             helper.make_tensor("big", TP.INT64, [1], [2 ** 62])]
+    nodes = [helper.make_node("Shape", ["input_ids"], ["tshape"], start=1, end=2),
+             helper.make_node("Squeeze", ["tshape", "ax0"], ["t"]),
+             helper.make_node("Range", ["zero", "t", "one"], ["steps"]),
+             helper.make_node("Add", ["steps", "pos"], ["positions"]),
+             helper.make_node("Cast", ["positions"], ["posf"], to=TP.FLOAT),
+             helper.make_node("Unsqueeze", ["posf", "ax1"], ["posc"]),
+             helper.make_node("Mul", ["posc", "inv_freq"], ["freqs"]),
+             helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1),
+             helper.make_node("Cos", ["emb"], ["cos2"]), helper.make_node("Sin", ["emb"], ["sin2"]),
+             helper.make_node("Unsqueeze", ["cos2", "ax0"], ["cos3"]),
+             helper.make_node("Unsqueeze", ["sin2", "ax0"], ["sin3"]),
+             helper.make_node("Unsqueeze", ["cos3", "ax1"], ["cos"]),
+             helper.make_node("Unsqueeze", ["sin3", "ax1"], ["sin"]),
+             helper.make_node("Slice", ["x", "h0", "h1", "ax3", "st1"], ["x1"]),
+             helper.make_node("Slice", ["x", "h1", "big", "ax3", "st1"], ["x2"]),
+             helper.make_node("Neg", ["x2"], ["nx2"]),
+             helper.make_node("Concat", ["nx2", "x1"], ["rot"], axis=-1),
+             helper.make_node("Mul", ["x", "cos"], ["xc"]), helper.make_node("Mul", ["rot", "sin"], ["rs"]),
+             helper.make_node("Add", ["xc", "rs"], ["y"])]
+    if table == "per-token":  # the table also reads the token ids: not a function of the position
+        nodes[4] = helper.make_node("Cast", ["positions_tok"], ["posf"], to=TP.FLOAT)
+        nodes[3:3] = [helper.make_node("ReduceSum", ["input_ids"], ["idsum"], keepdims=0),
+                      helper.make_node("Add", ["steps", "pos"], ["positions0"]),
+                      helper.make_node("Add", ["positions0", "idsum"], ["positions_tok"])]
+        nodes = [n for n in nodes if list(n.output) != ["positions"]]
+    return _graph(nodes, [helper.make_tensor_value_info("input_ids", TP.INT64, ["b", "t"]),
+                          helper.make_tensor_value_info("pos", TP.INT64, []),
+                          helper.make_tensor_value_info("x", TP.FLOAT, ["b", heads, "t", d])],
+                  [helper.make_tensor_value_info("y", TP.FLOAT, ["b", heads, "t", d])], inits)
+
+
+def _rope_feeds(pos: int, t_len: int, seed: int = 0, d=8, heads=2):
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, 9, (2, t_len)).astype(np.int64), "pos": np.array(pos, dtype=np.int64),
+            "x": rng.standard_normal((2, heads, t_len, d)).astype(np.float32)}
+
+
+def test_rotate_half_rope_becomes_rotary_embedding():
+    """One ``RotaryEmbedding`` reading ``pos`` as its first position and tables evaluated from the
+    graph's own cos / sin arithmetic; ONNX Runtime CPU gives the same numbers at every window of
+    positions inside the tables (a prompt at 0, a chunk, a decode step at the last row)."""
+    model = _rope_model()
+    fused, count = _ir_fused(model, max_positions=32)
+    assert count >= 1
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("RotaryEmbedding") == 1 and not {"Cos", "Sin", "Neg", "Slice", "Concat"} & set(ops)
+    tables = [t for t in fused.graph.initializer if t.name.startswith("rotary.") and len(t.dims) == 2]
+    assert sorted(list(t.dims) for t in tables) == [[32, 4], [32, 4]]
+    for pos, t_len in ((0, 5), (7, 3), (31, 1)):
+        feeds = _rope_feeds(pos, t_len)
+        np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_without_bounded_positions_or_with_other_tables_is_left_alone():
+    """No table length (no fixed-size cache bounds the positions) or tables that read more than the
+    position (here the token ids): the arithmetic stays as it is."""
+    assert "RotaryEmbedding" not in {n.op_type for n in _ir_fused(_rope_model(), None)[0].graph.node}
+    model = _rope_model(table="per-token")
+    fused, _ = _ir_fused(model, max_positions=32)
+    assert "RotaryEmbedding" not in {n.op_type for n in fused.graph.node}
+    feeds = _rope_feeds(3, 4)
+    np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-6, atol=1e-6)

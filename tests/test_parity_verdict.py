@@ -25,8 +25,8 @@ from onnx import helper
 import effexport
 from effexport.exporter.cli import main
 from effexport.exporter.errors import ParityError
-from effexport.exporter.parity import TOLERANCE, check_parity
-from effexport.exporter.runtime import StepResult
+from effexport.exporter.verify.parity import TOLERANCE, check_parity
+from effexport.exporter.backends.artifact import StepResult
 
 STEPS = 12
 
@@ -126,7 +126,7 @@ def test_greedy_token_differs_at_step_k(model, prompt):
 def _perturb_logits(monkeypatch, factor: float = 1.001):
     """Every ONNX export of this test multiplies the graph's logits by ``factor`` (a Mul before
     the output): an artifact that is slightly wrong, with the same greedy tokens."""
-    from effexport.exporter.onnx import export as export_mod
+    from effexport.exporter.backends.onnx import export as export_mod
 
     real = export_mod.export_step
 
@@ -175,7 +175,8 @@ def test_cli_build_of_a_perturbed_artifact_exits_1(pickled, tmp_path, monkeypatc
 def test_export_with_the_default_check_passes(model, tmp_path, monkeypatch):
     """``effexport.export(module)`` of a step-contract module: the default check runs 16 steps and
     passes; its prompt is not taken from the capture's example token stream."""
-    from effexport.exporter import capture, parity
+    from effexport.exporter import capture
+    from effexport.exporter.verify import parity
 
     seen = {}
     real_capture, real_check = capture.capture_step, parity.check_parity

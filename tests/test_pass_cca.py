@@ -17,7 +17,8 @@ import torch
 from torch import fx, nn
 
 from _helpers import assert_close
-from effexport.exporter.capture import StepProgram, capture_step
+from effexport.exporter.capture import capture_step
+from effexport.passes.program import StepProgram
 from effexport.passes import pipeline
 from effexport.passes._graph import aten, is_call, meta_val
 from effexport.passes.cca import find_cca, rewrite_cca

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from _helpers import assert_close
-from effexport.exporter.capture import StepProgram
+from effexport.passes.program import StepProgram
 from effexport.passes import pipeline
 from effexport.passes._graph import aten, is_call
 from effexport.passes.compressed import find_compressed, rewrite_compressed
@@ -280,7 +280,7 @@ def test_capture_refuses_a_state_it_cannot_start():
 def test_sample_capture_example_completes_two_blocks_per_step():
     """A build captures a sample with an example step of twice the largest compression ratio (every
     compressor completes >= 2 blocks in it, so export keeps the block count symbolic)."""
-    from effexport.exporter.loading import load_model
+    from effexport.exporter.frontends.loading import load_model
 
     loaded = load_model("deepseek-v4-flash:tiny")
     assert loaded.example_new_tokens == 32

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from _helpers import assert_close
 from torch import fx, nn
 
-from effexport.exporter.capture import StepProgram, capture_step
+from effexport.exporter.capture import capture_step
+from effexport.passes.program import StepProgram
 from effexport.passes.mhc import ASSERT_META, SOFTMAX, prune, rewrite_mhc, sinkhorn_chain, verify_sinkhorn
 from effexport.passes.pipeline import Analysis, Context
 from effexport.samples._blocks import GatedMLP, RMSNorm

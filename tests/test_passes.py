@@ -201,7 +201,7 @@ def test_matmul_fake_value_on_a_symbolic_batch():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-    from effexport.passes.attention import fake_call, matmul_2d_value
+    from effexport.passes._graph import fake_call, matmul_2d_value
 
     real_l, real_r = torch.randn(3, 5, 16), torch.randn(16, 7)
     assert_close(matmul_2d_value(real_l, real_r), real_l @ real_r, what="fallback numbers")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from effexport.exporter import report as rep
+from effexport.exporter.verify import report as rep
 from effexport.exporter.cli import main
 from effexport.samples import get_sample
 

@@ -10,7 +10,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from effexport.exporter.runtime import MANIFEST, OrtRuntime
+from effexport.exporter.backends.artifact import MANIFEST
+from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 VOCAB = 5
 

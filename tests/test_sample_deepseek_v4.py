@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from _helpers import assert_close, max_errors
+from _helpers import assert_close
 
 from effexport.samples import get_sample, preset_names
 from effexport.samples import deepseek_v4 as dsv4

@@ -1,15 +1,16 @@
 """``max_step_tokens`` (effexport.json): the most new tokens the step graph takes in one call (export's
 guards on the new-token count, e.g. Qwen3-Next's 64-token chunk loop unrolled once). The runtimes feed
-longer inputs in pieces (``exporter.runtime.in_pieces``); the manifest check refuses a malformed bound.
+longer inputs in pieces (``exporter.backends.artifact.in_pieces``); the manifest check refuses a malformed bound.
 The end-to-end check (a CLI-built Qwen3-Next fed 150 tokens in one call) is
 ``tests/test_hf_families.py::test_long_prompt_in_one_call``."""
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from effexport.exporter.errors import LoadError
-from effexport.exporter.runtime import StepResult, in_pieces, load_manifest
+from effexport.exporter.backends.artifact import StepResult, in_pieces, load_manifest
 
 
 def _counting_step(limit, calls):
@@ -45,3 +46,44 @@ def test_manifest_refuses_a_bad_bound(tmp_path, bound):
     manifest["max_step_tokens"] = 63
     (tmp_path / "effexport.json").write_text(json.dumps(manifest))
     assert load_manifest(str(tmp_path))["max_step_tokens"] == 63
+
+
+class _Engine:
+    """A TorchEngine stand-in: the counting step on torch tensors, refusing more than ``limit`` tokens."""
+
+    def __init__(self, limit, calls):
+        self.limit, self.calls = limit, calls
+
+    def step(self, ids, pos, caches):
+        assert ids.shape[1] <= self.limit, ids.shape
+        self.calls.append((int(pos), ids.shape[1]))
+        return torch.cumsum(ids, 1)[..., None] + caches[0][..., None], [caches[0] + ids.sum(1, keepdim=True)]
+
+
+@pytest.mark.parametrize("runtime", ["torch", "aoti"])
+def test_torch_runtimes_feed_pieces(runtime):
+    """TorchRuntime and AotiRuntime feed a step longer than ``max_step_tokens`` in pieces, through
+    ``step_torch`` (device tensors) and ``step`` (numpy) alike."""
+    if runtime == "torch":
+        from effexport.exporter.backends.torch.runtime import TorchRuntime as cls
+    else:
+        from effexport.exporter.backends.aoti.runtime import AotiRuntime as cls
+    calls = []
+    rt = cls.__new__(cls)
+    rt.manifest = {"max_step_tokens": 63}
+    engine = _Engine(63, calls)
+    if runtime == "torch":
+        rt.engine = engine
+    else:  # AotiRuntime.step_torch calls the package's model on device tensors
+        rt.device = rt.pos_device = torch.device("cpu")
+        rt.model = lambda ids, pos, *caches: (lambda lg, cs: (lg, *cs))(*engine.step(ids, pos, list(caches)))
+    ids = torch.arange(2 * 150).reshape(2, 150)
+    logits, caches = rt.step_torch(ids, 7, [torch.zeros((2, 1), dtype=torch.int64)])
+    assert calls == [(7, 63), (70, 63), (133, 24)]
+    want = _Engine(10 ** 6, [])
+    want_logits, want_caches = want.step(ids, 7, [torch.zeros((2, 1), dtype=torch.int64)])
+    assert torch.equal(logits, want_logits) and torch.equal(caches[0], want_caches[0])
+    calls.clear()
+    result = rt.step(ids.numpy(), 7, [np.zeros((2, 1), np.int64)])
+    assert calls == [(7, 63), (70, 63), (133, 24)]
+    assert np.array_equal(result.logits, want_logits.numpy()) and np.array_equal(result.caches[0], want_caches[0].numpy())

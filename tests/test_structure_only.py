@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from effexport.exporter.cli import main
-from effexport.exporter.onnx.export import lower
-from effexport.exporter.structure_only import DATA_LOCATION, check_structure, external_bytes
+from effexport.exporter.backends.onnx.export import lower
+from effexport.exporter.backends.onnx.structure_only import DATA_LOCATION, check_structure, external_bytes
 
 
 class Small(torch.nn.Module):

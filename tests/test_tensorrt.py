@@ -22,9 +22,9 @@ from onnx import TensorProto, helper
 
 import effexport.custom_ops as custom_ops
 from effexport.exporter.cli import main
-from effexport.exporter.onnx import tensorrt_profile as tp
-from effexport.exporter.tensorrt import converters, engine, specs
-from effexport.exporter.tensorrt.plugins import call_kernel
+from effexport.exporter.backends.onnx import tensorrt_profile as tp
+from effexport.exporter.backends.tensorrt import converters, engine, specs
+from effexport.exporter.backends.tensorrt.plugins import call_kernel
 
 ops = torch.ops.effexport
 MODEL = "gemma4-e2b:tiny"
@@ -195,7 +195,7 @@ def op_level():
     import test_onnx_ops as base  # noqa: E402  (the op-level modules and inputs of the ONNX tests)
     import test_onnx_ops_extra as extra  # noqa: E402
 
-    from effexport.exporter.onnx.export import lower
+    from effexport.exporter.backends.onnx.export import lower
 
     module = _AllOps(base, extra).eval().float()  # the compressor test module keeps inv_freq in fp64
     args = (extra._cca_inputs(2, 3, 0, 0), base._mhc_inputs(2, 3), extra._indexer_inputs(2, 3, 5, 4, 0),
@@ -287,7 +287,7 @@ def test_engine_build_and_parity(name, tmp_path, capsys):
 
 @pytest.mark.tensorrt
 def test_plugins_register_and_converters_cover_every_op():
-    from effexport.exporter.tensorrt.plugins import register_plugins
+    from effexport.exporter.backends.tensorrt.plugins import register_plugins
 
     assert len(register_plugins()) == len(specs.plugin_specs())
     pytest.importorskip("torch_tensorrt")
@@ -296,9 +296,9 @@ def test_plugins_register_and_converters_cover_every_op():
 
 LAZY_IMPORTS = """
 import sys
-import effexport.exporter.tensorrt.specs, effexport.exporter.tensorrt.converters
-import effexport.exporter.tensorrt.plugins, effexport.exporter.tensorrt.engine
-import effexport.exporter.tensorrt.runtime, effexport.exporter.onnx.tensorrt_profile
+import effexport.exporter.backends.tensorrt.specs, effexport.exporter.backends.tensorrt.converters
+import effexport.exporter.backends.tensorrt.plugins, effexport.exporter.backends.tensorrt.engine
+import effexport.exporter.backends.tensorrt.runtime, effexport.exporter.backends.onnx.tensorrt_profile
 heavy = {"tensorrt", "torch_tensorrt", "tensorrt.plugin"}
 assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules))
 print("lazy")

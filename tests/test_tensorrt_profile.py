@@ -1,12 +1,12 @@
 """The ``tensorrt`` ONNX profile on a whole tiny model: lint clean (op types in the TensorRT 10
 parser's support matrix, restrictions, dtypes, opset 18 / IR 10, unique function names, strict
 shape inference) and ONNX Runtime CPU parity against eager through ``effexport.runtime`` and
-``exporter/parity.py`` (fp32, max rel error <= 1e-4 over a 37-token prefill, the
+``exporter/verify/parity.py`` (fp32, max rel error <= 1e-4 over a 37-token prefill, the
 capture's prompt length, and 12 greedy decode steps, tokens drawn apart from the capture's example ids).
 
 CI budget: one preset, ZAYA1 (CCA as a function-bodied node plus full-cache attention; its
 export is the cheapest, ~45 s here). The other op families are linted and checked against eager
-at op level in tests/test_tensorrt.py (one export); with ``tensorrt`` in ``PROFILES``,
+at op level in tests/test_tensorrt.py (one export); with ``tensorrt`` in ``ORT_PROFILES``,
 tests/test_onnx_export.py runs the profile's ORT parity for every tiny preset. Not covered:
 engine builds (no TensorRT here; the ``tensorrt``-marked tests in tests/test_tensorrt.py).
 """
@@ -19,10 +19,11 @@ import pytest
 import torch
 from _helpers import assert_long_enough
 
-from effexport.exporter.onnx import tensorrt_profile as tp
-from effexport.exporter.parity import check_parity
-from effexport.exporter.runtime import MANIFEST, OrtRuntime
-from effexport.exporter.tensorrt.engine import ONNX_FILE, export_onnx
+from effexport.exporter.backends.onnx import tensorrt_profile as tp
+from effexport.exporter.verify.parity import check_parity
+from effexport.exporter.backends.artifact import MANIFEST
+from effexport.exporter.backends.onnx.runtime import OrtRuntime
+from effexport.exporter.backends.tensorrt.engine import ONNX_FILE, export_onnx
 
 pytestmark = pytest.mark.slow
 MODELS = [pytest.param(name, id=name.split(":")[0]) for name in

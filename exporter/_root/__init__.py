@@ -41,10 +41,10 @@ def check(directory: str, module, steps: int = 16):
 
 def _wrap(module, name: str):
     """``module`` as a LoadedModel: a transformers causal LM or a step-contract module."""
-    from effexport.exporter.loading import is_transformers_module, wrap_module
+    from effexport.exporter.frontends.loading import is_transformers_module, wrap_module
 
     if is_transformers_module(module):
-        from effexport.exporter.hf import wrap_hf_module
+        from effexport.exporter.frontends.hf import wrap_hf_module
 
         return wrap_hf_module(module, name)
     return wrap_module(module.eval(), name)

@@ -1,0 +1,438 @@
+"""ONNX lowering of the attention ops (``effexport::attention``, ``attention_cache``,
+``attention_ring``, ``attention_read``) for the ``ort`` and ``standard`` profiles.
+
+``ort`` (ONNX Runtime contrib ops):
+
+* ``attention`` (causal), ``attention_cache`` and ``attention_read`` over a full cache become one
+  ``com.microsoft::GroupQueryAttention``: the keys are split into a "past" (positions ``< pos``)
+  and the "new" rows, ``seqlens_k = total - 1``, ``total_sequence_length = total``, a window W as
+  ``local_window_size = W`` (measured on the CPU EP of ORT 1.30 and 1.32: ``local_window_size = L``
+  lets a query see L keys including itself, the ops' convention), softcap as its attribute, sinks
+  as ``head_sink``. GQA needs ``d == dv``, a non-zero scale, ``d`` a multiple of 8 and ``d <= 256``
+  (above, ORT's CUDA kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
+  decomposition below is used.
+* ``attention_ring`` (sliding) where GQA takes the head size: one GroupQueryAttention with
+  ``sliding_window_cache = 1`` over a W-row cache in GQA's windowed layout (newest positions in
+  order from row 0: :func:`attend_gqa_window`), which ``attention_read(ring=True)`` then reads by
+  that layout's positions. Chunked rings (``chunked=True``: the mask ``q - k <= q mod C``) and other
+  head sizes keep the eager op's ring (slot ``p mod W``) and the decomposition.
+* ``attention_buffer`` (the fixed-capacity full cache) becomes one GroupQueryAttention in its
+  shared-buffer form: ``past_key`` is the whole ``[B, Hkv, C, d]`` buffer, ``seqlens_k = pos + T - 1``
+  and ``total_sequence_length = pos + T`` come from ``pos``, and ``present_key`` has the buffer's
+  shape, so a runtime that binds past and present to one device buffer gets the new rows written in
+  place (ORT compares the two pointers); unbound, ORT copies the first ``pos`` rows into a new
+  present. Heads GQA does not take use a ``Gather`` write over ``[buffer | new]`` and the
+  decomposition over rows ``0..pos+T-1``.
+
+``standard`` (ai.onnx only): ``Attention`` (opset 23) with a boolean ``attn_mask`` computed from
+positions when there is neither a softcap (ONNX applies the mask before the softcap, which would
+let masked keys back in) nor sinks (no such input); otherwise MatMul/Softmax in fp32.
+
+Both profiles compute masks in the graph from ``pos`` and shapes (never a dense constant) and
+write a ring with a ``Gather`` over ``[ring | new]`` (slot ``p mod W`` takes the newest position),
+the eager reference's own formula, so ``T > W`` chunks are exact too.
+
+Known ORT limitation: the CPU GroupQueryAttention rejects ``T > 1`` new tokens on a non-empty
+past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context is given"), so
+with the ``ort`` profile a chunked prefill runs at batch 1; prefill from an empty cache and
+one-token decode run at any batch.
+
+Not covered: padding masks or per-row lengths (the ops do not have them), GQA's rotary and
+quantized-cache features.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import NamedTuple
+
+import onnxscript
+from onnxscript import opset18 as op
+from onnxscript import opset23 as op23
+
+from effexport.exporter.backends.onnx import _build as b
+from effexport.exporter.backends.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
+from effexport.exporter.backends.onnx.profiles import PROFILES
+
+__all__ = ["TRANSLATIONS", "attend_decomposed", "slot_rings"]
+
+ensure_gqa_schema()
+msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
+
+
+# ------------------------------------------------------------------------------- computations
+class Dims(NamedTuple):
+    """Static sizes of one attention call, read from the op's graph inputs (intermediate values
+    carry no shapes while a translation is being recorded)."""
+
+    heads: int
+    kv_heads: int
+    d: int
+    dv: int
+
+    @staticmethod
+    def of(q, k, v) -> "Dims":
+        return Dims(b.static_dim(q, 1, "attention"), b.static_dim(k, 1, "attention"),
+                    b.static_dim(q, 3, "attention"), b.static_dim(v, 3, "attention"))
+
+
+def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: Dims):
+    """``softmax(cap(q k^T * scale) + mask [, sink]) v`` in fp32 with GQA by head grouping.
+
+    q ``[B, H, T, d]``, k ``[B, Hkv, S, d]``, v ``[B, Hkv, S, dv]``, mask bool ``[T, S]`` or None,
+    sinks ``[H]`` or None -> ``[B, H, T, dv]`` in q's dtype."""
+    heads, kv_heads, d, dv = dims
+    groups = heads // kv_heads
+    qg = op.Reshape(b.to_float(q), b.ints([0, kv_heads, groups, -1, d]))  # [B, Hkv, G, T, d]
+    kt = op.Unsqueeze(op.Transpose(b.to_float(k), perm=[0, 1, 3, 2]), b.ints([2]))  # [B, Hkv, 1, d, S]
+    scores = op.Mul(op.MatMul(qg, kt), b.f32c(scale))  # [B, Hkv, G, T, S]
+    if softcap > 0.0:
+        scores = op.Mul(op.Tanh(op.Div(scores, b.f32c(softcap))), b.f32c(softcap))
+    if mask is not None:
+        scores = op.Where(mask, scores, b.f32c(-math.inf))
+    if sinks is not None:
+        sink = op.Reshape(b.to_float(sinks), b.ints([1, kv_heads, groups, 1, 1]))
+        sink = op.Expand(sink, op.Concat(op.Shape(scores, end=4), b.ints([1]), axis=0))
+        probs = op.Softmax(op.Concat(scores, sink, axis=-1), axis=-1)
+        probs = op.Slice(probs, b.ints([0]), b.ints([-1]), b.ints([-1]))  # the sink's column goes
+    else:
+        probs = op.Softmax(scores, axis=-1)
+    out = op.MatMul(probs, op.Unsqueeze(b.to_float(v), b.ints([2])))  # [B, Hkv, G, T, dv]
+    return b.cast_like(op.Reshape(out, b.ints([0, heads, -1, dv])), q.dtype)
+
+
+def _attend_standard(q, k, v, mask, sinks, scale: float, softcap: float, dims: Dims):
+    """ai.onnx ``Attention`` (opset 23) where it is exact, else :func:`attend_decomposed`."""
+    if sinks is not None or softcap > 0.0:
+        return attend_decomposed(q, k, v, mask, sinks, scale, softcap, dims)
+    outputs = op23.Attention(q, k, v, mask, scale=float(scale))  # (Y, present_k, present_v, qk)
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+GQA_MAX_HEAD_DIM = 256
+"""Largest head size the ``ort`` profile hands to GroupQueryAttention. ONNX Runtime's CUDA GQA runs
+FlashAttention only up to head size 256; above it falls back to its cutlass memory-efficient kernel
+plus an ``Ungroup`` of the KV heads, measured on the H200 (ORT 1.31.1, Gemma 4 E2B's head size 512,
+bf16, B=1): 21.4 ms for the 7 full-layer calls at 32K context (3 ms to read 64 MB: ~21 GB/s) + 2.3 ms
+``Ungroup``, 24 of the step's 30 ms of GPU time (BENCHMARKS.md, run 9). The decomposition (fp32
+MatMul / Softmax, GQA by head grouping) reads the same cache at bandwidth."""
+
+
+GQA_HEAD_DIM_MULTIPLE = 8
+"""ONNX Runtime's GroupQueryAttention refuses other head sizes at run time ("head_size must be a
+multiple of 8"): those take the decomposition."""
+
+
+def _gqa_fits(dims: Dims, scale: float) -> bool:
+    return (dims.d == dims.dv and scale != 0.0 and dims.d <= GQA_MAX_HEAD_DIM
+            and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
+
+
+def _heads_last(x):
+    """``[B, H, T, d] -> [B, T, H*d]`` (GQA's layout)."""
+    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), b.ints([0, 0, -1]))
+
+
+def attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale: float, window: int, softcap: float,
+               dims: Dims, lengths=None):
+    """``com.microsoft::GroupQueryAttention`` of the new queries over ``[past | new]``.
+
+    q ``[B, H, T, d]``, k/v_past ``[B, Hkv, P, d]`` (positions ``0..P-1``), k/v_new ``[B, Hkv, T, d]``
+    -> ``(out [B, H, T, d], k_present, v_present)`` with ``present = cat(past, new)``. ``lengths``
+    (``seqlens_k``, ``total_sequence_length``) default to ``P + T``; a shared buffer passes them from
+    ``pos`` (:func:`_gqa_lengths`), and its present then has the buffer's shape."""
+    heads, kv_heads, _, dv = dims
+    if lengths is None:
+        lengths = _gqa_lengths(b.dim(k_past, 2), b.dim(q, 2), q)
+    out, k_present, v_present = msft.GroupQueryAttention(
+        _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_past, v_past, *lengths,
+        head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
+        softcap=float(softcap), local_window_size=window if window > 0 else -1)
+    out = op.Transpose(op.Reshape(out, b.ints([0, 0, heads, dv])), perm=[0, 2, 1, 3])
+    return out, k_present, v_present
+
+
+def _gqa_lengths(past_len, t_len, batch_of):
+    """GQA's ``seqlens_k`` (``[B]`` int32, ``P + T - 1``) and ``total_sequence_length`` (0-d int32,
+    ``P + T``) for a past of ``past_len`` rows and ``t_len`` new ones (both 0-d int64 from shapes;
+    batch from ``batch_of``'s dim 0). ``seqlens_k`` is read on the device: :func:`~._build.on_device`."""
+    total = op.Add(past_len, t_len)  # on the host: total_sequence_length is a CPU input of GQA
+    return _seqlens(b.on_device(op.Sub(total, b.i64(1))), batch_of), op.Cast(total, to=6)
+
+
+def _seqlens(last, batch_of):
+    """``[B]`` int32 copies of the device scalar ``last`` (GQA's ``seqlens_k``)."""
+    return op.Cast(op.Expand(op.Reshape(last, b.ints([1])), op.Shape(batch_of, start=0, end=1)), to=6)
+
+
+def _buffer_lengths(pos, t_len, capacity: int, batch_of):
+    """GQA's lengths over a shared buffer of ``capacity`` rows for queries at ``pos..pos+T-1``.
+
+    ``seqlens_k = pos + T - 1`` is computed on the device from ``pos``. ``total_sequence_length``
+    is read on the host and tells ORT a prompt from a decode step: a one-token step gets the
+    capacity (an upper bound, constant, so a captured CUDA graph stays valid whatever ``pos``),
+    a chunk gets ``pos + T`` (``pos + T == T`` marks the first prompt, which ORT runs batched).
+    That ``pos`` is the step's host copy: :mod:`.host_positions` points it at ``pos_host``."""
+    seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), batch_of)
+    total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
+    return seqlens, op.Cast(total, to=6)
+
+
+def _split_at(x, cut):
+    """``x[:, :, :cut]`` and ``x[:, :, cut:]`` (``cut`` a 1-d int64 of one element)."""
+    return (op.Slice(x, b.ints([0]), cut, b.ints([2])),
+            op.Slice(x, cut, b.ints([2 ** 62]), b.ints([2])))
+
+
+def _positions_causal(q, k):
+    """Query positions ``S-T..S-1`` and key positions ``0..S-1`` of a causal prefill."""
+    s_len, t_len = b.dim(k, 2), b.dim(q, 2)
+    k_pos = b.arange(b.i64(0), s_len)
+    return b.arange(op.Sub(s_len, t_len), t_len), k_pos
+
+
+# --------------------------------------------------------------------------------- attention
+def _attention(q, k, v, sinks, scale, causal, window, softcap, profile):
+    dims = Dims.of(q, k, v)
+    if not causal:
+        attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+        return attend(q, k, v, None, sinks, scale, softcap, dims)
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
+        k_past, k_new = _split_at(k, op.Sub(op.Shape(k, start=2, end=3), op.Shape(q, start=2, end=3)))
+        v_past, v_new = _split_at(v, op.Sub(op.Shape(v, start=2, end=3), op.Shape(q, start=2, end=3)))
+        return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
+    q_pos, k_pos = _positions_causal(q, k)
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+    return attend(q, k, v, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
+
+
+def attention_ort(q, k, v, sinks=None, scale: float = 1.0, causal: bool = True, window: int = 0,
+                  softcap: float = 0.0):
+    """``effexport::attention``, ``ort`` profile."""
+    return _attention(q, k, v, sinks, scale, causal, window, softcap, "ort")
+
+
+def attention_standard(q, k, v, sinks=None, scale: float = 1.0, causal: bool = True, window: int = 0,
+                       softcap: float = 0.0):
+    """``effexport::attention``, ``standard`` profile."""
+    return _attention(q, k, v, sinks, scale, causal, window, softcap, "standard")
+
+
+# --------------------------------------------------------------------------- attention_cache
+def _attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, profile):
+    dims = Dims.of(q, k_new, v_new)
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
+        return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)
+    k_present = op.Concat(k_past, k_new, axis=2)
+    v_present = op.Concat(v_past, v_new, axis=2)
+    q_pos, k_pos = _positions_causal(q, k_present)
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+    out = attend(q, k_present, v_present, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
+    return out, k_present, v_present
+
+
+def attention_cache_ort(q, k_new, v_new, k_past, v_past, sinks=None, scale: float = 1.0,
+                        window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_cache``, ``ort`` profile (GQA with past/present)."""
+    return _attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, "ort")
+
+
+def attention_cache_standard(q, k_new, v_new, k_past, v_past, sinks=None, scale: float = 1.0,
+                             window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_cache``, ``standard`` profile (Concat + Attention-23)."""
+    return _attention_cache(q, k_new, v_new, k_past, v_past, sinks, scale, window, softcap, "standard")
+
+
+# ---------------------------------------------------------------------------- attention_ring
+_SLOT_RINGS = contextvars.ContextVar("effexport_slot_rings", default=False)
+
+
+@contextlib.contextmanager
+def slot_rings():
+    """Lower sliding rings as the eager op's slot ring (``p mod W``, written by a ``Gather``) even in
+    the ``ort`` profile. For runtimes that bind a ring's past and present to one buffer (GenAI):
+    GroupQueryAttention's windowed cache would be updated in place by the producer layer before
+    its KV-sharing consumers read the old rows."""
+    token = _SLOT_RINGS.set(True)
+    try:
+        yield
+    finally:
+        _SLOT_RINGS.reset(token)
+
+
+def _window_cache(profile: str, dims: Dims, chunked: bool = False) -> bool:
+    """The ``ort`` profile holds a sliding ring in GroupQueryAttention's windowed layout
+    (``sliding_window_cache``) wherever GQA takes the head size (not under :func:`slot_rings`):
+    see :func:`attend_gqa_window`."""
+    return (PROFILES[profile].gqa and not chunked and not _SLOT_RINGS.get() and dims.d == dims.dv
+            and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
+
+
+def attend_gqa_window(q, k_new, v_new, k_win, v_win, pos, sinks, scale: float, window: int, softcap: float,
+                      dims: Dims):
+    """Sliding-window attention over a W-row window cache, one ``GroupQueryAttention`` with
+    ``sliding_window_cache = 1`` that also writes the cache.
+
+    The window layout (GQA's, not the eager op's ring): after a step ending at position ``e``, rows
+    ``0..L-1`` hold positions ``e-L+1..e`` in order, ``L = min(e + 1, W)``; later rows are unspecified.
+    Both layouts start as zeros, and only this profile's nodes read the cache, so the artifact is
+    self-consistent (KV-sharing consumers of a ring run the same lowering over the producer's past).
+    ``seqlens_k = pos + T - 1`` on the device; ``total_sequence_length`` is W for a one-token step
+    (ORT sizes nothing by it for a windowed cache; a constant keeps a captured CUDA graph valid) and
+    ``pos + T`` for a chunk (:mod:`.host_positions` reads it from ``pos_host``)."""
+    if scale == 0.0:
+        raise ValueError("attention_ring: scale 0 (GroupQueryAttention reads it as 1/sqrt(d))")
+    heads, kv_heads, _, dv = dims
+    t_len = b.dim(q, 2)
+    seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), q)
+    total = op.Cast(op.Where(op.Equal(t_len, b.i64(1)), b.i64(window), op.Add(pos, t_len)), to=6)
+    out, k_present, v_present = msft.GroupQueryAttention(
+        _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_win, v_win, seqlens, total,
+        head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), softcap=float(softcap),
+        local_window_size=window, sliding_window_cache=1)
+    out = op.Transpose(op.Reshape(out, b.ints([0, 0, heads, dv])), perm=[0, 2, 1, 3])
+    return out, k_present, v_present
+
+
+def _window_positions(end, slots: int):
+    """Position held by each row of a window cache after a step ending at ``end`` (0-d, device):
+    ``e - L + 1 + r`` for rows ``r < L = min(e + 1, W)``, -1 (never filled) for the others."""
+    row = op.Range(b.i64(0), b.i64(slots), b.i64(1))
+    filled = op.Min(op.Add(end, b.i64(1)), b.i64(slots))
+    return op.Where(op.Less(row, filled), op.Add(op.Sub(op.Add(end, b.i64(1)), filled), row), b.i64(-1))
+
+
+def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, profile,
+                    chunked=False):
+    dims = Dims.of(q, k_new, v_new)
+    slots = b.static_dim(k_ring, 2, "attention_ring")
+    if slots != window:
+        raise ValueError(f"attention_ring: ring of {slots} slots for window {window}")
+    if _window_cache(profile, dims, chunked):
+        return attend_gqa_window(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, dims)
+    t_len = b.dim(q, 2)
+    old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
+    new_pos = b.positions(pos, t_len)  # [T]
+    keys = op.Concat(k_ring, k_new, axis=2)  # [B, Hkv, W+T, d]
+    values = op.Concat(v_ring, v_new, axis=2)
+    k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
+    mask = b.visible(new_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)), chunked)
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+    out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
+    # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
+    last_pos = b.ring_positions(b.plus(pos, op.Sub(t_len, b.i64(1))), slots)
+    slot = op.Range(b.i64(0), b.i64(slots), b.i64(1))
+    src = op.Where(op.GreaterOrEqual(last_pos, pos), op.Add(op.Sub(last_pos, pos), b.i64(slots)), slot)
+    return out, op.Gather(keys, src, axis=2), op.Gather(values, src, axis=2)
+
+
+def attention_ring_ort(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0,
+                       window: int = 1, softcap: float = 0.0, chunked: bool = False):
+    """``effexport::attention_ring``, ``ort`` profile (decomposed; ring write by Gather)."""
+    return _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, "ort",
+                           chunked)
+
+
+def attention_ring_standard(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0,
+                            window: int = 1, softcap: float = 0.0, chunked: bool = False):
+    """``effexport::attention_ring``, ``standard`` profile (Attention-23; ring write by Gather)."""
+    return _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap,
+                           "standard", chunked)
+
+
+# ---------------------------------------------------------------------------- attention_read
+def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, profile):
+    dims = Dims.of(q, k_cache, v_cache)
+    t_len = b.dim(q, 2)
+    q_pos = b.positions(pos, t_len)
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+    if ring:
+        slots = b.static_dim(k_cache, 2, "attention_read")
+        end = b.plus(pos, op.Sub(t_len, b.i64(1)))
+        k_pos = _window_positions(end, slots) if _window_cache(profile, dims) else b.ring_positions(end, slots)
+        filled = op.GreaterOrEqual(k_pos, b.i64(0))
+        if _window_cache(profile, dims):  # GQA leaves unfilled rows unspecified: no NaN may reach P x V
+            v_cache = op.Where(op.Reshape(filled, b.ints([1, 1, -1, 1])), v_cache, op.CastLike(b.f32c(0.0), v_cache))
+        mask = b.visible(q_pos, k_pos, window, filled)
+        return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale) and b.known_dim(k_cache, 2) is None:
+        # a growing cache (the producer's present): rows 0..pos+T-1 exactly; past = all but the last T
+        cut = op.Sub(op.Shape(k_cache, start=2, end=3), op.Shape(q, start=2, end=3))
+        k_past, k_new = _split_at(k_cache, cut)
+        v_past, v_new = _split_at(v_cache, cut)
+        return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
+    # a fixed buffer reads every row: the causal mask hides rows past pos + T - 1
+    k_pos = op.Range(b.i64(0), b.dim(k_cache, 2), b.i64(1))
+    return attend(q, k_cache, v_cache, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
+
+
+def attention_read_ort(q, k_cache, v_cache, pos, sinks=None, scale: float = 1.0, window: int = 0,
+                       softcap: float = 0.0, ring: bool = False):
+    """``effexport::attention_read``, ``ort`` profile (GQA over a full cache; ring decomposed)."""
+    return _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, "ort")
+
+
+def attention_read_standard(q, k_cache, v_cache, pos, sinks=None, scale: float = 1.0,
+                            window: int = 0, softcap: float = 0.0, ring: bool = False):
+    """``effexport::attention_read``, ``standard`` profile."""
+    return _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, ring, "standard")
+
+
+# -------------------------------------------------------------------------- attention_buffer
+def _buffer_written(buf, new, pos, t_len):
+    """``buf`` with rows ``pos..pos+T-1`` replaced by ``new``: a Gather over ``[buf | new]`` (row j
+    takes ``new[j - pos]`` inside the window of new rows, else its own row)."""
+    capacity = b.static_dim(buf, 2, "attention_buffer")
+    row = op.Range(b.i64(0), b.i64(capacity), b.i64(1))
+    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, b.plus(pos, t_len)))
+    src = op.Where(fresh, op.Add(op.Sub(row, pos), b.i64(capacity)), row)
+    return op.Gather(op.Concat(buf, new, axis=2), src, axis=2)
+
+
+def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, profile):
+    dims = Dims.of(q, k_new, v_new)
+    t_len = b.dim(q, 2)
+    capacity = b.static_dim(k_buf, 2, "attention_buffer")
+    if PROFILES[profile].gqa and _gqa_fits(dims, scale):
+        return attend_gqa(q, k_buf, v_buf, k_new, v_new, sinks, scale, window, softcap, dims,
+                          lengths=_buffer_lengths(pos, t_len, capacity, q))
+    k_out, v_out = _buffer_written(k_buf, k_new, pos, t_len), _buffer_written(v_buf, v_new, pos, t_len)
+    # every row is read (fixed shapes): the causal mask hides rows past pos + T - 1
+    q_pos, k_pos = b.positions(pos, t_len), op.Range(b.i64(0), b.i64(capacity), b.i64(1))
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+    return attend(q, k_out, v_out, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims), k_out, v_out
+
+
+def attention_buffer_ort(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, scale: float = 1.0,
+                         window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_buffer``, ``ort`` profile (GQA over the shared buffer)."""
+    return _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, "ort")
+
+
+def attention_buffer_standard(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, scale: float = 1.0,
+                              window: int = 0, softcap: float = 0.0):
+    """``effexport::attention_buffer``, ``standard`` profile (Gather write + Attention-23)."""
+    return _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, "standard")
+
+
+def _table():
+    import torch
+
+    import effexport.custom_ops.attention  # noqa: F401  (registers the ops)
+    ops = torch.ops.effexport
+    return {
+        "ort": {ops.attention.default: attention_ort, ops.attention_cache.default: attention_cache_ort,
+                ops.attention_ring.default: attention_ring_ort,
+                ops.attention_read.default: attention_read_ort,
+                ops.attention_buffer.default: attention_buffer_ort},
+        "standard": {ops.attention.default: attention_standard,
+                     ops.attention_cache.default: attention_cache_standard,
+                     ops.attention_ring.default: attention_ring_standard,
+                     ops.attention_read.default: attention_read_standard,
+                     ops.attention_buffer.default: attention_buffer_standard},
+    }
+
+
+TRANSLATIONS = _table()
+"""profile -> {OpOverload: translation function}."""

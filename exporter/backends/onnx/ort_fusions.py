@@ -1,0 +1,439 @@
+"""Fusions for the ``ort`` profile: RMSNorm -> ``SimplifiedLayerNormalization``, tanh-GELU ->
+``com.microsoft.FastGelu``. ONNX Runtime runs each node as at least one kernel launch; on CUDA a
+decode step of a real-size model is launch-bound (BENCHMARKS.md, runs 5-10), so fewer nodes is faster.
+On gemma4-e2b:tiny the two rules remove about a third of the step graph's nodes
+(tests/test_ort_fusions.py counts them).
+
+Why not ``onnxscript.rewriter.ort_fusions``: its RMSNorm rule absorbs the ``Cast`` to fp32 that
+bf16 models (Gemma 4, Laguna) put before the norm and emits ``SimplifiedLayerNormalization(x: bf16,
+scale: fp32) -> fp32``, which ONNX Runtime refuses to load ("Type parameter (T) ... bound to different
+types"; measured with onnxscript 0.7.2 / onnxruntime 1.32), and its tanh-GELU rule compares the
+constants at fp32 precision, so a bf16 graph (0.044715 stored as 0.044677734375) never matches.
+
+Both rules here keep the model's arithmetic: the norm is fused only where it is computed in fp32 or
+fp64 (the casts around it stay; ``SimplifiedLayerNormalization`` then computes exactly the fp32
+expression, up to summation order), and ``FastGelu`` computes the same tanh formula in fp32
+internally (for a bf16 input that is one rounding instead of seven: closer to eager PyTorch, whose
+``gelu(approximate="tanh")`` also computes in fp32). ``FastGelu`` has ONNX Runtime CPU kernels for
+fp32 and fp16 and CUDA kernels for fp32, fp16 and bf16 (bf16 ``Mul`` has no CPU kernel either, so a
+bf16 ``ort`` model is a GPU model in any case).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import (CommonSubexpressionEliminationPass, IdentityEliminationPass,
+                                   RemoveUnusedNodesPass)
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import no_op_transpose_rule, reshape_reshape_rule, transpose_transpose_rule
+
+from effexport.exporter.backends.onnx._schemas import ensure_fusion_schemas
+from effexport.exporter.backends.onnx.ort_rotary import fuse_rotary
+
+ensure_fusion_schemas()  # onnx.checker must know the ops the rules emit
+
+_NORM_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})
+_HALF_DTYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_SKIP_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_GELU_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_GELU_CONSTANTS = {"three": 3.0, "cubic": 0.044715, "sqrt_2_over_pi": math.sqrt(2.0 / math.pi), "one": 1.0,
+                   "half": 0.5}
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    """The single number a constant value holds (any float / int dtype), else None."""
+    const = None if value is None else value.const_value
+    if const is None:
+        return None
+    try:
+        array = const.numpy()
+    except OSError:  # a structure-only build's weight: a reference to data that does not exist
+        return None
+    if array.size != 1:
+        return None
+    return float(array.reshape(()).astype("float64"))
+
+
+def _close(value: float | None, expected: float, rel: float) -> bool:
+    return value is not None and abs(value - expected) <= rel * abs(expected)
+
+
+def _normalized(op, x, two, axes, eps):
+    """``x * reciprocal(sqrt(mean(x^2, -1) + eps))``, the part every RMS-norm pattern shares."""
+    mean_square = op.ReduceMean(op.Pow(x, two), axes, _outputs=["mean_square"])
+    return op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean_square, eps))))
+
+
+def _check_norm(x, two, axes, eps, mean_square, scale=None) -> pattern.MatchResult:
+    """The conditions of an RMS norm the fused op computes the same: fp32/fp64 arithmetic (the scale,
+    if any, in the same dtype), a square, a constant epsilon, the mean over the last axis with the
+    axis kept."""
+    result = pattern.MatchResult()
+    keepdims = mean_square.producer().attributes.get("keepdims")
+    if keepdims is not None and keepdims.as_int() != 1:
+        return result.fail("the mean drops the reduced axis")
+    if x.dtype not in _NORM_DTYPES or (scale is not None and scale.dtype != x.dtype):
+        return result.fail("the norm is not computed in fp32 / fp64 (or the scale has another dtype)")
+    if _scalar(two) != 2.0 or _scalar(eps) is None:
+        return result.fail("not x^2, or epsilon is not a constant")
+    rank = x.shape.rank() if x.shape is not None else None
+    axis = _scalar(axes)
+    if axis is None or not (axis == -1 or (rank is not None and axis == rank - 1)):
+        return result.fail("the mean is not over the last axis")
+    return result
+
+
+class _RmsNorm(pattern.RewriteRuleClassBase):
+    """``x * reciprocal(sqrt(mean(x^2, -1) + eps)) * scale`` with x in fp32/fp64 ->
+    ``SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=eps, stash_type=1)``."""
+
+    def __init__(self, name: str, scale_first: bool):
+        super().__init__(name)
+        self.scale_first = scale_first
+
+    def pattern(self, op, x, two, axes, eps, scale):
+        normalized = _normalized(op, x, two, axes, eps)
+        return op.Mul(scale, normalized) if self.scale_first else op.Mul(normalized, scale)
+
+    def check(self, context, x, two, axes, eps, scale, mean_square, **_) -> pattern.MatchResult:
+        return _check_norm(x, two, axes, eps, mean_square, scale)
+
+    def rewrite(self, op, x, eps, scale, **_):
+        # ONNX Runtime registers SimplifiedLayerNormalization in the default domain (a contrib op)
+        return op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=_scalar(eps), stash_type=1)
+
+
+class _RmsNormNoScale(pattern.RewriteRuleClassBase):
+    """``x * reciprocal(sqrt(mean(x^2, -1) + eps))`` without a scale (Gemma 4's value norm) ->
+    ``SimplifiedLayerNormalization(x, ones)``. Applied after :class:`_RmsNorm`, so a norm with a
+    scale is fused whole."""
+
+    def pattern(self, op, x, two, axes, eps):
+        return _normalized(op, x, two, axes, eps)
+
+    def check(self, context, x, two, axes, eps, mean_square, **_) -> pattern.MatchResult:
+        result = _check_norm(x, two, axes, eps, mean_square)
+        if result and not (x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int)):
+            return result.fail("the normalized dim is not static (the ones scale needs its size)")
+        return result
+
+    def rewrite(self, op, x, eps, **_):
+        ones = op.Constant(value=ir.tensor(np.ones(x.shape[-1], dtype=x.dtype.numpy())))
+        return op.SimplifiedLayerNormalization(x, ones, axis=-1, epsilon=_scalar(eps), stash_type=1)
+
+
+class _TanhGelu(pattern.RewriteRuleClassBase):
+    """``x * (0.5 * (tanh(sqrt(2/pi) * (x + 0.044715 * x^3)) + 1))`` -> ``FastGelu(x)``; the
+    constants are compared at bf16 precision (the model's dtype stores them)."""
+
+    def pattern(self, op, x, three, cubic, sqrt_2_over_pi, one, half):
+        inner = op.Mul(sqrt_2_over_pi, op.Add(x, op.Mul(cubic, op.Pow(x, three))))
+        return op.Mul(x, op.Mul(half, op.Add(op.Tanh(inner), one)))
+
+    def check(self, context, x, **constants) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype not in _GELU_DTYPES:
+            return result.fail("not a float16 / bfloat16 / float32 input")
+        for name, expected in _GELU_CONSTANTS.items():
+            if not _close(_scalar(constants[name]), expected, rel=1e-2):
+                return result.fail(f"constant {name} is not {expected}")
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.FastGelu(x, _domain="com.microsoft")
+
+
+class _HalfNorm(pattern.RewriteRuleClassBase):
+    """``Cast(SimplifiedLayerNormalization(Cast(x -> fp32), scale) -> T)`` with ``x`` in fp16 / bf16 and a
+    constant fp32 scale -> ``SimplifiedLayerNormalization(x, scale as T)``: the kernel reads T, computes
+    in fp32 (``stash_type`` 1) and writes T, so the two casts (two kernels, two copies of the activation)
+    go. The scale is rounded to T once (Gemma's ``1 + w`` becomes a bf16 number: a relative change of
+    at most 2^-9 per channel, the same rounding the output gets anyway); ONNX Runtime's CUDA kernel takes
+    a half-precision input only with the scale and output in the same type."""
+
+    def pattern(self, op, x, scale):
+        wide = op.Cast(x, _outputs=["wide"])
+        normed = op.SimplifiedLayerNormalization(wide, scale, _allow_other_attributes=True,
+                                                 _outputs=["normed"])
+        return op.Cast(normed, _outputs=["narrow"])
+
+    def check(self, context, x, scale, wide, normed, narrow, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype not in _HALF_DTYPES or wide.dtype != ir.DataType.FLOAT or narrow.dtype != x.dtype:
+            return result.fail("not a half-precision value normalized in fp32 and cast back")
+        if scale.dtype != ir.DataType.FLOAT or _constant(scale) is None:
+            return result.fail("the scale is not a constant fp32 tensor")
+        if len(normed.producer().outputs) > 1 and normed.producer().outputs[1].uses():
+            return result.fail("inv_std_var is read")
+        return result
+
+    def rewrite(self, op, x, scale, normed, narrow, **_):
+        norm = normed.producer()
+        out = op.SimplifiedLayerNormalization(x, _converted(scale, x.dtype), axis=norm.attributes.get_int("axis", -1),
+                                              epsilon=norm.attributes.get_float("epsilon", 1e-5), stash_type=1)
+        out.dtype, out.shape = narrow.dtype, narrow.shape  # later rules check shapes
+        return out
+
+
+class _SkipNorm(pattern.RewriteRuleClassBase):
+    """``s = a + b; y = SimplifiedLayerNormalization(s, gamma)`` over the last axis (a residual add and
+    the next RMS norm) -> ``com.microsoft.SkipSimplifiedLayerNormalization(a, b, gamma)``, whose fourth
+    output is the sum ``s`` (the residual stream reads it on). Same dtype everywhere, ``a`` and ``b`` of
+    one static-rank shape (no broadcasting), so the kernel adds exactly what ``Add`` added."""
+
+    def pattern(self, op, a, b, gamma):
+        total = op.Add(a, b, _outputs=["total"])  # both are outputs: the residual stream reads the sum on
+        return op.SimplifiedLayerNormalization(total, gamma, _allow_other_attributes=True, _outputs=["normed"]), total
+
+    def check(self, context, a, b, gamma, total, normed, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        norm = normed.producer()
+        if not (a.dtype == b.dtype == gamma.dtype and normed.dtype in (None, a.dtype) and a.dtype in _SKIP_DTYPES):
+            return result.fail("the add, the scale and the norm do not share one dtype")
+        if a.shape is None or b.shape is None or a.shape.rank() not in (2, 3) or list(a.shape) != list(b.shape):
+            return result.fail("the two addends do not have one known shape (rank 2 or 3)")
+        axis = norm.attributes.get_int("axis", -1)
+        if axis not in (-1, a.shape.rank() - 1) or gamma.shape is None or gamma.shape.rank() != 1:
+            return result.fail("not a norm over the last axis with a 1-D scale")
+        if len(norm.outputs) > 1 and norm.outputs[1].uses():
+            return result.fail("inv_std_var is read")
+        return result
+
+    def rewrite(self, op, a, b, gamma, total, normed, **_):
+        eps = normed.producer().attributes.get_float("epsilon", 1e-5)
+        outputs = op.SkipSimplifiedLayerNormalization(a, b, gamma, epsilon=eps, _domain="com.microsoft",
+                                                      _outputs=4)
+        for out, like in ((outputs[0], normed), (outputs[3], total)):
+            out.dtype, out.shape = a.dtype, like.shape or a.shape
+        return outputs[0], outputs[3]
+
+
+def _converted(value: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """The constant ``value`` converted to ``dtype``, one initializer per (value, dtype) however many
+    nodes read it."""
+    graph, name = value.graph, f"{value.name}.{dtype.name.lower()}"
+    if name not in graph.initializers:
+        graph.register_initializer(ir.Value(name=name, type=ir.TensorType(dtype), shape=value.shape,
+                                            const_value=ir.tensor(_constant(value).astype(dtype.numpy()), name=name)))
+    return graph.initializers[name]
+
+
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    """Whether two values provably have one shape: the same rank, each dim the same number or the same
+    named torch symbol."""
+    if a.shape is None or b.shape is None or a.shape.rank() != b.shape.rank():
+        return False
+    for x, y in zip(a.shape, b.shape):
+        if isinstance(x, int) or isinstance(y, int):
+            if x != y:
+                return False
+        elif x.value is None or x.value != y.value:
+            return False
+    return True
+
+
+class _NoOpReshapes(pattern.RewriteRuleClassBase):
+    """``Reshape(Reshape(x, s1), s2)`` whose result has ``x``'s shape -> ``x`` (the torch view /
+    unsafe_view chains around attention, once the transposes between them are gone)."""
+
+    def pattern(self, op, x, s1, s2):
+        return op.Reshape(op.Reshape(x, s1, _allow_other_attributes=True), s2, _allow_other_attributes=True,
+                          _outputs=["out"])
+
+    def check(self, context, x, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        return result if _same_shape(x, out) else result.fail("the reshapes change the shape")
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
+class _NoOpReshape(pattern.RewriteRuleClassBase):
+    """``Reshape(x, s)`` whose result provably has ``x``'s shape -> ``x``."""
+
+    def pattern(self, op, x, s):
+        return op.Reshape(x, s, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, x, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        return result if _same_shape(x, out) else result.fail("the reshape changes the shape")
+
+    def rewrite(self, op, x, **_):
+        return op.Identity(x)
+
+
+class _NormBeforeTranspose(pattern.RewriteRuleClassBase):
+    """``SimplifiedLayerNormalization(Transpose(x, perm))`` over the last axis, with ``perm`` keeping
+    the last axis -> ``Transpose(SimplifiedLayerNormalization(x), perm)``: the same numbers (each row
+    of the last axis is normalized alone), and the transpose can then meet its inverse."""
+
+    def pattern(self, op, x, scale):
+        moved = op.Transpose(x, _allow_other_attributes=True, _outputs=["moved"])
+        return op.SimplifiedLayerNormalization(moved, scale, _allow_other_attributes=True, _outputs=["normed"])
+
+    def check(self, context, x, scale, moved, normed, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        perm = moved.producer().attributes.get_ints("perm")
+        rank = x.shape.rank() if x.shape is not None else None
+        if perm is None or rank is None or perm[-1] != rank - 1:
+            return result.fail("the transpose moves the last axis (or is unknown)")
+        if normed.producer().attributes.get_int("axis", -1) not in (-1, rank - 1):
+            return result.fail("not a norm over the last axis")
+        if len(normed.producer().outputs) > 1 and normed.producer().outputs[1].uses():
+            return result.fail("inv_std_var is read")
+        return result
+
+    def rewrite(self, op, x, scale, moved, normed, **_):
+        norm = normed.producer()
+        inner = op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=norm.attributes.get_float("epsilon", 1e-5),
+                                                stash_type=norm.attributes.get_int("stash_type", 1))
+        inner.dtype, inner.shape = normed.dtype, x.shape
+        out = op.Transpose(inner, perm=list(moved.producer().attributes.get_ints("perm")))
+        out.dtype, out.shape = normed.dtype, normed.shape
+        return out
+
+
+_BNSH = [0, 2, 1, 3]
+
+
+class _RotaryToBsd(pattern.RewriteRuleClassBase):
+    """``Reshape(Transpose(RotaryEmbedding(Transpose(y, [0,2,1,3])), [0,2,1,3]), [B, T, H*D])`` with
+    ``y`` of shape ``[B, T, H, D]`` -> ``RotaryEmbedding(Reshape(y, [B, T, H*D]), num_heads=H)``: the
+    op's 3-D form reads the tokens-major layout attention wants, so both transposes go."""
+
+    def pattern(self, op, y, pos, cos, sin, shape):
+        heads_major = op.Transpose(y, _allow_other_attributes=True, _outputs=["heads_major"])
+        rotated = op.RotaryEmbedding(heads_major, pos, cos, sin, _domain="com.microsoft",
+                                     _allow_other_attributes=True, _outputs=["rotated"])
+        back = op.Transpose(rotated, _allow_other_attributes=True, _outputs=["back"])
+        return op.Reshape(back, shape, _allow_other_attributes=True, _outputs=["flat"])
+
+    def check(self, context, y, heads_major, rotated, back, flat, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if list(heads_major.producer().attributes.get_ints("perm") or []) != _BNSH \
+                or list(back.producer().attributes.get_ints("perm") or []) != _BNSH:
+            return result.fail("not the [B, H, T, D] <-> [B, T, H, D] transposes")
+        if y.shape is None or y.shape.rank() != 4 or not isinstance(y.shape[2], int) \
+                or not isinstance(y.shape[3], int) or flat.shape is None or flat.shape.rank() != 3:
+            return result.fail("not [B, T, H, D] with static H, D flattened to [B, T, H*D]")
+        if flat.shape[2] != y.shape[2] * y.shape[3] or not all(
+                _same_shape_dim(a, b) for a, b in zip(list(flat.shape)[:2], list(y.shape)[:2])):
+            return result.fail("the reshape is not [B, T, H*D]")
+        return result
+
+    def rewrite(self, op, y, pos, cos, sin, shape, rotated, flat, **_):
+        attrs = rotated.producer().attributes
+        tokens_major = op.Reshape(y, shape)
+        tokens_major.dtype, tokens_major.shape = flat.dtype, flat.shape
+        out = op.RotaryEmbedding(tokens_major, pos, cos, sin, interleaved=attrs.get_int("interleaved", 0),
+                                 num_heads=y.shape[2], _domain="com.microsoft")
+        out.dtype, out.shape = flat.dtype, flat.shape
+        return out
+
+
+def _same_shape_dim(a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a.value is not None and a.value == b.value
+
+
+def _attention_output_shapes(model: ir.Model) -> None:
+    """Give GroupQueryAttention outputs with no shape their query's (``[B, T, H*D]``), so the reshapes
+    after attention can be proven no-ops."""
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention" and node.outputs[0].shape is None \
+                and node.inputs[0] is not None and node.inputs[0].shape is not None:
+            node.outputs[0].shape = node.inputs[0].shape
+
+
+def _constant(value: ir.Value) -> np.ndarray | None:
+    const = value.const_value
+    if const is None:
+        return None
+    try:
+        return const.numpy()
+    except OSError:  # a structure-only build's weight: no data behind it
+        return None
+
+
+def share_shape_reads(model: ir.Model) -> int:
+    """Point every ``Shape`` node that reads dimensions another ``Shape`` node already read (the same
+    sizes and the same torch symbols, e.g. ``[s1, 4, s70, 32]``) at that earlier node's output; returns
+    how many were redirected. Each attention layer computes its positions and lengths from its own
+    query's shape; once those reads are one value, common-subexpression elimination keeps one copy of
+    the whole position arithmetic instead of one per layer. Equal symbols are equal sizes: torch.export
+    proves it when it names them."""
+    first: dict[tuple, ir.Value] = {}
+    moved = 0
+    for node in list(model.graph):  # topological: an earlier output is computed before any later use
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+            continue
+        x = node.inputs[0]
+        if x is None or x.shape is None or x.shape.rank() is None:
+            continue
+        rank = x.shape.rank()
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", rank)
+        start, end = (max(0, min(rank, i + rank if i < 0 else i)) for i in (start, end))
+        dims = list(x.shape)[start:end]
+        if not dims or any(not isinstance(d, int) and d.value is None for d in dims):
+            continue
+        key = tuple(d if isinstance(d, int) else str(d.value) for d in dims)
+        seen = first.setdefault(key, node.outputs[0])
+        if seen is not node.outputs[0] and not node.outputs[0].is_graph_output():
+            node.outputs[0].replace_all_uses_with(seen)
+            moved += 1
+    return moved
+
+
+STEP_RULES = pattern.RewriteRuleSet([_HalfNorm.rule(), transpose_transpose_rule, no_op_transpose_rule,
+                                     reshape_reshape_rule])
+SKIP_RULES = pattern.RewriteRuleSet([_SkipNorm.rule()], commute=True)
+LAYOUT_RULES = pattern.RewriteRuleSet([_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule,
+                                       _RotaryToBsd.rule(), _NoOpReshapes.rule(), _NoOpReshape.rule(),
+                                       reshape_reshape_rule])
+
+
+def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
+    """The second round of ``ort`` fusions, after the attention lowering (:func:`fuse_for_ort` and the
+    host-position split ran): half-precision norms without their casts, residual adds into
+    ``SkipSimplifiedLayerNormalization``, rotate-half RoPE as ``RotaryEmbedding`` where
+    ``max_positions`` bounds the positions (:mod:`.ort_rotary`), one copy of the per-layer shape and
+    position arithmetic (:func:`share_shape_reads` + common-subexpression elimination), then the
+    layout rules until none applies (norms below transposes, transpose pairs, no-op reshapes, the
+    rotation in the tokens-major layout). Returns how many rewrites were made (shape reads included)."""
+    _attention_output_shapes(model)
+    count = STEP_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
+    count += fuse_rotary(model, max_positions)
+    made = 1
+    for _ in range(8):  # each round lets the next meet
+        made = LAYOUT_RULES.apply_to_model(model) + share_shape_reads(model)
+        # the collapsed pairs' Identity nodes, duplicates and dead nodes hide the next match
+        ir.passes.Sequential(IdentityEliminationPass(), CommonSubexpressionEliminationPass(),
+                             RemoveUnusedNodesPass())(model)
+        count += made
+        if not made:
+            break
+    if any(node.domain == "com.microsoft" for node in model.graph):
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return count
+
+
+RULES = (pattern.RewriteRuleSet([_RmsNorm.rule("rms_norm", scale_first=False),
+                                 _RmsNorm.rule("rms_norm_scale_first", scale_first=True),
+                                 _TanhGelu.rule()], commute=True),
+         pattern.RewriteRuleSet([_RmsNormNoScale.rule()], commute=True))
+
+
+def fuse_for_ort(model: ir.Model) -> int:
+    """Apply the fusions in place; returns how many were made. Adds the ``com.microsoft`` opset
+    import when a ``FastGelu`` was made. Only the main graph is fused in practice: the rules check
+    dtypes, and the values inside the model-local function bodies carry none (a tanh GELU written
+    inside a function was tried: no match)."""
+    count = sum(rules.apply_to_model(model) for rules in RULES)
+    if count:  # the fused patterns' constants (exponents, epsilons) are initializers nobody reads now
+        RemoveUnusedNodesPass()(model)
+    if any(node.domain == "com.microsoft" for node in model.graph):
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return count

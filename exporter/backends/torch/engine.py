@@ -1,0 +1,156 @@
+"""``TorchEngine``: run a rewritten step program in torch -- eager, or compiled by Inductor -- and, on
+CUDA, replay one-token decode steps from CUDA graphs.
+
+The program is ``step(input_ids [B, T], pos (0-d int64), *caches) -> (logits, *presents)`` (a
+GraphModule, or an ``ExportedProgram`` whose ``module()`` is one). ``compile=True`` wraps it in
+``torch.compile`` (Inductor, default mode): Inductor generates kernels for the aten ops and the
+``effexport`` ops stay opaque calls of the registered custom ops, which on CUDA dispatch to their
+Triton kernels once :func:`effexport.custom_ops.enable_triton` ran (the engine calls it on CUDA when
+Triton is installed). Shapes that change (a prefill's length, a growing cache) recompile as
+``torch.compile`` does (automatic dynamic shapes after the second size).
+
+CUDA graphs (``cuda_graphs=True``, CUDA only): one graph per batch size, captured at the first
+one-token step of that batch size after a warm-up on a side stream (which is also where a compiled
+program compiles for that shape). The engine owns static memory for the graph -- ``input_ids [B, 1]``,
+``pos``, one tensor per cache -- and the captured work is the step followed by copying each present
+into its static cache, so a replay leaves the next step's caches in place. :meth:`TorchEngine.step`
+returns the static caches and the static logits: a caller that passes the returned caches back
+(the usual loop) copies nothing; other caches are copied in first. The logits tensor is overwritten
+by the next replay of that batch size (clone it to keep it). Prefill and other multi-token steps run
+uncaptured. Graphs need caches of fixed shape: an artifact with growing (``full``) caches runs every
+step uncaptured (:attr:`TorchEngine.graph_reason` says why); build with ``--kv-cache buffer``.
+A replay writes ``max_context``-row buffers past their end without a check (the op's own check reads
+``pos`` on the host, which a captured step cannot), so :meth:`step` refuses such a position first.
+
+Memory: per captured batch size, the static caches plus the graph's own pool (the presents before
+they are copied back): about twice the caches of that batch size.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from effexport.exporter.errors import BackendMissingError, LoadError
+from effexport.passes.cache_plan import CacheEntry
+
+FIXED_KINDS = ("ring", "chunk", "buffer", "compressed", "state")
+"""Cache kinds whose shape does not change from step to step (what a CUDA graph replays on)."""
+
+
+def on_device(ep: torch.export.ExportedProgram, device: torch.device) -> torch.export.ExportedProgram:
+    """``ep`` with its weights, constants and the device arguments in its graph on ``device``
+    (``torch.export.passes.move_to_device_pass``; in place, returned)."""
+    from torch.export.passes import move_to_device_pass
+
+    if device.type == "cuda" and device.index is None:
+        # a bare "cuda" would be written into the graph's _assert_tensor_metadata checks, which cuda:0
+        # tensors then fail ("Expected: cuda, Got: cuda:0")
+        device = torch.device("cuda", torch.cuda.current_device())
+    return move_to_device_pass(ep, device)
+
+
+class _DecodeGraph:
+    """One captured one-token step of batch ``B``: static inputs, static caches, the graph."""
+
+    def __init__(self, fn, input_ids: torch.Tensor, pos: torch.Tensor, caches: list[torch.Tensor]):
+        self.ids = input_ids.clone()
+        self.pos = pos.clone()
+        self.caches = [c.clone() for c in caches]
+        saved = [c.clone() for c in self.caches]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):  # compiles (torch.compile) and warms the allocator outside the capture
+                fn(self.ids, self.pos, *self.caches)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        storages = {c.untyped_storage().data_ptr() for c in self.caches}
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            outs = fn(self.ids, self.pos, *self.caches)
+            # a present that is a view of another cache's static memory would be overwritten by that
+            # cache's copy before its own: such presents are copied out first
+            presents = [p.clone() if p.untyped_storage().data_ptr() in storages and p is not c else p
+                        for c, p in zip(self.caches, outs[1:])]
+            for static, present in zip(self.caches, presents):
+                if present is not static:
+                    static.copy_(present)
+        self.logits = outs[0]
+        for static, value in zip(self.caches, saved):  # the capture ran nothing; be exact anyway
+            static.copy_(value)
+        del saved
+
+
+class TorchEngine:
+    """A step program run by torch (eager or Inductor), with CUDA-graph decode on CUDA."""
+
+    def __init__(self, program, entries: list[CacheEntry], device: str | torch.device = "cpu",
+                 compile: bool | None = None, cuda_graphs: bool | None = None):
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendMissingError("the torch engine was asked for CUDA and torch sees no CUDA device")
+            if importlib.util.find_spec("triton") is not None:
+                from effexport.custom_ops import enable_triton
+
+                enable_triton()
+        self.entries = list(entries)
+        if isinstance(program, torch.export.ExportedProgram):
+            program = program.module()
+        self.module = program
+        cuda = self.device.type == "cuda"
+        self.compiled = cuda if compile is None else bool(compile)
+        self.fn = torch.compile(program) if self.compiled else program
+        growing = [e.name for e in self.entries if e.kind not in FIXED_KINDS]
+        want = cuda if cuda_graphs is None else bool(cuda_graphs)
+        if want and not cuda:
+            raise LoadError("CUDA graphs need a CUDA device; pass cuda_graphs=False on the CPU")
+        if not want:
+            self.graph_reason = "CUDA graphs off" if cuda else "CUDA graphs need a CUDA device"
+        elif growing:
+            self.graph_reason = (f"caches {', '.join(growing[:3])} grow every step: decode runs uncaptured "
+                                 "(rebuild with --kv-cache buffer)")
+        else:
+            self.graph_reason = None
+        self.cuda_graphs = self.graph_reason is None
+        self.capacity = min((e.concrete_shape(1, 0)[2] for e in self.entries if e.kind == "buffer"), default=None)
+        self.graphs: dict[int, _DecodeGraph] = {}
+
+    def initial_caches(self, batch: int) -> list[torch.Tensor]:
+        """The plan's prefill caches on the engine's device."""
+        return [e.empty(batch, self.device) for e in self.entries]
+
+    def step(self, input_ids: torch.Tensor, pos, caches: list[torch.Tensor]
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` (an int or 0-d tensor) over
+        ``caches`` -> (logits, the caches for the next step). A one-token step replays the batch
+        size's CUDA graph when graphs are on (see the module docstring for what it returns)."""
+        batch, new = input_ids.shape
+        if self.capacity is not None and not isinstance(pos, torch.Tensor) and pos + new > self.capacity:
+            raise ValueError(f"positions {pos}..{pos + new - 1} do not fit the caches' {self.capacity} rows "
+                             "(build with a larger --max-context)")
+        input_ids = input_ids.to(self.device, torch.int64)
+        if self.cuda_graphs and new == 1:
+            return self._replay(input_ids, pos, caches)
+        pos_t = torch.as_tensor(pos, dtype=torch.int64).to(self.device)
+        caches = [c.to(self.device) for c in caches]
+        with torch.no_grad():
+            outs = self.fn(input_ids.contiguous(), pos_t, *caches)
+        return outs[0], list(outs[1:])
+
+    def _replay(self, input_ids, pos, caches):
+        batch = input_ids.shape[0]
+        graph = self.graphs.get(batch)
+        if graph is None:
+            pos_t = torch.as_tensor(pos, dtype=torch.int64).to(self.device)
+            graph = self.graphs[batch] = _DecodeGraph(self.fn, input_ids, pos_t, [c.to(self.device) for c in caches])
+        graph.ids.copy_(input_ids)
+        if isinstance(pos, torch.Tensor):
+            graph.pos.copy_(pos)
+        else:
+            graph.pos.fill_(int(pos))  # a fill kernel: no host-to-device copy
+        for static, cache in zip(graph.caches, caches):
+            if static.data_ptr() != cache.data_ptr():
+                static.copy_(cache)
+        graph.graph.replay()
+        return graph.logits, graph.caches
