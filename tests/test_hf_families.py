@@ -111,7 +111,8 @@ def test_long_prompt_in_one_call(built):
     rule loops over 64-token chunks in Python, the capture unrolled one chunk, and export's guards
     bound a step to 63 tokens (it also assumed a non-empty padding to the chunk); the runtime feeds
     the prompt in pieces of that many tokens. The step model itself, fed the 150 tokens in one call,
-    is wrong (0.13 max rel): what the bound prevents."""
+    is wrong (0.13 max rel) or, lowered by the current main, refused by ORT (a ScatterElements of the
+    unrolled chunk): what the bound prevents."""
     from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     config = _text(built.hf.config)
@@ -132,7 +133,11 @@ def test_long_prompt_in_one_call(built):
         caches = result.caches
     err = np.abs(np.concatenate(logits, 1).astype(np.float64) - ref).max() / np.abs(ref).max()
     assert err <= RTOL, f"{built.family}: {LONG_PROMPT}-token prompt in one call: max rel {err:.3e} > {RTOL}"
-    whole = runtime._run(ids[:, :LONG_PROMPT].numpy(), 0, runtime.initial_caches(BATCH))  # one call, no pieces
+    try:  # one call, no pieces: wrong logits, or ORT refuses the unrolled chunk's shapes (since the merge of main)
+        whole = runtime._run(ids[:, :LONG_PROMPT].numpy(), 0, runtime.initial_caches(BATCH))
+    except runtime.ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+        print(f"{LONG_PROMPT} tokens in one step-model call refused by ORT: {str(exc).splitlines()[0][:160]}")
+        return
     err = np.abs(whole.logits.astype(np.float64) - ref[:, :LONG_PROMPT]).max() / np.abs(ref).max()
     assert err > 1e-2, f"the step model took {LONG_PROMPT} tokens in one call (max rel {err:.1e}): drop the bound?"
 

@@ -1,6 +1,7 @@
 """``max_step_tokens`` (effexport.json): the most new tokens the step graph takes in one call (export's
 guards on the new-token count, e.g. Qwen3-Next's 64-token chunk loop unrolled once). The runtimes feed
-longer inputs in pieces (``exporter.backends.artifact.in_pieces``); the manifest check refuses a malformed bound.
+longer inputs in pieces (``exporter.backends.artifact.in_pieces``; the torch and AOTInductor runtimes in
+``step_torch`` too); the manifest check refuses a malformed bound.
 The end-to-end check (a CLI-built Qwen3-Next fed 150 tokens in one call) is
 ``tests/test_hf_families.py::test_long_prompt_in_one_call``."""
 import json
