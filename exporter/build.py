@@ -250,7 +250,7 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
     reference, loaded = loaded, in_dtype(loaded, opts.dtype)
     t0 = progress.stage("capture (torch.export, dynamic batch / tokens / cache length)"
                         + ("" if opts.dtype == "fp32" else f", in {opts.dtype}"))
-    captured = capture_step(loaded.model, loaded.example_ids())
+    captured = capture_step(loaded.model, loaded.example_ids(), loaded.example_new_tokens)
     progress.done(t0, f"{len(captured.gm.graph.nodes)} nodes")
     t0 = progress.stage("rewrite (attention sites, masks, KV sharing, caches)")
     dumped = {}
@@ -262,6 +262,11 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
         from effexport.exporter.backends.onnx.genai import refusal
 
         reason = refusal(analysis.plan, loaded.name)
+        if not reason and program.max_new_tokens:  # GenAI feeds a whole prompt to one step call
+            reason = (f"{loaded.name} cannot be an onnxruntime-genai package: its step graph takes at most "
+                      f"{program.max_new_tokens} new tokens per call (max_step_tokens) and og.Generator feeds a "
+                      "prompt in one call; build without --genai and run it with effexport.runtime, which feeds "
+                      "longer prompts in pieces")
         if reason:
             raise UsageError(reason)
     if opts.explain:
@@ -334,6 +339,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             "opset": onnx_opset(model_proto) if model_proto is not None else None,
             "ir_version": model_proto.ir_version if model_proto is not None else None, **lowered.manifest,
             "cache_plan": analysis.plan.to_json(), "versions": versions(),
+            **({"max_step_tokens": program.max_new_tokens} if program.max_new_tokens else {}),
             "command": list(opts.command) or ["effexport", opts.model, "--target", opts.target],
         }
         _write_json(os.path.join(tmp, MANIFEST), manifest)
@@ -429,7 +435,7 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
 
     t0 = progress.stage(f"parity of the fp32 twin (no CUDA EP here to run {opts.dtype}: capture, rewrite and "
                         f"lower fp32, prefill + {opts.steps} decode steps on ONNX Runtime CPU)")
-    twin_program, twin_analysis = run_pipeline(capture_step(reference.model, reference.example_ids()),
+    twin_program, twin_analysis = run_pipeline(capture_step(reference.model, reference.example_ids(), reference.example_new_tokens),
                                                max_context=opts.max_context, cache_layout=opts.kv_cache)
     with tempfile.TemporaryDirectory(prefix=".effexport-twin-", dir=os.path.dirname(tmp)) as twin:
         twin_proto = export_step(twin_program, twin_analysis.plan, os.path.join(twin, "model.onnx"),
@@ -437,7 +443,8 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
         _write_json(os.path.join(twin, MANIFEST), {
             "target": "onnx", "profile": opts.profile, "files": {"step": "model.onnx"},
             "inputs": onnx_inputs(twin_proto), "outputs": twin_program.outputs,
-            "cache_plan": twin_analysis.plan.to_json()})
+            "cache_plan": twin_analysis.plan.to_json(),
+            **({"max_step_tokens": twin_program.max_new_tokens} if twin_program.max_new_tokens else {})})
         parity = check_parity(reference.model, OrtRuntime(twin), ids, opts.steps, "fp32")
         mismatch = compare_structure(os.path.join(tmp, "model.onnx"), os.path.join(twin, "model.onnx"))
     progress.done(t0)

@@ -68,6 +68,128 @@ def fast_export_config() -> contextlib.AbstractContextManager:
     return dynamo_config.patch(fake_tensor_cache_enabled=False)
 
 
+def _mismatch(a, b) -> int:
+    """Elements of two output pytrees that differ (rtol 1e-5; a shape or structure change counts all)."""
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(la) != len(lb):
+        return 1 << 30
+    bad = 0
+    for x, y in zip(la, lb):
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+            bad += 1 << 20
+        elif x.is_floating_point():
+            bad += int((~torch.isclose(x.float(), y.float(), rtol=1e-5, atol=1e-6, equal_nan=True)).sum())
+        else:
+            bad += int((x != y).sum())
+    return bad
+
+
+def initial_fills(model: torch.nn.Module, prompt: torch.Tensor, past: dict, seq_dims: dict) -> dict[str, float]:
+    """Each fixed-size state's prefill value, where it is not zero: ``{name: fill}``.
+
+    A model's prefill (``past=None``) starts its states from its own empty values, which the step
+    graph cannot see: the artifact's prefill feeds the CachePlan's empty caches instead. A state the
+    passes rewrite is masked by position in the rewritten graph, but one they leave alone (a compressor
+    not recognised) reads them as written: DeepSeek V4's compressor starts its gate scores at -inf
+    ("empty slot"), and started from zeros its first entries pool empty slots (rel 2.5e-2 off at a
+    5-token prefill). So the eager model runs the prompt from an explicit empty past (zero-length
+    growing caches, states filled) and its logits and presents must equal its own prefill's: all
+    zeros first, then -inf tried state by state where it brings them closer. Nothing found that
+    reproduces the prefill is refused; a model that cannot take an explicit empty past is taken as it
+    is (zeros)."""
+    states = [name for name, dim in seq_dims.items() if dim is None]
+    if prompt.device.type == "meta":
+        return {}
+
+    def run(fills: dict) -> int:
+        empty = {name: (t.narrow(seq_dims[name], 0, 0) if seq_dims[name] is not None
+                        else torch.full_like(t, fills.get(name, 0.0))) for name, t in past.items()}
+        return _mismatch(model(prompt, empty), want)
+
+    with torch.no_grad():
+        want = model(prompt)
+        try:
+            fills: dict[str, float] = {}
+            err = run(fills)
+        except Exception:  # the model's forward takes no explicit empty past: nothing to learn
+            return {}
+        for name in states if err else ():
+            trial = {**fills, name: float("-inf")}
+            e = run(trial)
+            if e < err:
+                fills, err = trial, e
+    if err:
+        raise CaptureError(
+            "the model's prefill (past=None) is not reproduced from an empty cache (zero-length growing caches, "
+            f"states zero or -inf): {err} output values differ; states: {', '.join(states) or 'none'}. The artifact "
+            "starts every step sequence from such a cache, so its prefill would differ from the model's")
+    return fills
+
+
+class _Sizes:
+    """What an export guard reads of one input: ``.size()`` (``L['input_ids'].size()[1]``)."""
+
+    def __init__(self, shape):
+        self.shape = list(shape)
+
+    def size(self):
+        return self.shape
+
+
+_NEW = "L['input_ids'].size()[1]"
+_STEP_SEARCH = 8192  # new-token counts the guards are evaluated at (a larger bound: none recorded)
+
+
+def _max_new_tokens(ep, new: torch.Tensor, past: dict) -> int | None:
+    """The largest new-token count T for which every guard of the new-token count alone holds, or None.
+
+    A Python loop over chunks of the new tokens (Qwen3-Next's gated delta rule: ``for i in
+    range(num_chunks)``) is unrolled at the example's chunk count; export keeps the count only as a
+    guard (``((T + (64 - T % 64) % 64) // 64) == 1``), which nothing enforces once the graph is
+    lowered, so a longer step computes one chunk of a longer sequence: wrong (0.13 max rel at 70
+    and 150 tokens). The guards that read no size but T and the batch are evaluated at T = example
+    .. 8192 (the other sizes at the example's); the first T failing one bounds the step: the artifact
+    records the bound (``max_step_tokens``) and its runtimes feed longer inputs in pieces. An upper bound
+    export put on T's range itself caps it too."""
+    bound = None  # the range export itself put on T (``ep.range_constraints``), if finite
+    user = ep.graph_signature.user_inputs[:1]  # input_ids (parameters are placeholders too, before it)
+    t = next((n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user), None)
+    t = t.meta.get("val").shape[1] if t is not None and isinstance(t.meta.get("val"), torch.Tensor) else None
+    if isinstance(t, torch.SymInt) and t.node.expr in ep.range_constraints:
+        upper = ep.range_constraints[t.node.expr].upper
+        bound = None if bool(upper >= 2 ** 62) else int(upper)
+    guards = []
+    for code in getattr(ep, "_guards_code", ()):
+        batchless = re.sub(r"L\['past'\]\['[^']+'\]\.size\(\)\[0\]", "", code)  # past batch sizes are fine
+        if _NEW not in code or "L['past']" in batchless or re.search(r"stride|_base|storage", code):
+            continue
+        try:
+            guards.append(compile(code, "<guard>", "eval"))
+        except SyntaxError:
+            continue
+    if not guards:
+        return bound
+    env = {"L": {"input_ids": _Sizes(new.shape), "past": {k: _Sizes(v.shape) for k, v in past.items()}}}
+
+    def holds(t: int) -> bool:
+        env["L"]["input_ids"].shape[1] = t
+        ok = True
+        for g in guards:
+            try:
+                ok = ok and bool(eval(g, {"__builtins__": {"min": min, "max": max, "abs": abs}}, env))
+            except Exception:  # a guard this evaluation cannot read: not a bound
+                continue
+        return ok
+
+    start = new.shape[1]
+    if not holds(start):
+        return bound
+    for t in range(start + 1, min(bound or _STEP_SEARCH, _STEP_SEARCH) + 1):
+        if not holds(t):
+            return t - 1
+    return bound
+
+
 def _check_dynamic(graph: fx.Graph, in_names: list[str], seq_dims: dict) -> None:
     """Fail clearly if export specialised batch, T or a cache length to its example value."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -106,8 +228,8 @@ def _check_length_branches(graph: fx.Graph, in_names: list[str], seq_dims: dict,
     the inputs, which nothing enforces once the graph is rewritten and lowered, so the graph would
     compute that branch at every length. Seen two ways: a guard that compares the key count (a
     growing cache's length, plus the new tokens) with a number, and an upper bound export put on a
-    cache length. A bound on the new-token count alone is allowed: a compressor's per-step block
-    count (DeepSeek V4) is a branch the passes replace, and the parity run's prefill crosses it."""
+    cache length. A bound on the new-token count alone is allowed: the artifact records it
+    (``max_step_tokens``, :func:`_max_new_tokens`) and its runtimes feed longer steps in pieces."""
     guards = [_guard_text(g) for g in getattr(ep, "_guards_code", ())]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, name in zip(placeholders, in_names):
@@ -167,6 +289,9 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _check_dynamic(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()})
     _check_length_branches(graph, in_names, {f"past.{k}": v for k, v in seq_dims.items()}, ep)
+    max_new = _max_new_tokens(ep, new, past)
+    phase("capture: the states' prefill values")
+    fills = initial_fills(model, prompt, past, seq_dims)
     if len(placeholders) != len(in_names):
         raise CaptureError(f"captured graph has {len(placeholders)} inputs, expected {len(in_names)}")
     output = next(n for n in graph.nodes if n.op == "output")
@@ -174,4 +299,5 @@ def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: in
     output.args = (tuple(flat),)
     graph.lint()
     gm = fx.GraphModule(gm, graph)  # a fresh module: no export input-spec hooks, flat signature
-    return StepProgram(gm, in_names, out_names, {f"past.{k}": v for k, v in seq_dims.items()}, seconds)
+    return StepProgram(gm, in_names, out_names, {f"past.{k}": v for k, v in seq_dims.items()}, seconds,
+                       {f"past.{k}": v for k, v in fills.items()}, max_new)

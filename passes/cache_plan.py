@@ -33,6 +33,7 @@ class CacheEntry:
     dtype: str
     window: int = 0
     ratio: int = 0
+    fill: float = 0.0  # a state's prefill value (the model's own empty state, capture.initial_fills)
 
     def concrete_shape(self, batch: int, length: int) -> list[int]:
         """Shape at ``length`` cached tokens (``length`` is ignored by ring and state entries)."""
@@ -46,8 +47,10 @@ class CacheEntry:
         return numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
     def empty(self, batch: int, device="cpu") -> torch.Tensor:
-        """The initial (prefill) value: zero-length full caches, zero-filled rings and states."""
-        return torch.zeros(self.concrete_shape(batch, 0), dtype=getattr(torch, self.dtype), device=device)
+        """The initial (prefill) value: zero-length full caches, zero-filled rings, states filled with
+        ``fill`` (zeros unless the model's own prefill starts the state elsewhere, e.g. -inf scores)."""
+        return torch.full(self.concrete_shape(batch, 0), float(self.fill), dtype=getattr(torch, self.dtype),
+                          device=device)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class CachePlan:
         return [e.empty(batch, device) for e in self.entries]
 
     def to_json(self) -> dict:
-        return {"entries": [asdict(e) for e in self.entries], "layers": [asdict(l) for l in self.layers]}
+        entries = [{k: v for k, v in asdict(e).items() if k != "fill" or v} for e in self.entries]  # fill 0: left out
+        return {"entries": entries, "layers": [asdict(l) for l in self.layers]}
 
 
 def stateful_layers(program) -> dict[int, list[str]]:

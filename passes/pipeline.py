@@ -220,7 +220,8 @@ def _cache_plan(ctx: Context) -> dict:
             else:
                 shape.append(int(d))
         plan.entries.append(CacheEntry(name=key, layer=layer, kind=kind, shape=tuple(shape),
-                                       dtype=str(val.dtype).replace("torch.", ""), window=window, ratio=ratio))
+                                       dtype=str(val.dtype).replace("torch.", ""), window=window, ratio=ratio,
+                                       fill=prog.fills.get(name, 0.0) if kind == "state" else 0.0))
     for s in ctx.analysis.sites:
         layer = layer_index(s.layer)
         plan.layers.append(LayerRole(layer=layer if layer is not None else s.index, role=s.role,
@@ -263,7 +264,7 @@ def run_pipeline(program: StepProgram, dump_after: str | None = None,
         raise RewriteError(f"unknown pass {dump_after!r} for --dump-after; passes are: {', '.join(PASS_NAMES)}")
     gm = fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
     prog = StepProgram(gm, list(program.inputs), list(program.outputs), dict(program.seq_dims),
-                       program.capture_seconds)
+                       program.capture_seconds, dict(program.fills), program.max_new_tokens)
     ctx = Context(prog, Analysis(), max_context=max_context, cache_layout=cache_layout)
     for name, fn in PIPELINE:
         ctx.analysis.counts[name] = fn(ctx)

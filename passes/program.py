@@ -21,6 +21,8 @@ class StepProgram:
     outputs: list[str]
     seq_dims: dict[str, int | None] = field(default_factory=dict)  # cache name -> growing dim (None: state)
     capture_seconds: float = 0.0
+    fills: dict[str, float] = field(default_factory=dict)  # state name -> prefill value, where not 0 (initial_fills)
+    max_new_tokens: int | None = None  # the most new tokens one step may take (export's bound), None: any
 
     def __call__(self, *args):
         return self.gm(*args)

@@ -105,6 +105,18 @@ class LayerSpec:
         return local
 
 
+def capture_new_tokens(specs: list[LayerSpec], minimum: int = 3) -> int:
+    """New-token count ``T`` of the capture's example step: at least twice every compression ratio.
+
+    A compressor's step completes ``(T + P mod r) // r`` blocks, a size derived from ``T`` and the
+    past length ``P``; torch.export specialises a size that is 0 or 1 in its example (its contiguity
+    checks single out size-1 dims), so an example step completing one block bakes "one block per
+    step" into the graph: exact only where a step completes exactly one block (DeepSeek V4's CSA step
+    at T = 3, P = 37 was; a prefill of 5 tokens or a decode step completing no block was wrong or
+    failed). With ``T >= 2r`` every such count is >= 2 in the example and stays symbolic."""
+    return max([minimum] + [2 * spec.ratio for spec in specs if spec.ratio])
+
+
 def capture_length(specs: list[LayerSpec], minimum: int = 40, new_tokens: int = 3) -> int:
     """Length of the example token stream a capture of this layout needs (prompt + ``new_tokens``).
 
@@ -112,8 +124,9 @@ def capture_length(specs: list[LayerSpec], minimum: int = 40, new_tokens: int = 
     compressed entries than top-k?") at the example sizes and keeps only that branch, so the example
     prompt must already be past every threshold the model has: longer than each window, at least one
     compressed block at half its length (``capture.growing_dims`` compares the caches at L/2 and L),
-    and more compressed entries than each top-k. On the meta device the length costs nothing."""
-    prompt = minimum - new_tokens
+    and more compressed entries than each top-k. On the meta device the length costs nothing. The
+    prompt is at least ``minimum - 3`` tokens whatever ``new_tokens`` (:func:`capture_new_tokens`)."""
+    prompt = minimum - 3
     for spec in specs:
         if spec.window is not None:
             prompt = max(prompt, spec.window + 2)

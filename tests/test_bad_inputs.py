@@ -473,7 +473,7 @@ def _fake_lowering(monkeypatch, rewritten, export_step):
     import effexport.exporter.backends.onnx.export as export_mod
 
     captured = rewritten(TINY).captured  # the same model and tokens the build would capture
-    monkeypatch.setattr(capture_mod, "capture_step", lambda model, ids: captured)
+    monkeypatch.setattr(capture_mod, "capture_step", lambda model, ids, *args: captured)
     monkeypatch.setattr(export_mod, "export_step", export_step)
 
 

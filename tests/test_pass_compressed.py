@@ -10,8 +10,9 @@ graph: a pooling without the block softmax is not recognised, and a compressor w
 (cos -> sin) fails the numeric check; both layers are left alone with a reason. Look-alike models
 (``models.compressor_lookalike``): HCA compressors gated from the wrong block boundary or mean-pooled
 without the gate, and CSA compressors pairing the wrong block halves, are all left alone with their
-reasons; the HCA look-alike keeps parity across block boundaries, the CSA one does not (a strict
-xfail: the capture of DeepSeek's CSA step is specialised to its block arithmetic).
+reasons; both keep parity across block boundaries left alone (the CSA one captured with the build's
+example step of 2 blocks, ``samples._spec.capture_new_tokens``: with 1 block per example step export
+specialised the block count and the left-alone graph was wrong at other lengths).
 
 The pass runs between the pipeline's own ``rewrite`` and ``positions`` passes (the proposed
 ``PIPELINE`` line). The model is captured once per module (~3 min on the shared 2-core machine).
@@ -193,13 +194,17 @@ def test_lookalike_compressors_parity(lookalike):
 @pytest.fixture(scope="module")
 def csa_lookalike():
     """``(model, ids, program, analysis)``: one CSA layer (ratio 4, overlapping blocks, indexer) whose
-    compressors pair the wrong halves of neighbouring blocks; captured once (~15 s)."""
+    compressors pair the wrong halves of neighbouring blocks; captured once (~15 s) the way a build
+    captures (``samples._spec.capture_new_tokens``: an example step of 8 new tokens, 2 blocks)."""
     from effexport.exporter.capture import capture_step
+    from effexport.samples._spec import capture_new_tokens
     from models import compressor_lookalike
 
     model = compressor_lookalike.build(("swapped",), ratio=4)
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
-    program, analysis = pipeline.run_pipeline(capture_step(model, ids), max_context=MAX_CONTEXT)
+    new_tokens = capture_new_tokens(model.config.layer_specs())
+    assert new_tokens == 8
+    program, analysis = pipeline.run_pipeline(capture_step(model, ids, new_tokens), max_context=MAX_CONTEXT)
     return model, ids, program, analysis
 
 
@@ -216,15 +221,12 @@ def test_csa_lookalike_left_alone_with_reasons(csa_lookalike):
     assert not [n for n in program.gm.graph.nodes if is_call(n, OPS.kv_compress_step.default, OPS.indexer_topk.default)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: the captured DeepSeek V4 CSA step (the sample's code: its unmodified capture fails "
-    "the same way at P = 8, T = 1) is exact "
-    "only at the capture's block arithmetic: export specialised sizes derived from (T + P % 4) // 4 "
-    "(guards like '((T + P % 4) // 4) < 2'), so left alone its graph is wrong at a 5-token prefill "
-    "(rel 2.5e-2 at position 4) and fails at P = 8, T = 1 (indexer mask [T, 2] vs scores [B, T, 3]); "
-    "the compressed pass's rewrite removes that code, so rewritten CSA layers are exact"))
 def test_csa_lookalike_parity(csa_lookalike):
-    """Left alone, the step graph should compute the look-alike's logits: prefill 5, then 35 steps."""
+    """Left alone, the step graph computes the look-alike's logits: prefill 5, then 35 steps (steps
+    that complete no block, one block; the prefill one block with fewer entries than top-k), and
+    chunks of 13, 6 and 2 (3 and 2 blocks per step). Captured with a 3-token example step (one block
+    per step) export specialised the block count to 1: rel 2.5e-2 at the 5-token prefill and a
+    failure at P = 8, T = 1 (indexer mask [T, 2] vs scores [B, T, 3])."""
     model, ids, program, analysis = csa_lookalike
     with torch.no_grad():
         want, _ = model(ids)
@@ -233,3 +235,65 @@ def test_csa_lookalike_parity(csa_lookalike):
         for t in range(5, ids.shape[1]):
             outs = program.gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
             assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
+        outs, pos = (None, *analysis.plan.empty_caches(2)), 0
+        for n in (13, 6, 2, 1):
+            outs = program.gm(ids[:, pos:pos + n], torch.tensor(pos), *outs[1:])
+            assert_close(outs[0], want[:, pos:pos + n], what=f"logits of tokens {pos}..{pos + n - 1}")
+            pos += n
+
+
+def test_csa_lookalike_states_start_as_the_model_starts_them(csa_lookalike):
+    """The CachePlan's empty caches are the model's own empty state: the compressors' gate scores start
+    at -inf (empty slots), their projected values at 0 (``capture.initial_fills``); started from
+    zeros, the left-alone compressors pool empty slots (rel 2.5e-2 at the 5-token prefill). Only a
+    non-zero fill is written to the manifest's entries."""
+    model, ids, program, analysis = csa_lookalike
+    fills = {e.name: e.fill for e in analysis.plan.entries if e.kind == "state"}
+    assert fills == {"0.comp_kv_state": 0.0, "0.comp_score_state": float("-inf"),
+                     "0.index_kv_state": 0.0, "0.index_score_state": float("-inf")}, fills
+    entries = {e["name"]: e for e in analysis.plan.to_json()["entries"]}
+    assert entries["0.comp_score_state"]["fill"] == float("-inf") and "fill" not in entries["0.comp_kv_state"]
+    assert all(torch.isneginf(c).all() for e, c in zip(analysis.plan.entries, analysis.plan.empty_caches(1))
+               if e.name.endswith("score_state"))
+
+
+def test_capture_refuses_a_state_it_cannot_start():
+    """A model whose prefill starts a state from a value the empty cache cannot give (0.5 here) is
+    refused at capture with the reason, instead of an artifact whose prefill differs."""
+    from effexport.exporter.capture import initial_fills
+    from effexport.exporter.errors import CaptureError
+
+    class Half(torch.nn.Module):
+        def forward(self, ids, past=None):
+            kv = torch.nn.functional.one_hot(ids, 8).float()
+            state = past["0.s"] if past is not None else torch.full((ids.shape[0], 8), 0.5)
+            state = state + kv.sum(1)
+            kv = kv if past is None else torch.cat([past["0.kv"], kv], 1)
+            return kv * state[:, None], {"0.kv": kv, "0.s": state}
+
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    _, past = Half()(ids)
+    with pytest.raises(CaptureError, match=r"prefill \(past=None\) is not reproduced.*0\.s"):
+        initial_fills(Half(), ids, past, {"0.kv": 1, "0.s": None})
+
+
+def test_sample_capture_example_completes_two_blocks_per_step():
+    """A build captures a sample with an example step of twice the largest compression ratio (every
+    compressor completes >= 2 blocks in it, so export keeps the block count symbolic)."""
+    from effexport.exporter.frontends.loading import load_model
+
+    loaded = load_model("deepseek-v4-flash:tiny")
+    assert loaded.example_new_tokens == 32
+    assert loaded.example_length == 37 + 32
+    assert load_model("gemma4-e2b:tiny").example_new_tokens == 3
+
+
+def test_step_bound_recorded_from_export(csa_lookalike):
+    """The capture records the most new tokens a step may take where export bounded them: none for the
+    build's 2-block example step; captured with a 1-block step (T = 3 at P = 37) export bounded T to 7
+    ((T + P % 4) // 4 < 2), which the artifact would record as ``max_step_tokens``."""
+    from effexport.exporter.capture import capture_step
+
+    model, ids, program, analysis = csa_lookalike
+    assert program.max_new_tokens is None
+    assert capture_step(model, ids, 3).max_new_tokens == 7

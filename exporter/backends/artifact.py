@@ -64,6 +64,9 @@ def check_manifest(manifest, path: str, artifact_dir: str) -> None:
     source = manifest.get("source")
     if source is not None and not isinstance(source, dict):
         raise bad("has a 'source' that is not an object")
+    limit = manifest.get("max_step_tokens")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise bad(f"has a 'max_step_tokens' that is not a positive integer ({str(limit)[:40]!r})")
     plan = manifest["cache_plan"]
     if not isinstance(plan, dict) or not isinstance(plan.get("entries"), list):
         raise bad("has a 'cache_plan' without a list of 'entries'")
@@ -101,6 +104,32 @@ class StepResult:
 
     logits: np.ndarray
     caches: list
+
+
+def pieces_needed(manifest: dict, input_ids) -> bool:
+    """Whether ``input_ids [B, T]`` has more new tokens than the manifest's ``max_step_tokens``
+    (a runtime then feeds it :func:`in_pieces`)."""
+    limit = manifest.get("max_step_tokens")
+    return bool(limit) and np.shape(input_ids)[1] > limit
+
+
+def in_pieces(step, limit: int | None, input_ids, pos: int, caches: list) -> StepResult:
+    """``step(input_ids, pos, caches)`` with at most ``limit`` new tokens per call (the manifest's
+    ``max_step_tokens``: the step graph was captured for steps that long, e.g. Qwen3-Next's chunked
+    gated delta rule unrolled over one 64-token chunk); longer inputs run piece by piece, each piece
+    on the caches the previous one returned, logits concatenated (numpy arrays, or torch tensors where
+    the step returns them). None or a short input: one call. ``step`` returns a :class:`StepResult`."""
+    new = np.shape(input_ids)[1]
+    if not limit or new <= limit:
+        return step(input_ids, pos, caches)
+    logits = []
+    for start in range(0, new, limit):
+        result = step(input_ids[:, start:start + limit], pos + start, caches)
+        caches = result.caches
+        logits.append(result.logits)
+    if isinstance(logits[0], torch.Tensor):
+        return StepResult(torch.cat(logits, dim=1), caches)
+    return StepResult(np.concatenate(logits, axis=1), caches)
 
 
 def plan_entries(manifest: dict) -> list[CacheEntry]:

@@ -35,7 +35,7 @@ import torch
 from effexport.exporter.errors import BackendMissingError, LoadError, UsageError
 from effexport.exporter.frontends.inputs import check_config, check_safetensors, read_json, regular_file
 from effexport.exporter.frontends.model import LoadedModel
-from effexport.samples._spec import capture_length
+from effexport.samples._spec import capture_length, capture_new_tokens
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 WEIGHTS = ("random", "none")
@@ -152,8 +152,10 @@ def _load_sample(sample, weights: str) -> LoadedModel:
         source["seed"] = 0
     from effexport.exporter.verify.report import max_context
 
+    specs = sample.config.layer_specs()
+    new_tokens = capture_new_tokens(specs)
     return LoadedModel(sample.name, model, sample.config.vocab_size, sample, source,
-                       capture_length(sample.config.layer_specs()), max_context(sample))
+                       capture_length(specs, new_tokens=new_tokens), max_context(sample), new_tokens)
 
 
 # -- torch.save / torch.export files -------------------------------------------------------------------

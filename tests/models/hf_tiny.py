@@ -143,12 +143,28 @@ DEEPSEEK_OFFSETS = ("sinks", "position_bias", "base", "hc_base")
 DEEPSEEK_SCALES = ("scale", "hc_scale")
 
 
+# Held-out configs: built and checked like FAMILIES by the CLI matrix (tests/test_hf_families.py),
+# not part of the graph-level matrix (tests/test_hf.py)
+HELD_OUT: dict[str, tuple[str, str, dict, dict]] = {
+    # DeepSeek V4 with transformers' defaults where FAMILIES["deepseek_v4"] sets its own: compress_rates
+    # (CSA 4, HCA 128: one block is longer than the test prompts of FAMILIES), index_topk (512: more
+    # than the entries at every test length) and mlp_layer_types (the first 3 layers hash-routed, then
+    # top-k); window 8; a window-only, a CSA, an HCA and a second CSA layer
+    "deepseek_v4_defaults": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        head_dim=32, q_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, o_groups=2,
+        o_lora_rank=16, index_n_heads=2, index_head_dim=16, layer_types=[S, CSA, HCA, CSA], hc_sinkhorn_iters=3,
+        max_position_embeddings=512),
+        dict(mhc_pre=8, mhc_post=8, mhc_head=1, compressors=5)),
+}
+
+
 def build(family: str, attn_implementation: str | None = None, seed: int = 0):
     """The tiny HF model of ``family`` (eval mode, fp32, deterministic random weights); attention
     ``sdpa`` unless the class supports ``eager`` only (Gemma 2, DeepSeek V4)."""
     import transformers
 
-    config_cls, model_cls, kwargs, _ = FAMILIES[family]
+    config_cls, model_cls, kwargs, _ = {**FAMILIES, **HELD_OUT}[family]
     sdpa = getattr(getattr(transformers, model_cls), "_supports_sdpa", True)
     attn_implementation = attn_implementation or ("sdpa" if sdpa else "eager")
     config = getattr(transformers, config_cls)(**kwargs)
@@ -186,5 +202,5 @@ def available(family: str) -> bool:
     """Whether the installed transformers has the family's classes."""
     import transformers
 
-    config_cls, model_cls, _, _ = FAMILIES[family]
+    config_cls, model_cls, _, _ = {**FAMILIES, **HELD_OUT}[family]
     return hasattr(transformers, config_cls) and hasattr(transformers, model_cls)

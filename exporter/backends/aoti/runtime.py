@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
-from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
+                                               plan_entries)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 __all__ = ["AotiRuntime", "load_package"]
@@ -88,7 +89,12 @@ class AotiRuntime:
     def step_torch(self, input_ids: torch.Tensor, pos, caches: list[torch.Tensor]
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One step on the device: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` (an int or
-        0-d tensor) over ``caches``; returns logits and the caches for the next step (device tensors)."""
+        0-d tensor) over ``caches``; returns logits and the caches for the next step (device tensors).
+        More than the manifest's ``max_step_tokens`` new tokens run in pieces."""
+        if pieces_needed(self.manifest, input_ids):
+            result = in_pieces(lambda *a: StepResult(*self.step_torch(*a)), self.manifest["max_step_tokens"],
+                               input_ids, int(pos), caches)
+            return result.logits, result.caches
         pos = torch.as_tensor(pos, dtype=torch.int64).to(self.pos_device)
         feeds = [input_ids.to(self.device, torch.int64).contiguous(), pos]
         feeds += [c.to(self.device).contiguous() for c in caches]
@@ -97,7 +103,7 @@ class AotiRuntime:
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One step on numpy arrays (copied to and from the device); numpy has no bfloat16, so a
-        bf16 program goes through :meth:`step_torch`."""
+        bf16 program goes through :meth:`step_torch` (which feeds a long step in pieces)."""
         logits, presents = self.step_torch(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), pos,
                                            [torch.from_numpy(np.ascontiguousarray(c)) for c in caches])
         return StepResult(logits.cpu().numpy(), [c.cpu().numpy() for c in presents])

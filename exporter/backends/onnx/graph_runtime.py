@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import LoadError
-from effexport.exporter.backends.artifact import StepResult
+from effexport.exporter.backends.artifact import StepResult, in_pieces, pieces_needed
 from effexport.exporter.backends.onnx.host_positions import DEVICE_POSITIONS
 from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.backends.onnx.runtime import OrtRuntime, _bind
@@ -181,7 +181,10 @@ class CudaGraphRuntime(OrtRuntime):
         return logits
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list) -> StepResult:
-        """One step at ``pos..pos+T-1``; returns the logits (host, float32) and this batch size's caches."""
+        """One step at ``pos..pos+T-1``; returns the logits (host, float32) and this batch size's caches
+        (more than the manifest's ``max_step_tokens`` new tokens: one call per piece)."""
+        if pieces_needed(self.manifest, input_ids):
+            return in_pieces(self.step, self.manifest["max_step_tokens"], input_ids, pos, caches)
         batch, new = np.shape(input_ids)
         self._check_room(pos, new)
         slot = self._slot(batch)

@@ -35,7 +35,8 @@ import os
 import numpy as np
 import torch
 
-from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
+                                               plan_entries)
 from effexport.exporter.backends.onnx.host_positions import IN_PLACE
 from effexport.exporter.backends.onnx.profiles import recorded
 from effexport.exporter.errors import BackendMissingError, LoadError
@@ -130,7 +131,10 @@ class OrtRuntime:
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
         """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` over ``caches``. A chunk
         (``T > 1``) on a non-empty cache at ``B > 1`` runs row by row in a profile with GQA's quirk
-        (``Profile.gqa_rows``; the module docstring says why)."""
+        (``Profile.gqa_rows``; the module docstring says why); more than the manifest's
+        ``max_step_tokens`` new tokens run in pieces (:func:`~effexport.exporter.backends.artifact.in_pieces`)."""
+        if pieces_needed(self.manifest, input_ids):
+            return in_pieces(self.step, self.manifest["max_step_tokens"], input_ids, pos, caches)
         batch, new = np.shape(input_ids)
         self._check_room(pos, new)
         profile = recorded(self.manifest.get("profile"))

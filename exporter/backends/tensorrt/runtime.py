@@ -17,7 +17,8 @@ import os
 import numpy as np
 
 from effexport.exporter.errors import BackendMissingError
-from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
+                                               plan_entries)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 __all__ = ["TrtRuntime"]
@@ -63,7 +64,10 @@ class TrtRuntime:
         return numpy_caches(self.entries, batch)
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
-        """One engine call: set input shapes and addresses, allocate outputs, run, copy back."""
+        """One engine call: set input shapes and addresses, allocate outputs, run, copy back (more
+        than the manifest's ``max_step_tokens`` new tokens: one call per piece)."""
+        if pieces_needed(self.manifest, input_ids):
+            return in_pieces(self.step, self.manifest["max_step_tokens"], input_ids, pos, caches)
         torch = self._torch
         feeds = [torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), torch.tensor(pos)]
         feeds += [torch.from_numpy(np.ascontiguousarray(c)) for c in caches]

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from effexport.exporter.errors import LoadError
-from effexport.exporter.backends.artifact import StepResult, load_manifest, numpy_caches, plan_entries
+from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
+                                               plan_entries)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 from effexport.exporter.backends.torch.engine import TorchEngine, on_device
 
@@ -70,11 +71,18 @@ class TorchRuntime:
     def step_torch(self, input_ids: torch.Tensor, pos, caches: list[torch.Tensor]
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One step on the device (:meth:`.engine.TorchEngine.step`: with CUDA graphs the returned
-        logits and caches are the graph's static tensors, reused by the next decode step)."""
+        logits and caches are the graph's static tensors, reused by the next decode step). More than
+        the manifest's ``max_step_tokens`` new tokens run in pieces, each on the caches the previous
+        one returned (the logits concatenated: a fresh tensor)."""
+        if pieces_needed(self.manifest, input_ids):
+            result = in_pieces(lambda *a: StepResult(*self.step_torch(*a)), self.manifest["max_step_tokens"],
+                               input_ids, int(pos), caches)
+            return result.logits, result.caches
         return self.engine.step(input_ids, pos, caches)
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
-        """One step on numpy arrays (copied to and from the device)."""
+        """One step on numpy arrays (copied to and from the device; :meth:`step_torch` feeds a long
+        step in pieces)."""
         logits, presents = self.step_torch(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), pos,
                                            [torch.from_numpy(np.ascontiguousarray(c)) for c in caches])
         return StepResult(logits.cpu().numpy(), [c.cpu().numpy() for c in presents])
