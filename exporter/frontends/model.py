@@ -20,8 +20,8 @@ class LoadedModel:
     source: dict = field(default_factory=dict)  # {"kind": "sample"|"hf"|"pickle"|"module", ...} (effexport.json)
     example_length: int = 40  # capture's example stream: past every window / top-k (samples._spec.capture_length)
     context_limit: int | None = None  # the longest context the model was trained for, when its config says
-    weights: object | None = None  # a streamed build's WeightSource (frontends/streaming.py): meta parameters backed by it
     example_new_tokens: int = 3  # the capture's example step: the stream's last tokens (samples._spec.capture_new_tokens)
+    weights: object | None = None  # a streamed build's WeightSource (frontends/streaming.py): meta parameters backed by it
 
     @property
     def device(self) -> torch.device:
