@@ -103,7 +103,7 @@ def test_hf_families_convert_no_constant_per_step(family):
 
     from models import hf_tiny
 
-    from effexport.exporter.hf import HFStep
+    from effexport.exporter.frontends.hf import HFStep
     if not hf_tiny.available(family):
         pytest.skip(f"transformers has no {family}")
     step = HFStep(hf_tiny.build(family))

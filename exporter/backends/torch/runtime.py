@@ -1,6 +1,6 @@
 """``TorchRuntime``: drive a ``--target torch`` artifact the way :class:`effexport.runtime.OrtRuntime`
 drives an ONNX one -- ``initial_caches`` / ``step`` / ``generate`` on numpy arrays (what
-:func:`effexport.exporter.parity.check_parity` uses) -- plus a torch path
+:func:`effexport.exporter.verify.parity.check_parity` uses) -- plus a torch path
 (:meth:`TorchRuntime.initial_caches_torch`, :meth:`TorchRuntime.step_torch`) whose caches stay on
 the device between steps.
 
