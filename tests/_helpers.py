@@ -67,3 +67,14 @@ def step_feeds(session, ids, pos: int, caches) -> dict:
     position = np.array(pos, np.int64)
     values = [np.asarray(ids), position] + ([position] if "pos_host" in names else []) + list(caches)
     return dict(zip(names, values))
+
+
+def greedy(model, prompt: torch.Tensor, n: int):
+    """The eager model's ``n`` greedy tokens after ``prompt`` ``[B, L]`` (its own cache): ``[B, n]``."""
+    tokens = []
+    with torch.no_grad():
+        ref, past = model(prompt)
+        for _ in range(n):
+            tokens.append(ref[:, -1:].argmax(-1))
+            ref, past = model(tokens[-1], past)
+    return torch.cat(tokens, 1).numpy()

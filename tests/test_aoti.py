@@ -23,6 +23,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from _helpers import greedy
 
 from effexport.exporter.backends.aoti import PACKAGE_FILE, custom_op_calls
 from effexport.exporter.backends.aoti.runtime import AotiRuntime
@@ -130,15 +131,6 @@ def test_generate_equals_eager_greedy(runtime):
     assert len(logits) == 10
 
 
-def greedy(model, prompt: torch.Tensor, n: int) -> np.ndarray:
-    """The eager model's ``n`` greedy tokens after ``prompt`` ``[B, L]`` (its own cache): ``[B, n]``."""
-    tokens = []
-    with torch.no_grad():
-        ref, past = model(prompt)
-        for _ in range(n):
-            tokens.append(ref[:, -1:].argmax(-1))
-            ref, past = model(tokens[-1], past)
-    return torch.cat(tokens, 1).numpy()
 
 
 def test_torch_and_numpy_paths_agree_and_views_are_made_contiguous(runtime):

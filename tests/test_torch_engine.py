@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import assert_close
+from _helpers import assert_close, greedy
 from effexport.exporter.cli import main
 from effexport.exporter.errors import LoadError
 from effexport.exporter.backends.torch import PROGRAM_FILE, TorchEngine, op_calls
@@ -48,14 +48,6 @@ def _json(path) -> dict:
     return json.loads(path.read_text())
 
 
-def greedy(model, prompt: torch.Tensor, n: int) -> np.ndarray:
-    tokens = []
-    with torch.no_grad():
-        ref, past = model(prompt)
-        for _ in range(n):
-            tokens.append(ref[:, -1:].argmax(-1))
-            ref, past = model(tokens[-1], past)
-    return torch.cat(tokens, 1).numpy()
 
 
 def test_build_writes_the_program_and_passes_parity(artifact):

@@ -165,7 +165,7 @@ class _HalfNorm(pattern.RewriteRuleClassBase):
             return result.fail("not a half-precision value normalized in fp32 and cast back")
         if scale.dtype != ir.DataType.FLOAT or _constant(scale) is None:
             return result.fail("the scale is not a constant fp32 tensor")
-        if len(normed.producer().outputs) > 1 and normed.producer().outputs[1].uses():
+        if _reads_inv_std(normed.producer()):
             return result.fail("inv_std_var is read")
         return result
 
@@ -194,7 +194,7 @@ class _ScaledNorm(pattern.RewriteRuleClassBase):
         if sv is None or wv is None or sv.ndim != 1 or wv.shape != sv.shape or s.dtype != w.dtype:
             return result.fail("the scale and the weight are not constant vectors of one size and dtype")
         norm = normed.producer()
-        if norm.attributes.get_int("axis", -1) != -1 or (len(norm.outputs) > 1 and norm.outputs[1].uses()):
+        if norm.attributes.get_int("axis", -1) != -1 or _reads_inv_std(norm):
             return result.fail("not a plain norm over the last axis")
         if scaled.dtype is not None and scaled.dtype != s.dtype:
             return result.fail("the product has another dtype")
@@ -235,7 +235,7 @@ class _SkipNorm(pattern.RewriteRuleClassBase):
         axis = norm.attributes.get_int("axis", -1)
         if axis not in (-1, a.shape.rank() - 1) or gamma.shape is None or gamma.shape.rank() != 1:
             return result.fail("not a norm over the last axis with a 1-D scale")
-        if len(norm.outputs) > 1 and norm.outputs[1].uses():
+        if _reads_inv_std(norm):
             return result.fail("inv_std_var is read")
         return result
 
@@ -312,7 +312,7 @@ class _NormBeforeTranspose(pattern.RewriteRuleClassBase):
             return result.fail("the transpose moves the last axis (or is unknown)")
         if normed.producer().attributes.get_int("axis", -1) not in (-1, rank - 1):
             return result.fail("not a norm over the last axis")
-        if len(normed.producer().outputs) > 1 and normed.producer().outputs[1].uses():
+        if _reads_inv_std(normed.producer()):
             return result.fail("inv_std_var is read")
         return result
 
@@ -377,6 +377,11 @@ def _attention_output_shapes(model: ir.Model) -> None:
         if node.op_type == "GroupQueryAttention" and node.outputs[0].shape is None \
                 and node.inputs[0] is not None and node.inputs[0].shape is not None:
             node.outputs[0].shape = node.inputs[0].shape
+
+
+def _reads_inv_std(norm: ir.Node) -> bool:
+    """Whether a norm node's optional ``inv_std_var`` output is read (a fused op would drop it)."""
+    return len(norm.outputs) > 1 and bool(norm.outputs[1].uses())
 
 
 def _constant(value: ir.Value) -> np.ndarray | None:
