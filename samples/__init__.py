@@ -14,6 +14,7 @@ Model contract (every sample):
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -49,6 +50,31 @@ class Sample:
         torch.manual_seed(seed)
         model = self.module.Model(self.config)
         return model.to(device=device, dtype=dtype).eval()
+
+    def with_layers(self, n: int) -> "Sample":
+        """The same preset cut to its first ``n`` decoder layers (real widths, fewer layers: a model
+        that fits one GPU, for benchmarks). Every per-layer tuple of the config is cut with it;
+        DeepSeek's leading hash-routed layers are capped at ``n``, Gemma 4's trailing KV-sharing
+        layers are the ones dropped first. The name gets ``@{n}L``."""
+        cfg = self.config
+        field = next((f for f in ("num_hidden_layers", "n_layers") if hasattr(cfg, f)), None)
+        if field is None:
+            raise ValueError(f"{self.name}: the config has no layer count")
+        old = getattr(cfg, field)
+        if not 0 < n <= old:
+            raise ValueError(f"{self.name}: {n} layers asked, the preset has {old}")
+        changes = {field: n}
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if isinstance(value, tuple) and len(value) == old:
+                changes[f.name] = value[:n]
+        if hasattr(cfg, "num_kv_shared_layers"):  # the trailing KV-sharing layers go first
+            changes["num_kv_shared_layers"] = max(0, n - (old - cfg.num_kv_shared_layers))
+        if hasattr(cfg, "n_hash_layers"):  # the leading hash-routed layers stay
+            changes["n_hash_layers"] = min(cfg.n_hash_layers, n)
+        if hasattr(cfg, "name"):
+            changes["name"] = f"{cfg.name}@{n}L"
+        return Sample(f"{self.name}@{n}L", self.module, dataclasses.replace(cfg, **changes))
 
 
 def _modules() -> list[ModuleType]:
