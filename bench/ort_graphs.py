@@ -22,7 +22,8 @@ loop of ``CudaGraphRuntime.generate``): 4 warm-up steps (ORT captures the graph 
 ``--tokens`` timed steps, per token; the same with ``capture=False`` (the same bindings, no graph).
 For Gemma 3 the effexport build adds ``--genai``: its GenAI package through the same ``og.Generator``
 loop as the peer (CUDA provider, CUDA graph on). Parity on the GPU: ``generate`` (prefill 16 + 8 greedy tokens, captured) against the eager model
-in bf16 fed the same tokens (max rel error of the logits, per step). Roofline: weight bytes a step
+in bf16 fed the same tokens (max rel error of the logits, per step), and against the same bf16
+weights computed in fp32 beside eager bf16's own error there. Roofline: weight bytes a step
 reads + the plan's KV bytes at (L, B), over the device-to-device copy bandwidth measured here.
 
 The builds run in the background while the GPU measures. Writes ``ort_graphs.json`` / ``.md``.
@@ -192,27 +193,62 @@ def genai_decode(directory: str, context: int, batch: int, tokens: int) -> float
 
 
 def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8) -> dict:
-    """``generate`` through CUDA graphs vs the eager model on the same tokens (bf16, max rel per step)."""
+    """``generate`` through CUDA graphs vs the eager model on the same tokens (max rel error of the
+    logits per step), against eager bf16 (``max_rel``) and against the same bf16 weights computed in
+    fp32 (``fp32.max_rel``), beside eager bf16's own error against that fp32 model (``fp32.eager_bf16``):
+    an artifact no farther from fp32 than eager bf16 is differs from it by bf16 rounding order."""
     from effexport.runtime import CudaGraphRuntime
 
     runtime = CudaGraphRuntime(directory, device="cuda")
     ids = np.random.RandomState(1).randint(0, vocab, (1, prompt))
     tokens, logits = runtime.generate(ids, steps + 1)
+    del runtime
     stream = torch.from_numpy(np.concatenate([ids, tokens[:, :-1]], axis=1)).cuda()
+    got = torch.stack([torch.from_numpy(x).cuda().float() for x in logits], 1)  # [1, steps+1, V]
+
+    def errors(x, ref):
+        return [((x[:, i] - ref[:, i]).abs().max() / ref[:, i].abs().max()).item() for i in range(x.shape[1])]
+
     with torch.no_grad():
-        ref = eager(stream).float()
-    errs = []
-    for i, got in enumerate(logits):
-        want = ref[:, prompt - 1 + i]
-        errs.append(((torch.from_numpy(got).cuda() - want).abs().max() / want.abs().max()).item())
-    return {"max_rel_per_step": errs, "max_rel": max(errs)}
+        ref = eager.run(stream)[:, prompt - 1:].float()
+        out = {"max_rel_per_step": errors(got, ref)}
+        out["max_rel"] = max(out["max_rel_per_step"])
+        ref32 = eager.run_fp32(stream)
+        if ref32 is not None:
+            ref32 = ref32[:, prompt - 1:].float()
+            out["fp32"] = {"max_rel": max(errors(got, ref32)), "eager_bf16": max(errors(ref, ref32))}
+    return out
+
+
+class _Eager:
+    """The eager reference of a case: ``run(ids)`` in bf16 and ``run_fp32(ids)``, the same bf16
+    weights upcast to fp32 (made on first use, freed after)."""
+
+    def __init__(self, model, logits):
+        self.model, self.logits = model, logits
+
+    def run(self, ids):
+        return self.logits(self.model(ids))
+
+    def run_fp32(self, ids):
+        import copy
+
+        try:
+            model = copy.deepcopy(self.model).float()
+        except torch.OutOfMemoryError:
+            return None
+        try:
+            return self.logits(model(ids))
+        finally:
+            del model
+            torch.cuda.empty_cache()
 
 
 def _hf_eager(directory: str):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
-    return lambda ids: model(ids).logits
+    return _Eager(model, lambda out: out.logits)
 
 
 def _sample_eager(name: str):
@@ -224,7 +260,7 @@ def _sample_eager(name: str):
         model = get_sample(name).build("cpu").to(torch.bfloat16).cuda().eval()
     else:
         model = decode_step.build(get_sample(name))
-    return (lambda ids: model(ids)[0]), decode_step.weight_bytes(model), model.config.vocab_size
+    return _Eager(model, lambda out: out[0]), decode_step.weight_bytes(model), model.config.vocab_size
 
 
 # --------------------------------------------------------------------------------------- main

@@ -7,7 +7,7 @@
 # Usage (device call 6): OUT=... GRAPH_ARGS="..." bash bench/run_ort_graphs.sh   (T_TESTS, T_BENCH)
 set -u
 source bench/_ortgpu_env.sh
-(timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_graph_runtime.py \
+(timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_graph_runtime.py tests/test_kv_buffer.py \
     > "$OUT/pytest_graph.log" 2>&1) &
 timeout "${T_BENCH:-480}" python3 bench/ort_graphs.py --out "$OUT" ${GRAPH_ARGS:-} 2>&1 \
     | grep -v "CleanUnusedInitializers" > "$OUT/ort_graphs.log"

@@ -1,6 +1,6 @@
 """Full caches as fixed-capacity buffers (``--kv-cache buffer``): the ``effexport::attention_buffer``
 op, the ``buffers`` pass, the ONNX lowering (GroupQueryAttention in its shared-buffer form in the
-``ort`` profile, a Gather write + decomposition elsewhere) and the runtime's in-place binding.
+``ort`` profile, a ScatterND write + decomposition elsewhere) and the runtime's in-place binding.
 
 Parity is fp32 against the growing-cache op / the eager model (``_helpers.TOLERANCE``); the ONNX
 Runtime checks run on the CPU, where GroupQueryAttention detects a shared past/present buffer the
@@ -147,27 +147,61 @@ def test_ort_profile_is_one_shared_buffer_gqa():
     assert "Concat" not in {n.op_type for n in model.graph.node}  # no copy of the cache
 
 
-def test_ort_profile_above_gqa_head_size_writes_by_gather():
-    """Head sizes GQA does not take (Gemma 4's 512) write the rows with a Gather and attend decomposed."""
+def test_ort_profile_above_gqa_head_size_writes_by_scatter():
+    """Head sizes GQA does not take (Gemma 4's 512) write the new rows with one ScatterND per cache
+    (no Gather or Concat of the buffer: a bound present is written in place) and attend decomposed."""
     from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
 
     module, d = _Buffer(0, 0.0, True), GQA_MAX_HEAD_DIM + 64
     model = _lowered(module, "ort", d=d)
-    types = {n.op_type for n in model.graph.node}
-    assert "GroupQueryAttention" not in types and "Gather" in types
+    types = [n.op_type for n in model.graph.node]
+    assert "GroupQueryAttention" not in types and "Gather" not in types and types.count("ScatterND") == 2
+    caches = {"k_buf", "v_buf"}
+    assert not [n for n in model.graph.node if n.op_type == "Concat" and caches & set(n.input)]
     args = _inputs(3, 1, 9, seed=7, d=d)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, _feeds(model, args))
     for g, w in zip(got, module(*args)):
         assert_close(torch.from_numpy(g), w, rtol=1e-5, what=f"d={d}")
 
 
-def test_shared_binding_updates_the_buffer_in_place():
+def test_half_precision_decomposition_multiplies_in_its_dtype():
+    """A bf16 build's decomposed attention (heads GQA does not take) runs both products on bf16
+    operands -- K and V are never cast to fp32 (five times the bytes) -- each one batched GEMM
+    of the G query heads of a KV head (rank-4 operands: no broadcast over heads), softmax in fp32."""
+    from onnx import TensorProto
+
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
+    from effexport.exporter.backends.onnx.export import lower
+
+    d = GQA_MAX_HEAD_DIM + 64
+    args = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in _inputs(2, 1, 5, d=d))
+    bt = {0: torch.export.Dim("batch")}
+    model = onnx.shape_inference.infer_shapes(lower(_Buffer(0, 0.0, False), args, "ort",
+                                                    dynamic_shapes=(bt, bt, bt, bt, bt, None, None)))
+    types = {v.name: v.type.tensor_type for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 2
+    for node in matmuls:
+        assert [types[x].elem_type for x in node.input] == [TensorProto.BFLOAT16] * 2, node
+        assert [len(types[x].shape.dim) for x in node.input] == [4, 4], node
+    assert [types[n.input[0]].elem_type for n in model.graph.node if n.op_type == "Softmax"] == [TensorProto.FLOAT]
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert not [n for n in casts if n.input[0] in {"k_buf", "v_buf", "k_new", "v_new"}]
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["gqa", "decomposed"])
+def test_shared_binding_updates_the_buffer_in_place(wide):
     """Past and present bound to one memory: ORT writes the new rows into it (same pointer, rows
-    0..pos+T-1 equal the eager op's) and the output equals an unbound run's."""
+    0..pos+T-1 equal the eager op's) and the output equals an unbound run's -- through
+    GroupQueryAttention, and through the ScatterND write of heads GQA does not take."""
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
+
+    d = GQA_MAX_HEAD_DIM + 64 if wide else D
     module = _Buffer(0, 0.0, False)
-    model = _lowered(module, "ort")
+    model = _lowered(module, "ort", d=d)
+    assert ("GroupQueryAttention" in {n.op_type for n in model.graph.node}) != wide
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    args = _inputs(2, 1, 7, seed=5)
+    args = _inputs(2, 1, 7, seed=5, d=d)
     unbound = session.run(None, _feeds(model, args))
     k_buf, v_buf = args[3].clone(), args[4].clone()
     binding = session.io_binding()
@@ -246,23 +280,39 @@ def test_build_with_buffers_passes_parity(built):
 
 
 def test_runtime_binds_buffers_in_place(built):
-    """OrtRuntime with I/O binding: buffers are device tensors bound as past and present (same memory
-    after every step), greedy generation equals the unbound runtime's, logits bit for bit."""
+    """OrtRuntime with I/O binding: buffers (and the windowed rings of sliding owners no consumer reads)
+    are device tensors bound as past and present (same memory after every step), greedy generation
+    equals the unbound runtime's, logits bit for bit."""
     from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     _, out = built
     ids = np.random.RandomState(0).randint(0, 128, (2, 12))
     plain, bound = OrtRuntime(str(out)), OrtRuntime(str(out), io_binding=True)
     caches = bound.initial_caches(2)
-    buffers = [c for c in caches if isinstance(c, torch.Tensor)]
-    assert len(buffers) == 2 and all(b.shape[2] == 64 for b in buffers)
+    bound_caches = [c for c in caches if isinstance(c, torch.Tensor)]
+    buffers = [b for b in bound_caches if b.shape[2] == 64]
+    assert len(buffers) == 2 and len(bound_caches) == 8  # + 3 windowed rings (K, V): owners no consumer reads
     result = bound.step(ids, 0, caches)
-    assert [c.data_ptr() for c in result.caches if isinstance(c, torch.Tensor)] == [b.data_ptr() for b in buffers]
+    assert [c.data_ptr() for c in result.caches if isinstance(c, torch.Tensor)] == [b.data_ptr() for b in bound_caches]
     assert buffers[0][:, :, :12].abs().sum() > 0 and not buffers[0][:, :, 12:].any()
     tokens_a, logits_a = plain.generate(ids, 10)
     tokens_b, logits_b = bound.generate(ids, 10)
     assert np.array_equal(tokens_a, tokens_b)
     assert all(np.array_equal(a, b) for a, b in zip(logits_a, logits_b))
+
+
+def test_only_rings_consumers_read_keep_the_slot_layout(built):
+    """gemma4-e2b:tiny: sliding owners 0-3, consumers 5-8 read layer 3's ring. Rings 0-2 become
+    GroupQueryAttention windowed caches bound in place; ring 3 keeps the slot layout (its consumers
+    read its past after the owner's write): 3 windowed GQA nodes, + the full-layer owner's GQA in the
+    shared-buffer form."""
+    model = onnx.load(str(built[1] / "model.onnx"), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["effexport.in_place"]) == [f"past.{i}.{n}" for i in range(3) for n in "kv"]
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    windowed = [n for n in gqa if any(a.name == "sliding_window_cache" and a.i == 1 for a in n.attribute)]
+    assert len(windowed) == 3 and len(gqa) == 4
+    assert {n.input[3] for n in windowed} == {f"past.{i}.k" for i in range(3)}
 
 
 def test_runtime_refuses_steps_past_the_buffers(built):
@@ -298,3 +348,41 @@ def test_buffer_build_has_the_ort_step_fusions(built):
     tables = {n.input[2] for n in rotary} | {n.input[3] for n in rotary}
     init = {t.name: t for t in model.graph.initializer}
     assert tables <= set(init) and all(init[t].dims[0] == 64 for t in tables)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wide", [False, True], ids=["gqa", "decomposed"])
+def test_bf16_buffer_on_cuda_in_place(wide):
+    """onnxruntime-gpu, bf16: the buffer step bound in place on the CUDA EP (GQA's shared buffer, or
+    the ScatterND write + bf16 decomposition for heads GQA does not take) equals the eager op in fp32
+    on the same bf16 inputs within the bf16 tolerance (2e-2 of the largest output), and writes the
+    new rows into the bound buffer."""
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a GPU and onnxruntime-gpu")
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
+    from effexport.exporter.backends.onnx.export import lower
+
+    d = GQA_MAX_HEAD_DIM * 2 if wide else 64
+    module = _Buffer(0, 0.0, False)
+    args = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in _inputs(2, 1, 11, seed=3, d=d))
+    bt = {0: torch.export.Dim("batch")}
+    model = lower(module, args, "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    dev = [a.cuda() for a in args]
+    k_buf, v_buf = dev[3].clone(), dev[4].clone()
+    out = torch.empty(2, H, 1, d, dtype=torch.bfloat16, device="cuda")
+    from effexport.exporter.backends.onnx.runtime import _bind
+
+    binding = session.io_binding()
+    feeds = dict(zip(ARGS, dev), k_buf=k_buf, v_buf=v_buf)
+    for meta in session.get_inputs():
+        _bind(binding.bind_input, meta.name, feeds["pos"].cpu() if meta.name == "pos_host" else feeds[meta.name])
+    for meta, buf in zip(session.get_outputs(), (out, k_buf, v_buf)):
+        _bind(binding.bind_output, meta.name, buf)
+    session.run_with_iobinding(binding)
+    torch.cuda.synchronize()
+    want, k_want, v_want = module(*(a.float() if a.is_floating_point() else a for a in args))
+    err = ((out.float().cpu() - want).abs().max() / want.abs().max()).item()
+    assert err < 2e-2, err
+    assert torch.equal(k_buf[:, :, 11].cpu(), args[1][:, :, 0]) and torch.equal(v_buf[:, :, 11].cpu(), args[2][:, :, 0])
+    assert torch.equal(k_buf[:, :, :11].cpu(), args[3][:, :, :11])  # the other rows untouched

@@ -11,7 +11,7 @@ import math
 import onnx_ir as ir
 from onnxscript import opset18 as op
 
-__all__ = ["ints", "i64", "f32c", "dim", "to_float", "cast_like", "static_dim", "arange",
+__all__ = ["ints", "i64", "f32c", "dim", "to_float", "dtype_of", "cast_like", "static_dim", "arange",
            "visible", "ring_positions", "on_device", "positions", "plus", "known_dim"]
 
 FLOAT = ir.DataType.FLOAT
@@ -58,6 +58,24 @@ def static_dim(x, axis: int, what: str) -> int:
 def to_float(x):
     """Cast to float32 unless it already is."""
     return x if x.dtype == FLOAT else op.Cast(x, to=FLOAT)
+
+
+_SAME_TYPE = {"Concat": 0, "Slice": 0, "Gather": 0, "GatherElements": 0, "ScatterND": 0, "ScatterElements": 0,
+              "Reshape": 0, "Transpose": 0, "Expand": 0, "Squeeze": 0, "Unsqueeze": 0, "Identity": 0,
+              "Split": 0, "Where": 1}
+
+
+def dtype_of(x):
+    """``x``'s element type, or None. Outputs of data-movement nodes (``Concat``, ``Gather`` ...)
+    often carry no type while a translation is recorded: their data input's type is taken."""
+    for _ in range(64):
+        if x is None or x.dtype is not None:
+            break
+        node = x.producer()
+        if node is None or node.op_type not in _SAME_TYPE:
+            return None
+        x = node.inputs[_SAME_TYPE[node.op_type]]
+    return None if x is None else x.dtype
 
 
 def cast_like(x, dtype):

@@ -78,18 +78,32 @@ class Dims(NamedTuple):
 
 
 def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: Dims):
-    """``softmax(cap(q k^T * scale) + mask [, sink]) v`` in fp32 with GQA by head grouping.
+    """``softmax(cap(q k^T * scale) + mask [, sink]) v`` with GQA by head grouping.
 
     q ``[B, H, T, d]``, k ``[B, Hkv, S, d]``, v ``[B, Hkv, S, dv]``, mask bool ``[T, S]`` or None,
-    sinks ``[H]`` or None -> ``[B, H, T, dv]`` in q's dtype."""
+    sinks ``[H]`` or None -> ``[B, H, T, dv]`` in q's dtype.
+
+    The ``G = H / Hkv`` query heads of a KV head are one matrix ``[B, Hkv, G*T, d]``, so each product
+    is one batched GEMM of ``B*Hkv`` matrices with ``G*T`` rows that reads K and V once (a broadcast
+    over G instead makes ONNX Runtime's CUDA MatMul run ``B*H`` single-row GEMVs). The products run
+    in q's dtype: fp32 in fp32 builds; in bf16 / fp16 builds the half-precision GEMM (fp32
+    accumulation in cuBLAS and ORT's CPU kernels) with its scores rounded to q's dtype -- what
+    Hugging Face's eager attention computes -- instead of upcasting K and V, which multiplies the
+    bytes the step moves by five. Scale, softcap, mask, sinks and softmax are fp32."""
     heads, kv_heads, d, dv = dims
     groups = heads // kv_heads
-    qg = op.Reshape(b.to_float(q), b.ints([0, kv_heads, groups, -1, d]))  # [B, Hkv, G, T, d]
-    kt = op.Unsqueeze(op.Transpose(b.to_float(k), perm=[0, 1, 3, 2]), b.ints([2]))  # [B, Hkv, 1, d, S]
-    scores = op.Mul(op.MatMul(qg, kt), b.f32c(scale))  # [B, Hkv, G, T, S]
+    out_dtype = b.dtype_of(q)
+    work = out_dtype if out_dtype is not None and out_dtype == b.dtype_of(k) == b.dtype_of(v) else b.FLOAT
+    if work == b.FLOAT:  # fp32 builds; mixed (e.g. fp32 states beside bf16 queries) or unknown types
+        q, k, v = b.to_float(q), b.to_float(k), b.to_float(v)
+    s_len = op.Shape(k, start=2, end=3)
+    qg = op.Reshape(q, b.ints([0, kv_heads, -1, d]))  # [B, Hkv, G*T, d]
+    scores = op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B, Hkv, G*T, S]
+    scores = op.Mul(b.to_float(scores), b.f32c(scale))
+    scores = op.Reshape(scores, op.Concat(b.ints([0, kv_heads, groups, -1]), s_len, axis=0))  # [B, Hkv, G, T, S]
     if softcap > 0.0:
         scores = op.Mul(op.Tanh(op.Div(scores, b.f32c(softcap))), b.f32c(softcap))
-    if mask is not None:
+    if mask is not None:  # [T, S] broadcast over [B, Hkv, G]
         scores = op.Where(mask, scores, b.f32c(-math.inf))
     if sinks is not None:
         sink = op.Reshape(b.to_float(sinks), b.ints([1, kv_heads, groups, 1, 1]))
@@ -98,8 +112,10 @@ def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: 
         probs = op.Slice(probs, b.ints([0]), b.ints([-1]), b.ints([-1]))  # the sink's column goes
     else:
         probs = op.Softmax(scores, axis=-1)
-    out = op.MatMul(probs, op.Unsqueeze(b.to_float(v), b.ints([2])))  # [B, Hkv, G, T, dv]
-    return b.cast_like(op.Reshape(out, b.ints([0, heads, -1, dv])), q.dtype)
+    probs = op.Reshape(probs, op.Concat(b.ints([0, kv_heads, -1]), s_len, axis=0))  # [B, Hkv, G*T, S]
+    out = op.MatMul(b.cast_like(probs, work), v)  # [B, Hkv, G*T, dv]
+    out = op.Reshape(out, b.ints([0, heads, -1, dv]))
+    return out if out_dtype in (None, work) else op.Cast(out, to=out_dtype)
 
 
 def _attend_standard(q, k, v, mask, sinks, scale: float, softcap: float, dims: Dims):
@@ -245,27 +261,33 @@ def attention_cache_standard(q, k_new, v_new, k_past, v_past, sinks=None, scale:
 
 
 # ---------------------------------------------------------------------------- attention_ring
-_SLOT_RINGS = contextvars.ContextVar("effexport_slot_rings", default=False)
+_SLOT_RINGS = contextvars.ContextVar("effexport_slot_rings", default=frozenset())
 
 
 @contextlib.contextmanager
-def slot_rings():
-    """Lower sliding rings as the eager op's slot ring (``p mod W``, written by a ``Gather``) even in
-    the ``ort`` profile. For runtimes that bind a ring's past and present to one buffer (GenAI):
-    GroupQueryAttention's windowed cache would be updated in place by the producer layer before
-    its KV-sharing consumers read the old rows."""
-    token = _SLOT_RINGS.set(True)
+def slot_rings(names=None):
+    """Lower the sliding rings named ``names`` (graph input names of ring caches; None: every ring)
+    as the eager op's slot ring (``p mod W``, written by a ``Gather``) even in the ``ort`` profile:
+    the rings KV-sharing consumers read, and every ring for runtimes that bind a ring's past and
+    present to one buffer (GenAI). GroupQueryAttention's windowed cache would be updated in place by
+    the producer layer before its consumers read the old rows."""
+    token = _SLOT_RINGS.set(True if names is None else frozenset(names))
     try:
         yield
     finally:
         _SLOT_RINGS.reset(token)
 
 
-def _window_cache(profile: str, dims: Dims, chunked: bool = False) -> bool:
-    """The ``ort`` profile holds a sliding ring in GroupQueryAttention's windowed layout
-    (``sliding_window_cache``) wherever GQA takes the head size (not under :func:`slot_rings`):
-    see :func:`attend_gqa_window`."""
-    return (PROFILES[profile].gqa and not chunked and not _SLOT_RINGS.get() and dims.d == dims.dv
+def _slot_ring(cache) -> bool:
+    names = _SLOT_RINGS.get()
+    return names is True or getattr(cache, "name", None) in names
+
+
+def _window_cache(profile: str, dims: Dims, cache, chunked: bool = False) -> bool:
+    """The ``ort`` profile holds a sliding ring (``cache``: its K value) in GroupQueryAttention's
+    windowed layout (``sliding_window_cache``) wherever GQA takes the head size, unless
+    :func:`slot_rings` names it: see :func:`attend_gqa_window`."""
+    return (PROFILES[profile].gqa and not chunked and not _slot_ring(cache) and dims.d == dims.dv
             and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
 
 
@@ -309,7 +331,7 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
     slots = b.static_dim(k_ring, 2, "attention_ring")
     if slots != window:
         raise ValueError(f"attention_ring: ring of {slots} slots for window {window}")
-    if _window_cache(profile, dims, chunked):
+    if _window_cache(profile, dims, k_ring, chunked):
         return attend_gqa_window(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, dims)
     t_len = b.dim(q, 2)
     old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
@@ -350,9 +372,10 @@ def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, rin
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
         end = b.plus(pos, op.Sub(t_len, b.i64(1)))
-        k_pos = _window_positions(end, slots) if _window_cache(profile, dims) else b.ring_positions(end, slots)
+        window_layout = _window_cache(profile, dims, k_cache)
+        k_pos = _window_positions(end, slots) if window_layout else b.ring_positions(end, slots)
         filled = op.GreaterOrEqual(k_pos, b.i64(0))
-        if _window_cache(profile, dims):  # GQA leaves unfilled rows unspecified: no NaN may reach P x V
+        if window_layout:  # GQA leaves unfilled rows unspecified: no NaN may reach P x V
             v_cache = op.Where(op.Reshape(filled, b.ints([1, 1, -1, 1])), v_cache, op.CastLike(b.f32c(0.0), v_cache))
         mask = b.visible(q_pos, k_pos, window, filled)
         return attend(q, k_cache, v_cache, mask, sinks, scale, softcap, dims)
@@ -381,13 +404,17 @@ def attention_read_standard(q, k_cache, v_cache, pos, sinks=None, scale: float =
 
 # -------------------------------------------------------------------------- attention_buffer
 def _buffer_written(buf, new, pos, t_len):
-    """``buf`` with rows ``pos..pos+T-1`` replaced by ``new``: a Gather over ``[buf | new]`` (row j
-    takes ``new[j - pos]`` inside the window of new rows, else its own row)."""
-    capacity = b.static_dim(buf, 2, "attention_buffer")
-    row = op.Range(b.i64(0), b.i64(capacity), b.i64(1))
-    fresh = op.And(op.GreaterOrEqual(row, pos), op.Less(row, b.plus(pos, t_len)))
-    src = op.Where(fresh, op.Add(op.Sub(row, pos), b.i64(capacity)), row)
-    return op.Gather(op.Concat(buf, new, axis=2), src, axis=2)
+    """``buf`` with rows ``pos..pos+T-1`` replaced by ``new``: one ``ScatterND`` at indices
+    ``(b, h, pos + t)``. A runtime that binds the present to the past's memory (full buffers in
+    :class:`~.graph_runtime.CudaGraphRuntime`) gets the rows written in place: ONNX Runtime's CUDA
+    ScatterND copies its input only when the output is other memory."""
+    b.static_dim(buf, 2, "attention_buffer")
+    target = op.Concat(op.Shape(new, end=3), b.ints([1]), axis=0)  # [B, Hkv, T, 1]
+    batch = op.Reshape(op.Range(b.i64(0), b.dim(new, 0), b.i64(1)), b.ints([-1, 1, 1, 1]))
+    head = op.Reshape(op.Range(b.i64(0), b.dim(new, 1), b.i64(1)), b.ints([1, -1, 1, 1]))
+    row = op.Reshape(b.positions(pos, t_len), b.ints([1, 1, -1, 1]))
+    index = op.Concat(op.Expand(batch, target), op.Expand(head, target), op.Expand(row, target), axis=-1)
+    return op.ScatterND(buf, index, new)
 
 
 def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, profile):

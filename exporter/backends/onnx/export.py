@@ -33,7 +33,6 @@ conversion (the graph is exported in the dtype it was captured in), and ``effexp
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -146,13 +145,15 @@ def lower(module, args=(), profile: str = "ort", dynamic_shapes=None, input_name
     return model
 
 
-def rings_with_consumers(plan: CachePlan) -> bool:
-    """Whether a sliding ring is read by another layer (KV sharing). Such rings keep the slot layout
-    (:func:`.attention.slot_rings`): GroupQueryAttention's windowed cache must be written in place on
-    CUDA ("sliding_window_cache=1 requires past_key/present_key ... to share the same buffer"),
-    and a consumer runs after its producer, so it would read the ring already updated."""
+def rings_with_consumers(plan: CachePlan) -> frozenset[str]:
+    """Input names of the sliding rings another layer reads (KV sharing). Those rings keep the slot
+    layout (:func:`.attention.slot_rings`): GroupQueryAttention's windowed cache must be written in
+    place on CUDA ("sliding_window_cache=1 requires past_key/present_key ... to share the same
+    buffer"), and a consumer runs after its producer, so it would read the ring already updated.
+    Every other ring gets the windowed cache."""
     kinds = {layer.layer: layer.kind for layer in plan.layers}
-    return any(layer.role == "consumer" and kinds.get(layer.reads) == "ring" for layer in plan.layers)
+    read = {layer.reads for layer in plan.layers if layer.role == "consumer" and kinds.get(layer.reads) == "ring"}
+    return frozenset(f"past.{e.name}" for e in plan.entries if e.layer in read and e.kind == "ring")
 
 
 def in_place_inputs(model: ir.Model) -> list[str]:
@@ -277,7 +278,10 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
     inputs, outputs = step_io_names(plan)
     exported = exported_step(program, plan, example_batch)
     try:
-        with slot_rings() if rings_with_consumers(plan) else contextlib.nullcontext():
+        # the translations see the program's placeholder names; the inputs get the plan's names after
+        slot = rings_with_consumers(plan)
+        slot = {ph for ph, name in zip(exported.graph_signature.user_inputs, inputs) if name in slot}
+        with slot_rings(slot):
             model = _lower_ir(exported, (), profile, None, inputs, outputs, buffer_capacity(plan.entries))
         model.metadata_props[IN_PLACE] = json.dumps(in_place_inputs(model))
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error

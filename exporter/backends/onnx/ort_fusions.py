@@ -364,6 +364,34 @@ class _RotaryToBsd(pattern.RewriteRuleClassBase):
         return out
 
 
+class _CastRotaryToBsd(_RotaryToBsd):
+    """:class:`_RotaryToBsd` with the rotation in fp32 between two casts, as half-precision models
+    compute it: ``Reshape(Transpose(Cast(RotaryEmbedding(Cast(Transpose(y))))))`` ->
+    ``Cast(RotaryEmbedding(Cast(Reshape(y))))`` (casts and the 3-D op commute with the layout)."""
+
+    def pattern(self, op, y, pos, cos, sin, shape):
+        heads_major = op.Transpose(y, _allow_other_attributes=True, _outputs=["heads_major"])
+        up = op.Cast(heads_major, _outputs=["up"])
+        rotated = op.RotaryEmbedding(up, pos, cos, sin, _domain="com.microsoft",
+                                     _allow_other_attributes=True, _outputs=["rotated"])
+        down = op.Cast(rotated, _outputs=["down"])
+        back = op.Transpose(down, _allow_other_attributes=True, _outputs=["back"])
+        return op.Reshape(back, shape, _allow_other_attributes=True, _outputs=["flat"])
+
+    def rewrite(self, op, y, pos, cos, sin, shape, up, rotated, down, flat, **_):
+        tokens_major = op.Reshape(y, shape)
+        tokens_major.dtype, tokens_major.shape = flat.dtype, flat.shape
+        wide = op.Cast(tokens_major, to=up.producer().attributes.get_int("to"))
+        wide.dtype, wide.shape = rotated.dtype, flat.shape
+        attrs = rotated.producer().attributes
+        out = op.RotaryEmbedding(wide, pos, cos, sin, interleaved=attrs.get_int("interleaved", 0),
+                                 num_heads=y.shape[2], _domain="com.microsoft")
+        out.dtype, out.shape = rotated.dtype, flat.shape
+        narrow = op.Cast(out, to=down.producer().attributes.get_int("to"))
+        narrow.dtype, narrow.shape = flat.dtype, flat.shape
+        return narrow
+
+
 def _same_shape_dim(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return a == b
@@ -428,7 +456,7 @@ STEP_RULES = pattern.RewriteRuleSet([_HalfNorm.rule(), transpose_transpose_rule,
 SCALE_RULES = pattern.RewriteRuleSet([_ScaledNorm.rule()], commute=True)
 SKIP_RULES = pattern.RewriteRuleSet([_SkipNorm.rule()], commute=True)
 LAYOUT_RULES = pattern.RewriteRuleSet([_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule,
-                                       _RotaryToBsd.rule(), _NoOpReshapes.rule(), _NoOpReshape.rule(),
+                                       _RotaryToBsd.rule(), _CastRotaryToBsd.rule(), _NoOpReshapes.rule(), _NoOpReshape.rule(),
                                        reshape_reshape_rule])
 
 
