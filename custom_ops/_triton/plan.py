@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Modes of the partial kernel (constexpr): how a row maps to a source, a position and a copy slot.
-CACHE, RING, READ, READ_RING, SPARSE_HCA, SPARSE_CSA = range(6)
+CACHE, RING, READ, READ_RING, SPARSE_HCA, SPARSE_CSA, BUFFER = range(7)
+# Modes whose rows to reduce depend on ``pos`` (rows ``[0, pos]``, or the window ending there) while
+# the plan is sized for a static bound (the cache's rows): the kernel cuts the rows that are there
+# into ``splits`` chunks at run time, so every program shares the work at any position.
+DYNAMIC = (READ, BUFFER)
 
 # Tunables (the bench may override them; kept here so the bench and the ops use one set). None =
 # the heuristic below.
@@ -39,7 +43,8 @@ class Plan:
 def plan(groups: int, bh: int, span: int, d: int, dv: int, sm_count: int, elem_bytes: int = 2,
          kv_same: bool = False, copy: bool = False) -> Plan:
     """Blocks and splits for ``groups`` query heads per KV head, ``bh`` = batch * KV heads,
-    ``span`` rows to reduce (static upper bound), head dims ``d`` / ``dv``, cache elements of
+    ``span`` rows to reduce (static upper bound; the :data:`DYNAMIC` modes re-cut the rows that are
+    there into ``splits`` chunks at run time, ``chunk`` is then unused), head dims ``d`` / ``dv``, cache elements of
     ``elem_bytes``; ``kv_same``: one tensor is both K and V (a row is read once); ``copy``: the
     kernel also writes every row it reads (measured faster with plain register loads, 1 stage)."""
     if groups < 1 or bh < 1 or d < 1 or dv < 1:
