@@ -137,7 +137,7 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
             float(scale), float(softcap) if softcap > 0 else 1.0, int(window), int(ratio), p.chunk,
             MODE=mode, COPY=k_out is not None, KV_SAME=kv_same, DOT_F32=dot_f32, DOT_PREC=prec,
             HAS_SOFTCAP=softcap > 0, BLOCK_G=p.block_g, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
-            BLOCK_DV=p.block_dv, CHUNKED=chunked, DYN_CHUNK=mode in _plan.DYNAMIC,
+            BLOCK_DV=p.block_dv, CHUNKED=chunked, DYN_CHUNK=mode in _plan.DYNAMIC and _plan.CONFIG["dynamic_chunk"],
             num_warps=p.num_warps, num_stages=p.num_stages)
     try:
         partial(prec)

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 CACHE, RING, READ, READ_RING, SPARSE_HCA, SPARSE_CSA, BUFFER = range(7)
 # Modes whose rows to reduce depend on ``pos`` (rows ``[0, pos]``, or the window ending there) while
 # the plan is sized for a static bound (the cache's rows): the kernel cuts the rows that are there
-# into ``splits`` chunks at run time, so every program shares the work at any position.
+# into ``splits`` chunks at run time, so every program shares the work at any position
+# (``CONFIG["dynamic_chunk"] = False``: the static cut of ``span`` rows, for comparison).
 DYNAMIC = (READ, BUFFER)
 
 # Tunables (the bench may override them; kept here so the bench and the ops use one set). None =
 # the heuristic below.
 CONFIG = {"programs_per_sm": 2, "max_head_dim": 512, "block_n": None, "num_stages": None,
-          "num_warps": None, "smem_budget": 160 * 1024, "scratch_frac": 4.0, "min_chunk": 0}
+          "num_warps": None, "smem_budget": 160 * 1024, "scratch_frac": 4.0, "min_chunk": 0,
+          "dynamic_chunk": True}
 
 
 def next_pow2(n: int) -> int:
