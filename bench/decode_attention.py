@@ -388,11 +388,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--kernels", default=",".join(CASES))
     ap.add_argument("--sweep", action="store_true", help="also time launch-config overrides")
+    ap.add_argument("--sweep-kernels", default="",
+                    help="kernels the --sweep times at 32K and 128K, B 1 and 8 (default: read_full, full)")
     ap.add_argument("--sweep-dynamic", action="store_true",
                     help="also time the *_short cases with the rows cut statically (dynamic_chunk off)")
     ap.add_argument("--no-ref", action="store_true", help="time the Triton kernels only")
     args = ap.parse_args(argv)
-    unknown = set(args.kernels.split(",")) - set(CASES)
+    unknown = set(args.kernels.split(",") + [k for k in args.sweep_kernels.split(",") if k]) - set(CASES)
     if unknown:
         ap.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(CASES)}")
     if not torch.cuda.is_available():
@@ -426,7 +428,9 @@ def main(argv=None) -> int:
         print(f"hca B={r['batch']} L={r['context']}: {r['t'] * 1e6:.1f} us vs fixed {r['fixed'] * 1e6:.1f} + "
               f"bytes {r['bytes_time'] * 1e6:.1f} us: {r['ratio']:.2f}x ({'met' if r['met'] else 'NOT met'})")
     if args.sweep:
-        result["sweep"] = sweep(bw, gen)
+        cases = SWEEP_CASES if not args.sweep_kernels else tuple(
+            (name, ctx, batch) for name in args.sweep_kernels.split(",") for ctx in (32768, 131072) for batch in (1, 8))
+        result["sweep"] = sweep(bw, gen, cases)
         _write(args.out, result, props.name, bw)
     if args.sweep_dynamic:
         result["sweep_dynamic"] = sweep(bw, gen, DYNAMIC_CASES, DYNAMIC_CONFIGS)
