@@ -11,7 +11,8 @@ E2B full layers (8 heads, 1 KV head, d 512) and sliding layers (d 256, W 512), D
 CSA / HCA layers (64 heads, d 512, window 128, ratio 4 top-512 / ratio 128); the in-place full cache
 (``attention_buffer_inplace``: ``buffer`` in a buffer of L rows, ``buffer_short`` in one of 128K rows,
 ``buffer_d256`` with 2 KV heads of d 256; ``buffer_functional`` the functional op) and
-``read_full_short`` (the read-only kernel over a 128K-row cache at position L - 1). ``hca_vs_bytes``
+``read_full_short`` (the read-only kernel over a 128K-row cache at position L - 1), ``hca_short`` (HCA
+with a 128K context's compressed entries allocated, L/128 of them visible). ``hca_vs_bytes``
 in the JSON: whether HCA's time follows its bytes (:func:`bytes_model`). Calls are captured in a
 CUDA graph (no launch overhead) and rotate over input sets of >= 256 MiB together, so the big cases
 read HBM, not L2 (the small ring / sparse working sets stay L2-sized: they are latency-bound).
@@ -254,9 +255,9 @@ def case_read_ring(ctx, batch, gen):
     return make, nbytes, kern, ref, None
 
 
-def _case_sparse(ctx, batch, gen, ratio, topk):
+def _case_sparse(ctx, batch, gen, ratio, topk, capacity=0):
     h, d, w = 64, 512, 128
-    ncomp = ctx // ratio
+    ncomp = max(ctx, capacity) // ratio
     visible = ctx // ratio  # query at ctx - 1: entries i with ratio * (i + 1) <= ctx
 
     def make():
@@ -282,6 +283,12 @@ def case_hca(ctx, batch, gen):
     return _case_sparse(ctx, batch, gen, 128, 0)
 
 
+def case_hca_short(ctx, batch, gen):
+    """``hca`` with the compressed entries of a 128K context allocated (a fixed-size cache), of which
+    the L/128 before ``pos`` are visible: the rows split over the GPU at run time."""
+    return _case_sparse(ctx, batch, gen, 128, 0, BIG_CAPACITY)
+
+
 def case_csa(ctx, batch, gen):
     """DeepSeek V4 Flash CSA layer: 128-slot window ring + top-512 of the ratio-4 entries + sink."""
     return _case_sparse(ctx, batch, gen, 4, 512)
@@ -290,7 +297,8 @@ def case_csa(ctx, batch, gen):
 CASES = {"full": case_full, "read_full": case_read_full, "read_full_q32": case_read_full_q32, "ring": case_ring,
          "read_ring": case_read_ring, "hca": case_hca, "csa": case_csa, "buffer": case_buffer,
          "buffer_d256": case_buffer_d256, "buffer_short": case_buffer_short,
-         "buffer_functional": case_buffer_functional, "read_full_short": case_read_full_short}
+         "buffer_functional": case_buffer_functional, "read_full_short": case_read_full_short,
+         "hca_short": case_hca_short}
 
 
 def run_case(name, ctx, batch, bw, gen, with_ref=True):
@@ -327,7 +335,8 @@ SWEEP_CONFIGS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 1, "smem_budget
                  {"smem_budget": 200 * 1024, "num_stages": 3}, {"num_stages": 1}, {"block_n": 64})
 # --sweep-dynamic: rows cut at run time from pos (the default) vs the static cut over the cache's rows
 DYNAMIC_CASES = (("buffer_short", 4096, 1), ("buffer_short", 32768, 1), ("buffer_short", 32768, 8),
-                 ("read_full_short", 4096, 1), ("read_full_short", 32768, 1), ("read_full_short", 32768, 8))
+                 ("read_full_short", 4096, 1), ("read_full_short", 32768, 1), ("read_full_short", 32768, 8),
+                 ("hca_short", 4096, 1), ("hca_short", 4096, 8), ("hca_short", 32768, 8))
 DYNAMIC_CONFIGS = ({}, {"dynamic_chunk": False})
 
 

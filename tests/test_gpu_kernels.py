@@ -415,6 +415,7 @@ def test_fp32_query_over_bf16_cache(gen, op):
 @pytest.mark.parametrize("kind,ratio,ncomp,topk,pos", [
     pytest.param("hca", 128, 1024, 0, 5000, id="hca-5000"),
     pytest.param("hca", 128, 1024, 0, 100, id="hca-none-visible"),
+    pytest.param("hca", 128, 1024, 0, 131071, id="hca-all-visible"),
     pytest.param("csa", 4, 2048, 512, 5000, id="csa-5000"),
     pytest.param("csa", 4, 2048, 512, 60, id="csa-few-visible"),
     pytest.param("swa", 0, 8, 0, 300, id="window-only"),

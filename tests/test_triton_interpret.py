@@ -106,6 +106,8 @@ def _buffer(T, A, gen, groups, pos, t_len=1, window=0, sinks=False, inplace=True
 def _sparse(T, S, gen, kind):
     b, heads, dim, window, slots, pos = 2, 8, 32, 8, 12, 150  # a ring wider than the window
     ratio, ncomp, topk = (4, 40, 8) if kind == "csa" else (16, 12, 0)
+    if kind == "hca-long":  # 300 of 400 entries visible: cut at run time into 128-row chunks (2 blocks)
+        b, pos, ratio, ncomp = 4, 600, 2, 400
     q, kv, comp, sink = _rand(gen, b, 1, heads, dim), _rand(gen, b, slots, dim), _rand(gen, b, ncomp, dim), _rand(gen, heads)
     idx = None
     if kind == "csa":  # visible, invisible, out-of-range, -1 and repeated entries
@@ -183,6 +185,7 @@ CASES = {
     "chunk-buffer-gqa2-sinks": lambda T, m, g: _buffer(T, m["attention"], g, 2, 121, 6, 0, True),
     "sparse-hca": lambda T, m, g: _sparse(T, m["sparse"], g, "hca"),
     "sparse-csa": lambda T, m, g: _sparse(T, m["sparse"], g, "csa"),
+    "sparse-hca-long": lambda T, m, g: _sparse(T, m["sparse"], g, "hca-long"),
     "prefill-causal-window-sinks-softcap": lambda T, m, g: _prefill(T, m["attention"], g, True),
     "prefill-bidirectional": lambda T, m, g: _prefill(T, m["attention"], g, False),
     "chunk-cache": lambda T, m, g: _chunk(T, m["attention"], g, "cache"),

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 # Modes of the partial kernel (constexpr): how a row maps to a source, a position and a copy slot.
 CACHE, RING, READ, READ_RING, SPARSE_HCA, SPARSE_CSA, BUFFER = range(7)
-# Modes whose rows to reduce depend on ``pos`` (rows ``[0, pos]``, or the window ending there) while
-# the plan is sized for a static bound (the cache's rows): the kernel cuts the rows that are there
-# into ``splits`` chunks at run time, so every program shares the work at any position
-# (``CONFIG["dynamic_chunk"] = False``: the static cut of ``span`` rows, for comparison).
-DYNAMIC = (READ, BUFFER)
+# Modes whose rows to reduce depend on ``pos`` (rows ``[0, pos]`` or the window ending there; HCA's
+# ring plus the compressed entries visible at ``pos``) while the plan is sized for a static bound
+# (the cache's rows): the kernel cuts the rows that are there into ``splits`` chunks at run time, so
+# every program shares the work at any position (``CONFIG["dynamic_chunk"] = False``: the static
+# cut of ``span`` rows, for comparison).
+DYNAMIC = (READ, BUFFER, SPARSE_HCA)
 
 # Tunables (the bench may override them; kept here so the bench and the ops use one set). None =
 # the heuristic below.
