@@ -432,9 +432,9 @@ def main(argv=None) -> int:
                     print(_fmt(row), flush=True)
                 result["rows"].append(row)
                 _write(args.out, result, props.name, bw)  # what ran so far survives a timeout
-    result["hca_vs_bytes"] = bytes_model(result["rows"], bw)
+    result["hca_vs_bytes"] = bytes_model(result["rows"], bw) + bytes_model(result["rows"], bw, "hca_short")
     for r in result["hca_vs_bytes"]:
-        print(f"hca B={r['batch']} L={r['context']}: {r['t'] * 1e6:.1f} us vs fixed {r['fixed'] * 1e6:.1f} + "
+        print(f"{r['kernel']} B={r['batch']} L={r['context']}: {r['t'] * 1e6:.1f} us vs fixed {r['fixed'] * 1e6:.1f} + "
               f"bytes {r['bytes_time'] * 1e6:.1f} us: {r['ratio']:.2f}x ({'met' if r['met'] else 'NOT met'})")
     if args.sweep:
         cases = SWEEP_CASES if not args.sweep_kernels else tuple(
