@@ -51,6 +51,26 @@ def test_buffer_case_bytes_and_reference(bench, monkeypatch, name, capacity, inp
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("name", ["read_full_short", "hca_short"])
+def test_short_cases_count_the_visible_rows(bench, monkeypatch, name):
+    """The *_short cases allocate a 128K context's rows (here 256) and count only the rows visible at
+    position L - 1: L rows of K and V (read_full_short), the 128-slot window plus L/128 compressed
+    entries (hca_short)."""
+    monkeypatch.setattr(bench, "DEV", "cpu")
+    monkeypatch.setattr(bench, "BIG_CAPACITY", 1024)
+    ctx, batch = 512, 2
+    make, nbytes, kern, ref, _ = bench.CASES[name](ctx, batch, torch.Generator().manual_seed(0))
+    args = make()
+    if name == "read_full_short":
+        assert args[1].shape[2] == 1024
+        want = 2 * batch * ctx * 512 * 2 + 2 * batch * 8 * 512 * 2
+    else:
+        assert args[2].shape[1] == 1024 // 128
+        want = batch * (128 + ctx // 128) * 512 * 2 + 2 * batch * 64 * 512 * 2
+    assert nbytes(*args) == want
+    assert torch.equal(kern(*args), ref(*args))
+
+
 def test_bytes_model(bench):
     """Fixed cost from the smallest context; a row within 10% of fixed + bytes / bw is met."""
     bw = 1e12
