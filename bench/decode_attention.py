@@ -8,10 +8,15 @@ each kernel, context L and batch B the median time of one decode call of the Tri
 torch SDPA baseline where one applies, with the bytes each call must move (K/V read, caches written,
 q and out) over the time as a fraction of the copy bandwidth. Shapes are the real presets': Gemma 4
 E2B full layers (8 heads, 1 KV head, d 512) and sliding layers (d 256, W 512), DeepSeek V4 Flash
-CSA / HCA layers (64 heads, d 512, window 128, ratio 4 top-512 / ratio 128). Calls are captured in a
+CSA / HCA layers (64 heads, d 512, window 128, ratio 4 top-512 / ratio 128); the in-place full cache
+(``attention_buffer_inplace``: ``buffer`` in a buffer of L rows, ``buffer_short`` in one of 128K rows,
+``buffer_d256`` with 2 KV heads of d 256; ``buffer_functional`` the functional op) and
+``read_full_short`` (the read-only kernel over a 128K-row cache at position L - 1), ``hca_short`` (HCA
+with a 128K context's compressed entries allocated, L/128 of them visible). ``hca_vs_bytes``
+in the JSON: whether HCA's time follows its bytes (:func:`bytes_model`). Calls are captured in a
 CUDA graph (no launch overhead) and rotate over input sets of >= 256 MiB together, so the big cases
 read HBM, not L2 (the small ring / sparse working sets stay L2-sized: they are latency-bound).
-Writes ``bench.json`` and ``bench.md`` to ``--out``.
+Writes ``bench.json`` and ``bench.md`` to ``--out`` (after every case: a run cut short keeps its rows).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ ops = torch.ops.effexport
 DEV = "cuda"
 BF16 = torch.bfloat16
 ROTATE_BYTES = 256 << 20
+BIG_CAPACITY = 131072  # the buffer rows of the *_short cases
 
 
 def _time_graph(fn, sets, min_ms=150.0) -> tuple[float, str]:
@@ -164,6 +170,62 @@ def case_read_full_q32(ctx, batch, gen):
     return make32, nbytes, kern, ref, None
 
 
+def _buffer_case(ctx, batch, gen, heads, kv_heads, d, capacity, inplace=True):
+    """A full layer over a ``[B, Hkv, capacity, d]`` buffer at position ``ctx - 1``: rows ``0..ctx-2``
+    read from the buffer, the new row read from k_new / v_new and (in place) written at ``ctx - 1``."""
+    def make():
+        r = lambda *s: torch.randn(*s, device=DEV, dtype=BF16, generator=gen)  # noqa: E731
+        return (r(batch, heads, 1, d), r(batch, kv_heads, 1, d), r(batch, kv_heads, 1, d),
+                r(batch, kv_heads, capacity, d), r(batch, kv_heads, capacity, d), torch.tensor(ctx - 1, device=DEV))
+
+    def nbytes(q, kn, vn, kb, vb, p):
+        rows_read = _nb(kb, vb) * (ctx - 1) // capacity + _nb(kn, vn)  # rows 0..pos-1, the new row
+        written = _nb(kn, vn) if inplace else _nb(kb, vb)  # the new row, or (functional) a whole copy
+        copy_read = 0 if inplace else _nb(kb, vb)
+        return rows_read + written + copy_read + 2 * _nb(q)
+    kw = dict(scale=1.0)
+    name = "attention_buffer_inplace" if inplace else "attention_buffer"
+    kern = lambda *a: getattr(ops, name)(*a, **kw)  # noqa: E731
+    ref = lambda *a: getattr(attn_mod, name)._init_fn(*a, **kw)  # noqa: E731
+    return make, nbytes, kern, ref, None
+
+
+def case_buffer(ctx, batch, gen):
+    """Gemma 4 E2B full layer in place (attention_buffer_inplace): 8 heads, 1 KV head, d 512, a buffer
+    of exactly ``ctx`` rows at position ctx - 1."""
+    return _buffer_case(ctx, batch, gen, 8, 1, 512, ctx)
+
+
+def case_buffer_d256(ctx, batch, gen):
+    """attention_buffer_inplace with 8 heads over 2 KV heads of d 256 (GQA 4), ``ctx`` rows."""
+    return _buffer_case(ctx, batch, gen, 8, 2, 256, ctx)
+
+
+def case_buffer_short(ctx, batch, gen):
+    """``buffer`` in a 128K-row buffer (a build's max context) at position ctx - 1: the rows that are
+    there split over the GPU at run time (``plan.CONFIG["dynamic_chunk"]``)."""
+    return _buffer_case(ctx, batch, gen, 8, 1, 512, max(ctx, BIG_CAPACITY))
+
+
+def case_buffer_functional(ctx, batch, gen):
+    """The functional attention_buffer on CUDA (a copy of both buffers, then the in-place kernel)."""
+    return _buffer_case(ctx, batch, gen, 8, 1, 512, ctx, inplace=False)
+
+
+def case_read_full_short(ctx, batch, gen):
+    """read_full over a 128K-row cache (a buffer build's KV-shared consumer) at position ctx - 1."""
+    h, hkv, d, rows = 8, 1, 512, max(ctx, BIG_CAPACITY)
+
+    def make():
+        r = lambda *s: torch.randn(*s, device=DEV, dtype=BF16, generator=gen)  # noqa: E731
+        return r(batch, h, 1, d), r(batch, hkv, rows, d), r(batch, hkv, rows, d), torch.tensor(ctx - 1, device=DEV)
+    nbytes = lambda q, k, v, p: _nb(k, v) * ctx // rows + 2 * _nb(q)  # noqa: E731
+    kw = dict(scale=1.0)
+    kern = lambda *a: ops.attention_read(*a, **kw)  # noqa: E731
+    ref = lambda *a: attn_mod.attention_read._init_fn(*a, **kw)  # noqa: E731
+    return make, nbytes, kern, ref, None
+
+
 def case_ring(ctx, batch, gen):
     """Gemma 4 E2B sliding layer, attention_ring with W = 512 slots at position ctx - 1."""
     h, hkv, d, w = 8, 1, 256, 512
@@ -193,9 +255,9 @@ def case_read_ring(ctx, batch, gen):
     return make, nbytes, kern, ref, None
 
 
-def _case_sparse(ctx, batch, gen, ratio, topk):
+def _case_sparse(ctx, batch, gen, ratio, topk, capacity=0):
     h, d, w = 64, 512, 128
-    ncomp = ctx // ratio
+    ncomp = max(ctx, capacity) // ratio
     visible = ctx // ratio  # query at ctx - 1: entries i with ratio * (i + 1) <= ctx
 
     def make():
@@ -221,13 +283,22 @@ def case_hca(ctx, batch, gen):
     return _case_sparse(ctx, batch, gen, 128, 0)
 
 
+def case_hca_short(ctx, batch, gen):
+    """``hca`` with the compressed entries of a 128K context allocated (a fixed-size cache), of which
+    the L/128 before ``pos`` are visible: the rows split over the GPU at run time."""
+    return _case_sparse(ctx, batch, gen, 128, 0, BIG_CAPACITY)
+
+
 def case_csa(ctx, batch, gen):
     """DeepSeek V4 Flash CSA layer: 128-slot window ring + top-512 of the ratio-4 entries + sink."""
     return _case_sparse(ctx, batch, gen, 4, 512)
 
 
 CASES = {"full": case_full, "read_full": case_read_full, "read_full_q32": case_read_full_q32, "ring": case_ring,
-         "read_ring": case_read_ring, "hca": case_hca, "csa": case_csa}
+         "read_ring": case_read_ring, "hca": case_hca, "csa": case_csa, "buffer": case_buffer,
+         "buffer_d256": case_buffer_d256, "buffer_short": case_buffer_short,
+         "buffer_functional": case_buffer_functional, "read_full_short": case_read_full_short,
+         "hca_short": case_hca_short}
 
 
 def run_case(name, ctx, batch, bw, gen, with_ref=True):
@@ -262,25 +333,48 @@ SWEEP_CASES = (("read_full", 32768, 1), ("read_full", 32768, 8), ("read_full", 1
                ("read_full", 131072, 8), ("full", 32768, 1), ("full", 131072, 1))
 SWEEP_CONFIGS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 1, "smem_budget": 200 * 1024, "num_stages": 3},
                  {"smem_budget": 200 * 1024, "num_stages": 3}, {"num_stages": 1}, {"block_n": 64})
+# --sweep-dynamic: rows cut at run time from pos (the default) vs the static cut over the cache's rows
+DYNAMIC_CASES = (("buffer_short", 4096, 1), ("buffer_short", 32768, 1), ("buffer_short", 32768, 8),
+                 ("read_full_short", 4096, 1), ("read_full_short", 32768, 1), ("read_full_short", 32768, 8),
+                 ("hca_short", 4096, 1), ("hca_short", 4096, 8), ("hca_short", 32768, 8))
+DYNAMIC_CONFIGS = ({}, {"dynamic_chunk": False})
 
 
-def sweep(bw, gen) -> list:
-    """Triton time of a few cases under launch-config overrides (plan.CONFIG), for tuning."""
+def sweep(bw, gen, cases=SWEEP_CASES, configs=SWEEP_CONFIGS) -> list:
+    """Triton time of ``cases`` under launch-config overrides (plan.CONFIG), for tuning."""
     rows, default = [], dict(plan.CONFIG)
-    for override in SWEEP_CONFIGS:
+    for override in configs:
         plan.CONFIG.update(override)
-        for name, ctx, batch in SWEEP_CASES:
+        for name, ctx, batch in cases:
             try:
                 row = run_case(name, ctx, batch, bw, gen, with_ref=False)
                 row["override"] = override
                 msg = f"{row['t_triton'] * 1e6:.1f} us {row['bw_frac'] * 100:.1f}%"
             except Exception as exc:  # noqa: BLE001
-                row, msg = {"kernel": name, "override": override, "error": repr(exc)[:200]}, "ERROR"
+                row, msg = {"kernel": name, "context": ctx, "batch": batch, "override": override,
+                            "error": repr(exc)[:200]}, "ERROR"
             rows.append(row)
             print(f"sweep {name} L={ctx} B={batch} {override}: {msg}", flush=True)
         plan.CONFIG.clear()
         plan.CONFIG.update(default)
     return rows
+
+
+def bytes_model(rows: list, bw: float, kernel: str = "hca", slack: float = 0.10) -> list:
+    """Does ``kernel``'s time follow its bytes? Per batch size: the fixed cost is the intercept of the
+    smallest context, ``t - bytes / bw``; each row's bound is ``(1 + slack) * (fixed + bytes / bw)``.
+    Needs two contexts or more of a batch size (the smallest one meets its bound by construction)."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows if r.get("kernel") == kernel and "t_triton" in r}):
+        mine = sorted((r for r in rows if r.get("kernel") == kernel and r["batch"] == batch and "t_triton" in r),
+                      key=lambda r: r["context"])
+        fixed = mine[0]["t_triton"] - mine[0]["bytes"] / bw
+        for r in mine[1:]:
+            bound = fixed + r["bytes"] / bw
+            out.append({"kernel": kernel, "batch": batch, "context": r["context"], "t": r["t_triton"],
+                        "bytes": r["bytes"], "fixed": fixed, "bytes_time": r["bytes"] / bw,
+                        "ratio": r["t_triton"] / bound, "met": r["t_triton"] <= (1 + slack) * bound})
+    return out
 
 
 def _fmt(row):
@@ -303,8 +397,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--kernels", default=",".join(CASES))
     ap.add_argument("--sweep", action="store_true", help="also time launch-config overrides")
+    ap.add_argument("--sweep-kernels", default="",
+                    help="kernels the --sweep times at 32K and 128K, B 1 and 8 (default: read_full, full)")
+    ap.add_argument("--sweep-dynamic", action="store_true",
+                    help="also time the *_short cases with the rows cut statically (dynamic_chunk off)")
     ap.add_argument("--no-ref", action="store_true", help="time the Triton kernels only")
     args = ap.parse_args(argv)
+    unknown = set(args.kernels.split(",") + [k for k in args.sweep_kernels.split(",") if k]) - set(CASES)
+    if unknown:
+        ap.error(f"unknown kernels {sorted(unknown)}; choose from {sorted(CASES)}")
     if not torch.cuda.is_available():
         print("bench/decode_attention.py needs a CUDA GPU", file=sys.stderr)
         return 4
@@ -317,6 +418,7 @@ def main(argv=None) -> int:
               "bandwidths": bws, "copy_bw": bw, "config": dict(plan.CONFIG), "rows": [], "sweep": []}
     print(f"{props.name}: " + ", ".join(f"{k} {v / 1e12:.3f} TB/s" for k, v in bws.items()), flush=True)
     print(HEADER)
+    os.makedirs(args.out, exist_ok=True)
     for name in args.kernels.split(","):
         for ctx in map(int, args.contexts.split(",")):
             for batch in map(int, args.batches.split(",")):
@@ -325,18 +427,32 @@ def main(argv=None) -> int:
                 except Exception as exc:  # noqa: BLE001  (one failing case must not hide the rest)
                     row = {"kernel": name, "context": ctx, "batch": batch, "error": repr(exc)[:300]}
                     print(f"| {name} | {ctx} | {batch} | ERROR {row['error']} |", flush=True)
+                    torch.cuda.empty_cache()
                 else:
                     print(_fmt(row), flush=True)
                 result["rows"].append(row)
+                _write(args.out, result, props.name, bw)  # what ran so far survives a timeout
+    result["hca_vs_bytes"] = bytes_model(result["rows"], bw) + bytes_model(result["rows"], bw, "hca_short")
+    for r in result["hca_vs_bytes"]:
+        print(f"{r['kernel']} B={r['batch']} L={r['context']}: {r['t'] * 1e6:.1f} us vs fixed {r['fixed'] * 1e6:.1f} + "
+              f"bytes {r['bytes_time'] * 1e6:.1f} us: {r['ratio']:.2f}x ({'met' if r['met'] else 'NOT met'})")
     if args.sweep:
-        result["sweep"] = sweep(bw, gen)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(f"{props.name}, copy {bw / 1e12:.3f} TB/s\n\n{HEADER}\n")
-        f.write("\n".join(_fmt(r) for r in result["rows"] if "error" not in r) + "\n")
+        cases = SWEEP_CASES if not args.sweep_kernels else tuple(
+            (name, ctx, batch) for name in args.sweep_kernels.split(",") for ctx in (32768, 131072) for batch in (1, 8))
+        result["sweep"] = sweep(bw, gen, cases)
+        _write(args.out, result, props.name, bw)
+    if args.sweep_dynamic:
+        result["sweep_dynamic"] = sweep(bw, gen, DYNAMIC_CASES, DYNAMIC_CONFIGS)
+    _write(args.out, result, props.name, bw)
     return 0
+
+
+def _write(out: str, result: dict, device: str, bw: float) -> None:
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(f"{device}, copy {bw / 1e12:.3f} TB/s\n\n{HEADER}\n")
+        f.write("\n".join(_fmt(r) for r in result["rows"] if "error" not in r) + "\n")
 
 
 if __name__ == "__main__":

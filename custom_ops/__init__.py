@@ -7,7 +7,8 @@ onnxruntime or tensorrt). :data:`ALL_OPS` lists every ``OpOverload``; backends a
 all of them (or refuse explicitly).
 :func:`enable_triton` opts in to the Triton CUDA kernels (``custom_ops/_triton``).
 
-    attention        attention, attention_cache, attention_ring, attention_read
+    attention        attention, attention_cache, attention_ring, attention_read, attention_buffer
+                     (and attention_buffer_inplace, the in-place form no pass emits: INPLACE_OPS)
     cca              cca (compressed convolutional attention q/k/v with conv and value-shift state)
     kv_compress      kv_compress, kv_compress_step (CSA/HCA compressor)
     indexer_topk     indexer_topk (lightning indexer + top-k over visible entries)
@@ -25,8 +26,9 @@ __all__ = ["ALL_OPS", "MODULES", "enable_triton"]
 def enable_triton() -> None:
     """Register the Triton CUDA kernels (``custom_ops/_triton``): on CUDA tensors the decode
     (one-token) calls of ``attention_cache``, ``attention_ring``, ``attention_read``,
-    ``sparse_attention_ring`` and ``cca`` then run Triton, and so do the multi-token (prefill) calls
-    of ``attention``, ``attention_cache``, ``attention_ring`` and ``attention_read`` (full cache);
+    ``attention_buffer`` / ``attention_buffer_inplace``, ``sparse_attention_ring`` and ``cca`` then
+    run Triton, and so do the multi-token (prefill) calls of ``attention``, ``attention_cache``,
+    ``attention_ring``, ``attention_read`` (full cache) and the buffer ops;
     everything else keeps the eager reference. Idempotent; imports Triton only here (RuntimeError
     naming the fix without it)."""
     from effexport.custom_ops._triton import register

@@ -32,7 +32,9 @@ Layout and conventions shared by all four:
   share positions: left/right padding and per-row lengths are not supported (use batch 1 or
   equal-length rows).
 
-Every op is functional: caches are returned, never mutated in place, and no output aliases an input.
+Every op in :data:`OPS` is functional: caches are returned, never mutated in place, and no output
+aliases an input. ``attention_buffer_inplace`` (:data:`INPLACE_OPS`, emitted by no pass) is
+``attention_buffer`` writing the new rows into the caller's buffers instead of returning new ones.
 
 Not covered here: padding masks, chunked attention without a cache (only ``attention_ring`` has the
 chunked mode), dropout, autograd (no backward is
@@ -44,7 +46,8 @@ import torch
 
 from effexport.custom_ops._checks import check_pos
 
-__all__ = ["attention", "attention_cache", "attention_ring", "attention_read", "attention_buffer", "OPS"]
+__all__ = ["attention", "attention_cache", "attention_ring", "attention_read", "attention_buffer",
+           "attention_buffer_inplace", "OPS", "INPLACE_OPS"]
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -326,6 +329,40 @@ def _(q, k_cache, v_cache, pos, sinks=None, *, scale, window=0, softcap=0.0, rin
 
 
 # ----------------------------------------------------------------------------- attention_buffer
+def _check_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, what: str) -> None:
+    _check_qkv(q, k_new, v_new, sinks, what)
+    _check_qkv(q, k_buf, v_buf, None, f"{what} (buffer)")
+    _check_new(q, k_new, k_buf, v_new, v_buf, what)
+    check_pos(pos, what)
+
+
+def _check_fits(pos: torch.Tensor, t_len: int, capacity: int, what: str) -> None:
+    """Rows ``pos..pos+T-1`` must lie in the buffer (read on the host, so not while a CUDA graph is
+    being captured)."""
+    if pos.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if int(pos) + t_len > capacity:
+        raise ValueError(f"{what}: positions {int(pos)}..{int(pos) + t_len - 1} do not fit the "
+                         f"buffer's {capacity} rows (build with a larger max context)")
+
+
+def _buffer_reference(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap, what):
+    """The eager reference of both buffer ops: ``(out, k_buf with the new rows, v_buf with them)``,
+    the buffers new tensors (the inputs untouched)."""
+    _check_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, what)
+    _check_window(window, softcap, what)
+    t_len, capacity, device = q.shape[2], k_buf.shape[2], q.device
+    pos = pos.to(device)
+    _check_fits(pos, t_len, capacity, what)
+    row = torch.arange(capacity, device=device)  # [C]
+    fresh = (row >= pos) & (row < pos + t_len)
+    src = torch.where(fresh, capacity + row - pos, row)  # row j <- new[j - pos] inside the new rows
+    k_out = torch.cat([k_buf, k_new], dim=2).index_select(2, src)  # [B, Hkv, C, d]
+    v_out = torch.cat([v_buf, v_new], dim=2).index_select(2, src)  # [B, Hkv, C, dv]
+    mask = _visible(pos + torch.arange(t_len, device=device), row, window)  # [T, C]: later rows masked
+    return _attend(q, k_out, v_out, mask, sinks, scale, softcap), k_out, v_out
+
+
 @torch.library.custom_op("effexport::attention_buffer", mutates_args=())
 def attention_buffer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                      k_buf: torch.Tensor, v_buf: torch.Tensor, pos: torch.Tensor,
@@ -341,33 +378,42 @@ def attention_buffer(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     ``past = buf[:, :, :pos]``. Rows at or past ``pos + T`` are never read; this reference returns
     them unchanged, a backend that updates the buffer in place (ONNX Runtime's GroupQueryAttention
     with past and present bound to one buffer) leaves them unspecified."""
-    _check_qkv(q, k_new, v_new, sinks, "attention_buffer")
-    _check_qkv(q, k_buf, v_buf, None, "attention_buffer (buffer)")
-    _check_new(q, k_new, k_buf, v_new, v_buf, "attention_buffer")
-    check_pos(pos, "attention_buffer")
-    _check_window(window, softcap, "attention_buffer")
-    t_len, capacity, device = q.shape[2], k_buf.shape[2], q.device
-    pos = pos.to(device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()  # no host sync then
-    if not capturing and int(pos) + t_len > capacity:
-        raise ValueError(f"attention_buffer: positions {int(pos)}..{int(pos) + t_len - 1} do not fit the "
-                         f"buffer's {capacity} rows (build with a larger max context)")
-    row = torch.arange(capacity, device=device)  # [C]
-    fresh = (row >= pos) & (row < pos + t_len)
-    src = torch.where(fresh, capacity + row - pos, row)  # row j <- new[j - pos] inside the new rows
-    k_out = torch.cat([k_buf, k_new], dim=2).index_select(2, src)  # [B, Hkv, C, d]
-    v_out = torch.cat([v_buf, v_new], dim=2).index_select(2, src)  # [B, Hkv, C, dv]
-    mask = _visible(pos + torch.arange(t_len, device=device), row, window)  # [T, C]: later rows masked
-    return _attend(q, k_out, v_out, mask, sinks, scale, softcap), k_out, v_out
+    return _buffer_reference(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, softcap,
+                             "attention_buffer")
 
 
 @attention_buffer.register_fake
 def _(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, *, scale, window=0, softcap=0.0):
-    _check_qkv(q, k_new, v_new, sinks, "attention_buffer")
-    _check_qkv(q, k_buf, v_buf, None, "attention_buffer (buffer)")
-    _check_new(q, k_new, k_buf, v_new, v_buf, "attention_buffer")
-    check_pos(pos, "attention_buffer")
+    _check_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, "attention_buffer")
     return _out_like(q, v_new), torch.empty_like(k_buf), torch.empty_like(v_buf)
+
+
+@torch.library.custom_op("effexport::attention_buffer_inplace", mutates_args=("k_buf", "v_buf"))
+def attention_buffer_inplace(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                             k_buf: torch.Tensor, v_buf: torch.Tensor, pos: torch.Tensor,
+                             sinks: Optional[torch.Tensor] = None, *, scale: float, window: int = 0,
+                             softcap: float = 0.0) -> torch.Tensor:
+    """:func:`attention_buffer` updating the buffers in place: q ``[B, H, T, d]``, k_new/v_new
+    ``[B, Hkv, T, d|dv]``, k_buf/v_buf ``[B, Hkv, C, d|dv]`` (mutated: rows ``pos..pos+T-1`` get
+    the new K/V, the other rows are left as they are), pos 0-d int64 -> ``out [B, H, T, dv]``, the
+    same output as :func:`attention_buffer`. A step then moves only the rows it reads (``0..pos``)
+    and the rows it writes, not a copy of the whole buffer (the layout of ONNX Runtime's shared-buffer
+    GroupQueryAttention and of Hugging Face's StaticCache). Not in :data:`OPS`: no pass emits it, so
+    backends need not lower it; it is the in-place form a runtime (or a caller) uses on CUDA, where
+    :func:`effexport.custom_ops.enable_triton` gives it a kernel that writes the new row from the
+    same pass that reads the buffer. Requires ``pos + T <= C`` (checked on the host except while a
+    CUDA graph is captured; the kernel never writes outside the buffer)."""
+    out, k_out, v_out = _buffer_reference(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window,
+                                          softcap, "attention_buffer_inplace")
+    k_buf.copy_(k_out)
+    v_buf.copy_(v_out)
+    return out
+
+
+@attention_buffer_inplace.register_fake
+def _(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, *, scale, window=0, softcap=0.0):
+    _check_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, "attention_buffer_inplace")
+    return _out_like(q, v_new)
 
 
 OPS = (
@@ -377,3 +423,6 @@ OPS = (
     torch.ops.effexport.attention_read.default,
     torch.ops.effexport.attention_buffer.default,
 )
+INPLACE_OPS = (torch.ops.effexport.attention_buffer_inplace.default,)
+"""Ops that mutate their inputs: never emitted by a pass (not in :data:`OPS`, so no backend lowers
+them); runtimes and callers use them where the buffers are theirs to update."""

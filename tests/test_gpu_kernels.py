@@ -69,7 +69,7 @@ def _cpu(*shape, dtype):
 def _decode_case(op, dtype, qdtype):
     from effexport.custom_ops import _triton as T
 
-    b, d = 2, 512 if op in ("cache", "read") else 256
+    b, d = 2, 512 if op in ("cache", "read", "buffer") else 256
     q = _cpu(b, 8, 1, d, dtype=qdtype)
     new = [_cpu(b, 1, 1, d, dtype=dtype) for _ in range(2)]
     rows = 512 if op in ("ring", "ring_chunked", "read_ring") else 4096
@@ -77,6 +77,8 @@ def _decode_case(op, dtype, qdtype):
     sinks, pos = torch.randn(8), torch.tensor(5000)
     if op == "cache":
         T._cache_cuda(q, *new, *cache, sinks, scale=1.0, softcap=30.0)
+    elif op == "buffer":
+        T._buffer_inplace_cuda(q, *new, *cache, torch.tensor(3000), sinks, scale=1.0, softcap=30.0)
     elif op in ("ring", "ring_chunked"):
         T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512, chunked=op == "ring_chunked")
     else:
@@ -105,6 +107,9 @@ def _prefill_case(op, dtype, qdtype):
                           window=512 if op == "sliding" else 0, softcap=30.0 if op == "full" else 0.0)
     elif op == "cache":
         T._cache_cuda(q, k, v, _cpu(1, 2, 700, d, dtype=dtype), _cpu(1, 2, 700, d, dtype=dtype), None, scale=1.0)
+    elif op == "buffer":
+        T._buffer_inplace_cuda(q, k, v, _cpu(1, 2, 1200, d, dtype=dtype), _cpu(1, 2, 1200, d, dtype=dtype), pos,
+                               None, scale=1.0)
     elif op in ("ring", "ring_chunked"):
         T._ring_cuda(q, k, v, _cpu(1, 2, 512, d, dtype=dtype), _cpu(1, 2, 512, d, dtype=dtype), pos, sinks,
                      scale=1.0, window=512, chunked=op == "ring_chunked")
@@ -127,13 +132,13 @@ BF16, FP32 = torch.bfloat16, torch.float32
 ZAYA1 = (1, 8, 2, 128, 2, 2, 64)  # batch, Hq, Hk, d, K0, K1, rot of ZAYA1-8B's CCA
 LAUNCH_CASES = [
     *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}")
-      for op in ("cache", "ring", "ring_chunked", "read", "read_ring")
+      for op in ("cache", "ring", "ring_chunked", "read", "read_ring", "buffer")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
     *[pytest.param(_sparse_case, kind, dt, dt, id=f"sparse-{kind}-{name}") for kind in ("hca", "csa")
       for name, dt in (("bf16", BF16), ("fp32", FP32))],
     *[pytest.param(_prefill_case, op, dt, qdt, id=f"prefill-{op}-{name}") for op in ("sliding", "full", "bidir")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
-    *[pytest.param(_prefill_case, op, BF16, BF16, id=f"prefill-{op}-bf16") for op in ("cache", "ring", "read")],
+    *[pytest.param(_prefill_case, op, BF16, BF16, id=f"prefill-{op}-bf16") for op in ("cache", "ring", "read", "buffer")],
     *[pytest.param(_prefill_case, "ring_chunked", dt, qdt, id=f"prefill-ring_chunked-{name}")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32))],
     *[pytest.param(_cca_case, ZAYA1, dt, dt, id=f"cca-decode-{name}") for name, dt in (("bf16", BF16), ("fp32", FP32))],
@@ -312,12 +317,76 @@ def test_attention_read(gen, dtype, ring, slots, pos, window, batch, heads, kv_h
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["cache", "ring", "read", "read_ring"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("capacity,pos,t_len,window", [
+    pytest.param(4096, 0, 1, 0, id="pos0"),
+    pytest.param(4096, 2000, 1, 0, id="mid"),
+    pytest.param(4096, 4095, 1, 0, id="last"),
+    pytest.param(32768, 1500, 1, 0, id="short-in-32k"),  # few rows in a large buffer: split at run time
+    pytest.param(8192, 5000, 1, 512, id="window"),
+    pytest.param(4096, 1000, 70, 0, id="chunk-T70"),
+])
+@pytest.mark.parametrize("batch,heads,kv_heads,d,use_sinks,softcap", [
+    pytest.param(1, 8, 1, 512, False, 0.0, id="gemma4-global-d512"),
+    pytest.param(8, 8, 2, 256, True, 0.0, id="b8-gqa4-d256-sinks"),
+    pytest.param(2, 8, 8, 128, False, 30.0, id="mha-d128-softcap"),
+])
+def test_attention_buffer(gen, dtype, capacity, pos, t_len, window, batch, heads, kv_heads, d, use_sinks,
+                          softcap):
+    """``attention_buffer_inplace`` writes rows ``pos..pos+T-1`` into the caller's buffers and leaves
+    every other row alone (bit for bit the reference's returned buffers), its output within tolerance
+    of the float64 reference; the functional ``attention_buffer`` returns the same output and
+    buffers and leaves its inputs untouched."""
+    q = _rand(batch, heads, t_len, d, dtype=dtype, gen=gen)
+    kn, vn = (_rand(batch, kv_heads, t_len, d, dtype=dtype, gen=gen) for _ in range(2))
+    kb, vb = (_rand(batch, kv_heads, capacity, d, dtype=dtype, gen=gen) for _ in range(2))
+    sinks = _rand(heads, dtype=torch.float32, gen=gen) if use_sinks else None
+    p = torch.tensor(pos, device="cuda")
+    kw = dict(scale=d ** -0.5, window=window, softcap=softcap)
+    ref = attn_mod.attention_buffer._init_fn(*_f64(q, kn, vn, kb, vb), p, _f64(sinks)[0], **kw)[0]
+    same = attn_mod.attention_buffer._init_fn(q, kn, vn, kb, vb, p, sinks, **kw)
+    before = (kb.clone(), vb.clone())
+    out, k_out, v_out = ops.attention_buffer(q, kn, vn, kb, vb, p, sinks, **kw)
+    _check(out, ref, dtype, "attention_buffer")
+    assert torch.equal(k_out, same[1]) and torch.equal(v_out, same[2])
+    assert torch.equal(kb, before[0]) and torch.equal(vb, before[1])
+    out_inplace = ops.attention_buffer_inplace(q, kn, vn, kb, vb, p, sinks, **kw)
+    _check(out_inplace, ref, dtype, "attention_buffer_inplace")
+    assert torch.equal(kb, same[1]) and torch.equal(vb, same[2])
+
+
+@pytest.mark.gpu
+def test_attention_buffer_inplace_replays_from_a_cuda_graph(gen):
+    """Captured once, replayed at successive positions (``pos`` updated on the device): each replay
+    writes its row and attends rows ``0..pos``, as the reference does step by step."""
+    b, h, hkv, d, cap = 2, 8, 1, 512, 2048
+    kb, vb = (torch.zeros(b, hkv, cap, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q, kn, vn = (_rand(b, n, 1, d, dtype=torch.bfloat16, gen=gen) for n in (h, hkv, hkv))
+    p = torch.tensor(0, device="cuda")
+    k_ref, v_ref = kb.clone(), vb.clone()
+    ops.attention_buffer_inplace(q, kn, vn, kb, vb, p, scale=1.0)  # compile outside the capture
+    kb.zero_(), vb.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.attention_buffer_inplace(q, kn, vn, kb, vb, p, scale=1.0)
+    for step in range(0, 1500, 149):
+        for t in (q, kn, vn):
+            t.copy_(_rand(*t.shape, dtype=t.dtype, gen=gen))
+        p.fill_(step)
+        graph.replay()
+        k_ref[:, :, step], v_ref[:, :, step] = kn[:, :, 0], vn[:, :, 0]
+        ref = attn_mod.attention_read._init_fn(*_f64(q, k_ref, v_ref), p, None, scale=1.0)
+        _check(out, ref, torch.bfloat16, f"replay at pos {step}")
+        assert torch.equal(kb, k_ref) and torch.equal(vb, v_ref), f"buffers after pos {step}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["cache", "ring", "read", "read_ring", "buffer"])
 def test_fp32_query_over_bf16_cache(gen, op):
     """What the rewritten sample graphs pass (the samples upcast q for the score matmul): an fp32
     query over bf16 caches. The kernel's tf32x3 dots must keep the fp32 tolerance (1e-4)."""
     b, h, hkv, d = 2, 8, 1, 512
-    slots = 3000 if op in ("cache", "read") else 512
+    slots = 3000 if op in ("cache", "read", "buffer") else 512
     q = _rand(b, h, 1, d, dtype=torch.float32, gen=gen)
     k, v, kn, vn = (_rand(b, hkv, n, d, dtype=torch.bfloat16, gen=gen) for n in (slots, slots, 1, 1))
     p = torch.tensor(slots + 700 if op != "cache" else slots, device="cuda")
@@ -329,6 +398,10 @@ def test_fp32_query_over_bf16_cache(gen, op):
     elif op == "ring":
         out = ops.attention_ring(q, kn, vn, k, v, p, None, **kw)[0]
         ref = attn_mod.attention_ring._init_fn(*_f64(q, kn, vn, k, v), p, None, **kw)[0]
+    elif op == "buffer":
+        p = torch.tensor(slots - 1, device="cuda")
+        ref = attn_mod.attention_buffer._init_fn(*_f64(q, kn, vn, k, v), p, None, **kw)[0]
+        out = ops.attention_buffer_inplace(q, kn, vn, k, v, p, None, **kw)
     else:
         p = torch.tensor(slots - 1 if op == "read" else slots + 700, device="cuda")
         kw["ring"] = op == "read_ring"
@@ -342,6 +415,7 @@ def test_fp32_query_over_bf16_cache(gen, op):
 @pytest.mark.parametrize("kind,ratio,ncomp,topk,pos", [
     pytest.param("hca", 128, 1024, 0, 5000, id="hca-5000"),
     pytest.param("hca", 128, 1024, 0, 100, id="hca-none-visible"),
+    pytest.param("hca", 128, 1024, 0, 131071, id="hca-all-visible"),
     pytest.param("csa", 4, 2048, 512, 5000, id="csa-5000"),
     pytest.param("csa", 4, 2048, 512, 60, id="csa-few-visible"),
     pytest.param("swa", 0, 8, 0, 300, id="window-only"),

@@ -84,6 +84,36 @@ def test_buffer_opcheck():
                           dict(scale=0.3))
 
 
+@pytest.mark.parametrize("batch,t_len,pos", [(2, 1, 0), (1, 3, 7), (2, 1, C - 1)])
+def test_inplace_buffer_equals_the_functional_op(batch, t_len, pos):
+    """``attention_buffer_inplace`` returns the functional op's output and leaves in its buffers the
+    functional op's returned buffers; it refuses the same positions."""
+    q, k_new, v_new, k_buf, v_buf, p, s = _inputs(batch, t_len, pos)
+    kw = dict(scale=0.3, window=5, softcap=4.0)
+    out, k_out, v_out = ops.attention_buffer(q, k_new, v_new, k_buf, v_buf, p, s, **kw)
+    got = ops.attention_buffer_inplace(q, k_new, v_new, k_buf, v_buf, p, s, **kw)
+    assert torch.equal(got, out) and torch.equal(k_buf, k_out) and torch.equal(v_buf, v_out)
+    with pytest.raises(ValueError, match=r"attention_buffer_inplace: positions .* do not fit"):
+        ops.attention_buffer_inplace(q, k_new, v_new, k_buf, v_buf, torch.tensor(C - t_len + 1), s, **kw)
+
+
+def test_inplace_buffer_opcheck_and_compile():
+    """opcheck (schema with its mutated buffers, fake kernel, AOT dispatch), and a compiled step
+    (``torch.compile``, functionalised then written back) mutates the caller's buffers as eager does."""
+    q, k_new, v_new, k_buf, v_buf, pos, sinks = _inputs(2, 1, 4)
+    torch.library.opcheck(ops.attention_buffer_inplace.default,
+                          (q, k_new, v_new, k_buf.clone(), v_buf.clone(), pos, sinks), dict(scale=0.3, window=3))
+
+    def step(q, k_new, v_new, k_buf, v_buf, pos):
+        return ops.attention_buffer_inplace(q, k_new, v_new, k_buf, v_buf, pos, scale=0.3) * 2
+
+    k_eager, v_eager = k_buf.clone(), v_buf.clone()
+    want = step(q, k_new, v_new, k_eager, v_eager, pos)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k_new, v_new, k_buf, v_buf, pos)
+    assert torch.equal(got, want) and torch.equal(k_buf, k_eager) and torch.equal(v_buf, v_eager)
+    assert torch.equal(k_buf[:, :, 4:5], k_new)
+
+
 # ------------------------------------------------------------------------------------- ONNX op
 class _Buffer(torch.nn.Module):
     def __init__(self, window: int, softcap: float, sinks: bool):

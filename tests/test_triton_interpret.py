@@ -80,9 +80,34 @@ def _decode_read(T, A, gen, ring, window):
     return T._read_cuda(q, k, v, p, None, **kw), A.attention_read._init_fn(*_f64(q, k, v), p, None, **kw), []
 
 
+def _buffer(T, A, gen, groups, pos, t_len=1, window=0, sinks=False, inplace=True, cap=200):
+    """``attention_buffer_inplace`` (or the functional ``attention_buffer``) over a ``cap``-row buffer: the
+    output against float64, the buffers after the call (mutated, or returned) equal to the
+    reference's bit for bit -- the new rows at ``pos`` and every other row unchanged. The decode
+    kernel cuts rows ``0..pos`` into chunks at run time: with 8 SMs, 4 (batch, KV head) pairs and
+    64-row blocks, one chunk at pos 0, two at pos 97, four at pos 199, four of three blocks each at
+    pos 519 (so a chunk of one block per program would miss rows)."""
+    b, hkv, d, dv = 2, 2, 32, 24
+    q, kn, vn = _rand(gen, b, hkv * groups, t_len, d), _rand(gen, b, hkv, t_len, d), _rand(gen, b, hkv, t_len, dv)
+    kb, vb = _rand(gen, b, hkv, cap, d), _rand(gen, b, hkv, cap, dv)
+    s = _rand(gen, hkv * groups) if sinks else None
+    p, kw = torch.tensor(pos), dict(scale=d ** -0.5, window=window, softcap=30.0 if sinks else 0.0)
+    ref = A.attention_buffer._init_fn(*_f64(q, kn, vn, kb, vb), p, *_f64(s), **kw)
+    same = A.attention_buffer._init_fn(q, kn, vn, kb, vb, p, s, **kw)
+    if not inplace:  # the returned buffers are the reference's; the inputs stay as they were
+        before = (kb.clone(), vb.clone())
+        got = T._buffer_cuda(q, kn, vn, kb, vb, p, s, **kw)
+        return got[0], ref[0], list(zip(got[1:], same[1:])) + list(zip((kb, vb), before))
+    k_buf, v_buf = kb.clone(), vb.clone()
+    out = T._buffer_inplace_cuda(q, kn, vn, k_buf, v_buf, p, s, **kw)
+    return out, ref[0], [(k_buf, same[1]), (v_buf, same[2])]
+
+
 def _sparse(T, S, gen, kind):
     b, heads, dim, window, slots, pos = 2, 8, 32, 8, 12, 150  # a ring wider than the window
     ratio, ncomp, topk = (4, 40, 8) if kind == "csa" else (16, 12, 0)
+    if kind == "hca-long":  # 300 of 400 entries visible: cut at run time into 128-row chunks (2 blocks)
+        b, pos, ratio, ncomp = 4, 600, 2, 400
     q, kv, comp, sink = _rand(gen, b, 1, heads, dim), _rand(gen, b, slots, dim), _rand(gen, b, ncomp, dim), _rand(gen, heads)
     idx = None
     if kind == "csa":  # visible, invisible, out-of-range, -1 and repeated entries
@@ -150,8 +175,17 @@ CASES = {
     "decode-read-full": lambda T, m, g: _decode_read(T, m["attention"], g, False, 0),
     "decode-read-full-window": lambda T, m, g: _decode_read(T, m["attention"], g, False, 40),
     "decode-read-ring": lambda T, m, g: _decode_read(T, m["attention"], g, True, 12),
+    # in-place full-cache buffer: pos at 0, mid and capacity - 1; GQA groups 1 and 4; window, sinks
+    "decode-buffer-pos0-mha": lambda T, m, g: _buffer(T, m["attention"], g, 1, 0),
+    "decode-buffer-mid-gqa4": lambda T, m, g: _buffer(T, m["attention"], g, 4, 97),
+    "decode-buffer-last-gqa4": lambda T, m, g: _buffer(T, m["attention"], g, 4, 199),
+    "decode-buffer-long-gqa2": lambda T, m, g: _buffer(T, m["attention"], g, 2, 519, cap=520),
+    "decode-buffer-last-mha-window-sinks-softcap": lambda T, m, g: _buffer(T, m["attention"], g, 1, 199, 1, 70, True),
+    "decode-buffer-functional-mid-gqa2": lambda T, m, g: _buffer(T, m["attention"], g, 2, 150, inplace=False),
+    "chunk-buffer-gqa2-sinks": lambda T, m, g: _buffer(T, m["attention"], g, 2, 121, 6, 0, True),
     "sparse-hca": lambda T, m, g: _sparse(T, m["sparse"], g, "hca"),
     "sparse-csa": lambda T, m, g: _sparse(T, m["sparse"], g, "csa"),
+    "sparse-hca-long": lambda T, m, g: _sparse(T, m["sparse"], g, "hca-long"),
     "prefill-causal-window-sinks-softcap": lambda T, m, g: _prefill(T, m["attention"], g, True),
     "prefill-bidirectional": lambda T, m, g: _prefill(T, m["attention"], g, False),
     "chunk-cache": lambda T, m, g: _chunk(T, m["attention"], g, "cache"),

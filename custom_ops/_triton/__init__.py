@@ -4,7 +4,9 @@
 (``torch.library.register_kernel(op, "cuda", ...)``) on
 
 * ``attention`` (prefill), ``attention_cache``, ``attention_ring``, ``attention_read`` (full and
-  ring), and
+  ring), ``attention_buffer_inplace`` (the fixed-capacity full cache updated in place: one decode
+  token writes its row from the pass that reads rows ``0..pos``, split over the GPU at any ``pos``)
+  and the functional ``attention_buffer`` (a copy of the buffers, then the in-place kernel), and
 * ``sparse_attention_ring`` (DeepSeek V4 CSA top-k / HCA all-entries + window + sink), and
 * ``cca`` (ZAYA1 compressed convolutional attention's q/k/v, :mod:`.cca`: one fused kernel for a
   decode token; T > 1 runs the reference).
@@ -59,7 +61,8 @@ def register() -> None:
     from effexport.custom_ops._triton import cca, kernels, prefill  # noqa: F401  (compiles nothing yet)
     for op_def, fn in ((_attn.attention, _attention_cuda), (_cca.cca, _cca_cuda),
                        (_attn.attention_cache, _cache_cuda), (_attn.attention_ring, _ring_cuda),
-                       (_attn.attention_read, _read_cuda),
+                       (_attn.attention_read, _read_cuda), (_attn.attention_buffer, _buffer_cuda),
+                       (_attn.attention_buffer_inplace, _buffer_inplace_cuda),
                        (_sparse.sparse_attention_ring, _sparse_ring_cuda)):
         op_def.register_kernel("cuda")(fn)
     _REGISTERED = True
@@ -102,11 +105,13 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
     batch = q.shape[0]
     d, dv = k1.shape[-1], v1.shape[-1]
     s1 = k1.shape[-2]
-    s2 = 0 if k2 is None else k2.shape[-2] if idx is None else idx.shape[-1]
+    # BUFFER: the new row is row pos of the buffer's S1 rows, not a row past them
+    s2 = 0 if k2 is None or mode == _plan.BUFFER else k2.shape[-2] if idx is None else idx.shape[-1]
     sm_count = _sm_count(q.device)
     kv_same = v1 is k1 and (v2 is k2 or k2 is None)
+    # BUFFER writes one row in place: it is planned as the read-only kernel it otherwise is
     p = _plan.plan(groups, batch * kv_heads, span, d, dv, sm_count, k1.element_size(), kv_same,
-                   copy=k_out is not None)
+                   copy=k_out is not None and mode != _plan.BUFFER)
     gp = p.num_gb * p.block_g
     rows = batch * kv_heads * p.splits * gp
     m_buf = torch.empty(rows, device=q.device, dtype=torch.float32)
@@ -132,7 +137,8 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
             float(scale), float(softcap) if softcap > 0 else 1.0, int(window), int(ratio), p.chunk,
             MODE=mode, COPY=k_out is not None, KV_SAME=kv_same, DOT_F32=dot_f32, DOT_PREC=prec,
             HAS_SOFTCAP=softcap > 0, BLOCK_G=p.block_g, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
-            BLOCK_DV=p.block_dv, CHUNKED=chunked, num_warps=p.num_warps, num_stages=p.num_stages)
+            BLOCK_DV=p.block_dv, CHUNKED=chunked, DYN_CHUNK=mode in _plan.DYNAMIC and _plan.CONFIG["dynamic_chunk"],
+            num_warps=p.num_warps, num_stages=p.num_stages)
     try:
         partial(prec)
     except Exception as exc:  # noqa: BLE001  (a Triton without tf32x3 for this shape: IEEE, slower)
@@ -284,6 +290,45 @@ def _read_cuda(q, k_cache, v_cache, pos, sinks=None, *, scale, window=0, softcap
     span = s_len if ring or window == 0 else min(s_len, window)
     return _dense(_plan.READ_RING if ring else _plan.READ, q, k_cache, v_cache, None, None, sinks,
                   scale=scale, softcap=softcap, window=window, span=span, pos=pos)
+
+
+def _buffer_inplace_cuda(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, *, scale, window=0, softcap=0.0):
+    """In place: one token writes its row from the pass that reads rows ``0..pos`` (``BUFFER``
+    mode); T > 1 writes the rows (``index_copy_``) and runs the prefill kernel over the buffer.
+    Buffers the kernels cannot address in place (last dim strided) run the reference."""
+    if not _fast(q, k_new, v_new, k_buf, v_buf, sinks) or k_buf.stride(-1) != 1 or v_buf.stride(-1) != 1:
+        return _attn.attention_buffer_inplace._init_fn(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale=scale,
+                                                       window=window, softcap=softcap)
+    what = "attention_buffer_inplace"
+    _attn._check_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, what)
+    _attn._check_window(window, softcap, what)
+    t_len, capacity = q.shape[2], k_buf.shape[2]
+    pos = pos.to(q.device)
+    _attn._check_fits(pos, t_len, capacity, what)
+    if t_len != 1:  # prefill (and T == 0, an empty call): rows written, then queries at pos..pos+T-1
+        rows = pos + torch.arange(t_len, device=q.device)
+        k_buf.index_copy_(2, rows, k_new)
+        v_buf.index_copy_(2, rows, v_new)
+        return _prefill(q, k_buf, v_buf, sinks, scale=scale, softcap=softcap, window=window,
+                        causal=True, pos=pos, q_dyn=True)
+    q, k_new, v_new = (_last_contiguous(t) for t in (q, k_new, v_new))
+    span = capacity if window == 0 else min(capacity, window)
+    return _dense(_plan.BUFFER, q, k_buf, v_buf, k_new, v_new, sinks, scale=scale, softcap=softcap,
+                  window=window, span=span, pos=pos, k_out=k_buf, v_out=v_buf)
+
+
+def _buffer_cuda(q, k_new, v_new, k_buf, v_buf, pos, sinks=None, *, scale, window=0, softcap=0.0):
+    """The functional op: copies of the buffers (``clone``, at copy bandwidth), updated in place
+    by :func:`_buffer_inplace_cuda` -- every row the reference returns, bit for bit."""
+    if not _fast(q, k_new, v_new, k_buf, v_buf, sinks):
+        return _attn.attention_buffer._init_fn(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale=scale,
+                                               window=window, softcap=softcap)
+    _attn._check_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, "attention_buffer")
+    k_out = k_buf.clone(memory_format=torch.contiguous_format)
+    v_out = v_buf.clone(memory_format=torch.contiguous_format)
+    out = _buffer_inplace_cuda(q, k_new, v_new, k_out, v_out, pos, sinks, scale=scale, window=window,
+                               softcap=softcap)
+    return out, k_out, v_out
 
 
 def _sparse_ring_cuda(q, kv_ring, comp, idx, sink, pos, *, scale, window, ratio):

@@ -14,6 +14,10 @@ RING        rows ``0..W-1`` ring slots, row ``W`` the new token at ``pos``; slot
             chunk, ``pos - p <= pos mod W``, instead of the window ``pos - p < W``.
 READ        rows of another layer's full cache, position ``j``; only ``[pos-W+1, pos]`` is visited.
 READ_RING   another layer's ring already holding ``pos``: slot s holds ``pos-S+1+((s-pos-1) mod S)``.
+BUFFER      in-place full cache (``attention_buffer_inplace``): rows ``0..pos-1`` of the fixed-capacity
+            buffer, row ``pos`` the new token (read from the new K/V, never from the buffer); the
+            program holding row ``pos`` (head block 0) stores it into the buffer at ``pos``, the
+            only row written. S1 = the buffer's rows; rows past ``min(pos, S1 - 1)`` are not visited.
 SPARSE_*    DeepSeek V4: W raw ring slots (``pos - ((pos - s) mod W)``), then the compressed entries
             (HCA: every visible one; CSA: ``comp[idx[k]]``); K = V (one tensor), one KV head.
 
@@ -31,7 +35,7 @@ from effexport.custom_ops._triton import plan
 # Triton reads globals only as constexpr
 CACHE, RING, READ = tl.constexpr(plan.CACHE), tl.constexpr(plan.RING), tl.constexpr(plan.READ)
 READ_RING, SPARSE_HCA = tl.constexpr(plan.READ_RING), tl.constexpr(plan.SPARSE_HCA)
-SPARSE_CSA = tl.constexpr(plan.SPARSE_CSA)
+SPARSE_CSA, BUFFER = tl.constexpr(plan.SPARSE_CSA), tl.constexpr(plan.BUFFER)
 NEG_BIG = tl.constexpr(-1.0e30)  # running max of an empty chunk: exp(NEG_BIG - m) == 0, never NaN
 
 
@@ -70,7 +74,7 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
              MODE: tl.constexpr, COPY: tl.constexpr, KV_SAME: tl.constexpr,
              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr = False):
+             BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr = False, DYN_CHUNK: tl.constexpr = False):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gb = pid % NUM_GB
@@ -85,12 +89,14 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
     # static rows [0, S1 + S2); dynamic window of rows worth visiting [base, hi)
     base = q_pos * 0
     hi = q_pos * 0 + S1 + S2
-    if MODE == READ:
+    if MODE == READ or MODE == BUFFER:
         hi = tl.minimum(hi, q_pos + 1)
         if window > 0:
             base = tl.maximum(base, q_pos - window + 1)
     if MODE == SPARSE_HCA:
         hi = tl.minimum(hi, S1 + (q_pos + 1) // ratio)
+    if DYN_CHUNK:  # the rows that are there, cut into SPLITS chunks of whole blocks
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - base, 1), SPLITS), BLOCK_N) * BLOCK_N
     start = base + split * chunk
     end = tl.minimum(start + chunk, hi)
 
@@ -124,6 +130,9 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
         if MODE == SPARSE_CSA:
             ci = tl.load(IDX + b * sidx_b + (j - S1), mask=in_rng & (j >= S1), other=-1)
             row2 = tl.minimum(tl.maximum(ci, 0), NCOMP - 1)
+        elif MODE == BUFFER:
+            first = j < q_pos  # the buffer's rows; row pos is the new token
+            row2 = j - q_pos
         else:
             row2 = j - S1
         row1 = tl.where(first, j, 0)
@@ -147,7 +156,7 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
                 vis = in_rng & (kp >= 0) & (q_pos - kp <= q_pos % window)
             else:
                 vis = in_rng & (kp >= 0) & (q_pos - kp < window)
-        elif MODE == READ:
+        elif MODE == READ or MODE == BUFFER:
             vis = in_rng & (j <= q_pos)
             if window > 0:
                 vis = vis & (q_pos - j < window)
@@ -167,6 +176,9 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
             if MODE == CACHE:
                 dest = j
                 dest_ok = in_rng & (gb == 0)
+            elif MODE == BUFFER:  # in place: only the new token's row
+                dest = j
+                dest_ok = in_rng & (gb == 0) & (j == q_pos)
             else:  # RING: old slots stay except the new token's slot, which gets row S1
                 dest = tl.where(first, j, new_slot)
                 dest_ok = in_rng & (gb == 0) & ((j != new_slot) | (j >= S1))

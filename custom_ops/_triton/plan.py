@@ -11,12 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Modes of the partial kernel (constexpr): how a row maps to a source, a position and a copy slot.
-CACHE, RING, READ, READ_RING, SPARSE_HCA, SPARSE_CSA = range(6)
+CACHE, RING, READ, READ_RING, SPARSE_HCA, SPARSE_CSA, BUFFER = range(7)
+# Modes whose rows to reduce depend on ``pos`` (rows ``[0, pos]`` or the window ending there; HCA's
+# ring plus the compressed entries visible at ``pos``) while the plan is sized for a static bound
+# (the cache's rows): the kernel cuts the rows that are there into ``splits`` chunks at run time, so
+# every program shares the work at any position (``CONFIG["dynamic_chunk"] = False``: the static
+# cut of ``span`` rows, for comparison).
+DYNAMIC = (READ, BUFFER, SPARSE_HCA)
 
 # Tunables (the bench may override them; kept here so the bench and the ops use one set). None =
 # the heuristic below.
 CONFIG = {"programs_per_sm": 2, "max_head_dim": 512, "block_n": None, "num_stages": None,
-          "num_warps": None, "smem_budget": 160 * 1024, "scratch_frac": 4.0, "min_chunk": 0}
+          "num_warps": None, "smem_budget": 160 * 1024, "scratch_frac": 4.0, "min_chunk": 0,
+          "dynamic_chunk": True}
 
 
 def next_pow2(n: int) -> int:
@@ -39,7 +46,8 @@ class Plan:
 def plan(groups: int, bh: int, span: int, d: int, dv: int, sm_count: int, elem_bytes: int = 2,
          kv_same: bool = False, copy: bool = False) -> Plan:
     """Blocks and splits for ``groups`` query heads per KV head, ``bh`` = batch * KV heads,
-    ``span`` rows to reduce (static upper bound), head dims ``d`` / ``dv``, cache elements of
+    ``span`` rows to reduce (static upper bound; the :data:`DYNAMIC` modes re-cut the rows that are
+    there into ``splits`` chunks at run time, ``chunk`` is then unused), head dims ``d`` / ``dv``, cache elements of
     ``elem_bytes``; ``kv_same``: one tensor is both K and V (a row is read once); ``copy``: the
     kernel also writes every row it reads (measured faster with plain register loads, 1 stage)."""
     if groups < 1 or bh < 1 or d < 1 or dv < 1:
