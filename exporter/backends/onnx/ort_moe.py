@@ -292,8 +292,9 @@ def _match(final: ir.Node) -> _Match | str:
     zeros, idx, weights = scatter.inputs
     if comb.dtype not in _FLOATS or comb.shape is None or comb.shape.rank() != 2:
         return "the combine weights are not a float [N, E] tensor"
-    if comb.shape[1] != e or idx.shape is None or idx.shape.rank() != 2 or not isinstance(idx.shape[1], int):
-        return "not E experts, or not a static k"
+    if comb.shape[1] != e or idx.shape is None or idx.shape.rank() != 2 or not isinstance(idx.shape[1], int) \
+            or not 0 < idx.shape[1] <= e:
+        return "not E experts, or not a static k <= E"
     if not _zeros(zeros):
         return "the scatter does not start from zeros"
     if not non_negative(weights):
