@@ -25,7 +25,7 @@ def _int(name, values):
 
 
 def _experts_model(router="sigmoid", k=2, limit=None, swapped=False, start=0.0, dtype=np.float32, act="silu",
-                   seed=0) -> onnx.ModelProto:
+                   seed=0, cast_after=False) -> onnx.ModelProto:
     """``x [N, D]``, router logits ``r [N, E]`` (and hash ids ``ids [N, k]`` for ``router="hash"``) ->
     ``StackedExperts(x, idx, w)`` with ``idx, w`` from ``router``:
 
@@ -34,11 +34,14 @@ def _experts_model(router="sigmoid", k=2, limit=None, swapped=False, start=0.0, 
     * ``hash``: fixed indices (repeats allowed), sqrt(softplus(r)) weights times 2.5 (DeepSeek's hash layers);
     * ``tanh``: top-k of tanh(r): weights that can be negative (must not be fused)."""
     rng = np.random.default_rng(seed)
-    t = TP.FLOAT if dtype == np.float32 else TP.FLOAT16
-    inits = [numpy_helper.from_array((rng.standard_normal((E, 2 * H, D)) * 0.4).astype(dtype), "gate_up"),
-             numpy_helper.from_array((rng.standard_normal((E, D, H)) * 0.4).astype(dtype), "down"),
+    t = {np.float32: TP.FLOAT, np.float16: TP.FLOAT16, "bf16": TP.BFLOAT16}[dtype]
+
+    def tensor(name, array):  # in the model's dtype (bf16 through onnx.helper's rounding conversion)
+        return helper.make_tensor(name, t, array.shape, np.asarray(array, np.float32).reshape(-1).tolist())
+
+    inits = [tensor("gate_up", rng.standard_normal((E, 2 * H, D)) * 0.4), tensor("down", rng.standard_normal((E, D, H)) * 0.4),
              numpy_helper.from_array((rng.standard_normal(E) * 0.3).astype(np.float32), "bias"),
-             numpy_helper.from_array(np.array(start, np.float32), "zero"),
+             numpy_helper.from_array(np.array(start, np.float32), "zero") if cast_after else tensor("zero", np.array(start)),
              _int("k", [k]), _int("axes", [-1]), _int("s0", [0]), _int("s1", [H]), _int("s2", [BIG]),
              _int("ax2", [2]), _int("one", [1]), _int("shape_e", [E])]
     nodes, inputs = [], [helper.make_tensor_value_info("x", t, [N, D]),
@@ -71,8 +74,7 @@ def _experts_model(router="sigmoid", k=2, limit=None, swapped=False, start=0.0, 
               helper.make_node("Slice", ["gu", "s1", "s2", "ax2", "one"], ["gate" if swapped else "up"])]
     gate, up = "gate", "up"
     if limit is not None:
-        inits += [numpy_helper.from_array(np.array(limit, dtype), "lim"),
-                  numpy_helper.from_array(np.array(-limit, dtype), "neglim")]
+        inits += [tensor("lim", np.array(limit)), tensor("neglim", np.array(-limit))]
         nodes += [helper.make_node("Min", ["gate", "lim"], ["gate_c"]),
                   helper.make_node("Clip", ["up", "neglim", "lim"], ["up_c"])]
         gate, up = "gate_c", "up_c"
@@ -85,12 +87,12 @@ def _experts_model(router="sigmoid", k=2, limit=None, swapped=False, start=0.0, 
               helper.make_node("Shape", ["x"], ["n"], end=1),
               helper.make_node("Concat", ["n", "shape_e"], ["cshape"], axis=0),
               helper.make_node("Expand", ["zero", "cshape"], ["zeros"]),
-              helper.make_node("ScatterElements", ["zeros", "idx", "w"], ["comb"], axis=1, reduction="add")]
-    comb = "comb"
-    if dtype != np.float32:
-        nodes.append(helper.make_node("Cast", ["comb"], ["comb_t"], to=t))
-        comb = "comb_t"
-    nodes += [helper.make_node("Einsum", ["out", comb], ["routed"], equation="ned,ne->nd"),
+              # the weights in the model's dtype before the scatter, as the samples pass them
+              # (``weights.to(x.dtype)``), or (``cast_after``) scattered in fp32 and then cast
+              helper.make_node("Cast", ["w"], ["w_t"], to=TP.FLOAT if cast_after else t),
+              helper.make_node("ScatterElements", ["zeros", "idx", "w_t"], ["comb"], axis=1, reduction="add"),
+              helper.make_node("Cast", ["comb"], ["comb_t"], to=t),
+              helper.make_node("Einsum", ["out", "comb_t"], ["routed"], equation="ned,ne->nd"),
               helper.make_node("Identity", ["routed"], ["y"])]
     graph = helper.make_graph(nodes, "experts", inputs, [helper.make_tensor_value_info("y", t, [N, D])],
                               initializer=inits)
@@ -167,11 +169,26 @@ def test_skipped_tokens_stay_zero():
 
 
 def test_fp16_experts():
-    model = _experts_model("sigmoid", 2, dtype=np.float16)
+    """fp16, with the combine weights scattered in fp32 and cast after (ONNX Runtime's CPU EP has no
+    fp16 ScatterElements-add, so the samples' own form, an fp16 scatter, runs on the GPU only)."""
+    model = _experts_model("sigmoid", 2, dtype=np.float16, cast_after=True)
     fused, count = _fused(model)
     assert count == 1
     feeds = _feeds("sigmoid", 2, np.float16)
     assert _rel(_run(fused, feeds), _run(model, feeds)) < 3e-3  # fp16 rounding of the routing logits
+
+
+def test_bf16_experts_are_fused():
+    """bf16 (the GPU builds): the same structure; ONNX Runtime's CPU EP has no bf16 MoE (nor bf16
+    Einsum), so the numbers of a bf16 build are the GPU round's."""
+    model = _experts_model("sigmoid", 2, limit=0.6, dtype="bf16")
+    fused, count = _fused(model)
+    onnx.checker.check_model(fused, full_check=True)
+    types = Counter(n.op_type for n in fused.graph.node)
+    assert count == 1 and types["MoE"] == 1 and types["Einsum"] == 0
+    moe = next(n for n in fused.graph.node if n.op_type == "MoE")
+    fc1 = next(i for i in fused.graph.initializer if i.name == moe.input[2])
+    assert fc1.data_type == TP.BFLOAT16 and list(fc1.dims) == [E, 2 * H, D]
 
 
 def test_weight_without_data_is_interleaved_in_the_graph():

@@ -145,7 +145,10 @@ def _zeros(value: ir.Value) -> bool:
     """Whether ``value`` is all zeros: a constant, or an ``Expand`` / ``ConstantOfShape`` of zero."""
     const = _constant(value)
     if const is not None:
-        return const.dtype.kind in "fiu" and not np.any(const)
+        try:  # astype: bf16 arrays (ml_dtypes, kind "V") compare too
+            return not np.any(const.astype(np.float64))
+        except (TypeError, ValueError):
+            return False
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return False
