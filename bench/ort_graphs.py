@@ -24,7 +24,17 @@ For Gemma 3 the effexport build adds ``--genai``: its GenAI package through the 
 loop as the peer (CUDA provider, CUDA graph on). Parity on the GPU: ``generate`` (prefill 16 + 8 greedy tokens, captured) against the eager model
 in bf16 fed the same tokens (max rel error of the logits, per step), and against the same bf16
 weights computed in fp32 beside eager bf16's own error there. Roofline: weight bytes a step
-reads + the plan's KV bytes at (L, B), over the device-to-device copy bandwidth measured here.
+reads + the plan's KV bytes at (L, B), over the device-to-device copy bandwidth measured here. For a
+model with routed experts (Laguna, ZAYA1, DeepSeek V4: ``com.microsoft.MoE`` in the ``ort`` profile,
+``exporter/backends/onnx/ort_moe.py``) the weight bytes count only the experts a step can use: per
+MoE layer ``min(E, B * k)`` of its ``E`` experts (``k`` per token; B = 1: the ``k`` active ones),
+the rest of the model whole (:func:`step_weight_bytes`).
+
+A case is a built-in preset name, optionally cut to its first ``n`` decoder layers with ``@nL``
+(``Sample.with_layers``: real widths, fewer layers, so a real-size MoE fits one GPU), e.g.
+``--cases laguna-xs2@8L,zaya1-8b,deepseek-v4-flash@4L``; the build, the eager reference and the weight
+bytes all use the cut model (:func:`bench_sample`). A ``:tiny`` preset without a cut goes through the
+CLI; with one, through the sample path like the real-size presets.
 
 The builds run in the background while the GPU measures. Writes ``ort_graphs.json`` / ``.md``.
 """
@@ -93,14 +103,47 @@ def sample_build(name: str, out: str, max_context: int, log: str) -> subprocess.
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
+def bench_sample(name: str):
+    """The sample of a case name: a built-in preset, or ``PRESET@nL`` for that preset cut to its first
+    ``n`` decoder layers (``Sample.with_layers``; its name keeps the ``@nL``)."""
+    from effexport.samples import get_sample
+
+    base, at, cut = name.partition("@")
+    sample = get_sample(base)
+    if not at:
+        return sample
+    if not (cut.endswith("L") and cut[:-1].isdigit() and int(cut[:-1]) > 0):
+        raise ValueError(f"{name!r}: a cut is @nL, n layers (e.g. {base}@4L)")
+    return sample.with_layers(int(cut[:-1]))
+
+
+def routed_experts(model) -> list[tuple[int, int, int]]:
+    """``(E, k, bytes of one expert)`` per stacked routed-expert block of a sample model (``k``: the
+    experts one token uses, from the config: ``num_experts_per_tok`` or DeepSeek's
+    ``n_activated_experts``, hash-routed layers included)."""
+    from effexport.samples._blocks import StackedExperts
+
+    cfg = model.config
+    k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "n_activated_experts", None)
+    blocks = [m for m in model.modules() if isinstance(m, StackedExperts)]
+    if blocks and not k:
+        raise ValueError(f"{type(cfg).__name__}: routed experts but no experts-per-token in the config")
+    return [(m.gate_up.shape[0], k, m.expert_params() * m.gate_up.element_size()) for m in blocks]
+
+
+def step_weight_bytes(case: dict, batch: int) -> int:
+    """Weight bytes one decode step of ``batch`` tokens reads: ``case["weight_bytes"]`` (every
+    parameter a step reads, all experts included) less, per MoE layer, the experts no token of the
+    step can use (``E - min(E, batch * k)``)."""
+    return case["weight_bytes"] - sum((e - min(e, batch * k)) * per for e, k, per in case.get("experts", []))
+
+
 def export_sample(name: str, out: str, max_context: int) -> int:
     sys.path.insert(0, HERE)
     import decode_step
     from ort_cuda import export_effexport
 
-    from effexport.samples import get_sample
-
-    model = decode_step.build(get_sample(name))
+    model = decode_step.build(bench_sample(name))
     _, plan = export_effexport(model, out, torch.bfloat16, max_context, "buffer")
     from types import SimpleNamespace
 
@@ -252,15 +295,17 @@ def _hf_eager(directory: str):
 
 
 def _sample_eager(name: str):
+    """(eager logits function, weight bytes, vocab, routed experts) of a sample case, the model its
+    build exported (a ``:tiny`` preset without a cut: the CLI's CPU init; else ``decode_step.build``)."""
     sys.path.insert(0, HERE)
     import decode_step
-    from effexport.samples import get_sample
 
     if name.endswith(":tiny"):  # the model the CLI built: the CPU init from seed 0 (a GPU init differs)
-        model = get_sample(name).build("cpu").to(torch.bfloat16).cuda().eval()
+        model = bench_sample(name).build("cpu").to(torch.bfloat16).cuda().eval()
     else:
-        model = decode_step.build(get_sample(name))
-    return _Eager(model, lambda out: out[0]), decode_step.weight_bytes(model), model.config.vocab_size
+        model = decode_step.build(bench_sample(name))
+    return _Eager(model, lambda out: out[0]), decode_step.weight_bytes(model), model.config.vocab_size, \
+        routed_experts(model)
 
 
 # --------------------------------------------------------------------------------------- main
@@ -296,7 +341,8 @@ def measure(case: dict, args, bw: float) -> None:
                 except Exception as exc:  # noqa: BLE001  (the reason is the finding)
                     row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:600]
                     traceback.print_exc()
-            row["roofline_ms"] = (case["weight_bytes"] + kv_bytes(case["effexport_dir"], batch, context)) / bw * 1e3
+            row["roofline_ms"] = (step_weight_bytes(case, batch) + kv_bytes(case["effexport_dir"], batch, context)) \
+                / bw * 1e3
             rows.append(row)
             print(json.dumps({"case": case["case"], **row}), flush=True)
     runtimes.clear()  # og.Generator's prompt logits ([L-1, vocab]) need the memory the runtimes' buffers held
@@ -395,6 +441,9 @@ def main(argv=None) -> int:
     args.peer_batches = [int(x) for x in args.peer_batches.split(",")]
     args.profile = [p for p in args.profile.split(",") if p]
     cases = args.cases.split(",")
+    for name in cases:  # an unknown preset or a bad @nL fails here, before any build starts
+        if name != "gemma3-1b":
+            bench_sample(name)
     max_context = max(args.contexts) + WARMUP + args.tokens + 64
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
@@ -445,7 +494,8 @@ def main(argv=None) -> int:
             if name == "gemma3-1b":
                 eager, vocab = _hf_eager(os.path.join(args.work, "gemma3-1b-hf")), GEMMA3_1B["vocab_size"]
             else:
-                eager, case["weight_bytes"], vocab = _sample_eager(name)
+                eager, case["weight_bytes"], vocab, case["experts"] = _sample_eager(name)
+                case["step_weight_bytes_b1"] = step_weight_bytes(case, 1)
             try:
                 case["parity"] = parity(case["effexport_dir"], eager, vocab)
             except Exception as exc:  # noqa: BLE001

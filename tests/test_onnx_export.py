@@ -296,3 +296,20 @@ def test_ort_profile_fuses_every_rms_norm_and_tanh_gelu(step, exported):
     assert types.count(("com.microsoft", "FastGelu")) == len(gelus)
     assert not _power_nodes(ort_model, 2.0) and not _power_nodes(ort_model, 3.0)
     assert len(ort_model.graph.node) < len(standard.graph.node)
+
+
+def test_ort_profile_runs_routed_experts_as_moe(step, exported):
+    """Every layer's stacked routed experts (Laguna's sparse layers, every ZAYA1 and DeepSeek V4 layer,
+    hash-routed ones included) are one ``com.microsoft.MoE`` in the ort profile, and nothing but MoE
+    reads the expert weights (no dense compute of every expert is left); the standard profile keeps
+    them decomposed. Numbers: test_prefill_and_decode_match_eager (ort), against eager."""
+    from effexport.samples._blocks import StackedExperts
+
+    model = step[0]
+    routed = sum(isinstance(m, StackedExperts) for m in model.modules())
+    ort_model, standard = exported["ort"][1], exported["standard"][1]
+    moe = [n for n in ort_model.graph.node if n.op_type == "MoE"]
+    assert len(moe) == routed and all(n.domain == "com.microsoft" for n in moe)
+    assert not any(n.op_type == "MoE" for n in standard.graph.node)
+    readers = Counter(n.op_type for n in ort_model.graph.node for name in n.input if name.endswith("experts.down"))
+    assert set(readers) <= {"MoE"} and sum(readers.values()) == routed

@@ -30,6 +30,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import no_op_transpose_rule, reshape_reshape_rule, transpose_transpose_rule
 
 from effexport.exporter.backends.onnx._schemas import ensure_fusion_schemas
+from effexport.exporter.backends.onnx.ort_moe import fuse_moe
 from effexport.exporter.backends.onnx.ort_rotary import fuse_rotary
 
 ensure_fusion_schemas()  # onnx.checker must know the ops the rules emit
@@ -466,11 +467,13 @@ def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
     multiplied after the cast folded into the norm's scale), residual adds into
     ``SkipSimplifiedLayerNormalization``, rotate-half RoPE as ``RotaryEmbedding`` where
     ``max_positions`` bounds the positions (:mod:`.ort_rotary`), one copy of the per-layer shape and
-    position arithmetic (:func:`share_shape_reads` + common-subexpression elimination), then the
+    position arithmetic (:func:`share_shape_reads` + common-subexpression elimination), stacked routed
+    experts as ``MoE`` (:mod:`.ort_moe`), then the
     layout rules until none applies (norms below transposes, transpose pairs, no-op reshapes, the
     rotation in the tokens-major layout). Returns how many rewrites were made (shape reads included)."""
     _attention_output_shapes(model)
-    count = STEP_RULES.apply_to_model(model) + SCALE_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
+    count = fuse_moe(model)
+    count += STEP_RULES.apply_to_model(model) + SCALE_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
     count += fuse_rotary(model, max_positions)
     made = 1
     for _ in range(8):  # each round lets the next meet
