@@ -1,14 +1,13 @@
 """``effexport MODEL --target torch --dtype bf16``: captured in bf16, ``program.pt2`` in bf16, parity of
 the artifact itself (torch CPU here: its kernels have bf16, unlike ONNX Runtime's CPU kernels, so no
 fp32 twin) against fp32 eager, bounded by eager bf16's own error; report.json says which check ran."""
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from _helpers import run_cli
 from effexport.exporter.backends.torch import PROGRAM_FILE
 from effexport.exporter.backends.torch.runtime import TorchRuntime, load_program
 from effexport.exporter.cli import main
@@ -19,11 +18,9 @@ MODEL, STEPS, MAX_CONTEXT = "gemma4-e2b:tiny", 6, 64
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_bf16") / "gemma"
-    log = io.StringIO()
-    with contextlib.redirect_stderr(log):
-        code = main([MODEL, "--target", "torch", "--dtype", "bf16", "--kv-cache", "buffer", "--max-context",
-                     str(MAX_CONTEXT), "-o", str(out), "--steps", str(STEPS)])
-    return code, out, log.getvalue()
+    code, log = run_cli(MODEL, "--target", "torch", "--dtype", "bf16", "--kv-cache", "buffer", "--max-context",
+                        str(MAX_CONTEXT), "-o", str(out), "--steps", str(STEPS))
+    return code, out, log
 
 
 def test_bf16_build_passes_parity_of_the_artifact_itself(artifact):
