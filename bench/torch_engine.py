@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -479,7 +480,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device)
     plan = ([(p, d, False) for p in args.presets.split(",") if p for d in args.dtypes.split(",") if d]
             if args.tiny else [])
-    plan += [(p, "bf16", True) for p in args.real.split(",") if p]
+    plan += [(p, "bf16", True) for p in args.real.split(",") if p]  # in the order given: the budget cuts the tail
     start, cases = time.monotonic(), []
     deadline = start + args.budget_s
     os.makedirs(args.out, exist_ok=True)
@@ -499,11 +500,15 @@ def main(argv=None) -> int:
             save()
             continue
         print(f"== {name} {dtype_name}{' (real size)' if real else ''}", flush=True)
+        if device.type == "cuda":  # what the previous case left behind shows here
+            case["cuda_free_gb_at_start"] = torch.cuda.mem_get_info()[0] / 1e9
         try:
             run_case(case, args, device, clock, save, deadline, bw)
         except Exception as exc:  # noqa: BLE001  (one case failing must not hide the others)
             traceback.print_exc()
             case["error"] = _short(exc)
+        torch._dynamo.reset()  # compiled code of this case's program would keep its weights alive
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
