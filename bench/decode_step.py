@@ -34,6 +34,9 @@ import torch
 
 from effexport.samples import get_sample
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import add_common_args, copy_bandwidth, weight_bytes  # noqa: E402
+
 DEV = "cuda"
 BF16 = torch.bfloat16
 
@@ -77,15 +80,6 @@ def build(sample, dtype=BF16) -> torch.nn.Module:
     with torch.device(DEV):
         model = sample.module.Model(sample.config)
     return model.to(dtype).eval()
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters one decode step reads: all but gathered embedding tables (an
-    embedding whose weight is also the tied LM head is read whole and counted)."""
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    gathered = {id(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)
-                and not (tied and name == "embed_tokens")}
-    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in gathered)
 
 
 def eager_past(model, seq_dims: dict, batch: int, length: int, gen) -> dict:
@@ -275,10 +269,8 @@ def aoti_table(results: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    add_common_args(ap)
     ap.add_argument("--presets", default="gemma4-e2b")
-    ap.add_argument("--contexts", default="4096,32768")
-    ap.add_argument("--batches", default="1,8")
     ap.add_argument("--profile", default="", help="L:B pairs (e.g. 4096:1,32768:8): kernel table of the rewritten step")
     ap.add_argument("--aoti", action="store_true", help="also time the rewritten program compiled by AOTInductor")
     args = ap.parse_args(argv)
@@ -286,15 +278,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/decode_step.py needs a CUDA GPU", file=sys.stderr)
         return 4
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from decode_attention import bandwidths
-
     from effexport.custom_ops import enable_triton
     enable_triton()
     gen = torch.Generator(device=DEV).manual_seed(0)
-    bw = bandwidths()["copy"]
-    contexts = [int(c) for c in args.contexts.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    bw = copy_bandwidth(torch.device(DEV))
+    contexts, batches = args.contexts, args.batches
     results = []
     for name in args.presets.split(","):
         try:

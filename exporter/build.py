@@ -41,6 +41,8 @@ from effexport.exporter.verify.parity import PARITY_PROMPT
 from effexport.passes.buffers import CACHE_LAYOUTS
 
 MAX_STEPS = 4096
+HALF_TARGETS = ("onnx", "torch")
+"""Targets that build bf16 / fp16 artifacts (``--dtype``)."""
 DEFAULT_MAX_CONTEXT = 4096
 
 
@@ -90,9 +92,9 @@ def check_options(opts: BuildOptions) -> None:
         raise UsageError(f"unknown --target {opts.target!r}; choose one of {', '.join(BACKENDS)}")
     if opts.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
-    if opts.dtype != "fp32" and opts.target != "onnx":
-        raise UsageError(f"--dtype {opts.dtype} builds ONNX artifacts (--target onnx); --target {opts.target} "
-                         "builds fp32 only")
+    if opts.dtype != "fp32" and opts.target not in HALF_TARGETS:
+        raise UsageError(f"--dtype {opts.dtype} builds ONNX and torch artifacts (--target "
+                         f"{' / '.join(HALF_TARGETS)}); --target {opts.target} builds fp32 only")
     check_steps(opts.steps, opts.max_context if opts.check and opts.weights != "none" else None)
     if opts.max_context is not None and opts.max_context < 1:
         raise UsageError(f"--max-context {opts.max_context}: must be at least 1 token, e.g. 4096 or 128k")
@@ -414,11 +416,13 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
     (:func:`~.parity.check_parity_half`). Without: ORT's CPU kernels lack half precision for several ops, so the same
     rewritten graph is built again from the fp32 model (capture, rewrite, lower), checked on ORT CPU
     against fp32 eager (tolerance 1e-4), and must have the artifact's op structure (every op type and
-    count but Cast); report.json's ``mode`` says which check ran."""
+    count but Cast); report.json's ``mode`` says which check ran. A torch artifact: :func:`_check_half_torch`."""
     from effexport.exporter.verify.parity import check_parity, check_parity_half, compare_structure
     from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
     ids = loaded.parity_prompt(PARITY_PROMPT)
+    if opts.target == "torch":
+        return _check_half_torch(loaded, reference, opts, tmp, progress, ids)
     if cuda_ep_available():
         t0 = progress.stage(f"parity vs eager fp32 and {opts.dtype} (prefill + {opts.steps} decode steps, "
                             "ONNX Runtime CUDA)")
@@ -449,6 +453,29 @@ def _check_half(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions,
         mismatch = compare_structure(os.path.join(tmp, "model.onnx"), os.path.join(twin, "model.onnx"))
     progress.done(t0)
     return twin_verdict(parity, mismatch, opts.dtype)
+
+
+def _check_half_torch(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions, tmp: str, progress: Progress,
+                      ids: torch.Tensor):
+    """Parity of a bf16 / fp16 ``--target torch`` artifact: the artifact itself, run by
+    :class:`~.backends.torch.runtime.TorchRuntime` with its defaults (CUDA when torch sees it:
+    Inductor + CUDA-graph decode; else the exported module uncompiled on torch's CPU kernels, which
+    have bf16 / fp16 -- unlike ONNX Runtime's CPU kernels, so no fp32 twin is needed), against fp32
+    eager on the same device, bounded by eager-in-the-dtype's own error
+    (:func:`~.parity.check_parity_half`). report.json's ``mode`` names the device and engine."""
+    from effexport.exporter.backends.torch.runtime import TorchRuntime
+    from effexport.exporter.verify.parity import check_parity_half
+
+    runtime = TorchRuntime(tmp)
+    where = ("torch CUDA, Inductor + CUDA-graph decode" if runtime.device.type == "cuda"
+             else "torch CPU, the exported module uncompiled")
+    t0 = progress.stage(f"parity vs eager fp32 and {opts.dtype} (prefill + {opts.steps} decode steps, {where})")
+    dev = runtime.device
+    parity = check_parity_half(loaded.model.to(dev), reference.model.to(dev),
+                               runtime, ids.to(dev), opts.steps, opts.dtype)
+    parity.mode = f"{parity.mode}; the {opts.dtype} program.pt2 itself on {where}"
+    progress.done(t0)
+    return parity
 
 
 def twin_verdict(parity, mismatch: str, dtype: str):

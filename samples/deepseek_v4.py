@@ -26,6 +26,10 @@ selection only, renormalised, ``route_scale``, shared expert, ``swiglu_limit`` o
 experts, the first ``n_hash_layers`` routed through a fixed ``tid2eid`` int64 buffer), mHC with
 Sinkhorn (official kernel math, not the HF ``02356fe`` variant).
 
+Not DeepSeek's: ``plain_residual=True`` (``config.without_mhc()``, hc_mult 1) replaces every mHC by a
+plain pre-norm residual (``x + f(norm(x))``, no hc parameters, no hc head) -- the single-stream baseline
+that mHC's cost is measured against (``bench/torch_engine.py``'s ``/nomhc`` cases).
+
 Not covered: FP8/FP4 simulation is OFF -- the quantise-dequantise calls of the official forward
 (``act_quant`` on the kv nope dims and compressed entries, ``fp4_act_quant`` on indexer q/keys) are
 not modelled, so this is the bf16/fp32 math of the QAT model. The MTP head is not part of the
@@ -47,7 +51,7 @@ c = coff * D with coff = 2 on CSA layers (overlapping compressor) and 1 on HCA l
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +107,7 @@ class DeepSeekV4Config:
     n_hash_layers: int = 3
     n_mtp_layers: int = 1
     hc_mult: int = 4
+    plain_residual: bool = False  # not DeepSeek's: a single-stream pre-norm residual in place of mHC (hc_mult 1)
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
     norm_eps: float = 1e-6
@@ -111,6 +116,13 @@ class DeepSeekV4Config:
     def __post_init__(self):
         if len(self.compress_ratios) != self.n_layers:
             raise ValueError(f"compress_ratios has {len(self.compress_ratios)} entries for {self.n_layers} layers")
+        if self.plain_residual and self.hc_mult != 1:
+            raise ValueError(f"plain_residual has one residual stream: hc_mult must be 1, not {self.hc_mult}")
+
+    def without_mhc(self) -> "DeepSeekV4Config":
+        """The same model with a plain single-stream residual (``x + f(norm(x))`` per sub-layer, no
+        hyper-connection parameters or hc head): the baseline that mHC's cost is measured against."""
+        return replace(self, hc_mult=1, plain_residual=True)
 
     def layer_type(self, i: int) -> str:
         """"swa" (window only), "csa" (ratio ``csa_ratio``, indexer) or "hca"."""
@@ -158,7 +170,7 @@ class DeepSeekV4Config:
             di, hi = self.index_head_dim, self.index_n_heads
             attn += q * hi * di + dm * hi + ratio * 2 * di + 2 * dm * 2 * di + di
         mix = (2 + self.hc_mult) * self.hc_mult
-        hc = 2 * (mix * self.hc_mult * dm + mix + 3) + 2 * dm
+        hc = 2 * dm + (0 if self.plain_residual else 2 * (mix * self.hc_mult * dm + mix + 3))
         expert = 3 * dm * self.moe_inter_dim
         e = self.n_routed_experts
         moe = e * dm + (0 if hash_layer else e) + e * expert + self.n_shared_experts * expert
@@ -168,7 +180,8 @@ class DeepSeekV4Config:
         """Analytic ``{"total", "effective", "active"}`` (equals ``Model.param_counts()``); MTP excluded
         unless ``include_mtp`` (one more block with ratio 0, e/h projections, 3 norms, its hc head)."""
         dm, n = self.dim, self.hc_mult
-        total = 2 * self.vocab_size * dm + dm + n * n * dm + n + 1
+        head = 0 if self.plain_residual else n * n * dm + n + 1
+        total = 2 * self.vocab_size * dm + dm + head
         inactive = 0
         for i, r in enumerate(self.compress_ratios):
             t, off = self._block_params(r, i < self.n_hash_layers)
@@ -176,7 +189,7 @@ class DeepSeekV4Config:
         if include_mtp:
             for _ in range(self.n_mtp_layers):
                 t, off = self._block_params(0, False)
-                total += t + 2 * dm * dm + 3 * dm + n * n * dm + n + 1
+                total += t + 2 * dm * dm + 3 * dm + head
                 inactive += off
         return {"total": total, "effective": total, "active": total - inactive}
 
@@ -646,6 +659,8 @@ class Block(nn.Module):
         self.config = c
         self.attn, self.ffn = Attention(c, layer), MoE(c, layer)
         self.attn_norm, self.ffn_norm = RMSNorm(c.dim, c.norm_eps), RMSNorm(c.dim, c.norm_eps)
+        if c.plain_residual:
+            return
         mix, hc_dim = (2 + c.hc_mult) * c.hc_mult, c.hc_mult * c.dim
         for sub in ("attn", "ffn"):
             setattr(self, f"hc_{sub}_fn", nn.Parameter(torch.empty(mix, hc_dim)))  # init by Model
@@ -658,6 +673,10 @@ class Block(nn.Module):
                       getattr(self, f"hc_{sub}_scale"), c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps)
 
     def forward(self, X, ids, positions, start_pos: int, cache):
+        if self.config.plain_residual:  # X [B, T, dim]
+            o, cache = self.attn(self.attn_norm(X), positions, start_pos, cache)
+            X = X + o
+            return X + self.ffn(self.ffn_norm(X), ids), cache
         u, post, comb = self._hc("attn", X)  # X [B, T, n, dim] -> u [B, T, dim]
         o, cache = self.attn(self.attn_norm(u), positions, start_pos, cache)
         X = hc_post(X, o, post, comb)
@@ -682,11 +701,16 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if not c.plain_residual:
+            self._hc_head_params()
+        if not self.embed.weight.is_meta:
+            self._init_nontrivial()
+
+    def _hc_head_params(self):
+        c = self.config
         self.hc_head_fn = nn.Parameter(torch.empty(c.hc_mult, c.hc_mult * c.dim))
         self.hc_head_base = nn.Parameter(torch.zeros(c.hc_mult))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
-        if not self.embed.weight.is_meta:
-            self._init_nontrivial()
 
     @torch.no_grad()
     def _init_nontrivial(self):
@@ -723,7 +747,9 @@ class Model(nn.Module):
         b, t = input_ids.shape
         start = 0 if past is None else past["0.kv"].shape[1]
         positions = torch.arange(start, start + t, device=input_ids.device)
-        X = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B, T, n, dim]
+        X = self.embed(input_ids)  # [B, T, dim]
+        if not self.config.plain_residual:
+            X = X.unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B, T, n, dim]
         present = {}
         for i, layer in enumerate(self.layers):
             cache = None if past is None else {k.split(".", 1)[1]: v for k, v in past.items()
@@ -731,7 +757,8 @@ class Model(nn.Module):
             X, cache = layer(X, input_ids, positions, start, cache)
             present.update({f"{i}.{k}": v for k, v in cache.items()})
         c = self.config
-        u = hc_head(X, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, c.hc_eps, c.norm_eps)
+        u = X if c.plain_residual else hc_head(X, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
+                                               c.hc_eps, c.norm_eps)
         return F.linear(self.norm(u).float(), self.head.weight.float()), present  # [B, T, V]
 
     def param_counts(self) -> dict[str, int]:

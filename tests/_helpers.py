@@ -78,3 +78,16 @@ def greedy(model, prompt: torch.Tensor, n: int):
             tokens.append(ref[:, -1:].argmax(-1))
             ref, past = model(tokens[-1], past)
     return torch.cat(tokens, 1).numpy()
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """``effexport ARGS...`` in this process: (exit code, what it wrote to stderr)."""
+    import contextlib
+    import io
+
+    from effexport.exporter.cli import main
+
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        code = main(list(args))
+    return code, log.getvalue()

@@ -5,6 +5,7 @@ Spec numbers checked here: Sinkhorn doubly stochastic (4.4); visibility r(i+1) <
 284.3 B / 13.8 B active and Pro 1.57 T / 49.8 B active without MTP (4.2 recount); published KV bytes per
 token Flash 3450, Pro 4939.5, V3.2 48068 (4.5); Flash tensor inventory (4.2).
 """
+import dataclasses
 import math
 import time
 
@@ -467,3 +468,57 @@ def test_baseline_keeps_every_uncompressed_entry(name, layers):
     assert all([(t.name, t.kind, t.elements) for t in s.cache] == [("kv", "full", 512)] for s in specs)
     assert _published_bytes_per_token(specs) == layers * 576
     assert dsv4.BASELINE_DESCRIPTION
+
+
+# ------------------------------------------------------------------ plain residual (mHC cost baseline)
+def _plain_tiny(name="deepseek-v4-flash:tiny"):
+    sample = get_sample(name)
+    return dataclasses.replace(sample, config=sample.config.without_mhc())
+
+
+def test_plain_residual_equals_a_hand_written_residual_stack():
+    sample = _plain_tiny()
+    cfg = sample.config
+    assert cfg.hc_mult == 1 and cfg.plain_residual
+    model = sample.build()
+    assert not [n for n, _ in model.named_parameters() if "hc_" in n]
+    assert model.param_counts()["total"] == cfg.param_counts()["total"]
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, present = model(ids)
+        x, positions = model.embed(ids), torch.arange(ids.shape[1])
+        for layer in model.layers:  # x + attn(norm(x)), then x + ffn(norm(x)): nothing else in between
+            o, _ = layer.attn(layer.attn_norm(x), positions, 0, None)
+            x = x + o
+            x = x + layer.ffn(layer.ffn_norm(x), ids)
+        want = torch.nn.functional.linear(model.norm(x).float(), model.head.weight.float())
+    assert torch.equal(got, want)
+    assert set(present) == set(dsv4.Model(get_sample("deepseek-v4-flash:tiny").config)(ids[:, :3])[1])
+
+
+def test_plain_residual_refuses_several_streams():
+    with pytest.raises(ValueError, match="hc_mult must be 1"):
+        dataclasses.replace(get_sample("deepseek-v4-flash:tiny").config, plain_residual=True)
+
+
+def test_plain_residual_rewrites_without_mhc_and_matches_eager():
+    from effexport.exporter.backends.torch import TorchEngine
+    from effexport.exporter.capture import capture_step
+    from effexport.passes.pipeline import run_pipeline
+
+    sample = _plain_tiny()
+    model = sample.build()
+    ids = dsv4.example_inputs(sample.config)
+    program, analysis = run_pipeline(capture_step(model, ids), max_context=512, cache_layout="buffer")
+    mhc = analysis.counts["mhc"]
+    assert mhc["mhc_pre"] == mhc["mhc_post"] == mhc["mhc_head"] == mhc["left_alone"] == 0
+    assert analysis.counts["compressed"]["csa"] + analysis.counts["compressed"]["hca"] > 0
+    engine = TorchEngine(program.gm, analysis.plan.entries, "cpu", compile=False, cuda_graphs=False)
+    with torch.no_grad():
+        want, past = model(ids[:1])
+        got, caches = engine.step(ids[:1], 0, engine.initial_caches(1))
+        assert_close(got, want)
+        tok = want[:, -1:].argmax(-1)
+        want, _ = model(tok, past)
+        got, _ = engine.step(tok, ids.shape[1], caches)
+        assert_close(got, want)

@@ -9,8 +9,6 @@ compiling a prefill and a decode shape takes minutes on 2 cores). On a GPU (mark
 runtime's defaults -- Inductor + CUDA-graph decode -- against the same artifact run uncompiled and
 uncaptured on the GPU.
 """
-import contextlib
-import io
 import json
 import shutil
 
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import assert_close, greedy
+from _helpers import assert_close, greedy, run_cli
 from effexport.exporter.cli import main
 from effexport.exporter.errors import LoadError
 from effexport.exporter.backends.torch import PROGRAM_FILE, TorchEngine, op_calls
@@ -32,11 +30,9 @@ MODEL, STEPS, MAX_CONTEXT = "gemma4-e2b:tiny", 8, 64
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "gemma"
-    log = io.StringIO()
-    with contextlib.redirect_stderr(log):
-        code = main([MODEL, "--target", "torch", "--kv-cache", "buffer", "--max-context", str(MAX_CONTEXT),
-                     "-o", str(out), "--steps", str(STEPS)])
-    return code, out, log.getvalue()
+    code, log = run_cli(MODEL, "--target", "torch", "--kv-cache", "buffer", "--max-context", str(MAX_CONTEXT),
+                        "-o", str(out), "--steps", str(STEPS))
+    return code, out, log
 
 
 @pytest.fixture(scope="module")

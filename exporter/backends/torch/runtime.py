@@ -60,8 +60,11 @@ class TorchRuntime:
         self.engine = TorchEngine(ep, self.entries, self.device, compile=compile, cuda_graphs=cuda_graphs)
         self.input_names, self.output_names = self.manifest["inputs"], self.manifest["outputs"]
 
-    def initial_caches(self, batch: int) -> list[np.ndarray]:
-        """The plan's prefill caches as numpy arrays."""
+    def initial_caches(self, batch: int) -> list:
+        """The plan's prefill caches as numpy arrays; bf16 caches, which numpy cannot hold, as CPU
+        tensors (:meth:`step` takes either)."""
+        if any(e.dtype == "bfloat16" for e in self.entries):
+            return [_host(e.empty(batch)) for e in self.entries]
         return numpy_caches(self.entries, batch)
 
     def initial_caches_torch(self, batch: int) -> list[torch.Tensor]:
@@ -80,9 +83,16 @@ class TorchRuntime:
             return result.logits, result.caches
         return self.engine.step(input_ids, pos, caches)
 
-    def step(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
+    def step(self, input_ids: np.ndarray, pos: int, caches: list) -> StepResult:
         """One step on numpy arrays (copied to and from the device; :meth:`step_torch` feeds a long
-        step in pieces)."""
+        step in pieces). bf16 logits come back as float32 numpy, bf16 caches as CPU tensors."""
         logits, presents = self.step_torch(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), pos,
-                                           [torch.from_numpy(np.ascontiguousarray(c)) for c in caches])
-        return StepResult(logits.cpu().numpy(), [c.cpu().numpy() for c in presents])
+                                           [c if isinstance(c, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(c))
+                                            for c in caches])
+        return StepResult(_host(logits.float()), [_host(c) for c in presents])
+
+
+def _host(t: torch.Tensor):
+    """``t`` on the host: a numpy array, or a CPU tensor where numpy has no such dtype (bf16)."""
+    t = t.detach().cpu()
+    return t if t.dtype == torch.bfloat16 else t.numpy()
