@@ -183,7 +183,8 @@ def _seqlens(last, batch_of):
 
 
 def _buffer_lengths(pos, t_len, capacity: int, batch_of):
-    """GQA's lengths over a shared buffer of ``capacity`` rows for queries at ``pos..pos+T-1``.
+    """GQA's lengths over a shared buffer of ``capacity`` rows (or a windowed cache of that many) for
+    queries at ``pos..pos+T-1``.
 
     ``seqlens_k = pos + T - 1`` is computed on the device from ``pos``. ``total_sequence_length``
     is read on the host and tells ORT a prompt from a decode step: a one-token step gets the
@@ -306,9 +307,7 @@ def attend_gqa_window(q, k_new, v_new, k_win, v_win, pos, sinks, scale: float, w
     if scale == 0.0:
         raise ValueError("attention_ring: scale 0 (GroupQueryAttention reads it as 1/sqrt(d))")
     heads, kv_heads, _, dv = dims
-    t_len = b.dim(q, 2)
-    seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), q)
-    total = op.Cast(op.Where(op.Equal(t_len, b.i64(1)), b.i64(window), op.Add(pos, t_len)), to=6)
+    seqlens, total = _buffer_lengths(pos, b.dim(q, 2), window, q)
     out, k_present, v_present = msft.GroupQueryAttention(
         _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_win, v_win, seqlens, total,
         head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), softcap=float(softcap),
