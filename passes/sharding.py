@@ -1,0 +1,588 @@
+"""Tensor-parallel sharding of the rewritten step program: one ordinary graph per rank.
+
+Runs after the pipeline, on the rewritten :class:`StepProgram` and its fixed :class:`CachePlan`.
+:func:`plan_sharding` decides once, for all ranks, what is split; :func:`shard_rank` writes one
+rank's program and CachePlan from that decision.
+
+What is split (Megatron-style tensor parallelism, one all-reduce per block):
+
+* attention: every effexport attention op's query heads split evenly across the ``N`` ranks (rank r
+  holds the r-th block of ``H / N`` heads; per-layer head counts are read per op). KV heads split the
+  same way when ``Hkv >= N``; when ``Hkv < N`` each KV head is replicated on ``N / Hkv`` ranks and
+  every rank holds exactly the KV head its query heads read (the cache of that head is then kept on
+  ``N / Hkv`` ranks: the per-rank cache bytes sum to more than the unsharded plan by that factor).
+  KV-sharing consumers read their producer's cache on the rank holding their heads' KV, which is
+  the same block because heads are split the same way in every layer. The projections feeding q /
+  k / v (and whatever else feeds the output projection per head, e.g. Laguna's per-head output gate)
+  are column-parallel (rows of the weight sliced), the output projection row-parallel (columns
+  sliced) followed by ``_c10d_functional.all_reduce`` + ``wait_tensor``.
+* MLPs: a linear whose input is a pointwise function of other linears only (``down(act(gate(x)) *
+  up(x))``) is row-parallel and those linears column-parallel, when the hidden width divides by N;
+  otherwise the MLP stays replicated (recorded in the plan).
+* everything else (embeddings, norms, the LM head, routers, stacked experts, mHC) is replicated.
+
+Soundness: after the seeds are chosen, one forward propagation over the graph tracks for every value
+which dimension holds which block, and accepts only ops whose rule keeps "the local value is block b
+of the global value" true (pointwise ops broadcasting over the split dim, views that keep the block
+structure, transposes, reductions and slices over other dims, the attention ops with a consistent
+GQA head mapping). A split value reaching any other op, a program output other than a cache, or a
+row-parallel linear whose blocks are replicated is refused with :class:`ShardingError` naming the
+layer and the op: a refused program is never written wrong.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from effexport.passes._graph import TRANSPARENT, call_args, fake_mode_of, fake_value, is_call, meta_val
+from effexport.passes.cache_plan import CachePlan
+from effexport.passes.errors import EXIT_USAGE, RewriteError
+from effexport.passes.program import StepProgram
+from effexport.passes.sites import layer_label
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+ops = torch.ops.effexport
+
+# attention op -> (new K argument or the read cache, the cache arguments)
+ATTENTION_OPS = {
+    ops.attention.default: ("k", ()),
+    ops.attention_cache.default: ("k_new", ("k_past", "v_past")),
+    ops.attention_ring.default: ("k_new", ("k_ring", "v_ring")),
+    ops.attention_buffer.default: ("k_new", ("k_buf", "v_buf")),
+    ops.attention_read.default: ("k_cache", ("k_cache", "v_cache")),
+}
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+              aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.var.correction,
+              aten.argmax.default)
+DIM_OPS = (aten.slice.Tensor, aten.select.int, aten.chunk.default, aten.split.Tensor,
+           aten.split_with_sizes.default, aten.narrow.default)
+
+
+class ShardingError(RewriteError):
+    """The program cannot be split across ranks as asked (exit 3); the message names the layer and op."""
+
+    stage = "shard"
+
+
+class ShardCountError(ShardingError):
+    """The rank count does not divide a head count or width the model needs split (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class Split:
+    """A value split along ``dim`` into ``nblocks`` blocks; rank r holds block ``r // replicas``."""
+
+    dim: int
+    nblocks: int
+    replicas: int = 1
+
+    def block(self, rank: int) -> int:
+        return rank // self.replicas
+
+    def moved(self, dim: int) -> "Split":
+        return dataclasses.replace(self, dim=dim)
+
+
+@dataclass
+class ShardPlan:
+    """What :func:`plan_sharding` decided, for all ranks: weights to slice, view sizes to divide,
+    linears to all-reduce, caches split by heads, and per module what was split and why."""
+
+    world: int
+    weights: dict[str, Split] = field(default_factory=dict)     # get_attr target -> split of the tensor
+    views: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (size index, divisor)
+    reduces: list[str] = field(default_factory=list)             # row-parallel linears, in graph order
+    caches: dict[str, Split] = field(default_factory=dict)       # cache name ("3.k") -> split
+    notes: dict[str, list[str]] = field(default_factory=dict)    # module path -> what, why
+
+    def note(self, where: str, text: str) -> None:
+        lines = self.notes.setdefault(where or "model", [])
+        if text not in lines:
+            lines.append(text)
+
+    def describe(self) -> str:
+        lines = [f"tensor parallel over {self.world} ranks: {len(self.reduces)} all-reduces per step, "
+                 f"{len(self.weights)} weights sliced, {len(self.caches)} caches split by heads"]
+        for where in sorted(self.notes):
+            lines.extend(f"  {where}: {text}" for text in self.notes[where])
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"world": self.world, "all_reduces": len(self.reduces),
+                "weights": {k: dataclasses.asdict(v) for k, v in sorted(self.weights.items())},
+                "caches": {k: dataclasses.asdict(v) for k, v in self.caches.items()},
+                "notes": {k: list(v) for k, v in sorted(self.notes.items())}}
+
+
+def _where(node: fx.Node) -> str:
+    label = layer_label(node)
+    return label if label and not label.startswith("_") else node.name
+
+
+def _shape(node) -> tuple:
+    val = meta_val(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def _same(a, b) -> bool:
+    return str(a) == str(b)
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    target = node.target
+    return target in TRANSPARENT or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+
+
+def _backward_linears(start: fx.Node, stop) -> list[fx.Node]:
+    """Linears reached walking back from ``start`` (not past linears, attention ops, ``stop`` nodes)."""
+    seen, found, stack = set(), [], [start]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, aten.linear.default):
+            found.append(n)
+        elif n.op == "call_function" and n not in stop and not is_call(n, *ATTENTION_OPS) \
+                and not (n.target is operator.getitem and is_call(n.args[0], *ATTENTION_OPS)):
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _output_projection(op: fx.Node) -> fx.Node | None:
+    """The first linear reached forward from the attention output (the output projection)."""
+    out = op if is_call(op, ops.attention.default, ops.attention_read.default) else next(
+        (u for u in op.users if u.target is operator.getitem and u.args[1] == 0), None)
+    seen, queue = set(), [out] if out is not None else []
+    while queue:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, aten.linear.default):
+            return n
+        queue.extend(n.users)
+    return None
+
+
+def _kv_split(world: int, heads: int, kv_heads: int, where: str) -> Split:
+    if heads % world:
+        raise ShardCountError(f"{where}: {heads} query heads do not split across {world} ranks; "
+                              f"pass a rank count that divides {heads}")
+    if kv_heads >= world:
+        if kv_heads % world:
+            raise ShardCountError(f"{where}: {kv_heads} KV heads do not split across {world} ranks; "
+                                  f"pass a rank count that divides {kv_heads}")
+        return Split(1, world, 1)
+    if world % kv_heads:
+        raise ShardCountError(f"{where}: {kv_heads} KV heads cannot be replicated evenly on {world} ranks; "
+                              f"pass a rank count that is a multiple of {kv_heads} or divides it")
+    return Split(1, kv_heads, world // kv_heads)
+
+
+def _check_gqa(world: int, heads: int, kv_heads: int, q: Split, k: Split, where: str) -> None:
+    """Every rank's local query head i reads local KV head ``i // (local H / local Hkv)`` in the op;
+    that must be the KV head global head ``h`` reads, ``h // (H / Hkv)``."""
+    hl, kl = heads // q.nblocks, kv_heads // k.nblocks
+    if hl % kl:
+        raise ShardingError(f"{where}: {hl} local query heads over {kl} local KV heads is not a GQA grouping")
+    for r in range(world):
+        for i in range(hl):
+            h = q.block(r) * hl + i
+            if k.block(r) * kl + i // (hl // kl) != h // (heads // kv_heads):
+                raise ShardingError(f"{where}: rank {r}'s query head {h} would read the wrong KV head")
+
+
+def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPlan:
+    """Decide the tensor-parallel split of the rewritten ``program`` over ``world`` ranks (see the
+    module docstring); raises :class:`ShardingError` / :class:`ShardCountError` naming the layer and
+    op it cannot split."""
+    if world < 1:
+        raise ShardCountError(f"--tp must be at least 1, got {world}")
+    gm = program.gm
+    shard = ShardPlan(world)
+    seeds: dict[fx.Node, Split] = {}
+    cache_ph: dict[fx.Node, Split] = {}
+    names = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], program.inputs))
+    attention = [n for n in gm.graph.nodes if is_call(n, *ATTENTION_OPS)]
+
+    def seed(linear: fx.Node, split: Split, why: str) -> None:
+        old = seeds.get(linear)
+        if old is not None and old != split:
+            raise ShardingError(f"{_where(linear)}: {linear.name} feeds heads split two ways ({old}, {split})")
+        seeds[linear] = split
+        shard.note(_where(linear), why)
+
+    for op in attention:
+        where = _where(op)
+        args = call_args(op)
+        kv_arg, cache_args = ATTENTION_OPS[op.target]
+        heads, kv_heads = _shape(args["q"])[1], _shape(args[kv_arg])[1]
+        kv = _kv_split(world, heads, kv_heads, where)
+        q = Split(1, world, 1)
+        _check_gqa(world, heads, kv_heads, q, kv, where)
+        kv_text = (f"{kv_heads} KV heads -> {kv_heads // world} per rank" if kv.replicas == 1 else
+                   f"{kv_heads} KV heads, each replicated on {kv.replicas} ranks")
+        shard.note(where, f"{op.target.__name__.split('.')[0]}: {heads} query heads -> {heads // world} per rank, "
+                          f"{kv_text}")
+        for linear in _backward_linears(args["q"], ()):
+            seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (query heads)")
+        for name in ("k", "v", "k_new", "v_new"):
+            for linear in _backward_linears(args[name], ()) if name in args else ():
+                seed(linear, Split(-1, kv.nblocks, kv.replicas), f"{linear.args[1].target}: column-parallel "
+                     f"(KV heads{'' if kv.replicas == 1 else ', replicated'})")
+        for name in cache_args:
+            ph = args[name]
+            if ph.op == "placeholder":
+                if cache_ph.get(ph, kv) != kv:
+                    raise ShardingError(f"{where}: cache {names[ph]} is read with two different head splits")
+                cache_ph[ph] = kv
+        oproj = _output_projection(op)
+        if oproj is not None:
+            for linear in _backward_linears(oproj.args[0], ()):
+                if linear not in seeds:
+                    seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (per query head, "
+                         "feeds the output projection)")
+    _seed_mlps(gm, world, seeds, shard)
+    _propagate(gm, world, seeds, cache_ph, names, program.outputs, shard)
+    for ph, split in cache_ph.items():
+        shard.caches[names[ph][len("past."):]] = split
+    known = {e.name for e in plan.entries}
+    missing = set(shard.caches) - known
+    if missing:
+        raise ShardingError(f"caches {sorted(missing)} are split but not in the CachePlan")
+    return shard
+
+
+def _pointwise_leaves(node: fx.Node) -> list[fx.Node] | None:
+    """The linears ``node`` is a pointwise function of (with scalar constants), or None."""
+    found, seen, stack = [], set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, aten.linear.default):
+            found.append(n)
+        elif n.op == "call_function" and _is_pointwise(n):
+            stack.extend(n.all_input_nodes)
+        elif n.op == "get_attr" and math.prod(_shape(n)) == 1:
+            continue
+        else:
+            return None
+    return found or None
+
+
+def _seed_mlps(gm: fx.GraphModule, world: int, seeds: dict, shard: ShardPlan) -> None:
+    for down in [n for n in gm.graph.nodes if is_call(n, aten.linear.default) and n not in seeds]:
+        ups = _pointwise_leaves(down.args[0])
+        if not ups or any(u in seeds for u in ups):
+            continue
+        width = _shape(down.args[0])[-1]
+        where = _where(down)
+        if width % world:
+            shard.note(where, f"MLP replicated: hidden width {width} does not split across {world} ranks")
+            continue
+        for up in ups:
+            seeds[up] = Split(-1, world)
+            shard.note(where, f"{up.args[1].target}: column-parallel (MLP, {width} -> {width // world} per rank)")
+
+
+def _view_dim(node: fx.Node, p: int, split: Split) -> int:
+    """The output dim of a view/reshape/expand holding the input's blocks of dim ``p``."""
+    src, out = _shape(node.args[0]), _shape(node)
+    if len(out) > p and all(_same(src[i], out[i]) for i in range(p + 1)):
+        return p
+    if node.target is aten.expand.default:
+        return p + len(out) - len(src)
+    inner = src[p + 1:]
+    if not all(isinstance(d, int) for d in inner):
+        raise ShardingError(f"{_where(node)}: {node.name} reshapes a split dim with symbolic inner sizes")
+    outer = math.prod(inner) * src[p]
+    acc = 1
+    for j in range(len(out) - 1, -1, -1):
+        if not isinstance(out[j], int):
+            break
+        if acc * out[j] == outer and out[j] % split.nblocks == 0 \
+                and [str(d) for d in src[:p]] == [str(d) for d in out[:j]]:
+            return j
+        acc *= out[j]
+        if acc > outer:
+            break
+    raise ShardingError(f"{_where(node)}: {node.name} reshapes {list(src)} -> {list(out)}, which does not keep "
+                        f"the blocks of dim {p} split {split.nblocks} ways")
+
+
+def _dim_arg(node: fx.Node, value_rank: int) -> list[int]:
+    a = call_args(node)
+    dims = a.get("dim")
+    if dims is None:
+        return list(range(value_rank))
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return [d % value_rank for d in dims]
+
+
+def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, names: dict,
+               outputs: list[str], shard: ShardPlan) -> None:
+    """One forward pass: the split of every value; records weight slices, view sizes and reduces."""
+    state: dict[fx.Node, object] = {ph: s for ph, s in cache_ph.items()}
+    weight_users: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            weight_users[n.target] = weight_users.get(n.target, 0) + len(n.users)
+
+    def slice_weight(node: fx.Node, split: Split, where: str) -> None:
+        if node.op != "get_attr":
+            raise ShardingError(f"{where}: the weight {node.name} is computed, not a parameter; cannot slice it")
+        if weight_users[node.target] != 1:
+            raise ShardingError(f"{where}: the weight {node.target} is used {weight_users[node.target]} times "
+                                "(tied); a split copy would change its other uses")
+        old = shard.weights.get(node.target)
+        if old is not None and old != split:
+            raise ShardingError(f"{where}: the weight {node.target} is split two ways")
+        shard.weights[node.target] = split
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            if node.op == "output":
+                _check_outputs(node, state, outputs, {names[ph][len("past."):]: sp for ph, sp in cache_ph.items()})
+            continue
+        where = _where(node)
+        inputs = {a: state[a] for a in node.all_input_nodes if state.get(a) is not None}
+        if is_call(node, aten.linear.default) and not inputs:
+            split = seeds.get(node)
+            if split is not None:
+                out_rank = len(_shape(node))
+                a = call_args(node)
+                for w in (a["weight"], a.get("bias")):
+                    if w is not None:
+                        slice_weight(w, Split(0, split.nblocks, split.replicas), where)
+                state[node] = split.moved(out_rank - 1)
+            continue
+        if not inputs:
+            continue
+        state[node] = _rule(node, inputs, world, where, slice_weight, shard)
+
+
+def _check_outputs(node: fx.Node, state: dict, outputs: list[str], shard_caches: dict) -> None:
+    """The logits leave whole; every present cache leaves split as its past input came in."""
+    for name, out in zip(outputs, node.args[0]):
+        split = state.get(out) if isinstance(out, fx.Node) else None
+        if not name.startswith("present."):
+            if split is not None:
+                raise ShardingError(f"output {name} leaves split across ranks ({split}); only caches may "
+                                    "(the LM head must see the all-reduced hidden state)")
+        elif split != shard_caches.get(name[len("present."):]):
+            raise ShardingError(f"cache {name[len('present.'):]} leaves split as {split}, but comes in as "
+                                f"{shard_caches.get(name[len('present.'):])}")
+
+
+def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
+    """The split of ``node``'s value from its split inputs, or raise naming the op."""
+    target = node.target
+    what = f"{where}: {node.name} ({getattr(target, '__name__', target)})"
+    if target is operator.getitem:
+        src = inputs[node.args[0]]
+        return src[node.args[1]] if isinstance(src, tuple) else src
+    if is_call(node, aten.linear.default):
+        a = call_args(node)
+        x = inputs.get(a["input"])
+        if x is None or set(inputs) != {a["input"]}:
+            raise ShardingError(f"{what}: a split weight or bias reaches a linear")
+        in_rank = len(_shape(a["input"]))
+        if x.dim != in_rank - 1:
+            raise ShardingError(f"{what}: the input is split along dim {x.dim}, not its features")
+        if x.replicas != 1 or x.nblocks != world:
+            raise ShardingError(f"{what}: the input's blocks are replicated ({x}); an all-reduce would count "
+                                "them more than once")
+        slice_weight(a["weight"], Split(1, world), where)
+        shard.reduces.append(node.name)
+        shard.note(where, f"{a['weight'].target}: row-parallel, all-reduce of its output")
+        return None
+    if is_call(node, *ATTENTION_OPS):
+        a = call_args(node)
+        kv_arg, cache_args = ATTENTION_OPS[target]
+        q, k = inputs.get(a["q"]), inputs.get(a[kv_arg])
+        if q is None or k is None or q.dim != 1 or k.dim != 1:
+            raise ShardingError(f"{what}: query and keys must both be split by heads (got {q}, {k})")
+        for name in ("v", "v_new", *cache_args):
+            if name in a and inputs.get(a[name]) != k:
+                raise ShardingError(f"{what}: {name} is split differently from the keys")
+        if a.get("sinks") is not None:
+            slice_weight(a["sinks"], Split(0, q.nblocks, q.replicas), where)
+        return q if not cache_args or target is ops.attention_read.default else (q, k, k)
+    shape = _shape(node)
+    if _is_pointwise(node):
+        # right-aligned (broadcast) position of the split dim, the same in every split operand
+        aligned = {(s.dim - len(_shape(a)), s.nblocks, s.replicas) for a, s in inputs.items()}
+        if len(aligned) != 1:
+            raise ShardingError(f"{what}: operands split differently ({sorted(map(str, inputs.values()))})")
+        neg = next(iter(aligned))[0]
+        for arg in node.all_input_nodes:
+            s = _shape(arg)
+            if arg not in inputs and len(s) >= -neg and not _same(s[neg], 1):
+                raise ShardingError(f"{what}: combines a tensor split by heads with {arg.name}, which is "
+                                    f"whole along that dim ({list(s)}); split it too or keep it replicated")
+        return next(iter(inputs.values())).moved(len(shape) + neg)
+    src_node = node.args[0]
+    if target is aten.sym_size.int:
+        if node.args[1] % len(_shape(src_node)) == inputs[src_node].dim:
+            raise ShardingError(f"{what}: reads the size of the split dim (a head count taken from the graph)")
+        return None
+    if isinstance(src_node, (list, tuple)):
+        if not is_call(node, aten.cat.default):
+            raise ShardingError(f"{what}: no sharding rule for a list of split tensors")
+        splits = {inputs.get(t) for t in src_node}
+        if len(splits) != 1 or None in splits:
+            raise ShardingError(f"{what}: concatenates tensors split differently")
+        split = next(iter(splits))
+        if call_args(node)["dim"] % len(shape) == split.dim:
+            raise ShardingError(f"{what}: concatenates along the split dim")
+        return split
+    src = inputs.get(src_node)
+    if src is None or len(inputs) != 1:
+        raise ShardingError(f"{what}: a split tensor enters an op argument with no sharding rule")
+    in_rank = len(_shape(src_node))
+    p = src.dim
+    if target in VIEWS:
+        j = _view_dim(node, p, src)
+        size = node.args[1]  # ``size`` (view, expand) / ``shape`` (reshape)
+        if isinstance(size[j], fx.Node):
+            raise ShardingError(f"{what}: the split dim's size is computed ({size[j].name}), not a constant")
+        if size[j] != -1:  # a -1 elsewhere absorbs the change; a -1 here follows the input
+            shard.views[node.name] = (j, src.nblocks)
+        return src.moved(j)
+    if target is aten.transpose.int:
+        d0, d1 = (d % in_rank for d in node.args[1:3])
+        return src.moved(d1 if p == d0 else d0 if p == d1 else p)
+    if target is aten.permute.default:
+        return src.moved([d % in_rank for d in node.args[1]].index(p))
+    if target is aten.unsqueeze.default:
+        d = node.args[1] % len(shape)
+        return src.moved(p + 1 if d <= p else p)
+    if target in (aten.squeeze.dim, aten.squeeze.dims):
+        dims = _dim_arg(node, in_rank)
+        if p in dims:
+            raise ShardingError(f"{what}: squeezes the split dim")
+        return src.moved(p - sum(d < p for d in dims))
+    if target in REDUCTIONS:
+        dims = _dim_arg(node, in_rank)
+        if p in dims:
+            raise ShardingError(f"{what}: reduces over the split dim (heads); the result would need an "
+                                "all-reduce inside the block")
+        keep = target in (aten.softmax.int, aten._softmax.default, aten._log_softmax.default) or \
+            call_args(node).get("keepdim", False)
+        return src.moved(p if keep else p - sum(d < p for d in dims))
+    if target in DIM_OPS:
+        d = call_args(node)["dim"] % in_rank
+        if d == p:
+            raise ShardingError(f"{what}: slices along the split dim")
+        if target is aten.select.int:
+            return src.moved(p - (d < p))
+        if target in (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default):
+            return tuple(src for _ in (meta_val(node) or ()))
+        return src
+    raise ShardingError(f"{what}: no sharding rule for this op on a tensor split by heads; "
+                        "this layer cannot be tensor-parallel yet")
+
+
+def _set_weight(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    *path, name = target.split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _slice(t: torch.Tensor, split: Split, rank: int) -> torch.Tensor:
+    size = t.shape[split.dim] // split.nblocks
+    return t.narrow(split.dim, split.block(rank) * size, size).clone()
+
+
+def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: int,
+               group_name: str) -> tuple[StepProgram, CachePlan]:
+    """Rank ``rank``'s step program and CachePlan: sliced weights, divided head counts, split caches,
+    an all-reduce over ``group_name`` (a torch.distributed process group name, ``"0"`` for the
+    default group) after every row-parallel linear. The input program is not changed."""
+    if not 0 <= rank < shard.world:
+        raise ShardCountError(f"rank {rank} is outside 0..{shard.world - 1}")
+    gm = fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
+    graph = gm.graph
+    for target, split in shard.weights.items():
+        _set_weight(gm, target, _slice(_get(gm, target), split, rank))
+    nodes = {n.name: n for n in graph.nodes}
+    for name, (j, div) in shard.views.items():
+        node = nodes[name]
+        size = list(node.args[1])
+        size[j] = size[j] // div
+        node.args = (node.args[0], size, *node.args[2:])
+    for name in shard.reduces:
+        linear = nodes[name]
+        a = call_args(linear)
+        bias = a.get("bias")
+        if bias is not None:
+            linear.args, linear.kwargs = (a["input"], a["weight"]), {}
+        with graph.inserting_after(linear):
+            reduced = graph.call_function(c10d.all_reduce.default, (linear, "sum", group_name))
+        with graph.inserting_after(reduced):
+            out = graph.call_function(c10d.wait_tensor.default, (reduced,))
+        last = out
+        if bias is not None:
+            with graph.inserting_after(out):
+                last = graph.call_function(aten.add.Tensor, (out, bias))
+        linear.replace_all_uses_with(last, delete_user_cb=lambda u, r=reduced: u is not r)
+    entries = []
+    for e in plan.entries:
+        split = shard.caches.get(e.name)
+        if split is not None:
+            shape = list(e.shape)
+            shape[split.dim] = shape[split.dim] // split.nblocks
+            e = dataclasses.replace(e, shape=tuple(shape))
+        entries.append(e)
+    _refresh_meta(gm, program, shard)
+    graph.lint()
+    gm.recompile()
+    return (StepProgram(gm, list(program.inputs), list(program.outputs), dict(program.seq_dims),
+                        program.capture_seconds, dict(program.fills), program.max_new_tokens),
+            CachePlan(entries, list(plan.layers)))
+
+
+def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _refresh_meta(gm: fx.GraphModule, program: StepProgram, shard: ShardPlan) -> None:
+    """Recompute every node's fake value after the split (placeholders: the split cache shapes)."""
+    graph = gm.graph
+    mode = fake_mode_of(graph)
+    names = dict(zip([n for n in graph.nodes if n.op == "placeholder"], program.inputs))
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            split = shard.caches.get(names[node][len("past."):]) if names[node].startswith("past.") else None
+            if split is not None:
+                old = meta_val(node)
+                shape = list(old.shape)
+                shape[split.dim] = shape[split.dim] // split.nblocks
+                with mode:
+                    node.meta["val"] = torch.empty(shape, dtype=old.dtype, device=old.device)
+        elif node.op == "get_attr":
+            if node.target in shard.weights:
+                node.meta["val"] = mode.from_tensor(_get(gm, node.target), static_shapes=True)
+        elif node.op == "call_function":
+            node.meta["val"] = fake_value(graph, node.target, node.args, node.kwargs)
