@@ -40,11 +40,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from effexport.passes._graph import TRANSPARENT, call_args, fake_mode_of, fake_value, is_call, meta_val
+import effexport.custom_ops  # noqa: F401  (registers the ops)
+from effexport.passes._graph import TRANSPARENT, call_args, fake_mode_of, is_call, meta_val
 from effexport.passes.cache_plan import CachePlan
 from effexport.passes.errors import EXIT_USAGE, RewriteError
 from effexport.passes.program import StepProgram
-from effexport.passes.sites import layer_label
+from effexport.passes.sites import layer_index, layer_label
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -58,6 +59,10 @@ ATTENTION_OPS = {
     ops.attention_buffer.default: ("k_new", ("k_buf", "v_buf")),
     ops.attention_read.default: ("k_cache", ("k_cache", "v_cache")),
 }
+# effexport ops without a tensor-parallel rule yet: their inputs must stay whole (replicated)
+OPAQUE = tuple(getattr(ops, name).default for name in ("cca", "mhc_pre", "mhc_post", "mhc_head", "kv_compress_step",
+                                                        "indexer_topk", "sparse_attention", "sparse_attention_ring", "kv_compress", "sinkhorn")
+)
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.var.correction,
@@ -102,18 +107,21 @@ class ShardPlan:
     weights: dict[str, Split] = field(default_factory=dict)     # get_attr target -> split of the tensor
     views: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (size index, divisor)
     reduces: list[str] = field(default_factory=list)             # row-parallel linears, in graph order
+    values: dict[str, object] = field(default_factory=dict)      # node -> Split (tuple: per output) of its value
     caches: dict[str, Split] = field(default_factory=dict)       # cache name ("3.k") -> split
     notes: dict[str, list[str]] = field(default_factory=dict)    # module path -> what, why
 
     def note(self, where: str, text: str) -> None:
         lines = self.notes.setdefault(where or "model", [])
+        if "." in text.split(":")[0]:  # a weight path: its last two parts name it within the layer
+            text = ".".join(text.split(":")[0].split(".")[-3:-1]) + ":" + text.split(":", 1)[1]
         if text not in lines:
             lines.append(text)
 
     def describe(self) -> str:
         lines = [f"tensor parallel over {self.world} ranks: {len(self.reduces)} all-reduces per step, "
                  f"{len(self.weights)} weights sliced, {len(self.caches)} caches split by heads"]
-        for where in sorted(self.notes):
+        for where in sorted(self.notes, key=lambda w: (layer_index(w) is None, layer_index(w) or 0, w)):
             lines.extend(f"  {where}: {text}" for text in self.notes[where])
         return "\n".join(lines)
 
@@ -125,8 +133,16 @@ class ShardPlan:
 
 
 def _where(node: fx.Node) -> str:
+    """``layer N`` (the module path's first index) where the node comes from a layer, else its path
+    or name: what notes and errors name."""
     label = layer_label(node)
-    return label if label and not label.startswith("_") else node.name
+    if label.startswith("_"):
+        label = ""
+    for n in [node] + ([] if label else node.all_input_nodes):
+        index = layer_index(layer_label(n) or "")
+        if index is not None:
+            return f"layer {index}"
+    return label or node.name
 
 
 def _shape(node) -> tuple:
@@ -143,9 +159,10 @@ def _is_pointwise(node: fx.Node) -> bool:
     return target in TRANSPARENT or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
 
 
-def _backward_linears(start: fx.Node, stop) -> list[fx.Node]:
-    """Linears reached walking back from ``start`` (not past linears, attention ops, ``stop`` nodes)."""
-    seen, found, stack = set(), [], [start]
+def _backward_linears(start: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Linears reached walking back from ``start`` (not past linears, attention ops or effexport ops
+    without a tensor-parallel rule), and those rule-less ops met on the way."""
+    seen, found, blocked, stack = set(), [], [], [start]
     while stack:
         n = stack.pop()
         if not isinstance(n, fx.Node) or n in seen:
@@ -153,10 +170,12 @@ def _backward_linears(start: fx.Node, stop) -> list[fx.Node]:
         seen.add(n)
         if is_call(n, aten.linear.default):
             found.append(n)
-        elif n.op == "call_function" and n not in stop and not is_call(n, *ATTENTION_OPS) \
+        elif is_call(n, *OPAQUE):
+            blocked.append(n)
+        elif n.op == "call_function" and not is_call(n, *ATTENTION_OPS) \
                 and not (n.target is operator.getitem and is_call(n.args[0], *ATTENTION_OPS)):
             stack.extend(n.all_input_nodes)
-    return found
+    return found, blocked
 
 
 def _output_projection(op: fx.Node) -> fx.Node | None:
@@ -224,10 +243,18 @@ def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPla
         shard.note(_where(linear), why)
 
     for op in attention:
-        where = _where(op)
         args = call_args(op)
+        caches = [names[a] for a in op.all_input_nodes if a.op == "placeholder" and a in names]
+        index = layer_index(caches[0][len("past."):]) if caches else None
+        where = f"layer {index}" if index is not None else _where(args["q"])
         kv_arg, cache_args = ATTENTION_OPS[op.target]
         heads, kv_heads = _shape(args["q"])[1], _shape(args[kv_arg])[1]
+        inputs = {name: _backward_linears(args[name]) for name in ("q", "k", "v", "k_new", "v_new") if name in args}
+        blocked = sorted({b.target.__name__.split(".")[0] for _, bs in inputs.values() for b in bs})
+        if blocked:
+            shard.note(where, f"{op.target.__name__.split('.')[0]} replicated: its query / keys come from "
+                              f"{', '.join(blocked)}, which has no tensor-parallel rule yet")
+            continue
         kv = _kv_split(world, heads, kv_heads, where)
         q = Split(1, world, 1)
         _check_gqa(world, heads, kv_heads, q, kv, where)
@@ -235,10 +262,10 @@ def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPla
                    f"{kv_heads} KV heads, each replicated on {kv.replicas} ranks")
         shard.note(where, f"{op.target.__name__.split('.')[0]}: {heads} query heads -> {heads // world} per rank, "
                           f"{kv_text}")
-        for linear in _backward_linears(args["q"], ()):
+        for linear in inputs["q"][0]:
             seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (query heads)")
         for name in ("k", "v", "k_new", "v_new"):
-            for linear in _backward_linears(args[name], ()) if name in args else ():
+            for linear in inputs[name][0] if name in inputs else ():
                 seed(linear, Split(-1, kv.nblocks, kv.replicas), f"{linear.args[1].target}: column-parallel "
                      f"(KV heads{'' if kv.replicas == 1 else ', replicated'})")
         for name in cache_args:
@@ -249,7 +276,7 @@ def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPla
                 cache_ph[ph] = kv
         oproj = _output_projection(op)
         if oproj is not None:
-            for linear in _backward_linears(oproj.args[0], ()):
+            for linear in _backward_linears(oproj.args[0])[0]:
                 if linear not in seeds:
                     seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (per query head, "
                          "feeds the output projection)")
@@ -264,8 +291,10 @@ def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPla
     return shard
 
 
-def _pointwise_leaves(node: fx.Node) -> list[fx.Node] | None:
-    """The linears ``node`` is a pointwise function of (with scalar constants), or None."""
+def _pointwise_leaves(node: fx.Node, down: fx.Node) -> list[fx.Node] | None:
+    """The linears ``node`` is a pointwise function of (with scalar constants), when that region is
+    closed (the linears and every node between them and ``down`` feed only the region and ``down``),
+    or None: splitting them then changes nothing outside the block."""
     found, seen, stack = [], set(), [node]
     while stack:
         n = stack.pop()
@@ -277,15 +306,17 @@ def _pointwise_leaves(node: fx.Node) -> list[fx.Node] | None:
         elif n.op == "call_function" and _is_pointwise(n):
             stack.extend(n.all_input_nodes)
         elif n.op == "get_attr" and math.prod(_shape(n)) == 1:
-            continue
+            seen.discard(n)
         else:
             return None
-    return found or None
+    if not found or any(set(n.users) - seen - {down} for n in seen):
+        return None
+    return found
 
 
 def _seed_mlps(gm: fx.GraphModule, world: int, seeds: dict, shard: ShardPlan) -> None:
     for down in [n for n in gm.graph.nodes if is_call(n, aten.linear.default) and n not in seeds]:
-        ups = _pointwise_leaves(down.args[0])
+        ups = _pointwise_leaves(down.args[0], down)
         if not ups or any(u in seeds for u in ups):
             continue
         width = _shape(down.args[0])[-1]
@@ -368,10 +399,13 @@ def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, name
                     if w is not None:
                         slice_weight(w, Split(0, split.nblocks, split.replicas), where)
                 state[node] = split.moved(out_rank - 1)
+                shard.values[node.name] = state[node]
             continue
         if not inputs:
             continue
         state[node] = _rule(node, inputs, world, where, slice_weight, shard)
+        if state[node] is not None:
+            shard.values[node.name] = state[node]
 
 
 def _check_outputs(node: fx.Node, state: dict, outputs: list[str], shard_caches: dict) -> None:
@@ -450,8 +484,9 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
             raise ShardingError(f"{what}: concatenates along the split dim")
         return split
     src = inputs.get(src_node)
-    if src is None or len(inputs) != 1:
-        raise ShardingError(f"{what}: a split tensor enters an op argument with no sharding rule")
+    if src is None or len(inputs) != 1 or is_call(node, *OPAQUE):
+        raise ShardingError(f"{what}: no sharding rule for this op on a tensor split across ranks "
+                            f"({', '.join(a.name for a in inputs)}); this layer cannot be tensor-parallel yet")
     in_rank = len(_shape(src_node))
     p = src.dim
     if target in VIEWS:
@@ -492,8 +527,8 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
         if target in (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default):
             return tuple(src for _ in (meta_val(node) or ()))
         return src
-    raise ShardingError(f"{what}: no sharding rule for this op on a tensor split by heads; "
-                        "this layer cannot be tensor-parallel yet")
+    raise ShardingError(f"{what}: no sharding rule for this op on a tensor split by heads "
+                        f"({', '.join(a.name for a in inputs)}); this layer cannot be tensor-parallel yet")
 
 
 def _set_weight(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
@@ -567,22 +602,32 @@ def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return value
 
 
+def _local(val, split):
+    """The fake value of one rank's block of ``val`` (tuples per output)."""
+    if isinstance(split, tuple):
+        return tuple(_local(v, sp) for v, sp in zip(val, split))
+    if split is None or split.nblocks == 1:
+        return val
+    return val.narrow(split.dim, 0, val.shape[split.dim] // split.nblocks)
+
+
 def _refresh_meta(gm: fx.GraphModule, program: StepProgram, shard: ShardPlan) -> None:
-    """Recompute every node's fake value after the split (placeholders: the split cache shapes)."""
+    """Every split value's fake value becomes its block (placeholders: the split caches; new nodes:
+    the all-reduced value, the shape of their linear's): shapes and dtypes stay right without
+    re-running the graph through fake tensors (~20 ms a node with symbolic shapes)."""
     graph = gm.graph
     mode = fake_mode_of(graph)
     names = dict(zip([n for n in graph.nodes if n.op == "placeholder"], program.inputs))
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            split = shard.caches.get(names[node][len("past."):]) if names[node].startswith("past.") else None
-            if split is not None:
-                old = meta_val(node)
-                shape = list(old.shape)
-                shape[split.dim] = shape[split.dim] // split.nblocks
-                with mode:
-                    node.meta["val"] = torch.empty(shape, dtype=old.dtype, device=old.device)
-        elif node.op == "get_attr":
-            if node.target in shard.weights:
+    with mode:
+        for node in graph.nodes:
+            if node.op == "placeholder" and names[node].startswith("past."):
+                split = shard.caches.get(names[node][len("past."):])
+                if split is not None:
+                    node.meta["val"] = _local(meta_val(node), split)
+            elif node.op == "get_attr" and node.target in shard.weights:
                 node.meta["val"] = mode.from_tensor(_get(gm, node.target), static_shapes=True)
-        elif node.op == "call_function":
-            node.meta["val"] = fake_value(graph, node.target, node.args, node.kwargs)
+            elif node.name in shard.values:
+                node.meta["val"] = _local(meta_val(node), shard.values[node.name])
+            elif node.op == "call_function" and node.target in (c10d.all_reduce.default, c10d.wait_tensor.default,
+                                                                 aten.add.Tensor) and "val" not in node.meta:
+                node.meta["val"] = meta_val(node.args[0])

@@ -1,0 +1,112 @@
+"""Tensor-parallel sharding of the rewritten step program (``passes/sharding.py``): the per-rank
+programs, run together over gloo on the CPU, equal unsharded eager over a prefill and 8 decode steps;
+per-rank cache bytes add up to the unsharded plan (replicated KV heads counted once per rank holding
+them); what cannot be split is refused naming the layer."""
+import pytest
+import torch
+
+from _helpers import MIN_DECODE, assert_close, assert_long_enough
+from _sharded import run_sharded
+from effexport.passes._graph import emit, is_call
+from effexport.passes.errors import EXIT_PIPELINE, EXIT_USAGE
+from effexport.passes.sharding import ShardCountError, ShardingError, plan_sharding, shard_rank
+
+aten = torch.ops.aten
+XDIST_SPLIT = ("name",)
+PRESETS = ["gemma4-e2b:tiny", "gemma4-e4b:tiny", "gemma4-odd:tiny", "laguna-xs2:tiny", "zaya1-8b:tiny",
+           pytest.param("deepseek-v4-flash:tiny", marks=pytest.mark.slow)]
+PREFILL = 32  # past every tiny window (8), two compressed blocks and top-k of the tiny DeepSeek
+
+
+def _ranks(r, world):
+    shard = plan_sharding(r.program, r.analysis.plan, world)
+    return shard, [shard_rank(r.program, r.analysis.plan, shard, rank, "0") for rank in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", PRESETS)
+def test_sharded_programs_equal_eager(rewritten, name, world, tmp_path):
+    r = rewritten(name)
+    ids = r.ids[:, :PREFILL + MIN_DECODE]
+    assert_long_enough(r.sample.config.layer_specs(), PREFILL, MIN_DECODE)
+    shard, ranks = _ranks(r, world)
+    with torch.no_grad():
+        ref, _ = r.model(ids)
+    outs = run_sharded([(p.gm, plan.entries) for p, plan in ranks], ids, MIN_DECODE, str(tmp_path))
+    for rank, (out, (_, plan)) in enumerate(zip(outs, ranks)):
+        assert torch.equal(out["logits"], outs[0]["logits"]), f"rank {rank}'s logits differ from rank 0's"
+        assert out["caches"] == [tuple(e.concrete_shape(2, ids.shape[1])) for e in plan.entries]
+    _, rel = assert_close(outs[0]["logits"], ref, what=f"{name} over {world} ranks")
+    print(f"{name} tp={world}: max rel error {rel:.2e}, {len(shard.reduces)} all-reduces")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["gemma4-e2b:tiny", "gemma4-e4b:tiny", "laguna-xs2:tiny"])
+def test_cache_bytes_add_up(rewritten, name, world):
+    """Per entry: the ranks' bytes sum to the unsharded entry's times the ranks holding each block
+    (1 when the KV heads split evenly, N / Hkv when each KV head is replicated); an entry the plan
+    split holds fewer heads per rank."""
+    r = rewritten(name)
+    plan = r.analysis.plan
+    shard, ranks = _ranks(r, world)
+    assert shard.caches, "no cache was split by heads"
+    for i, entry in enumerate(plan.entries):
+        split = shard.caches.get(entry.name)
+        copies = world // split.nblocks if split else world
+        total = sum(p.entries[i].nbytes(2, 100) for _, p in ranks)
+        assert total == entry.nbytes(2, 100) * copies, entry.name
+        if split and split.nblocks > 1:
+            assert ranks[0][1].entries[i].shape[1] == entry.shape[1] // split.nblocks
+    kv_heads = {e.shape[1] for e in plan.entries if e.name in shard.caches}
+    if min(kv_heads) >= world:  # KV heads split evenly: the caches add up to the unsharded plan exactly
+        assert sum(p.nbytes(2, 100) for _, p in ranks) == plan.nbytes(2, 100)
+    for program, rank_plan in ranks:  # the placeholders' fake values are the rank's cache shapes
+        placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"][2:]
+        for node, entry in zip(placeholders, rank_plan.entries):
+            assert [str(d) for d in node.meta["val"].shape[1:]] == [str(d) for d in entry.shape[1:]
+                                                                    if d != "seq"] or entry.kind == "full"
+
+
+def test_shard_plan_names_what_it_split(rewritten):
+    r = rewritten("laguna-xs2:tiny")
+    shard = plan_sharding(r.program, r.analysis.plan, 4)
+    text = shard.describe()
+    # per-layer query heads (4 on full layers, 8 on sliding ones), 2 KV heads replicated on 2 ranks
+    assert "layer 0: attention_cache: 4 query heads -> 1 per rank, 2 KV heads, each replicated on 2 ranks" in text
+    assert "layer 1: attention_ring: 8 query heads -> 2 per rank" in text
+    assert "self_attn.g_proj: column-parallel (per query head" in text  # Laguna's per-head output gate
+    assert len(shard.reduces) == 2 * r.sample.config.num_hidden_layers  # attention + (shared-expert) MLP
+    assert shard.to_json()["world"] == 4
+
+
+def test_heads_that_do_not_divide_are_refused(rewritten):
+    r = rewritten("gemma4-e2b:tiny")
+    with pytest.raises(ShardCountError) as err:
+        plan_sharding(r.program, r.analysis.plan, 3)
+    assert err.value.exit_code == EXIT_USAGE
+    assert "layer 0: 4 query heads do not split across 3 ranks" in str(err.value)
+
+
+def test_a_reduction_over_heads_is_refused(rewritten):
+    """A value reduced over the split head dim would need a collective inside the block: refused,
+    naming the layer and the op, instead of a program that is silently wrong."""
+    import copy
+
+    from torch import fx
+
+    r = rewritten("gemma4-e2b:tiny")
+    gm = fx.GraphModule(r.program.gm, copy.deepcopy(r.program.gm.graph))
+    q_view = next(n for n in gm.graph.nodes if is_call(n, aten.view.default)
+                  and is_call(n.args[0], aten.linear.default) and "q_proj" in n.args[0].args[1].target)
+    users = list(q_view.users)
+    total = emit(gm.graph, aten.sum.dim_IntList, (q_view, [2], True), {})
+    mixed = emit(gm.graph, aten.add.Tensor, (q_view, total), {})
+    for u in users:
+        u.replace_input_with(q_view, mixed)
+    program = copy.copy(r.program)
+    program.gm = gm
+    with pytest.raises(ShardingError) as err:
+        plan_sharding(program, r.analysis.plan, 2)
+    assert err.value.exit_code == EXIT_PIPELINE
+    assert "layer 0" in str(err.value) and "reduces over the split dim" in str(err.value)
+    assert not any(n.name == total.name for n in r.program.gm.graph.nodes)
