@@ -125,6 +125,21 @@ class ShardPlan:
             lines.extend(f"  {where}: {text}" for text in self.notes[where])
         return "\n".join(lines)
 
+    def weight_bytes(self, program: StepProgram) -> dict[str, int]:
+        """Bytes of the weights the step reads (every ``get_attr`` tensor, from shapes: works on meta):
+        ``whole`` unsharded, ``per_rank`` on each rank (the same on every rank), ``split`` the part
+        of ``whole`` that is sliced, ``replicated`` the part every rank holds whole."""
+        sizes = {}
+        for node in program.gm.graph.nodes:
+            if node.op == "get_attr":
+                value = _get(program.gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    sizes[node.target] = value.numel() * value.element_size()
+        split = sum(b for t, b in sizes.items() if t in self.weights)
+        per_rank = sum(b // self.weights[t].nblocks if t in self.weights else b for t, b in sizes.items())
+        return {"whole": sum(sizes.values()), "per_rank": per_rank, "split": split,
+                "replicated": sum(sizes.values()) - split}
+
     def to_json(self) -> dict:
         return {"world": self.world, "all_reduces": len(self.reduces),
                 "weights": {k: dataclasses.asdict(v) for k, v in sorted(self.weights.items())},

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 _RANKS: list = []  # the programs of the run in progress, inherited by the forked rank processes
 
 
-def _rank_main(rank: int, world: int, directory: str, decode: int, ids: torch.Tensor) -> None:
+def _rank_main(rank: int, world: int, directory: str, decode: int, ids: torch.Tensor, max_new: int | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
     try:
@@ -20,27 +20,30 @@ def _rank_main(rank: int, world: int, directory: str, decode: int, ids: torch.Te
         prefill = ids.shape[1] - decode
         caches = [e.empty(ids.shape[0]) for e in entries]
         logits = []
+        piece = max_new or prefill  # a prefill longer than the graph's step bound goes in pieces
+        starts = list(range(0, prefill, piece)) + list(range(prefill, ids.shape[1]))
+        ends = starts[1:] + [ids.shape[1]]
         with torch.no_grad():
-            out = program(ids[:, :prefill], torch.tensor(prefill * 0), *caches)
-            logits.append(out[0])
-            for t in range(prefill, ids.shape[1]):
-                caches = list(out[1:])
-                out = program(ids[:, t:t + 1], torch.tensor(t), *caches)
+            for start, end in zip(starts, ends):
+                out = program(ids[:, start:end], torch.tensor(start), *caches)
                 logits.append(out[0])
-        torch.save({"logits": torch.cat(logits, 1), "caches": [tuple(c.shape) for c in out[1:]]},
+                caches = list(out[1:])
+        torch.save({"logits": torch.cat(logits, 1), "caches": [tuple(c.shape) for c in caches]},
                    f"{directory}/out{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_sharded(ranks: list, ids: torch.Tensor, decode: int, directory: str) -> list[dict]:
+def run_sharded(ranks: list, ids: torch.Tensor, decode: int, directory: str,
+                max_new: int | None = None) -> list[dict]:
     """``ranks``: per rank ``(graph module, cache entries)``; runs them together over gloo on
     ``ids [B, P + decode]`` (a prefill of P tokens, then ``decode`` one-token steps) and returns
-    each rank's ``{"logits" [B, P + decode, V], "caches": final cache shapes}``."""
+    each rank's ``{"logits" [B, P + decode, V], "caches": final cache shapes}``; the prefill goes in
+    pieces of ``max_new`` tokens when given (the program's ``max_new_tokens``)."""
     world = len(ranks)
     _RANKS[:] = ranks  # a GraphModule of an exported graph does not pickle: the ranks are forked
     try:
-        mp.start_processes(_rank_main, args=(world, directory, decode, ids), nprocs=world, start_method="fork")
+        mp.start_processes(_rank_main, args=(world, directory, decode, ids, max_new), nprocs=world, start_method="fork")
     finally:
         _RANKS.clear()
     return [torch.load(os.path.join(directory, f"out{r}.pt")) for r in range(world)]

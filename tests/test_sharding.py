@@ -15,7 +15,7 @@ aten = torch.ops.aten
 XDIST_SPLIT = ("name",)
 PRESETS = ["gemma4-e2b:tiny", "gemma4-e4b:tiny", "gemma4-odd:tiny", "laguna-xs2:tiny", "zaya1-8b:tiny",
            pytest.param("deepseek-v4-flash:tiny", marks=pytest.mark.slow)]
-PREFILL = 32  # past every tiny window (8), two compressed blocks and top-k of the tiny DeepSeek
+PREFILL = 40  # past every tiny window (8) and two compressed blocks of 16 (tiny DeepSeek); one completes in decode
 
 
 def _ranks(r, world):
@@ -27,12 +27,13 @@ def _ranks(r, world):
 @pytest.mark.parametrize("name", PRESETS)
 def test_sharded_programs_equal_eager(rewritten, name, world, tmp_path):
     r = rewritten(name)
-    ids = r.ids[:, :PREFILL + MIN_DECODE]
+    ids = torch.randint(0, r.sample.config.vocab_size, (2, PREFILL + MIN_DECODE), generator=torch.Generator().manual_seed(2))
     assert_long_enough(r.sample.config.layer_specs(), PREFILL, MIN_DECODE)
     shard, ranks = _ranks(r, world)
     with torch.no_grad():
         ref, _ = r.model(ids)
-    outs = run_sharded([(p.gm, plan.entries) for p, plan in ranks], ids, MIN_DECODE, str(tmp_path))
+    outs = run_sharded([(p.gm, plan.entries) for p, plan in ranks], ids, MIN_DECODE, str(tmp_path),
+                       r.program.max_new_tokens)
     for rank, (out, (_, plan)) in enumerate(zip(outs, ranks)):
         assert torch.equal(out["logits"], outs[0]["logits"]), f"rank {rank}'s logits differ from rank 0's"
         assert out["caches"] == [tuple(e.concrete_shape(2, ids.shape[1])) for e in plan.entries]
@@ -110,3 +111,25 @@ def test_a_reduction_over_heads_is_refused(rewritten):
     assert err.value.exit_code == EXIT_PIPELINE
     assert "layer 0" in str(err.value) and "reduces over the split dim" in str(err.value)
     assert not any(n.name == total.name for n in r.program.gm.graph.nodes)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_weight_bytes_per_rank(rewritten, world):
+    """The analytic per-rank weight bytes are what each rank's program holds; across the ranks the
+    split weights add up to their unsharded bytes times the ranks holding each block."""
+    r = rewritten("gemma4-e4b:tiny")
+    shard, ranks = _ranks(r, world)
+    figures = shard.weight_bytes(r.program)
+    for program, _ in ranks:
+        held = {n.target for n in program.gm.graph.nodes if n.op == "get_attr"}
+        tensors = [_attr(program.gm, t) for t in held]
+        assert sum(t.numel() * t.element_size() for t in tensors) == figures["per_rank"]
+    assert figures["split"] > figures["replicated"] / 4  # projections and MLPs are most of a layer
+    assert figures["per_rank"] < figures["whole"]
+    assert figures["per_rank"] * world >= figures["whole"]
+
+
+def _attr(module, target):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
