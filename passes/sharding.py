@@ -108,6 +108,7 @@ class ShardPlan:
     views: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (size index, divisor)
     reduces: list[str] = field(default_factory=list)             # row-parallel linears, in graph order
     values: dict[str, object] = field(default_factory=dict)      # node -> Split (tuple: per output) of its value
+    narrows: dict[str, dict[int, Split]] = field(default_factory=dict)  # einsum -> operand -> its rank's block
     caches: dict[str, Split] = field(default_factory=dict)       # cache name ("3.k") -> split
     notes: dict[str, list[str]] = field(default_factory=dict)    # module path -> what, why
 
@@ -417,6 +418,10 @@ def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, name
                 shard.values[node.name] = state[node]
             continue
         if not inputs:
+            if is_call(node, aten.einsum.default):
+                state[node] = _expert_seed(node, world, where, slice_weight, shard)
+                if state[node] is not None:
+                    shard.values[node.name] = state[node]
             continue
         state[node] = _rule(node, inputs, world, where, slice_weight, shard)
         if state[node] is not None:
@@ -483,6 +488,8 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
                 raise ShardingError(f"{what}: combines a tensor split by heads with {arg.name}, which is "
                                     f"whole along that dim ({list(s)}); split it too or keep it replicated")
         return next(iter(inputs.values())).moved(len(shape) + neg)
+    if target is aten.einsum.default:
+        return _einsum_rule(node, inputs, world, what, slice_weight, shard)
     src_node = node.args[0]
     if target is aten.sym_size.int:
         if node.args[1] % len(_shape(src_node)) == inputs[src_node].dim:
@@ -546,6 +553,66 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
                         f"({', '.join(a.name for a in inputs)}); this layer cannot be tensor-parallel yet")
 
 
+def _einsum_letters(node: fx.Node, what: str) -> tuple[list[str], str]:
+    equation = node.args[0].replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        raise ShardingError(f"{what}: einsum {equation!r} (ellipsis or implicit output) has no sharding rule")
+    inputs, output = equation.split("->")
+    return inputs.split(","), output
+
+
+def _expert_seed(node: fx.Node, world: int, where: str, slice_weight, shard: ShardPlan) -> Split | None:
+    """Expert parallel: an einsum of stacked expert weights ``[E, ...]`` (a parameter whose leading
+    letter is kept in the output, e.g. ``nd,ehd->neh``) computes rank r's block of E / N experts."""
+    operands, output = _einsum_letters(node, where)
+    for letters, arg in zip(operands, node.args[1]):
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr" and len(letters) >= 3
+                and letters[0] in output and all(letters[0] not in o for o in operands if o is not letters)):
+            continue
+        experts = _shape(arg)[0]
+        if experts % world:
+            shard.note(where, f"{arg.target}: {experts} experts replicated (do not split across {world} ranks)")
+            return None
+        slice_weight(arg, Split(0, world), where)
+        shard.note(where, f"{arg.target}: expert-parallel, {experts} experts -> {experts // world} per rank")
+        return Split(output.index(letters[0]), world)
+    return None
+
+
+def _einsum_rule(node, inputs, world, what, slice_weight, shard: ShardPlan):
+    """An einsum over a split letter: parameters holding that letter are sliced, replicated
+    activations holding it narrowed to the rank's block; a contracted split letter leaves a partial
+    sum, all-reduced (the combine of expert parallelism)."""
+    operands, output = _einsum_letters(node, what)
+    letters = {ops_[s.dim] for a, s in inputs.items()
+               for ops_, arg in zip(operands, node.args[1]) if arg is a}
+    splits = set(inputs.values())
+    blocks = {(s.nblocks, s.replicas) for s in splits}
+    if len(letters) != 1 or len(blocks) != 1:
+        raise ShardingError(f"{what}: einsum operands split along different letters or blocks")
+    letter, (nblocks, replicas) = next(iter(letters)), next(iter(blocks))
+    for i, (ops_, arg) in enumerate(zip(operands, node.args[1])):
+        if arg in inputs:
+            if ops_[inputs[arg].dim] != letter:
+                raise ShardingError(f"{what}: einsum operands split along different letters")
+            continue
+        if letter not in ops_:
+            continue
+        split = Split(ops_.index(letter), nblocks, replicas)
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            slice_weight(arg, split, what)
+        else:
+            shard.narrows.setdefault(node.name, {})[i] = split
+    if letter in output:
+        return Split(output.index(letter), nblocks, replicas)
+    if replicas != 1 or nblocks != world:
+        raise ShardingError(f"{what}: contracts a letter whose blocks are replicated; an all-reduce would "
+                            "count them more than once")
+    shard.reduces.append(node.name)
+    shard.note(_where(node), f"einsum {node.args[0]}: partial sums over the split experts, all-reduced (combine)")
+    return None
+
+
 def _set_weight(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
     *path, name = target.split(".")
     owner = gm.get_submodule(".".join(path)) if path else gm
@@ -579,9 +646,19 @@ def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: in
         size = list(node.args[1])
         size[j] = size[j] // div
         node.args = (node.args[0], size, *node.args[2:])
+    for name, operands in shard.narrows.items():
+        node = nodes[name]
+        args = list(node.args[1])
+        for i, split in operands.items():
+            size = _shape(args[i])[split.dim] // split.nblocks
+            with graph.inserting_before(node):
+                local = graph.call_function(aten.narrow.default, (args[i], split.dim, split.block(rank) * size, size))
+            local.meta["val"] = _local(meta_val(args[i]), split)
+            args[i] = local
+        node.args = (node.args[0], args, *node.args[2:])
     for name in shard.reduces:
         linear = nodes[name]
-        a = call_args(linear)
+        a = call_args(linear) if is_call(linear, aten.linear.default) else {}
         bias = a.get("bias")
         if bias is not None:
             linear.args, linear.kwargs = (a["input"], a["weight"]), {}

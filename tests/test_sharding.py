@@ -76,7 +76,13 @@ def test_shard_plan_names_what_it_split(rewritten):
     assert "layer 0: attention_cache: 4 query heads -> 1 per rank, 2 KV heads, each replicated on 2 ranks" in text
     assert "layer 1: attention_ring: 8 query heads -> 2 per rank" in text
     assert "self_attn.g_proj: column-parallel (per query head" in text  # Laguna's per-head output gate
-    assert len(shard.reduces) == 2 * r.sample.config.num_hidden_layers  # attention + (shared-expert) MLP
+    # expert parallel: each rank computes 2 of the 8 routed experts, their partial sums all-reduced
+    assert "layer 1: mlp.experts: expert-parallel, 8 experts -> 2 per rank" in text
+    assert "layer 1: einsum ned,ne->nd: partial sums over the split experts, all-reduced (combine)" in text
+    assert all(shard.weights[f"layers.{i}.mlp.experts.{w}"].nblocks == 4 for i in range(1, 8) for w in ("gate_up", "down"))
+    sparse = r.sample.config.mlp_layer_types.count("sparse")
+    # attention + (shared-expert) MLP per layer, + the routed experts' combine per sparse layer
+    assert len(shard.reduces) == 2 * r.sample.config.num_hidden_layers + sparse
     assert shard.to_json()["world"] == 4
 
 
