@@ -139,3 +139,25 @@ def _attr(module, target):
     for part in target.split("."):
         module = getattr(module, part)
     return module
+
+
+def test_structure_only_program_shards_on_meta():
+    """A model built on the meta device (``--weights none``) shards like a weighted one: the slices
+    are meta tensors (no data), the per-rank weight and cache figures come from shapes alone."""
+    from effexport.exporter.capture import capture_step
+    from effexport.passes.pipeline import run_pipeline
+    from effexport.samples import get_sample
+
+    sample = get_sample("laguna-xs2:tiny")
+    ids = torch.zeros(2, 40, dtype=torch.long, device="meta")
+    program, analysis = run_pipeline(capture_step(sample.build("meta"), ids))
+    shard = plan_sharding(program, analysis.plan, 2)
+    rank_program, rank_plan = shard_rank(program, analysis.plan, shard, 1, "0")
+    sliced = [_attr(rank_program.gm, t) for t in shard.weights]
+    assert sliced and all(t.is_meta for t in sliced)
+    assert _attr(rank_program.gm, "layers.1.mlp.experts.gate_up").shape[0] == 4  # 8 experts over 2 ranks
+    figures = shard.weight_bytes(program)
+    assert sum(t.numel() * t.element_size() for t in sliced) == \
+        sum(_attr(program.gm, t).numel() * _attr(program.gm, t).element_size() for t in shard.weights) // 2
+    assert figures["per_rank"] == figures["replicated"] + figures["split"] // 2
+    assert rank_plan.nbytes(2, 64) * 2 == analysis.plan.nbytes(2, 64)  # 2 KV heads: 1 per rank
