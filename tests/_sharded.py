@@ -12,11 +12,18 @@ import torch.multiprocessing as mp
 _RANKS: list = []  # the programs of the run in progress, inherited by the forked rank processes
 
 
-def _rank_main(rank: int, world: int, directory: str, decode: int, ids: torch.Tensor, max_new: int | None) -> None:
+def _rank_main(rank: int, world: int, directory: str, decode: int, ids: torch.Tensor, max_new: int | None,
+               archives: list | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
     try:
-        program, entries = _RANKS[rank]
+        if archives is None:
+            program, entries = _RANKS[rank]
+        else:  # a fresh (spawned) process loads its rank's torch.export archive, as a launcher would
+            from effexport.exporter.backends.torch.runtime import load_program
+
+            path, entries = archives[rank]
+            program = load_program(path).module()
         prefill = ids.shape[1] - decode
         caches = [e.empty(ids.shape[0]) for e in entries]
         logits = []
@@ -47,3 +54,12 @@ def run_sharded(ranks: list, ids: torch.Tensor, decode: int, directory: str,
     finally:
         _RANKS.clear()
     return [torch.load(os.path.join(directory, f"out{r}.pt")) for r in range(world)]
+
+
+def run_archives(archives: list, ids: torch.Tensor, decode: int, directory: str,
+                 max_new: int | None = None) -> list[dict]:
+    """:func:`run_sharded` for saved rank programs: ``archives`` per rank ``(program.pt2 path, cache
+    entries)``, each rank a spawned process that loads its archive (nothing inherited)."""
+    mp.start_processes(_rank_main, args=(len(archives), directory, decode, ids, max_new, archives),
+                       nprocs=len(archives), start_method="spawn")
+    return [torch.load(os.path.join(directory, f"out{r}.pt")) for r in range(len(archives))]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _helpers import MIN_DECODE, assert_close, assert_long_enough
-from _sharded import run_sharded
+from _sharded import run_archives, run_sharded
 from effexport.passes._graph import emit, is_call
 from effexport.passes.errors import EXIT_PIPELINE, EXIT_USAGE
 from effexport.passes.sharding import ShardCountError, ShardingError, plan_sharding, shard_rank
@@ -161,3 +161,31 @@ def test_structure_only_program_shards_on_meta():
         sum(_attr(program.gm, t).numel() * _attr(program.gm, t).element_size() for t in shard.weights) // 2
     assert figures["per_rank"] == figures["replicated"] + figures["split"] // 2
     assert rank_plan.nbytes(2, 64) * 2 == analysis.plan.nbytes(2, 64)  # 2 KV heads: 1 per rank
+
+
+@pytest.mark.slow
+def test_rank_archives_run_together(rewritten, tmp_path):
+    """Each rank's program re-exported and saved as the torch target saves a step (``program.pt2``,
+    the ``_c10d_functional`` collectives kept in the archive), then loaded by a fresh process per
+    rank, as a launcher runs them: the same logits as eager."""
+    from effexport.exporter.backends.torch.artifact import op_calls, save_program
+    from effexport.exporter.backends.exported import exported_step
+
+    r = rewritten("gemma4-e2b:tiny")
+    ids = torch.randint(0, r.sample.config.vocab_size, (2, PREFILL + MIN_DECODE), generator=torch.Generator().manual_seed(2))
+    _, ranks = _ranks(r, 2)
+    archives = []
+    for rank, (program, plan) in enumerate(ranks):
+        (tmp_path / f"rank{rank}").mkdir()
+        path = str(tmp_path / f"rank{rank}" / "program.pt2")
+        save_program(program, plan, path)
+        calls = {str(n.target) for n in exported_step(program, plan).graph.nodes if n.op == "call_function"}
+        assert {"_c10d_functional.all_reduce.default", "_c10d_functional.wait_tensor.default"} <= calls
+        assert op_calls(exported_step(program, plan)) == op_calls(exported_step(r.program, r.analysis.plan))
+        archives.append((path, plan.entries))
+    with torch.no_grad():
+        ref, _ = r.model(ids)
+    outs = run_archives(archives, ids, MIN_DECODE, str(tmp_path), r.program.max_new_tokens)
+    assert torch.equal(outs[0]["logits"], outs[1]["logits"])
+    _, rel = assert_close(outs[0]["logits"], ref, what="rank archives over 2 ranks")
+    print(f"gemma4-e2b:tiny archives tp=2: max rel error {rel:.2e}")
