@@ -98,6 +98,15 @@ class Split:
         return dataclasses.replace(self, dim=dim)
 
 
+PARTIAL = "partial"  # a value that is the sum of the ranks' local values (before its all-reduce)
+# ops linear in a partial-sum operand (the other operands whole): the sum can wait for the all-reduce
+SUM_LINEAR = (aten.add.Tensor, aten.sub.Tensor)
+SCALE_LINEAR = (aten.mul.Tensor, aten.div.Tensor)
+SHAPE_LINEAR = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+                aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.alias.default,
+                aten.clone.default, aten.contiguous.default, aten.neg.default)
+
+
 @dataclass
 class ShardPlan:
     """What :func:`plan_sharding` decided, for all ranks: weights to slice, view sizes to divide,
@@ -106,7 +115,8 @@ class ShardPlan:
     world: int
     weights: dict[str, Split] = field(default_factory=dict)     # get_attr target -> split of the tensor
     views: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (size index, divisor)
-    reduces: list[str] = field(default_factory=list)             # row-parallel linears, in graph order
+    # all-reduces: producer of partial sums -> the consumers reading the reduced value (None: every user)
+    reduces: dict[str, list[str] | None] = field(default_factory=dict)
     values: dict[str, object] = field(default_factory=dict)      # node -> Split (tuple: per output) of its value
     narrows: dict[str, dict[int, Split]] = field(default_factory=dict)  # einsum -> operand -> its rank's block
     caches: dict[str, Split] = field(default_factory=dict)       # cache name ("3.k") -> split
@@ -399,9 +409,15 @@ def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, name
             raise ShardingError(f"{where}: the weight {node.target} is split two ways")
         shard.weights[node.target] = split
 
+    done: set[fx.Node] = set()  # the nodes visited: their split is decided
     for node in gm.graph.nodes:
+        done.add(node)
         if node.op != "call_function":
             if node.op == "output":
+                for out in node.args[0]:
+                    if state.get(out) == PARTIAL:
+                        shard.reduces.setdefault(out.name, []).append(node.name)
+                        state[out] = None
                 _check_outputs(node, state, outputs, {names[ph][len("past."):]: sp for ph, sp in cache_ph.items()})
             continue
         where = _where(node)
@@ -417,6 +433,17 @@ def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, name
                 state[node] = split.moved(out_rank - 1)
                 shard.values[node.name] = state[node]
             continue
+        partial = [a for a, s in inputs.items() if s == PARTIAL]
+        if partial:
+            if is_call(node, aten.sym_size.int):  # the sizes of a partial sum are the sum's
+                continue
+            if _keeps_partial(node, inputs):
+                state[node] = PARTIAL
+                continue
+            for a in partial:  # reduced here, for this and every later consumer (it is whole from now on)
+                shard.reduces[a.name] = [u.name for u in a.users if u is node or u not in done]
+                state[a] = None
+                del inputs[a]
         if not inputs:
             if is_call(node, aten.einsum.default):
                 state[node] = _expert_seed(node, world, where, slice_weight, shard)
@@ -424,8 +451,25 @@ def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, name
                     shard.values[node.name] = state[node]
             continue
         state[node] = _rule(node, inputs, world, where, slice_weight, shard)
-        if state[node] is not None:
+        if isinstance(state[node], (Split, tuple)):
             shard.values[node.name] = state[node]
+
+
+def _keeps_partial(node: fx.Node, inputs: dict) -> bool:
+    """True when ``node`` is linear in its partial-sum operands, so its result is a partial sum too:
+    a sum of partial sums, a partial sum scaled by a whole value, a reshape, a cast to its own dtype."""
+    if any(s != PARTIAL for s in inputs.values()):
+        return False
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if node.target in SUM_LINEAR:
+        return all(a in inputs for a in tensors) and call_args(node).get("alpha", 1) == 1
+    if node.target in SCALE_LINEAR:
+        return len(inputs) == 1 and node.args[0] in inputs
+    if node.target in SHAPE_LINEAR or node.target in TRANSPARENT:
+        src = meta_val(node.args[0])
+        return node.target not in TRANSPARENT or (src is not None and src.dtype == meta_val(node).dtype
+                                                  and src.device == meta_val(node).device)
+    return False
 
 
 def _check_outputs(node: fx.Node, state: dict, outputs: list[str], shard_caches: dict) -> None:
@@ -460,9 +504,11 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
             raise ShardingError(f"{what}: the input's blocks are replicated ({x}); an all-reduce would count "
                                 "them more than once")
         slice_weight(a["weight"], Split(1, world), where)
-        shard.reduces.append(node.name)
-        shard.note(where, f"{a['weight'].target}: row-parallel, all-reduce of its output")
-        return None
+        shard.note(where, f"{a['weight'].target}: row-parallel, its partial sums all-reduced")
+        if a.get("bias") is not None:  # the bias is added once, after the all-reduce
+            shard.reduces[node.name] = None
+            return None
+        return PARTIAL
     if is_call(node, *ATTENTION_OPS):
         a = call_args(node)
         kv_arg, cache_args = ATTENTION_OPS[target]
@@ -608,9 +654,8 @@ def _einsum_rule(node, inputs, world, what, slice_weight, shard: ShardPlan):
     if replicas != 1 or nblocks != world:
         raise ShardingError(f"{what}: contracts a letter whose blocks are replicated; an all-reduce would "
                             "count them more than once")
-    shard.reduces.append(node.name)
     shard.note(_where(node), f"einsum {node.args[0]}: partial sums over the split experts, all-reduced (combine)")
-    return None
+    return PARTIAL
 
 
 def _set_weight(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
@@ -656,21 +701,23 @@ def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: in
             local.meta["val"] = _local(meta_val(args[i]), split)
             args[i] = local
         node.args = (node.args[0], args, *node.args[2:])
-    for name in shard.reduces:
-        linear = nodes[name]
-        a = call_args(linear) if is_call(linear, aten.linear.default) else {}
-        bias = a.get("bias")
+    for name, consumers in shard.reduces.items():
+        producer = nodes[name]
+        bias = call_args(producer).get("bias") if consumers is None else None
         if bias is not None:
-            linear.args, linear.kwargs = (a["input"], a["weight"]), {}
-        with graph.inserting_after(linear):
-            reduced = graph.call_function(c10d.all_reduce.default, (linear, "sum", group_name))
+            producer.args, producer.kwargs = (producer.args[0], producer.args[1]), {}
+        with graph.inserting_after(producer):
+            reduced = graph.call_function(c10d.all_reduce.default, (producer, "sum", group_name))
         with graph.inserting_after(reduced):
-            out = graph.call_function(c10d.wait_tensor.default, (reduced,))
-        last = out
+            last = graph.call_function(c10d.wait_tensor.default, (reduced,))
         if bias is not None:
-            with graph.inserting_after(out):
-                last = graph.call_function(aten.add.Tensor, (out, bias))
-        linear.replace_all_uses_with(last, delete_user_cb=lambda u, r=reduced: u is not r)
+            with graph.inserting_after(last):
+                last = graph.call_function(aten.add.Tensor, (last, bias))
+        if consumers is None:
+            producer.replace_all_uses_with(last, delete_user_cb=lambda u, r=reduced: u is not r)
+        else:
+            for consumer in consumers:
+                nodes[consumer].replace_input_with(producer, last)
     entries = []
     for e in plan.entries:
         split = shard.caches.get(e.name)
