@@ -1,10 +1,12 @@
-"""Tensor-parallel sharding of the rewritten step program: one ordinary graph per rank.
+"""Tensor- and expert-parallel sharding of the rewritten step program: one ordinary graph per rank.
 
 Runs after the pipeline, on the rewritten :class:`StepProgram` and its fixed :class:`CachePlan`.
 :func:`plan_sharding` decides once, for all ranks, what is split; :func:`shard_rank` writes one
-rank's program and CachePlan from that decision.
+rank's program and CachePlan from that decision (collectives: ``_c10d_functional.all_reduce`` +
+``wait_tensor`` on a named process group, so the rank program is an ordinary graph that
+``torch.export`` keeps as it is).
 
-What is split (Megatron-style tensor parallelism, one all-reduce per block):
+What is split (Megatron-style tensor parallelism):
 
 * attention: every effexport attention op's query heads split evenly across the ``N`` ranks (rank r
   holds the r-th block of ``H / N`` heads; per-layer head counts are read per op). KV heads split the
@@ -15,19 +17,28 @@ What is split (Megatron-style tensor parallelism, one all-reduce per block):
   the same block because heads are split the same way in every layer. The projections feeding q /
   k / v (and whatever else feeds the output projection per head, e.g. Laguna's per-head output gate)
   are column-parallel (rows of the weight sliced), the output projection row-parallel (columns
-  sliced) followed by ``_c10d_functional.all_reduce`` + ``wait_tensor``.
-* MLPs: a linear whose input is a pointwise function of other linears only (``down(act(gate(x)) *
-  up(x))``) is row-parallel and those linears column-parallel, when the hidden width divides by N;
-  otherwise the MLP stays replicated (recorded in the plan).
-* everything else (embeddings, norms, the LM head, routers, stacked experts, mHC) is replicated.
+  sliced): its output is a partial sum.
+* MLPs: a linear whose input is a pointwise function of other linears only, in a region feeding
+  nothing else (``down(act(gate(x)) * up(x))``), is row-parallel and those linears column-parallel,
+  when the hidden width divides by N; otherwise the MLP stays replicated (recorded in the plan).
+* experts: an einsum over stacked expert weights ``[E, ...]`` computes the rank's E / N experts (the
+  weights sliced on E); a replicated operand indexed by E (the router's combine weights) is narrowed
+  to the rank's experts, and the contraction over E leaves a partial sum (the combine).
+* partial sums flow through ops linear in them (sums of partial sums, scaling by a whole value,
+  reshapes, same-dtype casts) and are all-reduced once, where they first meet any other op: one
+  all-reduce per attention block and one per MLP / MoE block.
+* everything else (embeddings, norms, the LM head, routers, attention fed through effexport ops
+  without a rule here -- CCA, DeepSeek V4's compressor / indexer / sparse attention, mHC) is
+  replicated.
 
 Soundness: after the seeds are chosen, one forward propagation over the graph tracks for every value
-which dimension holds which block, and accepts only ops whose rule keeps "the local value is block b
-of the global value" true (pointwise ops broadcasting over the split dim, views that keep the block
-structure, transposes, reductions and slices over other dims, the attention ops with a consistent
-GQA head mapping). A split value reaching any other op, a program output other than a cache, or a
-row-parallel linear whose blocks are replicated is refused with :class:`ShardingError` naming the
-layer and the op: a refused program is never written wrong.
+which dimension holds which block (or that it is a partial sum), and accepts only ops whose rule
+keeps "the local value is block b of the global value" true (pointwise ops broadcasting over the
+split dim, views that keep the block structure, transposes, reductions and slices over other dims,
+the attention ops with a consistent GQA head mapping, einsums over the split letter). A split value
+reaching any other op, a program output other than a cache, or a contraction over blocks that are
+replicated is refused with :class:`ShardingError` naming the layer and the op: a refused program is
+never written wrong.
 """
 from __future__ import annotations
 
