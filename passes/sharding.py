@@ -471,9 +471,9 @@ def _keeps_partial(node: fx.Node, inputs: dict) -> bool:
     a sum of partial sums, a partial sum scaled by a whole value, a reshape, a cast to its own dtype."""
     if any(s != PARTIAL for s in inputs.values()):
         return False
-    tensors = [a for a in node.args if isinstance(a, fx.Node)]
-    if node.target in SUM_LINEAR:
-        return all(a in inputs for a in tensors) and call_args(node).get("alpha", 1) == 1
+    if node.target in SUM_LINEAR:  # partial + partial; a whole or scalar term would be added N times
+        return all(isinstance(a, fx.Node) and a in inputs for a in node.args[:2]) \
+            and call_args(node).get("alpha", 1) == 1
     if node.target in SCALE_LINEAR:
         return len(inputs) == 1 and node.args[0] in inputs
     if node.target in SHAPE_LINEAR or node.target in TRANSPARENT:
