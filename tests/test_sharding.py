@@ -217,3 +217,25 @@ def test_bf16_sharded_is_as_close_to_fp32_as_eager_bf16(name, tmp_path):
     sharded = max_errors(outs[0]["logits"].float(), ref32)[1]
     assert outs[0]["logits"].dtype == torch.bfloat16
     assert sharded <= 1.1 * eager, f"sharded bf16 {sharded:.3f} vs eager bf16 {eager:.3f} from fp32"
+
+
+def test_partial_sums_wait_only_through_ops_linear_in_them():
+    """A partial sum (each rank's share of a row-parallel output) may skip its all-reduce only through
+    an op linear in it: a sum of partial sums, a scaling by a whole value; a whole or scalar term
+    added to it would be counted once per rank, so it ends the partial sum there."""
+    from torch import fx
+
+    from effexport.passes.sharding import PARTIAL, _keeps_partial
+
+    g = fx.Graph()
+    x, y = g.placeholder("x"), g.placeholder("y")
+    both = g.call_function(aten.add.Tensor, (x, y))
+    scalar = g.call_function(aten.add.Tensor, (x, 1.0))
+    scaled = g.call_function(aten.mul.Tensor, (x, y))
+    divided = g.call_function(aten.div.Tensor, (y, x))
+    assert _keeps_partial(both, {x: PARTIAL, y: PARTIAL})
+    assert not _keeps_partial(both, {x: PARTIAL})  # partial + whole
+    assert not _keeps_partial(scalar, {x: PARTIAL})
+    assert _keeps_partial(scaled, {x: PARTIAL})
+    assert not _keeps_partial(scaled, {x: PARTIAL, y: PARTIAL})  # a product of two sums
+    assert not _keeps_partial(divided, {x: PARTIAL})  # whole / partial
