@@ -1,0 +1,783 @@
+"""Tensor- and expert-parallel sharding of the rewritten step program: one ordinary graph per rank.
+
+Runs after the pipeline, on the rewritten :class:`StepProgram` and its fixed :class:`CachePlan`.
+:func:`plan_sharding` decides once, for all ranks, what is split; :func:`shard_rank` writes one
+rank's program and CachePlan from that decision (collectives: ``_c10d_functional.all_reduce`` +
+``wait_tensor`` on a named process group, so the rank program is an ordinary graph that
+``torch.export`` keeps as it is).
+
+What is split (Megatron-style tensor parallelism):
+
+* attention: every effexport attention op's query heads split evenly across the ``N`` ranks (rank r
+  holds the r-th block of ``H / N`` heads; per-layer head counts are read per op). KV heads split the
+  same way when ``Hkv >= N``; when ``Hkv < N`` each KV head is replicated on ``N / Hkv`` ranks and
+  every rank holds exactly the KV head its query heads read (the cache of that head is then kept on
+  ``N / Hkv`` ranks: the per-rank cache bytes sum to more than the unsharded plan by that factor).
+  KV-sharing consumers read their producer's cache on the rank holding their heads' KV, which is
+  the same block because heads are split the same way in every layer. The projections feeding q /
+  k / v (and whatever else feeds the output projection per head, e.g. Laguna's per-head output gate)
+  are column-parallel (rows of the weight sliced), the output projection row-parallel (columns
+  sliced): its output is a partial sum.
+* MLPs: a linear whose input is a pointwise function of other linears only, in a region feeding
+  nothing else (``down(act(gate(x)) * up(x))``), is row-parallel and those linears column-parallel,
+  when the hidden width divides by N; otherwise the MLP stays replicated (recorded in the plan).
+* experts: an einsum over stacked expert weights ``[E, ...]`` computes the rank's E / N experts (the
+  weights sliced on E); a replicated operand indexed by E (the router's combine weights) is narrowed
+  to the rank's experts, and the contraction over E leaves a partial sum (the combine).
+* partial sums flow through ops linear in them (sums of partial sums, scaling by a whole value,
+  reshapes, same-dtype casts) and are all-reduced once, where they first meet any other op: one
+  all-reduce per attention block and one per MLP / MoE block.
+* everything else (embeddings, norms, the LM head, routers, attention fed through effexport ops
+  without a rule here -- CCA, DeepSeek V4's compressor / indexer / sparse attention, mHC) is
+  replicated.
+
+Soundness: after the seeds are chosen, one forward propagation over the graph tracks for every value
+which dimension holds which block (or that it is a partial sum), and accepts only ops whose rule
+keeps "the local value is block b of the global value" true (pointwise ops broadcasting over the
+split dim, views that keep the block structure, transposes, reductions and slices over other dims,
+the attention ops with a consistent GQA head mapping, einsums over the split letter). A split value
+reaching any other op, a program output other than a cache, or a contraction over blocks that are
+replicated is refused with :class:`ShardingError` naming the layer and the op: a refused program is
+never written wrong.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+import effexport.custom_ops  # noqa: F401  (registers the ops)
+from effexport.passes._graph import TRANSPARENT, call_args, fake_mode_of, is_call, meta_val
+from effexport.passes.cache_plan import CachePlan
+from effexport.passes.errors import EXIT_USAGE, RewriteError
+from effexport.passes.program import StepProgram
+from effexport.passes.sites import layer_index, layer_label
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+ops = torch.ops.effexport
+
+# attention op -> (new K argument or the read cache, the cache arguments)
+ATTENTION_OPS = {
+    ops.attention.default: ("k", ()),
+    ops.attention_cache.default: ("k_new", ("k_past", "v_past")),
+    ops.attention_ring.default: ("k_new", ("k_ring", "v_ring")),
+    ops.attention_buffer.default: ("k_new", ("k_buf", "v_buf")),
+    ops.attention_read.default: ("k_cache", ("k_cache", "v_cache")),
+}
+# effexport ops without a tensor-parallel rule yet: their inputs must stay whole (replicated)
+OPAQUE = tuple(getattr(ops, name).default for name in ("cca", "mhc_pre", "mhc_post", "mhc_head", "kv_compress_step",
+                                                        "indexer_topk", "sparse_attention", "sparse_attention_ring", "kv_compress", "sinkhorn")
+)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+              aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.var.correction,
+              aten.argmax.default)
+DIM_OPS = (aten.slice.Tensor, aten.select.int, aten.chunk.default, aten.split.Tensor,
+           aten.split_with_sizes.default, aten.narrow.default)
+
+
+class ShardingError(RewriteError):
+    """The program cannot be split across ranks as asked (exit 3); the message names the layer and op."""
+
+    stage = "shard"
+
+
+class ShardCountError(ShardingError):
+    """The rank count does not divide a head count or width the model needs split (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class Split:
+    """A value split along ``dim`` into ``nblocks`` blocks; rank r holds block ``r // replicas``."""
+
+    dim: int
+    nblocks: int
+    replicas: int = 1
+
+    def block(self, rank: int) -> int:
+        return rank // self.replicas
+
+    def moved(self, dim: int) -> "Split":
+        return dataclasses.replace(self, dim=dim)
+
+
+PARTIAL = "partial"  # a value that is the sum of the ranks' local values (before its all-reduce)
+# ops linear in a partial-sum operand (the other operands whole): the sum can wait for the all-reduce
+SUM_LINEAR = (aten.add.Tensor, aten.sub.Tensor)
+SCALE_LINEAR = (aten.mul.Tensor, aten.div.Tensor)
+SHAPE_LINEAR = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+                aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.alias.default,
+                aten.clone.default, aten.contiguous.default, aten.neg.default)
+
+
+@dataclass
+class ShardPlan:
+    """What :func:`plan_sharding` decided, for all ranks: weights to slice, view sizes to divide,
+    linears to all-reduce, caches split by heads, and per module what was split and why."""
+
+    world: int
+    weights: dict[str, Split] = field(default_factory=dict)     # get_attr target -> split of the tensor
+    views: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (size index, divisor)
+    # all-reduces: producer of partial sums -> the consumers reading the reduced value (None: every user)
+    reduces: dict[str, list[str] | None] = field(default_factory=dict)
+    values: dict[str, object] = field(default_factory=dict)      # node -> Split (tuple: per output) of its value
+    narrows: dict[str, dict[int, Split]] = field(default_factory=dict)  # einsum -> operand -> its rank's block
+    caches: dict[str, Split] = field(default_factory=dict)       # cache name ("3.k") -> split
+    notes: dict[str, list[str]] = field(default_factory=dict)    # module path -> what, why
+
+    def note(self, where: str, text: str) -> None:
+        lines = self.notes.setdefault(where or "model", [])
+        if "." in text.split(":")[0]:  # a weight path: its last two parts name it within the layer
+            text = ".".join(text.split(":")[0].split(".")[-3:-1]) + ":" + text.split(":", 1)[1]
+        if text not in lines:
+            lines.append(text)
+
+    def describe(self) -> str:
+        lines = [f"tensor parallel over {self.world} ranks: {len(self.reduces)} all-reduces per step, "
+                 f"{len(self.weights)} weights sliced, {len(self.caches)} caches split by heads"]
+        for where in sorted(self.notes, key=lambda w: (layer_index(w) is None, layer_index(w) or 0, w)):
+            lines.extend(f"  {where}: {text}" for text in self.notes[where])
+        return "\n".join(lines)
+
+    def weight_bytes(self, program: StepProgram) -> dict[str, int]:
+        """Bytes of the weights the step reads (every ``get_attr`` tensor, from shapes: works on meta):
+        ``whole`` unsharded, ``per_rank`` on each rank (the same on every rank), ``split`` the part
+        of ``whole`` that is sliced, ``replicated`` the part every rank holds whole."""
+        sizes = {}
+        for node in program.gm.graph.nodes:
+            if node.op == "get_attr":
+                value = _get(program.gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    sizes[node.target] = value.numel() * value.element_size()
+        split = sum(b for t, b in sizes.items() if t in self.weights)
+        per_rank = sum(b // self.weights[t].nblocks if t in self.weights else b for t, b in sizes.items())
+        return {"whole": sum(sizes.values()), "per_rank": per_rank, "split": split,
+                "replicated": sum(sizes.values()) - split}
+
+    def to_json(self) -> dict:
+        return {"world": self.world, "all_reduces": len(self.reduces),
+                "weights": {k: dataclasses.asdict(v) for k, v in sorted(self.weights.items())},
+                "caches": {k: dataclasses.asdict(v) for k, v in self.caches.items()},
+                "notes": {k: list(v) for k, v in sorted(self.notes.items())}}
+
+
+def _where(node: fx.Node) -> str:
+    """``layer N`` (the module path's first index) where the node comes from a layer, else its path
+    or name: what notes and errors name."""
+    label = layer_label(node)
+    if label.startswith("_"):
+        label = ""
+    for n in [node] + ([] if label else node.all_input_nodes):
+        index = layer_index(layer_label(n) or "")
+        if index is not None:
+            return f"layer {index}"
+    return label or node.name
+
+
+def _shape(node) -> tuple:
+    val = meta_val(node)
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def _same(a, b) -> bool:
+    return str(a) == str(b)
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    target = node.target
+    return target in TRANSPARENT or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+
+
+def _backward_linears(start: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Linears reached walking back from ``start`` (not past linears, attention ops or effexport ops
+    without a tensor-parallel rule), and those rule-less ops met on the way."""
+    seen, found, blocked, stack = set(), [], [], [start]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, aten.linear.default):
+            found.append(n)
+        elif is_call(n, *OPAQUE):
+            blocked.append(n)
+        elif n.op == "call_function" and not is_call(n, *ATTENTION_OPS) \
+                and not (n.target is operator.getitem and is_call(n.args[0], *ATTENTION_OPS)):
+            stack.extend(n.all_input_nodes)
+    return found, blocked
+
+
+def _output_projection(op: fx.Node) -> fx.Node | None:
+    """The first linear reached forward from the attention output (the output projection)."""
+    out = op if is_call(op, ops.attention.default, ops.attention_read.default) else next(
+        (u for u in op.users if u.target is operator.getitem and u.args[1] == 0), None)
+    seen, queue = set(), [out] if out is not None else []
+    while queue:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, aten.linear.default):
+            return n
+        queue.extend(n.users)
+    return None
+
+
+def _kv_split(world: int, heads: int, kv_heads: int, where: str) -> Split:
+    if heads % world:
+        raise ShardCountError(f"{where}: {heads} query heads do not split across {world} ranks; "
+                              f"pass a rank count that divides {heads}")
+    if kv_heads >= world:
+        if kv_heads % world:
+            raise ShardCountError(f"{where}: {kv_heads} KV heads do not split across {world} ranks; "
+                                  f"pass a rank count that divides {kv_heads}")
+        return Split(1, world, 1)
+    if world % kv_heads:
+        raise ShardCountError(f"{where}: {kv_heads} KV heads cannot be replicated evenly on {world} ranks; "
+                              f"pass a rank count that is a multiple of {kv_heads} or divides it")
+    return Split(1, kv_heads, world // kv_heads)
+
+
+def _check_gqa(world: int, heads: int, kv_heads: int, q: Split, k: Split, where: str) -> None:
+    """Every rank's local query head i reads local KV head ``i // (local H / local Hkv)`` in the op;
+    that must be the KV head global head ``h`` reads, ``h // (H / Hkv)``."""
+    hl, kl = heads // q.nblocks, kv_heads // k.nblocks
+    if hl % kl:
+        raise ShardingError(f"{where}: {hl} local query heads over {kl} local KV heads is not a GQA grouping")
+    for r in range(world):
+        for i in range(hl):
+            h = q.block(r) * hl + i
+            if k.block(r) * kl + i // (hl // kl) != h // (heads // kv_heads):
+                raise ShardingError(f"{where}: rank {r}'s query head {h} would read the wrong KV head")
+
+
+def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPlan:
+    """Decide the tensor-parallel split of the rewritten ``program`` over ``world`` ranks (see the
+    module docstring); raises :class:`ShardingError` / :class:`ShardCountError` naming the layer and
+    op it cannot split."""
+    if world < 1:
+        raise ShardCountError(f"--tp must be at least 1, got {world}")
+    gm = program.gm
+    shard = ShardPlan(world)
+    seeds: dict[fx.Node, Split] = {}
+    cache_ph: dict[fx.Node, Split] = {}
+    names = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], program.inputs))
+    attention = [n for n in gm.graph.nodes if is_call(n, *ATTENTION_OPS)]
+
+    def seed(linear: fx.Node, split: Split, why: str) -> None:
+        old = seeds.get(linear)
+        if old is not None and old != split:
+            raise ShardingError(f"{_where(linear)}: {linear.name} feeds heads split two ways ({old}, {split})")
+        seeds[linear] = split
+        shard.note(_where(linear), why)
+
+    for op in attention:
+        args = call_args(op)
+        caches = [names[a] for a in op.all_input_nodes if a.op == "placeholder" and a in names]
+        index = layer_index(caches[0][len("past."):]) if caches else None
+        where = f"layer {index}" if index is not None else _where(args["q"])
+        kv_arg, cache_args = ATTENTION_OPS[op.target]
+        heads, kv_heads = _shape(args["q"])[1], _shape(args[kv_arg])[1]
+        inputs = {name: _backward_linears(args[name]) for name in ("q", "k", "v", "k_new", "v_new") if name in args}
+        blocked = sorted({b.target.__name__.split(".")[0] for _, bs in inputs.values() for b in bs})
+        if blocked:
+            shard.note(where, f"{op.target.__name__.split('.')[0]} replicated: its query / keys come from "
+                              f"{', '.join(blocked)}, which has no tensor-parallel rule yet")
+            continue
+        kv = _kv_split(world, heads, kv_heads, where)
+        q = Split(1, world, 1)
+        _check_gqa(world, heads, kv_heads, q, kv, where)
+        kv_text = (f"{kv_heads} KV heads -> {kv_heads // world} per rank" if kv.replicas == 1 else
+                   f"{kv_heads} KV heads, each replicated on {kv.replicas} ranks")
+        shard.note(where, f"{op.target.__name__.split('.')[0]}: {heads} query heads -> {heads // world} per rank, "
+                          f"{kv_text}")
+        for linear in inputs["q"][0]:
+            seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (query heads)")
+        for name in ("k", "v", "k_new", "v_new"):
+            for linear in inputs[name][0] if name in inputs else ():
+                seed(linear, Split(-1, kv.nblocks, kv.replicas), f"{linear.args[1].target}: column-parallel "
+                     f"(KV heads{'' if kv.replicas == 1 else ', replicated'})")
+        for name in cache_args:
+            ph = args[name]
+            if ph.op == "placeholder":
+                if cache_ph.get(ph, kv) != kv:
+                    raise ShardingError(f"{where}: cache {names[ph]} is read with two different head splits")
+                cache_ph[ph] = kv
+        oproj = _output_projection(op)
+        if oproj is not None:
+            for linear in _backward_linears(oproj.args[0])[0]:
+                if linear not in seeds:
+                    seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (per query head, "
+                         "feeds the output projection)")
+    _seed_mlps(gm, world, seeds, shard)
+    _propagate(gm, world, seeds, cache_ph, names, program.outputs, shard)
+    for ph, split in cache_ph.items():
+        shard.caches[names[ph][len("past."):]] = split
+    known = {e.name for e in plan.entries}
+    missing = set(shard.caches) - known
+    if missing:
+        raise ShardingError(f"caches {sorted(missing)} are split but not in the CachePlan")
+    return shard
+
+
+def _pointwise_leaves(node: fx.Node, down: fx.Node) -> list[fx.Node] | None:
+    """The linears ``node`` is a pointwise function of (with scalar constants), when that region is
+    closed (the linears and every node between them and ``down`` feed only the region and ``down``),
+    or None: splitting them then changes nothing outside the block."""
+    found, seen, stack = [], set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, aten.linear.default):
+            found.append(n)
+        elif n.op == "call_function" and _is_pointwise(n):
+            stack.extend(n.all_input_nodes)
+        elif n.op == "get_attr" and math.prod(_shape(n)) == 1:
+            seen.discard(n)
+        else:
+            return None
+    if not found or any(set(n.users) - seen - {down} for n in seen):
+        return None
+    return found
+
+
+def _seed_mlps(gm: fx.GraphModule, world: int, seeds: dict, shard: ShardPlan) -> None:
+    for down in [n for n in gm.graph.nodes if is_call(n, aten.linear.default) and n not in seeds]:
+        ups = _pointwise_leaves(down.args[0], down)
+        if not ups or any(u in seeds for u in ups):
+            continue
+        width = _shape(down.args[0])[-1]
+        where = _where(down)
+        if width % world:
+            shard.note(where, f"MLP replicated: hidden width {width} does not split across {world} ranks")
+            continue
+        for up in ups:
+            seeds[up] = Split(-1, world)
+            shard.note(where, f"{up.args[1].target}: column-parallel (MLP, {width} -> {width // world} per rank)")
+
+
+def _view_dim(node: fx.Node, p: int, split: Split) -> int:
+    """The output dim of a view/reshape/expand holding the input's blocks of dim ``p``."""
+    src, out = _shape(node.args[0]), _shape(node)
+    if len(out) > p and all(_same(src[i], out[i]) for i in range(p + 1)):
+        return p
+    if node.target is aten.expand.default:
+        return p + len(out) - len(src)
+    inner = src[p + 1:]
+    if not all(isinstance(d, int) for d in inner):
+        raise ShardingError(f"{_where(node)}: {node.name} reshapes a split dim with symbolic inner sizes")
+    outer = math.prod(inner) * src[p]
+    acc = 1
+    for j in range(len(out) - 1, -1, -1):
+        if not isinstance(out[j], int):
+            break
+        if acc * out[j] == outer and out[j] % split.nblocks == 0 \
+                and [str(d) for d in src[:p]] == [str(d) for d in out[:j]]:
+            return j
+        acc *= out[j]
+        if acc > outer:
+            break
+    raise ShardingError(f"{_where(node)}: {node.name} reshapes {list(src)} -> {list(out)}, which does not keep "
+                        f"the blocks of dim {p} split {split.nblocks} ways")
+
+
+def _dim_arg(node: fx.Node, value_rank: int) -> list[int]:
+    a = call_args(node)
+    dims = a.get("dim")
+    if dims is None:
+        return list(range(value_rank))
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return [d % value_rank for d in dims]
+
+
+def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, names: dict,
+               outputs: list[str], shard: ShardPlan) -> None:
+    """One forward pass: the split of every value; records weight slices, view sizes and reduces."""
+    state: dict[fx.Node, object] = {ph: s for ph, s in cache_ph.items()}
+    weight_users: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            weight_users[n.target] = weight_users.get(n.target, 0) + len(n.users)
+
+    def slice_weight(node: fx.Node, split: Split, where: str) -> None:
+        if node.op != "get_attr":
+            raise ShardingError(f"{where}: the weight {node.name} is computed, not a parameter; cannot slice it")
+        if weight_users[node.target] != 1:
+            raise ShardingError(f"{where}: the weight {node.target} is used {weight_users[node.target]} times "
+                                "(tied); a split copy would change its other uses")
+        old = shard.weights.get(node.target)
+        if old is not None and old != split:
+            raise ShardingError(f"{where}: the weight {node.target} is split two ways")
+        shard.weights[node.target] = split
+
+    done: set[fx.Node] = set()  # the nodes visited: their split is decided
+    for node in gm.graph.nodes:
+        done.add(node)
+        if node.op != "call_function":
+            if node.op == "output":
+                for out in node.args[0]:
+                    if state.get(out) == PARTIAL:
+                        shard.reduces.setdefault(out.name, []).append(node.name)
+                        state[out] = None
+                _check_outputs(node, state, outputs, {names[ph][len("past."):]: sp for ph, sp in cache_ph.items()})
+            continue
+        where = _where(node)
+        inputs = {a: state[a] for a in node.all_input_nodes if state.get(a) is not None}
+        if is_call(node, aten.linear.default) and not inputs:
+            split = seeds.get(node)
+            if split is not None:
+                out_rank = len(_shape(node))
+                a = call_args(node)
+                for w in (a["weight"], a.get("bias")):
+                    if w is not None:
+                        slice_weight(w, Split(0, split.nblocks, split.replicas), where)
+                state[node] = split.moved(out_rank - 1)
+                shard.values[node.name] = state[node]
+            continue
+        partial = [a for a, s in inputs.items() if s == PARTIAL]
+        if partial:
+            if is_call(node, aten.sym_size.int):  # the sizes of a partial sum are the sum's
+                continue
+            if _keeps_partial(node, inputs):
+                state[node] = PARTIAL
+                continue
+            for a in partial:  # reduced here, for this and every later consumer (it is whole from now on)
+                shard.reduces[a.name] = [u.name for u in a.users if u is node or u not in done]
+                state[a] = None
+                del inputs[a]
+        if not inputs:
+            if is_call(node, aten.einsum.default):
+                state[node] = _expert_seed(node, world, where, slice_weight, shard)
+                if state[node] is not None:
+                    shard.values[node.name] = state[node]
+            continue
+        state[node] = _rule(node, inputs, world, where, slice_weight, shard)
+        if isinstance(state[node], (Split, tuple)):
+            shard.values[node.name] = state[node]
+
+
+def _keeps_partial(node: fx.Node, inputs: dict) -> bool:
+    """True when ``node`` is linear in its partial-sum operands, so its result is a partial sum too:
+    a sum of partial sums, a partial sum scaled by a whole value, a reshape, a cast to its own dtype."""
+    if any(s != PARTIAL for s in inputs.values()):
+        return False
+    if node.target in SUM_LINEAR:  # partial + partial; a whole or scalar term would be added N times
+        return all(isinstance(a, fx.Node) and a in inputs for a in node.args[:2]) \
+            and call_args(node).get("alpha", 1) == 1
+    if node.target in SCALE_LINEAR:
+        return len(inputs) == 1 and node.args[0] in inputs
+    if node.target in SHAPE_LINEAR or node.target in TRANSPARENT:
+        src = meta_val(node.args[0])
+        return node.target not in TRANSPARENT or (src is not None and src.dtype == meta_val(node).dtype
+                                                  and src.device == meta_val(node).device)
+    return False
+
+
+def _check_outputs(node: fx.Node, state: dict, outputs: list[str], shard_caches: dict) -> None:
+    """The logits leave whole; every present cache leaves split as its past input came in."""
+    for name, out in zip(outputs, node.args[0]):
+        split = state.get(out) if isinstance(out, fx.Node) else None
+        if not name.startswith("present."):
+            if split is not None:
+                raise ShardingError(f"output {name} leaves split across ranks ({split}); only caches may "
+                                    "(the LM head must see the all-reduced hidden state)")
+        elif split != shard_caches.get(name[len("present."):]):
+            raise ShardingError(f"cache {name[len('present.'):]} leaves split as {split}, but comes in as "
+                                f"{shard_caches.get(name[len('present.'):])}")
+
+
+def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
+    """The split of ``node``'s value from its split inputs, or raise naming the op."""
+    target = node.target
+    what = f"{where}: {node.name} ({getattr(target, '__name__', target)})"
+    if target is operator.getitem:
+        src = inputs[node.args[0]]
+        return src[node.args[1]] if isinstance(src, tuple) else src
+    if is_call(node, aten.linear.default):
+        a = call_args(node)
+        x = inputs.get(a["input"])
+        if x is None or set(inputs) != {a["input"]}:
+            raise ShardingError(f"{what}: a split weight or bias reaches a linear")
+        in_rank = len(_shape(a["input"]))
+        if x.dim != in_rank - 1:
+            raise ShardingError(f"{what}: the input is split along dim {x.dim}, not its features")
+        if x.replicas != 1 or x.nblocks != world:
+            raise ShardingError(f"{what}: the input's blocks are replicated ({x}); an all-reduce would count "
+                                "them more than once")
+        slice_weight(a["weight"], Split(1, world), where)
+        shard.note(where, f"{a['weight'].target}: row-parallel, its partial sums all-reduced")
+        if a.get("bias") is not None:  # the bias is added once, after the all-reduce
+            shard.reduces[node.name] = None
+            return None
+        return PARTIAL
+    if is_call(node, *ATTENTION_OPS):
+        a = call_args(node)
+        kv_arg, cache_args = ATTENTION_OPS[target]
+        q, k = inputs.get(a["q"]), inputs.get(a[kv_arg])
+        if q is None or k is None or q.dim != 1 or k.dim != 1:
+            raise ShardingError(f"{what}: query and keys must both be split by heads (got {q}, {k})")
+        for name in ("v", "v_new", *cache_args):
+            if name in a and inputs.get(a[name]) != k:
+                raise ShardingError(f"{what}: {name} is split differently from the keys")
+        if a.get("sinks") is not None:
+            slice_weight(a["sinks"], Split(0, q.nblocks, q.replicas), where)
+        return q if not cache_args or target is ops.attention_read.default else (q, k, k)
+    shape = _shape(node)
+    if _is_pointwise(node):
+        # right-aligned (broadcast) position of the split dim, the same in every split operand
+        aligned = {(s.dim - len(_shape(a)), s.nblocks, s.replicas) for a, s in inputs.items()}
+        if len(aligned) != 1:
+            raise ShardingError(f"{what}: operands split differently ({sorted(map(str, inputs.values()))})")
+        neg = next(iter(aligned))[0]
+        for arg in node.all_input_nodes:
+            s = _shape(arg)
+            if arg not in inputs and len(s) >= -neg and not _same(s[neg], 1):
+                raise ShardingError(f"{what}: combines a tensor split by heads with {arg.name}, which is "
+                                    f"whole along that dim ({list(s)}); split it too or keep it replicated")
+        return next(iter(inputs.values())).moved(len(shape) + neg)
+    if target is aten.einsum.default:
+        return _einsum_rule(node, inputs, world, what, slice_weight, shard)
+    src_node = node.args[0]
+    if target is aten.sym_size.int:
+        if node.args[1] % len(_shape(src_node)) == inputs[src_node].dim:
+            raise ShardingError(f"{what}: reads the size of the split dim (a head count taken from the graph)")
+        return None
+    if isinstance(src_node, (list, tuple)):
+        if not is_call(node, aten.cat.default):
+            raise ShardingError(f"{what}: no sharding rule for a list of split tensors")
+        splits = {inputs.get(t) for t in src_node}
+        if len(splits) != 1 or None in splits:
+            raise ShardingError(f"{what}: concatenates tensors split differently")
+        split = next(iter(splits))
+        if call_args(node)["dim"] % len(shape) == split.dim:
+            raise ShardingError(f"{what}: concatenates along the split dim")
+        return split
+    src = inputs.get(src_node)
+    if src is None or len(inputs) != 1 or is_call(node, *OPAQUE):
+        raise ShardingError(f"{what}: no sharding rule for this op on a tensor split across ranks "
+                            f"({', '.join(a.name for a in inputs)}); this layer cannot be tensor-parallel yet")
+    in_rank = len(_shape(src_node))
+    p = src.dim
+    if target in VIEWS:
+        j = _view_dim(node, p, src)
+        size = node.args[1]  # ``size`` (view, expand) / ``shape`` (reshape)
+        if isinstance(size[j], fx.Node):
+            raise ShardingError(f"{what}: the split dim's size is computed ({size[j].name}), not a constant")
+        if size[j] != -1:  # a -1 elsewhere absorbs the change; a -1 here follows the input
+            shard.views[node.name] = (j, src.nblocks)
+        return src.moved(j)
+    if target is aten.transpose.int:
+        d0, d1 = (d % in_rank for d in node.args[1:3])
+        return src.moved(d1 if p == d0 else d0 if p == d1 else p)
+    if target is aten.permute.default:
+        return src.moved([d % in_rank for d in node.args[1]].index(p))
+    if target is aten.unsqueeze.default:
+        d = node.args[1] % len(shape)
+        return src.moved(p + 1 if d <= p else p)
+    if target in (aten.squeeze.dim, aten.squeeze.dims):
+        dims = _dim_arg(node, in_rank)
+        if p in dims:
+            raise ShardingError(f"{what}: squeezes the split dim")
+        return src.moved(p - sum(d < p for d in dims))
+    if target in REDUCTIONS:
+        dims = _dim_arg(node, in_rank)
+        if p in dims:
+            raise ShardingError(f"{what}: reduces over the split dim (heads); the result would need an "
+                                "all-reduce inside the block")
+        keep = target in (aten.softmax.int, aten._softmax.default, aten._log_softmax.default) or \
+            call_args(node).get("keepdim", False)
+        return src.moved(p if keep else p - sum(d < p for d in dims))
+    if target in DIM_OPS:
+        d = call_args(node)["dim"] % in_rank
+        if d == p:
+            raise ShardingError(f"{what}: slices along the split dim")
+        if target is aten.select.int:
+            return src.moved(p - (d < p))
+        if target in (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default):
+            return tuple(src for _ in (meta_val(node) or ()))
+        return src
+    raise ShardingError(f"{what}: no sharding rule for this op on a tensor split by heads "
+                        f"({', '.join(a.name for a in inputs)}); this layer cannot be tensor-parallel yet")
+
+
+def _einsum_letters(node: fx.Node, what: str) -> tuple[list[str], str]:
+    equation = node.args[0].replace(" ", "")
+    if "..." in equation or "->" not in equation:
+        raise ShardingError(f"{what}: einsum {equation!r} (ellipsis or implicit output) has no sharding rule")
+    inputs, output = equation.split("->")
+    return inputs.split(","), output
+
+
+def _expert_seed(node: fx.Node, world: int, where: str, slice_weight, shard: ShardPlan) -> Split | None:
+    """Expert parallel: an einsum of stacked expert weights ``[E, ...]`` (a parameter whose leading
+    letter is kept in the output, e.g. ``nd,ehd->neh``) computes rank r's block of E / N experts."""
+    operands, output = _einsum_letters(node, where)
+    for letters, arg in zip(operands, node.args[1]):
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr" and len(letters) >= 3
+                and letters[0] in output and all(letters[0] not in o for o in operands if o is not letters)):
+            continue
+        experts = _shape(arg)[0]
+        if experts % world:
+            shard.note(where, f"{arg.target}: {experts} experts replicated (do not split across {world} ranks)")
+            return None
+        slice_weight(arg, Split(0, world), where)
+        shard.note(where, f"{arg.target}: expert-parallel, {experts} experts -> {experts // world} per rank")
+        return Split(output.index(letters[0]), world)
+    return None
+
+
+def _einsum_rule(node, inputs, world, what, slice_weight, shard: ShardPlan):
+    """An einsum over a split letter: parameters holding that letter are sliced, replicated
+    activations holding it narrowed to the rank's block; a contracted split letter leaves a partial
+    sum, all-reduced (the combine of expert parallelism)."""
+    operands, output = _einsum_letters(node, what)
+    letters = {ops_[s.dim] for a, s in inputs.items()
+               for ops_, arg in zip(operands, node.args[1]) if arg is a}
+    splits = set(inputs.values())
+    blocks = {(s.nblocks, s.replicas) for s in splits}
+    if len(letters) != 1 or len(blocks) != 1:
+        raise ShardingError(f"{what}: einsum operands split along different letters or blocks")
+    letter, (nblocks, replicas) = next(iter(letters)), next(iter(blocks))
+    for i, (ops_, arg) in enumerate(zip(operands, node.args[1])):
+        if arg in inputs:
+            if ops_[inputs[arg].dim] != letter:
+                raise ShardingError(f"{what}: einsum operands split along different letters")
+            continue
+        if letter not in ops_:
+            continue
+        split = Split(ops_.index(letter), nblocks, replicas)
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            slice_weight(arg, split, what)
+        else:
+            shard.narrows.setdefault(node.name, {})[i] = split
+    if letter in output:
+        return Split(output.index(letter), nblocks, replicas)
+    if replicas != 1 or nblocks != world:
+        raise ShardingError(f"{what}: contracts a letter whose blocks are replicated; an all-reduce would "
+                            "count them more than once")
+    shard.note(_where(node), f"einsum {node.args[0]}: partial sums over the split experts, all-reduced (combine)")
+    return PARTIAL
+
+
+def _set_weight(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    *path, name = target.split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _slice(t: torch.Tensor, split: Split, rank: int) -> torch.Tensor:
+    size = t.shape[split.dim] // split.nblocks
+    return t.narrow(split.dim, split.block(rank) * size, size).clone()
+
+
+def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: int,
+               group_name: str) -> tuple[StepProgram, CachePlan]:
+    """Rank ``rank``'s step program and CachePlan: sliced weights, divided head counts, split caches,
+    an all-reduce over ``group_name`` (a torch.distributed process group name, ``"0"`` for the
+    default group) after every row-parallel linear. The input program is not changed."""
+    if not 0 <= rank < shard.world:
+        raise ShardCountError(f"rank {rank} is outside 0..{shard.world - 1}")
+    gm = fx.GraphModule(program.gm, copy.deepcopy(program.gm.graph))
+    graph = gm.graph
+    for target, split in shard.weights.items():
+        _set_weight(gm, target, _slice(_get(gm, target), split, rank))
+    nodes = {n.name: n for n in graph.nodes}
+    for name, (j, div) in shard.views.items():
+        node = nodes[name]
+        size = list(node.args[1])
+        size[j] = size[j] // div
+        node.args = (node.args[0], size, *node.args[2:])
+    for name, operands in shard.narrows.items():
+        node = nodes[name]
+        args = list(node.args[1])
+        for i, split in operands.items():
+            size = _shape(args[i])[split.dim] // split.nblocks
+            with graph.inserting_before(node):
+                local = graph.call_function(aten.narrow.default, (args[i], split.dim, split.block(rank) * size, size))
+            local.meta["val"] = _local(meta_val(args[i]), split)
+            args[i] = local
+        node.args = (node.args[0], args, *node.args[2:])
+    for name, consumers in shard.reduces.items():
+        producer = nodes[name]
+        bias = call_args(producer).get("bias") if consumers is None else None
+        if bias is not None:
+            producer.args, producer.kwargs = (producer.args[0], producer.args[1]), {}
+        with graph.inserting_after(producer):
+            reduced = graph.call_function(c10d.all_reduce.default, (producer, "sum", group_name))
+        with graph.inserting_after(reduced):
+            last = graph.call_function(c10d.wait_tensor.default, (reduced,))
+        if bias is not None:
+            with graph.inserting_after(last):
+                last = graph.call_function(aten.add.Tensor, (last, bias))
+        if consumers is None:
+            producer.replace_all_uses_with(last, delete_user_cb=lambda u, r=reduced: u is not r)
+        else:
+            for consumer in consumers:
+                nodes[consumer].replace_input_with(producer, last)
+    entries = []
+    for e in plan.entries:
+        split = shard.caches.get(e.name)
+        if split is not None:
+            shape = list(e.shape)
+            shape[split.dim] = shape[split.dim] // split.nblocks
+            e = dataclasses.replace(e, shape=tuple(shape))
+        entries.append(e)
+    _refresh_meta(gm, program, shard)
+    graph.lint()
+    gm.recompile()
+    return (StepProgram(gm, list(program.inputs), list(program.outputs), dict(program.seq_dims),
+                        program.capture_seconds, dict(program.fills), program.max_new_tokens),
+            CachePlan(entries, list(plan.layers)))
+
+
+def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _local(val, split):
+    """The fake value of one rank's block of ``val`` (tuples per output)."""
+    if isinstance(split, tuple):
+        return tuple(_local(v, sp) for v, sp in zip(val, split))
+    if split is None or split.nblocks == 1:
+        return val
+    return val.narrow(split.dim, 0, val.shape[split.dim] // split.nblocks)
+
+
+def _refresh_meta(gm: fx.GraphModule, program: StepProgram, shard: ShardPlan) -> None:
+    """Every split value's fake value becomes its block (placeholders: the split caches; new nodes:
+    the all-reduced value, the shape of their linear's): shapes and dtypes stay right without
+    re-running the graph through fake tensors (~20 ms a node with symbolic shapes)."""
+    graph = gm.graph
+    mode = fake_mode_of(graph)
+    names = dict(zip([n for n in graph.nodes if n.op == "placeholder"], program.inputs))
+    with mode:
+        for node in graph.nodes:
+            if node.op == "placeholder" and names[node].startswith("past."):
+                split = shard.caches.get(names[node][len("past."):])
+                if split is not None:
+                    node.meta["val"] = _local(meta_val(node), split)
+            elif node.op == "get_attr" and node.target in shard.weights:
+                node.meta["val"] = mode.from_tensor(_get(gm, node.target), static_shapes=True)
+            elif node.name in shard.values:
+                node.meta["val"] = _local(meta_val(node), shard.values[node.name])
+            elif node.op == "call_function" and node.target in (c10d.all_reduce.default, c10d.wait_tensor.default,
+                                                                 aten.add.Tensor) and "val" not in node.meta:
+                node.meta["val"] = meta_val(node.args[0])
