@@ -9,11 +9,21 @@ Triton kernels once :func:`effexport.custom_ops.enable_triton` ran (the engine c
 Triton is installed). Shapes that change (a prefill's length, a growing cache) recompile as
 ``torch.compile`` does (automatic dynamic shapes after the second size).
 
+In-place buffers (``inplace=True``, the default): the engine runs its own copy of the step graph in
+which every ``effexport::attention_buffer`` over two cache inputs is ``attention_buffer_inplace`` on
+them and the step's presents of those caches are the cache inputs (:mod:`.inplace`, which says why
+this is the engine's rewrite and not the artifact's). A step then writes the new rows into the
+``buffer`` caches it is given and returns those very tensors (:attr:`TorchEngine.inplace` names
+them); a caller that keeps an earlier step's caches clones them first. Other caches (ring, state,
+...) stay functional. ``inplace=False`` runs the program as it is.
+
 CUDA graphs (``cuda_graphs=True``, CUDA only): one graph per batch size, captured at the first
 one-token step of that batch size after a warm-up on a side stream (which is also where a compiled
 program compiles for that shape). The engine owns static memory for the graph -- ``input_ids [B, 1]``,
 ``pos``, one tensor per cache -- and the captured work is the step followed by copying each present
-into its static cache, so a replay leaves the next step's caches in place. :meth:`TorchEngine.step`
+into its static cache -- except a present that is its static cache (an in-place buffer, which the
+step has written already; :attr:`_DecodeGraph.copied` lists the caches copied) -- so a replay leaves
+the next step's caches in place. :meth:`TorchEngine.step`
 returns the static caches and the static logits: a caller that passes the returned caches back
 (the usual loop) copies nothing; other caches are copied in first. The logits tensor is overwritten
 by the next replay of that batch size (clone it to keep it). Prefill and other multi-token steps run
@@ -23,14 +33,18 @@ A replay writes ``max_context``-row buffers past their end without a check (the 
 ``pos`` on the host, which a captured step cannot), so :meth:`step` refuses such a position first.
 
 Memory: per captured batch size, the static caches plus the graph's own pool (the presents before
-they are copied back): about twice the caches of that batch size.
+they are copied back): about twice the caches of that batch size, less the in-place buffers' second
+copy.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import torch
+from torch import fx
 
+from effexport.exporter.backends.torch.inplace import aliased_caches, inplace_buffers
 from effexport.exporter.errors import BackendMissingError, LoadError
 from effexport.passes.cache_plan import CacheEntry
 
@@ -50,14 +64,33 @@ def on_device(ep: torch.export.ExportedProgram, device: torch.device) -> torch.e
     return move_to_device_pass(ep, device)
 
 
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule running a copy of ``gm``'s graph (``Graph.__deepcopy__``: new nodes, the metadata
+    shared) over ``gm``'s own parameters and submodules."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are the same memory seen the same way (a present that is its cache)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+
+
+def copy_backs(caches: list[torch.Tensor], presents: list[torch.Tensor]) -> tuple[int, ...]:
+    """The indices of the presents a captured step copies into their caches: every present but those
+    that are their cache (the in-place buffers of :mod:`.inplace`)."""
+    return tuple(i for i, (c, p) in enumerate(zip(caches, presents)) if not _same_view(c, p))
+
+
 class _DecodeGraph:
-    """One captured one-token step of batch ``B``: static inputs, static caches, the graph."""
+    """One captured one-token step of batch ``B``: static inputs, static caches, the graph, and
+    ``copied``, the indices of the caches whose present the captured step copies back."""
 
     def __init__(self, fn, input_ids: torch.Tensor, pos: torch.Tensor, caches: list[torch.Tensor]):
         self.ids = input_ids.clone()
         self.pos = pos.clone()
         self.caches = [c.clone() for c in caches]
-        saved = [c.clone() for c in self.caches]
+        saved = [c.clone() for c in self.caches]  # the warm-up also writes the in-place buffers' row
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -68,13 +101,13 @@ class _DecodeGraph:
         storages = {c.untyped_storage().data_ptr() for c in self.caches}
         with torch.cuda.graph(self.graph), torch.no_grad():
             outs = fn(self.ids, self.pos, *self.caches)
+            self.copied = copy_backs(self.caches, list(outs[1:]))
             # a present that is a view of another cache's static memory would be overwritten by that
             # cache's copy before its own: such presents are copied out first
-            presents = [p.clone() if p.untyped_storage().data_ptr() in storages and p is not c else p
-                        for c, p in zip(self.caches, outs[1:])]
-            for static, present in zip(self.caches, presents):
-                if present is not static:
-                    static.copy_(present)
+            presents = [p.clone() if i in self.copied and p.untyped_storage().data_ptr() in storages else p
+                        for i, p in enumerate(outs[1:])]
+            for i in self.copied:
+                self.caches[i].copy_(presents[i])
         self.logits = outs[0]
         for static, value in zip(self.caches, saved):  # the capture ran nothing; be exact anyway
             static.copy_(value)
@@ -82,10 +115,12 @@ class _DecodeGraph:
 
 
 class TorchEngine:
-    """A step program run by torch (eager or Inductor), with CUDA-graph decode on CUDA."""
+    """A step program run by torch (eager or Inductor), with CUDA-graph decode on CUDA and (``inplace``)
+    the buffer caches updated in place. :attr:`inplace`: the names of the caches whose present is the
+    cache passed in."""
 
     def __init__(self, program, entries: list[CacheEntry], device: str | torch.device = "cpu",
-                 compile: bool | None = None, cuda_graphs: bool | None = None):
+                 compile: bool | None = None, cuda_graphs: bool | None = None, inplace: bool = True):
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
@@ -95,9 +130,15 @@ class TorchEngine:
 
                 enable_triton()
         self.entries = list(entries)
-        if isinstance(program, torch.export.ExportedProgram):
-            program = program.module()
+        owned = isinstance(program, torch.export.ExportedProgram)
+        if owned:
+            program = program.module()  # a new module: the engine's own to rewrite
+        if inplace and isinstance(program, fx.GraphModule):
+            if not owned:  # the caller's graph stays as it is; the weights are shared
+                program = _graph_copy(program)
+            inplace_buffers(program)
         self.module = program
+        self.inplace = tuple(self.entries[i].name for i in aliased_caches(program))
         cuda = self.device.type == "cuda"
         self.compiled = cuda if compile is None else bool(compile)
         self.fn = torch.compile(program) if self.compiled else program
@@ -124,7 +165,9 @@ class TorchEngine:
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One step: ``input_ids [B, T]`` at positions ``pos..pos+T-1`` (an int or 0-d tensor) over
         ``caches`` -> (logits, the caches for the next step). A one-token step replays the batch
-        size's CUDA graph when graphs are on (see the module docstring for what it returns)."""
+        size's CUDA graph when graphs are on (see the module docstring for what it returns); an
+        uncaptured step writes the :attr:`inplace` caches given (when on the engine's device) and
+        returns them."""
         batch, new = input_ids.shape
         if self.capacity is not None and not isinstance(pos, torch.Tensor) and pos + new > self.capacity:
             raise ValueError(f"positions {pos}..{pos + new - 1} do not fit the caches' {self.capacity} rows "

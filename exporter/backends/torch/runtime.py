@@ -73,8 +73,9 @@ class TorchRuntime:
 
     def step_torch(self, input_ids: torch.Tensor, pos, caches: list[torch.Tensor]
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One step on the device (:meth:`.engine.TorchEngine.step`: with CUDA graphs the returned
-        logits and caches are the graph's static tensors, reused by the next decode step). More than
+        """One step on the device (:meth:`.engine.TorchEngine.step`: the buffer caches given are
+        written in place and returned; with CUDA graphs the returned logits and caches are the
+        graph's static tensors, reused by the next decode step). More than
         the manifest's ``max_step_tokens`` new tokens run in pieces, each on the caches the previous
         one returned (the logits concatenated: a fresh tensor)."""
         if pieces_needed(self.manifest, input_ids):
@@ -85,10 +86,14 @@ class TorchRuntime:
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list) -> StepResult:
         """One step on numpy arrays (copied to and from the device; :meth:`step_torch` feeds a long
-        step in pieces). bf16 logits come back as float32 numpy, bf16 caches as CPU tensors."""
+        step in pieces). bf16 logits come back as float32 numpy, bf16 caches as CPU tensors. The
+        caller's caches are never written: the engine's in-place buffers (:attr:`.engine.TorchEngine.inplace`)
+        get copies where they would otherwise share the caller's memory (a CPU engine)."""
+        inplace = {i for i, e in enumerate(self.entries) if e.name in self.engine.inplace}
+        tensors = [c if isinstance(c, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(c)) for c in caches]
+        tensors = [t.clone() if i in inplace and t.device.type == self.device.type else t for i, t in enumerate(tensors)]
         logits, presents = self.step_torch(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), pos,
-                                           [c if isinstance(c, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(c))
-                                            for c in caches])
+                                           tensors)
         return StepResult(_host(logits.float()), [_host(c) for c in presents])
 
 
