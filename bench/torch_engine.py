@@ -3,6 +3,7 @@ ways -- uncaptured, replayed from a CUDA graph, compiled by Inductor and replaye
 
     python3 bench/torch_engine.py [--out DIR] [--tiny] [--real gemma4-e2b,laguna-xs2@8L,...] [--dtypes fp32,bf16]
                                   [--contexts 4096,32768] [--batches 1,8] [--budget-s 480] [--device cuda]
+                                  [--inplace | --no-inplace]
 
 Cases: every tiny preset at each of ``--dtypes`` (``--tiny``), and each ``--real`` case at real size
 in bf16 (random weights built on the GPU, as ``bench/decode_step.py`` does). A ``--real`` case is
@@ -11,7 +12,12 @@ widths, fewer layers, e.g. ``laguna-xs2@8L``), ``/nomhc`` replaces DeepSeek V4's
 plain single-stream residual (``config.without_mhc()``); a case and its ``/nomhc`` twin give the mHC
 cost (``mhc_overhead`` in the JSON: decode-step time ratio minus 1 per L, B and variant). Per case the model is
 captured and rewritten on the device with ``cache_layout="buffer"`` (fixed caches: what a CUDA graph
-replays on), then:
+replays on). Every engine runs its buffer caches in place (``--inplace``, the default:
+``attention_buffer_inplace`` on the caches, no copy of the whole buffers in the op and no copy-back of
+their presents, :mod:`effexport.exporter.backends.torch.inplace`) or, with ``--no-inplace``, the
+functional ``attention_buffer`` as the artifact has it (what the issue #21 numbers before the in-place
+engine measured); ``inplace`` in the JSON says which, ``inplace_caches`` per case which caches, and
+``*_copy_backs`` per row and graph variant how many presents the captured step copies back. Then:
 
 * errors: a prompt then ``--decode`` steps, teacher-forced with the fp32 eager model's greedy tokens,
   through every variant: ``eager`` (the sample in the case's dtype), ``rewritten`` (the rewritten step
@@ -28,7 +34,8 @@ replays on), then:
   experts the B tokens leave unselected (``B * k`` distinct experts per layer, an upper bound), what
   a step computing only the selected experts would read;
 * timings, per context L and batch B: one decode step at position L-1 over random cache contents,
-  median of ``--reps`` CUDA-event-timed calls: ``rewritten`` (launched from Python), ``rewritten_graph``
+  median of ``--reps`` CUDA-event-timed calls: ``rewritten`` (the engine's step graph launched from
+  Python), ``rewritten_graph``
   and ``compiled_graph`` (``TorchEngine.step``: the replay plus copying the ids / position in and each
   present into its static cache, what a decode loop pays), and ``*_bare`` (a graph of the bare step
   without the copy-back, comparable with ``bench/decode_step.py``'s "graph" column).
@@ -189,35 +196,37 @@ def rewrite(sample, model, device, max_context: int):
     return program, analysis
 
 
-def engines(program, plan, device, cpu_compile: bool) -> dict:
+def engines(program, plan, device, cpu_compile: bool, inplace: bool = True) -> dict:
     """Variant name -> a ``step(ids, pos, caches) -> (logits, caches)`` callable, or the error.
-    ``compiled`` and ``compiled_graph`` share one ``torch.compile`` (one compile per shape)."""
+    ``compiled`` and ``compiled_graph`` share one ``torch.compile`` (one compile per shape).
+    ``inplace``: the engines' buffer caches updated in place (``TorchEngine(inplace=...)``)."""
     from effexport.exporter.backends.torch import TorchEngine
 
     cuda = device.type == "cuda"
-    out: dict = {"rewritten": TorchEngine(program.gm, plan.entries, device, compile=False, cuda_graphs=False)}
+    out: dict = {"rewritten": TorchEngine(program.gm, plan.entries, device, compile=False, cuda_graphs=False,
+                                          inplace=inplace)}
     if cuda:
-        out["rewritten_graph"] = _engine(program.gm, plan, device, False, True)
+        out["rewritten_graph"] = _engine(program.gm, plan, device, False, True, inplace)
     else:
         out["rewritten_graph"] = "skipped: CUDA graphs need a CUDA device"
     if not cuda and not cpu_compile:
         out["compiled"] = "skipped: Inductor on the CPU takes minutes per shape (--cpu-compile to run it)"
     else:
-        out["compiled"] = _engine(program.gm, plan, device, True, False)
+        out["compiled"] = _engine(program.gm, plan, device, True, False, inplace)
     if not cuda:
         out["compiled_graph"] = "skipped: CUDA graphs need a CUDA device"
     elif isinstance(out["compiled"], str):
         out["compiled_graph"] = out["compiled"]
-    else:  # the compiled function itself, replayed from graphs: no second compile
-        out["compiled_graph"] = _engine(out["compiled"].fn, plan, device, False, True)
+    else:  # the compiled function itself (in place as its engine made it), replayed from graphs: no second compile
+        out["compiled_graph"] = _engine(out["compiled"].fn, plan, device, False, True, inplace)
     return out
 
 
-def _engine(program, plan, device, comp: bool, graphs: bool):
+def _engine(program, plan, device, comp: bool, graphs: bool, inplace: bool = True):
     from effexport.exporter.backends.torch import TorchEngine
 
     try:
-        return TorchEngine(program, plan.entries, device, compile=comp, cuda_graphs=graphs)
+        return TorchEngine(program, plan.entries, device, compile=comp, cuda_graphs=graphs, inplace=inplace)
     except Exception as exc:  # noqa: BLE001
         return f"error: {_short(exc)}"
 
@@ -316,7 +325,8 @@ def timings(program, plan, runners: dict, vocab: int, device, contexts, batches,
                     else e.empty(batch, device) for e in plan.entries]
                 ids1 = torch.randint(0, vocab, (batch, 1), device=device, generator=gen)
                 pos = torch.tensor(ctx - 1, device=device)
-                row["rewritten_s"] = clock(lambda: program.gm(ids1, pos, *caches))
+                step_fn = runners["rewritten"].fn  # the engine's graph: in place under --inplace
+                row["rewritten_s"] = clock(lambda: step_fn(ids1, pos, *caches))
                 for key in ("rewritten_graph", "compiled", "compiled_graph"):
                     runner = runners.get(key)
                     if isinstance(runner, str) or runner is None:
@@ -330,6 +340,7 @@ def timings(program, plan, runners: dict, vocab: int, device, contexts, batches,
                         row[f"{key}_first_s"] = clock.once(call)  # compile / capture of this shape
                         row[f"{key}_s"] = clock(call)
                         if key.endswith("_graph"):
+                            row[f"{key}_copy_backs"] = len(runner.graphs[batch].copied)
                             row[f"{key}_bare_s"] = _bare_graph_time(
                                 lambda runner=runner: runner.fn(ids1, pos, *caches), clock)
                     except Exception as exc:  # noqa: BLE001
@@ -369,7 +380,8 @@ def run_case(case: dict, args, device, clock, save, deadline: float, bw: float |
     case["constants"] = analysis.counts.get("constants")
     save()
     plan = analysis.plan
-    runners = engines(program, plan, device, args.cpu_compile)
+    runners = engines(program, plan, device, args.cpu_compile, args.inplace)
+    case["inplace_caches"] = list(runners["rewritten"].inplace)
     t1 = time.monotonic()
     prompt = 64 if real else 40
     case["errors"] = errors(model32, model, runners, sample.config.vocab_size, device, prompt, args.decode,
@@ -467,6 +479,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32-ref", choices=("auto", "always", "never"), default="auto",
                     help="real size: build the fp32 reference (auto: where it fits next to bf16)")
     ap.add_argument("--cpu-compile", action="store_true", help="also run Inductor on the CPU (slow)")
+    ap.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
+                    help="buffer caches updated in place by the engines (default; --no-inplace: the functional "
+                    "attention_buffer, every present copied back)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -489,7 +504,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "torch_engine.json"), "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device),
                        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                       "copy_bw": bw, "elapsed_s": time.monotonic() - start, "cases": cases,
+                       "copy_bw": bw, "inplace": args.inplace, "elapsed_s": time.monotonic() - start, "cases": cases,
                        "mhc_overhead": mhc_overhead(cases)}, f, indent=1, default=str)
     for name, dtype_name, real in plan:
         case = {"preset": name, "dtype": dtype_name, "real_size": real}
@@ -512,6 +527,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
+    print(f"buffer caches {'in place' if args.inplace else 'functional (--no-inplace)'}")
     print(table(cases))
     for m in mhc_overhead(cases):
         print("mHC overhead", json.dumps(m))

@@ -50,7 +50,10 @@ def test_manifest_refuses_a_bad_bound(tmp_path, bound):
 
 
 class _Engine:
-    """A TorchEngine stand-in: the counting step on torch tensors, refusing more than ``limit`` tokens."""
+    """A TorchEngine stand-in: the counting step on torch tensors, refusing more than ``limit`` tokens
+    (functional: no cache is updated in place)."""
+
+    aliased, device = (), torch.device("cpu")
 
     def __init__(self, limit, calls):
         self.limit, self.calls = limit, calls

@@ -90,6 +90,24 @@ def test_torch_path_keeps_caches_on_the_device_and_matches_numpy(runtime):
         runtime.step_torch(ids[:, 8:], MAX_CONTEXT, caches)
 
 
+def test_runtime_writes_buffer_caches_in_place_and_never_the_callers_arrays(runtime):
+    """The archive stays functional (``attention_buffer``, above); the runtime's engine runs the full
+    owner's buffers in place: ``step_torch`` writes the caches it is given and returns them, while the
+    numpy ``step`` leaves the caller's arrays as they were (and computes the same logits)."""
+    assert runtime.engine.inplace == ("4.k", "4.v")
+    index = [i for i, e in enumerate(runtime.entries) if e.name in runtime.engine.inplace]
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(6))
+    caches = runtime.initial_caches_torch(1)
+    logits, out = runtime.step_torch(ids, 0, caches)
+    assert all(out[i] is caches[i] and caches[i][:, :, :5].abs().sum() > 0 for i in index)
+    arrays = runtime.initial_caches(1)
+    before = [a.copy() for a in arrays]
+    res = runtime.step(ids.numpy(), 0, arrays)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, before))
+    assert np.array_equal(res.logits, logits.numpy())
+    assert all(np.array_equal(res.caches[i], out[i].numpy()) for i in index)
+
+
 def test_check_reruns_parity(artifact, capsys):
     _, out, _ = artifact
     assert main(["check", str(out), "--steps", "4"]) == 0

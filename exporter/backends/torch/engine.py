@@ -117,7 +117,7 @@ class _DecodeGraph:
 class TorchEngine:
     """A step program run by torch (eager or Inductor), with CUDA-graph decode on CUDA and (``inplace``)
     the buffer caches updated in place. :attr:`inplace`: the names of the caches whose present is the
-    cache passed in."""
+    cache passed in; :attr:`aliased`: their indices."""
 
     def __init__(self, program, entries: list[CacheEntry], device: str | torch.device = "cpu",
                  compile: bool | None = None, cuda_graphs: bool | None = None, inplace: bool = True):
@@ -138,7 +138,8 @@ class TorchEngine:
                 program = _graph_copy(program)
             inplace_buffers(program)
         self.module = program
-        self.inplace = tuple(self.entries[i].name for i in aliased_caches(program))
+        self.aliased = aliased_caches(program)
+        self.inplace = tuple(self.entries[i].name for i in self.aliased)
         cuda = self.device.type == "cuda"
         self.compiled = cuda if compile is None else bool(compile)
         self.fn = torch.compile(program) if self.compiled else program

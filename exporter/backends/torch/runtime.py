@@ -89,9 +89,9 @@ class TorchRuntime:
         step in pieces). bf16 logits come back as float32 numpy, bf16 caches as CPU tensors. The
         caller's caches are never written: the engine's in-place buffers (:attr:`.engine.TorchEngine.inplace`)
         get copies where they would otherwise share the caller's memory (a CPU engine)."""
-        inplace = {i for i, e in enumerate(self.entries) if e.name in self.engine.inplace}
         tensors = [c if isinstance(c, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(c)) for c in caches]
-        tensors = [t.clone() if i in inplace and t.device.type == self.device.type else t for i, t in enumerate(tensors)]
+        tensors = [t.clone() if i in self.engine.aliased and t.device.type == self.engine.device.type else t
+                   for i, t in enumerate(tensors)]
         logits, presents = self.step_torch(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)), pos,
                                            tensors)
         return StepResult(_host(logits.float()), [_host(c) for c in presents])
