@@ -15,7 +15,9 @@
 # Usage (GPU):  OUT=... bash bench/run_issue21.sh
 #        (CPU check of the script, what tests/test_bench_scripts.py runs):  SMOKE=1 OUT=... bash bench/run_issue21.sh
 #        PYTHON (default python3), NS=0 (effexport installed: no /tmp namespace), CASES, CONTEXTS, BATCHES,
-#        ENGINE_ARGS, AOTI_MODELS, AOTI_VARIANTS override the defaults below.
+#        ENGINE_ARGS, AOTI_MODELS, AOTI_VARIANTS override the defaults below. The engines run their buffer
+#        caches in place (bench/torch_engine.py --inplace, the default); ENGINE_ARGS="... --no-inplace"
+#        measures the functional attention_buffer with every present copied back, as before.
 set -u
 OUT=${OUT:-out/issue21}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."

@@ -57,6 +57,21 @@ def test_mhc_overhead_pairs_a_case_with_its_nomhc_twin():
     assert m["compiled_graph"]["overhead"] == pytest.approx(0.06)
 
 
+@pytest.mark.parametrize("flag,caches", [(None, ["4.k", "4.v"]), ("--no-inplace", [])])
+def test_torch_engine_records_whether_buffers_run_in_place(tmp_path, flag, caches):
+    """``bench/torch_engine.py`` runs the engines' buffer caches in place by default and functional
+    with ``--no-inplace``; the JSON says which, and which caches (gemma4-e2b:tiny on the CPU: its full
+    owner's K and V); the errors stay at fp32's."""
+    argv = ["--device", "cpu", "--tiny", "--presets", "gemma4-e2b:tiny", "--dtypes", "fp32", "--decode", "1",
+            "--reps", "1", "--tiny-context", "48", "--out", str(tmp_path)] + ([flag] if flag else [])
+    assert torch_engine.main(argv) == 0
+    result = json.loads((tmp_path / "torch_engine.json").read_text())
+    assert result["inplace"] is (flag is None)
+    (case,) = result["cases"]
+    assert case["inplace_caches"] == caches and case["errors"]["rewritten"]["vs_fp32"] < 1e-5
+    assert all(isinstance(row["rewritten_s"], float) for row in case["rows"])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_run_issue21_smoke_on_the_cpu(tmp_path):
@@ -66,6 +81,7 @@ def test_run_issue21_smoke_on_the_cpu(tmp_path):
                           text=True, timeout=1100)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     engine = json.loads((out / "torch_engine.json").read_text())
+    assert engine["inplace"] is True  # the default
     assert [c["preset"] for c in engine["cases"]] == ["deepseek-v4-flash:tiny@1L", "deepseek-v4-flash:tiny@1L/nomhc"]
     for case in engine["cases"]:
         assert "error" not in case, case
