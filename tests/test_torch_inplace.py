@@ -198,3 +198,27 @@ def test_compiled_graph_inplace_equals_uncompiled_functional(dtype, rtol):
                          what=f"cache {plan.entries[i].name}")
     graph = fast.graphs[2]
     assert not set(graph.copied) & set(index) and set(graph.copied) == set(range(len(plan.entries))) - set(index)
+
+
+def test_functionalised_step_keeps_the_consumer_after_the_write():
+    """gemma4-e2b:tiny's rewritten step through ``torch.compile(backend="aot_eager")`` (Dynamo, then
+    AOTAutograd's functionalisation of the mutated cache inputs -- what Inductor starts from -- run by
+    eager kernels): a prefill and two decode steps equal the functional engine's (1e-6), the KV-sharing
+    consumer reading the rows the step wrote, and the buffer presents are the cache inputs, written."""
+    _, ids, program, plan = _program("gemma4-e2b:tiny")
+    functional = TorchEngine(program.gm, plan.entries, "cpu", inplace=False)
+    engine = TorchEngine(program.gm, plan.entries, "cpu")
+    index = [i for i, e in enumerate(plan.entries) if e.kind == "buffer"]
+    torch._dynamo.reset()
+    fn = torch.compile(engine.module, backend="aot_eager", dynamic=False)
+    ca, cb = functional.initial_caches(2), engine.initial_caches(2)
+    try:
+        with torch.no_grad():
+            for start, stop in [(0, PROMPT), (PROMPT, PROMPT + 1), (PROMPT + 1, PROMPT + 2)]:
+                a, ca = functional.step(ids[:, start:stop], start, ca)
+                b, *nb = fn(ids[:, start:stop], torch.tensor(start), *cb)
+                assert_close(b, a, rtol=1e-6, what=f"logits at {start}..{stop - 1} (aot_eager)")
+                assert all(nb[i] is cb[i] and torch.equal(cb[i], ca[i]) for i in index)
+                cb = nb
+    finally:
+        torch._dynamo.reset()
