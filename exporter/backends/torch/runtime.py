@@ -45,7 +45,7 @@ class TorchRuntime:
     generate = OrtRuntime.generate  # greedy loop over step / initial_caches
 
     def __init__(self, artifact_dir: str, device: str | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, inplace: bool = True):
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         info = self.manifest.get("torch")
@@ -57,7 +57,8 @@ class TorchRuntime:
         if self.device.type != "cpu":
             ep = on_device(ep, self.device)
         self.program = ep
-        self.engine = TorchEngine(ep, self.entries, self.device, compile=compile, cuda_graphs=cuda_graphs)
+        self.engine = TorchEngine(ep, self.entries, self.device, compile=compile, cuda_graphs=cuda_graphs,
+                                  inplace=inplace)
         self.input_names, self.output_names = self.manifest["inputs"], self.manifest["outputs"]
 
     def initial_caches(self, batch: int) -> list:
