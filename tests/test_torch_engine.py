@@ -181,10 +181,13 @@ def test_cuda_inductor_and_graphs_equal_the_uncompiled_runtime(artifact):
     """On a GPU the runtime's defaults (Inductor, CUDA-graph decode, Triton kernels for the effexport
     ops) against the same artifact uncompiled and uncaptured on the GPU: greedy tokens equal, logits
     of every step within 1e-4 (the Triton kernels' fp32 tolerance; Inductor reorders fp32 reductions);
-    one graph captured for the batch size."""
+    one graph captured for the batch size. The fast runtime's buffer caches are updated in place (its
+    default), the plain one's by the artifact's functional op; the captured step copies back every
+    present but the buffers'."""
     _, out, _ = artifact
     fast = TorchRuntime(str(out), device="cuda")
-    plain = TorchRuntime(str(out), device="cuda", compile=False, cuda_graphs=False)
+    plain = TorchRuntime(str(out), device="cuda", compile=False, cuda_graphs=False, inplace=False)
+    assert fast.engine.inplace == ("4.k", "4.v") and plain.engine.inplace == ()
     assert fast.engine.compiled and fast.engine.cuda_graphs, fast.engine.graph_reason
     prompt = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5)).cuda()
     la, ca = plain.step_torch(prompt, 0, plain.initial_caches_torch(2))
@@ -197,6 +200,7 @@ def test_cuda_inductor_and_graphs_equal_the_uncompiled_runtime(artifact):
         lb, cb = fast.step_torch(tok, t, cb)
         assert_close(lb, la, rtol=1e-4, what=f"decode logits at {t} (compiled + graph vs uncompiled)")
     assert list(fast.engine.graphs) == [2]
+    assert fast.engine.graphs[2].copied == tuple(i for i in range(len(fast.entries)) if i not in fast.engine.aliased)
 
 
 @pytest.mark.gpu
