@@ -36,6 +36,49 @@ def test_compare_structure(tmp_path):
         "ai.onnx::Sigmoid 0 vs 1, ai.onnx::Tanh 1 vs 0"
 
 
+def test_compare_structure_reads_a_clip_as_its_max_and_min(tmp_path):
+    """The optimizer folds ``Min(Max(x, lo), hi)`` into ``Clip`` only where it reads both bounds as
+    constants (an fp32 twin: yes; bf16: not always), so a Clip counts as the Max / Min of its bounds."""
+    from effexport.exporter.verify.parity import compare_structure
+
+    def clip_model(path, bounds):
+        inits = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in (("lo", -1.0), ("hi", 1.0))]
+        node = helper.make_node("Clip", ["x", *bounds], ["y"])
+        vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+        onnx.save(helper.make_model(helper.make_graph([node], "g", [vi("x")], [vi("y")], inits)), str(path))
+        return str(path)
+
+    both, upper = clip_model(tmp_path / "both.onnx", ["lo", "hi"]), clip_model(tmp_path / "upper.onnx", ["", "hi"])
+    assert compare_structure(both, _model(tmp_path / "mm.onnx", ["Max", "Min"])) == ""
+    assert compare_structure(upper, _model(tmp_path / "m.onnx", ["Min"])) == ""
+    assert compare_structure(upper, _model(tmp_path / "mx.onnx", ["Max"])) == "ai.onnx::Max 0 vs 1, ai.onnx::Min 1 vs 0"
+
+
+@pytest.mark.parametrize("preset", [
+    "deepseek-v4-flash:tiny",
+    pytest.param("zaya1-8b:tiny", marks=pytest.mark.xfail(strict=True, reason=(
+        "known: the bf16 graph fuses 3 residual adds into SkipSimplifiedLayerNormalization where its fp32 "
+        "twin fuses 11, so the twin's structure check fails the build (exit 1); the graph itself loads")))])
+def test_bf16_graph_is_well_typed(tmp_path, preset):
+    """A bf16 build of the families with effexport-domain ops (ZAYA1's CCA body with its Convs,
+    DeepSeek V4's grouped output projection, an Einsum) passes ONNX Runtime's type checks: the CPU
+    EP may lack bf16 kernels (NOT_IMPLEMENTED), but the graph must not be refused as invalid (ONNX's
+    Conv and Einsum have no bf16 type: the CCA convs run in fp32 between casts, the grouped
+    projection is a MatMul); then its fp32 twin's parity and structure pass the build."""
+    import onnxruntime as ort
+
+    out = tmp_path / "out"
+    code = main([preset, "--target", "onnx", "--dtype", "bf16", "--kv-cache", "buffer", "--max-context", "64",
+                 "-o", str(out), "--steps", "2"])
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert not [n for n in model.graph.node if n.op_type == "Einsum"]
+    try:
+        ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001  (onnxruntime's error classes are not importable by name)
+        assert "NOT_IMPLEMENTED" in str(exc), str(exc)[:400]
+    assert code == 0
+
+
 @pytest.fixture(scope="module")
 def bf16_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16") / "gemma"

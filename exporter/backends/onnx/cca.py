@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import onnx_ir as ir
 from onnxscript import opset18 as op
 
 from effexport.exporter.backends.onnx import _build as b
@@ -97,8 +98,12 @@ def _cca_body(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temp
     qk = op.Transpose(op.Concat(q_down, k_down, axis=-1), perm=[0, 2, 1])  # [B, C, T]
     c = op.Concat(conv_state, qk, axis=2)  # [B, C, P+T]
     new_conv_state = op.Slice(c, t_len, op.Add(t_len, b.ints([p])), b.ints([2]))  # [B, C, P]
-    c = op.Conv(c, conv0_weight, conv0_bias, group=channels)  # [B, C, P+T-(K0-1)]
-    c = op.Conv(c, conv1_weight, conv1_bias, group=channels // d)  # [B, C, T]
+    narrow = conv_state.dtype == ir.DataType.BFLOAT16  # ONNX Conv has no bf16 type: the convs run in fp32
+    wide = (lambda x: x if x is None else op.Cast(x, to=ir.DataType.FLOAT)) if narrow else (lambda x: x)
+    c = op.Conv(wide(c), wide(conv0_weight), wide(conv0_bias), group=channels)  # [B, C, P+T-(K0-1)]
+    c = op.Conv(c, wide(conv1_weight), wide(conv1_bias), group=channels // d)  # [B, C, T]
+    if narrow:
+        c = op.Cast(c, to=ir.DataType.BFLOAT16)
     c = op.Transpose(c, perm=[0, 2, 1])  # [B, T, C]
     q = op.Add(op.Reshape(op.Slice(c, b.ints([0]), b.ints([hq * d]), b.ints([2])), b.ints([0, 0, hq, d])), r_q)
     k = op.Add(op.Reshape(op.Slice(c, b.ints([hq * d]), b.ints([channels]), b.ints([2])),

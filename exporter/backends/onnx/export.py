@@ -52,6 +52,7 @@ from effexport.exporter.progress import phase
 from effexport.exporter.backends.exported import example_inputs, exported_step
 from effexport.exporter.backends.onnx._local import attach, types_kept
 from effexport.exporter.backends.onnx.attention import slot_rings
+from effexport.exporter.backends.onnx.half_einsum import einsums
 from effexport.exporter.backends.onnx.host_positions import (DEVICE_POSITIONS, IN_PLACE, host_reads,
                                                           split_host_positions)
 from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort, fuse_step_for_ort
@@ -124,6 +125,7 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
             fuse_for_ort(program.model)
             split_host_positions(program.model)
             fuse_step_for_ort(program.model, max_positions)
+        einsums(program.model)  # bf16 Einsum is not an ONNX type: MatMul, or fp32 between casts
         program.model.metadata_props[DEVICE_POSITIONS] = json.dumps(host_reads(program.model) == [])
     return program.model
 
