@@ -115,7 +115,8 @@ def _cmd_build(args) -> int:
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv),
                               allow_missing_weights=args.allow_missing_weights, genai=args.genai,
-                              stream_weights=args.stream_weights, data_file_bytes=args.data_file_size))
+                              stream_weights=args.stream_weights, data_file_bytes=args.data_file_size,
+                              tp=args.tp, ep=args.ep))
 
 
 def _cmd_check(args) -> int:
@@ -156,6 +157,34 @@ def _cmd_check(args) -> int:
     return code
 
 
+def _cmd_run(args) -> int:
+    """``effexport run DIR``: greedy generation over a sharded artifact's ranks. Under torchrun (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) this process is one rank; otherwise it starts every rank
+    itself on this machine. Rank 0 prints ``{"tokens": [[...]]}`` (prompt + generated ids)."""
+    from effexport.exporter.backends.registry import read_manifest
+    from effexport.exporter.backends.torch.sharded import is_sharded, launch, launch_local, topology
+    from effexport.exporter.build import MAX_STEPS
+    from effexport.exporter.verify.checkrun import prompt_ids
+
+    manifest = read_manifest(args.dir)
+    if not is_sharded(manifest):
+        raise UsageError(f"{args.dir!r} is not a sharded artifact (built with --tp N); an unsharded one runs in one "
+                         "process: effexport.runtime.open_runtime(DIR).generate(...) from Python")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise UsageError(f"--steps {args.steps}: generate 1 to {MAX_STEPS} tokens, e.g. --steps 16")
+    topology(args.dir, manifest)  # every rank's files are there, before any process starts
+    limit = manifest.get("max_context")
+    ids, _ = prompt_ids(args.prompt_ids, manifest, manifest["sharded"]["vocab_size"], args.steps,
+                        limit if type(limit) is int and limit > 0 else None)
+    if any(os.environ.get(k) for k in ("RANK", "WORLD_SIZE")):
+        tokens = launch(args.dir, manifest, ids, args.steps)
+    else:
+        tokens = launch_local(args.dir, manifest, ids, args.steps)
+    if tokens is not None:
+        print(json.dumps({"tokens": tokens.tolist()}))
+    return 0
+
+
 def run_check(args):
     """Parity of the artifact ``args.dir`` against its model re-loaded (``args``: ``steps``,
     ``trust_pickle``, ``tolerances`` (a :class:`~.tolerances.Tolerances`), ``prompt_ids`` (a file or
@@ -163,6 +192,7 @@ def run_check(args):
     The pytest plugin calls this too."""
     from effexport.exporter.backends.onnx.runtime import OrtRuntime
     from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
+    from effexport.exporter.backends.torch.sharded import is_sharded
     from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype
     from effexport.exporter.verify.checkrun import CheckRun, load_prompt, runtime_info, seeded_prompt
     from effexport.exporter.errors import BackendMissingError, LoadError
@@ -186,8 +216,9 @@ def run_check(args):
             f"{args.dir!r} is a {manifest['dtype']} artifact: checking it runs it on ONNX Runtime's CUDA execution "
             "provider (the CPU kernels lack half precision for several ops); run 'effexport check' on a GPU "
             "machine with onnxruntime-gpu (the build's own check is in report.json, parity.mode)")
+    sharded = is_sharded(manifest)
     try:
-        runtime = OrtRuntime(args.dir, device="cuda") if half else open_runtime(args.dir)
+        runtime = None if sharded else OrtRuntime(args.dir, device="cuda") if half else open_runtime(args.dir)
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
@@ -204,7 +235,11 @@ def run_check(args):
         ids, prompt = seeded_prompt(loaded, PARITY_PROMPT, args.seed)
     model = loaded.model
     try:
-        if half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
+        if sharded:  # its ranks together, spawned here over gloo
+            from effexport.exporter.verify.sharded import check_sharded_parity
+
+            parity = check_sharded_parity(model, args.dir, manifest, ids, args.steps, dtype, tols)
+        elif half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
             parity = check_parity_half(in_dtype(loaded, manifest["dtype"]).model.cuda(), model.cuda(), runtime,
                                        ids.cuda(), args.steps, manifest["dtype"], tols)
         else:
@@ -230,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  effexport gemma4-e2b:tiny --target onnx -o out  # export + parity check\n"
                "  effexport check out                             # re-run parity of an artifact\n"
+               "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2  # one program per rank\n"
+               "  effexport run tp2 --prompt-ids ids.json         # its ranks together (or under torchrun)\n"
                "  effexport list                                  # built-in samples\n"
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
                "  effexport report deepseek-v4-flash --context 1M --cache-dtype published --json\n"
@@ -314,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--trust-pickle", action="store_true",
                          help="allow unpickling a torch.save file of a whole module (runs code from the file: "
                               "only for files you trust); without it .pt files are read weights-only")
+    p_build.add_argument("--tp", type=_int, default=None, metavar="N",
+                         help="tensor parallel over N ranks (--target torch, fp32): attention heads, MLPs and "
+                              "experts split as 'effexport report MODEL --tp N' shows; writes DIR/rank{r}/program.pt2 "
+                              "per rank and a topology in DIR/effexport.json; the parity check runs the N ranks "
+                              "together over gloo on the CPU. A head count N does not divide: exit 2 naming the layer. "
+                              "Run it with 'effexport run DIR' or torchrun")
+    p_build.add_argument("--ep", type=_int, default=None, metavar="M",
+                         help="expert parallel group size; for now only M = N of --tp (experts are split over the "
+                              "same ranks as the heads)")
     p_build.set_defaults(func=_cmd_build)
 
     p_check = sub.add_parser("check", help="re-run parity of a built artifact against eager")
@@ -343,6 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
                               "execution_provider, device, dtype, tolerances and their sources, prompt): to "
                               "stdout (the table then goes to stderr), or to FILE")
     p_check.set_defaults(func=_cmd_check)
+
+    p_run = sub.add_parser(
+        "run", help="greedy generation over a sharded (--tp) artifact: one process per rank, or one rank under torchrun",
+        description="Generate --steps greedy tokens after --prompt-ids with a sharded artifact (built with --tp N). "
+                    "Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment) this process is "
+                    "one rank: it joins the default process group (nccl on CUDA, cuda:LOCAL_RANK; gloo on the CPU) "
+                    "and runs DIR/rank{RANK}/program.pt2. Without those variables it starts the N ranks itself on "
+                    "this machine. Rank 0 prints {\"tokens\": [[prompt + generated ids], ...]}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2\n"
+               "  effexport run tp2 --prompt-ids prompt.json --steps 8\n"
+               "  torchrun --nproc-per-node 2 -m effexport.launch tp2 --prompt-ids prompt.json --steps 8")
+    p_run.add_argument("dir", metavar="DIR", help="a sharded artifact directory (effexport MODEL --target torch --tp N)")
+    p_run.add_argument("--prompt-ids", metavar="FILE", required=True,
+                       help="the prompt: a JSON list of token ids (or a list of equal-length lists: a batch), or a "
+                            "text file tokenized with the tokenizer of the Hugging Face directory it was built from")
+    p_run.add_argument("--steps", type=_int, default=16, help="tokens to generate (default 16)")
+    p_run.set_defaults(func=_cmd_run)
 
     p_list = sub.add_parser("list", help="list the built-in samples and the targets (and what is missing)")
     p_list.set_defaults(func=_cmd_list)
@@ -375,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_typed = ["effexport"] + argv
     parser = build_parser()
-    commands = {"build", "check", "list", "report"}
+    commands = {"build", "check", "list", "report", "run"}
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
         argv = ["build"] + argv  # effexport MODEL --target ... is sugar for effexport build MODEL ...
     start = time.monotonic()
