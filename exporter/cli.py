@@ -89,6 +89,13 @@ def _cmd_report(args) -> int:
             raise UsageError(f"{exc}; or pass a Hugging Face model directory") from None
     fmt = rep.plot_format(args.plot) if args.plot else None
     data = rep.build_report(sample, args.context, args.cache_dtype)
+    if args.tp is not None:
+        from effexport.exporter.verify.sharded import format_sharded, sharded_report
+
+        if os.path.isdir(args.model):
+            raise UsageError("--tp reports built-in samples for now (the model is captured on the meta device); "
+                             "drop --tp for a Hugging Face directory")
+        data["sharded"] = sharded_report(sample, args.context, args.cache_dtype, args.tp)
     for warning in data["warnings"]:
         print(f"effexport: warning: {warning}", file=sys.stderr)
     if args.plot:
@@ -98,6 +105,8 @@ def _cmd_report(args) -> int:
         print(json.dumps(data, indent=1, sort_keys=False))
     else:
         print(rep.format_report(data))
+        if "sharded" in data:
+            print(format_sharded(data["sharded"]))
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
@@ -429,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(e.g. DeepSeek fp8+bf16 KV, fp4 indexer keys). Default bf16")
     p_rep.add_argument("--json", action="store_true", help="print the machine-readable JSON object only")
     p_rep.add_argument("--plot", metavar="FILE.png", help="also draw KV bytes vs context (log x) to FILE.png")
+    p_rep.add_argument("--tp", type=_int, default=None, metavar="N",
+                       help="also per-rank weight and cache bytes over N tensor-parallel ranks (built-in samples; "
+                            "--cache-dtype fp32 / bf16 / fp16): the model captured and sharded on the meta device "
+                            "as 'effexport MODEL --target torch --tp N' would; a KV head replicated on several ranks "
+                            "counts on each. JSON: 'sharded'")
     p_rep.set_defaults(func=_cmd_report)
     return parser
 
