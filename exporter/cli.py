@@ -176,6 +176,9 @@ def _cmd_run(args) -> int:
     from effexport.exporter.verify.checkrun import prompt_ids
 
     manifest = read_manifest(args.dir)
+    if "rank" in manifest:
+        raise UsageError(f"{args.dir!r} is one rank of a sharded artifact: pass the directory above it "
+                         f"({os.path.dirname(os.path.abspath(args.dir))!r})")
     if not is_sharded(manifest):
         raise UsageError(f"{args.dir!r} is not a sharded artifact (built with --tp N); an unsharded one runs in one "
                          "process: effexport.runtime.open_runtime(DIR).generate(...) from Python")
@@ -401,11 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_run = sub.add_parser(
         "run", help="greedy generation over a sharded (--tp) artifact: one process per rank, or one rank under torchrun",
-        description="Generate --steps greedy tokens after --prompt-ids with a sharded artifact (built with --tp N). "
-                    "Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment) this process is "
-                    "one rank: it joins the default process group (nccl on CUDA, cuda:LOCAL_RANK; gloo on the CPU) "
-                    "and runs DIR/rank{RANK}/program.pt2. Without those variables it starts the N ranks itself on "
-                    "this machine. Rank 0 prints {\"tokens\": [[prompt + generated ids], ...]}.",
+        description="Generate --steps greedy tokens after --prompt-ids with a sharded artifact (built with --tp N).\n"
+                    "Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment) this process\n"
+                    "is one rank: it joins the default process group (nccl on CUDA, cuda:LOCAL_RANK; gloo on the\n"
+                    "CPU) and runs DIR/rank{RANK}/program.pt2. Without those variables it starts the N ranks\n"
+                    "itself on this machine. Rank 0 prints {\"tokens\": [[prompt + generated ids], ...]}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2\n"

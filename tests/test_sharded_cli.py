@@ -165,6 +165,8 @@ def test_run_bad_prompt_and_steps(artifact, tmp_path, capsys):
     good.write_text("[1, 2]")
     assert main(["run", str(out), "--prompt-ids", str(good), "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err
+    assert main(["run", str(out / "rank1"), "--prompt-ids", str(good)]) == 2
+    assert "is one rank of a sharded artifact: pass the directory above it" in capsys.readouterr().err
 
 
 BAD = [
