@@ -69,6 +69,8 @@ class BuildOptions:
     genai: bool = False       # also an onnxruntime-genai package (exporter/backends/onnx/genai.py): needs kv_cache="buffer"
     stream_weights: bool | None = None  # HF directory: weights streamed from safetensors (frontends/streaming.py); None: by size
     data_file_bytes: int | None = None  # ONNX external data split into files of at most this many bytes
+    tp: int | None = None     # tensor parallel: one rank program per rank (passes/sharding.py), --target torch
+    ep: int | None = None     # expert parallel group size: for now the same ranks as tp (None or == tp)
 
 
 def versions() -> dict:
@@ -119,7 +121,39 @@ def check_options(opts: BuildOptions) -> None:
     if opts.target == "torch" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target torch saves a program with its "
                          "weights: drop --weights none, or use --target onnx")
+    check_parallel(opts)
     BACKENDS[opts.target].check()
+
+
+MAX_TP = 1024
+SHARDED_TARGETS = ("torch",)
+"""Targets that build per-rank artifacts (``--tp``)."""
+
+
+def check_parallel(opts: BuildOptions) -> None:
+    """``--tp`` / ``--ep``: a rank count from 2, ``--ep`` only equal to ``--tp`` (experts are split over
+    the same ranks as the heads), the torch target, fp32, real weights (exit 2 otherwise)."""
+    if opts.tp is None:
+        if opts.ep is not None:
+            raise UsageError(f"--ep {opts.ep} needs --tp: experts are split across the tensor-parallel ranks; "
+                             f"pass --tp {opts.ep} --ep {opts.ep}")
+        return
+    if opts.tp < 2 or opts.tp > MAX_TP:
+        raise UsageError(f"--tp {opts.tp}: give the number of ranks, 2 to {MAX_TP}, e.g. --tp 2"
+                         + (" (--tp 1 is the unsharded build: drop --tp)" if opts.tp == 1 else ""))
+    if opts.ep is not None and opts.ep != opts.tp:
+        raise UsageError(f"--ep {opts.ep} with --tp {opts.tp}: expert parallelism uses the same ranks as tensor "
+                         f"parallelism for now (a separate expert-parallel group is not supported); pass --ep "
+                         f"{opts.tp} or drop --ep")
+    if opts.target not in SHARDED_TARGETS:
+        raise UsageError(f"--tp builds one torch.export program per rank: use --target torch (--target "
+                         f"{opts.target} has no sharded build yet)")
+    if opts.dtype != "fp32":
+        raise UsageError(f"--tp with --dtype {opts.dtype}: sharded builds are fp32 only for now (their parity "
+                         "check has no half-precision rule yet); drop --dtype")
+    if opts.kv_cache != "grow":
+        raise UsageError(f"--tp with --kv-cache {opts.kv_cache}: sharded builds use growing caches only for now; "
+                         "drop --kv-cache")
 
 
 def check_steps(steps: int, max_context: int | None) -> None:
@@ -240,7 +274,7 @@ def _stages(opts: BuildOptions, structure_only: bool) -> int:
         from effexport.exporter.backends.onnx.genai import genai_available
 
         return 3 + (opts.check and not structure_only) * (1 + genai_available())
-    return 3 + (opts.check and not structure_only)
+    return 3 + (opts.check and not structure_only) + (opts.tp is not None)
 
 
 def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress) -> int:
@@ -273,14 +307,32 @@ def _build(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress
             raise UsageError(reason)
     if opts.explain:
         print(analysis.explain(), file=sys.stderr)
+    shard = _shard(program, analysis, opts, progress) if opts.tp else None
     try:
-        code = _lower_and_write(loaded, opts, out, progress, program, analysis, dumped, meter, reference)
+        code = _lower_and_write(loaded, opts, out, progress, program, analysis, dumped, meter, reference, shard)
     except OSError as exc:  # disk full, permissions: atomic_directory has removed the partial output
         raise OutputError(f"could not write {out!r}: {exc.strerror or exc}; free space or pass -o a directory "
                           "on another disk (nothing was written)") from None
     status = "BUILT (structure only)" if loaded.structure_only else "PASSED" if code == 0 else "FAILED"
     print(f"{status}: {out} ({meter.summary()})", file=sys.stderr)
     return code
+
+
+def _shard(program, analysis, opts: BuildOptions, progress: Progress):
+    """The ShardPlan of ``--tp`` (before anything is written); a rank count that does not divide a
+    head count is a usage error (exit 2) naming the layer."""
+    from effexport.passes.sharding import ShardCountError, plan_sharding
+
+    t0 = progress.stage(f"shard (tensor + expert parallel over {opts.tp} ranks)")
+    try:
+        shard = plan_sharding(program, analysis.plan, opts.tp)
+    except ShardCountError as exc:
+        raise ShardCountError(f"--tp {opts.tp}: {exc}") from None
+    progress.done(t0, f"{len(shard.weights)} weights sliced, {len(shard.caches)} caches split by heads, "
+                      f"{len(shard.reduces)} all-reduces per step")
+    if opts.explain:
+        print(shard.describe(), file=sys.stderr)
+    return shard
 
 
 def _rewrite_summary(analysis) -> str:
@@ -306,11 +358,11 @@ def in_dtype(loaded: LoadedModel, dtype: str) -> LoadedModel:
 
 
 def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress, program, analysis,
-                     dumped: dict, meter, reference: LoadedModel) -> int:
-    """Lower, write effexport.json / report.json and check parity inside the atomic output directory."""
+                     dumped: dict, meter, reference: LoadedModel, shard=None) -> int:
+    """Lower, write effexport.json / report.json and check parity inside the atomic output directory;
+    with a ShardPlan (``--tp``), one lowered rank program per ``rank{r}/`` and a topology manifest."""
     from effexport.exporter.verify import report as rep
     from effexport.exporter._io import atomic_directory
-    from effexport.exporter.backends.base import onnx_inputs, onnx_opset
     from effexport.exporter.backends.onnx.structure_only import check_structure, external_bytes
 
     code = 0
@@ -320,8 +372,11 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
                 f.write(dumped[opts.dump_after])
         backend = BACKENDS[opts.target]
         t0 = progress.stage(backend.stage(opts))
-        with streaming_from(loaded.weights):  # a streamed build: the initializers read the checkpoint
-            lowered = backend.lower(program, analysis.plan, tmp, opts)
+        if shard is not None:
+            lowered, ranks = _lower_ranks(loaded, opts, tmp, program, analysis.plan, shard)
+        else:
+            with streaming_from(loaded.weights):  # a streamed build: the initializers read the checkpoint
+                lowered = backend.lower(program, analysis.plan, tmp, opts)
         model_proto, note, files = lowered.model_proto, lowered.summary, dict(lowered.files)
         if opts.genai:  # an onnxruntime-genai package next to the ONNX step model (check_options: onnx only)
             from effexport.exporter.backends.onnx.genai import write_package
@@ -332,18 +387,9 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
                      "as external data (not written), onnx.checker full check passed")
         progress.done(t0, note)
-        manifest = {
-            "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target,
-            "profile": lowered.profile, "dtype": opts.dtype, "files": files, "max_context": opts.max_context,
-            "kv_cache": opts.kv_cache,
-            "weights": opts.weights,
-            "inputs": onnx_inputs(model_proto) or program.inputs, "outputs": program.outputs,
-            "opset": onnx_opset(model_proto) if model_proto is not None else None,
-            "ir_version": model_proto.ir_version if model_proto is not None else None, **lowered.manifest,
-            "cache_plan": analysis.plan.to_json(), "versions": versions(),
-            **({"max_step_tokens": program.max_new_tokens} if program.max_new_tokens else {}),
-            "command": list(opts.command) or ["effexport", opts.model, "--target", opts.target],
-        }
+        manifest = _manifest(loaded, opts, lowered, files, program, analysis.plan)
+        if shard is not None:
+            manifest["sharded"] = _topology(shard, program, ranks, loaded.vocab_size)
         _write_json(os.path.join(tmp, MANIFEST), manifest)
         if loaded.sample is not None:
             report = rep.build_report(loaded.sample, rep.max_context(loaded.sample) or 4096)
@@ -368,6 +414,17 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
+        elif opts.check and shard is not None:
+            from effexport.exporter.verify.sharded import check_sharded_parity
+
+            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {shard.world} ranks "
+                                "together over gloo on the CPU, each loading its program.pt2)")
+            parity = check_sharded_parity(loaded.model, tmp, manifest, loaded.parity_prompt(PARITY_PROMPT),
+                                          opts.steps, opts.dtype)
+            progress.done(t0)
+            print(parity.table(), file=sys.stderr)
+            report["parity"] = parity.to_json()
+            code = 0 if parity.passed else 1
         elif opts.check and opts.dtype != "fp32":
             parity = _check_half(loaded, reference, opts, tmp, progress)
             print(parity.table(), file=sys.stderr)
@@ -389,6 +446,63 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
                 code = code or (0 if genai.passed else 1)
         _write_json(os.path.join(tmp, "report.json"), report)
     return code
+
+
+def _manifest(loaded: LoadedModel, opts: BuildOptions, lowered, files: dict, program, plan) -> dict:
+    """``effexport.json`` of a step model (docs/ARCHITECTURE.md, Manifest)."""
+    from effexport.exporter.backends.base import onnx_inputs, onnx_opset
+
+    model_proto = lowered.model_proto
+    return {
+        "format": 1, "model": loaded.name, "source": loaded.source, "target": opts.target,
+        "profile": lowered.profile, "dtype": opts.dtype, "files": files, "max_context": opts.max_context,
+        "kv_cache": opts.kv_cache,
+        "weights": opts.weights,
+        "inputs": onnx_inputs(model_proto) or program.inputs, "outputs": program.outputs,
+        "opset": onnx_opset(model_proto) if model_proto is not None else None,
+        "ir_version": model_proto.ir_version if model_proto is not None else None, **lowered.manifest,
+        "cache_plan": plan.to_json(), "versions": versions(),
+        **({"max_step_tokens": program.max_new_tokens} if program.max_new_tokens else {}),
+        "command": list(opts.command) or ["effexport", opts.model, "--target", opts.target],
+    }
+
+
+def _lower_ranks(loaded: LoadedModel, opts: BuildOptions, tmp: str, program, plan, shard):
+    """Each rank's program (:func:`~effexport.passes.sharding.shard_rank`) lowered into ``tmp/rank{r}/``
+    with its own manifest (a torch artifact of that rank: its CachePlan, ``rank`` and ``world``);
+    returns the top-level :class:`~.backends.base.Lowered` (every rank's files, no backend keys:
+    those are per rank) and per rank ``(directory, files, CachePlan)``."""
+    from effexport.exporter.backends.base import Lowered
+    from effexport.exporter.backends.torch.sharded import RANK_DIR
+    from effexport.passes.sharding import shard_rank
+
+    backend, files, ranks = BACKENDS[opts.target], {}, []
+    for rank in range(shard.world):
+        rank_dir = RANK_DIR.format(rank)
+        os.mkdir(os.path.join(tmp, rank_dir))
+        rank_program, rank_plan = shard_rank(program, plan, shard, rank, "0")  # "0": the default process group
+        lowered = backend.lower(rank_program, rank_plan, os.path.join(tmp, rank_dir), opts)
+        rank_files = {k: f"{rank_dir}/{v}" for k, v in lowered.files.items()}
+        manifest = _manifest(loaded, opts, lowered, dict(lowered.files), rank_program, rank_plan)
+        manifest["rank"] = {"rank": rank, "world": shard.world, "process_group": "0"}
+        _write_json(os.path.join(tmp, rank_dir, MANIFEST), manifest)
+        files.update({("step" if rank == 0 and k == "step" else f"{rank_dir}.{k}"): v for k, v in rank_files.items()})
+        files[f"{rank_dir}.manifest"] = f"{rank_dir}/{MANIFEST}"
+        ranks.append((rank_dir, rank_files, rank_plan))
+    return Lowered(files, None, None, f"{shard.world} rank programs ({', '.join(sorted(lowered.files.values()))} "
+                   f"in {RANK_DIR.format('0')}..{RANK_DIR.format(shard.world - 1)})", lowered.runs_on), ranks
+
+
+def _topology(shard, program, ranks: list, vocab_size: int) -> dict:
+    """The top-level manifest's ``sharded`` entry: the world, tp / ep, per rank its directory, files,
+    CachePlan and weight bytes (the same on every rank), the ShardPlan's JSON, the vocabulary (what
+    ``effexport run`` checks prompt ids against)."""
+    weights = shard.weight_bytes(program)
+    return {"world": shard.world, "tp": shard.world, "ep": shard.world, "process_group": "0",
+            "vocab_size": vocab_size,
+            "ranks": [{"rank": r, "directory": d, "files": files, "cache_plan": plan.to_json(),
+                       "weight_bytes": weights["per_rank"]} for r, (d, files, plan) in enumerate(ranks)],
+            "weight_bytes": weights, "shard_plan": shard.to_json()}
 
 
 def check_artifact(artifact_dir: str, loaded: LoadedModel, steps: int = 16, runtime=None):

@@ -89,6 +89,13 @@ def _cmd_report(args) -> int:
             raise UsageError(f"{exc}; or pass a Hugging Face model directory") from None
     fmt = rep.plot_format(args.plot) if args.plot else None
     data = rep.build_report(sample, args.context, args.cache_dtype)
+    if args.tp is not None:
+        from effexport.exporter.verify.sharded import format_sharded, sharded_report
+
+        if os.path.isdir(args.model):
+            raise UsageError("--tp reports built-in samples for now (the model is captured on the meta device); "
+                             "drop --tp for a Hugging Face directory")
+        data["sharded"] = sharded_report(sample, args.context, args.cache_dtype, args.tp)
     for warning in data["warnings"]:
         print(f"effexport: warning: {warning}", file=sys.stderr)
     if args.plot:
@@ -98,6 +105,8 @@ def _cmd_report(args) -> int:
         print(json.dumps(data, indent=1, sort_keys=False))
     else:
         print(rep.format_report(data))
+        if "sharded" in data:
+            print(format_sharded(data["sharded"]))
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
@@ -115,7 +124,8 @@ def _cmd_build(args) -> int:
                               max_context=args.max_context, weights=args.weights, trust_pickle=args.trust_pickle,
                               dump_after=args.dump_after, force=args.force, command=tuple(args.argv),
                               allow_missing_weights=args.allow_missing_weights, genai=args.genai,
-                              stream_weights=args.stream_weights, data_file_bytes=args.data_file_size))
+                              stream_weights=args.stream_weights, data_file_bytes=args.data_file_size,
+                              tp=args.tp, ep=args.ep))
 
 
 def _cmd_check(args) -> int:
@@ -156,6 +166,37 @@ def _cmd_check(args) -> int:
     return code
 
 
+def _cmd_run(args) -> int:
+    """``effexport run DIR``: greedy generation over a sharded artifact's ranks. Under torchrun (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) this process is one rank; otherwise it starts every rank
+    itself on this machine. Rank 0 prints ``{"tokens": [[...]]}`` (prompt + generated ids)."""
+    from effexport.exporter.backends.registry import read_manifest
+    from effexport.exporter.backends.torch.sharded import is_sharded, launch, launch_local, topology
+    from effexport.exporter.build import MAX_STEPS
+    from effexport.exporter.verify.checkrun import prompt_ids
+
+    manifest = read_manifest(args.dir)
+    if "rank" in manifest:
+        raise UsageError(f"{args.dir!r} is one rank of a sharded artifact: pass the directory above it "
+                         f"({os.path.dirname(os.path.abspath(args.dir))!r})")
+    if not is_sharded(manifest):
+        raise UsageError(f"{args.dir!r} is not a sharded artifact (built with --tp N); an unsharded one runs in one "
+                         "process: effexport.runtime.open_runtime(DIR).generate(...) from Python")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise UsageError(f"--steps {args.steps}: generate 1 to {MAX_STEPS} tokens, e.g. --steps 16")
+    topology(args.dir, manifest)  # every rank's files are there, before any process starts
+    limit = manifest.get("max_context")
+    ids, _ = prompt_ids(args.prompt_ids, manifest, manifest["sharded"]["vocab_size"], args.steps,
+                        limit if type(limit) is int and limit > 0 else None)
+    if any(os.environ.get(k) for k in ("RANK", "WORLD_SIZE")):
+        tokens = launch(args.dir, manifest, ids, args.steps)
+    else:
+        tokens = launch_local(args.dir, manifest, ids, args.steps)
+    if tokens is not None:
+        print(json.dumps({"tokens": tokens.tolist()}))
+    return 0
+
+
 def run_check(args):
     """Parity of the artifact ``args.dir`` against its model re-loaded (``args``: ``steps``,
     ``trust_pickle``, ``tolerances`` (a :class:`~.tolerances.Tolerances`), ``prompt_ids`` (a file or
@@ -163,6 +204,7 @@ def run_check(args):
     The pytest plugin calls this too."""
     from effexport.exporter.backends.onnx.runtime import OrtRuntime
     from effexport.exporter.backends.registry import BACKENDS, open_runtime, read_manifest
+    from effexport.exporter.backends.torch.sharded import is_sharded
     from effexport.exporter.build import PARITY_PROMPT, check_steps, cuda_ep_available, in_dtype
     from effexport.exporter.verify.checkrun import CheckRun, load_prompt, runtime_info, seeded_prompt
     from effexport.exporter.errors import BackendMissingError, LoadError
@@ -186,8 +228,9 @@ def run_check(args):
             f"{args.dir!r} is a {manifest['dtype']} artifact: checking it runs it on ONNX Runtime's CUDA execution "
             "provider (the CPU kernels lack half precision for several ops); run 'effexport check' on a GPU "
             "machine with onnxruntime-gpu (the build's own check is in report.json, parity.mode)")
+    sharded = is_sharded(manifest)
     try:
-        runtime = OrtRuntime(args.dir, device="cuda") if half else open_runtime(args.dir)
+        runtime = None if sharded else OrtRuntime(args.dir, device="cuda") if half else open_runtime(args.dir)
     except EffexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad file
@@ -204,7 +247,11 @@ def run_check(args):
         ids, prompt = seeded_prompt(loaded, PARITY_PROMPT, args.seed)
     model = loaded.model
     try:
-        if half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
+        if sharded:  # its ranks together, spawned here over gloo
+            from effexport.exporter.verify.sharded import check_sharded_parity
+
+            parity = check_sharded_parity(model, args.dir, manifest, ids, args.steps, dtype, tols)
+        elif half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
             parity = check_parity_half(in_dtype(loaded, manifest["dtype"]).model.cuda(), model.cuda(), runtime,
                                        ids.cuda(), args.steps, manifest["dtype"], tols)
         else:
@@ -230,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  effexport gemma4-e2b:tiny --target onnx -o out  # export + parity check\n"
                "  effexport check out                             # re-run parity of an artifact\n"
+               "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2  # one program per rank\n"
+               "  effexport run tp2 --prompt-ids ids.json         # its ranks together (or under torchrun)\n"
                "  effexport list                                  # built-in samples\n"
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
                "  effexport report deepseek-v4-flash --context 1M --cache-dtype published --json\n"
@@ -314,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--trust-pickle", action="store_true",
                          help="allow unpickling a torch.save file of a whole module (runs code from the file: "
                               "only for files you trust); without it .pt files are read weights-only")
+    p_build.add_argument("--tp", type=_int, default=None, metavar="N",
+                         help="tensor parallel over N ranks (--target torch, fp32): attention heads, MLPs and "
+                              "experts split as 'effexport report MODEL --tp N' shows; writes DIR/rank{r}/program.pt2 "
+                              "per rank and a topology in DIR/effexport.json; the parity check runs the N ranks "
+                              "together over gloo on the CPU. A head count N does not divide: exit 2 naming the layer. "
+                              "Run it with 'effexport run DIR' or torchrun")
+    p_build.add_argument("--ep", type=_int, default=None, metavar="M",
+                         help="expert parallel group size; for now only M = N of --tp (experts are split over the "
+                              "same ranks as the heads)")
     p_build.set_defaults(func=_cmd_build)
 
     p_check = sub.add_parser("check", help="re-run parity of a built artifact against eager")
@@ -344,6 +402,25 @@ def build_parser() -> argparse.ArgumentParser:
                               "stdout (the table then goes to stderr), or to FILE")
     p_check.set_defaults(func=_cmd_check)
 
+    p_run = sub.add_parser(
+        "run", help="greedy generation over a sharded (--tp) artifact: one process per rank, or one rank under torchrun",
+        description="Generate --steps greedy tokens after --prompt-ids with a sharded artifact (built with --tp N).\n"
+                    "Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment) this process\n"
+                    "is one rank: it joins the default process group (nccl on CUDA, cuda:LOCAL_RANK; gloo on the\n"
+                    "CPU) and runs DIR/rank{RANK}/program.pt2. Without those variables it starts the N ranks\n"
+                    "itself on this machine. Rank 0 prints {\"tokens\": [[prompt + generated ids], ...]}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2\n"
+               "  effexport run tp2 --prompt-ids prompt.json --steps 8\n"
+               "  torchrun --nproc-per-node 2 -m effexport.launch tp2 --prompt-ids prompt.json --steps 8")
+    p_run.add_argument("dir", metavar="DIR", help="a sharded artifact directory (effexport MODEL --target torch --tp N)")
+    p_run.add_argument("--prompt-ids", metavar="FILE", required=True,
+                       help="the prompt: a JSON list of token ids (or a list of equal-length lists: a batch), or a "
+                            "text file tokenized with the tokenizer of the Hugging Face directory it was built from")
+    p_run.add_argument("--steps", type=_int, default=16, help="tokens to generate (default 16)")
+    p_run.set_defaults(func=_cmd_run)
+
     p_list = sub.add_parser("list", help="list the built-in samples and the targets (and what is missing)")
     p_list.set_defaults(func=_cmd_list)
 
@@ -364,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(e.g. DeepSeek fp8+bf16 KV, fp4 indexer keys). Default bf16")
     p_rep.add_argument("--json", action="store_true", help="print the machine-readable JSON object only")
     p_rep.add_argument("--plot", metavar="FILE.png", help="also draw KV bytes vs context (log x) to FILE.png")
+    p_rep.add_argument("--tp", type=_int, default=None, metavar="N",
+                       help="also per-rank weight and cache bytes over N tensor-parallel ranks (built-in samples; "
+                            "--cache-dtype fp32 / bf16 / fp16): the model captured and sharded on the meta device "
+                            "as 'effexport MODEL --target torch --tp N' would; a KV head replicated on several ranks "
+                            "counts on each. JSON: 'sharded'")
     p_rep.set_defaults(func=_cmd_report)
     return parser
 
@@ -375,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_typed = ["effexport"] + argv
     parser = build_parser()
-    commands = {"build", "check", "list", "report"}
+    commands = {"build", "check", "list", "report", "run"}
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
         argv = ["build"] + argv  # effexport MODEL --target ... is sugar for effexport build MODEL ...
     start = time.monotonic()

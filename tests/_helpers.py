@@ -71,13 +71,9 @@ def step_feeds(session, ids, pos: int, caches) -> dict:
 
 def greedy(model, prompt: torch.Tensor, n: int):
     """The eager model's ``n`` greedy tokens after ``prompt`` ``[B, L]`` (its own cache): ``[B, n]``."""
-    tokens = []
-    with torch.no_grad():
-        ref, past = model(prompt)
-        for _ in range(n):
-            tokens.append(ref[:, -1:].argmax(-1))
-            ref, past = model(tokens[-1], past)
-    return torch.cat(tokens, 1).numpy()
+    from effexport.exporter.verify.sharded import greedy_stream
+
+    return greedy_stream(model, prompt, n)[:, prompt.shape[1]:].numpy()
 
 
 def run_cli(*args: str) -> tuple[int, str]:

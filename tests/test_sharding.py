@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _helpers import MIN_DECODE, assert_close, assert_long_enough
-from _sharded import run_archives, run_sharded
+from _sharded import run_sharded
 from effexport.passes._graph import emit, is_call
 from effexport.passes.errors import EXIT_PIPELINE, EXIT_USAGE
 from effexport.passes.sharding import ShardCountError, ShardingError, plan_sharding, shard_rank
@@ -170,6 +170,7 @@ def test_rank_archives_run_together(rewritten, tmp_path):
     rank, as a launcher runs them: the same logits as eager."""
     from effexport.exporter.backends.torch.artifact import op_calls, save_program
     from effexport.exporter.backends.exported import exported_step
+    from effexport.exporter.backends.torch.sharded import run_ranks
 
     r = rewritten("gemma4-e2b:tiny")
     ids = torch.randint(0, r.sample.config.vocab_size, (2, PREFILL + MIN_DECODE), generator=torch.Generator().manual_seed(2))
@@ -185,7 +186,7 @@ def test_rank_archives_run_together(rewritten, tmp_path):
         archives.append((path, plan.entries))
     with torch.no_grad():
         ref, _ = r.model(ids)
-    outs = run_archives(archives, ids, MIN_DECODE, str(tmp_path), r.program.max_new_tokens)
+    outs = run_ranks(archives, ids, MIN_DECODE, r.program.max_new_tokens)
     assert torch.equal(outs[0]["logits"], outs[1]["logits"])
     _, rel = assert_close(outs[0]["logits"], ref, what="rank archives over 2 ranks")
     print(f"gemma4-e2b:tiny archives tp=2: max rel error {rel:.2e}")

@@ -73,6 +73,11 @@ def runtime_info(runtime, manifest: dict) -> tuple[str, str, str]:
         return "AOTInductor", f"AOTInductor {device}", device
     if target == "tensorrt":
         return "TensorRT", "TensorRT", "cuda"
+    if target == "torch" and runtime is None:  # a sharded artifact: its ranks spawned over gloo
+        import torch
+
+        world = manifest["sharded"]["world"]
+        return f"torch {torch.__version__}", f"torch cpu (uncompiled, {world} ranks over gloo)", "cpu"
     if target == "torch":
         engine = runtime.engine
         how = ("Inductor" if engine.compiled else "uncompiled") + (" + CUDA graphs" if engine.cuda_graphs else "")
@@ -91,6 +96,12 @@ def seeded_prompt(loaded, length: int, seed: int):
 
 def load_prompt(path: str, loaded, manifest: dict, steps: int, max_context: int | None):
     """``(ids [B, T] int64 tensor, record)`` from ``--prompt-ids FILE`` (module docstring)."""
+    ids, record = prompt_ids(path, manifest, loaded.vocab_size, steps, max_context)
+    return ids.to(loaded.device), record
+
+
+def prompt_ids(path: str, manifest: dict, vocab: int, steps: int, max_context: int | None):
+    """:func:`load_prompt` against a vocabulary size (no model loaded): ``(ids on the CPU, record)``."""
     import torch
 
     from effexport.exporter.frontends.inputs import regular_file
@@ -113,7 +124,6 @@ def load_prompt(path: str, loaded, manifest: dict, steps: int, max_context: int 
         rows, kind = _json_ids(path, text), "json"
     else:
         rows, kind = _tokenize(path, text, manifest), "text"
-    vocab = loaded.vocab_size
     bad = next((t for row in rows for t in row if not 0 <= t < vocab), None)
     if bad is not None:
         raise UsageError(f"--prompt-ids: {path} holds token id {bad}, outside the model's vocabulary of "
@@ -122,7 +132,7 @@ def load_prompt(path: str, loaded, manifest: dict, steps: int, max_context: int 
     if max_context is not None and length + steps > max_context:
         raise UsageError(f"--prompt-ids: {path}'s {length} tokens + {steps} decode steps go past the artifact's "
                          f"max_context {max_context}; shorten the prompt or pass fewer --steps")
-    ids = torch.tensor(rows, dtype=torch.int64).to(loaded.device)
+    ids = torch.tensor(rows, dtype=torch.int64)
     return ids, {"source": "file", "path": path, "format": kind, "batch": len(rows), "length": length}
 
 

@@ -49,6 +49,12 @@ class TorchRuntime:
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         info = self.manifest.get("torch")
+        if "sharded" in self.manifest or "rank" in self.manifest:
+            top = artifact_dir if "sharded" in self.manifest else os.path.dirname(os.path.abspath(artifact_dir))
+            raise LoadError(f"{artifact_dir!r} is {'a rank of ' if 'rank' in self.manifest else ''}a sharded (--tp) "
+                            f"artifact: its ranks run together, one process each: 'effexport run {top}' (or under "
+                            f"torchrun: 'torchrun --nproc-per-node N -m effexport.launch {top}'); "
+                            f"'effexport check {top}' checks it")
         if not info or self.manifest.get("target") != "torch":
             raise LoadError(f"{artifact_dir!r} is not a torch artifact (effexport.json has no 'torch' entry); "
                             "rebuild it with 'effexport MODEL --target torch'")
