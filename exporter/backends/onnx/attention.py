@@ -266,30 +266,24 @@ _SLOT_RINGS = contextvars.ContextVar("effexport_slot_rings", default=frozenset()
 
 
 @contextlib.contextmanager
-def slot_rings(names=None):
-    """Lower the sliding rings named ``names`` (graph input names of ring caches; None: every ring)
-    as the eager op's slot ring (``p mod W``, written by a ``Gather``) even in the ``ort`` profile:
-    the rings KV-sharing consumers read, and every ring for runtimes that bind a ring's past and
-    present to one buffer (GenAI). GroupQueryAttention's windowed cache would be updated in place by
-    the producer layer before its consumers read the old rows."""
-    token = _SLOT_RINGS.set(True if names is None else frozenset(names))
+def slot_rings(names):
+    """Lower the sliding rings named ``names`` (the graph input names of their K/V caches) as the eager
+    op's slot ring (``p mod W``, written by a ``Gather``) even in the ``ort`` profile: the rings
+    KV-sharing consumers read. GroupQueryAttention's windowed cache would be updated in place by the
+    producer layer before its consumers read the old rows."""
+    token = _SLOT_RINGS.set(frozenset(names))
     try:
         yield
     finally:
         _SLOT_RINGS.reset(token)
 
 
-def _slot_ring(cache) -> bool:
-    names = _SLOT_RINGS.get()
-    return names is True or getattr(cache, "name", None) in names
-
-
 def _window_cache(profile: str, dims: Dims, cache, chunked: bool = False) -> bool:
     """The ``ort`` profile holds a sliding ring (``cache``: its K value) in GroupQueryAttention's
     windowed layout (``sliding_window_cache``) wherever GQA takes the head size, unless
     :func:`slot_rings` names it: see :func:`attend_gqa_window`."""
-    return (PROFILES[profile].gqa and not chunked and not _slot_ring(cache) and dims.d == dims.dv
-            and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
+    return (PROFILES[profile].gqa and not chunked and getattr(cache, "name", None) not in _SLOT_RINGS.get()
+            and dims.d == dims.dv and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
 
 
 def attend_gqa_window(q, k_new, v_new, k_win, v_win, pos, sinks, scale: float, window: int, softcap: float,
@@ -407,7 +401,6 @@ def _buffer_written(buf, new, pos, t_len):
     ``(b, h, pos + t)``. A runtime that binds the present to the past's memory (full buffers in
     :class:`~.graph_runtime.CudaGraphRuntime`) gets the rows written in place: ONNX Runtime's CUDA
     ScatterND copies its input only when the output is other memory."""
-    b.static_dim(buf, 2, "attention_buffer")
     target = op.Concat(op.Shape(new, end=3), b.ints([1]), axis=0)  # [B, Hkv, T, 1]
     batch = op.Reshape(op.Range(b.i64(0), b.dim(new, 0), b.i64(1)), b.ints([-1, 1, 1, 1]))
     head = op.Reshape(op.Range(b.i64(0), b.dim(new, 1), b.i64(1)), b.ints([1, -1, 1, 1]))
