@@ -10,7 +10,9 @@ q and out) over the time as a fraction of the copy bandwidth. Shapes are the rea
 E2B full layers (8 heads, 1 KV head, d 512) and sliding layers (d 256, W 512), DeepSeek V4 Flash
 CSA / HCA layers (64 heads, d 512, window 128, ratio 4 top-512 / ratio 128); the in-place full cache
 (``attention_buffer_inplace``: ``buffer`` in a buffer of L rows, ``buffer_short`` in one of 128K rows,
-``buffer_d256`` with 2 KV heads of d 256; ``buffer_functional`` the functional op) and
+``buffer_d256`` with 2 KV heads of d 256; ``buffer_functional`` the functional op; ``buffer_inloop`` /
+``buffer_d256_inloop`` the first in-place design, the new row stored from the K/V tile inside the
+loop (``plan.CONFIG["buffer_store"] = "loop"``), for comparing both designs in one run) and
 ``read_full_short`` (the read-only kernel over a 128K-row cache at position L - 1), ``hca_short`` (HCA
 with a 128K context's compressed entries allocated, L/128 of them visible). ``hca_vs_bytes``
 in the JSON: whether HCA's time follows its bytes (:func:`bytes_model`). Calls are captured in a
@@ -170,9 +172,23 @@ def case_read_full_q32(ctx, batch, gen):
     return make32, nbytes, kern, ref, None
 
 
-def _buffer_case(ctx, batch, gen, heads, kv_heads, d, capacity, inplace=True):
+def _with_config(fn, **override):
+    """``fn`` run with ``plan.CONFIG`` overridden (restored after each call): the launch reads the
+    config, so the warm-up and the CUDA-graph capture get the override's kernel."""
+    def run(*args):
+        saved = {k: plan.CONFIG[k] for k in override}
+        plan.CONFIG.update(override)
+        try:
+            return fn(*args)
+        finally:
+            plan.CONFIG.update(saved)
+    return run
+
+
+def _buffer_case(ctx, batch, gen, heads, kv_heads, d, capacity, inplace=True, store=None):
     """A full layer over a ``[B, Hkv, capacity, d]`` buffer at position ``ctx - 1``: rows ``0..ctx-2``
-    read from the buffer, the new row read from k_new / v_new and (in place) written at ``ctx - 1``."""
+    read from the buffer, the new row read from k_new / v_new and (in place) written at ``ctx - 1``;
+    ``store``: ``plan.CONFIG["buffer_store"]`` for the kernel (None: the default)."""
     def make():
         r = lambda *s: torch.randn(*s, device=DEV, dtype=BF16, generator=gen)  # noqa: E731
         return (r(batch, heads, 1, d), r(batch, kv_heads, 1, d), r(batch, kv_heads, 1, d),
@@ -186,6 +202,8 @@ def _buffer_case(ctx, batch, gen, heads, kv_heads, d, capacity, inplace=True):
     kw = dict(scale=1.0)
     name = "attention_buffer_inplace" if inplace else "attention_buffer"
     kern = lambda *a: getattr(ops, name)(*a, **kw)  # noqa: E731
+    if store is not None:
+        kern = _with_config(kern, buffer_store=store)
     ref = lambda *a: getattr(attn_mod, name)._init_fn(*a, **kw)  # noqa: E731
     return make, nbytes, kern, ref, None
 
@@ -199,6 +217,17 @@ def case_buffer(ctx, batch, gen):
 def case_buffer_d256(ctx, batch, gen):
     """attention_buffer_inplace with 8 heads over 2 KV heads of d 256 (GQA 4), ``ctx`` rows."""
     return _buffer_case(ctx, batch, gen, 8, 2, 256, ctx)
+
+
+def case_buffer_inloop(ctx, batch, gen):
+    """``buffer`` with the first in-place design: the program holding row pos stores it from its K/V
+    tile inside the loop (``buffer_store = "loop"``; the default stores it after the loop)."""
+    return _buffer_case(ctx, batch, gen, 8, 1, 512, ctx, store="loop")
+
+
+def case_buffer_d256_inloop(ctx, batch, gen):
+    """``buffer_d256`` with the first in-place design (the new row stored inside the loop)."""
+    return _buffer_case(ctx, batch, gen, 8, 2, 256, ctx, store="loop")
 
 
 def case_buffer_short(ctx, batch, gen):
@@ -298,7 +327,8 @@ CASES = {"full": case_full, "read_full": case_read_full, "read_full_q32": case_r
          "read_ring": case_read_ring, "hca": case_hca, "csa": case_csa, "buffer": case_buffer,
          "buffer_d256": case_buffer_d256, "buffer_short": case_buffer_short,
          "buffer_functional": case_buffer_functional, "read_full_short": case_read_full_short,
-         "hca_short": case_hca_short}
+         "hca_short": case_hca_short, "buffer_inloop": case_buffer_inloop,
+         "buffer_d256_inloop": case_buffer_d256_inloop}
 
 
 def run_case(name, ctx, batch, bw, gen, with_ref=True):

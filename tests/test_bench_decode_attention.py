@@ -30,7 +30,8 @@ def test_without_a_gpu_exits_4(bench, tmp_path):
 
 
 @pytest.mark.parametrize("name,capacity,inplace", [
-    ("buffer", 64, True), ("buffer_functional", 64, False), ("buffer_short", 256, True)])
+    ("buffer", 64, True), ("buffer_functional", 64, False), ("buffer_short", 256, True),
+    ("buffer_inloop", 64, True)])
 def test_buffer_case_bytes_and_reference(bench, monkeypatch, name, capacity, inplace):
     """The bytes a buffer case counts: rows 0..pos-1 of K and V, the new row read (and written in
     place, or the whole buffer copied for the functional op), q and out; the case's op on CPU (the
@@ -87,7 +88,7 @@ def test_bytes_model(bench):
 @pytest.mark.gpu
 def test_tiny_run_writes_every_row(bench, tmp_path):
     """The script end to end on a GPU at one small size: every case a row without an error."""
-    kernels = "buffer,buffer_d256,buffer_short,read_full_short,hca"
+    kernels = "buffer,buffer_inloop,buffer_d256,buffer_short,read_full_short,hca"
     assert bench.main(["--out", str(tmp_path), "--contexts", "4096,8192", "--batches", "1",
                        "--kernels", kernels, "--no-ref"]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -95,3 +96,19 @@ def test_tiny_run_writes_every_row(bench, tmp_path):
     assert len(result["rows"]) == 2 * len(kernels.split(","))
     assert all(r["rel_err_vs_ref"] < 2e-2 and r["bw_frac"] > 0 for r in result["rows"])
     assert [r["context"] for r in result["hca_vs_bytes"]] == [8192]
+
+
+def test_inloop_cases_run_the_first_design(bench, monkeypatch):
+    """``buffer_inloop`` calls the op with ``plan.CONFIG["buffer_store"] = "loop"`` (what its warm-up and
+    CUDA-graph capture compile) and restores the default after the call; ``buffer`` keeps the default."""
+    from effexport.custom_ops._triton import plan
+
+    seen = []
+    monkeypatch.setattr(bench, "DEV", "cpu")
+    monkeypatch.setattr(bench.ops, "attention_buffer_inplace",
+                        lambda *a, **k: seen.append(plan.CONFIG["buffer_store"]), raising=False)
+    for name in ("buffer_inloop", "buffer", "buffer_d256_inloop"):
+        make, _, kern, _, _ = bench.CASES[name](64, 1, torch.Generator().manual_seed(0))
+        kern(*make())
+        assert plan.CONFIG["buffer_store"] == "after_loop"
+    assert seen == ["loop", "after_loop", "loop"]

@@ -69,7 +69,7 @@ def _cpu(*shape, dtype):
 def _decode_case(op, dtype, qdtype):
     from effexport.custom_ops import _triton as T
 
-    b, d = 2, 512 if op in ("cache", "read", "buffer") else 256
+    b, d = 2, 512 if op in ("cache", "read", "buffer", "buffer_inloop") else 256
     q = _cpu(b, 8, 1, d, dtype=qdtype)
     new = [_cpu(b, 1, 1, d, dtype=dtype) for _ in range(2)]
     rows = 512 if op in ("ring", "ring_chunked", "read_ring") else 4096
@@ -77,8 +77,13 @@ def _decode_case(op, dtype, qdtype):
     sinks, pos = torch.randn(8), torch.tensor(5000)
     if op == "cache":
         T._cache_cuda(q, *new, *cache, sinks, scale=1.0, softcap=30.0)
-    elif op == "buffer":
-        T._buffer_inplace_cuda(q, *new, *cache, torch.tensor(3000), sinks, scale=1.0, softcap=30.0)
+    elif op in ("buffer", "buffer_inloop"):  # the default store after the loop, the first design's in it
+        saved = plan.CONFIG["buffer_store"]
+        plan.CONFIG["buffer_store"] = "loop" if op == "buffer_inloop" else "after_loop"
+        try:
+            T._buffer_inplace_cuda(q, *new, *cache, torch.tensor(3000), sinks, scale=1.0, softcap=30.0)
+        finally:
+            plan.CONFIG["buffer_store"] = saved
     elif op in ("ring", "ring_chunked"):
         T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512, chunked=op == "ring_chunked")
     else:
@@ -132,7 +137,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
 ZAYA1 = (1, 8, 2, 128, 2, 2, 64)  # batch, Hq, Hk, d, K0, K1, rot of ZAYA1-8B's CCA
 LAUNCH_CASES = [
     *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}")
-      for op in ("cache", "ring", "ring_chunked", "read", "read_ring", "buffer")
+      for op in ("cache", "ring", "ring_chunked", "read", "read_ring", "buffer", "buffer_inloop")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
     *[pytest.param(_sparse_case, kind, dt, dt, id=f"sparse-{kind}-{name}") for kind in ("hca", "csa")
       for name, dt in (("bf16", BF16), ("fp32", FP32))],
@@ -352,6 +357,28 @@ def test_attention_buffer(gen, dtype, capacity, pos, t_len, window, batch, heads
     assert torch.equal(kb, before[0]) and torch.equal(vb, before[1])
     out_inplace = ops.attention_buffer_inplace(q, kn, vn, kb, vb, p, sinks, **kw)
     _check(out_inplace, ref, dtype, "attention_buffer_inplace")
+    assert torch.equal(kb, same[1]) and torch.equal(vb, same[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("store", plan.BUFFER_STORES)
+@pytest.mark.parametrize("capacity,pos", [(4096, 0), (4096, 1337), (4096, 4095), (32768, 20000)],
+                         ids=["pos0", "mid", "last", "mid-32k"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attention_buffer_inplace_stores(monkeypatch, gen, store, capacity, pos, batch):
+    """Both places of the new row's store (``plan.CONFIG["buffer_store"]``: after the loop, the
+    default, or inside it, the first design) write exactly row ``pos`` and attend rows ``0..pos``
+    (Gemma 4 global shapes, bf16)."""
+    monkeypatch.setitem(plan.CONFIG, "buffer_store", store)
+    h, hkv, d = 8, 1, 512
+    q = _rand(batch, h, 1, d, dtype=torch.bfloat16, gen=gen)
+    kn, vn = (_rand(batch, hkv, 1, d, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    kb, vb = (_rand(batch, hkv, capacity, d, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    p = torch.tensor(pos, device="cuda")
+    ref = attn_mod.attention_buffer._init_fn(*_f64(q, kn, vn, kb, vb), p, None, scale=d ** -0.5)[0]
+    same = attn_mod.attention_buffer._init_fn(q, kn, vn, kb, vb, p, None, scale=d ** -0.5)
+    out = ops.attention_buffer_inplace(q, kn, vn, kb, vb, p, scale=d ** -0.5)
+    _check(out, ref, torch.bfloat16, f"attention_buffer_inplace ({store})")
     assert torch.equal(kb, same[1]) and torch.equal(vb, same[2])
 
 

@@ -80,14 +80,30 @@ def _decode_read(T, A, gen, ring, window):
     return T._read_cuda(q, k, v, p, None, **kw), A.attention_read._init_fn(*_f64(q, k, v), p, None, **kw), []
 
 
-def _buffer(T, A, gen, groups, pos, t_len=1, window=0, sinks=False, inplace=True, cap=200):
+def _buffer(T, A, gen, groups, pos, t_len=1, window=0, sinks=False, inplace=True, cap=200, batch=2,
+            **config):
     """``attention_buffer_inplace`` (or the functional ``attention_buffer``) over a ``cap``-row buffer: the
     output against float64, the buffers after the call (mutated, or returned) equal to the
     reference's bit for bit -- the new rows at ``pos`` and every other row unchanged. The decode
     kernel cuts rows ``0..pos`` into chunks at run time: with 8 SMs, 4 (batch, KV head) pairs and
     64-row blocks, one chunk at pos 0, two at pos 97, four at pos 199, four of three blocks each at
-    pos 519 (so a chunk of one block per program would miss rows)."""
-    b, hkv, d, dv = 2, 2, 32, 24
+    pos 519 (so a chunk of one block per program would miss rows). The new row is stored by the
+    last split (empty at pos 0 and 97: another program attends it) unless ``buffer_store="loop"``
+    (the first design: stored from the tile of the program holding it). ``config``: overrides of
+    ``plan.CONFIG`` for this call (``dynamic_chunk=False``: the static cut, row pos mid-chunk)."""
+    from effexport.custom_ops._triton import plan
+
+    saved = dict(plan.CONFIG)
+    plan.CONFIG.update(config)
+    try:
+        return _buffer_call(T, A, gen, groups, pos, t_len, window, sinks, inplace, cap, batch)
+    finally:
+        plan.CONFIG.clear()
+        plan.CONFIG.update(saved)
+
+
+def _buffer_call(T, A, gen, groups, pos, t_len, window, sinks, inplace, cap, batch):
+    b, hkv, d, dv = batch, 2, 32, 24
     q, kn, vn = _rand(gen, b, hkv * groups, t_len, d), _rand(gen, b, hkv, t_len, d), _rand(gen, b, hkv, t_len, dv)
     kb, vb = _rand(gen, b, hkv, cap, d), _rand(gen, b, hkv, cap, dv)
     s = _rand(gen, hkv * groups) if sinks else None
@@ -181,6 +197,24 @@ CASES = {
     "decode-buffer-last-gqa4": lambda T, m, g: _buffer(T, m["attention"], g, 4, 199),
     "decode-buffer-long-gqa2": lambda T, m, g: _buffer(T, m["attention"], g, 2, 519, cap=520),
     "decode-buffer-last-mha-window-sinks-softcap": lambda T, m, g: _buffer(T, m["attention"], g, 1, 199, 1, 70, True),
+    # batch 1 and 3 (3 x 2 KV heads: 2 splits of 128 rows at cap 200), the static cut (row pos in the
+    # middle of a chunk that holds rows past it), the first design (new row stored inside the loop)
+    "decode-buffer-pos0-b1": lambda T, m, g: _buffer(T, m["attention"], g, 4, 0, batch=1),
+    "decode-buffer-midsplit-b1": lambda T, m, g: _buffer(T, m["attention"], g, 4, 150, batch=1),
+    "decode-buffer-last-b1": lambda T, m, g: _buffer(T, m["attention"], g, 2, 199, batch=1),
+    "decode-buffer-pos0-b3": lambda T, m, g: _buffer(T, m["attention"], g, 2, 0, batch=3),
+    "decode-buffer-midsplit-b3": lambda T, m, g: _buffer(T, m["attention"], g, 4, 70, batch=3),
+    "decode-buffer-last-b3-window": lambda T, m, g: _buffer(T, m["attention"], g, 1, 199, 1, 45, batch=3),
+    "decode-buffer-static-midsplit-b3": lambda T, m, g: _buffer(T, m["attention"], g, 2, 100, batch=3,
+                                                                dynamic_chunk=False),
+    "decode-buffer-static-midsplit-b1": lambda T, m, g: _buffer(T, m["attention"], g, 4, 30, batch=1,
+                                                                dynamic_chunk=False),
+    "decode-buffer-inloop-pos0-b1": lambda T, m, g: _buffer(T, m["attention"], g, 4, 0, batch=1,
+                                                            buffer_store="loop"),
+    "decode-buffer-inloop-mid-b3": lambda T, m, g: _buffer(T, m["attention"], g, 2, 97, batch=3,
+                                                           buffer_store="loop"),
+    "decode-buffer-inloop-last-b2-sinks": lambda T, m, g: _buffer(T, m["attention"], g, 1, 199, 1, 0, True,
+                                                                  buffer_store="loop"),
     "decode-buffer-functional-mid-gqa2": lambda T, m, g: _buffer(T, m["attention"], g, 2, 150, inplace=False),
     "chunk-buffer-gqa2-sinks": lambda T, m, g: _buffer(T, m["attention"], g, 2, 121, 6, 0, True),
     "sparse-hca": lambda T, m, g: _sparse(T, m["sparse"], g, "hca"),

@@ -128,6 +128,11 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
     # FMA dots when the cache itself is fp32 (the fp32 tolerance needs its full mantissa)
     prec = _MIXED_PREC[0] if dot_f32 and k1.element_size() == 2 and v1.element_size() == 2 else "ieee"
 
+    store = _plan.CONFIG["buffer_store"]
+    if store not in _plan.BUFFER_STORES:
+        raise ValueError(f"plan.CONFIG['buffer_store'] must be one of {_plan.BUFFER_STORES}, got {store!r}")
+    store_in_loop = mode == _plan.BUFFER and store == "loop"
+
     def partial(prec):
         kernels._partial[(batch * kv_heads * p.num_gb, p.splits)](
             q, k1, v1, k2, v2, idx_t, pos_t, ko, vo, m_buf, l_buf, acc,
@@ -138,7 +143,7 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
             MODE=mode, COPY=k_out is not None, KV_SAME=kv_same, DOT_F32=dot_f32, DOT_PREC=prec,
             HAS_SOFTCAP=softcap > 0, BLOCK_G=p.block_g, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
             BLOCK_DV=p.block_dv, CHUNKED=chunked, DYN_CHUNK=mode in _plan.DYNAMIC and _plan.CONFIG["dynamic_chunk"],
-            num_warps=p.num_warps, num_stages=p.num_stages)
+            STORE_IN_LOOP=store_in_loop, num_warps=p.num_warps, num_stages=p.num_stages)
     try:
         partial(prec)
     except Exception as exc:  # noqa: BLE001  (a Triton without tf32x3 for this shape: IEEE, slower)
@@ -153,11 +158,15 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
     slice_dv = min(p.block_dv, 64)
     while slice_dv > 16 and batch * kv_heads * groups * (p.block_dv // slice_dv) < 2 * sm_count:
         slice_dv //= 2
+    # every split in one block when the [splits, slice] tile stays <= 4096 fp32 (32 registers a
+    # thread): one round of loads (ONE_PASS); else blocks of 64 splits, two rounds per block
+    block_s = _plan.next_pow2(max(p.splits, 16))
+    one_pass = block_s * slice_dv <= 4096
     kernels._combine[(batch * kv_heads * groups, p.block_dv // slice_dv)](
         m_buf, l_buf, acc, q if sinks is None else sinks, out, out_strides[0], out_strides[1],
         groups, kv_heads, p.splits, gp, dv, HAS_SINK=sinks is not None,
-        BLOCK_S=min(64, _plan.next_pow2(max(p.splits, 16))),
-        BLOCK_DV=p.block_dv, SLICE_DV=slice_dv, num_warps=4)
+        BLOCK_S=block_s if one_pass else min(64, block_s),
+        BLOCK_DV=p.block_dv, SLICE_DV=slice_dv, ONE_PASS=one_pass, num_warps=4)
     return p
 
 

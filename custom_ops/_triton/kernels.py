@@ -15,9 +15,15 @@ RING        rows ``0..W-1`` ring slots, row ``W`` the new token at ``pos``; slot
 READ        rows of another layer's full cache, position ``j``; only ``[pos-W+1, pos]`` is visited.
 READ_RING   another layer's ring already holding ``pos``: slot s holds ``pos-S+1+((s-pos-1) mod S)``.
 BUFFER      in-place full cache (``attention_buffer_inplace``): rows ``0..pos-1`` of the fixed-capacity
-            buffer, row ``pos`` the new token (read from the new K/V, never from the buffer); the
-            program holding row ``pos`` (head block 0) stores it into the buffer at ``pos``, the
-            only row written. S1 = the buffer's rows; rows past ``min(pos, S1 - 1)`` are not visited.
+            buffer, row ``pos`` the new token (read from the new K/V, never from the buffer, so no
+            program reads what another writes). The new row is stored at ``pos`` (the only row
+            written) by the last split of head block 0 after its loop, from its own one-row load:
+            the K/V tiles stay dot-only operands, so the loop is the read-only kernel's (``READ``),
+            software-pipelined through swizzled shared memory. ``STORE_IN_LOOP`` (the first design,
+            kept for the bench) stores the row from the tile of the program holding it instead: a
+            non-dot use of every tile, which makes Triton stage the tiles unswizzled (bank-conflicted
+            ``ldmatrix`` at d 512) and adds a shared->register copy and a predicated store per tile.
+            S1 = the buffer's rows; rows past ``min(pos, S1 - 1)`` are not visited.
 SPARSE_*    DeepSeek V4: W raw ring slots (``pos - ((pos - s) mod W)``), then the compressed entries
             (HCA: every visible one; CSA: ``comp[idx[k]]``); K = V (one tensor), one KV head.
 
@@ -74,7 +80,8 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
              MODE: tl.constexpr, COPY: tl.constexpr, KV_SAME: tl.constexpr,
              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr = False, DYN_CHUNK: tl.constexpr = False):
+             BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr = False, DYN_CHUNK: tl.constexpr = False,
+             STORE_IN_LOOP: tl.constexpr = False):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gb = pid % NUM_GB
@@ -172,7 +179,7 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
                 vis_comp = (ci >= 0) & (ci < NCOMP) & (ratio * (ci + 1) <= q_pos + 1)
             vis = in_rng & tl.where(first, vis_raw, vis_comp)
         # ---- copy the tile into the returned cache (head block 0 only: one write per row)
-        if COPY:
+        if COPY and (MODE != BUFFER or STORE_IN_LOOP):
             if MODE == CACHE:
                 dest = j
                 dest_ok = in_rng & (gb == 0)
@@ -190,6 +197,16 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
         m_i, l_i, acc = softmax_tile(q, k, v, vis[None, :], m_i, l_i, acc, scale, softcap,
                                      DOT_F32, DOT_PREC, HAS_SOFTCAP)
 
+    if COPY and MODE == BUFFER and not STORE_IN_LOOP:
+        # the new row, once per (batch, KV head): the last split has the fewest rows (the tail of
+        # [base, pos], or none); nothing in this launch reads buffer row pos, so any order is exact
+        if (gb == 0) & (split == SPLITS - 1):
+            new_ok = q_pos < S1  # a pos past the buffer (unchecked under capture) writes nothing
+            tl.store(KO + b * sko_b + kvh * sko_h + q_pos * sko_s + offs_d,
+                     tl.load(k2 + offs_d, mask=d_ok, other=0.0), mask=d_ok & new_ok)
+            tl.store(VO + b * svo_b + kvh * svo_h + q_pos * svo_s + offs_dv,
+                     tl.load(v2 + offs_dv, mask=dv_ok, other=0.0), mask=dv_ok & new_ok)
+
     row = (bh * SPLITS + split) * GP + offs_g
     tl.store(M_OUT + row, m_i, mask=g_ok)
     tl.store(L_OUT + row, l_i, mask=g_ok)
@@ -199,7 +216,12 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
 @triton.jit
 def _combine(M_IN, L_IN, ACC_IN, SINK, O, so_b, so_h, G, HKV, SPLITS, GP, DV,
              HAS_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-             SLICE_DV: tl.constexpr):
+             SLICE_DV: tl.constexpr, ONE_PASS: tl.constexpr = False):
+    """Merge the SPLITS partials of one head (a SLICE_DV-wide slice of its output) with the sink.
+    ``ONE_PASS`` (SPLITS <= BLOCK_S): every partial loaded at once, the max / denominator / sum
+    from those registers -- one round of global loads instead of two per BLOCK_S splits (B=1 at
+    32K-128K: 256 splits, 8 rounds of dependent loads before); the same arithmetic in the same order
+    as the loop with one block, so the same bits."""
     pid = tl.program_id(0)  # (b * HKV + kvh) * G + g; axis 1: a SLICE_DV-wide slice of the output
     g = pid % G
     bh = pid // G
@@ -212,21 +234,32 @@ def _combine(M_IN, L_IN, ACC_IN, SINK, O, so_b, so_h, G, HKV, SPLITS, GP, DV,
         sink = tl.load(SINK + h).to(tl.float32)
     else:
         sink = float("-inf")
-    m_all = sink + tl.zeros([BLOCK_S], tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        sp = s0 + offs_s
-        m = tl.load(M_IN + (bh * SPLITS + sp) * GP + g, mask=sp < SPLITS, other=float("-inf"))
-        m_all = tl.maximum(m_all, m)
-    m_max = tl.max(m_all, 0)
-    den = tl.exp(sink - m_max)
-    num = tl.zeros([SLICE_DV], tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        sp = s0 + offs_s
-        ok = sp < SPLITS
-        rows = (bh * SPLITS + sp) * GP + g
-        w = tl.exp(tl.load(M_IN + rows, mask=ok, other=float("-inf")) - m_max)
-        den += tl.sum(w * tl.load(L_IN + rows, mask=ok, other=0.0), 0)
+    if ONE_PASS:
+        ok = offs_s < SPLITS
+        rows = (bh * SPLITS + offs_s) * GP + g
+        m = tl.load(M_IN + rows, mask=ok, other=float("-inf"))
+        lsum = tl.load(L_IN + rows, mask=ok, other=0.0)
         a = tl.load(ACC_IN + rows[:, None] * BLOCK_DV + offs_dv[None, :], mask=ok[:, None], other=0.0)
-        num += tl.sum(w[:, None] * a, 0)
+        m_max = tl.max(tl.maximum(sink + tl.zeros([BLOCK_S], tl.float32), m), 0)
+        w = tl.exp(m - m_max)
+        den = tl.exp(sink - m_max) + tl.sum(w * lsum, 0)
+        num = tl.sum(w[:, None] * a, 0)
+    else:
+        m_all = sink + tl.zeros([BLOCK_S], tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            sp = s0 + offs_s
+            m = tl.load(M_IN + (bh * SPLITS + sp) * GP + g, mask=sp < SPLITS, other=float("-inf"))
+            m_all = tl.maximum(m_all, m)
+        m_max = tl.max(m_all, 0)
+        den = tl.exp(sink - m_max)
+        num = tl.zeros([SLICE_DV], tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            sp = s0 + offs_s
+            ok = sp < SPLITS
+            rows = (bh * SPLITS + sp) * GP + g
+            w = tl.exp(tl.load(M_IN + rows, mask=ok, other=float("-inf")) - m_max)
+            den += tl.sum(w * tl.load(L_IN + rows, mask=ok, other=0.0), 0)
+            a = tl.load(ACC_IN + rows[:, None] * BLOCK_DV + offs_dv[None, :], mask=ok[:, None], other=0.0)
+            num += tl.sum(w[:, None] * a, 0)
     out = num / den
     tl.store(O + b * so_b + h * so_h + offs_dv, out.to(O.dtype.element_ty), mask=offs_dv < DV)
