@@ -11,8 +11,11 @@ E2B full layers (8 heads, 1 KV head, d 512) and sliding layers (d 256, W 512), D
 CSA / HCA layers (64 heads, d 512, window 128, ratio 4 top-512 / ratio 128); the in-place full cache
 (``attention_buffer_inplace``: ``buffer`` in a buffer of L rows, ``buffer_short`` in one of 128K rows,
 ``buffer_d256`` with 2 KV heads of d 256; ``buffer_functional`` the functional op; ``buffer_inloop`` /
-``buffer_d256_inloop`` the first in-place design, the new row stored from the K/V tile inside the
-loop (``plan.CONFIG["buffer_store"] = "loop"``), for comparing both designs in one run) and
+``buffer_d256_inloop`` the first in-place design as run 25 measured it, the new row stored from the
+K/V tile inside the loop (``plan.CONFIG["buffer_store"] = "loop"``) and the two-pass combine
+(``combine_one_pass`` off), for comparing both designs in one run; ``read_full_twopass`` the
+read-only kernel with that combine; ``buffer_pdl`` the default with the combine launched as a
+programmatic dependent launch, ``plan.CONFIG["pdl"]``) and
 ``read_full_short`` (the read-only kernel over a 128K-row cache at position L - 1), ``hca_short`` (HCA
 with a 128K context's compressed entries allocated, L/128 of them visible). ``hca_vs_bytes``
 in the JSON: whether HCA's time follows its bytes (:func:`bytes_model`). Calls are captured in a
@@ -202,8 +205,8 @@ def _buffer_case(ctx, batch, gen, heads, kv_heads, d, capacity, inplace=True, st
     kw = dict(scale=1.0)
     name = "attention_buffer_inplace" if inplace else "attention_buffer"
     kern = lambda *a: getattr(ops, name)(*a, **kw)  # noqa: E731
-    if store is not None:
-        kern = _with_config(kern, buffer_store=store)
+    if store is not None:  # the first design: also run 25's combine
+        kern = _with_config(kern, buffer_store=store, combine_one_pass=store == "after_loop")
     ref = lambda *a: getattr(attn_mod, name)._init_fn(*a, **kw)  # noqa: E731
     return make, nbytes, kern, ref, None
 
@@ -228,6 +231,20 @@ def case_buffer_inloop(ctx, batch, gen):
 def case_buffer_d256_inloop(ctx, batch, gen):
     """``buffer_d256`` with the first in-place design (the new row stored inside the loop)."""
     return _buffer_case(ctx, batch, gen, 8, 2, 256, ctx, store="loop")
+
+
+def case_buffer_pdl(ctx, batch, gen):
+    """``buffer`` with the combine kernel launched as a programmatic dependent launch of the partial
+    kernel (``plan.CONFIG["pdl"]``, sm_90+): its launch overlaps the partial kernel's tail."""
+    make, nbytes, kern, ref, sdpa = case_buffer(ctx, batch, gen)
+    return make, nbytes, _with_config(kern, pdl=True), ref, None
+
+
+def case_read_full_twopass(ctx, batch, gen):
+    """``read_full`` with the combine of run 25 (blocks of 64 splits, two passes): what the combine's
+    one round of loads (``combine_one_pass``, the default) saves."""
+    make, nbytes, kern, ref, sdpa = case_read_full(ctx, batch, gen)
+    return make, nbytes, _with_config(kern, combine_one_pass=False), ref, None
 
 
 def case_buffer_short(ctx, batch, gen):
@@ -328,7 +345,8 @@ CASES = {"full": case_full, "read_full": case_read_full, "read_full_q32": case_r
          "buffer_d256": case_buffer_d256, "buffer_short": case_buffer_short,
          "buffer_functional": case_buffer_functional, "read_full_short": case_read_full_short,
          "hca_short": case_hca_short, "buffer_inloop": case_buffer_inloop,
-         "buffer_d256_inloop": case_buffer_d256_inloop}
+         "buffer_d256_inloop": case_buffer_d256_inloop, "read_full_twopass": case_read_full_twopass,
+         "buffer_pdl": case_buffer_pdl}
 
 
 def run_case(name, ctx, batch, bw, gen, with_ref=True):

@@ -99,16 +99,19 @@ def test_tiny_run_writes_every_row(bench, tmp_path):
 
 
 def test_inloop_cases_run_the_first_design(bench, monkeypatch):
-    """``buffer_inloop`` calls the op with ``plan.CONFIG["buffer_store"] = "loop"`` (what its warm-up and
-    CUDA-graph capture compile) and restores the default after the call; ``buffer`` keeps the default."""
+    """``buffer_inloop`` calls the op with ``plan.CONFIG["buffer_store"] = "loop"`` and the two-pass
+    combine (run 25's kernels: what its warm-up and CUDA-graph capture compile), ``read_full_twopass``
+    with that combine, and the config is restored after the call; ``buffer`` keeps the defaults."""
     from effexport.custom_ops._triton import plan
 
     seen = []
     monkeypatch.setattr(bench, "DEV", "cpu")
-    monkeypatch.setattr(bench.ops, "attention_buffer_inplace",
-                        lambda *a, **k: seen.append(plan.CONFIG["buffer_store"]), raising=False)
-    for name in ("buffer_inloop", "buffer", "buffer_d256_inloop"):
+    for op in ("attention_buffer_inplace", "attention_read"):
+        monkeypatch.setattr(bench.ops, op, lambda *a, **k: seen.append(
+            (plan.CONFIG["buffer_store"], plan.CONFIG["combine_one_pass"])), raising=False)
+    for name in ("buffer_inloop", "buffer", "buffer_d256_inloop", "read_full_twopass", "read_full"):
         make, _, kern, _, _ = bench.CASES[name](64, 1, torch.Generator().manual_seed(0))
         kern(*make())
-        assert plan.CONFIG["buffer_store"] == "after_loop"
-    assert seen == ["loop", "after_loop", "loop"]
+        assert plan.CONFIG["buffer_store"] == "after_loop" and plan.CONFIG["combine_one_pass"] is True
+    assert seen == [("loop", False), ("after_loop", True), ("loop", False), ("after_loop", False),
+                    ("after_loop", True)]

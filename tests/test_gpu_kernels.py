@@ -69,7 +69,7 @@ def _cpu(*shape, dtype):
 def _decode_case(op, dtype, qdtype):
     from effexport.custom_ops import _triton as T
 
-    b, d = 2, 512 if op in ("cache", "read", "buffer", "buffer_inloop") else 256
+    b, d = 2, 512 if op in ("cache", "read", "buffer", "buffer_inloop", "buffer_pdl") else 256
     q = _cpu(b, 8, 1, d, dtype=qdtype)
     new = [_cpu(b, 1, 1, d, dtype=dtype) for _ in range(2)]
     rows = 512 if op in ("ring", "ring_chunked", "read_ring") else 4096
@@ -77,13 +77,15 @@ def _decode_case(op, dtype, qdtype):
     sinks, pos = torch.randn(8), torch.tensor(5000)
     if op == "cache":
         T._cache_cuda(q, *new, *cache, sinks, scale=1.0, softcap=30.0)
-    elif op in ("buffer", "buffer_inloop"):  # the default store after the loop, the first design's in it
-        saved = plan.CONFIG["buffer_store"]
-        plan.CONFIG["buffer_store"] = "loop" if op == "buffer_inloop" else "after_loop"
+    elif op in ("buffer", "buffer_inloop", "buffer_pdl"):  # the default store after the loop, the first
+        saved = dict(plan.CONFIG)                          # design's in it, the PDL launches
+        plan.CONFIG.update(buffer_store="loop" if op == "buffer_inloop" else "after_loop",
+                           combine_one_pass=op != "buffer_inloop",  # the two-pass combine compiles too
+                           pdl=op == "buffer_pdl")
         try:
             T._buffer_inplace_cuda(q, *new, *cache, torch.tensor(3000), sinks, scale=1.0, softcap=30.0)
         finally:
-            plan.CONFIG["buffer_store"] = saved
+            plan.CONFIG.update(saved)
     elif op in ("ring", "ring_chunked"):
         T._ring_cuda(q, *new, *cache, pos, None, scale=1.0, window=512, chunked=op == "ring_chunked")
     else:
@@ -137,7 +139,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
 ZAYA1 = (1, 8, 2, 128, 2, 2, 64)  # batch, Hq, Hk, d, K0, K1, rot of ZAYA1-8B's CCA
 LAUNCH_CASES = [
     *[pytest.param(_decode_case, op, dt, qdt, id=f"decode-{op}-{name}")
-      for op in ("cache", "ring", "ring_chunked", "read", "read_ring", "buffer", "buffer_inloop")
+      for op in ("cache", "ring", "ring_chunked", "read", "read_ring", "buffer", "buffer_inloop", "buffer_pdl")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32), ("fp32q-bf16kv", BF16, FP32))],
     *[pytest.param(_sparse_case, kind, dt, dt, id=f"sparse-{kind}-{name}") for kind in ("hca", "csa")
       for name, dt in (("bf16", BF16), ("fp32", FP32))],
@@ -361,15 +363,19 @@ def test_attention_buffer(gen, dtype, capacity, pos, t_len, window, batch, heads
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("store", plan.BUFFER_STORES)
+@pytest.mark.parametrize("store,one_pass,pdl", [("after_loop", True, False), ("loop", False, False),
+                                                ("after_loop", True, True)], ids=["default", "run25", "pdl"])
 @pytest.mark.parametrize("capacity,pos", [(4096, 0), (4096, 1337), (4096, 4095), (32768, 20000)],
                          ids=["pos0", "mid", "last", "mid-32k"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_attention_buffer_inplace_stores(monkeypatch, gen, store, capacity, pos, batch):
+def test_attention_buffer_inplace_stores(monkeypatch, gen, store, one_pass, pdl, capacity, pos, batch):
     """Both places of the new row's store (``plan.CONFIG["buffer_store"]``: after the loop, the
-    default, or inside it, the first design) write exactly row ``pos`` and attend rows ``0..pos``
-    (Gemma 4 global shapes, bf16)."""
+    default, or inside it with the two-pass combine, run 25's kernels), and the combine as a
+    programmatic dependent launch, write exactly row ``pos`` and attend rows ``0..pos`` (Gemma 4
+    global shapes, bf16)."""
     monkeypatch.setitem(plan.CONFIG, "buffer_store", store)
+    monkeypatch.setitem(plan.CONFIG, "combine_one_pass", one_pass)
+    monkeypatch.setitem(plan.CONFIG, "pdl", pdl)
     h, hkv, d = 8, 1, 512
     q = _rand(batch, h, 1, d, dtype=torch.bfloat16, gen=gen)
     kn, vn = (_rand(batch, hkv, 1, d, dtype=torch.bfloat16, gen=gen) for _ in range(2))
@@ -383,9 +389,12 @@ def test_attention_buffer_inplace_stores(monkeypatch, gen, store, capacity, pos,
 
 
 @pytest.mark.gpu
-def test_attention_buffer_inplace_replays_from_a_cuda_graph(gen):
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_attention_buffer_inplace_replays_from_a_cuda_graph(monkeypatch, gen, pdl):
     """Captured once, replayed at successive positions (``pos`` updated on the device): each replay
-    writes its row and attends rows ``0..pos``, as the reference does step by step."""
+    writes its row and attends rows ``0..pos``, as the reference does step by step (also with the
+    combine as a programmatic dependent launch, ``plan.CONFIG["pdl"]``)."""
+    monkeypatch.setitem(plan.CONFIG, "pdl", pdl)
     b, h, hkv, d, cap = 2, 8, 1, 512, 2048
     kb, vb = (torch.zeros(b, hkv, cap, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     q, kn, vn = (_rand(b, n, 1, d, dtype=torch.bfloat16, gen=gen) for n in (h, hkv, hkv))

@@ -132,6 +132,8 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
     if store not in _plan.BUFFER_STORES:
         raise ValueError(f"plan.CONFIG['buffer_store'] must be one of {_plan.BUFFER_STORES}, got {store!r}")
     store_in_loop = mode == _plan.BUFFER and store == "loop"
+    pdl = bool(_plan.CONFIG["pdl"])
+    pdl_launch = {"launch_pdl": True} if pdl else {}  # the dependent (combine) launch's attribute
 
     def partial(prec):
         kernels._partial[(batch * kv_heads * p.num_gb, p.splits)](
@@ -143,7 +145,7 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
             MODE=mode, COPY=k_out is not None, KV_SAME=kv_same, DOT_F32=dot_f32, DOT_PREC=prec,
             HAS_SOFTCAP=softcap > 0, BLOCK_G=p.block_g, BLOCK_N=p.block_n, BLOCK_D=p.block_d,
             BLOCK_DV=p.block_dv, CHUNKED=chunked, DYN_CHUNK=mode in _plan.DYNAMIC and _plan.CONFIG["dynamic_chunk"],
-            STORE_IN_LOOP=store_in_loop, num_warps=p.num_warps, num_stages=p.num_stages)
+            STORE_IN_LOOP=store_in_loop, PDL=pdl, num_warps=p.num_warps, num_stages=p.num_stages)
     try:
         partial(prec)
     except Exception as exc:  # noqa: BLE001  (a Triton without tf32x3 for this shape: IEEE, slower)
@@ -161,12 +163,12 @@ def _launch(mode: int, q, k1, v1, k2, v2, *, kv_heads: int, groups: int, q_strid
     # every split in one block when the [splits, slice] tile stays <= 4096 fp32 (32 registers a
     # thread): one round of loads (ONE_PASS); else blocks of 64 splits, two rounds per block
     block_s = _plan.next_pow2(max(p.splits, 16))
-    one_pass = block_s * slice_dv <= 4096
+    one_pass = _plan.CONFIG["combine_one_pass"] and block_s * slice_dv <= 4096
     kernels._combine[(batch * kv_heads * groups, p.block_dv // slice_dv)](
         m_buf, l_buf, acc, q if sinks is None else sinks, out, out_strides[0], out_strides[1],
         groups, kv_heads, p.splits, gp, dv, HAS_SINK=sinks is not None,
         BLOCK_S=block_s if one_pass else min(64, block_s),
-        BLOCK_DV=p.block_dv, SLICE_DV=slice_dv, ONE_PASS=one_pass, num_warps=4)
+        BLOCK_DV=p.block_dv, SLICE_DV=slice_dv, ONE_PASS=one_pass, PDL=pdl, num_warps=4, **pdl_launch)
     return p
 
 

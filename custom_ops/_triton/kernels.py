@@ -81,7 +81,9 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
              DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr, CHUNKED: tl.constexpr = False, DYN_CHUNK: tl.constexpr = False,
-             STORE_IN_LOOP: tl.constexpr = False):
+             STORE_IN_LOOP: tl.constexpr = False, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the combine grid may be scheduled now (it waits for us)
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     gb = pid % NUM_GB
@@ -216,12 +218,15 @@ def _partial(Q, K1, V1, K2, V2, IDX, POS, KO, VO, M_OUT, L_OUT, ACC_OUT,
 @triton.jit
 def _combine(M_IN, L_IN, ACC_IN, SINK, O, so_b, so_h, G, HKV, SPLITS, GP, DV,
              HAS_SINK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-             SLICE_DV: tl.constexpr, ONE_PASS: tl.constexpr = False):
+             SLICE_DV: tl.constexpr, ONE_PASS: tl.constexpr = False, PDL: tl.constexpr = False):
     """Merge the SPLITS partials of one head (a SLICE_DV-wide slice of its output) with the sink.
     ``ONE_PASS`` (SPLITS <= BLOCK_S): every partial loaded at once, the max / denominator / sum
     from those registers -- one round of global loads instead of two per BLOCK_S splits (B=1 at
     32K-128K: 256 splits, 8 rounds of dependent loads before); the same arithmetic in the same order
-    as the loop with one block, so the same bits."""
+    as the loop with one block, so the same bits. ``PDL``: launched as a programmatic dependent of
+    the partial kernel; waits for it (all its partials written and visible) before any load."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)  # (b * HKV + kvh) * G + g; axis 1: a SLICE_DV-wide slice of the output
     g = pid % G
     bh = pid // G

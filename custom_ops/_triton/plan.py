@@ -23,12 +23,17 @@ DYNAMIC = (READ, BUFFER, SPARSE_HCA)
 # the heuristic below.
 CONFIG = {"programs_per_sm": 2, "max_head_dim": 512, "block_n": None, "num_stages": None,
           "num_warps": None, "smem_budget": 160 * 1024, "scratch_frac": 4.0, "min_chunk": 0,
-          "dynamic_chunk": True, "buffer_store": "after_loop"}
+          "dynamic_chunk": True, "buffer_store": "after_loop", "combine_one_pass": True, "pdl": False}
 # ``buffer_store``: where ``BUFFER`` mode (attention_buffer_inplace) stores the new row -- "after_loop"
 # (the default: one row loaded and stored by one program, the loop identical to the read-only kernel's)
 # or "loop" (the first design: the program holding row pos stores it from its K/V tile, which makes
 # every tile a non-dot use and measured 1.5x the read-only kernel's time; kept for the bench).
 BUFFER_STORES = ("after_loop", "loop")
+# ``combine_one_pass``: the combine loads every split at once when [splits, DV slice] <= 4096 fp32
+# (False: blocks of 64 splits, a pass for the max then one for the sums, as before; for the bench).
+# ``pdl``: launch the combine as a programmatic dependent launch of the partial kernel (sm_90+; its
+# launch and scheduling overlap the partial kernel's tail, it waits for the partials with
+# griddepcontrol.wait). Off by default until measured (bench kernel ``buffer_pdl``).
 
 
 def next_pow2(n: int) -> int:
