@@ -380,7 +380,10 @@ def run_case(name, ctx, batch, bw, gen, with_ref=True):
 SWEEP_CASES = (("read_full", 32768, 1), ("read_full", 32768, 8), ("read_full", 131072, 1),
                ("read_full", 131072, 8), ("full", 32768, 1), ("full", 131072, 1))
 SWEEP_CONFIGS = ({}, {"programs_per_sm": 4}, {"programs_per_sm": 1, "smem_budget": 200 * 1024, "num_stages": 3},
-                 {"smem_budget": 200 * 1024, "num_stages": 3}, {"num_stages": 1}, {"block_n": 64})
+                 {"smem_budget": 200 * 1024, "num_stages": 3}, {"num_stages": 1}, {"block_n": 64},
+                 # two 16-row staging buffers in the shared memory of one 32-row buffer (d 512: 82 KB,
+                 # two programs per SM): the next tile's copy in flight while one is read
+                 {"block_n": 16, "num_stages": 3})
 # --sweep-dynamic: rows cut at run time from pos (the default) vs the static cut over the cache's rows
 DYNAMIC_CASES = (("buffer_short", 4096, 1), ("buffer_short", 32768, 1), ("buffer_short", 32768, 8),
                  ("read_full_short", 4096, 1), ("read_full_short", 32768, 1), ("read_full_short", 32768, 8),
