@@ -1,0 +1,62 @@
+"""``bench/ort_attention.py`` (issue #20) in its CPU smoke mode: every attention lowering the script
+times on the GPU, built the same way and run by the CPU EP in fp32, agrees with the torch fp32
+reference (1e-4 of the largest output) and leaves the buffers as they were; the GroupQueryAttention
+check's variants (and effexport's own lowering of the failing GPU test) agree too; a worker that dies
+mid-item is replaced, the item recorded as crashed and the items after it still measured."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import ort_attention  # noqa: E402
+
+
+def test_contexts_and_items():
+    assert ort_attention.contexts("32768:4095,4096") == [(32768, 4095), (4096, 4095)]
+    args = ort_attention.parse(["--smoke", "--heads", "32", "--batches", "2", "--candidates", "decomp,gqa"])
+    items = ort_attention.plan_items(args)
+    assert items[0] == {"kind": "copy_bw"} and items[-1]["variant"] == "exporter_graph"
+    assert [i["candidate"] for i in items if i["kind"] == "sweep"] == ["decomp", "gqa"] * 2
+
+
+def test_smoke_on_the_cpu(tmp_path):
+    args = ort_attention.parse(["--smoke", "--heads", "32", "--batches", "2"])
+    crash = ort_attention.item_key({"kind": "sweep", "d": 32, "hq": args.q_heads, "hkv": args.kv_heads, "rows": 64,
+                                    "pos": 20, "batch": 2, "candidate": "attn24_add"})
+    env = {**os.environ, "ORT_ATTENTION_CRASH_AT": crash}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ort_attention.py"), "--smoke", "--out",
+                           str(tmp_path), "--heads", "32", "--batches", "2"], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "ort_attention.json").read_text())
+    assert results["meta"]["ep"] == "CPUExecutionProvider" and not results["skipped"]
+    assert "| decomp |" in (tmp_path / "ort_attention.md").read_text()
+
+    sweep = results["sweep"]
+    assert len(sweep) == 2 * len(ort_attention.CANDIDATES)  # contexts 64:20, 64:63 at B 2, d 32
+    crashed = [r for r in sweep if r.get("error", "").startswith("worker exit 3")]
+    assert [(r["candidate"], r["pos"]) for r in crashed] == [("attn24_add", 20)]
+    assert results["crashed"] and results["crashed"][0]["candidate"] == "attn24_add"
+    ran = [r for r in sweep if "error" not in r]
+    # the CPU EP runs every lowering but the crashed one (a candidate it refused would be an error here)
+    assert {r["candidate"] for r in ran} == set(ort_attention.CANDIDATES)
+    for r in ran:
+        what = f"{r['candidate']} pos {r['pos']}"
+        assert isinstance(r["max_rel"], float) and r["max_rel"] < 1e-4, (what, r["max_rel"])
+        assert r["buffers_intact"] and r["after_timing_buffers_intact"], what
+        assert r["uncaptured_us"] > 0 and r["bytes"] == (r["pos"] + 1) * r["hkv"] * r["d"] * 4 * 2 * r["batch"], what
+        assert not r["other_ep_nodes"], what
+
+    checks = {r["variant"]: r for r in results["gqa_check"]}
+    assert set(checks) == set(ort_attention.CHECK_VARIANTS)
+    assert checks["total_on_device"].get("skipped")  # no device on the CPU
+    for name, r in checks.items():
+        if name == "total_on_device":
+            continue
+        assert "error" not in r, (name, r.get("error"))
+        assert isinstance(r["max_rel"], float) and r["max_rel"] < 1e-4, (name, r["max_rel"])
+        if r["shared"]:
+            assert r["row_written"] and r["rows_before_kept"] and r["rows_after_kept"], name
