@@ -32,10 +32,20 @@ the same memory (in place):
   (``gqa_cap``: the exporter's one-token convention, a constant a CUDA graph can keep). ORT may refuse
   head 512; the error string is the result.
 * ``attn24``: ai.onnx ``Attention`` (opset 24) over the whole buffer as K/V (4-D BNSH, no
-  past_key), ``nonpad_kv_seqlen = pos + 1`` (int64 ``[B]``), ``is_causal = 0``, ``softmax_precision
-  = 1`` (fp32); ``q_num_heads`` / ``kv_num_heads`` are left out (the spec wants them for 3-D inputs
-  only). ``attn24_bool`` / ``attn24_add``: the same with a boolean / additive (``-1e30``) ``attn_mask
-  [1,1,1,Lmax]`` built from ``pos`` instead of ``nonpad_kv_seqlen``. All after the ScatterND write.
+  past_key), ``nonpad_kv_seqlen = pos + 1`` (int64 ``[B]``), ``is_causal = 0``; ``q_num_heads`` /
+  ``kv_num_heads`` left out (the spec wants them for 3-D inputs only), ``softmax_precision`` left
+  out (ORT's CUDA kernels refused it; they accumulate in fp32). ``attn24_bool`` / ``attn24_add``:
+  the same with a boolean / additive (``-1e30``) ``attn_mask [1,1,Tq,Lmax]`` built from ``pos``
+  instead of ``nonpad_kv_seqlen``. ORT's CUDA Attention (as of its 2025-26 sources) takes
+  ``Hq != Hkv`` only as 3-D inputs and masks it by ``nonpad_kv_seqlen`` through flash (head <= 256),
+  so two more layouts, each a binding of the same memory under another shape (:func:`shapes`):
+  ``attn24_3d``: 3-D ``Q [B,1,Hq*d]``, ``K/V [B,Lmax,Hkv*d]`` (sequence-major: the BNSH buffer
+  itself when Hkv = 1), ``q_num_heads`` / ``kv_num_heads``, ``nonpad_kv_seqlen``;
+  ``attn24_fold`` / ``attn24_fold_bool`` / ``attn24_fold_add``: the G query heads of a KV head as
+  its query rows, ``Q [B,Hkv,G,d]`` (Hq = Hkv for ORT: its MHA path, any head size), with
+  ``nonpad_kv_seqlen`` / a bool / an additive mask. ``attn23_bool`` (by ``--candidates`` only): the
+  boolean mask at opset 23, what the exporter's ``standard`` profile emits. All after the ScatterND
+  write (in the candidate's layout).
 * ``mha`` / ``mha_bias``: ``com.microsoft.MultiHeadAttention`` with the buffer as BNSH key / value.
   MHA has no KV-head grouping (key heads = ``num_heads``), so the ``G`` query heads of a KV head go
   into its query sequence (``query [B, G, Hkv*d]``, ``num_heads = Hkv``, not causal): the same
@@ -91,7 +101,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-CANDIDATES = ("decomp", "attn24", "attn24_bool", "attn24_add", "mha", "mha_bias", "gqa", "gqa_cap")
+CANDIDATES = ("decomp", "attn24", "attn24_bool", "attn24_add", "attn24_3d", "attn24_fold", "attn24_fold_bool",
+              "attn24_fold_add", "mha", "mha_bias", "gqa", "gqa_cap")
+EXTRA = ("attn23_bool",)  # by --candidates only
 L2_BYTES = 50 << 20  # H100 / H200 L2
 NEG = -1e30  # the additive masks' "hidden" (finite: no -inf arithmetic in the kernels)
 FLOAT, FLOAT16, BFLOAT16, INT32, INT64 = 1, 10, 16, 6, 7  # onnx.TensorProto element types
@@ -130,7 +142,7 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--no-check", action="store_true", help="skip the gqa_check section")
     ap.add_argument("--no-kernels", action="store_true", help="skip the CUDA kernel times (torch's CUPTI profiler)")
-    ap.add_argument("--target-ms", type=float, default=None, help="time per timing loop (default 60; smoke 10)")
+    ap.add_argument("--target-ms", type=float, default=None, help="time of each timing (3 loops; default 40; smoke 10)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this long (default 135; smoke 240)")
     ap.add_argument("--smoke", action="store_true", help="CPU EP, fp32, small shapes (a CPU-only machine)")
     ap.add_argument("--inline", action="store_true", help="measure in this process (no worker; debugging)")
@@ -140,15 +152,15 @@ def parse(argv) -> argparse.Namespace:
     smoke = args.smoke
     defaults = dict(contexts=[(64, 20), (64, 63)] if smoke else [(32768, 4095), (32768, 32767), (4096, 4095)],
                     batches=[1, 2] if smoke else [1, 8], heads=[64, 32] if smoke else [512, 256],
-                    q_heads=4 if smoke else 8, kv_heads=2 if smoke else 1, target_ms=10.0 if smoke else 60.0,
+                    q_heads=4 if smoke else 8, kv_heads=2 if smoke else 1, target_ms=10.0 if smoke else 40.0,
                     budget_s=240.0 if smoke else 135.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.candidates = [c for c in args.candidates.split(",") if c]
-    unknown = set(args.candidates) - set(CANDIDATES)
+    unknown = set(args.candidates) - set(CANDIDATES + EXTRA)
     if unknown:
-        ap.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES)}")
+        ap.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES + EXTRA)}")
     if args.q_heads % args.kv_heads:
         ap.error("--q-heads must be a multiple of --kv-heads")
     return args
@@ -187,6 +199,7 @@ class Env:
             ort.preload_dlls()  # onnxruntime-gpu: CUDA / cuDNN from the pip wheels torch brought
         self.ort, self.torch = ort, torch
         self.cuda = not smoke
+        self.no_profiler = False  # set when torch's CUPTI profiler failed once
         if self.cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError(f"no CUDAExecutionProvider in onnxruntime {ort.__version__} "
                                f"({ort.get_available_providers()}); PYTHONPATH=/tmp/ortgpu? (--smoke for the CPU)")
@@ -318,42 +331,65 @@ class Graph:
         return helper.make_model(graph, opset_imports=opsets, ir_version=ir, producer_name="ort_attention")
 
 
-def _common_inputs(g: Graph, s: dict) -> dict:
-    """q, k_new, v_new, k_buf, v_buf, pos (device int64 scalar) as graph inputs."""
+def shapes(s: dict, layout: str = "bnsh") -> dict:
+    """The shapes a candidate's graph declares for q / out, k_new / v_new and the buffers.
+
+    ``bnsh``: the step's own ``[B, Hq, 1, d]`` / ``[B, Hkv, 1, d]`` / ``[B, Hkv, Lmax, d]``. ``fold``:
+    the ``G = Hq / Hkv`` query heads of a KV head as its query rows, ``[B, Hkv, G, d]`` (the same
+    memory as ``[B, Hq, 1, d]`` at T = 1). ``bsnh``: 3-D ``[B, 1, Hq*d]`` / ``[B, 1, Hkv*d]`` /
+    ``[B, Lmax, Hkv*d]`` (a cache kept sequence-major: the same memory as the BNSH buffer when
+    Hkv = 1, a copy of it otherwise). A layout is a binding of the same device memory under another
+    shape, not a node: the exporter would declare its graph inputs that way."""
     B, hq, hkv, L, d = s["batch"], s["hq"], s["hkv"], s["rows"], s["d"]
-    return {"q": g.input("q", g.dtype, [B, hq, 1, d]), "k_new": g.input("k_new", g.dtype, [B, hkv, 1, d]),
-            "v_new": g.input("v_new", g.dtype, [B, hkv, 1, d]), "k_buf": g.input("k_buf", g.dtype, [B, hkv, L, d]),
-            "v_buf": g.input("v_buf", g.dtype, [B, hkv, L, d]), "pos": g.input("pos", INT64, [])}
+    if layout == "bsnh":
+        return {"q": [B, 1, hq * d], "new": [B, 1, hkv * d], "buf": [B, L, hkv * d]}
+    q = [B, hkv, hq // hkv, d] if layout == "fold" else [B, hq, 1, d]
+    return {"q": q, "new": [B, hkv, 1, d], "buf": [B, hkv, L, d]}
 
 
-def _write(g: Graph, s: dict, x: dict, write: bool) -> tuple[str, str]:
-    """The exporter's ``_buffer_written``: one ScatterND per buffer at ``(b, h, pos)`` (outputs
-    ``k_out`` / ``v_out``, bound to the buffers' memory: ORT writes in place); without ``write`` the
-    buffers pass through Identity (outputs still bound to the same memory)."""
+def _common_inputs(g: Graph, s: dict, layout: str = "bnsh") -> dict:
+    """q, k_new, v_new, k_buf, v_buf (shaped by ``layout``), pos (device int64 scalar) as graph inputs."""
+    shape = shapes(s, layout)
+    return {"q": g.input("q", g.dtype, shape["q"]), "k_new": g.input("k_new", g.dtype, shape["new"]),
+            "v_new": g.input("v_new", g.dtype, shape["new"]), "k_buf": g.input("k_buf", g.dtype, shape["buf"]),
+            "v_buf": g.input("v_buf", g.dtype, shape["buf"]), "pos": g.input("pos", INT64, [])}
+
+
+def _write(g: Graph, s: dict, x: dict, write: bool, layout: str = "bnsh") -> tuple[str, str]:
+    """The exporter's ``_buffer_written``: one ScatterND per buffer at ``(b, h, pos)`` (``(b, pos)``
+    for a ``bsnh`` buffer; outputs ``k_out`` / ``v_out``, bound to the buffers' memory: ORT writes in
+    place); without ``write`` the buffers pass through Identity (outputs still bound to that memory)."""
     B, hkv = s["batch"], s["hkv"]
     if not write:
         return (g.op("Identity", x["k_buf"], out=["k_out"]), g.op("Identity", x["v_buf"], out=["v_out"]))
-    batch = g.const(np.broadcast_to(np.arange(B).reshape(B, 1, 1, 1), (B, hkv, 1, 1)))
-    head = g.const(np.broadcast_to(np.arange(hkv).reshape(1, hkv, 1, 1), (B, hkv, 1, 1)))
-    row = g.op("Add", x["pos"], g.const(np.zeros((B, hkv, 1, 1), dtype=np.int64)))  # [B, Hkv, 1, 1]
-    index = g.op("Concat", batch, head, row, axis=-1)  # [B, Hkv, 1, 3]
+    if layout == "bsnh":
+        batch = g.const(np.arange(B).reshape(B, 1, 1))
+        row = g.op("Add", x["pos"], g.const(np.zeros((B, 1, 1), dtype=np.int64)))  # [B, 1, 1]
+        index = g.op("Concat", batch, row, axis=-1)  # [B, 1, 2]
+    else:
+        batch = g.const(np.broadcast_to(np.arange(B).reshape(B, 1, 1, 1), (B, hkv, 1, 1)))
+        head = g.const(np.broadcast_to(np.arange(hkv).reshape(1, hkv, 1, 1), (B, hkv, 1, 1)))
+        row = g.op("Add", x["pos"], g.const(np.zeros((B, hkv, 1, 1), dtype=np.int64)))  # [B, Hkv, 1, 1]
+        index = g.op("Concat", batch, head, row, axis=-1)  # [B, Hkv, 1, 3]
     return (g.op("ScatterND", x["k_buf"], index, x["k_new"], out=["k_out"]),
             g.op("ScatterND", x["v_buf"], index, x["v_new"], out=["v_out"]))
 
 
-def _outputs(g: Graph, s: dict) -> None:
+def _outputs(g: Graph, s: dict, layout: str = "bnsh") -> None:
     """``out`` and the buffers' ``k_out`` / ``v_out`` (written by the nodes under those names)."""
-    B, hq, hkv, L, d = s["batch"], s["hq"], s["hkv"], s["rows"], s["d"]
-    g.output("out", g.dtype, [B, hq, 1, d])
-    g.output("k_out", g.dtype, [B, hkv, L, d])
-    g.output("v_out", g.dtype, [B, hkv, L, d])
+    shape = shapes(s, layout)
+    g.output("out", g.dtype, shape["q"])
+    g.output("k_out", g.dtype, shape["buf"])
+    g.output("v_out", g.dtype, shape["buf"])
 
 
-def _keys_visible(g: Graph, s: dict, x: dict) -> str:
-    """bool ``[1, 1, 1, Lmax]``: rows ``<= pos`` (constants as initializers: no Reshape / Cast, whose
-    opset-24 versions a CUDA EP may lack)."""
+def _keys_visible(g: Graph, s: dict, x: dict, q_rows: int = 1) -> str:
+    """bool ``[1, 1, q_rows, Lmax]``: rows ``<= pos`` (ORT wants the mask's query dimension equal to
+    the query length, not broadcast; constants as initializers: no Reshape / Cast, whose opset-24
+    versions a CUDA EP may lack)."""
     rows = g.const(np.arange(s["rows"]).reshape(1, 1, 1, -1))
-    return g.op("Less", rows, g.op("Add", x["pos"], g.const(1, shape=[])))
+    visible = g.op("Less", rows, g.op("Add", x["pos"], g.const(1, shape=[])))
+    return visible if q_rows == 1 else g.op("Expand", visible, g.const([1, 1, q_rows, s["rows"]]))
 
 
 def build_decomp(s: dict, dtype: int, write: bool = True):
@@ -411,23 +447,26 @@ def build_gqa(s: dict, dtype: int, rotary: bool = False, max_pos: int = 0):
     return g.model(18, ms=True)
 
 
-def build_attn24(s: dict, dtype: int, mask: str = "nonpad", write: bool = True):
-    """ai.onnx ``Attention`` (opset 24) with the buffer as K / V; rows after ``pos`` hidden by
-    ``nonpad_kv_seqlen`` or a bool / additive ``attn_mask``."""
+def build_attention(s: dict, dtype: int, mask: str = "nonpad", write: bool = True, opset: int = 24,
+                    layout: str = "bnsh"):
+    """ai.onnx ``Attention`` (opset 24, or 23 without ``nonpad_kv_seqlen``) with the buffer as K / V
+    (in ``layout``: :func:`shapes`); rows after ``pos`` hidden by ``nonpad_kv_seqlen`` or a bool /
+    additive ``attn_mask [1, 1, 1, Lmax]``. 3-D inputs carry ``q_num_heads`` / ``kv_num_heads``."""
     g = Graph(dtype)
-    x = _common_inputs(g, s)
-    k, v = _write(g, s, x, write)
+    x = _common_inputs(g, s, layout)
+    k, v = _write(g, s, x, write, layout)
     attn_mask = nonpad = None
     if mask == "nonpad":
         nonpad = g.op("Expand", g.op("Add", x["pos"], g.const(1, shape=[])), g.const([s["batch"]]))  # int64 [B]
     else:
-        attn_mask = _keys_visible(g, s, x)  # bool [1, 1, 1, L]
+        attn_mask = _keys_visible(g, s, x, shapes(s, layout)["q"][2] if layout != "bsnh" else 1)  # [1,1,Tq,L]
         if mask == "add":
             attn_mask = g.op("Where", attn_mask, g.fconst(0.0), g.fconst(NEG))
+    heads = {"q_num_heads": s["hq"], "kv_num_heads": s["hkv"]} if layout == "bsnh" else {}
     g.op("Attention", x["q"], k, v, attn_mask, None, None, nonpad, out=["out"], is_causal=0,
-         scale=float(s["scale"]), softmax_precision=FLOAT)
-    _outputs(g, s)
-    return g.model(24)
+         scale=float(s["scale"]), **heads)
+    _outputs(g, s, layout)
+    return g.model(opset)
 
 
 def build_mha(s: dict, dtype: int, bias: bool = False, write: bool = True):
@@ -436,16 +475,15 @@ def build_mha(s: dict, dtype: int, bias: bool = False, write: bool = True):
     per batch row, or an additive ``attention_bias [1, 1, G, L]``."""
     g = Graph(dtype)
     x = _common_inputs(g, s)
-    B, hq, hkv, L, d = s["batch"], s["hq"], s["hkv"], s["rows"], s["d"]
+    B, hq, hkv, d = s["batch"], s["hq"], s["hkv"], s["d"]
     groups = hq // hkv
     k, v = _write(g, s, x, write)
     query = g.op("Reshape", g.op("Transpose", g.op("Reshape", x["q"], g.const([B, hkv, groups, d])), perm=[0, 2, 1, 3]),
                  g.const([B, groups, hkv * d]))  # [B, G, Hkv*d]
     padding = attention_bias = None
     if bias:
-        visible = _keys_visible(g, s, x)  # [1, 1, 1, L]
-        attention_bias = g.op("Expand", g.op("Where", visible, g.fconst(0.0), g.fconst(NEG)),
-                              g.const([1, 1, groups, L]))
+        visible = _keys_visible(g, s, x, groups)  # [1, 1, G, L]
+        attention_bias = g.op("Where", visible, g.fconst(0.0), g.fconst(NEG))
     else:
         padding = g.op("Cast", g.op("Expand", g.op("Add", x["pos"], g.const(1, shape=[])), g.const([B])), to=INT32)
     out = g.op("MultiHeadAttention", query, k, v, None, padding, attention_bias, domain="com.microsoft",
@@ -456,13 +494,20 @@ def build_mha(s: dict, dtype: int, bias: bool = False, write: bool = True):
     return g.model(18, ms=True)
 
 
+def layout_of(candidate: str) -> str:
+    return "bsnh" if candidate == "attn24_3d" else "fold" if candidate.startswith("attn24_fold") else "bnsh"
+
+
 def build(candidate: str, s: dict, dtype: int, write: bool):
     if candidate == "decomp":
         return build_decomp(s, dtype, write)
     if candidate in ("gqa", "gqa_cap"):
         return build_gqa(s, dtype)
+    if candidate == "attn23_bool":
+        return build_attention(s, dtype, "bool", write, opset=23)
     if candidate.startswith("attn24"):
-        return build_attn24(s, dtype, {"attn24": "nonpad", "attn24_bool": "bool", "attn24_add": "add"}[candidate], write)
+        mask = "nonpad" if candidate in ("attn24", "attn24_3d", "attn24_fold") else candidate.rsplit("_", 1)[1]
+        return build_attention(s, dtype, mask, write, layout=layout_of(candidate))
     if candidate.startswith("mha"):
         return build_mha(s, dtype, candidate == "mha_bias", write)
     raise ValueError(candidate)
@@ -571,23 +616,43 @@ class Case:
         self.k_new = self.k_buf[:, :, pos:pos + 1].clone()
         self.v_new = self.v_buf[:, :, pos:pos + 1].clone()
         self.k_keep, self.v_keep = self.k_buf.clone(), self.v_buf.clone()
+        self.seq_major = []  # (buffer, its copy) of K and V kept sequence-major, for the bsnh layout
         self.pos = torch.tensor(pos, dtype=torch.int64, device=env.device)
         self.out = torch.empty(B, hq, 1, d, dtype=env.dtype, device=env.device)
         self.want = reference(torch, self.q, self.k_buf, self.v_buf, s["scale"], pos + 1)
         self.totals = {"gqa": np.array(pos + 1, dtype=np.int32), "gqa_cap": np.array(L, dtype=np.int32)}
         env.sync()  # written on torch's stream; ORT runs on its own
 
+    def buffers(self, layout: str):
+        """The K / V buffers as ``layout`` binds them: the BNSH buffers, or for ``bsnh`` their
+        ``[B, Lmax, Hkv*d]`` view (Hkv = 1) or sequence-major copies (made once, checked like them)."""
+        if layout != "bsnh":
+            return self.k_buf, self.v_buf
+        B, hkv, L, d = self.s["batch"], self.s["hkv"], self.s["rows"], self.s["d"]
+        if hkv == 1:
+            return self.k_buf.view(B, L, d), self.v_buf.view(B, L, d)
+        if not self.seq_major:
+            for buf in (self.k_buf, self.v_buf):
+                copy = buf.transpose(1, 2).reshape(B, L, hkv * d).contiguous()
+                self.seq_major.append((copy, copy.clone()))
+            self.env.sync()
+        return self.seq_major[0][0], self.seq_major[1][0]
+
     def binding(self, session, candidate: str):
         env, b = self.env, session.io_binding()
-        feeds = {"q": self.q, "k_new": self.k_new, "v_new": self.v_new, "k_buf": self.k_buf, "v_buf": self.v_buf,
-                 "pos": self.pos}
+        layout = layout_of(candidate)
+        shape = shapes(self.s, layout)
+        k_buf, v_buf = self.buffers(layout)
+        feeds = {"q": self.q.view(shape["q"]), "k_new": self.k_new.view(shape["new"]),
+                 "v_new": self.v_new.view(shape["new"]), "k_buf": k_buf, "v_buf": v_buf, "pos": self.pos}
         for meta in session.get_inputs():
             if meta.name == "total":
                 b.bind_cpu_input("total", self.totals[candidate])
             else:
                 env.bind(b.bind_input, meta.name, feeds[meta.name])
+        outs = {"out": self.out.view(shape["q"]), "k_out": k_buf, "v_out": v_buf}
         for meta in session.get_outputs():
-            env.bind(b.bind_output, meta.name, {"out": self.out, "k_out": self.k_buf, "v_out": self.v_buf}[meta.name])
+            env.bind(b.bind_output, meta.name, outs[meta.name])
         return b
 
     def check(self) -> dict:
@@ -595,10 +660,11 @@ class Case:
         values (restored if not)."""
         torch = self.torch
         err = max_rel(torch, self.out, self.want)
-        intact = bool(torch.equal(self.k_buf, self.k_keep) and torch.equal(self.v_buf, self.v_keep))
+        pairs = [(self.k_buf, self.k_keep), (self.v_buf, self.v_keep)] + self.seq_major
+        intact = all(torch.equal(buf, keep) for buf, keep in pairs)
         if not intact:
-            self.k_buf.copy_(self.k_keep)
-            self.v_buf.copy_(self.v_keep)
+            for buf, keep in pairs:
+                buf.copy_(keep)
             self.env.sync()
         return {"max_rel": finite(err), "buffers_intact": intact}
 
@@ -617,11 +683,12 @@ class Case:
         res.update(self.check())
         t = time_runs(env, lambda: session.run_with_iobinding(binding), args.target_ms / 1e3)
         res["uncaptured_us"], res["uncaptured_iters"], res["uncaptured_spread"] = t["s"] * 1e6, t["iters"], t["spread"]
-        if env.cuda and not args.no_kernels:
+        if env.cuda and not args.no_kernels and not env.no_profiler:
             try:
                 res.update(kernel_times(env, lambda: session.run_with_iobinding(binding)))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001  (once: the profiler will not work later either)
                 res["kernels_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                env.no_profiler = True
         res.update({f"after_timing_{k}": v for k, v in self.check().items()})
         del binding, session
         env.free()
@@ -1023,21 +1090,22 @@ def orchestrate(args, items: list[dict]) -> int:
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
+        killed = False
         try:
             code = proc.wait(timeout=max(1.0, deadline + GRACE_S - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
-            code = proc.wait()
-            tail.append(f"killed: past the budget of {args.budget_s:.0f} s\n")
+            code, killed = proc.wait(), True
         reader.join(timeout=5)
         os.remove(items_file)
         events = read_events(args.out)
         finished = {e["key"] for e in events if e["event"] in ("result", "skipped", "crashed")}
         started = [e for e in events if e["event"] == "start" and e["key"] not in finished]
-        for e in started:  # the item the worker died in
+        for e in started:  # the item the worker died in (or was killed in when the budget ran out)
+            record = ({"event": "skipped", "reason": "budget: killed mid-item"} if killed else
+                      {"event": "crashed", "result": {"error": f"worker exit {code}: " + "".join(tail)[-700:]}})
             with open(log, "a") as f:
-                f.write(json.dumps({"event": "crashed", "key": e["key"], "item": e["item"],
-                                    "result": {"error": f"worker exit {code}: " + "".join(tail)[-700:]}}) + "\n")
+                f.write(json.dumps({**record, "key": e["key"], "item": e["item"]}) + "\n")
             finished.add(e["key"])
         remaining = [i for i in remaining if item_key(i) not in finished]
         if code == 0 or time.time() > deadline:
