@@ -1,10 +1,17 @@
 """The attention lowerings ONNX Runtime's CUDA EP offers for one decode step over a fixed KV buffer,
 timed and checked against a torch fp32 reference, so the exporter can pick the fastest (issue #20).
 
-GPU run (one device call after the five staging calls of BENCHMARKS.md; whole run <= 150 s on an H100):
+GPU run: device call 6 after the five staging calls of BENCHMARKS.md (call 6 carries ``.ortgpu6``;
+``_ortgpu_env.sh`` installs onnxruntime-gpu 1.31.1 into /tmp/ortgpu, puts it on PYTHONPATH and maps
+the checkout as ``effexport``). The script stops itself after ``--budget-s`` (default 130 s; its
+worker is killed 8 s later at most), so the run takes <= 140 s after the install:
 
-    source bench/_ortgpu_env.sh && timeout 170 python3 bench/ort_attention.py --out "$OUT" --budget-s 135 \\
-        2>&1 | grep -v CleanUnusedInitializers | tee "$OUT/ort_attention.log" | tail -n 80
+    source bench/_ortgpu_env.sh && timeout 150 python3 bench/ort_attention.py --out "$OUT" 2>&1 \\
+        | tee "$OUT/ort_attention.log" | tail -n 120
+
+Results: ``$OUT/ort_attention.json`` (every number), ``ort_attention.md`` (the tables),
+``ort_attention.jsonl`` (the event log). A second run can pin ORT's attention kernels per candidate,
+e.g. ``--candidates gqa,gqa+no_cudnn_auto,gqa+sdpa_flash --heads 256 --no-check`` (:data:`KNOBS`).
 
 CPU smoke test (CPU EP, fp32, small shapes, no CUDA graphs; ``tests/test_bench_ort_attention.py``):
 
@@ -72,9 +79,13 @@ Section ``gqa_check``: the GroupQueryAttention shared-buffer case that failed on
 capacity as the exporter emits it; max rel 1.50 against < 2e-2) rebuilt standalone, then variants
 that each change one condition: the capacity (16 / 64 / 4096), pos at the last row or 0, zero rows
 after pos, ``total_sequence_length = pos + 1`` (``seqlens_k = total - 1``) or bound on the device,
-B 1, ``do_rotary``, fp16, d 128, present not bound to the past (ORT allocates it), and the
-exporter's own lowering of the test (``exporter_graph``, where effexport imports). Each prints
-``max_rel`` against torch and whether the row landed at ``pos`` and the other rows stayed.
+B 1, ``do_rotary``, fp16, d 128, present not bound to the past (ORT allocates it: no shared-buffer
+fast path), ORT's kernel switches one at a time (``knob_*``: XQA off, flash fast-decode off, cuDNN
+SDPA's SM90 auto-preference off, all three, ``sdpa_kernel`` pinned to flash / efficient / cuDNN /
+math), and the exporter's own lowering of the test (``exporter_graph``, where effexport imports).
+Each records ``max_rel`` against torch, whether the row landed at ``pos`` and the other rows stayed,
+and ``kernel_info``: the kernel ORT says it chose (``ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1``,
+its C++ stdout captured).
 
 The measurements run in a worker process; a worker that dies (a sticky CUDA error) is restarted on
 the items left, the item it died in recorded as its error. ``--budget-s`` stops the worker before
@@ -85,10 +96,12 @@ item.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -104,6 +117,23 @@ sys.path.insert(0, HERE)
 CANDIDATES = ("decomp", "attn24", "attn24_bool", "attn24_add", "attn24_3d", "attn24_fold", "attn24_fold_bool",
               "attn24_fold_add", "mha", "mha_bias", "gqa", "gqa_cap")
 EXTRA = ("attn23_bool",)  # by --candidates only
+KNOBS = {  # ORT's attention-kernel switches: a candidate "gqa+sdpa_flash" runs gqa with that one
+    "no_xqa": {"env": {"ORT_ENABLE_XQA": "0"}},  # GQA's XQA decode kernel (fp16 / bf16, on by default)
+    "no_flash_decode": {"env": {"ORT_DISABLE_FLASH_DECODE": "1"}},  # GQA's flash fast-decode (shared buffer)
+    "no_cudnn_auto": {"env": {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}},  # cuDNN SDPA, auto-preferred on SM >= 90
+    "no_fast_paths": {"env": {"ORT_ENABLE_XQA": "0", "ORT_DISABLE_FLASH_DECODE": "1",
+                              "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}},
+    "sdpa_flash": {"sdpa_kernel": "1"},  # the CUDA EP's sdpa_kernel bitmask pins the kernels (no cuDNN auto)
+    "sdpa_efficient": {"sdpa_kernel": "2"},
+    "sdpa_cudnn": {"sdpa_kernel": "8"},
+    "sdpa_math": {"sdpa_kernel": "16"},
+}
+
+
+def split_candidate(name: str) -> tuple[str, str | None]:
+    """``"gqa+sdpa_flash"`` -> ``("gqa", "sdpa_flash")``."""
+    base, _, knob = name.partition("+")
+    return base, knob or None
 L2_BYTES = 50 << 20  # H100 / H200 L2
 NEG = -1e30  # the additive masks' "hidden" (finite: no -inf arithmetic in the kernels)
 FLOAT, FLOAT16, BFLOAT16, INT32, INT64 = 1, 10, 16, 6, 7  # onnx.TensorProto element types
@@ -143,7 +173,7 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--no-check", action="store_true", help="skip the gqa_check section")
     ap.add_argument("--no-kernels", action="store_true", help="skip the CUDA kernel times (torch's CUPTI profiler)")
     ap.add_argument("--target-ms", type=float, default=None, help="time of each timing (3 loops; default 40; smoke 10)")
-    ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this long (default 135; smoke 240)")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this long (default 130; smoke 240)")
     ap.add_argument("--smoke", action="store_true", help="CPU EP, fp32, small shapes (a CPU-only machine)")
     ap.add_argument("--inline", action="store_true", help="measure in this process (no worker; debugging)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the items file of a worker
@@ -153,14 +183,16 @@ def parse(argv) -> argparse.Namespace:
     defaults = dict(contexts=[(64, 20), (64, 63)] if smoke else [(32768, 4095), (32768, 32767), (4096, 4095)],
                     batches=[1, 2] if smoke else [1, 8], heads=[64, 32] if smoke else [512, 256],
                     q_heads=4 if smoke else 8, kv_heads=2 if smoke else 1, target_ms=10.0 if smoke else 40.0,
-                    budget_s=240.0 if smoke else 135.0)
+                    budget_s=240.0 if smoke else 130.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.candidates = [c for c in args.candidates.split(",") if c]
-    unknown = set(args.candidates) - set(CANDIDATES + EXTRA)
+    unknown = {c for c in args.candidates if split_candidate(c)[0] not in CANDIDATES + EXTRA
+               or split_candidate(c)[1] not in (None, *KNOBS)}
     if unknown:
-        ap.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES + EXTRA)}")
+        ap.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES + EXTRA)}, each optionally "
+                 f"+KNOB, KNOB one of {', '.join(KNOBS)}")
     if args.q_heads % args.kv_heads:
         ap.error("--q-heads must be a multiple of --kv-heads")
     return args
@@ -216,14 +248,22 @@ class Env:
     def provider_name(self) -> str:
         return "CUDAExecutionProvider" if self.cuda else "CPUExecutionProvider"
 
-    def session(self, model, graph: bool = False, profile_dir: str | None = None):
+    def session(self, model, graph: bool = False, profile_dir: str | None = None, knob: str | None = None):
+        """A session of ``model`` on the device's EP (``graph``: CUDA graphs on; ``knob``: one of
+        :data:`KNOBS`, environment variables set while the session and its kernels are made)."""
+        knob = KNOBS.get(knob, {}) if knob else {}
+        with environment(knob.get("env", {})):
+            return self._session(model, graph, profile_dir, {k: v for k, v in knob.items() if k != "env"})
+
+    def _session(self, model, graph: bool, profile_dir: str | None, cuda_options: dict):
         opts = self.ort.SessionOptions()
         opts.log_severity_level = 3
         if profile_dir:
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(profile_dir, "p")
         if self.cuda:
-            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if graph else {}), "CPUExecutionProvider"]
+            options = {**cuda_options, **({"enable_cuda_graph": "1"} if graph else {})}
+            providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         session = self.ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
@@ -248,6 +288,40 @@ class Env:
         if self.cuda:
             self.torch.cuda.synchronize()
             self.torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def environment(variables: dict):
+    """``os.environ`` updated by ``variables`` inside (ORT reads its attention switches when a session
+    makes its kernels), restored after."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def captured_stdout(sink: list):
+    """What the process writes to file descriptor 1 inside (ORT's C++ ``std::cout``: the kernel
+    choice ``ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1`` prints) appended to ``sink`` as one string."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode(errors="replace"))
 
 
 def copy_bandwidth(env: Env) -> dict:
@@ -640,6 +714,7 @@ class Case:
 
     def binding(self, session, candidate: str):
         env, b = self.env, session.io_binding()
+        candidate = split_candidate(candidate)[0]
         layout = layout_of(candidate)
         shape = shapes(self.s, layout)
         k_buf, v_buf = self.buffers(layout)
@@ -670,10 +745,11 @@ class Case:
 
     def measure(self, candidate: str, args) -> dict:
         env, s = self.env, self.s
-        model = build(candidate, s, env.onnx_type[env.dtype], not args.no_write)
+        base, knob = split_candidate(candidate)
+        model = build(base, s, env.onnx_type[env.dtype], not args.no_write)
         res = {}
         with tempfile.TemporaryDirectory() as tmp:
-            session = env.session(model, profile_dir=tmp)
+            session = env.session(model, profile_dir=tmp, knob=knob)
             binding = self.binding(session, candidate)
             self.out.fill_(math.nan)
             env.sync()
@@ -694,7 +770,7 @@ class Case:
         env.free()
         if env.cuda and not args.no_graph:
             try:
-                session = env.session(model, graph=True)
+                session = env.session(model, graph=True, knob=knob)
                 binding = self.binding(session, candidate)
                 for _ in range(4):  # ORT runs a few uncaptured, captures, then replays
                     session.run_with_iobinding(binding)
@@ -722,7 +798,7 @@ def sweep_bytes(s: dict, itemsize: int) -> dict:
 
 # ------------------------------------------------------------------------------- the GQA check
 CHECK_BASE = dict(d=64, hq=4, hkv=2, batch=2, rows=16, pos=11, scale=0.3, beyond="random", total="capacity",
-                  total_on="cpu", rotary=False, dtype="bf16", shared=True)
+                  total_on="cpu", rotary=False, dtype="bf16", shared=True, knob=None)
 CHECK_VARIANTS = {
     "test_case": {},  # the failing test: seqlens_k = pos, total_sequence_length = capacity
     "total_pos1": {"total": "pos+1"},
@@ -743,6 +819,8 @@ CHECK_VARIANTS = {
     "d128": {"d": 128},
     "unshared": {"shared": False},
     "unshared_total_pos1": {"shared": False, "total": "pos+1"},
+    # which kernel: ORT's switches (KNOBS) on the failing case
+    **{f"knob_{k}": {"knob": k} for k in KNOBS},
     "exporter_graph": {"exporter": True},  # effexport's own lowering of the test, bound as the test binds it
 }
 
@@ -786,13 +864,16 @@ def gqa_check(env: Env, name: str) -> dict:
     qd, knd, vnd, kbd, vbd = (t.to(dev).contiguous() for t in (q, k_new, v_new, k_buf, v_buf))
     out = torch.full((B, hq, 1, d), math.nan, dtype=dtype, device=dev)
     posd = torch.tensor(pos, dtype=torch.int64, device=dev)
+    debug = {"ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO": "1"} if env.cuda else {}
     if s.get("exporter"):
-        session, binding = _exporter_session(env, s, dtype, dict(q=qd, k_new=knd, v_new=vnd, k_buf=kbd, v_buf=vbd,
-                                                                 pos=posd, out=out))
+        with environment(debug):
+            session, binding = _exporter_session(env, s, dtype, dict(q=qd, k_new=knd, v_new=vnd, k_buf=kbd,
+                                                                     v_buf=vbd, pos=posd, out=out))
     else:
         spec = dict(batch=B, hq=hq, hkv=hkv, rows=C, d=d, scale=s["scale"])
         model = build_gqa(spec, env.onnx_type[dtype], rotary=s["rotary"], max_pos=max_pos)
-        session = env.session(model)
+        with environment(debug):  # the kernels print the attention kernel they choose (CUDA EP)
+            session = env.session(model, knob=s["knob"])
         binding = session.io_binding()
         feeds = dict(q=qd, k_new=knd, v_new=vnd, k_buf=kbd, v_buf=vbd, pos=posd)
         if s["rotary"]:
@@ -813,8 +894,13 @@ def gqa_check(env: Env, name: str) -> dict:
             else:
                 binding.bind_output(name_, dev)
     env.sync()
-    session.run_with_iobinding(binding)
-    env.sync()
+    printed = []
+    with captured_stdout(printed):
+        session.run_with_iobinding(binding)
+        env.sync()
+    info = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", printed[0]).split())
+    if info:
+        res["kernel_info"] = info[:400]
     res["max_rel"] = finite(max_rel(torch, out.cpu(), want))
     if s["shared"]:
         k_after = kbd.cpu()
@@ -938,6 +1024,13 @@ def _f(x, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
 
 
+def _kernel(info: str) -> str:
+    """The kernel an ORT debug line names (``SdpaKernel=...`` or ``..._ATTENTION=1`` flags), else ``-``."""
+    found = re.findall(r"SdpaKernel=(\w+)|(\w+_ATTENTION|XQA\w*)=1", info)
+    names = [a or b for a, b in found]
+    return ",".join(dict.fromkeys(names))[:60] if names else ("?" if info else "-")
+
+
 def _e(x) -> str:
     """An error for the tables: ``1.2e-03``, a string as it is (``nan``), ``-`` for none."""
     return x if isinstance(x, str) else f"{x:.1e}" if isinstance(x, (int, float)) else "-"
@@ -1027,14 +1120,15 @@ def table(results: dict) -> str:
                      f"{'; '.join(note).replace('|', '/')} |")
     if results["gqa_check"]:
         lines += ["", "GroupQueryAttention shared-buffer check (bf16 unless the variant says; expected < 2e-2)", "",
-                  "| variant | C | pos | B | d | total_seq_len | max_rel | row written | other rows kept | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | C | pos | B | d | total_seq_len | max_rel | row written | other rows kept | kernel | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["gqa_check"]:
             err = r.get("max_rel")
             lines.append(f"| {r['variant']} | {r.get('rows', '-')} | {r.get('pos', '-')} | {r.get('batch', '-')} | "
                          f"{r.get('d', '-')} | {r.get('total_sequence_length', r.get('total', '-'))} | "
                          f"{_e(err)} | {r.get('row_written', '-')} | "
                          f"{(r.get('rows_before_kept'), r.get('rows_after_kept')) if 'rows_before_kept' in r else '-'} | "
+                         f"{_kernel(r.get('kernel_info', ''))} | "
                          f"{(r.get('error') or r.get('skipped') or '')[:160].replace('|', '/')} |")
     if results["skipped"]:
         lines += ["", f"{len(results['skipped'])} items skipped (budget)"]

@@ -60,3 +60,15 @@ def test_smoke_on_the_cpu(tmp_path):
         assert isinstance(r["max_rel"], float) and r["max_rel"] < 1e-4, (name, r["max_rel"])
         if r["shared"]:
             assert r["row_written"] and r["rows_before_kept"] and r["rows_after_kept"], name
+
+
+def test_stdout_of_the_process_is_captured():
+    """ORT prints its attention-kernel choice from C++ (file descriptor 1): the check reads it."""
+    sink = []
+    with ort_attention.captured_stdout(sink):
+        os.write(1, b"\x1b[36mOperator=GroupQueryAttention SdpaKernel=FLASH_ATTENTION\x1b[0m\n")
+    assert "SdpaKernel=FLASH_ATTENTION" in sink[0]
+    assert ort_attention._kernel(sink[0]) == "FLASH_ATTENTION"
+    with ort_attention.environment({"ORT_ATTENTION_TEST_VAR": "1"}):
+        assert os.environ["ORT_ATTENTION_TEST_VAR"] == "1"
+    assert "ORT_ATTENTION_TEST_VAR" not in os.environ
