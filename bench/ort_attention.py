@@ -163,7 +163,7 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     ap.add_argument("--contexts", type=contexts, default=None,
                     help="Lmax:pos pairs (default 32768:4095,32768:32767,4096:4095; smoke 64:20,64:63)")
-    ap.add_argument("--batches", type=ints, default=None, help="default 1,8 (smoke 1,2)")
+    ap.add_argument("--batches", type=ints, default=None, help="default 8,1: B 8 first (smoke 1,2)")
     ap.add_argument("--heads", type=ints, default=None, help="head sizes (default 512,256; smoke 64,32)")
     ap.add_argument("--q-heads", type=int, default=None, help="query heads (default 8; smoke 4)")
     ap.add_argument("--kv-heads", type=int, default=None, help="KV heads (default 1; smoke 2)")
@@ -172,7 +172,7 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--no-check", action="store_true", help="skip the gqa_check section")
     ap.add_argument("--no-kernels", action="store_true", help="skip the CUDA kernel times (torch's CUPTI profiler)")
-    ap.add_argument("--target-ms", type=float, default=None, help="time of each timing (3 loops; default 40; smoke 10)")
+    ap.add_argument("--target-ms", type=float, default=None, help="time of each timing (3 loops; default 30; smoke 10)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this long (default 130; smoke 240)")
     ap.add_argument("--smoke", action="store_true", help="CPU EP, fp32, small shapes (a CPU-only machine)")
     ap.add_argument("--inline", action="store_true", help="measure in this process (no worker; debugging)")
@@ -181,8 +181,8 @@ def parse(argv) -> argparse.Namespace:
     args = ap.parse_args(argv)
     smoke = args.smoke
     defaults = dict(contexts=[(64, 20), (64, 63)] if smoke else [(32768, 4095), (32768, 32767), (4096, 4095)],
-                    batches=[1, 2] if smoke else [1, 8], heads=[64, 32] if smoke else [512, 256],
-                    q_heads=4 if smoke else 8, kv_heads=2 if smoke else 1, target_ms=10.0 if smoke else 40.0,
+                    batches=[1, 2] if smoke else [8, 1], heads=[64, 32] if smoke else [512, 256],
+                    q_heads=4 if smoke else 8, kv_heads=2 if smoke else 1, target_ms=10.0 if smoke else 30.0,
                     budget_s=240.0 if smoke else 130.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -636,7 +636,7 @@ def time_runs(env: Env, run, target_s: float, min_iters: int = 3, max_iters: int
     return {"s": sorted(loops)[1], "iters": 3 * n, "spread": (max(loops) - min(loops)) / sorted(loops)[1]}
 
 
-def kernel_times(env: Env, run, calls: int = 5) -> dict:
+def kernel_times(env: Env, run, calls: int = 3) -> dict:
     """Device time per ``run()`` of the CUDA kernels (and copies) it launched, from torch's CUPTI
     profiler (it records every kernel of the process, ORT's too): ``gpu_us`` their sum, ``kernels``
     the largest ``[name, us per call, launches per call]``."""
