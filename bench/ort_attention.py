@@ -64,11 +64,14 @@ Per case and candidate: the output's max abs error over the largest reference va
 against torch fp32 attention over rows ``0..pos`` of the same bf16 data, the ONNX nodes ORT did not
 place on the CUDA EP (its profiler; a Memcpy or CPU node breaks CUDA graphs), whether the buffers
 kept their values (``buffers_intact``: the row written in place is the row they already held), and
-the time per call: uncaptured (``run_with_iobinding`` N times, then a synchronize; wall time, ORT's
-own per-run synchronization included) and replayed from a CUDA graph (a second session with
-``enable_cuda_graph = 1``, the same bindings; ORT captures on an early run, later runs replay).
+the time per call: ``uncaptured_us`` (``run_with_iobinding`` N times, then a synchronize; wall
+time, ORT's own per-run synchronization included), ``graph_us`` (the same, replayed from a CUDA
+graph: a second session with ``enable_cuda_graph = 1`` and the same bindings; ORT captures on an
+early run, later runs replay; its output is checked too, ``graph_max_rel``) and ``gpu_us``: the
+device time of the kernels one uncaptured call launched (torch's CUPTI profiler, which sees ORT's
+kernels; ``kernels`` names the largest), what the call costs inside a whole captured step.
 ``bytes`` is what the step needs to read: ``(pos + 1) * Hkv * d * 2 bytes * 2 (K and V) * B``;
-``frac`` is ``bytes / time`` over the device copy bandwidth measured here (torch ``copy_`` of
+``*_frac`` is ``bytes / time`` over the device copy bandwidth measured here (torch ``copy_`` of
 1 GiB, bytes read + written per second, as the other benchmarks' roofline). Cases whose K/V
 (``Lmax`` rows) fit the 50 MB L2 are marked ``l2``: their calls re-read data the previous call left
 in L2, so ``frac`` can pass 1.
@@ -117,6 +120,10 @@ sys.path.insert(0, HERE)
 CANDIDATES = ("decomp", "attn24", "attn24_bool", "attn24_add", "attn24_3d", "attn24_fold", "attn24_fold_bool",
               "attn24_fold_add", "mha", "mha_bias", "gqa", "gqa_cap")
 EXTRA = ("attn23_bool",)  # by --candidates only
+L2_BYTES = 50 << 20  # H100 / H200 L2
+NEG = -1e30  # the additive masks' "hidden" (finite: no -inf arithmetic in the kernels)
+FLOAT, FLOAT16, BFLOAT16, INT32, INT64 = 1, 10, 16, 6, 7  # onnx.TensorProto element types
+GRACE_S = 8.0  # the parent kills a worker this long after the budget is spent
 KNOBS = {  # ORT's attention-kernel switches: a candidate "gqa+sdpa_flash" runs gqa with that one
     "no_xqa": {"env": {"ORT_ENABLE_XQA": "0"}},  # GQA's XQA decode kernel (fp16 / bf16, on by default)
     "no_flash_decode": {"env": {"ORT_DISABLE_FLASH_DECODE": "1"}},  # GQA's flash fast-decode (shared buffer)
@@ -134,10 +141,6 @@ def split_candidate(name: str) -> tuple[str, str | None]:
     """``"gqa+sdpa_flash"`` -> ``("gqa", "sdpa_flash")``."""
     base, _, knob = name.partition("+")
     return base, knob or None
-L2_BYTES = 50 << 20  # H100 / H200 L2
-NEG = -1e30  # the additive masks' "hidden" (finite: no -inf arithmetic in the kernels)
-FLOAT, FLOAT16, BFLOAT16, INT32, INT64 = 1, 10, 16, 6, 7  # onnx.TensorProto element types
-GRACE_S = 8.0  # the parent kills a worker this long after the budget is spent
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -966,7 +969,8 @@ def worker(args) -> int:
             os.fsync(f.fileno())
 
     env = Env(args.smoke)
-    emit({"event": "meta", **env.meta()})
+    emit({"event": "meta", **env.meta(),
+          "build_info": env.ort.get_build_info() if hasattr(env.ort, "get_build_info") else None})
     case, case_id = None, None
     for i, item in enumerate(items):
         key = item_key(item)
@@ -996,6 +1000,9 @@ def worker(args) -> int:
             res = {"error": f"{type(exc).__name__}: {exc}"[:800]}
             if item["kind"] == "gqa_check":
                 res.update({k: v for k, v in check_spec(item["variant"], env.cuda).items() if k != "exporter"})
+            elif item["kind"] == "sweep" and case is not None and case_id == tuple(sorted(s.items())):
+                with contextlib.suppress(Exception):  # a run that failed midway may have written the buffers
+                    res["buffers_intact"] = case.check()["buffers_intact"]
             traceback.print_exc()
         res["wall_s"] = round(time.perf_counter() - t0, 3)
         emit({"event": "result", "key": key, "item": item, "result": res})
@@ -1054,10 +1061,12 @@ def read_events(out: str) -> list[dict]:
 def collect(out: str) -> dict:
     """``ort_attention.json``'s content from the event log: the last result of every item."""
     events = read_events(out)
-    results = {"meta": {}, "copy_bw": None, "gqa_check": [], "sweep": [], "skipped": [], "crashed": []}
+    results = {"meta": {}, "args": {}, "copy_bw": None, "gqa_check": [], "sweep": [], "skipped": [], "crashed": []}
     seen = {}
     for e in events:
-        if e["event"] == "meta":
+        if e["event"] == "plan":
+            results["args"] = e["args"]
+        elif e["event"] == "meta":
             results["meta"] = {k: v for k, v in e.items() if k != "event"}
         elif e["event"] in ("result", "crashed"):
             seen[e["key"]] = e
@@ -1220,9 +1229,10 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     log = os.path.join(args.out, "ort_attention.jsonl")
-    if os.path.exists(log):
-        os.remove(log)
     items = plan_items(args)
+    with open(log, "w") as f:  # a fresh log: the run's arguments first
+        f.write(json.dumps({"event": "plan", "args": {k: v for k, v in vars(args).items() if k not in
+                                                      ("worker", "deadline")}, "items": len(items)}) + "\n")
     if args.inline:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(items, f)
