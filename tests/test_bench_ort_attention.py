@@ -72,3 +72,45 @@ def test_stdout_of_the_process_is_captured():
     with ort_attention.environment({"ORT_ATTENTION_TEST_VAR": "1"}):
         assert os.environ["ORT_ATTENTION_TEST_VAR"] == "1"
     assert "ORT_ATTENTION_TEST_VAR" not in os.environ
+
+
+def test_decomp_candidate_is_the_exporters_lowering():
+    """``decomp`` is what the ``ort`` profile emits for a head GroupQueryAttention does not take (the
+    same compute and data-movement nodes, bf16 products, fp32 softmax); it and the exporter's graph
+    agree on the CPU (fp32)."""
+    from collections import Counter
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import effexport.custom_ops  # noqa: F401  (registers the ops)
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
+    from effexport.exporter.backends.onnx.export import lower
+
+    ops = torch.ops.effexport
+
+    class Buffer(torch.nn.Module):
+        def forward(self, q, k_new, v_new, k_buf, v_buf, pos):
+            return ops.attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, None, scale=0.05)
+
+    B, H, HKV, C, d, pos = 2, 4, 2, 32, GQA_MAX_HEAD_DIM * 2, 9
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(*shape, generator=g) for shape in
+            ((B, H, 1, d), (B, HKV, 1, d), (B, HKV, 1, d), (B, HKV, C, d), (B, HKV, C, d))] + [torch.tensor(pos)]
+    spec = dict(batch=B, hq=H, hkv=HKV, rows=C, d=d, pos=pos, scale=0.05)
+    heavy = {"MatMul", "Cast", "Softmax", "Where", "ScatterND", "Transpose", "Mul", "GreaterOrEqual"}  # not the index
+    # arithmetic (the exporter reshapes positions into the ScatterND index, the bench adds them to zeros)
+
+    def kinds(model):
+        return Counter(n.op_type for n in model.graph.node if n.op_type in heavy)
+
+    exported_bf16 = lower(Buffer(), tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in args), "ort")
+    assert kinds(ort_attention.build_decomp(spec, ort_attention.BFLOAT16)) == kinds(exported_bf16)
+
+    exported, mine = lower(Buffer(), tuple(args), "ort"), ort_attention.build_decomp(spec, ort_attention.FLOAT)
+    feeds = {k: a.numpy() for k, a in zip(("q", "k_new", "v_new", "k_buf", "v_buf", "pos"), args)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {i.name: feeds[i.name] for i in m.graph.input})
+    for got, want in zip(run(mine), run(exported)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
