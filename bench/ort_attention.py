@@ -90,8 +90,10 @@ Each records ``max_rel`` against torch, whether the row landed at ``pos`` and th
 and ``kernel_info``: the kernel ORT says it chose (``ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1``,
 its C++ stdout captured).
 
-The measurements run in a worker process; a worker that dies (a sticky CUDA error) is restarted on
-the items left, the item it died in recorded as its error. ``--budget-s`` stops the worker before
+The measurements run in worker processes, the check in one and the sweep in another (ORT's switches
+and debug output, and whatever the failing case does to the CUDA context, stay in the first); a
+worker that dies (a sticky CUDA error) is restarted on the items left, the item it died in recorded
+as its error. ``--budget-s`` stops the worker before
 its next item once the time is spent (the items left are recorded as skipped) and the parent kills
 it a few seconds after. ``ort_attention.json`` (and ``.md``) in ``--out`` are rewritten after every
 item.
@@ -201,20 +203,21 @@ def parse(argv) -> argparse.Namespace:
     return args
 
 
-def plan_items(args) -> list[dict]:
-    """Every measurement of the run, in order: the copy bandwidth, the GQA check, then the sweep
-    (head sizes as given, the first one first: head 512 is the question), then the check's
-    ``exporter_graph`` (a torch.export + lowering: seconds of CPU)."""
-    items = [{"kind": "copy_bw"}]
+def plan_items(args) -> list[list[dict]]:
+    """Every measurement of the run, in order, in two groups that run in separate worker processes
+    (so ORT's attention switches and debug output the check sets cannot reach the sweep's sessions,
+    and a context the failing case might corrupt is not the sweep's): the GQA check (its plain
+    variants, then the kernel switches, then ``exporter_graph``: a torch.export, seconds of CPU),
+    then the copy bandwidth and the sweep (head sizes as given, the first one first)."""
     checks = [] if args.no_check else [{"kind": "gqa_check", "variant": name} for name in CHECK_VARIANTS]
-    items += [c for c in checks if c["variant"] != "exporter_graph"]
+    sweep = [{"kind": "copy_bw"}]
     for d in args.heads:
         for rows, pos in args.contexts:
             for batch in args.batches:
                 for cand in args.candidates:
-                    items.append({"kind": "sweep", "d": d, "hq": args.q_heads, "hkv": args.kv_heads, "rows": rows,
+                    sweep.append({"kind": "sweep", "d": d, "hq": args.q_heads, "hkv": args.kv_heads, "rows": rows,
                                   "pos": pos, "batch": batch, "candidate": cand})
-    return items + [c for c in checks if c["variant"] == "exporter_graph"]
+    return [group for group in (checks, sweep) if group]
 
 
 def item_key(item: dict) -> str:
@@ -1166,15 +1169,22 @@ def _worker_argv(args, items_file: str, deadline: float) -> list[str]:
     return argv
 
 
-def orchestrate(args, items: list[dict]) -> int:
-    """Run the items in worker processes until every one has a result, a crash record or the budget
-    is spent: a worker that dies (say a sticky CUDA error) is replaced, its current item recorded as
-    ``crashed`` with the worker's last output."""
-    start = time.time()
-    deadline = start + args.budget_s
+def orchestrate(args, groups: list[list[dict]]) -> int:
+    """Run each group of items in worker processes until every item has a result, a crash record or
+    the budget is spent: a worker that dies (say a sticky CUDA error) is replaced, its current item
+    recorded as ``crashed`` with the worker's last output."""
+    deadline = time.time() + args.budget_s
+    for items in groups:
+        run_group(args, items, deadline)
+    results = write_report(args.out)
+    print(table(results), flush=True)
+    return 0
+
+
+def run_group(args, items: list[dict], deadline: float) -> None:
     remaining = list(items)
     log = os.path.join(args.out, "ort_attention.jsonl")
-    while remaining:
+    while remaining and time.time() < deadline:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(remaining, f)
             items_file = f.name
@@ -1218,9 +1228,6 @@ def orchestrate(args, items: list[dict]) -> int:
         with open(log, "a") as f:
             for item in remaining:
                 f.write(json.dumps({"event": "skipped", "key": item_key(item), "item": item, "reason": "budget"}) + "\n")
-    results = write_report(args.out)
-    print(table(results), flush=True)
-    return 0
 
 
 def main(argv=None) -> int:
@@ -1229,13 +1236,14 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     log = os.path.join(args.out, "ort_attention.jsonl")
-    items = plan_items(args)
+    groups = plan_items(args)
     with open(log, "w") as f:  # a fresh log: the run's arguments first
         f.write(json.dumps({"event": "plan", "args": {k: v for k, v in vars(args).items() if k not in
-                                                      ("worker", "deadline")}, "items": len(items)}) + "\n")
+                                                      ("worker", "deadline")},
+                            "items": sum(len(g) for g in groups)}) + "\n")
     if args.inline:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(items, f)
+            json.dump([item for group in groups for item in group], f)
         args.worker, args.deadline = f.name, time.time() + args.budget_s
         try:
             worker(args)
@@ -1244,7 +1252,7 @@ def main(argv=None) -> int:
         results = write_report(args.out)
         print(table(results), flush=True)
         return 0
-    return orchestrate(args, items)
+    return orchestrate(args, groups)
 
 
 if __name__ == "__main__":
