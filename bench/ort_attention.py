@@ -90,10 +90,10 @@ Each records ``max_rel`` against torch, whether the row landed at ``pos`` and th
 and ``kernel_info``: the kernel ORT says it chose (``ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1``,
 its C++ stdout captured).
 
-The measurements run in worker processes, the check in one and the sweep in another (ORT's switches
-and debug output, and whatever the failing case does to the CUDA context, stay in the first); a
-worker that dies (a sticky CUDA error) is restarted on the items left, the item it died in recorded
-as its error. ``--budget-s`` stops the worker before
+The measurements run in worker processes: the check, then the copy bandwidth and the sweep, then
+``exporter_graph``, one process each (ORT's switches and debug output, and whatever the failing case
+does to the CUDA context, stay out of the sweep); a worker that dies (a sticky CUDA error) is
+restarted on the items left, the item it died in recorded as its error. ``--budget-s`` stops the worker before
 its next item once the time is spent (the items left are recorded as skipped) and the parent kills
 it a few seconds after. ``ort_attention.json`` (and ``.md``) in ``--out`` are rewritten after every
 item.
@@ -204,12 +204,15 @@ def parse(argv) -> argparse.Namespace:
 
 
 def plan_items(args) -> list[list[dict]]:
-    """Every measurement of the run, in order, in two groups that run in separate worker processes
-    (so ORT's attention switches and debug output the check sets cannot reach the sweep's sessions,
-    and a context the failing case might corrupt is not the sweep's): the GQA check (its plain
-    variants, then the kernel switches, then ``exporter_graph``: a torch.export, seconds of CPU),
-    then the copy bandwidth and the sweep (head sizes as given, the first one first)."""
+    """Every measurement of the run, in order, in groups that run in separate worker processes (so
+    ORT's attention switches and debug output the check sets cannot reach the sweep's sessions, and
+    a context the failing case might corrupt is not the sweep's): the GQA check (its plain variants,
+    then the kernel switches), the copy bandwidth and the sweep (head sizes as given, the first one
+    first), then the check's ``exporter_graph`` (a torch.export: seconds of CPU, and the standalone
+    ``test_case`` is its graph)."""
     checks = [] if args.no_check else [{"kind": "gqa_check", "variant": name} for name in CHECK_VARIANTS]
+    last = [c for c in checks if c["variant"] == "exporter_graph"]
+    checks = [c for c in checks if c not in last]
     sweep = [{"kind": "copy_bw"}]
     for d in args.heads:
         for rows, pos in args.contexts:
@@ -217,7 +220,7 @@ def plan_items(args) -> list[list[dict]]:
                 for cand in args.candidates:
                     sweep.append({"kind": "sweep", "d": d, "hq": args.q_heads, "hkv": args.kv_heads, "rows": rows,
                                   "pos": pos, "batch": batch, "candidate": cand})
-    return [group for group in (checks, sweep) if group]
+    return [group for group in (checks, sweep, last) if group]
 
 
 def item_key(item: dict) -> str:

@@ -17,8 +17,8 @@ import ort_attention  # noqa: E402
 def test_contexts_and_items():
     assert ort_attention.contexts("32768:4095,4096") == [(32768, 4095), (4096, 4095)]
     args = ort_attention.parse(["--smoke", "--heads", "32", "--batches", "2", "--candidates", "decomp,gqa"])
-    checks, sweep = ort_attention.plan_items(args)  # two worker processes
-    assert {i["kind"] for i in checks} == {"gqa_check"} and checks[-1]["variant"] == "exporter_graph"
+    checks, sweep, last = ort_attention.plan_items(args)  # three worker processes
+    assert {i["kind"] for i in checks} == {"gqa_check"} and last == [{"kind": "gqa_check", "variant": "exporter_graph"}]
     assert sweep[0] == {"kind": "copy_bw"}
     assert [i["candidate"] for i in sweep[1:]] == ["decomp", "gqa"] * 2
     assert len(ort_attention.plan_items(ort_attention.parse(["--smoke", "--no-check"]))) == 1
