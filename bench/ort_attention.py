@@ -1024,7 +1024,8 @@ def line(item: dict, res: dict) -> str:
     if "error" in res:
         tail = "ERROR " + res["error"][:300]
     elif item["kind"] == "sweep":
-        tail = (f"max_rel {res.get('max_rel')} uncaptured {_f(res.get('uncaptured_us'))} us graph "
+        tail = (f"max_rel {res.get('max_rel')} uncaptured {_f(res.get('uncaptured_us'))} us gpu "
+                f"{_f(res.get('gpu_us'))} us graph "
                 f"{_f(res.get('graph_us')) if 'graph_error' not in res else 'ERROR ' + res['graph_error'][:200]}"
                 f"{' other EP ' + str(res['other_ep_nodes']) if res.get('other_ep_nodes') else ''}")
     else:
@@ -1035,6 +1036,10 @@ def line(item: dict, res: dict) -> str:
 
 def _f(x, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
+
+
+def _pct(frac) -> str:
+    return f"{100 * frac:.0f}%" if isinstance(frac, (int, float)) else "-"
 
 
 def _kernel(info: str) -> str:
@@ -1108,9 +1113,9 @@ def table(results: dict) -> str:
              + (f"{bw / 1e12:.2f} TB/s" if bw else "n/a"), "",
              "graph / uncaptured us: wall time per run_with_iobinding (a CUDA-graph replay / the nodes launched one "
              "by one), ORT's per-run overhead included; gpu us: the device time of the kernels one call launched; "
-             "frac: MB needed / time over the copy bandwidth", "",
-             "| d | Lmax | pos | B | candidate | graph us | uncaptured us | gpu us | MB needed | gpu frac | graph frac "
-             "| max_rel | top kernel | note |",
+             "% bw: MB needed / time as a percentage of the copy bandwidth", "",
+             "| d | Lmax | pos | B | candidate | graph us | uncaptured us | gpu us | MB needed | gpu % bw | graph % bw "
+             "| max_rel | top kernel (us) | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["sweep"]:
         note = []
@@ -1130,8 +1135,8 @@ def table(results: dict) -> str:
         top = f"{r['kernels'][0][0][:48]} ({r['kernels'][0][1]:.0f})" if r.get("kernels") else "-"
         lines.append(f"| {r['d']} | {r['rows']} | {r['pos']} | {r['batch']} | {r['candidate']} | "
                      f"{_f(r.get('graph_us'))} | {_f(r.get('uncaptured_us'))} | {_f(r.get('gpu_us'))} | "
-                     f"{_f(r['bytes'] / 1e6, 2) if r.get('bytes') else '-'} | {_f(r.get('gpu_frac'), 2)} | "
-                     f"{_f(r.get('graph_frac'), 2)} | {_e(err)} | {top.replace('|', '/')} | "
+                     f"{_f(r['bytes'] / 1e6, 2) if r.get('bytes') else '-'} | {_pct(r.get('gpu_frac'))} | "
+                     f"{_pct(r.get('graph_frac'))} | {_e(err)} | {top.replace('|', '/')} | "
                      f"{'; '.join(note).replace('|', '/')} |")
     if results["gqa_check"]:
         lines += ["", "GroupQueryAttention shared-buffer check (bf16 unless the variant says; expected < 2e-2)", "",
