@@ -176,6 +176,7 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="drop the ScatterND write of the non-GQA candidates")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--no-check", action="store_true", help="skip the gqa_check section")
+    ap.add_argument("--check-only", action="store_true", help="the gqa_check section alone")
     ap.add_argument("--no-kernels", action="store_true", help="skip the CUDA kernel times (torch's CUPTI profiler)")
     ap.add_argument("--target-ms", type=float, default=None, help="time of each timing (3 loops; default 30; smoke 10)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop cleanly after this long (default 130; smoke 240)")
@@ -213,8 +214,8 @@ def plan_items(args) -> list[list[dict]]:
     checks = [] if args.no_check else [{"kind": "gqa_check", "variant": name} for name in CHECK_VARIANTS]
     last = [c for c in checks if c["variant"] == "exporter_graph"]
     checks = [c for c in checks if c not in last]
-    sweep = [{"kind": "copy_bw"}]
-    for d in args.heads:
+    sweep = [] if args.check_only else [{"kind": "copy_bw"}]
+    for d in [] if args.check_only else args.heads:
         for rows, pos in args.contexts:
             for batch in args.batches:
                 for cand in args.candidates:

@@ -25,16 +25,18 @@ def test_contexts_and_items():
 
 
 def test_smoke_on_the_cpu(tmp_path):
+    """The sweep through its worker processes (one killed midway and replaced)."""
     args = ort_attention.parse(["--smoke", "--heads", "32", "--batches", "2"])
     crash = ort_attention.item_key({"kind": "sweep", "d": 32, "hq": args.q_heads, "hkv": args.kv_heads, "rows": 64,
                                     "pos": 20, "batch": 2, "candidate": "attn24_add"})
     env = {**os.environ, "ORT_ATTENTION_CRASH_AT": crash}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ort_attention.py"), "--smoke", "--out",
-                           str(tmp_path), "--heads", "32", "--batches", "2"], capture_output=True, text=True,
-                          timeout=900, env=env)
+                           str(tmp_path), "--heads", "32", "--batches", "2", "--no-check"], capture_output=True,
+                          text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "ort_attention.json").read_text())
     assert results["meta"]["ep"] == "CPUExecutionProvider" and not results["skipped"]
+    assert results["args"]["heads"] == [32] and not results["gqa_check"]
     assert "| decomp |" in (tmp_path / "ort_attention.md").read_text()
 
     sweep = results["sweep"]
@@ -52,9 +54,18 @@ def test_smoke_on_the_cpu(tmp_path):
         assert r["uncaptured_us"] > 0 and r["bytes"] == (r["pos"] + 1) * r["hkv"] * r["d"] * 4 * 2 * r["batch"], what
         assert not r["other_ep_nodes"], what
 
+
+def test_gqa_check_on_the_cpu(tmp_path, capfd):
+    """The GQA check's variants (the failing GPU case rebuilt standalone, each hypothesis, effexport's
+    own lowering of the test) agree with the torch reference on the CPU EP (fp32): a variant that
+    the reference or the graph got wrong shows here before it runs on the GPU."""
+    assert ort_attention.main(["--smoke", "--inline", "--check-only", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "ort_attention.json").read_text())
+    assert not results["sweep"] and not results["skipped"]
     checks = {r["variant"]: r for r in results["gqa_check"]}
     assert set(checks) == set(ort_attention.CHECK_VARIANTS)
     assert checks["total_on_device"].get("skipped")  # no device on the CPU
+    assert checks["test_case"]["total_sequence_length"] == 16 and checks["total_pos1"]["total_sequence_length"] == 12
     for name, r in checks.items():
         if name == "total_on_device":
             continue
@@ -62,6 +73,7 @@ def test_smoke_on_the_cpu(tmp_path):
         assert isinstance(r["max_rel"], float) and r["max_rel"] < 1e-4, (name, r["max_rel"])
         if r["shared"]:
             assert r["row_written"] and r["rows_before_kept"] and r["rows_after_kept"], name
+    assert "| test_case |" in capfd.readouterr().out
 
 
 def test_stdout_of_the_process_is_captured():
