@@ -25,7 +25,10 @@ rows after ``pos`` hold random values, so a candidate that reads them shows in t
 candidate is one tiny ONNX model (onnx.helper, fixed shapes) whose graph inputs are ``q [B,Hq,1,d]``,
 ``k_new / v_new [B,Hkv,1,d]`` (equal to buffer row ``pos``), the buffers and ``pos`` (a device int64
 scalar, as in effexport's step), and whose outputs are ``out [B,Hq,1,d]`` and the buffers, bound to
-the same memory (in place):
+the same memory (in place). The device memory is torch tensors allocated once per case (freed after
+it) and bound by pointer (``bind_input`` / ``bind_output`` with ``data_ptr()``, as effexport's
+``CudaGraphRuntime`` binds its caches) rather than ``OrtValue``s: the fp32 reference and the
+checks read the very memory ORT wrote. The candidates:
 
 * ``decomp``: what ``exporter/backends/onnx/attention.py`` emits for heads GroupQueryAttention does
   not take (``_attention_buffer`` -> ``attend_decomposed``): a ScatterND of the new row into each
