@@ -30,6 +30,21 @@ model with routed experts (Laguna, ZAYA1, DeepSeek V4: ``com.microsoft.MoE`` in 
 MoE layer ``min(E, B * k)`` of its ``E`` experts (``k`` per token; B = 1: the ``k`` active ones),
 the rest of the model whole (:func:`step_weight_bytes`).
 
+Routing (``--routing``, on by default; models with routed experts only): whether the parity
+outliers of an MoE artifact are routing flips. Eager side: forward hooks on the sample's routers
+(Laguna's ``LagunaRouter``, ZAYA1's ``Router``, DeepSeek V4's ``Gate``) during the eager bf16 forward
+parity already runs record each token's selected experts and the gap between its k-th and (k+1)-th
+selection score (0: a tie). Artifact side: ``model.routing.onnx`` beside ``model.onnx``, the same graph
+(weights external, in place) with the indices output of each ``com.microsoft.MoE`` node's router TopK
+(found by walking back from its ``router_probs`` input; none for DeepSeek's hash-routed layers) as extra
+outputs, run uncaptured once over the same prefill + decode tokens. ``parity.routing``: per step the
+(layer, token) pairs whose expert sets differ (``differences``; step 0 counts the prompt's tokens),
+the smallest eager gap (``min_gap``), the differing pairs (``flips``: layer, token, eager gap, experts
+only eager / only the artifact chose) and per step above 2e-2 max rel error (``outliers``) whether a
+flip occurred at that step (``flip``, ``eager_gap``: the smallest at it) and how many up to it
+(``flips_up_to``, the prompt's included); the printed
+table ends with one line per case.
+
 A case is a built-in preset name, optionally cut to its first ``n`` decoder layers with ``@nL``
 (``Sample.with_layers``: real widths, fewer layers, so a real-size MoE fits one GPU), e.g.
 ``--cases laguna-xs2@8L,zaya1-8b,deepseek-v4-flash@4L``; the build, the eager reference and the weight
@@ -235,11 +250,265 @@ def genai_decode(directory: str, context: int, batch: int, tokens: int) -> float
     return seconds
 
 
-def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8) -> dict:
+# ------------------------------------------------------------------------------------ routing
+OUTLIER = 2e-2
+"""A parity step whose logits' max rel error exceeds this gets a routing verdict (flip or not)."""
+ROUTING_FILE = "model.routing.onnx"
+# ops a router's expert indices pass through between its TopK and the MoE's router_probs (the scatter
+# of the routing weights, the log of ``comb / max``, casts, ZAYA's skip mask); heavier ops (the router's
+# matmuls) lead back into the hidden state, i.e. to earlier layers' routers, and end the walk
+_WALK_STOP = frozenset({"MatMul", "Gemm", "Einsum", "MoE", "Conv", "TopK", "Softmax", "Sigmoid", "Softplus"})
+
+
+def _selection(module, inputs, output):
+    """(expert indices ``[N, k]`` int64, selection scores ``[N, E]`` fp32: what the router's top-k ran on)
+    of one call of a sample's router; None for a router that selects without a top-k (DeepSeek's hash
+    layers). Laguna's ``LagunaRouter`` and DeepSeek V4's ``Gate`` return ``(weights, idx)`` and select on
+    ``scores + bias``; ZAYA1's ``Router`` returns ``(logits, idx, ...)`` with the skip class masked to 0 and
+    selects top-1 on ``softmax(logits) + balancing_biases`` over ``E + 1`` classes (recomputed here, unmasked,
+    as the graph's TopK sees it)."""
+    import torch.nn.functional as F
+
+    kind = type(module).__name__
+    x = inputs[0]
+    if kind == "LagunaRouter":
+        logits = F.linear(x, module.weight).float()
+        if module.softcap > 0.0:
+            logits = torch.tanh(logits / module.softcap) * module.softcap
+        return output[1], torch.sigmoid(logits) + module.e_score_correction_bias.float()
+    if kind == "Gate":  # DeepSeek V4
+        if module.hash:
+            return None
+        scores = F.linear(x.float(), module.weight.float())
+        scores = F.softplus(scores).sqrt() if module.score_func == "sqrtsoftplus" else scores.sigmoid()
+        return output[1], scores + module.bias.float()
+    if kind == "Router":  # ZAYA1
+        scores = torch.softmax(output[0], dim=-1).float() + module.balancing_biases.float()
+        return scores.topk(1, dim=-1).indices, scores
+    raise TypeError(f"no routing selection for {kind}")
+
+
+def routers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The router modules of a sample model, in layer order (:func:`_selection` knows each kind)."""
+    from effexport.samples._blocks import StackedExperts
+
+    if not any(isinstance(m, StackedExperts) for m in model.modules()):
+        return []
+    return [(name, m) for name, m in model.named_modules()
+            if type(m).__name__ in ("LagunaRouter", "Gate", "Router") and "samples" in type(m).__module__]
+
+
+class EagerRouting:
+    """Forward hooks on a model's routers: per router call, the selected experts ``[N, k]`` and the gap
+    between the k-th and the (k+1)-th selection score of each token (0: a tie). ``with`` it around one
+    forward; ``calls`` then holds ``(router name, idx or None, gap or None)`` in call order."""
+
+    def __init__(self, model):
+        self.routers = routers(model)
+        self.calls: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
+        self._hooks = []
+
+    def __enter__(self):
+        for name, module in self.routers:
+            self._hooks.append(module.register_forward_hook(
+                lambda m, i, o, name=name: self._record(name, m, i, o)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _record(self, name, module, inputs, output):
+        sel = _selection(module, inputs, output)
+        if sel is None:
+            self.calls.append((name, None, None))
+            return
+        idx, scores = sel
+        k = idx.shape[-1]
+        top = scores.detach().float().topk(min(k + 1, scores.shape[-1]), dim=-1).values
+        gap = (top[:, k - 1] - top[:, k]) if top.shape[-1] > k else torch.full_like(top[:, 0], float("inf"))
+        self.calls.append((name, idx.detach().reshape(-1, k).cpu().numpy(), gap.cpu().numpy()))
+
+
+def moe_topk_outputs(graph) -> list[tuple[str, str | None]]:
+    """Per ``com.microsoft.MoE`` node of an ONNX graph (proto), in graph order: (its name, the indices
+    output of the ``TopK`` its routing comes from, or None: no TopK, e.g. a hash-routed layer). Walks back
+    from the node's ``router_probs`` input through the routing plumbing (``Log``, ``Div``, ``Max``,
+    ``Cast``, ``ScatterElements``, ``Gather``, ``Where``, ...) and stops at the router's matmuls and at TopK;
+    a TopK reached through its indices output is the one. More than one such TopK raises."""
+    producer = {out: node for node in graph.node for out in node.output if out}
+    found = []
+    for node in graph.node:
+        if node.op_type != "MoE" or node.domain != "com.microsoft":
+            continue
+        seen, todo, topks = set(), [node.input[1]], []
+        while todo:
+            value = todo.pop()
+            if value in seen or value not in producer:
+                continue
+            seen.add(value)
+            src = producer[value]
+            if src.op_type == "TopK":
+                if value == src.output[1] and value not in topks:
+                    topks.append(value)
+                continue
+            if src.op_type not in _WALK_STOP:
+                todo.extend(i for i in src.input if i)
+        if len(topks) > 1:
+            raise ValueError(f"MoE {node.name}: its routing comes from {len(topks)} TopK nodes ({topks})")
+        found.append((node.name, topks[0] if topks else None))
+    return found
+
+
+def routing_model(directory: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """A diagnostic copy of an artifact's step model, :data:`ROUTING_FILE` beside it: the same graph
+    with the TopK indices of each MoE's router (:func:`moe_topk_outputs`) as extra graph outputs after
+    the step's own. The weights stay where they are: the proto is loaded without its external data and
+    written alone, its initializers keeping their (relative) locations. Returns (its file name, the
+    MoE nodes with their index outputs)."""
+    import onnx
+
+    from effexport.exporter.backends.artifact import load_manifest
+
+    model = onnx.load(os.path.join(directory, load_manifest(directory)["files"]["step"]), load_external_data=False)
+    found = moe_topk_outputs(model.graph)
+    present = {o.name for o in model.graph.output}
+    for _, name in found:
+        if name is not None and name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+            present.add(name)
+    onnx.save_model(model, os.path.join(directory, ROUTING_FILE))
+    return ROUTING_FILE, found
+
+
+def artifact_routing(directory: str, stream: np.ndarray, prompt: int, device: str = "cuda") -> dict:
+    """The artifact's expert indices over the parity steps: ``stream [1, prompt + steps]`` fed as a
+    prefill of ``prompt`` tokens then one token per step (the tokens eager sees), through one uncaptured
+    session of :func:`routing_model`'s copy. Returns ``{"moe": [(node, index output or None)],
+    "steps": [[idx [N, k] per MoE with a TopK] per step]}``."""
+    from effexport.runtime import CudaGraphRuntime
+
+    file, found = routing_model(directory)
+    names = [n for _, n in found if n is not None]
+
+    class Diagnostic(CudaGraphRuntime):
+        """The step runtime over the diagnostic copy, with the index outputs bound (ORT allocates them)."""
+
+        last = None
+
+        @property
+        def manifest(self):
+            return self._manifest
+
+        @manifest.setter
+        def manifest(self, value):  # OrtRuntime opens manifest["files"]["step"]: the copy instead
+            self._manifest = {**value, "files": {**value["files"], "step": file}}
+
+        def _bind_all(self, binding, slot, rows, ids, logits):
+            super()._bind_all(binding, slot, rows, ids, logits)
+            for name in names:  # copied to the host by ORT after the run
+                binding.bind_output(name, "cpu")
+            Diagnostic.last = binding
+
+        def _decode_run(self, slot, batch):
+            slot.binding = None  # bound afresh every step: ORT allocates the index outputs per run
+            super()._decode_run(slot, batch)
+
+    runtime = Diagnostic(directory, device=device, capture=False)
+    steps = []
+
+    def collect():
+        outs = Diagnostic.last.get_outputs()[-len(names):] if names else []
+        steps.append([np.asarray(o.numpy()).reshape(-1, o.shape()[-1]) for o in outs])
+
+    ids = np.ascontiguousarray(stream[:, :prompt], dtype=np.int64)
+    runtime.step(ids, 0, runtime.initial_caches(1))
+    collect()
+    for i in range(prompt, stream.shape[1]):
+        runtime.decode_step(torch.as_tensor(stream[:, i:i + 1], dtype=torch.int64).to(device), i)
+        collect()
+    del runtime
+    return {"moe": found, "steps": steps}
+
+
+def eager_routing(model, stream: torch.Tensor) -> list[tuple[str, np.ndarray | None, np.ndarray | None]]:
+    """The routers' calls (:class:`EagerRouting`) of one forward of ``model`` over ``stream``."""
+    with torch.no_grad(), EagerRouting(model) as rec:
+        model(stream)
+    return rec.calls
+
+
+def compare_routing(eager_calls, artifact: dict, prompt: int, errors: list[float] | None = None,
+                    outlier: float = OUTLIER) -> dict:
+    """Eager vs artifact routing per parity step (step 0: the prompt's ``prompt`` tokens, step i: token
+    ``prompt - 1 + i``). Routers with a TopK are matched in order (hash-routed ones have none on either
+    side). ``differences``: per step, the (layer, token) pairs whose expert *sets* differ;
+    ``min_gap``: per step, the smallest eager gap between the k-th and (k+1)-th selection score (how
+    near a tie the step's tokens came). With ``errors`` (the logits' max rel error per step), each step
+    above ``outlier``: whether a flip occurred at it (``flip``, with the smallest eager gap among its
+    flips) and how many occurred up to it, itself included (``flips_up_to``: earlier tokens' routing
+    reaches later steps through the cache). ``flips`` lists the first 64 differing pairs."""
+    routed = [(name, idx, gap) for name, idx, gap in eager_calls if idx is not None]
+    n_topk = sum(n is not None for _, n in artifact["moe"])
+    if len(routed) != n_topk:
+        raise ValueError(f"{len(routed)} eager routers with a top-k vs {n_topk} MoE TopK outputs in the artifact")
+    steps = artifact["steps"]
+    out = {"moe_nodes": len(artifact["moe"]), "topk_outputs": n_topk, "layers": [n for n, _, _ in routed],
+           "differences": [], "tokens": [], "min_gap": [], "flips": []}
+    for s, per_layer in enumerate(steps):
+        rows = slice(0, prompt) if s == 0 else slice(prompt - 1 + s, prompt + s)
+        diffs, gaps = [], []
+        for (name, idx, gap), got in zip(routed, per_layer):
+            ref = idx[rows]
+            if got.shape[0] != ref.shape[0]:
+                raise ValueError(f"step {s}, {name}: {got.shape[0]} artifact tokens vs {ref.shape[0]} eager")
+            gaps.append(float(gap[rows].min()))
+            for t in range(ref.shape[0]):
+                a, b = set(ref[t].tolist()), set(got[t].tolist())
+                if a != b:
+                    diffs.append({"step": s, "layer": name, "token": rows.start + t, "eager_gap": float(gap[rows][t]),
+                                  "eager_only": sorted(a - b), "artifact_only": sorted(b - a)})
+        out["differences"].append(len(diffs))
+        out["tokens"].append(rows.stop - rows.start)
+        out["min_gap"].append(min(gaps) if gaps else None)
+        out["flips"].extend(diffs)
+    if errors is not None:
+        out["outliers"] = []
+        for s, err in enumerate(errors):
+            if err > outlier:
+                at = [d for d in out["flips"] if d["step"] == s]
+                out["outliers"].append({"step": s, "max_rel": err, "flip": bool(at),
+                                        "flips_up_to": sum(out["differences"][:s + 1]),
+                                        "eager_gap": min((d["eager_gap"] for d in at), default=None)})
+    out["flips"] = out["flips"][:64]
+    return out
+
+
+def routing_line(case: dict) -> str | None:
+    """The printed table's line of a case's routing diagnosis (None without one)."""
+    r = case.get("parity", {}).get("routing")
+    if isinstance(r, str):
+        return f"routing {case['case']}: failed: {r[:200]}"
+    if not isinstance(r, dict):
+        return None
+    line = (f"routing {case['case']}: {r['topk_outputs']}/{r['moe_nodes']} MoE TopK; (layer, token) "
+            f"expert-set differences per step {r['differences']}")
+    for o in r.get("outliers", []):
+        verdict = f"flip, eager gap {o['eager_gap']:.2e}" if o["flip"] else \
+            f"no flip at the step ({o['flips_up_to']} up to it)"
+        line += f"; step {o['step']} (max rel {o['max_rel']:.3g}): {verdict}"
+    return line
+
+
+def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8, routing: bool = False) -> dict:
     """``generate`` through CUDA graphs vs the eager model on the same tokens (max rel error of the
     logits per step), against eager bf16 (``max_rel``) and against the same bf16 weights computed in
     fp32 (``fp32.max_rel``), beside eager bf16's own error against that fp32 model (``fp32.eager_bf16``):
-    an artifact no farther from fp32 than eager bf16 is differs from it by bf16 rounding order."""
+    an artifact no farther from fp32 than eager bf16 is differs from it by bf16 rounding order.
+    ``routing`` (a model with routers): ``routing`` compares the experts each token got in eager bf16 and in
+    the artifact over the same steps (:func:`compare_routing`: hooks on the eager forward already run, and
+    one uncaptured session of :func:`routing_model`'s diagnostic copy)."""
     from effexport.runtime import CudaGraphRuntime
 
     runtime = CudaGraphRuntime(directory, device="cuda")
@@ -252,10 +521,21 @@ def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8) 
     def errors(x, ref):
         return [((x[:, i] - ref[:, i]).abs().max() / ref[:, i].abs().max()).item() for i in range(x.shape[1])]
 
-    with torch.no_grad():
+    routing = routing and bool(routers(eager.model))
+    with torch.no_grad(), EagerRouting(eager.model if routing else torch.nn.Module()) as rec:
         ref = eager.run(stream)[:, prompt - 1:].float()
+    with torch.no_grad():
         out = {"max_rel_per_step": errors(got, ref)}
         out["max_rel"] = max(out["max_rel_per_step"])
+        if routing:
+            try:
+                out["routing"] = compare_routing(rec.calls, artifact_routing(directory, stream.cpu().numpy(), prompt),
+                                                 prompt, out["max_rel_per_step"])
+            except Exception as exc:  # noqa: BLE001  (the logits' parity stands without it)
+                out["routing"] = f"{type(exc).__name__}: {exc}"[:600]
+                traceback.print_exc()
+            gc.collect()
+            torch.cuda.empty_cache()
         ref32 = eager.run_fp32(stream)
         if ref32 is not None:
             ref32 = ref32[:, prompt - 1:].float()
@@ -417,7 +697,8 @@ def table(results: dict) -> str:
             fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
             lines.append(f"| {case['case']} | {r['context']} | {r['batch']} | {fmt(g)} | {fmt(u)} | {fmt(p)} | {fmt(e)} | "
                          f"{fmt(roof)} | {fmt(g / roof) if g and roof else '-'} | {fmt(p / g) if p and g else '-'} |")
-    return "\n".join(lines)
+    routing = [line for line in map(routing_line, results["cases"]) if line]
+    return "\n".join(lines + ([""] + routing if routing else []))
 
 
 def main(argv=None) -> int:
@@ -435,6 +716,10 @@ def main(argv=None) -> int:
     ap.add_argument("--build-timeout", type=float, default=420)
     ap.add_argument("--profile", default="", help="L:B points (e.g. 4096:1,4096:8) to profile per op type "
                     "(ORT's profiler over uncaptured decode steps)")
+    ap.add_argument("--routing", action=argparse.BooleanOptionalAction, default=True,
+                    help="for a model with routed experts: compare the experts each token got in eager bf16 and in "
+                    "the artifact over the parity steps (a diagnostic copy of the step model with its routers' TopK "
+                    "indices as outputs, one uncaptured session); --no-routing skips it")
     args = ap.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
@@ -497,7 +782,7 @@ def main(argv=None) -> int:
                 eager, case["weight_bytes"], vocab, case["experts"] = _sample_eager(name)
                 case["step_weight_bytes_b1"] = step_weight_bytes(case, 1)
             try:
-                case["parity"] = parity(case["effexport_dir"], eager, vocab)
+                case["parity"] = parity(case["effexport_dir"], eager, vocab, routing=args.routing)
             except Exception as exc:  # noqa: BLE001
                 case["parity_error"] = f"{type(exc).__name__}: {exc}"[:600]
                 traceback.print_exc()

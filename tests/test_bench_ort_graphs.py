@@ -1,9 +1,11 @@
 """bench/ort_graphs.py's CPU-side pieces: ``NAME@nL`` cases (a preset cut to its first n layers), the
 roofline's weight bytes of MoE models (only the experts a step can use), and the export of a cut
-sample through the bench's own export function (the GPU run itself is not tested here)."""
+sample through the bench's own export function, and the routing diagnosis of an MoE artifact on the
+CPU in fp32 (the GPU run itself is not tested here)."""
 import os
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -56,3 +58,58 @@ def test_cut_sample_exports_through_the_bench(tmp_path, monkeypatch):
     routed = ort_graphs.routed_experts(ort_graphs.bench_sample("laguna-xs2:tiny@3L").build("meta"))
     assert len(routed) == 2  # layer 0 is dense
     assert sum(n.op_type == "MoE" for n in model.graph.node) == len(routed)
+
+
+def _fp32_cut_artifact(tmp_path, monkeypatch, name="laguna-xs2:tiny@3L"):
+    """A cut tiny MoE sample built on the CPU in fp32 and exported like ``--export-sample`` does (ort
+    profile, buffer caches), and its eager model."""
+    import ort_cuda
+
+    monkeypatch.setattr(decode_step, "DEV", "cpu")
+    model = decode_step.build(ort_graphs.bench_sample(name), torch.float32)
+    out = str(tmp_path / "fp32")
+    ort_cuda.export_effexport(model, out, torch.float32, 256, "buffer")
+    return model, out
+
+
+@pytest.mark.slow
+def test_routing_diagnosis_of_an_fp32_moe_artifact(tmp_path, monkeypatch):
+    """The routing diagnosis on the CPU: every MoE node's router TopK is found and added as an output of
+    the diagnostic copy (weights left external, the step model untouched), the artifact's experts in fp32
+    equal eager's on every step, and an eager model with one router changed differs (so the comparison
+    can fail); outlier steps get a verdict."""
+    model, out = _fp32_cut_artifact(tmp_path, monkeypatch)
+    prompt, steps = 16, 8
+    stream = torch.from_numpy(np.random.RandomState(1).randint(0, model.config.vocab_size, (1, prompt + steps)))
+    artifact = ort_graphs.artifact_routing(out, stream.numpy(), prompt, device="cpu")
+
+    step_model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    copy = onnx.load(os.path.join(out, ort_graphs.ROUTING_FILE), load_external_data=False)
+    moe = [n.name for n in step_model.graph.node if n.op_type == "MoE"]
+    assert len(moe) == 2 and [m for m, _ in artifact["moe"]] == moe
+    assert all(index is not None for _, index in artifact["moe"])
+    assert [o.name for o in copy.graph.output] == [o.name for o in step_model.graph.output] + \
+        [index for _, index in artifact["moe"]]
+    external = lambda m: {t.name: [(e.key, e.value) for e in t.external_data] for t in m.graph.initializer}  # noqa: E731
+    assert external(copy) == external(step_model)  # the same weights, where they were
+    assert len(artifact["steps"]) == steps + 1 and all(len(s) == 2 for s in artifact["steps"])
+    k = model.config.num_experts_per_tok
+    assert artifact["steps"][0][0].shape == (prompt, k) and artifact["steps"][1][0].shape == (1, k)
+
+    calls = ort_graphs.eager_routing(model, stream)
+    assert len(calls) == 2 and all(idx.shape == (prompt + steps, k) and (gap >= 0).all() for _, idx, gap in calls)
+    same = ort_graphs.compare_routing(calls, artifact, prompt, errors=[0.0] * steps + [0.5])
+    assert same["differences"] == [0] * (steps + 1) and same["tokens"] == [prompt] + [1] * steps
+    assert same["layers"] == [name for name, _, _ in calls] and all(g > 0 for g in same["min_gap"])
+    assert same["outliers"] == [{"step": steps, "max_rel": 0.5, "flip": False, "flips_up_to": 0, "eager_gap": None}]
+    assert "no flip" in ort_graphs.routing_line({"case": "c", "parity": {"routing": same}})
+
+    router = ort_graphs.routers(model)[-1][1]
+    with torch.no_grad():
+        router.weight.neg_()  # the last MoE layer routes every token elsewhere
+    differ = ort_graphs.compare_routing(ort_graphs.eager_routing(model, stream), artifact, prompt,
+                                        errors=[0.5] + [0.0] * steps)
+    assert differ["differences"][0] > 0 and sum(differ["differences"]) > steps
+    assert all(f["layer"] == same["layers"][-1] for f in differ["flips"])
+    assert differ["outliers"][0]["flip"] and differ["outliers"][0]["eager_gap"] >= 0
+    assert "flip, eager gap" in ort_graphs.routing_line({"case": "c", "parity": {"routing": differ}})
