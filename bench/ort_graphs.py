@@ -103,19 +103,33 @@ def save_gemma3(directory: str, max_context: int) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def effexport_build(model: str, out: str, max_context: int, log: str, genai: bool = False) -> subprocess.Popen:
+VARIANTS = {"": {}, "nocuda": {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"}}
+"""Case suffixes (``CASE+VARIANT``) and the environment their build runs in: ``+nocuda`` builds without
+the CUDA-only fusions (``exporter/backends/onnx/ort_cuda.py``), for an A/B in one run."""
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """``"gemma3-1b+nocuda"`` -> ``("gemma3-1b", its build environment)``."""
+    base, _, variant = name.partition("+")
+    if variant not in VARIANTS:
+        raise ValueError(f"{name!r}: unknown variant {variant!r} (known: {', '.join(v for v in VARIANTS if v)})")
+    return base, dict(os.environ, **VARIANTS[variant])
+
+
+def effexport_build(model: str, out: str, max_context: int, log: str, genai: bool = False,
+                    env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "import sys; from effexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))",
            model, "--target", "onnx", "--dtype", "bf16", "--kv-cache", "buffer", "--max-context", str(max_context),
            "--no-check", "-o", out, "--force"] + (["--genai"] if genai else [])
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
-def sample_build(name: str, out: str, max_context: int, log: str) -> subprocess.Popen:
+def sample_build(name: str, out: str, max_context: int, log: str, env: dict | None = None) -> subprocess.Popen:
     """A real-size built-in sample: the CLI refuses random weights above its size limit (a CPU
     concern), so this builds the model on the GPU (``decode_step.build``) and exports it the way
     ``bench/ort_cuda.py`` does (capture, rewrite with ``--kv-cache buffer``, ``export_step``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--export-sample", name, out, str(max_context)]
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
 
 
 def bench_sample(name: str):
@@ -726,9 +740,9 @@ def main(argv=None) -> int:
     args.peer_batches = [int(x) for x in args.peer_batches.split(",")]
     args.profile = [p for p in args.profile.split(",") if p]
     cases = args.cases.split(",")
-    for name in cases:  # an unknown preset or a bad @nL fails here, before any build starts
-        if name != "gemma3-1b":
-            bench_sample(name)
+    for name in cases:  # an unknown preset, variant or a bad @nL fails here, before any build starts
+        if split_variant(name)[0] != "gemma3-1b":
+            bench_sample(split_variant(name)[0])
     max_context = max(args.contexts) + WARMUP + args.tokens + 64
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
@@ -747,24 +761,32 @@ def main(argv=None) -> int:
 
     jobs = {}  # case -> list of (proc, log, what)
     started = time.monotonic()
+    gemma3_saved = None
     for name in cases:
         case = {"case": name}
         results["cases"].append(case)
-        if name == "gemma3-1b":
+        base, env = split_variant(name)
+        tag = name.replace(":", "-").replace("+", "-")
+        if base == "gemma3-1b":
             hf = os.path.join(args.work, "gemma3-1b-hf")
-            case["weight_bytes"] = save_gemma3(hf, max_context)
-            case["effexport_dir"], case["genai_dir"] = os.path.join(args.work, "g3-effexport"), os.path.join(args.work, "g3-genai")
-            jobs[name] = [(effexport_build(hf, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", True),
-                           case["effexport_dir"] + ".log", "effexport build"),
-                          (genai_build(hf, case["genai_dir"], case["genai_dir"] + ".log"), case["genai_dir"] + ".log",
-                           "genai build")]
-        elif name.endswith(":tiny"):  # a tiny preset through the CLI: the quick CUDA-graph probe
-            case["effexport_dir"] = os.path.join(args.work, name.replace(":", "-") + "-effexport")
-            jobs[name] = [(effexport_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
-                           case["effexport_dir"] + ".log", "effexport build")]
+            if gemma3_saved is None:
+                gemma3_saved = save_gemma3(hf, max_context)
+            case["weight_bytes"] = gemma3_saved
+            case["effexport_dir"] = os.path.join(args.work, tag.replace("gemma3-1b", "g3") + "-effexport")
+            plain = base == name  # the peer is built once, beside the plain case
+            jobs[name] = [(effexport_build(hf, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", plain,
+                                           env), case["effexport_dir"] + ".log", "effexport build")]
+            if plain:
+                case["genai_dir"] = os.path.join(args.work, "g3-genai")
+                jobs[name].append((genai_build(hf, case["genai_dir"], case["genai_dir"] + ".log"),
+                                   case["genai_dir"] + ".log", "genai build"))
+        elif base.endswith(":tiny"):  # a tiny preset through the CLI: the quick CUDA-graph probe
+            case["effexport_dir"] = os.path.join(args.work, tag + "-effexport")
+            jobs[name] = [(effexport_build(base, case["effexport_dir"], max_context, case["effexport_dir"] + ".log",
+                                           env=env), case["effexport_dir"] + ".log", "effexport build")]
         else:
-            case["effexport_dir"] = os.path.join(args.work, f"{name}-effexport")
-            jobs[name] = [(sample_build(name, case["effexport_dir"], max_context, case["effexport_dir"] + ".log"),
+            case["effexport_dir"] = os.path.join(args.work, f"{tag}-effexport")
+            jobs[name] = [(sample_build(base, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", env),
                            case["effexport_dir"] + ".log", "effexport build")]
     torch.cuda.empty_cache()
     for case in results["cases"]:
@@ -776,10 +798,11 @@ def main(argv=None) -> int:
             if case.get("genai_dir"):
                 case["genai_nodes"] = node_counts(os.path.join(case["genai_dir"], "model.onnx"))
             case["effexport_nodes"] = node_counts(os.path.join(case["effexport_dir"], "model.onnx"))
-            if name == "gemma3-1b":
+            base = split_variant(name)[0]
+            if base == "gemma3-1b":
                 eager, vocab = _hf_eager(os.path.join(args.work, "gemma3-1b-hf")), GEMMA3_1B["vocab_size"]
             else:
-                eager, case["weight_bytes"], vocab, case["experts"] = _sample_eager(name)
+                eager, case["weight_bytes"], vocab, case["experts"] = _sample_eager(base)
                 case["step_weight_bytes_b1"] = step_weight_bytes(case, 1)
             try:
                 case["parity"] = parity(case["effexport_dir"], eager, vocab, routing=args.routing)

@@ -82,7 +82,7 @@ def test_bf16_graph_is_well_typed(tmp_path, preset):
 @pytest.fixture(scope="module")
 def bf16_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16") / "gemma"
-    code = main([TINY, "--target", "onnx", "--dtype", "bf16", "-o", str(out), "--steps", "8"])
+    code = main([TINY, "--target", "onnx", "--dtype", "bf16", "--kv-cache", "buffer", "-o", str(out), "--steps", "8"])
     return code, out
 
 
@@ -194,3 +194,56 @@ def test_bf16_llama_norms_match_their_fp32_twin(tmp_path):
     norms = [n for n in model.graph.node if n.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")]
     assert norms and not any(n.op_type == "Mul" and any(i in {m.output[0] for m in norms} for i in n.input)
                              for n in model.graph.node)
+
+
+def test_bf16_rotations_and_qk_norms_run_in_attention_or_in_bf16(bf16_build):
+    """A bf16 build rotates queries and keys without fp32 round trips: every GroupQueryAttention takes
+    its rotation (``do_rotary = 1`` over bf16 cos / sin tables: no RotaryEmbedding feeds one) and its
+    per-head Q / K norms (``q_norm_weight`` / ``k_norm_weight``), and a
+    rotation left outside attention (the decomposed consumers and global heads) reads and writes bf16
+    with bf16 tables, no Cast on either side. Fails on the lowering that kept RoPE in fp32 between
+    two Casts (45 Casts and 15 RotaryEmbeddings in this graph, 8 of them feeding GQA)."""
+    model = onnx.load(str(bf16_build[1] / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa
+    for node in gqa:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("do_rotary") == 1, node.name
+        assert all(inits[node.input[i]].data_type == TensorProto.BFLOAT16 for i in (7, 8)), node.name
+        assert all(producer.get(node.input[i]) is None or producer[node.input[i]].op_type != "RotaryEmbedding"
+                   for i in (0, 1)), node.name
+        # the CUDA-only per-head Q / K norm (exporter/backends/onnx/ort_cuda.py): bf16 [d] weights, the
+        # query and key read straight from their projections (no Reshape / norm / Reshape between)
+        assert len(node.input) > 15 and all(inits[node.input[i]].data_type == TensorProto.BFLOAT16
+                                            and len(inits[node.input[i]].dims) == 1 for i in (14, 15)), node.name
+        assert attrs.get("qk_norm_epsilon", 0) > 0 and {producer[node.input[i]].op_type for i in (0, 1)} == {"MatMul"}
+    rotary = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert rotary
+    for node in rotary:
+        assert producer[node.input[0]].op_type != "Cast", node.name
+        assert inits[node.input[2]].data_type == TensorProto.BFLOAT16
+        assert not [n for n in model.graph.node if n.op_type == "Cast" and node.output[0] in n.input], node.name
+
+
+def test_cuda_only_qk_norm_counts_as_its_cpu_form(tmp_path):
+    """The structure comparison reads a GroupQueryAttention with ``q_norm_weight`` as itself plus the
+    two norms and four reshapes it replaced (so a bf16 build with the CUDA-only fusion equals its fp32
+    twin, which keeps them as nodes); without the weights, or with a missing reshape, it differs."""
+    from effexport.exporter.verify.parity import compare_structure
+
+    def model(path, ops, qk_norm):
+        nodes = [helper.make_node(op, ["x"], [f"y{i}"]) for i, op in enumerate(ops)]
+        inputs = ["x"] * 7 + [""] * 7 + (["w", "w"] if qk_norm else [])
+        nodes.append(helper.make_node("GroupQueryAttention", inputs, ["o"], domain="com.microsoft"))
+        vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [vi("x"), vi("w")], [vi("o")])), str(path))
+        return str(path)
+
+    cpu = ["Reshape", "SimplifiedLayerNormalization", "Reshape"] * 2
+    fused = model(tmp_path / "fused.onnx", [], True)
+    assert compare_structure(fused, model(tmp_path / "cpu.onnx", cpu, False)) == ""
+    assert compare_structure(fused, model(tmp_path / "short.onnx", cpu[1:], False)) == "ai.onnx::Reshape 4 vs 3"
+    assert compare_structure(model(tmp_path / "plain.onnx", [], False), model(tmp_path / "cpu2.onnx", cpu, False)) \
+        != ""

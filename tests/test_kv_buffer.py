@@ -357,7 +357,7 @@ def test_runtime_refuses_steps_past_the_buffers(built):
 def test_buffer_build_has_the_ort_step_fusions(built):
     """The fixed-size caches bound the positions, so the ``ort`` step fuses every rotation into
     ``RotaryEmbedding`` (tables from the graph's own cos / sin arithmetic, ``pos`` as the first
-    position), residual adds into ``SkipSimplifiedLayerNormalization``, and keeps one copy of the
+    position) or into the GroupQueryAttention it feeds, residual adds into ``SkipSimplifiedLayerNormalization``, and keeps one copy of the
     shape / position arithmetic; the build's parity check (above) ran on this graph."""
     from collections import Counter
 
@@ -366,16 +366,19 @@ def test_buffer_build_has_the_ort_step_fusions(built):
     types = Counter((n.domain, n.op_type) for n in model.graph.node)
     rotary = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
     # a query rotation per layer, a key rotation per layer computing its own K (KV-sharing consumers
-    # read their producer's rotated cache): gemma4-e2b:tiny has 10 layers, 5 of them consumers
+    # read their producer's rotated cache): gemma4-e2b:tiny has 10 layers, 5 of them consumers; a
+    # GroupQueryAttention takes both of its layer's (do_rotary over the same tables)
     plan = json.loads((out / "effexport.json").read_text())["cache_plan"]
     owners = sum(1 for r in plan["layers"] if r["role"] != "consumer")
-    assert len(rotary) == len(plan["layers"]) + owners
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(any(a.name == "do_rotary" and a.i == 1 for a in n.attribute) for n in gqa)
+    assert len(rotary) == len(plan["layers"]) + owners - 2 * len(gqa)
     assert all(n.domain == "com.microsoft" for n in rotary)
     assert not {"Neg", "Cos", "Sin", "Split"} & {t for _, t in types}
     assert types[("com.microsoft", "SkipSimplifiedLayerNormalization")] > 0
     # one position arithmetic for every layer (per-layer copies would be one Range per layer at least)
     assert types[("", "Range")] < len(plan["layers"]) // 2
-    tables = {n.input[2] for n in rotary} | {n.input[3] for n in rotary}
+    tables = {n.input[2] for n in rotary} | {n.input[3] for n in rotary} | {n.input[i] for n in gqa for i in (7, 8)}
     init = {t.name: t for t in model.graph.initializer}
     assert tables <= set(init) and all(init[t].dims[0] == 64 for t in tables)
 

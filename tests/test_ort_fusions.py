@@ -330,3 +330,50 @@ def test_rope_without_bounded_positions_or_with_other_tables_is_left_alone():
     assert "RotaryEmbedding" not in {n.op_type for n in fused.graph.node}
     feeds = _rope_feeds(3, 4)
     np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-6, atol=1e-6)
+
+
+def _qk_norm_model(dtype, eps_k: float = 1e-6):
+    """x_q [1, T, 2*8], x_k [1, T, 1*8] -> Reshape -> SimplifiedLayerNormalization(w) -> Reshape ->
+    GroupQueryAttention (heads 2, KV heads 1, head size 8) in ``dtype``."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    t = {"bf16": TensorProto.BFLOAT16, "fp32": TensorProto.FLOAT}[dtype]
+    nodes, inits = [], []
+    for name, heads, eps in (("q", 2, 1e-6), ("k", 1, eps_k)):
+        inits += [helper.make_tensor(f"{name}.shape4", TensorProto.INT64, [4], [0, 0, heads, 8]),
+                  helper.make_tensor(f"{name}.shape3", TensorProto.INT64, [3], [0, 0, heads * 8]),
+                  helper.make_tensor(f"{name}.w", t, [8], [1.0] * 8)]
+        nodes += [helper.make_node("Reshape", [f"x_{name}", f"{name}.shape4"], [f"{name}4"]),
+                  helper.make_node("SimplifiedLayerNormalization", [f"{name}4", f"{name}.w"], [f"{name}n"], axis=-1,
+                                   epsilon=eps),
+                  helper.make_node("Reshape", [f"{name}n", f"{name}.shape3"], [f"{name}3"])]
+    nodes.append(helper.make_node("GroupQueryAttention", ["q3", "k3", "x_k", "past_k", "past_v", "seqlens", "total"],
+                                  ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=2, kv_num_heads=1))
+    vi = helper.make_tensor_value_info
+    inputs = [vi("x_q", t, [1, "T", 16]), vi("x_k", t, [1, "T", 8]), vi("past_k", t, [1, 1, 32, 8]),
+              vi("past_v", t, [1, 1, 32, 8]), vi("seqlens", TensorProto.INT32, [1]), vi("total", TensorProto.INT32, [])]
+    value_info = [vi("q4", t, [1, "T", 2, 8]), vi("qn", t, [1, "T", 2, 8]), vi("q3", t, [1, "T", 16]),
+                  vi("k4", t, [1, "T", 1, 8]), vi("kn", t, [1, "T", 1, 8]), vi("k3", t, [1, "T", 8])]
+    graph = helper.make_graph(nodes, "g", inputs, [vi("out", t, None)], inits, value_info=value_info)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                                  helper.make_opsetid("com.microsoft", 1)]))
+
+
+def test_qk_norm_into_attention_only_in_half_precision(monkeypatch):
+    """A bf16 GroupQueryAttention takes its per-head Q / K norms (q_norm_weight / k_norm_weight, one
+    epsilon; the Reshape / norm / Reshape chains gone); fp32 (ORT's CUDA GQA has no fp32 kernel, and
+    the CPU EP refuses the inputs), different epsilons, or EFFEXPORT_ORT_CUDA_FUSIONS=0: untouched."""
+    from effexport.exporter.backends.onnx.ort_cuda import ENV, K_NORM, Q_NORM, qk_norm_into_attention
+
+    model = _qk_norm_model("bf16")
+    assert qk_norm_into_attention(model) == 1
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert [v.name for v in gqa.inputs[:2]] == ["x_q", "x_k"]
+    assert gqa.inputs[Q_NORM].name == "q.w" and gqa.inputs[K_NORM].name == "k.w"
+    assert gqa.attributes.get_float("qk_norm_epsilon") == pytest.approx(1e-6)
+    assert [n.op_type for n in model.graph] == ["GroupQueryAttention"]
+    for model in (_qk_norm_model("fp32"), _qk_norm_model("bf16", eps_k=1e-5)):
+        assert qk_norm_into_attention(model) == 0 and len(list(model.graph)) == 7
+    monkeypatch.setenv(ENV, "0")
+    assert qk_norm_into_attention(_qk_norm_model("bf16")) == 0

@@ -125,9 +125,31 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
             fuse_for_ort(program.model)
             split_host_positions(program.model)
             fuse_step_for_ort(program.model, max_positions)
+    from effexport.exporter.backends.onnx.weights import active_source
+
+    if PROFILES[profile].ort_fusions and active_source() is not None:
+        with types_kept(program.model):
+            _fuse_streamed_again(program.model, max_positions)
+    with types_kept(program.model):
         einsums(program.model)  # bf16 Einsum is not an ONNX type: MatMul, or fp32 between casts
         program.model.metadata_props[DEVICE_POSITIONS] = json.dumps(host_reads(program.model) == [])
     return program.model
+
+
+def _fuse_streamed_again(model: ir.Model, max_positions: int | None) -> None:
+    """A streamed build's second round of ``ort`` fusions. Inside the optimizer's block the weights
+    had no values (:func:`~.structure_only.meta_weights_as_external`), so small constants computed
+    from them stayed nodes -- Gemma's norm scale ``1 + w``, cast to fp32 -- and the fusions that need
+    a constant scale (a half-precision norm without its casts, then the residual add into the norm,
+    the rotations' layout) did not apply; the fp32 twin, whose scale needs no cast, fused more, and
+    the two structures differed. Now the initializers read their checkpoint tensors lazily: constants
+    of at most 8,192 elements are folded (the norm vectors, not the matrices) and the step fusions
+    run again (a rule that already applied finds nothing left to match)."""
+    onnxscript.optimizer.fold_constants(model)
+    ir.passes.Sequential(
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        ir_passes.RemoveUnusedNodesPass())(model)
+    fuse_step_for_ort(model, max_positions)
 
 
 def _finish(model: onnx.ModelProto, profile: str) -> None:

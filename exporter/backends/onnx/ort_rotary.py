@@ -16,11 +16,23 @@ compute (any RoPE variant, scaling or dtype the model uses), and are then checke
 * a function of the absolute position only: the values computed at two other (start, length)
   windows equal the table's rows there (else not fused).
 
+Then, in a second pass (:func:`rotary_into_attention`), a rotation that only feeds a
+GroupQueryAttention's query or key moves into the attention itself (``do_rotary = 1`` with the same
+tables as ``cos_cache`` / ``sin_cache``): GQA rotates the new rows at their absolute positions
+(``seqlens_k + 1 - T + s``, which the lowering makes ``pos + s``) before writing the cache, as the
+separate op did, and the step loses three nodes per query / key (the reshape, the rotation, and in a
+half-precision build the two casts). A rotation left outside attention in a half-precision build
+(:func:`rotary_in_half`) drops its casts to fp32 and back and rotates in the build's dtype with the
+tables rounded to it: onnxruntime-genai's models rotate so too, and the difference from rotating in
+fp32 is about one rounding of the result (tests/test_ort_fusions.py bounds it).
+
 Fused only with a known table length (``max_positions``: the rows of the artifact's fixed-size
 caches, which the runtimes never step past), a 4-D ``[B, H, T, D]`` input with static ``H`` and
 even ``D`` split in halves on the last axis.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -258,3 +270,118 @@ def fuse_rotary(model: ir.Model, max_positions: int | None) -> int:
         RemoveUnusedNodesPass()(model)
         model.opset_imports.setdefault("com.microsoft", 1)
     return count
+
+
+_F32 = ir.DataType.FLOAT
+
+
+def _single_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _cast_to(node: ir.Node | None, dtype: ir.DataType) -> bool:
+    return node is not None and node.op_type == "Cast" and node.domain in ("", "ai.onnx") \
+        and node.attributes.get_int("to", -1) == dtype.value
+
+
+def _is_start_position(value: ir.Value) -> bool:
+    """``Reshape(pos, [1])``: the rotation starts at the step's first position."""
+    node = value.producer()
+    return node is not None and node.op_type == "Reshape" and node.inputs[0] is not None \
+        and node.inputs[0].name == POS and node.inputs[0].is_graph_input()
+
+
+class _Rotation(NamedTuple):
+    x: ir.Value  # the rotated input (the value the rotation's fp32 cast read, if any)
+    node: ir.Node  # the RotaryEmbedding
+    up: ir.Node | None  # Cast x -> fp32 (half-precision builds)
+    down: ir.Node | None  # Cast back to x's dtype
+
+
+def _rotation(value: ir.Value) -> _Rotation | None:
+    """``value = [Cast](RotaryEmbedding([Cast](x), Reshape(pos, [1]), cos, sin))`` with each link read
+    only by the next, full-width (no ``rotary_embedding_dim``, unit ``scale``), casts both present
+    (to fp32 and back to ``x``'s dtype) or both absent; else None."""
+    node, down = value.producer(), None
+    if _cast_to(node, value.dtype) and _single_use(node.inputs[0]):
+        down, node = node, node.inputs[0].producer()
+    if node is None or node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" \
+            or node.attributes.get_int("rotary_embedding_dim", 0) or node.attributes.get_float("scale", 1.0) != 1.0 \
+            or not _is_start_position(node.inputs[1]):
+        return None
+    x, up = node.inputs[0], None
+    if down is not None:
+        up = x.producer()
+        if not (_cast_to(up, _F32) and _single_use(x) and up.inputs[0].dtype == value.dtype):
+            return None
+        x = up.inputs[0]
+    elif x.dtype != value.dtype:
+        return None
+    return _Rotation(x, node, up, down)
+
+
+def _table(graph: ir.Graph, table: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """``table`` (an initializer) in ``dtype``: itself, or a rounded copy registered once."""
+    if table.dtype == dtype:
+        return table
+    name = f"{table.name}.{dtype.name.lower()}"
+    if name not in graph.initializers:
+        data = table.const_value.numpy().astype(np.float32).astype(dtype.numpy())
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=table.shape,
+                         const_value=ir.tensor(data, name=name))
+        graph.register_initializer(value)
+    return graph.initializers[name]
+
+
+def rotary_into_attention(model: ir.Model) -> int:
+    """Move the rotations of a GroupQueryAttention's query and key into it (``do_rotary = 1``);
+    returns how many attentions took theirs. Both must be :func:`_rotation` s over one pair of tables
+    with the same ``interleaved``, the query over ``num_heads`` heads and the key over
+    ``kv_num_heads`` (the 3-D form's ``num_heads``)."""
+    graph, moved = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" \
+                or node.attributes.get_int("do_rotary", 0) or len(node.inputs) < 7 \
+                or any(v is not None for v in node.inputs[7:10]):
+            continue
+        q, k = (_rotation(v) if v is not None else None for v in node.inputs[:2])
+        if q is None or k is None or q.node.inputs[2:4] != k.node.inputs[2:4] \
+                or q.x.dtype != k.x.dtype or node.inputs[0].dtype != q.x.dtype:
+            continue
+        attrs = [r.node.attributes for r in (q, k)]
+        if attrs[0].get_int("interleaved", 0) != attrs[1].get_int("interleaved", 0) \
+                or attrs[0].get_int("num_heads", 0) != node.attributes.get_int("num_heads", -1) \
+                or attrs[1].get_int("num_heads", 0) != node.attributes.get_int("kv_num_heads", -1):
+            continue
+        cos, sin = (_table(graph, t, q.x.dtype) for t in q.node.inputs[2:4])
+        node.resize_inputs(max(len(node.inputs), 9))
+        for i, value in ((0, q.x), (1, k.x), (7, cos), (8, sin)):
+            node.replace_input_with(i, value)
+        node.attributes["do_rotary"] = ir.AttrInt64("do_rotary", 1)
+        node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", attrs[0].get_int("interleaved", 0))
+        moved += 1
+    if moved:
+        RemoveUnusedNodesPass()(model)
+    return moved
+
+
+def rotary_in_half(model: ir.Model) -> int:
+    """Drop the fp32 casts around each remaining half-precision rotation (:func:`_rotation` with
+    casts): it rotates in the build's dtype with its tables rounded to it. Returns how many."""
+    graph, done = model.graph, 0
+    for node in list(graph):
+        if node.op_type != "Cast" or node.outputs[0].dtype not in (ir.DataType.BFLOAT16, ir.DataType.FLOAT16):
+            continue
+        r = _rotation(node.outputs[0])
+        if r is None or r.down is None:
+            continue
+        dtype = r.x.dtype
+        r.node.replace_input_with(0, r.x)
+        for i in (2, 3):
+            r.node.replace_input_with(i, _table(graph, r.node.inputs[i], dtype))
+        r.node.outputs[0].dtype = dtype
+        r.down.outputs[0].replace_all_uses_with(r.node.outputs[0], replace_graph_outputs=True)
+        done += 1
+    if done:
+        RemoveUnusedNodesPass()(model)
+    return done

@@ -1,0 +1,98 @@
+"""Fusions only ONNX Runtime's CUDA execution provider runs: GroupQueryAttention's per-head Q / K
+RMS norm (``q_norm_weight`` / ``k_norm_weight``, ORT >= 1.31; the CPU EP refuses the node with
+"q_norm_weight / k_norm_weight inputs are not supported").
+
+A model with QK-norm (Gemma 3 / 4, Qwen3, Laguna) normalizes each head of the projected query and
+key before rotating them: ``Reshape([B, T, H*d] -> [B, T, H, d])``, ``SimplifiedLayerNormalization``
+over ``d``, ``Reshape`` back -- three nodes each for the query and the key of every attention layer.
+GroupQueryAttention applies the same norm (``x * (mean(x^2) + eps)^-1/2 * w`` per head, in fp32,
+before any rotary embedding, ORT's schema) to its 3-D inputs, so the six nodes go.
+
+Applied only to half-precision GroupQueryAttention (ORT's CUDA kernel has no fp32 form; a bf16 /
+fp16 ``ort`` artifact is a GPU artifact in any case), so the fp32 twin a CPU-only machine checks a
+half-precision build through keeps the norms as nodes; :func:`cpu_form_ops` counts a fused attention
+as its CPU form (the attention, two norms, four reshapes) for the structure comparison. What the CPU
+cannot check is ORT's CUDA kernel computing that norm as ``SimplifiedLayerNormalization`` does: the
+GPU parity of the artifact does (``bench/ort_graphs.py``, the gpu tests)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+ENV = "EFFEXPORT_ORT_CUDA_FUSIONS"
+"""``0`` builds without these fusions (a comparison, or an ONNX Runtime build whose CUDA kernel lacks them)."""
+Q_NORM, K_NORM = 14, 15  # GroupQueryAttention's q_norm_weight / k_norm_weight inputs (ORT 1.31, 1.32)
+_HALF = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
+CPU_FORM = (("", "SimplifiedLayerNormalization", 2), ("", "Reshape", 4))
+"""What one fused attention stands for besides itself: two norms, two reshapes each."""
+
+
+def _single_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _head_norm(value: ir.Value, heads: int):
+    """``value = Reshape(SimplifiedLayerNormalization(Reshape(x, [B, T, H, d]), w), [B, T, H*d])`` over
+    the last axis, each link read only by the next, ``x`` 3-D with ``H * d`` channels and ``w`` a
+    constant 1-D ``[d]`` of ``x``'s dtype -> ``(x, w, epsilon)``; else None."""
+    back = value.producer()
+    if back is None or back.op_type != "Reshape" or back.domain not in ("", "ai.onnx") \
+            or not _single_use(back.inputs[0]):
+        return None
+    norm = back.inputs[0].producer()
+    if norm is None or norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx") \
+            or len(norm.outputs) > 1 and norm.outputs[1].uses() or not _single_use(norm.inputs[0]):
+        return None
+    split = norm.inputs[0].producer()
+    if split is None or split.op_type != "Reshape" or split.domain not in ("", "ai.onnx"):
+        return None
+    x, heads_x, w = split.inputs[0], norm.inputs[0], norm.inputs[1]
+    if x.shape is None or x.shape.rank() != 3 or heads_x.shape is None or heads_x.shape.rank() != 4 \
+            or norm.attributes.get_int("axis", -1) not in (-1, 3):
+        return None
+    d, h = heads_x.shape[3], heads_x.shape[2]
+    if not isinstance(d, int) or h != heads or x.shape[2] != heads * d or value.shape is None \
+            or list(value.shape)[2:] != [heads * d]:
+        return None
+    if w is None or not w.is_initializer() or w.shape is None or list(w.shape) != [d] or w.dtype != x.dtype:
+        return None
+    return x, w, norm.attributes.get_float("epsilon", 1e-5)
+
+
+def qk_norm_into_attention(model: ir.Model) -> int:
+    """Move the per-head Q / K norms of every half-precision GroupQueryAttention into it (both or
+    neither; one epsilon for both, ``qk_norm_epsilon``); returns how many attentions took theirs.
+    Nothing is fused with :data:`ENV` set to ``0``."""
+    if os.environ.get(ENV, "1") == "0":
+        return 0
+    moved = 0
+    for node in list(model.graph):
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" \
+                or node.inputs[0] is None or node.inputs[0].dtype not in _HALF or node.inputs[1] is None \
+                or any(v is not None for v in node.inputs[Q_NORM:]):
+            continue
+        q = _head_norm(node.inputs[0], node.attributes.get_int("num_heads", -1))
+        k = _head_norm(node.inputs[1], node.attributes.get_int("kv_num_heads", -1))
+        if q is None or k is None or not np.isclose(q[2], k[2], rtol=1e-6, atol=0.0) or q[1].shape != k[1].shape:
+            continue
+        node.resize_inputs(max(len(node.inputs), K_NORM + 1))
+        for i, value in ((0, q[0]), (1, k[0]), (Q_NORM, q[1]), (K_NORM, k[1])):
+            node.replace_input_with(i, value)
+        node.attributes["qk_norm_epsilon"] = ir.AttrFloat32("qk_norm_epsilon", float(q[2]))
+        moved += 1
+    if moved:
+        RemoveUnusedNodesPass()(model)
+    return moved
+
+
+def cpu_form_ops(node) -> list[tuple[str, str]]:
+    """``(domain, op_type)`` of the nodes an ONNX ``NodeProto`` stands for in its CPU form: a
+    GroupQueryAttention with ``q_norm_weight`` is itself plus :data:`CPU_FORM`; any other node itself."""
+    ops = [(node.domain, node.op_type)]
+    if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" \
+            and len(node.input) > Q_NORM and node.input[Q_NORM]:
+        ops += [(domain, op) for domain, op, n in CPU_FORM for _ in range(n)]
+    return ops
