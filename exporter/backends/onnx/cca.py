@@ -40,10 +40,11 @@ _EPS = {"FLOAT": torch.finfo(torch.float32).eps, "FLOAT16": torch.finfo(torch.fl
 
 def _l2_to_sqrt_d(x, d: int, eps: float):
     """``x * (sqrt(d) / max(||x||_2, eps))`` over the last axis (torch's ``scalar / t`` is
-    ``reciprocal(t) * scalar``, reproduced here)."""
+    ``reciprocal(t) * scalar``, reproduced here; the reciprocal as ``1 / t``, the same correctly
+    rounded number: ONNX Runtime's CUDA ``Reciprocal`` has no bf16 kernel, its ``Div`` has)."""
     norm = op.Sqrt(op.ReduceSum(op.Mul(x, x), b.ints([-1]), keepdims=1))
     norm = op.Max(norm, op.CastLike(b.f32c(eps), x))
-    return op.Mul(x, op.Mul(op.Reciprocal(norm), op.CastLike(b.f32c(math.sqrt(d)), x)))
+    return op.Mul(x, op.Mul(op.Div(op.CastLike(b.f32c(1.0), x), norm), op.CastLike(b.f32c(math.sqrt(d)), x)))
 
 
 def _rope_rotate_half(x, cos, sin, rot: int, d: int):
