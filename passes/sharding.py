@@ -88,7 +88,7 @@ ATTENTION_OPS = {
     ops.attention_buffer.default: ("k_new", ("k_buf", "v_buf")),
     ops.attention_read.default: ("k_cache", ("k_cache", "v_cache")),
 }
-# effexport ops without a tensor-parallel rule yet: their inputs must stay whole (replicated)
+# effexport ops whose inputs must stay whole (replicated); the sparse attention's rule takes a split query first
 OPAQUE = tuple(getattr(ops, name).default for name in ("cca", "mhc_pre", "mhc_post", "mhc_head", "kv_compress_step",
                                                         "indexer_topk", "sparse_attention", "sparse_attention_ring", "kv_compress", "sinkhorn")
 )
@@ -131,6 +131,10 @@ class Split:
 
     def block(self, rank: int) -> int:
         return rank // self.replicas
+
+    def to_json(self) -> dict:
+        """dim, nblocks, replicas, and sub / partial where set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("sub", "partial") or v}
 
     @property
     def pieces(self) -> int:
@@ -197,8 +201,8 @@ class ShardPlan:
 
     def to_json(self) -> dict:
         return {"world": self.world, "all_reduces": len(self.reduces),
-                "weights": {k: dataclasses.asdict(v) for k, v in sorted(self.weights.items())},
-                "caches": {k: dataclasses.asdict(v) for k, v in self.caches.items()},
+                "weights": {k: v.to_json() for k, v in sorted(self.weights.items())},
+                "caches": {k: v.to_json() for k, v in self.caches.items()},
                 "notes": {k: list(v) for k, v in sorted(self.notes.items())}}
 
 
@@ -608,11 +612,11 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
     if target is operator.getitem:
         src = inputs[node.args[0]]
         return src[node.args[1]] if isinstance(src, tuple) else src
-    fine = [s for s in inputs.values() if s != PARTIAL and (s.sub is not None or s.partial)]
-    if fine and not (target is aten.einsum.default if any(s.sub is not None for s in fine) else
-                     target in (aten.linear.default, aten.flatten.using_ints, *VIEWS[:3])
-                     or (target in TRANSPARENT and _keeps_dtype(node))):
-        raise ShardingError(f"{what}: no sharding rule for this op on heads split finer than their groups ({fine[0]})")
+    finer = [s for s in inputs.values() if s != PARTIAL and (s.sub is not None or s.partial)]
+    if finer and not (target is aten.einsum.default if any(s.sub is not None for s in finer) else
+                      target in (aten.linear.default, aten.flatten.using_ints, *VIEWS[:3])
+                      or (target in TRANSPARENT and _keeps_dtype(node))):
+        raise ShardingError(f"{what}: no sharding rule for this op on heads split finer than their groups ({finer[0]})")
     if is_call(node, aten.linear.default):
         a = call_args(node)
         x = inputs.get(a["input"])

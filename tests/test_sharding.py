@@ -200,6 +200,30 @@ def test_a_reduction_over_heads_is_refused(rewritten):
     assert not any(n.name == total.name for n in r.program.gm.graph.nodes)
 
 
+@pytest.mark.slow
+def test_a_partial_group_block_reaches_only_linear_ops(rewritten):
+    """Over more ranks than output groups, DeepSeek V4's grouped projection leaves each rank a partial
+    sum of its group's block; anything but a reshape, a same-dtype cast or the row-parallel linear
+    reading it (here a scalar added per element, which would be added once per rank) is refused."""
+    import copy
+
+    from torch import fx
+
+    r = rewritten("deepseek-v4-flash:tiny")
+    gm = fx.GraphModule(r.program.gm, copy.deepcopy(r.program.gm.graph))
+    grouped = next(n for n in gm.graph.nodes if is_call(n, aten.einsum.default) and n.args[0] == "btgd,grd->btgr")
+    users = list(grouped.users)
+    shifted = emit(gm.graph, aten.add.Tensor, (grouped, 1.0), {})
+    for u in users:
+        u.replace_input_with(grouped, shifted)
+    program = copy.copy(r.program)
+    program.gm = gm
+    plan_sharding(program, r.analysis.plan, 2)  # 2 groups over 2 ranks: whole groups, nothing partial
+    with pytest.raises(ShardingError) as err:
+        plan_sharding(program, r.analysis.plan, 4)
+    assert "layer 0" in str(err.value) and "split finer than their groups" in str(err.value)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_weight_bytes_per_rank(rewritten, world):
     """The analytic per-rank weight bytes are what each rank's program holds; across the ranks the
