@@ -1,7 +1,9 @@
 """Tensor-parallel sharding of the rewritten step program (``passes/sharding.py``): the per-rank
 programs, run together over gloo on the CPU, equal unsharded eager over a prefill and 8 decode steps;
-per-rank cache bytes add up to the unsharded plan (replicated KV heads counted once per rank holding
-them); what cannot be split is refused naming the layer."""
+per-rank cache bytes add up to the unsharded plan (replicated KV heads and replicated entries counted
+once per rank holding them); ZAYA1's CCA and DeepSeek V4's sparse attention run split by heads with
+their shared pieces whole (which ops, how many heads per rank); what cannot be split is refused naming
+the layer."""
 import pytest
 import torch
 
