@@ -653,7 +653,7 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
             raise ShardingError(f"{what}: only the query heads may be split (the K=V latent, compressed entries "
                                 f"and selection are one head shared by all); got {sorted(x.name for x in inputs)}")
         slice_weight(a["sink"], Split(0, q.nblocks, q.replicas), where)
-        shard.note(where, f"{a['sink'].target}: per query head, sliced")
+        shard.note(where, f"{a['sink'].target.rsplit('.', 1)[-1]} (one logit per query head): sliced")
         return q
     shape = _shape(node)
     if _is_pointwise(node):
