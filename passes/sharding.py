@@ -141,8 +141,8 @@ class Split:
         """Into how many pieces the value is cut (each rank holds one)."""
         return self.nblocks * (self.replicas if self.sub is not None else 1)
 
-    def moved(self, dim: int, sub: int | None = None) -> "Split":
-        return dataclasses.replace(self, dim=dim, sub=self.sub if sub is None else sub)
+    def moved(self, dim: int) -> "Split":
+        return dataclasses.replace(self, dim=dim)
 
 
 PARTIAL = "partial"  # a value that is the sum of the ranks' local values (before its all-reduce)

@@ -269,32 +269,36 @@ def test_structure_only_program_shards_on_meta():
 
 
 @pytest.mark.slow
-def test_rank_archives_run_together(rewritten, tmp_path):
+@pytest.mark.parametrize(("name", "world"), [("gemma4-e2b:tiny", 2), ("zaya1-8b:tiny", 4), ("deepseek-v4-flash:tiny", 4)])
+def test_rank_archives_run_together(rewritten, tmp_path, name, world):
     """Each rank's program re-exported and saved as the torch target saves a step (``program.pt2``,
     the ``_c10d_functional`` collectives kept in the archive), then loaded by a fresh process per
-    rank, as a launcher runs them: the same logits as eager."""
+    rank, as a launcher runs them: the same logits as eager (ZAYA1: the narrows of the replicated
+    ``cca``'s outputs; DeepSeek V4 over 4 ranks: half an output group per rank)."""
     from effexport.exporter.backends.torch.artifact import op_calls, save_program
     from effexport.exporter.backends.exported import exported_step
     from effexport.exporter.backends.torch.sharded import run_ranks
 
-    r = rewritten("gemma4-e2b:tiny")
+    r = rewritten(name)
     ids = torch.randint(0, r.sample.config.vocab_size, (2, PREFILL + MIN_DECODE), generator=torch.Generator().manual_seed(2))
-    _, ranks = _ranks(r, 2)
+    _, ranks = _ranks(r, world)
+    unsharded = op_calls(exported_step(r.program, r.analysis.plan))
     archives = []
     for rank, (program, plan) in enumerate(ranks):
         (tmp_path / f"rank{rank}").mkdir()
         path = str(tmp_path / f"rank{rank}" / "program.pt2")
         save_program(program, plan, path)
-        calls = {str(n.target) for n in exported_step(program, plan).graph.nodes if n.op == "call_function"}
+        exported = exported_step(program, plan)
+        calls = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
         assert {"_c10d_functional.all_reduce.default", "_c10d_functional.wait_tensor.default"} <= calls
-        assert op_calls(exported_step(program, plan)) == op_calls(exported_step(r.program, r.analysis.plan))
+        assert op_calls(exported) == unsharded
         archives.append((path, plan.entries))
     with torch.no_grad():
         ref, _ = r.model(ids)
     outs = run_ranks(archives, ids, MIN_DECODE, r.program.max_new_tokens)
-    assert torch.equal(outs[0]["logits"], outs[1]["logits"])
-    _, rel = assert_close(outs[0]["logits"], ref, what="rank archives over 2 ranks")
-    print(f"gemma4-e2b:tiny archives tp=2: max rel error {rel:.2e}")
+    assert all(torch.equal(out["logits"], outs[0]["logits"]) for out in outs)
+    _, rel = assert_close(outs[0]["logits"], ref, what=f"rank archives over {world} ranks")
+    print(f"{name} archives tp={world}: max rel error {rel:.2e}")
 
 
 @pytest.mark.parametrize("name", ["gemma4-e2b:tiny", "laguna-xs2:tiny"])
