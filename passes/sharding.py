@@ -18,6 +18,24 @@ What is split (Megatron-style tensor parallelism):
   k / v (and whatever else feeds the output projection per head, e.g. Laguna's per-head output gate)
   are column-parallel (rows of the weight sliced), the output projection row-parallel (columns
   sliced): its output is a partial sum.
+* ZAYA1's CCA (``effexport::cca`` feeding a standard attention op): the attention, its K/V caches
+  and the output projection split as above; the ``cca`` op itself runs on all heads on every rank
+  (q/k/v down-projections, both convs, temperature, conv and value-shift state replicated) and the
+  attention reads the rank's heads of its q/k/v (narrowed). Its convs are per head (depthwise per
+  channel, then one group of ``d`` channels per q or k head) and q-k residuals stay within a KV group,
+  so the q/k part is per KV group; but the value shift lays ``concat(x W_vc, x[t-1] W_vd)`` out as
+  the KV heads (ZAYA1's Hk = 2: head 0 is the current half, head 1 the delayed half), so one rank's
+  heads cannot be fed to one op call.
+* DeepSeek V4's sparse attention (``sparse_attention`` / ``sparse_attention_ring``): its query heads
+  (``wq_b`` column-parallel, per-head sink sliced) split like the above; the grouped output
+  projection ``einsum(btgd,grd->btgr)`` with ``wo_a.weight.view(g, r, -1)`` slices ``wo_a`` by groups
+  and ``wo_b`` is row-parallel. With fewer groups than ranks (g < N, N % g == 0) each rank holds
+  part of a group: ``wo_a`` is sliced by group and by the rank's columns within it, and the einsum
+  gives a partial sum of the group's block, which ``wo_b`` takes like any row-parallel input. One
+  K=V head is shared by every query head (MQA), so its projection, window cache, the compressor
+  (``kv_compress*``: one compressed head) and the lightning indexer (``indexer_topk``: its top-k
+  ranks entries by the score summed over all indexer heads, so split heads would need an all-reduce
+  of a score per compressed entry before the selection, inside the fused op) stay replicated.
 * MLPs: a linear whose input is a pointwise function of other linears only, in a region feeding
   nothing else (``down(act(gate(x)) * up(x))``), is row-parallel and those linears column-parallel,
   when the hidden width divides by N; otherwise the MLP stays replicated (recorded in the plan).
@@ -27,15 +45,15 @@ What is split (Megatron-style tensor parallelism):
 * partial sums flow through ops linear in them (sums of partial sums, scaling by a whole value,
   reshapes, same-dtype casts) and are all-reduced once, where they first meet any other op: one
   all-reduce per attention block and one per MLP / MoE block.
-* everything else (embeddings, norms, the LM head, routers, attention fed through effexport ops
-  without a rule here -- CCA, DeepSeek V4's compressor / indexer / sparse attention, mHC) is
-  replicated.
+* everything else (embeddings, norms, the LM head, routers, mHC's mixes, attention fed through
+  effexport ops without a rule here) is replicated.
 
 Soundness: after the seeds are chosen, one forward propagation over the graph tracks for every value
 which dimension holds which block (or that it is a partial sum), and accepts only ops whose rule
 keeps "the local value is block b of the global value" true (pointwise ops broadcasting over the
-split dim, views that keep the block structure, transposes, reductions and slices over other dims,
-the attention ops with a consistent GQA head mapping, einsums over the split letter). A split value
+split dim, views, unflatten / flatten / stack that keep the block structure, transposes, reductions
+and slices over other dims, the attention ops with a consistent GQA head mapping, the sparse
+attention with only its query split, einsums over the split letter). A split value
 reaching any other op, a program output other than a cache, or a contraction over blocks that are
 replicated is refused with :class:`ShardingError` naming the layer and the op: a refused program is
 never written wrong.
@@ -70,11 +88,13 @@ ATTENTION_OPS = {
     ops.attention_buffer.default: ("k_new", ("k_buf", "v_buf")),
     ops.attention_read.default: ("k_cache", ("k_cache", "v_cache")),
 }
-# effexport ops without a tensor-parallel rule yet: their inputs must stay whole (replicated)
+# effexport ops whose inputs must stay whole (replicated); the sparse attention's rule takes a split query first
 OPAQUE = tuple(getattr(ops, name).default for name in ("cca", "mhc_pre", "mhc_post", "mhc_head", "kv_compress_step",
                                                         "indexer_topk", "sparse_attention", "sparse_attention_ring", "kv_compress", "sinkhorn")
 )
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+# DeepSeek V4's attention: query heads over one shared K=V latent (window, compressed entries, selection)
+SPARSE_ATTENTION_OPS = (ops.sparse_attention.default, ops.sparse_attention_ring.default)
 REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.var.correction,
               aten.argmax.default)
@@ -96,14 +116,30 @@ class ShardCountError(ShardingError):
 
 @dataclass(frozen=True)
 class Split:
-    """A value split along ``dim`` into ``nblocks`` blocks; rank r holds block ``r // replicas``."""
+    """A value split along ``dim`` into ``nblocks`` blocks; rank r holds block ``r // replicas``.
+
+    With ``sub``, the ``replicas`` ranks holding a block do not hold copies: each holds sub-block
+    ``r % replicas`` of dim ``sub`` too (heads finer than the groups a reshape gathers them in). With
+    ``partial``, each of them holds a partial sum of the block (a contraction over such a sub dim),
+    which a row-parallel linear may still take: every rank's share then counts once."""
 
     dim: int
     nblocks: int
     replicas: int = 1
+    sub: int | None = None
+    partial: bool = False
 
     def block(self, rank: int) -> int:
         return rank // self.replicas
+
+    def to_json(self) -> dict:
+        """dim, nblocks, replicas, and sub / partial where set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("sub", "partial") or v}
+
+    @property
+    def pieces(self) -> int:
+        """Into how many pieces the value is cut (each rank holds one)."""
+        return self.nblocks * (self.replicas if self.sub is not None else 1)
 
     def moved(self, dim: int) -> "Split":
         return dataclasses.replace(self, dim=dim)
@@ -125,11 +161,12 @@ class ShardPlan:
 
     world: int
     weights: dict[str, Split] = field(default_factory=dict)     # get_attr target -> split of the tensor
-    views: dict[str, tuple[int, int]] = field(default_factory=dict)  # node -> (size index, divisor)
+    views: dict[str, dict[int, int]] = field(default_factory=dict)  # view node -> {size index: divisor}
     # all-reduces: producer of partial sums -> the consumers reading the reduced value (None: every user)
     reduces: dict[str, list[str] | None] = field(default_factory=dict)
     values: dict[str, object] = field(default_factory=dict)      # node -> Split (tuple: per output) of its value
-    narrows: dict[str, dict[int, Split]] = field(default_factory=dict)  # einsum -> operand -> its rank's block
+    # replicated values a consumer reads as its rank's block: consumer -> input node -> split
+    narrows: dict[str, dict[str, Split]] = field(default_factory=dict)
     caches: dict[str, Split] = field(default_factory=dict)       # cache name ("3.k") -> split
     notes: dict[str, list[str]] = field(default_factory=dict)    # module path -> what, why
 
@@ -158,14 +195,14 @@ class ShardPlan:
                 if isinstance(value, torch.Tensor):
                     sizes[node.target] = value.numel() * value.element_size()
         split = sum(b for t, b in sizes.items() if t in self.weights)
-        per_rank = sum(b // self.weights[t].nblocks if t in self.weights else b for t, b in sizes.items())
+        per_rank = sum(b // self.weights[t].pieces if t in self.weights else b for t, b in sizes.items())
         return {"whole": sum(sizes.values()), "per_rank": per_rank, "split": split,
                 "replicated": sum(sizes.values()) - split}
 
     def to_json(self) -> dict:
         return {"world": self.world, "all_reduces": len(self.reduces),
-                "weights": {k: dataclasses.asdict(v) for k, v in sorted(self.weights.items())},
-                "caches": {k: dataclasses.asdict(v) for k, v in self.caches.items()},
+                "weights": {k: v.to_json() for k, v in sorted(self.weights.items())},
+                "caches": {k: v.to_json() for k, v in self.caches.items()},
                 "notes": {k: list(v) for k, v in sorted(self.notes.items())}}
 
 
@@ -217,7 +254,7 @@ def _backward_linears(start: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
 
 def _output_projection(op: fx.Node) -> fx.Node | None:
     """The first linear reached forward from the attention output (the output projection)."""
-    out = op if is_call(op, ops.attention.default, ops.attention_read.default) else next(
+    out = op if is_call(op, ops.attention.default, ops.attention_read.default, *SPARSE_ATTENTION_OPS) else next(
         (u for u in op.users if u.target is operator.getitem and u.args[1] == 0), None)
     seen, queue = set(), [out] if out is not None else []
     while queue:
@@ -231,10 +268,49 @@ def _output_projection(op: fx.Node) -> fx.Node | None:
     return None
 
 
+def _divides(world: int, count: int, what: str, where: str) -> None:
+    if count % world:
+        raise ShardCountError(f"{where}: {count} {what} do not split across {world} ranks; "
+                              f"pass a rank count that divides {count}")
+
+
+def _seed_output_projection(op: fx.Node, seed, seeds: dict, world: int) -> None:
+    """Whatever else feeds the output projection per query head (e.g. Laguna's output gate) is
+    column-parallel like the query."""
+    oproj = _output_projection(op)
+    if oproj is not None:
+        for linear in _backward_linears(oproj.args[0])[0]:
+            if linear not in seeds:
+                seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (per query head, "
+                     "feeds the output projection)")
+
+
+def _sparse_shared(args: dict) -> list[str]:
+    """What a DeepSeek V4 sparse attention's query heads share (replicated on every rank), for the notes."""
+    comp, idx = args.get("comp"), args.get("idx")
+    shared = ["the one K=V head (its projection, norm and window cache)"]
+    if isinstance(comp, fx.Node) and comp.target is operator.getitem \
+            and is_call(comp.args[0], ops.kv_compress.default, ops.kv_compress_step.default):
+        shared.append("the compressor (one compressed K=V head, its state and entries)")
+    if is_call(idx, ops.indexer_topk.default):
+        shared.append(f"the indexer ({_shape(idx.args[0])[2]} heads, its key compressor and cache: its top-k "
+                      "ranks entries by the score summed over all its heads)")
+    return shared
+
+
+def _cca_outputs(args: dict, blocked: set) -> dict[str, fx.Node] | None:
+    """``{argument: node}`` when the attention's q / k / v are all read straight from one
+    ``effexport::cca`` (ZAYA1), else None."""
+    fed = {name: args[name] for name in ("q", "k", "v", "k_new", "v_new") if name in args}
+    ccas = {n.args[0] for n in fed.values() if n.target is operator.getitem and is_call(n.args[0], ops.cca.default)}
+    if len(ccas) != 1 or blocked != ccas or not all(n.target is operator.getitem and n.args[0] in ccas
+                                                   for n in fed.values()):
+        return None
+    return fed
+
+
 def _kv_split(world: int, heads: int, kv_heads: int, where: str) -> Split:
-    if heads % world:
-        raise ShardCountError(f"{where}: {heads} query heads do not split across {world} ranks; "
-                              f"pass a rank count that divides {heads}")
+    _divides(world, heads, "query heads", where)
     if kv_heads >= world:
         if kv_heads % world:
             raise ShardCountError(f"{where}: {kv_heads} KV heads do not split across {world} ranks; "
@@ -270,7 +346,8 @@ def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPla
     seeds: dict[fx.Node, Split] = {}
     cache_ph: dict[fx.Node, Split] = {}
     names = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], program.inputs))
-    attention = [n for n in gm.graph.nodes if is_call(n, *ATTENTION_OPS)]
+    attention = [n for n in gm.graph.nodes if is_call(n, *ATTENTION_OPS, *SPARSE_ATTENTION_OPS)]
+    narrows: dict[fx.Node, dict[fx.Node, Split]] = {}  # consumer -> replicated input read as the rank's block
 
     def seed(linear: fx.Node, split: Split, why: str) -> None:
         old = seeds.get(linear)
@@ -284,21 +361,43 @@ def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPla
         caches = [names[a] for a in op.all_input_nodes if a.op == "placeholder" and a in names]
         index = layer_index(caches[0][len("past."):]) if caches else None
         where = f"layer {index}" if index is not None else _where(args["q"])
+        op_name = op.target.__name__.split(".")[0]
+        if is_call(op, *SPARSE_ATTENTION_OPS):
+            heads = _shape(args["q"])[2]
+            _divides(world, heads, "query heads", where)
+            linears, blocked = _backward_linears(args["q"])
+            if blocked or not linears:
+                shard.note(where, f"{op_name} replicated: its query comes from "
+                                  f"{', '.join(sorted({b.target.__name__.split('.')[0] for b in blocked})) or 'no linear'}")
+                continue
+            shard.note(where, f"{op_name}: {heads} query heads -> {heads // world} per rank; replicated, shared by "
+                              f"every query head: {'; '.join(_sparse_shared(args))}")
+            for linear in linears:
+                seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (query heads)")
+            _seed_output_projection(op, seed, seeds, world)
+            continue
         kv_arg, cache_args = ATTENTION_OPS[op.target]
         heads, kv_heads = _shape(args["q"])[1], _shape(args[kv_arg])[1]
         inputs = {name: _backward_linears(args[name]) for name in ("q", "k", "v", "k_new", "v_new") if name in args}
-        blocked = sorted({b.target.__name__.split(".")[0] for _, bs in inputs.values() for b in bs})
-        if blocked:
-            shard.note(where, f"{op.target.__name__.split('.')[0]} replicated: its query / keys come from "
-                              f"{', '.join(blocked)}, which has no tensor-parallel rule yet")
+        blocked = {b for _, bs in inputs.values() for b in bs}
+        cca = _cca_outputs(args, blocked)
+        if blocked and cca is None:
+            shard.note(where, f"{op_name} replicated: its query / keys come from "
+                              f"{', '.join(sorted({b.target.__name__.split('.')[0] for b in blocked}))}, "
+                              "which has no tensor-parallel rule yet")
             continue
         kv = _kv_split(world, heads, kv_heads, where)
         q = Split(1, world, 1)
         _check_gqa(world, heads, kv_heads, q, kv, where)
         kv_text = (f"{kv_heads} KV heads -> {kv_heads // world} per rank" if kv.replicas == 1 else
                    f"{kv_heads} KV heads, each replicated on {kv.replicas} ranks")
-        shard.note(where, f"{op.target.__name__.split('.')[0]}: {heads} query heads -> {heads // world} per rank, "
-                          f"{kv_text}")
+        shard.note(where, f"{op_name}: {heads} query heads -> {heads // world} per rank, {kv_text}")
+        if cca is not None:  # every rank runs the op on all heads and reads its own heads' q / k / v
+            shard.note(where, "cca replicated (q/k projections, convs, value shift, conv/shift state): its value "
+                              "shift lays the current and delayed halves out as whole KV heads, so one op call "
+                              "cannot compute one rank's heads; the attention reads the rank's heads of its q/k/v")
+            for name, node in cca.items():
+                narrows.setdefault(op, {})[node] = q if name == "q" else kv
         for linear in inputs["q"][0]:
             seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (query heads)")
         for name in ("k", "v", "k_new", "v_new"):
@@ -311,14 +410,9 @@ def plan_sharding(program: StepProgram, plan: CachePlan, world: int) -> ShardPla
                 if cache_ph.get(ph, kv) != kv:
                     raise ShardingError(f"{where}: cache {names[ph]} is read with two different head splits")
                 cache_ph[ph] = kv
-        oproj = _output_projection(op)
-        if oproj is not None:
-            for linear in _backward_linears(oproj.args[0])[0]:
-                if linear not in seeds:
-                    seed(linear, Split(-1, world), f"{linear.args[1].target}: column-parallel (per query head, "
-                         "feeds the output projection)")
+        _seed_output_projection(op, seed, seeds, world)
     _seed_mlps(gm, world, seeds, shard)
-    _propagate(gm, world, seeds, cache_ph, names, program.outputs, shard)
+    _propagate(gm, world, seeds, cache_ph, narrows, names, program.outputs, shard)
     for ph, split in cache_ph.items():
         shard.caches[names[ph][len("past."):]] = split
     known = {e.name for e in plan.entries}
@@ -366,13 +460,13 @@ def _seed_mlps(gm: fx.GraphModule, world: int, seeds: dict, shard: ShardPlan) ->
             shard.note(where, f"{up.args[1].target}: column-parallel (MLP, {width} -> {width // world} per rank)")
 
 
-def _view_dim(node: fx.Node, p: int, split: Split) -> int:
-    """The output dim of a view/reshape/expand holding the input's blocks of dim ``p``."""
+def _view_split(node: fx.Node, p: int, split: Split) -> tuple[Split, dict[int, int]]:
+    """The split of a view/reshape/expand of a value split along dim ``p``, and its sizes' divisors."""
     src, out = _shape(node.args[0]), _shape(node)
     if len(out) > p and all(_same(src[i], out[i]) for i in range(p + 1)):
-        return p
+        return split, {p: split.nblocks}
     if node.target is aten.expand.default:
-        return p + len(out) - len(src)
+        return split.moved(p + len(out) - len(src)), {p + len(out) - len(src): split.nblocks}
     inner = src[p + 1:]
     if not all(isinstance(d, int) for d in inner):
         raise ShardingError(f"{_where(node)}: {node.name} reshapes a split dim with symbolic inner sizes")
@@ -381,9 +475,15 @@ def _view_dim(node: fx.Node, p: int, split: Split) -> int:
     for j in range(len(out) - 1, -1, -1):
         if not isinstance(out[j], int):
             break
-        if acc * out[j] == outer and out[j] % split.nblocks == 0 \
-                and [str(d) for d in src[:p]] == [str(d) for d in out[:j]]:
-            return j
+        if acc * out[j] == outer and [str(d) for d in src[:p]] == [str(d) for d in out[:j]]:
+            if out[j] % split.nblocks == 0:
+                return split.moved(j), {j: split.nblocks}
+            # heads gathered in fewer groups than blocks (DeepSeek's grouped output projection over more
+            # ranks than groups): rank r holds group r // (N / g) and its heads' part of the group's width
+            if j == len(out) - 2 and split.nblocks % out[j] == 0 and split.replicas == 1 and split.sub is None \
+                    and not split.partial and out[j + 1] % (split.nblocks // out[j]) == 0:
+                per = split.nblocks // out[j]
+                return Split(j, out[j], per, sub=j + 1), {j: out[j], j + 1: per}
         acc *= out[j]
         if acc > outer:
             break
@@ -400,7 +500,7 @@ def _dim_arg(node: fx.Node, value_rank: int) -> list[int]:
     return [d % value_rank for d in dims]
 
 
-def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, names: dict,
+def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, narrows: dict, names: dict,
                outputs: list[str], shard: ShardPlan) -> None:
     """One forward pass: the split of every value; records weight slices, view sizes and reduces."""
     state: dict[fx.Node, object] = {ph: s for ph, s in cache_ph.items()}
@@ -433,6 +533,11 @@ def _propagate(gm: fx.GraphModule, world: int, seeds: dict, cache_ph: dict, name
             continue
         where = _where(node)
         inputs = {a: state[a] for a in node.all_input_nodes if state.get(a) is not None}
+        for a, split in narrows.get(node, {}).items():  # a replicated input read as the rank's block
+            if a in inputs:
+                raise ShardingError(f"{where}: {a.name} is split already; it cannot be narrowed to a block")
+            inputs[a] = split
+            shard.narrows.setdefault(node.name, {})[a.name] = split
         if is_call(node, aten.linear.default) and not inputs:
             split = seeds.get(node)
             if split is not None:
@@ -477,10 +582,14 @@ def _keeps_partial(node: fx.Node, inputs: dict) -> bool:
     if node.target in SCALE_LINEAR:
         return len(inputs) == 1 and node.args[0] in inputs
     if node.target in SHAPE_LINEAR or node.target in TRANSPARENT:
-        src = meta_val(node.args[0])
-        return node.target not in TRANSPARENT or (src is not None and src.dtype == meta_val(node).dtype
-                                                  and src.device == meta_val(node).device)
+        return node.target not in TRANSPARENT or _keeps_dtype(node)
     return False
+
+
+def _keeps_dtype(node: fx.Node) -> bool:
+    """A cast / copy to its input's own dtype and device (linear in a partial sum)."""
+    src = meta_val(node.args[0])
+    return src is not None and src.dtype == meta_val(node).dtype and src.device == meta_val(node).device
 
 
 def _check_outputs(node: fx.Node, state: dict, outputs: list[str], shard_caches: dict) -> None:
@@ -503,6 +612,11 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
     if target is operator.getitem:
         src = inputs[node.args[0]]
         return src[node.args[1]] if isinstance(src, tuple) else src
+    finer = [s for s in inputs.values() if s != PARTIAL and (s.sub is not None or s.partial)]
+    if finer and not (target is aten.einsum.default if any(s.sub is not None for s in finer) else
+                      target in (aten.linear.default, aten.flatten.using_ints, *VIEWS[:3])
+                      or (target in TRANSPARENT and _keeps_dtype(node))):
+        raise ShardingError(f"{what}: no sharding rule for this op on heads split finer than their groups ({finer[0]})")
     if is_call(node, aten.linear.default):
         a = call_args(node)
         x = inputs.get(a["input"])
@@ -511,10 +625,10 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
         in_rank = len(_shape(a["input"]))
         if x.dim != in_rank - 1:
             raise ShardingError(f"{what}: the input is split along dim {x.dim}, not its features")
-        if x.replicas != 1 or x.nblocks != world:
+        if (x.replicas != 1 or x.nblocks != world) and not x.partial:
             raise ShardingError(f"{what}: the input's blocks are replicated ({x}); an all-reduce would count "
                                 "them more than once")
-        slice_weight(a["weight"], Split(1, world), where)
+        slice_weight(a["weight"], Split(1, x.nblocks, x.replicas), where)
         shard.note(where, f"{a['weight'].target}: row-parallel, its partial sums all-reduced")
         if a.get("bias") is not None:  # the bias is added once, after the all-reduce
             shard.reduces[node.name] = None
@@ -532,6 +646,15 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
         if a.get("sinks") is not None:
             slice_weight(a["sinks"], Split(0, q.nblocks, q.replicas), where)
         return q if not cache_args or target is ops.attention_read.default else (q, k, k)
+    if is_call(node, *SPARSE_ATTENTION_OPS):
+        a = call_args(node)
+        q = inputs.get(a["q"])
+        if q is None or q.dim != 2 or set(inputs) != {a["q"]}:
+            raise ShardingError(f"{what}: only the query heads may be split (the K=V latent, compressed entries "
+                                f"and selection are one head shared by all); got {sorted(x.name for x in inputs)}")
+        slice_weight(a["sink"], Split(0, q.nblocks, q.replicas), where)
+        shard.note(where, f"{a['sink'].target.rsplit('.', 1)[-1]} (one logit per query head): sliced")
+        return q
     shape = _shape(node)
     if _is_pointwise(node):
         # right-aligned (broadcast) position of the split dim, the same in every split operand
@@ -553,13 +676,15 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
             raise ShardingError(f"{what}: reads the size of the split dim (a head count taken from the graph)")
         return None
     if isinstance(src_node, (list, tuple)):
-        if not is_call(node, aten.cat.default):
+        if not is_call(node, aten.cat.default, aten.stack.default):
             raise ShardingError(f"{what}: no sharding rule for a list of split tensors")
         splits = {inputs.get(t) for t in src_node}
         if len(splits) != 1 or None in splits:
             raise ShardingError(f"{what}: concatenates tensors split differently")
-        split = next(iter(splits))
-        if call_args(node)["dim"] % len(shape) == split.dim:
+        split, d = next(iter(splits)), call_args(node)["dim"] % len(shape)
+        if target is aten.stack.default:  # a new dim at d
+            return split.moved(split.dim + (d <= split.dim))
+        if d == split.dim:
             raise ShardingError(f"{what}: concatenates along the split dim")
         return split
     src = inputs.get(src_node)
@@ -569,13 +694,32 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
     in_rank = len(_shape(src_node))
     p = src.dim
     if target in VIEWS:
-        j = _view_dim(node, p, src)
+        split, divisors = _view_split(node, p, src)
         size = node.args[1]  # ``size`` (view, expand) / ``shape`` (reshape)
-        if isinstance(size[j], fx.Node):
-            raise ShardingError(f"{what}: the split dim's size is computed ({size[j].name}), not a constant")
-        if size[j] != -1:  # a -1 elsewhere absorbs the change; a -1 here follows the input
-            shard.views[node.name] = (j, src.nblocks)
-        return src.moved(j)
+        for j in divisors:
+            if isinstance(size[j], fx.Node):
+                raise ShardingError(f"{what}: the split dim's size is computed ({size[j].name}), not a constant")
+        shard.views[node.name] = divisors  # a -1 elsewhere absorbs the change; a -1 here follows the input
+        return split
+    if target is aten.unflatten.int:
+        d, sizes = node.args[1] % in_rank, list(node.args[2])
+        if d != p:
+            return src.moved(p if p < d else p + len(sizes) - 1)
+        if not isinstance(sizes[0], int) or sizes[0] < 1 or sizes[0] % src.nblocks:
+            raise ShardingError(f"{what}: unflattens the split dim into {sizes}, whose outer size does not "
+                                f"hold its {src.nblocks} blocks")
+        shard.views[node.name] = {0: src.nblocks}
+        return src  # the outermost new dim holds the blocks
+    if target is aten.flatten.using_ints:
+        a = call_args(node)
+        start, end = a["start_dim"] % in_rank, a["end_dim"] % in_rank
+        if p < start:
+            return src
+        if p > end:
+            return src.moved(p - (end - start))
+        if not all(_same(_shape(src_node)[i], 1) for i in range(start, p)):
+            raise ShardingError(f"{what}: flattens the split dim under other dims")
+        return src.moved(start)
     if target is aten.transpose.int:
         d0, d1 = (d % in_rank for d in node.args[1:3])
         return src.moved(d1 if p == d0 else d0 if p == d1 else p)
@@ -637,36 +781,71 @@ def _expert_seed(node: fx.Node, world: int, where: str, slice_weight, shard: Sha
 
 
 def _einsum_rule(node, inputs, world, what, slice_weight, shard: ShardPlan):
-    """An einsum over a split letter: parameters holding that letter are sliced, replicated
-    activations holding it narrowed to the rank's block; a contracted split letter leaves a partial
-    sum, all-reduced (the combine of expert parallelism)."""
+    """An einsum over a split letter: parameters holding that letter are sliced (also through a view
+    of one, e.g. DeepSeek's ``wo_a.weight.view(g, r, -1)``), replicated activations holding it narrowed
+    to the rank's block; a contracted split letter leaves a partial sum, all-reduced (the combine of
+    expert parallelism). A split with a ``sub`` dim splits two letters; contracting only the sub letter
+    leaves each group's block a partial sum over the ranks sharing the group."""
     operands, output = _einsum_letters(node, what)
-    letters = {ops_[s.dim] for a, s in inputs.items()
-               for ops_, arg in zip(operands, node.args[1]) if arg is a}
-    splits = set(inputs.values())
-    blocks = {(s.nblocks, s.replicas) for s in splits}
+
+    def letters_of(ops_: str, s: Split) -> tuple[str, str | None]:
+        return ops_[s.dim], (ops_[s.sub] if s.sub is not None else None)
+
+    letters = {letters_of(ops_, s) for a, s in inputs.items() for ops_, arg in zip(operands, node.args[1]) if arg is a}
+    blocks = {(s.nblocks, s.replicas) for s in inputs.values()}
     if len(letters) != 1 or len(blocks) != 1:
         raise ShardingError(f"{what}: einsum operands split along different letters or blocks")
-    letter, (nblocks, replicas) = next(iter(letters)), next(iter(blocks))
-    for i, (ops_, arg) in enumerate(zip(operands, node.args[1])):
+    (letter, sub), (nblocks, replicas) = next(iter(letters)), next(iter(blocks))
+    for ops_, arg in zip(operands, node.args[1]):
         if arg in inputs:
-            if ops_[inputs[arg].dim] != letter:
+            if letters_of(ops_, inputs[arg]) != (letter, sub):
                 raise ShardingError(f"{what}: einsum operands split along different letters")
             continue
         if letter not in ops_:
+            if sub is not None and sub in ops_:
+                raise ShardingError(f"{what}: an operand holds the split sub letter {sub!r} without {letter!r}")
             continue
-        split = Split(ops_.index(letter), nblocks, replicas)
+        split = Split(ops_.index(letter), nblocks, replicas,
+                      sub=ops_.index(sub) if sub is not None and sub in ops_ else None)
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
             slice_weight(arg, split, what)
-        else:
-            shard.narrows.setdefault(node.name, {})[i] = split
+        elif not _slice_weight_view(arg, split, what, slice_weight, shard):
+            shard.narrows.setdefault(node.name, {})[arg.name] = split
     if letter in output:
-        return Split(output.index(letter), nblocks, replicas)
-    if replicas != 1 or nblocks != world:
+        if sub is None or sub in output:
+            return Split(output.index(letter), nblocks, replicas, sub=output.index(sub) if sub is not None else None)
+        shard.note(_where(node), f"einsum {node.args[0]}: {nblocks} groups over {world} ranks: each rank's heads "
+                                 f"give a partial sum of their group's {letter!r} block, added by the all-reduce")
+        return Split(output.index(letter), nblocks, replicas, partial=True)
+    if (replicas != 1 or nblocks != world) and (sub is None or sub in output):
         raise ShardingError(f"{what}: contracts a letter whose blocks are replicated; an all-reduce would "
                             "count them more than once")
     shard.note(_where(node), f"einsum {node.args[0]}: partial sums over the split experts, all-reduced (combine)")
     return PARTIAL
+
+
+def _slice_weight_view(arg, split: Split, what: str, slice_weight, shard: ShardPlan) -> bool:
+    """A view of a parameter read by one einsum (``w.view(g, r, -1)``): slice the parameter where each
+    split dim of the view is the outer part of one parameter dim, and divide the view's sizes."""
+    if not (is_call(arg, *VIEWS[:3]) and arg.args[0].op == "get_attr" and len(arg.users) == 1):
+        return False
+    weight, view = _shape(arg.args[0]), _shape(arg)
+
+    def weight_dim(v: int) -> int | None:
+        return next((k for k in range(len(weight)) if math.prod(view[:v]) == math.prod(weight[:k])
+                     and weight[k] % view[v] == 0), None)
+
+    dims = [split.dim] + ([split.sub] if split.sub is not None else [])
+    found = [weight_dim(v) for v in dims]
+    if None in found or len(set(found)) != len(found):
+        return False
+    slice_weight(arg.args[0], Split(found[0], split.nblocks, split.replicas,
+                                    sub=found[1] if split.sub is not None else None), what)
+    shard.note(_where(arg), f"{arg.args[0].target}: sliced by its view {list(view)}'s dims "
+                            f"{', '.join(map(str, dims))} (the rank's heads)")
+    shard.views[arg.name] = {split.dim: split.nblocks, **({split.sub: split.replicas} if split.sub is not None else {})}
+    shard.values[arg.name] = split
+    return True
 
 
 def _set_weight(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
@@ -680,9 +859,18 @@ def _set_weight(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
         setattr(owner, name, value)
 
 
+def _narrowing(split: Split, shape, rank: int) -> list[tuple[int, int, int]]:
+    """``(dim, block size, block index)`` per narrowed dim of rank ``rank``'s block of ``shape``."""
+    out = [(split.dim, shape[split.dim] // split.nblocks, split.block(rank))]
+    if split.sub is not None:
+        out.append((split.sub, shape[split.sub] // split.replicas, rank % split.replicas))
+    return out
+
+
 def _slice(t: torch.Tensor, split: Split, rank: int) -> torch.Tensor:
-    size = t.shape[split.dim] // split.nblocks
-    return t.narrow(split.dim, split.block(rank) * size, size).clone()
+    for dim, size, index in _narrowing(split, t.shape, rank):
+        t = t.narrow(dim, index * size, size)
+    return t.clone()
 
 
 def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: int,
@@ -697,21 +885,23 @@ def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: in
     for target, split in shard.weights.items():
         _set_weight(gm, target, _slice(_get(gm, target), split, rank))
     nodes = {n.name: n for n in graph.nodes}
-    for name, (j, div) in shard.views.items():
+    for name, divisors in shard.views.items():
         node = nodes[name]
-        size = list(node.args[1])
-        size[j] = size[j] // div
-        node.args = (node.args[0], size, *node.args[2:])
-    for name, operands in shard.narrows.items():
+        at = 2 if node.target is aten.unflatten.int else 1  # the sizes argument
+        size = list(node.args[at])
+        for j, div in divisors.items():
+            if size[j] != -1:  # a -1 follows the input
+                size[j] = size[j] // div
+        node.args = (*node.args[:at], size, *node.args[at + 1:])
+    for name, inputs in shard.narrows.items():
         node = nodes[name]
-        args = list(node.args[1])
-        for i, split in operands.items():
-            size = _shape(args[i])[split.dim] // split.nblocks
+        for source, split in inputs.items():
+            local = nodes[source]
             with graph.inserting_before(node):
-                local = graph.call_function(aten.narrow.default, (args[i], split.dim, split.block(rank) * size, size))
-            local.meta["val"] = _local(meta_val(args[i]), split)
-            args[i] = local
-        node.args = (node.args[0], args, *node.args[2:])
+                for dim, size, index in _narrowing(split, _shape(local), rank):
+                    local = graph.call_function(aten.narrow.default, (local, dim, index * size, size))
+            local.meta["val"] = _local(meta_val(nodes[source]), split)
+            node.replace_input_with(nodes[source], local)
     for name, consumers in shard.reduces.items():
         producer = nodes[name]
         bias = call_args(producer).get("bias") if consumers is None else None
@@ -756,9 +946,11 @@ def _local(val, split):
     """The fake value of one rank's block of ``val`` (tuples per output)."""
     if isinstance(split, tuple):
         return tuple(_local(v, sp) for v, sp in zip(val, split))
-    if split is None or split.nblocks == 1:
+    if split is None:
         return val
-    return val.narrow(split.dim, 0, val.shape[split.dim] // split.nblocks)
+    for dim, size, _ in _narrowing(split, val.shape, 0):
+        val = val.narrow(dim, 0, size)
+    return val
 
 
 def _refresh_meta(gm: fx.GraphModule, program: StepProgram, shard: ShardPlan) -> None:
