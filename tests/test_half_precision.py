@@ -72,6 +72,9 @@ def test_bf16_graph_is_well_typed(tmp_path, preset):
                  "-o", str(out), "--steps", "2"])
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not [n for n in model.graph.node if n.op_type == "Einsum"]
+    # ONNX Runtime's CUDA Reciprocal has no bf16 kernel (ZAYA1's bf16 graph did not load on the GPU):
+    # the CCA body divides instead
+    assert not [n for f in model.functions if f.name == "cca" for n in f.node if n.op_type == "Reciprocal"]
     try:
         ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime's error classes are not importable by name)
