@@ -377,3 +377,28 @@ def test_qk_norm_into_attention_only_in_half_precision(monkeypatch):
         assert qk_norm_into_attention(model) == 0 and len(list(model.graph)) == 7
     monkeypatch.setenv(ENV, "0")
     assert qk_norm_into_attention(_qk_norm_model("bf16")) == 0
+
+
+def test_structure_check_fuses_the_twin_like_the_artifact(tmp_path):
+    """A bf16 artifact with the CUDA-only Q / K norms in its attention equals its fp32 twin (which
+    keeps them as nodes, for ONNX Runtime's CPU EP) once the comparison fuses a copy of the twin the
+    same way; the unfused bf16 graph against the same twin also compares equal, and a twin with
+    another op does not."""
+    import onnx_ir as ir
+
+    from effexport.exporter.backends.onnx.ort_cuda import qk_norm_into_attention
+    from effexport.exporter.verify.parity import compare_structure
+
+    fused = _qk_norm_model("bf16")
+    assert qk_norm_into_attention(fused) == 1
+    paths = {}
+    for name, model in (("fused", fused), ("plain", _qk_norm_model("bf16")), ("twin", _qk_norm_model("fp32"))):
+        paths[name] = str(tmp_path / f"{name}.onnx")
+        ir.save(model, paths[name])
+    assert compare_structure(paths["fused"], paths["twin"]) == ""
+    assert compare_structure(paths["plain"], paths["twin"]) == ""
+    other = _qk_norm_model("fp32")
+    norm = next(n for n in other.graph if n.op_type == "SimplifiedLayerNormalization")
+    norm.op_type = "LayerNormalization"
+    ir.save(other, str(tmp_path / "other.onnx"))
+    assert compare_structure(paths["fused"], str(tmp_path / "other.onnx")) != ""

@@ -115,28 +115,30 @@ folded constants)."""
 def compare_structure(path: str, twin_path: str) -> str:
     """"" when the ONNX graphs at ``path`` and ``twin_path`` have the same op types in the same
     numbers (main graph and model-local functions, :data:`STRUCTURE_IGNORED` aside; a ``Clip`` counts
-    as the ``Max`` / ``Min`` of its bounds, a GroupQueryAttention with the CUDA-only Q / K norm as
-    the norms and reshapes it replaced), else the first few differences as "op: n vs m"."""
+    as the ``Max`` / ``Min`` of its bounds; an artifact with the CUDA-only fusions is compared with the
+    twin fused the same way), else the first few differences as "op: n vs m"."""
     from collections import Counter
 
     import onnx
 
-    from effexport.exporter.backends.onnx.ort_cuda import cpu_form_ops
+    from effexport.exporter.backends.onnx.ort_cuda import has_cuda_fusions, with_cuda_fusions
 
-    def kinds(n) -> list[tuple[str, str]]:
+    def kinds(n) -> list[str]:
         if n.op_type == "Clip" and n.domain in ("", "ai.onnx"):  # Min(Max(x, lo), hi): the optimizer folds
             # it into a Clip only where it can read both bounds as constants (fp32: yes; bf16: not always)
             bounds = list(n.input[1:3]) + [""] * 2
-            return [(n.domain, "Max")] * bool(bounds[0]) + [(n.domain, "Min")] * bool(bounds[1])
-        return cpu_form_ops(n)  # a CUDA-only fusion counts as the nodes it replaced (exporter/backends/onnx/ort_cuda.py)
+            return ["Max"] * bool(bounds[0]) + ["Min"] * bool(bounds[1])
+        return [n.op_type]
 
-    def ops(p: str) -> Counter:
-        model = onnx.load(p, load_external_data=False)
+    def ops(model) -> Counter:
         nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-        return Counter(f"{domain or 'ai.onnx'}::{k}" for n in nodes if n.op_type not in STRUCTURE_IGNORED
-                       for domain, k in kinds(n))
+        return Counter(f"{n.domain or 'ai.onnx'}::{k}" for n in nodes if n.op_type not in STRUCTURE_IGNORED
+                       for k in kinds(n))
 
-    a, b = ops(path), ops(twin_path)
+    artifact, twin = (onnx.load(p, load_external_data=False) for p in (path, twin_path))
+    if has_cuda_fusions(artifact):  # CUDA-only fusions (exporter/backends/onnx/ort_cuda.py): fuse the twin too
+        twin = with_cuda_fusions(twin)
+    a, b = ops(artifact), ops(twin)
     diff = [f"{k} {a[k]} vs {b[k]}" for k in sorted(set(a) | set(b)) if a[k] != b[k]]
     return ", ".join(diff[:5]) + (f" (+{len(diff) - 5} more)" if len(diff) > 5 else "")
 

@@ -145,7 +145,7 @@ def _fuse_streamed_again(model: ir.Model, max_positions: int | None) -> None:
     the two structures differed. Now the initializers read their checkpoint tensors lazily: constants
     of at most 8,192 elements are folded (the norm vectors, not the matrices) and the step fusions
     run again (a rule that already applied finds nothing left to match)."""
-    onnxscript.optimizer.fold_constants(model)
+    onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
     ir.passes.Sequential(
         ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         ir_passes.RemoveUnusedNodesPass())(model)

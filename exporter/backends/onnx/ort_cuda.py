@@ -10,9 +10,8 @@ before any rotary embedding, ORT's schema) to its 3-D inputs, so the six nodes g
 
 Applied only to half-precision GroupQueryAttention (ORT's CUDA kernel has no fp32 form; a bf16 /
 fp16 ``ort`` artifact is a GPU artifact in any case), so the fp32 twin a CPU-only machine checks a
-half-precision build through keeps the norms as nodes; :func:`cpu_form_ops` counts a fused attention
-as its CPU form (the attention, two norms, four reshapes) for the structure comparison. What the CPU
-cannot check is ORT's CUDA kernel computing that norm as ``SimplifiedLayerNormalization`` does: the
+half-precision build through keeps the norms as nodes and runs; the structure comparison fuses a
+copy of the twin the same way (:func:`with_cuda_fusions`) and compares that. What the CPU cannot check is ORT's CUDA kernel computing that norm as ``SimplifiedLayerNormalization`` does: the
 GPU parity of the artifact does (``bench/ort_graphs.py``, the gpu tests)."""
 from __future__ import annotations
 
@@ -26,8 +25,6 @@ ENV = "EFFEXPORT_ORT_CUDA_FUSIONS"
 """``0`` builds without these fusions (a comparison, or an ONNX Runtime build whose CUDA kernel lacks them)."""
 Q_NORM, K_NORM = 14, 15  # GroupQueryAttention's q_norm_weight / k_norm_weight inputs (ORT 1.31, 1.32)
 _HALF = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
-CPU_FORM = (("", "SimplifiedLayerNormalization", 2), ("", "Reshape", 4))
-"""What one fused attention stands for besides itself: two norms, two reshapes each."""
 
 
 def _single_use(value: ir.Value) -> bool:
@@ -68,10 +65,14 @@ def qk_norm_into_attention(model: ir.Model) -> int:
     Nothing is fused with :data:`ENV` set to ``0``."""
     if os.environ.get(ENV, "1") == "0":
         return 0
+    return _fuse_qk_norms(model, _HALF)
+
+
+def _fuse_qk_norms(model: ir.Model, dtypes) -> int:
     moved = 0
     for node in list(model.graph):
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" \
-                or node.inputs[0] is None or node.inputs[0].dtype not in _HALF or node.inputs[1] is None \
+                or node.inputs[0] is None or node.inputs[0].dtype not in dtypes or node.inputs[1] is None \
                 or any(v is not None for v in node.inputs[Q_NORM:]):
             continue
         q = _head_norm(node.inputs[0], node.attributes.get_int("num_heads", -1))
@@ -88,11 +89,16 @@ def qk_norm_into_attention(model: ir.Model) -> int:
     return moved
 
 
-def cpu_form_ops(node) -> list[tuple[str, str]]:
-    """``(domain, op_type)`` of the nodes an ONNX ``NodeProto`` stands for in its CPU form: a
-    GroupQueryAttention with ``q_norm_weight`` is itself plus :data:`CPU_FORM`; any other node itself."""
-    ops = [(node.domain, node.op_type)]
-    if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" \
-            and len(node.input) > Q_NORM and node.input[Q_NORM]:
-        ops += [(domain, op) for domain, op, n in CPU_FORM for _ in range(n)]
-    return ops
+def has_cuda_fusions(model) -> bool:
+    """Whether an ONNX ``ModelProto`` has a GroupQueryAttention with ``q_norm_weight``."""
+    return any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" and len(n.input) > Q_NORM
+               and n.input[Q_NORM] for n in model.graph.node)
+
+
+def with_cuda_fusions(model):
+    """An ONNX ``ModelProto`` with the CUDA-only fusions applied in any dtype: the fp32 twin a
+    half-precision build is checked through, as its structure would be fused (its nodes that only
+    fed the fused ones go too), for the structure comparison."""
+    fused = ir.from_proto(model)
+    _fuse_qk_norms(fused, tuple(ir.DataType))
+    return ir.to_proto(fused)
