@@ -502,8 +502,7 @@ def _lower_ranks(loaded: LoadedModel, opts: BuildOptions, tmp: str, program, pla
         files[f"{rank_dir}.manifest"] = f"{rank_dir}/{MANIFEST}"
         ranks.append((rank_dir, rank_files, rank_plan))
         del rank_program
-        if reader is not None:
-            gc.collect()  # the rank's graph module (reference cycles) and its weights, before the next rank reads
+        gc.collect()  # the rank's graph module (reference cycles) and its weights, before the next rank's
     return Lowered(files, None, None, f"{shard.world} rank programs ({', '.join(sorted(lowered.files.values()))} "
                    f"in {RANK_DIR.format('0')}..{RANK_DIR.format(shard.world - 1)})", lowered.runs_on), ranks, reader
 

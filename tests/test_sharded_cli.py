@@ -195,7 +195,8 @@ def test_bad_parallel_flags_are_refused(tmp_path, monkeypatch, capsys, flags, me
     target = [] if "--target" in flags else ["--target", "torch"]
     assert main([MODEL, *target, *flags, "-o", "out"]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and err.count("\n") <= 8, err
+    lines = [line for line in err.splitlines() if "still running" not in line]  # heartbeats of a busy machine
+    assert message in err and "Traceback" not in err and len(lines) <= 8, err
     assert os.listdir(tmp_path) == []
 
 
