@@ -294,7 +294,7 @@ def test_structure_only_sharded_artifact_cannot_run_or_check(structure, prompt_f
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("EFFEXPORT_REALSIZE") != "1",
-                    reason="real-size sharded structure-only build takes ~40 minutes: set EFFEXPORT_REALSIZE=1")
+                    reason="real-size sharded structure-only build takes ~20 CPU-minutes (52 min wall on 2 shared cores): set EFFEXPORT_REALSIZE=1")
 def test_real_size_structure_only_sharded_build(tmp_path):
     """DeepSeek V4-Flash on the meta device over 8 ranks (experts split 8 ways): per-rank programs and
     the manifest's per-rank bytes in bounded memory (README states the measured time and peak)."""
