@@ -108,18 +108,16 @@ def check_options(opts: BuildOptions) -> None:
     if opts.genai and opts.kv_cache != "buffer":
         raise UsageError(f"--genai needs --kv-cache buffer (GenAI binds past and present to one buffer), not "
                          f"--kv-cache {opts.kv_cache}: drop --kv-cache")
-    if opts.stream_weights and opts.target != "onnx":
-        raise UsageError(f"--stream-weights writes ONNX external data; --target {opts.target} compiles in-memory "
-                         "weights: drop --stream-weights, or use --target onnx")
+    if opts.stream_weights and opts.target != "onnx" and not (opts.target == "torch" and opts.tp):
+        raise UsageError(f"--stream-weights writes ONNX external data, or with --target torch --tp N each rank's "
+                         f"slices; an unsharded --target {opts.target} build holds the whole model: drop "
+                         "--stream-weights, or use --target onnx, or --target torch --tp N")
     if opts.data_file_bytes is not None and opts.target != "onnx":
         raise UsageError(f"--data-file-size splits ONNX external data; --target {opts.target} writes none: drop it")
     if opts.data_file_bytes is not None and opts.data_file_bytes < (64 << 10):
         raise UsageError(f"--data-file-size {opts.data_file_bytes}: at least 64KiB (e.g. 2GiB)")
     if opts.target == "aoti" and opts.weights == "none":
         raise UsageError("--weights none builds structure-only ONNX; --target aoti compiles kernels around real "
-                         "weights: drop --weights none, or use --target onnx")
-    if opts.target == "torch" and opts.weights == "none":
-        raise UsageError("--weights none builds structure-only ONNX; --target torch saves a program with its "
                          "weights: drop --weights none, or use --target onnx")
     check_parallel(opts)
     BACKENDS[opts.target].check()
@@ -132,7 +130,7 @@ SHARDED_TARGETS = ("torch",)
 
 def check_parallel(opts: BuildOptions) -> None:
     """``--tp`` / ``--ep``: a rank count from 2, ``--ep`` only equal to ``--tp`` (experts are split over
-    the same ranks as the heads), the torch target, fp32, real weights (exit 2 otherwise)."""
+    the same ranks as the heads), the torch target, growing caches (exit 2 otherwise)."""
     if opts.tp is None:
         if opts.ep is not None:
             raise UsageError(f"--ep {opts.ep} needs --tp: experts are split across the tensor-parallel ranks; "
@@ -148,9 +146,6 @@ def check_parallel(opts: BuildOptions) -> None:
     if opts.target not in SHARDED_TARGETS:
         raise UsageError(f"--tp builds one torch.export program per rank: use --target torch (--target "
                          f"{opts.target} has no sharded build yet)")
-    if opts.dtype != "fp32":
-        raise UsageError(f"--tp with --dtype {opts.dtype}: sharded builds are fp32 only for now (their parity "
-                         "check has no half-precision rule yet); drop --dtype")
     if opts.kv_cache != "grow":
         raise UsageError(f"--tp with --kv-cache {opts.kv_cache}: sharded builds use growing caches only for now; "
                          "drop --kv-cache")
@@ -204,15 +199,20 @@ def build(opts: BuildOptions) -> int:
                          allow_missing_weights=opts.allow_missing_weights)
     requested, opts = opts, resolve_context(opts, spec.name, spec.context_limit)
     out = _output_dir(opts, spec.name, spec.spec if spec.kind != "sample" else None)
-    stream = (spec.kind == "hf" and opts.target == "onnx" and not opts.allow_missing_weights
-              and streaming().wanted(spec.spec, opts.stream_weights))
+    sharded = opts.tp is not None  # a sharded build of a Hugging Face directory streams unless told not to
+    stream = (spec.kind == "hf" and not opts.allow_missing_weights
+              and (streaming().wanted(spec.spec, opts.stream_weights) if opts.target == "onnx" else
+                   sharded and opts.stream_weights is not False))
     if opts.stream_weights and not stream:
-        raise UsageError("--stream-weights streams a Hugging Face directory's safetensors (--target onnx, without "
-                         "--allow-missing-weights); drop --stream-weights")
+        raise UsageError("--stream-weights streams a Hugging Face directory's safetensors (--target onnx, or "
+                         "--target torch --tp N; without --allow-missing-weights); drop --stream-weights")
+    twin = stream and not sharded and opts.check and opts.dtype != "fp32"  # a streamed ONNX half build's fp32 twin
     stages = _stages(opts, structure_only=opts.weights == "none") + 1
-    progress = Progress(stages + (stream and opts.check and opts.dtype != "fp32"))  # + the fp32 twin
+    progress = Progress(stages + twin)
     t0 = progress.stage(f"load {opts.model}" + (" (structure only: meta device, no weights)"
                                                  if opts.weights == "none" else
+                                                 " (parameters on meta; each rank reads its slices from safetensors)"
+                                                 if stream and sharded else
                                                  " (parameters on meta, weights streamed from safetensors later)"
                                                  if stream else ""))
     try:
@@ -220,11 +220,9 @@ def build(opts: BuildOptions) -> int:
         if loaded is not None:
             if opts.check:
                 streaming().check_parity_memory(loaded.weights)
-            streaming().check_space(out, streaming().artifact_bytes(loaded.weights, DTYPES[opts.dtype],
-                                                                    opts.check and opts.dtype != "fp32"))
+            streaming().check_space(out, streaming().artifact_bytes(loaded.weights, DTYPES[opts.dtype], twin))
         else:
-            if stream:
-                progress.total -= opts.check and opts.dtype != "fp32"
+            progress.total -= twin
             loaded = spec.load()
         progress.done(t0, f"{sum(p.numel() for p in loaded.model.parameters()):,} parameters"
                       + (f", {loaded.weights.checkpoint.nbytes / 2**30:.2f} GiB in {len(loaded.weights.checkpoint.files)} "
@@ -372,8 +370,9 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
                 f.write(dumped[opts.dump_after])
         backend = BACKENDS[opts.target]
         t0 = progress.stage(backend.stage(opts))
+        reader = None
         if shard is not None:
-            lowered, ranks = _lower_ranks(loaded, opts, tmp, program, analysis.plan, shard)
+            lowered, ranks, reader = _lower_ranks(loaded, opts, tmp, program, analysis.plan, shard)
         else:
             with streaming_from(loaded.weights):  # a streamed build: the initializers read the checkpoint
                 lowered = backend.lower(program, analysis.plan, tmp, opts)
@@ -382,14 +381,19 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             from effexport.exporter.backends.onnx.genai import write_package
 
             files.update(write_package(tmp, files["step"], analysis.plan, loaded, opts.max_context))
-        if loaded.structure_only:
+        if loaded.structure_only and model_proto is not None:
             check_structure(os.path.join(tmp, lowered.files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
                      "as external data (not written), onnx.checker full check passed")
+        elif loaded.structure_only:
+            note += ", structure only: meta placeholders of the weights' shapes (no data written)"
+        if reader is not None:
+            note += (f", each rank's weights read as slices from the checkpoint ({max(reader.rank_bytes) / 2**20:,.1f} "
+                     f"MiB at most per rank, {reader.peak / 2**20:,.1f} MiB alive at once)")
         progress.done(t0, note)
         manifest = _manifest(loaded, opts, lowered, files, program, analysis.plan)
         if shard is not None:
-            manifest["sharded"] = _topology(shard, program, ranks, loaded.vocab_size)
+            manifest["sharded"] = _topology(shard, program, ranks, loaded.vocab_size, opts.max_context)
         _write_json(os.path.join(tmp, MANIFEST), manifest)
         if loaded.sample is not None:
             report = rep.build_report(loaded.sample, rep.max_context(loaded.sample) or 4096)
@@ -402,26 +406,24 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report["allow_missing_weights"] = True
             report["missing_weights"] = loaded.source.get("missing_weights", {})
         report["passes"] = analysis.counts
-        if loaded.weights is not None:
+        if reader is not None:
+            report["weights"] = {"streamed": True, "sharded": True, "checkpoint_bytes": reader.checkpoint.nbytes,
+                                 "files": len(reader.checkpoint.files), "rank_bytes_read": reader.rank_bytes,
+                                 "peak_bytes_alive": reader.peak}
+        elif loaded.weights is not None:
             report["weights"] = loaded.weights.report()
         if loaded.structure_only:
             print("      no parity check: structure-only build (no weights)", file=sys.stderr)
             report["resources"] = meter.to_json()  # volatile: the only timing in an artifact (documented)
+        elif opts.check and shard is not None:
+            parity = _check_sharded(loaded, reference, opts, tmp, manifest, progress)
+            print(parity.table(), file=sys.stderr)
+            report["parity"] = parity.to_json()
+            code = 0 if parity.passed else 1
         elif opts.check and loaded.weights is not None:  # eager first, freed, then the artifact
             from effexport.exporter.verify.streamed import check_streamed
 
             parity = check_streamed(loaded, reference, opts, tmp, progress, PARITY_PROMPT, twin_verdict)
-            print(parity.table(), file=sys.stderr)
-            report["parity"] = parity.to_json()
-            code = 0 if parity.passed else 1
-        elif opts.check and shard is not None:
-            from effexport.exporter.verify.sharded import check_sharded_parity
-
-            t0 = progress.stage(f"parity vs eager (prefill + {opts.steps} decode steps, {shard.world} ranks "
-                                "together over gloo on the CPU, each loading its program.pt2)")
-            parity = check_sharded_parity(loaded.model, tmp, manifest, loaded.parity_prompt(PARITY_PROMPT),
-                                          opts.steps, opts.dtype)
-            progress.done(t0)
             print(parity.table(), file=sys.stderr)
             report["parity"] = parity.to_json()
             code = 0 if parity.passed else 1
@@ -471,17 +473,27 @@ def _lower_ranks(loaded: LoadedModel, opts: BuildOptions, tmp: str, program, pla
     """Each rank's program (:func:`~effexport.passes.sharding.shard_rank`) lowered into ``tmp/rank{r}/``
     with its own manifest (a torch artifact of that rank: its CachePlan, ``rank`` and ``world``);
     returns the top-level :class:`~.backends.base.Lowered` (every rank's files, no backend keys:
-    those are per rank) and per rank ``(directory, files, CachePlan)``."""
+    those are per rank), per rank ``(directory, files, CachePlan)``, and the
+    :class:`~.frontends.streaming.SliceReader` of a streamed build (None otherwise). A streamed
+    build's program holds meta parameters: each rank's are read from the checkpoint as that rank's
+    slices (:func:`~.frontends.streaming.load_rank_weights`), lowered, and freed before the next rank
+    loads, so the build holds one rank's weights at a time."""
+    import gc
+
     from effexport.exporter.backends.base import Lowered
     from effexport.exporter.backends.torch.sharded import RANK_DIR
     from effexport.passes.sharding import shard_rank
 
     backend, files, ranks = BACKENDS[opts.target], {}, []
+    reader = streaming().SliceReader(loaded.weights.checkpoint) if loaded.weights is not None else None
     for rank in range(shard.world):
         rank_dir = RANK_DIR.format(rank)
         os.mkdir(os.path.join(tmp, rank_dir))
         rank_program, rank_plan = shard_rank(program, plan, shard, rank, "0")  # "0": the default process group
-        lowered = backend.lower(rank_program, rank_plan, os.path.join(tmp, rank_dir), opts)
+        with reader.rank() if reader is not None else contextlib.nullcontext():
+            if reader is not None:
+                streaming().load_rank_weights(rank_program.gm, loaded.weights, shard.weights, rank, reader)
+            lowered = backend.lower(rank_program, rank_plan, os.path.join(tmp, rank_dir), opts)
         rank_files = {k: f"{rank_dir}/{v}" for k, v in lowered.files.items()}
         manifest = _manifest(loaded, opts, lowered, dict(lowered.files), rank_program, rank_plan)
         manifest["rank"] = {"rank": rank, "world": shard.world, "process_group": "0"}
@@ -489,19 +501,46 @@ def _lower_ranks(loaded: LoadedModel, opts: BuildOptions, tmp: str, program, pla
         files.update({("step" if rank == 0 and k == "step" else f"{rank_dir}.{k}"): v for k, v in rank_files.items()})
         files[f"{rank_dir}.manifest"] = f"{rank_dir}/{MANIFEST}"
         ranks.append((rank_dir, rank_files, rank_plan))
+        del rank_program
+        gc.collect()  # the rank's graph module (reference cycles) and its weights, before the next rank's
     return Lowered(files, None, None, f"{shard.world} rank programs ({', '.join(sorted(lowered.files.values()))} "
-                   f"in {RANK_DIR.format('0')}..{RANK_DIR.format(shard.world - 1)})", lowered.runs_on), ranks
+                   f"in {RANK_DIR.format('0')}..{RANK_DIR.format(shard.world - 1)})", lowered.runs_on), ranks, reader
 
 
-def _topology(shard, program, ranks: list, vocab_size: int) -> dict:
+def _check_sharded(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptions, tmp: str, manifest: dict,
+                   progress: Progress):
+    """The build's parity of a sharded artifact (:func:`~.verify.sharded.check_sharded_parity`): eager
+    fp32 (and eager in ``--dtype`` for a bf16 / fp16 build) recorded first, then the ranks run together
+    over gloo. A streamed build's eager models are materialised from the checkpoint one at a time and
+    freed before any rank starts."""
+    from effexport.exporter.verify.sharded import check_sharded_parity
+
+    half = opts.dtype != "fp32"
+    if loaded.weights is not None:
+        fp32 = lambda: streaming().materialize(reference, torch.float32)  # noqa: E731
+        same = (lambda: streaming().materialize(loaded, DTYPES[opts.dtype])) if half else None
+    else:
+        fp32, same = reference.model, loaded.model if half else None
+    t0 = progress.stage(f"parity vs eager {'fp32 and ' + opts.dtype if half else 'fp32'} (prefill + {opts.steps} "
+                        f"decode steps, {manifest['sharded']['world']} ranks together over gloo on the CPU, each "
+                        "loading its program.pt2)")
+    parity = check_sharded_parity(fp32, tmp, manifest, reference.parity_prompt(PARITY_PROMPT, device="cpu"),
+                                  opts.steps, opts.dtype, half=same)
+    progress.done(t0)
+    return parity
+
+
+def _topology(shard, program, ranks: list, vocab_size: int, context: int) -> dict:
     """The top-level manifest's ``sharded`` entry: the world, tp / ep, per rank its directory, files,
-    CachePlan and weight bytes (the same on every rank), the ShardPlan's JSON, the vocabulary (what
+    CachePlan, weight bytes (the same on every rank; in the build's dtype) and cache bytes (at
+    ``context`` = ``--max-context`` tokens, batch 1), the ShardPlan's JSON, the vocabulary (what
     ``effexport run`` checks prompt ids against)."""
     weights = shard.weight_bytes(program)
     return {"world": shard.world, "tp": shard.world, "ep": shard.world, "process_group": "0",
-            "vocab_size": vocab_size,
+            "vocab_size": vocab_size, "cache_context": context,
             "ranks": [{"rank": r, "directory": d, "files": files, "cache_plan": plan.to_json(),
-                       "weight_bytes": weights["per_rank"]} for r, (d, files, plan) in enumerate(ranks)],
+                       "weight_bytes": weights["per_rank"], "cache_bytes": plan.nbytes(1, context)}
+                      for r, (d, files, plan) in enumerate(ranks)],
             "weight_bytes": weights, "shard_plan": shard.to_json()}
 
 

@@ -182,6 +182,9 @@ def _cmd_run(args) -> int:
     if not is_sharded(manifest):
         raise UsageError(f"{args.dir!r} is not a sharded artifact (built with --tp N); an unsharded one runs in one "
                          "process: effexport.runtime.open_runtime(DIR).generate(...) from Python")
+    if manifest.get("weights") == "none":
+        raise UsageError(f"{args.dir!r} is structure-only (built with --weights none): its rank programs hold no "
+                         "weights, so there is nothing to run; build it with weights (drop --weights none)")
     if not 1 <= args.steps <= MAX_STEPS:
         raise UsageError(f"--steps {args.steps}: generate 1 to {MAX_STEPS} tokens, e.g. --steps 16")
     topology(args.dir, manifest)  # every rank's files are there, before any process starts
@@ -223,12 +226,12 @@ def run_check(args):
                           trust_pickle=args.trust_pickle)
     step = manifest["files"]["step"]
     half = manifest.get("dtype", "fp32") != "fp32"
-    if half and not cuda_ep_available():
+    sharded = is_sharded(manifest)  # its ranks run on the CPU over gloo, in any dtype
+    if half and not sharded and not cuda_ep_available():
         raise BackendMissingError(
             f"{args.dir!r} is a {manifest['dtype']} artifact: checking it runs it on ONNX Runtime's CUDA execution "
             "provider (the CPU kernels lack half precision for several ops); run 'effexport check' on a GPU "
             "machine with onnxruntime-gpu (the build's own check is in report.json, parity.mode)")
-    sharded = is_sharded(manifest)
     try:
         runtime = None if sharded else OrtRuntime(args.dir, device="cuda") if half else open_runtime(args.dir)
     except EffexportError:
@@ -250,7 +253,8 @@ def run_check(args):
         if sharded:  # its ranks together, spawned here over gloo
             from effexport.exporter.verify.sharded import check_sharded_parity
 
-            parity = check_sharded_parity(model, args.dir, manifest, ids, args.steps, dtype, tols)
+            parity = check_sharded_parity(model, args.dir, manifest, ids, args.steps, dtype, tols,
+                                          half=in_dtype(loaded, dtype).model if half else None)
         elif half:  # on the GPU the artifact runs on: against fp32 eager, bounded by eager in its dtype
             parity = check_parity_half(in_dtype(loaded, manifest["dtype"]).model.cuda(), model.cuda(), runtime,
                                        ids.cuda(), args.steps, manifest["dtype"], tols)
@@ -312,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "'standard' only ai.onnx ops (default ort)")
     p_build.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                          help="dtype the model is captured and deployed in (default fp32). bf16 / fp16: --target "
-                              "onnx; parity runs the artifact on ONNX Runtime's CUDA EP against eager in the same "
+                              "onnx or torch (with --tp too: the ranks' parity is against fp32 eager, bounded by "
+                              "eager in the dtype); ONNX parity runs the artifact on ONNX Runtime's CUDA EP against eager in the same "
                               "dtype when onnxruntime-gpu and a GPU are here, otherwise the same graph built in fp32 "
                               "is checked on the CPU and must match the artifact's op structure (report.json "
                               "parity.mode says which ran)")
@@ -350,13 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--weights", choices=WEIGHTS, default="random",
                          help="'random': a sample's deterministic random weights (seed 0; model files bring "
                               "their own); 'none': structure only -- the model on the meta device, an ONNX "
-                              "graph whose weights are external-data references with no data written, no "
-                              "parity; for real-size presets (default random)")
+                              "graph whose weights are external-data references with no data written, or "
+                              "(--target torch, also with --tp N) program.pt2 files whose weights are meta "
+                              "placeholders of their (per-rank) shapes; no parity; for real-size presets "
+                              "(default random)")
     p_build.add_argument("--stream-weights", action=argparse.BooleanOptionalAction, default=None,
                          help="Hugging Face directory, --target onnx: capture and lower on meta weights and stream "
                               "the safetensors tensors into the external data one at a time, converted to --dtype "
                               "(peak memory ~ one tensor beyond the graph; parity runs eager, then the artifact). "
-                              "Default: on from 256 MiB of safetensors")
+                              "Default: on from 256 MiB of safetensors. --target torch --tp N: each rank reads only "
+                              "its slices of the tensors (safetensors get_slice), one rank at a time; default on")
     p_build.add_argument("--data-file-size", type=parse_bytes, default=None, metavar="SIZE",
                          help="split the ONNX external data into files of at most SIZE (e.g. 2GiB): "
                               "model-00001-of-0000N.onnx.data ... (default one model.onnx.data)")
@@ -364,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow unpickling a torch.save file of a whole module (runs code from the file: "
                               "only for files you trust); without it .pt files are read weights-only")
     p_build.add_argument("--tp", type=_int, default=None, metavar="N",
-                         help="tensor parallel over N ranks (--target torch, fp32): attention heads, MLPs and "
+                         help="tensor parallel over N ranks (--target torch; fp32, bf16 or fp16; --weights none for "
+                              "structure only): attention heads, MLPs and "
                               "experts split as 'effexport report MODEL --tp N' shows; writes DIR/rank{r}/program.pt2 "
                               "per rank and a topology in DIR/effexport.json; the parity check runs the N ranks "
                               "together over gloo on the CPU. A head count N does not divide: exit 2 naming the layer. "

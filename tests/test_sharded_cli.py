@@ -6,6 +6,12 @@ the unsharded plan, and bad values refused with one line, exit 2, nothing writte
 
 Built once: gemma4-e2b:tiny over 2 ranks (4 query heads, 1 KV head: replicated on both ranks),
 prefill of 8 tokens + 4 decode steps; about a minute on 2 CPU cores.
+
+Also (issue #23's second half): ``--weights none`` sharded (meta placeholders of the per-rank shapes,
+per-rank weight and cache bytes in the manifest; a real-size DeepSeek V4-Flash over 8 ranks with
+EFFEXPORT_REALSIZE=1), and a Hugging Face checkpoint built ``--tp 2 --dtype bf16``: each rank's weights
+read as slices from the safetensors (equal to the slices of the full tensors; bytes read and held
+counted through the safetensors API), parity against fp32 eager bounded by eager bf16's error.
 """
 import json
 import os
@@ -176,8 +182,9 @@ BAD = [
     (["--tp", "2", "--ep", "4"], "--ep 4 with --tp 2: expert parallelism uses the same ranks"),
     (["--ep", "2"], "--ep 2 needs --tp"),
     (["--tp", "2", "--target", "onnx"], "use --target torch (--target onnx has no sharded build yet)"),
-    (["--tp", "2", "--dtype", "bf16"], "sharded builds are fp32 only"),
-    (["--tp", "2", "--weights", "none"], "--weights none"),
+    (["--tp", "2", "--kv-cache", "buffer"], "--tp with --kv-cache buffer: sharded builds use growing caches only"),
+    (["--tp", "2", "--stream-weights"], "--stream-weights streams a Hugging Face directory's safetensors"),
+    (["--stream-weights"], "an unsharded --target torch build holds the whole model"),
     (["--tp", "3"], "--tp 3: layer 0: 4 query heads do not split across 3 ranks; pass a rank count that divides 4"),
 ]
 
@@ -188,7 +195,8 @@ def test_bad_parallel_flags_are_refused(tmp_path, monkeypatch, capsys, flags, me
     target = [] if "--target" in flags else ["--target", "torch"]
     assert main([MODEL, *target, *flags, "-o", "out"]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and err.count("\n") <= 8, err
+    lines = [line for line in err.splitlines() if "still running" not in line]  # heartbeats of a busy machine
+    assert message in err and "Traceback" not in err and len(lines) <= 8, err
     assert os.listdir(tmp_path) == []
 
 
@@ -235,3 +243,177 @@ def test_report_bad_tp(capsys, flags, message):
     assert main(["report", MODEL, *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# -- --weights none: structure only, per rank -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def structure(tmp_path_factory):
+    out = tmp_path_factory.mktemp("so") / "gemma"
+    code, log = run_cli(MODEL, "--weights", "none", "--target", "torch", "--tp", str(TP), "-o", str(out))
+    return code, out, log
+
+
+def _state(path) -> dict:
+    ep = torch.export.load(str(path))
+    return {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+
+
+def test_structure_only_ranks_hold_meta_placeholders_of_the_rank_shapes(structure, artifact, capsys):
+    code, out, log = structure
+    assert code == 0, log
+    assert "BUILT (structure only)" in log and "no parity check" in log
+    m = _json(out / "effexport.json")
+    top = m["sharded"]
+    assert m["weights"] == "none" and top["cache_context"] == m["max_context"]
+    weighted = _json(artifact[1] / "effexport.json")["sharded"]
+    for r in range(TP):
+        assert sorted(os.listdir(out / f"rank{r}")) == ["effexport.json", "program.pt2"]
+        assert os.path.getsize(out / f"rank{r}" / "program.pt2") < 8 << 20  # no weight data
+        mine, real = _state(out / f"rank{r}" / "program.pt2"), _state(artifact[1] / f"rank{r}" / "program.pt2")
+        assert all(t.is_meta for t in mine.values())
+        assert {k: tuple(t.shape) for k, t in mine.items()} == {k: tuple(t.shape) for k, t in real.items()}
+        assert top["ranks"][r]["weight_bytes"] == weighted["ranks"][r]["weight_bytes"]
+        assert top["ranks"][r]["cache_bytes"] == sum(e.nbytes(1, m["max_context"]) for e in plan_entries(top["ranks"][r]))
+    # the same per-rank bytes as 'report --tp' (captured on meta as well)
+    assert main(["report", MODEL, "--context", str(m["max_context"]), "--tp", str(TP), "--cache-dtype", "fp32",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["sharded"]
+    assert [(r["weight_bytes"], r["cache_bytes"]) for r in data["ranks"]] == \
+        [(r["weight_bytes"], r["cache_bytes"]) for r in top["ranks"]]
+    assert _json(out / "report.json")["resources"]["peak_rss_bytes"] > 0
+
+
+def test_structure_only_sharded_artifact_cannot_run_or_check(structure, prompt_file, capsys):
+    _, out, _ = structure
+    assert main(["run", str(out), "--prompt-ids", str(prompt_file)]) == 2
+    assert "structure-only (built with --weights none)" in capsys.readouterr().err
+    assert main(["check", str(out)]) == 2
+    assert "structure-only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EFFEXPORT_REALSIZE") != "1",
+                    reason="real-size sharded structure-only build takes ~20 CPU-minutes (52 min wall on 2 shared cores): set EFFEXPORT_REALSIZE=1")
+def test_real_size_structure_only_sharded_build(tmp_path):
+    """DeepSeek V4-Flash on the meta device over 8 ranks (experts split 8 ways): per-rank programs and
+    the manifest's per-rank bytes in bounded memory (README states the measured time and peak)."""
+    out = tmp_path / "v4"
+    code, log = run_cli("deepseek-v4-flash", "--weights", "none", "--target", "torch", "--tp", "8", "--ep", "8",
+                        "-o", str(out))
+    assert code == 0, log[-2000:]
+    top = _json(out / "effexport.json")["sharded"]
+    assert len(top["ranks"]) == 8 and all(r["weight_bytes"] < top["weight_bytes"]["whole"] for r in top["ranks"])
+    resources = _json(out / "report.json")["resources"]
+    assert resources["peak_rss_bytes"] < 8 << 30
+    print(f"deepseek-v4-flash tp 8 structure only: {resources}, per rank {top['ranks'][0]['weight_bytes'] / 2**30:.1f} "
+          f"GiB weights, {top['ranks'][0]['cache_bytes'] / 2**30:.2f} GiB cache")
+
+
+# -- a checkpoint's weights sliced while streaming, bf16 -----------------------------------------------------
+
+class _CountingOpen:
+    """``safetensors.safe_open`` counting the bytes of every tensor it hands out (whole or sliced)."""
+
+    def __init__(self, real):
+        self.real, self.nbytes = real, 0
+
+    def __call__(self, *args, **kwargs):
+        counter, handle = self, self.real(*args, **kwargs)
+
+        class Handle:  # whatever else is asked goes to the real handle (transformers may hold this one)
+            inner = handle
+
+            def __enter__(self):
+                self.inner = handle.__enter__()
+                return self
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def get_tensor(self, key):
+                t = self.inner.get_tensor(key)
+                counter.nbytes += t.numel() * t.element_size()
+                return t
+
+            def get_slice(self, key):
+                part = self.inner.get_slice(key)
+
+                class Slice:
+                    def __getitem__(self, index):
+                        t = part[index]
+                        counter.nbytes += t.numel() * t.element_size()
+                        return t
+                return Slice()
+        return Handle()
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """A bf16 Llama checkpoint (4 query heads, 2 KV heads, MLP 128) built --tp 2 --dtype bf16: its
+    ranks read their slices from the safetensors through a counting ``safe_open``."""
+    import safetensors
+
+    from test_streaming import write_llama
+
+    ckpt = tmp_path_factory.mktemp("ckpt") / "llama"
+    write_llama(str(ckpt), layers=2, hidden=64, inter=128, heads=4, kv=2, vocab=256)
+    out = ckpt.parent / "tp2"
+    counting = _CountingOpen(safetensors.safe_open)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(safetensors, "safe_open", counting)
+        code, log = run_cli(str(ckpt), "--target", "torch", "--tp", str(TP), "--dtype", "bf16", "-o", str(out),
+                            "--steps", str(STEPS))
+    return code, ckpt, out, log, counting.nbytes
+
+
+def test_streamed_ranks_hold_the_slices_of_the_checkpoint(streamed):
+    from safetensors.torch import load_file
+
+    code, ckpt, out, log, _ = streamed
+    assert code == 0, log
+    assert "each rank reads its slices from safetensors" in log
+    full = load_file(str(ckpt / "model.safetensors"))
+    top = _json(out / "effexport.json")["sharded"]
+    splits = top["shard_plan"]["weights"]
+    assert splits, "nothing was split"
+    for r in range(TP):
+        state = _state(out / f"rank{r}" / "program.pt2")
+        for name, tensor in state.items():
+            key = name.removeprefix("hf.")
+            if key not in full:  # a buffer (RoPE frequencies), not a checkpoint tensor
+                continue
+            want = full[key]
+            split = splits.get(name)
+            if split:
+                size = want.shape[split["dim"]] // split["nblocks"]
+                want = want.narrow(split["dim"], r // split["replicas"] * size, size)
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, want), (r, name)
+
+
+def test_streamed_ranks_read_and_hold_one_ranks_share(streamed):
+    """Bytes the safetensors API handed out, and the most bytes of rank weights alive at once: one
+    rank's share each time, not the whole model (reading whole tensors to slice them, or keeping a
+    rank's weights while the next loads, fails this)."""
+    _, ckpt, out, _, handed_out = streamed
+    weights = _json(out / "report.json")["weights"]
+    top = _json(out / "effexport.json")["sharded"]
+    whole = weights["checkpoint_bytes"]  # bf16 on disk, bf16 build: the same bytes
+    per_rank = weights["rank_bytes_read"]
+    assert len(per_rank) == TP and handed_out == sum(per_rank)
+    assert all(b <= top["weight_bytes"]["per_rank"] for b in per_rank)
+    assert all(b < 0.75 * whole for b in per_rank)
+    assert weights["peak_bytes_alive"] == max(per_rank)
+
+
+def test_streamed_bf16_parity_and_check(streamed, tmp_path):
+    _, _, out, log, _ = streamed
+    parity = _json(out / "report.json")["parity"]
+    assert parity["passed"] and parity["mode"].startswith(f"sharded, gloo, {TP} ranks; the bf16 artifact against "
+                                                          "fp32 eager, bounded by eager bf16's own error"), parity
+    assert "PARITY PASSED" in log
+    assert main(["check", str(out), "--steps", "2", "--json", str(tmp_path / "c.json")]) == 0
+    assert _json(tmp_path / "c.json")["passed"]

@@ -10,6 +10,7 @@ runtime's defaults -- Inductor + CUDA-graph decode -- against the same artifact 
 uncaptured on the GPU.
 """
 import json
+import os
 import shutil
 
 import numpy as np
@@ -134,9 +135,20 @@ def test_damaged_program_is_a_load_error(artifact, tmp_path, capsys, damage):
     assert main(["check", str(copy)]) == 2
 
 
-def test_structure_only_is_refused(tmp_path, capsys):
-    assert main([MODEL, "--target", "torch", "--weights", "none", "-o", str(tmp_path / "out")]) == 2
-    assert "--weights none" in capsys.readouterr().err and not (tmp_path / "out").exists()
+def test_structure_only_saves_meta_placeholders_and_cannot_run(tmp_path, capsys):
+    """``--weights none``: program.pt2 whose weights are meta tensors of their shapes (no data); the
+    runtime and ``check`` refuse it with one line."""
+    out = tmp_path / "out"
+    assert main([MODEL, "--target", "torch", "--weights", "none", "-o", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["effexport.json", PROGRAM_FILE, "report.json"]
+    ep = torch.export.load(str(out / PROGRAM_FILE))
+    assert ep.state_dict and all(t.is_meta for t in ep.state_dict.values())
+    assert sum(t.numel() for t in ep.state_dict.values()) > 0
+    with pytest.raises(LoadError, match="structure-only"):
+        TorchRuntime(str(out), device="cpu")
+    capsys.readouterr()
+    assert main(["check", str(out)]) == 2
+    assert "structure-only" in capsys.readouterr().err
 
 
 def _entry(kind: str) -> CacheEntry:

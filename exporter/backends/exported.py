@@ -46,12 +46,15 @@ def _dynamic_shapes(plan: CachePlan) -> tuple:
 
 def _device(gm: torch.fx.GraphModule) -> torch.device:
     """Where the step graph runs: its inputs' recorded device (``meta`` for a structure-only capture),
-    else its weights' device, else the CPU."""
+    unless they are meta and every weight is real (a sharded streamed build's rank, its weights read
+    after a capture on meta), else its weights' device, else the CPU."""
     first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
     val = meta_val(first) if first is not None else None
-    if isinstance(val, torch.Tensor):
+    weights = [*gm.parameters(), *gm.buffers()]
+    if isinstance(val, torch.Tensor) and not (val.device.type == "meta" and weights
+                                              and not any(t.is_meta for t in weights)):
         return val.device
-    tensor = next(iter(gm.parameters()), next(iter(gm.buffers()), None))
+    tensor = next(iter(weights), None)
     return tensor.device if tensor is not None else torch.device("cpu")
 
 

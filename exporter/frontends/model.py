@@ -33,15 +33,17 @@ class LoadedModel:
         """True when the weights have no data (meta device, no checkpoint behind them): no parity, no runtime."""
         return self.device.type == "meta" and self.weights is None
 
-    def example_ids(self, batch: int = 2, length: int | None = None, seed: int = 1) -> torch.Tensor:
-        """The deterministic token stream used for capture and parity (on the model's device);
-        ``length`` defaults to :attr:`example_length`."""
+    def example_ids(self, batch: int = 2, length: int | None = None, seed: int = 1,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+        """The deterministic token stream used for capture and parity (on ``device``, default the
+        model's); ``length`` defaults to :attr:`example_length`."""
         gen = torch.Generator().manual_seed(seed)
         shape = (batch, length or self.example_length)
-        return torch.randint(0, self.vocab_size, shape, generator=gen).to(self.device)
+        return torch.randint(0, self.vocab_size, shape, generator=gen).to(device or self.device)
 
-    def parity_prompt(self, length: int, batch: int = 2) -> torch.Tensor:
+    def parity_prompt(self, length: int, batch: int = 2, device: torch.device | str | None = None) -> torch.Tensor:
         """The prompt the parity check feeds eager and the artifact: drawn from its own seed, not a
         slice of the capture's :meth:`example_ids`, so a capture that baked the example's token
-        values into the graph fails the check instead of replaying the stream it was traced on."""
-        return self.example_ids(batch, length, seed=PARITY_SEED)
+        values into the graph fails the check instead of replaying the stream it was traced on
+        (``device="cpu"`` for a streamed model, whose parameters are on meta)."""
+        return self.example_ids(batch, length, seed=PARITY_SEED, device=device)

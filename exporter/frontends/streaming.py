@@ -291,6 +291,108 @@ def materialize(loaded, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model.eval()
 
 
+# --------------------------------------------------------------------------- sharded (--tp) loads
+class SliceReader:
+    """One rank's weights read from the checkpoint (``--target torch --tp N``): a whole tensor, or the
+    rank's block of a split one through safetensors' ``safe_open(file).get_slice(key)[...]`` -- only
+    the block's bytes are read, never the whole tensor. Files are opened (memory-mapped by
+    safetensors) inside :meth:`rank` and closed when it ends, so the mapped pages a rank touched do
+    not stay in the process's resident set while the next rank loads.
+
+    It counts what it hands out: ``bytes_read`` (all ranks), ``rank_bytes`` (per rank) and ``peak``,
+    the most bytes of the tensors it returned that were alive at once (each tensor's storage is
+    followed by a ``weakref.finalize``): a build that held two ranks' weights, or read whole tensors to slice
+    them, shows it here (``tests/test_sharded_cli.py``)."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.bytes_read, self.live, self.peak = 0, 0, 0
+        self.rank_bytes: list[int] = []
+        self._files: dict | None = None
+
+    @contextlib.contextmanager
+    def rank(self):
+        """The reads of one rank (files opened on first use, closed at the end)."""
+        self._files, self.rank_bytes = {}, self.rank_bytes + [0]
+        try:
+            yield self
+        finally:
+            files, self._files = self._files, None
+            for handle in files.values():
+                handle.__exit__(None, None, None)
+
+    def _released(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def read(self, key: str, dtype: torch.dtype, dim: int | None = None, start: int = 0,
+             length: int | None = None) -> torch.Tensor:
+        """Checkpoint tensor ``key`` converted to ``dtype``; with ``dim``, only ``[start, start +
+        length)`` along ``dim``."""
+        import weakref
+
+        from safetensors import safe_open
+
+        ref = self.checkpoint.tensors[key]
+        if ref.file not in self._files:
+            self._files[ref.file] = safe_open(ref.file, framework="pt", device="cpu").__enter__()
+        handle = self._files[ref.file]
+        tensor = handle.get_tensor(key) if dim is None else \
+            handle.get_slice(key)[(slice(None),) * dim + (slice(start, start + length),)]
+        tensor = tensor.to(dtype).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.bytes_read += nbytes
+        self.rank_bytes[-1] += nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor.untyped_storage(), self._released, nbytes)  # outlives the tensor object
+        return tensor
+
+
+def load_rank_weights(gm, source: WeightSource, splits: dict, rank: int, reader: SliceReader) -> None:
+    """Fill rank ``rank``'s step graph ``gm`` (:func:`~effexport.passes.sharding.shard_rank` of a
+    program captured on meta parameters) with its weights from the checkpoint: every meta ``get_attr``
+    tensor is read by ``reader``, sliced as ``splits`` (the ShardPlan's ``weights``: target ->
+    :class:`~effexport.passes.sharding.Split`) says, in the dtype of its placeholder. A meta tensor
+    that is not a checkpoint tensor (derived from the weights by a rewrite) is a :class:`LowerError`."""
+    from effexport.passes.sharding import _get, _set_weight
+
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _get(gm, node.target)
+        if not (isinstance(value, torch.Tensor) and value.is_meta):
+            continue
+        key = source.names.get(node.target)
+        if key is None:
+            raise LowerError(f"the weight {node.target!r} is derived from the weights by a rewrite, not a "
+                             "checkpoint tensor, so a rank cannot read its slice; build with --no-stream-weights")
+        split = splits.get(node.target)
+        if split is None:
+            tensor = reader.read(key, value.dtype)
+        else:
+            size = source.checkpoint.tensors[key].shape[split.dim] // split.nblocks
+            tensor = reader.read(key, value.dtype, split.dim, split.block(rank) * size, size)
+        if tuple(tensor.shape) != tuple(value.shape):
+            raise LowerError(f"rank {rank}: {key} read as {list(tensor.shape)}, the rank program holds "
+                             f"{list(value.shape)}; build with --no-stream-weights")
+        _set_weight(gm, node.target, tensor)
+    _meta_to_cpu(gm)
+
+
+def _meta_to_cpu(gm) -> None:
+    """The device arguments a capture on meta inputs wrote into the graph (``arange(device=meta)``,
+    ``to(buffer, meta)``) become the CPU, where the rank's weights now are."""
+    from torch.fx.node import map_aggregate
+
+    def cpu(arg):
+        return torch.device("cpu") if isinstance(arg, torch.device) and arg.type == "meta" else arg
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args, node.kwargs = map_aggregate(node.args, cpu), map_aggregate(node.kwargs, cpu)
+    gm.recompile()
+
+
 # ------------------------------------------------------------------------------------- the space
 def artifact_bytes(source: WeightSource, dtype: torch.dtype, twin: bool) -> int:
     """Bytes a streamed build writes: every parameter name's tensor in ``dtype`` (tied names counted

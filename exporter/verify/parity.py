@@ -168,16 +168,20 @@ eager's own error in that dtype (or the dtype's tolerance, whichever is larger).
 
 
 def check_parity_half(half: torch.nn.Module, fp32: torch.nn.Module, runtime, prompt: torch.Tensor,
-                      steps: int, dtype: str, tolerances: dict | None = None) -> ParityReport:
+                      steps: int, dtype: str, tolerances: dict | None = None,
+                      own: ParityReport | None = None) -> ParityReport:
     """Parity of a bf16 / fp16 artifact against fp32 eager, measured against what eager itself loses
     in that dtype: every output's max relative error against fp32 eager must be at most
     ``max(TOLERANCE[dtype], HALF_MARGIN * eager-in-dtype's error against fp32 eager)`` (``tolerances[output]``
     in place of ``TOLERANCE[dtype]`` where given), and its greedy
     tokens must equal fp32 eager's or eager-in-dtype's (unless eager-in-dtype's own tokens leave fp32's).
     A tight comparison of two half-precision computations would fail models whose rounding differs
-    by order of operations alone (fused norms, fp32 softmax), with neither nearer the fp32 truth."""
+    by order of operations alone (fused norms, fp32 softmax), with neither nearer the fp32 truth.
+    ``own``: eager-in-dtype's report against fp32 eager when the caller has measured it (a sharded
+    check: teacher-forced on fp32 eager's tokens over every step); default ``check_parity`` of
+    ``EagerRuntime(half)``."""
     art = check_parity(fp32, runtime, prompt, steps, "fp32")
-    own = check_parity(fp32, EagerRuntime(half), prompt, steps, "fp32")
+    own = own or check_parity(fp32, EagerRuntime(half), prompt, steps, "fp32")
     same_dtype = check_parity(half, runtime, prompt, steps, dtype)
     bound = {o.name: max((tolerances or {}).get(o.name, TOLERANCE[dtype]), HALF_MARGIN * o.max_rel)
              for o in own.outputs}

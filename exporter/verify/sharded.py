@@ -1,59 +1,115 @@
 """Parity of a sharded ``--target torch`` artifact (``--tp N``) against unsharded eager.
 
-Eager runs the prompt and ``steps`` greedy tokens first; the N rank programs then run that token
-stream together, one spawned process per rank over gloo on the CPU
-(:func:`~effexport.exporter.backends.torch.sharded.run_ranks`); the verdict is
+Eager runs the prompt and ``steps`` greedy tokens first and is recorded (:func:`.streamed.record`);
+the N rank programs then run that token stream together, one spawned process per rank over gloo on
+the CPU (:func:`~effexport.exporter.backends.torch.sharded.run_ranks`); the verdict is
 :func:`~.parity.check_parity`'s over rank 0's logits (the same tolerances, the same greedy-token
 rule: eager feeds its own tokens, the artifact's argmax must equal them), and every rank's logits
 must equal rank 0's bit for bit (the all-reduced logits are the same tensor on every rank).
+
+A bf16 / fp16 artifact is judged as a single-rank half-precision build is
+(:func:`~.parity.check_parity_half`): against fp32 eager, bounded by eager-in-the-dtype's own error
+against fp32 eager; the ranks run fp32 eager's token stream and, where it differs, eager-in-the-dtype's
+(one run, the two streams stacked on the batch); eager-in-the-dtype's own error is measured on fp32
+eager's tokens at every step. Eager is recorded before any rank starts, so a caller
+that passes its models as functions (a streamed build materialising them from the checkpoint) holds
+one eager model at a time and none while the ranks run.
 """
 from __future__ import annotations
 
 import torch
 
 from effexport.exporter.backends.artifact import StepResult
-from effexport.exporter.verify.parity import ParityReport, check_parity
+from effexport.exporter.verify.parity import ParityReport, check_parity, check_parity_half
+from effexport.exporter.verify.streamed import record
 
 
-class _Replay:
-    """The runtime interface over logits the ranks computed for one token stream."""
+class _Ranks:
+    """The runtime interface over logits the ranks computed for token streams: ``runs`` of
+    ``(logits [B, T, V], stream [B, >= T])``; a step serves the logits of the first stream whose tokens
+    it is fed (the streams still matching travel as its ``caches``)."""
 
-    def __init__(self, logits: torch.Tensor, stream: torch.Tensor):
-        self.logits, self.stream = logits.float(), stream
+    def __init__(self, runs: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.runs = [(logits.float(), stream.cpu()) for logits, stream in runs]
 
     def initial_caches(self, batch: int):
         return None
 
     def step(self, input_ids, pos: int, caches):
-        new = input_ids.shape[1]
-        if not torch.equal(torch.as_tensor(input_ids), self.stream[:, pos:pos + new].cpu()):
+        new, ids = input_ids.shape[1], torch.as_tensor(input_ids)
+        keep = [i for i in (range(len(self.runs)) if caches is None else caches)
+                if torch.equal(ids, self.runs[i][1][:, pos:pos + new])]
+        if not keep:
             raise AssertionError(f"parity fed tokens at {pos} that the ranks did not run")
-        return StepResult(self.logits[:, pos:pos + new].numpy(), None)
+        return StepResult(self.runs[keep[0]][0][:, pos:pos + new].numpy(), keep)
 
 
 def greedy_stream(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     """``prompt`` followed by eager's ``steps`` greedy tokens (what :func:`check_parity` feeds)."""
-    tokens = [prompt]
+    return torch.cat(record(model, prompt, steps).inputs, 1)
+
+
+def _forced(model: torch.nn.Module, stream: torch.Tensor, steps: int) -> torch.Tensor:
+    """``model``'s logits over ``stream`` teacher-forced: its prefill, then ``steps`` one-token steps
+    (the positions :func:`~.parity.check_parity` compares)."""
+    prefill = stream.shape[1] - steps
     with torch.no_grad():
-        logits, past = model(prompt)
-        for step in range(steps):
-            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
-            if step < steps - 1:
-                logits, past = model(tokens[-1], past)
-    return torch.cat(tokens, 1)
+        logits, past = model(stream[:, :prefill])
+        out = [logits.float()]
+        for pos in range(prefill, stream.shape[1]):
+            logits, past = model(stream[:, pos:pos + 1], past)
+            out.append(logits.float())
+    return torch.cat(out, 1)
 
 
-def check_sharded_parity(model: torch.nn.Module, directory: str, manifest: dict, prompt: torch.Tensor,
-                         steps: int, dtype: str = "fp32", tolerances: dict | None = None) -> ParityReport:
-    """The sharded artifact at ``directory`` (its top-level ``manifest``) against eager ``model``:
-    prefill of ``prompt`` + ``steps`` decode steps (module docstring)."""
+def _own_error(forced: torch.Tensor, ref, prefill: int, steps: int, tokens_equal: bool, dtype: str) -> ParityReport:
+    """Eager-in-``dtype``'s error against fp32 eager (``ref``'s recording) on fp32 eager's tokens, at
+    the prefill and at every decode step -- also past a step where its own greedy token would differ
+    (where :func:`~.parity.check_parity` stops: the bound would then rest on fewer steps than the
+    artifact is measured on)."""
+    from effexport.exporter.verify.parity import OutputError, _errors
+
+    fp32 = torch.cat(ref.logits, 1)
+    decode = [_errors(forced[:, p:p + 1].numpy(), fp32[:, p:p + 1]) for p in range(prefill, prefill + steps)]
+    outputs = [OutputError("logits/prefill", *_errors(forced[:, :prefill].numpy(), fp32[:, :prefill])),
+               OutputError("logits/decode", max((d[0] for d in decode), default=0.0),
+                           max((d[1] for d in decode), default=0.0))]
+    return ParityReport(True, steps, 0.0, outputs, tokens_equal,
+                        "" if tokens_equal else f"eager {dtype}'s greedy tokens leave fp32 eager's")
+
+
+def check_sharded_parity(model, directory: str, manifest: dict, prompt: torch.Tensor, steps: int,
+                         dtype: str = "fp32", tolerances: dict | None = None, half=None) -> ParityReport:
+    """The sharded artifact at ``directory`` (its top-level ``manifest``) against eager: prefill of
+    ``prompt`` + ``steps`` decode steps (module docstring). ``model``: eager fp32; ``half``: eager in
+    ``dtype`` for a bf16 / fp16 artifact. Either may be a function returning the model, called once
+    and the model released before the ranks run."""
     from effexport.exporter.backends.torch.sharded import run_ranks, topology
 
     archives = topology(directory, manifest)
-    stream = greedy_stream(model, prompt, steps)
-    outs = run_ranks(archives, stream, steps, manifest.get("max_step_tokens"))
-    report = check_parity(model, _Replay(outs[0]["logits"], stream), prompt, steps, dtype, tolerances)
-    report.mode = f"sharded, gloo, {len(archives)} ranks"
+    fp32 = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+    ref = record(fp32, prompt, steps)
+    stream = torch.cat(ref.inputs, 1)
+    del fp32, model
+    streams, same, own = [stream], None, None
+    if half is not None:
+        eager = half() if callable(half) and not isinstance(half, torch.nn.Module) else half
+        same, forced = record(eager, prompt, steps), _forced(eager, stream, steps)
+        del eager, half
+        equal = torch.equal(torch.cat(same.inputs, 1), stream)
+        own = _own_error(forced, ref, prompt.shape[1], steps, equal, dtype)
+        if not equal:
+            streams.append(torch.cat(same.inputs, 1))
+    outs = run_ranks(archives, torch.cat(streams, 0), steps, manifest.get("max_step_tokens"))
+    batch = prompt.shape[0]
+    ranks = _Ranks([(outs[0]["logits"][k * batch:(k + 1) * batch], s) for k, s in enumerate(streams)])
+    where = f"sharded, gloo, {len(archives)} ranks"
+    if same is None:
+        report = check_parity(ref, ranks, prompt, steps, dtype, tolerances)
+        report.mode = where
+    else:
+        report = check_parity_half(same, ref, ranks, prompt, steps, dtype, tolerances, own=own)
+        report.mode = f"{where}; {report.mode}"
     differ = [r for r, out in enumerate(outs) if not torch.equal(out["logits"], outs[0]["logits"])]
     if differ:
         report.passed = False

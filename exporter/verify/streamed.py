@@ -15,21 +15,24 @@ from torch import nn
 from effexport.exporter.frontends.streaming import WeightSource, materialize
 
 
-class _Replay:
-    """Eager outputs recorded by :func:`_record`, served back in order to :func:`~.parity.check_parity`
-    (as the model it calls); the token ids it is given must be the ones eager was run with."""
+class Replay:
+    """Eager outputs recorded by :func:`record`, served back in order to :func:`~.parity.check_parity`
+    (as the model it calls; a call without ``past`` starts again from the prompt, so one recording
+    serves several checks); the token ids it is given must be the ones eager was run with."""
 
     def __init__(self, inputs: list[torch.Tensor], logits: list[torch.Tensor]):
         self.inputs, self.logits, self.i = inputs, logits, 0
 
     def __call__(self, input_ids: torch.Tensor, past=None):
+        if past is None:
+            self.i = 0
         if self.i >= len(self.logits) or not torch.equal(input_ids.cpu(), self.inputs[self.i]):
             raise RuntimeError("parity replay out of step with the recorded eager run")
         self.i += 1
-        return self.logits[self.i - 1], None
+        return self.logits[self.i - 1], self.i
 
 
-def _record(model: nn.Module, prompt: torch.Tensor, steps: int) -> _Replay:
+def record(model: nn.Module, prompt: torch.Tensor, steps: int) -> Replay:
     """Eager prompt + ``steps`` greedy decode steps (the tokens :func:`~.parity.check_parity` feeds)."""
     inputs, logits = [prompt], []
     with torch.no_grad():
@@ -40,7 +43,7 @@ def _record(model: nn.Module, prompt: torch.Tensor, steps: int) -> _Replay:
             inputs.append(nxt)
             out, past = model(nxt, past)
             logits.append(out.float())
-    return _Replay(inputs, logits)
+    return Replay(inputs, logits)
 
 
 def check_streamed(loaded, reference, opts, tmp: str, progress, prompt_length: int, twin_verdict):
@@ -56,10 +59,7 @@ def check_streamed(loaded, reference, opts, tmp: str, progress, prompt_length: i
     from effexport.exporter.verify.parity import check_parity, compare_structure
 
     half = opts.dtype != "fp32"
-    from effexport.exporter.frontends.model import PARITY_SEED
-
-    # loaded.parity_prompt's tokens, made on the CPU (the streamed model's parameters are on meta)
-    prompt = torch.randint(0, loaded.vocab_size, (2, prompt_length), generator=torch.Generator().manual_seed(PARITY_SEED))
+    prompt = loaded.parity_prompt(prompt_length, device="cpu")  # the streamed model's parameters are on meta
     twin_dir = tempfile.mkdtemp(prefix=".effexport-twin-", dir=os.path.dirname(tmp)) if half else None
     try:
         if half:
@@ -84,7 +84,7 @@ def check_streamed(loaded, reference, opts, tmp: str, progress, prompt_length: i
         t0 = progress.stage(f"parity vs eager fp32 (prefill + {opts.steps} decode steps; eager first, then "
                             "ONNX Runtime CPU: the weights are held once at a time)")
         model = materialize(reference, torch.float32)
-        replay = _record(model, prompt, opts.steps)
+        replay = record(model, prompt, opts.steps)
         del model
         gc.collect()
         runtime = OrtRuntime(twin_dir or tmp)

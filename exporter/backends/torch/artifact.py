@@ -43,7 +43,8 @@ def save_program(program, plan: CachePlan, path: str) -> dict:
 
     ep = exported_step(program, plan)
     weights = [*ep.state_dict.values(), *ep.constants.values()]
-    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in weights):
+    if any(isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta") for t in weights):
+        # a structure-only program (--weights none) keeps its meta placeholders: saved without data
         ep = on_device(copy.deepcopy(ep), torch.device("cpu"))
     try:
         with fast_export_config():

@@ -55,6 +55,9 @@ class TorchRuntime:
                             f"artifact: its ranks run together, one process each: 'effexport run {top}' (or under "
                             f"torchrun: 'torchrun --nproc-per-node N -m effexport.launch {top}'); "
                             f"'effexport check {top}' checks it")
+        if self.manifest.get("weights") == "none":
+            raise LoadError(f"{artifact_dir!r} is structure-only (built with --weights none): its program holds "
+                            "meta placeholders, no weights, so it cannot run; build it with weights")
         if not info or self.manifest.get("target") != "torch":
             raise LoadError(f"{artifact_dir!r} is not a torch artifact (effexport.json has no 'torch' entry); "
                             "rebuild it with 'effexport MODEL --target torch'")
