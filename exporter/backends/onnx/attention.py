@@ -37,8 +37,9 @@ past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past conte
 with the ``ort`` profile a chunked prefill runs at batch 1; prefill from an empty cache and
 one-token decode run at any batch.
 
-Not covered: padding masks or per-row lengths (the ops do not have them), GQA's rotary and
-quantized-cache features.
+Not covered: padding masks or per-row lengths (the ops do not have them), GQA's quantized-cache
+features. GQA's rotary and Q / K norm inputs are not emitted here: the step fusions move a rotation
+and (CUDA only) the per-head norms into the attention afterwards (:mod:`.ort_rotary`, :mod:`.ort_cuda`).
 """
 from __future__ import annotations
 
@@ -131,8 +132,11 @@ GQA_MAX_HEAD_DIM = 256
 FlashAttention only up to head size 256; above it falls back to its cutlass memory-efficient kernel
 plus an ``Ungroup`` of the KV heads, measured on the H200 (ORT 1.31.1, Gemma 4 E2B's head size 512,
 bf16, B=1): 21.4 ms for the 7 full-layer calls at 32K context (3 ms to read 64 MB: ~21 GB/s) + 2.3 ms
-``Ungroup``, 24 of the step's 30 ms of GPU time (BENCHMARKS.md, run 9). The decomposition (fp32
-MatMul / Softmax, GQA by head grouping) reads the same cache at bandwidth."""
+``Ungroup``, 24 of the step's 30 ms of GPU time (BENCHMARKS.md, run 9). The decomposition (bf16
+products, fp32 softmax, one batched GEMM per KV head) reads the same cache at bandwidth. Run 27
+measured every candidate ORT offers for head size 512 on one decode token (``bench/ort_attention.py``):
+GroupQueryAttention and ONNX ``Attention`` (opset 24, ``nonpad_kv_seqlen``) 10-30x the decomposition,
+``MultiHeadAttention`` over the buffer 5-13% faster than it (a candidate not taken yet)."""
 
 
 GQA_HEAD_DIM_MULTIPLE = 8
