@@ -138,3 +138,32 @@ def ring_positions(last, slots: int):
 
 
 NEG_INF = -math.inf
+
+
+# ------------------------------------------------------------------ for the rewrites on the IR graph
+def single_use(*values: ir.Value) -> bool:
+    """Whether each value is read by exactly one node and is not a graph output (a rewrite may then
+    drop the node computing it)."""
+    return all(len(v.uses()) == 1 and not v.is_graph_output() for v in values)
+
+
+def constant(value: ir.Value):
+    """The numpy value of a constant (None: not a constant, or a structure-only build's weight with
+    no data behind it)."""
+    const = value.const_value
+    if const is None:
+        return None
+    try:
+        return const.numpy()
+    except OSError:  # a structure-only build's weight: no data behind it
+        return None
+
+
+def converted(value: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """The constant ``value`` converted to ``dtype``, one initializer per (value, dtype) however many
+    nodes read it."""
+    graph, name = value.graph, f"{value.name}.{dtype.name.lower()}"
+    if name not in graph.initializers:
+        graph.register_initializer(ir.Value(name=name, type=ir.TensorType(dtype), shape=value.shape,
+                                            const_value=ir.tensor(constant(value).astype(dtype.numpy()), name=name)))
+    return graph.initializers[name]

@@ -21,14 +21,12 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from effexport.exporter.backends.onnx._build import single_use
+
 ENV = "EFFEXPORT_ORT_CUDA_FUSIONS"
 """``0`` builds without these fusions (a comparison, or an ONNX Runtime build whose CUDA kernel lacks them)."""
 Q_NORM, K_NORM = 14, 15  # GroupQueryAttention's q_norm_weight / k_norm_weight inputs (ORT 1.31, 1.32)
 _HALF = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
-
-
-def _single_use(value: ir.Value) -> bool:
-    return len(value.uses()) == 1 and not value.is_graph_output()
 
 
 def _head_norm(value: ir.Value, heads: int):
@@ -37,11 +35,11 @@ def _head_norm(value: ir.Value, heads: int):
     constant 1-D ``[d]`` of ``x``'s dtype -> ``(x, w, epsilon)``; else None."""
     back = value.producer()
     if back is None or back.op_type != "Reshape" or back.domain not in ("", "ai.onnx") \
-            or not _single_use(back.inputs[0]):
+            or not single_use(back.inputs[0]):
         return None
     norm = back.inputs[0].producer()
     if norm is None or norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx") \
-            or len(norm.outputs) > 1 and norm.outputs[1].uses() or not _single_use(norm.inputs[0]):
+            or len(norm.outputs) > 1 and norm.outputs[1].uses() or not single_use(norm.inputs[0]):
         return None
     split = norm.inputs[0].producer()
     if split is None or split.op_type != "Reshape" or split.domain not in ("", "ai.onnx"):

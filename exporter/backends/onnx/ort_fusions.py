@@ -29,6 +29,7 @@ from onnx_ir.passes.common import (CommonSubexpressionEliminationPass, IdentityE
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import no_op_transpose_rule, reshape_reshape_rule, transpose_transpose_rule
 
+from effexport.exporter.backends.onnx import _build as b
 from effexport.exporter.backends.onnx._schemas import ensure_fusion_schemas
 from effexport.exporter.backends.onnx.ort_cuda import qk_norm_into_attention
 from effexport.exporter.backends.onnx.ort_moe import fuse_moe
@@ -165,7 +166,7 @@ class _HalfNorm(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if x.dtype not in _HALF_DTYPES or wide.dtype != ir.DataType.FLOAT or narrow.dtype != x.dtype:
             return result.fail("not a half-precision value normalized in fp32 and cast back")
-        if scale.dtype != ir.DataType.FLOAT or _constant(scale) is None:
+        if scale.dtype != ir.DataType.FLOAT or b.constant(scale) is None:
             return result.fail("the scale is not a constant fp32 tensor")
         if _reads_inv_std(normed.producer()):
             return result.fail("inv_std_var is read")
@@ -173,7 +174,7 @@ class _HalfNorm(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, scale, normed, narrow, **_):
         norm = normed.producer()
-        out = op.SimplifiedLayerNormalization(x, _converted(scale, x.dtype), axis=norm.attributes.get_int("axis", -1),
+        out = op.SimplifiedLayerNormalization(x, b.converted(scale, x.dtype), axis=norm.attributes.get_int("axis", -1),
                                               epsilon=norm.attributes.get_float("epsilon", 1e-5), stash_type=1)
         out.dtype, out.shape = narrow.dtype, narrow.shape  # later rules check shapes
         return out
@@ -192,7 +193,7 @@ class _ScaledNorm(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, s, w, normed, scaled, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        sv, wv = _constant(s), _constant(w)
+        sv, wv = b.constant(s), b.constant(w)
         if sv is None or wv is None or sv.ndim != 1 or wv.shape != sv.shape or s.dtype != w.dtype:
             return result.fail("the scale and the weight are not constant vectors of one size and dtype")
         norm = normed.producer()
@@ -204,7 +205,7 @@ class _ScaledNorm(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, s, w, normed, scaled, **_):
         norm = normed.producer()
-        product = (_constant(s).astype(np.float32) * _constant(w).astype(np.float32)).astype(s.dtype.numpy())
+        product = (b.constant(s).astype(np.float32) * b.constant(w).astype(np.float32)).astype(s.dtype.numpy())
         name = f"{w.name}.scaled"
         graph = w.graph
         if name not in graph.initializers:
@@ -248,16 +249,6 @@ class _SkipNorm(pattern.RewriteRuleClassBase):
         for out, like in ((outputs[0], normed), (outputs[3], total)):
             out.dtype, out.shape = a.dtype, like.shape or a.shape
         return outputs[0], outputs[3]
-
-
-def _converted(value: ir.Value, dtype: ir.DataType) -> ir.Value:
-    """The constant ``value`` converted to ``dtype``, one initializer per (value, dtype) however many
-    nodes read it."""
-    graph, name = value.graph, f"{value.name}.{dtype.name.lower()}"
-    if name not in graph.initializers:
-        graph.register_initializer(ir.Value(name=name, type=ir.TensorType(dtype), shape=value.shape,
-                                            const_value=ir.tensor(_constant(value).astype(dtype.numpy()), name=name)))
-    return graph.initializers[name]
 
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
@@ -412,16 +403,6 @@ def _attention_output_shapes(model: ir.Model) -> None:
 def _reads_inv_std(norm: ir.Node) -> bool:
     """Whether a norm node's optional ``inv_std_var`` output is read (a fused op would drop it)."""
     return len(norm.outputs) > 1 and bool(norm.outputs[1].uses())
-
-
-def _constant(value: ir.Value) -> np.ndarray | None:
-    const = value.const_value
-    if const is None:
-        return None
-    try:
-        return const.numpy()
-    except OSError:  # a structure-only build's weight: no data behind it
-        return None
 
 
 def share_shape_reads(model: ir.Model) -> int:

@@ -44,6 +44,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from effexport.exporter.backends.onnx._build import single_use
+
 __all__ = ["fuse_moe", "non_negative"]
 
 _DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
@@ -128,10 +130,6 @@ def _einsum(value: ir.Value | None, canonical: str) -> ir.Node | None:
         return None
     equation = node.attributes.get_string("equation")
     return node if equation is not None and _canonical(equation) == canonical else None
-
-
-def _single_use(*values: ir.Value) -> bool:
-    return all(len(v.uses()) == 1 and not v.is_graph_output() for v in values)
 
 
 def _static(value: ir.Value, rank: int) -> list[int] | None:
@@ -281,8 +279,8 @@ def _match(final: ir.Node) -> _Match | str:
     if _slice_range(slices[0], 2 * hidden) != (0, hidden) or _slice_range(slices[1], 2 * hidden) != (hidden, 2 * hidden):
         return "the slices do not split the last axis at H"
     clamped_up = [up] if up is not up_raw else []
-    if not _single_use(out, h, gate_act, up_raw, *clamped_up) or gu.is_graph_output() or len(gu.uses()) != 2 \
-            or len(gate.uses()) != 2 or (gate is not gate_raw and not _single_use(gate_raw)):
+    if not single_use(out, h, gate_act, up_raw, *clamped_up) or gu.is_graph_output() or len(gu.uses()) != 2 \
+            or len(gate.uses()) != 2 or (gate is not gate_raw and not single_use(gate_raw)):
         return "an intermediate value is read elsewhere"
     comb = comb_t
     cast = _producer(comb, "Cast")

@@ -40,6 +40,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
+from effexport.exporter.backends.onnx._build import converted, single_use
+
 POS = "pos"
 CHECK_WINDOWS = ((3, 2), (-7, 7))  # (start, length) windows the table is checked at; negative: from the end
 
@@ -275,10 +277,6 @@ def fuse_rotary(model: ir.Model, max_positions: int | None) -> int:
 _F32 = ir.DataType.FLOAT
 
 
-def _single_use(value: ir.Value) -> bool:
-    return len(value.uses()) == 1 and not value.is_graph_output()
-
-
 def _cast_to(node: ir.Node | None, dtype: ir.DataType) -> bool:
     return node is not None and node.op_type == "Cast" and node.domain in ("", "ai.onnx") \
         and node.attributes.get_int("to", -1) == dtype.value
@@ -303,7 +301,7 @@ def _rotation(value: ir.Value) -> _Rotation | None:
     only by the next, full-width (no ``rotary_embedding_dim``, unit ``scale``), casts both present
     (to fp32 and back to ``x``'s dtype) or both absent; else None."""
     node, down = value.producer(), None
-    if _cast_to(node, value.dtype) and _single_use(node.inputs[0]):
+    if _cast_to(node, value.dtype) and single_use(node.inputs[0]):
         down, node = node, node.inputs[0].producer()
     if node is None or node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" \
             or node.attributes.get_int("rotary_embedding_dim", 0) or node.attributes.get_float("scale", 1.0) != 1.0 \
@@ -312,7 +310,7 @@ def _rotation(value: ir.Value) -> _Rotation | None:
     x, up = node.inputs[0], None
     if down is not None:
         up = x.producer()
-        if not (_cast_to(up, _F32) and _single_use(x) and up.inputs[0].dtype == value.dtype):
+        if not (_cast_to(up, _F32) and single_use(x) and up.inputs[0].dtype == value.dtype):
             return None
         x = up.inputs[0]
     elif x.dtype != value.dtype:
@@ -320,17 +318,9 @@ def _rotation(value: ir.Value) -> _Rotation | None:
     return _Rotation(x, node, up, down)
 
 
-def _table(graph: ir.Graph, table: ir.Value, dtype: ir.DataType) -> ir.Value:
-    """``table`` (an initializer) in ``dtype``: itself, or a rounded copy registered once."""
-    if table.dtype == dtype:
-        return table
-    name = f"{table.name}.{dtype.name.lower()}"
-    if name not in graph.initializers:
-        data = table.const_value.numpy().astype(np.float32).astype(dtype.numpy())
-        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=table.shape,
-                         const_value=ir.tensor(data, name=name))
-        graph.register_initializer(value)
-    return graph.initializers[name]
+def _table(table: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """``table`` (an initializer) in ``dtype``: itself, or its rounded copy (one per dtype)."""
+    return table if table.dtype == dtype else converted(table, dtype)
 
 
 def rotary_into_attention(model: ir.Model) -> int:
@@ -338,8 +328,8 @@ def rotary_into_attention(model: ir.Model) -> int:
     returns how many attentions took theirs. Both must be :func:`_rotation` s over one pair of tables
     with the same ``interleaved``, the query over ``num_heads`` heads and the key over
     ``kv_num_heads`` (the 3-D form's ``num_heads``)."""
-    graph, moved = model.graph, 0
-    for node in list(graph):
+    moved = 0
+    for node in list(model.graph):
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" \
                 or node.attributes.get_int("do_rotary", 0) or len(node.inputs) < 7 \
                 or any(v is not None for v in node.inputs[7:10]):
@@ -353,7 +343,7 @@ def rotary_into_attention(model: ir.Model) -> int:
                 or attrs[0].get_int("num_heads", 0) != node.attributes.get_int("num_heads", -1) \
                 or attrs[1].get_int("num_heads", 0) != node.attributes.get_int("kv_num_heads", -1):
             continue
-        cos, sin = (_table(graph, t, q.x.dtype) for t in q.node.inputs[2:4])
+        cos, sin = (_table(t, q.x.dtype) for t in q.node.inputs[2:4])
         node.resize_inputs(max(len(node.inputs), 9))
         for i, value in ((0, q.x), (1, k.x), (7, cos), (8, sin)):
             node.replace_input_with(i, value)
@@ -368,8 +358,8 @@ def rotary_into_attention(model: ir.Model) -> int:
 def rotary_in_half(model: ir.Model) -> int:
     """Drop the fp32 casts around each remaining half-precision rotation (:func:`_rotation` with
     casts): it rotates in the build's dtype with its tables rounded to it. Returns how many."""
-    graph, done = model.graph, 0
-    for node in list(graph):
+    done = 0
+    for node in list(model.graph):
         if node.op_type != "Cast" or node.outputs[0].dtype not in (ir.DataType.BFLOAT16, ir.DataType.FLOAT16):
             continue
         r = _rotation(node.outputs[0])
@@ -378,7 +368,7 @@ def rotary_in_half(model: ir.Model) -> int:
         dtype = r.x.dtype
         r.node.replace_input_with(0, r.x)
         for i in (2, 3):
-            r.node.replace_input_with(i, _table(graph, r.node.inputs[i], dtype))
+            r.node.replace_input_with(i, _table(r.node.inputs[i], dtype))
         r.node.outputs[0].dtype = dtype
         r.down.outputs[0].replace_all_uses_with(r.node.outputs[0], replace_graph_outputs=True)
         done += 1
