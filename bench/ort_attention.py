@@ -953,9 +953,11 @@ def _exporter_session(env: Env, s: dict, dtype, feeds: dict):
     session = env.session(model)
     binding = session.io_binding()
     feeds = {**feeds, "sinks": torch.zeros(s["hq"], dtype=dtype, device=env.device)}
+    host = np.array(s["pos"], dtype=np.int64)  # kept alive with the binding (it may hold the address)
+    binding.effexport_host_inputs = [host]
     for meta in session.get_inputs():
         if meta.name == "pos_host":
-            binding.bind_cpu_input("pos_host", np.array(s["pos"], dtype=np.int64))
+            binding.bind_cpu_input("pos_host", host)
         else:
             env.bind(binding.bind_input, meta.name, feeds[meta.name])
     for meta, buf in zip(session.get_outputs(), (feeds["out"], feeds["k_buf"], feeds["v_buf"])):

@@ -162,6 +162,47 @@ def test_lowering_parity(profile, window, softcap, sinks):
             assert np.array_equal(g[:, :, :rows], w[:, :, :rows].numpy()), f"{profile} {name} rows B={b} pos={pos}"
 
 
+class _TwoLayers(torch.nn.Module):
+    """Two layers' buffers read at one position, scale 1 (Gemma 4's): what a step's decomposed
+    attentions share."""
+
+    def forward(self, q, k_new, v_new, k_buf, v_buf, pos, sinks):
+        a = ops.attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, None, scale=1.0, window=0, softcap=0.0)
+        b = ops.attention_buffer(q * 0.5, v_new, k_new, v_buf, k_buf, pos, None, scale=1.0, window=0, softcap=0.0)
+        return a[0] + b[0], a[1], b[1]
+
+
+def test_decomposed_attention_is_lean():
+    """Heads GroupQueryAttention does not take (wider than its kernels): each attention is MatMul,
+    Cast, Where, Softmax, Cast, MatMul between the query's and the output's Reshape -- no Mul for a
+    scale of 1, no Reshape of the scores around the mask, which is one ``[G*T, S]`` value every layer
+    reads -- and equals the eager ops on ONNX Runtime CPU (fp32, rel 1e-5)."""
+    from collections import Counter
+
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM
+
+    d = GQA_MAX_HEAD_DIM * 2
+    module = _TwoLayers()
+    model = _lowered(module, "ort", d=d)
+    assert not [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    where = [n for n in model.graph.node if n.op_type == "Where"]
+    assert len(where) == 2 and where[0].input[0] == where[1].input[0]  # one mask for both layers
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in where:  # scores straight from the product: MatMul -> Cast? -> Where
+        src = producer[n.input[1]]
+        src = producer[src.input[0]] if src.op_type == "Cast" else src
+        assert src.op_type == "MatMul", src.op_type
+    types = Counter(n.op_type for n in model.graph.node)
+    muls = [n for n in model.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 1 and types["Softmax"] == 2, types  # the test's own q * 0.5 only
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i, (b, t, pos) in enumerate([(2, 3, 0), (1, 4, 6), (3, 1, C - 1)]):
+        args = _inputs(b, t, pos, seed=i + 1, d=d)
+        want = module(*args)
+        got = session.run(None, _feeds(model, args))
+        assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, what=f"out B={b} T={t} pos={pos}")
+
+
 def test_ort_profile_is_one_shared_buffer_gqa():
     """ort: one GroupQueryAttention reading the buffer inputs directly and writing the present outputs
     directly (so a runtime can bind them to one memory), fixed C rows on both sides, window attribute."""
@@ -407,9 +448,10 @@ def test_bf16_buffer_on_cuda_in_place(wide):
     from effexport.exporter.backends.onnx.runtime import _bind
 
     binding = session.io_binding()
-    feeds = dict(zip(ARGS, dev), k_buf=k_buf, v_buf=v_buf)
+    # the host copy of pos must outlive the run: the binding holds its address, not the tensor
+    feeds = dict(zip(ARGS, dev), k_buf=k_buf, v_buf=v_buf, pos_host=dev[ARGS.index("pos")].cpu())
     for meta in session.get_inputs():
-        _bind(binding.bind_input, meta.name, feeds["pos"].cpu() if meta.name == "pos_host" else feeds[meta.name])
+        _bind(binding.bind_input, meta.name, feeds[meta.name])
     for meta, buf in zip(session.get_outputs(), (out, k_buf, v_buf)):
         _bind(binding.bind_output, meta.name, buf)
     session.run_with_iobinding(binding)

@@ -97,23 +97,27 @@ def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: 
     work = out_dtype if out_dtype is not None and out_dtype == b.dtype_of(k) == b.dtype_of(v) else b.FLOAT
     if work == b.FLOAT:  # fp32 builds; mixed (e.g. fp32 states beside bf16 queries) or unknown types
         q, k, v = b.to_float(q), b.to_float(k), b.to_float(v)
-    s_len = op.Shape(k, start=2, end=3)
-    qg = op.Reshape(q, b.ints([0, kv_heads, -1, d]))  # [B, Hkv, G*T, d]
-    scores = op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B, Hkv, G*T, S]
-    scores = op.Mul(b.to_float(scores), b.f32c(scale))
-    scores = op.Reshape(scores, op.Concat(b.ints([0, kv_heads, groups, -1]), s_len, axis=0))  # [B, Hkv, G, T, S]
+    qg = op.Reshape(q, b.ints([0, kv_heads, -1, d]))  # [B, Hkv, G*T, d]: row g*T + t
+    scores = b.to_float(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])))  # [B, Hkv, G*T, S]
+    if scale != 1.0:
+        scores = op.Mul(scores, b.f32c(scale))
     if softcap > 0.0:
         scores = op.Mul(op.Tanh(op.Div(scores, b.f32c(softcap))), b.f32c(softcap))
-    if mask is not None:  # [T, S] broadcast over [B, Hkv, G]
+    if mask is not None:  # [T, S] repeated for the G heads of the rows: [G*T, S], shared by every layer
+        if groups > 1:
+            mask = op.Reshape(op.Expand(op.Unsqueeze(mask, b.ints([0])), b.ints([groups, 1, 1])),
+                              op.Concat(b.ints([-1]), op.Shape(k, start=2, end=3), axis=0))
         scores = op.Where(mask, scores, b.f32c(-math.inf))
-    if sinks is not None:
+    if sinks is not None:  # head h = kv * G + g's sink on each of its T rows: [B, Hkv, G*T, 1]
         sink = op.Reshape(b.to_float(sinks), b.ints([1, kv_heads, groups, 1, 1]))
-        sink = op.Expand(sink, op.Concat(op.Shape(scores, end=4), b.ints([1]), axis=0))
+        sink = op.Expand(sink, op.Concat(b.ints([1, kv_heads, groups]), op.Shape(q, start=2, end=3), b.ints([1]),
+                                         axis=0))
+        sink = op.Expand(op.Reshape(sink, b.ints([1, kv_heads, -1, 1])),
+                         op.Concat(op.Shape(scores, end=3), b.ints([1]), axis=0))
         probs = op.Softmax(op.Concat(scores, sink, axis=-1), axis=-1)
         probs = op.Slice(probs, b.ints([0]), b.ints([-1]), b.ints([-1]))  # the sink's column goes
     else:
         probs = op.Softmax(scores, axis=-1)
-    probs = op.Reshape(probs, op.Concat(b.ints([0, kv_heads, -1]), s_len, axis=0))  # [B, Hkv, G*T, S]
     out = op.MatMul(b.cast_like(probs, work), v)  # [B, Hkv, G*T, dv]
     out = op.Reshape(out, b.ints([0, heads, -1, dv]))
     return out if out_dtype in (None, work) else op.Cast(out, to=out_dtype)
