@@ -16,17 +16,19 @@ every layer), and still one readable node per call site. The schedule is the eag
 rounding: ``M = Softmax(L, -1) + eps; M = M / (ReduceSum(M, -2) + eps)``, then ``iters - 1`` times
 the row (-1) and column (-2) normalisation, each ``ReduceSum, Add eps, Div`` (3 nodes); the ``eps``
 and axes constants are made once per body, ahead of the chain. A Sinkhorn of ``iters`` is
-``2 + 3 + 6 (iters - 1)`` nodes plus 3 constants (119 + 3 at V4's ``iters = 20``); one ``mhc_pre``
-body is 161 nodes at ``iters = 20`` in fp32 (163 with the input casts of a bf16 build), against 46
-before with the ``Loop`` and its 7-node body.
+``2 + 3 + 6 (iters - 1)`` nodes plus 3 constants (119 + 3 at V4's ``iters = 20``). Measured on
+deepseek-v4-flash:tiny (ort, fp32): one ``mhc_pre`` body is 168 nodes (17 of them ``Constant``; a
+bf16 build adds the input / output ``Cast`` s), where the ``Loop`` form had 64 plus a 9-node loop
+body; after ONNX-style inlining (``onnx.inliner``, what ORT does at load) the 6-layer step graph
+has 5,017 nodes, against 3,769 plus 12 ``Loop`` s with 108 subgraph nodes.
 
 Every profile unrolls, ``standard`` included: ONNX Runtime runs that profile too (on the CUDA EP
 as well, where the same capture refusal would hit), TensorRT imports the same bodies (a ``Loop``
-there is a loop layer with its per-iteration trip condition), and a ``Loop`` whose trip count is a
-host input costs a device-to-host round trip per run even uncaptured. What unrolling costs is size:
-~120 nodes per Sinkhorn body stored once per distinct ``iters``, i.e. ~120 nodes per ``mhc_pre``
-call once a runtime inlines it (two calls per layer). One lowering for every profile keeps the
-translation table profile-free (:mod:`.translations`).
+becomes a loop layer there; unrolled, plain reduce and elementwise layers), and even uncaptured ORT
+runs a ``Loop`` body iteration by iteration from the host, its optimisers not seeing across the
+body's boundary. The ``Loop`` form only saved size: ~110 nodes per body (stored once per distinct
+``iters``), i.e. per ``mhc_pre`` call once a runtime inlines it (two calls per layer). One lowering
+for every profile keeps the translation table profile-free (:mod:`.translations`).
 
 ``mhc_post`` and ``mhc_head`` have no iteration: they stay generic onnxscript ``@script``
 functions (:func:`._local.call_script`, one body without overload for every call site).
