@@ -9,8 +9,9 @@ sub-layer ``F`` (attention, FFN) the official V4 inference code (``Block.hc_pre`
 
 and before the final norm the head collapses the streams with ``mhc_head``. The residual mixing matrix
 ``comb`` is projected onto the doubly-stochastic matrices by a fixed number of Sinkhorn-Knopp iterations;
-``sinkhorn`` exposes that projection as its own op so that backends can map it to one ONNX function or
-``Loop`` (unrolled, 20 iterations per sub-layer blow a 4-layer graph up to ~2,500 nodes). Every op here is one opaque node in an exported graph.
+``sinkhorn`` exposes that projection as its own op so that a backend keeps it one node (the ONNX backend's
+function body unrolls the ``iters`` steps, ``exporter/backends/onnx/functions.py``: no ``Loop``, which
+ONNX Runtime's CUDA graphs refuse). Every op here is one opaque node in an exported graph.
 
 Ops (namespace ``effexport``; all functional: nothing is mutated, no output aliases an input):
 

@@ -87,3 +87,30 @@ def run_cli(*args: str) -> tuple[int, str]:
     with contextlib.redirect_stderr(log):
         code = main(list(args))
     return code, log.getvalue()
+
+
+CONTROL_FLOW = {"Loop", "Scan", "If"}
+
+
+def control_flow(model) -> list[str]:
+    """``where:op`` of every Loop / Scan / If of an ONNX model, in its main graph or a function body
+    (ONNX Runtime inlines the bodies; its CUDA EP refuses a CUDA-graph capture with control flow)."""
+    nodes = [("graph", n) for n in model.graph.node] + [(f.name, n) for f in model.functions for n in f.node]
+    return [f"{where}:{n.op_type}" for where, n in nodes if n.op_type in CONTROL_FLOW]
+
+
+def assert_sinkhorn_unrolled(model) -> int:
+    """Every ``effexport::sinkhorn`` / ``mhc_pre`` node's body is its ``iters`` unrolled: 2 iters - 1
+    normalisations (ReduceSum + Div each; mhc_pre has one ReduceSum more, u's stream sum). Returns
+    how many such nodes there are."""
+    import onnx
+
+    bodies = {(f.domain, f.name, f.overload): f for f in model.functions}
+    sites = [n for n in model.graph.node if n.domain == "effexport" and n.op_type in ("sinkhorn", "mhc_pre")]
+    for node in sites:
+        iters = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "iters")
+        ops = [m.op_type for m in bodies[node.domain, node.op_type, node.overload].node]
+        extra = node.op_type == "mhc_pre"
+        assert (ops.count("ReduceSum"), ops.count("Div")) == (2 * iters - 1 + extra, 2 * iters - 1), \
+            f"{node.name} ({node.op_type}, iters={iters}): {ops.count('ReduceSum')} ReduceSum, {ops.count('Div')} Div"
+    return len(sites)

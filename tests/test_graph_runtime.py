@@ -26,10 +26,10 @@ from effexport.runtime import CudaGraphRuntime, OrtRuntime
 CONTEXT = 64
 
 
-def _build(out, *extra) -> None:
+def _build(out, *extra, preset: str = "gemma4-e2b:tiny") -> None:
     from effexport.exporter.cli import main
 
-    code = main(["gemma4-e2b:tiny", "--target", "onnx", "-o", str(out), "--max-context", str(CONTEXT),
+    code = main([preset, "--target", "onnx", "-o", str(out), "--max-context", str(CONTEXT),
                  "--no-check", *extra])
     assert code == 0
 
@@ -130,16 +130,19 @@ def test_growing_caches_are_refused(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_uncaptured(tmp_path):
+@pytest.mark.parametrize("preset", ["gemma4-e2b:tiny", "deepseek-v4-flash:tiny"])
+def test_cuda_graph_replay_equals_uncaptured(tmp_path, preset):
     """onnxruntime-gpu: the decode steps replayed from CUDA graphs (graph per batch size, captured on
     the third step) give the uncaptured runtime's tokens and logits (same kernels: 1e-3 rel in bf16),
     at batch 1 and 2. bf16: ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only, so
     an fp32 artifact has nodes on the CPU provider and ORT refuses the graph capture (BENCHMARKS.md
-    run 21)."""
+    run 21). DeepSeek V4: ORT refused its capture while mHC's Sinkhorn was a ``Loop`` ("the model has
+    control flow nodes", issue #20); the bodies are unrolled now (tests/test_onnx_export.py
+    ``test_no_control_flow``)."""
     if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs a GPU and onnxruntime-gpu")
     out = tmp_path / "buffer"
-    _build(out, "--kv-cache", "buffer", "--dtype", "bf16")
+    _build(out, "--kv-cache", "buffer", "--dtype", "bf16", preset=preset)
     plain, graphs = OrtRuntime(str(out), device="cuda"), CudaGraphRuntime(str(out), device="cuda")
     for batch, prompt in ((1, 3), (2, 10)):  # a prompt shorter than the 8-position window, and longer
         ids = _ids(batch, prompt, seed=batch)

@@ -9,6 +9,7 @@ import json
 
 import onnx
 import pytest
+from _helpers import assert_sinkhorn_unrolled, control_flow
 from onnx import TensorProto, helper
 
 from effexport.exporter.cli import main
@@ -72,6 +73,9 @@ def test_bf16_graph_is_well_typed(tmp_path, preset):
                  "-o", str(out), "--steps", "2"])
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not [n for n in model.graph.node if n.op_type == "Einsum"]
+    # ONNX Runtime's CUDA graphs refuse control flow (issue #20): the bf16 mHC bodies are unrolled too
+    assert control_flow(model) == []
+    assert assert_sinkhorn_unrolled(model) == sum(n.op_type == "mhc_post" for n in model.graph.node)
     # ONNX Runtime's CUDA Reciprocal has no bf16 kernel (ZAYA1's bf16 graph did not load on the GPU):
     # the CCA body divides instead
     assert not [n for f in model.functions if f.name == "cca" for n in f.node if n.op_type == "Reciprocal"]

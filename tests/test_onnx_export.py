@@ -19,7 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from _helpers import assert_close, assert_long_enough, step_feeds
+from _helpers import assert_close, assert_long_enough, assert_sinkhorn_unrolled, control_flow, step_feeds
 
 import effexport.custom_ops  # noqa: F401  (registers the ops named below)
 from effexport.exporter.backends.onnx.export import _save, export_step, step_io_names
@@ -191,6 +191,16 @@ def test_effexport_nodes_are_the_rewrites(step, exported, profile, request):
         assert body.node and all(m.domain in ("", "ai.onnx") for m in body.node), n.op_type
         assert set(body.attribute) == {a.name for a in n.attribute}, n.op_type
     assert not {"Loop", "Conv"} & {n.op_type for n in model.graph.node}
+
+
+@pytest.mark.parametrize("profile", ORT_PROFILES)
+def test_no_control_flow(exported, profile):
+    """No Loop / Scan / If in the main graph or any function body (ONNX Runtime inlines the bodies,
+    and its CUDA EP refuses a CUDA-graph capture with control flow: issue #20); DeepSeek V4's
+    ``mhc_pre`` bodies are Sinkhorn unrolled for their ``iters`` (an mhc_pre per mhc_post)."""
+    model = onnx.load(str(exported[profile][0]))
+    assert control_flow(model) == []
+    assert assert_sinkhorn_unrolled(model) == sum(n.op_type == "mhc_post" for n in model.graph.node)
 
 
 def test_external_data_round_trip(step, exported, tmp_path):

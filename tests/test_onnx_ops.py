@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from _helpers import assert_close
+from _helpers import assert_close, assert_sinkhorn_unrolled, control_flow
 
 import effexport.custom_ops as custom_ops_pkg
 from effexport.exporter.backends.onnx.profiles import ORT_PROFILES
@@ -225,9 +225,10 @@ def _mhc_inputs(batch: int, t_len: int, n: int = 4, d: int = 8, seed: int = 0):
 
 
 @pytest.mark.parametrize("profile", ORT_PROFILES)
-def test_mhc_parity_and_loop(profile):
+def test_mhc_parity_and_unrolled_sinkhorn(profile):
     """mHC ops in ORT equal eager (rel 1e-5) at new batch/T; every call is one effexport-domain node
-    with its attributes, whose body is a model-local function; Sinkhorn stays a Loop (not unrolled)."""
+    with its attributes, whose body is a model-local function; Sinkhorn is unrolled for the call's
+    iters (no control flow anywhere: ONNX Runtime's CUDA graphs refuse it, issue #20)."""
     from effexport.exporter.backends.onnx.export import lower
 
     bt = {0: torch.export.Dim("b"), 1: torch.export.Dim("t")}
@@ -242,11 +243,44 @@ def test_mhc_parity_and_loop(profile):
     pre = next(n for n in ours if n.op_type == "mhc_pre")
     assert {a.name: onnx.helper.get_attribute_value(a) for a in pre.attribute} == \
         pytest.approx({"iters": 7, "eps": 1e-3, "norm_eps": 1e-5})
-    assert [n.op_type for f in model.functions for n in f.node].count("Loop") == 2  # mhc_pre's, sinkhorn's
+    assert control_flow(model) == []
+    assert assert_sinkhorn_unrolled(model) == 2  # mhc_pre's 7 iterations, sinkhorn's 20
     for i, (b, t) in enumerate([(1, 1), (3, 5)]):
         args = _mhc_inputs(b, t, seed=i + 1)
         for j, (g, e) in enumerate(zip(_run(model, args), _Mhc()(*args))):
             assert_close(torch.from_numpy(g), e, rtol=1e-5, what=f"{profile} B={b} T={t} out{j}")
+
+
+class _Sinkhorns(torch.nn.Module):
+    """``sinkhorn`` and ``mhc_pre`` at each of ``ITERS`` (1: the softmax start and one column step only)."""
+
+    ITERS = (1, 2, 20)
+
+    def forward(self, x, fn, base, scale, logits):
+        outs = []
+        for iters in self.ITERS:
+            outs += [ops.sinkhorn(logits, iters=iters, eps=1e-6), *ops.mhc_pre(x, fn, base, scale, iters=iters)]
+        return tuple(outs)
+
+
+def test_unrolled_sinkhorn_equals_eager_at_each_iters():
+    """The unrolled bodies (one overload per distinct ``iters``) equal the eager ``sinkhorn`` /
+    ``mhc_pre`` on ONNX Runtime CPU within 1e-6 of the largest magnitude (fp32; same arithmetic
+    order as the eager op), at iters 1, 2 and 20 and a batch / length other than the export's."""
+    from effexport.exporter.backends.onnx.export import lower
+
+    bt = {0: torch.export.Dim("b"), 1: torch.export.Dim("t")}
+    pick = lambda a: (a[0], a[1], a[2], a[3], a[8])  # noqa: E731  (x, fn, base, scale, logits)
+    model = lower(_Sinkhorns(), pick(_mhc_inputs(2, 3)), "ort", dynamic_shapes=(bt, None, None, None, bt))
+    assert control_flow(model) == []
+    assert assert_sinkhorn_unrolled(model) == 6
+    assert len({(f.name, f.overload) for f in model.functions}) == 6  # a body per (op, iters)
+    for i, (b, t) in enumerate([(1, 1), (3, 5)]):
+        args = pick(_mhc_inputs(b, t, seed=i + 1))
+        args[-1].mul_(4.0)  # logits far from convergence: every iteration changes the result
+        for j, (g, e) in enumerate(zip(_run(model, args), _Sinkhorns()(*args))):
+            iters, what = _Sinkhorns.ITERS[j // 4], ("sinkhorn", "u", "post", "comb")[j % 4]
+            assert_close(torch.from_numpy(g), e, rtol=1e-6, what=f"{what} iters={iters} B={b} T={t}")
 
 
 @pytest.mark.parametrize("form", ["cache", "read"])

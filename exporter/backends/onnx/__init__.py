@@ -4,7 +4,7 @@
   table per profile and the documented refusals.
 * :mod:`.attention`: the attention ops (GroupQueryAttention / Attention-23 / MatMul-Softmax).
 * :mod:`._local`: ``effexport``-domain nodes whose bodies are model-local ONNX functions.
-* :mod:`.functions`: mHC ops, generic function bodies of standard ops (Sinkhorn as a Loop).
+* :mod:`.functions`: mHC ops, function bodies of standard ops (Sinkhorn unrolled, no control flow).
 * :mod:`.cca`: ``effexport::cca`` (a body with two grouped ``Conv``).
 * :mod:`.compressed`: DeepSeek ``kv_compress(_step)``, ``indexer_topk``, ``sparse_attention(_ring)``.
 * :mod:`.export`: :func:`~.export.export_step` (step GraphModule -> ONNX file) and

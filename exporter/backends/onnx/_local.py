@@ -21,13 +21,15 @@ Bodies come in two kinds:
   function; sites that differ get distinct bodies under the same ``(domain, name)``, told apart by
   the ``overload`` field (ONNX IR >= 10; measured: ORT 1.30 and 1.32 CPU resolve overloads);
 * **generic** (:func:`call_script`): an onnxscript ``@script`` function whose parameters are ONNX
-  attributes (the mHC ops), one function without overload for every call site.
+  attributes (``mhc_post``, ``mhc_head``), one function without overload for every call site.
+  ``sinkhorn`` and ``mhc_pre`` are per-site bodies instead: a function cannot unroll its Sinkhorn
+  on the ``iters`` attribute, and a ``Loop`` would stop ONNX Runtime's CUDA graphs (:mod:`.functions`).
 
 The functions' default-domain opset is set to the model's when attached.
 
 Not covered: ops whose lowering needs a variadic-output standard op (``Split``) or a subgraph
-(``Loop``/``If``) inside a per-site body; :class:`_Recorder` refuses them (``@script`` functions
-may use ``Loop``).
+(``Loop``/``If``) inside a per-site body; :class:`_Recorder` refuses them (no body uses control
+flow: ONNX Runtime inlines the bodies, and its CUDA EP refuses to capture a graph holding any).
 """
 from __future__ import annotations
 
@@ -172,7 +174,10 @@ def call_script(function, args: Sequence, attrs: dict):
     """Emit one ``effexport::<name>`` node whose body is the ``@script`` ``function`` (generic:
     its attributes are ``attrs``)."""
     if (function.name, "") not in _FUNCTIONS:
-        _FUNCTIONS[function.name, ""] = function.to_function_proto()
+        proto = function.to_function_proto()
+        if flow := sorted({n.op_type for n in proto.node} & {"Loop", "Scan", "If"}):
+            raise TypeError(f"{function.name}: control flow {flow} in a function body (unroll it)")
+        _FUNCTIONS[function.name, ""] = proto
     return _node_op(function.name)(*args, **attrs)
 
 

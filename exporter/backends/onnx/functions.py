@@ -1,17 +1,40 @@
-"""Lowering of the mHC ops as ``effexport``-domain nodes with generic ONNX function bodies.
+"""Lowering of the mHC ops as ``effexport``-domain nodes whose bodies are model-local ONNX functions.
 
-Each body is an onnxscript ``@script`` function in the ``effexport`` domain (opset 1) whose static
-parameters (``iters``, ``eps``, ``norm_eps``) are ONNX attributes, so one function serves every call
-site; the matching ``effexport::<op>`` schema is registered in ``onnx.defs`` on import. Sinkhorn's
-iterations are an ONNX ``Loop`` (trip count from the ``iters`` attribute), never unrolled.
+Every call is one ``effexport::<op>`` node carrying the op's static parameters (``iters``, ``eps``,
+``norm_eps``) as attributes; the matching schema is registered in ``onnx.defs`` on import, and the
+body reaches ``model.functions`` when :func:`._local.attach` runs after the export (torch.onnx would
+otherwise inline it, see :mod:`._local`). Bodies compute in fp32 and cast back, as the eager ops do.
 
-The translations emit one ``effexport::<op>`` node per call through :func:`._local.call_script`;
-the body reaches ``model.functions`` when :func:`._local.attach` runs after the export (torch.onnx
-would otherwise inline it, see :mod:`._local`).
+**Sinkhorn is unrolled, no control flow.** ONNX Runtime inlines function bodies at load, and its
+CUDA EP refuses CUDA-graph capture of a session holding a ``Loop`` / ``Scan`` / ``If`` ("the model
+has control flow nodes", issue #20). A function body cannot be unrolled on an attribute, so
+``sinkhorn`` and ``mhc_pre`` are recorded bodies (:func:`._local.call`) unrolled in Python for the
+call's ``iters``: one body per distinct ``(iters, eps, norm_eps, input dtypes)``, told apart by
+the function ``overload`` (ONNX IR >= 10; DeepSeek V4 has one ``mhc_pre`` body per dtype, shared by
+every layer), and still one readable node per call site. The schedule is the eager op's
+(:func:`effexport.custom_ops.mhc._sinkhorn_fp32`) in the same arithmetic order, so fp32 agrees to
+rounding: ``M = Softmax(L, -1) + eps; M = M / (ReduceSum(M, -2) + eps)``, then ``iters - 1`` times
+the row (-1) and column (-2) normalisation, each ``ReduceSum, Add eps, Div`` (3 nodes); the ``eps``
+and axes constants are made once per body, ahead of the chain. A Sinkhorn of ``iters`` is
+``2 + 3 + 6 (iters - 1)`` nodes plus 3 constants (119 + 3 at V4's ``iters = 20``). Measured on
+deepseek-v4-flash:tiny (ort, fp32): one ``mhc_pre`` body is 168 nodes (17 of them ``Constant``; a
+bf16 build adds the input / output ``Cast`` s), where the ``Loop`` form had 64 plus a 9-node loop
+body; after ONNX-style inlining (``onnx.inliner``, what ORT does at load) the 6-layer step graph
+has 5,017 nodes, against 3,769 plus 12 ``Loop`` s with 108 subgraph nodes.
+
+Every profile unrolls, ``standard`` included: ONNX Runtime runs that profile too (on the CUDA EP
+as well, where the same capture refusal would hit), TensorRT imports the same bodies (a ``Loop``
+becomes a loop layer there; unrolled, plain reduce and elementwise layers), and even uncaptured ORT
+runs a ``Loop`` body iteration by iteration from the host, its optimisers not seeing across the
+body's boundary. The ``Loop`` form only saved size: ~110 nodes per body (stored once per distinct
+``iters``), i.e. per ``mhc_pre`` call once a runtime inlines it (two calls per layer). One lowering
+for every profile keeps the translation table profile-free (:mod:`.translations`).
+
+``mhc_post`` and ``mhc_head`` have no iteration: they stay generic onnxscript ``@script``
+functions (:func:`._local.call_script`, one body without overload for every call site).
 
 Covered: ``sinkhorn``, ``mhc_pre``, ``mhc_post``, ``mhc_head`` (mHC, DeepSeek V4). Not covered here:
-``cca`` (:mod:`.cca`) and the DeepSeek compressor / indexer / sparse attention (:mod:`.compressed`),
-whose bodies are recorded per call site. Bodies compute in fp32 and cast back, as the eager ops do.
+``cca`` (:mod:`.cca`) and the DeepSeek compressor / indexer / sparse attention (:mod:`.compressed`).
 """
 from __future__ import annotations
 
@@ -19,7 +42,8 @@ import onnxscript
 from onnxscript import FLOAT, script
 from onnxscript import opset18 as op
 
-from effexport.exporter.backends.onnx._local import call_script
+from effexport.exporter.backends.onnx import _build as b
+from effexport.exporter.backends.onnx._local import call, call_script
 from effexport.exporter.backends.onnx._schemas import EFFEXPORT_DOMAIN, ensure_schema
 
 __all__ = ["TRANSLATIONS", "FUNCTIONS"]
@@ -28,53 +52,47 @@ effexport = onnxscript.values.Opset(EFFEXPORT_DOMAIN, 1)
 
 
 # ------------------------------------------------------------------------------------- mHC
-@script(effexport, default_opset=op)
-def sinkhorn(logits, iters: int, eps: float) -> FLOAT:
-    """Row softmax + eps, column normalise, then ``iters - 1`` x (row, column) in fp32 (a Loop)."""
-    m = op.Add(op.Softmax(op.Cast(logits, to=FLOAT.dtype), axis=-1), op.Constant(value_float=eps))
-    e = op.Constant(value_float=eps)
-    m = op.Div(m, op.Add(op.ReduceSum(m, op.Constant(value_ints=[-2]), keepdims=1), e))
-    n_loop = op.Sub(op.Constant(value_int=iters), op.Constant(value_int=1))
-    for _ in range(n_loop):
-        m = op.Div(m, op.Add(op.ReduceSum(m, op.Constant(value_ints=[-1]), keepdims=1), e))
-        m = op.Div(m, op.Add(op.ReduceSum(m, op.Constant(value_ints=[-2]), keepdims=1), e))
-    return op.CastLike(m, logits)
+def _normalise(m, axes, e):
+    """``M / (ReduceSum(M, axes, keepdims) + eps)``: one Sinkhorn half-step, 3 nodes."""
+    return op.Div(m, op.Add(op.ReduceSum(m, axes, keepdims=1), e))
 
 
-@script(effexport, default_opset=op)
-def mhc_pre(x, fn, base, scale, iters: int, eps: float,
-            norm_eps: float) -> tuple[FLOAT, FLOAT, FLOAT]:
+def _sinkhorn_fp32(logits, iters: int, eps: float):
+    """Row softmax + eps, column normalise, then ``iters - 1`` x (row, column), unrolled (fp32 in and out)."""
+    e, rows, cols = b.f32c(eps), b.ints([-1]), b.ints([-2])  # hoisted: made once, read by every step
+    m = _normalise(op.Add(op.Softmax(logits, axis=-1), e), cols, e)
+    for _ in range(iters - 1):
+        m = _normalise(_normalise(m, rows, e), cols, e)
+    return m
+
+
+def _back(value, like):
+    """fp32 ``value`` in ``like``'s dtype (``CastLike`` where that dtype is not known here)."""
+    return op.CastLike(value, like) if like.dtype is None else b.cast_like(value, like.dtype)
+
+
+def _sinkhorn_body(logits, *, iters: int, eps: float):
+    return _back(_sinkhorn_fp32(b.to_float(logits), iters, eps), logits)
+
+
+def _mhc_pre_body(x, fn, base, scale, *, iters: int, eps: float, norm_eps: float):
     """mu = (vec(X) fn^T) rsqrt(mean(vec(X)^2) + norm_eps); pre/post/comb from mu; u = sum pre X."""
-    xf = op.Cast(x, to=FLOAT.dtype)  # [B, T, n, d]
-    n = op.Shape(x, start=2, end=3)  # [1]
-    flat = op.Reshape(xf, op.Constant(value_ints=[0, 0, -1]))  # [B, T, n*d]
-    ms = op.ReduceMean(op.Mul(flat, flat), op.Constant(value_ints=[-1]), keepdims=1)
-    rho = op.Reciprocal(op.Sqrt(op.Add(ms, op.Constant(value_float=norm_eps))))
-    mu = op.Mul(op.MatMul(flat, op.Transpose(op.Cast(fn, to=FLOAT.dtype), perm=[1, 0])), rho)
-    s = op.Cast(scale, to=FLOAT.dtype)
-    bf = op.Cast(base, to=FLOAT.dtype)
-    last = op.Constant(value_ints=[-1])
-    zero = op.Constant(value_ints=[0])
-    n2 = op.Add(n, n)
-    big = op.Constant(value_ints=[9223372036854775807])
-    s0 = op.Gather(s, op.Constant(value_int=0))
-    s1 = op.Gather(s, op.Constant(value_int=1))
-    s2 = op.Gather(s, op.Constant(value_int=2))
-    pre = op.Add(op.Sigmoid(op.Add(op.Mul(op.Slice(mu, zero, n, last), s0), op.Slice(bf, zero, n, zero))),
-                 op.Constant(value_float=eps))
-    post_logit = op.Add(op.Mul(op.Slice(mu, n, n2, last), s1), op.Slice(bf, n, n2, zero))
-    post = op.Mul(op.Sigmoid(post_logit), op.Constant(value_float=2.0))
-    flat_logits = op.Add(op.Mul(op.Slice(mu, n2, big, last), s2), op.Slice(bf, n2, big, zero))
-    logits = op.Reshape(flat_logits, op.Concat(op.Shape(mu, start=0, end=2), n, n, axis=0))
-    e = op.Constant(value_float=eps)
-    m = op.Add(op.Softmax(logits, axis=-1), e)
-    m = op.Div(m, op.Add(op.ReduceSum(m, op.Constant(value_ints=[-2]), keepdims=1), e))
-    n_loop = op.Sub(op.Constant(value_int=iters), op.Constant(value_int=1))
-    for _ in range(n_loop):
-        m = op.Div(m, op.Add(op.ReduceSum(m, op.Constant(value_ints=[-1]), keepdims=1), e))
-        m = op.Div(m, op.Add(op.ReduceSum(m, op.Constant(value_ints=[-2]), keepdims=1), e))
-    u = op.ReduceSum(op.Mul(op.Unsqueeze(pre, last), xf), op.Constant(value_ints=[2]), keepdims=0)
-    return op.CastLike(u, x), post, m
+    n = b.static_dim(x, 2, "mhc_pre streams")
+    xf = b.to_float(x)  # [B, T, n, d]
+    flat = op.Reshape(xf, b.ints([0, 0, -1]))  # [B, T, n*d]
+    last = b.ints([-1])
+    ms = op.ReduceMean(op.Mul(flat, flat), last, keepdims=1)
+    rho = op.Reciprocal(op.Sqrt(op.Add(ms, b.f32c(norm_eps))))
+    mu = op.Mul(op.MatMul(flat, op.Transpose(b.to_float(fn), perm=[1, 0])), rho)  # [B, T, 2n + n*n]
+    s, bf = b.to_float(scale), b.to_float(base)
+    ends = [b.ints([k]) for k in (0, n, 2 * n, 2 * n + n * n)]  # pre | post | comb logits along mu's rows
+    pre, post, logits = (op.Add(op.Mul(op.Slice(mu, ends[i], ends[i + 1], last), op.Gather(s, b.i64(i))),
+                                op.Slice(bf, ends[i], ends[i + 1], ends[0])) for i in range(3))
+    pre = op.Add(op.Sigmoid(pre), b.f32c(eps))  # [B, T, n]
+    post = op.Mul(op.Sigmoid(post), b.f32c(2.0))  # [B, T, n]
+    comb = _sinkhorn_fp32(op.Reshape(logits, b.ints([0, 0, n, n])), iters, eps)  # [B, T, n, n]
+    u = op.ReduceSum(op.Mul(op.Unsqueeze(pre, last), xf), b.ints([2]), keepdims=0)  # [B, T, d]
+    return _back(u, x), post, comb
 
 
 @script(effexport, default_opset=op)
@@ -104,13 +122,15 @@ def mhc_head(x, fn, base, scale, eps: float, norm_eps: float) -> FLOAT:
 
 # ------------------------------------------------------------------------------ translations
 def _sinkhorn(logits, iters: int = 20, eps: float = 1e-6):
-    """``effexport::sinkhorn`` -> one node, body the ``effexport.sinkhorn`` function (a Loop inside)."""
-    return call_script(sinkhorn, [logits], dict(iters=iters, eps=eps))
+    """``effexport::sinkhorn`` -> one node, its body unrolled for ``iters`` (one overload per distinct body)."""
+    params = dict(iters=iters, eps=eps)
+    return call("sinkhorn", _sinkhorn_body, [logits], params, params)
 
 
 def _mhc_pre(x, fn, base, scale, iters: int = 20, eps: float = 1e-6, norm_eps: float = 1e-6):
-    """``effexport::mhc_pre`` -> one node, body the ``effexport.mhc_pre`` function."""
-    return call_script(mhc_pre, [x, fn, base, scale], dict(iters=iters, eps=eps, norm_eps=norm_eps))
+    """``effexport::mhc_pre`` -> one node, its body unrolled for ``iters`` (one overload per distinct body)."""
+    params = dict(iters=iters, eps=eps, norm_eps=norm_eps)
+    return call("mhc_pre", _mhc_pre_body, [x, fn, base, scale], params, params)
 
 
 def _mhc_post(x, f, post, comb):
@@ -163,5 +183,6 @@ def _table():
 _register_schemas()
 TRANSLATIONS = _table()
 """{OpOverload: translation} (the same in every profile)."""
-FUNCTIONS = (sinkhorn, mhc_pre, mhc_post, mhc_head)
-"""The onnxscript functions whose bodies travel in exported models."""
+FUNCTIONS = (mhc_post, mhc_head)
+"""The generic onnxscript functions whose bodies travel in exported models (``sinkhorn`` and
+``mhc_pre`` bodies are recorded per distinct ``iters``, see the module docstring)."""
