@@ -3,6 +3,7 @@ run uncaptured, and against onnxruntime-genai's own model builder on the same Hu
 
     PYTHONPATH=/tmp/ortgpu python3 bench/ort_graphs.py --out DIR [--cases gemma3-1b,gemma4-e2b]
         [--contexts 4096,32768] [--batches 1,8] [--tokens 32] [--peer-batches 1] [--profile 4096:1,4096:8]
+        [--stock gemma4-e2b:32768:8]
 
 Cases (random bf16 weights, seed 0):
 
@@ -55,7 +56,8 @@ Stock (``--stock CASE:L:B,...``, e.g. ``gemma4-e2b:32768:8``; empty by default):
 the stock ``torch.onnx.export(..., dynamo=True)`` of the case's eager sample as a user would call it
 (``bench/ort_cuda.py``'s ``export_stock``: every layer's cache at full length, the capture's dynamic
 dims from ``growing_dims``), built in a subprocess (``--export-stock``) started beside the effexport
-builds, the sample built the way ``--export-sample`` builds it (``decode_step.build``, bf16, on the GPU).
+builds, the sample built the way ``--export-sample`` builds it (``decode_step.build``, bf16, on the GPU;
+a ``:tiny`` case's effexport build is the CLI's CPU init, other weights, the same shapes).
 One stock build per case; each point (L, B) then, after every case is measured, in ONNX Runtime CUDA
 through I/O binding (``ort_cuda._bind_run``: inputs and logits on the device, the presents in
 ORT-allocated device memory), caches of the stock model's own layout at length L-1 with random contents
@@ -875,10 +877,10 @@ def table(results: dict) -> str:
     return "\n".join(lines + ([""] + routing if routing else []) + stock)
 
 
-def stock_measure(results: dict, args, jobs: dict, started: float) -> None:
+def stock_measure(results: dict, args, jobs: dict, started: float, save=lambda: None) -> None:
     """``--stock``'s rows, after every case is measured (the GPU free of their runtimes): per stock case,
     wait for its build within what is left of ``--build-timeout`` (past it: killed, its rows ``skipped``),
-    then time each point (:func:`stock_decode`); a failure is that row's ``error``."""
+    then time each point (:func:`stock_decode`); a failure is that row's ``error``; ``save()`` after each row."""
     cases = {case["case"]: case for case in results["cases"]}
     built: dict = {}  # stock case -> None (ready) or (field, reason)
     for point in args.stock:
@@ -905,6 +907,7 @@ def stock_measure(results: dict, args, jobs: dict, started: float) -> None:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:800]
                 traceback.print_exc()
         print(json.dumps({"stock": row}, default=str), flush=True)
+        save()
 
 
 def stock_table(rows: list) -> str:
@@ -951,6 +954,10 @@ def main(argv=None) -> int:
     args.profile = [p for p in args.profile.split(",") if p]
     cases = args.cases.split(",")
     args.stock = parse_stock(args.stock)
+    for case, context, batch in args.stock:
+        if case not in cases or context not in args.contexts or batch not in args.batches:
+            print(f"--stock {case}:{context}:{batch}: not in --cases x --contexts x --batches, "
+                  "no effexport ms to compare with", flush=True)
     for name in cases + [case for case, _, _ in args.stock]:  # an unknown preset, variant, a bad @nL fails here,
         if split_variant(name)[0] != "gemma3-1b":  # before any build starts
             bench_sample(split_variant(name)[0])
@@ -1042,7 +1049,7 @@ def main(argv=None) -> int:
             case["error"] = f"{type(exc).__name__}: {exc}"[:800]
             traceback.print_exc()
         save()
-    stock_measure(results, args, stock_jobs, started)
+    stock_measure(results, args, stock_jobs, started, save)
     save()
     print(table(results))
     return 0
