@@ -3,6 +3,7 @@ run uncaptured, and against onnxruntime-genai's own model builder on the same Hu
 
     PYTHONPATH=/tmp/ortgpu python3 bench/ort_graphs.py --out DIR [--cases gemma3-1b,gemma4-e2b]
         [--contexts 4096,32768] [--batches 1,8] [--tokens 32] [--peer-batches 1] [--profile 4096:1,4096:8]
+        [--stock gemma4-e2b:32768:8]
 
 Cases (random bf16 weights, seed 0):
 
@@ -50,6 +51,30 @@ A case is a built-in preset name, optionally cut to its first ``n`` decoder laye
 ``--cases laguna-xs2@8L,zaya1-8b,deepseek-v4-flash@4L``; the build, the eager reference and the weight
 bytes all use the cut model (:func:`bench_sample`). A ``:tiny`` preset without a cut goes through the
 CLI; with one, through the sample path like the real-size presets.
+
+Stock (``--stock CASE:L:B,...``, e.g. ``gemma4-e2b:32768:8``; empty by default): issue #20's baseline,
+the stock ``torch.onnx.export(..., dynamo=True)`` of the case's eager sample as a user would call it
+(``bench/ort_cuda.py``'s ``export_stock``: every layer's cache at full length, the capture's dynamic
+dims from ``growing_dims``), built in a subprocess (``--export-stock``) started beside the effexport
+builds, the sample built the way ``--export-sample`` builds it (``decode_step.build``, bf16, on the GPU;
+a ``:tiny`` case's effexport build is the CLI's CPU init, other weights, the same shapes).
+One stock build per case; each point (L, B) then, after every case is measured, in ONNX Runtime CUDA
+through I/O binding (``ort_cuda._bind_run``: inputs and logits on the device, the presents in
+ORT-allocated device memory), caches of the stock model's own layout at length L-1 with random contents
+(``decode_step.eager_past``), the same step run 4 times to warm up and ``--tokens`` timed times (each
+run synchronized). Rows in ``stock`` (JSON) and the markdown's second table:
+
+* ``stock_ms``: the median of the timed runs (``stock_mean_ms``: their mean; the uncaptured column is a
+  mean per token over ``--tokens`` steps);
+* ``graph_ms`` / ``uncaptured_ms``: the case's effexport row at the same (L, B) (None where the case or
+  the point was not measured); ``stock_over_graph`` = ``stock_ms / graph_ms``, ``stock_over_uncaptured``
+  = ``stock_ms / uncaptured_ms`` (issue #20 asks for >= 10x at gemma4-e2b 32K B=8);
+* ``stock_kv_bytes``: the stock caches at L-1; ``stock_placement``: from ORT's profile of the first
+  warm-up run, the nodes per provider, the CPU nodes' op types and the Memcpy nodes ORT inserted;
+* ``stock_max_rel_vs_eager``: the stock logits against the eager model (the same weights and inputs),
+  max abs error over max abs logit (``stock_parity_error`` if that failed);
+* ``error``: why the stock build or run failed (the rest of the bench goes on); ``skipped``: the build
+  was still running when ``--build-timeout`` (counted from the start of the builds) ran out, and was killed.
 
 The builds run in the background while the GPU measures. Writes ``ort_graphs.json`` / ``.md``.
 """
@@ -187,10 +212,62 @@ def export_sample(name: str, out: str, max_context: int) -> int:
     return 0
 
 
+STOCK_FILE = "stock.json"
+"""Beside a stock build's ``model.onnx``: the case, dtype and the capture's sequence dims of its caches."""
+
+
+def parse_stock(spec: str) -> list[tuple[str, int, int]]:
+    """``--stock``'s ``CASE:L:B,...`` -> ``[(case, L, B)]`` (a case may hold ``:``, e.g.
+    ``gemma4-e2b:tiny:64:2``); only sample cases (``gemma3-1b`` is a Hugging Face model)."""
+    points = []
+    for item in filter(None, spec.split(",")):
+        parts = item.rsplit(":", 2)
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()) or int(parts[1]) < 2 or int(parts[2]) < 1:
+            raise ValueError(f"--stock {item!r}: CASE:L:B with L >= 2, B >= 1 (e.g. gemma4-e2b:32768:8)")
+        if split_variant(parts[0])[0] == "gemma3-1b":
+            raise ValueError(f"--stock {item!r}: the stock baseline is of a sample case (gemma3-1b is a Hugging Face model)")
+        points.append((parts[0], int(parts[1]), int(parts[2])))
+    return points
+
+
+def stock_build(name: str, out: str, log: str, device: str = "cuda", dtype: str = "bf16") -> subprocess.Popen:
+    """The stock export of a sample case (its variant aside) in a subprocess (``--export-stock``)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--export-stock", split_variant(name)[0], out, device, dtype]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def export_stock_sample(name: str, out: str, device: str = "cuda", dtype: str = "bf16") -> int:
+    """``bench/ort_cuda.py``'s ``export_stock`` of a sample built as ``--export-sample`` builds it
+    (``decode_step.build``); the dynamic dims are the capture's (``growing_dims`` of a 40-token prefill,
+    as ``capture_step`` finds them, without the capture itself). Writes :data:`STOCK_FILE` beside it."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, HERE)
+    import decode_step
+    from ort_cuda import DTYPES, export_stock
+
+    from effexport.exporter.capture import growing_dims
+
+    decode_step.DEV = device
+    model = decode_step.build(bench_sample(name), DTYPES[dtype])
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), device=device)
+    past, dims = growing_dims(model, ids)
+    del past
+    seq_dims = {f"past.{k}": v for k, v in dims.items()}
+    export_stock(model, SimpleNamespace(seq_dims=seq_dims), out)
+    with open(os.path.join(out, STOCK_FILE), "w") as f:
+        json.dump({"case": name, "dtype": dtype, "seq_dims": seq_dims}, f)
+    return 0
+
+
 def genai_build(model: str, out: str, log: str) -> subprocess.Popen:
     cmd = [sys.executable, os.path.join(HERE, "peer_genai_build.py"), "-i", model, "-o", out, "-p", "bf16",
            "-e", "cuda", "-c", out + "-cache", "--extra_options", "enable_cuda_graph=true"]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+class BuildOverrun(RuntimeError):
+    """A build still running when its share of ``--build-timeout`` ran out (killed)."""
 
 
 def wait(proc: subprocess.Popen, log: str, limit: float, what: str) -> None:
@@ -198,7 +275,8 @@ def wait(proc: subprocess.Popen, log: str, limit: float, what: str) -> None:
         code = proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise RuntimeError(f"{what}: still running after {limit:.0f}s") from None
+        proc.wait()
+        raise BuildOverrun(f"{what}: still running after {limit:.0f}s") from None
     if code:
         with open(log) as f:
             raise RuntimeError(f"{what}: exit {code}: {f.read()[-800:]}")
@@ -262,6 +340,89 @@ def genai_decode(directory: str, context: int, batch: int, tokens: int) -> float
     seconds = (time.perf_counter() - t0) / tokens
     del generator, model
     return seconds
+
+
+def stock_placement(session_file: str) -> dict:
+    """From ORT's profile (a JSON trace) of one run: nodes per provider, the op types of the nodes on
+    the CPU and the Memcpy nodes (``{op: count}`` each)."""
+    from collections import Counter
+
+    with open(session_file) as f:
+        nodes = [e["args"] for e in json.load(f) if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    provider = [(a.get("provider", "?").replace("ExecutionProvider", ""), a.get("op_name", "?")) for a in nodes]
+    return {"providers": dict(Counter(p for p, _ in provider)),
+            "cpu_ops": dict(Counter(op for p, op in provider if p == "CPU").most_common()),
+            "memcpy": dict(Counter(op for _, op in provider if op.startswith("Memcpy")))}
+
+
+def stock_decode(directory: str, context: int, batch: int, tokens: int, device: str = "cuda",
+                 check: bool = True) -> dict:
+    """One decode step of the stock export in :data:`STOCK_FILE`'s directory at position context-1
+    (batch ``batch``, its caches at length context-1, random contents): ``WARMUP`` runs (the first under
+    ORT's profiler: :func:`stock_placement`), then ``tokens`` timed ones through I/O binding (median and
+    mean, ms); ``check``: the logits against the eager model on the same inputs."""
+    sys.path.insert(0, HERE)
+    import decode_step
+    from ort_cuda import DTYPES, _bind_run, _rel, _session
+
+    with open(os.path.join(directory, STOCK_FILE)) as f:
+        meta = json.load(f)
+    decode_step.DEV = device
+    model = decode_step.build(bench_sample(meta["case"]), DTYPES[meta["dtype"]])
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(0)
+    past = decode_step.eager_past(model, meta["seq_dims"], batch, context - 1, gen)
+    ids = torch.randint(0, vocab, (batch, 1), device=device, generator=gen)
+    out = {"stock_kv_bytes": sum(t.numel() * t.element_size() for t in past.values())}
+    session = _session(os.path.join(directory, "model.onnx"), device,
+                       os.path.join(directory, f"profile-{context}-{batch}"))
+    run, logits = _bind_run(session, [ids, *past.values()], device, (batch, 1, vocab))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run()
+    sync()
+    out["stock_placement"] = stock_placement(session.end_profiling())  # the timed runs are not profiled
+    for _ in range(WARMUP - 1):
+        run()
+    sync()
+    times = []
+    for _ in range(tokens):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    out["stock_ms"] = float(np.median(times)) * 1e3
+    out["stock_mean_ms"] = float(np.mean(times)) * 1e3
+    if check:
+        try:
+            with torch.no_grad():
+                ref = model(ids, past)[0]
+            out["stock_max_rel_vs_eager"] = _rel(logits, ref)
+        except Exception as exc:  # noqa: BLE001  (the timing stands without it)
+            out["stock_parity_error"] = f"{type(exc).__name__}: {exc}"[:600]
+            traceback.print_exc()
+    del run, logits, session, past, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def stock_row(point: tuple[str, int, int], effexport_rows: list) -> dict:
+    """A stock row's effexport side: the graph and uncaptured ms of the case's row at the same (L, B)
+    (None where not measured), and the stock fields the row gets later (None until then)."""
+    case, context, batch = point
+    mine = next((r for r in effexport_rows if (r["context"], r["batch"]) == (context, batch)), {})
+    return {"case": case, "context": context, "batch": batch, "stock_ms": None,
+            "graph_ms": mine.get("graph_ms"), "uncaptured_ms": mine.get("uncaptured_ms"),
+            "stock_over_graph": None, "stock_over_uncaptured": None, "error": None, "skipped": None}
+
+
+def stock_ratios(row: dict) -> dict:
+    """``stock_over_graph`` / ``stock_over_uncaptured`` of a row whose sides were both measured."""
+    for key in ("graph", "uncaptured"):
+        if row.get("stock_ms") and row.get(f"{key}_ms"):
+            row[f"stock_over_{key}"] = row["stock_ms"] / row[f"{key}_ms"]
+    return row
 
 
 # ------------------------------------------------------------------------------------ routing
@@ -712,13 +873,63 @@ def table(results: dict) -> str:
             lines.append(f"| {case['case']} | {r['context']} | {r['batch']} | {fmt(g)} | {fmt(u)} | {fmt(p)} | {fmt(e)} | "
                          f"{fmt(roof)} | {fmt(g / roof) if g and roof else '-'} | {fmt(p / g) if p and g else '-'} |")
     routing = [line for line in map(routing_line, results["cases"]) if line]
-    return "\n".join(lines + ([""] + routing if routing else []))
+    stock = ["", stock_table(results["stock"])] if results.get("stock") else []
+    return "\n".join(lines + ([""] + routing if routing else []) + stock)
+
+
+def stock_measure(results: dict, args, jobs: dict, started: float, save=lambda: None) -> None:
+    """``--stock``'s rows, after every case is measured (the GPU free of their runtimes): per stock case,
+    wait for its build within what is left of ``--build-timeout`` (past it: killed, its rows ``skipped``),
+    then time each point (:func:`stock_decode`); a failure is that row's ``error``; ``save()`` after each row."""
+    cases = {case["case"]: case for case in results["cases"]}
+    built: dict = {}  # stock case -> None (ready) or (field, reason)
+    for point in args.stock:
+        row = stock_row(point, cases.get(point[0], {}).get("rows", []))
+        results["stock"].append(row)
+        base = split_variant(point[0])[0]
+        directory, proc, log = jobs[base]
+        if base not in built:
+            try:
+                wait(proc, log, max(10.0, args.build_timeout - (time.monotonic() - started)), f"{base} stock build")
+                built[base] = None
+                results.setdefault("stock_build_done_s", {})[base] = time.monotonic() - started
+            except BuildOverrun as exc:
+                built[base] = ("skipped", str(exc))
+            except Exception as exc:  # noqa: BLE001  (the reason is the finding)
+                built[base] = ("error", f"{type(exc).__name__}: {exc}"[:800])
+        if built[base] is not None:
+            row[built[base][0]] = built[base][1]
+        else:
+            try:
+                row.update(stock_decode(directory, row["context"], row["batch"], args.tokens))
+                stock_ratios(row)
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"[:800]
+                traceback.print_exc()
+        print(json.dumps({"stock": row}, default=str), flush=True)
+        save()
+
+
+def stock_table(rows: list) -> str:
+    fmt = lambda x, spec=".2f": format(x, spec) if isinstance(x, float) else "-"  # noqa: E731
+    lines = ["| case | L | B | stock ms | effexport graph ms | uncaptured ms | stock / graph | stock / uncaptured | "
+             "stock max rel vs eager | stock Memcpy nodes | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        memcpy = sum(r["stock_placement"]["memcpy"].values()) if r.get("stock_placement") else "-"
+        note = ("skipped: " + r["skipped"] if r.get("skipped") else r.get("error") or r.get("stock_parity_error") or "")
+        lines.append(f"| {r['case']} | {r['context']} | {r['batch']} | {fmt(r.get('stock_ms'))} | {fmt(r.get('graph_ms'))} | "
+                     f"{fmt(r.get('uncaptured_ms'))} | {fmt(r.get('stock_over_graph'), '.1f')} | "
+                     f"{fmt(r.get('stock_over_uncaptured'), '.1f')} | {fmt(r.get('stock_max_rel_vs_eager'), '.1e')} | "
+                     f"{memcpy} | {note[:120].replace('|', '/')} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--export-sample"]:
         return export_sample(argv[1], argv[2], int(argv[3]))
+    if argv[:1] == ["--export-stock"]:
+        return export_stock_sample(*argv[1:5])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     ap.add_argument("--work", default="/tmp/ort_graphs")
@@ -734,14 +945,21 @@ def main(argv=None) -> int:
                     help="for a model with routed experts: compare the experts each token got in eager bf16 and in "
                     "the artifact over the parity steps (a diagnostic copy of the step model with its routers' TopK "
                     "indices as outputs, one uncaptured session); --no-routing skips it")
+    ap.add_argument("--stock", default="", help="CASE:L:B points (e.g. gemma4-e2b:32768:8) at which to time the stock "
+                    "torch.onnx.export of the case's eager sample (ORT CUDA, I/O binding, uncaptured) against effexport")
     args = ap.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
     args.peer_batches = [int(x) for x in args.peer_batches.split(",")]
     args.profile = [p for p in args.profile.split(",") if p]
     cases = args.cases.split(",")
-    for name in cases:  # an unknown preset, variant or a bad @nL fails here, before any build starts
-        if split_variant(name)[0] != "gemma3-1b":
+    args.stock = parse_stock(args.stock)
+    for case, context, batch in args.stock:
+        if case not in cases or context not in args.contexts or batch not in args.batches:
+            print(f"--stock {case}:{context}:{batch}: not in --cases x --contexts x --batches, "
+                  "no effexport ms to compare with", flush=True)
+    for name in cases + [case for case, _, _ in args.stock]:  # an unknown preset, variant, a bad @nL fails here,
+        if split_variant(name)[0] != "gemma3-1b":  # before any build starts
             bench_sample(split_variant(name)[0])
     max_context = max(args.contexts) + WARMUP + args.tokens + 64
     os.makedirs(args.out, exist_ok=True)
@@ -752,6 +970,8 @@ def main(argv=None) -> int:
         ort.preload_dlls()
     results = {"onnxruntime": ort.__version__, "torch": torch.__version__,
                "device": torch.cuda.get_device_name(), "copy_bw": copy_bandwidth(), "cases": []}
+    if args.stock:
+        results["stock"] = []
 
     def save():
         with open(os.path.join(args.out, "ort_graphs.json"), "w") as f:
@@ -788,6 +1008,10 @@ def main(argv=None) -> int:
             case["effexport_dir"] = os.path.join(args.work, f"{tag}-effexport")
             jobs[name] = [(sample_build(base, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", env),
                            case["effexport_dir"] + ".log", "effexport build")]
+    stock_jobs = {}  # stock case (its variant aside) -> (directory, proc, log), started beside the effexport builds
+    for base in dict.fromkeys(split_variant(case)[0] for case, _, _ in args.stock):
+        directory = os.path.join(args.work, base.replace(":", "-") + "-stock")
+        stock_jobs[base] = (directory, stock_build(base, directory, directory + ".log"), directory + ".log")
     torch.cuda.empty_cache()
     for case in results["cases"]:
         name = case["case"]
@@ -825,6 +1049,7 @@ def main(argv=None) -> int:
             case["error"] = f"{type(exc).__name__}: {exc}"[:800]
             traceback.print_exc()
         save()
+    stock_measure(results, args, stock_jobs, started, save)
     save()
     print(table(results))
     return 0

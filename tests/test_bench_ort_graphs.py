@@ -113,3 +113,54 @@ def test_routing_diagnosis_of_an_fp32_moe_artifact(tmp_path, monkeypatch):
     assert all(f["layer"] == same["layers"][-1] for f in differ["flips"])
     assert differ["outliers"][0]["flip"] and differ["outliers"][0]["eager_gap"] >= 0
     assert "flip, eager gap" in ort_graphs.routing_line({"case": "c", "parity": {"routing": differ}})
+
+
+@pytest.mark.slow
+def test_stock_points_on_the_cpu(tmp_path, monkeypatch):
+    """``--stock`` on the CPU in fp32 for a one-layer tiny sample: the stock export built in its
+    subprocess (``--export-stock``), timed through :func:`ort_graphs.stock_measure` against a case's
+    effexport row at the same (L, B) (the effexport side is the GPU's: given here), its ratios
+    consistent with its ms; a failed build is its row's error, an overrun build is killed and skipped."""
+    import functools
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(decode_step, "DEV", "cpu")  # stock_decode sets it; restored after
+    name = "gemma4-e2b:tiny@1L"
+    points = ort_graphs.parse_stock(f"{name}:64:2,{name}:32:1,broken:tiny:8:1")
+    assert points == [(name, 64, 2), (name, 32, 1), ("broken:tiny", 8, 1)]
+    for bad in ("gemma3-1b:64:1", f"{name}:64", f"{name}:x:1", f"{name}:1:1"):
+        with pytest.raises(ValueError, match="--stock"):
+            ort_graphs.parse_stock(bad)
+
+    out = str(tmp_path / "stock")
+    started = time.monotonic()
+    jobs = {name: (out, ort_graphs.stock_build(name, out, out + ".log", device="cpu", dtype="fp32"), out + ".log"),
+            "broken:tiny": (out + "2", subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]), out + ".log")}
+    results = {"cases": [{"case": name, "rows": [{"context": 64, "batch": 2, "graph_ms": 0.5, "uncaptured_ms": 2.0},
+                                                 {"context": 64, "batch": 1, "graph_ms": 9.0, "uncaptured_ms": 9.0}]}],
+               "stock": []}
+    args = SimpleNamespace(stock=points, build_timeout=300, tokens=3)
+    monkeypatch.setattr(ort_graphs, "stock_decode", functools.partial(ort_graphs.stock_decode, device="cpu"))
+    ort_graphs.stock_measure(results, args, jobs, started)
+
+    row, other, broken = results["stock"]
+    assert row["error"] is None and row["skipped"] is None, row
+    assert row["stock_ms"] > 0 and row["stock_mean_ms"] > 0
+    assert (row["graph_ms"], row["uncaptured_ms"]) == (0.5, 2.0)
+    assert row["stock_over_graph"] == pytest.approx(row["stock_ms"] / row["graph_ms"])
+    assert row["stock_over_uncaptured"] == pytest.approx(row["stock_ms"] / row["uncaptured_ms"])
+    assert row["stock_max_rel_vs_eager"] < 1e-4
+    assert row["stock_placement"]["providers"].get("CPU", 0) > 0 and row["stock_placement"]["memcpy"] == {}
+    assert row["stock_kv_bytes"] > other["stock_kv_bytes"] > 0  # B=2 at 63 positions, B=1 at 31
+    assert other["error"] is None and other["stock_ms"] > 0  # no effexport row at (32, 1): no ratio
+    assert other["graph_ms"] is None and other["stock_over_graph"] is None
+    assert "exit 3" in broken["error"] and broken["stock_ms"] is None
+    md = ort_graphs.stock_table(results["stock"])
+    assert f"| {name} | 64 | 2 | {row['stock_ms']:.2f} | 0.50 | 2.00 | {row['stock_over_graph']:.1f} |" in md
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(ort_graphs.BuildOverrun, match="still running"):
+        ort_graphs.wait(sleeper, out + ".log", 0.5, "stock build")
+    assert sleeper.returncode is not None
