@@ -79,6 +79,34 @@ kernels; ``kernels`` names the largest), what the call costs inside a whole capt
 (``Lmax`` rows) fit the 50 MB L2 are marked ``l2``: their calls re-read data the previous call left
 in L2, so ``frac`` can pass 1.
 
+Section ``consumer`` (``--candidates`` names its ``consumer_*`` like the sweep's; all three by default,
+measured after the copy bandwidth and before the sweep, in the sweep's worker): the KV-sharing
+*consumer* layers of Gemma 4 E2B, which read a sliding-window cache an earlier *producer* layer
+wrote in the same step. Shapes (:data:`CONSUMER_SHAPES`): Hq 8, Hkv 1, d 256, W 512, bf16, B as
+``--batches``, one decode token at p = 100 (window not full) and p = 4095 (full, evicting); smoke: Hq
+4, Hkv 1, d 32, W 16, p 5 and 40. Each is checked against torch fp32 attention over positions
+``p-W+1..p`` (those >= 0) and timed as the sweep's candidates; ``nodes`` / ``node_types``: the
+candidate graph's nodes (every candidate, the sweep's too). The K / V rows that hold no position are
+random (:class:`ConsumerCase`), and ``buffers_intact`` checks that no candidate wrote the producer's
+cache.
+
+* ``consumer_decomp``: the exporter's own ``ort`` lowering of ``attention_read(..., ring=True,
+  window=W)`` over the producer's slot ring (``slot_rings``, as ``export_step`` lowers the rings
+  consumers read: slot ``t mod W`` holds position t): the decomposition the step runs today.
+* ``consumer_gqa_unshared``: GroupQueryAttention with ``sliding_window_cache = 1``,
+  ``local_window_size = W`` over the producer's *pre-step* window (rows ``[0, L)`` = positions
+  ``p-L..p-1``) plus the step's new K / V row, ``seqlens_k = p``, ``total_sequence_length = p + 1``,
+  its presents not bound to the past (no graph outputs: ORT allocates and drops them): the consumer
+  redoes the producer's window update in scratch memory. Whether ORT's CUDA kernel accepts a
+  windowed cache whose present is not its past (capacity == W) is part of the result.
+* ``consumer_mha_window``: MultiHeadAttention over the producer's *post-step* window (rows ``[0, L)``
+  = positions ``p-L+1..p``, ``L = min(p + 1, W)``), the 8 query heads folded into the query sequence
+  (``num_heads = 1``, ``query [B, 8, 256]``: a binding of q's memory), ``key_padding_mask = L``,
+  not causal. Exact for one-token steps only.
+
+``seqlens_k``, ``total`` and ``key_padding_mask`` are graph inputs (a step computes them once,
+shared with the producer), so the node counts are the consumer's own.
+
 Section ``gqa_check``: the GroupQueryAttention shared-buffer case that failed on the GPU
 (``tests/test_kv_buffer.py::test_bf16_buffer_on_cuda_in_place[gqa]``: Hq 4, Hkv 2, d 64, B 2, a
 16-row random bf16 buffer, pos 11, scale 0.3, ``seqlens_k = pos``, ``total_sequence_length`` =
@@ -93,9 +121,9 @@ Each records ``max_rel`` against torch, whether the row landed at ``pos`` and th
 and ``kernel_info``: the kernel ORT says it chose (``ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1``,
 its C++ stdout captured).
 
-The measurements run in worker processes: the check, then the copy bandwidth and the sweep, then
-``exporter_graph``, one process each (ORT's switches and debug output, and whatever the failing case
-does to the CUDA context, stay out of the sweep); a worker that dies (a sticky CUDA error) is
+The measurements run in worker processes: the check, then the copy bandwidth, the consumer section
+and the sweep, then ``exporter_graph``, one process each (ORT's switches and debug output, and
+whatever the failing case does to the CUDA context, stay out of the sweep); a worker that dies (a sticky CUDA error) is
 restarted on the items left, the item it died in recorded as its error. ``--budget-s`` stops the worker before
 its next item once the time is spent (the items left are recorded as skipped) and the parent kills
 it a few seconds after. ``ort_attention.json`` (and ``.md``) in ``--out`` are rewritten after every
@@ -217,8 +245,8 @@ def plan_items(args) -> list[list[dict]]:
     """Every measurement of the run, in order, in groups that run in separate worker processes (so
     ORT's attention switches and debug output the check sets cannot reach the sweep's sessions, and
     a context the failing case might corrupt is not the sweep's): the GQA check (its plain variants,
-    then the kernel switches), the copy bandwidth and the sweep (head sizes as given, the first one
-    first), then the check's ``exporter_graph`` (a torch.export: seconds of CPU, and the standalone
+    then the kernel switches), the copy bandwidth, the consumer section (its positions, batches and
+    candidates) and the sweep (head sizes as given, the first one first), then the check's ``exporter_graph`` (a torch.export: seconds of CPU, and the standalone
     ``test_case`` is its graph)."""
     checks = [] if args.no_check else [{"kind": "gqa_check", "variant": name} for name in CHECK_VARIANTS]
     last = [c for c in checks if c["variant"] == "exporter_graph"]
