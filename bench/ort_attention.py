@@ -79,6 +79,34 @@ kernels; ``kernels`` names the largest), what the call costs inside a whole capt
 (``Lmax`` rows) fit the 50 MB L2 are marked ``l2``: their calls re-read data the previous call left
 in L2, so ``frac`` can pass 1.
 
+Section ``consumer`` (``--candidates`` names its ``consumer_*`` like the sweep's; all three by default,
+measured after the copy bandwidth and before the sweep, in the sweep's worker): the KV-sharing
+*consumer* layers of Gemma 4 E2B, which read a sliding-window cache an earlier *producer* layer
+wrote in the same step. Shapes (:data:`CONSUMER_SHAPES`): Hq 8, Hkv 1, d 256, W 512, bf16, B as
+``--batches``, one decode token at p = 100 (window not full) and p = 4095 (full, evicting); smoke: Hq
+4, Hkv 1, d 32, W 16, p 5 and 40. Each is checked against torch fp32 attention over positions
+``p-W+1..p`` (those >= 0) and timed as the sweep's candidates; ``nodes`` / ``node_types``: the
+candidate graph's nodes (every candidate, the sweep's too). The K / V rows that hold no position are
+random (:class:`ConsumerCase`), and ``buffers_intact`` checks that no candidate wrote the producer's
+cache.
+
+* ``consumer_decomp``: the exporter's own ``ort`` lowering of ``attention_read(..., ring=True,
+  window=W)`` over the producer's slot ring (``slot_rings``, as ``export_step`` lowers the rings
+  consumers read: slot ``t mod W`` holds position t): the decomposition the step runs today.
+* ``consumer_gqa_unshared``: GroupQueryAttention with ``sliding_window_cache = 1``,
+  ``local_window_size = W`` over the producer's *pre-step* window (rows ``[0, L)`` = positions
+  ``p-L..p-1``) plus the step's new K / V row, ``seqlens_k = p``, ``total_sequence_length = p + 1``,
+  its presents not bound to the past (no graph outputs: ORT allocates and drops them): the consumer
+  redoes the producer's window update in scratch memory. Whether ORT's CUDA kernel accepts a
+  windowed cache whose present is not its past (capacity == W) is part of the result.
+* ``consumer_mha_window``: MultiHeadAttention over the producer's *post-step* window (rows ``[0, L)``
+  = positions ``p-L+1..p``, ``L = min(p + 1, W)``), the 8 query heads folded into the query sequence
+  (``num_heads = 1``, ``query [B, 8, 256]``: a binding of q's memory), ``key_padding_mask = L``,
+  not causal. Exact for one-token steps only.
+
+``seqlens_k``, ``total`` and ``key_padding_mask`` are graph inputs (a step computes them once,
+shared with the producer), so the node counts are the consumer's own.
+
 Section ``gqa_check``: the GroupQueryAttention shared-buffer case that failed on the GPU
 (``tests/test_kv_buffer.py::test_bf16_buffer_on_cuda_in_place[gqa]``: Hq 4, Hkv 2, d 64, B 2, a
 16-row random bf16 buffer, pos 11, scale 0.3, ``seqlens_k = pos``, ``total_sequence_length`` =
@@ -93,9 +121,9 @@ Each records ``max_rel`` against torch, whether the row landed at ``pos`` and th
 and ``kernel_info``: the kernel ORT says it chose (``ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1``,
 its C++ stdout captured).
 
-The measurements run in worker processes: the check, then the copy bandwidth and the sweep, then
-``exporter_graph``, one process each (ORT's switches and debug output, and whatever the failing case
-does to the CUDA context, stay out of the sweep); a worker that dies (a sticky CUDA error) is
+The measurements run in worker processes: the check, then the copy bandwidth, the consumer section
+and the sweep, then ``exporter_graph``, one process each (ORT's switches and debug output, and
+whatever the failing case does to the CUDA context, stay out of the sweep); a worker that dies (a sticky CUDA error) is
 restarted on the items left, the item it died in recorded as its error. ``--budget-s`` stops the worker before
 its next item once the time is spent (the items left are recorded as skipped) and the parent kills
 it a few seconds after. ``ort_attention.json`` (and ``.md``) in ``--out`` are rewritten after every
@@ -104,6 +132,7 @@ item.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -125,6 +154,10 @@ sys.path.insert(0, HERE)
 CANDIDATES = ("decomp", "attn24", "attn24_bool", "attn24_add", "attn24_3d", "attn24_fold", "attn24_fold_bool",
               "attn24_fold_add", "mha", "mha_bias", "gqa", "gqa_cap")
 EXTRA = ("attn23_bool",)  # by --candidates only
+CONSUMER_CANDIDATES = ("consumer_decomp", "consumer_gqa_unshared", "consumer_mha_window")  # section ``consumer``
+# the consumer section's shapes: Gemma 4 E2B's sliding layers (GPU), a small stand-in on the CPU (smoke)
+CONSUMER_SHAPES = {"cuda": dict(hq=8, hkv=1, d=256, window=512, positions=(100, 4095)),
+                   "smoke": dict(hq=4, hkv=1, d=32, window=16, positions=(5, 40))}
 L2_BYTES = 50 << 20  # H100 / H200 L2
 NEG = -1e30  # the additive masks' "hidden" (finite: no -inf arithmetic in the kernels)
 FLOAT, FLOAT16, BFLOAT16, INT32, INT64 = 1, 10, 16, 6, 7  # onnx.TensorProto element types
@@ -175,7 +208,8 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--heads", type=ints, default=None, help="head sizes (default 512,256; smoke 64,32)")
     ap.add_argument("--q-heads", type=int, default=None, help="query heads (default 8; smoke 4)")
     ap.add_argument("--kv-heads", type=int, default=None, help="KV heads (default 1; smoke 2)")
-    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--candidates", default=",".join(CANDIDATES + CONSUMER_CANDIDATES),
+                    help="sweep candidates (each optionally +KNOB) and the consumer section's consumer_*")
     ap.add_argument("--no-write", action="store_true", help="drop the ScatterND write of the non-GQA candidates")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--no-check", action="store_true", help="skip the gqa_check section")
@@ -197,11 +231,11 @@ def parse(argv) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.candidates = [c for c in args.candidates.split(",") if c]
-    unknown = {c for c in args.candidates if split_candidate(c)[0] not in CANDIDATES + EXTRA
-               or split_candidate(c)[1] not in (None, *KNOBS)}
+    unknown = {c for c in args.candidates if c not in CONSUMER_CANDIDATES and (
+        split_candidate(c)[0] not in CANDIDATES + EXTRA or split_candidate(c)[1] not in (None, *KNOBS))}
     if unknown:
         ap.error(f"unknown candidates {sorted(unknown)}; known: {', '.join(CANDIDATES + EXTRA)}, each optionally "
-                 f"+KNOB, KNOB one of {', '.join(KNOBS)}")
+                 f"+KNOB, KNOB one of {', '.join(KNOBS)}; {', '.join(CONSUMER_CANDIDATES)}")
     if args.q_heads % args.kv_heads:
         ap.error("--q-heads must be a multiple of --kv-heads")
     return args
@@ -211,17 +245,24 @@ def plan_items(args) -> list[list[dict]]:
     """Every measurement of the run, in order, in groups that run in separate worker processes (so
     ORT's attention switches and debug output the check sets cannot reach the sweep's sessions, and
     a context the failing case might corrupt is not the sweep's): the GQA check (its plain variants,
-    then the kernel switches), the copy bandwidth and the sweep (head sizes as given, the first one
-    first), then the check's ``exporter_graph`` (a torch.export: seconds of CPU, and the standalone
+    then the kernel switches), the copy bandwidth, the consumer section (its positions, batches and
+    candidates) and the sweep (head sizes as given, the first one first), then the check's ``exporter_graph`` (a torch.export: seconds of CPU, and the standalone
     ``test_case`` is its graph)."""
     checks = [] if args.no_check else [{"kind": "gqa_check", "variant": name} for name in CHECK_VARIANTS]
     last = [c for c in checks if c["variant"] == "exporter_graph"]
     checks = [c for c in checks if c not in last]
     sweep = [] if args.check_only else [{"kind": "copy_bw"}]
+    consumers = [c for c in args.candidates if c in CONSUMER_CANDIDATES]
+    shape = CONSUMER_SHAPES["smoke" if args.smoke else "cuda"]
+    for pos in [] if args.check_only or not consumers else shape["positions"]:  # before the sweep: the
+        for batch in args.batches:  # budget may run out in the sweep's long tail, not here
+            for cand in consumers:
+                sweep.append({"kind": "consumer", **{k: shape[k] for k in ("d", "hq", "hkv", "window")},
+                              "pos": pos, "batch": batch, "candidate": cand})
     for d in [] if args.check_only else args.heads:
         for rows, pos in args.contexts:
             for batch in args.batches:
-                for cand in args.candidates:
+                for cand in [c for c in args.candidates if c not in CONSUMER_CANDIDATES]:
                     sweep.append({"kind": "sweep", "d": d, "hq": args.q_heads, "hkv": args.kv_heads, "rows": rows,
                                   "pos": pos, "batch": batch, "candidate": cand})
     return [group for group in (checks, sweep, last) if group]
@@ -600,6 +641,103 @@ def build(candidate: str, s: dict, dtype: int, write: bool):
     raise ValueError(candidate)
 
 
+# ------------------------------------------------------------------------- the consumer section
+def _consumer_inputs(g: Graph, s: dict, layout: str = "bnsh") -> dict:
+    """q ``[B, Hq, 1, d]`` (``fold``: ``[B, G, Hkv*d]``) and the K / V window ``[B, Hkv, W, d]``."""
+    B, hq, hkv, d, W = s["batch"], s["hq"], s["hkv"], s["d"], s["window"]
+    q = [B, hq // hkv, hkv * d] if layout == "fold" else [B, hq, 1, d]
+    return {"q": g.input("q", g.dtype, q), "k_win": g.input("k_win", g.dtype, [B, hkv, W, d]),
+            "v_win": g.input("v_win", g.dtype, [B, hkv, W, d])}
+
+
+def build_consumer_gqa(s: dict, dtype: int):
+    """``consumer_gqa_unshared``: ``com.microsoft.GroupQueryAttention`` with ``sliding_window_cache = 1``,
+    ``local_window_size = W`` over the producer's *pre-step* window (``k_win``: rows ``[0, L)`` =
+    positions ``p-L..p-1``, ``L = min(p, W)``, GQA's windowed layout), the step's new K / V row
+    (``k_new / v_new``: the row the producer appended), ``seqlens_k = p`` (int32 ``[B]``, a device
+    input: the producer's), ``total_sequence_length = p + 1`` (int32 CPU input). The presents are no
+    graph outputs (ORT allocates them and they are dropped): the consumer redoes the producer's window
+    update in scratch memory and attends. ORT's CUDA kernel may refuse a windowed cache whose present
+    is not its past (the error string is the result)."""
+    g = Graph(dtype)
+    x = _consumer_inputs(g, s)
+    B, hq, hkv, d, W = s["batch"], s["hq"], s["hkv"], s["d"], s["window"]
+    k_new, v_new = g.input("k_new", dtype, [B, hkv, 1, d]), g.input("v_new", dtype, [B, hkv, 1, d])
+    seqlens, total = g.input("seqlens_k", INT32, [B]), g.input("total", INT32, [])
+
+    def heads_last(t):  # [B, H, T, d] -> [B, T, H*d]
+        return g.op("Reshape", g.op("Transpose", t, perm=[0, 2, 1, 3]), g.const([0, 0, -1]))
+
+    out = g.op("GroupQueryAttention", heads_last(x["q"]), heads_last(k_new), heads_last(v_new), x["k_win"],
+               x["v_win"], seqlens, total, domain="com.microsoft", outputs=3, num_heads=hq, kv_num_heads=hkv,
+               scale=float(s["scale"]), local_window_size=W, sliding_window_cache=1)[0]
+    g.op("Transpose", g.op("Reshape", out, g.const([0, 0, hq, d])), perm=[0, 2, 1, 3], out=["out"])
+    g.output("out", dtype, [B, hq, 1, d])
+    return g.model(18, ms=True)
+
+
+def build_consumer_mha(s: dict, dtype: int):
+    """``consumer_mha_window``: ``com.microsoft.MultiHeadAttention`` over the producer's *post-step*
+    window (``k_win``: rows ``[0, L)`` = positions ``p-L+1..p``, ``L = min(p + 1, W)``) as BNSH key /
+    value, the G query heads of a KV head folded into its query sequence (``query [B, G, Hkv*d]``,
+    ``num_heads = Hkv``: Gemma 4's ``[B, 8, 256]`` with one head), ``key_padding_mask = L`` per batch
+    row (int32 ``[B]``, right padding, a device input), not causal. With Hkv = 1 the fold is the
+    memory of ``q [B, Hq, 1, d]`` bound under another shape (no node: the graph is the one
+    MultiHeadAttention); more KV heads need a Transpose in and out (as ``mha``).
+
+    Valid for one-token steps only: with T > 1 the earlier queries of a chunk would see the later
+    keys (no causal mask inside the window), and the window has already dropped the oldest positions
+    they still need."""
+    g = Graph(dtype)
+    B, hq, hkv, d = s["batch"], s["hq"], s["hkv"], s["d"]
+    groups = hq // hkv
+    x = _consumer_inputs(g, s, "fold" if hkv == 1 else "bnsh")
+    query = x["q"]
+    if hkv > 1:  # [B, Hq, 1, d] -> [B, G, Hkv*d]
+        query = g.op("Reshape", g.op("Transpose", g.op("Reshape", query, g.const([B, hkv, groups, d])),
+                                     perm=[0, 2, 1, 3]), g.const([B, groups, hkv * d]))
+    padding = g.input("key_padding_mask", INT32, [B])
+    out = g.op("MultiHeadAttention", query, x["k_win"], x["v_win"], None, padding, domain="com.microsoft",
+               out=["out"] if hkv == 1 else None, num_heads=hkv, scale=float(s["scale"]), unidirectional=0)
+    if hkv > 1:
+        out = g.op("Transpose", g.op("Reshape", out, g.const([B, groups, hkv, d])), perm=[0, 2, 1, 3])
+        g.op("Reshape", out, g.const([B, hq, 1, d]), out=["out"])
+    g.output("out", dtype, [B, groups, d] if hkv == 1 else [B, hq, 1, d])
+    return g.model(18, ms=True)
+
+
+_LOWERED: dict = {}  # the exporter's consumer graphs of this worker, by shape and dtype (batch dynamic)
+
+
+def build_consumer_decomp(torch, s: dict, dtype):
+    """``consumer_decomp``: effexport's ``ort`` lowering of a KV-sharing consumer's read of the
+    producer's slot ring: ``attention_read(q, k_cache, v_cache, pos, ring=True, window=W)`` with the
+    caches named in :func:`slot_rings` (as ``export_step`` names the rings consumers read: slot
+    ``p mod W`` holds the newest position ``<= p`` with that residue), batch dynamic. Graph inputs
+    ``q``, ``k_cache``, ``v_cache``, ``pos`` (device int64), output ``attention_read``. One
+    torch.export per worker (seconds of CPU)."""
+    key = (s["hq"], s["hkv"], s["d"], s["window"], s["scale"], str(dtype))
+    if key in _LOWERED:
+        return _LOWERED[key]
+    import effexport.custom_ops  # noqa: F401  (registers the ops)
+    from effexport.exporter.backends.onnx.attention import slot_rings
+    from effexport.exporter.backends.onnx.export import lower
+
+    ops = torch.ops.effexport
+    W = s["window"]
+
+    class Read(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, pos):
+            return ops.attention_read(q, k_cache, v_cache, pos, None, scale=s["scale"], window=W, ring=True)
+
+    args = (torch.zeros(2, s["hq"], 1, s["d"], dtype=dtype), torch.zeros(2, s["hkv"], W, s["d"], dtype=dtype),
+            torch.zeros(2, s["hkv"], W, s["d"], dtype=dtype), torch.tensor(W - 1))
+    bt = {0: torch.export.Dim("batch")}
+    with slot_rings({"k_cache", "v_cache"}):
+        _LOWERED[key] = lower(Read(), args, "ort", dynamic_shapes=(bt, bt, bt, None))
+    return _LOWERED[key]
+
+
 # ------------------------------------------------------------------------------- reference
 def reference(torch, q, k, v, scale: float, rows: int):
     """fp32 attention of the one-token queries ``q [B, Hq, 1, d]`` over rows ``0..rows-1`` of
@@ -756,11 +894,15 @@ class Case:
             self.env.sync()
         return {"max_rel": finite(err), "buffers_intact": intact}
 
+    def model(self, candidate: str, args):
+        return build(candidate, self.s, self.env.onnx_type[self.env.dtype], not args.no_write)
+
     def measure(self, candidate: str, args) -> dict:
-        env, s = self.env, self.s
+        env = self.env
         base, knob = split_candidate(candidate)
-        model = build(base, s, env.onnx_type[env.dtype], not args.no_write)
-        res = {}
+        model = self.model(base, args)
+        res = {"nodes": len(model.graph.node),
+               "node_types": dict(collections.Counter(n.op_type for n in model.graph.node).most_common())}
         with tempfile.TemporaryDirectory() as tmp:
             session = env.session(model, profile_dir=tmp, knob=knob)
             binding = self.binding(session, candidate)
@@ -802,6 +944,96 @@ class Case:
                 env.free()
         return res
 
+
+class ConsumerCase(Case):
+    """The device data of one consumer case (d, Hq, Hkv, W, pos, B): the K / V of positions
+    ``max(0, p-W)..p`` (random; the new row ``k_new / v_new`` is position p's, the row the producer
+    appended), laid out three ways, each ``[B, Hkv, W, d]`` with random values in the rows that hold no
+    position (a candidate that reads them shows in the parity): ``ring`` (the eager op's slot ring
+    after the step: slot ``t mod W`` holds position t), ``pre`` (GQA's windowed layout before the step:
+    rows ``[0, L)`` = positions ``p-L..p-1``, ``L = min(p, W)``) and ``post`` (after it: rows ``[0, L)``
+    = positions ``p-L+1..p``, ``L = min(p + 1, W)``). The reference: torch fp32 attention over
+    positions ``p-W+1..p`` (those >= 0)."""
+
+    def __init__(self, env: Env, s: dict):
+        torch = self.torch = env.torch
+        self.env, self.s = env, s
+        B, hq, hkv, d, W, p = s["batch"], s["hq"], s["hkv"], s["d"], s["window"], s["pos"]
+        gen = torch.Generator(device=env.device).manual_seed(1)
+        r = lambda *shape: torch.randn(*shape, generator=gen, device=env.device, dtype=env.dtype)  # noqa: E731
+        first = max(0, p - W)  # the oldest position any layout holds
+        k_hist, v_hist = r(B, hkv, p + 1 - first, d), r(B, hkv, p + 1 - first, d)  # positions first..p
+        self.q = r(B, hq, 1, d)
+        self.k_new, self.v_new = k_hist[:, :, -1:].clone(), v_hist[:, :, -1:].clone()
+        self.layouts = {}
+        for name in ("ring", "pre", "post"):
+            k, v = r(B, hkv, W, d), r(B, hkv, W, d)
+            if name == "ring":
+                for t in range(max(0, p - W + 1), p + 1):
+                    k[:, :, t % W], v[:, :, t % W] = k_hist[:, :, t - first], v_hist[:, :, t - first]
+            else:
+                end = p - 1 if name == "pre" else p  # the last position the window holds
+                n = min(end + 1, W)
+                k[:, :, :n], v[:, :, :n] = k_hist[:, :, end + 1 - n - first:end + 1 - first], \
+                    v_hist[:, :, end + 1 - n - first:end + 1 - first]
+            self.layouts[name] = (k, v, k.clone(), v.clone())
+        self.rows = min(p + 1, W)  # the positions attended: p-rows+1..p
+        self.want = reference(torch, self.q, k_hist[:, :, -self.rows:], v_hist[:, :, -self.rows:], s["scale"],
+                              self.rows)
+        self.pos = torch.tensor(p, dtype=torch.int64, device=env.device)
+        self.seqlens = torch.full((B,), p, dtype=torch.int32, device=env.device)
+        self.padding = torch.full((B,), self.rows, dtype=torch.int32, device=env.device)
+        self.total = np.array(p + 1, dtype=np.int32)
+        self.out = torch.empty(B, hq, 1, d, dtype=env.dtype, device=env.device)
+        self.seq_major = []
+        env.sync()
+
+    def model(self, candidate: str, args):
+        dtype = self.env.onnx_type[self.env.dtype]
+        if candidate == "consumer_decomp":
+            return build_consumer_decomp(self.torch, self.s, self.env.dtype)
+        if candidate == "consumer_gqa_unshared":
+            return build_consumer_gqa(self.s, dtype)
+        if candidate == "consumer_mha_window":
+            return build_consumer_mha(self.s, dtype)
+        raise ValueError(candidate)
+
+    def binding(self, session, candidate: str):
+        env, b = self.env, session.io_binding()
+        layout = {"consumer_decomp": "ring", "consumer_gqa_unshared": "pre", "consumer_mha_window": "post"}[candidate]
+        k, v = self.layouts[layout][:2]
+        B, hq, hkv, d = self.s["batch"], self.s["hq"], self.s["hkv"], self.s["d"]
+        q = self.q.view(B, hq, d) if candidate == "consumer_mha_window" and hkv == 1 else self.q
+        feeds = {"q": q, "k_cache": k, "v_cache": v, "k_win": k, "v_win": v, "pos": self.pos, "k_new": self.k_new,
+                 "v_new": self.v_new, "seqlens_k": self.seqlens, "key_padding_mask": self.padding}
+        for meta in session.get_inputs():
+            if meta.name == "total":
+                b.bind_cpu_input("total", self.total)
+            else:
+                env.bind(b.bind_input, meta.name, feeds[meta.name])
+        (out,) = session.get_outputs()
+        env.bind(b.bind_output, out.name, self.out.view(q.shape))
+        return b
+
+    def check(self) -> dict:
+        torch = self.torch
+        err = max_rel(torch, self.out, self.want)
+        pairs = [(buf, keep) for k, v, k_keep, v_keep in self.layouts.values() for buf, keep in ((k, k_keep),
+                                                                                                  (v, v_keep))]
+        intact = all(torch.equal(buf, keep) for buf, keep in pairs)
+        if not intact:
+            for buf, keep in pairs:
+                buf.copy_(keep)
+            self.env.sync()
+        return {"max_rel": finite(err), "buffers_intact": intact}
+
+
+def consumer_bytes(s: dict, itemsize: int) -> dict:
+    """What a consumer step needs to read: the ``min(p + 1, W)`` attended rows of K and V."""
+    rows = min(s["pos"] + 1, s["window"])
+    full = s["window"] * s["hkv"] * s["d"] * itemsize * 2 * s["batch"]
+    return {"bytes": rows * s["hkv"] * s["d"] * itemsize * 2 * s["batch"], "bytes_all_rows": full,
+            "l2": full <= L2_BYTES}
 
 def sweep_bytes(s: dict, itemsize: int) -> dict:
     needed = (s["pos"] + 1) * s["hkv"] * s["d"] * itemsize * 2 * s["batch"]
@@ -1000,19 +1232,22 @@ def worker(args) -> int:
             elif item["kind"] == "gqa_check":
                 res = gqa_check(env, item["variant"])
             else:
-                s = {k: item[k] for k in ("d", "hq", "hkv", "rows", "pos", "batch")}
+                consumer = item["kind"] == "consumer"
+                s = {k: item[k] for k in ("d", "hq", "hkv", "window" if consumer else "rows", "pos", "batch")}
                 s["scale"] = 1.0 / math.sqrt(s["d"])
-                this = tuple(sorted(s.items()))
+                this = (item["kind"], *sorted(s.items()))
                 if this != case_id:  # the buffers of a case, once for all its candidates
                     case = None
                     env.free()
-                    case, case_id = Case(env, s), this
-                res = {**sweep_bytes(s, case.q.element_size()), **case.measure(item["candidate"], args)}
+                    case, case_id = (ConsumerCase if consumer else Case)(env, s), this
+                counted = (consumer_bytes if consumer else sweep_bytes)(s, case.q.element_size())
+                res = {**counted, **case.measure(item["candidate"], args)}
         except Exception as exc:  # noqa: BLE001  (the reason is the finding)
             res = {"error": f"{type(exc).__name__}: {exc}"[:800]}
             if item["kind"] == "gqa_check":
                 res.update({k: v for k, v in check_spec(item["variant"], env.cuda).items() if k != "exporter"})
-            elif item["kind"] == "sweep" and case is not None and case_id == tuple(sorted(s.items())):
+            elif item["kind"] in ("sweep", "consumer") and case is not None and case_id == (item["kind"],
+                                                                                            *sorted(s.items())):
                 with contextlib.suppress(Exception):  # a run that failed midway may have written the buffers
                     res["buffers_intact"] = case.check()["buffers_intact"]
             traceback.print_exc()
@@ -1029,7 +1264,7 @@ def line(item: dict, res: dict) -> str:
     """One stdout line per item."""
     if "error" in res:
         tail = "ERROR " + res["error"][:300]
-    elif item["kind"] == "sweep":
+    elif item["kind"] in ("sweep", "consumer"):
         tail = (f"max_rel {res.get('max_rel')} uncaptured {_f(res.get('uncaptured_us'))} us gpu "
                 f"{_f(res.get('gpu_us'))} us graph "
                 f"{_f(res.get('graph_us')) if 'graph_error' not in res else 'ERROR ' + res['graph_error'][:200]}"
@@ -1078,7 +1313,7 @@ def read_events(out: str) -> list[dict]:
 def collect(out: str) -> dict:
     """``ort_attention.json``'s content from the event log: the last result of every item."""
     events = read_events(out)
-    results = {"meta": {}, "args": {}, "copy_bw": None, "gqa_check": [], "sweep": [], "skipped": [], "crashed": []}
+    results = {"meta": {}, "args": {}, "copy_bw": None, "gqa_check": [], "sweep": [], "consumer": [], "skipped": [], "crashed": []}
     seen = {}
     for e in events:
         if e["event"] == "plan":
@@ -1102,14 +1337,37 @@ def collect(out: str) -> dict:
             results["crashed"].append(item)
         if item["kind"] == "gqa_check":
             results["gqa_check"].append({**res, "variant": item["variant"]})
-        elif item["kind"] == "sweep":
+        elif item["kind"] in ("sweep", "consumer"):
             row = {**{k: v for k, v in item.items() if k != "kind"}, **res}
             for mode in ("uncaptured", "graph", "gpu"):
                 t = row.get(f"{mode}_us")
                 if t and bw and row.get("bytes"):
                     row[f"{mode}_frac"] = row["bytes"] / (t * 1e-6) / bw
-            results["sweep"].append(row)
+            results[item["kind"]].append(row)
     return results
+
+
+def _timings(r: dict) -> str:
+    """A sweep / consumer row's columns from ``graph us`` on."""
+    note = []
+    if "error" in r:
+        note.append(r["error"][:160])
+    if "graph_error" in r:
+        note.append("graph: " + r["graph_error"][:120])
+    if r.get("other_ep_nodes"):
+        note.append("off the EP: " + ",".join(r["other_ep_nodes"])[:120])
+    if r.get("memcpy_nodes"):
+        note.append("memcpy")
+    if r.get("buffers_intact") is False or r.get("graph_buffers_intact") is False:
+        note.append("BUFFERS CHANGED")
+    if r.get("l2"):
+        note.append("l2")
+    err = r.get("graph_max_rel", r.get("max_rel"))
+    top = f"{r['kernels'][0][0][:48]} ({r['kernels'][0][1]:.0f})" if r.get("kernels") else "-"
+    return (f"{_f(r.get('graph_us'))} | {_f(r.get('uncaptured_us'))} | {_f(r.get('gpu_us'))} | "
+            f"{_f(r['bytes'] / 1e6, 2) if r.get('bytes') else '-'} | {_pct(r.get('gpu_frac'))} | "
+            f"{_pct(r.get('graph_frac'))} | {_e(err)} | {top.replace('|', '/')} | "
+            f"{'; '.join(note).replace('|', '/')} |")
 
 
 def table(results: dict) -> str:
@@ -1124,26 +1382,18 @@ def table(results: dict) -> str:
              "| max_rel | top kernel (us) | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["sweep"]:
-        note = []
-        if "error" in r:
-            note.append(r["error"][:160])
-        if "graph_error" in r:
-            note.append("graph: " + r["graph_error"][:120])
-        if r.get("other_ep_nodes"):
-            note.append("off the EP: " + ",".join(r["other_ep_nodes"])[:120])
-        if r.get("memcpy_nodes"):
-            note.append("memcpy")
-        if r.get("buffers_intact") is False or r.get("graph_buffers_intact") is False:
-            note.append("BUFFERS CHANGED")
-        if r.get("l2"):
-            note.append("l2")
-        err = r.get("graph_max_rel", r.get("max_rel"))
-        top = f"{r['kernels'][0][0][:48]} ({r['kernels'][0][1]:.0f})" if r.get("kernels") else "-"
-        lines.append(f"| {r['d']} | {r['rows']} | {r['pos']} | {r['batch']} | {r['candidate']} | "
-                     f"{_f(r.get('graph_us'))} | {_f(r.get('uncaptured_us'))} | {_f(r.get('gpu_us'))} | "
-                     f"{_f(r['bytes'] / 1e6, 2) if r.get('bytes') else '-'} | {_pct(r.get('gpu_frac'))} | "
-                     f"{_pct(r.get('graph_frac'))} | {_e(err)} | {top.replace('|', '/')} | "
-                     f"{'; '.join(note).replace('|', '/')} |")
+        lines.append(f"| {r['d']} | {r['rows']} | {r['pos']} | {r['batch']} | {r['candidate']} | " + _timings(r))
+    if results.get("consumer"):
+        lines += ["", "KV-sharing consumers: one decode token over a W-row sliding window another layer wrote "
+                  "(consumer_decomp: the exporter's slot-ring read; consumer_gqa_unshared: GQA windowed, presents "
+                  "not bound to the past; consumer_mha_window: MHA over the post-step window); MB needed: the "
+                  "min(pos+1, W) rows of K and V", "",
+                  "| d | W | pos | B | candidate | nodes | graph us | uncaptured us | gpu us | MB needed | gpu % bw | "
+                  "graph % bw | max_rel | top kernel (us) | note |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["consumer"]:
+            lines.append(f"| {r['d']} | {r['window']} | {r['pos']} | {r['batch']} | {r['candidate']} | "
+                         f"{r.get('nodes', '-')} | " + _timings(r))
     if results["gqa_check"]:
         lines += ["", "GroupQueryAttention shared-buffer check (bf16 unless the variant says; expected < 2e-2)", "",
                   "| variant | C | pos | B | d | total_seq_len | max_rel | row written | other rows kept | kernel | note |",

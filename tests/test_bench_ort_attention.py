@@ -22,6 +22,16 @@ def test_contexts_and_items():
     assert sweep[0] == {"kind": "copy_bw"}
     assert [i["candidate"] for i in sweep[1:]] == ["decomp", "gqa"] * 2
     assert len(ort_attention.plan_items(ort_attention.parse(["--smoke", "--no-check"]))) == 1
+    # the consumer section: by default, after the copy bandwidth (before the sweep), selectable by --candidates
+    (default,) = ort_attention.plan_items(ort_attention.parse(["--no-check", "--heads", "256"]))
+    consumers = [i for i in default if i["kind"] == "consumer"]
+    assert default[1:1 + len(consumers)] == consumers and len(consumers) == 2 * 2 * 3  # p 100 / 4095, B 8 / 1
+    assert {(i["hq"], i["hkv"], i["d"], i["window"]) for i in consumers} == {(8, 1, 256, 512)}
+    assert {(i["pos"], i["batch"]) for i in consumers} == {(100, 8), (100, 1), (4095, 8), (4095, 1)}
+    (only,) = ort_attention.plan_items(ort_attention.parse(["--no-check", "--candidates", "consumer_mha_window"]))
+    assert [i.get("candidate") for i in only] == [None] + ["consumer_mha_window"] * 4
+    (none,) = ort_attention.plan_items(ort_attention.parse(["--no-check", "--candidates", "decomp"]))
+    assert not [i for i in none if i["kind"] == "consumer"]
 
 
 def test_smoke_on_the_cpu(tmp_path):
@@ -31,12 +41,12 @@ def test_smoke_on_the_cpu(tmp_path):
                                     "pos": 20, "batch": 2, "candidate": "attn24_add"})
     env = {**os.environ, "ORT_ATTENTION_CRASH_AT": crash}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ort_attention.py"), "--smoke", "--out",
-                           str(tmp_path), "--heads", "32", "--batches", "2", "--no-check"], capture_output=True,
-                          text=True, timeout=900, env=env)
+                           str(tmp_path), "--heads", "32", "--batches", "2", "--no-check", "--candidates",
+                           ",".join(ort_attention.CANDIDATES)], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "ort_attention.json").read_text())
     assert results["meta"]["ep"] == "CPUExecutionProvider" and not results["skipped"]
-    assert results["args"]["heads"] == [32] and not results["gqa_check"]
+    assert results["args"]["heads"] == [32] and not results["gqa_check"] and not results["consumer"]
     assert "| decomp |" in (tmp_path / "ort_attention.md").read_text()
 
     sweep = results["sweep"]
@@ -53,6 +63,35 @@ def test_smoke_on_the_cpu(tmp_path):
         assert r["buffers_intact"] and r["after_timing_buffers_intact"], what
         assert r["uncaptured_us"] > 0 and r["bytes"] == (r["pos"] + 1) * r["hkv"] * r["d"] * 4 * 2 * r["batch"], what
         assert not r["other_ep_nodes"], what
+
+
+def test_consumer_section_on_the_cpu(tmp_path):
+    """The KV-sharing consumer candidates (the exporter's slot-ring read, GroupQueryAttention windowed
+    with unbound presents, MultiHeadAttention over the post-step window) at the smoke shapes (Hkv 1,
+    as Gemma 4), window not full (p 5 < W 16) and full (p 40), agree with the torch fp32 reference
+    over positions p-W+1..p on the CPU EP (fp32) and leave the windows as they were."""
+    cands = ",".join(ort_attention.CONSUMER_CANDIDATES)
+    assert ort_attention.main(["--smoke", "--inline", "--no-check", "--batches", "2", "--candidates", cands,
+                               "--target-ms", "3", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "ort_attention.json").read_text())
+    assert not results["sweep"] and not results["skipped"] and not results["crashed"]
+    rows = results["consumer"]
+    shape = ort_attention.CONSUMER_SHAPES["smoke"]
+    assert sorted((r["candidate"], r["pos"]) for r in rows) == sorted(
+        (c, p) for c in ort_attention.CONSUMER_CANDIDATES for p in shape["positions"])
+    assert max(shape["positions"]) >= shape["window"] > min(shape["positions"])  # both regimes
+    for r in rows:
+        what = f"{r['candidate']} pos {r['pos']}"
+        assert "error" not in r, (what, r.get("error"))
+        assert isinstance(r["max_rel"], float) and r["max_rel"] < 1e-4, (what, r["max_rel"])
+        assert r["buffers_intact"] and r["after_timing_buffers_intact"], what
+        assert r["uncaptured_us"] > 0 and not r["other_ep_nodes"], what
+        assert r["bytes"] == min(r["pos"] + 1, r["window"]) * r["hkv"] * r["d"] * 4 * 2 * r["batch"], what
+    nodes = {r["candidate"]: r for r in rows}
+    assert nodes["consumer_mha_window"]["nodes"] == 1  # Hkv 1: the query fold is a binding, not a node
+    assert nodes["consumer_gqa_unshared"]["node_types"]["GroupQueryAttention"] == 1
+    assert {"MatMul", "Softmax", "Where"} <= set(nodes["consumer_decomp"]["node_types"])
+    assert "| consumer_mha_window | 1 |" in (tmp_path / "ort_attention.md").read_text()
 
 
 def test_gqa_check_on_the_cpu(tmp_path, capfd):
