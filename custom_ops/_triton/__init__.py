@@ -435,7 +435,7 @@ def _sinkhorn_cuda(logits, *, iters, eps):
     block_n = max(2, _plan.next_pow2(n))
     block_t = max(1, min(64, 1024 // (block_n * block_n)))
     mhc._sinkhorn[(-(-ntok // block_t),)](src, out, ntok, n, iters, float(eps),
-                                                 BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
+                                          BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
     return out
 
 
@@ -445,9 +445,9 @@ def _mhc_pre_cuda(x, fn, base, scale, *, iters=20, eps=1e-6, norm_eps=1e-6):
     on several devices, other dtypes, ``n > 32``, empty inputs, and bad shapes / iters (its errors)."""
     from effexport.custom_ops._triton import mhc
 
-    n, d = x.shape[2] if x.dim() == 4 else 0, x.shape[3] if x.dim() == 4 else 0
+    n, d = x.shape[2:] if x.dim() == 4 else (0, 0)
     params = (fn, base, scale)
-    fast = (x.dim() == 4 and 1 <= n <= _MHC_MAX_N and x.numel() > 0 and iters >= 1
+    fast = (1 <= n <= _MHC_MAX_N and x.numel() > 0 and iters >= 1
             and all(t.is_cuda and t.device == x.device for t in (x,) + params)
             and all(t.dtype in _DTYPES for t in (x,) + params)
             and tuple(fn.shape) == (2 * n + n * n, n * d) and tuple(base.shape) == (2 * n + n * n,)
