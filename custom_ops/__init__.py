@@ -26,8 +26,8 @@ __all__ = ["ALL_OPS", "MODULES", "enable_triton"]
 def enable_triton() -> None:
     """Register the Triton CUDA kernels (``custom_ops/_triton``): on CUDA tensors the decode
     (one-token) calls of ``attention_cache``, ``attention_ring``, ``attention_read``,
-    ``attention_buffer`` / ``attention_buffer_inplace``, ``sparse_attention_ring`` and ``cca`` then
-    run Triton, and so do the multi-token (prefill) calls of ``attention``, ``attention_cache``,
+    ``attention_buffer`` / ``attention_buffer_inplace``, ``sparse_attention_ring`` and ``cca``, and
+    every call of the mHC ops ``sinkhorn`` and ``mhc_pre``, then run Triton, and so do the multi-token (prefill) calls of ``attention``, ``attention_cache``,
     ``attention_ring``, ``attention_read`` (full cache) and the buffer ops;
     everything else keeps the eager reference. Idempotent; imports Triton only here (RuntimeError
     naming the fix without it)."""

@@ -27,8 +27,13 @@ official code's choices; in the model both are the residual stream's dtype); the
 ``post`` and ``comb`` stay fp32, as in the official code. Every token is independent, so a decode step
 is the same op with ``T = 1``.
 
+Fast kernels: :func:`effexport.custom_ops.enable_triton` registers Triton CUDA kernels for ``sinkhorn``
+(one launch for every token's matrix) and ``mhc_pre`` (the projection GEMM plus one fused launch,
+instead of ~140 eager launches; ``custom_ops/_triton/mhc.py``); ``mhc_post`` and ``mhc_head`` stay
+eager (a few launches each). The functions here are the reference and run on CPU.
+
 Not covered: autograd (these are inference ops; no backward is registered), the expand step
-``X_0 = repeat(embed(ids), n)`` (plain ``repeat``, nothing to fuse), fast kernels (Triton / TileLang), and
+``X_0 = repeat(embed(ids), n)`` (plain ``repeat``, nothing to fuse), TileLang kernels, and
 the HF ``modular_deepseek_v4`` variant at ``02356fe`` (sigmoid post without x2, sigmoid Sinkhorn start,
 untransposed ``comb``), which is not the official math.
 """

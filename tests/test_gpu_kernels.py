@@ -16,6 +16,7 @@ import torch
 from effexport.custom_ops import attention as attn_mod
 from effexport.custom_ops import cca as cca_mod
 from effexport.custom_ops import enable_triton
+from effexport.custom_ops import mhc as mhc_mod
 from effexport.custom_ops import sparse_attention as sparse_mod
 from effexport.custom_ops._triton import plan
 
@@ -135,6 +136,17 @@ def _cca_case(shape, dtype, qdtype):
                 _cpu(b, dv, dtype=dtype), _cpu(c, dtype=dtype), None)
 
 
+def _mhc_case(op, dtype, qdtype):
+    from effexport.custom_ops import _triton as T
+
+    n, d = 4, 4096  # DeepSeek V4-Flash: hc_mult 4, dim 4096
+    if op == "sinkhorn":
+        T._sinkhorn_cuda(_cpu(2, 3, n, n, dtype=dtype), iters=20, eps=1e-6)
+    else:
+        T._mhc_pre_cuda(_cpu(2, 1, n, d, dtype=dtype), torch.randn(2 * n + n * n, n * d),
+                        torch.randn(2 * n + n * n), torch.rand(3), iters=20)
+
+
 BF16, FP32 = torch.bfloat16, torch.float32
 ZAYA1 = (1, 8, 2, 128, 2, 2, 64)  # batch, Hq, Hk, d, K0, K1, rot of ZAYA1-8B's CCA
 LAUNCH_CASES = [
@@ -149,6 +161,8 @@ LAUNCH_CASES = [
     *[pytest.param(_prefill_case, "ring_chunked", dt, qdt, id=f"prefill-ring_chunked-{name}")
       for name, dt, qdt in (("bf16", BF16, BF16), ("fp32", FP32, FP32))],
     *[pytest.param(_cca_case, ZAYA1, dt, dt, id=f"cca-decode-{name}") for name, dt in (("bf16", BF16), ("fp32", FP32))],
+    *[pytest.param(_mhc_case, op, dt, dt, id=f"mhc-{op}-{name}") for op in ("sinkhorn", "mhc_pre")
+      for name, dt in (("bf16", BF16), ("fp32", FP32))],
 ]
 
 
@@ -173,12 +187,13 @@ def test_kernel_launches_compile_for_h200(monkeypatch, case, op, dtype, qdtype):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.fn, grid, args, kwargs))
 
-    from effexport.custom_ops._triton import cca
+    from effexport.custom_ops._triton import cca, mhc
 
-    for mod, name in ((kernels, "_partial"), (kernels, "_combine"), (prefill, "_prefill"), (cca, "_cca_decode")):
+    for mod, name in ((kernels, "_partial"), (kernels, "_combine"), (prefill, "_prefill"), (cca, "_cca_decode"),
+                      (mhc, "_sinkhorn"), (mhc, "_mhc_pre")):
         monkeypatch.setattr(mod, name, Record(getattr(mod, name)))
     monkeypatch.setattr(T, "_fast", lambda *tensors: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the cca fast-path check
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the cca / mhc fast-path checks
     monkeypatch.setattr(T, "_sm_count", lambda device: 132)
     case(op, dtype, qdtype)
     assert calls, f"{op}: no kernel launched"
@@ -584,3 +599,77 @@ def test_cca_decode(gen, dtype, shape, bias, zero_state):
     multi = [torch.cat([a, a], 1) if i < 4 else a for i, a in enumerate(args)]
     multi[7], multi[8] = torch.cat([args[7]] * 2), torch.cat([args[8]] * 2)
     assert all(torch.equal(x, y) for x, y in zip(ops.cca(*multi), cca_mod.cca._init_fn(*multi)))
+
+
+# ------------------------------------------------------------------------------------------- mHC
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("n,iters,lead", [
+    pytest.param(4, 20, (1, 1), id="n4-it20-decode"),
+    pytest.param(4, 20, (3, 70), id="n4-it20-b3t70"),
+    pytest.param(4, 1, (2, 5), id="n4-it1"),
+    pytest.param(3, 2, (200,), id="n3-it2"),
+    pytest.param(8, 20, (2, 33), id="n8-it20"),
+])
+def test_sinkhorn(gen, dtype, n, iters, lead):
+    """``effexport::sinkhorn`` through the kernel: within tolerance of the float64 reference, and
+    of the eager op on the same inputs (fp32: the same arithmetic, ~1 ulp)."""
+    x = _rand(*lead, n, n, dtype=dtype, gen=gen) * 3
+    got = ops.sinkhorn(x, iters=iters, eps=1e-6)
+    _check(got, mhc_mod.sinkhorn._init_fn(x.double(), iters=iters, eps=1e-6), dtype, "sinkhorn (kernel)")
+    eager = mhc_mod.sinkhorn._init_fn(x, iters=iters, eps=1e-6)
+    assert (got.float() - eager.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def _mhc_pre_args(gen, dtype, b, t, n, d):
+    rows = 2 * n + n * n
+    x = _rand(b, t, n, d, dtype=dtype, gen=gen)
+    fn = _rand(rows, n * d, dtype=torch.float32, gen=gen) * (n * d) ** -0.5
+    base = _rand(rows, dtype=torch.float32, gen=gen) * 0.5
+    scale = torch.rand(3, generator=gen, device="cuda") + 0.5
+    return x, fn, base, scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("b,t,n,d,iters", [
+    pytest.param(1, 1, 4, 4096, 20, id="v4-flash-decode"),
+    pytest.param(2, 37, 4, 4096, 20, id="v4-flash-prefill"),
+    pytest.param(3, 2, 4, 1000, 1, id="d1000-it1"),
+    pytest.param(2, 3, 3, 96, 2, id="n3-d96"),
+])
+def test_mhc_pre(gen, dtype, b, t, n, d, iters):
+    """``effexport::mhc_pre`` (projection + fused kernel): u, post and comb within tolerance of the
+    float64 reference and close to the eager op's (u in X's dtype: bf16 may differ by an ulp)."""
+    args = _mhc_pre_args(gen, dtype, b, t, n, d)
+    got = ops.mhc_pre(*args, iters=iters)
+    ref = mhc_mod.mhc_pre._init_fn(*_f64(*args), iters=iters)
+    eager = mhc_mod.mhc_pre._init_fn(*args, iters=iters)
+    for name, a, r, e in zip(("u", "post", "comb"), got, ref, eager):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        _check(a, r, a.dtype, f"mhc_pre {name} (kernel)")
+        # the fp32 GEMM may be TF32 / split differently from the reference's: compare at tolerance
+        assert ((a.double() - e.double()).abs().max() / e.double().abs().max()).item() <= TOL[a.dtype], name
+
+
+@pytest.mark.gpu
+def test_mhc_pre_replays_from_a_cuda_graph(gen):
+    """``mhc_pre`` and ``sinkhorn`` captured once in a CUDA graph (no host syncs, allocations from the
+    graph's pool): each replay on new inputs equals the uncaptured call bit for bit."""
+    args = _mhc_pre_args(gen, torch.bfloat16, 1, 1, 4, 4096)
+    logits = _rand(2, 4, 4, dtype=torch.float32, gen=gen)
+    ops.mhc_pre(*args), ops.sinkhorn(logits, iters=20, eps=1e-6)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.mhc_pre(*args)
+        comb = ops.sinkhorn(logits, iters=20, eps=1e-6)
+    for _ in range(3):
+        for t in args + (logits,):
+            t.copy_(_rand(*t.shape, dtype=t.dtype, gen=gen))
+        args[3].abs_().add_(0.5)
+        graph.replay()
+        want = ops.mhc_pre(*args)
+        for name, a, e in zip(("u", "post", "comb"), out, want):
+            assert torch.equal(a, e), f"replayed mhc_pre {name} differs from the uncaptured call"
+        assert torch.equal(comb, ops.sinkhorn(logits, iters=20, eps=1e-6)), "replayed sinkhorn"

@@ -1,8 +1,8 @@
 """The Triton kernels' numbers on the CPU: every kernel of custom_ops/_triton (split-K decode for
 ``attention_cache`` / ``attention_ring`` / ``attention_read`` (full and ring) / ``sparse_attention_ring``
 (HCA, CSA), the block-sparse prefill kernel behind ``attention`` and the multi-token cache ops, the
-fused CCA decode kernel) run by Triton's interpreter (``TRITON_INTERPRET=1``) on small fp32 shapes,
-against the op's eager reference in float64: max relative error ``max|out - ref| / max|ref|`` <= 1e-5,
+fused CCA decode kernel, the mHC ``sinkhorn`` and ``mhc_pre`` kernels) run by Triton's interpreter
+(``TRITON_INTERPRET=1``) on small fp32 shapes, against the op's eager reference in float64: max relative error ``max|out - ref| / max|ref|`` <= 1e-5,
 outputs finite and not all zero, and the caches / states the ops return equal the reference's bit
 for bit. The shapes are picked so the decode kernels split the rows over several programs (the
 combine kernel merges partials), rings have wrapped, and CSA indices include -1, out-of-range and
@@ -11,7 +11,7 @@ repeated entries.
 The interpreter runs in a subprocess: ``TRITON_INTERPRET`` is read when Triton is imported, and
 other tests of a session import Triton for the sm_90 compile checks (tests/test_gpu_kernels.py).
 There the registrations' device checks are bypassed (``_fast`` returns True, ``Tensor.is_cuda`` reads
-True around the CCA call, 8 SMs) so the CUDA launch code runs unchanged on CPU tensors.
+True around the CCA and mHC calls, 8 SMs) so the CUDA launch code runs unchanged on CPU tensors.
 
 Two known interpreter problems, and what this file does about them:
 * numpy >= 2.4 refuses ``int()`` of a one-element array, which the interpreter's ``tensor.__index__``
@@ -165,6 +165,38 @@ def _chunk(T, A, gen, op):
     return got[0], ref[0], list(zip(got[1:], same[1:]))
 
 
+def _as_cuda(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``Tensor.is_cuda`` reading True (the fused paths' device checks)."""
+    is_cuda = torch.Tensor.is_cuda
+    torch.Tensor.is_cuda = property(lambda self: True)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.Tensor.is_cuda = is_cuda
+
+
+def _sinkhorn(T, M, gen, n, iters):
+    """``sinkhorn`` of [2, t, n, n] logits for t = 1, 37, 150 (one, several and a partial block of
+    tokens per program), all through the kernel; compared as one tensor."""
+    got, ref = [], []
+    for t in (1, 37, 150):
+        x = _rand(gen, 2, t, n, n) * 3
+        got.append(_as_cuda(T._sinkhorn_cuda, x, iters=iters, eps=1e-6).flatten())
+        ref.append(M.sinkhorn._init_fn(x.double(), iters=iters, eps=1e-6).flatten())
+    return torch.cat(got), torch.cat(ref), []
+
+
+def _mhc_pre(T, M, gen, b, t, n, d, iters):
+    """``mhc_pre``: the projection in torch, the rest in the fused kernel (d > 1024 at n = 4: two
+    slices of X per pass, the last one partial); u, post and comb compared as one tensor."""
+    rows = 2 * n + n * n
+    x, fn = _rand(gen, b, t, n, d), _rand(gen, rows, n * d) * (n * d) ** -0.5
+    base, scale = _rand(gen, rows) * 0.5, torch.rand(3, generator=gen) + 0.5
+    got = _as_cuda(T._mhc_pre_cuda, x, fn, base, scale, iters=iters)
+    ref = M.mhc_pre._init_fn(*_f64(x, fn, base, scale), iters=iters)
+    return torch.cat([a.flatten() for a in got]), torch.cat([a.flatten() for a in ref]), []
+
+
 def _cca(T, C, gen):
     b, hq, hk, d, k0, k1, rot = 2, 4, 2, 32, 2, 2, 16
     c, p, dv = (hq + hk) * d, k0 - 1 + k1 - 1, hk * d // 2
@@ -172,12 +204,7 @@ def _cca(T, C, gen):
             _rand(gen, c, 1, k0) * 0.5, _rand(gen, c, d, k1) * d ** -0.5, torch.rand(hk, generator=gen) + 0.5,
             torch.cos(_rand(gen, 1, rot)), torch.sin(_rand(gen, 1, rot)), _rand(gen, b, c, p), _rand(gen, b, dv),
             _rand(gen, c) * 0.1, _rand(gen, c) * 0.1]
-    is_cuda = torch.Tensor.is_cuda
-    torch.Tensor.is_cuda = property(lambda self: True)  # the fused path's device check
-    try:
-        got = T._cca_cuda(*args)
-    finally:
-        torch.Tensor.is_cuda = is_cuda
+    got = _as_cuda(T._cca_cuda, *args)
     ref, same = C.cca._init_fn(*_f64(*args)), C.cca._init_fn(*args)
     # q and k through the kernel (compared as one tensor); v and both states must be exact
     return (torch.cat([got[0].flatten(), got[1].flatten()]), torch.cat([ref[0].flatten(), ref[1].flatten()]),
@@ -227,6 +254,12 @@ CASES = {
     "chunk-ring": lambda T, m, g: _chunk(T, m["attention"], g, "ring"),
     "chunk-read": lambda T, m, g: _chunk(T, m["attention"], g, "read"),
     "cca-decode": lambda T, m, g: _cca(T, m["cca"], g),
+    **{f"sinkhorn-n{n}-iters{it}": (lambda n, it: lambda T, m, g: _sinkhorn(T, m["mhc"], g, n, it))(n, it)
+       for n in (4, 3, 8) for it in (1, 2, 20)},
+    "mhcpre-n4-d40-b2t3": lambda T, m, g: _mhc_pre(T, m["mhc"], g, 2, 3, 4, 40, 20),
+    "mhcpre-n4-d1100-decode": lambda T, m, g: _mhc_pre(T, m["mhc"], g, 1, 1, 4, 1100, 20),
+    "mhcpre-n3-d24-iters1": lambda T, m, g: _mhc_pre(T, m["mhc"], g, 3, 2, 3, 24, 1),
+    "mhcpre-n8-d64-iters2": lambda T, m, g: _mhc_pre(T, m["mhc"], g, 1, 5, 8, 64, 2),
 }
 
 
@@ -257,11 +290,11 @@ def _run_cases() -> dict:
     launched = []
     _patch_interpreter(launched)
     from effexport.custom_ops import _triton as T
-    from effexport.custom_ops import attention, cca, sparse_attention
+    from effexport.custom_ops import attention, cca, mhc, sparse_attention
 
     T._fast = lambda *tensors: True
     T._sm_count = lambda device: 8
-    mods = {"attention": attention, "sparse": sparse_attention, "cca": cca}
+    mods = {"attention": attention, "sparse": sparse_attention, "cca": cca, "mhc": mhc}
     results = {}
     for i, (name, case) in enumerate(CASES.items()):
         launched.clear()
@@ -289,7 +322,8 @@ def interpreted():
 
 
 KERNELS = {"decode": ["_combine", "_partial"], "sparse": ["_combine", "_partial"], "prefill": ["_prefill"],
-           "chunk": ["_prefill"], "cca": ["_cca_decode"]}
+           "chunk": ["_prefill"], "cca": ["_cca_decode"], "sinkhorn": ["_sinkhorn"],
+           "mhcpre": ["_mhc_pre"]}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -9,7 +9,10 @@
   and the functional ``attention_buffer`` (a copy of the buffers, then the in-place kernel), and
 * ``sparse_attention_ring`` (DeepSeek V4 CSA top-k / HCA all-entries + window + sink), and
 * ``cca`` (ZAYA1 compressed convolutional attention's q/k/v, :mod:`.cca`: one fused kernel for a
-  decode token; T > 1 runs the reference).
+  decode token; T > 1 runs the reference), and
+* ``sinkhorn`` and ``mhc_pre`` (DeepSeek V4 mHC, :mod:`.mhc`: the Sinkhorn of every token's ``n x n``
+  matrix in one launch; ``mhc_pre`` is the projection GEMM plus one fused kernel for the RMS factor,
+  the sigmoids, the Sinkhorn and the collapsed ``u``). Any token count; ``n <= 32``, d >= 1.
 
 One query token (decode, T == 1) takes the split-K decode kernels (:mod:`.kernels`); more than one
 (prefill, chunked prefill) takes the block-sparse prefill kernel (:mod:`.prefill`: a sliding-window
@@ -35,6 +38,7 @@ import torch
 
 from effexport.custom_ops import attention as _attn
 from effexport.custom_ops import cca as _cca
+from effexport.custom_ops import mhc as _mhc
 from effexport.custom_ops import sparse_attention as _sparse
 from effexport.custom_ops._checks import check_pos
 from effexport.custom_ops._triton import plan as _plan
@@ -58,8 +62,9 @@ def register() -> None:
         return
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("effexport Triton kernels need triton (pip install triton; CUDA only)")
-    from effexport.custom_ops._triton import cca, kernels, prefill  # noqa: F401  (compiles nothing yet)
+    from effexport.custom_ops._triton import cca, kernels, mhc, prefill  # noqa: F401  (compiles nothing yet)
     for op_def, fn in ((_attn.attention, _attention_cuda), (_cca.cca, _cca_cuda),
+                       (_mhc.sinkhorn, _sinkhorn_cuda), (_mhc.mhc_pre, _mhc_pre_cuda),
                        (_attn.attention_cache, _cache_cuda), (_attn.attention_ring, _ring_cuda),
                        (_attn.attention_read, _read_cuda), (_attn.attention_buffer, _buffer_cuda),
                        (_attn.attention_buffer_inplace, _buffer_inplace_cuda),
@@ -408,3 +413,55 @@ def _cca_cuda(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temp
     # (4) value shift for one token: v = concat(v_cur, shift_state) as Hk heads of d
     v = torch.cat([v_cur[:, 0], shift_state], dim=-1).view(b, hk, 1, d)
     return q, k, v, state_out, v_del_src[:, -1].clone()
+
+
+# ------------------------------------------------------------------------------------------- mHC
+_MHC_MAX_N = 32  # streams: a token's [n, n] matrix in one program's registers
+
+
+def _sinkhorn_cuda(logits, *, iters, eps):
+    """All tokens' Sinkhorn in one launch (:mod:`.mhc`). The reference runs for CPU tensors, other
+    dtypes, ``n > 32`` and empty inputs (and raises its errors for bad shapes / iters)."""
+    from effexport.custom_ops._triton import mhc
+
+    if not (logits.is_cuda and logits.dtype in _DTYPES and logits.dim() >= 2
+            and logits.shape[-1] == logits.shape[-2] and 1 <= logits.shape[-1] <= _MHC_MAX_N
+            and logits.numel() > 0 and iters >= 1):
+        return _mhc.sinkhorn._init_fn(logits, iters=iters, eps=eps)
+    n = logits.shape[-1]
+    src = logits.contiguous()
+    out = torch.empty_like(src)
+    ntok = src.numel() // (n * n)
+    block_n = max(2, _plan.next_pow2(n))
+    block_t = max(1, min(64, 1024 // (block_n * block_n)))
+    mhc._sinkhorn[(-(-ntok // block_t),)](src, out, ntok, n, iters, float(eps),
+                                          BLOCK_T=block_t, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+def _mhc_pre_cuda(x, fn, base, scale, *, iters=20, eps=1e-6, norm_eps=1e-6):
+    """``mhc_pre`` in two launches (three for a non-fp32 X: its fp32 copy): the cuBLAS projection
+    ``vec(X) fn^T`` and the fused kernel (:mod:`.mhc`). The reference runs for CPU tensors, tensors
+    on several devices, other dtypes, ``n > 32``, empty inputs, and bad shapes / iters (its errors)."""
+    from effexport.custom_ops._triton import mhc
+
+    n, d = x.shape[2:] if x.dim() == 4 else (0, 0)
+    params = (fn, base, scale)
+    fast = (1 <= n <= _MHC_MAX_N and x.numel() > 0 and iters >= 1
+            and all(t.is_cuda and t.device == x.device for t in (x,) + params)
+            and all(t.dtype in _DTYPES for t in (x,) + params)
+            and tuple(fn.shape) == (2 * n + n * n, n * d) and tuple(base.shape) == (2 * n + n * n,)
+            and tuple(scale.shape) == (3,))
+    if not fast:
+        return _mhc.mhc_pre._init_fn(x, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
+    b, t = x.shape[0], x.shape[1]
+    xf = x.reshape(b * t, n * d).float().contiguous()             # [N, n*d] fp32 (a copy for bf16)
+    mu = torch.nn.functional.linear(xf, fn.float()).contiguous()  # [N, 2n + n*n]
+    u = x.new_empty((b, t, d))
+    post = x.new_empty((b, t, n), dtype=torch.float32)
+    comb = x.new_empty((b, t, n, n), dtype=torch.float32)
+    block_n = max(2, _plan.next_pow2(n))
+    block_d = max(16, min(_plan.next_pow2(d), 4096 // block_n))
+    mhc._mhc_pre[(b * t,)](xf, mu, base.contiguous(), scale.contiguous(), u, post, comb, n, d, iters,
+                           float(eps), float(norm_eps), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+    return u, post, comb
