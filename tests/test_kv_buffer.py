@@ -424,6 +424,44 @@ def test_buffer_build_has_the_ort_step_fusions(built):
     assert tables <= set(init) and all(init[t].dims[0] == 64 for t in tables)
 
 
+def test_one_token_graph_reads_total_from_the_host_position(tmp_path):
+    """A graph of one-token steps (T static 1) gives GroupQueryAttention the capacity as
+    ``total_sequence_length`` computed from ``pos_host``, never a constant: ONNX Runtime folds a
+    constant into an initializer, which its CUDA kernel read as 0 (the new row not written at pos,
+    other rows overwritten: the gpu test below failed at 1.50 until this). Equal to the eager op on
+    ORT CPU at several positions (fp32, rel 1e-5)."""
+    from effexport.exporter.backends.onnx.export import lower
+
+    module = _Buffer(0, 0.0, False)
+    bt = {0: torch.export.Dim("batch")}
+    model = lower(module, _inputs(2, 1, 11, seed=3), "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 1
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, todo = set(), [gqa[0].input[6]]
+    while todo:  # the total's ancestors
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in producer:
+            todo.extend(producer[name].input)
+    assert "pos_host" in seen, sorted(seen)
+    options = ort.SessionOptions()  # what ORT's constant folding leaves of it
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    total = [n for n in optimized.graph.node if n.op_type == "GroupQueryAttention"][0].input[6]
+    assert total not in {t.name for t in optimized.graph.initializer}, "total_sequence_length folded to a constant"
+    for i, (b, pos) in enumerate([(2, 0), (1, 11), (3, C - 1)]):
+        args = _inputs(b, 1, pos, seed=i + 1)
+        want = module(*args)
+        got = session.run(None, _feeds(model, args))
+        assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, what=f"out B={b} pos={pos}")
+        for g, w in zip(got[1:], want[1:]):
+            assert np.array_equal(g[:, :, :pos + 1], w[:, :, :pos + 1].numpy())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("wide", [False, True], ids=["gqa", "decomposed"])
 def test_bf16_buffer_on_cuda_in_place(wide):

@@ -200,7 +200,14 @@ def _buffer_lengths(pos, t_len, capacity: int, batch_of):
     a chunk gets ``pos + T`` (``pos + T == T`` marks the first prompt, which ORT runs batched).
     That ``pos`` is the step's host copy: :mod:`.host_positions` points it at ``pos_host``."""
     seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), batch_of)
-    total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
+    if b.known_dim(batch_of, 2) == 1:
+        # a graph of one-token steps only: the capacity, but computed from pos (= capacity, since
+        # pos + 1 is clamped to it) -- a constant would be folded into an initializer, which ONNX
+        # Runtime's CUDA GroupQueryAttention reads as 0 (its EffectiveKvLengthBound=0: the new row not
+        # written at pos, other rows overwritten; measured in BENCHMARKS.md run 30)
+        total = op.Max(op.Min(op.Add(pos, t_len), b.i64(capacity)), b.i64(capacity))
+    else:
+        total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
     return seqlens, op.Cast(total, to=6)
 
 
