@@ -182,6 +182,13 @@ def _cmd_run(args) -> int:
     if not is_sharded(manifest):
         raise UsageError(f"{args.dir!r} is not a sharded artifact (built with --tp N); an unsharded one runs in one "
                          "process: effexport.runtime.open_runtime(DIR).generate(...) from Python")
+    if manifest.get("target") == "onnx":
+        from effexport.exporter.backends.onnx.collectives import RUNTIME_REQUIREMENT
+        from effexport.exporter.errors import BackendMissingError
+
+        raise BackendMissingError(f"{args.dir!r} holds ONNX rank models: running them together needs "
+                                  f"{RUNTIME_REQUIREMENT}; 'effexport check {args.dir}' runs them here composed into "
+                                  "one graph on ONNX Runtime CPU")
     if manifest.get("weights") == "none":
         raise UsageError(f"{args.dir!r} is structure-only (built with --weights none): its rank programs hold no "
                          "weights, so there is nothing to run; build it with weights (drop --weights none)")
