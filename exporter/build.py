@@ -130,8 +130,8 @@ SHARDED_TARGETS = ("torch", "onnx")
 
 def check_parallel(opts: BuildOptions) -> None:
     """``--tp`` / ``--ep``: a rank count from 2, ``--ep`` only equal to ``--tp`` (experts are split over
-    the same ranks as the heads), the torch or onnx target, growing caches; with onnx, fp32 and no
-    GenAI package (exit 2 otherwise)."""
+    the same ranks as the heads), the torch or onnx target, growing caches (so no ``--genai``: it
+    needs fixed buffers); with onnx, fp32 (exit 2 otherwise)."""
     if opts.tp is None:
         if opts.ep is not None:
             raise UsageError(f"--ep {opts.ep} needs --tp: experts are split across the tensor-parallel ranks; "
@@ -150,9 +150,6 @@ def check_parallel(opts: BuildOptions) -> None:
     if opts.kv_cache != "grow":
         raise UsageError(f"--tp with --kv-cache {opts.kv_cache}: sharded builds use growing caches only for now; "
                          "drop --kv-cache")
-    if opts.target == "onnx" and opts.genai:
-        raise UsageError("--genai with --tp: onnxruntime-genai runs one model, not per-rank models joined by "
-                         "collectives; drop --genai (or --tp)")
     if opts.target == "onnx" and opts.dtype != "fp32":
         raise UsageError(f"--target onnx --tp with --dtype {opts.dtype}: sharded ONNX builds are fp32 for now -- "
                          "ONNX Runtime's CPU kernels lack half precision for several ops, so checking the rank models "
