@@ -168,9 +168,12 @@ def compose(models: list[onnx.ModelProto]) -> onnx.ModelProto:
                               value_info=infos, sparse_initializer=sparse)
     first = models[0]
     functions = {}
-    for model in models:
-        for f in model.functions:
-            functions.setdefault((f.domain, f.name, getattr(f, "overload", "")), f)
+    for rank, model in enumerate(models):
+        for f in model.functions:  # model-local bodies (effexport ops): one copy serves every rank
+            kept = functions.setdefault((f.domain, f.name, getattr(f, "overload", "")), f)
+            if kept.SerializeToString() != f.SerializeToString():
+                raise LoadError(f"rank {rank}'s function {f.domain}::{f.name} differs from rank 0's; the composed "
+                                "check needs one body per function name")
     opsets = {}
     for model in models:
         for o in model.opset_import:
