@@ -391,6 +391,11 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             check_structure(os.path.join(tmp, lowered.files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
                      "as external data (not written), onnx.checker full check passed")
+        elif loaded.structure_only and shard is not None and opts.target == "onnx":
+            for _, rank_files, _ in ranks:
+                check_structure(os.path.join(tmp, rank_files["step"]))
+            note += (", structure only: each rank's weights referenced as external data (not written), "
+                     "onnx.checker full check passed per rank")
         elif loaded.structure_only:
             note += ", structure only: meta placeholders of the weights' shapes (no data written)"
         if reader is not None:
