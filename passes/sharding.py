@@ -44,7 +44,10 @@ What is split (Megatron-style tensor parallelism):
   to the rank's experts, and the contraction over E leaves a partial sum (the combine).
 * partial sums flow through ops linear in them (sums of partial sums, scaling by a whole value,
   reshapes, same-dtype casts) and are all-reduced once, where they first meet any other op: one
-  all-reduce per attention block and one per MLP / MoE block.
+  all-reduce per attention block and one per MLP / MoE block. In a bf16 / fp16 program the ops
+  computing partial sums (``ShardPlan.sums``) read fp32 operands: the partial sums, the all-reduce
+  and the bias are fp32, rounded once to the program's dtype after the all-reduce, as eager rounds
+  the whole contraction once (:func:`_sums_in_fp32`).
 * everything else (embeddings, norms, the LM head, routers, mHC's mixes, attention fed through
   effexport ops without a rule here) is replicated.
 
