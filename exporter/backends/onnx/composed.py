@@ -222,29 +222,20 @@ def write_composed(directory: str, manifest: dict, out: str) -> dict:
         rank_manifests.append(rank_manifest)
     counts = [len(all_reduces(m.graph)) for m in models]
     composed = compose(models)
-    for r, model in enumerate(models):  # the runtime binds these caches in place, renamed
-        meta = {p.key: p.value for p in model.metadata_props}
-        bound = json.loads(meta.get(IN_PLACE, "[]"))
-        for key, value in meta.items():
-            if r == 0 and key != IN_PLACE:
-                composed.metadata_props.add(key=key, value=value)
-        manifest_bound = [_cache_name(rank_prefix(r) + n, r) for n in bound]
-        if r == 0:
-            composed.metadata_props.add(key=IN_PLACE, value=json.dumps(manifest_bound))
-        else:
-            prop = next(p for p in composed.metadata_props if p.key == IN_PLACE)
-            prop.value = json.dumps(json.loads(prop.value) + manifest_bound)
+    metas = [{p.key: p.value for p in model.metadata_props} for model in models]
+    # rank 0's metadata (device positions, ...); the caches bound in place: every rank's, renamed
+    bound = [_cache_name(rank_prefix(r) + name, r) for r, meta in enumerate(metas)
+             for name in json.loads(meta.get(IN_PLACE, "[]"))]
+    for key, value in {**metas[0], IN_PLACE: json.dumps(bound)}.items():
+        composed.metadata_props.add(key=key, value=value)
     _rename_cache_io(composed, len(models))
     os.makedirs(out, exist_ok=True)
     onnx.save_model(composed, os.path.join(out, "model.onnx"), save_as_external_data=True,
                     location="model.onnx.data", size_threshold=1024)
-    entries, inputs, outputs = [], [], ["logits"]
-    for r, rank_manifest in enumerate(rank_manifests):
-        for e in rank_manifest["cache_plan"]["entries"]:
-            entries.append({**e, "name": rank_prefix(r) + e["name"]})
-    inputs = [n for n in SHARED_INPUTS if n in rank_manifests[0]["inputs"]]
-    inputs += [f"past.{e['name']}" for e in entries]
-    outputs += [f"present.{e['name']}" for e in entries]
+    entries = [{**e, "name": rank_prefix(r) + e["name"]}
+               for r, rank_manifest in enumerate(rank_manifests) for e in rank_manifest["cache_plan"]["entries"]]
+    inputs = [n for n in SHARED_INPUTS if n in rank_manifests[0]["inputs"]] + [f"past.{e['name']}" for e in entries]
+    outputs = ["logits"] + [f"present.{e['name']}" for e in entries]
     composed_manifest = {"target": "onnx", "profile": rank_manifests[0].get("profile"), "dtype": manifest["dtype"],
                          "files": {"step": "model.onnx"}, "inputs": inputs, "outputs": outputs,
                          "cache_plan": {"entries": entries, "layers": []},
