@@ -69,7 +69,7 @@ class BuildOptions:
     genai: bool = False       # also an onnxruntime-genai package (exporter/backends/onnx/genai.py): needs kv_cache="buffer"
     stream_weights: bool | None = None  # HF directory: weights streamed from safetensors (frontends/streaming.py); None: by size
     data_file_bytes: int | None = None  # ONNX external data split into files of at most this many bytes
-    tp: int | None = None     # tensor parallel: one rank program per rank (passes/sharding.py), --target torch
+    tp: int | None = None     # tensor parallel: one rank program per rank (passes/sharding.py), --target torch / onnx
     ep: int | None = None     # expert parallel group size: for now the same ranks as tp (None or == tp)
 
 
@@ -124,13 +124,14 @@ def check_options(opts: BuildOptions) -> None:
 
 
 MAX_TP = 1024
-SHARDED_TARGETS = ("torch",)
+SHARDED_TARGETS = ("torch", "onnx")
 """Targets that build per-rank artifacts (``--tp``)."""
 
 
 def check_parallel(opts: BuildOptions) -> None:
     """``--tp`` / ``--ep``: a rank count from 2, ``--ep`` only equal to ``--tp`` (experts are split over
-    the same ranks as the heads), the torch target, growing caches (exit 2 otherwise)."""
+    the same ranks as the heads), the torch or onnx target, growing caches (so no ``--genai``: it
+    needs fixed buffers); with onnx, fp32 (exit 2 otherwise)."""
     if opts.tp is None:
         if opts.ep is not None:
             raise UsageError(f"--ep {opts.ep} needs --tp: experts are split across the tensor-parallel ranks; "
@@ -144,11 +145,16 @@ def check_parallel(opts: BuildOptions) -> None:
                          f"parallelism for now (a separate expert-parallel group is not supported); pass --ep "
                          f"{opts.tp} or drop --ep")
     if opts.target not in SHARDED_TARGETS:
-        raise UsageError(f"--tp builds one torch.export program per rank: use --target torch (--target "
-                         f"{opts.target} has no sharded build yet)")
+        raise UsageError(f"--tp builds one torch.export program or ONNX model per rank: use --target torch or "
+                         f"--target onnx (--target {opts.target} has no sharded build yet)")
     if opts.kv_cache != "grow":
         raise UsageError(f"--tp with --kv-cache {opts.kv_cache}: sharded builds use growing caches only for now; "
                          "drop --kv-cache")
+    if opts.target == "onnx" and opts.dtype != "fp32":
+        raise UsageError(f"--target onnx --tp with --dtype {opts.dtype}: sharded ONNX builds are fp32 for now -- "
+                         "ONNX Runtime's CPU kernels lack half precision for several ops, so checking the rank models "
+                         "would need an fp32 twin of every rank, which is not built yet; drop --dtype, or use "
+                         f"--target torch --tp {opts.tp} --dtype {opts.dtype}")
 
 
 def check_steps(steps: int, max_context: int | None) -> None:
@@ -385,6 +391,11 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             check_structure(os.path.join(tmp, lowered.files["step"]))
             note += (f", structure only: {external_bytes(model_proto) / 2**30:.2f} GiB of weights referenced "
                      "as external data (not written), onnx.checker full check passed")
+        elif loaded.structure_only and shard is not None and opts.target == "onnx":
+            for _, rank_files, _ in ranks:
+                check_structure(os.path.join(tmp, rank_files["step"]))
+            note += (", structure only: each rank's weights referenced as external data (not written), "
+                     "onnx.checker full check passed per rank")
         elif loaded.structure_only:
             note += ", structure only: meta placeholders of the weights' shapes (no data written)"
         if reader is not None:
@@ -393,7 +404,7 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
         progress.done(t0, note)
         manifest = _manifest(loaded, opts, lowered, files, program, analysis.plan)
         if shard is not None:
-            manifest["sharded"] = _topology(shard, program, ranks, loaded.vocab_size, opts.max_context)
+            manifest["sharded"] = _topology(shard, program, ranks, loaded.vocab_size, opts.max_context, opts.target)
         _write_json(os.path.join(tmp, MANIFEST), manifest)
         if loaded.sample is not None:
             report = rep.build_report(loaded.sample, rep.max_context(loaded.sample) or 4096)
@@ -406,6 +417,9 @@ def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress
             report["allow_missing_weights"] = True
             report["missing_weights"] = loaded.source.get("missing_weights", {})
         report["passes"] = analysis.counts
+        if shard is not None and "runtime" in manifest["sharded"]:
+            report["runtime"] = manifest["sharded"]["runtime"]
+            print(f"      runs on: {report['runtime']}", file=sys.stderr)
         if reader is not None:
             report["weights"] = {"streamed": True, "sharded": True, "checkpoint_bytes": reader.checkpoint.nbytes,
                                  "files": len(reader.checkpoint.files), "rank_bytes_read": reader.rank_bytes,
@@ -521,22 +535,31 @@ def _check_sharded(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptio
         same = (lambda: streaming().materialize(loaded, DTYPES[opts.dtype])) if half else None
     else:
         fp32, same = reference.model, loaded.model if half else None
+    world = manifest["sharded"]["world"]
     t0 = progress.stage(f"parity vs eager {'fp32 and ' + opts.dtype if half else 'fp32'} (prefill + {opts.steps} "
-                        f"decode steps, {manifest['sharded']['world']} ranks together over gloo on the CPU, each "
-                        "loading its program.pt2)")
+                        + (f"decode steps, the {world} rank models composed into one graph on ONNX Runtime CPU, each "
+                           "AllReduce a Sum of the ranks' inputs: the collective itself is not run)"
+                           if opts.target == "onnx" else
+                           f"decode steps, {world} ranks together over gloo on the CPU, each loading its program.pt2)"))
     parity = check_sharded_parity(fp32, tmp, manifest, reference.parity_prompt(PARITY_PROMPT, device="cpu"),
                                   opts.steps, opts.dtype, half=same)
     progress.done(t0)
     return parity
 
 
-def _topology(shard, program, ranks: list, vocab_size: int, context: int) -> dict:
+def _topology(shard, program, ranks: list, vocab_size: int, context: int, target: str = "torch") -> dict:
     """The top-level manifest's ``sharded`` entry: the world, tp / ep, per rank its directory, files,
     CachePlan, weight bytes (the same on every rank; in the build's dtype) and cache bytes (at
     ``context`` = ``--max-context`` tokens, batch 1), the ShardPlan's JSON, the vocabulary (what
-    ``effexport run`` checks prompt ids against)."""
+    ``effexport run`` checks prompt ids against); for ONNX rank models, ``runtime``: what runs them
+    (:data:`~.backends.onnx.collectives.RUNTIME_REQUIREMENT`)."""
     weights = shard.weight_bytes(program)
-    return {"world": shard.world, "tp": shard.world, "ep": shard.world, "process_group": "0",
+    runtime = {}
+    if target == "onnx":
+        from effexport.exporter.backends.onnx.collectives import RUNTIME_REQUIREMENT
+
+        runtime = {"runtime": RUNTIME_REQUIREMENT, "collective": "com.microsoft::AllReduce"}
+    return {**runtime, "world": shard.world, "tp": shard.world, "ep": shard.world, "process_group": "0",
             "vocab_size": vocab_size, "cache_context": context,
             "ranks": [{"rank": r, "directory": d, "files": files, "cache_plan": plan.to_json(),
                        "weight_bytes": weights["per_rank"], "cache_bytes": plan.nbytes(1, context)}

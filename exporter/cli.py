@@ -182,6 +182,13 @@ def _cmd_run(args) -> int:
     if not is_sharded(manifest):
         raise UsageError(f"{args.dir!r} is not a sharded artifact (built with --tp N); an unsharded one runs in one "
                          "process: effexport.runtime.open_runtime(DIR).generate(...) from Python")
+    if manifest.get("target") == "onnx":
+        from effexport.exporter.backends.onnx.collectives import RUNTIME_REQUIREMENT
+        from effexport.exporter.errors import BackendMissingError
+
+        raise BackendMissingError(f"{args.dir!r} holds ONNX rank models: running them together needs "
+                                  f"{RUNTIME_REQUIREMENT}; 'effexport check {args.dir}' runs them here composed into "
+                                  "one graph on ONNX Runtime CPU")
     if manifest.get("weights") == "none":
         raise UsageError(f"{args.dir!r} is structure-only (built with --weights none): its rank programs hold no "
                          "weights, so there is nothing to run; build it with weights (drop --weights none)")
@@ -282,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  effexport gemma4-e2b:tiny --target onnx -o out  # export + parity check\n"
                "  effexport check out                             # re-run parity of an artifact\n"
                "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2  # one program per rank\n"
+               "  effexport gemma4-e2b:tiny --target onnx --tp 2 -o tp2o  # one model.onnx per rank\n"
                "  effexport run tp2 --prompt-ids ids.json         # its ranks together (or under torchrun)\n"
                "  effexport list                                  # built-in samples\n"
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
@@ -372,12 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow unpickling a torch.save file of a whole module (runs code from the file: "
                               "only for files you trust); without it .pt files are read weights-only")
     p_build.add_argument("--tp", type=_int, default=None, metavar="N",
-                         help="tensor parallel over N ranks (--target torch; fp32, bf16 or fp16; --weights none for "
-                              "structure only): attention heads, MLPs and "
+                         help="tensor parallel over N ranks (--target torch: fp32, bf16 or fp16; --target onnx: fp32; "
+                              "--weights none for structure only): attention heads, MLPs and "
                               "experts split as 'effexport report MODEL --tp N' shows; writes DIR/rank{r}/program.pt2 "
-                              "per rank and a topology in DIR/effexport.json; the parity check runs the N ranks "
-                              "together over gloo on the CPU. A head count N does not divide: exit 2 naming the layer. "
-                              "Run it with 'effexport run DIR' or torchrun")
+                              "(or model.onnx, each all-reduce a com.microsoft::AllReduce) per rank and a topology in "
+                              "DIR/effexport.json; the parity check runs the N ranks together over gloo on the CPU "
+                              "(ONNX: the rank models composed into one graph on ONNX Runtime CPU, each AllReduce a Sum; "
+                              "the collective needs an onnxruntime CUDA build with NCCL). A head count N does not "
+                              "divide: exit 2 naming the layer. Run torch ranks with 'effexport run DIR' or torchrun")
     p_build.add_argument("--ep", type=_int, default=None, metavar="M",
                          help="expert parallel group size; for now only M = N of --tp (experts are split over the "
                               "same ranks as the heads)")

@@ -44,7 +44,10 @@ What is split (Megatron-style tensor parallelism):
   to the rank's experts, and the contraction over E leaves a partial sum (the combine).
 * partial sums flow through ops linear in them (sums of partial sums, scaling by a whole value,
   reshapes, same-dtype casts) and are all-reduced once, where they first meet any other op: one
-  all-reduce per attention block and one per MLP / MoE block.
+  all-reduce per attention block and one per MLP / MoE block. In a bf16 / fp16 program the ops
+  computing partial sums (``ShardPlan.sums``) read fp32 operands: the partial sums, the all-reduce
+  and the bias are fp32, rounded once to the program's dtype after the all-reduce, as eager rounds
+  the whole contraction once (:func:`_sums_in_fp32`).
 * everything else (embeddings, norms, the LM head, routers, mHC's mixes, attention fed through
   effexport ops without a rule here) is replicated.
 
@@ -60,6 +63,7 @@ never written wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -164,6 +168,9 @@ class ShardPlan:
     views: dict[str, dict[int, int]] = field(default_factory=dict)  # view node -> {size index: divisor}
     # all-reduces: producer of partial sums -> the consumers reading the reduced value (None: every user)
     reduces: dict[str, list[str] | None] = field(default_factory=dict)
+    # the ops computing a rank's partial sums (row-parallel linears, einsums contracting a split letter):
+    # in a bf16 / fp16 program they compute in fp32, so a partial sum is rounded once, after its all-reduce
+    sums: list[str] = field(default_factory=list)
     values: dict[str, object] = field(default_factory=dict)      # node -> Split (tuple: per output) of its value
     # replicated values a consumer reads as its rank's block: consumer -> input node -> split
     narrows: dict[str, dict[str, Split]] = field(default_factory=dict)
@@ -630,6 +637,7 @@ def _rule(node, inputs, world, where, slice_weight, shard: ShardPlan):
                                 "them more than once")
         slice_weight(a["weight"], Split(1, x.nblocks, x.replicas), where)
         shard.note(where, f"{a['weight'].target}: row-parallel, its partial sums all-reduced")
+        shard.sums.append(node.name)
         if a.get("bias") is not None:  # the bias is added once, after the all-reduce
             shard.reduces[node.name] = None
             return None
@@ -816,11 +824,13 @@ def _einsum_rule(node, inputs, world, what, slice_weight, shard: ShardPlan):
             return Split(output.index(letter), nblocks, replicas, sub=output.index(sub) if sub is not None else None)
         shard.note(_where(node), f"einsum {node.args[0]}: {nblocks} groups over {world} ranks: each rank's heads "
                                  f"give a partial sum of their group's {letter!r} block, added by the all-reduce")
+        shard.sums.append(node.name)
         return Split(output.index(letter), nblocks, replicas, partial=True)
     if (replicas != 1 or nblocks != world) and (sub is None or sub in output):
         raise ShardingError(f"{what}: contracts a letter whose blocks are replicated; an all-reduce would "
                             "count them more than once")
     shard.note(_where(node), f"einsum {node.args[0]}: partial sums over the split experts, all-reduced (combine)")
+    shard.sums.append(node.name)
     return PARTIAL
 
 
@@ -902,6 +912,7 @@ def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: in
                     local = graph.call_function(aten.narrow.default, (local, dim, index * size, size))
             local.meta["val"] = _local(meta_val(nodes[source]), split)
             node.replace_input_with(nodes[source], local)
+    upcast = _sums_in_fp32(graph, [nodes[name] for name in shard.sums])
     for name, consumers in shard.reduces.items():
         producer = nodes[name]
         bias = call_args(producer).get("bias") if consumers is None else None
@@ -914,6 +925,11 @@ def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: in
         if bias is not None:
             with graph.inserting_after(last):
                 last = graph.call_function(aten.add.Tensor, (last, bias))
+        dtype = upcast.get(producer, meta_val(producer).dtype)
+        if upcast and dtype in HALF:  # the fp32 sum (plus bias) rounded once to the program's dtype
+            reduced.meta["val"] = _cast_val(meta_val(producer), torch.float32)
+            with graph.inserting_after(last):
+                last = graph.call_function(aten._to_copy.default, (last,), {"dtype": dtype})
         if consumers is None:
             producer.replace_all_uses_with(last, delete_user_cb=lambda u, r=reduced: u is not r)
         else:
@@ -933,6 +949,42 @@ def shard_rank(program: StepProgram, plan: CachePlan, shard: ShardPlan, rank: in
     return (StepProgram(gm, list(program.inputs), list(program.outputs), dict(program.seq_dims),
                         program.capture_seconds, dict(program.fills), program.max_new_tokens),
             CachePlan(entries, list(plan.layers)))
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _sums_in_fp32(graph: fx.Graph, sums: list[fx.Node]) -> dict[fx.Node, torch.dtype]:
+    """In a bf16 / fp16 program, every op computing a rank's partial sum (``shard.sums``) reads its
+    operands cast to fp32, so the partial sum stays fp32 through the ops linear in it and the
+    all-reduce, and is rounded once afterwards (:func:`shard_rank`). Rounded per rank instead, each
+    of the N partial sums of a row-parallel output and their sum are rounded separately where eager
+    rounds the whole contraction once: measured on gemma4-e2b:tiny over 2 ranks in bf16, the build's
+    prefill logits were 7.4e-2 max rel from fp32 eager against eager bf16's own 3.7e-2 (the parity
+    check failed); summing in fp32 gives eager bf16's error. Returns the ops changed, with their dtype."""
+    changed = {}
+    for node in sums:
+        val = meta_val(node)
+        if val is None or val.dtype not in HALF:
+            continue
+        for source in node.all_input_nodes:
+            src = meta_val(source)
+            if src is None or src.dtype not in HALF:
+                continue
+            with graph.inserting_before(node):
+                up = graph.call_function(aten._to_copy.default, (source,), {"dtype": torch.float32})
+            up.meta["val"] = _cast_val(src, torch.float32)
+            node.replace_input_with(source, up)
+        node.meta["val"] = _cast_val(val, torch.float32)
+        changed[node] = val.dtype
+    return changed
+
+
+def _cast_val(val, dtype):
+    """``val`` (a fake tensor) in ``dtype``, under its fake mode."""
+    mode = getattr(val, "fake_mode", None)
+    with mode if mode is not None else contextlib.nullcontext():
+        return val.to(dtype)
 
 
 def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
@@ -973,3 +1025,5 @@ def _refresh_meta(gm: fx.GraphModule, program: StepProgram, shard: ShardPlan) ->
             elif node.op == "call_function" and node.target in (c10d.all_reduce.default, c10d.wait_tensor.default,
                                                                  aten.add.Tensor) and "val" not in node.meta:
                 node.meta["val"] = meta_val(node.args[0])
+            elif node.op == "call_function" and node.target is aten._to_copy.default and "val" not in node.meta:
+                node.meta["val"] = meta_val(node.args[0]).to(node.kwargs["dtype"])

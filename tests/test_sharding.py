@@ -303,10 +303,13 @@ def test_rank_archives_run_together(rewritten, tmp_path, name, world):
 
 @pytest.mark.parametrize("name", ["gemma4-e2b:tiny", "laguna-xs2:tiny"])
 def test_bf16_sharded_is_as_close_to_fp32_as_eager_bf16(name, tmp_path):
-    """In bf16 every rank rounds its partial sums before the all-reduce, a different rounding order
-    from eager bf16 (and the tiny MoE's top-k flips on such differences): the sharded bf16 logits are
-    no farther from fp32 eager than eager bf16 itself is (measured: gemma4-e2b:tiny 0.092 vs 0.097,
-    laguna-xs2:tiny 0.631 vs 0.636 max rel), the README's criterion for a bf16 engine."""
+    """A bf16 rank computes its partial sums (row-parallel linears, the expert combine) in fp32 and
+    rounds once after the all-reduce, as eager bf16 rounds the whole contraction once: gemma4-e2b:tiny
+    over 2 ranks gives eager bf16's logits (measured: equal to the bit on this prompt and the build's);
+    rounding each rank's partial sum to bf16 first gave 6.3e-2 / 9.2e-2 from fp32 eager against eager
+    bf16's 5.9e-2 / 9.7e-2 here, and failed the build's parity (7.4e-2 against a 5.5e-2 bound).
+    laguna-xs2:tiny (the tiny MoE's top-k flips on rounding differences) stays within eager bf16's
+    own distance from fp32, the README's criterion for a bf16 engine."""
     from _helpers import max_errors
     from effexport.exporter.capture import capture_step
     from effexport.passes.pipeline import run_pipeline
@@ -319,14 +322,21 @@ def test_bf16_sharded_is_as_close_to_fp32_as_eager_bf16(name, tmp_path):
     program, analysis = run_pipeline(capture_step(model, ids))
     shard = plan_sharding(program, analysis.plan, 2)
     ranks = [shard_rank(program, analysis.plan, shard, rank, "0") for rank in range(2)]
+    reduces = [n for n in ranks[0][0].gm.graph.nodes if n.target is torch.ops._c10d_functional.all_reduce.default]
+    assert len(reduces) == len(shard.reduces) and shard.sums
     test = ids[:, :12 + MIN_DECODE]
     outs = run_sharded([(p.gm, plan.entries) for p, plan in ranks], test, MIN_DECODE, str(tmp_path))
     with torch.no_grad():
         ref16, ref32 = model(test)[0], model32(test)[0]
-    eager = max_errors(ref16.float(), ref32)[1]
-    sharded = max_errors(outs[0]["logits"].float(), ref32)[1]
     assert outs[0]["logits"].dtype == torch.bfloat16
-    assert sharded <= 1.1 * eager, f"sharded bf16 {sharded:.3f} vs eager bf16 {eager:.3f} from fp32"
+    for part in (slice(0, 12), slice(12, None)):  # prefill, decode
+        eager = max_errors(ref16[:, part].float(), ref32[:, part])[1]
+        sharded = max_errors(outs[0]["logits"][:, part].float(), ref32[:, part])[1]
+        assert sharded <= (1.001 if name.startswith("gemma") else 1.1) * eager, \
+            f"sharded bf16 {sharded:.4f} vs eager bf16 {eager:.4f} from fp32"
+    if name.startswith("gemma"):
+        same = max_errors(outs[0]["logits"].float(), ref16.float())[1]
+        assert same <= 1e-2, f"sharded bf16 is {same:.3e} from eager bf16"
 
 
 def test_partial_sums_wait_only_through_ops_linear_in_them():

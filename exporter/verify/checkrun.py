@@ -73,6 +73,12 @@ def runtime_info(runtime, manifest: dict) -> tuple[str, str, str]:
         return "AOTInductor", f"AOTInductor {device}", device
     if target == "tensorrt":
         return "TensorRT", "TensorRT", "cuda"
+    if target == "onnx" and runtime is None and "sharded" in manifest:  # its rank models composed into one graph
+        import onnxruntime as ort
+
+        world = manifest["sharded"]["world"]
+        return (f"onnxruntime {ort.__version__}", f"CPUExecutionProvider (the {world} rank models composed, "
+                "AllReduce as Sum)", "cpu")
     if target == "torch" and runtime is None:  # a sharded artifact: its ranks spawned over gloo
         import torch
 

@@ -86,6 +86,8 @@ def check_sharded_parity(model, directory: str, manifest: dict, prompt: torch.Te
     and the model released before the ranks run."""
     from effexport.exporter.backends.torch.sharded import run_ranks, topology
 
+    if manifest.get("target") == "onnx":
+        return check_composed_parity(model, directory, manifest, prompt, steps, dtype, tolerances)
     archives = topology(directory, manifest)
     fp32 = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
     ref = record(fp32, prompt, steps)
@@ -115,6 +117,44 @@ def check_sharded_parity(model, directory: str, manifest: dict, prompt: torch.Te
         report.passed = False
         report.detail = "; ".join(filter(None, [report.detail, f"rank(s) {', '.join(map(str, differ))}'s logits "
                                                 "differ from rank 0's"]))
+    return report
+
+
+def check_composed_parity(model, directory: str, manifest: dict, prompt: torch.Tensor, steps: int,
+                          dtype: str = "fp32", tolerances: dict | None = None) -> ParityReport:
+    """A sharded ONNX artifact (``--target onnx --tp N``) against unsharded eager: its rank models
+    composed into one graph (:mod:`~effexport.exporter.backends.onnx.composed`: each AllReduce a Sum
+    of the ranks' inputs) run on ONNX Runtime CPU over the prefill and ``steps`` decode steps
+    (:func:`~.parity.check_parity`), then one prefill with every rank's logits, which must equal rank
+    0's bit for bit. The collective itself is not run: report.json's ``mode`` says so."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from effexport.exporter.backends.onnx.composed import COMPOSED_MODE, write_composed
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
+
+    if dtype != "fp32":
+        raise ValueError(f"the composed check runs fp32 rank models on ONNX Runtime CPU, not {dtype}")
+    fp32 = model() if callable(model) and not isinstance(model, torch.nn.Module) else model
+    world = manifest["sharded"]["world"]
+    with tempfile.TemporaryDirectory(prefix=".effexport-composed-", dir=os.path.dirname(os.path.abspath(directory))) as tmp:
+        info = write_composed(directory, manifest, tmp)
+        runtime = OrtRuntime(tmp)
+        report = check_parity(fp32, runtime, prompt, steps, dtype, tolerances)
+        names = [o.name for o in runtime.session.get_outputs() if o.name.endswith("/logits")]
+        first = runtime.session.run(["logits", *names], {
+            "input_ids": prompt.numpy(), **{n: np.array(0, dtype=np.int64) for n in runtime.input_names
+                                            if n in ("pos", "pos_host")},
+            **dict(zip(runtime.cache_names, runtime.initial_caches(prompt.shape[0])))})
+    report.mode = COMPOSED_MODE.format(world=world)
+    differ = [n.split("/")[0] for n, out in zip(names, first[1:]) if not np.array_equal(out, first[0])]
+    detail = f"{info['all_reduces'][0]} AllReduce nodes per rank, each a Sum of the {world} ranks' inputs"
+    if differ:
+        report.passed = False
+        detail += f"; rank(s) {', '.join(differ)}'s logits differ from rank 0's"
+    report.detail = "; ".join(filter(None, [report.detail, detail]))
     return report
 
 

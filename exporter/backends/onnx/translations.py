@@ -33,13 +33,14 @@ def translation_table(profile: str = "ort") -> dict[OpOverload, Callable]:
     Importing the translations registers the schemas they need (GQA, the effexport domain)."""
     if profile not in PROFILES:
         raise LowerError(f"unknown ONNX profile {profile!r}; profiles are: {', '.join(ORT_PROFILES)}")
-    from effexport.exporter.backends.onnx import attention, cca, compressed, functions
+    from effexport.exporter.backends.onnx import attention, cca, collectives, compressed, functions
 
     table: dict[OpOverload, Callable] = {}
     table.update(attention.TRANSLATIONS.get(profile, {}))
     table.update(functions.TRANSLATIONS)
     table.update(cca.TRANSLATIONS)
     table.update(compressed.TRANSLATIONS)
+    table.update(collectives.TRANSLATIONS)  # a sharded rank program's all-reduces (--tp)
     if PROFILES[profile].tensorrt:
         from effexport.exporter.backends.onnx import tensorrt_profile
 
