@@ -124,14 +124,14 @@ def check_options(opts: BuildOptions) -> None:
 
 
 MAX_TP = 1024
-SHARDED_TARGETS = ("torch", "onnx")
+SHARDED_TARGETS = ("torch", "onnx", "aoti")
 """Targets that build per-rank artifacts (``--tp``)."""
 
 
 def check_parallel(opts: BuildOptions) -> None:
     """``--tp`` / ``--ep``: a rank count from 2, ``--ep`` only equal to ``--tp`` (experts are split over
-    the same ranks as the heads), the torch or onnx target, growing caches (so no ``--genai``: it
-    needs fixed buffers); with onnx, fp32 (exit 2 otherwise)."""
+    the same ranks as the heads), the torch, onnx or aoti target, growing caches (so no ``--genai``: it
+    needs fixed buffers); with onnx or aoti, fp32 (exit 2 otherwise)."""
     if opts.tp is None:
         if opts.ep is not None:
             raise UsageError(f"--ep {opts.ep} needs --tp: experts are split across the tensor-parallel ranks; "
@@ -145,8 +145,8 @@ def check_parallel(opts: BuildOptions) -> None:
                          f"parallelism for now (a separate expert-parallel group is not supported); pass --ep "
                          f"{opts.tp} or drop --ep")
     if opts.target not in SHARDED_TARGETS:
-        raise UsageError(f"--tp builds one torch.export program or ONNX model per rank: use --target torch or "
-                         f"--target onnx (--target {opts.target} has no sharded build yet)")
+        raise UsageError(f"--tp builds one torch.export program, ONNX model or AOTInductor package per rank: use "
+                         f"--target torch, onnx or aoti (--target {opts.target} has no sharded build yet)")
     if opts.kv_cache != "grow":
         raise UsageError(f"--tp with --kv-cache {opts.kv_cache}: sharded builds use growing caches only for now; "
                          "drop --kv-cache")
@@ -155,6 +155,10 @@ def check_parallel(opts: BuildOptions) -> None:
                          "ONNX Runtime's CPU kernels lack half precision for several ops, so checking the rank models "
                          "would need an fp32 twin of every rank, which is not built yet; drop --dtype, or use "
                          f"--target torch --tp {opts.tp} --dtype {opts.dtype}")
+    if opts.target == "aoti" and opts.dtype != "fp32":
+        raise UsageError(f"--target aoti --tp with --dtype {opts.dtype}: sharded AOTInductor builds are fp32 for now "
+                         "(only fp32 rank packages have been compiled and checked); drop --dtype, or use --target torch "
+                         f"--tp {opts.tp} --dtype {opts.dtype}")
 
 
 def check_steps(steps: int, max_context: int | None) -> None:
@@ -540,7 +544,8 @@ def _check_sharded(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptio
                         + (f"decode steps, the {world} rank models composed into one graph on ONNX Runtime CPU, each "
                            "AllReduce a Sum of the ranks' inputs: the collective itself is not run)"
                            if opts.target == "onnx" else
-                           f"decode steps, {world} ranks together over gloo on the CPU, each loading its program.pt2)"))
+                           f"decode steps, {world} ranks together over gloo on the CPU, each loading its "
+                           + ("AOTInductor package)" if opts.target == "aoti" else "program.pt2)")))
     parity = check_sharded_parity(fp32, tmp, manifest, reference.parity_prompt(PARITY_PROMPT, device="cpu"),
                                   opts.steps, opts.dtype, half=same)
     progress.done(t0)

@@ -62,7 +62,10 @@ class AotiRuntime:
     generate = OrtRuntime.generate  # greedy loop over step / initial_caches
 
     def __init__(self, artifact_dir: str, device: str | None = None):
+        from effexport.exporter.backends.torch.sharded import refuse_sharded
+
         self.manifest = load_manifest(artifact_dir)
+        refuse_sharded(artifact_dir, self.manifest)
         self.entries = plan_entries(self.manifest)
         info = self.manifest.get("aoti")
         if not info:
