@@ -109,9 +109,11 @@ def check_options(opts: BuildOptions) -> None:
         raise UsageError(f"--genai needs --kv-cache buffer (GenAI binds past and present to one buffer), not "
                          f"--kv-cache {opts.kv_cache}: drop --kv-cache")
     if opts.stream_weights and opts.target != "onnx" and not (opts.target == "torch" and opts.tp):
+        held = (f"--target aoti --tp {opts.tp} compiles each rank from the model loaded whole (streamed rank "
+                "slices are not wired to AOTInductor yet)" if opts.tp else
+                f"an unsharded --target {opts.target} build holds the whole model")
         raise UsageError(f"--stream-weights writes ONNX external data, or with --target torch --tp N each rank's "
-                         f"slices; an unsharded --target {opts.target} build holds the whole model: drop "
-                         "--stream-weights, or use --target onnx, or --target torch --tp N")
+                         f"slices; {held}: drop --stream-weights, or use --target onnx, or --target torch --tp N")
     if opts.data_file_bytes is not None and opts.target != "onnx":
         raise UsageError(f"--data-file-size splits ONNX external data; --target {opts.target} writes none: drop it")
     if opts.data_file_bytes is not None and opts.data_file_bytes < (64 << 10):
@@ -131,7 +133,7 @@ SHARDED_TARGETS = ("torch", "onnx", "aoti")
 def check_parallel(opts: BuildOptions) -> None:
     """``--tp`` / ``--ep``: a rank count from 2, ``--ep`` only equal to ``--tp`` (experts are split over
     the same ranks as the heads), the torch, onnx or aoti target, growing caches (so no ``--genai``: it
-    needs fixed buffers); with onnx or aoti, fp32 (exit 2 otherwise)."""
+    needs fixed buffers); with onnx, fp32 (aoti is fp32 anyway) (exit 2 otherwise)."""
     if opts.tp is None:
         if opts.ep is not None:
             raise UsageError(f"--ep {opts.ep} needs --tp: experts are split across the tensor-parallel ranks; "
@@ -155,10 +157,6 @@ def check_parallel(opts: BuildOptions) -> None:
                          "ONNX Runtime's CPU kernels lack half precision for several ops, so checking the rank models "
                          "would need an fp32 twin of every rank, which is not built yet; drop --dtype, or use "
                          f"--target torch --tp {opts.tp} --dtype {opts.dtype}")
-    if opts.target == "aoti" and opts.dtype != "fp32":
-        raise UsageError(f"--target aoti --tp with --dtype {opts.dtype}: sharded AOTInductor builds are fp32 for now "
-                         "(only fp32 rank packages have been compiled and checked); drop --dtype, or use --target torch "
-                         f"--tp {opts.tp} --dtype {opts.dtype}")
 
 
 def check_steps(steps: int, max_context: int | None) -> None:
@@ -212,7 +210,7 @@ def build(opts: BuildOptions) -> int:
     sharded = opts.tp is not None  # a sharded build of a Hugging Face directory streams unless told not to
     stream = (spec.kind == "hf" and not opts.allow_missing_weights
               and (streaming().wanted(spec.spec, opts.stream_weights) if opts.target == "onnx" else
-                   sharded and opts.stream_weights is not False))
+                   sharded and opts.target == "torch" and opts.stream_weights is not False))
     if opts.stream_weights and not stream:
         raise UsageError("--stream-weights streams a Hugging Face directory's safetensors (--target onnx, or "
                          "--target torch --tp N; without --allow-missing-weights); drop --stream-weights")
