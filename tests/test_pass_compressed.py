@@ -87,18 +87,24 @@ def test_cache_layout(captured, ds_rewritten):
     assert not [w for w in ds_rewritten[1].left_alone if "ring cache length" in w]
 
 
+def _assert_prefill_and_decode(model, ids, gm, plan):
+    """fp32 rel <= 1e-5 on every step's logits: prefill 5 tokens from zero caches, then one-token
+    steps to the end of ``ids``; returns the last step's outputs."""
+    with torch.no_grad():
+        want, _ = model(ids)
+        outs = gm(ids[:, :5], torch.tensor(0), *plan.empty_caches(2))
+        assert_close(outs[0], want[:, :5], what="prefill logits")
+        for t in range(5, ids.shape[1]):
+            outs = gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
+            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
+    return want
+
+
 def test_parity_prefill_and_decode(captured, ds_rewritten):
     """fp32 rel <= 1e-5 on every step's logits: prefill 5 tokens from zero caches, then 35 steps."""
     model, ids, _ = captured
     prog, analysis = ds_rewritten
-    with torch.no_grad():
-        want, _ = model(ids)
-        caches = analysis.plan.empty_caches(2)
-        outs = prog.gm(ids[:, :5], torch.tensor(0), *caches)
-        assert_close(outs[0], want[:, :5], what="prefill logits")
-        for t in range(5, ids.shape[1]):
-            outs = prog.gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
-            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
+    _assert_prefill_and_decode(model, ids, prog.gm, analysis.plan)
 
 
 def _nth(gm, pred, n):
@@ -228,13 +234,8 @@ def test_csa_lookalike_parity(csa_lookalike):
     per step) export specialised the block count to 1: rel 2.5e-2 at the 5-token prefill and a
     failure at P = 8, T = 1 (indexer mask [T, 2] vs scores [B, T, 3])."""
     model, ids, program, analysis = csa_lookalike
+    want = _assert_prefill_and_decode(model, ids, program.gm, analysis.plan)
     with torch.no_grad():
-        want, _ = model(ids)
-        outs = program.gm(ids[:, :5], torch.tensor(0), *analysis.plan.empty_caches(2))
-        assert_close(outs[0], want[:, :5], what="prefill logits")
-        for t in range(5, ids.shape[1]):
-            outs = program.gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
-            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
         outs, pos = (None, *analysis.plan.empty_caches(2)), 0
         for n in (13, 6, 2, 1):
             outs = program.gm(ids[:, pos:pos + n], torch.tensor(pos), *outs[1:])
@@ -323,13 +324,7 @@ def test_indexer_topk_wider_than_the_entries_keeps_parity():
     assert analysis.counts["compressed"]["csa"] == 1, analysis.explain()
     assert [n.kwargs.get("topk", n.args[-1] if n.args else None) for n in prog.gm.graph.nodes
             if is_call(n, OPS.indexer_topk.default)] == [16]
-    with torch.no_grad():
-        want, _ = model(ids)
-        outs = prog.gm(ids[:, :5], torch.tensor(0), *analysis.plan.empty_caches(2))
-        assert_close(outs[0], want[:, :5], what="prefill logits")
-        for t in range(5, ids.shape[1]):
-            outs = prog.gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
-            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
+    _assert_prefill_and_decode(model, ids, prog.gm, analysis.plan)
 
 
 def test_real_size_indexer_recognised_on_meta_weights_and_sharded():
