@@ -26,7 +26,7 @@ import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
 from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
-                                               plan_entries)
+                                               plan_entries, refuse_sharded)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 __all__ = ["AotiRuntime", "load_package"]
@@ -62,8 +62,6 @@ class AotiRuntime:
     generate = OrtRuntime.generate  # greedy loop over step / initial_caches
 
     def __init__(self, artifact_dir: str, device: str | None = None):
-        from effexport.exporter.backends.torch.sharded import refuse_sharded
-
         self.manifest = load_manifest(artifact_dir)
         refuse_sharded(artifact_dir, self.manifest)
         self.entries = plan_entries(self.manifest)

@@ -19,10 +19,9 @@ import torch
 
 from effexport.exporter.errors import LoadError
 from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
-                                               plan_entries)
+                                               plan_entries, refuse_sharded)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 from effexport.exporter.backends.torch.engine import TorchEngine, on_device
-from effexport.exporter.backends.torch.sharded import refuse_sharded
 
 __all__ = ["TorchRuntime", "load_program"]
 

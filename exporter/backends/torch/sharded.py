@@ -40,17 +40,6 @@ def is_sharded(manifest: dict) -> bool:
     return isinstance(manifest.get("sharded"), dict)
 
 
-def refuse_sharded(artifact_dir: str, manifest: dict) -> None:
-    """A one-process runtime (torch, aoti) refuses a sharded artifact or one of its ranks
-    (:class:`LoadError` saying how its ranks run)."""
-    if "sharded" in manifest or "rank" in manifest:
-        top = artifact_dir if "sharded" in manifest else os.path.dirname(os.path.abspath(artifact_dir))
-        raise LoadError(f"{artifact_dir!r} is {'a rank of ' if 'rank' in manifest else ''}a sharded (--tp) "
-                        f"artifact: its ranks run together, one process each: 'effexport run {top}' (or under "
-                        f"torchrun: 'torchrun --nproc-per-node N -m effexport.launch {top}'); "
-                        f"'effexport check {top}' checks it")
-
-
 def topology(directory: str, manifest: dict) -> list[tuple[str, list]]:
     """Per rank ``(program.pt2 path, cache entries)`` of the sharded artifact at ``directory``; every
     rank's files must be there (one-line :class:`LoadError` otherwise)."""
