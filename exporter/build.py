@@ -109,9 +109,11 @@ def check_options(opts: BuildOptions) -> None:
         raise UsageError(f"--genai needs --kv-cache buffer (GenAI binds past and present to one buffer), not "
                          f"--kv-cache {opts.kv_cache}: drop --kv-cache")
     if opts.stream_weights and opts.target != "onnx" and not (opts.target == "torch" and opts.tp):
+        held = (f"--target aoti --tp {opts.tp} compiles each rank from the model loaded whole (streamed rank "
+                "slices are not wired to AOTInductor yet)" if opts.tp else
+                f"an unsharded --target {opts.target} build holds the whole model")
         raise UsageError(f"--stream-weights writes ONNX external data, or with --target torch --tp N each rank's "
-                         f"slices; an unsharded --target {opts.target} build holds the whole model: drop "
-                         "--stream-weights, or use --target onnx, or --target torch --tp N")
+                         f"slices; {held}: drop --stream-weights, or use --target onnx, or --target torch --tp N")
     if opts.data_file_bytes is not None and opts.target != "onnx":
         raise UsageError(f"--data-file-size splits ONNX external data; --target {opts.target} writes none: drop it")
     if opts.data_file_bytes is not None and opts.data_file_bytes < (64 << 10):
@@ -124,14 +126,14 @@ def check_options(opts: BuildOptions) -> None:
 
 
 MAX_TP = 1024
-SHARDED_TARGETS = ("torch", "onnx")
+SHARDED_TARGETS = ("torch", "onnx", "aoti")
 """Targets that build per-rank artifacts (``--tp``)."""
 
 
 def check_parallel(opts: BuildOptions) -> None:
     """``--tp`` / ``--ep``: a rank count from 2, ``--ep`` only equal to ``--tp`` (experts are split over
-    the same ranks as the heads), the torch or onnx target, growing caches (so no ``--genai``: it
-    needs fixed buffers); with onnx, fp32 (exit 2 otherwise)."""
+    the same ranks as the heads), the torch, onnx or aoti target, growing caches (so no ``--genai``: it
+    needs fixed buffers); with onnx, fp32 (aoti is fp32 anyway) (exit 2 otherwise)."""
     if opts.tp is None:
         if opts.ep is not None:
             raise UsageError(f"--ep {opts.ep} needs --tp: experts are split across the tensor-parallel ranks; "
@@ -145,8 +147,8 @@ def check_parallel(opts: BuildOptions) -> None:
                          f"parallelism for now (a separate expert-parallel group is not supported); pass --ep "
                          f"{opts.tp} or drop --ep")
     if opts.target not in SHARDED_TARGETS:
-        raise UsageError(f"--tp builds one torch.export program or ONNX model per rank: use --target torch or "
-                         f"--target onnx (--target {opts.target} has no sharded build yet)")
+        raise UsageError(f"--tp builds one torch.export program, ONNX model or AOTInductor package per rank: use "
+                         f"--target torch, onnx or aoti (--target {opts.target} has no sharded build yet)")
     if opts.kv_cache != "grow":
         raise UsageError(f"--tp with --kv-cache {opts.kv_cache}: sharded builds use growing caches only for now; "
                          "drop --kv-cache")
@@ -208,7 +210,7 @@ def build(opts: BuildOptions) -> int:
     sharded = opts.tp is not None  # a sharded build of a Hugging Face directory streams unless told not to
     stream = (spec.kind == "hf" and not opts.allow_missing_weights
               and (streaming().wanted(spec.spec, opts.stream_weights) if opts.target == "onnx" else
-                   sharded and opts.stream_weights is not False))
+                   sharded and opts.target == "torch" and opts.stream_weights is not False))
     if opts.stream_weights and not stream:
         raise UsageError("--stream-weights streams a Hugging Face directory's safetensors (--target onnx, or "
                          "--target torch --tp N; without --allow-missing-weights); drop --stream-weights")
@@ -540,7 +542,8 @@ def _check_sharded(loaded: LoadedModel, reference: LoadedModel, opts: BuildOptio
                         + (f"decode steps, the {world} rank models composed into one graph on ONNX Runtime CPU, each "
                            "AllReduce a Sum of the ranks' inputs: the collective itself is not run)"
                            if opts.target == "onnx" else
-                           f"decode steps, {world} ranks together over gloo on the CPU, each loading its program.pt2)"))
+                           f"decode steps, {world} ranks together over gloo on the CPU, each loading its "
+                           + ("AOTInductor package)" if opts.target == "aoti" else "program.pt2)")))
     parity = check_sharded_parity(fp32, tmp, manifest, reference.parity_prompt(PARITY_PROMPT, device="cpu"),
                                   opts.steps, opts.dtype, half=same)
     progress.done(t0)

@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  effexport check out                             # re-run parity of an artifact\n"
                "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2  # one program per rank\n"
                "  effexport gemma4-e2b:tiny --target onnx --tp 2 -o tp2o  # one model.onnx per rank\n"
+               "  effexport gemma4-e2b:tiny --target aoti --tp 2 -o tp2a  # one AOTInductor package per rank\n"
                "  effexport run tp2 --prompt-ids ids.json         # its ranks together (or under torchrun)\n"
                "  effexport list                                  # built-in samples\n"
                "  effexport report gemma4-e2b --context 128k      # KV bytes, params, FLOPs/token\n"
@@ -380,14 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="allow unpickling a torch.save file of a whole module (runs code from the file: "
                               "only for files you trust); without it .pt files are read weights-only")
     p_build.add_argument("--tp", type=_int, default=None, metavar="N",
-                         help="tensor parallel over N ranks (--target torch: fp32, bf16 or fp16; --target onnx: fp32; "
-                              "--weights none for structure only): attention heads, MLPs and "
+                         help="tensor parallel over N ranks (--target torch: fp32, bf16 or fp16; --target onnx or "
+                              "aoti: fp32; --weights none for structure only): attention heads, MLPs and "
                               "experts split as 'effexport report MODEL --tp N' shows; writes DIR/rank{r}/program.pt2 "
-                              "(or model.onnx, each all-reduce a com.microsoft::AllReduce) per rank and a topology in "
+                              "(or model.onnx, each all-reduce a com.microsoft::AllReduce; or the AOTInductor package "
+                              "model.pt2) per rank and a topology in "
                               "DIR/effexport.json; the parity check runs the N ranks together over gloo on the CPU "
                               "(ONNX: the rank models composed into one graph on ONNX Runtime CPU, each AllReduce a Sum; "
                               "the collective needs an onnxruntime CUDA build with NCCL). A head count N does not "
-                              "divide: exit 2 naming the layer. Run torch ranks with 'effexport run DIR' or torchrun")
+                              "divide: exit 2 naming the layer. Run torch and aoti ranks with 'effexport run DIR' or "
+                              "torchrun")
     p_build.add_argument("--ep", type=_int, default=None, metavar="M",
                          help="expert parallel group size; for now only M = N of --tp (experts are split over the "
                               "same ranks as the heads)")
@@ -426,14 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate --steps greedy tokens after --prompt-ids with a sharded artifact (built with --tp N).\n"
                     "Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment) this process\n"
                     "is one rank: it joins the default process group (nccl on CUDA, cuda:LOCAL_RANK; gloo on the\n"
-                    "CPU) and runs DIR/rank{RANK}/program.pt2. Without those variables it starts the N ranks\n"
-                    "itself on this machine. Rank 0 prints {\"tokens\": [[prompt + generated ids], ...]}.",
+                    "CPU) and runs DIR/rank{RANK}/program.pt2 (aoti: model.pt2). Without those variables it starts\n"
+                    "the N ranks itself on this machine. Rank 0 prints {\"tokens\": [[prompt + generated ids], ...]}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  effexport gemma4-e2b:tiny --target torch --tp 2 -o tp2\n"
                "  effexport run tp2 --prompt-ids prompt.json --steps 8\n"
                "  torchrun --nproc-per-node 2 -m effexport.launch tp2 --prompt-ids prompt.json --steps 8")
-    p_run.add_argument("dir", metavar="DIR", help="a sharded artifact directory (effexport MODEL --target torch --tp N)")
+    p_run.add_argument("dir", metavar="DIR",
+                       help="a sharded artifact directory (effexport MODEL --target torch|aoti --tp N)")
     p_run.add_argument("--prompt-ids", metavar="FILE", required=True,
                        help="the prompt: a JSON list of token ids (or a list of equal-length lists: a batch), or a "
                             "text file tokenized with the tokenizer of the Hugging Face directory it was built from")

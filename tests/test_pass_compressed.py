@@ -87,18 +87,24 @@ def test_cache_layout(captured, ds_rewritten):
     assert not [w for w in ds_rewritten[1].left_alone if "ring cache length" in w]
 
 
+def _assert_prefill_and_decode(model, ids, gm, plan):
+    """fp32 rel <= 1e-5 on every step's logits: prefill 5 tokens from zero caches, then one-token
+    steps to the end of ``ids``; returns the last step's outputs."""
+    with torch.no_grad():
+        want, _ = model(ids)
+        outs = gm(ids[:, :5], torch.tensor(0), *plan.empty_caches(2))
+        assert_close(outs[0], want[:, :5], what="prefill logits")
+        for t in range(5, ids.shape[1]):
+            outs = gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
+            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
+    return want
+
+
 def test_parity_prefill_and_decode(captured, ds_rewritten):
     """fp32 rel <= 1e-5 on every step's logits: prefill 5 tokens from zero caches, then 35 steps."""
     model, ids, _ = captured
     prog, analysis = ds_rewritten
-    with torch.no_grad():
-        want, _ = model(ids)
-        caches = analysis.plan.empty_caches(2)
-        outs = prog.gm(ids[:, :5], torch.tensor(0), *caches)
-        assert_close(outs[0], want[:, :5], what="prefill logits")
-        for t in range(5, ids.shape[1]):
-            outs = prog.gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
-            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
+    _assert_prefill_and_decode(model, ids, prog.gm, analysis.plan)
 
 
 def _nth(gm, pred, n):
@@ -228,13 +234,8 @@ def test_csa_lookalike_parity(csa_lookalike):
     per step) export specialised the block count to 1: rel 2.5e-2 at the 5-token prefill and a
     failure at P = 8, T = 1 (indexer mask [T, 2] vs scores [B, T, 3])."""
     model, ids, program, analysis = csa_lookalike
+    want = _assert_prefill_and_decode(model, ids, program.gm, analysis.plan)
     with torch.no_grad():
-        want, _ = model(ids)
-        outs = program.gm(ids[:, :5], torch.tensor(0), *analysis.plan.empty_caches(2))
-        assert_close(outs[0], want[:, :5], what="prefill logits")
-        for t in range(5, ids.shape[1]):
-            outs = program.gm(ids[:, t:t + 1], torch.tensor(t), *outs[1:])
-            assert_close(outs[0][:, 0], want[:, t], what=f"decode logits at position {t}")
         outs, pos = (None, *analysis.plan.empty_caches(2)), 0
         for n in (13, 6, 2, 1):
             outs = program.gm(ids[:, pos:pos + n], torch.tensor(pos), *outs[1:])
@@ -297,3 +298,54 @@ def test_step_bound_recorded_from_export(csa_lookalike):
     model, ids, program, analysis = csa_lookalike
     assert program.max_new_tokens is None
     assert capture_step(model, ids, 3).max_new_tokens == 7
+
+
+def _wide_topk(name: str, layers: int, **changes):
+    """``name`` cut to its first ``layers`` layers (swa, swa, csa), config fields changed."""
+    import dataclasses
+
+    from effexport.samples import Sample, get_sample
+
+    s = get_sample(name).with_layers(layers)
+    return Sample(s.name, s.module, dataclasses.replace(s.config, **changes))
+
+
+def test_indexer_topk_wider_than_the_entries_keeps_parity():
+    """A top-k wider than the compressed entries (the graph picks ``min(topk, entries)`` columns,
+    ``indexer_topk`` pads ``topk`` with -1): the indexer is recognised -- the numeric check probes 10
+    entries, fewer than top-k 16 -- and the rewritten step keeps parity at every step, where top-k
+    exceeds the entries throughout (1 to 10 entries)."""
+    sample = _wide_topk("deepseek-v4-flash:tiny", 3, index_topk=16)
+    model = sample.build()
+    ids = torch.randint(0, sample.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    from effexport.exporter.capture import capture_step
+
+    prog, analysis = pipeline.run_pipeline(capture_step(model, ids), max_context=MAX_CONTEXT)
+    assert analysis.counts["compressed"]["csa"] == 1, analysis.explain()
+    assert [n.kwargs.get("topk", n.args[-1] if n.args else None) for n in prog.gm.graph.nodes
+            if is_call(n, OPS.indexer_topk.default)] == [16]
+    _assert_prefill_and_decode(model, ids, prog.gm, analysis.plan)
+
+
+def test_real_size_indexer_recognised_on_meta_weights_and_sharded():
+    """DeepSeek V4-Flash at its real widths (top-k 512, 64 indexer heads), cut to 3 layers (the third
+    a CSA layer), on meta weights as ``--weights none`` builds it: the indexer is recognised (it was
+    left alone with "selected indices differ": the probe holds 10 entries, fewer than top-k), and
+    over 8 ranks it stays whole on every rank while the sparse attention's 64 query heads split."""
+    from effexport.exporter.capture import capture_step
+    from effexport.passes.sharding import plan_sharding, shard_rank
+
+    sample = _wide_topk("deepseek-v4-flash", 3)
+    assert sample.config.index_topk == 512 and sample.config.layer_type(2) == "csa"
+    model = sample.build("meta")
+    prog, analysis = pipeline.run_pipeline(capture_step(model, torch.zeros(2, 40, dtype=torch.long, device="meta")),
+                                           max_context=4096)
+    counts = analysis.counts["compressed"]
+    assert (counts["csa"], counts["window_only"], counts["left_alone"]) == (1, 2, 0), analysis.explain()
+    shard = plan_sharding(prog, analysis.plan, 8)
+    rank_prog, _ = shard_rank(prog, analysis.plan, shard, 0, "0")
+    gm = rank_prog.gm
+    (indexer,) = [n for n in gm.graph.nodes if is_call(n, OPS.indexer_topk.default)]
+    assert indexer.args[0].meta["val"].shape[2] == sample.config.index_n_heads  # whole on every rank
+    heads = {n.args[0].meta["val"].shape[2] for n in gm.graph.nodes if is_call(n, OPS.sparse_attention.default)}
+    assert heads == {sample.config.n_heads // 8}

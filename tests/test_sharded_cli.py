@@ -181,7 +181,7 @@ BAD = [
     (["--tp", "1"], "--tp 1 is the unsharded build: drop --tp"),
     (["--tp", "2", "--ep", "4"], "--ep 4 with --tp 2: expert parallelism uses the same ranks"),
     (["--ep", "2"], "--ep 2 needs --tp"),
-    (["--tp", "2", "--target", "aoti"], "use --target torch or --target onnx (--target aoti has no sharded build yet)"),
+    (["--tp", "2", "--target", "tensorrt"], "use --target torch, onnx or aoti (--target tensorrt has no sharded build yet)"),
     (["--tp", "2", "--kv-cache", "buffer"], "--tp with --kv-cache buffer: sharded builds use growing caches only"),
     (["--tp", "2", "--stream-weights"], "--stream-weights streams a Hugging Face directory's safetensors"),
     (["--stream-weights"], "an unsharded --target torch build holds the whole model"),

@@ -35,6 +35,17 @@ def load_manifest(artifact_dir: str) -> dict:
     return manifest
 
 
+def refuse_sharded(artifact_dir: str, manifest: dict) -> None:
+    """A one-process runtime (torch, aoti) refuses a sharded artifact or one of its ranks
+    (:class:`LoadError` saying how its ranks run)."""
+    if "sharded" in manifest or "rank" in manifest:
+        top = artifact_dir if "sharded" in manifest else os.path.dirname(os.path.abspath(artifact_dir))
+        raise LoadError(f"{artifact_dir!r} is {'a rank of ' if 'rank' in manifest else ''}a sharded (--tp) "
+                        f"artifact: its ranks run together, one process each: 'effexport run {top}' (or under "
+                        f"torchrun: 'torchrun --nproc-per-node N -m effexport.launch {top}'); "
+                        f"'effexport check {top}' checks it")
+
+
 def check_manifest(manifest, path: str, artifact_dir: str) -> None:
     """The manifest is an object with every key a runtime reads, of the right type; its dtype is
     known; every ``files`` entry names a file inside ``artifact_dir`` (after resolving

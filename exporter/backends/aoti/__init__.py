@@ -8,6 +8,10 @@
 * :mod:`.runtime`: :class:`~.runtime.AotiRuntime` (``initial_caches`` / ``step`` / ``generate`` like
   :class:`effexport.runtime.OrtRuntime`, plus ``step_torch`` with caches kept on the device).
 
+``--tp N``: each rank's program compiled the same way into ``rank{r}/model.pt2``; its all-reduces
+compile against a fake process group named "0" (:func:`~.package.compile_group`) and run on the
+real one each rank joins (:func:`effexport.exporter.backends.torch.sharded.open_rank`).
+
 Needs a C++ compiler (``g++`` or ``$CXX``) to build; builds for CUDA when torch sees a GPU, else for
 the CPU. Verified on the CPU (``tests/test_aoti.py``). On an H200 (torch 2.11) a CUDA package compiles
 but torch's loader segfaults on it (README, AOTInductor), so a build where torch sees a GPU is refused

@@ -26,7 +26,8 @@ def stage(opts) -> str:  # noqa: ARG001 (the Backend interface)
 def lower(program, plan, directory: str, opts) -> Lowered:  # noqa: ARG001 (the Backend interface)
     from effexport.exporter.backends.aoti.package import PACKAGE_FILE, WEIGHTS_FILE, build_device, compile_package
 
-    aoti = compile_package(program, plan, os.path.join(directory, PACKAGE_FILE), build_device())
+    aoti = compile_package(program, plan, os.path.join(directory, PACKAGE_FILE), build_device(),
+                           getattr(opts, "tp", None))  # a rank program of --tp N: its collectives' group
     files = {"step": PACKAGE_FILE, **({"weights": WEIGHTS_FILE} if aoti["weights"] else {})}
     return Lowered(files, None, None, f"{PACKAGE_FILE}, {aoti['device']}", f"AOTInductor {aoti['device']}",
                    {"aoti": aoti})

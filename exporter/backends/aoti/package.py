@@ -23,6 +23,15 @@ object (Inductor's default); above it the package is compiled without them and t
 to it as ``model.weights.pt`` (``torch.save`` of the name -> tensor dict, loaded back with
 ``weights_only=True`` and handed to the loaded package with ``load_constants``).
 
+Sharded rank programs (``--tp N``): the ``_c10d_functional.all_reduce`` / ``wait_tensor`` calls
+compile like any op Inductor knows (on the CPU, a call of the registered collective; checked on
+torch 2.13 with gloo), but Inductor resolves each collective's process group by name while it
+compiles (its graph-repro logging asks the group's size), and the build process has none:
+"Could not resolve the process group registered under the name 0". :func:`compile_group` gives
+the compile a fake process group (torch's ``fake`` backend: no communication) of the artifact's
+world as the default group, named ``"0"`` like the real one each rank joins before it loads its
+package; the package calls whatever group has that name when it runs.
+
 Not deterministic: two builds of one program differ in ``.data/serialization_id`` (a random id
 torch's archive writer gives every archive) and in the comments of the generated ``*.wrapper.cpp`` /
 ``*.kernel.cpp`` (Inductor appends the compile and link commands, with its cache directory's paths,
@@ -33,6 +42,7 @@ JSON (the effexport op calls) and the package metadata were identical in every b
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -46,8 +56,8 @@ import torch
 from effexport.exporter.errors import BackendMissingError, LowerError
 from effexport.passes.cache_plan import CachePlan
 
-__all__ = ["PACKAGE_FILE", "WEIGHTS_FILE", "build_device", "check_compiler", "check_cuda", "compile_package", "custom_op_calls",
-           "package_metadata", "aoti_step"]
+__all__ = ["PACKAGE_FILE", "WEIGHTS_FILE", "build_device", "check_compiler", "check_cuda", "compile_group",
+           "compile_package", "custom_op_calls", "package_metadata", "aoti_step"]
 
 PACKAGE_FILE = "model.pt2"
 
@@ -119,11 +129,35 @@ def _weights_apart(ep) -> bool:
     return sum(t.untyped_storage().nbytes() for t in _weights(ep).values()) > WEIGHTS_IN_SO_LIMIT
 
 
-def compile_package(program, plan: CachePlan, path: str, device: str) -> dict:
+@contextlib.contextmanager
+def compile_group(world: int | None):
+    """While compiling a rank program of ``world`` ranks (None: an unsharded program, nothing done):
+    a fake default process group named ``"0"`` (module docstring), destroyed afterwards. A process
+    that already has a default group (a build inside a distributed job) compiles against that one."""
+    import torch.distributed as dist
+
+    if world is None or dist.is_initialized():
+        yield
+        return
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401 (registers the "fake" backend)
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world)
+    try:
+        name = dist.group.WORLD.group_name
+        if name != "0":  # the rank programs' collectives name the default group "0"
+            raise LowerError(f"the compile's default process group is named {name!r}, not '0': build the "
+                             "sharded aoti artifact in a fresh process")
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def compile_package(program, plan: CachePlan, path: str, device: str, world: int | None = None) -> dict:
     """Compile ``program`` (the rewritten step) into the AOTInductor package ``path`` (``*.pt2``)
     for ``device``; returns ``{"device", "pos_device", "metadata", "weights"}`` for ``effexport.json``
     (``weights``: the file beside the package holding them, or None when they are embedded).
-    Nothing is left at ``path`` when it fails (:class:`LowerError`)."""
+    ``world``: the rank count of a sharded rank program (its all-reduces compile against a fake
+    process group, :func:`compile_group`). Nothing is left at ``path`` when it fails (:class:`LowerError`)."""
     from effexport.exporter.capture import fast_export_config
 
     # the AOT compile re-traces the program with fake tensors, as export does (same settings); torch's
@@ -134,8 +168,10 @@ def compile_package(program, plan: CachePlan, path: str, device: str) -> dict:
         apart = _weights_apart(ep)
         weights_path = os.path.join(os.path.dirname(path), WEIGHTS_FILE)
         try:
-            torch._inductor.aoti_compile_and_package(
-                ep, package_path=path, inductor_configs={"aot_inductor.package_constants_in_so": False} if apart else {})
+            with compile_group(world):
+                torch._inductor.aoti_compile_and_package(
+                    ep, package_path=path,
+                    inductor_configs={"aot_inductor.package_constants_in_so": False} if apart else {})
             if apart:
                 torch.save(_weights(ep), weights_path)
         except Exception as exc:  # Inductor and the C++ compiler raise many types

@@ -26,7 +26,7 @@ import torch
 
 from effexport.exporter.errors import BackendMissingError, LoadError
 from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
-                                               plan_entries)
+                                               plan_entries, refuse_sharded)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 
 __all__ = ["AotiRuntime", "load_package"]
@@ -63,6 +63,7 @@ class AotiRuntime:
 
     def __init__(self, artifact_dir: str, device: str | None = None):
         self.manifest = load_manifest(artifact_dir)
+        refuse_sharded(artifact_dir, self.manifest)
         self.entries = plan_entries(self.manifest)
         info = self.manifest.get("aoti")
         if not info:

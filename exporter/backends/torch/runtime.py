@@ -19,7 +19,7 @@ import torch
 
 from effexport.exporter.errors import LoadError
 from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
-                                               plan_entries)
+                                               plan_entries, refuse_sharded)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
 from effexport.exporter.backends.torch.engine import TorchEngine, on_device
 
@@ -49,12 +49,7 @@ class TorchRuntime:
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         info = self.manifest.get("torch")
-        if "sharded" in self.manifest or "rank" in self.manifest:
-            top = artifact_dir if "sharded" in self.manifest else os.path.dirname(os.path.abspath(artifact_dir))
-            raise LoadError(f"{artifact_dir!r} is {'a rank of ' if 'rank' in self.manifest else ''}a sharded (--tp) "
-                            f"artifact: its ranks run together, one process each: 'effexport run {top}' (or under "
-                            f"torchrun: 'torchrun --nproc-per-node N -m effexport.launch {top}'); "
-                            f"'effexport check {top}' checks it")
+        refuse_sharded(artifact_dir, self.manifest)
         if self.manifest.get("weights") == "none":
             raise LoadError(f"{artifact_dir!r} is structure-only (built with --weights none): its program holds "
                             "meta placeholders, no weights, so it cannot run; build it with weights")

@@ -10,6 +10,11 @@ Layout (written by the build, :func:`effexport.exporter.build.build`)::
     DIR/rank{r}/effexport.json  rank r's own torch manifest (its CachePlan: caches split by heads)
     DIR/report.json             as for any build, parity ``mode`` "sharded, gloo, N ranks"
 
+``--target aoti --tp N`` writes the same layout with ``rank{r}/model.pt2``, rank r's program
+compiled by AOTInductor (:mod:`effexport.exporter.backends.aoti`; its collectives called on the
+process group named "0" at run time), and ``"aoti"`` in each rank's manifest; :func:`open_rank`
+loads either kind, so the parity, ``effexport run`` and the torchrun launcher are the same.
+
 :func:`rank_steps` is the one per-rank step loop (prefill in pieces of ``max_step_tokens``, then
 one-token steps, teacher-forced or greedy); :func:`run_ranks` runs saved rank programs together in
 spawned processes over gloo on the CPU (the build's and ``effexport check``'s parity);
@@ -23,7 +28,7 @@ import tempfile
 
 import torch
 
-from effexport.exporter.backends.artifact import load_manifest, plan_entries
+from effexport.exporter.backends.artifact import MANIFEST, load_manifest, plan_entries
 from effexport.exporter.errors import LoadError, UsageError, one_line
 
 RANK_DIR = "rank{}"
@@ -52,6 +57,36 @@ def topology(directory: str, manifest: dict) -> list[tuple[str, list]]:
                             "copy the whole artifact directory, or rebuild it with --force")
         out.append((path, plan_entries(rank_manifest)))
     return out
+
+
+def open_rank(path: str, device: torch.device):
+    """Rank program ``path`` as ``step(input_ids, pos, *caches) -> (logits, *presents)`` on ``device``:
+    an AOTInductor package when the rank's manifest beside it has an ``"aoti"`` entry (loaded with the
+    effexport ops registered; every input made contiguous and ``pos`` put where the package expects
+    it), else the torch.export archive's module (moved to ``device`` when that is CUDA)."""
+    import json
+
+    manifest_path = os.path.join(os.path.dirname(path), MANIFEST)
+    info = None
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            info = json.load(f).get("aoti")
+    if info:
+        from effexport.exporter.backends.aoti.runtime import load_package
+
+        if torch.device(info["device"]).type != device.type:
+            raise LoadError(f"{path} was compiled for {info['device']} and runs only there, not on {device.type}; "
+                            f"rebuild the artifact with --target aoti on a {device.type} machine")
+        model, pos_device = load_package(path, info["device"], info.get("weights")), torch.device(info["pos_device"])
+
+        def step(input_ids, pos, *caches):
+            return model(input_ids.contiguous(), pos.to(pos_device), *(c.contiguous() for c in caches))
+        return step
+    from effexport.exporter.backends.torch.engine import on_device
+    from effexport.exporter.backends.torch.runtime import load_program
+
+    ep = load_program(path)
+    return (on_device(ep, device) if device.type == "cuda" else ep).module()
 
 
 def rank_steps(program, entries: list, ids: torch.Tensor, decode: int, max_new: int | None = None,
@@ -92,13 +127,11 @@ def _rank_main(rank: int, world: int, workdir: str, archives: list, ids: torch.T
     """One spawned rank of :func:`run_ranks`: joins the gloo group, loads its archive, runs its steps."""
     import torch.distributed as dist
 
-    from effexport.exporter.backends.torch.runtime import load_program
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world)
     try:
         path, entries = archives[rank]
-        logits, caches, _ = rank_steps(load_program(path).module(), entries, ids, decode, max_new)
+        logits, caches, _ = rank_steps(open_rank(path, torch.device("cpu")), entries, ids, decode, max_new)
         torch.save({"logits": logits, "caches": [tuple(c.shape) for c in caches]},
                    os.path.join(workdir, f"out{rank}.pt"))
     finally:
@@ -153,9 +186,6 @@ def launch(directory: str, manifest: dict, ids: torch.Tensor, steps: int) -> tor
     ``[B, P + steps]`` on rank 0, None on the others."""
     import torch.distributed as dist
 
-    from effexport.exporter.backends.torch.engine import on_device
-    from effexport.exporter.backends.torch.runtime import load_program
-
     world = manifest["sharded"]["world"]
     rank, local = torchrun_env(world)
     path, entries = topology(directory, manifest)[rank]
@@ -165,10 +195,7 @@ def launch(directory: str, manifest: dict, ids: torch.Tensor, steps: int) -> tor
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=rank, world_size=world)
     try:
-        ep = load_program(path)
-        if cuda:
-            ep = on_device(ep, device)
-        _, _, tokens = rank_steps(ep.module(), entries, ids.to(device), steps, manifest.get("max_step_tokens"),
+        _, _, tokens = rank_steps(open_rank(path, device), entries, ids.to(device), steps, manifest.get("max_step_tokens"),
                                   greedy=True)
     finally:
         dist.destroy_process_group()
