@@ -827,16 +827,35 @@ def placement(env: Env, session) -> dict:
 
 
 # ----------------------------------------------------------------------------------- the sweep
+def _start(case, env: "Env", s: dict, seed: int):
+    """A case's common start: ``case.torch / env / s`` set; returns torch and a sampler of random
+    tensors of the case's dtype on its device (one seeded generator)."""
+    torch = case.torch = env.torch
+    case.env, case.s = env, s
+    gen = torch.Generator(device=env.device).manual_seed(seed)
+    return torch, lambda *shape: torch.randn(*shape, generator=gen, device=env.device, dtype=env.dtype)
+
+
+def _checked(case, pairs) -> dict:
+    """``max_rel`` of a case's output against its reference and whether each buffer still equals its
+    kept copy (``pairs`` of (buffer, copy); restored if not)."""
+    torch = case.torch
+    err = max_rel(torch, case.out, case.want)
+    intact = all(torch.equal(buf, keep) for buf, keep in pairs)
+    if not intact:
+        for buf, keep in pairs:
+            buf.copy_(keep)
+        case.env.sync()
+    return {"max_rel": finite(err), "buffers_intact": intact}
+
+
 class Case:
     """The device data of one (d, Hq, Hkv, Lmax, pos, B): random q and buffers (``k_new / v_new`` =
     buffer row ``pos``), a copy of the buffers to check they kept their values, the fp32 reference."""
 
     def __init__(self, env: Env, s: dict):
-        torch = self.torch = env.torch
-        self.env, self.s = env, s
+        torch, r = _start(self, env, s, seed=0)
         B, hq, hkv, L, d, pos = s["batch"], s["hq"], s["hkv"], s["rows"], s["d"], s["pos"]
-        gen = torch.Generator(device=env.device).manual_seed(0)
-        r = lambda *shape: torch.randn(*shape, generator=gen, device=env.device, dtype=env.dtype)  # noqa: E731
         self.q, self.k_buf, self.v_buf = r(B, hq, 1, d), r(B, hkv, L, d), r(B, hkv, L, d)
         self.k_new = self.k_buf[:, :, pos:pos + 1].clone()
         self.v_new = self.v_buf[:, :, pos:pos + 1].clone()
@@ -884,15 +903,7 @@ class Case:
     def check(self) -> dict:
         """``max_rel`` of the output (reset to NaN before the run) and whether the buffers kept their
         values (restored if not)."""
-        torch = self.torch
-        err = max_rel(torch, self.out, self.want)
-        pairs = [(self.k_buf, self.k_keep), (self.v_buf, self.v_keep)] + self.seq_major
-        intact = all(torch.equal(buf, keep) for buf, keep in pairs)
-        if not intact:
-            for buf, keep in pairs:
-                buf.copy_(keep)
-            self.env.sync()
-        return {"max_rel": finite(err), "buffers_intact": intact}
+        return _checked(self, [(self.k_buf, self.k_keep), (self.v_buf, self.v_keep)] + self.seq_major)
 
     def model(self, candidate: str, args):
         return build(candidate, self.s, self.env.onnx_type[self.env.dtype], not args.no_write)
@@ -956,11 +967,8 @@ class ConsumerCase(Case):
     positions ``p-W+1..p`` (those >= 0)."""
 
     def __init__(self, env: Env, s: dict):
-        torch = self.torch = env.torch
-        self.env, self.s = env, s
+        torch, r = _start(self, env, s, seed=1)
         B, hq, hkv, d, W, p = s["batch"], s["hq"], s["hkv"], s["d"], s["window"], s["pos"]
-        gen = torch.Generator(device=env.device).manual_seed(1)
-        r = lambda *shape: torch.randn(*shape, generator=gen, device=env.device, dtype=env.dtype)  # noqa: E731
         first = max(0, p - W)  # the oldest position any layout holds
         k_hist, v_hist = r(B, hkv, p + 1 - first, d), r(B, hkv, p + 1 - first, d)  # positions first..p
         self.q = r(B, hq, 1, d)
@@ -1016,16 +1024,8 @@ class ConsumerCase(Case):
         return b
 
     def check(self) -> dict:
-        torch = self.torch
-        err = max_rel(torch, self.out, self.want)
-        pairs = [(buf, keep) for k, v, k_keep, v_keep in self.layouts.values() for buf, keep in ((k, k_keep),
-                                                                                                  (v, v_keep))]
-        intact = all(torch.equal(buf, keep) for buf, keep in pairs)
-        if not intact:
-            for buf, keep in pairs:
-                buf.copy_(keep)
-            self.env.sync()
-        return {"max_rel": finite(err), "buffers_intact": intact}
+        return _checked(self, [(buf, keep) for k, v, k_keep, v_keep in self.layouts.values()
+                               for buf, keep in ((k, k_keep), (v, v_keep))])
 
 
 def consumer_bytes(s: dict, itemsize: int) -> dict:
