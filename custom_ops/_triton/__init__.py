@@ -420,15 +420,15 @@ _MHC_MAX_N = 32  # streams: a token's [n, n] matrix in one program's registers
 
 
 def _sinkhorn_cuda(logits, *, iters, eps):
-    """All tokens' Sinkhorn in one launch (:mod:`.mhc`). The reference runs for CPU tensors, other
-    dtypes, ``n > 32`` and empty inputs (and raises its errors for bad shapes / iters)."""
+    """All tokens' Sinkhorn in one launch (:mod:`.mhc`), after the reference's checks (its errors for
+    bad shapes / iters). The reference runs for CPU tensors, other dtypes, ``n > 32`` and empty inputs."""
     from effexport.custom_ops._triton import mhc
 
-    if not (logits.is_cuda and logits.dtype in _DTYPES and logits.dim() >= 2
-            and logits.shape[-1] == logits.shape[-2] and 1 <= logits.shape[-1] <= _MHC_MAX_N
-            and logits.numel() > 0 and iters >= 1):
-        return _mhc.sinkhorn._init_fn(logits, iters=iters, eps=eps)
+    _mhc._check_square(logits)
+    _mhc._check_iters(iters)
     n = logits.shape[-1]
+    if not (logits.is_cuda and logits.dtype in _DTYPES and 1 <= n <= _MHC_MAX_N and logits.numel() > 0):
+        return _mhc.sinkhorn._init_fn(logits, iters=iters, eps=eps)
     src = logits.contiguous()
     out = torch.empty_like(src)
     ntok = src.numel() // (n * n)
@@ -441,17 +441,18 @@ def _sinkhorn_cuda(logits, *, iters, eps):
 
 def _mhc_pre_cuda(x, fn, base, scale, *, iters=20, eps=1e-6, norm_eps=1e-6):
     """``mhc_pre`` in two launches (three for a non-fp32 X: its fp32 copy): the cuBLAS projection
-    ``vec(X) fn^T`` and the fused kernel (:mod:`.mhc`). The reference runs for CPU tensors, tensors
-    on several devices, other dtypes, ``n > 32``, empty inputs, and bad shapes / iters (its errors)."""
+    ``vec(X) fn^T`` and the fused kernel (:mod:`.mhc`), after the reference's checks (its errors for
+    bad shapes / iters). The reference runs for CPU tensors, tensors on several devices, other dtypes,
+    ``n > 32`` and empty inputs."""
     from effexport.custom_ops._triton import mhc
 
-    n, d = x.shape[2:] if x.dim() == 4 else (0, 0)
+    n, d = _mhc._check_x(x, "mhc_pre")
+    _mhc._check_params("mhc_pre", fn, base, scale, 2 * n + n * n, n * d, 3)
+    _mhc._check_iters(iters)
     params = (fn, base, scale)
-    fast = (1 <= n <= _MHC_MAX_N and x.numel() > 0 and iters >= 1
+    fast = (1 <= n <= _MHC_MAX_N and x.numel() > 0
             and all(t.is_cuda and t.device == x.device for t in (x,) + params)
-            and all(t.dtype in _DTYPES for t in (x,) + params)
-            and tuple(fn.shape) == (2 * n + n * n, n * d) and tuple(base.shape) == (2 * n + n * n,)
-            and tuple(scale.shape) == (3,))
+            and all(t.dtype in _DTYPES for t in (x,) + params))
     if not fast:
         return _mhc.mhc_pre._init_fn(x, fn, base, scale, iters=iters, eps=eps, norm_eps=norm_eps)
     b, t = x.shape[0], x.shape[1]
