@@ -11,7 +11,7 @@ import math
 import onnx_ir as ir
 from onnxscript import opset18 as op
 
-__all__ = ["ints", "i64", "f32c", "dim", "to_float", "dtype_of", "cast_like", "static_dim", "arange",
+__all__ = ["ints", "i64", "f32c", "dim", "to_float", "dtype_of", "cast_like", "back_like", "static_dim", "arange",
            "visible", "ring_positions", "on_device", "positions", "plus", "known_dim"]
 
 FLOAT = ir.DataType.FLOAT
@@ -81,6 +81,12 @@ def dtype_of(x):
 def cast_like(x, dtype):
     """Cast float32 ``x`` back to ``dtype`` (an ``ir.DataType``) unless equal."""
     return x if dtype == FLOAT else op.Cast(x, to=dtype)
+
+
+def back_like(x, like):
+    """Float32 ``x`` back in ``like``'s dtype: :func:`cast_like` where that dtype is known while the
+    translation is recorded, else ``CastLike`` (a value without a type yet)."""
+    return cast_like(x, like.dtype) if like.dtype is not None else op.CastLike(x, like)
 
 
 def on_device(x):

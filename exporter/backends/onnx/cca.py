@@ -55,7 +55,7 @@ def _rope_rotate_half(x, cos, sin, rot: int, d: int):
     x2 = op.Slice(x_rot, b.ints([half]), b.ints([rot]), b.ints([-1]))
     rotated = op.Concat(op.Neg(x2), x1, axis=-1)
     out = op.Add(op.Mul(x_rot, b.to_float(cos)), op.Mul(rotated, b.to_float(sin)))
-    out = b.cast_like(out, x.dtype) if x.dtype is not None else op.CastLike(out, x)
+    out = b.back_like(out, x)
     if rot == d:
         return out
     return op.Concat(out, op.Slice(x, b.ints([rot]), b.ints([d]), b.ints([-1])), axis=-1)

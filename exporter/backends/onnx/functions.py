@@ -66,13 +66,8 @@ def _sinkhorn_fp32(logits, iters: int, eps: float):
     return m
 
 
-def _back(value, like):
-    """fp32 ``value`` in ``like``'s dtype (``CastLike`` where that dtype is not known here)."""
-    return op.CastLike(value, like) if like.dtype is None else b.cast_like(value, like.dtype)
-
-
 def _sinkhorn_body(logits, *, iters: int, eps: float):
-    return _back(_sinkhorn_fp32(b.to_float(logits), iters, eps), logits)
+    return b.back_like(_sinkhorn_fp32(b.to_float(logits), iters, eps), logits)
 
 
 def _mhc_pre_body(x, fn, base, scale, *, iters: int, eps: float, norm_eps: float):
@@ -92,7 +87,7 @@ def _mhc_pre_body(x, fn, base, scale, *, iters: int, eps: float, norm_eps: float
     post = op.Mul(op.Sigmoid(post), b.f32c(2.0))  # [B, T, n]
     comb = _sinkhorn_fp32(op.Reshape(logits, b.ints([0, 0, n, n])), iters, eps)  # [B, T, n, n]
     u = op.ReduceSum(op.Mul(op.Unsqueeze(pre, last), xf), b.ints([2]), keepdims=0)  # [B, T, d]
-    return _back(u, x), post, comb
+    return b.back_like(u, x), post, comb
 
 
 @script(effexport, default_opset=op)
