@@ -3,7 +3,7 @@ ways -- uncaptured, replayed from a CUDA graph, compiled by Inductor and replaye
 
     python3 bench/torch_engine.py [--out DIR] [--tiny] [--real gemma4-e2b,laguna-xs2@8L,...] [--dtypes fp32,bf16]
                                   [--contexts 4096,32768] [--batches 1,8] [--budget-s 480] [--device cuda]
-                                  [--inplace | --no-inplace]
+                                  [--inplace | --no-inplace] [--hf-eager [--hf-attn eager,sdpa]]
 
 Cases: every tiny preset at each of ``--dtypes`` (``--tiny``), and each ``--real`` case at real size
 in bf16 (random weights built on the GPU, as ``bench/decode_step.py`` does). A ``--real`` case is
@@ -49,6 +49,27 @@ measurement is prefilled once by the uncaptured rewritten step and its caches ha
 ``capture_rewrite_s``, ``errors_s`` (which includes Inductor's compile of the decode shape: B=1 at
 real size, where the prompt is one row) and,
 per row and compiled variant, ``*_first_s`` (the first call at that shape: compile + graph capture).
+
+HF transformers column (``--hf-eager``; Gemma 4 cases only, e.g. ``--real gemma4-e2b``): after the
+case, Hugging Face transformers' own Gemma 4 text model (``transformers.Gemma4ForCausalLM``; the calls
+used checked against transformers 5.17, the GPU machine's, and 5.25) is built from a
+``Gemma4TextConfig`` mapped field by field from the sample's config (:func:`hf_gemma4_config`: every field of
+``samples/gemma4.py``'s ``Gemma4Config`` maps, for every preset -- the JSON's ``config_unmatched``
+names any that does not: ``num_global_key_value_heads`` other than None, which HF applies only with
+K=V attention, an attention softcap or scaling other than 1.0, which HF Gemma 4 does not have, a
+last layer not full, which HF forces full), random weights (HF's init, seed 0) in the case's dtype
+on the device, and timed on one decode step per L and B: ``model(ids [B, 1], cache,
+use_cache=True, logits_to_keep=1)`` with attention implementation ``eager`` and then ``sdpa``
+(``--hf-attn``), on a ``DynamicCache(config=...)`` (what ``generate`` makes) holding L tokens: each
+non-KV-shared layer's ``Cache.update`` fed random K/V ``[B, Hkv, L, d]`` (what a prefill of L
+tokens stores; no prefill runs: an eager prefill's ``[B, H, L, L]`` scores do not fit at 32K), the
+step undone after every timed call so L stays L. Median of ``--reps`` CUDA-event-timed calls after
+two warm-ups, as above. ``hf_transformers`` in the case holds the transformers version, the mapped
+config, the cache and step used, and per L and B ``hf_eager_ms`` / ``hf_sdpa_ms``, the case's own
+``compiled_graph_ms`` (and ``rewritten_graph_ms`` / ``rewritten_ms``) and the ratios
+``hf_eager_over_compiled_graph`` / ``hf_sdpa_over_compiled_graph`` (issue #21's criterion: >= 20x
+at 32K, B=1); a second table prints them. A transformers without Gemma 4, or any failure of this
+column, is recorded there (``error``) and the bench goes on.
 
 Each case and each variant runs in try/except (the error is recorded, the others go on); cases and
 timing rows that would start after ``--budget-s`` are recorded as skipped, and so is a real-size case
@@ -108,10 +129,13 @@ class Clock:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn, reset=None) -> float:
+        """``reset()``, when given, runs untimed after every call (a cache put back to its length)."""
+        reset = reset or (lambda: None)
         with torch.no_grad():
             for _ in range(2):
                 fn()
+                reset()
             times = []
             for _ in range(self.reps):
                 if self.device.type == "cuda":
@@ -125,6 +149,7 @@ class Clock:
                     t0 = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t0)
+                reset()
         return statistics.median(times)
 
 
@@ -407,6 +432,213 @@ def run_case(case: dict, args, device, clock, save, deadline: float, bw: float |
     return case
 
 
+# ------------------------------------------------------------------ HF transformers eager (--hf-eager)
+# our Gemma4Config field -> the Gemma4TextConfig keyword it maps to (rope fields: keys of rope_parameters)
+HF_GEMMA4_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "global_head_dim": "global_head_dim (a __post_init__ keyword: per_layer_config[full].head_dim)",
+    "sliding_window": "sliding_window (same convention: W keys including self)", "layer_types": "layer_types",
+    "num_kv_shared_layers": "num_kv_shared_layers (same producer rule)", "use_double_wide_mlp": "use_double_wide_mlp",
+    "hidden_size_per_layer_input": "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input": "vocab_size_per_layer_input",
+    "sliding_rope_type": "rope_parameters['sliding_attention']['rope_type']",
+    "sliding_rope_theta": "rope_parameters['sliding_attention']['rope_theta']",
+    "full_rope_type": "rope_parameters['full_attention']['rope_type']",
+    "full_rope_theta": "rope_parameters['full_attention']['rope_theta']",
+    "full_partial_rotary_factor": "rope_parameters['full_attention']['partial_rotary_factor']",
+    "final_logit_softcapping": "final_logit_softcapping", "rms_norm_eps": "rms_norm_eps",
+    "hidden_activation": "hidden_activation ('gelu_tanh' -> 'gelu_pytorch_tanh')",
+    "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings",
+    "num_global_key_value_heads": "num_global_key_value_heads (a __post_init__ keyword; None: full layers use "
+                                  "num_key_value_heads in both)",
+    "attn_logit_softcapping": "none (HF Gemma 4 has no attention logit softcap; matches while ours is None)",
+    "attention_scaling": "none (HF Gemma 4 hard-codes scaling 1.0; matches while ours is 1.0)",
+}
+
+
+def hf_gemma4_config(cfg) -> tuple[dict, dict]:
+    """Our Gemma 4 sample config -> (``transformers.Gemma4TextConfig`` keywords, ``{field: why}`` of
+    the fields HF cannot express: empty for every preset of ``samples/gemma4.py``). The rest of
+    Gemma4TextConfig stays at its defaults, which are ours: no K=V attention, no MoE block, causal
+    attention, no attention bias. ``name`` is not a model field."""
+    kw = {k: getattr(cfg, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window", "num_kv_shared_layers",
+        "use_double_wide_mlp", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
+        "final_logit_softcapping", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")}
+    kw["layer_types"] = list(cfg.layer_types)
+    full = {"rope_type": cfg.full_rope_type, "rope_theta": cfg.full_rope_theta}
+    if cfg.full_rope_type == "proportional":
+        full["partial_rotary_factor"] = cfg.full_partial_rotary_factor
+    kw["rope_parameters"] = {"sliding_attention": {"rope_type": cfg.sliding_rope_type,
+                                                   "rope_theta": cfg.sliding_rope_theta},
+                             "full_attention": full}
+    kw["hidden_activation"] = {"gelu_tanh": "gelu_pytorch_tanh"}.get(cfg.hidden_activation, cfg.hidden_activation)
+    kw.update(attention_k_eq_v=False, enable_moe_block=False, attention_bias=False)
+    unmatched = {}
+    if cfg.num_global_key_value_heads is not None:
+        kw["num_global_key_value_heads"] = cfg.num_global_key_value_heads
+        unmatched["num_global_key_value_heads"] = ("HF applies it only with attention_k_eq_v (the K=V variant): "
+                                                   "full layers get num_key_value_heads")
+    if cfg.attn_logit_softcapping is not None:
+        unmatched["attn_logit_softcapping"] = "HF Gemma 4 has no attention logit softcap (left out)"
+    if cfg.attention_scaling != 1.0:
+        unmatched["attention_scaling"] = "HF Gemma 4 hard-codes attention scaling 1.0"
+    if cfg.layer_types[-1] != "full_attention":
+        unmatched["layer_types"] = "HF forces the last layer to full attention"
+    return kw, unmatched
+
+
+def hf_gemma4_model(cfg, device, dtype, attn: str = "eager", seed: int = 0):
+    """``(transformers.Gemma4ForCausalLM, unmatched)``: HF's own Gemma 4 text model with ``cfg``'s
+    shapes, random weights (HF's init, seed ``seed``) built on ``device`` in ``dtype``. Raises
+    ImportError (``transformers X has no gemma4``) where the installed transformers lacks it."""
+    import transformers
+
+    try:
+        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+    except ImportError as exc:
+        raise ImportError(f"transformers {transformers.__version__} has no gemma4 ({exc})") from None
+    kw, unmatched = hf_gemma4_config(cfg)
+    config = Gemma4TextConfig(**kw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Gemma4ForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
+    return model.eval(), unmatched
+
+
+def _hf_cache_kw(model) -> str:
+    """The forward's cache keyword: ``cache`` (transformers 5.25) or ``past_key_values`` (5.17)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_random_cache(model, batch: int, context: int, gen: torch.Generator):
+    """A ``DynamicCache(config=...)`` (what ``generate`` makes) holding ``context`` tokens: each
+    non-KV-shared layer's ``Cache.update`` fed random K/V ``[B, Hkv, L, d]`` (the K/V a prefill of
+    ``context`` tokens stores; sliding layers keep their last ``window - 1``)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    param = next(model.parameters())
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        if attn.is_kv_shared_layer:
+            continue
+        shape = (batch, attn.k_proj.out_features // attn.head_dim, context, attn.head_dim)
+        k, v = (torch.randn(shape, generator=gen, device=param.device).to(param.dtype) * 0.5 for _ in "kv")
+        cache.update(k, v, i)
+        del k, v
+    return cache
+
+
+def _cache_state(cache) -> list:
+    """What to put back so a decode step's ``update`` is undone (every update makes new tensors)."""
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def _restore(cache, state) -> None:
+    for layer, saved in zip(cache.layers, state):
+        vars(layer).clear()
+        vars(layer).update(saved)
+
+
+def is_gemma4(spec: str) -> bool:
+    """Whether a case spec (``PRESET[@NL][/flag]``) is a Gemma 4 sample: the cases ``--hf-eager`` times."""
+    return get_sample(spec.partition("/")[0].partition("@")[0]).module.__name__.endswith(".gemma4")
+
+
+def hf_eager_column(case: dict, sample: Sample, args, device, clock, deadline: float, save) -> dict:
+    """``case["hf_transformers"]``: HF transformers' own Gemma 4 (``hf_gemma4_model``) timed on one
+    decode step per L and B (see the module docstring), each attention implementation of
+    ``--hf-attn``; ``rows`` hold ``hf_<attn>_ms`` (ms per step), the case's own ``<variant>_ms`` at the
+    same L and B (``compiled_graph``, ``rewritten_graph``, ``rewritten``: those it timed) and
+    ``hf_<attn>_over_<variant>``, the ratio (``hf_eager_over_compiled_graph``: issue #21's 20x)."""
+    try:
+        import transformers
+        version = transformers.__version__
+    except ImportError as exc:
+        version = f"not installed ({exc})"
+    dtype = DTYPES[case["dtype"]]
+    real = case["real_size"]
+    contexts = args.contexts if real else [args.tiny_context]
+    batches = args.batches if real else [1, 2]
+    out = case["hf_transformers"] = {"transformers": version, "dtype": case["dtype"], "rows": []}
+    save()
+    if time.monotonic() > deadline:
+        out["skipped"] = "time budget"
+        return out
+    attns = [a for a in args.hf_attn.split(",") if a]
+    t0 = time.monotonic()
+    try:
+        model, unmatched = hf_gemma4_model(sample.config, device, dtype, attns[0])
+    except Exception as exc:  # noqa: BLE001  (the reason is the finding: no gemma4, out of memory, ...)
+        traceback.print_exc()
+        out["error"] = _short(exc)
+        return out
+    out.update(model=f"transformers.{type(model).__name__} (text only), random weights (HF init, seed 0) built on "
+               f"{device.type}", config_fields=HF_GEMMA4_FIELDS, config_unmatched=unmatched or "none: every field maps",
+               config=model.config.to_diff_dict(), attn_implementations=attns,
+               cache="DynamicCache(config) (generate's default) filled by Cache.update with random K/V [B, Hkv, L, d] "
+                     "per non-KV-shared layer (what a prefill of L tokens stores: no prefill run; an eager prefill's "
+                     "[B, H, L, L] scores do not fit at 32K); each timed step is undone after it (L stays L)",
+               step="model(input_ids [B, 1], cache, use_cache=True, logits_to_keep=1): one new token at position L, "
+                    "median of --reps CUDA-event-timed calls after 2 warm-ups (perf_counter on the CPU)",
+               params=sum(p.numel() for p in model.parameters()), build_s=time.monotonic() - t0)
+    save()
+    timed = {(r["context"], r["batch"]): r for r in case.get("rows", [])}
+    kw = _hf_cache_kw(model)
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        for ctx in contexts:
+            for batch in batches:
+                row = {"context": ctx, "batch": batch}
+                out["rows"].append(row)
+                if time.monotonic() > deadline:
+                    row["skipped"] = "time budget"
+                    continue
+                try:
+                    cache = hf_random_cache(model, batch, ctx, gen)
+                    state = _cache_state(cache)
+                    ids = torch.randint(0, sample.config.vocab_size, (batch, 1), device=device, generator=gen)
+                    for attn in attns:
+                        try:
+                            model.set_attn_implementation(attn)
+
+                            def step(ids=ids, cache=cache):
+                                model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+                            row[f"hf_{attn}_ms"] = clock(step, reset=lambda cache=cache, state=state:
+                                                         _restore(cache, state)) * 1e3
+                        except Exception as exc:  # noqa: BLE001
+                            traceback.print_exc()
+                            row[f"hf_{attn}_error"] = _short(exc)
+                        _restore(cache, state)
+                    del cache, state
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    row["error"] = _short(exc)
+                ours = timed.get((ctx, batch), {})
+                for variant in ("compiled_graph", "rewritten_graph", "rewritten"):
+                    if isinstance(ours.get(f"{variant}_s"), float):
+                        row[f"{variant}_ms"] = ours[f"{variant}_s"] * 1e3
+                        for attn in attns:
+                            if isinstance(row.get(f"hf_{attn}_ms"), float):
+                                row[f"hf_{attn}_over_{variant}"] = row[f"hf_{attn}_ms"] / row[f"{variant}_ms"]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                save()
+                print(json.dumps({"case": case["preset"], "hf_transformers": row}), flush=True)
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def mhc_overhead(cases: list) -> list[dict]:
     """Per ``/nomhc`` case and its mHC twin (same preset, layers, dtype): per L, B and timed variant,
     the mHC step time over the plain-residual one, minus 1."""
@@ -460,6 +692,27 @@ def table(cases: list) -> str:
     return "\n".join(lines)
 
 
+def hf_table(cases: list) -> str:
+    """``--hf-eager``: HF transformers' step time next to the compiled graph's, per case, L and B."""
+    lines = ["| preset | transformers | L | B | HF eager ms | HF sdpa ms | compiled graph ms | "
+             "HF eager / compiled graph | HF sdpa / compiled graph |", "|" + "---|" * 9]
+    for c in cases:
+        hf = c.get("hf_transformers")
+        if hf is None:
+            continue
+        if not hf.get("rows"):
+            lines.append(f"| {c['preset']} | {hf.get('transformers')} | - | - | "
+                         f"{str(hf.get('error', hf.get('skipped', '')))[:80]} | | | | |")
+        for r in hf.get("rows", []):
+            def num(key, fmt):
+                v = r.get(key)
+                return format(v, fmt) if isinstance(v, float) else ("err" if any("error" in k for k in r) else "-")
+            lines.append(f"| {c['preset']} | {hf['transformers']} | {r['context']} | {r['batch']} | "
+                         f"{num('hf_eager_ms', '.3f')} | {num('hf_sdpa_ms', '.3f')} | {num('compiled_graph_ms', '.3f')} | "
+                         f"{num('hf_eager_over_compiled_graph', '.1f')} | {num('hf_sdpa_over_compiled_graph', '.1f')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(ap)
@@ -479,6 +732,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fp32-ref", choices=("auto", "always", "never"), default="auto",
                     help="real size: build the fp32 reference (auto: where it fits next to bf16)")
     ap.add_argument("--cpu-compile", action="store_true", help="also run Inductor on the CPU (slow)")
+    ap.add_argument("--hf-eager", action="store_true",
+                    help="also time HF transformers' own Gemma 4 (eager) on each Gemma 4 case's decode step")
+    ap.add_argument("--hf-attn", default="eager,sdpa",
+                    help="--hf-eager: attention implementations to time (eager first: the one the model is built with)")
     ap.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
                     help="buffer caches updated in place by the engines (default; --no-inplace: the functional "
                     "attention_buffer, every present copied back)")
@@ -527,8 +784,22 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
+        if args.hf_eager:  # after the case's memory is freed: HF's model is built fresh
+            try:
+                if is_gemma4(name):
+                    hf_eager_column(case, real_sample(name) if real else get_sample(name), args, device, clock,
+                                    deadline, save)
+            except Exception as exc:  # noqa: BLE001  (a failure of the HF column must not stop the bench)
+                traceback.print_exc()
+                case.setdefault("hf_transformers", {})["error"] = _short(exc)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save()
     print(f"buffer caches {'in place' if args.inplace else 'functional (--no-inplace)'}")
     print(table(cases))
+    if args.hf_eager:
+        print(hf_table(cases))
     for m in mhc_overhead(cases):
         print("mHC overhead", json.dumps(m))
     return 0
