@@ -398,8 +398,8 @@ def test_runtime_refuses_steps_past_the_buffers(built):
 def test_buffer_build_has_the_ort_step_fusions(built):
     """The fixed-size caches bound the positions, so the ``ort`` step fuses every rotation into
     ``RotaryEmbedding`` (tables from the graph's own cos / sin arithmetic, ``pos`` as the first
-    position) or into the GroupQueryAttention it feeds, residual adds into ``SkipSimplifiedLayerNormalization``, and keeps one copy of the
-    shape / position arithmetic; the build's parity check (above) ran on this graph."""
+    position) or into the GroupQueryAttention it feeds, residual adds into ``SkipSimplifiedLayerNormalization``, keeps one copy of the
+    shape / position arithmetic and reads the per-layer inputs with one ``Split``; the build's parity check (above) ran on this graph."""
     from collections import Counter
 
     _, out = built
@@ -415,7 +415,11 @@ def test_buffer_build_has_the_ort_step_fusions(built):
     assert gqa and all(any(a.name == "do_rotary" and a.i == 1 for a in n.attribute) for n in gqa)
     assert len(rotary) == len(plan["layers"]) + owners - 2 * len(gqa)
     assert all(n.domain == "com.microsoft" for n in rotary)
-    assert not {"Neg", "Cos", "Sin", "Split"} & {t for _, t in types}
+    assert not {"Neg", "Cos", "Sin"} & {t for _, t in types}
+    # the only Split is the per-layer inputs' (one row per decoder layer, instead of a Gather per
+    # layer): no rotate-half Split is left
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    assert len(splits) == 1 and len(splits[0].output) == len(plan["layers"])
     assert types[("com.microsoft", "SkipSimplifiedLayerNormalization")] > 0
     # one position arithmetic for every layer (per-layer copies would be one Range per layer at least)
     assert types[("", "Range")] < len(plan["layers"]) // 2
