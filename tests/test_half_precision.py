@@ -12,6 +12,7 @@ import pytest
 from _helpers import assert_sinkhorn_unrolled, control_flow
 from onnx import TensorProto, helper
 
+from effexport.exporter.backends.onnx.cuda_kernels import memcpy_edges, unsupported_nodes
 from effexport.exporter.cli import main
 
 TINY = "gemma4-e2b:tiny"
@@ -79,6 +80,10 @@ def test_bf16_graph_is_well_typed(tmp_path, preset):
     # ONNX Runtime's CUDA Reciprocal has no bf16 kernel (ZAYA1's bf16 graph did not load on the GPU):
     # the CCA body divides instead
     assert not [n for f in model.functions if f.name == "cca" for n in f.node if n.op_type == "Reciprocal"]
+    # every node has a CUDA kernel and none is joined to the device part by a copy: ORT's CUDA graph
+    # capture refused the DeepSeek graph (tests/test_cuda_placement.py says how this is read offline)
+    assert [str(u) for u in unsupported_nodes(model)] == []
+    assert [str(c) for c in memcpy_edges(model)] == []
     try:
         ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  (onnxruntime's error classes are not importable by name)
@@ -112,6 +117,7 @@ def test_bf16_build_is_bf16_and_checked_through_the_twin(bf16_build):
     assert parity["mode"].startswith("fp32 twin on ONNX Runtime CPU") and "op structure equals" in parity["mode"]
     assert all(o["max_rel"] <= 1e-4 for o in parity["outputs"])
     assert [p.name for p in out.parent.iterdir()] == ["gemma"]
+    assert [str(u) for u in unsupported_nodes(model)] == [] and [str(c) for c in memcpy_edges(model)] == []
 
 
 def test_twin_structure_mismatch_fails_the_verdict():
