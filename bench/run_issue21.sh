@@ -9,7 +9,7 @@
 # Each case / variant / attempt is in try/except or its own process, the JSON is written after every
 # stage, rows and cases that would overrun are recorded as skipped, and the engine is stopped at
 # T_TOTAL - 10 whatever it is doing (what it saved stays).
-# The probe runs next to the engine (AOTI_PARALLEL=1, the default, to fit one call): its compiles
+# T_AOTI=0 skips the probe. It runs next to the engine (AOTI_PARALLEL=1, the default, to fit one call): its compiles
 # take CPU cores, which can slow the engine's uncaptured (launch-bound) timings; AOTI_PARALLEL=0 runs
 # it after the engine instead, with what is left of T_TOTAL.
 # Usage (GPU):  OUT=... bash bench/run_issue21.sh
@@ -54,7 +54,7 @@ aoti() {  # $1: budget in seconds
         > "$OUT/aoti_probe.log" 2>&1
     echo "aoti probe rc=$?"
 }
-if [ "$AOTI_PARALLEL" = 1 ]; then aoti "$T_AOTI" & fi
+if [ "$AOTI_PARALLEL" = 1 ] && [ "$T_AOTI" -gt 0 ]; then aoti "$T_AOTI" & fi
 left=$(( T_TOTAL - SECONDS ))
 [ "$AOTI_PARALLEL" = 1 ] || left=$(( left - T_AOTI ))
 timeout $(( left - 10 )) "$PYTHON" bench/torch_engine.py --out "$OUT" --device "$DEVICE" --real "$CASES" \
@@ -64,7 +64,8 @@ if [ "$AOTI_PARALLEL" = 1 ]; then
     wait
 else
     left=$(( T_TOTAL - SECONDS - 10 ))
-    if [ "$left" -ge 40 ]; then aoti "$left"; else echo "aoti probe skipped: ${left}s left"; fi
+    if [ "$T_AOTI" -le 0 ]; then echo "aoti probe skipped: T_AOTI=0"
+    elif [ "$left" -ge 40 ]; then aoti "$left"; else echo "aoti probe skipped: ${left}s left"; fi
 fi
 grep -E "^\|" "$OUT/torch_engine.log" | tail -n 30
 grep "mHC overhead" "$OUT/torch_engine.log"
