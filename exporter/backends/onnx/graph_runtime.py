@@ -21,8 +21,8 @@ same tensors, and a step given other caches copies them in first. One-token step
 then on) through the artifact's one-token decode graph where it has one (``decode.onnx``, sharing
 the weights with ``model.onnx``: :class:`~.runtime.OrtRuntime`); prefill and other multi-token steps
 run uncaptured (``gpu_graph_id = -1``) on the same memory, a chunk at ``pos > 0`` with ``B > 1`` one
-row at a time (GroupQueryAttention refuses it batched). :meth:`generate` keeps the greedy loop on the device: the next token goes from the logits'
-argmax into ``input_ids`` without a trip through the host.
+row at a time (GroupQueryAttention refuses it batched). :meth:`generate` keeps the greedy loop on the
+device: the next token goes from the logits' argmax into ``input_ids`` without a trip through the host.
 
 Requirements, checked when the runtime opens: every cache has a fixed shape (no growing ``full``
 cache: build with ``--kv-cache buffer``), the step reads ``pos`` on the device only (the model's
