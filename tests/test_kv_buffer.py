@@ -624,3 +624,31 @@ def test_decode_graph_only_where_it_differs(rewritten):
     for name, expected in (("laguna-xs2:tiny", False), ("gemma4-e2b:tiny", True)):
         _, analysis = run_pipeline(rewritten(name).captured, max_context=64, cache_layout="buffer")
         assert mha_candidates(analysis.plan) is expected, name
+
+
+def test_one_token_graph_reads_a_wide_buffer_with_multihead_attention():
+    """In the decode graph (``one_token_graph``), a buffer owner whose head size GroupQueryAttention
+    does not take (here 320, as Gemma 4's 512) writes its row by ScatterND and attends with one
+    MultiHeadAttention over the written buffer (``key_padding_mask = pos + 1``; 2 KV heads folded
+    into the query rows) instead of the MatMul / Softmax decomposition; equal to the eager op on ORT
+    CPU (fp32, rel 1e-5) at positions 0, 6 and the last row, rows after pos random. The general
+    lowering of the same one-token module keeps the decomposition."""
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM, one_token_graph
+    from effexport.exporter.backends.onnx.export import lower
+
+    d = GQA_MAX_HEAD_DIM + 64
+    module, bt = _Buffer(0, 0.0, False), {0: torch.export.Dim("batch")}
+    with one_token_graph():
+        model = lower(module, _inputs(2, 1, 5, d=d), "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+    general = lower(module, _inputs(2, 1, 5, d=d), "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+    ops_ = [n.op_type for n in model.graph.node]
+    assert ops_.count("MultiHeadAttention") == 1 and "Softmax" not in ops_ and "MatMul" not in ops_
+    assert "MultiHeadAttention" not in [n.op_type for n in general.graph.node]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i, (b, pos) in enumerate([(2, 0), (1, 6), (3, C - 1)]):
+        args = _inputs(b, 1, pos, seed=i + 4, d=d)
+        want = module(*args)
+        got = session.run(None, _feeds(model, args))
+        assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, what=f"out B={b} pos={pos}")
+        for g, w in zip(got[1:], want[1:]):
+            assert np.array_equal(g[:, :, :pos + 1], w[:, :, :pos + 1].numpy())

@@ -56,7 +56,7 @@ from effexport.exporter.backends.onnx import _build as b
 from effexport.exporter.backends.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema, ensure_mha_schema
 from effexport.exporter.backends.onnx.profiles import PROFILES
 
-__all__ = ["TRANSLATIONS", "attend_decomposed", "attend_mha_prefix", "slot_rings"]
+__all__ = ["TRANSLATIONS", "attend_decomposed", "attend_mha_prefix", "one_token_graph", "slot_rings"]
 
 ensure_gqa_schema()
 ensure_mha_schema()
@@ -218,13 +218,29 @@ def _split_at(x, cut):
             op.Slice(x, cut, b.ints([2 ** 62]), b.ints([2])))
 
 
+_ONE_TOKEN = contextvars.ContextVar("effexport_one_token_graph", default=False)
+
+
+@contextlib.contextmanager
+def one_token_graph():
+    """Lower the translations inside the block for the one-token decode graph
+    (``export.export_steps(decode_path=...)``): prefix reads become MultiHeadAttention
+    (:func:`_one_token_mha`). Other lowerings keep the general forms even where T happens to be 1."""
+    token = _ONE_TOKEN.set(True)
+    try:
+        yield
+    finally:
+        _ONE_TOKEN.reset(token)
+
+
 def _one_token_mha(profile: str, q, k, v, sinks, scale: float, softcap: float, dims: Dims) -> bool:
     """Whether a read of a cache whose valid rows are a prefix lowers to one MultiHeadAttention
-    (:func:`attend_mha_prefix`): the ``ort`` profile, a graph of one-token steps (``T`` static 1: the
-    decode graph, ``export.export_step(decode_path=...)``), no sinks or softcap (MHA has neither), a
-    non-zero scale (MHA reads 0 as ``1/sqrt(d)``), ``d == dv`` and one dtype for q, k and v."""
+    (:func:`attend_mha_prefix`): the ``ort`` profile, the decode graph (:func:`one_token_graph`, with
+    ``T`` static 1), no sinks or softcap (MHA has neither), a non-zero scale (MHA reads 0 as
+    ``1/sqrt(d)``), ``d == dv`` and one dtype for q, k and v."""
     dtype = b.dtype_of(q)
-    return (PROFILES[profile].gqa and b.known_dim(q, 2) == 1 and sinks is None and softcap == 0.0
+    return (PROFILES[profile].gqa and _ONE_TOKEN.get() and b.known_dim(q, 2) == 1 and sinks is None
+            and softcap == 0.0
             and scale != 0.0 and dims.d == dims.dv and dtype is not None and dtype == b.dtype_of(k) == b.dtype_of(v))
 
 
@@ -431,10 +447,12 @@ def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, rin
     one_token = _one_token_mha(profile, q, k_cache, v_cache, sinks, scale, softcap, dims)
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
-        if one_token and window == slots:  # the producer's present: rows 0..min(pos+1, W)-1, all in the window
+        window_layout = _window_cache(profile, dims, k_cache)
+        if one_token and window == slots and not window_layout:
+            # the producer's slot ring as it left it (zeros where never written): rows 0..min(pos+1, W)-1,
+            # all inside the window (GQA's window layout leaves unfilled rows unspecified: not here)
             return attend_mha_prefix(q, k_cache, v_cache, _ring_filled(pos, slots), scale, dims)
         end = b.plus(pos, op.Sub(t_len, b.i64(1)))
-        window_layout = _window_cache(profile, dims, k_cache)
         k_pos = _window_positions(end, slots) if window_layout else b.ring_positions(end, slots)
         filled = op.GreaterOrEqual(k_pos, b.i64(0))
         if window_layout:  # GQA leaves unfilled rows unspecified: no NaN may reach P x V
