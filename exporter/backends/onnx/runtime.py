@@ -30,7 +30,9 @@ sessions as the same ``OrtValue`` through ``SessionOptions.add_initializer``, wh
 in place of the file's bytes without a copy when the value lies where the session plans the
 initializer (onnxruntime session_state_utils.cc: "an initializer supplied by the user for the
 purpose of sharing"). The CPU EP still prepacks the weights of its MatMul kernels, once per session
-(a copy of those in each); the CUDA EP does not prepack. The CUDA path is written against
+(a copy of those in each); the CUDA EP does not prepack. ORT's graph optimizer folds constant
+subgraphs from the file's own bytes (measured with onnxruntime 1.32: a user initializer does not
+reach a folded Cast), which are the shared values' bytes here; a folded result is each session's. The CUDA path is written against
 onnxruntime's Python API (``OrtValue.from_dlpack``) but untested here (no GPU in CI).
 
 ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (``ort`` profile) refuses several new tokens
@@ -83,7 +85,8 @@ def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu"
     CPU: a view of the data file mapped read-only (``np.memmap``; no copy: ORT wraps the pages), or
     an aligned copy where a tensor's offset is not 64-byte aligned (onnx_ir packs tensors densely).
     CUDA: one device copy (a torch tensor) wrapped without a copy by ``OrtValue.from_dlpack``.
-    Returns the values by name and what must outlive the sessions (the device tensors). A name bound
+    Returns the values by name and what must outlive the sessions (the device tensors, the maps:
+    ONNX Runtime holds no reference to them, and a value freed under a session crashes it). A name bound
     to other bytes in the two graphs is a :class:`LoadError` (the export names them apart:
     ``export._one_namespace``)."""
     import onnx
@@ -123,7 +126,7 @@ def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu"
                 value = (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, BFLOAT16) if t.data_type == BFLOAT16
                          else ort.OrtValue.ortvalue_from_numpy(array))
             values[key] = value
-    return {name: values[key] for name, key in names.items()}, keep
+    return {name: values[key] for name, key in names.items()}, keep + list(maps.values())
 
 
 class OrtRuntime:
@@ -150,8 +153,9 @@ class OrtRuntime:
             options.intra_op_num_threads = threads
         files = self.manifest["files"]
         self.graph_files = [files["step"]] + ([files["decode"]] if files.get("decode") else [])
-        self.weights = {}
-        """The weights both sessions share, by initializer name (empty without a decode graph)."""
+        self.weights, self._weights_memory = {}, []
+        """The weights both sessions share, by initializer name (empty without a decode graph); kept
+        alive with the runtime (``SessionOptions`` holds no reference to them)."""
         if len(self.graph_files) > 1:
             self.weights, self._weights_memory = shared_weights(artifact_dir, self.graph_files, ort, device)
             for name, value in self.weights.items():
