@@ -145,7 +145,11 @@ class Writer:
             new = e(aten.to.dtype, new, meta_val(att.kv_ph).dtype)
         seq = e(aten.cat.default, [unrolled, new], d)  # positions pos-W .. pos+T-1
         t = e(aten.sym_size.int, new, d)
-        slots = e(aten.remainder.Scalar, e(aten.add.Tensor, e(aten.add.Tensor, ar, pos), t), w)
+        # (t + arange(w) + pos) % w with t (a shape, read on the host) inside the arange: ONNX's Range
+        # reads its bounds on the host and writes on the device, where pos is, so ONNX Runtime inserts
+        # no copy node (a Memcpy node keeps the step out of a CUDA graph)
+        shifted = e(aten.arange.start, t, e(operator.add, t, w), dtype=torch.int64, device=meta_val(att.kv_ph).device)
+        slots = e(aten.remainder.Scalar, e(aten.add.Tensor, shifted, pos), w)
         ring = e(aten.index_copy.default, att.kv_ph, d, slots, e(aten.slice.Tensor, seq, d, t))
         q = att.q
         if d == 2:

@@ -402,3 +402,40 @@ def test_structure_check_fuses_the_twin_like_the_artifact(tmp_path):
     norm.op_type = "LayerNormalization"
     ir.save(other, str(tmp_path / "other.onnx"))
     assert compare_structure(paths["fused"], str(tmp_path / "other.onnx")) != ""
+
+
+def _row_gathers(rows=5, picks=(0, 3, 1, 4), axis=-2, shape=(2, 3, 5, 4)) -> onnx.ModelProto:
+    """``x [B, T, L, P]`` read one row at a time, ``Gather(x, i, axis)`` per pick (Gemma 4's per-layer
+    inputs: one read per decoder layer), each row scaled by a different factor so the outputs differ."""
+    nodes, inits, outs = [], [], []
+    for j, i in enumerate(picks):
+        inits += [helper.make_tensor(f"i{j}", TP.INT64, [], [i]), helper.make_tensor(f"k{j}", TP.FLOAT, [], [j + 1.0])]
+        nodes += [helper.make_node("Gather", ["x", f"i{j}"], [f"g{j}"], axis=axis),
+                  helper.make_node("Mul", [f"g{j}", f"k{j}"], [f"y{j}"])]
+        outs.append(helper.make_tensor_value_info(f"y{j}", TP.FLOAT, None))
+    return _graph(nodes, [helper.make_tensor_value_info("x", TP.FLOAT, list(shape))], outs, inits)
+
+
+def test_single_row_gathers_become_one_split():
+    """Four single-row ``Gather`` nodes of one ``[B, T, L, P]`` value become one ``Reshape`` to
+    ``[B, T, L*P]`` and one ``Split`` into ``L`` rows; ONNX Runtime CPU gives the same numbers
+    exactly (no arithmetic moved)."""
+    model = _row_gathers()
+    fused, _ = _ir_fused(model)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("Gather") == 0 and ops.count("Split") == 1 and ops.count("Reshape") == 1, ops
+    split = next(n for n in fused.graph.node if n.op_type == "Split")
+    assert len(split.output) == 5
+    x = np.random.default_rng(2).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    out = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for j, (a, b, i) in enumerate(zip(out, ref, (0, 3, 1, 4))):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, x[:, :, i] * (j + 1.0))
+
+
+@pytest.mark.parametrize("picks,axis", [((0, 1), -2), ((0, 1, 2), 1)])
+def test_few_or_other_axis_gathers_are_left_alone(picks, axis):
+    """Two rows are not worth a Split; a gather along another axis than the rows is another thing."""
+    fused, _ = _ir_fused(_row_gathers(picks=picks, axis=axis))
+    assert [n.op_type for n in fused.graph.node].count("Gather") == len(picks)

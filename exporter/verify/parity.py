@@ -125,7 +125,8 @@ folded constants)."""
 def compare_structure(path: str, twin_path: str) -> str:
     """"" when the ONNX graphs at ``path`` and ``twin_path`` have the same op types in the same
     numbers (main graph and model-local functions, :data:`STRUCTURE_IGNORED` aside; a ``Clip`` counts
-    as the ``Max`` / ``Min`` of its bounds; an artifact with the CUDA-only fusions is compared with the
+    as the ``Max`` / ``Min`` of its bounds, a ``SkipSimplifiedLayerNormalization`` as its residual
+    ``Add`` and ``SimplifiedLayerNormalization``; an artifact with the CUDA-only fusions is compared with the
     twin fused the same way), else the first few differences as "op: n vs m"."""
     from collections import Counter
 
@@ -138,12 +139,18 @@ def compare_structure(path: str, twin_path: str) -> str:
             # it into a Clip only where it can read both bounds as constants (fp32: yes; bf16: not always)
             bounds = list(n.input[1:3]) + [""] * 2
             return ["Max"] * bool(bounds[0]) + ["Min"] * bool(bounds[1])
+        if n.op_type == "SkipSimplifiedLayerNormalization" and n.domain == "com.microsoft":
+            # the residual Add(s) and the norm it fuses: a half-precision model that keeps its residual
+            # stream in fp32 (ZAYA1) has Add -> Cast -> norm, which the fused op (one type for the sum
+            # and the output) cannot take, where its fp32 twin fuses
+            bias = len(n.input) > 3 and bool(n.input[3])
+            return ["ai.onnx::Add"] * (1 + bias) + ["ai.onnx::SimplifiedLayerNormalization"]
         return [n.op_type]
 
     def ops(model) -> Counter:
         nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-        return Counter(f"{n.domain or 'ai.onnx'}::{k}" for n in nodes if n.op_type not in STRUCTURE_IGNORED
-                       for k in kinds(n))
+        return Counter(k if "::" in k else f"{n.domain or 'ai.onnx'}::{k}" for n in nodes
+                       if n.op_type not in STRUCTURE_IGNORED for k in kinds(n))
 
     artifact, twin = (onnx.load(p, load_external_data=False) for p in (path, twin_path))
     if has_cuda_fusions(artifact):  # CUDA-only fusions (exporter/backends/onnx/ort_cuda.py): fuse the twin too

@@ -91,7 +91,8 @@ def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: 
     in q's dtype: fp32 in fp32 builds; in bf16 / fp16 builds the half-precision GEMM (fp32
     accumulation in cuBLAS and ORT's CPU kernels) with its scores rounded to q's dtype -- what
     Hugging Face's eager attention computes -- instead of upcasting K and V, which multiplies the
-    bytes the step moves by five. Scale, softcap, mask, sinks and softmax are fp32."""
+    bytes the step moves by five. Scale, softcap, mask, sinks and softmax are fp32, except where
+    there is nothing to compute but the mask and the softmax (:func:`_attend_plain`)."""
     heads, kv_heads, d, dv = dims
     groups = heads // kv_heads
     out_dtype = b.dtype_of(q)
@@ -99,16 +100,16 @@ def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: 
     if work == b.FLOAT:  # fp32 builds; mixed (e.g. fp32 states beside bf16 queries) or unknown types
         q, k, v = b.to_float(q), b.to_float(k), b.to_float(v)
     qg = op.Reshape(q, b.ints([0, kv_heads, -1, d]))  # [B, Hkv, G*T, d]: row g*T + t
-    scores = b.to_float(op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2])))  # [B, Hkv, G*T, S]
+    scores = op.MatMul(qg, op.Transpose(k, perm=[0, 1, 3, 2]))  # [B, Hkv, G*T, S]
+    if scale == 1.0 and softcap <= 0.0 and sinks is None:
+        return _attend_plain(scores, v, mask, groups, heads, dv, work)
+    scores = b.to_float(scores)
     if scale != 1.0:
         scores = op.Mul(scores, b.f32c(scale))
     if softcap > 0.0:
         scores = op.Mul(op.Tanh(op.Div(scores, b.f32c(softcap))), b.f32c(softcap))
     if mask is not None:  # [T, S] repeated for the G heads of the rows: [G*T, S], shared by every layer
-        if groups > 1:
-            mask = op.Reshape(op.Expand(op.Unsqueeze(mask, b.ints([0])), b.ints([groups, 1, 1])),
-                              op.Concat(b.ints([-1]), op.Shape(k, start=2, end=3), axis=0))
-        scores = op.Where(mask, scores, b.f32c(-math.inf))
+        scores = op.Where(_grouped_mask(mask, groups, k), scores, b.f32c(-math.inf))
     if sinks is not None:  # head h = kv * G + g's sink on each of its T rows: [B, Hkv, G*T, 1]
         sink = op.Reshape(b.to_float(sinks), b.ints([1, kv_heads, groups, 1, 1]))
         sink = op.Expand(sink, op.Concat(b.ints([1, kv_heads, groups]), op.Shape(q, start=2, end=3), b.ints([1]),
@@ -122,6 +123,34 @@ def attend_decomposed(q, k, v, mask, sinks, scale: float, softcap: float, dims: 
     out = op.MatMul(b.cast_like(probs, work), v)  # [B, Hkv, G*T, dv]
     out = op.Reshape(out, b.ints([0, heads, -1, dv]))
     return out if out_dtype in (None, work) else op.Cast(out, to=out_dtype)
+
+
+def _grouped_mask(mask, groups: int, k):
+    """The ``[T, S]`` mask repeated for the ``G`` query heads of each KV head: ``[G*T, S]`` (the rows of
+    the grouped scores); one value every layer with these sizes shares."""
+    if groups == 1:
+        return mask
+    return op.Reshape(op.Expand(op.Unsqueeze(mask, b.ints([0])), b.ints([groups, 1, 1])),
+                      op.Concat(b.ints([-1]), op.Shape(k, start=2, end=3), axis=0))
+
+
+def _attend_plain(scores, v, mask, groups: int, heads: int, dv: int, work):
+    """The tail of :func:`attend_decomposed` where there is nothing to compute but the mask and the
+    softmax (scale 1, no softcap, no sinks: Gemma 4), in the products' dtype ``work``: the mask as an
+    additive ``0 / -inf`` bias (one value every layer shares, made once), ``Softmax`` on the scores
+    and its output straight into the second product -- MatMul, Add, Softmax, MatMul, in fp32 and in
+    half-precision builds alike (so a bf16 graph has its fp32 twin's structure). The same numbers as
+    masking with ``Where`` and a softmax in fp32: the scores are already rounded to ``work`` by the
+    product, adding 0 or -inf rounds nothing, and ONNX Runtime's half-precision softmax accumulates
+    in fp32 and rounds its output once, as a Cast back of the fp32 softmax did. In half precision
+    that is two Casts fewer per layer and half the bytes of scores; an additive mask because ONNX
+    Runtime's CUDA ``Where`` has no bf16 kernel (int32 / int64 / float / float16 only, onnxruntime
+    1.31 ``cuda/tensor/where.cc``)."""
+    if mask is not None:
+        bias = b.cast_like(op.Where(mask, b.f32c(0.0), b.f32c(-math.inf)), work)
+        scores = op.Add(scores, _grouped_mask(bias, groups, v))
+    out = op.MatMul(op.Softmax(scores, axis=-1), v)  # [B, Hkv, G*T, dv]
+    return op.Reshape(out, b.ints([0, heads, -1, dv]))
 
 
 def _attend_standard(q, k, v, mask, sinks, scale: float, softcap: float, dims: Dims):

@@ -16,7 +16,8 @@ lets stock ONNX Runtime run it on any execution provider. The body mirrors
 * QK L2-norm to ``sqrt(d)`` with the norm clamped at the dtype's eps, temperature on k;
 * partial rotate-half RoPE from the ``cos`` / ``sin`` inputs (in fp32, cast back).
 
-Arithmetic runs in the inputs' dtype except RoPE (fp32), as the eager op does.
+Arithmetic runs in the inputs' dtype except RoPE (fp32), as the eager op does, and in bf16 the q-k
+mean (fp32 between casts: ONNX Runtime's CUDA ``ReduceMean`` has no bf16 kernel).
 
 Not covered: ``Conv`` without static weight shapes (weights fed as dynamic graph inputs whose
 channel dims are unknown are refused with a clear error) and padding masks (the op has none).
@@ -92,7 +93,11 @@ def _cca_body(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temp
     q5 = op.Reshape(q_down, b.ints([0, 0, hk, g, d]))  # [B, T, Hk, G, d]
     k5 = op.Reshape(k_down, b.ints([0, 0, hk, 1, d]))  # [B, T, Hk, 1, d]
     r_q = op.Mul(op.Add(q5, k5), op.CastLike(b.f32c(0.5), q_down))
-    r_k = op.ReduceMean(r_q, b.ints([3]), keepdims=0)  # [B, T, Hk, d]
+    if b.dtype_of(q_down) == ir.DataType.BFLOAT16:  # ONNX Runtime's CUDA ReduceMean has no bf16 kernel
+        r_k = op.Cast(op.ReduceMean(op.Cast(r_q, to=ir.DataType.FLOAT), b.ints([3]), keepdims=0),
+                      to=ir.DataType.BFLOAT16)  # [B, T, Hk, d]
+    else:
+        r_k = op.ReduceMean(r_q, b.ints([3]), keepdims=0)  # [B, T, Hk, d]
     r_q = op.Reshape(r_q, b.ints([0, 0, hq, d]))  # [B, T, Hq, d]
 
     # (3) causal depthwise + grouped convs over [conv_state | concat(q~, k~)^T]

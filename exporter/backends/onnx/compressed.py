@@ -249,10 +249,13 @@ def _attend(q, kv, kv_pos, comp, idx, sink, q_pos, scale: float, window: int, ra
                                    op.Mul(op.MatMul(qf, comp_t), scale_c), b.f32c(_NEG_INF)))
             values = op.Concat(kvf, compf, axis=1)  # [B, S+N, D]
         else:  # CSA: the selected entries, gathered per query
-            ok = op.And(op.And(op.GreaterOrEqual(idx, b.i64(0)), op.Less(idx, n)),
+            # the entry count (a shape, on the host) meets the device indices on the device: ONNX
+            # Runtime would otherwise copy it there (a Memcpy node: no CUDA graph)
+            n_dev, last = b.on_device(n), b.on_device(op.Sub(n, b.i64(1)))
+            ok = op.And(op.And(op.GreaterOrEqual(idx, b.i64(0)), op.Less(idx, n_dev)),
                         op.LessOrEqual(op.Mul(op.Add(idx, b.i64(1)), b.i64(ratio)),
                                        op.Unsqueeze(op.Add(q_pos, b.i64(1)), b.ints([0, 2]))))  # [B, T, K]
-            safe = op.Max(op.Min(idx, op.Sub(n, b.i64(1))), b.i64(0))
+            safe = op.Max(op.Min(idx, last), b.i64(0))
             gathered = op.GatherND(compf, op.Unsqueeze(safe, b.ints([-1])), batch_dims=1)  # [B, T, K, D]
             comp_logits = op.MatMul(qf, op.Transpose(gathered, perm=[0, 1, 3, 2]))  # [B, T, H, K]
             logits.append(op.Where(op.Unsqueeze(ok, b.ints([2])), op.Mul(comp_logits, scale_c),

@@ -27,7 +27,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import (CommonSubexpressionEliminationPass, IdentityEliminationPass,
                                    RemoveUnusedNodesPass)
 from onnxscript.rewriter import pattern
-from onnxscript.rewriter.rules.common import no_op_transpose_rule, reshape_reshape_rule, transpose_transpose_rule
+from onnxscript.rewriter.rules.common import (collapse_slice_rule, no_op_transpose_rule, reshape_reshape_rule,
+                                              transpose_transpose_rule)
 
 from effexport.exporter.backends.onnx import _build as b
 from effexport.exporter.backends.onnx._schemas import ensure_fusion_schemas
@@ -434,8 +435,71 @@ def share_shape_reads(model: ir.Model) -> int:
     return moved
 
 
+def _gathered_row(node: ir.Node) -> tuple[ir.Value, int, int] | None:
+    """``(data, axis, index)`` of a ``Gather`` that picks one row (a constant 0-d index) along the
+    second-to-last axis of a value whose last two sizes are static, else None."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    data, index = node.inputs
+    shape = None if data is None else data.shape
+    const = None if index is None else index.const_value
+    if shape is None or const is None or shape.rank() is None or shape.rank() < 2:
+        return None
+    rank = shape.rank()
+    axis = node.attributes.get_int("axis", 0)
+    axis = axis + rank if axis < 0 else axis
+    rows, width = shape[rank - 2], shape[rank - 1]
+    try:
+        picked = const.numpy()
+    except OSError:  # a structure-only build's reference to data that does not exist
+        return None
+    if axis != rank - 2 or not isinstance(rows, int) or not isinstance(width, int) or picked.shape != ():
+        return None
+    index = int(picked)
+    index = index + rows if index < 0 else index
+    return (data, axis, index) if 0 <= index < rows else None
+
+
+def gathers_as_split(model: ir.Model, at_least: int = 3) -> int:
+    """Replace the ``Gather`` nodes that pick single rows ``x[..., i, :]`` of one value ``x [..., L, P]``
+    (at least ``at_least`` distinct rows) by one ``Reshape`` to ``[..., L*P]`` and one ``Split`` of
+    the last axis into ``L`` outputs of ``P`` (row ``i`` is output ``i``: the same values, no
+    arithmetic). Gemma 4's per-layer inputs ``[B, T, layers, P]`` are read this way, one ``Gather``
+    per decoder layer: 35 nodes become 2 at E2B size. Returns how many ``Gather`` nodes went."""
+    groups: dict[int, list] = {}
+    for node in model.graph:
+        picked = _gathered_row(node)
+        if picked is not None:
+            groups.setdefault(id(picked[0]), []).append((node, *picked))
+    removed = 0
+    for items in groups.values():
+        if len({index for *_, index in items}) < at_least:
+            continue
+        data, rank = items[0][1], items[0][1].shape.rank()
+        rows, width = data.shape[rank - 2], data.shape[rank - 1]
+        shape = ir.Value(name=f"{data.name}.rows_shape", const_value=ir.tensor(
+            np.array([0] * (rank - 2) + [rows * width], dtype=np.int64), name=f"{data.name}.rows_shape"))
+        model.graph.register_initializer(shape)
+        flat = ir.Node("", "Reshape", [data, shape], name=f"{data.name}.rows_flat", num_outputs=1)
+        split = ir.Node("", "Split", [flat.outputs[0]], name=f"{data.name}.rows", num_outputs=rows,
+                        attributes=[ir.AttrInt64("axis", rank - 2), ir.AttrInt64("num_outputs", rows)])
+        first = min((node for node, *_ in items), key=lambda n: list(model.graph).index(n))
+        model.graph.insert_before(first, [flat, split])
+        flat.outputs[0].dtype = data.dtype
+        for out in split.outputs:
+            out.dtype = data.dtype
+            out.shape = ir.Shape(list(data.shape)[:rank - 2] + [width])
+        for node, _, _, index in items:
+            node.outputs[0].replace_all_uses_with(split.outputs[index])
+            if node.outputs[0].is_graph_output():  # keep a graph output's name: an Identity of the row
+                continue
+            model.graph.remove(node, safe=True)
+            removed += 1
+    return removed
+
+
 STEP_RULES = pattern.RewriteRuleSet([_HalfNorm.rule(), transpose_transpose_rule, no_op_transpose_rule,
-                                     reshape_reshape_rule])
+                                     reshape_reshape_rule, collapse_slice_rule])
 SCALE_RULES = pattern.RewriteRuleSet([_ScaledNorm.rule()], commute=True)
 SKIP_RULES = pattern.RewriteRuleSet([_SkipNorm.rule()], commute=True)
 LAYOUT_RULES = pattern.RewriteRuleSet([_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule,
@@ -458,7 +522,7 @@ def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
     _attention_output_shapes(model)
     count = fuse_moe(model)
     count += STEP_RULES.apply_to_model(model) + SCALE_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
-    count += fuse_rotary(model, max_positions)
+    count += fuse_rotary(model, max_positions) + gathers_as_split(model)
     made = 1
     for _ in range(8):  # each round lets the next meet
         made = LAYOUT_RULES.apply_to_model(model) + share_shape_reads(model)
