@@ -389,14 +389,14 @@ def _one_namespace(model: ir.Model, decode: ir.Model, pairs: list[tuple[ir.Value
     names is renamed ``decode.{name}``. A runtime can then hand one set of shared weights, by name,
     to both sessions (:class:`~.runtime.OrtRuntime`)."""
     taken = _value_names(decode.graph)
-    shared = {id(v) for v, _ in pairs}
     for value, other in pairs:
         if value.name != other.name and other.name not in taken:
             taken.discard(value.name)
             value.name = other.name
             taken.add(other.name)
+    same = {id(v) for v, other in pairs if v.name == other.name}  # one name, one tensor in both graphs
     for name, value in list(decode.graph.initializers.items()):
-        if name in model.graph.initializers and id(value) not in shared:
+        if name in model.graph.initializers and id(value) not in same:
             new, k = f"decode.{name}", 1
             while new in taken:
                 new, k = f"decode{k}.{name}", k + 1

@@ -92,11 +92,12 @@ def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu"
     import onnx
 
     root = os.path.realpath(artifact_dir)
-    maps, values, names, keep = {}, {}, {}, []
+    maps, values, names, keep, inline = {}, {}, {}, [], set()
     for file in files:
         model = onnx.load(os.path.join(artifact_dir, file), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
+                inline.add(t.name)
                 continue
             info = {e.key: e.value for e in t.external_data}
             key = (info["location"], int(info.get("offset", 0)), int(info["length"]))
@@ -126,6 +127,10 @@ def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu"
                 value = (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, BFLOAT16) if t.data_type == BFLOAT16
                          else ort.OrtValue.ortvalue_from_numpy(array))
             values[key] = value
+    clash = sorted(inline & set(names))
+    if clash:  # a value handed to both sessions would replace another graph's own constant of that name
+        raise LoadError(f"{artifact_dir}: initializer {clash[0]} is external data in one step graph and a constant "
+                        "of its own in another; rebuild the artifact")
     return {name: values[key] for name, key in names.items()}, keep + list(maps.values())
 
 
