@@ -88,7 +88,8 @@ def test_decode_ignores_the_host_position_and_a_chunk_needs_it(buffered):
 
 def test_generate_equals_the_plain_runtime(buffered):
     """Greedy generation through the fixed-memory bindings (prefill uncaptured, one-token steps as
-    graph B) equals OrtRuntime's, logits bit for bit, at batch 1 and 2."""
+    graph B) equals OrtRuntime's, logits bit for bit, at batch 1 and 2; both run the one-token steps
+    through the artifact's decode graph."""
     plain, fixed = OrtRuntime(str(buffered)), CudaGraphRuntime(str(buffered), device="cpu")
     for batch in (1, 2):
         ids = _ids(batch, 10, seed=batch)
@@ -96,6 +97,7 @@ def test_generate_equals_the_plain_runtime(buffered):
         tokens_b, logits_b = fixed.generate(ids, 12)
         assert np.array_equal(tokens_a, tokens_b)
         assert all(np.array_equal(a, b) for a, b in zip(logits_a, logits_b))
+        assert plain.last_graph == fixed.last_graph == "decode.onnx"
 
 
 def test_caches_stay_in_place(buffered):

@@ -513,3 +513,156 @@ def test_bf16_buffer_on_cuda_in_place(wide):
     assert err < 2e-2, err
     assert torch.equal(k_buf[:, :, 11].cpu(), args[1][:, :, 0]) and torch.equal(v_buf[:, :, 11].cpu(), args[2][:, :, 0])
     assert torch.equal(k_buf[:, :, :11].cpu(), args[3][:, :, :11])  # the other rows untouched
+
+
+# ------------------------------------------------------------------ the one-token decode graph
+def _graph(out, name: str) -> onnx.ModelProto:
+    return onnx.load(str(out / name), load_external_data=False)
+
+
+def _ops(model: onnx.ModelProto) -> dict:
+    from collections import Counter
+
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def test_decode_graph_is_one_mha_per_prefix_read(built):
+    """gemma4-e2b:tiny (sliding owners 0-3, full owner 4 with GroupQueryAttention, consumers 5-8 of
+    ring 3 and 9 of buffer 4): ``decode.onnx`` reads the five consumers' caches and ring 3's own
+    (slot layout: its consumers read it) with one MultiHeadAttention each -- 6, none in model.onnx --
+    and has none of their MatMul / Softmax decompositions (6 Softmax in model.onnx, 0 here; 12 fewer
+    MatMul); the four GroupQueryAttention stay. Fewer nodes (measured: 430 -> 383). Same inputs and
+    outputs, names and shapes, but the new-token count: ``seq`` in model.onnx, 1 here."""
+    _, out = built
+    assert json.loads((out / "effexport.json").read_text())["files"] == {"step": "model.onnx", "decode": "decode.onnx"}
+    general, decode = _graph(out, "model.onnx"), _graph(out, "decode.onnx")
+    g, d = _ops(general), _ops(decode)
+    assert (g["MultiHeadAttention"], d["MultiHeadAttention"]) == (0, 6)
+    assert (g["Softmax"], d["Softmax"]) == (6, 0) and g["MatMul"] - d["MatMul"] == 12
+    assert g["GroupQueryAttention"] == d["GroupQueryAttention"] == 4
+    assert len(decode.graph.node) < len(general.graph.node) - 40
+    mha = [n for n in decode.graph.node if n.op_type == "MultiHeadAttention"]
+    # the caches as the producers left them this step, read in place: ring 3 by its owner and consumers
+    # 5-8, buffer 4 by consumer 9
+    assert sorted(n.input[1] for n in mha) == ["present.3.k"] * 5 + ["present.4.k"]
+    assert all(n.input[4] for n in mha)  # key_padding_mask: the prefix length per row
+
+    def io(model):
+        def dims(v):
+            return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+        return ([(v.name, v.type.tensor_type.elem_type, dims(v)) for v in model.graph.input],
+                [(v.name, v.type.tensor_type.elem_type, dims(v)) for v in model.graph.output])
+    (gi, go), (di, do) = io(general), io(decode)
+    assert [x[:2] for x in gi] == [x[:2] for x in di] and [x[:2] for x in go] == [x[:2] for x in do]
+    for (name, _, a), (_, _, b) in zip(gi + go, di + do):
+        if name in ("input_ids", "logits"):
+            assert (a[1], b[1]) == ("seq", 1) and a[:1] + a[2:] == b[:1] + b[2:], name
+        else:
+            assert a == b, name
+    meta = [{p.key: p.value for p in m.metadata_props} for m in (general, decode)]
+    assert all(m["effexport.in_place"] == meta[0]["effexport.in_place"] for m in meta)
+    assert meta[1]["effexport.device_positions"] == "true"
+
+
+def test_decode_graph_references_the_step_weights(built):
+    """No second copy of the weights: decode.onnx has no data file of its own, and every external
+    initializer it has is one of model.onnx's, same name, file, offset and length."""
+    _, out = built
+
+    def external(model):
+        return {t.name: tuple((e.key, e.value) for e in t.external_data) for t in model.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    general, decode = external(_graph(out, "model.onnx")), external(_graph(out, "decode.onnx"))
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".data")) == ["model.onnx.data"]
+    assert decode and set(decode.values()) <= set(general.values())
+    assert all(general[name] == ref for name, ref in decode.items() if name in general)  # a name: one tensor
+    assert len(set(decode.values())) == len(decode)
+    inline = sum(t.ByteSize() for t in _graph(out, "decode.onnx").graph.initializer)
+    assert inline < 64 * 1024
+
+
+def test_build_parity_ran_the_decode_graph(built):
+    report = json.loads((built[1] / "report.json").read_text())["parity"]
+    assert report["passed"] and report["graphs"] == {"prefill": "model.onnx", "decode": "decode.onnx"}
+
+
+def test_decode_graph_equals_eager_and_the_step_graph(built, rewritten):
+    """Prefill 5 tokens through model.onnx at batch 2, then 12 one-token steps (positions 5..16: the
+    8-slot ring wraps) through decode.onnx: logits equal the eager model's and model.onnx's own for
+    the same steps (fp32, rel 1e-5), greedy tokens identical; the runtime ran decode.onnx for each
+    one-token step and shares every external weight between its two sessions (one OrtValue per
+    tensor, handed to both through ``SessionOptions.add_initializer``)."""
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
+
+    _, out = built
+    model = rewritten("gemma4-e2b:tiny").model
+    runtime, general = OrtRuntime(str(out)), OrtRuntime(str(out))
+    general.decode_session = None  # model.onnx for every step
+    ids = torch.from_numpy(np.random.RandomState(5).randint(0, 128, (2, 5)))
+    with torch.no_grad():
+        want, past = model(ids)
+    a = runtime.step(ids.numpy(), 0, runtime.initial_caches(2))
+    b = general.step(ids.numpy(), 0, general.initial_caches(2))
+    assert runtime.last_graph == "model.onnx"
+    token = want[:, -1:].argmax(-1)
+    for pos in range(5, 17):
+        with torch.no_grad():
+            want, past = model(token, past)
+        a = runtime.step(token.numpy(), pos, a.caches)
+        b = general.step(token.numpy(), pos, b.caches)
+        assert (runtime.last_graph, general.last_graph) == ("decode.onnx", "model.onnx")
+        assert_close(torch.from_numpy(a.logits), want, rtol=1e-5, what=f"decode.onnx vs eager at {pos}")
+        assert_close(torch.from_numpy(a.logits), torch.from_numpy(b.logits), rtol=1e-5, what=f"vs model.onnx at {pos}")
+        token = want[:, -1:].argmax(-1)
+        assert torch.equal(torch.from_numpy(a.logits[:, -1:].argmax(-1)), token)
+
+    external = {}
+    for name in ("model.onnx", "decode.onnx"):
+        for t in _graph(out, name).graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                external[t.name] = {e.key: e.value for e in t.external_data}["offset"]
+    assert set(runtime.weights) == set(external)  # every external weight given to the sessions
+    by_offset = {}
+    for name, value in runtime.weights.items():
+        by_offset.setdefault(external[name], set()).add(id(value))
+    assert all(len(ids) == 1 for ids in by_offset.values())  # one value per tensor of the data file
+
+
+def test_decode_graph_only_where_it_differs(rewritten):
+    """A model without KV sharing whose full caches GroupQueryAttention takes (Laguna: sliding and
+    full layers, head 16) gets no decode graph (:func:`~.backend.mha_candidates`): at T = 1 it would
+    lower the same nodes. Gemma 4 E2B (consumers) gets one."""
+    from effexport.exporter.backends.onnx.backend import mha_candidates
+    from effexport.passes.pipeline import run_pipeline
+
+    for name, expected in (("laguna-xs2:tiny", False), ("gemma4-e2b:tiny", True)):
+        _, analysis = run_pipeline(rewritten(name).captured, max_context=64, cache_layout="buffer")
+        assert mha_candidates(analysis.plan) is expected, name
+
+
+def test_one_token_graph_reads_a_wide_buffer_with_multihead_attention():
+    """In the decode graph (``one_token_graph``), a buffer owner whose head size GroupQueryAttention
+    does not take (here 320, as Gemma 4's 512) writes its row by ScatterND and attends with one
+    MultiHeadAttention over the written buffer (``key_padding_mask = pos + 1``; 2 KV heads folded
+    into the query rows) instead of the MatMul / Softmax decomposition; equal to the eager op on ORT
+    CPU (fp32, rel 1e-5) at positions 0, 6 and the last row, rows after pos random. The general
+    lowering of the same one-token module keeps the decomposition."""
+    from effexport.exporter.backends.onnx.attention import GQA_MAX_HEAD_DIM, one_token_graph
+    from effexport.exporter.backends.onnx.export import lower
+
+    d = GQA_MAX_HEAD_DIM + 64
+    module, bt = _Buffer(0, 0.0, False), {0: torch.export.Dim("batch")}
+    with one_token_graph():
+        model = lower(module, _inputs(2, 1, 5, d=d), "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+    general = lower(module, _inputs(2, 1, 5, d=d), "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+    ops_ = [n.op_type for n in model.graph.node]
+    assert ops_.count("MultiHeadAttention") == 1 and "Softmax" not in ops_ and "MatMul" not in ops_
+    assert "MultiHeadAttention" not in [n.op_type for n in general.graph.node]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i, (b, pos) in enumerate([(2, 0), (1, 6), (3, C - 1)]):
+        args = _inputs(b, 1, pos, seed=i + 4, d=d)
+        want = module(*args)
+        got = session.run(None, _feeds(model, args))
+        assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, what=f"out B={b} pos={pos}")
+        for g, w in zip(got[1:], want[1:]):
+            assert np.array_equal(g[:, :, :pos + 1], w[:, :, :pos + 1].numpy())

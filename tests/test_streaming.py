@@ -319,6 +319,7 @@ def test_streamed_bf16_gemma3_fuses_as_its_fp32_twin(tmp_path):
                               kv_cache="buffer", max_context=64)) == 0
     parity = json.load(open(out / "report.json"))["parity"]
     assert parity["passed"] and "op structure equals" in parity["mode"]
+    assert not (out / "decode.onnx").exists()  # no KV sharing, GQA-sized heads: the decode graph would equal it
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     norms = [n for n in model.graph.node if n.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")]

@@ -24,24 +24,25 @@ EXAMPLE_NEW_TOKENS, EXAMPLE_PAST = 3, 5  # example sizes: distinct, > 1, so noth
 
 
 def example_inputs(plan: CachePlan, batch: int, vocab: int = 2, past: int = EXAMPLE_PAST,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """Example step inputs: ``EXAMPLE_NEW_TOKENS`` new tokens after ``past`` cached ones, on ``device``
-    (``meta`` for a structure-only program, whose graph builds its index tensors there)."""
-    ids = torch.randint(0, vocab, (batch, EXAMPLE_NEW_TOKENS)).to(device)
+                   device: torch.device | str = "cpu", new: int = EXAMPLE_NEW_TOKENS) -> tuple[torch.Tensor, ...]:
+    """Example step inputs: ``new`` tokens (default ``EXAMPLE_NEW_TOKENS``) after ``past`` cached ones,
+    on ``device`` (``meta`` for a structure-only program, whose graph builds its index tensors there)."""
+    ids = torch.randint(0, vocab, (batch, new)).to(device)
     caches = [torch.zeros(e.concrete_shape(batch, past), dtype=getattr(torch, e.dtype), device=device)
               for e in plan.entries]
     return (ids, torch.tensor(past, dtype=torch.int64), *caches)
 
 
-def _dynamic_shapes(plan: CachePlan) -> tuple:
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim.AUTO
+def _dynamic_shapes(plan: CachePlan, one_token: bool = False) -> tuple:
+    batch = torch.export.Dim("batch")
+    seq = None if one_token else torch.export.Dim.AUTO  # None: the example's 1, static
     caches = []
     for e in plan.entries:
         dims = {0: batch}
         if "seq" in e.shape:
             dims[e.shape.index("seq")] = torch.export.Dim.AUTO
         caches.append(dims)
-    return ({0: batch, 1: seq}, None, *caches)
+    return ({0: batch} if seq is None else {0: batch, 1: seq}, None, *caches)
 
 
 def _device(gm: torch.fx.GraphModule) -> torch.device:
@@ -61,19 +62,21 @@ def _device(gm: torch.fx.GraphModule) -> torch.device:
 _EXPORTED: "weakref.WeakKeyDictionary[torch.fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
 
 
-def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2):
+def exported_step(program: StepProgram, plan: CachePlan, example_batch: int = 2, one_token: bool = False):
     """``torch.export`` of the step graph (dynamic batch, seq and full-cache lengths), cached per
-    GraphModule and batch so that exporting one program in several profiles traces it once."""
+    GraphModule, batch and ``one_token`` so that exporting one program in several profiles traces it
+    once. ``one_token``: the new-token count is static 1 (the ONNX decode graph, :mod:`.onnx.export`)."""
     cache = _EXPORTED.setdefault(program.gm, {})
-    if example_batch not in cache:
+    key = (example_batch, one_token)
+    if key not in cache:
         # at the capture's example past length: the passes kept that example's branches (graph.example_past)
         args = example_inputs(plan, example_batch, past=example_past(program.gm, EXAMPLE_PAST),
-                              device=_device(program.gm))
-        phase("lower: torch.export of the rewritten step graph")
+                              device=_device(program.gm), new=1 if one_token else EXAMPLE_NEW_TOKENS)
+        phase(f"lower: torch.export of the rewritten step graph{' (one token)' if one_token else ''}")
         try:
             with fast_export_config():
-                cache[example_batch] = torch.export.export(
-                    program.gm, args, dynamic_shapes=_dynamic_shapes(plan), strict=False)
+                cache[key] = torch.export.export(
+                    program.gm, args, dynamic_shapes=_dynamic_shapes(plan, one_token), strict=False)
         except Exception as exc:  # torch.export raises many types
             raise LowerError(f"re-exporting the step graph failed: {root_cause(exc)}") from exc
-    return cache[example_batch]
+    return cache[key]

@@ -39,6 +39,8 @@ class ParityReport:
     mode: str = ""  # what ran, when not the artifact itself on the build's runtime (half precision)
     tolerances: dict = field(default_factory=dict)  # {output: the max rel error it may have}; tolerance is their max
     tokens_ok: bool | None = None  # the greedy-token verdict where it is not tokens_equal (half precision)
+    graphs: dict = field(default_factory=dict)  # {"prefill": file, "decode": file} where the runtime says
+    # which graph ran a step (an ONNX artifact with a one-token decode graph runs two)
 
     def output_passed(self, o: OutputError) -> bool:
         """``o`` is within its tolerance (NaN is not)."""
@@ -50,6 +52,8 @@ class ParityReport:
                "detail": self.detail}
         if self.tolerances:
             out["tolerances"] = dict(self.tolerances)
+        if self.graphs:
+            out["graphs"] = dict(self.graphs)
         return {**out, "mode": self.mode} if self.mode else out
 
     def table(self) -> str:
@@ -85,6 +89,8 @@ def check_parity(model: torch.nn.Module, runtime, prompt: torch.Tensor, steps: i
         ref_logits, past = model(prompt)
     result = runtime.step(prompt.cpu().numpy(), 0, runtime.initial_caches(prompt.shape[0]))
     worst_prefill = _errors(result.logits, ref_logits)
+    graphs = {"prefill": getattr(runtime, "last_graph", None)}
+    decode_graphs = set()
     tokens_equal, detail = True, ""
     pos = prompt.shape[1]
     nxt_ref = ref_logits[:, -1].argmax(-1, keepdim=True)
@@ -97,6 +103,7 @@ def check_parity(model: torch.nn.Module, runtime, prompt: torch.Tensor, steps: i
         with torch.no_grad():
             ref_logits, past = model(nxt_ref, past)
         result = runtime.step(nxt_ref.cpu().numpy(), pos, result.caches)
+        decode_graphs.add(getattr(runtime, "last_graph", None))
         err = _errors(result.logits, ref_logits)
         worst_decode = (max(worst_decode[0], err[0]), max(worst_decode[1], err[1]))
         nxt_ref = ref_logits[:, -1].argmax(-1, keepdim=True)
@@ -104,7 +111,10 @@ def check_parity(model: torch.nn.Module, runtime, prompt: torch.Tensor, steps: i
     outputs = [OutputError("logits/prefill", *worst_prefill), OutputError("logits/decode", *worst_decode)]
     tols = {o.name: (tolerances or {}).get(o.name, TOLERANCE[dtype]) for o in outputs}
     passed = tokens_equal and all(o.max_rel <= tols[o.name] for o in outputs)
-    return ParityReport(passed, steps, max(tols.values()), outputs, tokens_equal, detail, tolerances=tols)
+    graphs["decode"] = ", ".join(sorted(g for g in decode_graphs if g)) or None
+    graphs = {k: v for k, v in graphs.items() if v}
+    return ParityReport(passed, steps, max(tols.values()), outputs, tokens_equal, detail, tolerances=tols,
+                        graphs=graphs)
 
 
 STRUCTURE_IGNORED = ("Cast", "Constant")

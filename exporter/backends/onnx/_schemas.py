@@ -22,8 +22,8 @@ from typing import Iterable
 import onnx
 from onnx.defs import OpSchema
 
-__all__ = ["MSFT_DOMAIN", "EFFEXPORT_DOMAIN", "ensure_schema", "ensure_gqa_schema", "ensure_fusion_schemas",
-           "make_schema"]
+__all__ = ["MSFT_DOMAIN", "EFFEXPORT_DOMAIN", "ensure_schema", "ensure_gqa_schema", "ensure_mha_schema",
+           "ensure_fusion_schemas", "make_schema"]
 
 MSFT_DOMAIN = "com.microsoft"
 EFFEXPORT_DOMAIN = "effexport"
@@ -69,6 +69,19 @@ def ensure_gqa_schema() -> None:
                     ("smooth_softmax", int), ("sliding_window_cache", int)],
         type_constraints=[("T", _FLOATS), ("M", ["tensor(int32)"]), ("P", ["tensor(int64)"])],
         doc="ONNX Runtime contrib GroupQueryAttention (subset declared for emission)."))
+
+
+def ensure_mha_schema() -> None:
+    """Register the part of ORT's ``com.microsoft::MultiHeadAttention`` the ``ort`` profile's one-token
+    graph emits (query, BNSH key / value, ``key_padding_mask`` as per-row key counts)."""
+    ensure_schema(make_schema(
+        "MultiHeadAttention", MSFT_DOMAIN,
+        inputs=[("query", "T", False), ("key", "T", True), ("value", "T", True), ("bias", "T", True),
+                ("key_padding_mask", "M", True)],
+        outputs=[("output", "T")],
+        attributes=[("num_heads", int), ("scale", float), ("unidirectional", int)],
+        type_constraints=[("T", _FLOATS), ("M", ["tensor(int32)"])],
+        doc="ONNX Runtime contrib MultiHeadAttention (subset declared for emission)."))
 
 
 def ensure_fusion_schemas() -> None:

@@ -53,12 +53,13 @@ from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
 from effexport.exporter.backends.onnx import _build as b
-from effexport.exporter.backends.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema
+from effexport.exporter.backends.onnx._schemas import MSFT_DOMAIN, ensure_gqa_schema, ensure_mha_schema
 from effexport.exporter.backends.onnx.profiles import PROFILES
 
-__all__ = ["TRANSLATIONS", "attend_decomposed", "slot_rings"]
+__all__ = ["TRANSLATIONS", "attend_decomposed", "attend_mha_prefix", "one_token_graph", "slot_rings"]
 
 ensure_gqa_schema()
+ensure_mha_schema()
 msft = onnxscript.values.Opset(MSFT_DOMAIN, 1)
 
 
@@ -246,6 +247,60 @@ def _split_at(x, cut):
             op.Slice(x, cut, b.ints([2 ** 62]), b.ints([2])))
 
 
+_ONE_TOKEN = contextvars.ContextVar("effexport_one_token_graph", default=False)
+
+
+@contextlib.contextmanager
+def one_token_graph():
+    """Lower the translations inside the block for the one-token decode graph
+    (``export.export_steps(decode_path=...)``): prefix reads become MultiHeadAttention
+    (:func:`_one_token_mha`). Other lowerings keep the general forms even where T happens to be 1."""
+    token = _ONE_TOKEN.set(True)
+    try:
+        yield
+    finally:
+        _ONE_TOKEN.reset(token)
+
+
+def _one_token_mha(profile: str, q, k, v, sinks, scale: float, softcap: float, dims: Dims) -> bool:
+    """Whether a read of a cache whose valid rows are a prefix lowers to one MultiHeadAttention
+    (:func:`attend_mha_prefix`): the ``ort`` profile, the decode graph (:func:`one_token_graph`, with
+    ``T`` static 1), no sinks or softcap (MHA has neither), a non-zero scale (MHA reads 0 as
+    ``1/sqrt(d)``), ``d == dv`` and one dtype for q, k and v."""
+    dtype = b.dtype_of(q)
+    return (PROFILES[profile].gqa and _ONE_TOKEN.get() and b.known_dim(q, 2) == 1 and sinks is None
+            and softcap == 0.0
+            and scale != 0.0 and dims.d == dims.dv and dtype is not None and dtype == b.dtype_of(k) == b.dtype_of(v))
+
+
+def attend_mha_prefix(q, k, v, count, scale: float, dims: Dims):
+    """One query token per row over the first ``count`` rows of a cache, one
+    ``com.microsoft::MultiHeadAttention``: the measured recipe of ``bench/ort_attention.py``
+    (``consumer_mha_window`` over a window, ``mha`` over a buffer; 2-4x less GPU time than the
+    decomposition for a KV-sharing consumer, one node instead of ~10).
+
+    q ``[B, H, 1, d]``, k / v ``[B, Hkv, S, d]`` (BNSH: the cache itself, no copy), ``count`` a 0-d
+    int64 on the device (``<= S``; the same for every batch row: the rows share ``pos``) ->
+    ``[B, H, 1, d]``. MHA has no KV-head grouping, so the ``G = H / Hkv`` query heads of a KV head are
+    its query sequence (``query [B, G, Hkv*d]``, ``num_heads = Hkv``, not causal); rows ``>= count``
+    are hidden by ``key_padding_mask = count`` per batch row (int32 ``[B]``: right padding). Exact for
+    one new token only: a chunk's earlier queries would see its later keys."""
+    heads, kv_heads, d, dv = dims
+    groups = heads // kv_heads
+    if kv_heads == 1:
+        query = op.Reshape(q, b.ints([0, heads, d]))  # [B, H, 1, d] is [B, G, 1*d]
+    else:
+        query = op.Reshape(op.Transpose(op.Reshape(q, b.ints([0, kv_heads, groups, d])), perm=[0, 2, 1, 3]),
+                           b.ints([0, groups, kv_heads * d]))
+    padding = _seqlens(count, q)  # int32 [B]
+    out = msft.MultiHeadAttention(query, k, v, None, padding, num_heads=kv_heads, scale=float(scale),
+                                  unidirectional=0)  # [B, G, Hkv*dv]
+    if kv_heads == 1:
+        return op.Reshape(out, b.ints([0, heads, 1, dv]))
+    out = op.Transpose(op.Reshape(out, b.ints([0, groups, kv_heads, dv])), perm=[0, 2, 1, 3])
+    return op.Reshape(out, b.ints([0, heads, 1, dv]))
+
+
 def _positions_causal(q, k):
     """Query positions ``S-T..S-1`` and key positions ``0..S-1`` of a causal prefill."""
     s_len, t_len = b.dim(k, 2), b.dim(q, 2)
@@ -371,19 +426,31 @@ def _attention_ring(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, 
     if _window_cache(profile, dims, k_ring, chunked):
         return attend_gqa_window(q, k_new, v_new, k_ring, v_ring, pos, sinks, scale, window, softcap, dims)
     t_len = b.dim(q, 2)
-    old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
-    new_pos = b.positions(pos, t_len)  # [T]
     keys = op.Concat(k_ring, k_new, axis=2)  # [B, Hkv, W+T, d]
     values = op.Concat(v_ring, v_new, axis=2)
-    k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
-    mask = b.visible(new_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)), chunked)
-    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
-    out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
     # slot s takes the newest position p <= pos+T-1 with p mod W == s: new row W+p-pos if p >= pos
     last_pos = b.ring_positions(b.plus(pos, op.Sub(t_len, b.i64(1))), slots)
     slot = op.Range(b.i64(0), b.i64(slots), b.i64(1))
     src = op.Where(op.GreaterOrEqual(last_pos, pos), op.Add(op.Sub(last_pos, pos), b.i64(slots)), slot)
-    return out, op.Gather(keys, src, axis=2), op.Gather(values, src, axis=2)
+    k_present, v_present = op.Gather(keys, src, axis=2), op.Gather(values, src, axis=2)
+    if not chunked and _one_token_mha(profile, q, k_new, v_new, sinks, scale, softcap, dims):
+        # one token at pos: the written ring holds positions max(0, pos-W+1)..pos in slots
+        # 0..min(pos+1, W)-1 (slot p mod W), every one of them inside the window
+        return attend_mha_prefix(q, k_present, v_present, _ring_filled(pos, slots), scale, dims), k_present, v_present
+    old_pos = b.ring_positions(op.Sub(pos, b.i64(1)), slots)  # [W]
+    new_pos = b.positions(pos, t_len)  # [T]
+    k_pos = op.Concat(old_pos, new_pos, axis=0)  # [W+T]
+    mask = b.visible(new_pos, k_pos, window, op.GreaterOrEqual(k_pos, b.i64(0)), chunked)
+    attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+    out = attend(q, keys, values, mask, sinks, scale, softcap, dims)
+    return out, k_present, v_present
+
+
+def _ring_filled(pos, slots: int):
+    """Rows of a W-slot ring (slot layout ``p mod W``, or GQA's window layout) that hold a position
+    after a one-token step at ``pos``: ``min(pos + 1, W)``, a prefix in either layout (slot ``s``
+    holds ``s`` while ``pos < W``)."""
+    return op.Min(op.Add(pos, b.i64(1)), b.i64(slots))
 
 
 def attention_ring_ort(q, k_new, v_new, k_ring, v_ring, pos, sinks=None, scale: float = 1.0,
@@ -406,10 +473,15 @@ def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, rin
     t_len = b.dim(q, 2)
     q_pos = b.positions(pos, t_len)
     attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed
+    one_token = _one_token_mha(profile, q, k_cache, v_cache, sinks, scale, softcap, dims)
     if ring:
         slots = b.static_dim(k_cache, 2, "attention_read")
-        end = b.plus(pos, op.Sub(t_len, b.i64(1)))
         window_layout = _window_cache(profile, dims, k_cache)
+        if one_token and window == slots and not window_layout:
+            # the producer's slot ring as it left it (zeros where never written): rows 0..min(pos+1, W)-1,
+            # all inside the window (GQA's window layout leaves unfilled rows unspecified: not here)
+            return attend_mha_prefix(q, k_cache, v_cache, _ring_filled(pos, slots), scale, dims)
+        end = b.plus(pos, op.Sub(t_len, b.i64(1)))
         k_pos = _window_positions(end, slots) if window_layout else b.ring_positions(end, slots)
         filled = op.GreaterOrEqual(k_pos, b.i64(0))
         if window_layout:  # GQA leaves unfilled rows unspecified: no NaN may reach P x V
@@ -422,6 +494,9 @@ def _attention_read(q, k_cache, v_cache, pos, sinks, scale, window, softcap, rin
         k_past, k_new = _split_at(k_cache, cut)
         v_past, v_new = _split_at(v_cache, cut)
         return attend_gqa(q, k_past, v_past, k_new, v_new, sinks, scale, window, softcap, dims)[0]
+    if one_token and window == 0 and b.known_dim(k_cache, 2) is not None:
+        # the producer's written buffer: rows 0..pos hold positions 0..pos
+        return attend_mha_prefix(q, k_cache, v_cache, op.Add(pos, b.i64(1)), scale, dims)
     # a fixed buffer reads every row: the causal mask hides rows past pos + T - 1
     k_pos = op.Range(b.i64(0), b.dim(k_cache, 2), b.i64(1))
     return attend(q, k_cache, v_cache, b.visible(q_pos, k_pos, window), sinks, scale, softcap, dims)
@@ -461,6 +536,8 @@ def _attention_buffer(q, k_new, v_new, k_buf, v_buf, pos, sinks, scale, window, 
         return attend_gqa(q, k_buf, v_buf, k_new, v_new, sinks, scale, window, softcap, dims,
                           lengths=_buffer_lengths(pos, t_len, capacity, q))
     k_out, v_out = _buffer_written(k_buf, k_new, pos, t_len), _buffer_written(v_buf, v_new, pos, t_len)
+    if window == 0 and _one_token_mha(profile, q, k_new, v_new, sinks, scale, softcap, dims):
+        return attend_mha_prefix(q, k_out, v_out, op.Add(pos, b.i64(1)), scale, dims), k_out, v_out
     # every row is read (fixed shapes): the causal mask hides rows past pos + T - 1
     q_pos, k_pos = b.positions(pos, t_len), op.Range(b.i64(0), b.i64(capacity), b.i64(1))
     attend = _attend_standard if PROFILES[profile].attention23 else attend_decomposed

@@ -28,11 +28,13 @@ serialized copy of the weights is ever made (``program.model_proto`` followed by
 held one: peak RSS rose by 1.5x the weights, ``tests/test_external_data.py``). The file(s) are
 written in a temporary directory next to the target and renamed, so a failed export leaves nothing.
 
-Not covered: several step graphs per artifact (one graph serves prefill and decode), dtype
+:func:`export_steps` also writes the step's one-token decode graph (``decode.onnx`` in an ``ort``
+``--kv-cache buffer`` artifact) over the same data file. Not covered: dtype
 conversion (the graph is exported in the dtype it was captured in), and ``effexport.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
@@ -51,7 +54,7 @@ from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.backends.exported import example_inputs, exported_step
 from effexport.exporter.backends.onnx._local import attach, types_kept
-from effexport.exporter.backends.onnx.attention import slot_rings
+from effexport.exporter.backends.onnx.attention import one_token_graph, slot_rings
 from effexport.exporter.backends.onnx.half_einsum import einsums
 from effexport.exporter.backends.onnx.host_positions import (DEVICE_POSITIONS, IN_PLACE, host_reads,
                                                           split_host_positions)
@@ -62,8 +65,8 @@ from effexport.exporter.backends.onnx.structure_only import meta_weights_as_exte
 from effexport.passes.cache_plan import CachePlan, buffer_capacity
 from effexport.passes.program import StepProgram
 
-__all__ = ["export_step", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names", "example_inputs",
-           "DEVICE_POSITIONS"]
+__all__ = ["export_step", "export_steps", "exported_step", "lower", "EXTERNAL_DATA_THRESHOLD", "step_io_names",
+           "example_inputs", "DEVICE_POSITIONS"]
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Initializer bytes above which weights are written as external data (protobuf caps at 2 GB)."""
@@ -289,28 +292,161 @@ def _save(model: ir.Model | onnx.ModelProto, path: Path, external: bool,
     return proto
 
 
-def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str = "ort",
-                example_batch: int = 2, external_data: bool | None = None,
-                data_file_bytes: int | None = None) -> onnx.ModelProto:
-    """Lower the rewritten step graph to ONNX at ``path`` and return the saved ``ModelProto``.
-
-    ``external_data=None`` writes weights externally only above :data:`EXTERNAL_DATA_THRESHOLD`
-    bytes; they are then streamed to ``{path}.data`` (see the module docstring) and the returned
-    proto references that file instead of holding the weights; ``data_file_bytes`` splits that data
-    into files of at most that size (``{stem}-0000k-of-0000n.onnx.data``)."""
-    _check_signature(program, plan)
+def _lower_step(program: StepProgram, plan: CachePlan, profile: str, example_batch: int,
+                one_token: bool = False) -> ir.Model:
+    """The optimized onnx_ir model of the step (``one_token``: the new-token count static 1), with
+    its ``effexport.in_place`` metadata; its initializers still reference the program's tensors."""
     inputs, outputs = step_io_names(plan)
-    exported = exported_step(program, plan, example_batch)
+    exported = exported_step(program, plan, example_batch, one_token)
     try:
         # the translations see the program's placeholder names; the inputs get the plan's names after
         slot = rings_with_consumers(plan)
         slot = {ph for ph, name in zip(exported.graph_signature.user_inputs, inputs) if name in slot}
-        with slot_rings(slot):
+        with slot_rings(slot), one_token_graph() if one_token else contextlib.nullcontext():
             model = _lower_ir(exported, (), profile, None, inputs, outputs, buffer_capacity(plan.entries))
         model.metadata_props[IN_PLACE] = json.dumps(in_place_inputs(model))
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
-        raise LowerError(f"ONNX export ({profile}) failed: {root_cause(exc)}") from exc
-    if external_data is None:
+        what = f"ONNX export ({profile}{', one-token decode graph' if one_token else ''})"
+        raise LowerError(f"{what} failed: {root_cause(exc)}") from exc
+    return model
+
+
+def _match_decode_io(model: ir.Model, decode: ir.Model) -> None:
+    """Make the decode graph's inputs the general graph's, in order: a host input the decode graph
+    does not read (``pos_host`` where no one-token node needs it) becomes an unused input of the
+    same type, so a runtime feeds both graphs alike. Any other difference (an input it has and the
+    general graph lacks, other outputs, other in-place caches or a host-read position) is a
+    :class:`LowerError`: the runtime switches between the two on the same caches."""
+    names = [v.name for v in model.graph.inputs]
+    have = {v.name: v for v in decode.graph.inputs}
+    extra = sorted(set(have) - set(names))
+    if extra:
+        raise LowerError(f"the one-token decode graph has inputs the step graph lacks: {extra}")
+    decode.graph.inputs.clear()
+    for value in model.graph.inputs:
+        decode.graph.inputs.append(have.get(value.name) or ir.Value(name=value.name, type=value.type,
+                                                                   shape=value.shape))
+    if [v.name for v in decode.graph.outputs] != [v.name for v in model.graph.outputs]:
+        raise LowerError("the one-token decode graph's outputs differ from the step graph's")
+    for key in (IN_PLACE, DEVICE_POSITIONS):
+        if decode.metadata_props.get(key) != model.metadata_props.get(key):
+            raise LowerError(f"the one-token decode graph's {key} ({decode.metadata_props.get(key)}) differs from "
+                             f"the step graph's ({model.metadata_props.get(key)})")
+
+
+def _same_data(a, b) -> bool:
+    """Whether two initializer tensors of one dtype and shape hold the same values: the same torch
+    storage view (the program's parameters, which both lowerings reference), else equal bytes (a
+    folded constant, a streamed build's lazy checkpoint read: read again here)."""
+    if a is b:
+        return True
+    ra, rb = getattr(a, "raw", None), getattr(b, "raw", None)
+    if isinstance(ra, torch.Tensor) and isinstance(rb, torch.Tensor):
+        if (ra.data_ptr(), ra.stride(), ra.shape, ra.dtype) == (rb.data_ptr(), rb.stride(), rb.shape, rb.dtype):
+            return True
+        return ra.device == rb.device and bool(torch.equal(ra, rb))
+    return a.tobytes() == b.tobytes()
+
+
+def _shared_initializers(model: ir.Model, decode: ir.Model) -> list[tuple[ir.Value, ir.Value]]:
+    """``(decode value, general value)`` for every decode initializer that the general graph has
+    under its name with the same dtype, shape and values, large enough to go to the data file
+    (:data:`EXTERNAL_TENSOR_BYTES`): the decode graph references the general graph's bytes for those."""
+    def usable(t) -> bool:
+        return t is not None and not isinstance(t, ir.ExternalTensor) and t.dtype != ir.DataType.STRING \
+            and t.nbytes >= EXTERNAL_TENSOR_BYTES
+
+    computed: dict = {}  # (dtype, shape) -> general values computed by the lowering (numpy), by content
+    for other in model.graph.initializers.values():
+        if usable(other.const_value) and isinstance(getattr(other.const_value, "raw", None), np.ndarray):
+            computed.setdefault((other.const_value.dtype, tuple(other.const_value.shape)), []).append(other)
+    pairs = []
+    for name, value in decode.graph.initializers.items():
+        a = value.const_value
+        if not usable(a):
+            continue
+        other = model.graph.initializers.get(name)
+        b = other.const_value if other is not None else None
+        if usable(b) and a.dtype == b.dtype and a.shape == b.shape and _same_data(a, b):
+            pairs.append((value, other))
+        elif isinstance(getattr(a, "raw", None), np.ndarray):  # a table the lowering computed (RoPE), named
+            # after a value of its own graph: the general graph's copy has another name
+            match = next((o for o in computed.get((a.dtype, tuple(a.shape)), ())
+                          if _same_data(a, o.const_value)), None)
+            if match is not None:
+                pairs.append((value, match))
+    return pairs
+
+
+def _value_names(graph: ir.Graph) -> set[str]:
+    return ({v.name for v in graph.inputs} | set(graph.initializers)
+            | {o.name for node in graph.all_nodes() for o in node.outputs})
+
+
+def _one_namespace(model: ir.Model, decode: ir.Model, pairs: list[tuple[ir.Value, ir.Value]]) -> None:
+    """Name the decode graph's initializers so that a name both graphs hold means the same data: a
+    shared one takes the general graph's name (where free), any other that the general graph also
+    names is renamed ``decode.{name}``. A runtime can then hand one set of shared weights, by name,
+    to both sessions (:class:`~.runtime.OrtRuntime`)."""
+    taken = _value_names(decode.graph)
+    for value, other in pairs:
+        if value.name != other.name and other.name not in taken:
+            taken.discard(value.name)
+            value.name = other.name
+            taken.add(other.name)
+    same = {id(v) for v, other in pairs if v.name == other.name}  # one name, one tensor in both graphs
+    for name, value in list(decode.graph.initializers.items()):
+        if name in model.graph.initializers and id(value) not in same:
+            new, k = f"decode.{name}", 1
+            while new in taken:
+                new, k = f"decode{k}.{name}", k + 1
+            value.name = new
+            taken.add(new)
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+MHA = "MultiHeadAttention"
+
+
+def export_steps(program: StepProgram, plan: CachePlan, path: str, profile: str = "ort",
+                 example_batch: int = 2, external_data: bool | None = None, data_file_bytes: int | None = None,
+                 decode_path: str | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto | None]:
+    """:func:`export_step`, and with ``decode_path`` the step's one-token *decode graph* there.
+
+    The decode graph is the same program exported with the new-token count static 1 and lowered in
+    the same profile: the ``ort`` translations then read a cache whose valid rows are a prefix --
+    a KV-sharing consumer's read of its producer's ring (``min(pos + 1, W)`` rows) or buffer
+    (``pos + 1``), a slot-ring producer's or a head-size-512 buffer owner's own read after its write
+    -- with one ``com.microsoft::MultiHeadAttention`` (:func:`.attention.attend_mha_prefix`) instead
+    of the ~10-node MatMul / Softmax decomposition the general graph needs for chunks; every other
+    node is the general graph's. Inputs, outputs, cache layouts and the in-place metadata are the
+    general graph's (:func:`_match_decode_io`), so a runtime runs either on the same caches.
+
+    The weights are written once: both graphs take external data, the general graph's
+    ``{path}.data`` (split by ``data_file_bytes``), and every decode initializer with the general
+    graph's name, dtype, shape and values (:func:`_shared_initializers`) references the same file,
+    offset and length; anything else large goes to ``{decode_path}.data`` (none in the presets).
+
+    Not written (returns None for it) when the decode graph has no MultiHeadAttention (nothing to
+    gain: a model without KV sharing whose attention is GroupQueryAttention already), or for a
+    structure-only build (no weights: its placeholders have no shared file to reference)."""
+    _check_signature(program, plan)
+    model = _lower_step(program, plan, profile, example_batch)
+    decode = None
+    if decode_path is not None and not _has_external(model):
+        decode = _lower_step(program, plan, profile, example_batch, one_token=True)
+        if not any(n.op_type == MHA for n in decode.graph):
+            decode = None
+        else:
+            _match_decode_io(model, decode)
+    if decode is not None:
+        external_data = True
+        shared = _shared_initializers(model, decode)
+        _one_namespace(model, decode, shared)
+    elif external_data is None:
         external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
     def finish(proto: onnx.ModelProto) -> None:
@@ -319,4 +455,26 @@ def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str =
         except ValueError as exc:  # a function body missing: a lowering error, as inside lower()
             raise LowerError(f"ONNX export ({profile}) failed: {exc}") from exc
         _name_dims(proto, plan)
-    return _save(model, Path(path), external_data, finish, data_file_bytes)
+    proto = _save(model, Path(path), external_data, finish, data_file_bytes)
+    if decode is None:
+        return proto, None
+    for value, other in shared:  # now a reference into the general graph's data file
+        value.const_value = other.const_value
+    own = any(v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+              and v.const_value.nbytes >= EXTERNAL_TENSOR_BYTES for v in decode.graph.initializers.values())
+    decode.graph.doc_string = (f"effexport one-token decode graph of {Path(path).name}: the same inputs, outputs "
+                               "and caches, for steps of exactly one new token per row")
+    return proto, _save(decode, Path(decode_path), own, finish, data_file_bytes)
+
+
+def export_step(program: StepProgram, plan: CachePlan, path: str, profile: str = "ort",
+                example_batch: int = 2, external_data: bool | None = None,
+                data_file_bytes: int | None = None) -> onnx.ModelProto:
+    """Lower the rewritten step graph to ONNX at ``path`` and return the saved ``ModelProto``.
+
+    ``external_data=None`` writes weights externally only above :data:`EXTERNAL_DATA_THRESHOLD`
+    bytes; they are then streamed to ``{path}.data`` (see the module docstring) and the returned
+    proto references that file instead of holding the weights; ``data_file_bytes`` splits that data
+    into files of at most that size (``{stem}-0000k-of-0000n.onnx.data``). :func:`export_steps`
+    also writes the one-token decode graph."""
+    return export_steps(program, plan, path, profile, example_batch, external_data, data_file_bytes)[0]

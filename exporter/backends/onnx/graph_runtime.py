@@ -18,10 +18,11 @@ reads or writes and keeps it at one address:
 ``initial_caches(B)`` resets that batch size's caches and returns them; every step returns those
 same tensors, and a step given other caches copies them in first. One-token steps run as graph
 ``B`` (ONNX Runtime runs the first two of each graph normally, captures the third and replays from
-then on); prefill and other multi-token steps run uncaptured (``gpu_graph_id = -1``) on the same
-memory, a chunk at ``pos > 0`` with ``B > 1`` one row at a time (GroupQueryAttention refuses it
-batched). :meth:`generate` keeps the greedy loop on the device: the next token goes from the logits'
-argmax into ``input_ids`` without a trip through the host.
+then on) through the artifact's one-token decode graph where it has one (``decode.onnx``, sharing
+the weights with ``model.onnx``: :class:`~.runtime.OrtRuntime`); prefill and other multi-token steps
+run uncaptured (``gpu_graph_id = -1``) on the same memory, a chunk at ``pos > 0`` with ``B > 1`` one
+row at a time (GroupQueryAttention refuses it batched). :meth:`generate` keeps the greedy loop on the
+device: the next token goes from the logits' argmax into ``input_ids`` without a trip through the host.
 
 Requirements, checked when the runtime opens: every cache has a fixed shape (no growing ``full``
 cache: build with ``--kv-cache buffer``), the step reads ``pos`` on the device only (the model's
@@ -93,9 +94,11 @@ class CudaGraphRuntime(OrtRuntime):
     def _check_device_positions(self) -> None:
         import onnx
 
-        path = os.path.join(self.artifact_dir, self.manifest["files"]["step"])
-        meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-        if meta.get(DEVICE_POSITIONS) != "true":
+        files = self.manifest["files"]
+        for path in [os.path.join(self.artifact_dir, files[k]) for k in ("step", "decode") if files.get(k)]:
+            meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+            if meta.get(DEVICE_POSITIONS) == "true":
+                continue
             raise LoadError(f"{self.artifact_dir}: the step reads its position on the host, so a CUDA graph "
                             "would replay a stale one; rebuild with this effexport version (--profile ort)")
 
@@ -153,12 +156,13 @@ class CudaGraphRuntime(OrtRuntime):
     # ------------------------------------------------------------------------------------ steps
     def _decode_run(self, slot: _Slot, batch: int) -> None:
         """One captured (or capturing) one-token run on the slot's memory."""
+        session = self.session_for(1)  # the decode graph where the artifact has one
         if slot.binding is None:
-            slot.binding = self.session.io_binding()
+            slot.binding = session.io_binding()
             self._bind_all(slot.binding, slot, slice(None), slot.ids, slot.logits)
         if self.device == "cuda":
             torch.cuda.synchronize()  # the inputs written on torch's stream, before ORT's stream reads them
-        self.session.run_with_iobinding(slot.binding, self._run_options(batch))
+        session.run_with_iobinding(slot.binding, self._run_options(batch))
         self._copy_back(slot)
 
     def _run_options(self, graph_id: int):
@@ -173,11 +177,12 @@ class CudaGraphRuntime(OrtRuntime):
     def _chunk_run(self, slot: _Slot, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         """An uncaptured multi-token run over rows ``rows`` of the slot's memory; returns the logits."""
         logits = torch.empty(ids.shape[0], ids.shape[1], self.vocab, dtype=self.logits_dtype, device=self.device)
-        binding = self.session.io_binding()
+        session = self.session_for(ids.shape[1])
+        binding = session.io_binding()
         self._bind_all(binding, slot, rows, ids, logits)
         if self.device == "cuda":
             torch.cuda.synchronize()
-        self.session.run_with_iobinding(binding, self._run_options(-1))
+        session.run_with_iobinding(binding, self._run_options(-1))
         return logits
 
     def step(self, input_ids: np.ndarray, pos: int, caches: list) -> StepResult:

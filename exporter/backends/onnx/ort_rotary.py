@@ -98,6 +98,13 @@ class _Tables:
             return None
         n = self.max_positions
         full = evaluate(0, n)
+        one_row = full is not None and all(values.size == head_dim for values in full) and n > 1
+        if one_row:
+            # a graph of one-token steps (T static 1, the decode graph): the tables' subgraph computes
+            # the row of ``pos`` only, so the table is that row at every position
+            rows = [evaluate(start, 1) for start in range(n)]
+            full = None if any(r is None for r in rows) else [np.stack([r[i].reshape(head_dim) for r in rows])
+                                                              for i in range(len(rows[0]))]
         if full is None:
             return None
         tables = []
@@ -110,7 +117,7 @@ class _Tables:
                 return None
             tables.append(rows[:, :half])
         for start, length in CHECK_WINDOWS:
-            start = start if start >= 0 else n + start
+            start, length = start if start >= 0 else n + start, 1 if one_row else length
             part = evaluate(start, length)
             if part is None or any(not np.array_equal(p.reshape(length, head_dim)[:, :head_dim // 2],
                                                       t[start:start + length]) for p, t in zip(part, tables)):

@@ -20,6 +20,21 @@ the new rows into it (it detects the shared buffer) and no cache is copied or re
 binding, ORT returns a new present each step, as for the other kinds. A step that would run past the
 buffers' rows is refused before ORT sees it.
 
+An artifact with a one-token *decode graph* (``files.decode``, ``decode.onnx``: ``ort`` profile,
+``--kv-cache buffer``; :func:`~.export.export_steps`) has two sessions: one-token steps run the
+decode graph, every other step ``model.onnx``, on the same caches (the two graphs have the same
+inputs, outputs and cache layouts). The two sessions share the weights in memory
+(:func:`shared_weights`): the external data both graphs reference is mapped once (``np.memmap``,
+read-only; CPU) or copied to the device once (torch tensors; CUDA), and each tensor goes to both
+sessions as the same ``OrtValue`` through ``SessionOptions.add_initializer``, which ONNX Runtime uses
+in place of the file's bytes without a copy when the value lies where the session plans the
+initializer (onnxruntime session_state_utils.cc: "an initializer supplied by the user for the
+purpose of sharing"). The CPU EP still prepacks the weights of its MatMul kernels, once per session
+(a copy of those in each); the CUDA EP does not prepack. ORT's graph optimizer folds constant
+subgraphs from the file's own bytes (measured with onnxruntime 1.32: a user initializer does not
+reach a folded Cast), which are the shared values' bytes here; a folded result is each session's. The CUDA path is written against
+onnxruntime's Python API (``OrtValue.from_dlpack``) but untested here (no GPU in CI).
+
 ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (``ort`` profile) refuses several new tokens
 on a non-empty cache at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context
 is given", a check in ORT's GQA helper, whatever ``seqlens_k`` says). :meth:`OrtRuntime.step` then
@@ -58,13 +73,77 @@ def _bind(bind, name: str, tensor: torch.Tensor) -> None:
     bind(name, tensor.device.type, tensor.device.index or 0, onnx_type, list(tensor.shape), tensor.data_ptr())
 
 
+_NUMPY = {1: np.float32, 10: np.float16, 16: np.int16, 11: np.float64, 7: np.int64, 6: np.int32, 5: np.int16,
+          4: np.uint16, 3: np.int8, 2: np.uint8, 9: np.bool_, 12: np.uint32, 13: np.uint64}
+"""onnx.TensorProto element type -> the numpy dtype its bytes are read as (bf16 as int16 bits)."""
+
+
+def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu") -> tuple[dict[str, object], list]:
+    """One ``OrtValue`` per external tensor of the step graphs ``files`` (the artifact's ONNX files),
+    by initializer name; a tensor both graphs reference (same file, offset and length) is one value.
+
+    CPU: a view of the data file mapped read-only (``np.memmap``; no copy: ORT wraps the pages), or
+    an aligned copy where a tensor's offset is not 64-byte aligned (onnx_ir packs tensors densely).
+    CUDA: one device copy (a torch tensor) wrapped without a copy by ``OrtValue.from_dlpack``.
+    Returns the values by name and what must outlive the sessions (the device tensors, the maps:
+    ONNX Runtime holds no reference to them, and a value freed under a session crashes it). A name bound
+    to other bytes in the two graphs is a :class:`LoadError` (the export names them apart:
+    ``export._one_namespace``)."""
+    import onnx
+
+    root = os.path.realpath(artifact_dir)
+    maps, values, names, keep, inline = {}, {}, {}, [], set()
+    for file in files:
+        model = onnx.load(os.path.join(artifact_dir, file), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                inline.add(t.name)
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            key = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+            if names.setdefault(t.name, key) != key:
+                raise LoadError(f"{artifact_dir}: initializer {t.name} names other data in {file} than in {files[0]}; "
+                                "rebuild the artifact")
+            if key in values:
+                continue
+            path = os.path.realpath(os.path.join(artifact_dir, key[0]))
+            if not path.startswith(root + os.sep):
+                raise LoadError(f"{artifact_dir}: {file} references data outside the artifact ({key[0]!r})")
+            if path not in maps:
+                maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+            dtype = _NUMPY.get(t.data_type)
+            if dtype is None:
+                raise LoadError(f"{artifact_dir}: initializer {t.name} has element type {t.data_type}, which the "
+                                "runtime cannot share")
+            array = maps[path][key[1]:key[1] + key[2]].view(dtype).reshape(tuple(t.dims))
+            if device == "cuda":
+                tensor = torch.from_numpy(np.array(array)).to(device)
+                tensor = tensor.view(torch.bfloat16) if t.data_type == BFLOAT16 else tensor
+                value = ort.OrtValue.from_dlpack(tensor)
+                keep.append(tensor)
+            else:
+                if key[1] % 64:
+                    array = np.array(array)  # aligned for the kernels; still one copy for both sessions
+                value = (ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, BFLOAT16) if t.data_type == BFLOAT16
+                         else ort.OrtValue.ortvalue_from_numpy(array))
+            values[key] = value
+    clash = sorted(inline & set(names))
+    if clash:  # a value handed to both sessions would replace another graph's own constant of that name
+        raise LoadError(f"{artifact_dir}: initializer {clash[0]} is external data in one step graph and a constant "
+                        "of its own in another; rebuild the artifact")
+    return {name: values[key] for name, key in names.items()}, keep + list(maps.values())
+
+
 class OrtRuntime:
-    """An ONNX Runtime session over an artifact's step model."""
+    """An ONNX Runtime session over an artifact's step model (and a second one over its one-token
+    decode graph, sharing the weights, where the artifact has one: the module docstring)."""
 
     def __init__(self, artifact_dir: str, device: str = "cpu", threads: int | None = None,
                  io_binding: bool | None = None, session_options=None):
         """``session_options``: an ``onnxruntime.SessionOptions`` to start the session with (profiling,
-        optimization level, logging); ``threads`` sets its intra-op thread count."""
+        optimization level, logging); ``threads`` sets its intra-op thread count. With a decode graph
+        both sessions start with it, and it takes the shared weights (``add_initializer``): give each
+        runtime its own."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -77,8 +156,24 @@ class OrtRuntime:
         options = session_options if session_options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        path = os.path.join(artifact_dir, self.manifest["files"]["step"])
-        self.session = ort.InferenceSession(path, options, providers=self._providers(ort, device))
+        files = self.manifest["files"]
+        self.graph_files = [files["step"]] + ([files["decode"]] if files.get("decode") else [])
+        self.weights, self._weights_memory = {}, []
+        """The weights both sessions share, by initializer name (empty without a decode graph); kept
+        alive with the runtime (``SessionOptions`` holds no reference to them)."""
+        if len(self.graph_files) > 1:
+            self.weights, self._weights_memory = shared_weights(artifact_dir, self.graph_files, ort, device)
+            for name, value in self.weights.items():
+                options.add_initializer(name, value)
+        providers = self._providers(ort, device)
+        self.session = ort.InferenceSession(os.path.join(artifact_dir, files["step"]), options, providers=providers)
+        self.decode_session = None
+        """The session of the one-token decode graph (None: one-token steps run ``self.session``)."""
+        if len(self.graph_files) > 1:
+            self.decode_session = ort.InferenceSession(os.path.join(artifact_dir, files["decode"]), options,
+                                                       providers=providers)
+        self.last_graph = None
+        """The file of the graph the last step ran (the build's parity report records it)."""
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendMissingError("onnxruntime could not start its CUDA execution provider (CUDA / cuDNN "
                                       "libraries not found?): the session fell back to the CPU")
@@ -151,15 +246,22 @@ class OrtRuntime:
                            else self._device_value(np.concatenate([_host(p) for p in parts], axis=a))
                            for parts, a in zip(zip(*(r.caches for r in rows)), axes)])
 
+    def session_for(self, new: int):
+        """The session a step of ``new`` tokens per row runs (recorded in :attr:`last_graph`)."""
+        decode = new == 1 and self.decode_session is not None
+        self.last_graph = self.graph_files[1 if decode else 0]
+        return self.decode_session if decode else self.session
+
     def _run(self, input_ids: np.ndarray, pos: int, caches: list[np.ndarray]) -> StepResult:
-        """One call of the step model."""
+        """One call of the step model (the decode graph for one new token, where there is one)."""
+        session = self.session_for(np.shape(input_ids)[1])
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  **{name: np.array(pos, dtype=np.int64) for name in STEP_INPUTS[1:] if name in self.input_names}}
         if not self.io_binding:
             feeds.update({name: _host(c) for name, c in zip(self.cache_names, caches)})
-            outs = self.session.run(self.output_names, feeds)
+            outs = session.run(self.output_names, feeds)
             return StepResult(outs[0], list(outs[1:]))
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         caches = [c if isinstance(c, (self.ort.OrtValue, torch.Tensor)) else self._device_value(c) for c in caches]
@@ -178,7 +280,7 @@ class OrtRuntime:
                 _bind(binding.bind_output, name, cache)
             else:
                 binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         presents = [c if isinstance(c, torch.Tensor) else o for c, o in zip(caches, outs[1:])]
         return StepResult(outs[0].numpy() if logits is None else logits.float().cpu().numpy(), presents)
