@@ -468,13 +468,17 @@ def test_backend_missing_is_exit_4(tmp_path, monkeypatch, capsys, module, argv, 
 
 # --------------------------------------------------------------------- failures during the build
 def _fake_lowering(monkeypatch, rewritten, export_step):
-    """Builds that skip capture (the session's shared capture of TINY) and lower with ``export_step``."""
+    """Builds that skip capture (the session's shared capture of TINY) and lower with ``export_step``
+    (in place of ``export_steps``, the backend's entry point: no decode graph)."""
     import effexport.exporter.capture as capture_mod
     import effexport.exporter.backends.onnx.export as export_mod
 
+    def export_steps(program, plan, path, *args, decode_path=None, **kwargs):
+        return export_step(program, plan, path, **kwargs), None
+
     captured = rewritten(TINY).captured  # the same model and tokens the build would capture
     monkeypatch.setattr(capture_mod, "capture_step", lambda model, ids, *args: captured)
-    monkeypatch.setattr(export_mod, "export_step", export_step)
+    monkeypatch.setattr(export_mod, "export_steps", export_steps)
 
 
 def _write_stub(program, plan, path, **kwargs):

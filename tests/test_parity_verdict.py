@@ -128,10 +128,10 @@ def _perturb_logits(monkeypatch, factor: float = 1.001):
     the output): an artifact that is slightly wrong, with the same greedy tokens."""
     from effexport.exporter.backends.onnx import export as export_mod
 
-    real = export_mod.export_step
+    real = export_mod.export_steps  # the backend's entry point (export_step calls it too)
 
-    def export_step(program, plan, path, *args, **kwargs):
-        real(program, plan, path, *args, **kwargs)
+    def export_steps(program, plan, path, *args, **kwargs):
+        _, decode = real(program, plan, path, *args, **kwargs)
         proto = onnx.load(path)
         (producer,) = [n for n in proto.graph.node if "logits" in n.output]
         producer.output[list(producer.output).index("logits")] = "logits_unperturbed"
@@ -139,9 +139,9 @@ def _perturb_logits(monkeypatch, factor: float = 1.001):
             "perturbation", onnx.TensorProto.FLOAT, [], [factor])))
         proto.graph.node.append(helper.make_node("Mul", ["logits_unperturbed", "perturbation"], ["logits"]))
         onnx.save(proto, path)
-        return proto
+        return proto, decode
 
-    monkeypatch.setattr(export_mod, "export_step", export_step)
+    monkeypatch.setattr(export_mod, "export_steps", export_steps)
 
 
 @pytest.fixture(scope="module")
