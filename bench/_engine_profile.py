@@ -115,10 +115,15 @@ def profile_calls(fn, n: int, device: torch.device, record_shapes: bool = False)
 
 
 def _act(e) -> str:
+    """The kineto activity type (``kernel``, ``gpu_memcpy``, ``gpu_memset``, ``cuda_runtime``, ``cpu_op``,
+    ...); an event on a CUDA device whose type reads otherwise counts as a ``kernel``."""
     try:
-        return str(e.activity_type())
+        act = str(e.activity_type())
     except Exception:  # noqa: BLE001
-        return "kernel" if str(e.device_type()).endswith("CUDA") else "cpu_op"
+        act = ""
+    if act not in ("kernel", "gpu_memcpy", "gpu_memset") and str(e.device_type()).endswith("CUDA"):
+        return "kernel"
+    return act or "cpu_op"
 
 
 def device_events(events) -> tuple[list[dict], str]:
@@ -174,8 +179,9 @@ def gemm_shapes(events, n_steps: int) -> list[dict]:
         t0, t1 = op.start_ns(), op.start_ns() + op.duration_ns()
         ks = []
         for r in runtime[bisect.bisect_left(starts, t0):bisect.bisect_right(starts, t1)]:
-            if r.start_thread_id() == op.start_thread_id():
-                ks += kernels.get(r.correlation_id(), [])
+            # the launches inside the op's time (one launching thread: the step's; the runtime events'
+            # thread ids are the OS's, the ops' torch's own numbering, so they are not compared)
+            ks += kernels.get(r.correlation_id(), [])
         us = sum(k.duration_ns() for k in ks) / 1e3 if ks else op.duration_ns() / 1e3
         shapes, dtypes = [list(s) for s in op.shapes()], list(op.dtypes())
         sizes = [b for b in (_nbytes(s, d) for s, d in zip(shapes, dtypes)) if b]
@@ -410,8 +416,9 @@ def markdown(cases: list) -> str:
     out = []
     for c in cases:
         for p in c.get("profile", []):
+            roof = p.get("roofline_all_s")
             out.append(f"\n### {c['preset']} {c['dtype']} L={p['context']} B={p['batch']}: where the step goes"
-                       f" (roofline {_f(p.get('roofline_all_s', 0) * 1e3, '.3f')} ms)\n")
+                       f" (roofline {_f(roof * 1e3 if roof else None, '.3f')} ms)\n")
             out.append("| variant | wall us | kernel us | gap us | kernels/step | " +
                        " | ".join(f"{k} us" for k in CATEGORIES) + " |")
             out.append("|" + "---|" * (5 + len(CATEGORIES)))
