@@ -446,8 +446,8 @@ def markdown(cases: list) -> str:
                     out.append("|---|---|---|---|---|---|---|---|")
                     for g in s["gemm_shapes"][:25]:
                         out.append(f"| {g['op']} | {g['shapes']} | {','.join(d for d in g['dtypes'] if d)} | "
-                                   f"{_f(g['calls_per_step'])} | {_f(g['us_per_call'], '.2f')} | "
-                                   f"{_f(g['bytes_read'], '.3g')} | {_f(g.get('gb_per_s'), '.0f')} | "
+                                   f"{_f(g.get('calls_per_step'))} | {_f(g.get('us_per_call'), '.2f')} | "
+                                   f"{_f(g.get('bytes_read'), '.3g')} | {_f(g.get('gb_per_s'), '.0f')} | "
                                    f"{' '.join(g['kernels'])[:80]} |")
         variants = c.get("compile_variants")
         if variants:
