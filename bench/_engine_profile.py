@@ -86,7 +86,10 @@ def category(name: str, activity: str = "kernel") -> str:
 
 def init_for_cuda_graphs() -> str:
     """Start and stop a profiler once before any CUDA graph is captured, so CUPTI reports the kernels
-    of graph replays later (what gpt-fast's ``generate.py`` does before profiling)."""
+    of graph replays later (what gpt-fast's ``generate.py`` does before profiling). Also keeps CUPTI up
+    between profiler sessions (``TEARDOWN_CUPTI=0``, unless set: torch sets it itself for Inductor's
+    CUDA graphs on CUDA < 12.6, where a re-init after teardown crashed; the engine's graphs are its own)."""
+    os.environ.setdefault("TEARDOWN_CUPTI", "0")
     try:
         from torch.profiler._utils import _init_for_cuda_graphs
 

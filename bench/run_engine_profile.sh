@@ -46,8 +46,8 @@ log "torch engine: profile '$PROFILE', variants '$VARIANTS' ${INDUCTOR:++ '$INDU
 timeout $(( left - 10 )) "$PYTHON" bench/torch_engine.py --out "$OUT" --device "$DEVICE" $SIZE \
     ${PROFILE:+--profile "$PROFILE"} ${VARIANTS:+--compile-variants "$VARIANTS"} ${INDUCTOR:+--inductor "$INDUCTOR"} \
     --variant-points "$VARIANT_POINTS" --variant-limit-s "$VARIANT_LIMIT" --budget-s $(( left - 30 )) \
-    $ENGINE_ARGS 2>&1 | tee "$OUT/torch_engine.log" | grep --line-buffered -E '^(== |-- )' \
-    | while IFS= read -r line; do log "$line"; done
+    $ENGINE_ARGS 2>&1 | tee "$OUT/torch_engine.log" | grep --line-buffered -E '^(== |-- |\{"(profile|variant)")' \
+    | while IFS= read -r line; do log "${line:0:400}"; done
 rc=${PIPESTATUS[0]}
 log "torch engine rc=$rc"
 [ -f "$OUT/engine_profile.md" ] && cat "$OUT/engine_profile.md" | head -n 150
