@@ -119,14 +119,15 @@ def profile_calls(fn, n: int, device: torch.device, record_shapes: bool = False)
 
 def _act(e) -> str:
     """The kineto activity type (``kernel``, ``gpu_memcpy``, ``gpu_memset``, ``cuda_runtime``, ``cpu_op``,
-    ...); an event on a CUDA device whose type reads otherwise counts as a ``kernel``."""
+    ``gpu_user_annotation`` (a range on the GPU timeline, not a kernel), ...); only where a torch has no
+    ``activity_type`` does an event on a CUDA device count as a ``kernel``."""
     try:
         act = str(e.activity_type())
     except Exception:  # noqa: BLE001
         act = ""
-    if act not in ("kernel", "gpu_memcpy", "gpu_memset") and str(e.device_type()).endswith("CUDA"):
-        return "kernel"
-    return act or "cpu_op"
+    if not act:
+        return "kernel" if str(e.device_type()).endswith("CUDA") else "cpu_op"
+    return act
 
 
 def device_events(events) -> tuple[list[dict], str]:

@@ -106,6 +106,74 @@ def test_gemm_shapes_and_leaf_ops_from_a_cpu_profile():
     assert "wall_us_per_step" not in s
 
 
+class _Fake:
+    """A kineto event as ``profile_calls`` returns them (the methods the summaries read)."""
+
+    def __init__(self, name, act, start, dur, corr=0, shapes=(), dtypes=(), device="DeviceType.CPU"):
+        self._v = dict(name=name, act=act, start=start, dur=dur, corr=corr, shapes=list(shapes), dtypes=list(dtypes),
+                       device=device)
+
+    def name(self):
+        return self._v["name"]
+
+    def activity_type(self):
+        return self._v["act"]
+
+    def device_type(self):
+        return self._v["device"]
+
+    def start_ns(self):
+        return self._v["start"]
+
+    def duration_ns(self):
+        return self._v["dur"]
+
+    def correlation_id(self):
+        return self._v["corr"]
+
+    def shapes(self):
+        return self._v["shapes"]
+
+    def dtypes(self):
+        return self._v["dtypes"]
+
+    def start_thread_id(self):
+        return 1
+
+
+def test_device_events_and_gemm_attribution_on_a_gpu_shaped_profile():
+    """What CUPTI gives on the GPU: kernels correlated to their launches (runtime or driver API), GPU
+    user annotations (ranges, not kernels: left out), memsets; an ``aten::mm`` op's kernels are the
+    launches inside its time."""
+    cuda = "DeviceType.CUDA"
+    bf = "c10::BFloat16"
+    evs = [
+        _Fake("aten::mm", "cpu_op", 1000, 500, shapes=[[1, 1536], [1536, 6144]], dtypes=[bf, bf]),
+        _Fake("cudaLaunchKernel", "cuda_runtime", 1100, 50, corr=7),
+        _Fake("aten::mm", "cpu_op", 2000, 500, shapes=[[1, 1536], [1536, 6144]], dtypes=[bf, bf]),
+        _Fake("cuLaunchKernelEx", "cuda_driver", 2100, 50, corr=9),
+        _Fake("triton_poi_fused_0", "cpu_op", 3000, 100),
+        _Fake("cuLaunchKernel", "cuda_driver", 3010, 50, corr=11),
+        _Fake("nvjet_tst_a", "kernel", 5000, 8000, corr=7, device=cuda),
+        _Fake("nvjet_tst_a", "kernel", 14000, 8000, corr=9, device=cuda),
+        _Fake("triton_poi_fused_0", "kernel", 23000, 2000, corr=11, device=cuda),
+        _Fake("Memset (Device)", "gpu_memset", 26000, 1000, device=cuda),
+        _Fake("## Call CompiledFxGraph ##", "gpu_user_annotation", 4000, 30000, device=cuda),
+    ]
+    events, source = ep.device_events(evs)
+    assert source.startswith("device activities")
+    assert [e["name"] for e in events] == ["nvjet_tst_a", "nvjet_tst_a", "triton_poi_fused_0", "Memset (Device)"]
+    (g,) = ep.gemm_shapes(evs, 2)
+    assert g["kernels"] == ["nvjet_tst_a"] and g["calls_per_step"] == 1 and g["us_per_call"] == pytest.approx(8.0)
+    assert g["bytes_read"] == (1536 + 1536 * 6144) * 2 and g["device_time"] == "kernels"
+    assert g["gb_per_s"] == pytest.approx(g["bytes_read"] / 8.0 / 1e3)
+    s = ep.summarize(events, 2, 12e-6, [g])
+    assert s["kernel_us_per_step"] == pytest.approx(9.5) and s["kernels_per_step"] == 2
+    assert s["categories_us_per_step"]["gemm_cublas"] == pytest.approx(8.0)
+    assert s["categories_us_per_step"]["copy_memset"] == pytest.approx(0.5)
+    assert s["top_kernels"][0]["bytes_read_per_call"] == g["bytes_read"]
+
+
 def test_parse_variant_and_points():
     assert ep.parse_variant("freezing") == ("freezing", {"freezing": True})
     name, kw = ep.parse_variant("bk:max_autotune_gemm=true,max_autotune_gemm_backends=TRITON,ATEN,dynamic=False")
