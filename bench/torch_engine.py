@@ -4,6 +4,7 @@ ways -- uncaptured, replayed from a CUDA graph, compiled by Inductor and replaye
     python3 bench/torch_engine.py [--out DIR] [--tiny] [--real gemma4-e2b,laguna-xs2@8L,...] [--dtypes fp32,bf16]
                                   [--contexts 4096,32768] [--batches 1,8] [--budget-s 480] [--device cuda]
                                   [--inplace | --no-inplace] [--hf-eager [--hf-attn eager,sdpa]]
+                                  [--profile 4096:1,32768:8] [--compile-variants default,static,...] [--inductor K=V,...]
 
 Cases: every tiny preset at each of ``--dtypes`` (``--tiny``), and each ``--real`` case at real size
 in bf16 (random weights built on the GPU, as ``bench/decode_step.py`` does). A ``--real`` case is
@@ -71,6 +72,33 @@ config, the cache and step used, and per L and B ``hf_eager_ms`` / ``hf_sdpa_ms`
 at 32K, B=1); a second table prints them. A transformers without Gemma 4, or any failure of this
 column, is recorded there (``error``) and the bench goes on.
 
+Profile (``--profile L:B[,L:B]``; nothing changes without it): after the timing rows, per point the
+``compiled_graph`` and ``rewritten_graph`` steps (on the CPU: ``compiled`` where it exists and
+``rewritten``, uncaptured) run ``--profile-steps`` times under ``torch.profiler`` (CUDA activity; CUPTI
+is started once before any graph is captured so the replays' kernels are reported, ``profiler_init``
+in the JSON). ``case["profile"]`` holds per point and variant: ``kernels_per_step``,
+``kernel_us_per_step`` (their sum), ``wall_us_per_step`` (the replay, median of ``--reps``) and
+``gap_us_per_step`` (wall minus kernel time: launch gaps and host work), ``categories_us_per_step`` /
+``categories_count_per_step`` (``gemm_cublas``, ``gemm_triton`` (Inductor templates), ``inductor_triton``
+(``triton_poi_`` / ``red_`` / ``per_``), ``effexport_triton`` (our kernels), ``copy_memset``,
+``aten_native``, ``other``: they sum to the total), ``top_kernels`` (25: count and us per step, us per
+call, share, and for a GEMM kernel the bytes it reads per call and the GB/s it reaches), and
+``gemm_shapes``: the ``aten::mm`` / ``addmm`` / ``bmm`` calls of an uncaptured profile of the same
+program grouped by input shapes and dtypes (calls per step, us per call, bytes read, GB/s, kernels;
+``gemm_bytes_per_step`` against ``gemm_roofline_us_per_step``). See ``bench/_engine_profile.py``.
+
+Inductor variants (``--compile-variants NAME[,NAME]`` presets of ``_engine_profile.PRESETS`` and/or
+``--inductor [NAME:]KEY=VALUE[,...]``, repeatable: ``torch._inductor.config`` keys, ``mode=`` (expanded
+into its options; ``triton.cudagraphs`` forced off: the engine captures its own graph) and ``dynamic=``):
+each a fresh ``torch.compile`` of the engine's step graph replayed from the engine's CUDA graph and
+timed at ``--variant-points`` (default 4096:1,32768:8); ``default`` (always first) is the case's own
+compiled engine. ``case["compile_variants"]["variants"]``: per variant its options (config keys the
+installed torch lacks are listed in ``missing``, not passed) and per point ``compile_s``, ``first_s``
+(capture), ``ms`` and ``err_vs_default`` / ``greedy_equal_default`` (first step's logits vs the default
+variant's on the same inputs). A variant's compiles stop at ``--variant-limit-s`` (SIGALRM; recorded as
+``skipped``), none starts with less than ``--variant-min-s`` of the budget left (``skipped: budget``).
+Both write ``engine_profile.md`` (tables) next to the JSON.
+
 Each case and each variant runs in try/except (the error is recorded, the others go on); cases and
 timing rows that would start after ``--budget-s`` are recorded as skipped, and so is a real-size case
 with less than ``--case-min-s`` left (keep it under the machine's
@@ -98,7 +126,9 @@ import torch
 from effexport.samples import Sample, get_sample, preset_names
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _engine_profile  # noqa: E402
 from _common import active_weight_bytes, add_common_args, copy_bandwidth, weight_bytes  # noqa: E402
+from _engine_profile import parse_points  # noqa: E402
 
 TINY_PRESETS = [n for n in preset_names(report_only=False) if n.endswith(":tiny")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -400,7 +430,7 @@ def run_case(case: dict, args, device, clock, save, deadline: float, bw: float |
     contexts = args.contexts if real else [args.tiny_context]
     batches = args.batches if real else [1, 2]
     t0 = time.monotonic()
-    program, analysis = rewrite(sample, model, device, max(contexts))
+    program, analysis = rewrite(sample, model, device, max(contexts + extra_contexts(args)))
     case["capture_rewrite_s"] = time.monotonic() - t0
     case["constants"] = analysis.counts.get("constants")
     save()
@@ -429,7 +459,201 @@ def run_case(case: dict, args, device, clock, save, deadline: float, bw: float |
     case["rows"] = []
     timings(program, plan, runners, sample.config.vocab_size, device, contexts, batches, clock, case["rows"],
             save, deadline, roofline)
+    if args.profile:
+        case["profile"] = []
+        profile_points(program, plan, runners, sample.config.vocab_size, device, parse_points(args.profile), clock,
+                       case["profile"], save, deadline, roofline, args.profile_steps, bw)
+    if args.compile_variants or args.inductor:
+        case["compile_variants"] = {}
+        compile_variants(program, plan, runners, sample.config.vocab_size, device, args, clock,
+                         case["compile_variants"], save, deadline)
     return case
+
+
+# ------------------------------------------------------------------ --profile, --compile-variants / --inductor
+def extra_contexts(args) -> list[int]:
+    """The contexts of ``--profile`` and (when variants are asked for) ``--variant-points``: the caches
+    are built for the largest of these and ``--contexts``."""
+    pts = parse_points(args.profile or "")
+    if args.compile_variants or args.inductor:
+        pts += parse_points(args.variant_points)
+    return [L for L, _ in pts]
+
+
+def _point_inputs(plan, vocab: int, device, ctx: int, batch: int):
+    """Random caches (seeded by L and B: every variant gets the same), ids [B, 1] and pos = L - 1."""
+    gen = torch.Generator(device=device).manual_seed(1000 * ctx + batch)
+    caches = [torch.randn(e.concrete_shape(batch, ctx - 1), device=device, generator=gen).to(
+        getattr(torch, e.dtype)) * 0.5 if getattr(torch, e.dtype).is_floating_point
+        else e.empty(batch, device) for e in plan.entries]
+    ids = torch.randint(0, vocab, (batch, 1), device=device, generator=gen)
+    return caches, ids, torch.tensor(ctx - 1, device=device)
+
+
+def profile_points(program, plan, runners: dict, vocab: int, device, points, clock, out: list, save,
+                   deadline: float, roofline, steps: int, bw) -> list:
+    """``--profile``: per L:B, the compiled + CUDA-graph step and the uncompiled CUDA-graph step (on the
+    CPU, where there are no graphs: the uncaptured ``compiled`` when it exists and ``rewritten``) run
+    ``steps`` times under ``torch.profiler``; :func:`_engine_profile.summarize` of the kernels, with the
+    wall time of a replay (the median of ``--reps``, timed first) and the GEMMs attributed by shape from
+    ``steps`` uncaptured calls of the same program (``record_shapes``)."""
+    keys = ("compiled_graph", "rewritten_graph") if device.type == "cuda" else ("compiled", "rewritten")
+    for ctx, batch in points:
+        point = {"context": ctx, "batch": batch, "kv_bytes": sum(e.nbytes(batch, ctx) for e in plan.entries)}
+        if roofline is not None:
+            point.update(roofline(batch, point["kv_bytes"]))
+        out.append(point)
+        if time.monotonic() > deadline:
+            point["skipped"] = "time budget"
+            save()
+            continue
+        print(f"-- profile L={ctx} B={batch}", flush=True)
+        for key in keys:
+            runner = runners.get(key)
+            if runner is None or isinstance(runner, str):
+                point[key] = {"error": runner or "no such variant"}
+                continue
+            if time.monotonic() > deadline:
+                point[key] = {"error": "skipped: time budget"}
+                continue
+            try:
+                caches, ids, pos = _point_inputs(plan, vocab, device, ctx, batch)
+                state = {"caches": [c.clone() for c in caches]}
+
+                def call(runner=runner, state=state, ids=ids):
+                    state["logits"], state["caches"] = runner.step(ids, ctx - 1, state["caches"])
+                first = clock.once(call)  # compile (a new batch size) and graph capture
+                wall = clock(call)
+                events, source = _engine_profile.device_events(_engine_profile.profile_calls(call, steps, device))
+                gemms = _engine_profile.gemm_shapes(_engine_profile.profile_calls(
+                    lambda runner=runner: runner.fn(ids, pos, *caches), steps, device, record_shapes=True), steps)
+                summary = _engine_profile.summarize(events, steps, wall, gemms, bw=bw)
+                summary.update(first_s=first, kernels_from=f"{source}, {steps} calls of the engine's step"
+                               + (" (CUDA-graph replays)" if key.endswith("_graph") else " (uncaptured)"))
+                if key.endswith("_graph") and device.type == "cuda" and not any(
+                        e["activity"] == "kernel" for e in events):
+                    summary["warning"] = "no kernel recorded in the replays (CUPTI did not see the graph's kernels)"
+                point[key] = summary
+                del caches, state
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                point[key] = {"error": _short(exc)}
+            if device.type == "cuda":
+                runner.graphs.clear()
+                torch.cuda.empty_cache()
+            save()
+            s = point[key]
+            print(json.dumps({"profile": [ctx, batch, key], **{k: s.get(k) for k in (
+                "wall_us_per_step", "kernel_us_per_step", "gap_us_per_step", "kernels_per_step",
+                "categories_us_per_step", "error")}}), flush=True)
+    return out
+
+
+def variant_list(args) -> list[tuple[str, dict]]:
+    """``--compile-variants`` presets then each ``--inductor`` spec, ``default`` first (the reference
+    of the errors; added when missing)."""
+    out = [_engine_profile.parse_variant(n) for n in args.compile_variants.split(",") if n.strip()]
+    out += [_engine_profile.parse_variant(s) for s in args.inductor]
+    if not any(name == "default" for name, _ in out):
+        out.insert(0, ("default", {}))
+    out.sort(key=lambda v: v[0] != "default")
+    return out
+
+
+def compile_variants(program, plan, runners: dict, vocab: int, device, args, clock, out: dict, save,
+                     deadline: float) -> dict:
+    """``--compile-variants`` / ``--inductor``: per variant a fresh ``torch.compile`` of the engine's
+    (in-place) step graph with the variant's options, replayed from the engine's CUDA graphs, timed at
+    each ``--variant-points`` L:B; ``default`` reuses the case's compiled engine (compiled already).
+    Each point: ``compile_s`` (the first, uncaptured call: the compile of that shape, under a SIGALRM of
+    what is left of ``--variant-limit-s``), ``ms`` (median of ``--reps`` ``TorchEngine.step`` calls)
+    and ``err_vs_default`` (the first step's logits against the default variant's, same inputs)."""
+    from effexport.exporter.backends.torch import TorchEngine
+
+    points = parse_points(args.variant_points)
+    cuda = device.type == "cuda"
+    out.update(points=points, backend=args.variant_backend, limit_s=args.variant_limit_s, variants=[],
+               torch=torch.__version__)
+    reference: dict = {}
+    for name, overrides in variant_list(args):
+        v = {"name": name, "overrides": overrides, "points": {}}
+        out["variants"].append(v)
+        left = deadline - time.monotonic()
+        if left < args.variant_min_s:
+            v["skipped"] = f"budget ({max(left, 0):.0f} s left < --variant-min-s {args.variant_min_s:.0f})"
+            save()
+            continue
+        print(f"-- variant {name} {overrides}", flush=True)
+        t_start = time.monotonic()
+        fn = runner = None
+        try:
+            kw, notes = _engine_profile.compile_kwargs(overrides, args.variant_backend)
+            v["compile_kwargs"] = {k: val for k, val in kw.items() if k != "options"}
+            v.update(notes)
+            reuse = name == "default" and not overrides and not isinstance(runners.get("compiled"), (str, type(None)))
+            if reuse and args.variant_backend == "inductor":
+                fn = runners["compiled"].fn
+                v["source"] = "the case's compiled engine (torch.compile default mode; compiled already)"
+            elif not cuda and not args.cpu_compile and args.variant_backend == "inductor":
+                v["skipped"] = "Inductor on the CPU takes minutes per shape (--cpu-compile, or --variant-backend eager)"
+                continue
+            else:
+                base = TorchEngine(program.gm, plan.entries, device, compile=False, cuda_graphs=False,
+                                   inplace=args.inplace).module  # a fresh graph copy: its own dynamo cache
+                fn = torch.compile(base, **kw)
+            runner = TorchEngine(fn, plan.entries, device, compile=False, cuda_graphs=cuda, inplace=args.inplace)
+            v["inplace_caches"] = len(runner.aliased)
+            for ctx, batch in points:
+                r = v["points"][f"{ctx}:{batch}"] = {}
+                limit = min(args.variant_limit_s - (time.monotonic() - t_start), deadline - time.monotonic())
+                if limit <= 0:
+                    r["skipped"] = "budget" if deadline - time.monotonic() <= 0 else "variant limit"
+                    continue
+                try:
+                    caches, ids, pos = _point_inputs(plan, vocab, device, ctx, batch)
+                    work = [c.clone() for c in caches]
+                    with _engine_profile.alarm(limit):
+                        r["compile_s"] = clock.once(lambda fn=fn, work=work, ids=ids, pos=pos: fn(ids, pos, *work))
+                    del work
+                    state = {"caches": [c.clone() for c in caches]}
+
+                    def call(runner=runner, state=state, ids=ids, ctx=ctx):
+                        state["logits"], state["caches"] = runner.step(ids, ctx - 1, state["caches"])
+                    r["first_s"] = clock.once(call)  # graph capture
+                    logits = state["logits"].float().clone()
+                    if name == "default":
+                        reference[(ctx, batch)] = logits
+                    elif (ctx, batch) in reference:
+                        r["err_vs_default"] = _err(logits, reference[(ctx, batch)])
+                        r["greedy_equal_default"] = bool(torch.equal(logits[:, -1].argmax(-1),
+                                                                     reference[(ctx, batch)][:, -1].argmax(-1)))
+                    r["ms"] = clock(call) * 1e3
+                    del caches, state, logits
+                except _engine_profile.CompileTimeout as exc:
+                    r["skipped"] = f"variant limit: {exc}"
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    cause = exc
+                    while cause.__cause__ is not None and not isinstance(cause, _engine_profile.CompileTimeout):
+                        cause = cause.__cause__
+                    r["skipped" if isinstance(cause, _engine_profile.CompileTimeout) else "error"] = _short(cause)
+                if cuda:
+                    runner.graphs.clear()
+                    torch.cuda.empty_cache()
+                save()
+                print(json.dumps({"variant": name, "point": [ctx, batch], **r}), flush=True)
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            v["error"] = _short(exc)
+        finally:
+            v["total_s"] = time.monotonic() - t_start
+            del fn, runner
+            torch._dynamo.reset()  # the variant's compiled code (frozen weights included) goes
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            save()
+    return out
 
 
 # ------------------------------------------------------------------ HF transformers eager (--hf-eager)
@@ -739,6 +963,24 @@ def main(argv=None) -> int:
     ap.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
                     help="buffer caches updated in place by the engines (default; --no-inplace: the functional "
                     "attention_buffer, every present copied back)")
+    ap.add_argument("--profile", default="", metavar="L:B[,L:B]",
+                    help="torch.profiler of the compiled and uncompiled CUDA-graph steps at these points: kernel "
+                    "time per name and category, kernels per step, wall vs kernel time, GEMM bytes "
+                    "(JSON: case['profile']; markdown: engine_profile.md)")
+    ap.add_argument("--profile-steps", type=int, default=10, help="--profile: steps under the profiler")
+    ap.add_argument("--compile-variants", default="", metavar="NAME[,NAME]",
+                    help="torch.compile variants to time (presets: " + ", ".join(_engine_profile.PRESETS) +
+                    "; JSON: case['compile_variants'])")
+    ap.add_argument("--inductor", action="append", default=[], metavar="[NAME:]KEY=VALUE[,KEY=VALUE]",
+                    help="a variant of torch._inductor.config overrides (and mode= / dynamic=); repeatable")
+    ap.add_argument("--variant-points", default="4096:1,32768:8", metavar="L:B[,L:B]",
+                    help="where each compile variant is timed")
+    ap.add_argument("--variant-limit-s", type=float, default=200.0,
+                    help="a variant's compiles and timings stop after this many seconds (the rest: skipped)")
+    ap.add_argument("--variant-min-s", type=float, default=45.0,
+                    help="start no variant with less than this many seconds of the budget left")
+    ap.add_argument("--variant-backend", default="inductor",
+                    help="torch.compile backend of the variants (eager / aot_eager: a CPU check of the code path)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -748,6 +990,7 @@ def main(argv=None) -> int:
             return 4
         from effexport.custom_ops import enable_triton
         enable_triton()
+    profiler_init = _engine_profile.init_for_cuda_graphs() if args.profile and device.type == "cuda" else None
     clock = Clock(device, args.reps)
     bw = copy_bandwidth(device)
     plan = ([(p, d, False) for p in args.presets.split(",") if p for d in args.dtypes.split(",") if d]
@@ -762,7 +1005,11 @@ def main(argv=None) -> int:
             json.dump({"torch": torch.__version__, "device": str(device),
                        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                        "copy_bw": bw, "inplace": args.inplace, "elapsed_s": time.monotonic() - start, "cases": cases,
-                       "mhc_overhead": mhc_overhead(cases)}, f, indent=1, default=str)
+                       "mhc_overhead": mhc_overhead(cases),
+                       **({"profiler_init": profiler_init} if profiler_init else {})}, f, indent=1, default=str)
+        if args.profile or args.compile_variants or args.inductor:
+            with open(os.path.join(args.out, "engine_profile.md"), "w") as f:
+                f.write(_engine_profile.markdown(cases) + "\n")
     for name, dtype_name, real in plan:
         case = {"preset": name, "dtype": dtype_name, "real_size": real}
         cases.append(case)
@@ -802,6 +1049,8 @@ def main(argv=None) -> int:
         print(hf_table(cases))
     for m in mhc_overhead(cases):
         print("mHC overhead", json.dumps(m))
+    if args.profile or args.compile_variants or args.inductor:
+        print(_engine_profile.markdown(cases))
     return 0
 
 

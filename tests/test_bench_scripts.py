@@ -71,6 +71,9 @@ def test_torch_engine_records_whether_buffers_run_in_place(tmp_path, flag, cache
     result = json.loads((tmp_path / "torch_engine.json").read_text())
     assert result["inplace"] is (flag is None)
     (case,) = result["cases"]
+    # without --profile / --compile-variants the JSON is as before: no profile, no variants, no markdown
+    assert "profile" not in case and "compile_variants" not in case and "profiler_init" not in result
+    assert not (tmp_path / "engine_profile.md").exists()
     assert case["inplace_caches"] == caches and case["errors"]["rewritten"]["vs_fp32"] < 1e-5
     assert all(isinstance(row["rewritten_s"], float) for row in case["rows"])
     assert ("hf_transformers" in case) is hf
