@@ -1,0 +1,493 @@
+"""Why does the bf16 deepseek-v4-flash:tiny step fail on ONNX Runtime's CUDA EP, where fp32 runs?
+
+    OUT=out/probe bash -c 'source bench/_ortgpu_env.sh; timeout 150 python3 bench/ds_bf16_probe.py --out "$OUT"'
+    python3 bench/ds_bf16_probe.py --device cpu --out /tmp/probe     # the code path on ORT CPU (fp32 only)
+
+``tests/test_graph_runtime.py::test_cuda_graph_replay_equals_uncaptured[deepseek-v4-flash:tiny]``
+fails in the *uncaptured* runtime (onnxruntime-gpu 1.31.1, H100): batch 1, a 3-token prompt, ORT
+reports an ``Add`` inside an inlined ``kv_compress_step`` body with operands ``{1,3,32}`` and
+``{2,32}`` (``z + ape[positions mod r]`` with two positions for three tokens). The fp32 artifact
+runs; bf16 cannot run on ORT CPU (no bf16 kernels), and an fp32 copy that rounds every bf16 value
+through bf16 (:func:`emulate_bf16`) runs on ORT CPU with the fp32 artifact's tokens, so the cause
+is on the CUDA EP's side of the session. This probe gathers what cannot be seen off the GPU:
+
+1. builds both artifacts with the CLI as the test does (``--kv-cache buffer``, ``--max-context 64``,
+   bf16 and fp32, in parallel subprocesses);
+2. runs the test's first case (``OrtRuntime(device=...).generate(ids [1, 3], 16)``) on each;
+3. one prefill per graph optimization level (all, extended, basic, disabled) with ORT's profiler on:
+   the profile records every node that ran before the failure with its provider and its input /
+   output shapes (the graph is not changed, so the failure is not disturbed); the ``kv_compress_step``
+   nodes and the last nodes before the failure go into the JSON, the whole trace into a file;
+4. the CUDA session's optimized graph as ORT saves it (``optimized_model_filepath``: its own
+   inlining, fusions, CPU fallbacks and Memcpy nodes) and its verbose log's placement lines, per
+   artifact, for reading offline;
+5. the bf16 graph inlined by ``onnx.inliner`` (does ORT's own inliner matter?), then the same with
+   every int64 value of the ``kv_compress_step`` bodies added as a graph output (their values at
+   the failing step; adding outputs may hide the failure, which is then recorded as such);
+6. the emulated-bf16 copy (fp32 arithmetic, every bf16 value rounded through a Cast pair) on the
+   same device: bf16 kernels and placement out, the graph's structure kept;
+7. if some optimization level runs where ``all`` fails, one prefill per ORT transformer disabled
+   (``disabled_optimizers``), to name the one that breaks it.
+
+Every phase is caught and recorded (a failure is data); ``ds_bf16_probe.json`` is rewritten after
+each phase, so a run cut short by ``timeout`` still leaves what it found. ``--budget`` (seconds)
+bounds the optional phases; ``--artifacts DIR`` reuses ``DIR/bf16`` and ``DIR/fp32`` instead of
+building (each build is ~40-75 s of CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+PRESET = "deepseek-v4-flash:tiny"
+CONTEXT = 64
+LEVELS = ("all", "extended", "basic", "disabled")
+# ORT transformers that touch shape arithmetic, Range / Gather or half-precision casts
+# (onnxruntime/core/optimizer/graph_transformer_utils.cc), tried one at a time in phase 7
+TRANSFORMERS = ("ConstantFolding", "CommonSubexpressionElimination", "ConstantSharing", "Level1_RuleBasedTransformer",
+                "Level2_RuleBasedTransformer", "GatherToSliceFusion", "GatherSliceToSplitFusion", "GatherToSplitFusion",
+                "SimplifiedLayerNormFusion", "LayerNormFusion", "SkipLayerNormFusion", "ReshapeFusion",
+                "TransposeOptimizer", "MatMulScaleFusion", "MatmulTransposeFusion", "BiasSoftmaxFusion",
+                "GroupQueryAttentionFusion", "QuickGeluFusion", "FastGeluFusion", "GeluFusion", "MatMulAddFusion",
+                "BiasGeluFusion", "CastElimination", "NoopElimination")
+
+
+# ------------------------------------------------------------------------------------ helpers
+class Report:
+    """The JSON written to ``--out`` after every phase."""
+
+    def __init__(self, out: str):
+        self.out, self.data, self.t0 = out, {"phases": {}}, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def put(self, key: str, value) -> None:
+        self.data["phases"][key] = value
+        self.data["elapsed_s"] = round(self.elapsed(), 1)
+        with open(os.path.join(self.out, "ds_bf16_probe.json"), "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+
+
+def _error(exc: BaseException) -> dict:
+    return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+
+
+def _ids(batch: int = 1, length: int = 3, seed: int = 1) -> np.ndarray:
+    """The test's prompt (tests/test_graph_runtime.py ``_ids``)."""
+    return np.random.RandomState(seed).randint(0, 128, (batch, length))
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str):
+    """Redirect the process's fd 2 (ONNX Runtime's C++ log) into ``path``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _options(ort, level: str = "all", profile: str | None = None, optimized: str | None = None, verbose: bool = False):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
+    if optimized:
+        so.optimized_model_filepath = optimized
+    if verbose:
+        so.log_severity_level = 0
+        so.log_verbosity_level = 1
+    return so
+
+
+def _providers(device: str) -> list:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+
+
+# ------------------------------------------------------------------------------------ phases
+def build(out: str, device_note: str) -> dict:
+    """Both artifacts with the CLI (the test's ``_build``), in parallel subprocesses."""
+    code = ("import sys; from effexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))")
+    procs = {}
+    for dtype in ("bf16", "fp32"):
+        target = os.path.join(out, dtype)
+        shutil.rmtree(target, ignore_errors=True)
+        args = [PRESET, "--target", "onnx", "-o", target, "--max-context", str(CONTEXT), "--no-check",
+                "--kv-cache", "buffer"] + (["--dtype", "bf16"] if dtype == "bf16" else [])
+        log = open(os.path.join(out, f"build_{dtype}.log"), "w")
+        procs[dtype] = (subprocess.Popen([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT),
+                        log, time.perf_counter())
+    result = {"note": device_note}
+    for dtype, (proc, log, t0) in procs.items():
+        rc = proc.wait()
+        log.close()
+        with open(log.name) as f:
+            tail = f.read()[-1500:]
+        result[dtype] = {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log_tail": tail}
+    return result
+
+
+def graph_summary(directory: str) -> dict:
+    """Op counts of the main graph and of every ``kv_compress_step`` body (to compare with a CPU build)."""
+    import collections
+
+    import onnx
+
+    model = onnx.load(os.path.join(directory, "model.onnx"), load_external_data=False)
+    bodies = {f"{f.name}:{f.overload}": dict(collections.Counter(n.op_type for n in f.node))
+              for f in model.functions if f.name == "kv_compress_step"}
+    return {"nodes": len(model.graph.node), "ops": dict(collections.Counter(n.op_type for n in model.graph.node)),
+            "kv_compress_step_bodies": bodies,
+            "kv_compress_step_nodes": [{"name": n.name, "inputs": list(n.input), "overload": n.overload}
+                                       for n in model.graph.node if n.op_type == "kv_compress_step"]}
+
+
+def generate(directory: str, device: str) -> dict:
+    """The test's first case on the plain runtime."""
+    from effexport.runtime import OrtRuntime
+
+    try:
+        tokens, logits = OrtRuntime(directory, device=device).generate(_ids(), 16)
+        return {"ok": True, "tokens": tokens.tolist(), "logits_absmax": [float(np.abs(x).max()) for x in logits[:3]]}
+    except Exception as exc:  # noqa: BLE001  (a failure is the finding)
+        return _error(exc)
+
+
+def _trace_nodes(path: str) -> list[dict]:
+    with open(path) as f:
+        events = json.load(f)
+    nodes = []
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        args = e.get("args", {})
+        nodes.append({"node": e["name"][:-len("_kernel_time")], "op": args.get("op_name"),
+                      "provider": args.get("provider", "").replace("ExecutionProvider", ""),
+                      "in": args.get("input_type_shape"), "out": args.get("output_type_shape")})
+    return nodes
+
+
+def profiled_prefill(directory: str, device: str, level: str, out: str, tag: str, disabled: tuple = ()) -> dict:
+    """One prefill (the test's prompt) with ORT's profiler; the kv_compress_step nodes' shapes."""
+    import onnxruntime as ort
+
+    from effexport.runtime import OrtRuntime
+
+    prefix = os.path.join(out, f"trace_{tag}")
+    res: dict = {"level": level, "disabled": list(disabled)}
+    runtime = None
+    try:
+        so = _options(ort, level, profile=prefix)
+        runtime = OrtRuntime(directory, device=device, session_options=so)
+        if disabled:  # the same runtime (bindings, caches) over a session without those transformers
+            runtime.session.end_profiling()
+            runtime.session = ort.InferenceSession(os.path.join(directory, "model.onnx"), so,
+                                                   providers=_providers(device), disabled_optimizers=list(disabled))
+        runtime.step(_ids(), 0, runtime.initial_caches(1))
+        res["ok"] = True
+    except Exception as exc:  # noqa: BLE001
+        res.update(_error(exc))
+    if runtime is not None:
+        try:
+            trace = runtime.session.end_profiling()
+            nodes = _trace_nodes(trace)
+            with open(os.path.join(out, f"nodes_{tag}.json"), "w") as f:
+                json.dump(nodes, f)
+            os.remove(trace)
+            res["nodes_run"] = len(nodes)
+            res["cpu_nodes"] = sum(1 for n in nodes if n["provider"] == "CPU")
+            res["memcpy_nodes"] = [n for n in nodes if (n["op"] or "").startswith("Memcpy")]
+            res["last_nodes"] = nodes[-25:]
+            if not disabled:
+                res["kv_compress_step_nodes"] = [n for n in nodes if "kv_compress_step" in n["node"]]
+        except Exception as exc:  # noqa: BLE001
+            res["trace_error"] = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+def optimized_graph(directory: str, device: str, out: str, tag: str) -> dict:
+    """ORT's optimized graph for this device (level all) and the placement lines of its verbose log."""
+    import onnxruntime as ort
+
+    path, log = os.path.join(out, f"optimized_{tag}.onnx"), os.path.join(out, f"ort_verbose_{tag}.log")
+    res: dict = {"file": os.path.basename(path)}
+    try:
+        with _stderr_to(log):
+            ort.InferenceSession(os.path.join(directory, "model.onnx"),
+                                 _options(ort, "all", optimized=path, verbose=True), providers=_providers(device))
+        res["ok"] = True
+    except Exception as exc:  # noqa: BLE001
+        res.update(_error(exc))
+    try:
+        with open(log, errors="replace") as f:
+            lines = f.readlines()
+        keep = [ln.strip()[-400:] for ln in lines if any(k in ln for k in (
+            "Force fallback to CPU", "Memcpy", "inlin", "Inlin", "fallback", "kv_compress_step"))]
+        res["log_lines"] = len(lines)
+        res["placement_lines"] = keep[:400]
+    except OSError as exc:
+        res["log_error"] = str(exc)
+    try:
+        import collections
+
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        res["ops"] = dict(collections.Counter(n.op_type for n in model.graph.node))
+        if os.path.getsize(path) > 20 << 20:  # keep what comes back small: the graph without weights
+            onnx.save(model, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
+            os.remove(path + ".data")
+    except Exception as exc:  # noqa: BLE001
+        res["read_error"] = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+def _feeds_ortvalues(ort, session, manifest: dict, device: str) -> dict:
+    """Prefill feeds as OrtValues on the host (bf16 caches as int16 bits), by input name."""
+    from effexport.exporter.backends.artifact import plan_entries
+
+    import torch
+
+    feeds = {"input_ids": ort.OrtValue.ortvalue_from_numpy(_ids().astype(np.int64)),
+             "pos": ort.OrtValue.ortvalue_from_numpy(np.array(0, dtype=np.int64))}
+    names = [n for n in manifest["inputs"] if n not in ("input_ids", "pos", "pos_host")]
+    declared = {i.name: i.type for i in session.get_inputs()}
+    for name, entry in zip(names, plan_entries(manifest)):
+        cache = entry.empty(1)
+        if declared.get(name) == "tensor(bfloat16)":
+            feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(cache.view(torch.int16).numpy(), 16)
+        else:
+            feeds[name] = ort.OrtValue.ortvalue_from_numpy(cache.float().numpy())
+    if "pos_host" in manifest["inputs"]:
+        feeds["pos_host"] = ort.OrtValue.ortvalue_from_numpy(np.array(0, dtype=np.int64))
+    return feeds
+
+
+def inlined_values(directory: str, device: str, out: str, with_outputs: bool) -> dict:
+    """The model inlined by onnx.inliner; with ``with_outputs``, every int64 value of the
+    kv_compress_step bodies (named ``kv_compress_step/<node>`` before inlining) becomes a graph output."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import inliner
+
+    res: dict = {"with_outputs": with_outputs}
+    try:
+        model = onnx.load(os.path.join(directory, "model.onnx"))
+        for fn in model.functions:
+            for i, node in enumerate(fn.node):
+                node.name = f"{fn.name}/{node.name or f'{node.op_type}_{i}'}"
+        flat = onnx.shape_inference.infer_shapes(inliner.inline_local_functions(model))
+        types = {v.name: v.type.tensor_type.elem_type for v in flat.graph.value_info}
+        extra = []
+        if with_outputs:
+            have = {o.name for o in flat.graph.output}
+            for node in flat.graph.node:
+                if node.name.startswith("kv_compress_step/") and node.op_type != "Constant":
+                    for o in node.output:
+                        if o and o not in have and types.get(o) in (onnx.TensorProto.INT64, onnx.TensorProto.BOOL):
+                            extra.append(o)
+                            have.add(o)
+                    if node.op_type == "Add":  # the failing op: its inputs' shapes
+                        for i in node.input:
+                            if i and i not in have:
+                                extra.append(i)
+                                have.add(i)
+            for name in extra:
+                flat.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+        producers = {o: n for n in flat.graph.node for o in n.output}
+        path = os.path.join(tempfile.mkdtemp(), "inlined.onnx")
+        onnx.save(flat, path)
+        session = ort.InferenceSession(path, _options(ort), providers=_providers(device))
+        with open(os.path.join(directory, "effexport.json")) as f:
+            manifest = json.load(f)
+        feeds = _feeds_ortvalues(ort, session, manifest, device)
+        names = [o.name for o in session.get_outputs()]
+        try:
+            values = session.run_with_ort_values(names, feeds)
+        except Exception as exc:  # noqa: BLE001
+            res.update(_error(exc))
+            return res
+        res["ok"] = True
+        got = {}
+        for name, value in zip(names, values):
+            if name not in extra:
+                continue
+            entry = {"shape": list(value.shape()), "by": f"{producers[name].op_type} {producers[name].name}"
+                     if name in producers else "input"}
+            if value.data_type() in ("tensor(int64)", "tensor(bool)") and int(np.prod(value.shape())) <= 64:
+                entry["value"] = value.numpy().tolist()
+            got[name] = entry
+        res["values"] = got
+    except Exception as exc:  # noqa: BLE001
+        res.update(_error(exc))
+    return res
+
+
+def emulate_bf16(model):
+    """An fp32 copy of a bf16 ONNX model that keeps its bf16 roundings: functions inlined, every bf16
+    type, initializer and constant made fp32, and every value the original computes in bf16 rounded
+    through ``Cast(to=BFLOAT16) -> Cast(to=FLOAT)`` where it is made (ONNX Runtime CPU has those two
+    casts and the fp32 kernels, not the bf16 ones)."""
+    import onnx
+    from onnx import TensorProto, helper, inliner, numpy_helper
+
+    def fp32(tensor):
+        if tensor.data_type != TensorProto.BFLOAT16:
+            return tensor
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+
+    flat = onnx.shape_inference.infer_shapes(inliner.inline_local_functions(model))
+    graph = flat.graph
+    typed = list(graph.input) + list(graph.output) + list(graph.value_info)
+    types = {v.name: v.type.tensor_type.elem_type for v in typed}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    for v in typed:
+        if v.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    inits = [fp32(t) for t in graph.initializer]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    nodes = []
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                a.t.CopyFrom(fp32(a.t))
+        rounded = [k for k, o in enumerate(node.output) if o and types.get(o) == TensorProto.BFLOAT16]
+        if node.op_type == "Cast" and node.attribute[0].i == TensorProto.BFLOAT16:
+            node.attribute[0].i = TensorProto.FLOAT
+        nodes.append(node)
+        for k in rounded:
+            name = node.output[k]
+            node.output[k] = f"{name}__unrounded"
+            nodes.append(helper.make_node("Cast", [f"{name}__unrounded"], [f"{name}__bf16"], to=TensorProto.BFLOAT16,
+                                          name=f"{name}__to_bf16"))
+            nodes.append(helper.make_node("Cast", [f"{name}__bf16"], [name], to=TensorProto.FLOAT,
+                                          name=f"{name}__to_fp32"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # the types changed; ORT infers them again
+    return flat
+
+
+def emulated(directory: str, device: str) -> dict:
+    """The emulated-bf16 copy: prefill + 16 greedy steps (fp32 caches), on ``device``."""
+    import onnx
+    import onnxruntime as ort
+
+    from effexport.exporter.backends.artifact import plan_entries
+
+    res: dict = {}
+    try:
+        model = emulate_bf16(onnx.load(os.path.join(directory, "model.onnx")))
+        path = os.path.join(tempfile.mkdtemp(), "emulated.onnx")
+        onnx.save(model, path)
+        session = ort.InferenceSession(path, _options(ort), providers=_providers(device))
+        with open(os.path.join(directory, "effexport.json")) as f:
+            manifest = json.load(f)
+        names = [n for n in manifest["inputs"] if n not in ("input_ids", "pos", "pos_host")]
+        caches = [e.empty(1).float().numpy() for e in plan_entries(manifest)]
+        ids, pos, tokens = _ids(), 0, []
+        for _ in range(17):
+            feeds = {"input_ids": ids.astype(np.int64), "pos": np.array(pos, dtype=np.int64), **dict(zip(names, caches))}
+            if "pos_host" in manifest["inputs"]:
+                feeds["pos_host"] = feeds["pos"]
+            outs = session.run(manifest["outputs"], feeds)
+            pos += ids.shape[1]
+            ids, caches = outs[0][:, -1].argmax(-1)[:, None], outs[1:]
+            tokens.append(int(ids[0, 0]))
+        res.update(ok=True, tokens=tokens[:16])
+    except Exception as exc:  # noqa: BLE001
+        res.update(_error(exc))
+    return res
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--artifacts", help="reuse DIR/bf16 and DIR/fp32 instead of building")
+    ap.add_argument("--budget", type=float, default=140.0, help="seconds after which optional phases are skipped")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    report = Report(args.out)
+    import onnxruntime as ort
+
+    report.data.update(device=args.device, onnxruntime=ort.__version__, providers=ort.get_available_providers(),
+                       python=sys.version.split()[0])
+    try:
+        import torch
+
+        report.data.update(torch=torch.__version__,
+                           gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    except Exception as exc:  # noqa: BLE001
+        report.data["torch_error"] = str(exc)
+    if args.device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+    root = args.artifacts or os.path.join(args.out, "artifacts")
+    if not args.artifacts:
+        os.makedirs(root, exist_ok=True)
+        report.put("build", build(root, "CLI, --kv-cache buffer, --max-context 64, --no-check"))
+    dirs = {d: os.path.join(root, d) for d in ("bf16", "fp32") if os.path.exists(os.path.join(root, d, "model.onnx"))}
+    # the bf16 graph runs only where its kernels are (CUDA); on the CPU the fp32 one stands in
+    runnable = dict(dirs) if args.device == "cuda" else {k: v for k, v in dirs.items() if k == "fp32"}
+    report.put("graphs", {d: graph_summary(p) for d, p in dirs.items()})
+    for d, p in dirs.items():  # the graphs as built here, for an offline diff against a CPU build
+        shutil.copy(os.path.join(p, "model.onnx"), os.path.join(args.out, f"model_{d}.onnx"))
+
+    report.put("generate", {d: generate(p, args.device) for d, p in runnable.items()})
+    levels: dict = {}
+    for d, p in runnable.items():
+        for level in LEVELS:
+            if level != "all" and report.elapsed() > args.budget:
+                levels[f"{d}/{level}"] = {"skipped": "budget"}
+                continue
+            levels[f"{d}/{level}"] = profiled_prefill(p, args.device, level, args.out, f"{d}_{level}")
+            report.put("prefill_by_level", levels)
+    report.put("optimized_graph", {d: optimized_graph(p, args.device, args.out, d) for d, p in runnable.items()})
+    half = "bf16" if "bf16" in runnable else "fp32"
+    if half in runnable and report.elapsed() < args.budget:
+        report.put("inlined", {"plain": inlined_values(runnable[half], args.device, args.out, False),
+                               "with_outputs": inlined_values(runnable[half], args.device, args.out, True)})
+    if "bf16" in dirs and report.elapsed() < args.budget:
+        report.put("emulated_bf16", emulated(dirs["bf16"], args.device))
+    failing = levels.get(f"{half}/all", {})
+    passing = [lv for lv in LEVELS[1:] if levels.get(f"{half}/{lv}", {}).get("ok")]
+    bisect: dict = {}
+    if failing.get("ok") is False and passing:
+        for name in TRANSFORMERS:
+            if report.elapsed() > args.budget:
+                bisect[name] = {"skipped": "budget"}
+                continue
+            r = profiled_prefill(runnable[half], args.device, "all", args.out, f"{half}_no_{name}", disabled=(name,))
+            bisect[name] = {"ok": r.get("ok"), "error": r.get("error", "")[:300]}
+            report.put("disabled_optimizers", bisect)
+    report.put("done", {"elapsed_s": round(report.elapsed(), 1)})
+    print(json.dumps({k: (v.get("ok") if isinstance(v, dict) else v)
+                      for k, v in report.data["phases"].get("generate", {}).items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
