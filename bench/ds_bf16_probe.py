@@ -1,38 +1,48 @@
-"""Why does the bf16 deepseek-v4-flash:tiny step fail on ONNX Runtime's CUDA EP, where fp32 runs?
+"""Why does the bf16 deepseek-v4-flash:tiny step fail on ONNX Runtime's CUDA EP?
 
-    OUT=out/probe bash -c 'source bench/_ortgpu_env.sh; timeout 150 python3 bench/ds_bf16_probe.py --out "$OUT"'
+    OUT=out/probe bash -c 'source bench/_ortgpu_env.sh; timeout 170 python3 bench/ds_bf16_probe.py --out "$OUT"'
     python3 bench/ds_bf16_probe.py --device cpu --out /tmp/probe     # the code path on ORT CPU (fp32 only)
 
 ``tests/test_graph_runtime.py::test_cuda_graph_replay_equals_uncaptured[deepseek-v4-flash:tiny]``
 fails in the *uncaptured* runtime (onnxruntime-gpu 1.31.1, H100): batch 1, a 3-token prompt, ORT
 reports an ``Add`` inside an inlined ``kv_compress_step`` body with operands ``{1,3,32}`` and
-``{2,32}`` (``z + ape[positions mod r]`` with two positions for three tokens). The fp32 artifact
-runs; bf16 cannot run on ORT CPU (no bf16 kernels), and an fp32 copy that rounds every bf16 value
-through bf16 (:func:`emulate_bf16`) runs on ORT CPU with the fp32 artifact's tokens, so the cause
-is on the CUDA EP's side of the session. This probe gathers what cannot be seen off the GPU:
+``{2,32}`` (``z + ape[positions mod r]``, the positions ``Range(0, T) + pos`` two long for three
+tokens). What is known off the GPU: the fp32 artifact generates on ORT CPU (1.31.1 and 1.32) but was
+never run on the CUDA EP (before this probe the test failed earlier, at the CUDA-graph session's
+refusal); bf16 cannot run on ORT CPU (no bf16 kernels), and an fp32 copy that rounds every bf16 value
+through bf16 (:func:`emulate_bf16`) runs on ORT CPU with the fp32 artifact's tokens, so what fails
+is on the CUDA EP's side of the session (placement, host / device copies, kernels, memory planning),
+not in the graph's arithmetic. This probe gathers what cannot be seen off the GPU:
 
 1. builds both artifacts with the CLI as the test does (``--kv-cache buffer``, ``--max-context 64``,
-   bf16 and fp32, in parallel subprocesses);
+   bf16 and fp32, in parallel subprocesses; their op counts and ``model_*.onnx`` are kept, to diff
+   against a build made elsewhere);
 2. runs the test's first case (``OrtRuntime(device=...).generate(ids [1, 3], 16)``) on each;
-3. one prefill per graph optimization level (all, extended, basic, disabled) with ORT's profiler on:
-   the profile records every node that ran before the failure with its provider and its input /
-   output shapes (the graph is not changed, so the failure is not disturbed); the ``kv_compress_step``
-   nodes and the last nodes before the failure go into the JSON, the whole trace into a file;
-4. the CUDA session's optimized graph as ORT saves it (``optimized_model_filepath``: its own
-   inlining, fusions, CPU fallbacks and Memcpy nodes) and its verbose log's placement lines, per
-   artifact, for reading offline;
-5. the bf16 graph inlined by ``onnx.inliner`` (does ORT's own inliner matter?), then the same with
-   every int64 value of the ``kv_compress_step`` bodies added as a graph output (their values at
-   the failing step; adding outputs may hide the failure, which is then recorded as such);
-6. the emulated-bf16 copy (fp32 arithmetic, every bf16 value rounded through a Cast pair) on the
-   same device: bf16 kernels and placement out, the graph's structure kept;
-7. if some optimization level runs where ``all`` fails, one prefill per ORT transformer disabled
+3. one prefill of each with ORT's profiler on: the profile records every node that ran before the
+   failure with its provider and its input / output shapes (the graph is not changed, so the
+   failure is not disturbed); the ``kv_compress_step`` nodes, the Memcpy nodes and the last nodes
+   before the failure go into the JSON, the whole trace into ``nodes_<tag>.json``;
+   then, for the failing artifact (the bf16 one if none fails):
+4. the session's optimized graph as ORT saves it (``optimized_model_filepath``: its own inlining,
+   fusions, CPU fallbacks and Memcpy nodes) and its verbose log's placement lines;
+5. the graph inlined by ``onnx.inliner`` with the values behind each body's ``z + ape[positions mod
+   r]`` added as graph outputs (Range, its bounds, the positions: their values at the failing step),
+   then as is (does ORT's own inliner matter?), then with every int64 value of the
+   ``kv_compress_step`` bodies as outputs (outputs keep nodes from fusions, so they may hide the
+   failure; that is recorded as such);
+6. one prefill each with the memory planner's buffer reuse, memory patterns or the CPU arena off
+   (a host count read after its buffer went to another value would show as a wrong count);
+7. one prefill per lower graph optimization level (extended, basic, disabled);
+8. the emulated-bf16 copy (fp32 arithmetic, every bf16 value rounded through a Cast pair) on the
+   same device: bf16 kernels and their placement out, the graph's structure kept;
+9. if a lower level runs where ``all`` fails, one prefill per ORT transformer disabled
    (``disabled_optimizers``), to name the one that breaks it.
 
 Every phase is caught and recorded (a failure is data); ``ds_bf16_probe.json`` is rewritten after
-each phase, so a run cut short by ``timeout`` still leaves what it found. ``--budget`` (seconds)
-bounds the optional phases; ``--artifacts DIR`` reuses ``DIR/bf16`` and ``DIR/fp32`` instead of
-building (each build is ~40-75 s of CPU).
+each phase, so a run cut short by ``timeout`` still leaves what it found. The builds dominate (each
+~75 s of one CPU core here, run side by side); phases 5-9 start only before ``--budget`` seconds
+(default 80, counted from the start), so a 90-second run gets phases 1-4 and ``timeout 170`` all
+of them; ``--artifacts DIR`` reuses ``DIR/bf16`` and ``DIR/fp32`` instead of building.
 """
 from __future__ import annotations
 
@@ -187,17 +197,22 @@ def _trace_nodes(path: str) -> list[dict]:
     return nodes
 
 
-def profiled_prefill(directory: str, device: str, level: str, out: str, tag: str, disabled: tuple = ()) -> dict:
-    """One prefill (the test's prompt) with ORT's profiler; the kv_compress_step nodes' shapes."""
+def profiled_prefill(directory: str, device: str, level: str, out: str, tag: str, disabled: tuple = (),
+                     knobs: dict | None = None) -> dict:
+    """One prefill (the test's prompt) with ORT's profiler; the kv_compress_step nodes' shapes.
+    ``knobs``: SessionOptions attributes to set (``enable_mem_reuse``, ``enable_mem_pattern``,
+    ``enable_cpu_mem_arena``): whether the memory planner's buffer reuse is involved."""
     import onnxruntime as ort
 
     from effexport.runtime import OrtRuntime
 
     prefix = os.path.join(out, f"trace_{tag}")
-    res: dict = {"level": level, "disabled": list(disabled)}
+    res: dict = {"level": level, "disabled": list(disabled), "knobs": knobs or {}}
     runtime = None
     try:
         so = _options(ort, level, profile=prefix)
+        for name, value in (knobs or {}).items():
+            setattr(so, name, value)
         runtime = OrtRuntime(directory, device=device, session_options=so)
         if disabled:  # the same runtime (bindings, caches) over a session without those transformers
             runtime.session.end_profiling()
@@ -283,14 +298,38 @@ def _feeds_ortvalues(ort, session, manifest: dict, device: str) -> dict:
     return feeds
 
 
-def inlined_values(directory: str, device: str, out: str, with_outputs: bool) -> dict:
-    """The model inlined by onnx.inliner; with ``with_outputs``, every int64 value of the
-    kv_compress_step bodies (named ``kv_compress_step/<node>`` before inlining) becomes a graph output."""
+def _ape_chain(flat, producers: dict) -> list[str]:
+    """The values behind each kv_compress_step body's ``z + ape[positions mod r]`` (the failing Add):
+    the Gather's indices, the Mod, the positions Add, the Range and the Range's three inputs."""
+    names = []
+    for node in flat.graph.node:
+        if not (node.name.startswith("kv_compress_step/") and node.op_type == "Add"):
+            continue
+        gather = producers.get(node.input[1])
+        if gather is None or gather.op_type != "Gather":
+            continue
+        names += [node.input[0], node.input[1]]
+        todo = [gather.input[1]]
+        while todo:  # Mod <- Add <- Range <- (start, limit, delta)
+            name = todo.pop()
+            names.append(name)
+            src = producers.get(name)
+            if src is not None and src.op_type in ("Mod", "Add", "Range", "Squeeze", "Shape"):
+                todo += [i for i in src.input if i and (src.op_type != "Add" or i != "pos")]
+    return names
+
+
+def inlined_values(directory: str, device: str, out: str, mode: str) -> dict:
+    """The model inlined by onnx.inliner (``mode`` "none": as is, does ORT's own inlining matter?);
+    "minimal": the values behind each body's ``z + ape[...]`` become graph outputs (:func:`_ape_chain`);
+    "all": every int64 / bool value of the kv_compress_step bodies too (named
+    ``kv_compress_step/<node>`` before inlining). Outputs keep their nodes from fusions, so "all" may
+    hide the failure that "none" shows: that is recorded as such."""
     import onnx
     import onnxruntime as ort
     from onnx import inliner
 
-    res: dict = {"with_outputs": with_outputs}
+    res: dict = {"mode": mode}
     try:
         model = onnx.load(os.path.join(directory, "model.onnx"))
         for fn in model.functions:
@@ -299,8 +338,14 @@ def inlined_values(directory: str, device: str, out: str, with_outputs: bool) ->
         flat = onnx.shape_inference.infer_shapes(inliner.inline_local_functions(model))
         types = {v.name: v.type.tensor_type.elem_type for v in flat.graph.value_info}
         extra = []
-        if with_outputs:
-            have = {o.name for o in flat.graph.output}
+        have = {o.name for o in flat.graph.output}
+        if mode == "minimal":
+            producers = {o: n for n in flat.graph.node for o in n.output}
+            for name in _ape_chain(flat, producers):
+                if name not in have and name in producers and producers[name].op_type != "Constant":
+                    extra.append(name)
+                    have.add(name)
+        if mode == "all":
             for node in flat.graph.node:
                 if node.name.startswith("kv_compress_step/") and node.op_type != "Constant":
                     for o in node.output:
@@ -312,8 +357,8 @@ def inlined_values(directory: str, device: str, out: str, with_outputs: bool) ->
                             if i and i not in have:
                                 extra.append(i)
                                 have.add(i)
-            for name in extra:
-                flat.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+        for name in extra:
+            flat.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
         producers = {o: n for n in flat.graph.node for o in n.output}
         path = os.path.join(tempfile.mkdtemp(), "inlined.onnx")
         onnx.save(flat, path)
@@ -427,7 +472,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--artifacts", help="reuse DIR/bf16 and DIR/fp32 instead of building")
-    ap.add_argument("--budget", type=float, default=140.0, help="seconds after which optional phases are skipped")
+    ap.add_argument("--budget", type=float, default=80.0,
+                    help="seconds (from the start, builds included) after which optional phases are skipped")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     report = Report(args.out)
@@ -457,30 +503,53 @@ def main(argv=None) -> int:
         shutil.copy(os.path.join(p, "model.onnx"), os.path.join(args.out, f"model_{d}.onnx"))
 
     report.put("generate", {d: generate(p, args.device) for d, p in runnable.items()})
+    # most telling first: the budget cuts the tail, not the head
     levels: dict = {}
     for d, p in runnable.items():
-        for level in LEVELS:
-            if level != "all" and report.elapsed() > args.budget:
+        levels[f"{d}/all"] = profiled_prefill(p, args.device, "all", args.out, f"{d}_all")
+        report.put("prefill_by_level", levels)
+    # the artifacts to dig into: those whose prefill failed (the bf16 one where none did)
+    failing = [d for d in runnable if levels[f"{d}/all"].get("ok") is False] or [d for d in runnable if d == "bf16"]
+    focus = {d: runnable[d] for d in failing} or dict(runnable)
+    graphs: dict = {}
+    for d in [*focus, *(d for d in runnable if d not in focus)]:
+        graphs[d] = (optimized_graph(runnable[d], args.device, args.out, d)
+                     if d in focus or report.elapsed() < args.budget else {"skipped": "budget"})
+        report.put("optimized_graph", graphs)
+    half = next(iter(focus))
+    inlined: dict = {}
+    for mode in ("minimal", "none", "all"):
+        if report.elapsed() > args.budget:
+            inlined[mode] = {"skipped": "budget"}
+            continue
+        inlined[mode] = inlined_values(focus[half], args.device, args.out, mode)
+        report.put("inlined", inlined)
+    knobs: dict = {}
+    for d, p in focus.items():  # the memory planner: buffer reuse, patterns, the CPU arena
+        for name in ("enable_mem_reuse", "enable_mem_pattern", "enable_cpu_mem_arena"):
+            if report.elapsed() > args.budget:
+                knobs[f"{d}/{name}=False"] = {"skipped": "budget"}
+                continue
+            r = profiled_prefill(p, args.device, "all", args.out, f"{d}_no_{name}", knobs={name: False})
+            knobs[f"{d}/{name}=False"] = {k: r.get(k) for k in ("ok", "error", "nodes_run", "memcpy_nodes")}
+            report.put("session_knobs", knobs)
+    for d, p in focus.items():
+        for level in LEVELS[1:]:
+            if report.elapsed() > args.budget:
                 levels[f"{d}/{level}"] = {"skipped": "budget"}
                 continue
             levels[f"{d}/{level}"] = profiled_prefill(p, args.device, level, args.out, f"{d}_{level}")
             report.put("prefill_by_level", levels)
-    report.put("optimized_graph", {d: optimized_graph(p, args.device, args.out, d) for d, p in runnable.items()})
-    half = "bf16" if "bf16" in runnable else "fp32"
-    if half in runnable and report.elapsed() < args.budget:
-        report.put("inlined", {"plain": inlined_values(runnable[half], args.device, args.out, False),
-                               "with_outputs": inlined_values(runnable[half], args.device, args.out, True)})
     if "bf16" in dirs and report.elapsed() < args.budget:
         report.put("emulated_bf16", emulated(dirs["bf16"], args.device))
-    failing = levels.get(f"{half}/all", {})
     passing = [lv for lv in LEVELS[1:] if levels.get(f"{half}/{lv}", {}).get("ok")]
     bisect: dict = {}
-    if failing.get("ok") is False and passing:
+    if levels[f"{half}/all"].get("ok") is False and passing:
         for name in TRANSFORMERS:
             if report.elapsed() > args.budget:
                 bisect[name] = {"skipped": "budget"}
                 continue
-            r = profiled_prefill(runnable[half], args.device, "all", args.out, f"{half}_no_{name}", disabled=(name,))
+            r = profiled_prefill(focus[half], args.device, "all", args.out, f"{half}_no_{name}", disabled=(name,))
             bisect[name] = {"ok": r.get("ok"), "error": r.get("error", "")[:300]}
             report.put("disabled_optimizers", bisect)
     report.put("done", {"elapsed_s": round(report.elapsed(), 1)})
