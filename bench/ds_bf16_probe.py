@@ -103,7 +103,7 @@ def _stderr_to(path: str):
     """Redirect the process's fd 2 (ONNX Runtime's C++ log) into ``path``."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with open(path, "ab") as f:
+    with open(path, "wb") as f:
         os.dup2(f.fileno(), 2)
         try:
             yield
@@ -254,12 +254,24 @@ def optimized_graph(directory: str, device: str, out: str, tag: str) -> dict:
     except Exception as exc:  # noqa: BLE001
         res.update(_error(exc))
     try:
+        import gzip
+
         with open(log, errors="replace") as f:
             lines = f.readlines()
-        keep = [ln.strip()[-400:] for ln in lines if any(k in ln for k in (
-            "Force fallback to CPU", "Memcpy", "inlin", "Inlin", "fallback", "kv_compress_step"))]
-        res["log_lines"] = len(lines)
-        res["placement_lines"] = keep[:400]
+        keys = ("Force fallback to CPU", "placed on", "Memcpy", "InlineFunctions", "fallback", "CUDA kernel not")
+        keep, placement = [], False
+        for ln in lines:  # the placement summary lists node names on the lines after "placed on"
+            placement = "placed on" in ln or (placement and ln.startswith(" "))
+            if placement or any(k in ln for k in keys):
+                keep.append(ln.rstrip()[-300:])
+        with open(os.path.join(out, f"placement_{tag}.txt"), "w") as f:
+            f.write("\n".join(keep))
+        with open(log, "rb") as src, gzip.open(log + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(log)
+        res.update(log_lines=len(lines), placement_file=f"placement_{tag}.txt", placement_lines=len(keep),
+                   memcpy_lines=[ln for ln in keep if "Memcpy" in ln][:40],
+                   cpu_fallback_lines=[ln for ln in keep if "Force fallback" in ln][:40])
     except OSError as exc:
         res["log_error"] = str(exc)
     try:
