@@ -17,7 +17,8 @@ not in the graph's arithmetic. This probe gathers what cannot be seen off the GP
 1. builds both artifacts with the CLI as the test does (``--kv-cache buffer``, ``--max-context 64``,
    bf16 and fp32, in parallel subprocesses; their op counts and ``model_*.onnx`` are kept, to diff
    against a build made elsewhere);
-2. runs the test's first case (``OrtRuntime(device=...).generate(ids [1, 3], 16)``) on each;
+2. runs the test's first case (``OrtRuntime(device=...).generate(ids [1, 3], 16)``) on each, alone
+   and, as the test does, with a ``CudaGraphRuntime`` session opened beside it;
 3. one prefill of each with ORT's profiler on: the profile records every node that ran before the
    failure with its provider and its input / output shapes (the graph is not changed, so the
    failure is not disturbed); the ``kv_compress_step`` nodes, the Memcpy nodes and the last nodes
@@ -172,12 +173,15 @@ def graph_summary(directory: str) -> dict:
                                        for n in model.graph.node if n.op_type == "kv_compress_step"]}
 
 
-def generate(directory: str, device: str) -> dict:
-    """The test's first case on the plain runtime."""
-    from effexport.runtime import OrtRuntime
+def generate(directory: str, device: str, as_the_test: bool = False) -> dict:
+    """The test's first case on the plain runtime; ``as_the_test``: with the test's
+    ``CudaGraphRuntime`` session opened beside it first (does a second session change the first?)."""
+    from effexport.runtime import CudaGraphRuntime, OrtRuntime
 
     try:
-        tokens, logits = OrtRuntime(directory, device=device).generate(_ids(), 16)
+        plain = OrtRuntime(directory, device=device)
+        beside = CudaGraphRuntime(directory, device=device) if as_the_test else None  # noqa: F841  (kept open)
+        tokens, logits = plain.generate(_ids(), 16)
         return {"ok": True, "tokens": tokens.tolist(), "logits_absmax": [float(np.abs(x).max()) for x in logits[:3]]}
     except Exception as exc:  # noqa: BLE001  (a failure is the finding)
         return _error(exc)
@@ -514,7 +518,11 @@ def main(argv=None) -> int:
     for d, p in dirs.items():  # the graphs as built here, for an offline diff against a CPU build
         shutil.copy(os.path.join(p, "model.onnx"), os.path.join(args.out, f"model_{d}.onnx"))
 
-    report.put("generate", {d: generate(p, args.device) for d, p in runnable.items()})
+    runs = {d: generate(p, args.device) for d, p in runnable.items()}
+    report.put("generate", runs)
+    for d, p in runnable.items():
+        runs[f"{d}/as_the_test"] = generate(p, args.device, as_the_test=True)
+        report.put("generate", runs)
     # most telling first: the budget cuts the tail, not the head
     levels: dict = {}
     for d, p in runnable.items():
