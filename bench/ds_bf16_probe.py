@@ -35,7 +35,8 @@ not in the graph's arithmetic. This probe gathers what cannot be seen off the GP
    (a host count read after its buffer went to another value would show as a wrong count);
 7. one prefill per lower graph optimization level (extended, basic, disabled);
 8. the emulated-bf16 copy (fp32 arithmetic, every bf16 value rounded through a Cast pair) on the
-   same device: bf16 kernels and their placement out, the graph's structure kept;
+   same device, its functions kept for ORT to inline and inlined beforehand: bf16 kernels and their
+   placement out, the graph's structure kept;
 9. if a lower level runs where ``all`` fails, one prefill per ORT transformer disabled
    (``disabled_optimizers``), to name the one that breaks it.
 
@@ -404,54 +405,77 @@ def inlined_values(directory: str, device: str, out: str, mode: str) -> dict:
     return res
 
 
-def emulate_bf16(model):
-    """An fp32 copy of a bf16 ONNX model that keeps its bf16 roundings: functions inlined, every bf16
-    type, initializer and constant made fp32, and every value the original computes in bf16 rounded
-    through ``Cast(to=BFLOAT16) -> Cast(to=FLOAT)`` where it is made (ONNX Runtime CPU has those two
-    casts and the fp32 kernels, not the bf16 ones)."""
+def _fp32(tensor):
+    """A bf16 TensorProto as fp32 (the same numbers); any other tensor as it is."""
+    from onnx import TensorProto, numpy_helper
+
+    if tensor.data_type != TensorProto.BFLOAT16:
+        return tensor
+    return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+
+
+def _rounded(nodes, types: dict) -> list:
+    """``nodes`` with bf16 constants made fp32, each ``Cast(to=BFLOAT16)`` made a cast to fp32, and
+    after every node whose output ``types`` says is bf16 (and every such cast) the pair
+    ``Cast(to=BFLOAT16) -> Cast(to=FLOAT)`` that rounds it as the original stores it."""
     import onnx
-    from onnx import TensorProto, helper, inliner, numpy_helper
+    from onnx import TensorProto, helper
 
-    def fp32(tensor):
-        if tensor.data_type != TensorProto.BFLOAT16:
-            return tensor
-        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+    out = []
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                a.t.CopyFrom(_fp32(a.t))
+        rounded = [k for k, o in enumerate(node.output) if o and types.get(o) == TensorProto.BFLOAT16]
+        if node.op_type == "Cast" and not node.domain and node.attribute[0].i == TensorProto.BFLOAT16:
+            node.attribute[0].i = TensorProto.FLOAT
+            rounded = [0]
+        out.append(node)
+        for k in rounded:
+            name = node.output[k]
+            node.output[k] = f"{name}__unrounded"
+            out.append(helper.make_node("Cast", [f"{name}__unrounded"], [f"{name}__bf16"], to=TensorProto.BFLOAT16,
+                                        name=f"{name}__to_bf16"))
+            out.append(helper.make_node("Cast", [f"{name}__bf16"], [name], to=TensorProto.FLOAT, name=f"{name}__to_fp32"))
+    return out
 
-    flat = onnx.shape_inference.infer_shapes(inliner.inline_local_functions(model))
-    graph = flat.graph
+
+def emulate_bf16(model, inline: bool = True):
+    """An fp32 copy of a bf16 ONNX model that keeps its bf16 roundings: every bf16 type, initializer
+    and constant made fp32, and every value the original computes in bf16 rounded through
+    ``Cast(to=BFLOAT16) -> Cast(to=FLOAT)`` where it is made (ONNX Runtime CPU has those two casts and
+    the fp32 kernels, not the bf16 ones). ``inline``: the local functions inlined first (every value
+    typed by shape inference, value_info dropped); else the functions stay for ORT to inline as it
+    does the original, with the main graph's value_info kept (retyped) -- inside a body only the
+    explicit casts to bf16 round, as a body's values carry no declared type."""
+    import onnx
+    from onnx import TensorProto, inliner
+
+    model = onnx.shape_inference.infer_shapes(inliner.inline_local_functions(model)) if inline else model
+    graph = model.graph
     typed = list(graph.input) + list(graph.output) + list(graph.value_info)
     types = {v.name: v.type.tensor_type.elem_type for v in typed}
     types.update({t.name: t.data_type for t in graph.initializer})
     for v in typed:
         if v.type.tensor_type.elem_type == TensorProto.BFLOAT16:
             v.type.tensor_type.elem_type = TensorProto.FLOAT
-    inits = [fp32(t) for t in graph.initializer]
+    inits = [_fp32(t) for t in graph.initializer]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    nodes = []
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                a.t.CopyFrom(fp32(a.t))
-        rounded = [k for k, o in enumerate(node.output) if o and types.get(o) == TensorProto.BFLOAT16]
-        if node.op_type == "Cast" and node.attribute[0].i == TensorProto.BFLOAT16:
-            node.attribute[0].i = TensorProto.FLOAT
-        nodes.append(node)
-        for k in rounded:
-            name = node.output[k]
-            node.output[k] = f"{name}__unrounded"
-            nodes.append(helper.make_node("Cast", [f"{name}__unrounded"], [f"{name}__bf16"], to=TensorProto.BFLOAT16,
-                                          name=f"{name}__to_bf16"))
-            nodes.append(helper.make_node("Cast", [f"{name}__bf16"], [name], to=TensorProto.FLOAT,
-                                          name=f"{name}__to_fp32"))
+    nodes = _rounded(list(graph.node), types)
     del graph.node[:]
     graph.node.extend(nodes)
-    del graph.value_info[:]  # the types changed; ORT infers them again
-    return flat
+    for fn in model.functions:
+        nodes = _rounded(list(fn.node), {})
+        del fn.node[:]
+        fn.node.extend(nodes)
+    if inline:
+        del graph.value_info[:]  # the intermediate types changed; ORT infers them again
+    return model
 
 
-def emulated(directory: str, device: str) -> dict:
-    """The emulated-bf16 copy: prefill + 16 greedy steps (fp32 caches), on ``device``."""
+def emulated(directory: str, device: str, inline: bool) -> dict:
+    """The emulated-bf16 copy (:func:`emulate_bf16`): prefill + 16 greedy steps (fp32 caches), on ``device``."""
     import onnx
     import onnxruntime as ort
 
@@ -459,7 +483,7 @@ def emulated(directory: str, device: str) -> dict:
 
     res: dict = {}
     try:
-        model = emulate_bf16(onnx.load(os.path.join(directory, "model.onnx")))
+        model = emulate_bf16(onnx.load(os.path.join(directory, "model.onnx")), inline=inline)
         path = os.path.join(tempfile.mkdtemp(), "emulated.onnx")
         onnx.save(model, path)
         session = ort.InferenceSession(path, _options(ort), providers=_providers(device))
@@ -560,8 +584,11 @@ def main(argv=None) -> int:
                 continue
             levels[f"{d}/{level}"] = profiled_prefill(p, args.device, level, args.out, f"{d}_{level}")
             report.put("prefill_by_level", levels)
-    if "bf16" in dirs and report.elapsed() < args.budget:
-        report.put("emulated_bf16", emulated(dirs["bf16"], args.device))
+    emulations: dict = {}
+    for inline in (False, True):  # ORT's own inlining of the bodies first, as in the real session
+        if "bf16" in dirs and report.elapsed() < args.budget:
+            emulations["onnx_inlined" if inline else "functions_kept"] = emulated(dirs["bf16"], args.device, inline)
+            report.put("emulated_bf16", emulations)
     passing = [lv for lv in LEVELS[1:] if levels.get(f"{half}/{lv}", {}).get("ok")]
     bisect: dict = {}
     if levels[f"{half}/all"].get("ok") is False and passing:

@@ -19,8 +19,9 @@ import ds_bf16_probe  # noqa: E402
 
 
 def _bf16_model(weight: np.ndarray) -> onnx.ModelProto:
-    """``y = Cast(MatMul(Cast(x -> bf16), w_bf16) -> fp32)`` inside a local function (as the
-    lowerings write their ops): ORT CPU has no bf16 MatMul."""
+    """``y = Cast(MatMul(Cast(x -> bf16), w_bf16) -> fp32)``, the MatMul inside a local function (as
+    the lowerings write their ops) and the main graph's values typed (as the exporter declares
+    them): ORT CPU has no bf16 MatMul."""
     w = numpy_helper.from_array(torch.from_numpy(weight).to(torch.bfloat16).view(torch.int16).numpy(), "w")
     w.data_type = TensorProto.BFLOAT16
     fn = helper.make_function("test", "mm", ["a", "b"], ["c"], [helper.make_node("MatMul", ["a", "b"], ["c"])],
@@ -30,20 +31,25 @@ def _bf16_model(weight: np.ndarray) -> onnx.ModelProto:
          helper.make_node("mm", ["xb", "w"], ["yb"], domain="test"),
          helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT)],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w],
+        value_info=[helper.make_tensor_value_info("xb", TensorProto.BFLOAT16, [2, 4]),
+                    helper.make_tensor_value_info("yb", TensorProto.BFLOAT16, [2, 3])])
     return helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid("test", 1)])
 
 
-def test_emulated_bf16_runs_on_the_cpu_with_bf16_rounding():
+@pytest.mark.parametrize("inline", [True, False])
+def test_emulated_bf16_runs_on_the_cpu_with_bf16_rounding(inline):
     """The bf16 model has no CPU kernels; its emulation runs and gives torch's bf16 result (inputs,
-    weights and the product each rounded to bf16), not the fp32 one."""
+    weights and the product each rounded to bf16), not the fp32 one: with the function inlined
+    first, and with it kept for ORT to inline (the call's output rounded by its declared bf16 type)."""
     rng = np.random.RandomState(0)
     x, w = rng.randn(2, 4).astype(np.float32), rng.randn(4, 3).astype(np.float32)
     model = _bf16_model(w)
     with pytest.raises(Exception, match="NOT_IMPLEMENTED|implementation"):
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    emulated = ds_bf16_probe.emulate_bf16(model)
+    emulated = ds_bf16_probe.emulate_bf16(model, inline=inline)
+    assert bool(emulated.functions) != inline
     assert not any(t.data_type == TensorProto.BFLOAT16 for t in emulated.graph.initializer)
     (y,) = ort.InferenceSession(emulated.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     bf = torch.bfloat16
