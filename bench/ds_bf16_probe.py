@@ -65,7 +65,8 @@ PRESET = "deepseek-v4-flash:tiny"
 CONTEXT = 64
 LEVELS = ("all", "extended", "basic", "disabled")
 # ORT transformers that touch shape arithmetic, Range / Gather or half-precision casts
-# (onnxruntime/core/optimizer/graph_transformer_utils.cc), tried one at a time in phase 7
+# (onnxruntime/core/optimizer/graph_transformer_utils.cc; a name one ORT version lacks is recorded as
+# such), tried one at a time in phase 9
 TRANSFORMERS = ("ConstantFolding", "CommonSubexpressionElimination", "ConstantSharing", "Level1_RuleBasedTransformer",
                 "Level2_RuleBasedTransformer", "GatherToSliceFusion", "GatherSliceToSplitFusion", "GatherToSplitFusion",
                 "SimplifiedLayerNormFusion", "LayerNormFusion", "SkipLayerNormFusion", "ReshapeFusion",
@@ -116,6 +117,8 @@ def _stderr_to(path: str):
 
 
 def _options(ort, level: str = "all", profile: str | None = None, optimized: str | None = None, verbose: bool = False):
+    """SessionOptions at an optimization level, with ORT's profiler (``profile``: the trace's file
+    prefix), the optimized graph saved to ``optimized``, or the verbose log (placement lines)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -133,6 +136,7 @@ def _options(ort, level: str = "all", profile: str | None = None, optimized: str
 
 
 def _providers(device: str) -> list:
+    """OrtRuntime's providers for ``device`` (CUDA first, the CPU for what it does not take)."""
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
 
 
