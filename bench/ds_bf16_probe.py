@@ -401,7 +401,10 @@ def inlined_values(directory: str, device: str, out: str, mode: str) -> dict:
             entry = {"shape": list(value.shape()), "by": f"{producers[name].op_type} {producers[name].name}"
                      if name in producers else "input"}
             if value.data_type() in ("tensor(int64)", "tensor(bool)") and int(np.prod(value.shape())) <= 64:
-                entry["value"] = value.numpy().tolist()
+                try:  # a device value comes back through ORT's copy to the host
+                    entry["value"] = value.numpy().tolist()
+                except Exception as exc:  # noqa: BLE001
+                    entry["value_error"] = f"{type(exc).__name__}: {exc}"
             got[name] = entry
         res["values"] = got
     except Exception as exc:  # noqa: BLE001
