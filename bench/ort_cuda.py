@@ -200,9 +200,15 @@ def _in_place(plan) -> tuple:
 
 
 def export_effexport(model, out: str, dtype, max_context: int, kv_cache: str = "grow", captured=None) -> tuple:
-    from effexport.exporter.capture import capture_step
-    from effexport.exporter.backends.onnx.export import export_step, step_io_names
+    """The ``ort`` artifact the CLI writes (``--target onnx --kv-cache KV``) from ``model`` already on the
+    device: the ONNX backend's ``lower`` (so a ``buffer`` build gets its one-token ``decode.onnx`` beside
+    ``model.onnx``) and a manifest naming its files."""
+    import types
+
     from effexport.exporter.backends.artifact import MANIFEST
+    from effexport.exporter.backends.onnx.backend import lower
+    from effexport.exporter.backends.onnx.export import step_io_names
+    from effexport.exporter.capture import capture_step
     from effexport.passes.pipeline import run_pipeline
 
     if captured is None:
@@ -210,11 +216,12 @@ def export_effexport(model, out: str, dtype, max_context: int, kv_cache: str = "
         captured = capture_step(model, ids)
     program, analysis = run_pipeline(captured, max_context=max_context, cache_layout=kv_cache)
     os.makedirs(out, exist_ok=True)
-    proto = export_step(program, analysis.plan, os.path.join(out, "model.onnx"), profile="ort")
-    inputs, outputs = [v.name for v in proto.graph.input], step_io_names(analysis.plan)[1]
+    lowered = lower(program, analysis.plan, out, types.SimpleNamespace(profile="ort", kv_cache=kv_cache))
+    inputs, outputs = [v.name for v in lowered.model_proto.graph.input], step_io_names(analysis.plan)[1]
     with open(os.path.join(out, MANIFEST), "w") as f:
-        json.dump({"target": "onnx", "profile": "ort", "files": {"step": "model.onnx"}, "inputs": inputs,
+        json.dump({"target": "onnx", "profile": "ort", "files": lowered.files, "inputs": inputs,
                    "outputs": outputs, "cache_plan": analysis.plan.to_json()}, f)
+    print(f"[export] {out}: {lowered.summary}", flush=True)
     return captured, analysis.plan
 
 

@@ -773,36 +773,64 @@ def kv_bytes(directory: str, batch: int, context: int) -> int:
                for e in entries)
 
 
+def general_only(directory: str) -> str | None:
+    """A sibling of an artifact with a one-token decode graph (``decode.onnx``) whose manifest names
+    only ``model.onnx`` (the other files linked, not copied): the same step without the decode graph,
+    so one run measures what the decode graph buys. None if the artifact has no decode graph."""
+    from effexport.exporter.backends.artifact import MANIFEST
+
+    with open(os.path.join(directory, MANIFEST)) as f:
+        manifest = json.load(f)
+    if not manifest.get("files", {}).get("decode"):
+        return None
+    sibling = directory.rstrip("/") + "-general"
+    os.makedirs(sibling, exist_ok=True)
+    for name in os.listdir(directory):
+        target = os.path.join(sibling, name)
+        if name != MANIFEST and not os.path.lexists(target):
+            os.symlink(os.path.abspath(os.path.join(directory, name)), target)
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if k != "decode"}
+    with open(os.path.join(sibling, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return sibling
+
+
 def measure(case: dict, args, bw: float) -> None:
+    """Per (L, B): ``graph_ms`` (``CudaGraphRuntime``, one-token steps through the decode graph where
+    the artifact has one), ``uncaptured_ms`` (the same bindings, no graph) and, for an artifact with a
+    decode graph, ``general_graph_ms`` (captured, ``model.onnx`` only: what the decode graph buys).
+    One runtime at a time (each holds its own copy of the weights), released before the next."""
     from effexport.runtime import CudaGraphRuntime
 
     rows = case.setdefault("rows", [])
-    runtimes = {}
-    for capture in (True, False):
-        try:
-            runtimes[capture] = CudaGraphRuntime(case["effexport_dir"], device="cuda", capture=capture)
-        except Exception as exc:  # noqa: BLE001  (the reason is the finding)
-            case["graph_session_error" if capture else "session_error"] = f"{type(exc).__name__}: {exc}"[:600]
-            traceback.print_exc()
-            if capture:
-                placement_log(case["effexport_dir"])
     for context in args.contexts:
         for batch in args.batches:
-            row = {"context": context, "batch": batch}
-            for capture, runtime in runtimes.items():
-                key = "graph_ms" if capture else "uncaptured_ms"
-                try:
-                    row[key] = effexport_decode(runtime, context, batch, args.tokens) * 1e3
-                except Exception as exc:  # noqa: BLE001  (the reason is the finding)
-                    row[key.replace("_ms", "_error")] = f"{type(exc).__name__}: {exc}"[:600]
-                    traceback.print_exc()
-            row["roofline_ms"] = (step_weight_bytes(case, batch) + kv_bytes(case["effexport_dir"], batch, context)) \
-                / bw * 1e3
-            rows.append(row)
-            print(json.dumps({"case": case["case"], **row}), flush=True)
-    runtimes.clear()  # og.Generator's prompt logits ([L-1, vocab]) need the memory the runtimes' buffers held
-    gc.collect()
-    torch.cuda.empty_cache()
+            rows.append({"context": context, "batch": batch,
+                         "roofline_ms": (step_weight_bytes(case, batch)
+                                         + kv_bytes(case["effexport_dir"], batch, context)) / bw * 1e3})
+    general = general_only(case["effexport_dir"])
+    variants = [("graph", case["effexport_dir"], True), ("uncaptured", case["effexport_dir"], False)]
+    variants += [("general_graph", general, True)] if general else []
+    for key, directory, capture in variants:
+        try:
+            runtime = CudaGraphRuntime(directory, device="cuda", capture=capture)
+        except Exception as exc:  # noqa: BLE001  (the reason is the finding)
+            case["graph_session_error" if key == "graph" else f"{key}_session_error"] = \
+                f"{type(exc).__name__}: {exc}"[:600]
+            traceback.print_exc()
+            if key == "graph":
+                placement_log(directory)
+            continue
+        for row in rows:
+            try:
+                row[f"{key}_ms"] = effexport_decode(runtime, row["context"], row["batch"], args.tokens) * 1e3
+            except Exception as exc:  # noqa: BLE001  (the reason is the finding)
+                row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:600]
+                traceback.print_exc()
+            print(json.dumps({"case": case["case"], "variant": key, **row}), flush=True)
+        del runtime
+        gc.collect()
+        torch.cuda.empty_cache()
     packages = [(key, d) for key, d in (("genai", case.get("genai_dir")), ("effexport_genai", case["effexport_dir"]))
                 if d and os.path.isfile(os.path.join(d, "genai_config.json"))]
     for row in rows:
@@ -863,15 +891,17 @@ def node_counts(path: str) -> dict:
 
 def table(results: dict) -> str:
     lines = [f"copy bandwidth {results['copy_bw'] / 1e12:.2f} TB/s", "",
-             "| case | L | B | effexport graph ms | uncaptured ms | genai ms | effexport via genai ms | roofline ms | "
-             "graph / roofline | genai / graph |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | L | B | effexport graph ms | without decode graph ms | uncaptured ms | genai ms | "
+             "effexport via genai ms | roofline ms | graph / roofline | genai / graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:
         for r in case.get("rows", []):
-            g, u, p, e, roof = (r.get(k) for k in ("graph_ms", "uncaptured_ms", "genai_ms", "effexport_genai_ms",
-                                                   "roofline_ms"))
+            g, w, u, p, e, roof = (r.get(k) for k in ("graph_ms", "general_graph_ms", "uncaptured_ms", "genai_ms",
+                                                      "effexport_genai_ms", "roofline_ms"))
             fmt = lambda x: f"{x:.2f}" if isinstance(x, float) else "-"  # noqa: E731
-            lines.append(f"| {case['case']} | {r['context']} | {r['batch']} | {fmt(g)} | {fmt(u)} | {fmt(p)} | {fmt(e)} | "
-                         f"{fmt(roof)} | {fmt(g / roof) if g and roof else '-'} | {fmt(p / g) if p and g else '-'} |")
+            lines.append(f"| {case['case']} | {r['context']} | {r['batch']} | {fmt(g)} | {fmt(w)} | {fmt(u)} | {fmt(p)} | "
+                         f"{fmt(e)} | {fmt(roof)} | {fmt(g / roof) if g and roof else '-'} | "
+                         f"{fmt(p / g) if p and g else '-'} |")
     routing = [line for line in map(routing_line, results["cases"]) if line]
     stock = ["", stock_table(results["stock"])] if results.get("stock") else []
     return "\n".join(lines + ([""] + routing if routing else []) + stock)
@@ -1022,6 +1052,8 @@ def main(argv=None) -> int:
             if case.get("genai_dir"):
                 case["genai_nodes"] = node_counts(os.path.join(case["genai_dir"], "model.onnx"))
             case["effexport_nodes"] = node_counts(os.path.join(case["effexport_dir"], "model.onnx"))
+            if os.path.isfile(os.path.join(case["effexport_dir"], "decode.onnx")):
+                case["effexport_decode_nodes"] = node_counts(os.path.join(case["effexport_dir"], "decode.onnx"))
             base = split_variant(name)[0]
             if base == "gemma3-1b":
                 eager, vocab = _hf_eager(os.path.join(args.work, "gemma3-1b-hf")), GEMMA3_1B["vocab_size"]

@@ -164,3 +164,32 @@ def test_stock_points_on_the_cpu(tmp_path, monkeypatch):
     with pytest.raises(ort_graphs.BuildOverrun, match="still running"):
         ort_graphs.wait(sleeper, out + ".log", 0.5, "stock build")
     assert sleeper.returncode is not None
+
+
+@pytest.mark.slow
+def test_bench_export_writes_the_decode_graph(tmp_path, monkeypatch):
+    """The bench's export of a KV-sharing model with buffer caches is the CLI's: ``decode.onnx`` beside
+    ``model.onnx`` in the manifest, and :func:`ort_graphs.general_only` a sibling that runs the same
+    step without it -- one-token steps through either give the same logits on ORT CPU (fp32, 1e-5)."""
+    import ort_cuda
+
+    from effexport.runtime import CudaGraphRuntime
+
+    monkeypatch.setattr(decode_step, "DEV", "cpu")
+    model = decode_step.build(ort_graphs.bench_sample("gemma4-e2b:tiny"), torch.float32)
+    out = str(tmp_path / "g4")
+    ort_cuda.export_effexport(model, out, torch.float32, 64, "buffer")
+    assert os.path.isfile(os.path.join(out, "decode.onnx"))
+    general = ort_graphs.general_only(out)
+    assert general is not None and ort_graphs.general_only(general) is None
+    runtimes = [CudaGraphRuntime(d, device="cpu") for d in (out, general)]
+    assert [r.graph_files for r in runtimes] == [["model.onnx", "decode.onnx"], ["model.onnx"]]
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 12))
+    logits = []
+    for runtime in runtimes:
+        caches = runtime.initial_caches(1)
+        result = runtime.step(ids[:, :10], 0, caches)
+        steps = [np.asarray(runtime.step(ids[:, 10 + i:11 + i], 10 + i, result.caches).logits) for i in range(2)]
+        assert runtime.last_graph == runtime.graph_files[-1]
+        logits.append(np.stack(steps))
+    assert np.abs(logits[0] - logits[1]).max() <= 1e-5 * np.abs(logits[1]).max()

@@ -167,3 +167,21 @@ def test_session_options_reach_the_session(buffered, tmp_path):
     trace = json.loads(open(runtime.session.end_profiling()).read())
     ops = {e["args"].get("op_name") for e in trace if e.get("cat") == "Node"}
     assert "GroupQueryAttention" in ops and "MatMul" in ops
+
+
+def test_cuda_sessions_grow_their_arena_by_what_is_asked(monkeypatch):
+    """Every CUDA session the runtimes open asks the arena to grow by the requested size (not by
+    powers of two: a model's weights loaded by ORT could reserve twice their size), and the graph
+    runtime adds ``enable_cuda_graph`` to those options rather than replacing them. Checked without a
+    GPU: the provider list the runtimes would pass."""
+    from effexport.exporter.backends.onnx.runtime import CUDA_OPTIONS
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.delattr(ort, "preload_dlls", raising=False)
+    plain = OrtRuntime._providers(object.__new__(OrtRuntime), ort, "cuda")
+    assert plain == [("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}), "CPUExecutionProvider"]
+    graphs = object.__new__(CudaGraphRuntime)
+    graphs.capture = True
+    monkeypatch.setattr(CudaGraphRuntime, "_check_device_positions", lambda self: None)
+    assert graphs._providers(ort, "cuda")[0] == ("CUDAExecutionProvider", {**CUDA_OPTIONS, "enable_cuda_graph": "1"})
+    assert OrtRuntime._providers(object.__new__(OrtRuntime), ort, "cpu") == ["CPUExecutionProvider"]

@@ -541,6 +541,9 @@ def test_decode_graph_is_one_mha_per_prefix_read(built):
     assert (g["Softmax"], d["Softmax"]) == (6, 0) and g["MatMul"] - d["MatMul"] == 12
     assert g["GroupQueryAttention"] == d["GroupQueryAttention"] == 4
     assert len(decode.graph.node) < len(general.graph.node) - 40
+    # one token and one KV head: every heads <-> tokens transpose moves an axis of size 1 and is a
+    # reshape (ort_fusions' layout rules), so none is left to launch a kernel (model.onnx: 15)
+    assert d["Transpose"] == 0 and g["Transpose"] > 0
     mha = [n for n in decode.graph.node if n.op_type == "MultiHeadAttention"]
     # the caches as the producers left them this step, read in place: ring 3 by its owner and consumers
     # 5-8, buffer 4 by consumer 9

@@ -439,3 +439,85 @@ def test_few_or_other_axis_gathers_are_left_alone(picks, axis):
     """Two rows are not worth a Split; a gather along another axis than the rows is another thing."""
     fused, _ = _ir_fused(_row_gathers(picks=picks, axis=axis))
     assert [n.op_type for n in fused.graph.node].count("Gather") == len(picks)
+
+
+# ------------------------------------------------------------- one-token / one-head layout rules
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_transpose_of_unit_axes_becomes_a_reshape_that_meets_its_neighbours():
+    """One token: ``[B, 1, H, D] -> [B, H, 1, D]`` moves only an axis of size 1, so it is a Reshape;
+    between two Reshapes it then collapses into one, and around an identity it disappears. ORT CPU:
+    the same numbers. A transpose that moves a real axis stays."""
+    b, h, d = "b", 4, 8
+    nodes = [helper.make_node("Reshape", ["x", "s1"], ["y"]),                      # [b, 1, H*D] -> [b, 1, H, D]
+             helper.make_node("Transpose", ["y"], ["t"], perm=[0, 2, 1, 3]),        # -> [b, H, 1, D]
+             helper.make_node("Shape", ["x"], ["bs"], start=0, end=1),
+             helper.make_node("Concat", ["bs", "tail"], ["s2"], axis=0),            # [b, 1, H*D] at run time
+             helper.make_node("Reshape", ["t", "s2"], ["z"]),
+             helper.make_node("Transpose", ["w"], ["v"], perm=[0, 2, 1, 3])]        # [b, 3, H, D]: stays
+    inits = [helper.make_tensor("s1", TP.INT64, [4], [0, 1, h, d]),
+             helper.make_tensor("tail", TP.INT64, [2], [1, h * d])]
+    model = _graph(nodes, [helper.make_tensor_value_info("x", TP.FLOAT, [b, 1, h * d]),
+                           helper.make_tensor_value_info("w", TP.FLOAT, [b, 3, h, d])],
+                   [helper.make_tensor_value_info("z", TP.FLOAT, [b, 1, h * d]),
+                    helper.make_tensor_value_info("v", TP.FLOAT, [b, h, 3, d])], inits)
+    fused, _ = _ir_fused(model)
+    # z is x again (an Identity only because both are graph outputs); the real transpose is left
+    assert sorted(_ops(fused)) == ["Identity", "Transpose"]
+    assert next(n for n in fused.graph.node if n.op_type == "Transpose").input[0] == "w"
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 1, h * d)).astype(np.float32),
+             "w": rng.standard_normal((2, 3, h, d)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    for a, b_ in zip(run(fused), run(model)):
+        np.testing.assert_array_equal(a, b_)
+
+
+def test_single_head_norm_loses_its_reshapes_and_still_fuses_into_attention():
+    """A one-KV-head K norm ``Reshape([B, T, 1, D]) -> SimplifiedLayerNormalization -> Reshape([B, T,
+    D])`` is the norm of the ``[B, T, D]`` rows themselves (two nodes fewer, same numbers on ORT CPU),
+    and a half-precision GroupQueryAttention still takes it as ``k_norm_weight``; a norm over two heads
+    keeps its reshapes."""
+    from effexport.exporter.backends.onnx.ort_fusions import _NormOverUnitHeads
+    from onnxscript.rewriter import pattern
+
+    d = 8
+
+    def norm_model(heads, dtype=TP.FLOAT):
+        w = helper.make_tensor("w", dtype, [d], np.linspace(0.5, 1.5, d).astype(np.float16 if dtype == TP.FLOAT16
+                                                                                    else np.float32))
+        nodes = [helper.make_node("Reshape", ["x", "s1"], ["y"]),
+                 helper.make_node("SimplifiedLayerNormalization", ["y", "w"], ["n"], axis=-1, epsilon=1e-6),
+                 helper.make_node("Reshape", ["n", "s2"], ["z"])]
+        inits = [w, helper.make_tensor("s1", TP.INT64, [4], [0, 0, heads, d]),
+                 helper.make_tensor("s2", TP.INT64, [3], [0, 0, heads * d])]
+        return _graph(nodes, [helper.make_tensor_value_info("x", dtype, ["b", "t", heads * d])],
+                      [helper.make_tensor_value_info("z", dtype, ["b", "t", heads * d])], inits)
+
+    model = norm_model(1)
+    ir_model = ir.from_proto(onnx.shape_inference.infer_shapes(model))
+    assert pattern.RewriteRuleSet([_NormOverUnitHeads.rule()]).apply_to_model(ir_model) == 1
+    fused = ir.to_proto(ir_model)
+    assert _ops(fused) == ["SimplifiedLayerNormalization"]
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, d)).astype(np.float32)}
+    np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-6, atol=1e-6)
+    two = ir.from_proto(onnx.shape_inference.infer_shapes(norm_model(2)))
+    assert pattern.RewriteRuleSet([_NormOverUnitHeads.rule()]).apply_to_model(two) == 0
+
+
+def test_one_head_k_norm_without_reshapes_goes_into_attention():
+    """:func:`qk_norm_into_attention` takes a single head's norm written without the reshapes."""
+    from effexport.exporter.backends.onnx.ort_cuda import _head_norm
+
+    d = 8
+    w = helper.make_tensor("w", TP.FLOAT16, [d], np.ones(d, dtype=np.float16))
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["n"], axis=-1, epsilon=1e-6),
+             helper.make_node("Identity", ["n"], ["z"])]
+    model = ir.from_proto(_graph(nodes, [helper.make_tensor_value_info("x", TP.FLOAT16, ["b", "t", d])],
+                                 [helper.make_tensor_value_info("z", TP.FLOAT16, ["b", "t", d])], [w]))
+    norm_out = next(n for n in model.graph if n.op_type == "SimplifiedLayerNormalization").outputs[0]
+    x, weight, eps = _head_norm(norm_out, 1)
+    assert x.name == "x" and weight.name == "w" and abs(eps - 1e-6) < 1e-12
+    assert _head_norm(norm_out, 2) is None  # two heads need the reshapes around the norm

@@ -88,7 +88,8 @@ class CudaGraphRuntime(OrtRuntime):
         providers = super()._providers(ort, device)
         if self.capture:
             self._check_device_positions()
-            providers[0] = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
+            name, options = providers[0]
+            providers[0] = (name, {**options, "enable_cuda_graph": "1"})
         return providers
 
     def _check_device_positions(self) -> None:

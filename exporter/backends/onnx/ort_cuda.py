@@ -32,7 +32,21 @@ _HALF = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
 def _head_norm(value: ir.Value, heads: int):
     """``value = Reshape(SimplifiedLayerNormalization(Reshape(x, [B, T, H, d]), w), [B, T, H*d])`` over
     the last axis, each link read only by the next, ``x`` 3-D with ``H * d`` channels and ``w`` a
-    constant 1-D ``[d]`` of ``x``'s dtype -> ``(x, w, epsilon)``; else None."""
+    constant 1-D ``[d]`` of ``x``'s dtype -> ``(x, w, epsilon)``; else None. With one head the
+    reshapes may be gone already (``value = SimplifiedLayerNormalization(x, w)``, the ``ort``
+    layout rule for a single head's norm)."""
+    direct = value.producer()
+    if heads == 1 and direct is not None and direct.op_type == "SimplifiedLayerNormalization" \
+            and direct.domain in ("", "ai.onnx") and single_use(value) \
+            and not (len(direct.outputs) > 1 and direct.outputs[1].uses()):
+        x, w = direct.inputs[0], direct.inputs[1]
+        if x is None or x.shape is None or x.shape.rank() != 3 or not isinstance(x.shape[2], int) \
+                or direct.attributes.get_int("axis", -1) not in (-1, 2):
+            return None
+        if w is None or not w.is_initializer() or w.shape is None or list(w.shape) != [x.shape[2]] \
+                or w.dtype != x.dtype:
+            return None
+        return x, w, direct.attributes.get_float("epsilon", 1e-5)
     back = value.producer()
     if back is None or back.op_type != "Reshape" or back.domain not in ("", "ai.onnx") \
             or not single_use(back.inputs[0]):

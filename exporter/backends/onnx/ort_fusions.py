@@ -289,6 +289,57 @@ class _NoOpReshapes(_NoOpReshape):
                           _outputs=["out"])
 
 
+class _ReshapeChain(pattern.RewriteRuleClassBase):
+    """``Reshape(Reshape(x, s1), s2)`` -> ``Reshape(x, t)`` with ``t`` a constant written from the
+    result's known shape (static sizes as they are, a symbolic size at the index ``x`` has it as 0, at
+    most one other as -1), where ``s2`` is computed at run time (onnxscript's ``reshape_reshape_rule``
+    takes the constant ones): e.g. an attention's ``[B, H, D]`` output viewed as ``[B, H, 1, D]`` and
+    then as ``[B, 1, H*D]`` with the batch read from a shape."""
+
+    def pattern(self, op, x, s1, s2):
+        return op.Reshape(op.Reshape(x, s1, _allow_other_attributes=True), s2, _allow_other_attributes=True,
+                          _outputs=["out"])
+
+    def check(self, context, x, s2, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if s2.const_value is not None:
+            return result.fail("a constant target: reshape_reshape_rule's")
+        if _reshape_target(x, out) is None:
+            return result.fail("the result's shape is not known well enough")
+        return result
+
+    def rewrite(self, op, x, out, **_):
+        flat = op.Reshape(x, _shape_constant(out.graph, _reshape_target(x, out)))
+        flat.dtype, flat.shape = out.dtype, out.shape
+        return flat
+
+
+def _shape_constant(graph: ir.Graph, target: list[int]) -> ir.Value:
+    """An int64 initializer holding a Reshape target, one per distinct target (ONNX Runtime counts a
+    ``Constant`` node as a node)."""
+    name = "reshape_target_" + "_".join(str(t).replace("-", "m") for t in target)
+    if name not in graph.initializers:
+        graph.register_initializer(ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(target)]),
+                                            const_value=ir.tensor(np.array(target, dtype=np.int64), name=name)))
+    return graph.initializers[name]
+
+
+def _reshape_target(x: ir.Value, out: ir.Value) -> list[int] | None:
+    """A constant Reshape target taking ``x`` to ``out``'s shape, or None (:class:`_ReshapeChain`)."""
+    if x.shape is None or out.shape is None:
+        return None
+    target = []
+    for j, size in enumerate(out.shape):
+        if isinstance(size, int):
+            target.append(size)
+        elif size.value is None:
+            return None
+        else:
+            same = j < x.shape.rank() and not isinstance(x.shape[j], int) and x.shape[j].value == size.value
+            target.append(0 if same else -1)
+    return target if target.count(-1) <= 1 else None
+
+
 class _NormBeforeTranspose(pattern.RewriteRuleClassBase):
     """``SimplifiedLayerNormalization(Transpose(x, perm))`` over the last axis, with ``perm`` keeping
     the last axis -> ``Transpose(SimplifiedLayerNormalization(x), perm)``: the same numbers (each row
@@ -386,6 +437,101 @@ class _CastRotaryToBsd(_RotaryToBsd):
         return narrow
 
 
+def _rotary_pair(value: ir.Value) -> bool:
+    """Whether ``value`` is either end of a ``Transpose -> RotaryEmbedding -> Transpose`` sandwich (a
+    ``Cast`` allowed on each side of the rotation): the rotary layout rules take both transposes away."""
+    def through_cast(v: ir.Value, forward: bool) -> list[ir.Node]:
+        if forward:
+            nodes = [n for n, _ in v.uses()]
+            return nodes + [m for n in nodes if n.op_type == "Cast" for m, _ in n.outputs[0].uses()]
+        node = v.producer()
+        nodes = [node] if node is not None else []
+        if node is not None and node.op_type == "Cast" and node.inputs[0] is not None \
+                and node.inputs[0].producer() is not None:
+            nodes.append(node.inputs[0].producer())
+        return nodes
+
+    for rotary in through_cast(value, True):  # value: the transpose into a rotation ...
+        if rotary.op_type == "RotaryEmbedding" and any(
+                n.op_type == "Transpose" for n in through_cast(rotary.outputs[0], True)):
+            return True
+    for rotary in through_cast(value, False):  # ... or the input of the transpose out of one
+        if rotary.op_type == "RotaryEmbedding" and rotary.inputs[0] is not None and any(
+                n.op_type == "Transpose" for n in through_cast(rotary.inputs[0], False)):
+            return True
+    return False
+
+
+class _UnitAxesTranspose(pattern.RewriteRuleClassBase):
+    """``Transpose(x, perm)`` that moves only axes of size 1 (the others keep their order: ``[B, 1, H,
+    D] -> [B, H, 1, D]`` with one token, ``[B, T, 1, D] -> [B, 1, T, D]`` with one KV head) ->
+    ``Reshape``: the same bytes in the same order, and ONNX Runtime runs a Reshape without a kernel.
+    The reshape then meets its neighbours (collapsed, or dropped as a no-op). Left alone around a
+    rotation between two transposes (the rotary layout rules take both away) and where the result's
+    shape cannot be written as one Reshape target (two symbolic sizes that move)."""
+
+    def pattern(self, op, x):
+        return op.Transpose(x, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, x, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        perm = out.producer().attributes.get_ints("perm")
+        if perm is None or x.shape is None or x.shape.rank() != len(perm):
+            return result.fail("no perm or no rank")
+        kept = [p for p in perm if x.shape[p] != 1]
+        if kept != sorted(kept) or list(perm) == sorted(perm):
+            return result.fail("moves an axis of size other than 1 (or moves nothing)")
+        if _target(x, perm) is None:
+            return result.fail("the result's shape needs two inferred sizes")
+        if _rotary_pair(out) or _rotary_pair(x):
+            return result.fail("a transpose around a rotation (the rotary layout rules take it)")
+        return result
+
+    def rewrite(self, op, x, out, **_):
+        flat = op.Reshape(x, _shape_constant(out.graph, _target(x, list(out.producer().attributes.get_ints("perm")))))
+        flat.dtype, flat.shape = out.dtype, ir.Shape([x.shape[p] for p in out.producer().attributes.get_ints("perm")])
+        return flat
+
+
+def _target(x: ir.Value, perm) -> list[int] | None:
+    """The Reshape target giving ``x``'s shape permuted by ``perm``: static sizes as they are, a
+    symbolic size that stays at its index as 0 (copy), at most one other as -1; None if impossible."""
+    target = []
+    for j, p in enumerate(perm):
+        size = x.shape[p]
+        target.append(size if isinstance(size, int) else 0 if p == j else -1)
+    return target if target.count(-1) <= 1 else None
+
+
+class _NormOverUnitHeads(pattern.RewriteRuleClassBase):
+    """``Reshape(SimplifiedLayerNormalization(Reshape(x, [.., H, D])), shape(x))`` over the last axis
+    with ``x``'s last size already ``D`` (one head: ``H = 1``, e.g. Gemma 4's single KV head's norm) ->
+    the norm of ``x`` itself: the same rows normalized, two nodes fewer."""
+
+    def pattern(self, op, x, s1, scale, s2):
+        heads = op.Reshape(x, s1, _allow_other_attributes=True, _outputs=["heads"])
+        normed = op.SimplifiedLayerNormalization(heads, scale, _allow_other_attributes=True, _outputs=["normed"])
+        return op.Reshape(normed, s2, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, x, heads, normed, out, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not _same_shape(x, out) or heads.shape is None or not isinstance(heads.shape[-1], int) \
+                or x.shape[-1] != heads.shape[-1]:
+            return result.fail("not a reshape pair around the norm that keeps the last axis")
+        if normed.producer().attributes.get_int("axis", -1) not in (-1, heads.shape.rank() - 1):
+            return result.fail("not a norm over the last axis")
+        if _reads_inv_std(normed.producer()) or len(normed.uses()) != 1:
+            return result.fail("the norm's outputs are read elsewhere")
+        return result
+
+    def rewrite(self, op, x, scale, normed, out, **_):
+        norm = normed.producer()
+        inner = op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=norm.attributes.get_float("epsilon", 1e-5),
+                                                stash_type=norm.attributes.get_int("stash_type", 1))
+        inner.dtype, inner.shape = out.dtype, out.shape
+        return inner
+
+
 def _same_shape_dim(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return a == b
@@ -393,12 +539,20 @@ def _same_shape_dim(a, b) -> bool:
 
 
 def _attention_output_shapes(model: ir.Model) -> None:
-    """Give GroupQueryAttention outputs with no shape their query's (``[B, T, H*D]``), so the reshapes
-    after attention can be proven no-ops."""
+    """Give GroupQueryAttention outputs with no shape their query's (``[B, T, H*D]``) and
+    MultiHeadAttention ones theirs (``[B, S, H*dv]``), so the reshapes after attention can be proven
+    no-ops or written as one."""
     for node in model.graph:
         if node.op_type == "GroupQueryAttention" and node.outputs[0].shape is None \
                 and node.inputs[0] is not None and node.inputs[0].shape is not None:
             node.outputs[0].shape = node.inputs[0].shape
+        elif node.op_type == "MultiHeadAttention" and node.outputs[0].shape is None and len(node.inputs) > 2 \
+                and all(v is not None and v.shape is not None for v in node.inputs[:3]) \
+                and node.inputs[0].shape.rank() == 3 and node.inputs[2].shape.rank() == 4:
+            # query [B, S, H*d], value heads-major [B, Hkv, L, dv] -> [B, S, H*dv]
+            heads, dv = node.attributes.get_int("num_heads", 0), node.inputs[2].shape[3]
+            if heads and isinstance(dv, int):
+                node.outputs[0].shape = ir.Shape([*list(node.inputs[0].shape)[:2], heads * dv])
 
 
 def _reads_inv_std(norm: ir.Node) -> bool:
@@ -503,8 +657,9 @@ STEP_RULES = pattern.RewriteRuleSet([_HalfNorm.rule(), transpose_transpose_rule,
 SCALE_RULES = pattern.RewriteRuleSet([_ScaledNorm.rule()], commute=True)
 SKIP_RULES = pattern.RewriteRuleSet([_SkipNorm.rule()], commute=True)
 LAYOUT_RULES = pattern.RewriteRuleSet([_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule,
-                                       _RotaryToBsd.rule(), _CastRotaryToBsd.rule(), _NoOpReshapes.rule(), _NoOpReshape.rule(),
-                                       reshape_reshape_rule])
+                                       _RotaryToBsd.rule(), _CastRotaryToBsd.rule(), _UnitAxesTranspose.rule(),
+                                       _NormOverUnitHeads.rule(), _NoOpReshapes.rule(), _NoOpReshape.rule(),
+                                       reshape_reshape_rule, _ReshapeChain.rule()])
 
 
 def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:

@@ -134,6 +134,14 @@ def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu"
     return {name: values[key] for name, key in names.items()}, keep + list(maps.values())
 
 
+CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested"}
+"""The CUDA execution provider's options in every session the runtimes open. ONNX Runtime's arena
+grows by powers of two by default, so a model whose weights ORT loads itself can reserve up to about
+twice their size (BENCHMARKS.md run 32: the 27 GB DeepSeek V4 Flash cut ran out of an 80 GB GPU beside
+its eager reference); growing by what is asked keeps the reservation at the weights' size. Steady
+decode steps allocate nothing new either way (freed blocks are reused)."""
+
+
 class OrtRuntime:
     """An ONNX Runtime session over an artifact's step model (and a second one over its one-token
     decode graph, sharing the weights, where the artifact has one: the module docstring)."""
@@ -198,7 +206,7 @@ class OrtRuntime:
                                       "pip install onnxruntime-gpu")
         if hasattr(ort, "preload_dlls"):  # CUDA / cuDNN from the nvidia wheels torch brings
             ort.preload_dlls()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
 
     def initial_caches(self, batch: int) -> list:
         """The plan's prefill caches: numpy arrays, or (I/O binding) host OrtValues that ORT copies
