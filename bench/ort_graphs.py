@@ -775,7 +775,7 @@ def kv_bytes(directory: str, batch: int, context: int) -> int:
 
 def general_only(directory: str) -> str | None:
     """A sibling of an artifact with a one-token decode graph (``decode.onnx``) whose manifest names
-    only ``model.onnx`` (the other files linked, not copied): the same step without the decode graph,
+    only ``model.onnx`` (the other files hard-linked, not copied): the same step without the decode graph,
     so one run measures what the decode graph buys. None if the artifact has no decode graph."""
     from effexport.exporter.backends.artifact import MANIFEST
 
@@ -786,9 +786,9 @@ def general_only(directory: str) -> str | None:
     sibling = directory.rstrip("/") + "-general"
     os.makedirs(sibling, exist_ok=True)
     for name in os.listdir(directory):
-        target = os.path.join(sibling, name)
-        if name != MANIFEST and not os.path.lexists(target):
-            os.symlink(os.path.abspath(os.path.join(directory, name)), target)
+        source, target = os.path.join(directory, name), os.path.join(sibling, name)
+        if name != MANIFEST and os.path.isfile(source) and not os.path.lexists(target):
+            os.link(source, target)  # hard links: the loader refuses symlinks that leave the artifact
     manifest["files"] = {k: v for k, v in manifest["files"].items() if k != "decode"}
     with open(os.path.join(sibling, MANIFEST), "w") as f:
         json.dump(manifest, f)
