@@ -413,6 +413,9 @@ def _one_run(torch, session, s: dict, dtype, device: str, pos: int) -> dict:
         total_value = torch.tensor(C, dtype=torch.int32, device="cpu" if s["total"] != "input_device" else device)
         feeds = {**dev, "pos": pos_dev, "pos_host": host_pos, "total": total_value}
         out = torch.full((s["batch"], H, 1, s["d"]), float("nan"), dtype=dtype, device=device)
+        if not s["sync"]:  # as the test: clones on torch's stream, launched just before ORT's run
+            dev["k_buf"], dev["v_buf"] = dev["k_buf"].clone(), dev["v_buf"].clone()
+            feeds.update(k_buf=dev["k_buf"], v_buf=dev["v_buf"])
         if s["present"] == "shared":
             k_present, v_present = dev["k_buf"], dev["v_buf"]
         else:
@@ -466,8 +469,12 @@ def meta(ort, torch, device: str) -> dict:
     m = {"onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version(),
          "providers": ort.get_available_providers(), "device": device}
     if device == "cuda":
-        m["gpu"] = torch.cuda.get_device_name()
-        m["capability"] = list(torch.cuda.get_device_capability())
+        try:
+            m["gpu"] = torch.cuda.get_device_name()
+            m["capability"] = list(torch.cuda.get_device_capability())
+            m["torch_cuda"] = torch.version.cuda
+        except Exception as e:  # noqa: BLE001
+            m["gpu_error"] = f"{type(e).__name__}: {e}"
     return m
 
 
@@ -532,8 +539,10 @@ def main(argv=None) -> int:
             with contextlib.suppress(Exception):
                 ort.preload_dlls()
         doc["meta"] = meta(ort, torch, args.device)
-        if args.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            doc["error"] = "no CUDAExecutionProvider (onnxruntime-gpu?); --device cpu for the CPU EP"
+        if args.device == "cuda" and ("CUDAExecutionProvider" not in ort.get_available_providers()
+                                      or not torch.cuda.is_available()):
+            doc["error"] = ("no CUDAExecutionProvider (onnxruntime-gpu?) or no CUDA torch; "
+                            "--device cpu for the CPU EP")
             _write(path, doc)
             print(doc["error"], file=sys.stderr)
             return 1
