@@ -16,7 +16,8 @@ graph input. The fix under test: a one-token graph's total is an int32 initializ
 
 Variants (``--list``), each one change from ``test_graph`` (the exact failing graph):
 ``total`` (how total_sequence_length is made: ``minmax_pos_host`` as failing, ``where_pos_host`` the
-lowering before it, ``const`` the fix, ``input_host`` / ``input_device`` a graph input,
+lowering before it, ``const`` the fix, ``input_host`` / ``input_device`` a graph input (``input_host_identity``: through
+an ``Identity``, so copied to the GPU and back by Memcpy nodes with no arithmetic),
 ``shape_anchored`` the failing chain made to read a ``Shape`` so ORT keeps it on the host,
 ``minmax_pos_device`` the chain from the device ``pos``), static batch, dynamic T, ``seqlens_k`` from a
 constant batch, no unused ``sinks`` input, present bound to separate memory, ``pos`` bound on the host,
@@ -74,6 +75,7 @@ VARIANTS: dict[str, dict] = {
     "total_where_pos_host": {"total": "where_pos_host"},  # the lowering before main's (also 1.50)
     "total_input_host": {"total": "input_host"},
     "total_input_device": {"total": "input_device"},
+    "total_input_host_identity": {"total": "input_host_identity"},  # no arithmetic, still a Memcpy pair
     "total_shape_anchored": {"total": "shape_anchored"},  # failing chain + a Shape read: host placement
     "total_minmax_pos_device": {"total": "minmax_pos_device"},
     "batch_static": {"batch_dim": "static"},
@@ -139,7 +141,7 @@ def build_hand(s: dict):
                  vi("v_buf", elem, [batch, HKV, C, d]), vi("pos", INT64, [])]
     if s["total"] in ("minmax_pos_host", "where_pos_host", "shape_anchored"):
         g.inputs.append(vi("pos_host", INT64, []))
-    if s["total"] in ("input_host", "input_device"):
+    if s["total"] in ("input_host", "input_device", "input_host_identity"):
         g.inputs.append(vi("total", INT32, []))
     if s["sinks_input"]:
         g.inputs.append(vi("sinks", elem, [H]))  # unused, as in the exporter's graph
@@ -175,15 +177,16 @@ def build_hand(s: dict):
         g.node("Cast", ["tot_where"], ["total_seq"], "tot_cast", to=INT32)
     elif total == "const":
         g.init("total_seq", INT32, [], [C])
-    elif total in ("input_host", "input_device"):
+    elif total == "input_host_identity":  # a host input through a CUDA Identity: a Memcpy pair, no arithmetic
         g.node("Identity", ["total"], ["total_seq"], "tot_identity")
-    else:
+    elif total not in ("input_host", "input_device"):
         raise ValueError(total)
     shape3 = g.init("heads_last", INT64, [3], [0, 0, -1])
     for x in ("q", "k_new", "v_new"):
         g.node("Transpose", [x], [f"{x}_t"], f"{x}_transpose", perm=[0, 2, 1, 3])
         g.node("Reshape", [f"{x}_t", shape3], [f"{x}_3d"], f"{x}_reshape")
-    g.node("GroupQueryAttention", ["q_3d", "k_new_3d", "v_new_3d", "k_buf", "v_buf", "seqlens_k", "total_seq"],
+    total_name = "total" if total in ("input_host", "input_device") else "total_seq"
+    g.node("GroupQueryAttention", ["q_3d", "k_new_3d", "v_new_3d", "k_buf", "v_buf", "seqlens_k", total_name],
            ["gqa_out", "k_out", "v_out"], "gqa", domain="com.microsoft", local_window_size=-1, scale=SCALE,
            kv_num_heads=HKV, softcap=0.0, num_heads=H)
     g.node("Reshape", ["gqa_out", g.init("heads_split", INT64, [4], [0, 0, H, d])], ["gqa_4d"], "out_reshape")
@@ -376,6 +379,14 @@ def run_variant(name: str, spec: dict, device: str, ort, torch, tmp: str) -> dic
                     "gqa_inputs": next(list(n.input) for n in model.graph.node if n.op_type == "GroupQueryAttention"),
                     "initializers": {t.name: _onnx()[0].numpy_helper.to_array(t).tolist()
                                      for t in model.graph.initializer if t.data_type in (INT32, INT64, 9)}}
+    try:  # effexport's offline simulation of the CUDA EP's partitioning, to set against ``memcpy`` below
+        if not cuda:
+            raise RuntimeError("CUDA EP only")
+        _import_effexport()
+        from effexport.exporter.backends.onnx.cuda_kernels import memcpy_edges
+        res["predicted_memcpy"] = [str(e) for e in memcpy_edges(model)]
+    except Exception as e:  # noqa: BLE001
+        res["predicted_memcpy_error"] = f"{type(e).__name__}: {e}"[:300]
     env = {"ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO": "1", **s["env"]}
     with environ(env):
         opts = ort.SessionOptions()
