@@ -438,39 +438,82 @@ def test_buffer_build_has_the_ort_step_fusions(built):
     assert tables <= set(init) and all(init[t].dims[0] == 64 for t in tables)
 
 
-def test_one_token_graph_reads_total_from_the_host_position(tmp_path):
-    """A graph of one-token steps (T static 1) gives GroupQueryAttention the capacity as
-    ``total_sequence_length`` computed from ``pos_host``, never a constant: ONNX Runtime folds a
-    constant into an initializer, which its CUDA kernel read as 0 (the new row not written at pos,
-    other rows overwritten: the gpu test below failed at 1.50 until this). Equal to the eager op on
-    ORT CPU at several positions (fp32, rel 1e-5)."""
+def _gqa_total_crossings(model: onnx.ModelProto) -> list:
+    """The values ONNX Runtime's CUDA EP would copy into a GroupQueryAttention input by a Memcpy node
+    as its ``total_sequence_length`` (:func:`~effexport.exporter.backends.onnx.cuda_kernels.memcpy_edges`:
+    the partitioning simulated offline): a total computed on the GPU, copied to the host mid-graph."""
+    from effexport.exporter.backends.onnx.cuda_kernels import memcpy_edges
+
+    totals = {n.input[6] for n in model.graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 6}
+    return [e for e in memcpy_edges(model) if e.consumer_op == "GroupQueryAttention" and e.value in totals]
+
+
+def _with_total_from_pos_host(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the total computed as the previous lowering did for one-token graphs,
+    ``Cast(Max(Min(pos_host + 1, C), C))`` (the gpu test's 1.50)."""
+    from onnx import TensorProto, helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("pos_host", TensorProto.INT64, []))
+    g.initializer.extend([helper.make_tensor("one_", TensorProto.INT64, [], [1]),
+                          helper.make_tensor("cap_", TensorProto.INT64, [], [C])])
+    gqa = next(n for n in g.node if n.op_type == "GroupQueryAttention")
+    chain = [helper.make_node("Add", ["pos_host", "one_"], ["t1_"], name="t1"),
+             helper.make_node("Min", ["t1_", "cap_"], ["t2_"], name="t2"),
+             helper.make_node("Max", ["t2_", "cap_"], ["t3_"], name="t3"),
+             helper.make_node("Cast", ["t3_"], ["t4_"], to=TensorProto.INT32, name="t4")]
+    at = list(g.node).index(gqa)
+    for k, node in enumerate(chain):
+        g.node.insert(at + k, node)
+    gqa.input[6] = "t4_"
+    return model
+
+
+def test_one_token_graph_total_is_a_host_constant():
+    """A graph of one-token steps (T static 1) gives GroupQueryAttention the capacity as an int32
+    initializer, computed by no node (no ``pos_host`` input then). Computed from ``pos_host`` and
+    constants -- the previous two lowerings, ``Where(true, C, pos_host + 1)`` and
+    ``Max(Min(pos_host + 1, C), C)`` -- ONNX Runtime's CUDA EP ran that arithmetic on the GPU (its
+    CPU fallback keeps a node on the host only where it reads a ``Shape``'s host output; a graph input
+    does not count) and copied the total back to the kernel's host input by a Memcpy node: the gpu
+    test below failed at 1.50 with both. The general lowering (T dynamic) reads T from a ``Shape``, so
+    its total chain from ``pos_host`` stays on the host. Equal to the eager op on ORT CPU at several
+    positions (fp32, rel 1e-5)."""
     from effexport.exporter.backends.onnx.export import lower
 
     module = _Buffer(0, 0.0, False)
     bt = {0: torch.export.Dim("batch")}
-    model = lower(module, _inputs(2, 1, 11, seed=3), "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
-    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == 1
-    producer = {o: n for n in model.graph.node for o in n.output}
-    seen, todo = set(), [gqa[0].input[6]]
+    for dtype in (torch.float32, torch.bfloat16):
+        args = tuple(a.to(dtype) if a.is_floating_point() else a for a in _inputs(2, 1, 11, seed=3))
+        model = lower(module, args, "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+        gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(gqa) == 1
+        init = {t.name: t for t in model.graph.initializer}
+        total = init.get(gqa[0].input[6])
+        assert total is not None and total.data_type == onnx.TensorProto.INT32
+        assert onnx.numpy_helper.to_array(total).tolist() == C
+        assert "pos_host" not in {i.name for i in model.graph.input}
+        assert _gqa_total_crossings(model) == [], dtype
+        # the previous lowering's graph: the simulated partitioning copies its total to the host
+        old = _gqa_total_crossings(_with_total_from_pos_host(model))
+        assert [(e.value, e.direction) for e in old] == [("t4_", "to host")], [str(e) for e in old]
+    general = _lowered(module, "ort")  # T dynamic: the total is pos_host + T, or C at T = 1
+    producer = {o: n for n in general.graph.node for o in n.output}
+    seen, todo = set(), [next(n for n in general.graph.node if n.op_type == "GroupQueryAttention").input[6]]
     while todo:  # the total's ancestors
         name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in producer:
-            todo.extend(producer[name].input)
-    assert "pos_host" in seen, sorted(seen)
-    options = ort.SessionOptions()  # what ORT's constant folding leaves of it
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
-    total = [n for n in optimized.graph.node if n.op_type == "GroupQueryAttention"][0].input[6]
-    assert total not in {t.name for t in optimized.graph.initializer}, "total_sequence_length folded to a constant"
+        if name not in seen:
+            seen.add(name)
+            todo.extend(producer[name].input if name in producer else ())
+    assert "pos_host" in seen and "Shape" in {producer[v].op_type for v in seen if v in producer}
+    assert _gqa_total_crossings(general) == []
+    fp32 = lower(module, _inputs(2, 1, 11, seed=3), "ort", dynamic_shapes=(bt, bt, bt, bt, bt, None, None))
+    session = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
     for i, (b, pos) in enumerate([(2, 0), (1, 11), (3, C - 1)]):
         args = _inputs(b, 1, pos, seed=i + 1)
         want = module(*args)
-        got = session.run(None, _feeds(model, args))
+        got = session.run(None, _feeds(fp32, args))
         assert_close(torch.from_numpy(got[0]), want[0], rtol=1e-5, what=f"out B={b} pos={pos}")
         for g, w in zip(got[1:], want[1:]):
             assert np.array_equal(g[:, :, :pos + 1], w[:, :, :pos + 1].numpy())
@@ -500,12 +543,15 @@ def test_bf16_buffer_on_cuda_in_place(wide):
     from effexport.exporter.backends.onnx.runtime import _bind
 
     binding = session.io_binding()
-    # the host copy of pos must outlive the run: the binding holds its address, not the tensor
+    # a one-token graph has no pos_host (its total is a constant: test_one_token_graph_total_is_a_host_constant);
+    # where one is, its host copy must outlive the run (the binding holds its address, not the tensor)
     feeds = dict(zip(ARGS, dev), k_buf=k_buf, v_buf=v_buf, pos_host=dev[ARGS.index("pos")].cpu())
     for meta in session.get_inputs():
         _bind(binding.bind_input, meta.name, feeds[meta.name])
     for meta, buf in zip(session.get_outputs(), (out, k_buf, v_buf)):
         _bind(binding.bind_output, meta.name, buf)
+    # the copies and clones above ran on torch's stream, which ONNX Runtime's stream does not wait for
+    torch.cuda.synchronize()
     session.run_with_iobinding(binding)
     torch.cuda.synchronize()
     want, k_want, v_want = module(*(a.float() if a.is_floating_point() else a for a in args))
@@ -565,6 +611,20 @@ def test_decode_graph_is_one_mha_per_prefix_read(built):
     meta = [{p.key: p.value for p in m.metadata_props} for m in (general, decode)]
     assert all(m["effexport.in_place"] == meta[0]["effexport.in_place"] for m in meta)
     assert meta[1]["effexport.device_positions"] == "true"
+
+
+def test_step_graphs_read_gqa_totals_on_the_host(built):
+    """gemma4-e2b:tiny: no GroupQueryAttention of model.onnx or decode.onnx gets a
+    ``total_sequence_length`` ONNX Runtime's CUDA EP would compute on the GPU and copy to the host
+    (:func:`_gqa_total_crossings`; main's decode.onnx had four: the three windowed caches' and the
+    buffer's). decode.onnx's (T static 1) are int32 initializers: the window, 8, and the capacity, 64."""
+    _, out = built
+    general, decode = _graph(out, "model.onnx"), _graph(out, "decode.onnx")
+    assert _gqa_total_crossings(general) == [] and _gqa_total_crossings(decode) == []
+    init = {t.name: t for t in decode.graph.initializer}
+    totals = [n.input[6] for n in decode.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(totals) == 4 and all(t in init and init[t].data_type == onnx.TensorProto.INT32 for t in totals)
+    assert sorted(int(onnx.numpy_helper.to_array(init[t])) for t in totals) == [8, 8, 8, 64]
 
 
 def test_decode_graph_references_the_step_weights(built):

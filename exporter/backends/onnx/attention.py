@@ -48,6 +48,8 @@ import contextvars
 import math
 from typing import NamedTuple
 
+import numpy as np
+import onnx_ir as ir
 import onnxscript
 from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
@@ -228,16 +230,21 @@ def _buffer_lengths(pos, t_len, capacity: int, batch_of):
     is read on the host and tells ORT a prompt from a decode step: a one-token step gets the
     capacity (an upper bound, constant, so a captured CUDA graph stays valid whatever ``pos``),
     a chunk gets ``pos + T`` (``pos + T == T`` marks the first prompt, which ORT runs batched).
-    That ``pos`` is the step's host copy: :mod:`.host_positions` points it at ``pos_host``."""
+    That ``pos`` is the step's host copy: :mod:`.host_positions` points it at ``pos_host``.
+
+    Where ``T`` is static 1 (a graph of one-token steps), the total is an int32 initializer, computed
+    by no node. Computed from ``pos_host`` and constants only, its nodes would run on the GPU: ONNX
+    Runtime's CUDA EP keeps a node on the host only where it reads the host output of another node
+    (``GetCpuPreferredNodes``: ``Shape`` starts such chains; a graph input does not), so it copied
+    ``pos_host`` to the device, computed the total there and copied it back by a ``MemcpyToHost``
+    node in front of GroupQueryAttention's host input, which the kernel read wrong (the one-op test
+    graph's 1.50: the new row not written at ``pos``, other rows overwritten). With ``T`` dynamic the
+    chain reads ``T`` from a ``Shape`` and stays on the host (:func:`.cuda_kernels.memcpy_edges`
+    simulates that partitioning; tests/test_kv_buffer.py checks both forms with it)."""
     seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), batch_of)
     if b.known_dim(batch_of, 2) == 1:
-        # a graph of one-token steps only: the capacity, but computed from pos (= capacity, since
-        # pos + 1 is clamped to it) -- a constant would be folded into an initializer, which ONNX
-        # Runtime's CUDA GroupQueryAttention reads as 0 (its EffectiveKvLengthBound=0: the new row not
-        # written at pos, other rows overwritten; measured in BENCHMARKS.md run 30)
-        total = op.Max(op.Min(op.Add(pos, t_len), b.i64(capacity)), b.i64(capacity))
-    else:
-        total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
+        return seqlens, op.Constant(value=ir.tensor(np.array(capacity, dtype=np.int32)))
+    total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
     return seqlens, op.Cast(total, to=6)
 
 

@@ -11,7 +11,10 @@ for a multi-token step ORT needs it exact (``pos + T``; ``T`` alone marks the fi
 lowering computes it as ``Where(T == 1, capacity, pos + T)`` (:func:`.attention._buffer_lengths`):
 constant for the one-token steps a CUDA graph replays, exact for the prompts that run uncaptured.
 :func:`split_host_positions` gives those chains their own graph input, ``pos_host`` (the same
-number, in host memory), so ``pos`` itself has device readers only.
+number, in host memory), so ``pos`` itself has device readers only. ``T`` comes from a ``Shape``,
+which keeps the chain on the host under ONNX Runtime's CUDA partitioning. A graph of one-token steps
+(``T`` static 1) gets the capacity as an initializer instead, and no ``pos_host`` (a chain from
+``pos_host`` and constants alone would run on the GPU and reach the kernel through a Memcpy node).
 
 :func:`host_reads` lists every other host read of ``pos``; a graph with none is ``device_positions``
 in the manifest (the runtime's CUDA-graph mode requires it).
