@@ -64,3 +64,16 @@ def _bf16_values(value) -> torch.Tensor:
     count = int(np.prod(value.shape()))
     words = np.ctypeslib.as_array((ctypes.c_int16 * count).from_address(value.data_ptr())).copy()
     return torch.from_numpy(words).view(torch.bfloat16).float()
+
+
+def test_shared_weight_element_types():
+    """The numpy dtype a shared external weight's bytes are read as (``runtime._numpy_dtype``): onnx's
+    own table for the types numpy holds natively, bf16 as its int16 bit pattern, None (refused) for
+    string, complex and the ml_dtypes kinds (float8, int4), which ONNX Runtime takes from no numpy array."""
+    from effexport.exporter.backends.onnx.runtime import _numpy_dtype
+
+    assert _numpy_dtype(TensorProto.BFLOAT16) == np.int16
+    assert [_numpy_dtype(t) for t in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.BOOL,
+                                      TensorProto.UINT8)] == [np.float32, np.float16, np.int64, np.bool_, np.uint8]
+    assert [_numpy_dtype(t) for t in (TensorProto.UNDEFINED, TensorProto.STRING, TensorProto.COMPLEX64,
+                                      TensorProto.FLOAT8E5M2, TensorProto.INT4, 999)] == [None] * 6

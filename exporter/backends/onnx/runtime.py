@@ -73,9 +73,20 @@ def _bind(bind, name: str, tensor: torch.Tensor) -> None:
     bind(name, tensor.device.type, tensor.device.index or 0, onnx_type, list(tensor.shape), tensor.data_ptr())
 
 
-_NUMPY = {1: np.float32, 10: np.float16, 16: np.int16, 11: np.float64, 7: np.int64, 6: np.int32, 5: np.int16,
-          4: np.uint16, 3: np.int8, 2: np.uint8, 9: np.bool_, 12: np.uint32, 13: np.uint64}
-"""onnx.TensorProto element type -> the numpy dtype its bytes are read as (bf16 as int16 bits)."""
+def _numpy_dtype(data_type: int) -> np.dtype | None:
+    """The numpy dtype an ``onnx.TensorProto`` element type's bytes are read as, for a value ONNX Runtime
+    takes from numpy (``onnx.helper.tensor_dtype_to_np_dtype``): bf16 as its int16 bit pattern (ORT
+    gets its type separately); None for a type numpy has no native dtype of (string, complex, the
+    ``ml_dtypes`` float8 / int4 kinds), which ORT cannot take from numpy."""
+    if data_type == BFLOAT16:
+        return np.dtype(np.int16)
+    import onnx
+
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    except KeyError:
+        return None
+    return dtype if dtype.isbuiltin == 1 and dtype.kind in "biuf" else None
 
 
 def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu") -> tuple[dict[str, object], list]:
@@ -111,7 +122,7 @@ def shared_weights(artifact_dir: str, files: list[str], ort, device: str = "cpu"
                 raise LoadError(f"{artifact_dir}: {file} references data outside the artifact ({key[0]!r})")
             if path not in maps:
                 maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-            dtype = _NUMPY.get(t.data_type)
+            dtype = _numpy_dtype(t.data_type)
             if dtype is None:
                 raise LoadError(f"{artifact_dir}: initializer {t.name} has element type {t.data_type}, which the "
                                 "runtime cannot share")
