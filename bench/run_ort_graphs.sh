@@ -4,9 +4,16 @@
 #   1. the gpu-marked CUDA-graph runtime test (tests/test_graph_runtime.py)   -> pytest_graph.log
 #   2. bench/ort_graphs.py with GRAPH_ARGS (CUDA graphs vs uncaptured vs onnxruntime-genai's builder)
 #      -> ort_graphs.{json,md,log}
-# Usage (device call 6): OUT=... GRAPH_ARGS="..." bash bench/run_ort_graphs.sh   (T_TESTS, T_BENCH)
+#   3. with PROBES=1, the two diagnostic probes of issue #20's failing gpu tests, side by side with
+#      the builds (each a few tiny artifacts; done before the timed decode steps start):
+#      bench/ds_bf16_probe.py -> ds_bf16_probe.json, bench/gqa_inplace_probe.py -> gqa_inplace_probe.json
+# Usage (device call 6): OUT=... GRAPH_ARGS="..." bash bench/run_ort_graphs.sh   (T_TESTS, T_BENCH, PROBES)
 set -u
 source bench/_ortgpu_env.sh
+if [ "${PROBES:-0}" = 1 ]; then
+    (timeout 170 python3 bench/ds_bf16_probe.py --out "$OUT" > "$OUT/ds_bf16_probe.log" 2>&1;
+     timeout 80 python3 bench/gqa_inplace_probe.py > "$OUT/gqa_inplace_probe.log" 2>&1) &
+fi
 (timeout "${T_TESTS:-200}" python3 -m pytest -q -m gpu -n 0 -p no:cacheprovider tests/test_graph_runtime.py tests/test_kv_buffer.py \
     > "$OUT/pytest_graph.log" 2>&1) &
 timeout "${T_BENCH:-480}" python3 bench/ort_graphs.py --out "$OUT" ${GRAPH_ARGS:-} 2>&1 \
