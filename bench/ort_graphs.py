@@ -676,44 +676,72 @@ def routing_line(case: dict) -> str | None:
     return line
 
 
-def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8, routing: bool = False) -> dict:
+def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8, routing: bool = False,
+           eager_first: bool = False, device: str = "cuda") -> dict:
     """``generate`` through CUDA graphs vs the eager model on the same tokens (max rel error of the
     logits per step), against eager bf16 (``max_rel``) and against the same bf16 weights computed in
     fp32 (``fp32.max_rel``), beside eager bf16's own error against that fp32 model (``fp32.eager_bf16``):
     an artifact no farther from fp32 than eager bf16 is differs from it by bf16 rounding order.
     ``routing`` (a model with routers): ``routing`` compares the experts each token got in eager bf16 and in
     the artifact over the same steps (:func:`compare_routing`: hooks on the eager forward already run, and
-    one uncaptured session of :func:`routing_model`'s diagnostic copy)."""
+    one uncaptured session of :func:`routing_model`'s diagnostic copy).
+
+    ``eager_first`` (a model whose eager copy and artifact session do not fit the GPU together, e.g.
+    the DeepSeek V4 Flash cut: 27 GB each beside ORT's MoE workspace): eager greedy-decodes the
+    ``steps`` tokens first and is moved to the host before the artifact's session opens; the artifact
+    then runs the same tokens (prefill, then one-token steps replayed from its CUDA graph) -- the
+    same stream, the same comparison, only who chose the tokens differs. ``parity["tokens_from"]``
+    says which ran first."""
     from effexport.runtime import CudaGraphRuntime
 
-    runtime = CudaGraphRuntime(directory, device="cuda")
     ids = np.random.RandomState(1).randint(0, vocab, (1, prompt))
-    tokens, logits = runtime.generate(ids, steps + 1)
-    del runtime
-    stream = torch.from_numpy(np.concatenate([ids, tokens[:, :-1]], axis=1)).cuda()
-    got = torch.stack([torch.from_numpy(x).cuda().float() for x in logits], 1)  # [1, steps+1, V]
 
     def errors(x, ref):
         return [((x[:, i] - ref[:, i]).abs().max() / ref[:, i].abs().max()).item() for i in range(x.shape[1])]
 
+    if eager_first:
+        stream = torch.from_numpy(ids).to(device)
+        with torch.no_grad():
+            for _ in range(steps):
+                stream = torch.cat([stream, eager.run(stream)[:, -1:].argmax(-1)], 1)
+    else:
+        runtime = CudaGraphRuntime(directory, device=device)
+        tokens, logits = runtime.generate(ids, steps + 1)
+        del runtime
+        stream = torch.from_numpy(np.concatenate([ids, tokens[:, :-1]], axis=1)).to(device)
+        got = torch.stack([torch.from_numpy(x).to(device).float() for x in logits], 1)  # [1, steps+1, V]
     routing = routing and bool(routers(eager.model))
     with torch.no_grad(), EagerRouting(eager.model if routing else torch.nn.Module()) as rec:
         ref = eager.run(stream)[:, prompt - 1:].float()
     with torch.no_grad():
-        out = {"max_rel_per_step": errors(got, ref)}
+        ref32 = eager.run_fp32(stream)
+        ref32 = ref32[:, prompt - 1:].float() if ref32 is not None else None
+    if eager_first:
+        eager.model.to("cpu")  # the GPU's memory to the artifact (the caller drops the model after)
+        gc.collect()
+        torch.cuda.empty_cache()
+        runtime = CudaGraphRuntime(directory, device=device)
+        first = runtime.step(stream[:, :prompt].cpu().numpy(), 0, runtime.initial_caches(1))
+        got = [torch.from_numpy(first.logits[:, -1:]).to(device).float()]
+        for i in range(steps):
+            # the runtime's own logits tensor, overwritten by the next step: a copy
+            got.append(runtime.decode_step(stream[:, prompt + i:prompt + i + 1], prompt + i).to(torch.float32, copy=True))
+        got = torch.cat(got, 1)  # [1, steps+1, V]
+        del runtime
+    with torch.no_grad():
+        out = {"max_rel_per_step": errors(got, ref), "tokens_from": "eager" if eager_first else "artifact"}
         out["max_rel"] = max(out["max_rel_per_step"])
         if routing:
             try:
-                out["routing"] = compare_routing(rec.calls, artifact_routing(directory, stream.cpu().numpy(), prompt),
+                out["routing"] = compare_routing(rec.calls, artifact_routing(directory, stream.cpu().numpy(), prompt,
+                                                                             device=device),
                                                  prompt, out["max_rel_per_step"])
             except Exception as exc:  # noqa: BLE001  (the logits' parity stands without it)
                 out["routing"] = f"{type(exc).__name__}: {exc}"[:600]
                 traceback.print_exc()
             gc.collect()
             torch.cuda.empty_cache()
-        ref32 = eager.run_fp32(stream)
         if ref32 is not None:
-            ref32 = ref32[:, prompt - 1:].float()
             out["fp32"] = {"max_rel": max(errors(got, ref32)), "eager_bf16": max(errors(ref, ref32))}
     return out
 
@@ -731,14 +759,15 @@ class _Eager:
     def run_fp32(self, ids):
         import copy
 
+        model = None
         try:
             model = copy.deepcopy(self.model).float()
-        except torch.OutOfMemoryError:
-            return None
-        try:
             return self.logits(model(ids))
+        except torch.OutOfMemoryError:  # no fp32 copy fits beside the bf16 one: no fp32 column
+            return None
         finally:
             del model
+            gc.collect()
             torch.cuda.empty_cache()
 
 
@@ -1061,7 +1090,9 @@ def main(argv=None) -> int:
                 eager, case["weight_bytes"], vocab, case["experts"] = _sample_eager(base)
                 case["step_weight_bytes_b1"] = step_weight_bytes(case, 1)
             try:
-                case["parity"] = parity(case["effexport_dir"], eager, vocab, routing=args.routing)
+                # eager and the artifact's session at once only where both copies of the weights fit
+                first = 2.5 * case.get("weight_bytes", 0) > torch.cuda.mem_get_info()[0]
+                case["parity"] = parity(case["effexport_dir"], eager, vocab, routing=args.routing, eager_first=first)
             except Exception as exc:  # noqa: BLE001
                 case["parity_error"] = f"{type(exc).__name__}: {exc}"[:600]
                 traceback.print_exc()
