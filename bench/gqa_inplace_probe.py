@@ -300,35 +300,15 @@ def reference(torch, q, k_new, v_new, k_buf, v_buf, pos: int):
     return torch.softmax(scores, dim=-1) @ values
 
 
-@contextlib.contextmanager
+# the environment and fd-1 capture helpers of the attention bench (bench/ is a script folder)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ort_attention import captured_stdout as captured_fd1  # noqa: E402
+from ort_attention import environment  # noqa: E402
+
+
 def environ(values: dict):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def captured_fd1(sink: list):
-    """The process's stdout (fd 1: ORT's C++ prints) into ``sink[0]``."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 1)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-            tmp.seek(0)
-            sink.append(tmp.read().decode(errors="replace"))
+    """:func:`ort_attention.environment` with values of any type (written as strings)."""
+    return environment({k: str(v) for k, v in values.items()})
 
 
 def _elem(torch, dtype):

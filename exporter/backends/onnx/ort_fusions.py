@@ -362,10 +362,7 @@ class _NormBeforeTranspose(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, scale, moved, normed, **_):
-        norm = normed.producer()
-        inner = op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=norm.attributes.get_float("epsilon", 1e-5),
-                                                stash_type=norm.attributes.get_int("stash_type", 1))
-        inner.dtype, inner.shape = normed.dtype, x.shape
+        inner = _norm_like(op, normed.producer(), x, scale, normed.dtype, x.shape)
         out = op.Transpose(inner, perm=list(moved.producer().attributes.get_ints("perm")))
         out.dtype, out.shape = normed.dtype, normed.shape
         return out
@@ -525,11 +522,16 @@ class _NormOverUnitHeads(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, scale, normed, out, **_):
-        norm = normed.producer()
-        inner = op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=norm.attributes.get_float("epsilon", 1e-5),
-                                                stash_type=norm.attributes.get_int("stash_type", 1))
-        inner.dtype, inner.shape = out.dtype, out.shape
-        return inner
+        return _norm_like(op, normed.producer(), x, scale, out.dtype, out.shape)
+
+
+def _norm_like(op, norm: ir.Node, x, scale, dtype, shape):
+    """A ``SimplifiedLayerNormalization`` of ``x`` over its last axis with ``norm``'s epsilon and
+    stash type (the layout rules move or reshape norms; the arithmetic stays the same)."""
+    out = op.SimplifiedLayerNormalization(x, scale, axis=-1, epsilon=norm.attributes.get_float("epsilon", 1e-5),
+                                          stash_type=norm.attributes.get_int("stash_type", 1))
+    out.dtype, out.shape = dtype, shape
+    return out
 
 
 def _same_shape_dim(a, b) -> bool:
