@@ -88,6 +88,7 @@ _SIGNATURES: dict[tuple[str, str], dict[str, tuple]] = {
     ("", "SimplifiedLayerNormalization"): {"T": ("i", 0), "V": ("i", 1)},
     ("", "CumSum"): {"T": ("i", 0), "T2": ("i", 1)},
     ("com.microsoft", "GroupQueryAttention"): {"T": ("i", 0), "M": ("i", 5)},
+    ("com.microsoft", "MultiHeadAttention"): {"T": ("i", 0), "M": ("i", 4)},
     ("com.microsoft", "RotaryEmbedding"): {"T": ("i", 0), "M": ("i", 1)},
 }
 
@@ -184,6 +185,9 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
     ("com.microsoft", "FastGelu"): (_k(1, T=_BHFD),),
     ("com.microsoft", "GroupQueryAttention"): (_k(1, T={_BF, _H}, M={"int32"}),),
     ("com.microsoft", "MoE"): (_k(1, T={_BF, _F, _H}),),
+    # the decode graph's prefix reads; its bf16 kernel ran graph-captured in BENCHMARKS.md run 30
+    # (bench/ort_attention.py's consumer_mha_window); key_padding_mask as the per-row key count
+    ("com.microsoft", "MultiHeadAttention"): (_k(1, T={_BF, _F, _H}, M={"int32"}),),
     ("com.microsoft", "RotaryEmbedding"): (_k(1, T={_BF, _F, _H}, M={"int64"}),),
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): (_k(1, T={_BF, _F, _H}),),
     ("com.microsoft", "SkipLayerNormalization"): (_k(1, T={_BF, _F, _H}),),
