@@ -331,6 +331,8 @@ def _reshape_target(x: ir.Value, out: ir.Value) -> list[int] | None:
     target = []
     for j, size in enumerate(out.shape):
         if isinstance(size, int):
+            if size == 0:  # Reshape reads a 0 as "copy the input's size"
+                return None
             target.append(size)
         elif size.value is None:
             return None
@@ -496,6 +498,8 @@ def _target(x: ir.Value, perm) -> list[int] | None:
     target = []
     for j, p in enumerate(perm):
         size = x.shape[p]
+        if size == 0:  # Reshape reads a 0 as "copy the input's size"
+            return None
         target.append(size if isinstance(size, int) else 0 if p == j else -1)
     return target if target.count(-1) <= 1 else None
 
