@@ -125,7 +125,13 @@ def save_gemma3(directory: str, max_context: int) -> int:
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                                pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
     tok.save_pretrained(directory)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with open(os.path.join(directory, GEMMA3_BYTES), "w") as f:  # written last: a --reuse run reads it
+        json.dump({"weight_bytes": weight_bytes}, f)
+    return weight_bytes
+
+
+GEMMA3_BYTES = "bench_weight_bytes.json"
 
 
 VARIANTS = {"": {}, "nocuda": {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"}}
@@ -280,6 +286,42 @@ def wait(proc: subprocess.Popen, log: str, limit: float, what: str) -> None:
     if code:
         with open(log) as f:
             raise RuntimeError(f"{what}: exit {code}: {f.read()[-800:]}")
+
+
+def wait_builds(case: dict, jobs: list, build_timeout: float, started: float) -> None:
+    """Wait for a case's builds, each within what is left of ``build_timeout`` (counted from
+    ``started``), recording when each finished (``effexport_build_done_s``, ``genai_build_done_s``)."""
+    for proc, log, what in jobs:
+        wait(proc, log, max(10.0, build_timeout - (time.monotonic() - started)), f"{case['case']} {what}")
+        case[f"{what.split()[0]}_build_done_s"] = time.monotonic() - started
+
+
+def case_dirs(work: str, name: str) -> dict:
+    """The directories a case's builds write under ``work`` (``effexport_dir``; the plain Gemma 3
+    case also ``genai_dir``, the peer's)."""
+    base = split_variant(name)[0]
+    tag = name.replace(":", "-").replace("+", "-")
+    if base == "gemma3-1b":
+        dirs = {"effexport_dir": os.path.join(work, tag.replace("gemma3-1b", "g3") + "-effexport")}
+        if base == name:
+            dirs["genai_dir"] = os.path.join(work, "g3-genai")
+        return dirs
+    return {"effexport_dir": os.path.join(work, f"{tag}-effexport")}
+
+
+def built(work: str, name: str) -> dict | None:
+    """A case's directories (:func:`case_dirs`) when every build in them is complete -- an effexport
+    artifact's manifest and the peer's ``genai_config.json`` are what each build writes last -- else None.
+    A Gemma 3 case also needs the saved Hugging Face model its eager reference loads."""
+    from effexport.exporter.backends.artifact import MANIFEST
+
+    dirs = case_dirs(work, name)
+    wanted = [os.path.join(dirs["effexport_dir"], MANIFEST)]
+    if "genai_dir" in dirs:
+        wanted.append(os.path.join(dirs["genai_dir"], "genai_config.json"))
+    if split_variant(name)[0] == "gemma3-1b":
+        wanted.append(os.path.join(work, "gemma3-1b-hf", GEMMA3_BYTES))
+    return dirs if all(os.path.isfile(p) for p in wanted) else None
 
 
 # ------------------------------------------------------------------------------------ timings
@@ -919,7 +961,8 @@ def node_counts(path: str) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"copy bandwidth {results['copy_bw'] / 1e12:.2f} TB/s", "",
+    bw = results["copy_bw"]
+    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth not measured (--build-only)", "",
              "| case | L | B | effexport graph ms | without decode graph ms | uncaptured ms | genai ms | "
              "effexport via genai ms | roofline ms | graph / roofline | genai / graph |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -998,6 +1041,12 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-batches", default="1")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--build-timeout", type=float, default=420)
+    ap.add_argument("--build-only", action="store_true",
+                    help="build every case's artifacts, record the build times and stop (no GPU timing): with "
+                    "--reuse in a second run, a build too long to share one device call with the timings")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a case's artifacts already complete under --work (their manifests written: the build's "
+                    "last step) instead of building them again; the same --contexts / --tokens as the build")
     ap.add_argument("--profile", default="", help="L:B points (e.g. 4096:1,4096:8) to profile per op type "
                     "(ORT's profiler over uncaptured decode steps)")
     ap.add_argument("--routing", action=argparse.BooleanOptionalAction, default=True,
@@ -1028,7 +1077,8 @@ def main(argv=None) -> int:
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     results = {"onnxruntime": ort.__version__, "torch": torch.__version__,
-               "device": torch.cuda.get_device_name(), "copy_bw": copy_bandwidth(), "cases": []}
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "copy_bw": None if args.build_only else copy_bandwidth(), "cases": []}
     if args.stock:
         results["stock"] = []
 
@@ -1045,39 +1095,48 @@ def main(argv=None) -> int:
         case = {"case": name}
         results["cases"].append(case)
         base, env = split_variant(name)
-        tag = name.replace(":", "-").replace("+", "-")
+        case.update(case_dirs(args.work, name))
         if base == "gemma3-1b":
             hf = os.path.join(args.work, "gemma3-1b-hf")
-            if gemma3_saved is None:
+            if args.reuse and built(args.work, name):
+                with open(os.path.join(hf, GEMMA3_BYTES)) as f:
+                    gemma3_saved = json.load(f)["weight_bytes"]
+            elif gemma3_saved is None:
                 gemma3_saved = save_gemma3(hf, max_context)
             case["weight_bytes"] = gemma3_saved
-            case["effexport_dir"] = os.path.join(args.work, tag.replace("gemma3-1b", "g3") + "-effexport")
-            plain = base == name  # the peer is built once, beside the plain case
-            jobs[name] = [(effexport_build(hf, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", plain,
-                                           env), case["effexport_dir"] + ".log", "effexport build")]
-            if plain:
-                case["genai_dir"] = os.path.join(args.work, "g3-genai")
+        if args.reuse and built(args.work, name):
+            case["reused"] = True
+            jobs[name] = []
+            continue
+        log = case["effexport_dir"] + ".log"
+        if base == "gemma3-1b":  # the CLI on the saved model; the peer is built once, beside the plain case
+            jobs[name] = [(effexport_build(hf, case["effexport_dir"], max_context, log, "genai_dir" in case, env),
+                           log, "effexport build")]
+            if "genai_dir" in case:
                 jobs[name].append((genai_build(hf, case["genai_dir"], case["genai_dir"] + ".log"),
                                    case["genai_dir"] + ".log", "genai build"))
         elif base.endswith(":tiny"):  # a tiny preset through the CLI: the quick CUDA-graph probe
-            case["effexport_dir"] = os.path.join(args.work, tag + "-effexport")
-            jobs[name] = [(effexport_build(base, case["effexport_dir"], max_context, case["effexport_dir"] + ".log",
-                                           env=env), case["effexport_dir"] + ".log", "effexport build")]
+            jobs[name] = [(effexport_build(base, case["effexport_dir"], max_context, log, env=env), log, "effexport build")]
         else:
-            case["effexport_dir"] = os.path.join(args.work, f"{tag}-effexport")
-            jobs[name] = [(sample_build(base, case["effexport_dir"], max_context, case["effexport_dir"] + ".log", env),
-                           case["effexport_dir"] + ".log", "effexport build")]
+            jobs[name] = [(sample_build(base, case["effexport_dir"], max_context, log, env), log, "effexport build")]
     stock_jobs = {}  # stock case (its variant aside) -> (directory, proc, log), started beside the effexport builds
     for base in dict.fromkeys(split_variant(case)[0] for case, _, _ in args.stock):
         directory = os.path.join(args.work, base.replace(":", "-") + "-stock")
         stock_jobs[base] = (directory, stock_build(base, directory, directory + ".log"), directory + ".log")
+    if args.build_only:
+        for case in results["cases"]:
+            try:
+                wait_builds(case, jobs[case["case"]], args.build_timeout, started)
+            except Exception as exc:  # noqa: BLE001
+                case["error"] = f"{type(exc).__name__}: {exc}"[:800]
+            print(json.dumps(case, default=str), flush=True)
+            save()
+        return 0
     torch.cuda.empty_cache()
     for case in results["cases"]:
         name = case["case"]
         try:
-            for proc, log, what in jobs[name]:
-                wait(proc, log, max(10.0, args.build_timeout - (time.monotonic() - started)), f"{name} {what}")
-                case[f"{what.split()[0]}_build_done_s"] = time.monotonic() - started
+            wait_builds(case, jobs[name], args.build_timeout, started)
             if case.get("genai_dir"):
                 case["genai_nodes"] = node_counts(os.path.join(case["genai_dir"], "model.onnx"))
             case["effexport_nodes"] = node_counts(os.path.join(case["effexport_dir"], "model.onnx"))

@@ -210,3 +210,52 @@ def test_parity_with_the_eager_tokens_first(tmp_path, monkeypatch):
         assert len(result["max_rel_per_step"]) == 9 and result["max_rel"] < 1e-5, (first, result["max_rel"])
         assert result["routing"]["differences"] == [0] * 9
         assert result["fp32"]["eager_bf16"] == 0.0  # an fp32 model: its fp32 copy is itself
+
+
+def test_build_only_then_reuse(tmp_path, monkeypatch):
+    """``--build-only`` waits for every case's build and records it without timing anything; a later
+    ``--reuse`` run takes a case whose manifest is written instead of building it again, and builds a
+    case whose build did not finish (no manifest)."""
+    import json
+    import subprocess
+
+    from effexport.exporter.backends.artifact import MANIFEST
+
+    started = []
+
+    def fake_build(name, out, max_context, log, env=None):  # writes the manifest last, like the real build
+        started.append(name)
+        code = f"import os, json; os.makedirs({out!r}, exist_ok=True); json.dump({{}}, open(os.path.join({out!r}, {MANIFEST!r}), 'w'))"
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    def failing_build(name, out, max_context, log, env=None):
+        started.append(name)
+        with open(log, "w") as f:
+            f.write("the build failed\n")
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(4)"])
+
+    work, out = str(tmp_path / "work"), str(tmp_path / "out")
+    monkeypatch.setattr(ort_graphs, "sample_build", fake_build)
+    assert ort_graphs.built(work, "gemma4-e2b") is None
+    args = ["--out", out, "--work", work, "--cases", "gemma4-e2b,zaya1-8b", "--build-only"]
+    assert ort_graphs.main(args) == 0
+    assert started == ["gemma4-e2b", "zaya1-8b"]
+    with open(os.path.join(out, "ort_graphs.json")) as f:
+        cases = json.load(f)["cases"]
+    assert [c["effexport_build_done_s"] > 0 for c in cases] == [True, True]
+    assert not any("rows" in c or "parity" in c or "reused" in c for c in cases)
+    assert ort_graphs.built(work, "gemma4-e2b") == {"effexport_dir": os.path.join(work, "gemma4-e2b-effexport")}
+
+    os.remove(os.path.join(work, "zaya1-8b-effexport", MANIFEST))  # an unfinished build: built again
+    started.clear()
+    monkeypatch.setattr(ort_graphs, "sample_build", failing_build)
+    assert ort_graphs.main(args[:-1] + ["--build-only", "--reuse"]) == 0
+    assert started == ["zaya1-8b"]
+    with open(os.path.join(out, "ort_graphs.json")) as f:
+        reused, rebuilt = json.load(f)["cases"]
+    assert reused["reused"] is True and "error" not in reused
+    assert "exit 4" in rebuilt["error"] and "the build failed" in rebuilt["error"]
+    # the Gemma 3 case needs the peer's package and the saved model's weight bytes too
+    assert ort_graphs.built(work, "gemma3-1b") is None
+    assert set(ort_graphs.case_dirs(work, "gemma3-1b")) == {"effexport_dir", "genai_dir"}
+    assert set(ort_graphs.case_dirs(work, "gemma3-1b+nocuda")) == {"effexport_dir"}
