@@ -224,3 +224,69 @@ def test_functionalised_step_keeps_the_consumer_after_the_write():
                 cb = nb
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["gemma4-e2b:tiny", "laguna-xs2:tiny"])
+def test_packed_projections_equal_the_unpacked_engine(name):
+    """The engine's packed projections (``exporter/backends/torch/packing.py``, on by default): every
+    group of ``linear`` calls over one input with their own constant weights is one ``linear`` over the
+    concatenated weights (the caller's graph and weights untouched), and the step's logits and caches
+    equal the unpacked engine's within fp32's 1e-5 over a prefill and decode steps."""
+    from effexport.exporter.backends.torch.packing import LINEAR, _attr, _groups
+
+    _, ids, program, plan = _program(name)
+    before = _count(program.gm, LINEAR)
+    plain = TorchEngine(program.gm, plan.entries, "cpu", pack=False)
+    engine = TorchEngine(program.gm, plan.entries, "cpu")
+    assert plain.packed == 0 and _count(plain.module, LINEAR) == before
+    assert engine.packed > 0 and _count(engine.module, LINEAR) == before - engine.packed
+    assert _groups(engine.module) == [] and len(_groups(program.gm)) > 0  # nothing left; the caller's as it was
+    assert _count(program.gm, LINEAR) == before
+    # layer 0's q / k / v (Laguna: and its gate g): one packed weight, the originals' rows in order; the originals gone from the
+    # engine's module, kept in the caller's
+    qkv = [f"layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    packed = [n for n in engine.module.graph.nodes if n.op == "call_function" and n.target is LINEAR
+              and n.args[1].op == "get_attr" and n.args[1].target.startswith("_packed_projection_")]
+    weights = [_attr(engine.module, n.args[1].target) for n in packed]
+    expected = torch.cat([_attr(program.gm, t) for t in qkv], 0)
+    assert any(w.shape[0] >= len(expected) and torch.equal(w[:len(expected)], expected) for w in weights)
+    for t in qkv:
+        with pytest.raises(AttributeError):
+            _attr(engine.module, t)
+
+    ca, cb = plain.initial_caches(2), engine.initial_caches(2)
+    steps = [(0, PROMPT)] + [(t, t + 1) for t in range(PROMPT, PROMPT + DECODE)]
+    with torch.no_grad():
+        for start, stop in steps:
+            a, ca = plain.step(ids[:, start:stop], start, ca)
+            b, cb = engine.step(ids[:, start:stop], start, cb)
+            assert_close(b, a, what=f"logits at {start}..{stop - 1} (packed vs unpacked)")
+            for x, y, e in zip(cb, ca, plan.entries):
+                assert_close(x, y, what=f"cache {e.name} after {start}..{stop - 1}")
+
+
+def test_packing_leaves_shared_biased_and_lone_weights():
+    """Only ``linear`` calls without bias whose weight nothing else reads are packed, per input: a
+    weight read twice (tied), a biased projection and a projection of another input stay."""
+    from effexport.exporter.backends.torch.packing import LINEAR, pack_projections
+
+    root = torch.nn.Module()
+    for name, shape in (("a", (6, 4)), ("b", (3, 4)), ("c", (5, 4)), ("tied", (2, 4)), ("biased", (2, 4)),
+                        ("bias", (2,)), ("other", (4, 4))):
+        root.register_buffer(name, torch.randn(shape, generator=torch.Generator().manual_seed(len(name))))
+    graph = fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    lin, attr = torch.ops.aten.linear.default, graph.get_attr
+    outs = [graph.call_function(lin, (x, attr(n))) for n in ("a", "b", "c", "tied")]
+    outs.append(graph.call_function(torch.ops.aten.sum.default, (attr("tied"),)))  # a second reader
+    outs.append(graph.call_function(lin, (x, attr("biased"), attr("bias"))))
+    outs.append(graph.call_function(lin, (y, attr("other"))))
+    graph.output(tuple(outs))
+    gm = fx.GraphModule(root, graph)
+    x, y = torch.randn(2, 3, 4), torch.randn(2, 4)
+    want = gm(x, y)
+    assert pack_projections(gm) == 2  # a, b, c -> one; the rest stay
+    assert _count(gm, LINEAR) == 4 and not any(hasattr(gm, n) for n in "abc") and hasattr(gm, "tied")
+    for got, ref in zip(gm(x, y), want):
+        assert_close(got, ref, what="packed module output")
+    assert pack_projections(gm) == 0

@@ -17,6 +17,10 @@ this is the engine's rewrite and not the artifact's). A step then writes the new
 them); a caller that keeps an earlier step's caches clones them first. Other caches (ring, state,
 ...) stay functional. ``inplace=False`` runs the program as it is.
 
+Packed projections (``pack=True``, the default): in the same copy, the ``linear`` calls that read one
+input with constant weights (a layer's Q / K / V, its gate / up) become one GEMM over the
+concatenated weights, split into views (:mod:`.packing`, which says why and what it costs).
+
 CUDA graphs (``cuda_graphs=True``, CUDA only): one graph per batch size, captured at the first
 one-token step of that batch size after a warm-up on a side stream (which is also where a compiled
 program compiles for that shape). The engine owns static memory for the graph -- ``input_ids [B, 1]``,
@@ -45,6 +49,7 @@ import torch
 from torch import fx
 
 from effexport.exporter.backends.torch.inplace import aliased_caches, inplace_buffers
+from effexport.exporter.backends.torch.packing import pack_projections
 from effexport.exporter.errors import BackendMissingError, LoadError
 from effexport.passes.cache_plan import CacheEntry
 
@@ -115,12 +120,15 @@ class _DecodeGraph:
 
 
 class TorchEngine:
-    """A step program run by torch (eager or Inductor), with CUDA-graph decode on CUDA and (``inplace``)
-    the buffer caches updated in place. :attr:`inplace`: the names of the caches whose present is the
-    cache passed in; :attr:`aliased`: their indices."""
+    """A step program run by torch (eager or Inductor), with CUDA-graph decode on CUDA, (``inplace``)
+    the buffer caches updated in place and (``pack``) the projections that read one input packed into
+    one GEMM each (:mod:`.packing`). :attr:`inplace`: the names of the caches whose present is the
+    cache passed in; :attr:`aliased`: their indices; :attr:`packed`: the ``linear`` calls packing
+    removed."""
 
     def __init__(self, program, entries: list[CacheEntry], device: str | torch.device = "cpu",
-                 compile: bool | None = None, cuda_graphs: bool | None = None, inplace: bool = True):
+                 compile: bool | None = None, cuda_graphs: bool | None = None, inplace: bool = True,
+                 pack: bool = True):
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
@@ -133,10 +141,14 @@ class TorchEngine:
         owned = isinstance(program, torch.export.ExportedProgram)
         if owned:
             program = program.module()  # a new module: the engine's own to rewrite
-        if inplace and isinstance(program, fx.GraphModule):
+        self.packed = 0
+        if (inplace or pack) and isinstance(program, fx.GraphModule):
             if not owned:  # the caller's graph stays as it is; the weights are shared
                 program = _graph_copy(program)
-            inplace_buffers(program)
+            if inplace:
+                inplace_buffers(program)
+            if pack:
+                self.packed = pack_projections(program)
         self.module = program
         self.aliased = aliased_caches(program)
         self.inplace = tuple(self.entries[i].name for i in self.aliased)
