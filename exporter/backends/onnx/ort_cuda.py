@@ -29,6 +29,19 @@ Q_NORM, K_NORM = 14, 15  # GroupQueryAttention's q_norm_weight / k_norm_weight i
 _HALF = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
 
 
+def _norm_node(node: ir.Node | None, x: ir.Value | None, axes: tuple[int, ...]) -> bool:
+    """``node`` is a plain ``SimplifiedLayerNormalization`` over one of ``axes`` whose inverse-std
+    output nobody reads and whose input ``x`` only it reads."""
+    return node is not None and node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx") \
+        and not (len(node.outputs) > 1 and node.outputs[1].uses()) and x is not None and single_use(x) \
+        and node.attributes.get_int("axis", -1) in axes
+
+
+def _norm_weight(w: ir.Value | None, d, dtype) -> bool:
+    """``w`` is a constant ``[d]`` of ``dtype``."""
+    return w is not None and w.is_initializer() and w.shape is not None and list(w.shape) == [d] and w.dtype == dtype
+
+
 def _head_norm(value: ir.Value, heads: int):
     """``value = Reshape(SimplifiedLayerNormalization(Reshape(x, [B, T, H, d]), w), [B, T, H*d])`` over
     the last axis, each link read only by the next, ``x`` 3-D with ``H * d`` channels and ``w`` a
@@ -36,15 +49,9 @@ def _head_norm(value: ir.Value, heads: int):
     reshapes may be gone already (``value = SimplifiedLayerNormalization(x, w)``, the ``ort``
     layout rule for a single head's norm)."""
     direct = value.producer()
-    if heads == 1 and direct is not None and direct.op_type == "SimplifiedLayerNormalization" \
-            and direct.domain in ("", "ai.onnx") and single_use(value) \
-            and not (len(direct.outputs) > 1 and direct.outputs[1].uses()):
+    if heads == 1 and direct is not None and _norm_node(direct, value, (-1, 2)):
         x, w = direct.inputs[0], direct.inputs[1]
-        if x is None or x.shape is None or x.shape.rank() != 3 or not isinstance(x.shape[2], int) \
-                or direct.attributes.get_int("axis", -1) not in (-1, 2):
-            return None
-        if w is None or not w.is_initializer() or w.shape is None or list(w.shape) != [x.shape[2]] \
-                or w.dtype != x.dtype:
+        if x is None or x.shape is None or x.shape.rank() != 3 or not _norm_weight(w, x.shape[2], x.dtype):
             return None
         return x, w, direct.attributes.get_float("epsilon", 1e-5)
     back = value.producer()
@@ -52,21 +59,19 @@ def _head_norm(value: ir.Value, heads: int):
             or not single_use(back.inputs[0]):
         return None
     norm = back.inputs[0].producer()
-    if norm is None or norm.op_type != "SimplifiedLayerNormalization" or norm.domain not in ("", "ai.onnx") \
-            or len(norm.outputs) > 1 and norm.outputs[1].uses() or not single_use(norm.inputs[0]):
+    if not _norm_node(norm, norm.inputs[0] if norm is not None else None, (-1, 3)):
         return None
     split = norm.inputs[0].producer()
     if split is None or split.op_type != "Reshape" or split.domain not in ("", "ai.onnx"):
         return None
     x, heads_x, w = split.inputs[0], norm.inputs[0], norm.inputs[1]
-    if x.shape is None or x.shape.rank() != 3 or heads_x.shape is None or heads_x.shape.rank() != 4 \
-            or norm.attributes.get_int("axis", -1) not in (-1, 3):
+    if x.shape is None or x.shape.rank() != 3 or heads_x.shape is None or heads_x.shape.rank() != 4:
         return None
     d, h = heads_x.shape[3], heads_x.shape[2]
     if not isinstance(d, int) or h != heads or x.shape[2] != heads * d or value.shape is None \
             or list(value.shape)[2:] != [heads * d]:
         return None
-    if w is None or not w.is_initializer() or w.shape is None or list(w.shape) != [d] or w.dtype != x.dtype:
+    if not _norm_weight(w, d, x.dtype):
         return None
     return x, w, norm.attributes.get_float("epsilon", 1e-5)
 
