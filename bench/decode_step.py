@@ -74,11 +74,30 @@ def _timed(fn, reps: int = 7) -> dict:
     return res
 
 
+def init_dtype(sample, dtype: torch.dtype, free_bytes: int) -> torch.dtype:
+    """The dtype :func:`build` initialises ``sample``'s model in: fp32 unless its fp32 weights exceed
+    90% of ``free_bytes`` (counted on the meta device: no memory, no init)."""
+    if dtype == torch.float32:
+        return dtype
+    with torch.device("meta"):
+        params = sum(p.numel() for p in sample.module.Model(sample.config).parameters())
+    return dtype if params * 4 > 0.9 * free_bytes else torch.float32
+
+
 def build(sample, dtype=BF16) -> torch.nn.Module:
-    """The sample's model with its random init run on the GPU (CPU init of ~5B params is slow)."""
+    """The sample's model with its random init run on the GPU (CPU init of ~5B params is slow): in
+    fp32, then cast, unless the fp32 weights would not fit in 90% of the free GPU memory (Laguna XS.2:
+    132 GB) -- then the init runs in ``dtype`` itself (other random values; nothing compares them
+    with an fp32 init's)."""
     torch.manual_seed(0)
-    with torch.device(DEV):
-        model = sample.module.Model(sample.config)
+    previous = torch.get_default_dtype()
+    if torch.cuda.is_available() and str(DEV).startswith("cuda"):
+        torch.set_default_dtype(init_dtype(sample, dtype, torch.cuda.mem_get_info()[0]))
+    try:
+        with torch.device(DEV):
+            model = sample.module.Model(sample.config)
+    finally:
+        torch.set_default_dtype(previous)
     model = model.to(dtype).eval()
     if torch.cuda.is_available() and str(DEV).startswith("cuda"):
         # the fp32 init's blocks stay reserved by torch's caching allocator otherwise (55 GB for the

@@ -259,3 +259,16 @@ def test_build_only_then_reuse(tmp_path, monkeypatch):
     assert ort_graphs.built(work, "gemma3-1b") is None
     assert set(ort_graphs.case_dirs(work, "gemma3-1b")) == {"effexport_dir", "genai_dir"}
     assert set(ort_graphs.case_dirs(work, "gemma3-1b+nocuda")) == {"effexport_dir"}
+
+
+def test_real_size_init_dtype_follows_the_free_memory():
+    """``decode_step.build`` initialises in fp32 (then casts) unless the fp32 weights would not fit in
+    90% of the free GPU memory: Laguna XS.2's 33B parameters (132 GB in fp32) on an 80 GB GPU init in
+    bf16; Gemma 4 E2B (~5B) in fp32; an fp32 build is fp32 whatever the memory."""
+    from effexport.samples import get_sample
+
+    free = 80 * 2**30
+    assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.bfloat16, free) == torch.bfloat16
+    assert decode_step.init_dtype(get_sample("gemma4-e2b"), torch.bfloat16, free) == torch.float32
+    assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.float32, free) == torch.float32
+    assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.bfloat16, 200 * 2**30) == torch.float32
