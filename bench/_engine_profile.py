@@ -12,19 +12,22 @@ same program, which gives the bytes each GEMM must read and the bandwidth it rea
 
 Variants: :data:`PRESETS` (named sets of ``torch._inductor.config`` overrides and ``torch.compile``
 arguments) and :func:`parse_variant` (``[NAME:]KEY=VALUE,...``), resolved by :func:`compile_kwargs`
-against the installed torch (a key it does not have is reported, not passed).
+against the installed torch (a key it does not have is reported, not passed); :func:`fp32_graph`, the
+fp32 twin of a bf16 step graph every variant's logits are measured against.
 """
 from __future__ import annotations
 
 import ast
 import bisect
 import contextlib
+import copy
 import os
 import re
 import signal
 from collections import defaultdict
 
 import torch
+from torch import fx
 
 CATEGORIES = ("gemm_cublas", "gemm_triton", "inductor_triton", "effexport_triton", "copy_memset", "aten_native",
               "other")
@@ -373,6 +376,52 @@ def compile_kwargs(overrides: dict, backend: str = "inductor") -> tuple[dict, di
     return kw, notes
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def fp32_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """The step of ``gm`` (a rewritten bf16 / fp16 step graph) computed in fp32: a copy of its graph in
+    which every 16-bit floating weight, buffer or constant it reads (``get_attr``) is cast to fp32
+    right before each op reading it, and every 16-bit floating dtype argument (the model's ``.to(bf16)`` casts, the
+    ``zeros(dtype=bf16)`` of its caches' first rows) is fp32; other dtypes stay. It is what the fp32
+    model holding the bf16 weights (``model.float()``) captures and rewrites to, op for op (the CPU
+    test checks the logits are equal), without a second capture. The weights stay ``gm``'s own (no
+    copy is kept: a weight's fp32 copy lives through the one op that reads it, freed after as the
+    graph's code frees every value after its last use; the largest, Gemma 4 E2B's per-layer embedding
+    table, is 9.4 GB), and the effexport ops take fp32 as the fp32
+    presets do (their Triton kernels: IEEE fp32 dots over fp32 caches)."""
+    def fp32(arg):
+        return torch.float32 if isinstance(arg, torch.dtype) and arg in HALF_DTYPES else arg
+
+    graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
+                for user in list(node.users):  # the get_attrs are at the top: the casts go where they are read
+                    with graph.inserting_before(user):
+                        up = graph.call_function(torch.ops.aten.to.dtype, (node, torch.float32))
+                    user.replace_input_with(node, up)
+        else:
+            node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), fp32)
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 matmuls and convolutions in IEEE fp32 (TF32 off, whatever the process set: Inductor
+    suggests ``set_float32_matmul_precision("high")``), restored on exit."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class CompileTimeout(Exception):
     """A variant's compile ran past its limit (:func:`alarm`)."""
 
@@ -456,15 +505,29 @@ def markdown(cases: list) -> str:
         variants = c.get("compile_variants")
         if variants:
             points = variants.get("points", [])
+            ref = variants.get("fp32_ref")
             out.append(f"\n### {c['preset']} {c['dtype']}: Inductor variants (ms per step, compiled + CUDA graph)\n")
-            out.append("| variant | " + " | ".join(f"L={L} B={B} ms | compile s | err vs default" for L, B in points)
-                       + " | notes |")
-            out.append("|" + "---|" * (2 + 3 * len(points)))
+            if ref is not None:
+                out.append("err: max|x - ref| / max|ref| of the first step's logits, same inputs; ref: the "
+                           "default variant's, or the same step in fp32 (the rewritten program uncompiled, the "
+                           "weights upcast); `uncompiled (rewritten)`: the step of the case dtype, uncompiled, "
+                           "against fp32 (the bar)"
+                           + (f". fp32 reference failed: {ref['error']}" if "error" in ref else "") + "\n")
+            out.append("| variant | " + " | ".join(f"L={L} B={B} ms | compile s | err vs default | err vs fp32"
+                                                    for L, B in points) + " | notes |")
+            out.append("|" + "---|" * (2 + 4 * len(points)))
             for v in variants.get("variants", []):
                 cells = []
                 for L, B in points:
                     r = v.get("points", {}).get(f"{L}:{B}", {})
-                    cells.append(f"{_f(r.get('ms'), '.3f')} | {_f(r.get('compile_s'))} | {_f(r.get('err_vs_default'), '.2e')}")
+                    cells.append(f"{_f(r.get('ms'), '.3f')} | {_f(r.get('compile_s'))} | "
+                                 f"{_f(r.get('err_vs_default'), '.2e')} | {_f(r.get('err_vs_fp32'), '.2e')}")
                 note = v.get("skipped") or v.get("error") or ", ".join(f"{k}={val}" for k, val in v.get("overrides", {}).items())
                 out.append(f"| {v['name']} | " + " | ".join(cells) + f" | {str(note)[:120]} |")
+            if ref is not None and "points" in ref:
+                cells = []
+                for L, B in points:
+                    r = ref["points"].get(f"{L}:{B}", {})
+                    cells.append(f"- | - | - | {_f(r.get('rewritten_err_vs_fp32'), '.2e')}")
+                out.append("| uncompiled (rewritten) | " + " | ".join(cells) + " | not timed |")
     return "\n".join(out)

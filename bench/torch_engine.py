@@ -5,6 +5,7 @@ ways -- uncaptured, replayed from a CUDA graph, compiled by Inductor and replaye
                                   [--contexts 4096,32768] [--batches 1,8] [--budget-s 480] [--device cuda]
                                   [--inplace | --no-inplace] [--hf-eager [--hf-attn eager,sdpa]]
                                   [--profile 4096:1,32768:8] [--compile-variants default,static,...] [--inductor K=V,...]
+                                  [--no-variant-fp32-ref] [--no-errors]
 
 Cases: every tiny preset at each of ``--dtypes`` (``--tiny``), and each ``--real`` case at real size
 in bf16 (random weights built on the GPU, as ``bench/decode_step.py`` does). A ``--real`` case is
@@ -45,8 +46,9 @@ Real-size cases: the fp32 eager model is built only where it fits next to the bf
 auto``: fp32 + bf16 bytes under 80% of the free device memory); otherwise the errors are against eager
 bf16 and ``reference`` says so (the bf16 model is then initialised in bf16). The prompt of the error
 measurement is prefilled once by the uncaptured rewritten step and its caches handed to every variant
-(one Inductor compile less per case; ``prefill`` says which ran it). ``compiled`` shares
-``compiled_graph``'s ``torch.compile`` (one compile per shape for both). Per case: ``build_s``,
+(one Inductor compile less per case; ``prefill`` says which ran it). ``--no-errors`` leaves the error
+measurement out and ``--contexts=`` (none) the timing rows: a call spent on ``--compile-variants``.
+``compiled`` shares ``compiled_graph``'s ``torch.compile`` (one compile per shape for both). Per case: ``build_s``,
 ``capture_rewrite_s``, ``errors_s`` (which includes Inductor's compile of the decode shape: B=1 at
 real size, where the prompt is one row) and,
 per row and compiled variant, ``*_first_s`` (the first call at that shape: compile + graph capture).
@@ -97,7 +99,16 @@ installed torch lacks are listed in ``missing``, not passed) and per point ``com
 (capture), ``ms`` and ``err_vs_default`` / ``greedy_equal_default`` (first step's logits vs the default
 variant's on the same inputs). A variant's compiles stop at ``--variant-limit-s`` (SIGALRM; recorded as
 ``skipped``), none starts with less than ``--variant-min-s`` of the budget left (``skipped: budget``).
-Both write ``engine_profile.md`` (tables) next to the JSON.
+The fp32 reference (``--variant-fp32-ref``, the default; ``--no-variant-fp32-ref`` leaves it out): a
+compiled variant differing from the default compile says nothing by itself (bf16 rounds differently
+in every fused kernel), so every variant, ``default`` included, also gets ``err_vs_fp32`` /
+``greedy_equal_fp32``: its first step's logits against the same step computed in fp32 on the same
+inputs -- the rewritten program with every 16-bit dtype fp32 (``_engine_profile.fp32_graph``: the
+case's weights as they are, upcast where read; what the fp32 model holding them captures to),
+uncompiled, over the point's random caches cast to fp32, same ids and position, TF32 off -- computed
+once per point before any variant compiles and freed after (``case["compile_variants"]["fp32_ref"]``:
+per point its time and the uncompiled step of the case's dtype against it, ``rewritten_err_vs_fp32``,
+the bar a variant's error compares with). Both write ``engine_profile.md`` (tables) next to the JSON.
 
 Each case and each variant runs in try/except (the error is recorded, the others go on); cases and
 timing rows that would start after ``--budget-s`` are recorded as skipped, and so is a real-size case
@@ -439,8 +450,11 @@ def run_case(case: dict, args, device, clock, save, deadline: float, bw: float |
     case["inplace_caches"] = list(runners["rewritten"].inplace)
     t1 = time.monotonic()
     prompt = 64 if real else 40
-    case["errors"] = errors(model32, model, runners, sample.config.vocab_size, device, prompt, args.decode,
-                            shared_prefill=real, batch=1 if real else 2)
+    if args.errors:
+        case["errors"] = errors(model32, model, runners, sample.config.vocab_size, device, prompt, args.decode,
+                                shared_prefill=real, batch=1 if real else 2)
+    else:
+        case["errors"] = {"skipped": "--no-errors"}
     case["errors_s"] = time.monotonic() - t1  # includes Inductor's compile of the decode shape (B=1 at real size)
     save()
     del model32
@@ -560,14 +574,71 @@ def variant_list(args) -> list[tuple[str, dict]]:
     return out
 
 
+def fp32_references(program, plan, rewritten, vocab: int, device, points, inplace: bool, deadline: float,
+                    out: dict, save) -> dict:
+    """``--variant-fp32-ref``: per point, the first-step logits of :func:`_engine_profile.fp32_graph`
+    of the step -- the same rewritten program in fp32, uncompiled and uncaptured, the weights as the
+    case's dtype holds them, upcast -- over :func:`_point_inputs` (the inputs every variant gets: the
+    same random caches, cast to fp32, same ids and position), TF32 off. ``{(L, B): logits}``, every
+    point's computed before any variant compiles and the fp32 step freed after (its weight casts are
+    transient, the fp32 caches live for one point). ``out["points"]`` records per point ``s`` and the
+    uncompiled step of the case's dtype (``rewritten``, the same inputs) against it:
+    ``rewritten_err_vs_fp32`` / ``rewritten_greedy_equal_fp32``, the rounding a variant's
+    ``err_vs_fp32`` compares with."""
+    from effexport.exporter.backends.torch import TorchEngine
+
+    out.update(step="the rewritten step in fp32 (fp32_graph: 16-bit weights upcast where read, 16-bit dtype "
+                    "arguments fp32), uncompiled, uncaptured, TF32 off; caches: the point's random caches cast "
+                    "to fp32", points={})
+    refs: dict = {}
+    engine = TorchEngine(_engine_profile.fp32_graph(program.gm), plan.entries, device, compile=False,
+                         cuda_graphs=False, inplace=inplace)
+    try:
+        for ctx, batch in points:
+            r = out["points"][f"{ctx}:{batch}"] = {}
+            if time.monotonic() > deadline:
+                r["skipped"] = "time budget"
+                continue
+            try:
+                t0 = time.monotonic()
+                caches, ids, pos = _point_inputs(plan, vocab, device, ctx, batch)
+                caches32 = [c.to(torch.float32, copy=True) if c.is_floating_point() else c.clone() for c in caches]
+                with torch.no_grad(), _engine_profile.ieee_fp32():
+                    ref = refs[(ctx, batch)] = engine.fn(ids, pos, *caches32)[0].float()
+                del caches32
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                r["s"] = time.monotonic() - t0
+                with torch.no_grad():
+                    logits = rewritten.fn(ids, pos, *caches)[0].float()  # caches are this point's own
+                r["rewritten_err_vs_fp32"] = _err(logits, ref)
+                r["rewritten_greedy_equal_fp32"] = bool(torch.equal(logits[:, -1].argmax(-1), ref[:, -1].argmax(-1)))
+                del caches, logits
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                r["error"] = _short(exc)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save()
+            print(json.dumps({"variant": "fp32 reference", "point": [ctx, batch], **r}), flush=True)
+    finally:
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return refs
+
+
 def compile_variants(program, plan, runners: dict, vocab: int, device, args, clock, out: dict, save,
                      deadline: float) -> dict:
     """``--compile-variants`` / ``--inductor``: per variant a fresh ``torch.compile`` of the engine's
     (in-place) step graph with the variant's options, replayed from the engine's CUDA graphs, timed at
     each ``--variant-points`` L:B; ``default`` reuses the case's compiled engine (compiled already).
     Each point: ``compile_s`` (the first, uncaptured call: the compile of that shape, under a SIGALRM of
-    what is left of ``--variant-limit-s``), ``ms`` (median of ``--reps`` ``TorchEngine.step`` calls)
-    and ``err_vs_default`` (the first step's logits against the default variant's, same inputs)."""
+    what is left of ``--variant-limit-s``), ``ms`` (median of ``--reps`` ``TorchEngine.step`` calls),
+    ``err_vs_default`` (the first step's logits against the default variant's, same inputs) and, with
+    ``--variant-fp32-ref``, ``err_vs_fp32`` / ``greedy_equal_fp32`` against :func:`fp32_references`
+    (``out["fp32_ref"]``), the default variant's included."""
     from effexport.exporter.backends.torch import TorchEngine
 
     points = parse_points(args.variant_points)
@@ -575,6 +646,16 @@ def compile_variants(program, plan, runners: dict, vocab: int, device, args, clo
     out.update(points=points, backend=args.variant_backend, limit_s=args.variant_limit_s, variants=[],
                torch=torch.__version__)
     reference: dict = {}
+    fp32_refs: dict = {}
+    if args.variant_fp32_ref:
+        out["fp32_ref"] = {}
+        print("-- variant fp32 reference", flush=True)
+        try:
+            fp32_refs = fp32_references(program, plan, runners["rewritten"], vocab, device, points, args.inplace,
+                                        deadline, out["fp32_ref"], save)
+        except Exception as exc:  # noqa: BLE001  (the variants are timed without it)
+            traceback.print_exc()
+            out["fp32_ref"]["error"] = _short(exc)
     for name, overrides in variant_list(args):
         v = {"name": name, "overrides": overrides, "points": {}}
         out["variants"].append(v)
@@ -627,6 +708,10 @@ def compile_variants(program, plan, runners: dict, vocab: int, device, args, clo
                         r["err_vs_default"] = _err(logits, reference[(ctx, batch)])
                         r["greedy_equal_default"] = bool(torch.equal(logits[:, -1].argmax(-1),
                                                                      reference[(ctx, batch)][:, -1].argmax(-1)))
+                    if (ctx, batch) in fp32_refs:
+                        r["err_vs_fp32"] = _err(logits, fp32_refs[(ctx, batch)])
+                        r["greedy_equal_fp32"] = bool(torch.equal(logits[:, -1].argmax(-1),
+                                                                  fp32_refs[(ctx, batch)][:, -1].argmax(-1)))
                     r["ms"] = clock(call) * 1e3
                     del caches, state, logits
                 except _engine_profile.CompileTimeout as exc:
@@ -981,6 +1066,11 @@ def main(argv=None) -> int:
                     help="start no variant with less than this many seconds of the budget left")
     ap.add_argument("--variant-backend", default="inductor",
                     help="torch.compile backend of the variants (eager / aot_eager: a CPU check of the code path)")
+    ap.add_argument("--variant-fp32-ref", action=argparse.BooleanOptionalAction, default=True,
+                    help="each variant's logits also against the same step in fp32, uncompiled, on the same inputs "
+                    "(err_vs_fp32; default on)")
+    ap.add_argument("--errors", action=argparse.BooleanOptionalAction, default=True,
+                    help="the case's error measurement (prompt + --decode steps through every engine; default on)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -217,11 +217,63 @@ def test_alarm_stops_a_long_call():
     time.sleep(0.05)
 
 
+def test_fp32_reference_is_the_fp32_step_of_a_bf16_program():
+    """``--variant-fp32-ref``'s reference of a bf16 program (gemma4-e2b:tiny cut to 7 layers: ring and
+    buffer caches, two KV-sharing layers) is the step of the program the fp32 model holding the same
+    bf16 weights (``model.float()``) captures and rewrites to, on the same caches cast to fp32 (to
+    1e-6: the same computation; equal on the CPU), with no weight copied (each cast where it is read)
+    and no 16-bit dtype left in its graph; the uncompiled bf16 step is a bf16 rounding away from it
+    (~1e-2), not a fp32 one and not a bug's."""
+    import copy
+
+    import torch_engine
+    from effexport.exporter.backends.torch import TorchEngine
+
+    sample = torch_engine.real_sample("gemma4-e2b:tiny@7L")
+    cpu = torch.device("cpu")
+    _, model = torch_engine.build_models(sample, torch.bfloat16, cpu, False)
+    program, analysis = torch_engine.rewrite(sample, model, cpu, 64)
+    plan, vocab = analysis.plan, sample.config.vocab_size
+    assert {e.kind for e in plan.entries} >= {"ring", "buffer"} and sample.config.num_kv_shared_layers == 2
+    ref = ep.fp32_graph(program.gm)
+    dtypes = [a for n in ref.graph.nodes for a in fx_args(n) if isinstance(a, torch.dtype) and a.is_floating_point]
+    assert torch.bfloat16 in [a for n in program.gm.graph.nodes for a in fx_args(n)]
+    assert torch.float32 in dtypes and not set(dtypes) & set(ep.HALF_DTYPES)
+    shared = {p.data_ptr() for p in ref.parameters()}  # those its graph reads: gm's own tensors
+    assert shared and shared <= {p.data_ptr() for p in program.gm.parameters()}
+    casts = [n for n in ref.graph.nodes if n.target is torch.ops.aten.to.dtype and n.args[0].op == "get_attr"]
+    assert casts and all(list(c.users) == [c.next] for c in casts)  # each right before its one reader
+    points = [(48, 1), (40, 2)]
+    out: dict = {}
+    rewritten = TorchEngine(program.gm, plan.entries, cpu, compile=False, cuda_graphs=False)
+    refs = torch_engine.fp32_references(program, plan, rewritten, vocab, cpu, points, True, float("inf"), out,
+                                        lambda: None)
+    program32, analysis32 = torch_engine.rewrite(sample, copy.deepcopy(model).float(), cpu, 64)
+    assert [e.name for e in analysis32.plan.entries] == [e.name for e in plan.entries]
+    engine32 = TorchEngine(program32.gm, analysis32.plan.entries, cpu, compile=False, cuda_graphs=False)
+    for ctx, batch in points:
+        caches, ids, pos = torch_engine._point_inputs(plan, vocab, cpu, ctx, batch)
+        with torch.no_grad():
+            logits32 = engine32.fn(ids, pos, *[c.float() if c.is_floating_point() else c for c in caches])[0]
+        assert refs[(ctx, batch)].dtype == torch.float32
+        assert torch_engine._err(refs[(ctx, batch)], logits32) <= 1e-6
+        r = out["points"][f"{ctx}:{batch}"]
+        assert r["s"] > 0 and 2e-3 < r["rewritten_err_vs_fp32"] < 8e-2, r
+
+
+def fx_args(node) -> list:
+    """Every leaf of a node's args and kwargs."""
+    leaves: list = []
+    torch.fx.node.map_aggregate((node.args, node.kwargs), leaves.append)
+    return leaves
+
+
 def test_torch_engine_profile_and_variants_end_to_end(tmp_path):
     """``bench/torch_engine.py --profile --compile-variants --inductor`` on the CPU (gemma4-e2b:tiny, the
     variants compiled by dynamo's eager backend: the code path, not Inductor): the profile's fields,
     categories summing to the total, the variants in order (default added first) with their resolved
-    options, a missing config key named, and logits equal to the default's."""
+    options, a missing config key named, and logits equal to the default's and, the case being fp32, to
+    the fp32 reference's (the same computation)."""
     import torch_engine
 
     argv = ["--device", "cpu", "--tiny", "--presets", "gemma4-e2b:tiny", "--dtypes", "fp32", "--decode", "1",
@@ -251,15 +303,19 @@ def _check_profile_and_variants(case, out):
     assert list(by) == ["default", "cd"]  # default added, and first
     assert by["cd"]["compile_kwargs"] == {"backend": "eager"}
     assert by["cd"]["missing"] == ["no_such_key"] and by["cd"]["options"] == {"coordinate_descent_tuning": True}
+    ref = v["fp32_ref"]["points"]["40:2"]
+    assert ref["s"] > 0 and ref["rewritten_err_vs_fp32"] <= 1e-6 and ref["rewritten_greedy_equal_fp32"]
     for x in by.values():
         assert "error" not in x and x["inplace_caches"] == 2, x
         for key in ("40:2",):
             r = x["points"][key]
             assert r["ms"] > 0 and r["compile_s"] > 0, r
+            assert r["err_vs_fp32"] <= 1e-6 and r["greedy_equal_fp32"], r
             if x["name"] != "default":
                 assert r["err_vs_default"] < 1e-5 and r["greedy_equal_default"]
     md = (out / "engine_profile.md").read_text()
     assert "where the step goes" in md and "| cd |" in md
+    assert "| err vs default | err vs fp32 |" in md and "| uncompiled (rewritten) | - | - | - | " in md
 
 
 
@@ -278,4 +334,5 @@ def test_run_engine_profile_smoke_on_the_cpu(tmp_path):
     assert point["rewritten"]["kernels_per_step"] > 0
     names = [v["name"] for v in case["compile_variants"]["variants"]]
     assert names == ["default", "static"]
+    assert all("err_vs_fp32" in r for v in case["compile_variants"]["variants"] for r in v["points"].values())
     assert "Inductor variants" in (out / "engine_profile.md").read_text()
