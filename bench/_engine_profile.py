@@ -280,6 +280,7 @@ PRESETS: dict[str, dict] = {
     "autotune-gemm": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"},
     "max-autotune": {"mode": "max-autotune-no-cudagraphs"},
     "max-autotune-freezing": {"mode": "max-autotune-no-cudagraphs", "freezing": True},
+    "nopack": {"pack": False},
 }
 """Named variants (``--compile-variants``): ``torch._inductor.config`` keys, and the ``torch.compile``
 arguments ``mode`` (expanded by ``torch._inductor.list_mode_options`` into its config keys) and
@@ -291,9 +292,14 @@ freezing patterns that concatenate GEMMs sharing an input, e.g. q/k/v or gate/up
 horizontal fusion of independent kernels (fewer launches); ``decompose-mm``: memory-bound mm (M small)
 decomposed into Triton reductions Inductor can fuse; ``no-epilogue``: what gpt-fast-derived recipes
 often set; ``autotune-gemm``: Triton GEMM templates autotuned against cuBLAS, pointwise kernels as
-default; ``max-autotune``: ``mode="max-autotune-no-cudagraphs"`` (the engine captures its own graph)."""
+default; ``max-autotune``: ``mode="max-autotune-no-cudagraphs"`` (the engine captures its own graph);
+``nopack``: the default compile of the engine without its packed projections (``TorchEngine(pack=False)``:
+one GEMM per projection, as the program has them).
+
+Keys of :data:`ENGINE_ARGS` are the engine's, not Inductor's: ``pack`` (default True)."""
 
 COMPILE_ARGS = ("mode", "dynamic", "fullgraph")
+ENGINE_ARGS = ("pack",)
 
 
 def _value(text: str):
@@ -357,7 +363,7 @@ def compile_kwargs(overrides: dict, backend: str = "inductor") -> tuple[dict, di
 
         options.update(list_mode_options(mode))
         notes["mode"] = mode
-    options.update({k: v for k, v in overrides.items() if k not in COMPILE_ARGS})
+    options.update({k: v for k, v in overrides.items() if k not in COMPILE_ARGS + ENGINE_ARGS})
     if options.get("triton.cudagraphs") and "triton.cudagraphs" not in overrides:
         notes["cudagraphs"] = "triton.cudagraphs forced off: the engine captures the step in its own CUDA graph"
     if "triton.cudagraphs" not in overrides:

@@ -674,14 +674,16 @@ def compile_variants(program, plan, runners: dict, vocab: int, device, args, clo
             reuse = name == "default" and not overrides and not isinstance(runners.get("compiled"), (str, type(None)))
             if reuse and args.variant_backend == "inductor":
                 fn = runners["compiled"].fn
+                v["packed"] = runners["compiled"].packed
                 v["source"] = "the case's compiled engine (torch.compile default mode; compiled already)"
             elif not cuda and not args.cpu_compile and args.variant_backend == "inductor":
                 v["skipped"] = "Inductor on the CPU takes minutes per shape (--cpu-compile, or --variant-backend eager)"
                 continue
             else:
                 base = TorchEngine(program.gm, plan.entries, device, compile=False, cuda_graphs=False,
-                                   inplace=args.inplace).module  # a fresh graph copy: its own dynamo cache
-                fn = torch.compile(base, **kw)
+                                   inplace=args.inplace, pack=overrides.get("pack", True))
+                v["packed"] = base.packed  # the linear calls its packed projections removed
+                fn = torch.compile(base.module, **kw)  # a fresh graph copy: its own dynamo cache
             runner = TorchEngine(fn, plan.entries, device, compile=False, cuda_graphs=cuda, inplace=args.inplace)
             v["inplace_caches"] = len(runner.aliased)
             for ctx, batch in points:

@@ -271,14 +271,16 @@ def fx_args(node) -> list:
 def test_torch_engine_profile_and_variants_end_to_end(tmp_path):
     """``bench/torch_engine.py --profile --compile-variants --inductor`` on the CPU (gemma4-e2b:tiny, the
     variants compiled by dynamo's eager backend: the code path, not Inductor): the profile's fields,
-    categories summing to the total, the variants in order (default added first) with their resolved
+    categories summing to the total, the variants in order (default added first; ``nopack``: the
+    engine without packed projections, the same logits within fp32's rounding) with their resolved
     options, a missing config key named, and logits equal to the default's and, the case being fp32, to
     the fp32 reference's (the same computation)."""
     import torch_engine
 
     argv = ["--device", "cpu", "--tiny", "--presets", "gemma4-e2b:tiny", "--dtypes", "fp32", "--decode", "1",
             "--reps", "1", "--tiny-context", "48", "--out", str(tmp_path), "--profile", "48:1", "--profile-steps", "1",
-            "--inductor", "cd:coordinate_descent_tuning=True,no_such_key=1", "--variant-points", "40:2",
+            "--compile-variants", "nopack", "--inductor", "cd:coordinate_descent_tuning=True,no_such_key=1",
+            "--variant-points", "40:2",
             "--variant-backend", "eager", "--variant-min-s", "0"]
     assert torch_engine.main(argv) == 0
     (case,) = json.loads((tmp_path / "torch_engine.json").read_text())["cases"]
@@ -300,7 +302,9 @@ def _check_profile_and_variants(case, out):
     v = case["compile_variants"]
     assert v["points"] == [[40, 2]] and v["backend"] == "eager"
     by = {x["name"]: x for x in v["variants"]}
-    assert list(by) == ["default", "cd"]  # default added, and first
+    assert list(by) == ["default", "nopack", "cd"]  # default added, and first
+    assert "missing" not in by["nopack"] and by["nopack"]["options"] == {}  # pack: the engine's, not Inductor's
+    assert by["nopack"]["packed"] == 0 < by["default"]["packed"] == by["cd"]["packed"]
     assert by["cd"]["compile_kwargs"] == {"backend": "eager"}
     assert by["cd"]["missing"] == ["no_such_key"] and by["cd"]["options"] == {"coordinate_descent_tuning": True}
     ref = v["fp32_ref"]["points"]["40:2"]
