@@ -246,6 +246,21 @@ def test_kv_compress_step_static_shapes(profile):
     _assert_clean(model, {"kv_compress_step": 2})
 
 
+@pytest.mark.parametrize("profile", ORT_PROFILES)
+def test_kv_compress_step_counts_are_tensors_of_their_own(profile):
+    """Each step body reads its token count and entry capacity as ``Gather(Shape(x), k)``, never as a
+    ``Squeeze`` of a ``Shape``: ONNX Runtime runs that Squeeze as an alias of the CUDA Shape's host
+    output, and a bf16 deepseek-v4-flash:tiny prefill's CUDA ``Range`` read a count whose buffer had
+    gone to another host scalar (``_build.host_dim``; parity: the tests above)."""
+    model, _ = _compress(profile, step=True)
+    bodies = [f for f in model.functions if f.name == "kv_compress_step"]
+    assert len(bodies) == 2
+    for body in bodies:
+        shapes = {n.output[0] for n in body.node if n.op_type == "Shape"}
+        readers = [n for n in body.node if any(i in shapes for i in n.input)]
+        assert len(readers) == 2 and {n.op_type for n in readers} == {"Gather"}, [n.op_type for n in readers]
+
+
 # --------------------------------------------------------------------------------- indexer
 class _Indexer(torch.nn.Module):
     def forward(self, q, w, k_idx, pos):

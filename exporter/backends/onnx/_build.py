@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxscript import opset18 as op
 
 __all__ = ["ints", "i64", "f32c", "dim", "to_float", "dtype_of", "cast_like", "back_like", "static_dim", "arange",
-           "visible", "ring_positions", "on_device", "positions", "plus", "known_dim"]
+           "visible", "ring_positions", "on_device", "positions", "plus", "known_dim", "host_dim"]
 
 FLOAT = ir.DataType.FLOAT
 
@@ -35,6 +35,19 @@ def f32c(value: float) -> object:
 def dim(x, axis: int) -> object:
     """``x.shape[axis]`` as a 0-d int64 tensor."""
     return op.Squeeze(op.Shape(x, start=axis, end=axis + 1 if axis != -1 else None), ints([0]))
+
+
+def host_dim(x, axis: int) -> object:
+    """``x.shape[axis]`` as a 0-d int64 tensor of its own (``Gather`` of the shape), where :func:`dim`
+    squeezes it: for a count that CUDA nodes read on the host.
+
+    ONNX Runtime runs ``Squeeze`` as an alias of its input, here the CUDA ``Shape`` kernel's host
+    output. In a bf16 deepseek-v4-flash:tiny prefill (onnxruntime-gpu 1.31.1) a CUDA ``Range`` read
+    such a 3-token count as 2, the value of a host scalar the CPU EP had computed since; with the
+    memory planner's buffer reuse off it read 3: the count's buffer went to another value before its
+    last reader. ``Gather`` writes a tensor of its own (``bench/ds_bf16_variants.py`` runs both forms
+    on the GPU)."""
+    return op.Gather(op.Shape(x), i64(axis), axis=0)
 
 
 def known_dim(x, axis: int) -> int | None:

@@ -147,7 +147,7 @@ def _kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, sta
     r, width = ratio, b.static_dim(ape, 1, "kv_compress_step ape")
     c = width // (2 if overlap else 1)
     rows = b.static_dim(state_a, 1, "kv_compress_step state_a")
-    t_len = b.dim(a, 1)
+    t_len = b.host_dim(a, 1)  # read by host and CUDA nodes alike: not an alias of Shape's output
     m = op.Mod(pos, b.i64(r))  # tokens of the current block already in the state
     blk0 = op.Div(op.Sub(pos, m), b.i64(r))
     z32 = _with_ape(z, ape, b.positions(pos, t_len), r)
@@ -180,7 +180,7 @@ def _kv_compress_step(a, z, ape, norm_weight, inv_freq, comp_cache, state_a, sta
                       comp_cache.dtype)
 
     # slot s takes buffer block s - blk0 when that block completed in this call
-    k = op.Sub(op.Range(b.i64(0), b.dim(comp_cache, 1), b.i64(1)), blk0)  # [N]
+    k = op.Sub(op.Range(b.i64(0), b.host_dim(comp_cache, 1), b.i64(1)), blk0)  # [N]
     last_blk = b.on_device(op.Sub(nblk, b.i64(1)))
     kc = op.Max(op.Min(k, last_blk), b.i64(0))
     write = op.And(op.And(op.GreaterOrEqual(k, b.i64(0)), op.LessOrEqual(k, last_blk)), op.Gather(complete, kc, axis=0))
