@@ -194,6 +194,14 @@ class Clock:
         return statistics.median(times)
 
 
+def release(device) -> None:
+    """Collect what was just dropped and, on CUDA, hand the caching allocator's free blocks back (the
+    next stage, or an ONNX Runtime session, may need them)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def real_sample(spec: str) -> Sample:
     """``PRESET[@NL][/nomhc]`` -> the sample: cut to its first N layers, with a plain residual in
     place of mHC (DeepSeek V4)."""
@@ -623,9 +631,7 @@ def fp32_references(program, plan, rewritten, vocab: int, device, points, inplac
             print(json.dumps({"variant": "fp32 reference", "point": [ctx, batch], **r}), flush=True)
     finally:
         del engine
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     return refs
 
 
@@ -736,9 +742,7 @@ def compile_variants(program, plan, runners: dict, vocab: int, device, args, clo
             v["total_s"] = time.monotonic() - t_start
             del fn, runner
             torch._dynamo.reset()  # the variant's compiled code (frozen weights included) goes
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
+            release(device)
             save()
     return out
 
@@ -944,9 +948,7 @@ def hf_eager_column(case: dict, sample: Sample, args, device, clock, deadline: f
                 print(json.dumps({"case": case["preset"], "hf_transformers": row}), flush=True)
     finally:
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
     return out
 
 
@@ -1119,9 +1121,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             case["error"] = _short(exc)
         torch._dynamo.reset()  # compiled code of this case's program would keep its weights alive
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
         save()
         if args.hf_eager:  # after the case's memory is freed: HF's model is built fresh
             try:
@@ -1131,9 +1131,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001  (a failure of the HF column must not stop the bench)
                 traceback.print_exc()
                 case.setdefault("hf_transformers", {})["error"] = _short(exc)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
             save()
     print(f"buffer caches {'in place' if args.inplace else 'functional (--no-inplace)'}")
     print(table(cases))
