@@ -21,6 +21,7 @@ from effexport.exporter.errors import LoadError
 from effexport.exporter.backends.artifact import (StepResult, in_pieces, load_manifest, numpy_caches, pieces_needed,
                                                plan_entries, refuse_sharded)
 from effexport.exporter.backends.onnx.runtime import OrtRuntime
+from effexport.exporter.backends.torch.artifact import op_calls
 from effexport.exporter.backends.torch.engine import TorchEngine, on_device
 
 __all__ = ["TorchRuntime", "load_program"]
@@ -40,12 +41,14 @@ def load_program(path: str) -> torch.export.ExportedProgram:
 
 
 class TorchRuntime:
-    """A ``--target torch`` artifact loaded on ``device`` (default: CUDA when torch sees it)."""
+    """A ``--target torch`` artifact loaded on ``device`` (default: CUDA when torch sees it); ``compile``,
+    ``cuda_graphs``, ``inplace`` and ``pack`` are :class:`~.engine.TorchEngine`'s. :attr:`op_calls`:
+    the effexport ops the program calls (``artifact.op_calls``)."""
 
     generate = OrtRuntime.generate  # greedy loop over step / initial_caches
 
     def __init__(self, artifact_dir: str, device: str | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, inplace: bool = True):
+                 cuda_graphs: bool | None = None, inplace: bool = True, pack: bool = True):
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         info = self.manifest.get("torch")
@@ -60,9 +63,12 @@ class TorchRuntime:
         ep = load_program(os.path.join(artifact_dir, self.manifest["files"]["step"]))
         if self.device.type != "cpu":
             ep = on_device(ep, self.device)
-        self.program = ep
+        self.op_calls = op_calls(ep)
+        # the engine runs its own module of the program; the ExportedProgram is not kept, so the weights
+        # its packed projections replaced are freed (held by the program too, they would count twice)
         self.engine = TorchEngine(ep, self.entries, self.device, compile=compile, cuda_graphs=cuda_graphs,
-                                  inplace=inplace)
+                                  inplace=inplace, pack=pack)
+        del ep
         self.input_names, self.output_names = self.manifest["inputs"], self.manifest["outputs"]
 
     def initial_caches(self, batch: int) -> list:
