@@ -38,6 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: _common
+
 HIDDEN = 1536
 BF16 = TensorProto.BFLOAT16
 FLOAT = TensorProto.FLOAT
@@ -146,16 +148,6 @@ def run_case(path: str, device: str, reps: int) -> dict:
     return {"ms": ms, "finite": finite}
 
 
-def copy_bw() -> float | None:
-    try:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _common import copy_bandwidth
-
-        return copy_bandwidth()
-    except Exception:  # noqa: BLE001  (CPU: none)
-        return None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
@@ -170,7 +162,13 @@ def main(argv=None) -> int:
     if hasattr(ort, "preload_dlls") and args.device == "cuda":
         ort.preload_dlls()
     dtype = BF16 if args.device == "cuda" else FLOAT
-    bw = copy_bw() if args.device == "cuda" else None
+    bw = None
+    if args.device == "cuda":
+        import torch
+
+        from _common import copy_bandwidth
+
+        bw = copy_bandwidth(torch.device("cuda"))
     results = {"onnxruntime": ort.__version__, "device": args.device, "chain": args.chain, "hidden": HIDDEN,
                "copy_bw": bw, "cases": {}}
     for case in args.cases.split(","):
