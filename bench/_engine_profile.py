@@ -29,6 +29,8 @@ from collections import defaultdict
 import torch
 from torch import fx
 
+from effexport.passes._graph import attr
+
 CATEGORIES = ("gemm_cublas", "gemm_triton", "inductor_triton", "effexport_triton", "copy_memset", "aten_native",
               "other")
 """Kernel categories: cuBLAS / cuBLASLt / CUTLASS GEMMs and GEMVs (``nvjet_*``, ``sm90_xmma_*``, ``gemv*``,
@@ -402,9 +404,7 @@ def fp32_graph(gm: fx.GraphModule) -> fx.GraphModule:
     graph = copy.deepcopy(gm.graph)
     for node in list(graph.nodes):
         if node.op == "get_attr":
-            value = gm
-            for part in node.target.split("."):
-                value = getattr(value, part)
+            value = attr(gm, node.target)
             if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
                 for user in list(node.users):  # the get_attrs are at the top: the casts go where they are read
                     with graph.inserting_before(user):

@@ -232,7 +232,8 @@ def test_packed_projections_equal_the_unpacked_engine(name):
     group of ``linear`` calls over one input with their own constant weights is one ``linear`` over the
     concatenated weights (the caller's graph and weights untouched), and the step's logits and caches
     equal the unpacked engine's within fp32's 1e-5 over a prefill and decode steps."""
-    from effexport.exporter.backends.torch.packing import LINEAR, _attr, _groups
+    from effexport.exporter.backends.torch.packing import LINEAR, _groups
+    from effexport.passes._graph import attr as _attr
 
     _, ids, program, plan = _program(name)
     before = _count(program.gm, LINEAR)

@@ -31,6 +31,8 @@ import operator
 import torch
 from torch import fx
 
+from effexport.passes._graph import attr
+
 __all__ = ["pack_projections"]
 
 LINEAR = torch.ops.aten.linear.default
@@ -41,17 +43,10 @@ def _weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
     try:
-        value = _attr(gm, node.target)
+        value = attr(gm, node.target)
     except AttributeError:
         return None
     return value if isinstance(value, torch.Tensor) and value.dim() == 2 else None
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
@@ -93,7 +88,7 @@ def pack_projections(gm: fx.GraphModule) -> int:
             out = gm.graph.call_function(LINEAR, (first.args[0], packed))
             parts = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (out, sizes, -1))
             items = [gm.graph.call_function(operator.getitem, (parts, i)) for i in range(len(nodes))]
-        for node, item, weight in zip(nodes, items, weights):
+        for node, item in zip(nodes, items):
             if "val" in node.meta:
                 item.meta["val"] = node.meta["val"]
             node.replace_all_uses_with(item)
@@ -111,7 +106,4 @@ def pack_projections(gm: fx.GraphModule) -> int:
 def _delete(gm: fx.GraphModule, target: str) -> None:
     """Drop the attribute ``target`` (dotted) from ``gm``'s module tree."""
     *path, leaf = target.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
-    delattr(owner, leaf)
+    delattr(gm.get_submodule(".".join(path)) if path else gm, leaf)
