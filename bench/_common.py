@@ -20,6 +20,12 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def param_count(sample) -> int:
+    """Parameters of the sample's model (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in sample.module.Model(sample.config).parameters())
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the parameters one decode step reads: all but gathered embedding tables (an
     embedding whose weight is also the tied LM head is read whole and counted)."""

@@ -35,7 +35,7 @@ import torch
 from effexport.samples import get_sample
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import add_common_args, copy_bandwidth, weight_bytes  # noqa: E402
+from _common import add_common_args, copy_bandwidth, param_count, weight_bytes  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -79,9 +79,7 @@ def init_dtype(sample, dtype: torch.dtype, free_bytes: int) -> torch.dtype:
     90% of ``free_bytes`` (counted on the meta device: no memory, no init)."""
     if dtype == torch.float32:
         return dtype
-    with torch.device("meta"):
-        params = sum(p.numel() for p in sample.module.Model(sample.config).parameters())
-    return dtype if params * 4 > 0.9 * free_bytes else torch.float32
+    return dtype if param_count(sample) * 4 > 0.9 * free_bytes else torch.float32
 
 
 def build(sample, dtype=BF16) -> torch.nn.Module:

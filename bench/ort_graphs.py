@@ -1096,15 +1096,16 @@ def main(argv=None) -> int:
         results["cases"].append(case)
         base, env = split_variant(name)
         case.update(case_dirs(args.work, name))
+        reuse = args.reuse and built(args.work, name) is not None
         if base == "gemma3-1b":
             hf = os.path.join(args.work, "gemma3-1b-hf")
-            if args.reuse and built(args.work, name):
+            if reuse:
                 with open(os.path.join(hf, GEMMA3_BYTES)) as f:
                     gemma3_saved = json.load(f)["weight_bytes"]
             elif gemma3_saved is None:
                 gemma3_saved = save_gemma3(hf, max_context)
             case["weight_bytes"] = gemma3_saved
-        if args.reuse and built(args.work, name):
+        if reuse:
             case["reused"] = True
             jobs[name] = []
             continue

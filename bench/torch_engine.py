@@ -138,7 +138,7 @@ from effexport.samples import Sample, get_sample, preset_names
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _engine_profile  # noqa: E402
-from _common import active_weight_bytes, add_common_args, copy_bandwidth, weight_bytes  # noqa: E402
+from _common import active_weight_bytes, add_common_args, copy_bandwidth, param_count, weight_bytes  # noqa: E402
 from _engine_profile import parse_points  # noqa: E402
 
 TINY_PRESETS = [n for n in preset_names(report_only=False) if n.endswith(":tiny")]
@@ -217,12 +217,6 @@ def real_sample(spec: str) -> Sample:
     elif flag:
         raise ValueError(f"{spec}: unknown flag /{flag} (known: /nomhc)")
     return sample
-
-
-def param_count(sample: Sample) -> int:
-    """Parameters of the sample's model (built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in sample.module.Model(sample.config).parameters())
 
 
 def fp32_fits(sample: Sample, device: torch.device, mode: str) -> tuple[bool, str]:

@@ -29,12 +29,11 @@ Q_NORM, K_NORM = 14, 15  # GroupQueryAttention's q_norm_weight / k_norm_weight i
 _HALF = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
 
 
-def _norm_node(node: ir.Node | None, x: ir.Value | None, axes: tuple[int, ...]) -> bool:
+def _norm_node(node: ir.Node | None, axes: tuple[int, ...]) -> bool:
     """``node`` is a plain ``SimplifiedLayerNormalization`` over one of ``axes`` whose inverse-std
-    output nobody reads and whose input ``x`` only it reads."""
+    output nobody reads."""
     return node is not None and node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx") \
-        and not (len(node.outputs) > 1 and node.outputs[1].uses()) and x is not None and single_use(x) \
-        and node.attributes.get_int("axis", -1) in axes
+        and not (len(node.outputs) > 1 and node.outputs[1].uses()) and node.attributes.get_int("axis", -1) in axes
 
 
 def _norm_weight(w: ir.Value | None, d, dtype) -> bool:
@@ -49,7 +48,7 @@ def _head_norm(value: ir.Value, heads: int):
     reshapes may be gone already (``value = SimplifiedLayerNormalization(x, w)``, the ``ort``
     layout rule for a single head's norm)."""
     direct = value.producer()
-    if heads == 1 and direct is not None and _norm_node(direct, value, (-1, 2)):
+    if heads == 1 and _norm_node(direct, (-1, 2)) and single_use(value):
         x, w = direct.inputs[0], direct.inputs[1]
         if x is None or x.shape is None or x.shape.rank() != 3 or not _norm_weight(w, x.shape[2], x.dtype):
             return None
@@ -59,7 +58,7 @@ def _head_norm(value: ir.Value, heads: int):
             or not single_use(back.inputs[0]):
         return None
     norm = back.inputs[0].producer()
-    if not _norm_node(norm, norm.inputs[0] if norm is not None else None, (-1, 3)):
+    if not _norm_node(norm, (-1, 3)) or norm.inputs[0] is None or not single_use(norm.inputs[0]):
         return None
     split = norm.inputs[0].producer()
     if split is None or split.op_type != "Reshape" or split.domain not in ("", "ai.onnx"):
