@@ -74,23 +74,25 @@ def _timed(fn, reps: int = 7) -> dict:
     return res
 
 
-def init_dtype(sample, dtype: torch.dtype, free_bytes: int) -> torch.dtype:
+def init_dtype(sample, dtype: torch.dtype, device_bytes: int) -> torch.dtype:
     """The dtype :func:`build` initialises ``sample``'s model in: fp32 unless its fp32 weights exceed
-    90% of ``free_bytes`` (counted on the meta device: no memory, no init)."""
+    80% of the GPU's ``device_bytes`` (its total memory, so that every process on one machine -- a
+    build's subprocess and the bench that compares against its eager model -- makes the same choice
+    and gets the same weights; counted on the meta device: no memory, no init)."""
     if dtype == torch.float32:
         return dtype
-    return dtype if param_count(sample) * 4 > 0.9 * free_bytes else torch.float32
+    return dtype if param_count(sample) * 4 > 0.8 * device_bytes else torch.float32
 
 
 def build(sample, dtype=BF16) -> torch.nn.Module:
     """The sample's model with its random init run on the GPU (CPU init of ~5B params is slow): in
-    fp32, then cast, unless the fp32 weights would not fit in 90% of the free GPU memory (Laguna XS.2:
-    132 GB) -- then the init runs in ``dtype`` itself (other random values; nothing compares them
-    with an fp32 init's)."""
+    fp32, then cast, unless the fp32 weights would not fit in 80% of the GPU's memory (Laguna XS.2:
+    134 GB; :func:`init_dtype`) -- then the init runs in ``dtype`` itself (other random values;
+    nothing compares them with an fp32 init's)."""
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     if torch.cuda.is_available() and str(DEV).startswith("cuda"):
-        torch.set_default_dtype(init_dtype(sample, dtype, torch.cuda.mem_get_info()[0]))
+        torch.set_default_dtype(init_dtype(sample, dtype, torch.cuda.mem_get_info()[1]))
     try:
         with torch.device(DEV):
             model = sample.module.Model(sample.config)

@@ -759,7 +759,9 @@ def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8, 
         ref32 = eager.run_fp32(stream)
         ref32 = ref32[:, prompt - 1:].float() if ref32 is not None else None
     if eager_first:
-        eager.model.to("cpu")  # the GPU's memory to the artifact (the caller drops the model after)
+        # the GPU's memory to the artifact, with no host copy (the caller drops the model after): a
+        # real-size model's host copy would not fit beside an artifact kept in host memory (tmpfs --work)
+        eager.model.to("meta")
         gc.collect()
         torch.cuda.empty_cache()
         runtime = CudaGraphRuntime(directory, device=device)
@@ -866,6 +868,10 @@ def general_only(directory: str) -> str | None:
     return sibling
 
 
+VARIANTS = ("graph", "uncaptured", "general_graph")
+"""The runtimes :func:`measure` times (``--variants``)."""
+
+
 def measure(case: dict, args, bw: float) -> None:
     """Per (L, B): ``graph_ms`` (``CudaGraphRuntime``, one-token steps through the decode graph where
     the artifact has one), ``uncaptured_ms`` (the same bindings, no graph) and, for an artifact with a
@@ -882,6 +888,7 @@ def measure(case: dict, args, bw: float) -> None:
     general = general_only(case["effexport_dir"])
     variants = [("graph", case["effexport_dir"], True), ("uncaptured", case["effexport_dir"], False)]
     variants += [("general_graph", general, True)] if general else []
+    variants = [v for v in variants if v[0] in getattr(args, "variants", VARIANTS)]
     for key, directory, capture in variants:
         try:
             runtime = CudaGraphRuntime(directory, device="cuda", capture=capture)
@@ -1047,6 +1054,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="keep a case's artifacts already complete under --work (their manifests written: the build's "
                     "last step) instead of building them again; the same --contexts / --tokens as the build")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="which runtimes to time (each opens its own session, a copy of the weights: minutes at "
+                    "real size): graph (captured), uncaptured, general_graph (captured, model.onnx only)")
     ap.add_argument("--profile", default="", help="L:B points (e.g. 4096:1,4096:8) to profile per op type "
                     "(ORT's profiler over uncaptured decode steps)")
     ap.add_argument("--routing", action=argparse.BooleanOptionalAction, default=True,
@@ -1060,6 +1070,9 @@ def main(argv=None) -> int:
     args.batches = [int(x) for x in args.batches.split(",")]
     args.peer_batches = [int(x) for x in args.peer_batches.split(",")]
     args.profile = [p for p in args.profile.split(",") if p]
+    args.variants = [v for v in args.variants.split(",") if v]
+    if set(args.variants) - set(VARIANTS) or not args.variants:
+        ap.error(f"--variants: one or more of {', '.join(VARIANTS)}")
     cases = args.cases.split(",")
     args.stock = parse_stock(args.stock)
     for case, context, batch in args.stock:

@@ -261,14 +261,50 @@ def test_build_only_then_reuse(tmp_path, monkeypatch):
     assert set(ort_graphs.case_dirs(work, "gemma3-1b+nocuda")) == {"effexport_dir"}
 
 
-def test_real_size_init_dtype_follows_the_free_memory():
+def test_real_size_init_dtype_follows_the_device_memory():
     """``decode_step.build`` initialises in fp32 (then casts) unless the fp32 weights would not fit in
-    90% of the free GPU memory: Laguna XS.2's 33B parameters (132 GB in fp32) on an 80 GB GPU init in
-    bf16; Gemma 4 E2B (~5B) in fp32; an fp32 build is fp32 whatever the memory."""
+    80% of the GPU's total memory: Laguna XS.2's 33B parameters (134 GB in fp32) init in bf16 on an
+    80 GB H100 and on a 141 GB H200 alike (90% of the H200 would have let the fp32 init through by a
+    few hundred MB -- or not, by what else was allocated, so the bench's two processes could disagree);
+    Gemma 4 E2B (~5B) in fp32; an fp32 build is fp32 whatever the memory."""
     from effexport.samples import get_sample
 
-    free = 80 * 2**30
-    assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.bfloat16, free) == torch.bfloat16
-    assert decode_step.init_dtype(get_sample("gemma4-e2b"), torch.bfloat16, free) == torch.float32
-    assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.float32, free) == torch.float32
+    h100, h200 = 80 * 2**30, 141 * 10**9
+    for device in (h100, h200):
+        assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.bfloat16, device) == torch.bfloat16
+        assert decode_step.init_dtype(get_sample("gemma4-e2b"), torch.bfloat16, device) == torch.float32
+        assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.float32, device) == torch.float32
     assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.bfloat16, 200 * 2**30) == torch.float32
+
+
+def test_measure_times_only_the_asked_variants(monkeypatch):
+    """``--variants`` picks the runtimes :func:`ort_graphs.measure` opens (each loads its own copy of
+    the weights: minutes for a real-size model): ``graph`` alone opens one captured runtime and fills
+    ``graph_ms`` only; an unknown name is a usage error."""
+    import types
+
+    import effexport.runtime
+
+    opened = []
+
+    class FakeRuntime:
+        def __init__(self, directory, device="cuda", capture=True):
+            opened.append((directory, capture))
+
+    monkeypatch.setattr(effexport.runtime, "CudaGraphRuntime", FakeRuntime)
+    monkeypatch.setattr(ort_graphs, "effexport_decode", lambda runtime, context, batch, tokens: 1e-3)
+    monkeypatch.setattr(ort_graphs, "general_only", lambda directory: directory + "-general")
+    monkeypatch.setattr(ort_graphs, "kv_bytes", lambda directory, batch, context: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    case = {"case": "x", "effexport_dir": "d", "weight_bytes": 10**9}
+    args = types.SimpleNamespace(contexts=[4096], batches=[1], tokens=4, peer_batches=[], variants=["graph"])
+    ort_graphs.measure(case, args, 1e12)
+    assert opened == [("d", True)]
+    assert case["rows"][0]["graph_ms"] == pytest.approx(1.0)
+    assert not {"uncaptured_ms", "general_graph_ms"} & set(case["rows"][0])
+    opened.clear()
+    ort_graphs.measure(case := {"case": "x", "effexport_dir": "d", "weight_bytes": 10**9},
+                       types.SimpleNamespace(**{**vars(args), "variants": list(ort_graphs.VARIANTS)}), 1e12)
+    assert opened == [("d", True), ("d", False), ("d-general", True)]
+    with pytest.raises(SystemExit):
+        ort_graphs.main(["--variants", "graph,fast", "--cases", "gemma4-e2b"])
