@@ -21,6 +21,10 @@ Cases (``[1, 1, H]`` activations, H = 1536 as Gemma 4 E2B's hidden size; weights
   widths), 2048 (Q), 6144 (gate or up), 12288 (gate and up packed); ``us_per_node`` is per pair here,
   and ``gbps`` the pair's weight bytes over its time, against ``copy_bw`` (device-to-device copy).
   (A ``Split`` -- what packing two projections adds in ONNX -- is a trivial copy kernel: ``add``'s floor.)
+* ``tmatmul_{N}``: the same pairs with the weights stored ``[N, H]`` / ``[H, N]`` and read transposed
+  (``com.microsoft.FusedMatMul``, ``transB=1``): torch's ``Linear`` layout, where cuBLAS computes each
+  output as a dot product over a contiguous row -- is a one-row GEMM cheaper that way than over the
+  ``[H, N]`` layout the exported ``MatMul`` reads?
 
 Writes ``ort_kernel_floor.json`` (one entry per case: ``us_per_node``, the replay's ms, errors caught
 per case) and prints a table.
@@ -91,6 +95,12 @@ def chain_model(case: str, chain: int, dtype: int, seed: int = 0) -> onnx.ModelP
                       _tensor(f"b{i}", (1.0 / np.sqrt(n)) * rng.standard_normal((n, HIDDEN)), dtype)]
             nodes += [helper.make_node("MatMul", [x, f"a{i}"], [f"m{i}"]),
                       helper.make_node("MatMul", [f"m{i}", f"b{i}"], [y])]
+        elif case.startswith("tmatmul_"):  # the same pair, weights stored [out, in] (torch's Linear layout)
+            n = int(case.split("_")[1])
+            inits += [_tensor(f"a{i}", (1.0 / np.sqrt(HIDDEN)) * rng.standard_normal((n, HIDDEN)), dtype),
+                      _tensor(f"b{i}", (1.0 / np.sqrt(n)) * rng.standard_normal((HIDDEN, n)), dtype)]
+            nodes += [helper.make_node("FusedMatMul", [x, f"a{i}"], [f"m{i}"], domain="com.microsoft", transB=1),
+                      helper.make_node("FusedMatMul", [f"m{i}", f"b{i}"], [y], domain="com.microsoft", transB=1)]
         else:
             raise ValueError(f"unknown case {case!r}")
         x = y
@@ -100,12 +110,12 @@ def chain_model(case: str, chain: int, dtype: int, seed: int = 0) -> onnx.ModelP
 
 
 CASES = ("norm", "skip_norm", "skip_norm_sum", "add", "mul", "fast_gelu", "matmul_256", "matmul_2048",
-         "matmul_6144", "matmul_12288")
+         "matmul_6144", "matmul_12288", "tmatmul_256", "tmatmul_2048", "tmatmul_6144", "tmatmul_12288")
 
 
 def weight_bytes(case: str) -> int:
     """Weight bytes one unit (node, or pair for ``matmul_*``) of ``case`` reads in bf16."""
-    return 2 * 2 * HIDDEN * int(case.split("_")[1]) if case.startswith("matmul_") else 0
+    return 2 * 2 * HIDDEN * int(case.split("_")[1]) if case.startswith(("matmul_", "tmatmul_")) else 0
 
 
 def run_case(path: str, device: str, reps: int) -> dict:

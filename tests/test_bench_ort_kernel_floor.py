@@ -34,8 +34,24 @@ def test_every_case_runs_on_the_cpu(tmp_path):
     assert set(results["cases"]) == set(floor.CASES)
     for case, entry in results["cases"].items():
         assert "error" not in entry and entry["finite"] and entry["us_per_node"] > 0, case
-        assert ("gbps" in entry) == case.startswith("matmul_")
+        assert ("gbps" in entry) == case.startswith(("matmul_", "tmatmul_"))
     assert not list(tmp_path.glob("*.onnx"))  # the chains are not left behind
+
+
+def test_transposed_weights_compute_the_same_pairs():
+    """``tmatmul_N`` (weights ``[N, H]`` read with ``transB=1``) is ``matmul_N`` over the transposed
+    weights: the same chain's output when its initializers are those transposed."""
+    x = np.random.default_rng(0).standard_normal((1, 1, floor.HIDDEN)).astype(np.float32)
+    plain, trans = floor.chain_model("matmul_256", 2, floor.FLOAT), floor.chain_model("tmatmul_256", 2, floor.FLOAT)
+    import onnx.numpy_helper as nh
+
+    for init in trans.graph.initializer:  # replace the plain chain's weights by the transposed chain's, transposed
+        target = next(t for t in plain.graph.initializer if t.name == init.name)
+        target.CopyFrom(nh.from_array(nh.to_array(init).T.copy(), init.name))
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    got, want = run(trans), run(plain)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_case():
