@@ -3,7 +3,7 @@ ways -- uncaptured, replayed from a CUDA graph, compiled by Inductor and replaye
 
     python3 bench/torch_engine.py [--out DIR] [--tiny] [--real gemma4-e2b,laguna-xs2@8L,...] [--dtypes fp32,bf16]
                                   [--contexts 4096,32768] [--batches 1,8] [--budget-s 480] [--device cuda]
-                                  [--inplace | --no-inplace] [--hf-eager [--hf-attn eager,sdpa]]
+                                  [--inplace | --no-inplace] [--tune] [--hf-eager [--hf-attn eager,sdpa]]
                                   [--profile 4096:1,32768:8] [--compile-variants default,static,...] [--inductor K=V,...]
                                   [--no-variant-fp32-ref] [--no-errors]
 
@@ -18,7 +18,8 @@ replays on). Every engine runs its buffer caches in place (``--inplace``, the de
 ``attention_buffer_inplace`` on the caches, no copy of the whole buffers in the op and no copy-back of
 their presents, :mod:`effexport.exporter.backends.torch.inplace`) or, with ``--no-inplace``, the
 functional ``attention_buffer`` as the artifact has it (what the issue #21 numbers before the in-place
-engine measured); ``inplace`` in the JSON says which, ``inplace_caches`` per case which caches, and
+engine measured); ``--tune`` compiles the engines with ``TorchEngine(tune=True)`` (Inductor's
+coordinate-descent tuning; ``tune`` in the JSON); ``inplace`` in the JSON says which, ``inplace_caches`` per case which caches, and
 ``*_copy_backs`` per row and graph variant how many presents the captured step copies back. Then:
 
 * errors: a prompt then ``--decode`` steps, teacher-forced with the fp32 eager model's greedy tokens,
@@ -264,7 +265,7 @@ def rewrite(sample, model, device, max_context: int):
     return program, analysis
 
 
-def engines(program, plan, device, cpu_compile: bool, inplace: bool = True) -> dict:
+def engines(program, plan, device, cpu_compile: bool, inplace: bool = True, tune: bool = False) -> dict:
     """Variant name -> a ``step(ids, pos, caches) -> (logits, caches)`` callable, or the error.
     ``compiled`` and ``compiled_graph`` share one ``torch.compile`` (one compile per shape).
     ``inplace``: the engines' buffer caches updated in place (``TorchEngine(inplace=...)``)."""
@@ -280,7 +281,7 @@ def engines(program, plan, device, cpu_compile: bool, inplace: bool = True) -> d
     if not cuda and not cpu_compile:
         out["compiled"] = "skipped: Inductor on the CPU takes minutes per shape (--cpu-compile to run it)"
     else:
-        out["compiled"] = _engine(program.gm, plan, device, True, False, inplace)
+        out["compiled"] = _engine(program.gm, plan, device, True, False, inplace, tune)
     if not cuda:
         out["compiled_graph"] = "skipped: CUDA graphs need a CUDA device"
     elif isinstance(out["compiled"], str):
@@ -290,11 +291,12 @@ def engines(program, plan, device, cpu_compile: bool, inplace: bool = True) -> d
     return out
 
 
-def _engine(program, plan, device, comp: bool, graphs: bool, inplace: bool = True):
+def _engine(program, plan, device, comp: bool, graphs: bool, inplace: bool = True, tune: bool = False):
     from effexport.exporter.backends.torch import TorchEngine
 
     try:
-        return TorchEngine(program, plan.entries, device, compile=comp, cuda_graphs=graphs, inplace=inplace)
+        return TorchEngine(program, plan.entries, device, compile=comp, cuda_graphs=graphs, inplace=inplace,
+                           tune=tune)
     except Exception as exc:  # noqa: BLE001
         return f"error: {_short(exc)}"
 
@@ -448,7 +450,7 @@ def run_case(case: dict, args, device, clock, save, deadline: float, bw: float |
     case["constants"] = analysis.counts.get("constants")
     save()
     plan = analysis.plan
-    runners = engines(program, plan, device, args.cpu_compile, args.inplace)
+    runners = engines(program, plan, device, args.cpu_compile, args.inplace, args.tune)
     case["inplace_caches"] = list(runners["rewritten"].inplace)
     t1 = time.monotonic()
     prompt = 64 if real else 40
@@ -1043,6 +1045,9 @@ def main(argv=None) -> int:
                     help="also time HF transformers' own Gemma 4 (eager) on each Gemma 4 case's decode step")
     ap.add_argument("--hf-attn", default="eager,sdpa",
                     help="--hf-eager: attention implementations to time (eager first: the one the model is built with)")
+    ap.add_argument("--tune", action=argparse.BooleanOptionalAction, default=False,
+                    help="compile the case's engines with TorchEngine(tune=True): Inductor's coordinate-descent "
+                    "tuning (longer compiles; 'tune' in the JSON)")
     ap.add_argument("--inplace", action=argparse.BooleanOptionalAction, default=True,
                     help="buffer caches updated in place by the engines (default; --no-inplace: the functional "
                     "attention_buffer, every present copied back)")
@@ -1092,7 +1097,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "torch_engine.json"), "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device),
                        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                       "copy_bw": bw, "inplace": args.inplace, "elapsed_s": time.monotonic() - start, "cases": cases,
+                       "copy_bw": bw, "inplace": args.inplace, "tune": args.tune, "elapsed_s": time.monotonic() - start, "cases": cases,
                        "mhc_overhead": mhc_overhead(cases),
                        **({"profiler_init": profiler_init} if profiler_init else {})}, f, indent=1, default=str)
         if args.profile or args.compile_variants or args.inductor:

@@ -291,3 +291,26 @@ def test_packing_leaves_shared_biased_and_lone_weights():
     for got, ref in zip(gm(x, y), want):
         assert_close(got, ref, what="packed module output")
     assert pack_projections(gm) == 0
+
+
+def test_tuned_compile_passes_the_inductor_options(monkeypatch):
+    """``tune=True`` compiles the engine's module with :data:`~.engine.TUNED` (Inductor's
+    coordinate-descent tuning), ``tune=False`` with torch.compile's defaults; tuning without compiling is
+    refused (it tunes Inductor's kernels)."""
+    from effexport.exporter.backends.torch import engine as engine_mod
+
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(kw)
+        return fn
+
+    monkeypatch.setattr(engine_mod.torch, "compile", fake_compile)
+    _, _, program, plan = _program("gemma4-e2b:tiny")
+    tuned = TorchEngine(program.gm, plan.entries, "cpu", compile=True, tune=True)
+    plain = TorchEngine(program.gm, plan.entries, "cpu", compile=True)
+    assert calls == [{"options": {"coordinate_descent_tuning": True}}, {}]
+    assert tuned.tuned and not plain.tuned and engine_mod.TUNED == {"coordinate_descent_tuning": True}
+    with pytest.raises(ValueError, match="needs compile=True"):
+        TorchEngine(program.gm, plan.entries, "cpu", compile=False, tune=True)
+    assert len(calls) == 2

@@ -42,13 +42,13 @@ def load_program(path: str) -> torch.export.ExportedProgram:
 
 class TorchRuntime:
     """A ``--target torch`` artifact loaded on ``device`` (default: CUDA when torch sees it); ``compile``,
-    ``cuda_graphs``, ``inplace`` and ``pack`` are :class:`~.engine.TorchEngine`'s. :attr:`op_calls`:
+    ``cuda_graphs``, ``inplace``, ``pack`` and ``tune`` are :class:`~.engine.TorchEngine`'s. :attr:`op_calls`:
     the effexport ops the program calls (``artifact.op_calls``)."""
 
     generate = OrtRuntime.generate  # greedy loop over step / initial_caches
 
     def __init__(self, artifact_dir: str, device: str | None = None, compile: bool | None = None,
-                 cuda_graphs: bool | None = None, inplace: bool = True, pack: bool = True):
+                 cuda_graphs: bool | None = None, inplace: bool = True, pack: bool = True, tune: bool = False):
         self.manifest = load_manifest(artifact_dir)
         self.entries = plan_entries(self.manifest)
         info = self.manifest.get("torch")
@@ -67,7 +67,7 @@ class TorchRuntime:
         # the engine runs its own module of the program; the ExportedProgram is not kept, so the weights
         # its packed projections replaced are freed (held by the program too, they would count twice)
         self.engine = TorchEngine(ep, self.entries, self.device, compile=compile, cuda_graphs=cuda_graphs,
-                                  inplace=inplace, pack=pack)
+                                  inplace=inplace, pack=pack, tune=tune)
         del ep
         self.input_names, self.output_names = self.manifest["inputs"], self.manifest["outputs"]
 
