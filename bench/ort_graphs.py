@@ -868,8 +868,8 @@ def general_only(directory: str) -> str | None:
     return sibling
 
 
-VARIANTS = ("graph", "uncaptured", "general_graph")
-"""The runtimes :func:`measure` times (``--variants``)."""
+RUNTIMES = ("graph", "uncaptured", "general_graph")
+"""The runtimes :func:`measure` times (``--runtimes``)."""
 
 
 def measure(case: dict, args, bw: float) -> None:
@@ -888,7 +888,7 @@ def measure(case: dict, args, bw: float) -> None:
     general = general_only(case["effexport_dir"])
     variants = [("graph", case["effexport_dir"], True), ("uncaptured", case["effexport_dir"], False)]
     variants += [("general_graph", general, True)] if general else []
-    variants = [v for v in variants if v[0] in getattr(args, "variants", VARIANTS)]
+    variants = [v for v in variants if v[0] in getattr(args, "runtimes", RUNTIMES)]
     for key, directory, capture in variants:
         try:
             runtime = CudaGraphRuntime(directory, device="cuda", capture=capture)
@@ -1054,7 +1054,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="keep a case's artifacts already complete under --work (their manifests written: the build's "
                     "last step) instead of building them again; the same --contexts / --tokens as the build")
-    ap.add_argument("--variants", default=",".join(VARIANTS),
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES),
                     help="which runtimes to time (each opens its own session, a copy of the weights: minutes at "
                     "real size): graph (captured), uncaptured, general_graph (captured, model.onnx only)")
     ap.add_argument("--profile", default="", help="L:B points (e.g. 4096:1,4096:8) to profile per op type "
@@ -1070,9 +1070,9 @@ def main(argv=None) -> int:
     args.batches = [int(x) for x in args.batches.split(",")]
     args.peer_batches = [int(x) for x in args.peer_batches.split(",")]
     args.profile = [p for p in args.profile.split(",") if p]
-    args.variants = [v for v in args.variants.split(",") if v]
-    if set(args.variants) - set(VARIANTS) or not args.variants:
-        ap.error(f"--variants: one or more of {', '.join(VARIANTS)}")
+    args.runtimes = [v for v in args.runtimes.split(",") if v]
+    if set(args.runtimes) - set(RUNTIMES) or not args.runtimes:
+        ap.error(f"--runtimes: one or more of {', '.join(RUNTIMES)}")
     cases = args.cases.split(",")
     args.stock = parse_stock(args.stock)
     for case, context, batch in args.stock:

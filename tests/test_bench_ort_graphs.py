@@ -277,8 +277,8 @@ def test_real_size_init_dtype_follows_the_device_memory():
     assert decode_step.init_dtype(get_sample("laguna-xs2"), torch.bfloat16, 200 * 2**30) == torch.float32
 
 
-def test_measure_times_only_the_asked_variants(monkeypatch):
-    """``--variants`` picks the runtimes :func:`ort_graphs.measure` opens (each loads its own copy of
+def test_measure_times_only_the_asked_runtimes(monkeypatch):
+    """``--runtimes`` picks the runtimes :func:`ort_graphs.measure` opens (each loads its own copy of
     the weights: minutes for a real-size model): ``graph`` alone opens one captured runtime and fills
     ``graph_ms`` only; an unknown name is a usage error."""
     import types
@@ -297,14 +297,15 @@ def test_measure_times_only_the_asked_variants(monkeypatch):
     monkeypatch.setattr(ort_graphs, "kv_bytes", lambda directory, batch, context: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     case = {"case": "x", "effexport_dir": "d", "weight_bytes": 10**9}
-    args = types.SimpleNamespace(contexts=[4096], batches=[1], tokens=4, peer_batches=[], variants=["graph"])
+    args = types.SimpleNamespace(contexts=[4096], batches=[1], tokens=4, peer_batches=[], runtimes=["graph"])
     ort_graphs.measure(case, args, 1e12)
     assert opened == [("d", True)]
     assert case["rows"][0]["graph_ms"] == pytest.approx(1.0)
     assert not {"uncaptured_ms", "general_graph_ms"} & set(case["rows"][0])
     opened.clear()
     ort_graphs.measure(case := {"case": "x", "effexport_dir": "d", "weight_bytes": 10**9},
-                       types.SimpleNamespace(**{**vars(args), "variants": list(ort_graphs.VARIANTS)}), 1e12)
+                       types.SimpleNamespace(**{**vars(args), "runtimes": list(ort_graphs.RUNTIMES)}), 1e12)
     assert opened == [("d", True), ("d", False), ("d-general", True)]
     with pytest.raises(SystemExit):
-        ort_graphs.main(["--variants", "graph,fast", "--cases", "gemma4-e2b"])
+        ort_graphs.main(["--runtimes", "graph,fast", "--cases", "gemma4-e2b"])
+    assert ort_graphs.split_variant("gemma4-e2b+nocuda")[1]["EFFEXPORT_ORT_CUDA_FUSIONS"] == "0"  # the build variants
