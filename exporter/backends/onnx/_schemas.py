@@ -38,17 +38,18 @@ def ensure_schema(schema: OpSchema) -> None:
 
 
 def make_schema(name: str, domain: str, inputs: Iterable[tuple[str, str, bool]],
-                outputs: Iterable[tuple[str, str]], attributes: Iterable[tuple[str, type]],
+                outputs: Iterable[tuple], attributes: Iterable[tuple[str, type]],
                 type_constraints: Iterable[tuple[str, list[str]]], doc: str = "") -> OpSchema:
     """An ``OpSchema`` at version 1: inputs ``(name, type_str, optional)``, outputs
-    ``(name, type_str)``, attributes ``(name, python type)`` (all required: the lowering always
-    writes every attribute), constraints ``(type_str, allowed types)``."""
+    ``(name, type_str)`` or ``(name, type_str, optional)``, attributes ``(name, python type)`` (all
+    required: the lowering always writes every attribute), constraints ``(type_str, allowed types)``."""
     single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
     return OpSchema(
         name, domain, 1, doc=doc,
         inputs=[OpSchema.FormalParameter(n, t, param_option=optional if opt else single)
                 for n, t, opt in inputs],
-        outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
+        outputs=[OpSchema.FormalParameter(n, t, param_option=optional if opt and opt[0] else single)
+                 for n, t, *opt in outputs],
         type_constraints=[(t, allowed, "") for t, allowed in type_constraints],
         attributes=[OpSchema.Attribute(n, _ATTR_TYPES[ty], "", required=False) for n, ty in attributes],
     )
@@ -94,7 +95,7 @@ def ensure_fusion_schemas() -> None:
     ensure_schema(make_schema(
         "SkipSimplifiedLayerNormalization", MSFT_DOMAIN,
         inputs=[("input", "T", False), ("skip", "T", False), ("gamma", "T", False), ("bias", "T", True)],
-        outputs=[("output", "T"), ("mean", "U"), ("inv_std_var", "U"), ("input_skip_bias_sum", "T")],
+        outputs=[("output", "T"), ("mean", "U", True), ("inv_std_var", "U", True), ("input_skip_bias_sum", "T", True)],
         attributes=[("epsilon", float)], type_constraints=[("T", _FLOATS), ("U", ["tensor(float)"])],
         doc="ONNX Runtime contrib SkipSimplifiedLayerNormalization (residual add + RMSNorm; subset declared)."))
     ensure_schema(make_schema(

@@ -58,7 +58,7 @@ from effexport.exporter.backends.onnx.attention import one_token_graph, slot_rin
 from effexport.exporter.backends.onnx.half_einsum import einsums
 from effexport.exporter.backends.onnx.host_positions import (DEVICE_POSITIONS, IN_PLACE, host_reads,
                                                           split_host_positions)
-from effexport.exporter.backends.onnx.ort_fusions import fuse_for_ort, fuse_step_for_ort
+from effexport.exporter.backends.onnx.ort_fusions import INLINE, fuse_for_ort, fuse_step_for_ort, zero_skip_norms
 from effexport.exporter.backends.onnx.profiles import PROFILES
 from effexport.exporter.backends.onnx.translations import translation_table
 from effexport.exporter.backends.onnx.structure_only import meta_weights_as_external
@@ -226,6 +226,15 @@ def _initializer_bytes(model: ir.Model) -> int:
                if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
 
 
+def _to_data_file(value: ir.Value) -> bool:
+    """Whether an initializer goes to the data file in an external-data save: held in memory, not
+    strings, at least :data:`EXTERNAL_TENSOR_BYTES`, and not marked to stay inline (``meta``
+    :data:`~.ort_fusions.INLINE`: the decode graph's zero skips, so it gets no data file of its own)."""
+    t = value.const_value
+    return t is not None and not isinstance(t, ir.ExternalTensor) and t.dtype != ir.DataType.STRING \
+        and t.nbytes >= EXTERNAL_TENSOR_BYTES and not value.meta.get(INLINE)
+
+
 def _stream_weights(model: ir.Model, directory: str, location: str, file_bytes: int | None = None) -> list[str]:
     """Write every in-memory initializer of at least :data:`EXTERNAL_TENSOR_BYTES` to
     ``directory/location``, one tensor at a time in graph order, and replace it by a reference;
@@ -245,9 +254,7 @@ def _stream_weights(model: ir.Model, directory: str, location: str, file_bytes: 
                          "it cannot also be written with external data")
     from effexport.exporter.backends.onnx.weights import WriteProgress, data_files
 
-    values = [v for v in model.graph.initializers.values()
-              if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
-              and v.const_value.dtype != ir.DataType.STRING and v.const_value.nbytes >= EXTERNAL_TENSOR_BYTES]
+    values = [v for v in model.graph.initializers.values() if _to_data_file(v)]
     sizes = [v.const_value.nbytes for v in values]
     files = data_files(location, sizes, file_bytes)
     progress = WriteProgress(sum(sizes), location if len(files) == 1 else f"{len(files)} files")
@@ -304,6 +311,8 @@ def _lower_step(program: StepProgram, plan: CachePlan, profile: str, example_bat
         slot = {ph for ph, name in zip(exported.graph_signature.user_inputs, inputs) if name in slot}
         with slot_rings(slot), one_token_graph() if one_token else contextlib.nullcontext():
             model = _lower_ir(exported, (), profile, None, inputs, outputs, buffer_capacity(plan.entries))
+        if one_token and PROFILES[profile].ort_fusions:  # a [1, 1, H] skip matches [B, 1, H] rows only
+            zero_skip_norms(model)
         model.metadata_props[IN_PLACE] = json.dumps(in_place_inputs(model))
     except Exception as exc:  # torch.onnx raises many types; report them as a lowering error
         what = f"ONNX export ({profile}{', one-token decode graph' if one_token else ''})"
@@ -421,14 +430,16 @@ def export_steps(program: StepProgram, plan: CachePlan, path: str, profile: str 
     a KV-sharing consumer's read of its producer's ring (``min(pos + 1, W)`` rows) or buffer
     (``pos + 1``), a slot-ring producer's or a head-size-512 buffer owner's own read after its write
     -- with one ``com.microsoft::MultiHeadAttention`` (:func:`.attention.attend_mha_prefix`) instead
-    of the ~10-node MatMul / Softmax decomposition the general graph needs for chunks; every other
-    node is the general graph's. Inputs, outputs, cache layouts and the in-place metadata are the
+    of the ~10-node MatMul / Softmax decomposition the general graph needs for chunks, and each plain
+    ``[B, 1, H]`` RMS norm as a ``SkipSimplifiedLayerNormalization`` with a zero skip (the cheaper
+    kernel; :func:`.ort_fusions.zero_skip_norms`); every other node is the general graph's. Inputs, outputs, cache layouts and the in-place metadata are the
     general graph's (:func:`_match_decode_io`), so a runtime runs either on the same caches.
 
     The weights are written once: both graphs take external data, the general graph's
     ``{path}.data`` (split by ``data_file_bytes``), and every decode initializer with the general
     graph's name, dtype, shape and values (:func:`_shared_initializers`) references the same file,
-    offset and length; anything else large goes to ``{decode_path}.data`` (none in the presets).
+    offset and length; anything else large goes to ``{decode_path}.data`` (none in the presets: the
+    zero skips stay inline).
 
     Not written (returns None for it) when the decode graph has no MultiHeadAttention (nothing to
     gain: a model without KV sharing whose attention is GroupQueryAttention already), or for a
@@ -467,8 +478,7 @@ def export_steps(program: StepProgram, plan: CachePlan, path: str, profile: str 
         return proto, None
     for value, other in shared:  # now a reference into the general graph's data file
         value.const_value = other.const_value
-    own = any(v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
-              and v.const_value.nbytes >= EXTERNAL_TENSOR_BYTES for v in decode.graph.initializers.values())
+    own = any(_to_data_file(v) for v in decode.graph.initializers.values())
     decode.graph.doc_string = (f"effexport one-token decode graph of {Path(path).name}: the same inputs, outputs "
                                "and caches, for steps of exactly one new token per row")
     return proto, _save(decode, Path(decode_path), own, finish, data_file_bytes)

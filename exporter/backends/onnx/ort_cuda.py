@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from effexport.exporter.backends.onnx._build import single_use
+from effexport.exporter.backends.onnx._build import constant, single_use
 
 ENV = "EFFEXPORT_ORT_CUDA_FUSIONS"
 """``0`` builds without these fusions (a comparison, or an ONNX Runtime build whose CUDA kernel lacks them)."""
@@ -41,15 +41,27 @@ def _norm_weight(w: ir.Value | None, d, dtype) -> bool:
     return w is not None and w.is_initializer() and w.shape is not None and list(w.shape) == [d] and w.dtype == dtype
 
 
+def _zero_skip_norm(node: ir.Node | None) -> bool:
+    """``node`` is a ``SkipSimplifiedLayerNormalization`` of one output over an all-zero ``[1, 1, d]``
+    skip: a plain norm that the decode graph's :func:`.ort_fusions.zero_skip_norms` ran through the
+    skip-norm kernel. That pass runs after these fusions, so only the fp32 twin of a decode graph
+    (:func:`with_cuda_fusions`) has such a norm where a half-precision build fused a plain one."""
+    if node is None or node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft" \
+            or len(node.inputs) != 3 or len(node.outputs) != 1 or node.inputs[1] is None:
+        return False
+    zeros = constant(node.inputs[1])
+    return zeros is not None and zeros.ndim == 3 and zeros.shape[:2] == (1, 1) and not zeros.any()
+
+
 def _head_norm(value: ir.Value, heads: int):
     """``value = Reshape(SimplifiedLayerNormalization(Reshape(x, [B, T, H, d]), w), [B, T, H*d])`` over
     the last axis, each link read only by the next, ``x`` 3-D with ``H * d`` channels and ``w`` a
     constant 1-D ``[d]`` of ``x``'s dtype -> ``(x, w, epsilon)``; else None. With one head the
     reshapes may be gone already (``value = SimplifiedLayerNormalization(x, w)``, the ``ort``
-    layout rule for a single head's norm)."""
+    layout rule for a single head's norm, or that norm with a zero skip: :func:`_zero_skip_norm`)."""
     direct = value.producer()
-    if heads == 1 and _norm_node(direct, (-1, 2)) and single_use(value):
-        x, w = direct.inputs[0], direct.inputs[1]
+    if heads == 1 and (_norm_node(direct, (-1, 2)) or _zero_skip_norm(direct)) and single_use(value):
+        x, w = direct.inputs[0], direct.inputs[-1]  # the scale is the last input of either op
         if x is None or x.shape is None or x.shape.rank() != 3 or not _norm_weight(w, x.shape[2], x.dtype):
             return None
         return x, w, direct.attributes.get_float("epsilon", 1e-5)
