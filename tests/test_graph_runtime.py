@@ -185,3 +185,25 @@ def test_cuda_sessions_grow_their_arena_by_what_is_asked(monkeypatch):
     monkeypatch.setattr(CudaGraphRuntime, "_check_device_positions", lambda self: None)
     assert graphs._providers(ort, "cuda")[0] == ("CUDAExecutionProvider", {**CUDA_OPTIONS, "enable_cuda_graph": "1"})
     assert OrtRuntime._providers(object.__new__(OrtRuntime), ort, "cpu") == ["CPUExecutionProvider"]
+
+
+def test_runtime_pair_probe_on_the_cpu(buffered, tmp_path):
+    """``bench/runtime_pair_probe.py`` (the batch-2 diagnosis for the GPU): on ORT's CPU EP the two
+    runtimes give the same tokens and bit-identical logits at batch 1 and 2, with ORT's buffer reuse on
+    and off, and turning reuse off changes neither runtime's numbers."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import runtime_pair_probe as probe
+
+    assert probe.main(["--artifact", str(buffered), "--device", "cpu", "--out", str(tmp_path), "--tokens", "4"]) == 0
+    configs = json.loads((tmp_path / "runtime_pair_probe.json").read_text())["configs"]
+    assert set(configs) == {"reuse", "no_reuse"}
+    for config, cases in configs.items():
+        assert set(cases) == {"B1", "B2"}, config
+        for case, entry in cases.items():
+            assert entry["tokens_equal"] and len(entry["max_rel_per_step"]) == 4, (config, case)
+            assert entry["max_rel"] == 0.0, (config, case, entry["max_rel"])
+            if config == "no_reuse":
+                assert entry["ort_vs_reuse"] == 0.0 and entry["graph_vs_reuse"] == 0.0, (case, entry)
