@@ -889,7 +889,7 @@ def measure(case: dict, args, bw: float) -> None:
     general = general_only(case["effexport_dir"])
     variants = [("graph", case["effexport_dir"], True), ("uncaptured", case["effexport_dir"], False)]
     variants += [("general_graph", general, True)] if general else []
-    variants = [v for v in variants if v[0] in getattr(args, "runtimes", RUNTIMES)]
+    variants = [v for v in variants if v[0] in args.runtimes]
     for key, directory, capture in variants:
         try:
             runtime = CudaGraphRuntime(directory, device="cuda", capture=capture)
