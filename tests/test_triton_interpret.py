@@ -1,7 +1,7 @@
 """The Triton kernels' numbers on the CPU: every kernel of custom_ops/_triton (split-K decode for
 ``attention_cache`` / ``attention_ring`` / ``attention_read`` (full and ring) / ``sparse_attention_ring``
 (HCA, CSA), the block-sparse prefill kernel behind ``attention`` and the multi-token cache ops, the
-fused CCA decode kernel, the mHC ``sinkhorn`` and ``mhc_pre`` kernels) run by Triton's interpreter
+fused CCA decode kernel, the mHC ``sinkhorn`` and ``mhc_pre`` kernels, the decode-shape ``gemv``) run by Triton's interpreter
 (``TRITON_INTERPRET=1``) on small fp32 shapes, against the op's eager reference in float64: max relative error ``max|out - ref| / max|ref|`` <= 1e-5,
 outputs finite and not all zero, and the caches / states the ops return equal the reference's bit
 for bit. The shapes are picked so the decode kernels split the rows over several programs (the
@@ -197,6 +197,15 @@ def _mhc_pre(T, M, gen, b, t, n, d, iters):
     return torch.cat([a.flatten() for a in got]), torch.cat([a.flatten() for a in ref]), []
 
 
+def _gemv(T, M, gen, rows, k, n, block_n, dot):
+    """The decode-shape projection (:mod:`effexport.custom_ops._triton.gemv`, a bench candidate, no op
+    yet): K and N not multiples of the blocks (masked tails), both paths."""
+    from effexport.custom_ops._triton.gemv import gemv
+
+    x, w = _rand(gen, rows, k), _rand(gen, n, k) * k ** -0.5
+    return gemv(x, w, block_n=block_n, block_k=32, dot=dot), x.double() @ w.double().T, []
+
+
 def _cca(T, C, gen):
     b, hq, hk, d, k0, k1, rot = 2, 4, 2, 32, 2, 2, 16
     c, p, dv = (hq + hk) * d, k0 - 1 + k1 - 1, hk * d // 2
@@ -256,6 +265,9 @@ CASES = {
     "cca-decode": lambda T, m, g: _cca(T, m["cca"], g),
     **{f"sinkhorn-n{n}-iters{it}": (lambda n, it: lambda T, m, g: _sinkhorn(T, m["mhc"], g, n, it))(n, it)
        for n in (4, 3, 8) for it in (1, 2, 20)},
+    "gemv-m1-sum": lambda T, m, g: _gemv(T, m, g, 1, 100, 37, 8, False),
+    "gemv-m3-dot": lambda T, m, g: _gemv(T, m, g, 3, 200, 45, 16, True),
+    "gemv-m8-sum": lambda T, m, g: _gemv(T, m, g, 8, 64, 20, 4, False),
     "mhcpre-n4-d40-b2t3": lambda T, m, g: _mhc_pre(T, m["mhc"], g, 2, 3, 4, 40, 20),
     "mhcpre-n4-d1100-decode": lambda T, m, g: _mhc_pre(T, m["mhc"], g, 1, 1, 4, 1100, 20),
     "mhcpre-n3-d24-iters1": lambda T, m, g: _mhc_pre(T, m["mhc"], g, 3, 2, 3, 24, 1),
@@ -323,7 +335,7 @@ def interpreted():
 
 KERNELS = {"decode": ["_combine", "_partial"], "sparse": ["_combine", "_partial"], "prefill": ["_prefill"],
            "chunk": ["_prefill"], "cca": ["_cca_decode"], "sinkhorn": ["_sinkhorn"],
-           "mhcpre": ["_mhc_pre"]}
+           "mhcpre": ["_mhc_pre"], "gemv": ["_gemv"]}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -27,7 +27,7 @@ def _gemv(X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         w = tl.load(W + n[:, None] * stride_wn + (k0 + kk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(X + m[:, None] * stride_xm + (k0 + kk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT:
-            acc += tl.dot(x, tl.trans(w))
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")  # fp32 inputs: no tf32
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
     tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
