@@ -11,6 +11,9 @@ shape of the preset's step (``nn.Linear`` modules, q/k/v and gate/up packed as t
 packs them; ``count`` per step), for ``M`` rows of bf16 activations:
 
 * ``cublas``: ``torch.nn.functional.linear`` (what the engine and, through its own calls, ORT run);
+* ``cublas_tunable``: the same call under PyTorch's TunableOp (``torch.cuda.tunable``: every GEMM
+  algorithm cuBLAS / cuBLASLt offers for the shape timed once, the fastest kept; ``--no-tunable``
+  leaves it out) -- is cuBLAS's default choice the library's best at one row?
 * ``triton``: :func:`effexport.custom_ops._triton.gemv.gemv` at each of a few launch configs
   (``BLOCK_N`` rows of the weight per program, ``BLOCK_K`` slice, tensor-core or multiply-sum path),
   the fastest kept (and which);
@@ -109,7 +112,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
-def measure_shape(shape: dict, rows: list[int], bw: float, reps: int, inductor: bool, min_bytes: float) -> dict:
+def measure_shape(shape: dict, rows: list[int], bw: float, reps: int, inductor: bool, min_bytes: float,
+                  tunable: bool = True) -> dict:
     from effexport.custom_ops._triton.gemv import gemv
 
     K, N = shape["K"], shape["N"]
@@ -131,6 +135,18 @@ def measure_shape(shape: dict, rows: list[int], bw: float, reps: int, inductor: 
         except Exception as exc:  # noqa: BLE001
             row["cublas"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         ref = torch.nn.functional.linear(x, weights[0])
+        if tunable:
+            try:
+                torch.cuda.tunable.enable(True)
+                torch.cuda.tunable.tuning_enable(True)
+                err = rel_err(torch.nn.functional.linear(x, weights[0]), ref)  # tunes the shape
+                record("cublas_tunable", time_calls(lambda w: torch.nn.functional.linear(x, w), weights, reps),
+                       err_vs_cublas=float(f"{err:.3g}"))
+            except Exception as exc:  # noqa: BLE001
+                row["cublas_tunable"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            finally:
+                torch.cuda.tunable.tuning_enable(False)
+                torch.cuda.tunable.enable(False)
         best = None
         for bn, bk, dot, warps, stages in CONFIGS:
             if dot and M > 16:
@@ -168,7 +184,7 @@ def step_totals(results: list[dict], rows: list[int], bw: float) -> dict:
     floor_us = sum(r["count"] * r["bytes"] for r in results) / bw * 1e6 if bw else None
     for M in rows:
         per = {}
-        for impl in ("cublas", "triton", "inductor"):
+        for impl in ("cublas", "cublas_tunable", "triton", "inductor"):
             times = [r["rows"].get(str(M), {}).get(impl, {}).get("us") for r in results]
             if all(t is not None for t in times):
                 per[impl + "_us"] = round(sum(r["count"] * t for r, t in zip(results, times)), 1)
@@ -183,8 +199,8 @@ def step_totals(results: list[dict], rows: list[int], bw: float) -> dict:
 
 def table(out: dict) -> str:
     lines = [f"copy bandwidth {out['copy_bw'] / 1e12:.2f} TB/s" if out.get("copy_bw") else "", "",
-             "| projection | K | N | per step | M | cuBLAS us (% bw) | Triton us (% bw) [config] | Inductor us (% bw) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| projection | K | N | per step | M | cuBLAS us (% bw) | TunableOp us (% bw) | Triton us (% bw) [config] | "
+             "Inductor us (% bw) |", "|---|---|---|---|---|---|---|---|---|"]
 
     def cell(d):
         return f"{d['us']:.2f} ({d['pct_bw']}%)" if d and "us" in d else (d or {}).get("error", "-")[:40]
@@ -193,6 +209,7 @@ def table(out: dict) -> str:
         for M, row in r["rows"].items():
             tri = row.get("triton")
             lines.append(f"| {r['name']} | {r['K']} | {r['N']} | {r['count']} | {M} | {cell(row.get('cublas'))} | "
+                         f"{cell(row.get('cublas_tunable'))} | "
                          f"{cell(tri)}{' ' + str(tri['config']) if tri else ''} | {cell(row.get('inductor'))} |")
     lines += ["", "| M | " + " | ".join(k for k in next(iter(out["step"].values()), {})) + " |"]
     for M, per in out["step"].items():
@@ -208,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--min-mb", type=float, default=256.0, help="weight copies per shape: at least this many MB")
     ap.add_argument("--inductor", action="store_true", help="also Inductor's multiply-sum reduction (one row)")
+    ap.add_argument("--tunable", action=argparse.BooleanOptionalAction, default=True,
+                    help="also cuBLAS under PyTorch's TunableOp")
     args = ap.parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
     os.makedirs(args.out, exist_ok=True)
@@ -217,11 +236,16 @@ def main(argv=None) -> int:
         print("no CUDA device: the shapes above only", file=sys.stderr)
         return 0
     bw = copy_bandwidth(torch.device("cuda"))
+    if args.tunable:
+        if hasattr(torch.cuda.tunable, "write_file_on_exit"):  # torch <= 2.12
+            torch.cuda.tunable.write_file_on_exit(False)
+        torch.cuda.tunable.set_filename(os.path.join(args.out, "tunableop_results.csv"))
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
            "copy_bw": bw, "shapes": []}
     for shape in shapes:
         try:
-            out["shapes"].append(measure_shape(shape, rows, bw, args.reps, args.inductor, args.min_mb * 1e6))
+            out["shapes"].append(measure_shape(shape, rows, bw, args.reps, args.inductor, args.min_mb * 1e6,
+                                                    args.tunable))
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             out["shapes"].append(dict(shape, error=f"{type(exc).__name__}: {exc}"[:400], rows={}))
