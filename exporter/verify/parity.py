@@ -126,13 +126,15 @@ def compare_structure(path: str, twin_path: str) -> str:
     """"" when the ONNX graphs at ``path`` and ``twin_path`` have the same op types in the same
     numbers (main graph and model-local functions, :data:`STRUCTURE_IGNORED` aside; a ``Clip`` counts
     as the ``Max`` / ``Min`` of its bounds, a ``SkipSimplifiedLayerNormalization`` as its residual
-    ``Add`` and ``SimplifiedLayerNormalization``; an artifact with the CUDA-only fusions is compared with the
+    ``Add`` and ``SimplifiedLayerNormalization``, a GroupQueryAttention with packed Q/K/V as itself and the two
+    ``MatMul`` nodes packing saved; an artifact with the CUDA-only fusions is compared with the
     twin fused the same way), else the first few differences as "op: n vs m"."""
     from collections import Counter
 
     import onnx
 
     from effexport.exporter.backends.onnx.ort_cuda import has_cuda_fusions, with_cuda_fusions
+    from effexport.exporter.backends.onnx.ort_pack import is_packed
 
     def kinds(n) -> list[str]:
         if n.op_type == "Clip" and n.domain in ("", "ai.onnx"):  # Min(Max(x, lo), hi): the optimizer folds
@@ -145,6 +147,8 @@ def compare_structure(path: str, twin_path: str) -> str:
             # and the output) cannot take, where its fp32 twin fuses
             bias = len(n.input) > 3 and bool(n.input[3])
             return ["ai.onnx::Add"] * (1 + bias) + ["ai.onnx::SimplifiedLayerNormalization"]
+        if is_packed(n):  # one MatMul for the three projections: the twin may keep three (.ort_pack)
+            return [n.op_type, "ai.onnx::MatMul", "ai.onnx::MatMul"]
         return [n.op_type]
 
     def ops(model) -> Counter:

@@ -35,6 +35,7 @@ from effexport.exporter.backends.onnx import _build as b
 from effexport.exporter.backends.onnx._schemas import ensure_fusion_schemas
 from effexport.exporter.backends.onnx.ort_cuda import _norm_node, _norm_weight, qk_norm_into_attention
 from effexport.exporter.backends.onnx.ort_moe import fuse_moe
+from effexport.exporter.backends.onnx.ort_pack import pack_qkv_into_attention
 from effexport.exporter.backends.onnx.ort_rotary import fuse_rotary, rotary_in_half, rotary_into_attention
 
 ensure_fusion_schemas()  # onnx.checker must know the ops the rules emit
@@ -679,8 +680,10 @@ def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
     experts as ``MoE`` (:mod:`.ort_moe`), then the
     layout rules until none applies (norms below transposes, transpose pairs, no-op reshapes, the
     rotation in the tokens-major layout), then the rotations into GroupQueryAttention (``do_rotary``)
-    and the remaining half-precision rotations without their fp32 casts (:mod:`.ort_rotary`), and a
-    half-precision attention's per-head Q / K norms into it (CUDA only: :mod:`.ort_cuda`). Returns how many rewrites were made (shape reads included)."""
+    and the remaining half-precision rotations without their fp32 casts (:mod:`.ort_rotary`), a
+    half-precision attention's per-head Q / K norms into it (CUDA only: :mod:`.ort_cuda`), and last its
+    query / key / value projections as one packed GEMM where nothing stands between them and it
+    (:mod:`.ort_pack`). Returns how many rewrites were made (shape reads included)."""
     _attention_output_shapes(model)
     count = fuse_moe(model)
     count += STEP_RULES.apply_to_model(model) + SCALE_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
@@ -695,6 +698,7 @@ def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
         if not made:
             break
     count += rotary_into_attention(model) + rotary_in_half(model) + qk_norm_into_attention(model)
+    count += pack_qkv_into_attention(model)
     if any(node.domain == "com.microsoft" for node in model.graph):
         model.opset_imports.setdefault("com.microsoft", 1)
     return count
