@@ -10,6 +10,6 @@ for f in llama gemma3 qwen3 laguna; do
         EFFEXPORT_ORT_PACK_QKV=$p python3 -c "import sys; from effexport.exporter.cli import main; sys.exit(main(sys.argv[1:]))" \
             /tmp/hf_$f --target onnx --dtype bf16 --kv-cache buffer -o /tmp/pk/$f-$p --force > "$out/$f-pack$p.log" 2>&1
         echo "$f pack=$p rc=$?"; cp /tmp/pk/$f-$p/report.json "$out/$f-pack$p.json" 2>/dev/null
-        grep -E "checked|PARITY|max rel|error" "$out/$f-pack$p.log" | head -4
+        grep -E "checked|PARITY|logits|rror" "$out/$f-pack$p.log" | head -4
     done
 done
