@@ -134,10 +134,12 @@ def save_gemma3(directory: str, max_context: int) -> int:
 GEMMA3_BYTES = "bench_weight_bytes.json"
 
 
-VARIANTS = {"": {}, "nocuda": {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"}, "noskip": {"EFFEXPORT_ORT_ZERO_SKIP": "0"}}
+VARIANTS = {"": {}, "nocuda": {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"}, "noskip": {"EFFEXPORT_ORT_ZERO_SKIP": "0"},
+            "nopack": {"EFFEXPORT_ORT_PACK_QKV": "0"}}
 """Case suffixes (``CASE+VARIANT``) and the environment their build runs in: ``+nocuda`` builds without
 the CUDA-only fusions (``exporter/backends/onnx/ort_cuda.py``), ``+noskip`` with the decode graph's
-plain norms left plain (``ort_fusions.zero_skip_norms`` off), for an A/B in one run."""
+plain norms left plain (``ort_fusions.zero_skip_norms`` off), ``+nopack`` with each attention's three
+projections unpacked (``ort_pack.py`` off), for an A/B in one run."""
 
 
 def split_variant(name: str) -> tuple[str, dict]:

@@ -310,3 +310,4 @@ def test_measure_times_only_the_asked_runtimes(monkeypatch):
         ort_graphs.main(["--runtimes", "graph,fast", "--cases", "gemma4-e2b"])
     assert ort_graphs.split_variant("gemma4-e2b+nocuda")[1]["EFFEXPORT_ORT_CUDA_FUSIONS"] == "0"  # the build variants
     assert ort_graphs.split_variant("gemma4-e2b+noskip")[1]["EFFEXPORT_ORT_ZERO_SKIP"] == "0"
+    assert ort_graphs.split_variant("gemma3-1b+nopack")[1]["EFFEXPORT_ORT_PACK_QKV"] == "0"
