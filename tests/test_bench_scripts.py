@@ -238,3 +238,32 @@ def test_hf_eager_column_ratios_and_recorded_failure(monkeypatch):
     assert out["error"] == "ImportError: transformers 5.0 has no gemma4" and out["rows"] == []
     assert "no gemma4" in torch_engine.hf_table([case])
 
+
+
+def test_device_queue_runs_steps_detached_and_packs_their_results(tmp_path):
+    """``bench/device_queue.sh``: ``start`` returns at once with the steps running in their own process
+    session (a second ``start`` is refused while they run); a failing or timed-out step is recorded and
+    the next one runs; ``wait`` returns when the queue is done and packs each step's results and log."""
+    import tarfile
+
+    steps = tmp_path / "steps"
+    steps.write_text("# comment\n\nT=5 echo one > $OUT/one.txt; python3 -c 'import effexport'\n"
+                     "T=1 sleep 5\nexit 3\nT=5 echo last > $OUT/last.txt\n")
+    env = {**os.environ, "QUEUE_DIR": str(tmp_path / "q"), "OUT": str(tmp_path / "out")}
+    script = os.path.join(ROOT, "bench", "device_queue.sh")
+    start = subprocess.run(["bash", script, "start", str(steps)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=30)
+    assert start.returncode == 0 and "4 steps" in start.stdout, start.stderr
+    again = subprocess.run(["bash", script, "start", str(steps)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=30)
+    assert again.returncode == 2 and "stop it first" in again.stderr  # one queue at a time
+    done = subprocess.run(["bash", script, "wait", "60"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=90)
+    status = (tmp_path / "out" / "status.txt").read_text().splitlines()
+    ends = [line.split()[:3] for line in status if " end " in line]
+    assert ends == [["01", "end", "rc=0"], ["02", "end", "rc=124"], ["03", "end", "rc=3"], ["04", "end", "rc=0"]]
+    assert status[-1].startswith("done") and "done" in done.stdout
+    with tarfile.open(tmp_path / "out" / "queue.tgz") as tar:
+        names = set(tar.getnames())
+        assert {"./results/01/one.txt", "./results/04/last.txt", "./01.log", "./04.log"} <= names
+        assert tar.extractfile("./results/04/last.txt").read() == b"last\n"
