@@ -169,6 +169,34 @@ def test_session_options_reach_the_session(buffered, tmp_path):
     assert "GroupQueryAttention" in ops and "MatMul" in ops
 
 
+def test_mem_reuse_off_on_cuda_by_default(buffered, monkeypatch):
+    """ONNX Runtime's buffer reuse: off by default on CUDA (its planner computed wrong batch-2 steps
+    there, BENCHMARKS.md run 36), on for the CPU EP; the environment overrides the default, an explicit
+    ``mem_reuse`` or the caller's ``session_options`` decide over it. The CPU EP gives the same logits
+    either way."""
+    from effexport.exporter.backends.onnx.runtime import MEM_REUSE_ENV, mem_reuse_default
+
+    monkeypatch.delenv(MEM_REUSE_ENV, raising=False)
+    assert mem_reuse_default("cuda") is False and mem_reuse_default("cpu") is True
+    monkeypatch.setenv(MEM_REUSE_ENV, "1")
+    assert mem_reuse_default("cuda") is True
+    monkeypatch.setenv(MEM_REUSE_ENV, "0")
+    assert mem_reuse_default("cpu") is False
+    monkeypatch.delenv(MEM_REUSE_ENV)
+    ids = _ids(2, 5, seed=9)
+    runs = {}
+    for key, kwargs in (("default", {}), ("off", {"mem_reuse": False})):
+        runtime = OrtRuntime(str(buffered), **kwargs)
+        assert runtime.mem_reuse is (key == "default")
+        assert runtime.session.get_session_options().enable_mem_reuse is (key == "default")
+        runs[key] = runtime.generate(ids, 4)
+    assert np.array_equal(runs["default"][0], runs["off"][0])
+    assert all(np.array_equal(a, b) for a, b in zip(runs["default"][1], runs["off"][1]))
+    opts = ort.SessionOptions()
+    opts.enable_mem_reuse = False
+    assert OrtRuntime(str(buffered), session_options=opts).session.get_session_options().enable_mem_reuse is False
+
+
 def test_cuda_sessions_grow_their_arena_by_what_is_asked(monkeypatch):
     """Every CUDA session the runtimes open asks the arena to grow by the requested size (not by
     powers of two: a model's weights loaded by ORT could reserve twice their size), and the graph

@@ -67,13 +67,13 @@ class CudaGraphRuntime(OrtRuntime):
     """An :class:`~effexport.exporter.backends.onnx.runtime.OrtRuntime` whose decode steps replay CUDA graphs."""
 
     def __init__(self, artifact_dir: str, device: str = "cuda", threads: int | None = None, capture: bool = True,
-                 session_options=None):
+                 session_options=None, mem_reuse: bool | None = None):
         """``capture=False`` runs the same bindings without CUDA graphs (to measure what they save);
-        ``session_options`` as for :class:`OrtRuntime`."""
+        ``session_options`` and ``mem_reuse`` as for :class:`OrtRuntime`."""
         self._slots: dict[int, _Slot] = {}
         self.capture = capture and device == "cuda"
         super().__init__(artifact_dir, device=device, threads=threads, io_binding=True,
-                         session_options=session_options)
+                         session_options=session_options, mem_reuse=mem_reuse)
         self._check_fixed()
         meta = self.session.get_outputs()[0]
         self.logits_dtype = TORCH_TYPES.get(meta.type)

@@ -153,16 +153,40 @@ its eager reference); growing by what is asked keeps the reservation at the weig
 decode steps allocate nothing new either way (freed blocks are reused)."""
 
 
+MEM_REUSE_ENV = "EFFEXPORT_ORT_MEM_REUSE"
+
+
+def mem_reuse_default(device: str) -> bool:
+    """Whether the runtimes let ONNX Runtime reuse intermediate buffers: not on CUDA, yes on the CPU;
+    :data:`MEM_REUSE_ENV` ``1`` / ``0`` overrides both.
+
+    Why not on CUDA: ONNX Runtime 1.31.1's memory planner computed wrong steps there with reuse on.
+    ``deepseek-v4-flash:tiny`` in bf16 (``bench/runtime_pair_probe.py``, BENCHMARKS.md run 36, H100):
+    with reuse, a batch-2 prompt of 10 tokens and 15 greedy steps through :class:`OrtRuntime` differ
+    from the same artifact replayed by :class:`~.graph_runtime.CudaGraphRuntime` by up to 1.52 max rel
+    (other tokens from step 8); with reuse off the two are bit-identical, and the graph runtime gives
+    the same numbers either way (it binds every output to its own memory). Run 34 had found the same
+    planner handing a host scalar of the compressor body to another value while it was still read.
+    The cost is memory for the intermediates of an uncaptured step (each keeps its own buffer); the
+    CPU EP gave bit-identical steps both ways, so it keeps its reuse."""
+    env = os.environ.get(MEM_REUSE_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    return device != "cuda"
+
+
 class OrtRuntime:
     """An ONNX Runtime session over an artifact's step model (and a second one over its one-token
     decode graph, sharing the weights, where the artifact has one: the module docstring)."""
 
     def __init__(self, artifact_dir: str, device: str = "cpu", threads: int | None = None,
-                 io_binding: bool | None = None, session_options=None):
+                 io_binding: bool | None = None, session_options=None, mem_reuse: bool | None = None):
         """``session_options``: an ``onnxruntime.SessionOptions`` to start the session with (profiling,
         optimization level, logging); ``threads`` sets its intra-op thread count. With a decode graph
         both sessions start with it, and it takes the shared weights (``add_initializer``): give each
-        runtime its own."""
+        runtime its own. ``mem_reuse``: ONNX Runtime's reuse of intermediate buffers
+        (``SessionOptions.enable_mem_reuse``); None: as ``session_options`` say where given, else
+        :func:`mem_reuse_default` (off on CUDA)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -175,6 +199,9 @@ class OrtRuntime:
         options = session_options if session_options is not None else ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if mem_reuse is not None or session_options is None:
+            options.enable_mem_reuse = mem_reuse_default(device) if mem_reuse is None else mem_reuse
+        self.mem_reuse = options.enable_mem_reuse
         files = self.manifest["files"]
         self.graph_files = [files["step"]] + ([files["decode"]] if files.get("decode") else [])
         self.weights, self._weights_memory = {}, []
