@@ -120,3 +120,32 @@ def test_a_projection_read_elsewhere_keeps_its_attention_unpacked(built):
     model.graph.outputs.append(first.inputs[1])  # the first attention's key projection, also an output
     assert pack_qkv_into_attention(model) == 1
     assert first.inputs[1] is not None and first.inputs[1].producer().op_type == "MatMul"
+
+
+def test_two_attentions_sharing_a_query_weight_get_their_own_packed_weights():
+    """The packed weight is one per distinct (query, key, value) triple: two attentions that share the
+    query weight but not the key / value get two packed initializers, each the concatenation of its own."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    from effexport.exporter.backends.onnx.ort_pack import pack_qkv_into_attention
+
+    rng = np.random.default_rng(0)
+    weights = {n: rng.standard_normal((8, w)).astype(np.float32) for n, w in
+               (("wq", 8), ("wk1", 4), ("wv1", 4), ("wk2", 4), ("wv2", 4))}
+    nodes, outputs = [], []
+    for i in (1, 2):
+        nodes += [h.make_node("MatMul", ["x", w], [f"{w}_{i}"]) for w in ("wq", f"wk{i}", f"wv{i}")]
+        nodes.append(h.make_node("GroupQueryAttention", [f"wq_{i}", f"wk{i}_{i}", f"wv{i}_{i}"], [f"y{i}"],
+                                 domain="com.microsoft", num_heads=2, kv_num_heads=1))
+        outputs.append(h.make_tensor_value_info(f"y{i}", TP.FLOAT, None))
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 1, 8])], outputs,
+                         [onnx.numpy_helper.from_array(a, n) for n, a in weights.items()])
+    model = ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)]))
+    assert pack_qkv_into_attention(model) == 2
+    packed = [n.inputs[0].producer().inputs[1] for n in model.graph if n.op_type == GQA]
+    assert packed[0] is not packed[1]
+    for value, i in zip(packed, (1, 2)):
+        want = np.concatenate([weights["wq"], weights[f"wk{i}"], weights[f"wv{i}"]], axis=1)
+        assert np.array_equal(value.const_value.numpy(), want)
+    assert sum(n.op_type == "MatMul" for n in model.graph) == 2

@@ -18,7 +18,7 @@ unpacked where the artifact is packed: the structure comparison (``verify.parity
 counts a packed attention as the two ``MatMul`` nodes it saved.
 
 The packed weight is a new initializer (the three concatenated along N, named after the query's
-weight + ``.qkv``); the decode graph's packing computes the same bytes under the same name, so both
+weight + ``.qkv``, one per distinct triple of weights); the decode graph's packing computes the same bytes under the same name, so both
 graphs reference one copy in the data file (``export._shared_initializers``). Arithmetic: the same
 products, each output column from the same row of weights, so the numbers are the unpacked graph's up
 to the GEMM kernel's choice of split. :data:`ENV` ``0`` turns it off (a comparison).
@@ -73,26 +73,28 @@ def pack_qkv_into_attention(model: ir.Model) -> int:
     if os.environ.get(ENV, "1") == "0":
         return 0
     graph, packed = model.graph, 0
+    made: dict[tuple[str, ...], ir.Value] = {}  # (query, key, value weight names) -> their packed weight
     for node in list(graph):
         parts = _packable(node)
         if parts is None:
             continue
         (q_node, x, _), *_ = parts
-        weights = [t.numpy() for _, _, t in parts]
-        name = q_node.inputs[1].name + PACKED_SUFFIX
-        if name in graph.initializers:  # a weight shared by two attentions: packed once
-            w = graph.initializers[name]
-        else:
-            data = np.ascontiguousarray(np.concatenate(weights, axis=1))
-            w = ir.Value(name=name, type=ir.TensorType(parts[0][2].dtype), shape=ir.Shape(data.shape),
-                         const_value=ir.tensor(data, dtype=parts[0][2].dtype, name=name))
-            graph.register_initializer(w)
+        key = tuple(p.inputs[1].name for p, _, _ in parts)
+        weight = made.get(key)
+        if weight is None:  # weights two attentions share are packed once
+            data = np.ascontiguousarray(np.concatenate([t.numpy() for _, _, t in parts], axis=1))
+            name, k = key[0] + PACKED_SUFFIX, 1
+            while name in graph.initializers:
+                name, k = f"{key[0]}{PACKED_SUFFIX}{k}", k + 1
+            weight = made[key] = ir.Value(name=name, type=ir.TensorType(parts[0][2].dtype), shape=ir.Shape(data.shape),
+                                          const_value=ir.tensor(data, dtype=parts[0][2].dtype, name=name))
+            graph.register_initializer(weight)
         out = node.inputs[0]
-        matmul = ir.Node("", "MatMul", [x, w], name=q_node.name + PACKED_SUFFIX, num_outputs=1)
+        matmul = ir.Node("", "MatMul", [x, weight], name=q_node.name + PACKED_SUFFIX, num_outputs=1)
         matmul.outputs[0].name = out.name + PACKED_SUFFIX
         matmul.outputs[0].dtype = out.dtype
         if out.shape is not None:
-            matmul.outputs[0].shape = ir.Shape([*out.shape[:-1], sum(w.shape[1] for w in weights)])
+            matmul.outputs[0].shape = ir.Shape([*out.shape[:-1], weight.shape[1]])
         graph.insert_before(q_node, matmul)
         node.replace_input_with(0, matmul.outputs[0])
         node.replace_input_with(1, None)
