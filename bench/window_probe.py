@@ -1,0 +1,115 @@
+"""Where a sliding-window artifact goes wrong on ONNX Runtime's CUDA EP: prompt length against the window,
+batch size, and ORT's buffer reuse.
+
+    source bench/_ortgpu_env.sh; python3 bench/window_probe.py --out "$OUT/window"
+    python3 bench/window_probe.py --device cpu --dtype fp32 --out /tmp/window     # the script itself, ORT CPU
+
+Why: run 36b (BENCHMARKS.md) -- tiny Hugging Face Gemma 3 and Laguna bf16 artifacts (sliding window 6)
+failed the CLI's CUDA check from the first decode steps after an 8-token prompt (decode max rel 0.60 /
+0.39), while Llama and Qwen3 (no sliding layers) passed and the fp32 twins pass on the CPU. An
+8-token prompt overfills the 6-row window in the prefill itself, so two explanations fit: the CUDA
+kernel's prefill stores a window other than the one its decode reads (then prompts shorter than the
+window pass until the window wraps, or pass throughout), or the wrap itself (then short prompts fail
+once ``pos`` reaches the window), or the memory planner (then reuse off passes; run 36b ran with it on).
+
+Per family (``--families``: tiny HF models from ``tests/models/hf_tiny.py``, built once by the CLI with
+``--dtype``, ``--kv-cache buffer``, no check) and per prompt length (``--prompts``), batch
+(``--batches``) and buffer reuse (off / on): the parity check of the build (``verify.parity.check_parity``:
+the prompt, then ``--steps`` greedy steps teacher-forced from eager, each step's logits against eager
+in the same dtype on the same device), recording whether it passed, the first step whose greedy token
+differs and the worst errors. Writes ``window_probe.json``; each case is caught and recorded on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build(family: str, work: str, dtype: str) -> tuple[str, str]:
+    """``(HF model dir, artifact dir)`` of ``family``'s tiny model built by the CLI."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from models import hf_tiny
+
+    from effexport.exporter.cli import main
+
+    src, out = os.path.join(work, f"hf-{family}"), os.path.join(work, f"{family}-{dtype}")
+    hf_tiny.build(family).save_pretrained(src)
+    code = main([src, "--target", "onnx", "--dtype", dtype, "--kv-cache", "buffer", "--no-check", "-o", out, "--force"])
+    if code != 0:
+        raise RuntimeError(f"{family}: the CLI build exited {code}")
+    return src, out
+
+
+def window_of(src: str) -> int | None:
+    with open(os.path.join(src, "config.json")) as f:
+        return json.load(f).get("sliding_window")
+
+
+def run_case(loaded, eager, artifact: str, device: str, prompt: int, batch: int, reuse: bool, steps: int,
+             dtype: str) -> dict:
+    from effexport.exporter.backends.onnx.runtime import OrtRuntime
+    from effexport.exporter.verify.parity import check_parity
+
+    runtime = OrtRuntime(artifact, device=device, mem_reuse=reuse)
+    ids = loaded.parity_prompt(prompt, batch=batch).to(device)
+    report = check_parity(eager, runtime, ids, steps, dtype)
+    errors = {o.name: o.max_rel for o in report.outputs}
+    return {"passed": report.passed, "tokens_equal": report.tokens_equal, "detail": report.detail, **errors}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
+    ap.add_argument("--work", default="/tmp/window_probe")
+    ap.add_argument("--families", default="gemma3,laguna")
+    ap.add_argument("--prompts", default="3,5,6,7,8,12")
+    ap.add_argument("--batches", default="1,2")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    from effexport.exporter.frontends.loading import load_model
+
+    results = {"device": args.device, "dtype": args.dtype, "families": {}}
+    path = os.path.join(args.out, "window_probe.json")
+    for family in args.families.split(","):
+        entry = results["families"][family] = {"cases": []}
+        try:
+            src, artifact = build(family, args.work, args.dtype)
+            entry["window"] = window_of(src)
+            loaded = load_model(src)
+            eager = loaded.model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+        except Exception as exc:  # noqa: BLE001
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:600]
+            traceback.print_exc()
+            continue
+        for prompt in (int(p) for p in args.prompts.split(",")):
+            for batch in (int(b) for b in args.batches.split(",")):
+                for reuse in (False, True):
+                    case = {"prompt": prompt, "batch": batch, "mem_reuse": reuse}
+                    try:
+                        case.update(run_case(loaded, eager, artifact, args.device, prompt, batch, reuse, args.steps,
+                                             args.dtype))
+                    except Exception as exc:  # noqa: BLE001
+                        case["error"] = f"{type(exc).__name__}: {exc}"[:400]
+                    entry["cases"].append(case)
+                    print(json.dumps({"family": family, **case}), flush=True)
+                    with open(path, "w") as f:
+                        json.dump(results, f, indent=1)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
