@@ -1092,7 +1092,9 @@ def main(argv=None) -> int:
 
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
-    results = {"onnxruntime": ort.__version__, "torch": torch.__version__,
+    from effexport.exporter.backends.onnx.runtime import mem_reuse_default
+
+    results = {"onnxruntime": ort.__version__, "torch": torch.__version__, "mem_reuse": mem_reuse_default("cuda"),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "copy_bw": None if args.build_only else copy_bandwidth(), "cases": []}
     if args.stock:
