@@ -31,26 +31,28 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from effexport.exporter.backends.onnx._build import constant, single_use
+
 ENV = "EFFEXPORT_ORT_PACK_QKV"
 GQA = ("com.microsoft", "GroupQueryAttention")
 PACKED_SUFFIX = ".qkv"
 
 
-def _projection(value: ir.Value | None) -> tuple[ir.Node, ir.Value, ir.TensorProtocol] | None:
-    """``(MatMul node, its input, its constant 2-D weight)`` when ``value`` is a ``MatMul``'s output
-    read only by one node and not a graph output; else None."""
+def _projection(value: ir.Value | None) -> tuple[ir.Node, ir.Value, np.ndarray] | None:
+    """``(MatMul node, its input, its constant 2-D weight's values)`` when ``value`` is a ``MatMul``'s
+    output read only by one node and not a graph output (:func:`._build.single_use`), its weight a
+    constant with data (:func:`._build.constant`: a structure-only build's weights have none); else None."""
     node = None if value is None else value.producer()
-    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") \
-            or len(value.uses()) != 1 or value.is_graph_output():
+    if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or not single_use(value):
         return None
     x, w = node.inputs
-    tensor = None if w is None else w.const_value
-    if x is None or tensor is None or len(tensor.shape) != 2:
+    data = None if w is None else constant(w)
+    if x is None or data is None or data.ndim != 2:
         return None
-    return node, x, tensor
+    return node, x, data
 
 
-def _packable(node: ir.Node) -> list[tuple[ir.Node, ir.Value, ir.TensorProtocol]] | None:
+def _packable(node: ir.Node) -> list[tuple[ir.Node, ir.Value, np.ndarray]] | None:
     if (node.domain, node.op_type) != GQA or len(node.inputs) < 3 or any(v is None for v in node.inputs[:3]):
         return None
     parts = [_projection(v) for v in node.inputs[:3]]
@@ -58,7 +60,7 @@ def _packable(node: ir.Node) -> list[tuple[ir.Node, ir.Value, ir.TensorProtocol]
         return None
     (_, _, q), (_, _, k), (_, _, v) = parts
     heads, kv_heads = node.attributes.get_int("num_heads", 0), node.attributes.get_int("kv_num_heads", 0)
-    if heads <= 0 or kv_heads <= 0 or q.shape[1] % heads or len({q.dtype, k.dtype, v.dtype}) != 1 \
+    if heads <= 0 or kv_heads <= 0 or q.shape[1] % heads or len({p.inputs[1].const_value.dtype for p, _, _ in parts}) != 1 \
             or len({q.shape[0], k.shape[0], v.shape[0]}) != 1:
         return None
     d = q.shape[1] // heads
@@ -82,12 +84,13 @@ def pack_qkv_into_attention(model: ir.Model) -> int:
         key = tuple(p.inputs[1].name for p, _, _ in parts)
         weight = made.get(key)
         if weight is None:  # weights two attentions share are packed once
-            data = np.ascontiguousarray(np.concatenate([t.numpy() for _, _, t in parts], axis=1))
+            data = np.ascontiguousarray(np.concatenate([t for _, _, t in parts], axis=1))
             name, k = key[0] + PACKED_SUFFIX, 1
             while name in graph.initializers:
                 name, k = f"{key[0]}{PACKED_SUFFIX}{k}", k + 1
-            weight = made[key] = ir.Value(name=name, type=ir.TensorType(parts[0][2].dtype), shape=ir.Shape(data.shape),
-                                          const_value=ir.tensor(data, dtype=parts[0][2].dtype, name=name))
+            dtype = parts[0][0].inputs[1].const_value.dtype
+            weight = made[key] = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(data.shape),
+                                          const_value=ir.tensor(data, dtype=dtype, name=name))
             graph.register_initializer(weight)
         out = node.inputs[0]
         matmul = ir.Node("", "MatMul", [x, weight], name=q_node.name + PACKED_SUFFIX, num_outputs=1)
