@@ -33,24 +33,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build(family: str, work: str, dtype: str) -> tuple[str, str]:
-    """``(HF model dir, artifact dir)`` of ``family``'s tiny model built by the CLI."""
+def parse_family(spec: str) -> tuple[str, dict]:
+    """``FAMILY`` or ``FAMILY/hdN`` (that tiny model with head size N: ONNX Runtime's CUDA
+    GroupQueryAttention picks its kernel by head size -- XQA decode for 64 / 128 / 256 in half
+    precision, flash or memory-efficient attention otherwise -- so a failure at the tiny models' 16
+    need not be the real models')."""
+    family, _, variant = spec.partition("/")
+    if not variant:
+        return family, {}
+    if not (variant.startswith("hd") and variant[2:].isdigit()):
+        raise ValueError(f"{spec!r}: a variant is FAMILY/hdN (head size N)")
+    return family, {"head_dim": int(variant[2:])}
+
+
+def build(spec: str, work: str, dtype: str) -> tuple[str, str]:
+    """``(HF model dir, artifact dir)`` of the tiny model ``spec`` (:func:`parse_family`) built by the CLI."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from models import hf_tiny
 
     from effexport.exporter.cli import main
 
-    src, out = os.path.join(work, f"hf-{family}"), os.path.join(work, f"{family}-{dtype}")
-    hf_tiny.build(family).save_pretrained(src)
+    family, overrides = parse_family(spec)
+    tag = spec.replace("/", "-")
+    src, out = os.path.join(work, f"hf-{tag}"), os.path.join(work, f"{tag}-{dtype}")
+    hf_tiny.build(family, **overrides).save_pretrained(src)
     code = main([src, "--target", "onnx", "--dtype", dtype, "--kv-cache", "buffer", "--no-check", "-o", out, "--force"])
     if code != 0:
         raise RuntimeError(f"{family}: the CLI build exited {code}")
     return src, out
 
 
-def window_of(src: str) -> int | None:
+def config_of(src: str) -> dict:
+    """The saved model's sliding window and head size."""
     with open(os.path.join(src, "config.json")) as f:
-        return json.load(f).get("sliding_window")
+        config = json.load(f)
+    return {"window": config.get("sliding_window"), "head_dim": config.get("head_dim")}
 
 
 def run_case(loaded, eager, artifact: str, device: str, prompt: int, batch: int, reuse: bool, steps: int,
@@ -69,7 +86,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     ap.add_argument("--work", default="/tmp/window_probe")
-    ap.add_argument("--families", default="gemma3,laguna")
+    ap.add_argument("--families", default="gemma3,laguna",
+                    help="tiny HF families, each FAMILY or FAMILY/hdN (head size N), comma-separated")
     ap.add_argument("--prompts", default="3,5,6,7,8,12")
     ap.add_argument("--batches", default="1,2")
     ap.add_argument("--steps", type=int, default=10)
@@ -86,7 +104,7 @@ def main(argv=None) -> int:
         entry = results["families"][family] = {"cases": []}
         try:
             src, artifact = build(family, args.work, args.dtype)
-            entry["window"] = window_of(src)
+            entry.update(config_of(src))
             loaded = load_model(src)
             eager = loaded.model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
         except Exception as exc:  # noqa: BLE001

@@ -18,7 +18,18 @@ def test_window_probe_on_the_cpu(tmp_path):
                               "--work", str(tmp_path / "work")]) == 0
     result = json.loads((tmp_path / "out" / "window_probe.json").read_text())
     entry = result["families"]["gemma3"]
-    assert entry["window"] == 6 and "error" not in entry
+    assert entry["window"] == 6 and entry["head_dim"] == 16 and "error" not in entry
     cases = entry["cases"]
     assert [(c["prompt"], c["mem_reuse"]) for c in cases] == [(3, False), (3, True), (8, False), (8, True)]
     assert all(c["passed"] and c["tokens_equal"] and c["logits/decode"] < 1e-5 for c in cases), cases
+
+
+def test_family_variants():
+    assert window_probe.parse_family("gemma3") == ("gemma3", {})
+    assert window_probe.parse_family("gemma3/hd256") == ("gemma3", {"head_dim": 256})
+    try:
+        window_probe.parse_family("gemma3/w8")
+    except ValueError as exc:
+        assert "FAMILY/hdN" in str(exc)
+    else:
+        raise AssertionError("a bad variant was accepted")

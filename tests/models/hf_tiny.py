@@ -159,12 +159,14 @@ HELD_OUT: dict[str, tuple[str, str, dict, dict]] = {
 }
 
 
-def build(family: str, attn_implementation: str | None = None, seed: int = 0):
+def build(family: str, attn_implementation: str | None = None, seed: int = 0, **overrides):
     """The tiny HF model of ``family`` (eval mode, fp32, deterministic random weights); attention
-    ``sdpa`` unless the class supports ``eager`` only (Gemma 2, DeepSeek V4)."""
+    ``sdpa`` unless the class supports ``eager`` only (Gemma 2, DeepSeek V4). ``overrides`` replace
+    config fields (e.g. ``head_dim=256``)."""
     import transformers
 
     config_cls, model_cls, kwargs, _ = {**FAMILIES, **HELD_OUT}[family]
+    kwargs = {**kwargs, **overrides}
     sdpa = getattr(getattr(transformers, model_cls), "_supports_sdpa", True)
     attn_implementation = attn_implementation or ("sdpa" if sdpa else "eager")
     config = getattr(transformers, config_cls)(**kwargs)
