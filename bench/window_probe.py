@@ -33,17 +33,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def parse_family(spec: str) -> tuple[str, dict]:
-    """``FAMILY`` or ``FAMILY/hdN`` (that tiny model with head size N: ONNX Runtime's CUDA
-    GroupQueryAttention picks its kernel by head size -- XQA decode for 64 / 128 / 256 in half
-    precision, flash or memory-efficient attention otherwise -- so a failure at the tiny models' 16
-    need not be the real models')."""
-    family, _, variant = spec.partition("/")
-    if not variant:
-        return family, {}
-    if not (variant.startswith("hd") and variant[2:].isdigit()):
-        raise ValueError(f"{spec!r}: a variant is FAMILY/hdN (head size N)")
-    return family, {"head_dim": int(variant[2:])}
+VARIANT_ENV = {  # build switches a probe family may name (FAMILY+TAG): which fused GQA input is at fault
+    "nonorm": {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"},  # per-head Q / K norms stay nodes
+    "norot": {"EFFEXPORT_ORT_ROTARY_IN_ATTENTION": "0"},  # rotations stay RotaryEmbedding nodes
+    "nopack": {"EFFEXPORT_ORT_PACK_QKV": "0"},  # query, key and value apart
+}
+
+
+def parse_family(spec: str) -> tuple[str, dict, dict]:
+    """``FAMILY[/hdN][+TAG...]`` -> ``(family, config overrides, build env)``. ``/hdN``: that tiny
+    model with head size N (ONNX Runtime's CUDA GroupQueryAttention picks its kernel by head size --
+    XQA decode for 64 / 128 / 256 in half precision, flash or memory-efficient attention otherwise --
+    so a failure at the tiny models' 16 need not be the real models'); ``+TAG``: a build switch of
+    :data:`VARIANT_ENV`."""
+    head, *tags = spec.split("+")
+    family, _, variant = head.partition("/")
+    overrides, env = {}, {}
+    if variant:
+        if not (variant.startswith("hd") and variant[2:].isdigit()):
+            raise ValueError(f"{spec!r}: a variant is FAMILY/hdN (head size N)")
+        overrides["head_dim"] = int(variant[2:])
+    for tag in tags:
+        if tag not in VARIANT_ENV:
+            raise ValueError(f"{spec!r}: unknown build switch +{tag} (known: {', '.join(VARIANT_ENV)})")
+        env.update(VARIANT_ENV[tag])
+    return family, overrides, env
 
 
 def build(spec: str, work: str, dtype: str) -> tuple[str, str]:
@@ -53,14 +67,42 @@ def build(spec: str, work: str, dtype: str) -> tuple[str, str]:
 
     from effexport.exporter.cli import main
 
-    family, overrides = parse_family(spec)
+    family, overrides, env = parse_family(spec)
     tag = spec.replace("/", "-")
     src, out = os.path.join(work, f"hf-{tag}"), os.path.join(work, f"{tag}-{dtype}")
     hf_tiny.build(family, **overrides).save_pretrained(src)
-    code = main([src, "--target", "onnx", "--dtype", dtype, "--kv-cache", "buffer", "--no-check", "-o", out, "--force"])
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        code = main([src, "--target", "onnx", "--dtype", dtype, "--kv-cache", "buffer", "--no-check", "-o", out,
+                     "--force"])
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if code != 0:
         raise RuntimeError(f"{family}: the CLI build exited {code}")
     return src, out
+
+
+def structure_of(artifact: str) -> dict:
+    """Counts of what the probe varies in the built step graph: GroupQueryAttention nodes, those with a
+    windowed cache, rotary inside, per-head Q / K norms inside, packed input, and RotaryEmbedding nodes."""
+    import onnx
+
+    model = onnx.load(os.path.join(artifact, "model.onnx"), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+
+    def attr(node, name):
+        return next((a.i for a in node.attribute if a.name == name), 0)
+
+    return {"gqa": len(gqa), "gqa_window_cache": sum(attr(n, "sliding_window_cache") == 1 for n in gqa),
+            "gqa_do_rotary": sum(attr(n, "do_rotary") == 1 for n in gqa),
+            "gqa_qk_norm": sum(len(n.input) > 14 and bool(n.input[14]) for n in gqa),
+            "gqa_packed": sum(len(n.input) > 1 and not n.input[1] for n in gqa),
+            "rotary_nodes": sum(n.op_type == "RotaryEmbedding" for n in model.graph.node)}
 
 
 def config_of(src: str) -> dict:
@@ -105,6 +147,7 @@ def main(argv=None) -> int:
         try:
             src, artifact = build(family, args.work, args.dtype)
             entry.update(config_of(src))
+            entry["structure"] = structure_of(artifact)
             loaded = load_model(src)
             eager = loaded.model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
         except Exception as exc:  # noqa: BLE001

@@ -13,7 +13,7 @@ import window_probe  # noqa: E402
 
 
 def test_window_probe_on_the_cpu(tmp_path):
-    assert window_probe.main(["--device", "cpu", "--dtype", "fp32", "--families", "gemma3", "--prompts", "3,8",
+    assert window_probe.main(["--device", "cpu", "--dtype", "fp32", "--families", "gemma3,gemma3+norot", "--prompts", "3,8",
                               "--batches", "2", "--steps", "4", "--out", str(tmp_path / "out"),
                               "--work", str(tmp_path / "work")]) == 0
     result = json.loads((tmp_path / "out" / "window_probe.json").read_text())
@@ -22,14 +22,25 @@ def test_window_probe_on_the_cpu(tmp_path):
     cases = entry["cases"]
     assert [(c["prompt"], c["mem_reuse"]) for c in cases] == [(3, False), (3, True), (8, False), (8, True)]
     assert all(c["passed"] and c["tokens_equal"] and c["logits/decode"] < 1e-5 for c in cases), cases
+    # the build switch +norot (EFFEXPORT_ORT_ROTARY_IN_ATTENTION=0) keeps every rotation a node: the
+    # plain build's windowed attentions rotate inside, the switched one's none, and it still passes
+    plain, norot = entry["structure"], result["families"]["gemma3+norot"]["structure"]
+    assert plain["gqa_window_cache"] >= 1 and plain["gqa_do_rotary"] == plain["gqa"] >= 2, plain
+    assert norot["gqa"] == plain["gqa"] and norot["gqa_do_rotary"] == 0, norot
+    assert norot["rotary_nodes"] == plain["rotary_nodes"] + 2 * plain["gqa"], (plain, norot)
+    switched = result["families"]["gemma3+norot"]["cases"]
+    assert len(switched) == 4 and all(c["passed"] and c["logits/decode"] < 1e-5 for c in switched), switched
 
 
 def test_family_variants():
-    assert window_probe.parse_family("gemma3") == ("gemma3", {})
-    assert window_probe.parse_family("gemma3/hd256") == ("gemma3", {"head_dim": 256})
-    try:
-        window_probe.parse_family("gemma3/w8")
-    except ValueError as exc:
-        assert "FAMILY/hdN" in str(exc)
-    else:
-        raise AssertionError("a bad variant was accepted")
+    assert window_probe.parse_family("gemma3") == ("gemma3", {}, {})
+    assert window_probe.parse_family("gemma3/hd256") == ("gemma3", {"head_dim": 256}, {})
+    assert window_probe.parse_family("laguna/hd64+norot+nonorm") == (
+        "laguna", {"head_dim": 64}, {"EFFEXPORT_ORT_ROTARY_IN_ATTENTION": "0", "EFFEXPORT_ORT_CUDA_FUSIONS": "0"})
+    for bad, says in (("gemma3/w8", "FAMILY/hdN"), ("gemma3+fast", "unknown build switch +fast")):
+        try:
+            window_probe.parse_family(bad)
+        except ValueError as exc:
+            assert says in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")

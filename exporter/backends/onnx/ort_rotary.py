@@ -32,6 +32,7 @@ even ``D`` split in halves on the last axis.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -43,6 +44,9 @@ from onnxscript.rewriter import pattern
 from effexport.exporter.backends.onnx._build import converted, single_use
 
 POS = "pos"
+INTO_ATTENTION_ENV = "EFFEXPORT_ORT_ROTARY_IN_ATTENTION"
+"""``0`` keeps every rotation a separate ``RotaryEmbedding`` node (:func:`rotary_into_attention` moves
+none): a comparison, or a workaround should a runtime's GroupQueryAttention rotate wrong."""
 CHECK_WINDOWS = ((3, 2), (-7, 7))  # (start, length) windows the table is checked at; negative: from the end
 
 
@@ -334,7 +338,10 @@ def rotary_into_attention(model: ir.Model) -> int:
     """Move the rotations of a GroupQueryAttention's query and key into it (``do_rotary = 1``);
     returns how many attentions took theirs. Both must be :func:`_rotation` s over one pair of tables
     with the same ``interleaved``, the query over ``num_heads`` heads and the key over
-    ``kv_num_heads`` (the 3-D form's ``num_heads``)."""
+    ``kv_num_heads`` (the 3-D form's ``num_heads``). Nothing moves with :data:`INTO_ATTENTION_ENV`
+    set to ``0``."""
+    if os.environ.get(INTO_ATTENTION_ENV, "1") == "0":
+        return 0
     moved = 0
     for node in list(model.graph):
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" \
