@@ -776,7 +776,8 @@ def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8, 
         got = torch.cat(got, 1)  # [1, steps+1, V]
         del runtime
     with torch.no_grad():
-        out = {"max_rel_per_step": errors(got, ref), "tokens_from": "eager" if eager_first else "artifact"}
+        out = {"max_rel_per_step": errors(got, ref), "tokens_from": "eager" if eager_first else "artifact",
+               "prompt": prompt, "steps": steps}
         out["max_rel"] = max(out["max_rel_per_step"])
         if routing:
             try:
@@ -1062,6 +1063,9 @@ def main(argv=None) -> int:
                     "real size): graph (captured), uncaptured, general_graph (captured, model.onnx only)")
     ap.add_argument("--profile", default="", help="L:B points (e.g. 4096:1,4096:8) to profile per op type "
                     "(ORT's profiler over uncaptured decode steps)")
+    ap.add_argument("--parity-prompt", type=int, default=16,
+                    help="prompt tokens of the parity check (then 8 greedy steps): longer than a model's sliding "
+                    "window checks its windowed caches past the first wrap (Gemma 3 1B: 512)")
     ap.add_argument("--routing", action=argparse.BooleanOptionalAction, default=True,
                     help="for a model with routed experts: compare the experts each token got in eager bf16 and in "
                     "the artifact over the parity steps (a diagnostic copy of the step model with its routers' TopK "
@@ -1170,7 +1174,8 @@ def main(argv=None) -> int:
             try:
                 # eager and the artifact's session at once only where both copies of the weights fit
                 first = 2.5 * case.get("weight_bytes", 0) > torch.cuda.mem_get_info()[0]
-                case["parity"] = parity(case["effexport_dir"], eager, vocab, routing=args.routing, eager_first=first)
+                case["parity"] = parity(case["effexport_dir"], eager, vocab, prompt=args.parity_prompt,
+                                        routing=args.routing, eager_first=first)
             except Exception as exc:  # noqa: BLE001
                 case["parity_error"] = f"{type(exc).__name__}: {exc}"[:600]
                 traceback.print_exc()
