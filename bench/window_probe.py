@@ -29,6 +29,9 @@ import traceback
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ort_attention import environment  # noqa: E402  (bench/: os.environ updated inside, restored after)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -71,17 +74,9 @@ def build(spec: str, work: str, dtype: str) -> tuple[str, str]:
     tag = spec.replace("/", "-")
     src, out = os.path.join(work, f"hf-{tag}"), os.path.join(work, f"{tag}-{dtype}")
     hf_tiny.build(family, **overrides).save_pretrained(src)
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         code = main([src, "--target", "onnx", "--dtype", dtype, "--kv-cache", "buffer", "--no-check", "-o", out,
                      "--force"])
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     if code != 0:
         raise RuntimeError(f"{family}: the CLI build exited {code}")
     return src, out
