@@ -119,6 +119,26 @@ def run_case(loaded, eager, artifact: str, device: str, prompt: int, batch: int,
     return {"passed": report.passed, "tokens_equal": report.tokens_equal, "detail": report.detail, **errors}
 
 
+def table(results: dict) -> str:
+    """Markdown: per family (its head size and the built graph's GQA inputs), each prompt / batch /
+    buffer-reuse case's verdict and its decode error (``!`` marks a greedy token that differs)."""
+    lines = ["| family | d | GQA (window / rotary / QK-norm) | prompt | B | reuse | passed | prefill | decode |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for family, entry in results["families"].items():
+        st = entry.get("structure", {})
+        shape = f"{st.get('gqa', '?')} ({st.get('gqa_window_cache', '?')} / {st.get('gqa_do_rotary', '?')} / " \
+                f"{st.get('gqa_qk_norm', '?')})"
+        if "error" in entry:
+            lines.append(f"| {family} | {entry.get('head_dim', '?')} | {shape} | - | - | - | {entry['error'][:80]} | | |")
+        for c in entry.get("cases", []):
+            verdict = c["error"][:60] if "error" in c else ("yes" if c["passed"] else "**no**")
+            flag = "" if c.get("tokens_equal", True) else " !"
+            lines.append(f"| {family} | {entry.get('head_dim', '?')} | {shape} | {c['prompt']} | {c['batch']} | "
+                         f"{'on' if c['mem_reuse'] else 'off'} | {verdict} | {c.get('logits/prefill', float('nan')):.3g} | "
+                         f"{c.get('logits/decode', float('nan')):.3g}{flag} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
@@ -164,6 +184,8 @@ def main(argv=None) -> int:
                         json.dump(results, f, indent=1)
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "window_probe.md"), "w") as f:
+        f.write(table(results))
     return 0
 
 

@@ -28,6 +28,8 @@ def test_window_probe_on_the_cpu(tmp_path):
     assert plain["gqa_window_cache"] >= 1 and plain["gqa_do_rotary"] == plain["gqa"] >= 2, plain
     assert norot["gqa"] == plain["gqa"] and norot["gqa_do_rotary"] == 0, norot
     assert norot["rotary_nodes"] == plain["rotary_nodes"] + 2 * plain["gqa"], (plain, norot)
+    md = (tmp_path / "out" / "window_probe.md").read_text().splitlines()
+    assert len(md) == 2 + 8 and md[2].startswith("| gemma3 | 16 | ") and "| yes |" in md[2], md
     switched = result["families"]["gemma3+norot"]["cases"]
     assert len(switched) == 4 and all(c["passed"] and c["logits/decode"] < 1e-5 for c in switched), switched
 
