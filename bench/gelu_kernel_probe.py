@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
