@@ -141,6 +141,37 @@ def test_bf16_gelu_matches_with_its_rounded_constants():
     assert fused.graph.output[0].type.tensor_type.elem_type == TP.BFLOAT16
 
 
+def _erf_gelu_model(dtype=TP.FLOAT, sqrt_2=math.sqrt(2.0)) -> onnx.ModelProto:
+    """The exact GELU as the exporter writes it: ``x * (0.5 * (erf(x / sqrt 2) + 1))``."""
+    nodes = [helper.make_node("Div", ["x", "sqrt_2"], ["d"]),
+             helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]),
+             helper.make_node("Mul", ["half", "e1"], ["h"]),
+             helper.make_node("Mul", ["x", "h"], ["y"])]
+    return _model(nodes, ["x"], "y", dtype, {"sqrt_2": sqrt_2, "one": 1.0, "half": 0.5})
+
+
+@pytest.mark.parametrize("dtype", [TP.FLOAT, TP.FLOAT16])
+def test_erf_gelu_becomes_gelu(dtype):
+    """Five nodes -> one ``com.microsoft.Gelu`` with eager PyTorch's exact GELU numbers (ORT CPU)."""
+    model = _erf_gelu_model(dtype)
+    fused, count = _fused(model)
+    assert count == 1 and [(n.domain, n.op_type) for n in fused.graph.node] == [("com.microsoft", "Gelu")]
+    onnx.checker.check_model(fused, full_check=True)
+    np_dtype = np.float32 if dtype == TP.FLOAT else np.float16
+    x = np.random.default_rng(2).standard_normal(SHAPE).astype(np_dtype) * 3
+    eager = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float32))).numpy()
+    tol = 1e-5 if dtype == TP.FLOAT else 2e-3
+    np.testing.assert_allclose(_run(fused, {"x": x}).astype(np.float32), eager, rtol=tol, atol=tol)
+
+
+def test_bf16_erf_gelu_matches_and_another_constant_does_not():
+    fused, count = _fused(_erf_gelu_model(TP.BFLOAT16))
+    assert count == 1 and fused.graph.node[0].op_type == "Gelu"
+    assert fused.graph.output[0].type.tensor_type.elem_type == TP.BFLOAT16
+    assert _fused(_erf_gelu_model(sqrt_2=2.0))[1] == 0
+
+
 def test_a_different_constant_is_not_gelu():
     assert _fused(_gelu_model(cubic=0.1))[1] == 0
 

@@ -110,3 +110,7 @@ def ensure_fusion_schemas() -> None:
         "FastGelu", MSFT_DOMAIN, inputs=[("X", "T", False)], outputs=[("Y", "T")], attributes=[],
         type_constraints=[("T", _FLOATS)],
         doc="ONNX Runtime contrib FastGelu (tanh GELU; subset declared for emission)."))
+    ensure_schema(make_schema(
+        "Gelu", MSFT_DOMAIN, inputs=[("X", "T", False)], outputs=[("Y", "T")], attributes=[],
+        type_constraints=[("T", _FLOATS)],
+        doc="ONNX Runtime contrib Gelu (exact, erf GELU; subset declared for emission)."))

@@ -46,6 +46,7 @@ _SKIP_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BF
 _GELU_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _GELU_CONSTANTS = {"three": 3.0, "cubic": 0.044715, "sqrt_2_over_pi": math.sqrt(2.0 / math.pi), "one": 1.0,
                    "half": 0.5}
+_ERF_GELU_CONSTANTS = {"sqrt_2": math.sqrt(2.0), "one": 1.0, "half": 0.5}
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -149,6 +150,28 @@ class _TanhGelu(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, **_):
         return op.FastGelu(x, _domain="com.microsoft")
+
+
+class _ErfGelu(pattern.RewriteRuleClassBase):
+    """``x * (0.5 * (erf(x / sqrt(2)) + 1))`` (the exact GELU, as the exporter decomposes
+    ``gelu(approximate="none")``: five nodes) -> ``com.microsoft.Gelu(x)``, which computes the same
+    formula in fp32 inside (a bf16 input: one rounding instead of five, as eager PyTorch's own
+    ``gelu``); constants compared at bf16 precision."""
+
+    def pattern(self, op, x, sqrt_2, one, half):
+        return op.Mul(x, op.Mul(half, op.Add(op.Erf(op.Div(x, sqrt_2)), one)))
+
+    def check(self, context, x, **constants) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype not in _GELU_DTYPES:
+            return result.fail("not a float16 / bfloat16 / float32 input")
+        for name, expected in _ERF_GELU_CONSTANTS.items():
+            if not _close(_scalar(constants[name]), expected, rel=1e-2):
+                return result.fail(f"constant {name} is not {expected}")
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Gelu(x, _domain="com.microsoft")
 
 
 class _HalfNorm(pattern.RewriteRuleClassBase):
@@ -706,7 +729,7 @@ def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
 
 RULES = (pattern.RewriteRuleSet([_RmsNorm.rule("rms_norm", scale_first=False),
                                  _RmsNorm.rule("rms_norm_scale_first", scale_first=True),
-                                 _TanhGelu.rule()], commute=True),
+                                 _TanhGelu.rule(), _ErfGelu.rule()], commute=True),
          pattern.RewriteRuleSet([_RmsNormNoScale.rule()], commute=True))
 
 
