@@ -1,5 +1,5 @@
 """Fusions for the ``ort`` profile: RMSNorm -> ``SimplifiedLayerNormalization``, tanh-GELU ->
-``com.microsoft.FastGelu``. ONNX Runtime runs each node as at least one kernel launch; on CUDA a
+``com.microsoft.FastGelu``, exact (erf) GELU -> ``com.microsoft.Gelu``. ONNX Runtime runs each node as at least one kernel launch; on CUDA a
 decode step of a real-size model is launch-bound (BENCHMARKS.md, runs 5-10), so fewer nodes is faster.
 On gemma4-e2b:tiny the two rules remove about a third of the step graph's nodes
 (tests/test_ort_fusions.py counts them).
@@ -14,8 +14,9 @@ Both rules here keep the model's arithmetic: the norm is fused only where it is 
 fp64 (the casts around it stay; ``SimplifiedLayerNormalization`` then computes exactly the fp32
 expression, up to summation order), and ``FastGelu`` computes the same tanh formula in fp32
 internally (for a bf16 input that is one rounding instead of seven: closer to eager PyTorch, whose
-``gelu(approximate="tanh")`` also computes in fp32). ``FastGelu`` has ONNX Runtime CPU kernels for
-fp32 and fp16 and CUDA kernels for fp32, fp16 and bf16 (bf16 ``Mul`` has no CPU kernel either, so a
+``gelu(approximate="tanh")`` also computes in fp32). ``FastGelu`` and ``Gelu`` have ONNX Runtime CPU
+kernels for fp32 and fp16 and CUDA kernels for fp32, fp16 and bf16 (``Gelu``'s bf16 CUDA kernel since
+ORT 1.21; ``bench/gelu_kernel_probe.py`` checks a GPU's) (bf16 ``Mul`` has no CPU kernel either, so a
 bf16 ``ort`` model is a GPU model in any case).
 """
 from __future__ import annotations
