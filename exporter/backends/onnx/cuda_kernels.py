@@ -183,6 +183,9 @@ KERNELS: dict[tuple[str, str], tuple[Kernel, ...]] = {
     ("", "Where"): (_k(16, B={"bool"}, T=_BHFD | _IND | {"uint8"}), _k(9, 15, B={"bool"}, T=_HFD | _IND | {"uint8"})),
     # com.microsoft, CUDAExecutionProvider (contrib_ops/cuda/cuda_contrib_kernels.cc)
     ("com.microsoft", "FastGelu"): (_k(1, T=_BHFD),),
+    # the exact GELU: float, double, MLFloat16 and (since microsoft/onnxruntime PR #23518, ORT 1.21)
+    # BFloat16 in contrib_ops/cuda/cuda_contrib_kernels.cc @ f2d5e8ba013084f8ed708548a8a1fcc25938e906
+    ("com.microsoft", "Gelu"): (_k(1, T=_BHFD),),
     ("com.microsoft", "GroupQueryAttention"): (_k(1, T={_BF, _H}, M={"int32"}),),
     ("com.microsoft", "MoE"): (_k(1, T={_BF, _F, _H}),),
     # the decode graph's prefix reads; its bf16 kernel ran graph-captured in BENCHMARKS.md run 30
