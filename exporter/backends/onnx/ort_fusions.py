@@ -132,6 +132,17 @@ class _RmsNormNoScale(pattern.RewriteRuleClassBase):
         return op.SimplifiedLayerNormalization(x, ones, axis=-1, epsilon=_scalar(eps), stash_type=1)
 
 
+def _check_gelu(x, constants: dict, expected: dict) -> pattern.MatchResult:
+    """A GELU pattern's input is a float type and its constants are the formula's, at bf16 precision."""
+    result = pattern.MatchResult()
+    if x.dtype not in _GELU_DTYPES:
+        return result.fail("not a float16 / bfloat16 / float32 input")
+    for name, value in expected.items():
+        if not _close(_scalar(constants[name]), value, rel=1e-2):
+            return result.fail(f"constant {name} is not {value}")
+    return result
+
+
 class _TanhGelu(pattern.RewriteRuleClassBase):
     """``x * (0.5 * (tanh(sqrt(2/pi) * (x + 0.044715 * x^3)) + 1))`` -> ``FastGelu(x)``; the
     constants are compared at bf16 precision (the model's dtype stores them)."""
@@ -141,13 +152,7 @@ class _TanhGelu(pattern.RewriteRuleClassBase):
         return op.Mul(x, op.Mul(half, op.Add(op.Tanh(inner), one)))
 
     def check(self, context, x, **constants) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        if x.dtype not in _GELU_DTYPES:
-            return result.fail("not a float16 / bfloat16 / float32 input")
-        for name, expected in _GELU_CONSTANTS.items():
-            if not _close(_scalar(constants[name]), expected, rel=1e-2):
-                return result.fail(f"constant {name} is not {expected}")
-        return result
+        return _check_gelu(x, constants, _GELU_CONSTANTS)
 
     def rewrite(self, op, x, **_):
         return op.FastGelu(x, _domain="com.microsoft")
@@ -163,13 +168,7 @@ class _ErfGelu(pattern.RewriteRuleClassBase):
         return op.Mul(x, op.Mul(half, op.Add(op.Erf(op.Div(x, sqrt_2)), one)))
 
     def check(self, context, x, **constants) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        if x.dtype not in _GELU_DTYPES:
-            return result.fail("not a float16 / bfloat16 / float32 input")
-        for name, expected in _ERF_GELU_CONSTANTS.items():
-            if not _close(_scalar(constants[name]), expected, rel=1e-2):
-                return result.fail(f"constant {name} is not {expected}")
-        return result
+        return _check_gelu(x, constants, _ERF_GELU_CONSTANTS)
 
     def rewrite(self, op, x, **_):
         return op.Gelu(x, _domain="com.microsoft")
