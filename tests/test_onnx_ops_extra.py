@@ -142,11 +142,15 @@ def test_cca_parity(profile):
 @pytest.mark.parametrize("profile", ORT_PROFILES)
 def test_cca_structure(profile):
     """One effexport::cca node with its static parameters as attributes; its body has exactly two
-    Conv nodes: depthwise (group C) then grouped (group Hq+Hk)."""
+    Conv nodes: depthwise (group C) then grouped (group Hq+Hk), and normalizes and rotates the query
+    and key heads as one tensor: one L2 norm (one ReduceSum, one Sqrt) and one rotate-half (one
+    Neg), where separate query / key tails had two of each (86 -> 65 non-constant body nodes)."""
     model, _ = _cca(profile)
     convs = [n for n in _all_nodes(model) if n.op_type == "Conv"]
     groups = [onnx.helper.get_attribute_value(a) for n in convs for a in n.attribute if a.name == "group"]
     assert groups == [C, HQ + HK]
+    body = [n.op_type for f in model.functions if f.name == "cca" for n in f.node]
+    assert (body.count("ReduceSum"), body.count("Sqrt"), body.count("Neg")) == (1, 1, 1), body
     _assert_clean(model, {"cca": 1})
     node = next(n for n in model.graph.node if n.op_type == "cca")
     assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == dict(

@@ -16,6 +16,11 @@ lets stock ONNX Runtime run it on any execution provider. The body mirrors
 * QK L2-norm to ``sqrt(d)`` with the norm clamped at the dtype's eps, temperature on k;
 * partial rotate-half RoPE from the ``cos`` / ``sin`` inputs (in fp32, cast back).
 
+The query and key heads go through the norm and the rotation as one ``[B, T, Hq + Hk, d]`` tensor
+(the conv output's channels are already in that order) and are split at the end: both ops work per
+head, so the numbers are those of separate heads, with half the nodes (on a one-token GPU step each
+node is a kernel launch: ZAYA1-8B runs this body 40 times a step).
+
 Arithmetic runs in the inputs' dtype except RoPE (fp32), as the eager op does, and in bf16 the q-k
 mean (fp32 between casts: ONNX Runtime's CUDA ``ReduceMean`` has no bf16 kernel).
 
@@ -110,10 +115,10 @@ def _cca_body(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temp
     c = op.Conv(c, wide(conv1_weight), wide(conv1_bias), group=channels // d)  # [B, C, T]
     if narrow:
         c = op.Cast(c, to=ir.DataType.BFLOAT16)
+    # query and key heads together from here: one L2 norm, one rotation, split at the end (each op
+    # works per head, so the numbers are the separate heads'; half the kernels of the body's tail)
     c = op.Transpose(c, perm=[0, 2, 1])  # [B, T, C]
-    q = op.Add(op.Reshape(op.Slice(c, b.ints([0]), b.ints([hq * d]), b.ints([2])), b.ints([0, 0, hq, d])), r_q)
-    k = op.Add(op.Reshape(op.Slice(c, b.ints([hq * d]), b.ints([channels]), b.ints([2])),
-                          b.ints([0, 0, hk, d])), r_k)
+    qk = op.Add(op.Reshape(c, b.ints([0, 0, hq + hk, d])), op.Concat(r_q, r_k, axis=2))  # [B, T, Hq+Hk, d]
 
     # (4) value shift: token t's second half is v_del_src[t-1] (shift_state for t = 0)
     v_del = op.Concat(op.Unsqueeze(shift_state, b.ints([1])),
@@ -122,13 +127,14 @@ def _cca_body(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temp
     new_shift_state = op.Squeeze(op.Slice(v_del_src, b.ints([-1]), b.ints([2 ** 62]), b.ints([1])),
                                  b.ints([1]))  # [B, Dv]
 
-    # (5) QK L2-norm to sqrt(d), temperature on k
-    q = _l2_to_sqrt_d(q, d, eps)
-    k = op.Mul(_l2_to_sqrt_d(k, d, eps), op.Reshape(temperature, b.ints([1, 1, hk, 1])))
+    # (5) QK L2-norm to sqrt(d), temperature on the key heads (the query heads' factor is 1: exact)
+    gains = op.Concat(op.Expand(op.CastLike(b.f32c(1.0), temperature), b.ints([hq])), temperature, axis=0)
+    qk = op.Mul(_l2_to_sqrt_d(qk, d, eps), op.Reshape(gains, b.ints([1, 1, hq + hk, 1])))
 
     # (6) partial RoPE, heads first
-    q = _rope_rotate_half(op.Transpose(q, perm=[0, 2, 1, 3]), cos, sin, rot, d)  # [B, Hq, T, d]
-    k = _rope_rotate_half(op.Transpose(k, perm=[0, 2, 1, 3]), cos, sin, rot, d)  # [B, Hk, T, d]
+    qk = _rope_rotate_half(op.Transpose(qk, perm=[0, 2, 1, 3]), cos, sin, rot, d)  # [B, Hq+Hk, T, d]
+    q = op.Slice(qk, b.ints([0]), b.ints([hq]), b.ints([1]))  # [B, Hq, T, d]
+    k = op.Slice(qk, b.ints([hq]), b.ints([hq + hk]), b.ints([1]))  # [B, Hk, T, d]
     v = op.Transpose(v, perm=[0, 2, 1, 3])  # [B, Hk, T, d]
     return q, k, v, new_conv_state, new_shift_state
 
