@@ -13,7 +13,7 @@ import window_probe  # noqa: E402
 
 
 def test_window_probe_on_the_cpu(tmp_path):
-    assert window_probe.main(["--device", "cpu", "--dtype", "fp32", "--families", "gemma3,gemma3+norot", "--prompts", "3,8",
+    assert window_probe.main(["--device", "cpu", "--dtype", "fp32", "--families", "gemma3,gemma3+norot,gemma3+nowindow", "--prompts", "3,8",
                               "--batches", "2", "--steps", "4", "--out", str(tmp_path / "out"),
                               "--work", str(tmp_path / "work")]) == 0
     result = json.loads((tmp_path / "out" / "window_probe.json").read_text())
@@ -29,9 +29,13 @@ def test_window_probe_on_the_cpu(tmp_path):
     assert norot["gqa"] == plain["gqa"] and norot["gqa_do_rotary"] == 0, norot
     assert norot["rotary_nodes"] == plain["rotary_nodes"] + 2 * plain["gqa"], (plain, norot)
     md = (tmp_path / "out" / "window_probe.md").read_text().splitlines()
-    assert len(md) == 2 + 8 and md[2].startswith("| gemma3 | 16 | ") and "| yes |" in md[2], md
-    switched = result["families"]["gemma3+norot"]["cases"]
-    assert len(switched) == 4 and all(c["passed"] and c["logits/decode"] < 1e-5 for c in switched), switched
+    assert len(md) == 2 + 12 and md[2].startswith("| gemma3 | 16 | ") and "| yes |" in md[2], md
+    # +nowindow (EFFEXPORT_ORT_WINDOW_CACHE=0): no windowed GroupQueryAttention, the ring decomposed
+    nowindow = result["families"]["gemma3+nowindow"]["structure"]
+    assert nowindow["gqa_window_cache"] == 0 and nowindow["gqa"] == plain["gqa"] - plain["gqa_window_cache"], nowindow
+    for variant in ("gemma3+norot", "gemma3+nowindow"):
+        switched = result["families"][variant]["cases"]
+        assert len(switched) == 4 and all(c["passed"] and c["logits/decode"] < 1e-5 for c in switched), switched
 
 
 def test_family_variants():

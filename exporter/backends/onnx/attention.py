@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -384,11 +385,17 @@ def slot_rings(names):
         _SLOT_RINGS.reset(token)
 
 
+WINDOW_CACHE_ENV = "EFFEXPORT_ORT_WINDOW_CACHE"
+"""``0`` lowers every sliding ring as the eager op's slot ring (``p mod W``, the decomposition or a
+one-token MultiHeadAttention) instead of GroupQueryAttention's windowed cache: a comparison, or a
+workaround should a runtime's windowed cache compute wrong."""
+
+
 def _window_cache(profile: str, dims: Dims, cache, chunked: bool = False) -> bool:
     """The ``ort`` profile holds a sliding ring (``cache``: its K value) in GroupQueryAttention's
     windowed layout (``sliding_window_cache``) wherever GQA takes the head size, unless
-    :func:`slot_rings` names it: see :func:`attend_gqa_window`."""
-    return (PROFILES[profile].gqa and not chunked and getattr(cache, "name", None) not in _SLOT_RINGS.get()
+    :func:`slot_rings` names it or :data:`WINDOW_CACHE_ENV` is ``0``: see :func:`attend_gqa_window`."""
+    return (os.environ.get(WINDOW_CACHE_ENV, "1") != "0" and PROFILES[profile].gqa and not chunked and getattr(cache, "name", None) not in _SLOT_RINGS.get()
             and dims.d == dims.dv and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
 
 
