@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import onnx_ir as ir
 from onnxscript import opset18 as op
@@ -128,7 +129,9 @@ def _cca_body(q_down, k_down, v_cur, v_del_src, conv0_weight, conv1_weight, temp
                                  b.ints([1]))  # [B, Dv]
 
     # (5) QK L2-norm to sqrt(d), temperature on the key heads (the query heads' factor is 1: exact)
-    gains = op.Concat(op.Expand(op.CastLike(b.f32c(1.0), temperature), b.ints([hq])), temperature, axis=0)
+    # a cast constant, not an Expand: ONNX Runtime folds it (its CPU EP has no bf16 Expand to fold with)
+    ones = op.CastLike(op.Constant(value=ir.tensor(np.ones(hq, dtype=np.float32))), temperature)
+    gains = op.Concat(ones, temperature, axis=0)
     qk = op.Mul(_l2_to_sqrt_d(qk, d, eps), op.Reshape(gains, b.ints([1, 1, hq + hk, 1])))
 
     # (6) partial RoPE, heads first
