@@ -42,6 +42,7 @@ VARIANT_ENV = {  # build switches a probe family may name (FAMILY+TAG): which fu
     "nopack": {"EFFEXPORT_ORT_PACK_QKV": "0"},  # query, key and value apart
     "nowindow": {"EFFEXPORT_ORT_WINDOW_CACHE": "0"},  # sliding rings as slot rings (the default since run 38)
     "window": {"EFFEXPORT_ORT_WINDOW_CACHE": "1"},  # GroupQueryAttention's windowed cache (opt-in since run 38)
+    "wtotal": {"EFFEXPORT_ORT_WINDOW_TOTAL": "window"},  # its one-token total_sequence_length W (until run 39)
 }
 
 
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
                     help="tiny HF families, each FAMILY or FAMILY/hdN (head size N), comma-separated")
     ap.add_argument("--prompts", default="3,5,6,7,8,12")
     ap.add_argument("--batches", default="1,2")
+    ap.add_argument("--reuse", default="off,on", help="ORT buffer reuse settings to run, comma-separated")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
             continue
         for prompt in (int(p) for p in args.prompts.split(",")):
             for batch in (int(b) for b in args.batches.split(",")):
-                for reuse in (False, True):
+                for reuse in [r == "on" for r in args.reuse.split(",")]:
                     case = {"prompt": prompt, "batch": batch, "mem_reuse": reuse}
                     try:
                         case.update(run_case(loaded, eager, artifact, args.device, prompt, batch, reuse, args.steps,

@@ -42,6 +42,8 @@ def test_family_variants():
     assert window_probe.parse_family("gemma3/hd256") == ("gemma3", {"head_dim": 256}, {})
     assert window_probe.parse_family("laguna/hd64+norot+nonorm") == (
         "laguna", {"head_dim": 64}, {"EFFEXPORT_ORT_ROTARY_IN_ATTENTION": "0", "EFFEXPORT_ORT_CUDA_FUSIONS": "0"})
+    assert window_probe.parse_family("gemma3+window+wtotal") == (
+        "gemma3", {}, {"EFFEXPORT_ORT_WINDOW_CACHE": "1", "EFFEXPORT_ORT_WINDOW_TOTAL": "window"})
     for bad, says in (("gemma3/w8", "FAMILY/hdN"), ("gemma3+fast", "unknown build switch +fast")):
         try:
             window_probe.parse_family(bad)

@@ -145,6 +145,61 @@ def _window(ring: torch.Tensor, end: int) -> torch.Tensor:
     return out
 
 
+def _windowed_totals(model: onnx.ModelProto, args) -> list[int]:
+    """The ``total_sequence_length`` each windowed GroupQueryAttention of ``model`` reads when run on ORT
+    CPU with ``args`` (the values made graph outputs)."""
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"
+           and any(a.name == "sliding_window_cache" and a.i == 1 for a in n.attribute)]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = [n.input[6] for n in gqa]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT32, None) for n in names
+                              if n not in {o.name for o in probe.graph.output})
+    got = dict(zip([o.name for o in probe.graph.output], _run(probe, args)))
+    return [int(got[n]) for n in names]
+
+
+@pytest.mark.parametrize("bound", [None, 40], ids=["unbounded", "bounded"])
+@pytest.mark.parametrize("one_token", [True, False], ids=["one-token-graph", "general-graph"])
+def test_windowed_cache_total_bounds_the_positions(one_token, bound, monkeypatch):
+    """A one-token step over GroupQueryAttention's windowed cache passes a ``total_sequence_length`` of
+    at least ``pos + 1`` (ONNX Runtime 1.31.1's CUDA kernel computes wrong once ``pos + 1`` passes it:
+    W until run 39, BENCHMARKS.md run 38): the artifact's position bound (:func:`max_context`, the
+    buffers' rows in a build) where there is one, constant; without one, the real ``pos + T`` in the
+    general graph and :data:`WINDOW_TOTAL_UNBOUNDED` in a static one-token graph. A chunk passes
+    ``pos + T``. ``EFFEXPORT_ORT_WINDOW_TOTAL=window`` brings back W (for A/B runs). Parity on ORT CPU
+    at each probe (fp32, rel 1e-5) shows the CPU kernel takes every form."""
+    from effexport.exporter.backends.onnx.attention import (WINDOW_TOTAL_ENV, WINDOW_TOTAL_UNBOUNDED,
+                                                            max_context)
+
+    monkeypatch.setenv(WINDOW_CACHE_ENV, "1")
+    module = _Attn("ring", W, 0.0, False)
+    b, t = torch.export.Dim("b"), torch.export.Dim("t")
+    dynamic = (({0: b},) * 3 if one_token else ({0: b, 2: t},) * 3) + ({0: b},) * 2 + (None, None)
+    example = _inputs(2, 1 if one_token else 3, W, 5)
+    probes = [(2, 1, W, 0), (1, 1, W, 9), (3, 1, W, 2)] + ([] if one_token else [(1, 3, W, 11)])
+    for env in (None, "window"):
+        if env:
+            monkeypatch.setenv(WINDOW_TOTAL_ENV, env)
+        with max_context(bound):
+            model = _export(module, example, "ort", dynamic)
+        for i, (batch, t_len, p, pos) in enumerate(probes):
+            args = _inputs(batch, t_len, p, pos, seed=i + 1)
+            [total] = _windowed_totals(model, args)
+            if env == "window" and t_len == 1:
+                want = W
+            elif t_len > 1 or (bound is None and not one_token):
+                want = pos + t_len
+            else:
+                want = bound if bound is not None else WINDOW_TOTAL_UNBOUNDED
+            assert total == want, (env, batch, t_len, pos)
+            expected = module(*args)
+            end = pos + t_len - 1
+            got = _run(model, (*args[:3], _window(args[3], end - t_len), _window(args[4], end - t_len), *args[5:]))
+            assert_close(torch.from_numpy(got[0]), expected[0], rtol=1e-5, what=f"{env} B={batch} pos={pos}")
+    monkeypatch.delenv(WINDOW_TOTAL_ENV)
+
+
 def _dense_bool_constants(model: onnx.ModelProto) -> list[str]:
     """Names of rank >= 2 boolean constants/initializers (a baked mask would be one)."""
     found = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.BOOL and len(t.dims) >= 2]

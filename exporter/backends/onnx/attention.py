@@ -224,7 +224,7 @@ def _seqlens(last, batch_of):
     return op.Cast(op.Expand(op.Reshape(last, b.ints([1])), op.Shape(batch_of, start=0, end=1)), to=6)
 
 
-def _buffer_lengths(pos, t_len, capacity: int, batch_of):
+def _buffer_lengths(pos, t_len, capacity: int | None, batch_of):
     """GQA's lengths over a shared buffer of ``capacity`` rows (or a windowed cache of that many) for
     queries at ``pos..pos+T-1``.
 
@@ -232,7 +232,9 @@ def _buffer_lengths(pos, t_len, capacity: int, batch_of):
     is read on the host and tells ORT a prompt from a decode step: a one-token step gets the
     capacity (an upper bound, constant, so a captured CUDA graph stays valid whatever ``pos``),
     a chunk gets ``pos + T`` (``pos + T == T`` marks the first prompt, which ORT runs batched).
-    That ``pos`` is the step's host copy: :mod:`.host_positions` points it at ``pos_host``.
+    ``capacity`` None (a windowed cache in an artifact whose positions nothing bounds: no CUDA graph
+    replays it) passes ``pos + T`` for every step. That ``pos`` is the step's host copy:
+    :mod:`.host_positions` points it at ``pos_host``.
 
     Where ``T`` is static 1 (a graph of one-token steps), the total is an int32 initializer, computed
     by no node. Computed from ``pos_host`` and constants only, its nodes would run on the GPU: ONNX
@@ -245,7 +247,10 @@ def _buffer_lengths(pos, t_len, capacity: int, batch_of):
     simulates that partitioning; tests/test_kv_buffer.py checks both forms with it)."""
     seqlens = _seqlens(b.plus(pos, op.Sub(t_len, b.i64(1))), batch_of)
     if b.known_dim(batch_of, 2) == 1:
-        return seqlens, op.Constant(value=ir.tensor(np.array(capacity, dtype=np.int32)))
+        bound = WINDOW_TOTAL_UNBOUNDED if capacity is None else capacity
+        return seqlens, op.Constant(value=ir.tensor(np.array(bound, dtype=np.int32)))
+    if capacity is None:
+        return seqlens, op.Cast(op.Add(pos, t_len), to=6)
     total = op.Where(op.Equal(t_len, b.i64(1)), b.i64(capacity), op.Add(pos, t_len))
     return seqlens, op.Cast(total, to=6)
 
@@ -396,6 +401,45 @@ the same builds without it 1.0e-2..3.1e-2; BENCHMARKS.md run 38), while ORT's CP
 eager either way."""
 
 
+WINDOW_TOTAL_ENV = "EFFEXPORT_ORT_WINDOW_TOTAL"
+"""``window`` passes the window W as a one-token windowed step's ``total_sequence_length`` (the
+lowering until run 39, kept for A/B runs on the GPU); unset, the step passes the artifact's maximum
+context (:func:`max_context`): see :func:`_window_total`."""
+
+_MAX_CONTEXT = contextvars.ContextVar("effexport_max_context", default=None)
+
+
+@contextlib.contextmanager
+def max_context(tokens: int | None):
+    """Lower inside the block for an artifact that runs at most ``tokens`` positions (the build's
+    ``max_context``; None: not known)."""
+    token = _MAX_CONTEXT.set(tokens)
+    try:
+        yield
+    finally:
+        _MAX_CONTEXT.reset(token)
+
+
+WINDOW_TOTAL_UNBOUNDED = 1 << 20
+"""A static one-token graph's windowed ``total_sequence_length`` where no fixed-size cache bounds the
+positions (no such graph is built today: decode graphs come with ``--kv-cache buffer``)."""
+
+
+def _window_total(window: int) -> int | None:
+    """``total_sequence_length`` of a one-token step over a W-row windowed cache: an upper bound of the
+    step's real total ``pos + 1``, constant so that a captured CUDA graph stays valid -- the
+    positions the artifact's fixed-size caches hold (:func:`max_context`; the runtimes refuse steps
+    past it), as onnxruntime-genai passes its ``max_length``; never less than W. None where nothing
+    bounds the positions (growing full caches, which no CUDA graph replays): the step then passes its
+    real total ``pos + T``. ONNX Runtime 1.31.1's CUDA kernel computes wrong once ``pos + 1`` passes
+    the value given (W until run 39: BENCHMARKS.md run 38's windowed-cache failures, from the first
+    step past the window); its CPU kernel reads the rows from ``seqlens_k`` either way."""
+    if os.environ.get(WINDOW_TOTAL_ENV) == "window":
+        return window
+    tokens = _MAX_CONTEXT.get()
+    return max(window, tokens) if tokens else None
+
+
 def _window_cache(profile: str, dims: Dims, cache, chunked: bool = False) -> bool:
     """The ``ort`` profile holds a sliding ring (``cache``: its K value) in GroupQueryAttention's
     windowed layout (``sliding_window_cache``) wherever GQA takes the head size, unless
@@ -414,13 +458,13 @@ def attend_gqa_window(q, k_new, v_new, k_win, v_win, pos, sinks, scale: float, w
     ``0..L-1`` hold positions ``e-L+1..e`` in order, ``L = min(e + 1, W)``; later rows are unspecified.
     Both layouts start as zeros, and only this profile's nodes read the cache, so the artifact is
     self-consistent (KV-sharing consumers of a ring run the same lowering over the producer's past).
-    ``seqlens_k = pos + T - 1`` on the device; ``total_sequence_length`` is W for a one-token step
-    (ORT sizes nothing by it for a windowed cache; a constant keeps a captured CUDA graph valid) and
-    ``pos + T`` for a chunk (:mod:`.host_positions` reads it from ``pos_host``)."""
+    ``seqlens_k = pos + T - 1`` on the device; ``total_sequence_length`` is an upper bound of the
+    positions for a one-token step (:func:`_window_total`: a constant keeps a captured CUDA graph
+    valid) and ``pos + T`` for a chunk (:mod:`.host_positions` reads it from ``pos_host``)."""
     if scale == 0.0:
         raise ValueError("attention_ring: scale 0 (GroupQueryAttention reads it as 1/sqrt(d))")
     heads, kv_heads, _, dv = dims
-    seqlens, total = _buffer_lengths(pos, b.dim(q, 2), window, q)
+    seqlens, total = _buffer_lengths(pos, b.dim(q, 2), _window_total(window), q)
     out, k_present, v_present = msft.GroupQueryAttention(
         _heads_last(q), _heads_last(k_new), _heads_last(v_new), k_win, v_win, seqlens, total,
         head_sink=sinks, num_heads=heads, kv_num_heads=kv_heads, scale=float(scale), softcap=float(softcap),

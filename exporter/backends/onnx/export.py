@@ -54,7 +54,7 @@ from effexport.exporter.errors import LowerError, root_cause
 from effexport.exporter.progress import phase
 from effexport.exporter.backends.exported import example_inputs, exported_step
 from effexport.exporter.backends.onnx._local import attach, types_kept
-from effexport.exporter.backends.onnx.attention import one_token_graph, slot_rings
+from effexport.exporter.backends.onnx.attention import max_context, one_token_graph, slot_rings
 from effexport.exporter.backends.onnx.half_einsum import einsums
 from effexport.exporter.backends.onnx.host_positions import (DEVICE_POSITIONS, IN_PLACE, host_reads,
                                                           split_host_positions)
@@ -309,8 +309,9 @@ def _lower_step(program: StepProgram, plan: CachePlan, profile: str, example_bat
         # the translations see the program's placeholder names; the inputs get the plan's names after
         slot = rings_with_consumers(plan)
         slot = {ph for ph, name in zip(exported.graph_signature.user_inputs, inputs) if name in slot}
-        with slot_rings(slot), one_token_graph() if one_token else contextlib.nullcontext():
-            model = _lower_ir(exported, (), profile, None, inputs, outputs, buffer_capacity(plan.entries))
+        capacity = buffer_capacity(plan.entries)
+        with slot_rings(slot), max_context(capacity), one_token_graph() if one_token else contextlib.nullcontext():
+            model = _lower_ir(exported, (), profile, None, inputs, outputs, capacity)
         if one_token and PROFILES[profile].ort_fusions:  # a [1, 1, H] skip matches [B, 1, H] rows only
             zero_skip_norms(model)
         model.metadata_props[IN_PLACE] = json.dumps(in_place_inputs(model))
