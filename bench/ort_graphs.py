@@ -135,13 +135,14 @@ GEMMA3_BYTES = "bench_weight_bytes.json"
 
 
 VARIANTS = {"": {}, "nocuda": {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"}, "noskip": {"EFFEXPORT_ORT_ZERO_SKIP": "0"},
-            "nopack": {"EFFEXPORT_ORT_PACK_QKV": "0"}, "window": {"EFFEXPORT_ORT_WINDOW_CACHE": "1"}}
+            "nopack": {"EFFEXPORT_ORT_PACK_QKV": "0"}, "window": {"EFFEXPORT_ORT_WINDOW_CACHE": "1"},
+            "slots": {"EFFEXPORT_ORT_WINDOW_CACHE": "0"}}
 """Case suffixes (``CASE+VARIANT``) and the environment their build runs in: ``+nocuda`` builds without
 the CUDA-only fusions (``exporter/backends/onnx/ort_cuda.py``), ``+noskip`` with the decode graph's
 plain norms left plain (``ort_fusions.zero_skip_norms`` off), ``+nopack`` with each attention's three
 projections unpacked (``ort_pack.py`` off), ``+window`` with GroupQueryAttention's windowed cache for the
-sliding layers (opt-in since run 38: wrong on ORT 1.31.1's CUDA EP past the window, so a speed
-reference only), for an A/B in one run."""
+sliding layers (the default again since run 39; the default build of run 38 had slot rings), ``+slots``
+with the eager op's slot rings, for an A/B in one run."""
 
 
 def split_variant(name: str) -> tuple[str, dict]:

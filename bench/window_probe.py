@@ -40,8 +40,8 @@ VARIANT_ENV = {  # build switches a probe family may name (FAMILY+TAG): which fu
     "nonorm": {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"},  # per-head Q / K norms stay nodes
     "norot": {"EFFEXPORT_ORT_ROTARY_IN_ATTENTION": "0"},  # rotations stay RotaryEmbedding nodes
     "nopack": {"EFFEXPORT_ORT_PACK_QKV": "0"},  # query, key and value apart
-    "nowindow": {"EFFEXPORT_ORT_WINDOW_CACHE": "0"},  # sliding rings as slot rings (the default since run 38)
-    "window": {"EFFEXPORT_ORT_WINDOW_CACHE": "1"},  # GroupQueryAttention's windowed cache (opt-in since run 38)
+    "nowindow": {"EFFEXPORT_ORT_WINDOW_CACHE": "0"},  # sliding rings as slot rings (the default in run 38 only)
+    "window": {"EFFEXPORT_ORT_WINDOW_CACHE": "1"},  # GroupQueryAttention's windowed cache (the default but in run 38)
     "wtotal": {"EFFEXPORT_ORT_WINDOW_TOTAL": "window"},  # its one-token total_sequence_length W (until run 39)
 }
 

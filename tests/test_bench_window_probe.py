@@ -14,23 +14,23 @@ import window_probe  # noqa: E402
 
 def test_window_probe_on_the_cpu(tmp_path):
     assert window_probe.main(["--device", "cpu", "--dtype", "fp32", "--families",
-                              "gemma3,gemma3+window,gemma3+window+norot", "--prompts", "3,8",
+                              "gemma3,gemma3+nowindow,gemma3+norot", "--prompts", "3,8",
                               "--batches", "2", "--steps", "4", "--out", str(tmp_path / "out"),
                               "--work", str(tmp_path / "work")]) == 0
     result = json.loads((tmp_path / "out" / "window_probe.json").read_text())
     entry = result["families"]["gemma3"]
     assert entry["window"] == 6 and entry["head_dim"] == 16 and "error" not in entry
-    for variant in ("gemma3", "gemma3+window", "gemma3+window+norot"):
+    for variant in ("gemma3", "gemma3+nowindow", "gemma3+norot"):
         cases = result["families"][variant]["cases"]
         assert [(c["prompt"], c["mem_reuse"]) for c in cases] == [(3, False), (3, True), (8, False), (8, True)]
         assert all(c["passed"] and c["tokens_equal"] and c["logits/decode"] < 1e-5 for c in cases), (variant, cases)
-    # the default build has no windowed GroupQueryAttention (run 38); +window
-    # (EFFEXPORT_ORT_WINDOW_CACHE=1) gives every sliding owner one, rotating inside; +norot
+    # the default build gives every sliding owner a windowed GroupQueryAttention, rotating inside (run
+    # 39); +nowindow (EFFEXPORT_ORT_WINDOW_CACHE=0) has none; +norot
     # (EFFEXPORT_ORT_ROTARY_IN_ATTENTION=0) keeps every rotation a node
-    plain, window, norot = (result["families"][v]["structure"] for v in ("gemma3", "gemma3+window",
-                                                                           "gemma3+window+norot"))
-    assert plain["gqa_window_cache"] == 0, plain
-    assert window["gqa_window_cache"] >= 1 and window["gqa"] == plain["gqa"] + window["gqa_window_cache"], window
+    window, slots, norot = (result["families"][v]["structure"] for v in ("gemma3", "gemma3+nowindow",
+                                                                           "gemma3+norot"))
+    assert slots["gqa_window_cache"] == 0, slots
+    assert window["gqa_window_cache"] >= 1 and window["gqa"] == slots["gqa"] + window["gqa_window_cache"], window
     assert window["gqa_do_rotary"] == window["gqa"], window
     assert norot["gqa"] == window["gqa"] and norot["gqa_do_rotary"] == 0, norot
     assert norot["rotary_nodes"] == window["rotary_nodes"] + 2 * window["gqa"], (window, norot)

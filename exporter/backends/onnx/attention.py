@@ -11,9 +11,8 @@
   as ``head_sink``. GQA needs ``d == dv``, a non-zero scale, ``d`` a multiple of 8 and ``d <= 256``
   (above, ORT's CUDA kernel is slow: :data:`GQA_MAX_HEAD_DIM`); otherwise, and for bidirectional attention, the
   decomposition below is used.
-* ``attention_ring`` (sliding) where GQA takes the head size and :data:`WINDOW_CACHE_ENV` is ``1``
-  (off by default: ORT 1.31.1's CUDA kernel computes it wrong once the window is full): one
-  GroupQueryAttention with ``sliding_window_cache = 1`` over a W-row cache in GQA's windowed layout (newest positions in
+* ``attention_ring`` (sliding) where GQA takes the head size (unless :data:`WINDOW_CACHE_ENV` is
+  ``0``): one GroupQueryAttention with ``sliding_window_cache = 1`` over a W-row cache in GQA's windowed layout (newest positions in
   order from row 0: :func:`attend_gqa_window`), which ``attention_read(ring=True)`` then reads by
   that layout's positions. Chunked rings (``chunked=True``: the mask ``q - k <= q mod C``) and other
   head sizes keep the eager op's ring (slot ``p mod W``) and the decomposition.
@@ -392,13 +391,15 @@ def slot_rings(names):
 
 
 WINDOW_CACHE_ENV = "EFFEXPORT_ORT_WINDOW_CACHE"
-"""``1`` lowers the sliding rings GroupQueryAttention takes as its windowed cache
-(``sliding_window_cache``: :func:`attend_gqa_window`); unset or ``0``, every ring is the eager op's
-slot ring (``p mod W``: the decomposition, or a one-token MultiHeadAttention). Off by default: on
-ONNX Runtime 1.31.1's CUDA EP the windowed cache computes wrong once the window is full (tiny Gemma 3
-/ Laguna bf16, head sizes 16 and 256: decode max rel 0.45-1.14 from the first step past the window,
-the same builds without it 1.0e-2..3.1e-2; BENCHMARKS.md run 38), while ORT's CPU EP agrees with
-eager either way."""
+"""Unset or ``1``: the sliding rings GroupQueryAttention takes are its windowed cache
+(``sliding_window_cache``: :func:`attend_gqa_window`); ``0``: every ring is the eager op's slot ring
+(``p mod W``: the decomposition, or a one-token MultiHeadAttention). Run 38 found the windowed cache
+wrong on ONNX Runtime 1.31.1's CUDA EP once the window was full and made the slot ring the default;
+run 39 found why -- a one-token step's ``total_sequence_length`` was W, below ``pos + 1``
+(:func:`_window_total`) -- and, with the bound fixed, the windowed cache agrees with eager bf16 there
+(tiny Gemma 3 / Laguna, head sizes 16 and 256: decode 1.0e-2..2.5e-2, as the slot ring) and is the
+faster and smaller step (Gemma 3 1B on an H100: 649 nodes against 1,075, 3.05 against 3.20 ms at 4K
+B1), so it is the default again (BENCHMARKS.md runs 38-39)."""
 
 
 WINDOW_TOTAL_ENV = "EFFEXPORT_ORT_WINDOW_TOTAL"
@@ -443,9 +444,8 @@ def _window_total(window: int) -> int | None:
 def _window_cache(profile: str, dims: Dims, cache, chunked: bool = False) -> bool:
     """The ``ort`` profile holds a sliding ring (``cache``: its K value) in GroupQueryAttention's
     windowed layout (``sliding_window_cache``) wherever GQA takes the head size, unless
-    :func:`slot_rings` names it -- only with :data:`WINDOW_CACHE_ENV` set to ``1``: see
-    :func:`attend_gqa_window`."""
-    return (os.environ.get(WINDOW_CACHE_ENV, "0") == "1" and PROFILES[profile].gqa and not chunked and getattr(cache, "name", None) not in _SLOT_RINGS.get()
+    :func:`slot_rings` names it, or :data:`WINDOW_CACHE_ENV` is ``0``: see :func:`attend_gqa_window`."""
+    return (os.environ.get(WINDOW_CACHE_ENV, "1") != "0" and PROFILES[profile].gqa and not chunked and getattr(cache, "name", None) not in _SLOT_RINGS.get()
             and dims.d == dims.dv and dims.d <= GQA_MAX_HEAD_DIM and dims.d % GQA_HEAD_DIM_MULTIPLE == 0)
 
 

@@ -463,10 +463,15 @@ class _CastRotaryToBsd(_RotaryToBsd):
 
 def _rotary_pair(value: ir.Value) -> bool:
     """Whether ``value`` is either end of a ``Transpose -> RotaryEmbedding -> Transpose`` sandwich (a
-    ``Cast`` allowed on each side of the rotation): the rotary layout rules take both transposes away."""
+    ``Cast`` allowed on each side of the rotation, and a norm over the last axis between the first
+    transpose and the rotation -- the per-head Q / K norm of Gemma 3 / Qwen3, which
+    :class:`_NormBeforeTranspose` moves above that transpose): the rotary layout rules take both
+    transposes away. Without the norm case a one-KV-head key's transpose (Gemma 3 1B) became a
+    Reshape before the norm moved, and its rotation, norm and projection stayed out of the attention."""
     def through_cast(v: ir.Value, forward: bool) -> list[ir.Node]:
         if forward:
             nodes = [n for n, _ in v.uses()]
+            nodes += [m for n in nodes if n.op_type == "SimplifiedLayerNormalization" for m, _ in n.outputs[0].uses()]
             return nodes + [m for n in nodes if n.op_type == "Cast" for m, _ in n.outputs[0].uses()]
         node = v.producer()
         nodes = [node] if node is not None else []
