@@ -151,7 +151,8 @@ def test_two_attentions_sharing_a_query_weight_get_their_own_packed_weights():
     assert sum(n.op_type == "MatMul" for n in model.graph) == 2
 
 
-def test_one_kv_head_attention_takes_its_rotation_norms_and_packed_projection(tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["loaded", "streamed"])
+def test_one_kv_head_attention_takes_its_rotation_norms_and_packed_projection(tmp_path, stream):
     """Gemma 3 1B has one KV head: the key's ``[B, T, 1, d] -> [B, 1, T, d]`` transpose moves a unit
     axis only, and the layout rule that makes such a transpose a Reshape fired before its per-head
     norm moved above it -- the rotation then stayed a ``RotaryEmbedding`` in the heads-major layout,
@@ -159,12 +160,14 @@ def test_one_kv_head_attention_takes_its_rotation_norms_and_packed_projection(tm
     nodes where run 27 had 387). A tiny Gemma 3 with one KV head (head size 256, sliding and full
     layers), bf16: every GroupQueryAttention rotates inside, takes both norms and reads one packed
     projection, no ``RotaryEmbedding`` node is left, and the build's parity check (its fp32 twin on
-    ORT CPU against eager, and the structure comparison) passed."""
+    ORT CPU against eager, and the structure comparison) passed. Loaded and streamed from the
+    checkpoint (``--stream-weights``, as real-size Hugging Face builds are: its first fusion round
+    runs before the norm scales are constants, and turned the transposes into reshapes there)."""
     from effexport.exporter.backends.onnx.ort_cuda import K_NORM, Q_NORM
 
     src, out = tmp_path / "hf", tmp_path / "bf16"
     hf_tiny.build("gemma3", head_dim=256, num_key_value_heads=1).save_pretrained(src)
-    _cli(src, out, "--dtype", "bf16")
+    _cli(src, out, "--dtype", "bf16", *(["--stream-weights"] if stream else []))
     model = _model(out)
     attentions = [n for n in model.graph.node if n.op_type == GQA]
     assert len(attentions) == 3 and _packed(model) == attentions

@@ -122,15 +122,16 @@ def _lower_ir(module, args, profile: str, dynamic_shapes, input_names, output_na
             dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table(profile),
             opset_version=PROFILES[profile].opset, optimize=False, verbose=False, report=False)
     phase("lower: ONNX graph optimization")
+    from effexport.exporter.backends.onnx.weights import active_source
+
     with types_kept(program.model), meta_weights_as_external(program.model):  # --weights none: no data
         optimize(program.model)
+        streamed = active_source() is not None  # fused again below, once the norm scales are constants
         if PROFILES[profile].ort_fusions:  # ONNX Runtime contrib ops: fewer nodes, fewer kernel launches
             fuse_for_ort(program.model)
             split_host_positions(program.model)
-            fuse_step_for_ort(program.model, max_positions)
-    from effexport.exporter.backends.onnx.weights import active_source
-
-    if PROFILES[profile].ort_fusions and active_source() is not None:
+            fuse_step_for_ort(program.model, max_positions, unit_transposes=not streamed)
+    if PROFILES[profile].ort_fusions and streamed:
         with types_kept(program.model):
             _fuse_streamed_again(program.model, max_positions)
     with types_kept(program.model):
@@ -147,7 +148,9 @@ def _fuse_streamed_again(model: ir.Model, max_positions: int | None) -> None:
     the rotations' layout) did not apply; the fp32 twin, whose scale needs no cast, fused more, and
     the two structures differed. Now the initializers read their checkpoint tensors lazily: constants
     of at most 8,192 elements are folded (the norm vectors, not the matrices) and the step fusions
-    run again (a rule that already applied finds nothing left to match)."""
+    run again (a rule that already applied finds nothing left to match). The first round left the
+    unit-axis transposes alone (``unit_transposes=False``): made reshapes before the norms were fused,
+    a one-KV-head key's rotation could not leave the heads-major layout."""
     onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
     ir.passes.Sequential(
         ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),

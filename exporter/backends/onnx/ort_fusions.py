@@ -692,13 +692,19 @@ STEP_RULES = pattern.RewriteRuleSet([_HalfNorm.rule(), transpose_transpose_rule,
                                      reshape_reshape_rule, collapse_slice_rule])
 SCALE_RULES = pattern.RewriteRuleSet([_ScaledNorm.rule()], commute=True)
 SKIP_RULES = pattern.RewriteRuleSet([_SkipNorm.rule()], commute=True)
-LAYOUT_RULES = pattern.RewriteRuleSet([_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule,
-                                       _RotaryToBsd.rule(), _CastRotaryToBsd.rule(), _UnitAxesTranspose.rule(),
-                                       _NormOverUnitHeads.rule(), _NoOpReshapes.rule(), _NoOpReshape.rule(),
-                                       reshape_reshape_rule, _ReshapeChain.rule()])
+_LAYOUT = [_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule, _RotaryToBsd.rule(),
+           _CastRotaryToBsd.rule(), _UnitAxesTranspose.rule(), _NormOverUnitHeads.rule(), _NoOpReshapes.rule(),
+           _NoOpReshape.rule(), reshape_reshape_rule, _ReshapeChain.rule()]
+LAYOUT_RULES = pattern.RewriteRuleSet(_LAYOUT)
+LAYOUT_RULES_KEEPING_TRANSPOSES = pattern.RewriteRuleSet([r for r in _LAYOUT if r.name != _UnitAxesTranspose.rule().name])
+"""The layout rules but :class:`_UnitAxesTranspose`: a streamed build's first round (its norm scales are
+nodes until the weights are read, so the norms are not fused yet and cannot move above a transpose),
+which leaves the unit-axis transposes for the second round. Turned into reshapes in the first round, a
+one-KV-head key's transpose could no longer meet its rotation once the norm between them was fused
+(Gemma 3 1B, BENCHMARKS.md run 39)."""
 
 
-def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
+def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None, unit_transposes: bool = True) -> int:
     """The second round of ``ort`` fusions, after the attention lowering (:func:`fuse_for_ort` and the
     host-position split ran): half-precision norms without their casts (and a Llama-style weight
     multiplied after the cast folded into the norm's scale), residual adds into
@@ -711,14 +717,16 @@ def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None) -> int:
     and the remaining half-precision rotations without their fp32 casts (:mod:`.ort_rotary`), a
     half-precision attention's per-head Q / K norms into it (CUDA only: :mod:`.ort_cuda`), and last its
     query / key / value projections as one packed GEMM where nothing stands between them and it
-    (:mod:`.ort_pack`). Returns how many rewrites were made (shape reads included)."""
+    (:mod:`.ort_pack`). Returns how many rewrites were made (shape reads included). ``unit_transposes``
+    False keeps transposes of unit axes as transposes (:data:`LAYOUT_RULES_KEEPING_TRANSPOSES`)."""
     _attention_output_shapes(model)
     count = fuse_moe(model)
     count += STEP_RULES.apply_to_model(model) + SCALE_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
     count += fuse_rotary(model, max_positions) + gathers_as_split(model)
     made = 1
     for _ in range(8):  # each round lets the next meet
-        made = LAYOUT_RULES.apply_to_model(model) + share_shape_reads(model)
+        rules = LAYOUT_RULES if unit_transposes else LAYOUT_RULES_KEEPING_TRANSPOSES
+        made = rules.apply_to_model(model) + share_shape_reads(model)
         # the collapsed pairs' Identity nodes, duplicates and dead nodes hide the next match
         ir.passes.Sequential(IdentityEliminationPass(), CommonSubexpressionEliminationPass(),
                              RemoveUnusedNodesPass())(model)
