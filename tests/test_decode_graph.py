@@ -14,7 +14,7 @@ import torch
 from _helpers import assert_close, step_feeds
 
 
-def test_e4b_decode_graph_folds_two_kv_heads(rewritten, monkeypatch):
+def test_e4b_decode_graph_folds_two_kv_heads(rewritten):
     """decode.onnx reads the prefix caches with one MultiHeadAttention each (``num_heads`` = 2 KV
     heads): the six consumers' and ring 4's owner's (slot layout: its consumers read it), no Softmax
     left. Fed 18 tokens one at a time from the empty caches at batch 2 (positions 0..17: the 8-slot
@@ -22,9 +22,6 @@ def test_e4b_decode_graph_folds_two_kv_heads(rewritten, monkeypatch):
     from effexport.exporter.backends.onnx.export import _finish, _lower_step
     from effexport.passes.pipeline import run_pipeline
 
-    from effexport.exporter.backends.onnx.attention import WINDOW_CACHE_ENV
-
-    monkeypatch.setenv(WINDOW_CACHE_ENV, "1")  # the owners' windowed rings (opt-in since run 38)
     base = rewritten("gemma4-e4b:tiny")
     program, analysis = run_pipeline(base.captured, max_context=64, cache_layout="buffer")
     decode = ir.to_proto(_lower_step(program, analysis.plan, "ort", 2, one_token=True))

@@ -197,7 +197,6 @@ def test_windowed_cache_total_bounds_the_positions(one_token, bound, monkeypatch
             end = pos + t_len - 1
             got = _run(model, (*args[:3], _window(args[3], end - t_len), _window(args[4], end - t_len), *args[5:]))
             assert_close(torch.from_numpy(got[0]), expected[0], rtol=1e-5, what=f"{env} B={batch} pos={pos}")
-    monkeypatch.delenv(WINDOW_TOTAL_ENV)
 
 
 def _dense_bool_constants(model: onnx.ModelProto) -> list[str]:

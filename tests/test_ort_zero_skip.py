@@ -221,13 +221,9 @@ def built(tmp_path_factory):
     tests/test_kv_buffer.py on the same build."""
     from effexport.exporter.cli import main
 
-    from effexport.exporter.backends.onnx.attention import WINDOW_CACHE_ENV
-
     out = tmp_path_factory.mktemp("zero_skip") / "gemma"
-    with pytest.MonkeyPatch.context() as mp:  # the windowed rings test_kv_buffer's build has (opt-in)
-        mp.setenv(WINDOW_CACHE_ENV, "1")
-        assert main(["gemma4-e2b:tiny", "--target", "onnx", "-o", str(out), "--kv-cache", "buffer",
-                     "--max-context", "64", "--no-check"]) == 0
+    assert main(["gemma4-e2b:tiny", "--target", "onnx", "-o", str(out), "--kv-cache", "buffer",
+                 "--max-context", "64", "--no-check"]) == 0
     return out
 
 

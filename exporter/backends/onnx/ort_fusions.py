@@ -692,11 +692,12 @@ STEP_RULES = pattern.RewriteRuleSet([_HalfNorm.rule(), transpose_transpose_rule,
                                      reshape_reshape_rule, collapse_slice_rule])
 SCALE_RULES = pattern.RewriteRuleSet([_ScaledNorm.rule()], commute=True)
 SKIP_RULES = pattern.RewriteRuleSet([_SkipNorm.rule()], commute=True)
+_UNIT_AXES_TRANSPOSE = _UnitAxesTranspose.rule()
 _LAYOUT = [_NormBeforeTranspose.rule(), transpose_transpose_rule, no_op_transpose_rule, _RotaryToBsd.rule(),
-           _CastRotaryToBsd.rule(), _UnitAxesTranspose.rule(), _NormOverUnitHeads.rule(), _NoOpReshapes.rule(),
+           _CastRotaryToBsd.rule(), _UNIT_AXES_TRANSPOSE, _NormOverUnitHeads.rule(), _NoOpReshapes.rule(),
            _NoOpReshape.rule(), reshape_reshape_rule, _ReshapeChain.rule()]
 LAYOUT_RULES = pattern.RewriteRuleSet(_LAYOUT)
-LAYOUT_RULES_KEEPING_TRANSPOSES = pattern.RewriteRuleSet([r for r in _LAYOUT if r.name != _UnitAxesTranspose.rule().name])
+LAYOUT_RULES_KEEPING_TRANSPOSES = pattern.RewriteRuleSet([r for r in _LAYOUT if r is not _UNIT_AXES_TRANSPOSE])
 """The layout rules but :class:`_UnitAxesTranspose`: a streamed build's first round (its norm scales are
 nodes until the weights are read, so the norms are not fused yet and cannot move above a transpose),
 which leaves the unit-axis transposes for the second round. Turned into reshapes in the first round, a
@@ -724,8 +725,8 @@ def fuse_step_for_ort(model: ir.Model, max_positions: int | None = None, unit_tr
     count += STEP_RULES.apply_to_model(model) + SCALE_RULES.apply_to_model(model) + SKIP_RULES.apply_to_model(model)
     count += fuse_rotary(model, max_positions) + gathers_as_split(model)
     made = 1
+    rules = LAYOUT_RULES if unit_transposes else LAYOUT_RULES_KEEPING_TRANSPOSES
     for _ in range(8):  # each round lets the next meet
-        rules = LAYOUT_RULES if unit_transposes else LAYOUT_RULES_KEEPING_TRANSPOSES
         made = rules.apply_to_model(model) + share_shape_reads(model)
         # the collapsed pairs' Identity nodes, duplicates and dead nodes hide the next match
         ir.passes.Sequential(IdentityEliminationPass(), CommonSubexpressionEliminationPass(),
