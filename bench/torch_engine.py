@@ -43,9 +43,17 @@ coordinate-descent tuning; ``tune`` in the JSON); ``inplace`` in the JSON says w
   present into its static cache, what a decode loop pays), and ``*_bare`` (a graph of the bare step
   without the copy-back, comparable with ``bench/decode_step.py``'s "graph" column).
 
-Real-size cases: the fp32 eager model is built only where it fits next to the bf16 one (``--fp32-ref
-auto``: fp32 + bf16 bytes under 80% of the free device memory); otherwise the errors are against eager
-bf16 and ``reference`` says so (the bf16 model is then initialised in bf16). The prompt of the error
+Real-size cases: a full fp32 eager model is built where it fits next to the bf16 one (``--fp32-ref
+auto``: fp32 + bf16 bytes under 80% of the free device memory); otherwise (or ``--fp32-ref streamed``)
+the bf16 model, initialised in bf16, is also the fp32 reference: its weights upcast one decoder layer
+at a time (:mod:`_reference`: ~4 GB more for a 40-layer Laguna XS.2, where a full copy needs 124 GB);
+``--fp32-ref never`` measures against eager bf16 only. ``fp32_ref`` and ``reference`` say which.
+Routing (``errors["routing"]``, MoE presets, with an fp32 reference): a random-weight router's top-k
+has near-ties that bf16 rounding flips, and one flipped row moves the logits by O(1) -- so eager bf16
+and the uncaptured rewritten step rerun with every ``topk`` pinned to fp32 eager's choice (the rewritten
+graph's ``aten.topk`` nodes hooked), each with its error against fp32 eager and the rows whose own
+choice differed: pinned errors at bf16's rounding with unpinned ones near 1 mean the difference is
+routing flips, not a fault (a routing table is printed). The prompt of the error
 measurement is prefilled once by the uncaptured rewritten step and its caches handed to every variant
 (one Inductor compile less per case; ``prefill`` says which ran it). ``--no-errors`` leaves the error
 measurement out and ``--contexts=`` (none) the timing rows: a call spent on ``--compile-variants``.
@@ -140,6 +148,7 @@ from effexport.samples import Sample, get_sample, preset_names
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _engine_profile  # noqa: E402
 from _common import active_weight_bytes, add_common_args, copy_bandwidth, param_count, weight_bytes  # noqa: E402
+from _reference import Fp32Eager, TopkLog, pin_topk, record_topk, topk_hooked  # noqa: E402
 from _engine_profile import parse_points  # noqa: E402
 
 TINY_PRESETS = [n for n in preset_names(report_only=False) if n.endswith(":tiny")]
@@ -220,14 +229,19 @@ def real_sample(spec: str) -> Sample:
     return sample
 
 
-def fp32_fits(sample: Sample, device: torch.device, mode: str) -> tuple[bool, str]:
-    """Whether the fp32 reference is built next to the bf16 model, and why."""
+def fp32_fits(sample: Sample, device: torch.device, mode: str) -> tuple[str, str]:
+    """How the fp32 reference is made (``full``: an fp32 copy next to the model, ``streamed``: the
+    model's own weights upcast one layer at a time, :class:`_reference.Fp32Eager`, ``none``), and why.
+    ``auto``: a full copy where fp32 + bf16 weights take under 80% of the free GPU memory, else streamed
+    (on the CPU: a full copy)."""
     if mode != "auto" or device.type != "cuda":
-        return mode != "never", f"--fp32-ref {mode}"
+        return {"always": "full", "never": "none"}.get(mode, "full" if mode == "auto" else mode), f"--fp32-ref {mode}"
     need = param_count(sample) * 6  # fp32 + bf16 copies
     free = torch.cuda.mem_get_info()[0]
     fits = need < 0.8 * free
-    return fits, f"fp32 + bf16 weights {need / 1e9:.1f} GB {'<' if fits else '>='} 80% of {free / 1e9:.1f} GB free"
+    return ("full" if fits else "streamed",
+            f"fp32 + bf16 weights {need / 1e9:.1f} GB {'<' if fits else '>='} 80% of {free / 1e9:.1f} GB free"
+            + ("" if fits else ": fp32 streamed a layer at a time"))
 
 
 def build_models(sample: Sample, dtype: torch.dtype, device: torch.device, real: bool, fp32: bool = True):
@@ -303,26 +317,39 @@ def _engine(program, plan, device, comp: bool, graphs: bool, inplace: bool = Tru
 
 def errors(model32, model, runners: dict, vocab: int, device, prompt: int, decode: int,
            shared_prefill: bool = False, batch: int = 2) -> dict:
-    """Max relative logit errors of every variant vs fp32 eager (when ``model32`` is given) and vs
-    eager in the case's dtype, teacher-forced with the reference's greedy tokens (fp32 eager, else
-    eager in the dtype); greedy agreement with the reference too. ``shared_prefill``: the prompt runs
-    once through the uncaptured rewritten step and every variant decodes from copies of its caches.
-    ``batch`` rows (1 for a real-size case: the timings' first shape, so Inductor compiles once less)."""
+    """Max relative logit errors of every variant vs fp32 eager (when ``model32`` is given: an fp32
+    model or :class:`_reference.Fp32Eager`) and vs eager in the case's dtype, teacher-forced with the
+    reference's greedy tokens (fp32 eager, else eager in the dtype); greedy agreement with the reference
+    too. ``shared_prefill``: the prompt runs once through the uncaptured rewritten step and every variant
+    decodes from copies of its caches. ``batch`` rows (1 for a real-size case: the timings' first shape,
+    so Inductor compiles once less). With an fp32 reference, ``routing`` (:func:`routing_pinned`): the
+    same runs with every ``topk`` choice pinned to fp32 eager's."""
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
     ref_model = model32 if model32 is not None else model
+    choices = TopkLog()  # fp32 eager's topk choices (routers), in call order
     with torch.no_grad():
         refdt, pastdt = model(ids)
-        ref32, past32 = ref_model(ids) if model32 is not None else (refdt, None)
+        if model32 is not None:
+            with record_topk(choices):
+                ref32, past32 = ref_model(ids)
+        else:
+            ref32, past32 = refdt, None
         toks, refs32, refsdt = [], [ref32], [refdt]
         for _ in range(decode):
             toks.append(refs32[-1][:, -1:].argmax(-1))
             rdt, pastdt = model(toks[-1], pastdt)
-            r32, past32 = ref_model(toks[-1], past32) if model32 is not None else (rdt, None)
+            if model32 is not None:
+                with record_topk(choices):
+                    r32, past32 = ref_model(toks[-1], past32)
+            else:
+                r32 = rdt
             refs32.append(r32)
             refsdt.append(rdt)
     greedy = "greedy_equal_fp32" if model32 is not None else "greedy_equal_dtype"
-    res: dict = {"reference": "fp32 eager" if model32 is not None else "eager in the case's dtype (no fp32 copy)",
+    reference = {"full": "fp32 eager", "streamed": "fp32 eager (the weights upcast a layer at a time)"}
+    res: dict = {"reference": reference["streamed" if isinstance(model32, Fp32Eager) else "full"]
+                 if model32 is not None else "eager in the case's dtype (no fp32 copy)",
                  "prefill": "the uncaptured rewritten step, shared" if shared_prefill else "each variant"}
     if model32 is not None:
         res["eager"] = {"vs_fp32": max(_err(a, b) for a, b in zip(refsdt, refs32)), "vs_dtype": 0.0,
@@ -355,7 +382,50 @@ def errors(model32, model, runners: dict, vocab: int, device, prompt: int, decod
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             res[key] = {"error": _short(exc)}
+    if model32 is not None and choices.indices:
+        res["routing"] = routing_pinned(model, runners.get("rewritten"), ids, toks, refs32, choices, device)
     return res
+
+
+def routing_pinned(model, rewritten, ids, toks, refs32, choices: TopkLog, device) -> dict:
+    """Eager in the case's dtype and the rewritten step (uncaptured, uncompiled, its ``aten.topk``
+    hooked: :func:`_reference.topk_hooked`) rerun over the same tokens with every ``topk`` pinned to
+    fp32 eager's choice (``choices``): per run its error against fp32 eager (``vs_fp32``: what is left
+    once no routing decision differs) and how many of its own choices differed (``flipped_rows`` of
+    ``rows``, ``calls_with_flips`` of ``calls``). Unpinned errors near 1 with pinned ones at the dtype's
+    rounding (~1e-2) mean the difference is routing flips at near-ties, not a fault."""
+    from effexport.exporter.backends.torch import TorchEngine
+
+    out: dict = {"topk_calls": len(choices.indices)}
+    prompt = ids.shape[1]
+    try:
+        with torch.no_grad(), pin_topk(choices) as log:
+            logits, past = model(ids)
+            outs = [logits]
+            for tok in toks:
+                logits, past = model(tok, past)
+                outs.append(logits)
+        out["eager_pinned"] = {"vs_fp32": max(_err(a, b) for a, b in zip(outs, refs32)), **log.summary()}
+    except Exception as exc:  # noqa: BLE001
+        out["eager_pinned"] = {"error": _short(exc)}
+    if rewritten is None or isinstance(rewritten, str):
+        return out
+    try:
+        gm, hooked = topk_hooked(rewritten.module)
+        engine = TorchEngine(gm, rewritten.entries, device, compile=False, cuda_graphs=False, inplace=False,
+                             pack=False)  # the rewritten engine's graph, in place and packed already
+        with torch.no_grad(), pin_topk(choices) as log:
+            logits, caches = engine.step(ids, 0, engine.initial_caches(ids.shape[0]))
+            outs = [logits.clone()]
+            for t, tok in enumerate(toks):
+                logits, caches = engine.step(tok, prompt + t, caches)
+                outs.append(logits.clone())
+        out["rewritten_pinned"] = {"vs_fp32": max(_err(a, b) for a, b in zip(outs, refs32)),
+                                   "hooked_topk_nodes": hooked, **log.summary()}
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        out["rewritten_pinned"] = {"error": _short(exc)}
+    return out
 
 
 def _bare_graph_time(fn, clock) -> float:
@@ -436,8 +506,10 @@ def run_case(case: dict, args, device, clock, save, deadline: float, bw: float |
     name, dtype_name, real = case["preset"], case["dtype"], case["real_size"]
     t0 = time.monotonic()
     sample = real_sample(name) if real else get_sample(name)
-    fp32, case["fp32_ref"] = fp32_fits(sample, device, args.fp32_ref) if real else (True, "tiny")
-    model32, model = build_models(sample, DTYPES[dtype_name], device, real, fp32)
+    how, case["fp32_ref"] = fp32_fits(sample, device, args.fp32_ref) if real else ("full", "tiny")
+    model32, model = build_models(sample, DTYPES[dtype_name], device, real, how == "full")
+    if how == "streamed" and DTYPES[dtype_name] != torch.float32:
+        model32 = Fp32Eager(model)
     case["build_s"] = time.monotonic() - t0
     case["params"] = sum(p.numel() for p in model.parameters())
     case["weight_bytes_all"] = weight_bytes(model)
@@ -1001,6 +1073,27 @@ def table(cases: list) -> str:
     return "\n".join(lines)
 
 
+def routing_table(cases: list) -> str:
+    """Per case with routing (``errors["routing"]``): errors against fp32 eager unpinned and with every
+    ``topk`` pinned to fp32 eager's choice, and the rows whose choice differed."""
+    lines = ["| preset | dtype | reference | eager vs fp32 | pinned | rewritten vs fp32 | pinned | "
+             "flipped rows (eager / rewritten) | calls with flips |", "|" + "---|" * 9]
+    for c in cases:
+        e = c.get("errors", {})
+        r = e.get("routing")
+        if not r:
+            continue
+        ep, rp = r.get("eager_pinned", {}), r.get("rewritten_pinned", {})
+
+        def flips(d):
+            return f"{d['flipped_rows']} of {d['rows']}" if "rows" in d else "err" if "error" in d else "-"
+        lines.append(f"| {c['preset']} | {c['dtype']} | {e.get('reference')} | {_e(e, 'eager', 'vs_fp32')} | "
+                     f"{_e(r, 'eager_pinned', 'vs_fp32')} | {_e(e, 'rewritten', 'vs_fp32')} | "
+                     f"{_e(r, 'rewritten_pinned', 'vs_fp32')} | {flips(ep)} / {flips(rp)} | "
+                     f"{ep.get('calls_with_flips', '-')} of {r['topk_calls']} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def hf_table(cases: list) -> str:
     """``--hf-eager``: HF transformers' step time next to the compiled graph's, per case, L and B."""
     lines = ["| preset | transformers | L | B | HF eager ms | HF sdpa ms | compiled graph ms | "
@@ -1038,8 +1131,10 @@ def main(argv=None) -> int:
                     help="start no case or timing row after this many seconds")
     ap.add_argument("--case-min-s", type=float, default=120.0,
                     help="start no real-size case with less than this many seconds of the budget left")
-    ap.add_argument("--fp32-ref", choices=("auto", "always", "never"), default="auto",
-                    help="real size: build the fp32 reference (auto: where it fits next to bf16)")
+    ap.add_argument("--fp32-ref", choices=("auto", "always", "never", "streamed"), default="auto",
+                    help="real size: the fp32 reference -- a full fp32 copy (always), the bf16 weights upcast a "
+                         "layer at a time (streamed), none; auto: a full copy where it fits next to bf16, else "
+                         "streamed")
     ap.add_argument("--cpu-compile", action="store_true", help="also run Inductor on the CPU (slow)")
     ap.add_argument("--hf-eager", action="store_true",
                     help="also time HF transformers' own Gemma 4 (eager) on each Gemma 4 case's decode step")
@@ -1134,6 +1229,8 @@ def main(argv=None) -> int:
             save()
     print(f"buffer caches {'in place' if args.inplace else 'functional (--no-inplace)'}")
     print(table(cases))
+    if routing_table(cases):
+        print(routing_table(cases))
     if args.hf_eager:
         print(hf_table(cases))
     for m in mhc_overhead(cases):
