@@ -762,8 +762,7 @@ def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8, 
     with torch.no_grad(), EagerRouting(eager.model if routing else torch.nn.Module()) as rec:
         ref = eager.run(stream)[:, prompt - 1:].float()
     with torch.no_grad():
-        ref32 = eager.run_fp32(stream)
-        ref32 = ref32[:, prompt - 1:].float() if ref32 is not None else None
+        ref32 = eager.run_fp32(stream)[:, prompt - 1:].float()
     if eager_first:
         # the GPU's memory to the artifact, with no host copy (the caller drops the model after): a
         # real-size model's host copy would not fit beside an artifact kept in host memory (tmpfs --work)
@@ -792,14 +791,14 @@ def parity(directory: str, eager, vocab: int, prompt: int = 16, steps: int = 8, 
                 traceback.print_exc()
             gc.collect()
             torch.cuda.empty_cache()
-        if ref32 is not None:
-            out["fp32"] = {"max_rel": max(errors(got, ref32)), "eager_bf16": max(errors(ref, ref32))}
+        out["fp32"] = {"max_rel": max(errors(got, ref32)), "eager_bf16": max(errors(ref, ref32))}
     return out
 
 
 class _Eager:
     """The eager reference of a case: ``run(ids)`` in bf16 and ``run_fp32(ids)``, the same bf16
-    weights upcast to fp32 (made on first use, freed after)."""
+    weights computed in fp32, upcast one decoder layer at a time (``bench/_reference.py``: no full
+    fp32 copy, which a real-size MoE model's would not fit beside it)."""
 
     def __init__(self, model, logits):
         self.model, self.logits = model, logits
@@ -808,18 +807,11 @@ class _Eager:
         return self.logits(self.model(ids))
 
     def run_fp32(self, ids):
-        import copy
+        sys.path.insert(0, HERE)
+        from _reference import fp32_streamed
 
-        model = None
-        try:
-            model = copy.deepcopy(self.model).float()
-            return self.logits(model(ids))
-        except torch.OutOfMemoryError:  # no fp32 copy fits beside the bf16 one: no fp32 column
-            return None
-        finally:
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
+        with fp32_streamed(self.model):
+            return self.logits(self.model(ids))
 
 
 def _hf_eager(directory: str):

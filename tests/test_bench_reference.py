@@ -177,3 +177,30 @@ def test_torch_engine_streamed_reference_and_routing_end_to_end(tmp_path):
         assert run["vs_fp32"] < 5e-2, run  # bf16's rounding once the routing is fp32's
         assert e[key]["vs_fp32"] > 4 * run["vs_fp32"], (e[key], run)  # the flips' share of the error
     assert r["rewritten_pinned"]["hooked_topk_nodes"] == 7
+
+
+def test_ort_graphs_fp32_column_is_the_streamed_upcast_of_an_hf_model():
+    """``bench/ort_graphs.py``'s fp32 column (``_Eager.run_fp32``) on a Hugging Face model (tiny Gemma 3,
+    bf16): the logits of a full fp32 copy of the same weights, bit for bit, without holding one; the
+    bf16 model unchanged after."""
+    import ort_graphs
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, sliding_window=16, vocab_size=256, query_pre_attn_scalar=32, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).to(torch.bfloat16).eval()
+    eager = ort_graphs._Eager(model, lambda out: out.logits)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    before = _state(model)
+    with torch.no_grad():
+        own = eager.run(ids)
+        want = copy.deepcopy(model).float()(ids).logits
+        got = eager.run_fp32(ids)
+    assert got.dtype == torch.float32 and torch.equal(got, want) and not torch.equal(own.float(), want)
+    for key, (tensor, dtype, value) in before.items():
+        assert tensor.dtype == dtype and torch.equal(tensor, value), key
+    with torch.no_grad():
+        assert torch.equal(eager.run(ids), own)
