@@ -1,0 +1,64 @@
+"""``bench/norm_error_probe.py`` on ONNX Runtime's CPU EP: an fp32 artifact of a tiny Hugging Face Gemma 3
+taps one value per hidden-width norm (the residual sums of the fused skip norms included) paired with
+eager's norm inputs, all at fp32's rounding; the same artifact with one norm's scale changed is found
+at the next tap and not before."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import norm_error_probe as probe  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("norm_probe")
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, sliding_window=16, vocab_size=256, query_pre_attn_scalar=32, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Gemma3ForCausalLM(config).save_pretrained(root / "g3", safe_serialization=True)
+    subprocess.run([sys.executable, "-m", "effexport", str(root / "g3"), "--target", "onnx", "--kv-cache", "buffer",
+                    "--max-context", "128", "-o", str(root / "art")], check=True,
+                   capture_output=True, text=True)
+    return root
+
+
+def test_taps_pair_with_eager_norms_at_fp32_rounding(built):
+    art = str(built / "art")
+    before = sorted(os.listdir(art))
+    result = probe.probe(art, str(built / "g3"), 40, "cpu")
+    assert result["taps"] == {"artifact": 10, "eager": 10, "fp32": 10}  # 2 layers x 4 norms, the final norm, logits
+    model = onnx.load(os.path.join(art, "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node) >= 3  # sums tapped
+    assert max(r["artifact_vs_fp32"] for r in result["rows"]) < 1e-5
+    assert result["first_tap_over_twice_eager"] is None
+    assert sorted(os.listdir(art)) == before  # the artifact untouched, the work copy gone
+
+
+def test_a_changed_norm_scale_shows_at_the_next_tap(built, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(built / "art", art)
+    model = onnx.load(str(art / "model.onnx"))
+    norms = [n for n in model.graph.node if n.op_type in probe.NORMS and probe._hidden_width(model, n) == 64]
+    victim = norms[3]
+    slot = 1 if victim.op_type == probe.NORMS[0] else 2
+    init = next(i for i in model.graph.initializer if i.name == victim.input[slot])  # may be shared: a copy
+    model.graph.initializer.append(onnx.numpy_helper.from_array(
+        onnx.numpy_helper.to_array(init) * np.float32(1.5), "victim.scale"))
+    victim.input[slot] = "victim.scale"
+    onnx.save(model, str(art / "model.onnx"))
+    rows = probe.probe(str(art), str(built / "g3"), 40, "cpu")["rows"]
+    assert all(r["artifact_vs_fp32"] < 1e-5 for r in rows[:4])
+    assert rows[4]["artifact_vs_fp32"] > 1e-2 and rows[-1]["artifact_vs_fp32"] > 1e-3
