@@ -4,19 +4,20 @@ against fp32 eager, over one prompt.
 
     python3 bench/norm_error_probe.py ARTIFACT --model MODEL [--prompt 600] [--device cuda] [--out DIR]
 
-``ARTIFACT``: an ``--target onnx`` build (``model.onnx``, the general graph, runs the prompt); ``MODEL``:
-what it was built from (a Hugging Face directory or a sample name, loaded in the artifact's dtype). A
-copy of the step graph in a work directory (the weights linked, not copied; the artifact untouched)
-gets one extra output per hidden-width norm: a ``SimplifiedLayerNormalization``'s input, a
-``SkipSimplifiedLayerNormalization``'s sum (its fourth output, added where the fusion left it out),
+``ARTIFACT``: an ``--target onnx`` build (``model.onnx``, the general graph, runs the prompt), or its
+fp32 emulation (``bench/bf16_emulation.py``); ``MODEL``: what it was built from (a Hugging Face
+directory or a sample name, loaded in the artifact's dtype, or the dtype the emulation emulates). A
+copy of the step graph in a temporary sibling of ``ARTIFACT`` (removed after; the weights hard-linked,
+copied across filesystems; the artifact untouched) gets one extra output per hidden-width norm: a
+``SimplifiedLayerNormalization``'s input, a ``SkipSimplifiedLayerNormalization``'s sum (its fourth output, added where the fusion left it out),
 each cast to fp32 (exact), and the logits. Eager's taps are forward pre-hooks on the norm modules
 whose weight is ``[hidden]`` (their first input), in the artifact's dtype and in fp32 (the weights
 upcast a layer at a time, ``_reference.py``). Per tap: ``artifact_vs_fp32`` and ``eager_vs_fp32``
 (max relative error over the prompt's rows, and over its last row). The two tap lists must have the
 same length (one ONNX norm per eager norm); where they do not, the JSON says so and no pairing is
 made. ``first_tap_over_twice_eager``: the first tap where the artifact's error exceeds twice eager's
-(and 1e-5). Writes ``norm_error_probe.json`` to ``--out``. Checked on ONNX Runtime's CPU EP (fp32);
-the CUDA path (I/O binding, buffer caches bound in place as ``OrtRuntime`` binds them) is written
+(and 1e-5). Writes ``norm_error_probe.json`` to ``--out``. Checked on ONNX Runtime's CPU EP (fp32, and
+bf16 emulated); the CUDA path (I/O binding, buffer caches bound in place as ``OrtRuntime`` binds them) is written
 against the same API and runs on the GPU machine.
 """
 from __future__ import annotations
@@ -80,8 +81,12 @@ def probe_dir(artifact: str, work: str, hidden: int) -> list[str]:
         manifest = json.load(f)
     step = manifest["files"]["step"]
     for name in os.listdir(artifact):
-        if name not in (MANIFEST, step):
-            os.symlink(os.path.abspath(os.path.join(artifact, name)), os.path.join(work, name))
+        if name not in (MANIFEST, step):  # ORT refuses external data reached through a symlink: a hard link
+            src, dst = os.path.join(artifact, name), os.path.join(work, name)
+            try:
+                os.link(src, dst)
+            except OSError:  # another filesystem
+                shutil.copy(src, dst)
     model = onnx.load(os.path.join(artifact, step), load_external_data=False)
     taps = add_taps(model, hidden)
     onnx.save(model, os.path.join(work, step))
@@ -180,7 +185,9 @@ def probe(artifact: str, spec: str, prompt: int, device: str) -> dict:
 
     from effexport.exporter.backends.artifact import load_manifest
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(load_manifest(artifact).get("dtype"), torch.float32)
+    manifest = load_manifest(artifact)  # an emulated artifact (bench/bf16_emulation.py): eager in the dtype it emulates
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(manifest.get("emulates", manifest.get("dtype")),
+                                                                torch.float32)
     model, forward, hidden = load_eager(spec, dtype, device)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     ids = np.random.RandomState(1).randint(0, config.vocab_size, (1, prompt))
@@ -198,7 +205,7 @@ def probe(artifact: str, spec: str, prompt: int, device: str) -> dict:
     del model, forward
     if device == "cuda":
         torch.cuda.empty_cache()
-    work = tempfile.mkdtemp(prefix="norm_probe.")
+    work = tempfile.mkdtemp(prefix=".norm_probe.", dir=os.path.dirname(os.path.abspath(artifact)))  # hard links
     try:
         taps = probe_dir(artifact, work, hidden)
         art = run_taps(work, taps, ids, device)

@@ -1,10 +1,10 @@
 """``bench/norm_error_probe.py`` on ONNX Runtime's CPU EP: an fp32 artifact of a tiny Hugging Face Gemma 3
 taps one value per hidden-width norm (the residual sums of the fused skip norms included) paired with
 eager's norm inputs, all at fp32's rounding; the same artifact with one norm's scale changed is found
-at the next tap and not before."""
+at the next tap and not before. ``bench/bf16_emulation.py``: the bf16 artifact of the same model as an
+fp32 graph rounding where the artifact holds bf16 values runs on the CPU EP with bf16-sized errors."""
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import norm_error_probe as probe  # noqa: E402
+from _helpers import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,13 @@ def built(tmp_path_factory):
         layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
     torch.manual_seed(0)
     transformers.Gemma3ForCausalLM(config).save_pretrained(root / "g3", safe_serialization=True)
-    subprocess.run([sys.executable, "-m", "effexport", str(root / "g3"), "--target", "onnx", "--kv-cache", "buffer",
-                    "--max-context", "128", "-o", str(root / "art")], check=True,
-                   capture_output=True, text=True)
+    for out, extra, env in (("art", [], {}), ("art16", ["--dtype", "bf16"], {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"})):
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            code, log = run_cli(str(root / "g3"), "--target", "onnx", "--kv-cache", "buffer", "--max-context", "128",
+                                *extra, "-o", str(root / out))
+        assert code == 0, log
     return root
 
 
@@ -62,3 +67,25 @@ def test_a_changed_norm_scale_shows_at_the_next_tap(built, tmp_path):
     rows = probe.probe(str(art), str(built / "g3"), 40, "cpu")["rows"]
     assert all(r["artifact_vs_fp32"] < 1e-5 for r in rows[:4])
     assert rows[4]["artifact_vs_fp32"] > 1e-2 and rows[-1]["artifact_vs_fp32"] > 1e-3
+
+
+def test_the_bf16_emulation_runs_on_the_cpu_and_rounds_as_bf16(built, tmp_path):
+    import bf16_emulation
+
+    art16 = str(built / "art16")
+    before = sorted(os.listdir(art16))
+    emu = tmp_path / "emu"
+    counts = bf16_emulation.emulated_dir(art16, str(emu))
+    assert counts["initializers"] > 0 and counts["rounded"] > 20, counts
+    model = onnx.load(str(emu / "model.onnx"))
+    bf16 = onnx.TensorProto.BFLOAT16
+    assert not [t.name for t in model.graph.initializer if t.data_type == bf16]
+    assert all(v.type.tensor_type.elem_type != bf16 for v in (*model.graph.input, *model.graph.output))
+    rounds = [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == bf16]
+    assert len(rounds) == counts["rounded"] and all(n.output[0].endswith(".emulated_half") for n in rounds)
+    result = probe.probe(str(emu), str(built / "g3"), 40, "cpu")
+    assert result["dtype"] == "bfloat16" and result["taps"]["artifact"] == 10
+    errs = [r["artifact_vs_fp32"] for r in result["rows"]]
+    eager = [r["eager_vs_fp32"] for r in result["rows"]]
+    assert 1e-3 < errs[-1] < 5e-2 and max(errs[1:]) < 3 * max(eager)  # rounded like bf16, not worse than eager
+    assert sorted(os.listdir(art16)) == before
