@@ -9,8 +9,8 @@ fp32 emulation (``bench/bf16_emulation.py``); ``MODEL``: what it was built from 
 directory or a sample name, loaded in the artifact's dtype, or the dtype the emulation emulates). A
 copy of the step graph in a temporary sibling of ``ARTIFACT`` (removed after; the weights hard-linked,
 copied across filesystems; the artifact untouched) gets one extra output per hidden-width norm: a
-``SimplifiedLayerNormalization``'s input, a ``SkipSimplifiedLayerNormalization``'s sum (its fourth output, added where the fusion left it out),
-each cast to fp32 (exact), and the logits. Eager's taps are forward pre-hooks on the norm modules
+``SimplifiedLayerNormalization``'s input, a ``SkipSimplifiedLayerNormalization``'s sum (its fourth
+output, added where the fusion left it out), each cast to fp32 (exact), and the logits. Eager's taps are forward pre-hooks on the norm modules
 whose weight is ``[hidden]`` (their first input), in the artifact's dtype and in fp32 (the weights
 upcast a layer at a time, ``_reference.py``). Per tap: ``artifact_vs_fp32`` and ``eager_vs_fp32``
 (max relative error over the prompt's rows, and over its last row). The two tap lists must have the
