@@ -41,8 +41,10 @@ def _widen(t: onnx.TensorProto) -> onnx.TensorProto:
     return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
 
 
-def emulate(model: onnx.ModelProto) -> dict:
-    """Convert ``model`` in place (see the module docstring); returns what was changed."""
+def emulate(model: onnx.ModelProto, rounding: bool = True) -> dict:
+    """Convert ``model`` in place (see the module docstring); returns what was changed. ``rounding``
+    False: the same graph in fp32 with no rounding at all (what the artifact's structure computes
+    without its dtype: against fp32 eager, a structural difference shows apart from the rounding)."""
     graph = model.graph
     types = _value_types(graph)
     counts = {"initializers": 0, "constants": 0, "casts": 0, "rounded": 0}
@@ -59,7 +61,7 @@ def emulate(model: onnx.ModelProto) -> dict:
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in HALF:
                 attr.t.CopyFrom(_widen(attr.t))
                 counts["constants"] += 1
-        rounding = []
+        added = []
         if node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
             to = next(a for a in node.attribute if a.name == "to")
             if to.i in HALF:
@@ -68,19 +70,19 @@ def emulate(model: onnx.ModelProto) -> dict:
                 counts["casts"] += 1
         for k, out in enumerate(node.output):
             half = types.get(out)
-            if out and half in HALF:
+            if out and half in HALF and rounding:
                 raw = f"{out}.emulated_fp32"
                 node.output[k] = raw
-                rounding += [onnx.helper.make_node("Cast", [raw], [f"{out}.emulated_half"], to=half),
+                added += [onnx.helper.make_node("Cast", [raw], [f"{out}.emulated_half"], to=half),
                              onnx.helper.make_node("Cast", [f"{out}.emulated_half"], [out], to=TensorProto.FLOAT)]
                 counts["rounded"] += 1
-        nodes += [node, *rounding]
+        nodes += [node, *added]
     del graph.node[:]
     graph.node.extend(nodes)
     return counts
 
 
-def emulated_dir(artifact: str, out: str) -> dict:
+def emulated_dir(artifact: str, out: str, rounding: bool = True) -> dict:
     """Write ``artifact``'s step graph, emulated, and its manifest (fp32 caches) to ``out``."""
     from effexport.exporter.backends.artifact import MANIFEST
 
@@ -90,7 +92,7 @@ def emulated_dir(artifact: str, out: str) -> dict:
         raise SystemExit(f"{artifact}: not a bf16 / fp16 ONNX artifact (dtype {manifest.get('dtype')!r})")
     step = manifest["files"]["step"]
     model = onnx.load(os.path.join(artifact, step))
-    counts = emulate(model)
+    counts = emulate(model, rounding)
     os.makedirs(out, exist_ok=True)
     onnx.save(model, os.path.join(out, step), save_as_external_data=True, all_tensors_to_one_file=True,
               location=f"{step}.data", size_threshold=1024)
@@ -109,10 +111,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact")
     ap.add_argument("out")
+    ap.add_argument("--no-rounding", action="store_true",
+                    help="the graph in fp32 without rounding: its structure's error apart from the dtype's")
     args = ap.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
         raise SystemExit(f"{args.out}: exists and is not empty; name a new directory")
-    print(json.dumps(emulated_dir(args.artifact, args.out)))
+    print(json.dumps(emulated_dir(args.artifact, args.out, not args.no_rounding)))
     return 0
 
 

@@ -356,11 +356,68 @@ def _rewrite_summary(analysis) -> str:
 
 
 def in_dtype(loaded: LoadedModel, dtype: str) -> LoadedModel:
-    """``loaded`` with its model in ``dtype`` (a converted copy; the fp32 one stays the reference)."""
+    """``loaded`` with its model in ``dtype`` (a converted copy; the fp32 one stays the reference), by
+    :func:`to_dtype`."""
     if dtype == "fp32":
         return loaded
     model = loaded.model if loaded.structure_only else copy.deepcopy(loaded.model)
-    return dataclasses.replace(loaded, model=model.to(DTYPES[dtype]))
+    return dataclasses.replace(loaded, model=to_dtype(model, DTYPES[dtype]))
+
+
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)`` in place, except for the non-persistent floating-point buffers (computed at
+    init, never saved), which get the dtype ``from_pretrained(dtype=...)`` would give them: a Hugging
+    Face model's RoPE frequencies (``inv_freq``, made ``.float()`` explicitly) stay fp32 in a bf16 model,
+    a buffer its init makes in the default dtype follows ``dtype``. ``.to(bf16)`` would round the
+    frequencies to 8 significant bits, and every rotation angle ``pos * inv_freq`` with them: an error
+    that grows with the position (Gemma 3 1B over a 600-token prompt: 4-5x eager bf16's own error
+    against fp32, where a short prompt shows little). The dtypes come from the Hugging Face module
+    built again on the meta device under ``dtype`` as the default (what ``from_pretrained`` does);
+    other modules (the samples), or a module that cannot be built so, keep such buffers as they are."""
+    kept, seen = [], set()
+    roots = _hf_roots(model)
+    for root, meta in [(r, _meta_buffer_dtypes(r, dtype)) for r in roots] + [(model, {})]:
+        for prefix, sub in root.named_modules():
+            for name in sub._non_persistent_buffers_set:
+                buffer = sub._buffers.get(name)
+                if buffer is None or not buffer.is_floating_point() or id(buffer) in seen:
+                    continue
+                seen.add(id(buffer))
+                target = meta.get(f"{prefix}.{name}" if prefix else name, buffer.dtype)
+                if target != dtype:
+                    kept.append((sub, name, target, buffer))
+    model.to(dtype)
+    for sub, name, target, buffer in kept:
+        sub._buffers[name] = buffer.to(target)
+    return model
+
+
+def _hf_roots(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost transformers ``PreTrainedModel`` modules inside ``model`` (none without transformers)."""
+    base = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    if base is None:
+        return []
+    roots, inside = [], set()
+    for module in model.modules():
+        if isinstance(module, base) and id(module) not in inside:
+            roots.append(module)
+            inside.update(id(m) for m in module.modules())
+    return roots
+
+
+def _meta_buffer_dtypes(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Buffer name -> dtype of ``type(module)(module.config)`` built on the meta device with ``dtype`` as
+    torch's default (empty where that fails)."""
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            ghost = type(module)(copy.deepcopy(module.config))
+        return {name: b.dtype for name, b in ghost.named_buffers()}
+    except Exception:  # noqa: BLE001 - a model whose init needs more than its config: keep its buffers as they are
+        return {}
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _lower_and_write(loaded: LoadedModel, opts: BuildOptions, out: str, progress: Progress, program, analysis,

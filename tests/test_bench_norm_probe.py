@@ -89,3 +89,31 @@ def test_the_bf16_emulation_runs_on_the_cpu_and_rounds_as_bf16(built, tmp_path):
     eager = [r["eager_vs_fp32"] for r in result["rows"]]
     assert 1e-3 < errs[-1] < 5e-2 and max(errs[1:]) < 3 * max(eager)  # rounded like bf16, not worse than eager
     assert sorted(os.listdir(art16)) == before
+
+
+def test_a_bf16_graph_without_its_rounding_is_fp32_at_long_positions(tmp_path):
+    """A bf16 build's graph computed in fp32 with no rounding at all (``bf16_emulation --no-rounding``)
+    differs from fp32 eager of the same weights only by the constants it holds in bf16 (the rotary
+    tables, as eager bf16 has them): a tiny Gemma 3 with 256-wide heads over a 600-token prompt stays
+    at ~3.4e-3. Built with the RoPE frequencies rounded to bf16 (``.to(bf16)`` on the whole model, as
+    builds did), every angle ``pos * inv_freq`` drifts with the position: 1.5e-2, eager bf16's whole
+    error, before any rounding of the activations."""
+    import bf16_emulation
+    import torch
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=256, sliding_window=16, vocab_size=256, query_pre_attn_scalar=256, max_position_embeddings=1024,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Gemma3ForCausalLM(config).save_pretrained(tmp_path / "g3", safe_serialization=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EFFEXPORT_ORT_CUDA_FUSIONS", "0")  # Q / K norms outside the attention: the CPU EP runs it
+        code, log = run_cli(str(tmp_path / "g3"), "--target", "onnx", "--kv-cache", "buffer", "--max-context", "1024",
+                            "--dtype", "bf16", "-o", str(tmp_path / "art"))
+    assert code == 0, log
+    assert bf16_emulation.emulated_dir(str(tmp_path / "art"), str(tmp_path / "emu"), rounding=False)["rounded"] == 0
+    rows = probe.probe(str(tmp_path / "emu"), str(tmp_path / "g3"), 600, "cpu")["rows"]
+    assert max(r["artifact_vs_fp32"] for r in rows) < 7e-3, rows[-1]
+    assert rows[-1]["eager_vs_fp32"] > 1e-2  # eager bf16's own error, for scale

@@ -265,3 +265,39 @@ def test_bf16_rotations_and_qk_norms_run_in_attention_or_in_bf16(bf16_build):
         assert inits[node.input[2]].data_type == TensorProto.BFLOAT16
         assert not [n for n in model.graph.node if n.op_type == "Cast" and node.output[0] in n.input], node.name
 
+
+
+def test_a_half_model_keeps_the_buffers_from_pretrained_keeps(tmp_path):
+    """The half-precision model a bf16 build captures (``in_dtype`` -> ``to_dtype``) has the buffer dtypes
+    ``from_pretrained(dtype=bf16)`` gives the same Hugging Face model: RoPE frequencies fp32 (their
+    values the fp32 model's, not rounded to bf16: every rotation angle ``pos * inv_freq`` would move
+    with the position), Gemma 3's embedding scale bf16; parameters bf16. A sample keeps its fp32
+    non-persistent buffers (ZAYA1's ``inv_freq``); the fp32 reference is left as it was."""
+    import torch
+    import transformers
+
+    from effexport.exporter.build import in_dtype
+    from effexport.exporter.frontends.hf import wrap_hf_module
+    from effexport.exporter.frontends.loading import load_model
+
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, sliding_window=16, vocab_size=256, query_pre_attn_scalar=32, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Gemma3ForCausalLM(config).save_pretrained(tmp_path / "g3", safe_serialization=True)
+    want = {f"hf.{n}": b.dtype for n, b in transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "g3", dtype=torch.bfloat16).named_buffers()}
+    assert want["hf.model.rotary_emb.full_attention_inv_freq"] == torch.float32
+    assert want["hf.model.embed_tokens.embed_scale"] == torch.bfloat16
+    fp32 = wrap_hf_module(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g3"), "g3")
+    half = in_dtype(fp32, "bf16").model
+    assert {n: b.dtype for n, b in half.named_buffers()} == want
+    ref = dict(fp32.model.named_buffers())
+    for name, buffer in half.named_buffers():
+        if buffer.dtype == torch.float32:
+            assert torch.equal(buffer, ref[name]) and buffer is not ref[name], name
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(b.dtype == torch.float32 for b in fp32.model.buffers())
+    zaya = in_dtype(load_model("zaya1-8b:tiny"), "bf16").model
+    assert zaya.inv_freq.dtype == torch.float32 and zaya.layers[0].mlp.gate.balancing_biases.dtype == torch.bfloat16
