@@ -114,3 +114,21 @@ def assert_sinkhorn_unrolled(model) -> int:
         assert (ops.count("ReduceSum"), ops.count("Div")) == (2 * iters - 1 + extra, 2 * iters - 1), \
             f"{node.name} ({node.op_type}, iters={iters}): {ops.count('ReduceSum')} ReduceSum, {ops.count('Div')} Div"
     return len(sites)
+
+
+def tiny_gemma3(head_dim: int = 32, max_positions: int = 256, directory=None):
+    """A tiny Hugging Face Gemma 3 (hidden 64, 2 layers: sliding then full, one KV head, vocab 256,
+    random weights from seed 0): saved to ``directory`` and returned there, or the model itself."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=head_dim, sliding_window=16, vocab_size=256, query_pre_attn_scalar=head_dim,
+        max_position_embeddings=max_positions, layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config)
+    if directory is None:
+        return model
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -15,21 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import norm_error_probe as probe  # noqa: E402
-from _helpers import run_cli  # noqa: E402
+from _helpers import run_cli, tiny_gemma3  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    import torch
-    import transformers
 
     root = tmp_path_factory.mktemp("norm_probe")
-    config = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, sliding_window=16, vocab_size=256, query_pre_attn_scalar=32, max_position_embeddings=256,
-        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.Gemma3ForCausalLM(config).save_pretrained(root / "g3", safe_serialization=True)
+    tiny_gemma3(directory=root / "g3")
     for out, extra, env in (("art", [], {}), ("art16", ["--dtype", "bf16"], {"EFFEXPORT_ORT_CUDA_FUSIONS": "0"})):
         with pytest.MonkeyPatch.context() as mp:
             for key, value in env.items():
@@ -99,15 +92,8 @@ def test_a_bf16_graph_without_its_rounding_is_fp32_at_long_positions(tmp_path):
     builds did), every angle ``pos * inv_freq`` drifts with the position: 1.5e-2, eager bf16's whole
     error, before any rounding of the activations."""
     import bf16_emulation
-    import torch
-    import transformers
 
-    config = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=256, sliding_window=16, vocab_size=256, query_pre_attn_scalar=256, max_position_embeddings=1024,
-        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.Gemma3ForCausalLM(config).save_pretrained(tmp_path / "g3", safe_serialization=True)
+    tiny_gemma3(head_dim=256, max_positions=1024, directory=tmp_path / "g3")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EFFEXPORT_ORT_CUDA_FUSIONS", "0")  # Q / K norms outside the attention: the CPU EP runs it
         code, log = run_cli(str(tmp_path / "g3"), "--target", "onnx", "--kv-cache", "buffer", "--max-context", "1024",

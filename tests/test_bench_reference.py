@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import _reference as ref  # noqa: E402
+from _helpers import tiny_gemma3  # noqa: E402
 
 from effexport.samples import get_sample  # noqa: E402
 
@@ -184,14 +185,8 @@ def test_ort_graphs_fp32_column_is_the_streamed_upcast_of_an_hf_model():
     bf16): the logits of a full fp32 copy of the same weights, bit for bit, without holding one; the
     bf16 model unchanged after."""
     import ort_graphs
-    import transformers
 
-    config = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, sliding_window=16, vocab_size=256, query_pre_attn_scalar=32, max_position_embeddings=256,
-        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(config).to(torch.bfloat16).eval()
+    model = tiny_gemma3().to(torch.bfloat16).eval()
     eager = ort_graphs._Eager(model, lambda out: out.logits)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     before = _state(model)

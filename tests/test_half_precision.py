@@ -9,7 +9,7 @@ import json
 
 import onnx
 import pytest
-from _helpers import assert_sinkhorn_unrolled, control_flow
+from _helpers import assert_sinkhorn_unrolled, control_flow, tiny_gemma3
 from onnx import TensorProto, helper
 
 from effexport.exporter.backends.onnx.cuda_kernels import memcpy_edges, unsupported_nodes
@@ -280,12 +280,7 @@ def test_a_half_model_keeps_the_buffers_from_pretrained_keeps(tmp_path):
     from effexport.exporter.frontends.hf import wrap_hf_module
     from effexport.exporter.frontends.loading import load_model
 
-    config = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, sliding_window=16, vocab_size=256, query_pre_attn_scalar=32, max_position_embeddings=256,
-        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.Gemma3ForCausalLM(config).save_pretrained(tmp_path / "g3", safe_serialization=True)
+    tiny_gemma3(directory=tmp_path / "g3")
     want = {f"hf.{n}": b.dtype for n, b in transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "g3", dtype=torch.bfloat16).named_buffers()}
     assert want["hf.model.rotary_emb.full_attention_inv_freq"] == torch.float32

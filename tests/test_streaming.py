@@ -19,6 +19,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from _helpers import tiny_gemma3
 from safetensors.torch import load_file, save_file
 
 from effexport.exporter.backends.onnx import weights
@@ -305,15 +306,10 @@ def test_streamed_bf16_gemma3_fuses_as_its_fp32_twin(tmp_path):
     needing no cast, fused more: "Add 52 vs 40, SimplifiedLayerNormalization 37 vs 25, Transpose 24
     vs 0"). The streamed build's second fusion round folds them once the weights are readable:
     parity passes with equal structures, and no norm is computed between Casts."""
-    import transformers
-
     ckpt = tmp_path / "gemma3"
-    config = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, sliding_window=16, vocab_size=256, query_pre_attn_scalar=32, max_position_embeddings=256,
-        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(ckpt, safe_serialization=True)
+    model = tiny_gemma3().to(torch.bfloat16)
+    config = model.config
+    model.save_pretrained(ckpt, safe_serialization=True)
     out = tmp_path / "out"
     assert build(BuildOptions(model=str(ckpt), output=str(out), dtype="bf16", steps=4, stream_weights=True,
                               kv_cache="buffer", max_context=64)) == 0
