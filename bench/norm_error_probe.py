@@ -10,15 +10,15 @@ directory or a sample name, loaded in the artifact's dtype, or the dtype the emu
 copy of the step graph in a temporary sibling of ``ARTIFACT`` (removed after; the weights hard-linked,
 copied across filesystems; the artifact untouched) gets one extra output per hidden-width norm: a
 ``SimplifiedLayerNormalization``'s input, a ``SkipSimplifiedLayerNormalization``'s sum (its fourth
-output, added where the fusion left it out), each cast to fp32 (exact), and the logits. Eager's taps are forward pre-hooks on the norm modules
-whose weight is ``[hidden]`` (their first input), in the artifact's dtype and in fp32 (the weights
-upcast a layer at a time, ``_reference.py``). Per tap: ``artifact_vs_fp32`` and ``eager_vs_fp32``
+output, added where the fusion left it out), each cast to fp32 (exact), and the logits. Eager's taps
+are forward pre-hooks on the norm modules whose weight is ``[hidden]`` (their first input), in the
+artifact's dtype and in fp32 (the weights upcast a layer at a time, ``_reference.py``). Per tap: ``artifact_vs_fp32`` and ``eager_vs_fp32``
 (max relative error over the prompt's rows, and over its last row). The two tap lists must have the
 same length (one ONNX norm per eager norm); where they do not, the JSON says so and no pairing is
 made. ``first_tap_over_twice_eager``: the first tap where the artifact's error exceeds twice eager's
 (and 1e-5). Writes ``norm_error_probe.json`` to ``--out``. Checked on ONNX Runtime's CPU EP (fp32, and
-bf16 emulated); the CUDA path (I/O binding, buffer caches bound in place as ``OrtRuntime`` binds them) is written
-against the same API and runs on the GPU machine.
+bf16 emulated); the CUDA path (I/O binding, buffer caches bound in place as ``OrtRuntime`` binds
+them) is written against the same API and runs on the GPU machine.
 """
 from __future__ import annotations
 
@@ -37,21 +37,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
-def _hidden_width(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
-    """The width a norm node normalises, from its scale initializer (None: not a constant)."""
+def _hidden_width(node: onnx.NodeProto, widths: dict[str, int]) -> int | None:
+    """The width a norm node normalises, from its scale initializer (``widths``: the 1-D initializers'
+    lengths by name; None: not a constant)."""
     scale = node.input[1 if node.op_type == NORMS[0] else 2] if len(node.input) > 1 else ""
-    for init in model.graph.initializer:
-        if init.name == scale and len(init.dims) == 1:
-            return int(init.dims[0])
-    return None
+    return widths.get(scale)
+
+
+def vector_widths(model: onnx.ModelProto) -> dict[str, int]:
+    """Name -> length of every 1-D initializer (the norm scales among them)."""
+    return {init.name: int(init.dims[0]) for init in model.graph.initializer if len(init.dims) == 1}
 
 
 def add_taps(model: onnx.ModelProto, hidden: int) -> list[str]:
     """Add the fp32 tap outputs (see the module docstring) to ``model`` in place; returns their names in
     node order, the logits' tap last."""
-    graph, taps, casts = model.graph, [], []
+    graph, taps, casts, widths = model.graph, [], [], vector_widths(model)
     for i, node in enumerate(graph.node):
-        if node.op_type not in NORMS or node.domain not in ("", "com.microsoft") or _hidden_width(model, node) != hidden:
+        if node.op_type not in NORMS or node.domain not in ("", "com.microsoft") or _hidden_width(node, widths) != hidden:
             continue
         if node.op_type == NORMS[0]:
             value = node.input[0]
@@ -74,7 +77,7 @@ def add_taps(model: onnx.ModelProto, hidden: int) -> list[str]:
 
 def probe_dir(artifact: str, work: str, hidden: int) -> list[str]:
     """A work copy of ``artifact`` whose step graph has the taps: the manifest without the decode graph,
-    every other file a symlink to the artifact's. Returns the taps."""
+    every other file hard-linked to the artifact's (copied across filesystems). Returns the taps."""
     from effexport.exporter.backends.artifact import MANIFEST
 
     with open(os.path.join(artifact, MANIFEST)) as f:

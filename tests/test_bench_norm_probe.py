@@ -49,7 +49,8 @@ def test_a_changed_norm_scale_shows_at_the_next_tap(built, tmp_path):
     art = tmp_path / "art"
     shutil.copytree(built / "art", art)
     model = onnx.load(str(art / "model.onnx"))
-    norms = [n for n in model.graph.node if n.op_type in probe.NORMS and probe._hidden_width(model, n) == 64]
+    widths = probe.vector_widths(model)
+    norms = [n for n in model.graph.node if n.op_type in probe.NORMS and probe._hidden_width(n, widths) == 64]
     victim = norms[3]
     slot = 1 if victim.op_type == probe.NORMS[0] else 2
     init = next(i for i in model.graph.initializer if i.name == victim.input[slot])  # may be shared: a copy
